@@ -1,0 +1,34 @@
+# Two entry points: `make demo` and `make test`. Both set everything up first and are
+# idempotent: the venv is rebuilt only when the pins change; models are fetched once.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mta-installed
+DEMO := runs/demo
+
+.PHONY: setup models demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+models: setup
+	$(BIN)/mta models fetch smollm2-135m minilm-l6
+
+demo: models
+	$(BIN)/mta data synth --out $(DEMO)/data --users 24 --seed 0
+	$(BIN)/mta data inspect $(DEMO)/data
+	$(BIN)/mta eval --data $(DEMO)/data --methods base,rag,rag-4 --users 12 --out $(DEMO)/eval
+
+test: models
+	bash scripts/run-tests.sh
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

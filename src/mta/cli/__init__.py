@@ -1,0 +1,1 @@
+"""The ``mta`` command line: a thin layer over the library."""

@@ -1,0 +1,89 @@
+"""The canonical per-user schema every reader produces and every stage consumes.
+
+A user has an id, a non-empty history of items (whose fields depend on the task: a
+LaMP-2 item has ``description`` and ``tag``) and zero or more queries, each an
+``input`` with an optional ``gold`` output. On disk the canonical layout is JSONL,
+one user per line::
+
+    {"user_id": "u1", "task": "lamp2", "source": "synthetic",
+     "history": [{"id": "1", "description": "...", "tag": "comedy"}],
+     "queries": [{"id": "q1", "input": "Which tag ...", "gold": "comedy"}]}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _to_id(value: Any) -> str:
+    # The processed LaMP files use integer user ids, the official ones strings.
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"an id must be a string or an integer, got {value!r}")
+    text = str(value).strip()
+    if not text:
+        raise ValueError("an id must not be empty")
+    return text
+
+
+Id = Annotated[str, BeforeValidator(_to_id)]
+
+
+class HistoryItem(BaseModel):
+    """One item of a user's history. Task fields (``tag``, ``text``...) are extra fields."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: Id
+
+    def get(self, name: str) -> Any:
+        return (self.model_extra or {}).get(name)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Id
+    input: str = Field(min_length=1)
+    gold: str | None = None
+
+
+class User(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_id: Id
+    history: list[HistoryItem]
+    queries: list[Query] = Field(default_factory=list)
+    task: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class Dataset:
+    """Users of one task read from one place. ``synthetic`` marks generated data."""
+
+    users: list[User]
+    task: str
+    layout: str
+    path: Path
+    synthetic: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def user(self, user_id: str) -> User:
+        for u in self.users:
+            if u.user_id == user_id:
+                return u
+        known = ", ".join(u.user_id for u in self.users[:10])
+        more = " ..." if len(self.users) > 10 else ""
+        raise KeyError(f"unknown user '{user_id}' (known: {known}{more})")
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} ({'synthetic' if self.synthetic else self.layout})"

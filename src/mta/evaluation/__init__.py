@@ -1,0 +1,1 @@
+"""Evaluation: methods scored under one protocol and one base model."""

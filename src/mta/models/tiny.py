@@ -1,0 +1,58 @@
+"""A tiny random-init Llama and a byte-level tokenizer: unit tests need no weights.
+
+The tokenizer maps every UTF-8 byte to a token (no merges), adds ChatML specials and
+a ChatML chat template, so prompts go through the same code path as a real model.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, unk_token=None,
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:2]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(vocab_size: int, layers: int = 2, hidden: int = 64) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-6,
+    )
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2,
+               hidden: int = 64) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A deterministic random Llama (seeded) and its byte tokenizer."""
+    tok = tiny_tokenizer()
+    cfg = tiny_config(len(tok), layers=layers, hidden=hidden)
+    cfg.pad_token_id = tok.pad_token_id
+    cfg.eos_token_id = tok.eos_token_id
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.to(dtype)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.eval()
+    return model, tok
