@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+from rich.markup import escape
 
 from mta import __version__
 from mta.cli import data, evaluate, models
@@ -37,19 +37,14 @@ def _root(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code. Typer handles usage errors (exit 2) itself."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="mta")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except MtaError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 130
-    except click.exceptions.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

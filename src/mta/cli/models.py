@@ -20,13 +20,14 @@ def _mb(n: int) -> str:
 def list_models() -> None:
     """Show every registry model: name, kind, size, licence and whether it is present."""
     table = Table(title="mta models")
-    for col in ("name", "kind", "params", "download", "licence", "present", "description"):
-        table.add_column(col)
+    for col in ("name", "kind", "params", "download", "licence", "present"):
+        table.add_column(col, no_wrap=True)
     for s in REGISTRY.values():
         present = "built-in" if s.layout == "random" else ("yes" if s.present else "no")
-        table.add_row(s.name, s.kind + (" (default)" if s.default else ""), s.params,
-                      _mb(s.nbytes), s.licence, present, s.description)
+        table.add_row(s.name, s.kind + ("*" if s.default else ""), s.params,
+                      _mb(s.nbytes), s.licence, present)
     console.print(table)
+    console.print("* default model of its kind; fetch with: mta models fetch NAME")
 
 
 @app.command("fetch")

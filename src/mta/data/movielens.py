@@ -40,7 +40,7 @@ def movielens_users(
     if queries < 1:
         raise DataError(f"--queries must be at least 1, got {queries}")
     titles: dict[str, tuple[str, str]] = {}
-    for i, row in enumerate(_rows(movies, ("movieId", "title", "genres")), 2):
+    for row in _rows(movies, ("movieId", "title", "genres")):
         titles[row["movieId"]] = (row["title"], row["genres"].replace("|", ", "))
     by_user: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
     for i, row in enumerate(_rows(ratings, ("userId", "movieId", "rating", "timestamp")), 2):

@@ -145,12 +145,29 @@ def read_lamp(questions: Path) -> tuple[list[User], str | None]:
     return users, task
 
 
+# How each task's query input begins (the LaMP instructions; ours for MovieLens).
+INPUT_PREFIXES = {
+    "For an author who has written the paper": "lamp1",
+    "Which tag does this movie relate to": "lamp2",
+    "What is the score of the following review": "lamp3",
+    "Generate a headline for the following article": "lamp4",
+    "Generate a title for the following abstract": "lamp5",
+    "Paraphrase the following tweet": "lamp7",
+    "What score from 1 to 5 would this user give": "movielens",
+}
+
+
 def detect_task(users: list[User]) -> str | None:
-    """Guess the task from the history fields and the query wording."""
-    if not users or not users[0].history:
+    """Guess the task from the query wording, else from the history item fields."""
+    for u in users[:20]:
+        for q in u.queries:
+            for prefix, name in INPUT_PREFIXES.items():
+                if q.input.startswith(prefix):
+                    return name
+    items = [it for u in users[:20] for it in u.history]
+    if not items:
         return None
-    fields = set(users[0].history[0].fields)
-    text = users[0].queries[0].input if users[0].queries else ""
+    fields = set(items[0].fields)
     if {"description", "tag"} <= fields:
         return "lamp2"
     if {"title", "genres", "score"} <= fields:
@@ -160,8 +177,8 @@ def detect_task(users: list[User]) -> str | None:
     if {"text", "title"} <= fields:
         return "lamp4"
     if {"title", "abstract"} <= fields:
-        return "lamp1" if text.startswith("For an author") else "lamp5"
-    if fields == {"text"} or fields == {"text", "date"}:
+        return "lamp5"
+    if fields <= {"text", "date"} and "text" in fields:
         return "lamp7"
     return None
 

@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from mta.errors import ModelNotFoundError  # noqa: E402
-from mta.models.registry import REGISTRY, TINY  # noqa: E402
+from mta.models.registry import REGISTRY  # noqa: E402
 
 log = logging.getLogger(__name__)
 

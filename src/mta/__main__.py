@@ -1,0 +1,3 @@
+from mta.cli.main import entry
+
+entry()

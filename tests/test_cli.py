@@ -1,0 +1,96 @@
+"""The CLI as a user meets it: exit codes, one-line errors, nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mta.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mta", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_help_everywhere():
+    for args in ([], ["data"], ["models"], ["data", "fetch"], ["data", "inspect"], ["eval"],
+                 ["models", "fetch"], ["data", "synth"], ["data", "movielens"]):
+        assert main([*args, "--help"]) == 0
+
+
+def test_inspect_shared(lamp2_users, tmp_path, capsys):
+    assert main(["data", "inspect", str(lamp2_users), "--json", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["users"], s["history_items"], s["queries"]) == (72, 720, 72)
+    assert s["task"] == "lamp2" and s["task_labels"] == 15
+    out = capsys.readouterr().out
+    assert "LaMP-2 (movie tagging)" in out and "72" in out and "720" in out
+
+
+def test_truncated_json_one_line_exit_2(lamp2_users, tmp_path):
+    bad = tmp_path / "trunc.json"
+    bad.write_bytes(lamp2_users.read_bytes()[:5000])
+    r = run_cli("data", "inspect", str(bad))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not valid JSON" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_synth_cli_writes_marked_data(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path), "--users", "6", "--seed", "1"]) == 0
+    first = json.loads((tmp_path / "users.jsonl").read_text().splitlines()[0])
+    assert first["source"] == "synthetic"
+    assert main(["data", "inspect", str(tmp_path)]) == 0
+    assert "synthetic" in capsys.readouterr().out
+
+
+def test_failure_writes_nothing(tmp_path):
+    (tmp_path / "movies.csv").write_text("movieId,title,genres\n1,A,B\n")
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,x,1\n")
+    out = tmp_path / "out"
+    rc = main(["data", "movielens", "--ratings", str(tmp_path / "ratings.csv"), "--movies",
+               str(tmp_path / "movies.csv"), "--out", str(out)])
+    assert rc == 2 and not (out / "users.jsonl").exists()
+
+
+def test_bad_option_value_exit_code():
+    assert main(["data", "synth", "--out", "/tmp/x", "--users", "0"]) == 2
+
+
+def test_models_list_and_missing_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MTA_HOME", str(tmp_path))
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "minilm-l6"):
+        assert name in out
+    from mta.errors import ModelNotFoundError
+    from mta.models import load_llm
+
+    with pytest.raises(ModelNotFoundError, match="run: mta models fetch smollm2-135m"):
+        load_llm("smollm2-135m")
+
+
+def test_eval_tiny_model_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "3"]) == 0
+    out = tmp_path / "eval"
+    rc = main(["eval", "--data", str(data), "--methods", "base,rag-2", "--model",
+               "tiny-random-llama", "--out", str(out), "--max-new-tokens", "3"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["synthetic"] is True and [r["method"] for r in m["results"]] == ["base", "rag-2"]
+    assert all(set(r["metrics"]) == {"accuracy", "f1"} for r in m["results"])
+    assert "synthetic" in (out / "results.md").read_text()
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 6
+
+
+def test_eval_unknown_method(tmp_path):
+    assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--methods", "magic"]) == 2

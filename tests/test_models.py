@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from mta.inference import chat_prompt, generate_texts
+from mta.models import load_llm
+from mta.models.registry import REGISTRY
+from mta.models.tiny import tiny_llama
+from tests.conftest import require_model
+
+
+def test_registry_has_the_four_models():
+    assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "minilm-l6"} <= set(REGISTRY)
+    assert all(len(s.sha256) == 64 for s in REGISTRY.values() if s.layout != "random")
+
+
+def test_tiny_llama_is_deterministic_and_generates():
+    m1, tok = tiny_llama(seed=0)
+    m2, _ = tiny_llama(seed=0)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    ids = tok("héllo", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "héllo"
+    assert "<|im_start|>assistant" in chat_prompt(tok, "hi")
+    out = generate_texts(m1, tok, ["a", "a longer prompt"], max_new_tokens=4, batch_size=2)
+    single = generate_texts(m1, tok, ["a longer prompt"], max_new_tokens=4)
+    assert len(out) == 2 and out[1] == single[0]  # left padding does not change the answer
+
+
+@pytest.mark.integration
+def test_smollm2_lamp2_prompt():
+    require_model("smollm2-135m")
+    from mta.tasks import get_task
+
+    model, tok = load_llm("smollm2-135m")
+    assert model.config.num_hidden_layers == 30 and tok.pad_token is not None
+    assert "<|im_start|>assistant" in chat_prompt(tok, "x")
+    t = get_task("lamp2")
+    prompt = t.query_input("A crew of astronauts travels through a wormhole to save humanity.")
+    text = generate_texts(model, tok, [prompt], max_new_tokens=12)[0]
+    assert text.strip()
+    # The real model answers in words; the parser must map it to a label or None, never crash.
+    parsed = t.parse(text)
+    assert parsed is None or parsed in t.labels
+
+
+@pytest.mark.integration
+def test_minilm_embeds():
+    require_model("minilm-l6")
+    from mta.models import load_embedder
+
+    emb = load_embedder("minilm-l6")
+    v = emb.encode(["a space movie", "a film about astronauts", "a recipe for soup"],
+                   normalize_embeddings=True)
+    assert v.shape == (3, 384)
+    assert v[0] @ v[1] > v[0] @ v[2]
