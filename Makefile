@@ -22,7 +22,7 @@ models: setup
 demo: models
 	$(BIN)/mta data synth --out $(DEMO)/data --users 24 --seed 0
 	$(BIN)/mta data inspect $(DEMO)/data
-	$(BIN)/mta eval --data $(DEMO)/data --methods base,rag,rag-4 --users 12 --out $(DEMO)/eval
+	$(BIN)/mta eval --data $(DEMO)/data --methods base,rag,rag-4 --users 8 --out $(DEMO)/eval
 
 test: models
 	bash scripts/run-tests.sh

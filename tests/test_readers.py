@@ -44,7 +44,8 @@ def test_jsonl_round_trip(tmp_path, lamp_official):
     ("lamp3", {"text": "great", "score": "5"}, "What is the score of ... review: ok"),
     ("lamp4", {"text": "body", "title": "head"}, "Generate a headline for the following article: x"),
     ("lamp5", {"title": "t", "abstract": "a"}, "Generate a title for the following abstract of a paper: x"),
-    ("lamp7", {"text": "hello"}, "Paraphrase the following tweet without any explanation before or after it: x"),
+    ("lamp7", {"text": "hello"},
+     "Paraphrase the following tweet without any explanation before or after it: x"),
 ])
 def test_task_detection_official(tmp_path, task, profile, inp):
     write_json(tmp_path / "train_questions.json",
