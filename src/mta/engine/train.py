@@ -1,0 +1,241 @@
+"""Training many adapters in one pass: anchors of the bank, or users' stacked adapters.
+
+Each *job* is one adapter (a bank slot or a stack-table slot) with its own examples and
+its own routing row. At every step each still-running job contributes its next batch;
+all rows go through the model together (in micro-batches of ``max_rows``). The loss is
+the SUM over jobs of each job's mean token loss, so job j's gradient is exactly what
+training it alone would give, and ``SlotAdamW`` steps each slot on its own schedule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from mta.engine.engine import AdapterEngine, Row
+from mta.engine.optim import SlotAdamW, lr_multiplier
+from mta.errors import MtaError
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids and labels (IGNORE on prompt and padding positions)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-4
+    epochs: int = 1
+    batch_size: int = 8
+    warmup_ratio: float = 0.1
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    seed: int = 0
+    max_rows: int = 16
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16"] = "no"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number, got {self.lr}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            problems.append(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.max_rows < 1:
+            problems.append(f"max_rows must be >= 1, got {self.max_rows}")
+        if self.mixed_precision not in ("no", "bf16"):
+            problems.append(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            problems.append(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if problems:
+            raise MtaError("; ".join(problems))
+
+
+@dataclass
+class Job:
+    """One adapter to train: its table slot, examples, routing row and shuffle key."""
+
+    slot: int
+    examples: Sequence[Example]
+    row: Row
+    key: str
+    losses: list[float] = field(default_factory=list)
+
+    def steps_per_epoch(self, bs: int) -> int:
+        return math.ceil(len(self.examples) / bs)
+
+
+def job_order(key: str, seed: int, epoch: int, n: int) -> list[int]:
+    """The shuffle of a job's examples: a function of (seed, key, epoch) only, so a job
+    sees the same batches whether it trains alone or with others."""
+    digest = hashlib.sha256(f"{seed}:{key}:{epoch}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def job_batches(job: Job, cfg: TrainConfig) -> list[list[Example]]:
+    out = []
+    for epoch in range(cfg.epochs):
+        order = job_order(job.key, cfg.seed, epoch, len(job.examples))
+        for s in range(0, len(order), cfg.batch_size):
+            out.append([job.examples[i] for i in order[s:s + cfg.batch_size]])
+    return out
+
+
+def pad_batch(examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-pad to the longest example: (input_ids, attention_mask, labels)."""
+    n = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, : len(e.input_ids)] = 1
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def row_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of next-token cross-entropy and per-row count of scored tokens."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                         ignore_index=IGNORE, reduction="none").view(shift_labels.shape)
+    return ce.sum(dim=1), (shift_labels != IGNORE).sum(dim=1)
+
+
+def train_jobs(
+    engine: AdapterEngine, target: Literal["bank", "stack"], jobs: Sequence[Job], cfg: TrainConfig,
+    pad_id: int, mode: str = "delta", on_step: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Train every job's adapter in one pass. Returns per-job losses and totals."""
+    if not jobs:
+        raise MtaError("nothing to train: no jobs")
+    slots = [j.slot for j in jobs]
+    if len(set(slots)) != len(slots):
+        raise MtaError("two jobs train the same slot")
+    for j in jobs:
+        if not j.examples:
+            raise MtaError(f"job '{j.key}' has no training examples")
+        if not any(x != IGNORE for e in j.examples for x in e.labels):
+            raise MtaError(f"job '{j.key}' has no target tokens to learn from")
+    params = engine.trainable(target)
+    n_slots = engine.n_anchors if target == "bank" else engine.n_users
+    opt = SlotAdamW(params, n_slots, weight_decay=cfg.weight_decay)
+    model = engine.model
+    was_training = model.training
+    model.train()
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, True)
+    device = engine.device
+    plans = [job_batches(j, cfg) for j in jobs]
+    total_steps = max(len(p) for p in plans)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    tokens = 0
+    try:
+        for step in range(total_steps):
+            active = [i for i, p in enumerate(plans) if step < len(p)]
+            rows: list[tuple[int, Example]] = [(i, e) for i in active for e in plans[i][step]]
+            counts = {i: sum(sum(x != IGNORE for x in e.labels[1:]) for e in plans[i][step]) for i in active}
+            job_loss = {i: 0.0 for i in active}
+            for s in range(0, len(rows), cfg.max_rows):
+                chunk = rows[s:s + cfg.max_rows]
+                ids, mask, labels = pad_batch([e for _, e in chunk], pad_id, device)
+                # backward stays inside the routing: checkpointed layers recompute with it
+                with engine.route([jobs[i].row for i, _ in chunk], mode):
+                    with autocast:
+                        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    sums, _ = row_token_loss(logits, labels)
+                    denom = torch.tensor([max(1, counts[i]) for i, _ in chunk], dtype=sums.dtype,
+                                         device=sums.device)
+                    per_row = sums / denom
+                    per_row.sum().backward()
+                for (i, _), v in zip(chunk, per_row.detach().tolist()):
+                    job_loss[i] += v
+                tokens += int(mask.sum())
+            if cfg.max_grad_norm is not None:
+                _clip_per_slot(params, [jobs[i].slot for i in active], cfg.max_grad_norm)
+            lrs = [cfg.lr * lr_multiplier(step, len(plans[i]), cfg.warmup_ratio, cfg.schedule)
+                   for i in active]
+            opt.step([jobs[i].slot for i in active], lrs)
+            for p in params:
+                p.grad = None
+            for i in active:
+                jobs[i].losses.append(job_loss[i])
+            if on_step:
+                on_step(step + 1, total_steps)
+    finally:
+        engine.trainable(None)
+        if cfg.gradient_checkpointing:
+            _checkpointing(model, False)
+        model.train(was_training)
+    for p in params:
+        if not torch.isfinite(p).all():
+            raise MtaError("training diverged: adapter weights are NaN or inf; lower the learning rate")
+    return {"steps": total_steps, "tokens": tokens, "optimizer_state_bytes": opt.state_bytes(),
+            "losses": {j.key: j.losses for j in jobs}}
+
+
+def _checkpointing(model, on: bool) -> None:
+    # transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_*.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+@torch.no_grad()
+def _clip_per_slot(params: list[torch.nn.Parameter], slots: list[int], max_norm: float) -> None:
+    idx = torch.tensor(slots, dtype=torch.long)
+    sq = torch.zeros(len(slots), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.index_select(0, idx.to(p.device)).double()
+            sq += g.pow(2).flatten(1).sum(1).cpu()
+    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            shape = (len(slots),) + (1,) * (p.dim() - 1)
+            g = p.grad.index_select(0, idx.to(p.device))
+            p.grad.index_copy_(0, idx.to(p.device), g * scale.to(g.dtype).to(p.device).view(shape))
+
+
+def encode_example(tokenizer, prompt: str, target: str, max_length: int = 512) -> Example:
+    """Chat-formatted prompt + target + end-of-turn; only the target is learnt.
+
+    Over-long prompts lose their beginning (the retrieved history), never the
+    instruction at their end or the target.
+    """
+    from mta.inference import chat_prompt
+
+    p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    t_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    t_ids = t_ids[: max_length // 2]
+    p_ids = p_ids[-(max_length - len(t_ids)):]
+    return Example(tuple(p_ids + t_ids), tuple([IGNORE] * len(p_ids) + t_ids))

@@ -1,0 +1,31 @@
+"""Helpers for engine tests: a tiny model with an engine whose adapters are NOT identity."""
+
+from __future__ import annotations
+
+import random
+
+from mta.engine.engine import AdapterEngine, EngineSpec
+from mta.engine.train import IGNORE, Example
+from mta.models.tiny import tiny_llama
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_engine(n_anchors=4, rank=4, alpha=8.0, users=0, stack_rank=2, seed=0, b_std=0.05):
+    model, tok = tiny_llama(seed=0)
+    eng = AdapterEngine(model, EngineSpec(n_anchors=n_anchors, rank=rank, alpha=alpha))
+    eng.init_bank(seed=seed, b_std=b_std)
+    if users:
+        eng.add_users(users, stack_rank, 2.0 * stack_rank, seed=seed + 1, b_std=b_std)
+    return eng, model, tok
+
+
+def random_examples(n: int, seed: int, vocab: int = 250, lo: int = 5, hi: int = 14) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        ids = [rng.randrange(3, vocab) for _ in range(length)]
+        cut = rng.randint(1, length - 2)
+        out.append(Example(tuple(ids), tuple([IGNORE] * cut + ids[cut:])))
+    return out
