@@ -147,6 +147,23 @@ class AdapterEngine:
             layer.fused_B = b.to(layer.bank_A.device, layer.bank_A.dtype)
             layer.fused_scale = float(scale)
 
+    def install_svd(self, mixtures: Sequence[tuple[Sequence[int], Sequence[float]]], rank: int) -> None:
+        """Fused table slot u := the rank-``rank`` SVD truncation of mixture u's exact merge
+        (per layer, alpha/r folded in). Rows then use ``Row(fused=u)``."""
+        from mta.fusion import merge_svd
+
+        tables = {}
+        for name, layer in self.layers.items():
+            a_s, b_s = [], []
+            for anchors, weights in mixtures:
+                w = torch.tensor(list(weights), dtype=torch.float64)
+                a, b = merge_svd(layer.bank_A[list(anchors)].detach().double(),
+                                 layer.bank_B[list(anchors)].detach().double(), w, rank)
+                a_s.append(a * layer.scale)
+                b_s.append(b)
+            tables[name] = (torch.stack(a_s), torch.stack(b_s))
+        self.set_fused(tables, scale=1.0)
+
     def bank_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.bank_A, layer.bank_B)]
 
@@ -204,6 +221,9 @@ class AdapterEngine:
             raise MtaError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
         dev = self.device
         k = max((len(r.anchors) for r in rows), default=0)
+        if mode == "svd" and k:
+            raise MtaError("svd merges route through fused tables: call install_svd() and give rows "
+                           "`fused=` slots instead of anchors")
         out = Routing(mode="factor" if mode == "factor" else "delta")
         if k:
             idx = torch.zeros(len(rows), k, dtype=torch.long)

@@ -1,0 +1,198 @@
+"""Adapters as files in PEFT's format, and a user exported as ONE ordinary PEFT LoRA.
+
+A directory holds ``adapter_config.json`` (written by ``peft.LoraConfig``) and
+``adapter_model.safetensors`` with PEFT's key names
+(``base_model.model.<module>.lora_A.weight`` (r x in), ``...lora_B.weight`` (out x r)).
+Our extras ride in the safetensors metadata, which PEFT ignores: the base-model
+fingerprint and what the adapter is (anchor, stacked user, exported user). Only
+safetensors is ever read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mta.engine.engine import AdapterEngine
+from mta.engine.fingerprint import check_fingerprint, model_fingerprint
+from mta.errors import MtaError
+from mta.fusion import concat_delta, merge_factor, merge_svd
+from mta.paths import atomic_path
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+Tensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+# ranks vLLM accepts for LoRA adapters (max_lora_rank choices)
+SERVING_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _key(module: str, which: str) -> str:
+    return f"base_model.model.{module}.lora_{which}.weight"
+
+
+def save_adapter(out: Path, tensors: Tensors, rank: int, alpha: float, fingerprint: dict,
+                 kind: str, base_model: str | None = None, extra: dict | None = None) -> Path:
+    """Write one LoRA adapter directory atomically (PEFT layout + our metadata)."""
+    if not tensors:
+        raise MtaError("cannot save an adapter with no modules")
+    state = {}
+    for module, (a, b) in tensors.items():
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise MtaError(f"{module}: factors of rank {a.shape[0]}/{b.shape[1]} but the config says {rank}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise MtaError(f"{module}: refusing to save NaN or inf weights")
+        state[_key(module, "A")] = a.detach().to("cpu").contiguous()
+        state[_key(module, "B")] = b.detach().to("cpu").contiguous()
+    targets = sorted({m.rsplit(".", 1)[-1] for m in tensors})
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    meta = {"mta_kind": kind, "mta_fingerprint": json.dumps(fingerprint, sort_keys=True),
+            "mta_extra": json.dumps(extra or {}, sort_keys=True)}
+    with atomic_path(Path(out)) as tmp:
+        tmp.mkdir()
+        cfg.save_pretrained(str(tmp))
+        save_file(state, str(tmp / WEIGHTS), metadata=meta)
+    return Path(out)
+
+
+def load_adapter(path: Path, fingerprint: dict | None = None) -> tuple[Tensors, dict, dict]:
+    """Read an adapter directory: (module -> (A, B), adapter config, our metadata).
+
+    With ``fingerprint``, refuse an adapter trained on another base model.
+    """
+    path = Path(path)
+    cfg_file, w_file = path / CONFIG, path / WEIGHTS
+    if not cfg_file.exists() or not w_file.exists():
+        have = ", ".join(sorted(p.name for p in path.iterdir())) if path.is_dir() else "no such directory"
+        raise MtaError(f"{path}: not a PEFT adapter (needs {CONFIG} and {WEIGHTS}; found: {have or 'nothing'})")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise MtaError(f"{cfg_file}: not valid JSON ({e.msg})") from None
+    try:
+        state = load_file(str(w_file))
+        from safetensors import safe_open
+
+        with safe_open(str(w_file), "pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MtaError(f"{w_file}: corrupt or unreadable safetensors file ({e})") from None
+    tensors: Tensors = {}
+    for key, t in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len("base_model.model."):-len(".lora_A.weight")]
+        bkey = _key(module, "B")
+        if bkey not in state:
+            raise MtaError(f"{w_file}: {module} has lora_A but no lora_B")
+        tensors[module] = (t, state[bkey])
+    if not tensors:
+        raise MtaError(f"{w_file}: no LoRA weights inside")
+    rank = int(config.get("r", 0))
+    for module, (a, b) in tensors.items():
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise MtaError(f"{w_file}: {module} has rank {a.shape[0]} but {CONFIG} says r={rank}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise MtaError(f"{w_file}: {module} holds NaN or inf weights")
+    ours = {"kind": meta.get("mta_kind"),
+            "fingerprint": json.loads(meta["mta_fingerprint"]) if "mta_fingerprint" in meta else None,
+            "extra": json.loads(meta.get("mta_extra", "{}"))}
+    if fingerprint is not None:
+        check_fingerprint(ours["fingerprint"], fingerprint, f"adapter {path}")
+    return tensors, config, ours
+
+
+def save_anchor(engine: AdapterEngine, slot: int, out: Path, base_model: str | None = None,
+                extra: dict | None = None) -> Path:
+    return save_adapter(out, engine.anchor_tensors(slot), engine.spec.rank, engine.spec.alpha,
+                        model_fingerprint(engine.model), "anchor", base_model, extra)
+
+
+def load_anchor(engine: AdapterEngine, slot: int, path: Path) -> dict:
+    tensors, config, ours = load_adapter(path, model_fingerprint(engine.model))
+    if int(config["r"]) != engine.spec.rank or float(config["lora_alpha"]) != float(engine.spec.alpha):
+        raise MtaError(f"{path}: rank/alpha {config['r']}/{config['lora_alpha']} do not match the bank's "
+                       f"{engine.spec.rank}/{engine.spec.alpha}")
+    engine.load_anchor(slot, tensors)
+    return ours
+
+
+def save_user(engine: AdapterEngine, slot: int, out: Path, base_model: str | None = None,
+              extra: dict | None = None) -> Path:
+    layer = next(iter(engine.layers.values()))
+    return save_adapter(out, engine.user_tensors(slot), layer.stack_rank, layer.stack_alpha,
+                        model_fingerprint(engine.model), "stack", base_model, extra)
+
+
+def load_user(engine: AdapterEngine, slot: int, path: Path) -> dict:
+    tensors, config, ours = load_adapter(path, model_fingerprint(engine.model))
+    layer = next(iter(engine.layers.values()))
+    if int(config["r"]) != layer.stack_rank:
+        raise MtaError(f"{path}: stacked rank {config['r']} but the engine's stack table has rank "
+                       f"{layer.stack_rank}")
+    engine.load_user(slot, tensors)
+    return ours
+
+
+def user_factors(engine: AdapterEngine, anchors: list[int], weights: list[float], mode: str = "delta",
+                 user: int | None = None, svd_rank: int | None = None) -> tuple[Tensors, int]:
+    """One user's whole update per module as plain LoRA factors with scaling 1.
+
+    delta: concatenation, rank k*r (+ r_s); factor: rank r (+ r_s); svd: rank svd_rank (+ r_s).
+    The per-direction coefficients (w_i alpha/r, alpha_s/r_s) are folded into A.
+    """
+    w = torch.tensor(weights, dtype=torch.float64)
+    out: Tensors = {}
+    rank = 0
+    for name, layer in engine.layers.items():
+        a_bank = layer.bank_A[anchors].detach().double()
+        b_bank = layer.bank_B[anchors].detach().double()
+        if mode == "delta":
+            a, b = concat_delta(a_bank, b_bank, w)
+        elif mode == "factor":
+            a, b = merge_factor(a_bank, b_bank, w)
+        elif mode == "svd":
+            if not svd_rank:
+                raise MtaError("svd export needs svd_rank")
+            a, b = merge_svd(a_bank, b_bank, w, svd_rank)
+        else:
+            raise MtaError(f"unknown merge mode {mode!r}")
+        a = a * layer.scale
+        if user is not None:
+            a_s = layer.stack_A[user].detach().double() * (layer.stack_alpha / layer.stack_rank)
+            a = torch.cat([a, a_s])
+            b = torch.cat([b, layer.stack_B[user].detach().double()], dim=1)
+        out[name] = (a.to(layer.bank_A.dtype), b.to(layer.bank_A.dtype))
+        rank = a.shape[0]
+    return out, rank
+
+
+def export_user(engine: AdapterEngine, anchors: list[int], weights: list[float], out: Path,
+                mode: str = "delta", user: int | None = None, svd_rank: int | None = None,
+                pad_to: int | str | None = None, base_model: str | None = None) -> Path:
+    """Export a user (fused + stacked) as one PEFT LoRA; optionally zero-pad the rank
+    (``pad_to`` an int, or "serving" for the next rank vLLM accepts)."""
+    tensors, rank = user_factors(engine, anchors, weights, mode, user, svd_rank)
+    target = rank
+    if pad_to == "serving":
+        target = next((r for r in SERVING_RANKS if r >= rank), None)
+        if target is None:
+            raise MtaError(f"rank {rank} exceeds every serving rank {SERVING_RANKS}")
+    elif pad_to is not None:
+        target = int(pad_to)
+        if target < rank:
+            raise MtaError(f"--pad-to {target} is below the exported rank {rank}")
+    if target > rank:
+        tensors = {n: (torch.cat([a, a.new_zeros(target - rank, a.shape[1])]),
+                       torch.cat([b, b.new_zeros(b.shape[0], target - rank)], dim=1))
+                   for n, (a, b) in tensors.items()}
+    # lora_alpha = r makes PEFT's scaling alpha/r exactly 1: the coefficients live in A.
+    return save_adapter(out, tensors, target, float(target), model_fingerprint(engine.model), "export",
+                        base_model, {"anchors": anchors, "weights": weights, "mode": mode,
+                                     "rank_used": rank})
