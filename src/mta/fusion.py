@@ -34,7 +34,8 @@ def check_weights(w: torch.Tensor, mode: str, n: int | None = None) -> None:
         if (w < 0).any():
             raise ValueError(f"factor merge averages factors: weights must be >= 0, got {w.tolist()}")
         if abs(float(w.sum()) - 1.0) > 1e-4:
-            raise ValueError(f"factor merge averages factors: weights must sum to 1, got {float(w.sum()):.6f}")
+            total = float(w.sum())
+            raise ValueError(f"factor merge averages factors: weights must sum to 1, got {total:.6f}")
 
 
 def _check_factors(A: torch.Tensor, B: torch.Tensor) -> None:

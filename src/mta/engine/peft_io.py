@@ -70,7 +70,8 @@ def load_adapter(path: Path, fingerprint: dict | None = None) -> tuple[Tensors, 
     cfg_file, w_file = path / CONFIG, path / WEIGHTS
     if not cfg_file.exists() or not w_file.exists():
         have = ", ".join(sorted(p.name for p in path.iterdir())) if path.is_dir() else "no such directory"
-        raise MtaError(f"{path}: not a PEFT adapter (needs {CONFIG} and {WEIGHTS}; found: {have or 'nothing'})")
+        raise MtaError(f"{path}: not a PEFT adapter (needs {CONFIG} and {WEIGHTS}; "
+                       f"found: {have or 'nothing'})")
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
