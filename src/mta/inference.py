@@ -44,3 +44,28 @@ def generate_texts(
         if on_batch:
             on_batch(len(chunk))
     return out
+
+
+@torch.no_grad()
+def generate_routed(
+    engine, tokenizer, prompts: Sequence[str], rows: Sequence, mode: str = "delta",
+    max_new_tokens: int = 16, batch_size: int = 8, max_prompt_tokens: int = 1024,
+    on_batch: Callable[[int], None] | None = None, **gen_kwargs,
+) -> list[str]:
+    """Like ``generate_texts``, but row i goes through ``rows[i]`` (its own users' adapters)."""
+    if len(prompts) != len(rows):
+        raise ValueError(f"{len(prompts)} prompts but {len(rows)} rows")
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_prompt_tokens, add_special_tokens=False).to(engine.device)
+        gen = engine.generate(list(rows[start:start + batch_size]), enc["input_ids"], enc["attention_mask"],
+                              mode=mode, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+        out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        if on_batch:
+            on_batch(len(chunk))
+    return out

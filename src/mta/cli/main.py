@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from mta import __version__
-from mta.cli import data, evaluate, models
+from mta.cli import data, evaluate, models, pipeline
 from mta.cli.common import err_console, setup_logging
 from mta.errors import MtaError
 
@@ -19,6 +19,12 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.command("eval")(evaluate.eval_cmd)
+app.add_typer(pipeline.bank_app, name="bank")
+app.add_typer(pipeline.store_app, name="store")
+app.command("adapt")(pipeline.adapt_cmd)
+app.command("generate")(pipeline.generate_cmd)
+app.command("export")(pipeline.export_cmd)
+app.command("run")(pipeline.run_cmd)
 
 
 def _version(value: bool) -> None:

@@ -67,8 +67,29 @@ def load_llm(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.bflo
     return model, tok
 
 
+class HashingEmbedder:
+    """Bag-of-words embeddings through scikit-learn's HashingVectorizer: no weights, for tests.
+    Exposes the part of SentenceTransformer.encode that mta uses."""
+
+    def __init__(self, dim: int = 512):
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        self.vectorizer = HashingVectorizer(n_features=dim, alternate_sign=False, norm="l2",
+                                            stop_words="english")
+
+    def encode(self, texts, normalize_embeddings: bool = True, **_):
+        import numpy as np
+
+        vecs = self.vectorizer.transform(list(texts)).toarray().astype(np.float32)
+        if normalize_embeddings:
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
+        return vecs
+
+
 def load_embedder(name_or_path: str = "minilm-l6", device: str = "cpu"):
     from sentence_transformers import SentenceTransformer
 
     path = resolve_model_dir(name_or_path, "embedder")
+    if path is None:
+        return HashingEmbedder()
     return SentenceTransformer(str(path), device=device)

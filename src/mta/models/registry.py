@@ -16,6 +16,7 @@ from mta.paths import models_dir
 
 MARKER = "mta-model.json"  # written last into a model dir; its presence means "complete"
 TINY = "tiny-random-llama"
+HASH_EMBEDDER = "hashing-embedder"
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in (
         description="2-layer random-init Llama (hidden 64) with a byte tokenizer, for tests",
         licence="n/a", params="~70K", packages=(), layout="random", member="", sha256="",
         nbytes=0,
+    ),
+    ModelSpec(
+        name=HASH_EMBEDDER, kind="embedder",
+        description="scikit-learn HashingVectorizer over words (512-dim), no weights, for tests",
+        licence="n/a", params="0", packages=(), layout="random", member="", sha256="", nbytes=0,
     ),
 )}
 

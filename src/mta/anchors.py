@@ -1,0 +1,78 @@
+"""Stage 1a: embed users, cluster them, pick one anchor user per cluster.
+
+A user's embedding is the mean of the (L2-normalised) embeddings of their rendered
+history items. k-means (scikit-learn, k-means++ with 10 restarts, seeded) clusters the
+eligible users; each cluster's anchor is its most active user (most history items),
+ties broken by closeness to the centroid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+from mta.data.schema import User
+from mta.errors import MtaError
+from mta.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+def embed_users(users: list[User], task: Task, embedder, batch_size: int = 64) -> np.ndarray:
+    """(n_users, dim) float32: the mean of each user's normalised item embeddings,
+    itself normalised (so that a dot product is the cosine similarity)."""
+    texts, owner = [], []
+    for i, u in enumerate(users):
+        if not u.history:
+            raise MtaError(f"user '{u.user_id}' has 0 history items; an embedding needs at least 1")
+        for it in u.history:
+            texts.append(task.render_item(it))
+            owner.append(i)
+    vecs = embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                           convert_to_numpy=True, show_progress_bar=False)
+    out = np.zeros((len(users), vecs.shape[1]), dtype=np.float64)
+    np.add.at(out, np.asarray(owner), vecs.astype(np.float64))
+    out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+    return out.astype(np.float32)
+
+
+@dataclass
+class AnchorSelection:
+    user_ids: list[str]
+    cluster_of_anchor: list[int]
+    centroids: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+
+def select_anchors(users: list[User], emb: np.ndarray, k: int, min_history: int,
+                   seed: int = 0) -> AnchorSelection:
+    notes: list[str] = []
+    eligible = [i for i, u in enumerate(users) if len(u.history) >= min_history]
+    if not eligible:
+        most = max(len(u.history) for u in users)
+        notes.append(f"no user has at least {min_history} history items (the most is {most}); "
+                     f"chose anchors among all {len(users)} users instead")
+        eligible = list(range(len(users)))
+    elif len(eligible) < len(users):
+        notes.append(f"{len(eligible)} of {len(users)} users have at least {min_history} history "
+                     "items and can be anchors")
+    if k > len(eligible):
+        notes.append(f"asked for {k} anchors but only {len(eligible)} users qualify; using {len(eligible)}")
+        k = len(eligible)
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(emb[eligible])
+    chosen: list[int] = []
+    clusters: list[int] = []
+    for c in range(k):
+        members = [eligible[j] for j in np.flatnonzero(km.labels_ == c)]
+        if not members:
+            continue
+        dist = {i: float(np.linalg.norm(emb[i] - km.cluster_centers_[c])) for i in members}
+        best = min(members, key=lambda i: (-len(users[i].history), dist[i], users[i].user_id))
+        chosen.append(best)
+        clusters.append(c)
+    for n in notes:
+        log.warning(n)
+    return AnchorSelection([users[i].user_id for i in chosen], clusters, km.cluster_centers_, notes)
