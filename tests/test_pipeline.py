@@ -1,0 +1,180 @@
+"""The three stages end to end on the tiny random model, and their failure cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mta import bank as bank_mod
+from mta.anchors import select_anchors
+from mta.bank import build_bank, load_bank, read_index
+from mta.cli.main import main
+from mta.config import BankConfig, adapt_config
+from mta.data.schema import User
+from mta.data.synth import synth_users
+from mta.errors import MtaError
+from mta.mixing import anchor_weights
+from mta.models import load_embedder
+from mta.models.tiny import tiny_llama
+from mta.stacking import adapt_users
+from mta.store import UserStore
+from mta.tasks import get_task
+
+TASK = get_task("synth")
+FAST = dict(anchors=2, min_history=1, epochs=1, batch_size=4, max_length=160, group_size=1)
+
+
+def _bank(tmp_path, users, **kw):
+    model, tok = tiny_llama()
+    emb = load_embedder("hashing-embedder")
+    cfg = BankConfig.make(**{**FAST, **kw})
+    idx = build_bank(users, TASK, model, tok, emb, "hashing-embedder", "tiny-random-llama", cfg,
+                     tmp_path / "bank")
+    return model, tok, emb, idx
+
+
+def test_mixing_weights_favour_the_most_similar():
+    m = anchor_weights(np.array([0.1, 0.9, 0.5, -0.2]), top_k=2)
+    assert m.anchors == (1, 2) and m.weights[0] > m.weights[1]
+    assert m.weights == pytest.approx((0.9 / 1.4, 0.5 / 1.4))
+    s = anchor_weights(np.array([0.1, 0.9, 0.5]), top_k=3, weighting="softmax", temperature=0.1)
+    assert s.anchors[0] == 1 and sum(s.weights) == pytest.approx(1.0)
+    neg = anchor_weights(np.array([-0.3, -0.1]), top_k=2)
+    assert neg.weights == (0.5, 0.5)
+    with pytest.raises(MtaError, match="softmax"):
+        anchor_weights(np.array([0.1]), 1, weighting="max")
+
+
+def test_anchor_selection_most_active_then_centroid():
+    users = [User(user_id=f"u{i}", history=[{"id": str(j), "description": "d", "tag": "drama"}
+                                            for j in range(n)]) for i, n in enumerate([3, 5, 5, 2])]
+    emb = np.array([[1, 0], [0.9, 0.1], [1, 0.05], [0, 1]], dtype=np.float32)
+    sel = select_anchors(users, emb, k=2, min_history=1, seed=0)
+    assert sorted(sel.user_ids) == ["u2", "u3"]  # u1/u2 tie on 5 items; u2 is nearer the centroid
+    few = select_anchors(users, emb, k=3, min_history=4)
+    assert any("can be anchors" in n for n in few.notes) and len(few.user_ids) == 2
+    none = select_anchors(users, emb, k=2, min_history=50)
+    assert any("chose anchors among all" in n for n in none.notes)
+
+
+def test_bank_resumes_after_a_kill(tmp_path, monkeypatch):
+    users = synth_users(6, seed=1, queries=0)
+    real = bank_mod.train_jobs
+    calls = {"n": 0}
+
+    def dies_on_second_group(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the build is killed mid-way
+        return real(*a, **k)
+
+    monkeypatch.setattr(bank_mod, "train_jobs", dies_on_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        _bank(tmp_path, users)
+    idx = read_index(tmp_path / "bank")
+    assert [a["done"] for a in idx.data["anchors"]] == [True, False] and not idx.complete
+    with pytest.raises(MtaError, match="incomplete"):
+        load_bank(tiny_llama()[0], tmp_path / "bank")
+    first = (idx.adapter_dir(0) / "adapter_model.safetensors").read_bytes()
+    _bank(tmp_path, users)  # resume: only the second anchor trains
+    assert calls["n"] == 3
+    idx = read_index(tmp_path / "bank")
+    assert idx.complete and (idx.adapter_dir(0) / "adapter_model.safetensors").read_bytes() == first
+
+
+def test_bank_refuses_other_base_model_and_corrupt_files(tmp_path):
+    users = synth_users(4, seed=2, queries=0)
+    _bank(tmp_path, users)
+    other, _ = tiny_llama(seed=5)
+    with pytest.raises(MtaError, match="different base model"):
+        load_bank(other, tmp_path / "bank")
+    f = read_index(tmp_path / "bank").adapter_dir(1) / "adapter_model.safetensors"
+    f.write_bytes(b"\x00" * 64)
+    with pytest.raises(MtaError, match="corrupt or unreadable"):
+        load_bank(tiny_llama()[0], tmp_path / "bank")
+
+
+def test_adapt_store_rerun_and_delete(tmp_path):
+    users = synth_users(8, seed=3)
+    model, tok, emb, idx = _bank(tmp_path, users[:4])
+    cfg = adapt_config("default", batch_size=4, max_length=160)
+    store = UserStore(tmp_path / "store")
+    stats = adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank", users[4:], TASK, cfg, store)
+    assert stats["adapted"] == 4 and stats["skipped"] == 0
+    meta = store.meta(users[4].user_id)
+    assert len(meta["anchors"]) == 2 and meta["weights"][0] >= meta["weights"][1]
+    assert sum(meta["weights"]) == pytest.approx(1.0)
+    assert (store.user_dir(users[4].user_id) / "stack" / "adapter_model.safetensors").exists()
+    # unchanged users are skipped; a changed history retrains that user only
+    changed = users[5].model_copy(update={"history": users[5].history[:-1]})
+    stats = adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank",
+                        [users[4], changed, users[6], users[7]], TASK, cfg, store)
+    assert stats["adapted"] == 1 and stats["skipped"] == 3
+    assert store.meta(users[5].user_id)["history_items"] == 9
+    store.delete(users[4].user_id)
+    assert not store.user_dir(users[4].user_id).exists() and users[4].user_id not in store.user_ids()
+    with pytest.raises(MtaError, match="not in store"):
+        store.delete(users[4].user_id)
+
+
+def test_reference_preset_stores_more_per_user(tmp_path):
+    users = synth_users(6, seed=4)
+    model, tok, emb, _ = _bank(tmp_path, users[:3])
+    sizes = {}
+    for preset in ("default", "reference"):
+        store = UserStore(tmp_path / preset)
+        adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank", users[3:4], TASK,
+                    adapt_config(preset, batch_size=4, max_length=160), store)
+        sizes[preset] = store.bytes_of(users[3].user_id)
+        assert store.meta(users[3].user_id)["merge"] == ("factor" if preset == "reference" else "delta")
+    assert sizes["default"] < sizes["reference"]
+
+
+def test_empty_history_refused(tmp_path):
+    users = synth_users(4, seed=5)
+    model, tok, emb, _ = _bank(tmp_path, users[:2])
+    empty = users[2].model_copy(update={"history": []})
+    with pytest.raises(MtaError, match="0 history items"):
+        adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank", [empty], TASK,
+                    adapt_config(), UserStore(tmp_path / "s"))
+
+
+def test_cli_end_to_end_tiny(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "6", "--queries", "1"]) == 0
+    common = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--dtype", "fp32"]
+    out = tmp_path / "run"
+    rc = main(["run", "--data", str(data), "--out", str(out), "--anchors", "2", "--bank-epochs", "1",
+               "--max-new-tokens", "2", *common])
+    assert rc == 0
+    for f in ("config.json", "metrics.json", "summary.json", "results.md", "run.log", "split.json"):
+        assert (out / f).exists(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["results"]] == ["base", "rag", "mta"] and metrics["synthetic"]
+    split = json.loads((out / "split.json").read_text())
+    assert not set(split["targets"]) & set(split["anchor_candidates"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_params_per_user"] > 0 and summary["bytes_per_user_mean"] > 0
+    capsys.readouterr()
+    assert main(["store", "list", str(out / "store")]) == 0
+    assert "bytes per user" in capsys.readouterr().out
+    target = split["targets"][0]
+    # generation: a stored user, an unknown user with no history (base + notice)
+    rc = main(["generate", "--bank", str(out / "bank"), "--store", str(out / "store"), "--data", str(data),
+               "--user", target, "--input", "Which tag? description: a film", "--max-new-tokens", "2", *common])
+    assert rc == 0 and '"route": "mta"' in capsys.readouterr().out
+    rc = main(["generate", "--bank", str(out / "bank"), "--store", str(out / "store"),
+               "--user", "nobody", "--input", "x", "--max-new-tokens", "2", *common])
+    captured = capsys.readouterr()
+    assert rc == 0 and '"route": "base"' in captured.out and "no history" in captured.err
+    rc = main(["export", "--bank", str(out / "bank"), "--store", str(out / "store"), "--user", target,
+               "--out", str(tmp_path / "exp"), "--pad-rank", "serving", "--model", "tiny-random-llama"])
+    assert rc == 0 and json.loads((tmp_path / "exp" / "adapter_config.json").read_text())["r"] == 32
+    # unknown users and a bad flag are one-line errors with exit 2
+    assert main(["adapt", "--bank", str(out / "bank"), "--data", str(data), "--out", str(tmp_path / "s2"),
+                 "--users", "ghost", *common]) == 2
+    assert main(["store", "delete", str(out / "store"), "ghost"]) == 2
+    assert main(["adapt", "--bank", str(out / "bank"), "--data", str(data), "--out", str(tmp_path / "s3"),
+                 "--merge", "mean", *common]) == 2
