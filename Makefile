@@ -20,9 +20,7 @@ models: setup
 	$(BIN)/mta models fetch smollm2-135m minilm-l6
 
 demo: models
-	$(BIN)/mta data synth --out $(DEMO)/data --users 24 --seed 0
-	$(BIN)/mta data inspect $(DEMO)/data
-	$(BIN)/mta eval --data $(DEMO)/data --methods base,rag,rag-4 --users 8 --out $(DEMO)/eval
+	$(BIN)/mta demo --out $(DEMO)
 
 test: models
 	bash scripts/run-tests.sh

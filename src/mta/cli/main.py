@@ -25,6 +25,7 @@ app.command("adapt")(pipeline.adapt_cmd)
 app.command("generate")(pipeline.generate_cmd)
 app.command("export")(pipeline.export_cmd)
 app.command("run")(pipeline.run_cmd)
+app.command("demo")(pipeline.demo_cmd)
 
 
 def _version(value: bool) -> None:
