@@ -109,7 +109,7 @@ def bank_build(
     group_size: int = typer.Option(8, help="Anchors trained together in one pass."),
     users: Path | None = typer.Option(None, help="File of user ids (one per line) to draw anchors from."),
     seed: int = typer.Option(0, help="Seed for k-means, init and shuffling."),
-    dtype: str = typer.Option("fp32", help="Base model dtype: fp32, or bf16 (fast for inference, very slow backward on CPU)."),
+    dtype: str = typer.Option("fp32", help="Base model dtype: fp32, or bf16 (slow backward on CPU)."),
 ) -> None:
     """Stage 1: cluster users, pick anchors, train one meta-LoRA per anchor (one pass per group)."""
     cfg = BankConfig.make(anchors=anchors, min_history=min_history, rank=rank, epochs=epochs, lr=lr,
