@@ -178,3 +178,31 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
     assert main(["store", "delete", str(out / "store"), "ghost"]) == 2
     assert main(["adapt", "--bank", str(out / "bank"), "--data", str(data), "--out", str(tmp_path / "s3"),
                  "--merge", "mean", *common]) == 2
+
+
+@pytest.mark.integration
+def test_smollm2_pipeline_on_real_lamp2_users(lamp2_users, tmp_path):
+    """Bank + adaptation + personalised generation with the real SmolLM2 and MiniLM on 6
+    real LaMP-2 users (2 anchors from 3 candidates, 3 targets)."""
+    from tests.conftest import require_model
+
+    require_model("smollm2-135m")
+    require_model("minilm-l6")
+    from mta.data.readers import load_dataset
+    from mta.models import load_llm
+    from mta.pipeline import run_pipeline
+
+    ds = load_dataset(lamp2_users)
+    ds.users = ds.users[:6]
+    model, tok = load_llm("smollm2-135m", dtype=__import__("torch").float32)
+    emb = load_embedder("minilm-l6")
+    res = run_pipeline(ds, tmp_path / "run", model, tok, emb, "smollm2-135m", "minilm-l6",
+                       BankConfig.make(anchors=2, epochs=1, max_length=384), adapt_config(max_length=384),
+                       targets_fraction=0.5, seed=0, max_new_tokens=8)
+    assert [r["method"] for r in res["results"]] == ["base", "rag", "mta"]
+    assert all(r["scored"] == 3 for r in res["results"])
+    assert res["summary"]["anchor_notes"]  # every user has 10 items < 11: the fallback is announced
+    routes = {p["route"] for p in res["predictions"] if p["method"] == "mta"}
+    assert routes == {"mta"}
+    store = UserStore(tmp_path / "run" / "store")
+    assert len(store.user_ids()) == 3

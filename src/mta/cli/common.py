@@ -20,10 +20,11 @@ err_console = Console(stderr=True)
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)], force=True,
-    )
+    level = logging.INFO if verbose else logging.WARNING
+    handler = RichHandler(console=err_console, show_path=False)
+    # the handler filters too: run directories raise the "mta" logger to INFO for run.log
+    handler.setLevel(level)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("transformers", "sentence_transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
