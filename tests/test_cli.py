@@ -77,18 +77,35 @@ def test_models_list_and_missing_model(tmp_path, monkeypatch, capsys):
         load_llm("smollm2-135m")
 
 
-def test_eval_tiny_model_end_to_end(tmp_path):
+def test_eval_tiny_model_all_methods(tmp_path):
     data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--users", "3"]) == 0
+    assert main(["data", "synth", "--out", str(data), "--users", "6", "--queries", "1"]) == 0
     out = tmp_path / "eval"
-    rc = main(["eval", "--data", str(data), "--methods", "base,rag-2", "--model",
-               "tiny-random-llama", "--out", str(out), "--max-new-tokens", "3"])
+    rc = main(["eval", "--data", str(data), "--methods", "base,rag,per-user-lora,mta-fusion,mta-stack,mta,"
+               "mta-reference", "--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--out", str(out),
+               "--max-new-tokens", "2", "--anchors", "2", "--bank-epochs", "1", "--n-boot", "100"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["synthetic"] is True and [r["method"] for r in m["results"]] == ["base", "rag-2"]
-    assert all(set(r["metrics"]) == {"accuracy", "f1"} for r in m["results"])
+    assert m["synthetic"] is True
+    assert [r["method"] for r in m["results"]] == ["base", "rag-1", "rag-4", "per-user-lora", "mta-fusion",
+                                                    "mta-stack", "mta", "mta-reference"]
+    for r in m["results"]:
+        assert r["users"] == 6 and set(r["metrics"]) == {"accuracy", "f1"}
+        lo, hi = r["metrics"]["accuracy"]["ci"]
+        assert lo <= r["metrics"]["accuracy"]["value"] <= hi
+        if r["method"] != "rag-1":
+            assert "diff_vs_rag-1" in r["metrics"]["accuracy"]
+    by = {r["method"]: r for r in m["results"]}
+    assert by["base"]["bytes_per_user"] == 0 and by["mta-fusion"]["trainable_params_per_user"] == 0
+    assert 0 < by["mta"]["bytes_per_user"] < by["mta-reference"]["bytes_per_user"] < by["per-user-lora"]["bytes_per_user"]
+    for f in ("results.md", "accuracy_by_method.png", "quality_vs_bytes.png", "anchor_map.png", "split.json"):
+        assert (out / f).exists(), f
     assert "synthetic" in (out / "results.md").read_text()
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 6
+    # the protocol: every user a target exactly once, never among their fold's anchor candidates
+    split = json.loads((out / "split.json").read_text())
+    targets = [t for f in split for t in f["targets"]]
+    assert sorted(targets) == sorted(set(targets)) and len(targets) == 6
+    assert all(not set(f["targets"]) & set(f["anchor_candidates"]) for f in split)
 
 
 def test_eval_unknown_method(tmp_path):

@@ -59,6 +59,7 @@ class AdaptConfig(_Config):
     merge: Literal["delta", "factor", "svd"] = "delta"
     svd_rank: int = Field(8, ge=1)
     stack_rank: int = Field(2, ge=1)
+    stack_targets: tuple[str, ...] | None = Field(None, description="modules with a stacked adapter; None = all")
     stack_alpha: float | None = Field(None, gt=0, description="default: 2 x stack_rank")
     stack_epochs: int = Field(1, ge=0, description="0 = fusion only, no stacked adapter")
     stack_lr: float = Field(1e-4, gt=0)

@@ -42,7 +42,7 @@ def user_mixtures(users: list[User], task: Task, embedder, idx: BankIndex, cfg: 
 
 
 def stack_params_per_user(engine, rank: int) -> int:
-    return sum((ly.in_features + ly.out_features) * rank for ly in engine.layers.values())
+    return sum((ly.in_features + ly.out_features) * rank for ly in engine.stack_layers.values())
 
 
 def adapt_users(
@@ -82,7 +82,8 @@ def adapt_users(
             stats = None
             t1 = time.perf_counter()
             if cfg.stack_epochs > 0:
-                engine.add_users(len(group), cfg.stack_rank, cfg.alpha_s, seed=cfg.seed + g)
+                engine.add_users(len(group), cfg.stack_rank, cfg.alpha_s, seed=cfg.seed + g,
+                                 modules=cfg.stack_targets)
                 if cfg.merge == "svd":
                     engine.install_svd([(mixes[i].anchors, mixes[i].weights) for i in group], cfg.svd_rank)
                 rows = [Row(fused=j, user=j) if cfg.merge == "svd" else
@@ -102,6 +103,7 @@ def adapt_users(
                     "weights": list(m.weights), "similarities": list(m.similarities),
                     "stack": None if stats is None else {
                         "rank": cfg.stack_rank, "alpha": cfg.alpha_s, "epochs": cfg.stack_epochs,
+                        "targets": list(cfg.stack_targets) if cfg.stack_targets else None,
                         "lr": cfg.stack_lr, "examples": len(u.history),
                         "losses": stats["losses"][f"user:{u.user_id}"]},
                     "history_items": len(u.history),

@@ -1,4 +1,4 @@
-"""``mta eval``: score methods on a dataset under one protocol and one base model."""
+"""``mta eval``: compare methods on a dataset under one protocol and one base model."""
 
 from __future__ import annotations
 
@@ -9,88 +9,121 @@ from pathlib import Path
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mta import __version__
-from mta.cli.common import console, progress
+from mta.cli.common import console, err_console, progress
+from mta.cli.pipeline import _Bars, _models, _run_log
+from mta.config import BankConfig, adapt_config
 from mta.data.readers import load_dataset
 from mta.errors import MtaError
-from mta.evaluation.prompting import parse_method, run_prompt_method
-from mta.models import load_llm
+from mta.evaluation import plots
+from mta.evaluation.methods import EvalSetup, expand_methods
+from mta.evaluation.runner import anchor_map_for, run_eval
 from mta.paths import write_json_atomic, write_text_atomic
 from mta.tasks import get_task
 
 
-def _markdown(title: str, task, results: list[dict]) -> str:
+def _fmt(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def _markdown(title: str, meta: str, task, rows: list[dict]) -> str:
     m1, m2 = task.metric_names
-    lines = [f"# {title}", "", f"| method | {m1} | {m2} | queries | s/user (inference) |",
-             "|---|---|---|---|---|"]
-    for r in results:
-        m = r["metrics"]
-        lines.append(f"| {r['method']} | {m.get(m1, float('nan')):.4f} | "
-                     f"{m.get(m2, float('nan')):.4f} | {r['scored']} | "
-                     f"{r['seconds_per_user_inference']:.2f} |")
+    head = (f"| method | {m1} [95% CI] | {m2} [95% CI] | Δ{m1} vs rag-1 [95% CI] | s/user adapt | "
+            "s/user infer | bytes/user | trainable params/user |")
+    lines = [f"# {title}", "", meta, "", head, "|" + "---|" * 8]
+    for r in rows:
+        a, b = r["metrics"][m1], r["metrics"][m2]
+        d = a.get("diff_vs_rag-1")
+        diff = "-" if d is None else (f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+                                      + (" *" if d["significant"] else ""))
+        lines.append(f"| {r['method']} | {_fmt(a['value'])} [{_fmt(a['ci'][0])}, {_fmt(a['ci'][1])}] | "
+                     f"{_fmt(b['value'])} [{_fmt(b['ci'][0])}, {_fmt(b['ci'][1])}] | {diff} | "
+                     f"{r['seconds_per_user_adapt']:.2f} | {r['seconds_per_user_inference']:.2f} | "
+                     f"{r['bytes_per_user']:,.0f} | {r['trainable_params_per_user']:,} |")
+    lines += ["", "`*`: the paired 95% bootstrap interval of the difference excludes 0."]
     return "\n".join(lines) + "\n"
 
 
 def eval_cmd(
     data: Path = typer.Option(..., help="Dataset file or directory (any supported layout)."),
-    out: Path = typer.Option(..., help="Run directory for metrics.json, results.md, predictions."),
+    out: Path = typer.Option(..., help="Run directory for metrics.json, results.md, plots."),
     task: str | None = typer.Option(None, help="Task name (default: detected from the data)."),
-    methods: str = typer.Option("base,rag", help="Comma-separated: base, rag (= rag-1), rag-K."),
+    methods: str = typer.Option("base,rag", help="Comma-separated: base, rag (= rag-1 and rag-4), rag-K, "
+                                "per-user-lora, mta-fusion, mta-stack, mta, mta-reference."),
     model: str = typer.Option("smollm2-135m", help="Registry name or local HF model directory."),
-    users: int | None = typer.Option(None, min=1, help="Evaluate only the first N users."),
-    seed: int = typer.Option(0, help="Seed (recorded; greedy decoding is deterministic)."),
+    embedder: str = typer.Option("minilm-l6", help="Registry embedder or sentence-transformers directory."),
+    seed: int = typer.Option(0, help="Seed of the fold split, k-means, initialisation and bootstrap."),
+    folds: int = typer.Option(2, help="User folds: each fold is evaluated with anchors from the others."),
+    users: int | None = typer.Option(None, min=2, help="Use only the first N users (quick runs)."),
+    anchors: int = typer.Option(8, help="Ablation: anchors per bank."),
+    min_history: int = typer.Option(11, help="History items an anchor needs."),
+    bank_epochs: int = typer.Option(3, help="Meta-LoRA (and per-user LoRA) epochs."),
+    bank_lr: float = typer.Option(1e-4, help="Meta-LoRA (and per-user LoRA) learning rate."),
+    top_k: int | None = typer.Option(None, help="Ablation: anchors mixed per user."),
+    merge: str | None = typer.Option(None, help="Ablation: delta, factor or svd (for mta)."),
+    stack_rank: int | None = typer.Option(None, help="Ablation: stacked rank."),
+    stack_targets: str | None = typer.Option(None, help="Ablation: comma-separated modules with a stack."),
+    stack_lr: float | None = typer.Option(None, help="Stacking learning rate."),
+    stack_epochs: int | None = typer.Option(None, help="Stacking epochs."),
+    retrieve_k: int = typer.Option(1, min=0, help="Ablation: history items in the prompt for adapter methods."),
+    target_history: int | None = typer.Option(None, min=1, help="Targets keep only their first N history "
+                                              "items (MovieLens protocol: 10)."),
+    n_boot: int = typer.Option(1000, min=100, help="Bootstrap resamples."),
     batch_size: int = typer.Option(8, min=1, help="Prompts per generation batch."),
     max_new_tokens: int = typer.Option(12, min=1, help="Tokens generated per answer."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16."),
 ) -> None:
-    """Compare methods on the users' queries; write metrics.json, results.md and predictions."""
-    method_list = [parse_method(m.strip()) for m in methods.split(",") if m.strip()]
-    if not method_list:
-        raise MtaError("--methods is empty; name at least one method")
+    """Compare methods under one protocol; write metrics.json, results.md and PNG plots."""
+    method_list = expand_methods(methods)
     ds = load_dataset(data, task)
+    if users:
+        ds.users = ds.users[:users]
     t = get_task(ds.task)
-    selected = ds.users[:users] if users else ds.users
-    if not any(q.gold is not None for u in selected for q in u.queries):
+    if not any(q.gold is not None for u in ds.users for q in u.queries):
         raise MtaError(f"{ds.path}: no query has a gold output; nothing to score")
+    bank_cfg = BankConfig.make(anchors=anchors, min_history=min_history, epochs=bank_epochs, lr=bank_lr, seed=seed,
+                               retrieve_k=retrieve_k)
+    targets = tuple(x.strip() for x in stack_targets.split(",") if x.strip()) if stack_targets else None
+    adapt_cfg = adapt_config("default", top_k=top_k, merge=merge, stack_rank=stack_rank, stack_targets=targets,
+                             stack_lr=stack_lr, stack_epochs=stack_epochs, retrieve_k=retrieve_k, seed=seed)
+    llm, tok, emb = _models(model, embedder, dtype)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    llm, tok = load_llm(model)
-    results = []
-    n_queries = sum(len(u.queries) for u in selected)
-    with progress() as bar:
-        for m in method_list:
-            job = bar.add_task(f"{m.name}", total=n_queries)
-            r = run_prompt_method(m, t, selected, llm, tok, max_new_tokens, batch_size,
-                                  on_batch=lambda n, j=job: bar.advance(j, n))
-            results.append(r)
+    with _run_log(out), progress() as bar:
+        setup = EvalSetup(llm, tok, emb, embedder, t, bank_cfg, adapt_cfg, retrieve_k, max_new_tokens,
+                          batch_size, _Bars(bar))
+        res = run_eval(ds, method_list, setup, out, folds, seed, model, target_history, n_boot=n_boot)
     tag = "synthetic " if ds.synthetic else ""
-    title = f"mta eval: {t.title} on {len(selected)} {tag}users, model {model}"
-    config = {
-        "data": str(ds.path), "layout": ds.layout, "synthetic": ds.synthetic, "task": t.name,
-        "methods": [m.name for m in method_list], "model": model, "users": len(selected),
-        "seed": seed, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-        "mta_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
-    }
-    out.mkdir(parents=True, exist_ok=True)
+    title = f"mta eval: {t.title}, {len(ds.users)} {tag}users, model {model}"
+    meta = (f"Protocol: {folds} folds over users (seed {seed}); each fold's users are targets, the other folds' "
+            f"users the anchor candidates; {anchors} anchors per bank; 95% percentile bootstrap over users "
+            f"({n_boot} resamples). Wall time {time.perf_counter() - t0:.0f} s"
+            + (" (synthetic data)" if ds.synthetic else "") + ".")
+    config = {"data": str(ds.path), "synthetic": ds.synthetic, "task": t.name, "methods": method_list,
+              "model": model, "embedder": embedder, "seed": seed, "folds": folds, "users": len(ds.users),
+              "target_history": target_history, "bank": json.loads(bank_cfg.model_dump_json()),
+              "adapt": json.loads(adapt_cfg.model_dump_json()), "n_boot": n_boot, "dtype": dtype,
+              "mta_version": __version__, "torch": torch.__version__, "python": platform.python_version()}
     write_json_atomic(out / "config.json", config)
-    preds = "".join(json.dumps({"method": r["method"], **p}) + "\n"
-                    for r in results for p in r["predictions"])
-    write_text_atomic(out / "predictions.jsonl", preds)
-    summary = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
-    write_json_atomic(out / "metrics.json", {
-        "title": title, "synthetic": ds.synthetic, "config": config, "results": summary,
-        "wall_seconds": time.perf_counter() - t0,
-    })
-    write_text_atomic(out / "results.md", _markdown(title, t, summary))
-    m1, m2 = t.metric_names
-    table = Table(title=title)
-    for col in ("method", m1, m2, "queries", "s/user"):
+    write_json_atomic(out / "metrics.json", {"title": title, "synthetic": ds.synthetic, "config": config,
+                                             "results": res["rows"], "bank_seconds": res["bank_seconds"],
+                                             "wall_seconds": res["wall_seconds"]})
+    write_text_atomic(out / "results.md", _markdown(title, meta, t, res["rows"]))
+    m1 = t.metric_names[0]
+    plots.metric_plot(res["rows"], m1, title, out / f"{m1}_by_method.png")
+    plots.cost_plot(res["rows"], m1, title, out / "quality_vs_bytes.png")
+    anchor_map_for(ds, setup, out, f"anchor map (fold 0): {title}")
+    table = Table(title=escape(title))
+    for col in ("method", *t.metric_names, "Δ vs rag-1", "bytes/user"):
         table.add_column(col)
-    for r in summary:
-        mm = r["metrics"]
-        table.add_row(r["method"], f"{mm.get(m1, float('nan')):.3f}",
-                      f"{mm.get(m2, float('nan')):.3f}", str(r["scored"]),
-                      f"{r['seconds_per_user_inference']:.2f}")
+    for r in res["rows"]:
+        d = r["metrics"][m1].get("diff_vs_rag-1")
+        table.add_row(r["method"], *[f"{r['metrics'][m]['value']:.3f}" for m in t.metric_names],
+                      "-" if d is None else f"{d['value']:+.3f}" + (" *" if d["significant"] else ""),
+                      f"{r['bytes_per_user']:,.0f}")
     console.print(table)
-    console.print(f"wrote {out}/metrics.json, results.md, predictions.jsonl")
+    err_console.print(f"wrote {escape(str(out))}: metrics.json, results.md, {m1}_by_method.png, "
+                      "quality_vs_bytes.png, anchor_map.png, predictions.jsonl")

@@ -272,7 +272,7 @@ def export_cmd(
     try:
         slot = None
         if meta.get("stack"):
-            engine.add_users(1, meta["stack"]["rank"], meta["stack"]["alpha"])
+            engine.add_users(1, meta["stack"]["rank"], meta["stack"]["alpha"], modules=meta["stack"].get("targets"))
             tensors, _, _ = load_adapter(st.user_dir(user) / "stack", idx.data["fingerprint"])
             engine.load_user(0, tensors)
             slot = 0

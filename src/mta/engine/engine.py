@@ -97,7 +97,12 @@ class AdapterEngine:
 
     @property
     def n_users(self) -> int:
-        return next(iter(self.layers.values())).stack_A.shape[0]
+        return max(ly.stack_A.shape[0] for ly in self.layers.values())
+
+    @property
+    def stack_layers(self) -> dict[str, BankLoRALinear]:
+        """The injected layers that carry a stack table (all, unless add_users chose modules)."""
+        return {n: ly for n, ly in self.layers.items() if ly.stack_A.shape[0]}
 
     @property
     def device(self) -> torch.device:
@@ -123,16 +128,24 @@ class AdapterEngine:
                     layer.bank_A[s].copy_(_kaiming_uniform(layer.bank_A[s].shape, gen))
                     layer.bank_B[s].copy_(torch.randn(layer.bank_B[s].shape, generator=gen) * b_std)
 
-    def add_users(self, n_users: int, rank: int, alpha: float, seed: int = 0, b_std: float = 0.0) -> None:
-        """(Re)allocate the stack table for ``n_users`` users of rank ``rank``, freshly initialised."""
+    def add_users(self, n_users: int, rank: int, alpha: float, seed: int = 0, b_std: float = 0.0,
+                  modules: Sequence[str] | None = None) -> None:
+        """(Re)allocate the stack table for ``n_users`` users of rank ``rank``, freshly
+        initialised, on the injected layers whose name ends in one of ``modules`` (all by default)."""
         if n_users < 0 or rank < 1 or not alpha > 0:
             raise MtaError(f"stack needs users >= 0, rank >= 1, alpha > 0; got {n_users}, {rank}, {alpha}")
+        if modules is not None:
+            unknown = sorted(set(modules) - {n.rsplit(".", 1)[-1] for n in self.layers})
+            if unknown or not modules:
+                raise MtaError(f"stack target modules {unknown or '(none)'} are not among the injected layers "
+                               f"{sorted({n.rsplit('.', 1)[-1] for n in self.layers})}")
         gen = torch.Generator().manual_seed(seed)
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
             dev, dt = layer.bank_A.device, layer.bank_A.dtype
-            a = torch.stack([_kaiming_uniform((rank, layer.in_features), gen) for _ in range(n_users)]) \
-                if n_users else torch.zeros(0, rank, layer.in_features)
-            b = torch.randn(n_users, layer.out_features, rank, generator=gen) * b_std
+            n_here = n_users if modules is None or name.rsplit(".", 1)[-1] in modules else 0
+            a = torch.stack([_kaiming_uniform((rank, layer.in_features), gen) for _ in range(n_here)]) \
+                if n_here else torch.zeros(0, rank, layer.in_features)
+            b = torch.randn(n_here, layer.out_features, rank, generator=gen) * b_std
             layer.stack_A = nn.Parameter(a.to(dev, dt), requires_grad=False)
             layer.stack_B = nn.Parameter(b.to(dev, dt), requires_grad=False)
             layer.stack_rank, layer.stack_alpha = rank, float(alpha)
@@ -168,7 +181,7 @@ class AdapterEngine:
         return [p for layer in self.layers.values() for p in (layer.bank_A, layer.bank_B)]
 
     def stack_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values() for p in (layer.stack_A, layer.stack_B)]
+        return [p for layer in self.stack_layers.values() for p in (layer.stack_A, layer.stack_B)]
 
     def trainable(self, what: str | None) -> list[nn.Parameter]:
         """Make only the bank, only the stack table, or nothing trainable; return those params."""
@@ -189,14 +202,15 @@ class AdapterEngine:
 
     def user_tensors(self, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {n: (ly.stack_A[slot].detach().clone(), ly.stack_B[slot].detach().clone())
-                for n, ly in self.layers.items()}
+                for n, ly in self.stack_layers.items()}
 
     def load_user(self, slot: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self._load(slot, tensors, "stack")
 
     def _load(self, slot: int, tensors: dict, kind: str) -> None:
-        missing = sorted(set(self.layers) - set(tensors))
-        extra = sorted(set(tensors) - set(self.layers))
+        expected = self.layers if kind == "bank" else self.stack_layers
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
         if missing or extra:
             raise MtaError(f"adapter modules do not match the engine: missing {missing[:3]}, "
                            f"unexpected {extra[:3]}")

@@ -126,14 +126,14 @@ def load_anchor(engine: AdapterEngine, slot: int, path: Path) -> dict:
 
 def save_user(engine: AdapterEngine, slot: int, out: Path, base_model: str | None = None,
               extra: dict | None = None) -> Path:
-    layer = next(iter(engine.layers.values()))
+    layer = next(iter(engine.stack_layers.values()))
     return save_adapter(out, engine.user_tensors(slot), layer.stack_rank, layer.stack_alpha,
                         model_fingerprint(engine.model), "stack", base_model, extra)
 
 
 def load_user(engine: AdapterEngine, slot: int, path: Path) -> dict:
     tensors, config, ours = load_adapter(path, model_fingerprint(engine.model))
-    layer = next(iter(engine.layers.values()))
+    layer = next(iter(engine.stack_layers.values()))
     if int(config["r"]) != layer.stack_rank:
         raise MtaError(f"{path}: stacked rank {config['r']} but the engine's stack table has rank "
                        f"{layer.stack_rank}")
@@ -150,7 +150,6 @@ def user_factors(engine: AdapterEngine, anchors: list[int], weights: list[float]
     """
     w = torch.tensor(weights, dtype=torch.float64)
     out: Tensors = {}
-    rank = 0
     for name, layer in engine.layers.items():
         a_bank = layer.bank_A[anchors].detach().double()
         b_bank = layer.bank_B[anchors].detach().double()
@@ -165,13 +164,16 @@ def user_factors(engine: AdapterEngine, anchors: list[int], weights: list[float]
         else:
             raise MtaError(f"unknown merge mode {mode!r}")
         a = a * layer.scale
-        if user is not None:
+        if user is not None and layer.stack_A.shape[0]:
             a_s = layer.stack_A[user].detach().double() * (layer.stack_alpha / layer.stack_rank)
             a = torch.cat([a, a_s])
             b = torch.cat([b, layer.stack_B[user].detach().double()], dim=1)
         out[name] = (a.to(layer.bank_A.dtype), b.to(layer.bank_A.dtype))
-        rank = a.shape[0]
-    return out, rank
+    # layers without a stacked adapter get zero directions so that one rank fits all
+    rank = max(a.shape[0] for a, _ in out.values())
+    return {n: (torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]),
+                torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1))
+            for n, (a, b) in out.items()}, rank
 
 
 def export_user(engine: AdapterEngine, anchors: list[int], weights: list[float], out: Path,

@@ -1,0 +1,88 @@
+"""Bootstrap intervals (known answers) and the fold protocol (no self-anchoring, no leaks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mta.data.synth import synth_users
+from mta.evaluation.methods import expand_methods
+from mta.evaluation.protocol import make_folds
+from mta.evaluation.stats import bootstrap_ci, paired_diff_ci
+from mta.errors import MtaError
+from mta.examples import loo_examples
+from mta.models.tiny import tiny_tokenizer
+from mta.tasks import get_task
+
+
+def acc(p, g):
+    return sum(a == b for a, b in zip(p, g)) / len(g)
+
+
+def test_bootstrap_constant_metric_has_zero_width():
+    preds = [["a", "b"], ["c"], ["d"]]
+    assert bootstrap_ci(preds, preds, acc, n_boot=200) == (1.0, 1.0, 1.0)
+
+
+def test_bootstrap_two_users_known_percentiles():
+    # user 0 always right, user 1 always wrong. A resample of 2 users is (0,0) with p=1/4
+    # (accuracy 1), (1,1) with p=1/4 (accuracy 0), mixed otherwise (0.5): the 2.5th and
+    # 97.5th percentiles are exactly 0 and 1.
+    v, lo, hi = bootstrap_ci([["x"], ["y"]], [["x"], ["z"]], acc, n_boot=4000, seed=1)
+    assert (v, lo, hi) == (0.5, 0.0, 1.0)
+
+
+def test_bootstrap_resamples_users_not_queries():
+    # one user with 9 right answers, one with 1 wrong: a query-level bootstrap would give a
+    # narrow interval; resampling users can give accuracy 1.0 or 0.0 for whole resamples.
+    preds = [["a"] * 9, ["b"]]
+    golds = [["a"] * 9, ["c"]]
+    v, lo, hi = bootstrap_ci(preds, golds, acc, n_boot=4000, seed=0)
+    assert v == pytest.approx(0.9) and lo == 0.0 and hi == 1.0
+
+
+def test_paired_difference():
+    golds = [["a"]] * 30
+    same = paired_diff_ci(golds, golds, golds, acc, n_boot=300)
+    assert same == (0.0, 0.0, 0.0)
+    better = [["a"]] * 30
+    worse = [["a"]] * 10 + [["b"]] * 20
+    d, lo, hi = paired_diff_ci(better, worse, golds, acc, n_boot=500)
+    assert d == pytest.approx(20 / 30) and lo > 0  # significant
+    with pytest.raises(ValueError, match="aligned"):
+        paired_diff_ci(better, worse[:3], golds, acc)
+
+
+def test_folds_cover_everyone_once_and_never_self_anchor():
+    users = synth_users(11, seed=0)
+    folds = make_folds(users, 3, seed=4)
+    targets = [u.user_id for f in folds for u in f.targets]
+    assert sorted(targets) == sorted(u.user_id for u in users)
+    for f in folds:
+        t = {u.user_id for u in f.targets}
+        c = {u.user_id for u in f.candidates}
+        assert not t & c and len(t | c) == 11
+    assert [u.user_id for u in make_folds(users, 3, seed=4)[0].targets] == [u.user_id for u in folds[0].targets]
+    with pytest.raises(MtaError, match="at least 2"):
+        make_folds(users, 1, 0)
+
+
+def test_training_examples_never_contain_the_query():
+    tok = tiny_tokenizer()
+    task = get_task("synth")
+    user = synth_users(1, seed=3)[0]
+    q = user.queries[0]
+    marker = task.retrieval_text(q.input)
+    for ex in loo_examples(task, user, tok, retrieve_k=3):
+        text = tok.decode(ex.input_ids)
+        assert marker not in text
+    # and each example's own answer is never in its retrieved context
+    item = user.history[0]
+    first = tok.decode(loo_examples(task, user, tok, retrieve_k=9)[0].input_ids)
+    assert text.count(item.get("description")) <= 1 and first.count(item.get("description")) == 1
+
+
+def test_expand_methods():
+    assert expand_methods("base,rag,mta") == ["base", "rag-1", "rag-4", "mta"]
+    assert expand_methods("rag-2,rag-2") == ["rag-2"]
+    with pytest.raises(MtaError, match="unknown method 'magic'"):
+        expand_methods("base,magic")
