@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from mta.data.synth import synth_users
+from mta.errors import MtaError
 from mta.evaluation.methods import expand_methods
 from mta.evaluation.protocol import make_folds
 from mta.evaluation.stats import bootstrap_ci, paired_diff_ci
-from mta.errors import MtaError
 from mta.examples import loo_examples
 from mta.models.tiny import tiny_tokenizer
 from mta.tasks import get_task
