@@ -1,0 +1,362 @@
+"""GPU benchmark of the engine against the base model and PEFT at Llama-3-8B shape.
+
+One script, several measurements in one call, all ratios against references measured in
+the same run (random bf16 weights: speed depends only on shape; nothing is downloaded):
+
+1. mixed-user generation: 64 rows, each a distinct user with its own top-2 mixture of a
+   50-anchor rank-8 bank plus its own rank-2 stacked adapter, against the base model,
+   PEFT with one shared adapter and PEFT's mixed batch (64 adapters, ``adapter_names``),
+   all in HF ``generate``;
+2. bank building: 50 anchors x 64 samples x 256 tokens, rank 8, one pass, against PEFT
+   training the anchors one after another (a few timed, the rest extrapolated);
+3. new-user adaptation: fusion + rank-2 stack for 256 users, against the reference
+   procedure (add_weighted_adapter, merge, train a rank-4 LoRA, unmerge) on a few users;
+4. per-user cost: bytes stored, time to load a user into a running batch and evict it.
+
+    python benchmarks/gpu.py [--out DIR]        # on the H200 (device tool)
+    python benchmarks/gpu.py --tiny             # smoke run on CPU, tiny shape, < 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mta.engine import LLAMA_TARGETS, AdapterEngine, EngineSpec, Example, Job, Row, TrainConfig, train_jobs  # noqa: E402
+from mta.engine.peft_io import load_adapter, save_user  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall(fn, dev, repeats=1):
+    fn()
+    sync(dev)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def make_model(shape, dev, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**shape, max_position_embeddings=4096)
+    cfg.pad_token_id = 0
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(prev)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def bandwidth(dev) -> float | None:
+    if dev.type != "cuda":
+        return None
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    t = wall(lambda: y.copy_(x), dev, repeats=5)
+    return 2 * 2 * 1024**3 / t  # bytes read + written per second
+
+
+def linear_sizes(model) -> int:
+    """Sum over targeted linear layers of (in + out): LoRA bytes per rank = this x dtype size."""
+    return sum(m.in_features + m.out_features for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
+
+
+# ---------------------------------------------------------------------------------------------
+def gen_section(model, dev, a) -> list[dict]:
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (a.rows, a.prompt), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    out = []
+
+    def run(m, new, ctx=contextlib.nullcontext, **kw):
+        def f():
+            with torch.no_grad(), ctx():
+                m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0, **kw)
+        return f
+
+    def rec(name, sec, new, note=""):
+        out.append({"config": name, "seconds": sec, "new_tokens": new, "tokens_per_s": a.rows * new / sec,
+                    "note": note})
+
+    rec("base model", wall(run(model, a.new), dev), a.new)
+    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, dtype=a.adapter_dtype))
+    eng.init_bank(b_std=0.01)
+    eng.add_users(a.rows, 2, 4.0, b_std=0.01)
+    rng = torch.Generator().manual_seed(2)
+    rows = []
+    for u in range(a.rows):
+        pair = torch.randperm(a.anchors, generator=rng)[:2].tolist()
+        rows.append(Row(pair, [0.6, 0.4], user=u))
+    rec(f"mta engine: {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
+        wall(run(model, a.new, lambda: eng.route(rows)), dev), a.new)
+    bank_bytes = sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
+    eng.remove()
+    lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
+    pm = get_peft_model(model, lcfg, adapter_name="a0")
+    pm.to(dev)
+    pm.eval()
+    rec("peft: one shared adapter", wall(run(pm, a.new), dev), a.new)
+    for i in range(1, a.rows):
+        pm.add_adapter(f"a{i}", lcfg)
+    pm.to(dev)
+    pm.eval()  # PEFT refuses adapter_names in training mode; add_adapter may leave it training
+    names = [f"a{i}" for i in range(a.rows)]
+    new = a.peft_mixed_new
+    rec(f"peft: mixed batch, {a.rows} adapters", wall(run(pm, new, adapter_names=names), dev), new,
+        f"timed over {new} new tokens (it is slow); throughput per token is comparable")
+    pm.unload()
+    base = out[0]["tokens_per_s"]
+    for r in out:
+        r["ratio_to_base"] = r["tokens_per_s"] / base
+    eng_row = out[1]
+    eng_row["ratio_to_peft_mixed"] = eng_row["tokens_per_s"] / out[3]["tokens_per_s"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
+        (model.config.hidden_size // model.config.num_attention_heads) * 2
+    avg_ctx = a.prompt + a.new / 2
+    kv = a.rows * avg_ctx * kv_per_token
+    for r in out:
+        r["bytes_per_step_floor"] = weights + kv + (bank_bytes if r is eng_row else 0)
+    return out
+
+
+def _examples(n, length, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        cut = length // 2
+        out.append(Example(tuple(ids), tuple([-100] * cut + ids[cut:])))
+    return out
+
+
+def bank_section(model, dev, a) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    vocab = model.config.vocab_size
+    data = [_examples(a.samples, a.seq, vocab, s) for s in range(a.anchors)]
+    cfg = TrainConfig(lr=1e-4, epochs=1, batch_size=8, warmup_ratio=0.1, max_rows=a.max_rows,
+                      gradient_checkpointing=a.checkpointing)
+    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
+    eng.init_bank()
+    jobs = [Job(i, data[i], Row([i], [1.0]), key=f"a{i}") for i in range(a.anchors)]
+    sync(dev)
+    t = time.perf_counter()
+    stats = train_jobs(eng, "bank", jobs, cfg, pad_id=0)
+    sync(dev)
+    ours = time.perf_counter() - t
+    eng.remove()
+    tokens = a.anchors * a.samples * a.seq
+    # reference: PEFT, one adapter after another, model loaded once
+    lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
+    pm = get_peft_model(model, lcfg)
+    pm.to(dev)
+    if a.checkpointing:
+        pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pm.enable_input_require_grads()
+    pm.train()
+    times = []
+    for i in range(a.peft_anchors):
+        params = [p for p in pm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        sync(dev)
+        t = time.perf_counter()
+        for s in range(0, a.samples, 8):
+            batch = data[i][s:s + 8]
+            ids = torch.tensor([e.input_ids for e in batch], device=dev)
+            labels = torch.tensor([e.labels for e in batch], device=dev)
+            loss = pm(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    model = pm.unload()
+    per_anchor = statistics.median(times[1:] if len(times) > 1 else times)  # the first carries warm-up
+    peft_total = per_anchor * a.anchors
+    single_tps = a.samples * a.seq / per_anchor
+    return {"anchors": a.anchors, "tokens": tokens, "ours_seconds": ours, "ours_tokens_per_s": tokens / ours,
+            "peft_seconds_per_anchor": per_anchor, "peft_anchors_timed": a.peft_anchors,
+            "peft_total_seconds_extrapolated": peft_total, "speedup": peft_total / ours,
+            "peft_single_tokens_per_s": single_tps, "tokens_per_s_ratio_to_single_peft": tokens / ours / single_tps,
+            "optimizer_state_bytes": stats["optimizer_state_bytes"]}
+
+
+def adapt_section(model, dev, a) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    vocab = model.config.vocab_size
+    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
+    eng.init_bank(b_std=0.01)
+    eng.add_users(a.users, 2, 4.0)
+    rng = torch.Generator().manual_seed(3)
+    jobs = []
+    for u in range(a.users):
+        pair = torch.randperm(a.anchors, generator=rng)[:2].tolist()
+        jobs.append(Job(u, _examples(10, a.seq, vocab, 1000 + u), Row(pair, [0.6, 0.4], user=u), key=f"u{u}"))
+    cfg = TrainConfig(lr=1e-4, epochs=1, batch_size=10, warmup_ratio=0.0, max_rows=a.max_rows,
+                      gradient_checkpointing=a.checkpointing)
+    sync(dev)
+    t = time.perf_counter()
+    train_jobs(eng, "stack", jobs, cfg, pad_id=0)
+    sync(dev)
+    ours = time.perf_counter() - t
+    # per-user cost in place: stored bytes (fp32 and bf16 factors), load into a running batch, evict
+    with tempfile.TemporaryDirectory() as tmp:
+        save_user(eng, 0, Path(tmp) / "u0")
+        stored = sum(p.stat().st_size for p in (Path(tmp) / "u0").rglob("*") if p.is_file())
+        tensors, _, _ = load_adapter(Path(tmp) / "u0")
+
+        def load():
+            eng.load_user(a.users - 1, tensors)
+
+        load_s = wall(load, dev, repeats=5)
+
+        def evict():
+            with torch.no_grad():
+                for ly in eng.stack_layers.values():
+                    ly.stack_A[a.users - 1].zero_()
+                    ly.stack_B[a.users - 1].zero_()
+
+        evict_s = wall(evict, dev, repeats=5)
+    anchors = {n: [(ly.bank_A[i].detach().to(model.dtype), ly.bank_B[i].detach().to(model.dtype))
+                   for i in range(2)] for n, ly in eng.layers.items()}
+    eng.remove()
+    # reference procedure on a few users
+    lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
+    pm = get_peft_model(model, lcfg, adapter_name="anchor0")
+    pm.add_adapter("anchor1", lcfg)
+    with torch.no_grad():
+        for n, pairs in anchors.items():
+            mod = pm.base_model.model.get_submodule(n)
+            for i, (A, B) in enumerate(pairs):
+                mod.lora_A[f"anchor{i}"].weight.copy_(A)
+                mod.lora_B[f"anchor{i}"].weight.copy_(B)
+    pm.to(dev)
+    times = []
+    for u in range(a.ref_users):
+        sync(dev)
+        t = time.perf_counter()
+        pm.add_weighted_adapter(["anchor0", "anchor1"], [0.6, 0.4], "fused", combination_type="cat")
+        pm.set_adapter("fused")
+        pm.merge_adapter()
+        pm.add_adapter("stack", LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0))
+        pm.set_adapter("stack")
+        pm.to(dev)
+        pm.train()
+        params = [p for p in pm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=5e-5)
+        data = _examples(10, a.seq, vocab, 1000 + u)
+        for s in range(0, 10, 8):
+            batch = data[s:s + 8]
+            ids = torch.tensor([e.input_ids for e in batch], device=dev)
+            labels = torch.tensor([e.labels for e in batch], device=dev)
+            pm(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        pm.set_adapter("fused")
+        pm.unmerge_adapter()
+        pm.delete_adapter("stack")
+        pm.delete_adapter("fused")
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    pm.unload()
+    ref = statistics.median(times[1:] if len(times) > 1 else times)
+    per_user = ours / a.users
+    return {"users": a.users, "ours_seconds": ours, "ours_seconds_per_user": per_user,
+            "reference_seconds_per_user": ref, "reference_users_timed": a.ref_users, "speedup": ref / per_user,
+            "stored_bytes_per_user_fp32": stored, "stored_bytes_per_user_bf16": stored // 2,
+            "load_user_seconds": load_s, "evict_user_seconds": evict_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny shape")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/gpu.json"))
+    ap.add_argument("--sections", default="gen,bank,adapt")
+    a = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+    if a.tiny:
+        shape, dtype = TINY, torch.float32
+        a.rows, a.prompt, a.new, a.peft_mixed_new, a.anchors = 8, 16, 8, 4, 6
+        a.samples, a.seq, a.max_rows, a.peft_anchors, a.users, a.ref_users = 16, 32, 16, 2, 8, 2
+        a.adapter_dtype, a.checkpointing = torch.float32, False
+    else:
+        shape, dtype = LLAMA3_8B, torch.bfloat16
+        a.rows, a.prompt, a.new, a.peft_mixed_new, a.anchors = 64, 256, 128, 8, 50
+        a.samples, a.seq, a.max_rows, a.peft_anchors, a.users, a.ref_users = 64, 256, 64, 3, 256, 3
+        a.adapter_dtype, a.checkpointing = torch.bfloat16, True
+    t0 = time.perf_counter()
+    model = make_model(shape, dev, dtype)
+    res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "python": platform.python_version(), "shape": shape, "dtype": str(dtype),
+           "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0}
+    try:
+        import peft
+        import transformers
+        res["peft"], res["transformers"] = peft.__version__, transformers.__version__
+    except ImportError:
+        pass
+    secs = a.sections.split(",")
+    if "gen" in secs:
+        res["generation"] = gen_section(model, dev, a)
+        _print_gen(res)
+    if "bank" in secs:
+        res["bank"] = bank_section(model, dev, a)
+        print(json.dumps(res["bank"], indent=1), flush=True)
+    if "adapt" in secs:
+        res["adapt"] = adapt_section(model, dev, a)
+        print(json.dumps(res["adapt"], indent=1), flush=True)
+    if dev.type == "cuda":
+        res["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2, default=str))
+    print(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s")
+
+
+def _print_gen(res):
+    bw = res["bandwidth_bytes_per_s"]
+    print(f"{'configuration':58s} {'tok/s':>9s} {'x base':>7s} {'ms/step':>8s} {'floor ms':>9s}")
+    for r in res["generation"]:
+        step = 1e3 * r["seconds"] / r["new_tokens"]
+        floor = "-" if not bw else f"{1e3 * r['bytes_per_step_floor'] / bw:.2f}"
+        print(f"{r['config'][:58]:58s} {r['tokens_per_s']:9.0f} {r['ratio_to_base']:7.3f} {step:8.2f} {floor:>9s}")
+    e = res["generation"][1]
+    print(f"engine vs PEFT mixed batch: {e['ratio_to_peft_mixed']:.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
