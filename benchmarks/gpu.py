@@ -317,8 +317,8 @@ def main() -> None:
     else:
         shape, dtype = LLAMA3_8B, torch.bfloat16
         a.rows, a.prompt, a.new, a.peft_mixed_new, a.anchors = 64, 256, 128, 8, 50
-        a.samples, a.seq, a.max_rows, a.peft_anchors, a.users, a.ref_users = 64, 256, 64, 3, 256, 3
-        a.adapter_dtype, a.checkpointing = torch.bfloat16, True
+        a.samples, a.seq, a.max_rows, a.peft_anchors, a.users, a.ref_users = 64, 256, 16, 3, 256, 3
+        a.adapter_dtype, a.checkpointing = torch.bfloat16, False
     t0 = time.perf_counter()
     model = make_model(shape, dev, dtype)
     res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,

@@ -139,3 +139,19 @@ def test_mixed_user_generation_equals_one_by_one(sample):
     enc2 = _encode(tok, [prompts[0]] * 2)
     pair = eng.generate([rows[0], rows[2]], enc2["input_ids"], enc2["attention_mask"], **kw)
     assert pair[0].tolist() != pair[1].tolist()
+
+
+def test_generation_cache_sees_weight_updates():
+    eng, model, _ = tiny_engine(n_anchors=2, users=2, b_std=0.2)
+    ids = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(7))
+    rows = [Row([0], [1.0], user=0), Row([1], [1.0], user=1)]
+    with eng.route(rows), torch.no_grad():
+        first = model(ids).logits
+        again = model(ids).logits  # served from the gathered-factor cache
+        assert torch.equal(first, again)
+        new = {k: (a * 3, b * 3) for k, (a, b) in eng.user_tensors(1).items()}
+        eng.load_user(1, new)  # in place: the cache must not serve stale factors
+        changed = model(ids).logits
+    assert torch.equal(changed[0], first[0]) and not torch.allclose(changed[1], first[1])
+    with eng.route(rows), torch.no_grad():
+        assert torch.equal(model(ids).logits, changed)

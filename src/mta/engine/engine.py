@@ -276,6 +276,8 @@ class AdapterEngine:
             yield rt
         finally:
             self._routing[0] = prev
+            for layer in self.layers.values():  # gathered factors of this routing are dead now
+                layer.clear_cache()
 
     @torch.no_grad()
     def generate(self, rows: Sequence[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -60,6 +60,7 @@ class BankLoRALinear(nn.Module):
         self.register_buffer("fused_B", torch.zeros(0, self.out_features, 0, device=dev, dtype=dtype),
                              persistent=False)
         self._routing_ref = routing_ref  # a one-element list owned by the engine
+        self._cache = None
 
     @property
     def scale(self) -> float:
@@ -84,11 +85,19 @@ class BankLoRALinear(nn.Module):
         coef = (idx >= 0).to(ta.dtype)[:, None] * scale
         return ta[safe], tb[safe], coef.expand(-1, ta.shape[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        rt = self._routing_ref[0]
-        if rt is None:
-            return y
+    def _gathered(self, rt: Routing):
+        """(A_row * coef (B, R, in), B_row (B, out, R)) for the rows of ``rt``, or None.
+
+        Without autograd (generation) the result is cached for as long as the routing and
+        the adapter tensors are unchanged: a decode step then costs two batched matmuls
+        per layer instead of re-gathering every step. The key holds the tensors' version
+        counters, so an in-place update (load_user) invalidates it.
+        """
+        cacheable = not torch.is_grad_enabled()
+        key = (id(rt), self.bank_A._version, self.bank_B._version, id(self.stack_A), self.stack_A._version,
+               self.stack_B._version, id(self.fused_A))
+        if cacheable and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         parts = []
         if rt.anchor_idx is not None and self.bank_A.shape[0]:
             parts.append(self._bank_parts(rt))
@@ -98,18 +107,36 @@ class BankLoRALinear(nn.Module):
             parts.append(self._table_parts(self.stack_A, self.stack_B, rt.stack_idx,
                                            self.stack_alpha / self.stack_rank))
         if not parts:
+            out = None
+        else:
+            a = torch.cat([p[0] for p in parts], dim=1)          # (B, R, in)
+            b = torch.cat([p[1] for p in parts], dim=2)          # (B, out, R)
+            coef = torch.cat([p[2] for p in parts], dim=1)       # (B, R)
+            if rt.active is not None:
+                coef = coef * rt.active.to(coef.dtype)[:, None]
+            out = (a * coef[:, :, None], b)
+        if cacheable:
+            self._cache = (key, out)
+        return out
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rt = self._routing_ref[0]
+        if rt is None:
             return y
-        a = torch.cat([p[0] for p in parts], dim=1)          # (B, R, in)
-        b = torch.cat([p[1] for p in parts], dim=2)          # (B, out, R)
-        coef = torch.cat([p[2] for p in parts], dim=1)       # (B, R)
-        if rt.active is not None:
-            coef = coef * rt.active.to(coef.dtype)[:, None]
+        got = self._gathered(rt)
+        if got is None:
+            return y
+        a, b = got
         if a.shape[0] != x.shape[0]:
             raise RuntimeError(f"routing is set for {a.shape[0]} rows but the batch has {x.shape[0]}")
         squeeze = x.dim() == 2
         h = x.unsqueeze(1) if squeeze else x
         h = h.to(a.dtype)
-        z = torch.bmm(h, a.transpose(1, 2)) * coef[:, None, :]
+        z = torch.bmm(h, a.transpose(1, 2))
         delta = torch.bmm(z, b.transpose(1, 2))
         if squeeze:
             delta = delta.squeeze(1)
