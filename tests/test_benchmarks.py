@@ -1,0 +1,36 @@
+"""Smoke runs of the benchmarks on CPU, so that they cannot rot between GPU sessions.
+They check the scripts run and write their JSON; they assert no timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+
+
+def test_gpu_benchmark_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = _run("gpu.py", "--tiny", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [g["config"].split(":")[0] for g in res["generation"]] == ["base model", "mta engine", "peft", "peft"]
+    assert res["bank"]["anchors"] == 6 and res["adapt"]["users"] == 8
+    assert res["adapt"]["stored_bytes_per_user_fp32"] > 0
+
+
+def test_engine_cpu_benchmark_quick(tmp_path):
+    out = tmp_path / "engine.json"
+    r = _run("engine_cpu.py", "--quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    configs = [x["config"] for x in res["results"]]
+    assert configs[0] == "base" and len(configs) == 5
+    assert all(x["gen_ratio"] > 0 for x in res["results"])
