@@ -169,6 +169,16 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
                "--user", "nobody", "--input", "x", "--max-new-tokens", "2", *common])
     captured = capsys.readouterr()
     assert rc == 0 and '"route": "base"' in captured.out and "no history" in captured.err
+    # a batch from a file: a stored user, a user with history but no record (fusion + notice)
+    other = split["anchor_candidates"][0]
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text(json.dumps({"user_id": target, "input": "q1"}) + "\n" +
+                    json.dumps({"user_id": other, "input": "q2"}) + "\n")
+    rc = main(["generate", "--bank", str(out / "bank"), "--store", str(out / "store"), "--data", str(data),
+               "--input-file", str(reqs), "--max-new-tokens", "2", *common])
+    captured = capsys.readouterr()
+    assert rc == 0 and '"route": "mta"' in captured.out and '"route": "fusion"' in captured.out
+    assert "not in the store" in captured.err
     rc = main(["export", "--bank", str(out / "bank"), "--store", str(out / "store"), "--user", target,
                "--out", str(tmp_path / "exp"), "--pad-rank", "serving", "--model", "tiny-random-llama"])
     assert rc == 0 and json.loads((tmp_path / "exp" / "adapter_config.json").read_text())["r"] == 32
