@@ -216,3 +216,21 @@ def test_smollm2_pipeline_on_real_lamp2_users(lamp2_users, tmp_path):
     assert routes == {"mta"}
     store = UserStore(tmp_path / "run" / "store")
     assert len(store.user_ids()) == 3
+
+
+@pytest.mark.parametrize("merge", ["factor", "svd"])
+def test_merge_modes_adapt_and_serve(tmp_path, merge):
+    from mta.personalize import Personalizer, Request
+
+    users = synth_users(6, seed=6)
+    model, tok, emb, _ = _bank(tmp_path, users[:3])
+    cfg = adapt_config("default", merge=merge, svd_rank=4, batch_size=4, max_length=160)
+    store = UserStore(tmp_path / "store")
+    adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank", users[3:5], TASK, cfg, store)
+    assert store.meta(users[3].user_id)["merge"] == merge
+    pz = Personalizer(model, tok, emb, "hashing-embedder", tmp_path / "bank", TASK, tmp_path / "store", cfg)
+    try:
+        ans = pz.answer([Request(u.user_id, u.queries[0].input, u) for u in users[3:6]], max_new_tokens=2)
+    finally:
+        pz.close()
+    assert [a.route for a in ans] == ["mta", "mta", "fusion"]

@@ -92,20 +92,28 @@ class Personalizer:
             uniq = list({u.user_id: u for u in fresh}.values())
             for u, m in zip(uniq, user_mixtures(uniq, self.task, self.embedder, self.idx, self.fusion)):
                 fresh_mix[u.user_id] = m
-        if mode == "svd":
-            raise MtaError("serving svd-merged users is done through an exported adapter (`mta export`)")
+        mix: dict[str, tuple[list[int], list[float]]] = {u: (m["anchors"], m["weights"]) for u, m in stored.items()}
+        mix.update({u: (list(m.anchors), list(m.weights)) for u, m in fresh_mix.items()})
+        fused_slot: dict[str, int] = {}
+        if mode == "svd" and mix:
+            # svd merges are per-user factors: materialise them for this batch's users
+            order = sorted(mix)
+            fused_slot = {u: i for i, u in enumerate(order)}
+            rank = next((m.get("svd_rank") for m in stored.values() if m.get("svd_rank")), None) \
+                or self.fusion.svd_rank
+            self.engine.install_svd([mix[u] for u in order], rank)
         rows, routes, notices = [], [], []
         for r in requests:
-            if r.user_id in stored:
-                m = stored[r.user_id]
-                rows.append(Row(m["anchors"], m["weights"], user=slot.get(r.user_id)))
-                routes.append("mta" if r.user_id in slot else "fusion")
-                notices.append(None)
-            elif r.user_id in fresh_mix:
-                m = fresh_mix[r.user_id]
-                rows.append(Row(m.anchors, m.weights))
-                routes.append("fusion")
-                notices.append(f"user '{r.user_id}' is not in the store: fusion only, computed from history")
+            if r.user_id in mix:
+                anchors, weights = mix[r.user_id]
+                user_slot = slot.get(r.user_id)
+                if mode == "svd":
+                    rows.append(Row(fused=fused_slot[r.user_id], user=user_slot))
+                else:
+                    rows.append(Row(anchors, weights, user=user_slot))
+                routes.append("mta" if user_slot is not None else "fusion")
+                notices.append(None if r.user_id in stored else
+                               f"user '{r.user_id}' is not in the store: fusion only, computed from history")
             else:
                 rows.append(Row(active=False))
                 routes.append("base")
@@ -121,7 +129,8 @@ class Personalizer:
         for r in requests:
             items = retrieve(self.task, r.input, r.user.history, retrieve_k) if r.user else []
             prompts.append(self.task.prompt(r.input, items))
-        texts = generate_routed(self.engine, self.tokenizer, prompts, rows, mode, max_new_tokens,
+        texts = generate_routed(self.engine, self.tokenizer, prompts, rows, "delta" if mode == "svd" else mode,
+                                max_new_tokens,
                                 batch_size, on_batch=on_batch)
         for n in {n for n in notices if n}:
             log.warning(n)
