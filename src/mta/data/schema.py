@@ -12,7 +12,7 @@ one user per line::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,16 +74,3 @@ class Dataset:
     layout: str
     path: Path
     synthetic: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    def user(self, user_id: str) -> User:
-        for u in self.users:
-            if u.user_id == user_id:
-                return u
-        known = ", ".join(u.user_id for u in self.users[:10])
-        more = " ..." if len(self.users) > 10 else ""
-        raise KeyError(f"unknown user '{user_id}' (known: {known}{more})")
-
-    @property
-    def label(self) -> str:
-        return f"{self.task} ({'synthetic' if self.synthetic else self.layout})"
