@@ -41,8 +41,11 @@ def user_mixtures(users: list[User], task: Task, embedder, idx: BankIndex, cfg: 
     return mixtures_for(emb, idx.embeddings, cfg.top_k, cfg.weighting, cfg.temperature)
 
 
-def stack_params_per_user(engine, rank: int) -> int:
-    return sum((ly.in_features + ly.out_features) * rank for ly in engine.stack_layers.values())
+def stack_params_per_user(engine, rank: int, modules=None) -> int:
+    """Trainable parameters of one user's stack: sum over its layers of (in + out) x rank
+    (computed from the layer shapes, so it is right even when no user was trained)."""
+    return sum((ly.in_features + ly.out_features) * rank for n, ly in engine.layers.items()
+               if modules is None or n.rsplit(".", 1)[-1] in modules)
 
 
 def adapt_users(
@@ -115,7 +118,7 @@ def adapt_users(
                 done += 1
             if progress:
                 progress("users", done, len(todo))
-        per_user = stack_params_per_user(engine, cfg.stack_rank) if cfg.stack_epochs > 0 else 0
+        per_user = stack_params_per_user(engine, cfg.stack_rank, cfg.stack_targets) if cfg.stack_epochs > 0 else 0
         return {"adapted": done, "skipped": skipped, "fusion_seconds": fuse_s, "train_seconds": train_s,
                 "seconds_per_user": (fuse_s + train_s) / max(1, len(users)),
                 "trainable_params_per_user": per_user,
