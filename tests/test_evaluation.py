@@ -86,3 +86,31 @@ def test_expand_methods():
     assert expand_methods("rag-2,rag-2") == ["rag-2"]
     with pytest.raises(MtaError, match="unknown method 'magic'"):
         expand_methods("base,magic")
+
+
+def test_eval_generation_task_official_layout(tmp_path):
+    """LaMP-4 (headlines, ROUGE) from a fixture in the official layout, through mta eval."""
+    import json
+
+    from mta.cli.main import main
+
+    questions, golds = [], []
+    for i in range(4):
+        profile = [{"id": f"{i}{j}", "text": f"Story {j} about city council budget vote number {i}.",
+                    "title": f"Council votes on budget {j}"} for j in range(3)]
+        questions.append({"id": f"q{i}", "profile": profile,
+                          "input": f"Generate a headline for the following article: The council met on {i}."})
+        golds.append({"id": f"q{i}", "output": f"Council meets on day {i}"})
+    d = tmp_path / "lamp4"
+    d.mkdir()
+    (d / "dev_questions.json").write_text(json.dumps(questions))
+    (d / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_4", "golds": golds}))
+    out = tmp_path / "eval"
+    rc = main(["eval", "--data", str(d), "--methods", "base,rag-1,mta", "--model", "tiny-random-llama",
+               "--embedder", "hashing-embedder", "--out", str(out), "--anchors", "1", "--min-history", "1",
+               "--bank-epochs", "1", "--max-new-tokens", "3", "--n-boot", "100"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["task"] == "lamp4"
+    assert all(set(r["metrics"]) == {"rouge1", "rougeL"} for r in m["results"])
+    assert (out / "rouge1_by_method.png").exists()
