@@ -30,8 +30,8 @@ from mta.tasks import get_task
 bank_app = typer.Typer(help="Stage 1: the meta-LoRA bank.", no_args_is_help=True)
 store_app = typer.Typer(help="The per-user store: list and delete users.", no_args_is_help=True)
 
-# fp32 is the default: on CPU, torch 2.13's bf16 BACKWARD through SmolLM2 ran ~30x slower
-# than fp32 (212 s vs 7.5 s for 8 x 141 tokens, measured here), although bf16 inference is faster.
+# fp32 is the default: on CPU, a bf16 training step through SmolLM2 ran 25.6x slower than fp32
+# (benchmarks/cpu_train_step.py; docs/evaluation.md), although bf16 inference is faster.
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
