@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from mta.bank import read_index
 from mta.cli.main import main
+from mta.engine.peft_io import load_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +110,30 @@ def test_eval_tiny_model_all_methods(tmp_path):
     targets = [t for f in split for t in f["targets"]]
     assert sorted(targets) == sorted(set(targets)) and len(targets) == 6
     assert all(not set(f["targets"]) & set(f["anchor_candidates"]) for f in split)
+    # an anchor's meta-LoRA is its per-user LoRA (same recipe, same history): copied, not retrained
+    for f in split:
+        idx = read_index(out / f"fold{f['fold']}" / "bank")
+        for a in idx.data["anchors"]:
+            src = Path(a["reused_from"])
+            assert src.parent.name == "per-user-lora" and src.parent.parent.name != f"fold{f['fold']}"
+            mine, _, meta = load_adapter(idx.adapter_dir(a["slot"]))
+            theirs, _, _ = load_adapter(src)
+            assert meta["kind"] == "anchor" and meta["extra"]["user_id"] == a["user_id"]
+            assert all(torch.equal(mine[k][0], theirs[k][0]) and torch.equal(mine[k][1], theirs[k][1])
+                       for k in theirs)
+
+
+def test_eval_bank_trains_anchors_whose_history_differs(tmp_path):
+    """With --target-history the per-user LoRAs see a cut history: the bank must train its own."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "4", "--queries", "1"]) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(data), "--methods", "per-user-lora,mta-fusion", "--model",
+                 "tiny-random-llama", "--embedder", "hashing-embedder", "--out", str(out), "--max-new-tokens", "2",
+                 "--anchors", "1", "--bank-epochs", "1", "--n-boot", "100", "--target-history", "4"]) == 0
+    for f in (0, 1):
+        anchors = read_index(out / f"fold{f}" / "bank").data["anchors"]
+        assert anchors and all("reused_from" not in a and a["done"] for a in anchors)
 
 
 def test_eval_unknown_method(tmp_path):

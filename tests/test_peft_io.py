@@ -63,6 +63,23 @@ def test_stacked_user_round_trip(tmp_path):
     torch.testing.assert_close(pm_logits, ours, atol=TOL, rtol=0)
 
 
+def test_stack_on_last_blocks_only(tmp_path):
+    """A stack in the last block only: that block's modules alone carry it, the file says
+    so in PEFT's terms (layers_to_transform), and PEFT's loader gives the engine's logits."""
+    eng, model, _ = tiny_engine(n_anchors=2)
+    eng.add_users(2, 2, 4.0, seed=3, b_std=0.2, last_layers=1)
+    assert eng.stack_layers and all(".layers.1." in n for n in eng.stack_layers)
+    assert len(eng.stack_layers) == 7
+    save_user(eng, 1, tmp_path / "u1")
+    cfg = json.loads((tmp_path / "u1" / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1] and cfg["layers_pattern"] == "layers"
+    with eng.route([Row(user=1)] * 2), torch.no_grad():
+        ours = model(IDS).logits
+    torch.testing.assert_close(_peft_logits(tmp_path / "u1"), ours, atol=TOL, rtol=0)
+    with pytest.raises(MtaError, match="between 1 and the model's 2 blocks"):
+        eng.add_users(1, 2, 4.0, last_layers=3)
+
+
 @pytest.mark.parametrize("mode, pad", [("delta", None), ("delta", "serving"), ("factor", None),
                                        ("svd", 16)])
 def test_exported_user_equals_engine(tmp_path, mode, pad):

@@ -28,7 +28,7 @@ from mta.config import BankConfig
 from mta.data.schema import User
 from mta.engine import AdapterEngine, EngineSpec, Job, Row, TrainConfig, train_jobs
 from mta.engine.fingerprint import check_fingerprint, model_fingerprint
-from mta.engine.peft_io import load_anchor, save_anchor
+from mta.engine.peft_io import load_adapter, load_anchor, save_adapter, save_anchor
 from mta.errors import MtaError
 from mta.examples import loo_examples
 from mta.paths import write_json_atomic
@@ -76,11 +76,24 @@ def read_index(bank: Path) -> BankIndex:
         raise MtaError(f"{f}: corrupt bank index ({e.msg})") from None
 
 
+def training_history(user: User, cfg: BankConfig) -> User:
+    """The history an anchor trains on: its latest ``cfg.max_items`` items."""
+    if cfg.max_items is None or len(user.history) <= cfg.max_items:
+        return user
+    return user.model_copy(update={"history": user.history[-cfg.max_items:]})
+
+
 def build_bank(
     users: list[User], task: Task, model, tokenizer, embedder, embedder_id: str, model_id: str,
     cfg: BankConfig, out: Path, progress: Progress | None = None,
+    trained: Callable[[User], Path | None] | None = None,
 ) -> BankIndex:
-    """Select anchors among ``users`` and train their meta-LoRAs into ``out`` (resumable)."""
+    """Select anchors among ``users`` and train their meta-LoRAs into ``out`` (resumable).
+
+    ``trained(user)`` may return an adapter already trained with exactly this recipe on
+    exactly ``training_history(user, cfg)`` (in `mta eval`, the user's per-user LoRA):
+    it is copied in instead of training the anchor again.
+    """
     out = Path(out)
     fp = model_fingerprint(model)
     index_file = out / INDEX
@@ -112,6 +125,21 @@ def build_bank(
     missing = [a["user_id"] for a in todo if a["user_id"] not in by_id]
     if missing:
         raise MtaError(f"bank {out} needs anchor user(s) {missing[:3]} that are not in the data")
+    if trained is not None:
+        fp_model = model_fingerprint(model)
+        for a in list(todo):
+            src = trained(training_history(by_id[a["user_id"]], cfg))
+            if src is None:
+                continue
+            tensors, config, _ = load_adapter(src, fp_model)
+            if int(config["r"]) != cfg.rank or float(config["lora_alpha"]) != cfg.alpha:
+                raise MtaError(f"{src}: rank/alpha {config['r']}/{config['lora_alpha']} differ from the bank's "
+                               f"{cfg.rank}/{cfg.alpha}; it was not trained with this recipe")
+            save_adapter(idx.adapter_dir(a["slot"]), tensors, cfg.rank, cfg.alpha, fp_model, "anchor",
+                         idx.data["model"], {"user_id": a["user_id"], "task": task.name})
+            a.update(done=True, reused_from=str(src))
+            todo.remove(a)
+        write_json_atomic(index_file, idx.data)
     n = len(idx.data["anchors"])
     if progress:
         progress("anchors", n - len(todo), n)
@@ -124,7 +152,8 @@ def build_bank(
                                                  target_modules=tuple(cfg.target_modules)))
         try:
             engine.init_bank(seed=cfg.seed + group[0]["slot"])
-            jobs = [Job(j, loo_examples(task, by_id[a["user_id"]], tokenizer, cfg.retrieve_k, cfg.max_length),
+            jobs = [Job(j, loo_examples(task, training_history(by_id[a["user_id"]], cfg), tokenizer,
+                                        cfg.retrieve_k, cfg.max_length),
                         Row([j], [1.0]), key=f"anchor:{a['user_id']}") for j, a in enumerate(group)]
             stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=tokenizer.pad_token_id,
                                on_step=(lambda s, t: progress("steps", s, t)) if progress else None)

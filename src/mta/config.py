@@ -16,9 +16,15 @@ class _Config(BaseModel):
 
     @classmethod
     def make(cls, **kwargs):
-        """Construct, turning validation errors into one readable MtaError."""
+        """Construct from options where None means "the default"; validation errors
+        become one readable MtaError."""
+        return cls.build({k: v for k, v in kwargs.items() if v is not None})
+
+    @classmethod
+    def build(cls, values: dict):
+        """Construct from ``values`` as given (None is a value here)."""
         try:
-            return cls(**{k: v for k, v in kwargs.items() if v is not None})
+            return cls(**values)
         except ValidationError as e:
             problems = []
             for err in e.errors():
@@ -41,6 +47,8 @@ class BankConfig(_Config):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     retrieve_k: int = Field(1, ge=0, description="BM25 items of the anchor's other history in the prompt")
     max_length: int = Field(512, ge=32)
+    max_items: int | None = Field(None, ge=1, description="an anchor trains on its latest N history items "
+                                  "(bounds the cost of very active anchors); None = all")
     group_size: int = Field(8, ge=1, description="anchors trained per pass; a resume restarts a group")
     max_rows: int = Field(16, ge=1)
     seed: int = 0
@@ -60,6 +68,8 @@ class AdaptConfig(_Config):
     svd_rank: int = Field(8, ge=1)
     stack_rank: int = Field(2, ge=1)
     stack_targets: tuple[str, ...] | None = Field(None, description="modules with a stacked adapter; None = all")
+    stack_layers: int | None = Field(None, ge=1, description="stack only in the last N transformer blocks; "
+                                     "None = all (backward then stops at the lowest stacked block)")
     stack_alpha: float | None = Field(None, gt=0, description="default: 2 x stack_rank")
     stack_epochs: int = Field(1, ge=0, description="0 = fusion only, no stacked adapter")
     stack_lr: float = Field(1e-4, gt=0)
@@ -87,4 +97,4 @@ PRESETS: dict[str, dict] = {
 def adapt_config(preset: str = "default", **overrides) -> AdaptConfig:
     if preset not in PRESETS:
         raise MtaError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    return AdaptConfig.make(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    return AdaptConfig.build({**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})

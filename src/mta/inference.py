@@ -19,31 +19,46 @@ def chat_prompt(tokenizer, user_text: str) -> str:
     return user_text + "\n"
 
 
-@torch.no_grad()
-def generate_texts(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 8,
-    max_prompt_tokens: int = 1024, on_batch: Callable[[int], None] | None = None,
-) -> list[str]:
-    """Greedy completions of chat-formatted ``prompts``, decoded without special tokens.
+def _in_length_batches(tokenizer, prompts: Sequence[str], batch_size: int, max_prompt_tokens: int, device,
+                       generate: Callable, on_batch: Callable[[int], None] | None) -> list[str]:
+    """Chat-format ``prompts``, batch them longest first (little left padding), call
+    ``generate(indices, encoding)`` per batch and return the decoded answers in the
+    order of ``prompts``.
 
     Prompts longer than ``max_prompt_tokens`` keep their END (the question), since
     truncation on the right would cut off the instruction being answered.
     """
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
-    out: list[str] = []
-    device = next(model.parameters()).device
-    for start in range(0, len(prompts), batch_size):
-        chunk = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    out: list[str] = [""] * len(texts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_prompt_tokens, add_special_tokens=False).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        gen = generate(idx, enc)
+        for i, text in zip(idx, tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
+                                                       skip_special_tokens=True)):
+            out[i] = text
         if on_batch:
-            on_batch(len(chunk))
+            on_batch(len(idx))
     return out
+
+
+@torch.no_grad()
+def generate_texts(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 8,
+    max_prompt_tokens: int = 1024, on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy completions of chat-formatted ``prompts``, decoded without special tokens."""
+    def gen(_idx, enc):
+        return model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)
+
+    device = next(model.parameters()).device
+    return _in_length_batches(tokenizer, prompts, batch_size, max_prompt_tokens, device, gen, on_batch)
 
 
 @torch.no_grad()
@@ -52,20 +67,13 @@ def generate_routed(
     max_new_tokens: int = 16, batch_size: int = 8, max_prompt_tokens: int = 1024,
     on_batch: Callable[[int], None] | None = None, **gen_kwargs,
 ) -> list[str]:
-    """Like ``generate_texts``, but row i goes through ``rows[i]`` (its own users' adapters)."""
+    """Like ``generate_texts``, but prompt i goes through ``rows[i]`` (its own user's adapters)."""
     if len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} rows")
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_prompt_tokens, add_special_tokens=False).to(engine.device)
-        gen = engine.generate(list(rows[start:start + batch_size]), enc["input_ids"], enc["attention_mask"],
-                              mode=mode, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
-        out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-        if on_batch:
-            on_batch(len(chunk))
-    return out
+
+    def gen(idx, enc):
+        return engine.generate([rows[i] for i in idx], enc["input_ids"], enc["attention_mask"], mode=mode,
+                               max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+
+    return _in_length_batches(tokenizer, prompts, batch_size, max_prompt_tokens, engine.device, gen, on_batch)

@@ -81,7 +81,8 @@ class Personalizer:
         slot = {u: i for i, u in enumerate(with_stack)}
         if with_stack:
             first = stored[with_stack[0]]["stack"]
-            self.engine.add_users(len(with_stack), first["rank"], first["alpha"], modules=first.get("targets"))
+            self.engine.add_users(len(with_stack), first["rank"], first["alpha"], modules=first.get("targets"),
+                                  last_layers=first.get("layers"))
             for u in with_stack:
                 tensors, _, _ = load_adapter(self.store.user_dir(u) / "stack", self.idx.data["fingerprint"])
                 self.engine.load_user(slot[u], tensors)

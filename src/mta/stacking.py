@@ -41,11 +41,11 @@ def user_mixtures(users: list[User], task: Task, embedder, idx: BankIndex, cfg: 
     return mixtures_for(emb, idx.embeddings, cfg.top_k, cfg.weighting, cfg.temperature)
 
 
-def stack_params_per_user(engine, rank: int, modules=None) -> int:
+def stack_params_per_user(engine, rank: int, modules=None, last_layers: int | None = None) -> int:
     """Trainable parameters of one user's stack: sum over its layers of (in + out) x rank
     (computed from the layer shapes, so it is right even when no user was trained)."""
-    return sum((ly.in_features + ly.out_features) * rank for n, ly in engine.layers.items()
-               if modules is None or n.rsplit(".", 1)[-1] in modules)
+    return sum((engine.layers[n].in_features + engine.layers[n].out_features) * rank
+               for n in engine.stack_selection(modules, last_layers))
 
 
 def adapt_users(
@@ -86,7 +86,7 @@ def adapt_users(
             t1 = time.perf_counter()
             if cfg.stack_epochs > 0:
                 engine.add_users(len(group), cfg.stack_rank, cfg.alpha_s, seed=cfg.seed + g,
-                                 modules=cfg.stack_targets)
+                                 modules=cfg.stack_targets, last_layers=cfg.stack_layers)
                 if cfg.merge == "svd":
                     engine.install_svd([(mixes[i].anchors, mixes[i].weights) for i in group], cfg.svd_rank)
                 rows = [Row(fused=j, user=j) if cfg.merge == "svd" else
@@ -107,6 +107,7 @@ def adapt_users(
                     "stack": None if stats is None else {
                         "rank": cfg.stack_rank, "alpha": cfg.alpha_s, "epochs": cfg.stack_epochs,
                         "targets": list(cfg.stack_targets) if cfg.stack_targets else None,
+                        "layers": cfg.stack_layers,
                         "lr": cfg.stack_lr, "examples": len(u.history),
                         "losses": stats["losses"][f"user:{u.user_id}"]},
                     "history_items": len(u.history),
@@ -118,7 +119,8 @@ def adapt_users(
                 done += 1
             if progress:
                 progress("users", done, len(todo))
-        per_user = stack_params_per_user(engine, cfg.stack_rank, cfg.stack_targets) if cfg.stack_epochs > 0 else 0
+        per_user = stack_params_per_user(engine, cfg.stack_rank, cfg.stack_targets,
+                                         cfg.stack_layers) if cfg.stack_epochs > 0 else 0
         return {"adapted": done, "skipped": skipped, "fusion_seconds": fuse_s, "train_seconds": train_s,
                 "seconds_per_user": (fuse_s + train_s) / max(1, len(users)),
                 "trainable_params_per_user": per_user,

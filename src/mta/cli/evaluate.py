@@ -66,6 +66,7 @@ def eval_cmd(
     merge: str | None = typer.Option(None, help="Ablation: delta, factor or svd (for mta)."),
     stack_rank: int | None = typer.Option(None, help="Ablation: stacked rank."),
     stack_targets: str | None = typer.Option(None, help="Ablation: comma-separated modules with a stack."),
+    stack_layers: int | None = typer.Option(None, min=1, help="Ablation: stack only in the last N blocks."),
     stack_lr: float | None = typer.Option(None, help="Stacking learning rate."),
     stack_epochs: int | None = typer.Option(None, help="Stacking epochs."),
     retrieve_k: int = typer.Option(1, min=0, help="Ablation: history items in the prompt for adapter methods."),
@@ -88,6 +89,7 @@ def eval_cmd(
                                retrieve_k=retrieve_k)
     targets = tuple(x.strip() for x in stack_targets.split(",") if x.strip()) if stack_targets else None
     adapt_cfg = adapt_config("default", top_k=top_k, merge=merge, stack_rank=stack_rank, stack_targets=targets,
+                             stack_layers=stack_layers,
                              stack_lr=stack_lr, stack_epochs=stack_epochs, retrieve_k=retrieve_k, seed=seed)
     llm, tok, emb = _models(model, embedder, dtype)
     torch.manual_seed(seed)

@@ -170,6 +170,7 @@ def adapt_cmd(
     merge: str | None = typer.Option(None, help="delta (exact), factor (reference) or svd."),
     weighting: str | None = typer.Option(None, help="linear (similarity-proportional) or softmax."),
     stack_rank: int | None = typer.Option(None, help="Rank of the stacked adapter."),
+    stack_layers: int | None = typer.Option(None, min=1, help="Stack only in the last N transformer blocks."),
     stack_epochs: int | None = typer.Option(None, help="Epochs of stacking (0 = fusion only)."),
     stack_lr: float | None = typer.Option(None, help="Learning rate of stacking."),
     seed: int | None = typer.Option(None, help="Seed."),
@@ -181,6 +182,7 @@ def adapt_cmd(
     from mta.stacking import adapt_users
 
     cfg = adapt_config(preset, top_k=top_k, merge=merge, weighting=weighting, stack_rank=stack_rank,
+                       stack_layers=stack_layers,
                        stack_epochs=stack_epochs, stack_lr=stack_lr, seed=seed)
     ds = load_dataset(data, task)
     sel = _select(ds.users, users, None)
@@ -272,7 +274,8 @@ def export_cmd(
     try:
         slot = None
         if meta.get("stack"):
-            engine.add_users(1, meta["stack"]["rank"], meta["stack"]["alpha"], modules=meta["stack"].get("targets"))
+            engine.add_users(1, meta["stack"]["rank"], meta["stack"]["alpha"], modules=meta["stack"].get("targets"),
+                             last_layers=meta["stack"].get("layers"))
             tensors, _, _ = load_adapter(st.user_dir(user) / "stack", idx.data["fingerprint"])
             engine.load_user(0, tensors)
             slot = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +58,12 @@ class EngineSpec:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block a module belongs to (``model.layers.12.mlp.up_proj`` -> 12)."""
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
 
 
 class AdapterEngine:
@@ -128,21 +135,35 @@ class AdapterEngine:
                     layer.bank_A[s].copy_(_kaiming_uniform(layer.bank_A[s].shape, gen))
                     layer.bank_B[s].copy_(torch.randn(layer.bank_B[s].shape, generator=gen) * b_std)
 
-    def add_users(self, n_users: int, rank: int, alpha: float, seed: int = 0, b_std: float = 0.0,
-                  modules: Sequence[str] | None = None) -> None:
-        """(Re)allocate the stack table for ``n_users`` users of rank ``rank``, freshly
-        initialised, on the injected layers whose name ends in one of ``modules`` (all by default)."""
-        if n_users < 0 or rank < 1 or not alpha > 0:
-            raise MtaError(f"stack needs users >= 0, rank >= 1, alpha > 0; got {n_users}, {rank}, {alpha}")
+    def stack_selection(self, modules: Sequence[str] | None = None, last_layers: int | None = None) -> list[str]:
+        """Injected layers that get a stacked adapter: those whose name ends in one of
+        ``modules`` (all by default) within the last ``last_layers`` blocks (all by default)."""
+        short = {n.rsplit(".", 1)[-1] for n in self.layers}
         if modules is not None:
-            unknown = sorted(set(modules) - {n.rsplit(".", 1)[-1] for n in self.layers})
+            unknown = sorted(set(modules) - short)
             if unknown or not modules:
                 raise MtaError(f"stack target modules {unknown or '(none)'} are not among the injected layers "
-                               f"{sorted({n.rsplit('.', 1)[-1] for n in self.layers})}")
+                               f"{sorted(short)}")
+        blocks = sorted({b for b in map(block_index, self.layers) if b is not None})
+        if last_layers is not None and not 1 <= last_layers <= len(blocks):
+            raise MtaError(f"stack layers must be between 1 and the model's {len(blocks)} blocks, "
+                           f"got {last_layers}")
+        keep = set(blocks[-last_layers:]) if last_layers else None
+        return [n for n in self.layers
+                if (modules is None or n.rsplit(".", 1)[-1] in modules)
+                and (keep is None or block_index(n) in keep)]
+
+    def add_users(self, n_users: int, rank: int, alpha: float, seed: int = 0, b_std: float = 0.0,
+                  modules: Sequence[str] | None = None, last_layers: int | None = None) -> None:
+        """(Re)allocate the stack table for ``n_users`` users of rank ``rank``, freshly
+        initialised, on the layers of ``stack_selection(modules, last_layers)``."""
+        if n_users < 0 or rank < 1 or not alpha > 0:
+            raise MtaError(f"stack needs users >= 0, rank >= 1, alpha > 0; got {n_users}, {rank}, {alpha}")
+        chosen = set(self.stack_selection(modules, last_layers))
         gen = torch.Generator().manual_seed(seed)
         for name, layer in self.layers.items():
             dev, dt = layer.bank_A.device, layer.bank_A.dtype
-            n_here = n_users if modules is None or name.rsplit(".", 1)[-1] in modules else 0
+            n_here = n_users if name in chosen else 0
             a = torch.stack([_kaiming_uniform((rank, layer.in_features), gen) for _ in range(n_here)]) \
                 if n_here else torch.zeros(0, rank, layer.in_features)
             b = torch.randn(n_here, layer.out_features, rank, generator=gen) * b_std

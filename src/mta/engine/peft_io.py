@@ -18,7 +18,7 @@ from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mta.engine.engine import AdapterEngine
+from mta.engine.engine import AdapterEngine, block_index
 from mta.engine.fingerprint import check_fingerprint, model_fingerprint
 from mta.errors import MtaError
 from mta.fusion import concat_delta, merge_factor, merge_svd
@@ -37,8 +37,13 @@ def _key(module: str, which: str) -> str:
 
 
 def save_adapter(out: Path, tensors: Tensors, rank: int, alpha: float, fingerprint: dict,
-                 kind: str, base_model: str | None = None, extra: dict | None = None) -> Path:
-    """Write one LoRA adapter directory atomically (PEFT layout + our metadata)."""
+                 kind: str, base_model: str | None = None, extra: dict | None = None,
+                 layers: list[int] | None = None) -> Path:
+    """Write one LoRA adapter directory atomically (PEFT layout + our metadata).
+
+    ``layers``: the blocks the adapter covers when it is not all of them (PEFT's
+    ``layers_to_transform``), so that PEFT injects exactly the modules the file holds.
+    """
     if not tensors:
         raise MtaError("cannot save an adapter with no modules")
     state = {}
@@ -51,7 +56,8 @@ def save_adapter(out: Path, tensors: Tensors, rank: int, alpha: float, fingerpri
         state[_key(module, "B")] = b.detach().to("cpu").contiguous()
     targets = sorted({m.rsplit(".", 1)[-1] for m in tensors})
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+                     layers_to_transform=layers, layers_pattern="layers" if layers else None)
     meta = {"mta_kind": kind, "mta_fingerprint": json.dumps(fingerprint, sort_keys=True),
             "mta_extra": json.dumps(extra or {}, sort_keys=True)}
     with atomic_path(Path(out)) as tmp:
@@ -127,8 +133,10 @@ def load_anchor(engine: AdapterEngine, slot: int, path: Path) -> dict:
 def save_user(engine: AdapterEngine, slot: int, out: Path, base_model: str | None = None,
               extra: dict | None = None) -> Path:
     layer = next(iter(engine.stack_layers.values()))
+    blocks = {block_index(n) for n in engine.stack_layers}
+    subset = sorted(blocks) if None not in blocks and blocks != {block_index(n) for n in engine.layers} else None
     return save_adapter(out, engine.user_tensors(slot), layer.stack_rank, layer.stack_alpha,
-                        model_fingerprint(engine.model), "stack", base_model, extra)
+                        model_fingerprint(engine.model), "stack", base_model, extra, layers=subset)
 
 
 def load_user(engine: AdapterEngine, slot: int, path: Path) -> dict:

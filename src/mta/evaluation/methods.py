@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mta.bank import training_history
 from mta.config import AdaptConfig, BankConfig, adapt_config
 from mta.data.schema import User
 from mta.engine import AdapterEngine, EngineSpec, Job, Row, TrainConfig, train_jobs
@@ -131,12 +132,14 @@ def run_private(setup: EvalSetup, name: str, targets, out: Path) -> FoldResult:
             cfg = TrainConfig(lr=bc.lr, epochs=bc.epochs, batch_size=bc.batch_size, warmup_ratio=bc.warmup_ratio,
                               seed=bc.seed, max_rows=bc.max_rows)
         else:
-            engine.add_users(len(targets), ac.stack_rank, ac.alpha_s, seed=ac.seed, modules=ac.stack_targets)
+            engine.add_users(len(targets), ac.stack_rank, ac.alpha_s, seed=ac.seed, modules=ac.stack_targets,
+                             last_layers=ac.stack_layers)
             rows = [Row(user=j) for j in range(len(targets))]
             cfg = TrainConfig(lr=ac.stack_lr, epochs=max(1, ac.stack_epochs), batch_size=ac.batch_size,
                               warmup_ratio=ac.warmup_ratio, seed=ac.seed, max_rows=ac.max_rows)
         t0 = time.perf_counter()
-        jobs = [Job(j, loo_examples(task, u, tok, setup.retrieve_k, bc.max_length), rows[j], key=f"user:{u.user_id}")
+        jobs = [Job(j, loo_examples(task, training_history(u, bc) if private else u, tok, setup.retrieve_k,
+                                    bc.max_length if private else ac.max_length), rows[j], key=f"user:{u.user_id}")
                 for j, u in enumerate(targets)]
         train_jobs(engine, "bank" if private else "stack", jobs, cfg, pad_id=tok.pad_token_id,
                    on_step=(lambda s, t: setup.progress(f"{name} steps", s, t)) if setup.progress else None)

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from mta.anchors import embed_users
-from mta.bank import build_bank, read_index
+from mta.bank import build_bank, read_index, training_history
 from mta.data.schema import Dataset, User
 from mta.evaluation import plots
 from mta.evaluation.methods import BANK_METHODS, EvalSetup, FoldResult, run_mta, run_private, run_prompt
 from mta.evaluation.protocol import make_folds
 from mta.evaluation.stats import bootstrap_ci, paired_diff_ci
 from mta.paths import write_json_atomic, write_text_atomic
-from mta.store import UserStore
+from mta.store import UserStore, user_key
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ def cut_history(users: list[User], n: int | None) -> list[User]:
     if not n:
         return users
     return [u.model_copy(update={"history": u.history[:n]}) for u in users]
+
+
+def _item_ids(user: User) -> tuple:
+    return tuple((it.id, it.model_dump_json()) for it in user.history)
 
 
 def _metric_fn(task, name):
@@ -82,9 +86,25 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     split = []
     t_start = time.perf_counter()
     bank_seconds = 0.0
+    targets = {f.index: cut_history(list(f.targets), target_history) for f in fold_list}
+    # Per-user LoRAs first: they follow the bank's recipe (rank, lr, epochs, examples), so
+    # an anchor's meta-LoRA IS its per-user LoRA when it trains on the same history; the
+    # banks below copy those instead of training the same adapter twice.
+    own: dict[str, tuple[tuple, Path]] = {}
+    if "per-user-lora" in methods:
+        for fold in fold_list:
+            d = out / f"fold{fold.index}" / "per-user-lora"
+            results["per-user-lora"] = merge(results["per-user-lora"],
+                                             run_private(setup, "per-user-lora", targets[fold.index], d))
+            for u in targets[fold.index]:
+                own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), d / user_key(u.user_id))
+
+    def trained(user: User) -> Path | None:
+        hit = own.get(user.user_id)
+        return hit[1] if hit and hit[0] == _item_ids(user) else None
+
     for fold in fold_list:
-        targets = cut_history(list(fold.targets), target_history)
-        split.append({"fold": fold.index, "targets": [u.user_id for u in targets],
+        split.append({"fold": fold.index, "targets": [u.user_id for u in targets[fold.index]],
                       "anchor_candidates": [u.user_id for u in fold.candidates]})
         fdir = out / f"fold{fold.index}"
         bank = fdir / "bank"
@@ -93,15 +113,17 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             build_bank(list(fold.candidates), task, setup.model, setup.tokenizer, setup.embedder, setup.embedder_id,
                        model_id, setup.bank_cfg, bank,
                        (lambda s, d, t, f=fold.index: setup.progress(f"fold {f} bank {s}", d, t))
-                       if setup.progress else None)
+                       if setup.progress else None, trained=trained)
             bank_seconds += time.perf_counter() - t0
         for m in methods:
+            if m == "per-user-lora":
+                continue
             if m == "base" or m.startswith("rag-"):
-                part = run_prompt(setup, m, targets)
-            elif m in ("per-user-lora", "mta-stack"):
-                part = run_private(setup, m, targets, fdir / m)
+                part = run_prompt(setup, m, targets[fold.index])
+            elif m == "mta-stack":
+                part = run_private(setup, m, targets[fold.index], fdir / m)
             else:
-                part = run_mta(setup, m, targets, bank, fdir / m)
+                part = run_mta(setup, m, targets[fold.index], bank, fdir / m)
             results[m] = merge(results[m], part)
     reference = "rag-1" if "rag-1" in methods else None
     rows = summarise(task, ds.users, results, reference, n_boot, seed)
