@@ -2,54 +2,63 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mta.data.synth import synth_users
 from mta.errors import MtaError
 from mta.evaluation.methods import expand_methods
 from mta.evaluation.protocol import make_folds
-from mta.evaluation.stats import bootstrap_ci, paired_diff_ci
+from mta.evaluation.stats import _counts, bootstrap_ci, paired_diff_ci, user_stats
 from mta.examples import loo_examples
 from mta.models.tiny import tiny_tokenizer
 from mta.tasks import get_task
 
 
-def acc(p, g):
-    return sum(a == b for a, b in zip(p, g)) / len(g)
+def acc(s):
+    return s[0] / s[1]
+
+
+def us(preds, golds):
+    """Per-user summed accuracy statistics [correct, count]."""
+    return user_stats(preds, golds, lambda p, g: [float(p == g), 1.0])
 
 
 def test_bootstrap_constant_metric_has_zero_width():
     preds = [["a", "b"], ["c"], ["d"]]
-    assert bootstrap_ci(preds, preds, acc, n_boot=200) == (1.0, 1.0, 1.0)
+    assert bootstrap_ci(us(preds, preds), acc, n_boot=200) == (1.0, 1.0, 1.0)
 
 
 def test_bootstrap_two_users_known_percentiles():
     # user 0 always right, user 1 always wrong. A resample of 2 users is (0,0) with p=1/4
     # (accuracy 1), (1,1) with p=1/4 (accuracy 0), mixed otherwise (0.5): the 2.5th and
     # 97.5th percentiles are exactly 0 and 1.
-    v, lo, hi = bootstrap_ci([["x"], ["y"]], [["x"], ["z"]], acc, n_boot=4000, seed=1)
+    v, lo, hi = bootstrap_ci(us([["x"], ["y"]], [["x"], ["z"]]), acc, n_boot=4000, seed=1)
     assert (v, lo, hi) == (0.5, 0.0, 1.0)
 
 
 def test_bootstrap_resamples_users_not_queries():
     # one user with 9 right answers, one with 1 wrong: a query-level bootstrap would give a
     # narrow interval; resampling users can give accuracy 1.0 or 0.0 for whole resamples.
-    preds = [["a"] * 9, ["b"]]
-    golds = [["a"] * 9, ["c"]]
-    v, lo, hi = bootstrap_ci(preds, golds, acc, n_boot=4000, seed=0)
+    stats = us([["a"] * 9, ["b"]], [["a"] * 9, ["c"]])
+    v, lo, hi = bootstrap_ci(stats, acc, n_boot=4000, seed=0)
     assert v == pytest.approx(0.9) and lo == 0.0 and hi == 1.0
+    # a resample's value weighs users by their query counts: (user 0 twice) -> 1.0,
+    # (user 1 twice) -> 0.0, one each -> 0.9; all three occur in 4000 resamples
+    c = _counts(2, 4000, 0) @ stats
+    assert set(np.round(c[:, 0] / c[:, 1], 6)) == {0.0, 0.9, 1.0}
 
 
 def test_paired_difference():
     golds = [["a"]] * 30
-    same = paired_diff_ci(golds, golds, golds, acc, n_boot=300)
+    same = paired_diff_ci(us(golds, golds), us(golds, golds), acc, n_boot=300)
     assert same == (0.0, 0.0, 0.0)
     better = [["a"]] * 30
     worse = [["a"]] * 10 + [["b"]] * 20
-    d, lo, hi = paired_diff_ci(better, worse, golds, acc, n_boot=500)
+    d, lo, hi = paired_diff_ci(us(better, golds), us(worse, golds), acc, n_boot=500)
     assert d == pytest.approx(20 / 30) and lo > 0  # significant
     with pytest.raises(ValueError, match="aligned"):
-        paired_diff_ci(better, worse[:3], golds, acc)
+        paired_diff_ci(us(better, golds), us(worse[:3], golds[:3]), acc)
 
 
 def test_folds_cover_everyone_once_and_never_self_anchor():

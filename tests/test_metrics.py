@@ -58,3 +58,34 @@ def test_length_mismatch_and_empty():
         metrics.rating_metrics([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="no examples"):
         metrics.generation_metrics([], [])
+
+
+@pytest.mark.parametrize("task_name", ["lamp2", "lamp1", "lamp3", "movielens", "lamp4"])
+def test_summed_statistics_give_the_metrics(task_name):
+    """The bootstrap's additive statistics reproduce task.score exactly, for any subset."""
+    import random
+
+    import numpy as np
+
+    from mta.tasks import get_task
+
+    task = get_task(task_name)
+    rng = random.Random(1)
+    if task.kind == "classification":
+        golds = [rng.choice(task.labels) for _ in range(40)]
+        preds = [rng.choice([*task.labels[:3], None]) if rng.random() < 0.6 else g for g in golds]
+    elif task.kind == "rating":
+        golds = [str(rng.randint(1, 5)) for _ in range(40)]
+        preds = [rng.choice([1.0, 2.0, 3.0, 4.0, 5.0, None]) for _ in golds]
+    else:
+        words = "council budget vote city storm river school road".split()
+        golds = [" ".join(rng.sample(words, 4)) for _ in range(40)]
+        preds = [" ".join(rng.sample(words, 3)) if rng.random() < 0.9 else None for _ in golds]
+    for sub in (range(40), range(0, 40, 3), [5, 5, 9, 9, 9]):
+        p, g = [preds[i] for i in sub], [golds[i] for i in sub]
+        summed = np.sum([task.query_stats(a, b) for a, b in zip(p, g)], axis=0)
+        want = task.score(p, g)
+        got = task.metrics_from_stats(summed)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], abs=1e-12), k

@@ -67,3 +67,55 @@ def generation_metrics(preds: Sequence[str | None], golds: Sequence[str]) -> dic
         r1.append(s["rouge1"].fmeasure)
         rl.append(s["rougeL"].fmeasure)
     return {"rouge1": float(np.mean(r1)), "rougeL": float(np.mean(rl))}
+
+
+# -- the same metrics as sums of per-query statistics (for the bootstrap) ----------------
+#
+# Every metric above is a function of per-query statistics summed over queries, so a
+# bootstrap resample of users only needs each user's summed statistics: one matrix
+# product per metric instead of re-scoring every resample. tests/test_metrics.py checks
+# that these give exactly what the functions above give.
+
+
+def classification_stats(pred: str | None, gold: str, labels: Sequence[str]) -> np.ndarray:
+    """[correct, 1, tp per label, fp per label, fn per label]."""
+    n = len(labels)
+    pos = {lab: i for i, lab in enumerate(labels)}
+    if gold not in pos:
+        raise ValueError(f"gold label not in the label set: {gold!r}")
+    v = np.zeros(2 + 3 * n)
+    v[0], v[1] = float(pred == gold), 1.0
+    if pred == gold:
+        v[2 + pos[gold]] = 1.0
+    else:
+        if pred in pos:
+            v[2 + n + pos[pred]] = 1.0
+        v[2 + 2 * n + pos[gold]] = 1.0
+    return v
+
+
+def classification_from_stats(s: np.ndarray, n_labels: int) -> dict[str, float]:
+    tp, fp, fn = s[2:2 + n_labels], s[2 + n_labels:2 + 2 * n_labels], s[2 + 2 * n_labels:]
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"accuracy": float(s[0] / s[1]), "f1": float(f1.mean())}
+
+
+def rating_stats(pred: float | None, gold: float, low: float = 1.0, high: float = 5.0) -> np.ndarray:
+    """[|error|, error^2, 1], an unparseable prediction scored as in ``rating_metrics``."""
+    p = pred if pred is not None else (low if gold >= (low + high) / 2 else high)
+    e = float(p) - float(gold)
+    return np.array([abs(e), e * e, 1.0])
+
+
+def rating_from_stats(s: np.ndarray) -> dict[str, float]:
+    return {"mae": float(s[0] / s[2]), "rmse": float(math.sqrt(s[1] / s[2]))}
+
+
+def generation_stats(pred: str | None, gold: str) -> np.ndarray:
+    sc = _SCORER.score(gold, pred or "")
+    return np.array([sc["rouge1"].fmeasure, sc["rougeL"].fmeasure, 1.0])
+
+
+def generation_from_stats(s: np.ndarray) -> dict[str, float]:
+    return {"rouge1": float(s[0] / s[2]), "rougeL": float(s[1] / s[2])}

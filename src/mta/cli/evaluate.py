@@ -60,8 +60,12 @@ def eval_cmd(
     users: int | None = typer.Option(None, min=2, help="Use only the first N users (quick runs)."),
     anchors: int = typer.Option(8, help="Ablation: anchors per bank."),
     min_history: int = typer.Option(11, help="History items an anchor needs."),
-    bank_epochs: int = typer.Option(3, help="Meta-LoRA (and per-user LoRA) epochs."),
-    bank_lr: float = typer.Option(1e-4, help="Meta-LoRA (and per-user LoRA) learning rate."),
+    bank_epochs: int | None = typer.Option(None, min=1, help="Meta-LoRA (and per-user LoRA) epochs "
+                                           "(default: docs/defaults.md)."),
+    bank_lr: float | None = typer.Option(None, help="Meta-LoRA (and per-user LoRA) learning rate "
+                                         "(default: docs/defaults.md)."),
+    anchor_items: int | None = typer.Option(None, min=1, help="Anchors (and per-user LoRAs) train on their "
+                                            "latest N history items (default: all)."),
     top_k: int | None = typer.Option(None, help="Ablation: anchors mixed per user."),
     merge: str | None = typer.Option(None, help="Ablation: delta, factor or svd (for mta)."),
     stack_rank: int | None = typer.Option(None, help="Ablation: stacked rank."),
@@ -86,7 +90,7 @@ def eval_cmd(
     if not any(q.gold is not None for u in ds.users for q in u.queries):
         raise MtaError(f"{ds.path}: no query has a gold output; nothing to score")
     bank_cfg = BankConfig.make(anchors=anchors, min_history=min_history, epochs=bank_epochs, lr=bank_lr, seed=seed,
-                               retrieve_k=retrieve_k)
+                               retrieve_k=retrieve_k, max_items=anchor_items)
     targets = tuple(x.strip() for x in stack_targets.split(",") if x.strip()) if stack_targets else None
     adapt_cfg = adapt_config("default", top_k=top_k, merge=merge, stack_rank=stack_rank, stack_targets=targets,
                              stack_layers=stack_layers,

@@ -103,8 +103,11 @@ def bank_build(
     anchors: int = typer.Option(50, help="Anchors (k-means clusters)."),
     min_history: int = typer.Option(11, help="History items an anchor needs (reference: more than 10)."),
     rank: int = typer.Option(8, help="Meta-LoRA rank."),
-    epochs: int = typer.Option(3, help="Meta-LoRA epochs."),
-    lr: float = typer.Option(1e-4, help="Meta-LoRA learning rate (cosine, 10% warm-up)."),
+    epochs: int | None = typer.Option(None, min=1, help="Meta-LoRA epochs (default: docs/defaults.md)."),
+    lr: float | None = typer.Option(None, help="Meta-LoRA learning rate, cosine with 10% warm-up "
+                                    "(default: docs/defaults.md)."),
+    max_items: int | None = typer.Option(None, min=1, help="Anchors train on their latest N history items "
+                                         "(default: all)."),
     batch_size: int = typer.Option(8, help="Examples per anchor per step."),
     group_size: int = typer.Option(8, help="Anchors trained together in one pass."),
     users: Path | None = typer.Option(None, help="File of user ids (one per line) to draw anchors from."),
@@ -113,7 +116,7 @@ def bank_build(
 ) -> None:
     """Stage 1: cluster users, pick anchors, train one meta-LoRA per anchor (one pass per group)."""
     cfg = BankConfig.make(anchors=anchors, min_history=min_history, rank=rank, epochs=epochs, lr=lr,
-                          batch_size=batch_size, group_size=group_size, seed=seed)
+                          batch_size=batch_size, group_size=group_size, seed=seed, max_items=max_items)
     ds = load_dataset(data, task)
     pool = _select(ds.users, None, users)
     llm, tok, emb = _models(model, embedder, dtype)
@@ -295,8 +298,8 @@ def run_cmd(
     anchors: int = typer.Option(8, help="Anchors in the bank."),
     targets_fraction: float = typer.Option(0.5, help="Share of users held out as targets."),
     min_history: int = typer.Option(11, help="History items an anchor needs."),
-    bank_epochs: int = typer.Option(3, help="Meta-LoRA epochs."),
-    bank_lr: float = typer.Option(1e-4, help="Meta-LoRA learning rate."),
+    bank_epochs: int | None = typer.Option(None, min=1, help="Meta-LoRA epochs (default: docs/defaults.md)."),
+    bank_lr: float | None = typer.Option(None, help="Meta-LoRA learning rate (default: docs/defaults.md)."),
     preset: str = typer.Option("default", help="default or reference."),
     merge: str | None = typer.Option(None, help="delta, factor or svd."),
     top_k: int | None = typer.Option(None, help="Anchors mixed per user."),
@@ -327,8 +330,8 @@ def demo_cmd(
 
     write_jsonl(synth_users(users, seed=seed, queries=2), out / "data" / "users.jsonl")
     console.print(f"wrote {users} synthetic users to {escape(str(out / 'data'))}")
-    _run(out / "data", out / "run", None, anchors=4, targets_fraction=0.5, min_history=11, bank_epochs=3,
-         bank_lr=1e-4, preset="default", merge=None, top_k=None, stack_rank=None, stack_epochs=None,
+    _run(out / "data", out / "run", None, anchors=4, targets_fraction=0.5, min_history=11, bank_epochs=None,
+         bank_lr=None, preset="default", merge=None, top_k=None, stack_rank=None, stack_epochs=None,
          stack_lr=None, seed=seed, model=model, embedder=embedder, dtype="fp32", max_new_tokens=8)
 
 

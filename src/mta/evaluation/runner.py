@@ -15,7 +15,7 @@ from mta.data.schema import Dataset, User
 from mta.evaluation import plots
 from mta.evaluation.methods import BANK_METHODS, EvalSetup, FoldResult, run_mta, run_private, run_prompt
 from mta.evaluation.protocol import make_folds
-from mta.evaluation.stats import bootstrap_ci, paired_diff_ci
+from mta.evaluation.stats import bootstrap_ci, paired_diff_ci, user_stats
 from mta.paths import write_json_atomic, write_text_atomic
 from mta.store import UserStore, user_key
 
@@ -33,26 +33,29 @@ def _item_ids(user: User) -> tuple:
     return tuple((it.id, it.model_dump_json()) for it in user.history)
 
 
-def _metric_fn(task, name):
-    return lambda p, g: task.score(p, g)[name]
-
-
 def summarise(task, users: list[User], results: dict[str, FoldResult], reference: str | None,
               n_boot: int, seed: int) -> list[dict]:
     """Per method: metrics with 95% CIs, paired difference to ``reference``, costs."""
     ids = [u.user_id for u in users if any(q.gold is not None for q in u.queries)]
     golds = {u.user_id: [q.gold for q in u.queries] for u in users}
+    gl = [[g for g in golds[i] if g is not None] for i in ids]
+
+    def stats_of(res: FoldResult):
+        preds = [[p for p, g in zip(res.preds[i], golds[i]) if g is not None] for i in ids]
+        return user_stats(preds, gl, task.query_stats)
+
+    stats = {name: stats_of(res) for name, res in results.items()}
     rows = []
     for name, res in results.items():
-        preds = [[p for p, g in zip(res.preds[i], golds[i]) if g is not None] for i in ids]
-        gl = [[g for g in golds[i] if g is not None] for i in ids]
         row = {"method": name, "users": len(ids), "queries": sum(len(g) for g in gl), "metrics": {}}
         for m in task.metric_names:
-            v, lo, hi = bootstrap_ci(preds, gl, _metric_fn(task, m), n_boot=n_boot, seed=seed)
+            def fn(s, m=m):
+                return task.metrics_from_stats(s)[m]
+
+            v, lo, hi = bootstrap_ci(stats[name], fn, n_boot=n_boot, seed=seed)
             row["metrics"][m] = {"value": v, "ci": [lo, hi]}
             if reference and reference in results and name != reference:
-                ref = [[p for p, g in zip(results[reference].preds[i], golds[i]) if g is not None] for i in ids]
-                d, dlo, dhi = paired_diff_ci(preds, ref, gl, _metric_fn(task, m), n_boot=n_boot, seed=seed)
+                d, dlo, dhi = paired_diff_ci(stats[name], stats[reference], fn, n_boot=n_boot, seed=seed)
                 row["metrics"][m]["diff_vs_" + reference] = {"value": d, "ci": [dlo, dhi],
                                                              "significant": bool(dlo > 0 or dhi < 0)}
         n = max(1, len(res.preds))

@@ -73,6 +73,23 @@ class Task:
             return metrics.rating_metrics(preds, g)
         return metrics.generation_metrics(preds, g)
 
+    def query_stats(self, pred: Any, gold_text: str):
+        """Per-query statistics whose sum over queries determines every metric
+        (``metrics_from_stats``): what the user-level bootstrap resamples."""
+        g = self.gold(gold_text)
+        if self.kind == "classification":
+            return metrics.classification_stats(pred, g, self.labels)
+        if self.kind == "rating":
+            return metrics.rating_stats(pred, g)
+        return metrics.generation_stats(pred, g)
+
+    def metrics_from_stats(self, summed) -> dict[str, float]:
+        if self.kind == "classification":
+            return metrics.classification_from_stats(summed, len(self.labels))
+        if self.kind == "rating":
+            return metrics.rating_from_stats(summed)
+        return metrics.generation_from_stats(summed)
+
     @property
     def metric_names(self) -> tuple[str, str]:
         return {
