@@ -9,7 +9,7 @@ import pytest
 
 from mta import bank as bank_mod
 from mta.anchors import select_anchors
-from mta.bank import build_bank, load_bank, read_index
+from mta.bank import build_bank, load_bank, read_index, training_history
 from mta.cli.main import main
 from mta.config import BankConfig, adapt_config
 from mta.data.schema import User
@@ -82,6 +82,14 @@ def test_bank_resumes_after_a_kill(tmp_path, monkeypatch):
     assert calls["n"] == 3
     idx = read_index(tmp_path / "bank")
     assert idx.complete and (idx.adapter_dir(0) / "adapter_model.safetensors").read_bytes() == first
+
+
+def test_anchors_train_on_their_latest_items(tmp_path):
+    users = synth_users(4, seed=2, queries=0, history=9)
+    *_, idx = _bank(tmp_path, users, max_items=3)
+    assert [a["examples"] for a in idx.data["anchors"]] == [3, 3]
+    u = users[0]
+    assert training_history(u, idx.config).history == u.history[-3:]
 
 
 def test_bank_refuses_other_base_model_and_corrupt_files(tmp_path):
