@@ -5,7 +5,7 @@
 # the table that docs/defaults.md records.
 #
 #   bash scripts/dev-sweep.sh lr       # one learning rate for bank/per-user LoRA and stack
-#   bash scripts/dev-sweep.sh layers   # stack in all blocks vs the last 10 (at LR)
+#   bash scripts/dev-sweep.sh layers   # stack in all blocks vs the last 8 (at LR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MTA=.venv/bin/mta
@@ -21,7 +21,7 @@ case "${1:-}" in
         --stack-lr "$lr" --stack-layers 30 --out "$DEV/lr$lr"
     done ;;
   layers)
-    $MTA eval "${common[@]}" --methods rag-1,mta-stack,mta --bank-lr "$LR" --stack-lr "$LR" --stack-layers 10 \
-      --out "$DEV/layers10-lr$LR" ;;
+    $MTA eval "${common[@]}" --methods rag-1,mta-stack,mta --bank-lr "$LR" --stack-lr "$LR" --stack-layers 8 \
+      --out "$DEV/layers8-lr$LR" ;;
   *) echo "usage: $0 lr|layers" >&2; exit 2 ;;
 esac

@@ -76,8 +76,11 @@ def test_stack_on_last_blocks_only(tmp_path):
     with eng.route([Row(user=1)] * 2), torch.no_grad():
         ours = model(IDS).logits
     torch.testing.assert_close(_peft_logits(tmp_path / "u1"), ours, atol=TOL, rtol=0)
-    with pytest.raises(MtaError, match="between 1 and the model's 2 blocks"):
-        eng.add_users(1, 2, 4.0, last_layers=3)
+    for everything in (0, None, 2, 30):  # 0, None or >= the block count: all blocks
+        eng.add_users(1, 2, 4.0, last_layers=everything)
+        assert len(eng.stack_layers) == 14
+    with pytest.raises(MtaError, match=">= 0"):
+        eng.add_users(1, 2, 4.0, last_layers=-1)
 
 
 @pytest.mark.parametrize("mode, pad", [("delta", None), ("delta", "serving"), ("factor", None),

@@ -70,7 +70,8 @@ def eval_cmd(
     merge: str | None = typer.Option(None, help="Ablation: delta, factor or svd (for mta)."),
     stack_rank: int | None = typer.Option(None, help="Ablation: stacked rank."),
     stack_targets: str | None = typer.Option(None, help="Ablation: comma-separated modules with a stack."),
-    stack_layers: int | None = typer.Option(None, min=1, help="Ablation: stack only in the last N blocks."),
+    stack_layers: int | None = typer.Option(None, min=0, help="Ablation: stack only in the last N blocks "
+                                            "(0 = all; default: docs/defaults.md)."),
     stack_lr: float | None = typer.Option(None, help="Stacking learning rate."),
     stack_epochs: int | None = typer.Option(None, help="Stacking epochs."),
     retrieve_k: int = typer.Option(1, min=0, help="Ablation: history items in the prompt for adapter methods."),

@@ -173,7 +173,8 @@ def adapt_cmd(
     merge: str | None = typer.Option(None, help="delta (exact), factor (reference) or svd."),
     weighting: str | None = typer.Option(None, help="linear (similarity-proportional) or softmax."),
     stack_rank: int | None = typer.Option(None, help="Rank of the stacked adapter."),
-    stack_layers: int | None = typer.Option(None, min=1, help="Stack only in the last N transformer blocks."),
+    stack_layers: int | None = typer.Option(None, min=0, help="Stack only in the last N transformer blocks "
+                                            "(0 = all; default: docs/defaults.md)."),
     stack_epochs: int | None = typer.Option(None, help="Epochs of stacking (0 = fusion only)."),
     stack_lr: float | None = typer.Option(None, help="Learning rate of stacking."),
     seed: int | None = typer.Option(None, help="Seed."),

@@ -137,7 +137,8 @@ class AdapterEngine:
 
     def stack_selection(self, modules: Sequence[str] | None = None, last_layers: int | None = None) -> list[str]:
         """Injected layers that get a stacked adapter: those whose name ends in one of
-        ``modules`` (all by default) within the last ``last_layers`` blocks (all by default)."""
+        ``modules`` (all by default) within the last ``last_layers`` blocks (0, None, or
+        at least the model's block count: all blocks)."""
         short = {n.rsplit(".", 1)[-1] for n in self.layers}
         if modules is not None:
             unknown = sorted(set(modules) - short)
@@ -145,9 +146,8 @@ class AdapterEngine:
                 raise MtaError(f"stack target modules {unknown or '(none)'} are not among the injected layers "
                                f"{sorted(short)}")
         blocks = sorted({b for b in map(block_index, self.layers) if b is not None})
-        if last_layers is not None and not 1 <= last_layers <= len(blocks):
-            raise MtaError(f"stack layers must be between 1 and the model's {len(blocks)} blocks, "
-                           f"got {last_layers}")
+        if last_layers is not None and last_layers < 0:
+            raise MtaError(f"stack layers must be >= 0 (0 = all blocks), got {last_layers}")
         keep = set(blocks[-last_layers:]) if last_layers else None
         return [n for n in self.layers
                 if (modules is None or n.rsplit(".", 1)[-1] in modules)
