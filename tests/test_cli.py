@@ -110,6 +110,11 @@ def test_eval_tiny_model_all_methods(tmp_path):
     targets = [t for f in split for t in f["targets"]]
     assert sorted(targets) == sorted(set(targets)) and len(targets) == 6
     assert all(not set(f["targets"]) & set(f["anchor_candidates"]) for f in split)
+    # scripts/paired.py reproduces the run's own paired difference (same users, same resamples)
+    got = subprocess.run([sys.executable, "scripts/paired.py", str(out), "mta", "rag-1"], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    d = by["mta"]["metrics"]["accuracy"]["diff_vs_rag-1"]
+    assert f"accuracy: mta - rag-1 = {d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" in got
     # an anchor's meta-LoRA is its per-user LoRA (same recipe, same history): copied, not retrained
     for f in split:
         idx = read_index(out / f"fold{f['fold']}" / "bank")
