@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.data.readers import load_dataset  # noqa: E402
-from mta.evaluation.stats import paired_diff_ci, user_stats  # noqa: E402
+from mta.evaluation.runner import method_stats  # noqa: E402
+from mta.evaluation.stats import paired_diff_ci  # noqa: E402
 from mta.tasks import get_task  # noqa: E402
 
 
@@ -39,14 +40,7 @@ def main() -> None:
     for m in (a.a, a.b):
         if m not in preds:
             sys.exit(f"error: method {m!r} is not in {a.run} (has: {', '.join(preds)})")
-    users = [u for u in ds.users if any(q.gold is not None for q in u.queries)]
-    golds = [[q.gold for q in u.queries if q.gold is not None] for u in users]
-
-    def stats(m):
-        p = [[x for x, q in zip(preds[m][u.user_id], u.queries) if q.gold is not None] for u in users]
-        return user_stats(p, golds, task.query_stats)
-
-    sa, sb = stats(a.a), stats(a.b)
+    sa, sb = method_stats(task, ds.users, preds[a.a]), method_stats(task, ds.users, preds[a.b])
     for name in task.metric_names:
         d, lo, hi = paired_diff_ci(sa, sb, lambda s, n=name: task.metrics_from_stats(s)[n], n_boot=a.n_boot,
                                    seed=cfg["seed"])

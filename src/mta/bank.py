@@ -126,16 +126,15 @@ def build_bank(
     if missing:
         raise MtaError(f"bank {out} needs anchor user(s) {missing[:3]} that are not in the data")
     if trained is not None:
-        fp_model = model_fingerprint(model)
         for a in list(todo):
             src = trained(training_history(by_id[a["user_id"]], cfg))
             if src is None:
                 continue
-            tensors, config, _ = load_adapter(src, fp_model)
+            tensors, config, _ = load_adapter(src, fp)
             if int(config["r"]) != cfg.rank or float(config["lora_alpha"]) != cfg.alpha:
                 raise MtaError(f"{src}: rank/alpha {config['r']}/{config['lora_alpha']} differ from the bank's "
                                f"{cfg.rank}/{cfg.alpha}; it was not trained with this recipe")
-            save_adapter(idx.adapter_dir(a["slot"]), tensors, cfg.rank, cfg.alpha, fp_model, "anchor",
+            save_adapter(idx.adapter_dir(a["slot"]), tensors, cfg.rank, cfg.alpha, fp, "anchor",
                          idx.data["model"], {"user_id": a["user_id"], "task": task.name})
             a.update(done=True, reused_from=str(src))
             todo.remove(a)

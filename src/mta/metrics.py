@@ -44,13 +44,7 @@ def rating_metrics(
 ) -> dict[str, float]:
     """MAE = mean|p - g|; RMSE = sqrt(mean (p - g)^2); None -> furthest of low/high from g."""
     _check_lengths(preds, golds)
-    g = np.asarray(golds, dtype=np.float64)
-    p = np.array(
-        [x if x is not None else (low if gi >= (low + high) / 2 else high) for x, gi in zip(preds, g)],
-        dtype=np.float64,
-    )
-    err = p - g
-    out = {"mae": float(np.abs(err).mean()), "rmse": float(math.sqrt((err**2).mean()))}
+    out = rating_from_stats(np.sum([rating_stats(p, g, low, high) for p, g in zip(preds, golds)], axis=0))
     assert all(math.isfinite(v) for v in out.values())
     return out
 
@@ -61,20 +55,16 @@ _SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
 def generation_metrics(preds: Sequence[str | None], golds: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1 and ROUGE-L F-measure of each prediction against its gold."""
     _check_lengths(preds, golds)
-    r1, rl = [], []
-    for pred, gold in zip(preds, golds):
-        s = _SCORER.score(gold, pred or "")
-        r1.append(s["rouge1"].fmeasure)
-        rl.append(s["rougeL"].fmeasure)
-    return {"rouge1": float(np.mean(r1)), "rougeL": float(np.mean(rl))}
+    return generation_from_stats(np.sum([generation_stats(p, g) for p, g in zip(preds, golds)], axis=0))
 
 
 # -- the same metrics as sums of per-query statistics (for the bootstrap) ----------------
 #
-# Every metric above is a function of per-query statistics summed over queries, so a
-# bootstrap resample of users only needs each user's summed statistics: one matrix
-# product per metric instead of re-scoring every resample. tests/test_metrics.py checks
-# that these give exactly what the functions above give.
+# Every metric is a function of per-query statistics summed over queries, so a bootstrap
+# resample of users only needs each user's summed statistics: one matrix product per
+# metric instead of re-scoring every resample. Rating and ROUGE are computed through
+# these; classification keeps scikit-learn as its reference, and tests/test_metrics.py
+# checks the statistics against it.
 
 
 def classification_stats(pred: str | None, gold: str, labels: Sequence[str]) -> np.ndarray:

@@ -178,9 +178,8 @@ def train_jobs(
         for step in range(total_steps):
             active = [i for i, p in enumerate(plans) if step < len(p)]
             rows: list[tuple[int, Example]] = [(i, e) for i in active for e in plans[i][step]]
-            # Longest first, so each micro-batch pads to a similar length (on real LaMP-2
-            # data this cuts padded tokens by ~20%). Gradients are sums over rows: the
-            # order changes nothing but float rounding.
+            # Longest first, so each micro-batch pads to a similar length. Gradients are
+            # sums over rows: the order changes nothing but float rounding.
             rows.sort(key=lambda r: -len(r[1].input_ids))
             counts = {i: sum(sum(x != IGNORE for x in e.labels[1:]) for e in plans[i][step]) for i in active}
             job_loss = {i: 0.0 for i in active}

@@ -33,21 +33,27 @@ def _item_ids(user: User) -> tuple:
     return tuple((it.id, it.model_dump_json()) for it in user.history)
 
 
+def scored_users(users: list[User]) -> list[User]:
+    return [u for u in users if any(q.gold is not None for q in u.queries)]
+
+
+def method_stats(task, users: list[User], preds: dict[str, list]) -> np.ndarray:
+    """(scored users, d): each scored user's summed query statistics for one method's
+    parsed predictions (``preds[user_id]``, one per query); queries without gold skipped."""
+    su = scored_users(users)
+    return user_stats([[p for p, q in zip(preds[u.user_id], u.queries) if q.gold is not None] for u in su],
+                      [[q.gold for q in u.queries if q.gold is not None] for u in su], task.query_stats)
+
+
 def summarise(task, users: list[User], results: dict[str, FoldResult], reference: str | None,
               n_boot: int, seed: int) -> list[dict]:
     """Per method: metrics with 95% CIs, paired difference to ``reference``, costs."""
-    ids = [u.user_id for u in users if any(q.gold is not None for q in u.queries)]
-    golds = {u.user_id: [q.gold for q in u.queries] for u in users}
-    gl = [[g for g in golds[i] if g is not None] for i in ids]
-
-    def stats_of(res: FoldResult):
-        preds = [[p for p, g in zip(res.preds[i], golds[i]) if g is not None] for i in ids]
-        return user_stats(preds, gl, task.query_stats)
-
-    stats = {name: stats_of(res) for name, res in results.items()}
+    su = scored_users(users)
+    n_queries = sum(q.gold is not None for u in su for q in u.queries)
+    stats = {name: method_stats(task, users, res.preds) for name, res in results.items()}
     rows = []
     for name, res in results.items():
-        row = {"method": name, "users": len(ids), "queries": sum(len(g) for g in gl), "metrics": {}}
+        row = {"method": name, "users": len(su), "queries": n_queries, "metrics": {}}
         for m in task.metric_names:
             def fn(s, m=m):
                 return task.metrics_from_stats(s)[m]
