@@ -2,36 +2,36 @@
 
 Layout of a bank directory::
 
-    BANK/index.json                  anchors (user ids, embeddings, losses), embedder,
-                                     base-model fingerprint, resolved config, task, model
+    BANK/index.json                  a ``BankRecord``: anchors (user ids, embeddings,
+                                     losses), embedder, base-model fingerprint, config, task
     BANK/anchors/000/                anchor 0 in PEFT format (adapter_config.json +
                                      adapter_model.safetensors)
 
 Anchors train in groups of ``group_size`` (one pass each). After a group, its adapters
 and the index are written atomically, so an interrupted build resumes with the anchors
 not yet done; an index only ever lists anchors whose files are complete.
+
+A *private* bank (``build_private``) has every given user as its own anchor: the
+per-user LoRA baseline, trained with the same recipe and opened like any bank.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from mta.anchors import embed_users, select_anchors
+from mta.backbone import Backbone
 from mta.config import BankConfig
 from mta.data.schema import User
-from mta.engine import AdapterEngine, EngineSpec, Job, Row, TrainConfig, train_jobs
-from mta.engine.fingerprint import check_fingerprint, model_fingerprint
-from mta.engine.peft_io import load_adapter, load_anchor, save_adapter, save_anchor
+from mta.engine import Job, Row, train_jobs
+from mta.engine.peft_io import WEIGHTS, load_adapter, save_adapter, save_anchor
 from mta.errors import MtaError
 from mta.examples import loo_examples
-from mta.paths import write_json_atomic
+from mta.paths import write_text_atomic
+from mta.records import AnchorRecord, BankRecord, dump, read_bank_record
 from mta.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -39,41 +39,17 @@ INDEX = "index.json"
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-@dataclass
-class BankIndex:
-    path: Path
-    data: dict
-
-    @property
-    def anchor_ids(self) -> list[str]:
-        return [a["user_id"] for a in self.data["anchors"]]
-
-    @property
-    def embeddings(self) -> np.ndarray:
-        return np.asarray([a["embedding"] for a in self.data["anchors"]], dtype=np.float32)
-
-    @property
-    def config(self) -> BankConfig:
-        return BankConfig.make(**self.data["config"])
-
-    @property
-    def complete(self) -> bool:
-        return all(a.get("done") for a in self.data["anchors"])
-
-    def adapter_dir(self, slot: int) -> Path:
-        return self.path / "anchors" / f"{slot:03d}"
+def adapter_dir(bank: Path, slot: int) -> Path:
+    return Path(bank) / "anchors" / f"{slot:03d}"
 
 
-def read_index(bank: Path) -> BankIndex:
+def read_index(bank: Path) -> BankRecord:
     f = Path(bank) / INDEX
     if not f.exists():
         have = ", ".join(sorted(p.name for p in Path(bank).iterdir())) if Path(bank).is_dir() else "nothing"
         raise MtaError(f"{bank}: not a bank (no {INDEX}; found: {have or 'nothing'}); "
                        "build one with: mta bank build")
-    try:
-        return BankIndex(Path(bank), json.loads(f.read_text()))
-    except json.JSONDecodeError as e:
-        raise MtaError(f"{f}: corrupt bank index ({e.msg})") from None
+    return read_bank_record(f)
 
 
 def training_history(user: User, cfg: BankConfig) -> User:
@@ -83,11 +59,21 @@ def training_history(user: User, cfg: BankConfig) -> User:
     return user.model_copy(update={"history": user.history[-cfg.max_items:]})
 
 
+def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConfig, out: Path, kind: str) -> None:
+    from mta.engine.fingerprint import check_fingerprint
+
+    check_fingerprint(rec.fingerprint, backbone.fingerprint, f"bank {out}")
+    if rec.task != task.name:
+        raise MtaError(f"bank {out} was built for task {rec.task}, not {task.name}")
+    if rec.kind != kind or rec.config != cfg:
+        raise MtaError(f"bank {out} exists with another configuration; use a new output directory or the "
+                       "same settings")
+
+
 def build_bank(
-    users: list[User], task: Task, model, tokenizer, embedder, embedder_id: str, model_id: str,
-    cfg: BankConfig, out: Path, progress: Progress | None = None,
-    trained: Callable[[User], Path | None] | None = None,
-) -> BankIndex:
+    backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
+    progress: Progress | None = None, trained: Callable[[User], Path | None] | None = None,
+) -> BankRecord:
     """Select anchors among ``users`` and train their meta-LoRAs into ``out`` (resumable).
 
     ``trained(user)`` may return an adapter already trained with exactly this recipe on
@@ -95,94 +81,89 @@ def build_bank(
     it is copied in instead of training the anchor again.
     """
     out = Path(out)
-    fp = model_fingerprint(model)
-    index_file = out / INDEX
-    if index_file.exists():
-        idx = read_index(out)
-        check_fingerprint(idx.data.get("fingerprint"), fp, f"bank {out}")
-        if idx.data.get("task") != task.name:
-            raise MtaError(f"bank {out} was built for task {idx.data.get('task')}, not {task.name}")
-        if idx.data["config"] != json.loads(cfg.model_dump_json()):
-            raise MtaError(f"bank {out} exists with another config; use a new --out or the same flags")
+    if (out / INDEX).exists():
+        rec = read_index(out)
+        _check_resume(rec, backbone, task, cfg, out, "bank")
         log.info("resuming bank build in %s", out)
     else:
         t0 = time.perf_counter()
-        emb = embed_users(users, task, embedder)
+        emb = embed_users(users, task, backbone.embedder)
         sel = select_anchors(users, emb, cfg.anchors, cfg.min_history, cfg.seed)
         pos = {u.user_id: i for i, u in enumerate(users)}
-        idx = BankIndex(out, {
-            "task": task.name, "model": model_id, "embedder": embedder_id, "fingerprint": fp,
-            "config": json.loads(cfg.model_dump_json()), "notes": sel.notes,
-            "candidates": len(users), "embed_seconds": time.perf_counter() - t0,
-            "anchors": [{"slot": s, "user_id": uid, "cluster": c,
-                         "embedding": emb[pos[uid]].tolist(), "done": False}
-                        for s, (uid, c) in enumerate(zip(sel.user_ids, sel.cluster_of_anchor))],
-        })
-        write_json_atomic(index_file, idx.data)
+        rec = BankRecord(
+            task=task.name, model=backbone.model_id, embedder=backbone.embedder_id,
+            fingerprint=backbone.fingerprint, config=cfg, notes=sel.notes, candidates=len(users),
+            embed_seconds=time.perf_counter() - t0,
+            anchors=[AnchorRecord(slot=s, user_id=uid, cluster=c, embedding=emb[pos[uid]].tolist())
+                     for s, (uid, c) in enumerate(zip(sel.user_ids, sel.cluster_of_anchor))])
+        write_text_atomic(out / INDEX, dump(rec))
+    _train_missing(backbone, rec, users, task, cfg, out, "anchor", progress, trained)
+    return rec
+
+
+def build_private(backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
+                  progress: Progress | None = None) -> BankRecord:
+    """One LoRA per user, each on its own history, with the bank's recipe, all in ONE
+    pass (``group_size`` does not apply): a bank whose anchors are ``users``."""
+    out = Path(out)
+    cfg_all = cfg.model_copy(update={"group_size": max(1, len(users))})
+    if (out / INDEX).exists():
+        rec = read_index(out)
+        _check_resume(rec, backbone, task, cfg_all, out, "private")
+    else:
+        rec = BankRecord(kind="private", task=task.name, model=backbone.model_id, embedder=backbone.embedder_id,
+                         fingerprint=backbone.fingerprint, config=cfg_all, candidates=len(users),
+                         anchors=[AnchorRecord(slot=s, user_id=u.user_id, cluster=s, embedding=[])
+                                  for s, u in enumerate(users)])
+        write_text_atomic(out / INDEX, dump(rec))
+    _train_missing(backbone, rec, users, task, cfg_all, out, "user", progress, None)
+    return rec
+
+
+def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task: Task, cfg: BankConfig, out: Path,
+                   key_prefix: str, progress: Progress | None, trained) -> None:
+    """Train (or copy in) every anchor of ``rec`` whose adapter is not complete, group by group."""
     by_id = {u.user_id: u for u in users}
-    todo = [a for a in idx.data["anchors"] if not (a.get("done") and (idx.adapter_dir(a["slot"]) /
-                                                                       "adapter_model.safetensors").exists())]
-    missing = [a["user_id"] for a in todo if a["user_id"] not in by_id]
+    todo = [a for a in rec.anchors if not (a.done and (adapter_dir(out, a.slot) / WEIGHTS).exists())]
+    missing = [a.user_id for a in todo if a.user_id not in by_id]
     if missing:
         raise MtaError(f"bank {out} needs anchor user(s) {missing[:3]} that are not in the data")
     if trained is not None:
         for a in list(todo):
-            src = trained(training_history(by_id[a["user_id"]], cfg))
+            src = trained(training_history(by_id[a.user_id], cfg))
             if src is None:
                 continue
-            tensors, config, _ = load_adapter(src, fp)
+            tensors, config, _ = load_adapter(src, backbone.fingerprint)
             if int(config["r"]) != cfg.rank or float(config["lora_alpha"]) != cfg.alpha:
                 raise MtaError(f"{src}: rank/alpha {config['r']}/{config['lora_alpha']} differ from the bank's "
                                f"{cfg.rank}/{cfg.alpha}; it was not trained with this recipe")
-            save_adapter(idx.adapter_dir(a["slot"]), tensors, cfg.rank, cfg.alpha, fp, "anchor",
-                         idx.data["model"], {"user_id": a["user_id"], "task": task.name})
-            a.update(done=True, reused_from=str(src))
+            save_adapter(adapter_dir(out, a.slot), tensors, cfg.rank, cfg.alpha, backbone.fingerprint, "anchor",
+                         rec.model, {"user_id": a.user_id, "task": task.name})
+            a.done, a.reused_from = True, str(src)
             todo.remove(a)
-        write_json_atomic(index_file, idx.data)
-    n = len(idx.data["anchors"])
+        write_text_atomic(out / INDEX, dump(rec))
+    n = len(rec.anchors)
     if progress:
         progress("anchors", n - len(todo), n)
-    tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                       warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, max_rows=cfg.max_rows)
+    engine = backbone.engine
+    tcfg = cfg.train_config(**backbone.train_resources(), lr_field="BankConfig.lr")
     for g in range(0, len(todo), cfg.group_size):
         group = todo[g:g + cfg.group_size]
         t0 = time.perf_counter()
-        engine = AdapterEngine(model, EngineSpec(n_anchors=len(group), rank=cfg.rank, alpha=cfg.alpha,
-                                                 target_modules=tuple(cfg.target_modules)))
-        try:
-            engine.init_bank(seed=cfg.seed + group[0]["slot"])
-            jobs = [Job(j, loo_examples(task, training_history(by_id[a["user_id"]], cfg), tokenizer,
-                                        cfg.retrieve_k, cfg.max_length),
-                        Row([j], [1.0]), key=f"anchor:{a['user_id']}") for j, a in enumerate(group)]
-            stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=tokenizer.pad_token_id,
-                               on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
-            for j, a in enumerate(group):
-                save_anchor(engine, j, idx.adapter_dir(a["slot"]), base_model=idx.data["model"],
-                            extra={"user_id": a["user_id"], "task": task.name})
-                losses = stats["losses"][f"anchor:{a['user_id']}"]
-                a.update(done=True, examples=len(jobs[j].examples), final_loss=losses[-1],
-                         first_loss=losses[0], train_seconds=(time.perf_counter() - t0) / len(group))
-        finally:
-            engine.remove()
-        write_json_atomic(index_file, idx.data)
+        engine.owner = None  # the bank table now holds this group, not an opened bank
+        engine.set_bank(len(group), cfg.rank, cfg.alpha, cfg.target_modules)
+        engine.init_bank(seed=cfg.seed + group[0].slot)
+        jobs = [Job(j, loo_examples(task, training_history(by_id[a.user_id], cfg), backbone.tokenizer,
+                                    cfg.retrieve_k, cfg.max_length),
+                    Row([j], [1.0]), key=f"{key_prefix}:{a.user_id}") for j, a in enumerate(group)]
+        stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id,
+                           on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
+        for j, a in enumerate(group):
+            save_anchor(engine, j, adapter_dir(out, a.slot), base_model=rec.model,
+                        extra={"user_id": a.user_id, "task": task.name})
+            losses = stats["losses"][jobs[j].key]
+            a.done, a.examples, a.final_loss, a.first_loss = True, len(jobs[j].examples), losses[-1], losses[0]
+            a.train_seconds = (time.perf_counter() - t0) / len(group)
+        write_text_atomic(out / INDEX, dump(rec))
         if progress:
             progress("anchors", n - len(todo) + g + len(group), n)
-    return idx
-
-
-def load_bank(model, bank: Path, extra_users: int = 0) -> tuple[AdapterEngine, BankIndex]:
-    """Inject a built bank into ``model`` (fingerprint-checked); anchors occupy slots 0..N-1."""
-    idx = read_index(bank)
-    if not idx.complete:
-        raise MtaError(f"bank {bank} is incomplete; rerun the same `mta bank build` to resume it")
-    check_fingerprint(idx.data.get("fingerprint"), model_fingerprint(model), f"bank {bank}")
-    cfg = idx.config
-    engine = AdapterEngine(model, EngineSpec(n_anchors=len(idx.anchor_ids), rank=cfg.rank,
-                                             alpha=cfg.alpha, target_modules=tuple(cfg.target_modules)))
-    try:
-        for slot in range(len(idx.anchor_ids)):
-            load_anchor(engine, slot, idx.adapter_dir(slot))
-    except Exception:
-        engine.remove()
-        raise
-    return engine, idx

@@ -1,14 +1,29 @@
-"""Typed, frozen, self-checking configs for each stage. A bad config raises ONE
-``MtaError`` that lists every problem, naming the field and the value."""
+"""Typed, frozen, self-checking configs: one per stage, plus the backbone (model,
+device, memory) and the evaluation protocol. A bad value raises ONE ``ConfigError``
+that lists every problem and names the fields.
+
+These classes are the single source of every default. The CLI builds its options from
+them (``mta.cli.options``): a field's CLI flag is its name with dashes, or the ``flag``
+given in its metadata where two stages share a name (``BankConfig.lr`` is ``--bank-lr``).
+Fields of different configs with the same flag are ONE knob: they must have the same
+default (tested), and the flag sets all of them.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mta.engine.engine import LLAMA_TARGETS
-from mta.errors import MtaError
+from mta.engine.train import TrainConfig
+from mta.errors import ConfigError
+
+
+def flag(name: str) -> dict:
+    """Field metadata: the CLI flag of this field (without the leading dashes)."""
+    return {"flag": name}
 
 
 class _Config(BaseModel):
@@ -16,21 +31,68 @@ class _Config(BaseModel):
 
     @classmethod
     def make(cls, **kwargs):
-        """Construct from options where None means "the default"; validation errors
-        become one readable MtaError."""
+        """Construct from options where None means "the default"."""
         return cls.build({k: v for k, v in kwargs.items() if v is not None})
 
     @classmethod
     def build(cls, values: dict):
-        """Construct from ``values`` as given (None is a value here)."""
+        """Construct from ``values`` as given (None is a value here); errors become one ConfigError."""
         try:
             return cls(**values)
         except ValidationError as e:
-            problems = []
+            problems, fields = [], []
             for err in e.errors():
-                field = ".".join(str(p) for p in err["loc"])
-                problems.append(f"`{field}` {err['msg'].lower()} (got {err.get('input')!r})")
-            raise MtaError(f"invalid {cls.__name__}: " + "; ".join(problems)) from None
+                field = ".".join(str(p) for p in err["loc"]) or "config"
+                fields.append(f"{cls.__name__}.{field.split('.')[0]}")
+                msg = err["msg"]
+                msg = msg[0].lower() + msg[1:] if msg else msg
+                problems.append(f"`{field}` {msg} (got {err.get('input')!r})")
+            raise ConfigError(f"invalid {cls.__name__}: " + "; ".join(problems), tuple(fields)) from None
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _split_csv(v: Any) -> Any:
+    if isinstance(v, str):
+        return tuple(x.strip() for x in v.split(",") if x.strip())
+    return v
+
+
+class BackboneConfig(_Config):
+    """The base model, the embedder, where they run and how memory is planned.
+
+    ``dtype`` auto: bf16 on CUDA, fp32 on CPU (on this project's CPUs a bf16 backward
+    is 25x slower: benchmarks/cpu_train_step.py). Adapters always keep fp32 master
+    weights; ``adapter_compute`` is the dtype their matmuls run in (auto: bf16 when the
+    base is bf16; benchmarks/precision.py measured it equal to fp32 within its stated
+    tolerance and faster). ``token_budget`` bounds the padded tokens of one training
+    micro-batch; auto on CUDA measures the bytes per token of the first micro-batch and
+    sizes the rest to the free memory (docs/architecture.md).
+    """
+
+    model: str | None = Field(None, description="registry LLM or local HF model directory "
+                              "(default: the bank's model, else smollm2-135m)")
+    embedder: str | None = Field(None, description="registry embedder or sentence-transformers directory "
+                                 "(default: the bank's embedder, else minilm-l6)")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="base-model dtype (auto: bf16 on CUDA, "
+                                                  "fp32 on CPU)")
+    adapter_compute: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the adapter matmuls; master weights stay fp32 (auto: the base dtype)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward "
+                                         "(less memory, ~30% more time)")
+    token_budget: int | None = Field(None, ge=64, description="padded tokens per training micro-batch "
+                                     "(default: no limit on CPU, measured from free memory on CUDA)")
+    max_rows: int | None = Field(None, ge=1, description="rows per training micro-batch "
+                                 "(default: 16 on CPU, no limit on CUDA)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
 
 
 class BankConfig(_Config):
@@ -40,22 +102,46 @@ class BankConfig(_Config):
     reference's 3 epochs at 1e-4 (chosen on development data: docs/defaults.md).
     """
 
-    anchors: int = Field(50, ge=1, description="k-means clusters = anchors requested")
-    min_history: int = Field(11, ge=1, description="history items an anchor needs (reference: > 10)")
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    target_modules: tuple[str, ...] = LLAMA_TARGETS
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    retrieve_k: int = Field(1, ge=0, description="BM25 items of the anchor's other history in the prompt")
-    max_length: int = Field(512, ge=32)
-    max_items: int | None = Field(None, ge=1, description="an anchor trains on its latest N history items "
-                                  "(bounds the cost of very active anchors); None = all")
-    group_size: int = Field(8, ge=1, description="anchors trained per pass; a resume restarts a group")
-    max_rows: int = Field(16, ge=1)
-    seed: int = 0
+    anchors: int = Field(50, ge=1, description="k-means clusters = anchors requested (capped at the "
+                         "eligible users; the bank records the effective number)")
+    min_history: int = Field(11, ge=1, description="history items an anchor needs (reference: more than 10)")
+    rank: int = Field(8, ge=1, description="meta-LoRA rank", json_schema_extra=flag("bank-rank"))
+    alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="meta-LoRA alpha",
+                         json_schema_extra=flag("bank-alpha"))
+    target_modules: tuple[str, ...] = Field(LLAMA_TARGETS, min_length=1, description="modules with a "
+                                            "meta-LoRA (comma-separated)", json_schema_extra=flag("bank-targets"))
+    epochs: int = Field(1, ge=1, description="meta-LoRA (and per-user LoRA) epochs",
+                        json_schema_extra=flag("bank-epochs"))
+    lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="meta-LoRA (and per-user LoRA) learning "
+                      "rate, cosine with warm-up", json_schema_extra=flag("bank-lr"))
+    batch_size: int = Field(8, ge=1, description="examples per anchor per optimiser step",
+                            json_schema_extra=flag("bank-batch-size"))
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps in linear warm-up")
+    retrieve_k: int = Field(1, ge=0, description="BM25 history items in each prompt (0 disables)")
+    max_length: int = Field(512, ge=32, description="tokens per training example (prompt cut from the left)")
+    max_items: int | None = Field(None, ge=1, description="anchors (and per-user LoRAs) train on their latest "
+                                  "N history items (default: all)", json_schema_extra=flag("anchor-items"))
+    group_size: int = Field(8, ge=1, description="anchors trained per pass; a resumed build restarts a group")
+    seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _csv(cls, v: Any) -> Any:
+        return _split_csv(v)
+
+    def train_config(self, **resources) -> TrainConfig:
+        return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+                           warmup_ratio=self.warmup_ratio, seed=self.seed, **resources)
+
+
+# Stage-3 settings of each preset; fields given explicitly override them.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # The authors' released fusion and stacking: factor merge of the top-2 (weighted the
+    # right way round), stacked rank 4 on all linear layers of all blocks, lr 5e-5, 1 epoch.
+    "reference": {"merge": "factor", "top_k": 2, "stack_rank": 4, "stack_alpha": 8.0,
+                  "stack_lr": 5e-5, "stack_epochs": 1, "stack_layers": 0},
+}
 
 
 class AdaptConfig(_Config):
@@ -63,42 +149,94 @@ class AdaptConfig(_Config):
 
     Defaults (docs/defaults.md says on which development data and why): exact ``delta``
     merge of the top-2 anchors, a rank-2 stack in the last 8 blocks, lr 3e-3, one epoch.
+    ``top_k`` 0 means no fusion (a stack alone); ``stack_epochs`` 0 means fusion alone.
     """
 
-    top_k: int = Field(2, ge=1)
-    weighting: Literal["linear", "softmax"] = "linear"
-    temperature: float = Field(0.1, gt=0)
-    merge: Literal["delta", "factor", "svd"] = "delta"
-    svd_rank: int = Field(8, ge=1)
-    stack_rank: int = Field(2, ge=1)
-    stack_targets: tuple[str, ...] | None = Field(None, description="modules with a stacked adapter; None = all")
-    stack_layers: int | None = Field(8, ge=0, description="stack only in the last N transformer blocks "
-                                     "(backward stops at the lowest stacked block); 0 or None = all")
-    stack_alpha: float | None = Field(None, gt=0, description="default: 2 x stack_rank")
-    stack_epochs: int = Field(1, ge=0, description="0 = fusion only, no stacked adapter")
-    stack_lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    retrieve_k: int = Field(1, ge=0)
-    max_length: int = Field(512, ge=32)
-    max_rows: int = Field(16, ge=1)
-    seed: int = 0
+    preset: Literal["default", "reference"] = Field("default", description="default, or reference (the "
+                                                     "authors' fusion and stacking); explicit values override it")
+    top_k: int = Field(2, ge=0, description="anchors mixed per user (0: no fusion, stack only)")
+    weighting: Literal["linear", "softmax"] = Field("linear", description="anchor weights: linear "
+                                                    "(similarity-proportional) or softmax")
+    temperature: float = Field(0.1, gt=0, allow_inf_nan=False, description="softmax temperature")
+    merge: Literal["delta", "factor", "svd"] = Field("delta", description="delta (exact), factor (reference) "
+                                                     "or svd")
+    svd_rank: int = Field(8, ge=1, description="rank of an svd merge")
+    stack_rank: int = Field(2, ge=1, description="rank of the stacked adapter")
+    stack_targets: tuple[str, ...] | None = Field(None, description="modules with a stacked adapter "
+                                                  "(comma-separated; default: all)")
+    stack_layers: int = Field(8, ge=0, description="stack only in the last N transformer blocks (0 = all; "
+                              "backward stops at the lowest stacked block)")
+    stack_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="stack alpha "
+                                      "(default: 2 x stack rank)")
+    stack_epochs: int = Field(1, ge=0, description="stacking epochs (0 = fusion only)")
+    stack_lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="stacking learning rate")
+    batch_size: int = Field(8, ge=1, description="examples per user per optimiser step",
+                            json_schema_extra=flag("stack-batch-size"))
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps in linear warm-up")
+    retrieve_k: int = Field(1, ge=0, description="BM25 history items in each prompt (0 disables)")
+    max_length: int = Field(512, ge=32, description="tokens per training example (prompt cut from the left)")
+    seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            preset = values.get("preset", "default")
+            if preset in PRESETS:
+                values = {**PRESETS[preset], **values}
+        return values
+
+    @field_validator("stack_targets", mode="before")
+    @classmethod
+    def _csv(cls, v: Any) -> Any:
+        return _split_csv(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptConfig:
+        if self.top_k == 0 and self.stack_epochs == 0:
+            raise ValueError("top_k 0 (no fusion) with stack_epochs 0 (no stack) leaves nothing to adapt")
+        return self
 
     @property
     def alpha_s(self) -> float:
         return self.stack_alpha if self.stack_alpha is not None else 2.0 * self.stack_rank
 
-
-PRESETS: dict[str, dict] = {
-    # The authors' released settings: factor merge of the top-2 (weighted the right way
-    # round), stacked rank 4 on all linear layers, lr 5e-5, one epoch.
-    "reference": {"merge": "factor", "top_k": 2, "stack_rank": 4, "stack_alpha": 8.0,
-                  "stack_lr": 5e-5, "stack_epochs": 1, "stack_layers": None},
-    "default": {},
-}
+    def train_config(self, **resources) -> TrainConfig:
+        return TrainConfig(lr=self.stack_lr, epochs=max(1, self.stack_epochs), batch_size=self.batch_size,
+                           warmup_ratio=self.warmup_ratio, seed=self.seed, **resources)
 
 
-def adapt_config(preset: str = "default", **overrides) -> AdaptConfig:
-    if preset not in PRESETS:
-        raise MtaError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    return AdaptConfig.build({**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+class GenerateConfig(_Config):
+    """Answering queries: prompt retrieval, batch size and answer length."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens generated per answer "
+                                       "(default: the task's)")
+    batch_size: int = Field(8, ge=1, description="prompts per generation batch")
+    retrieve_k: int = Field(1, ge=0, description="BM25 history items in each prompt (0 disables)")
+    max_prompt_tokens: int = Field(1024, ge=16, description="prompt tokens kept (from the end)")
+
+
+class EvalConfig(_Config):
+    """`mta eval`'s protocol: which methods, how users are split, how intervals are drawn."""
+
+    methods: tuple[str, ...] = Field(("base", "rag"), min_length=1, description="comma-separated: base, rag "
+                                     "(= rag-1 and rag-4), rag-K, per-user-lora, mta-fusion, mta-stack, mta, "
+                                     "mta-reference")
+    folds: int = Field(2, ge=2, description="user folds; each fold is evaluated with anchors from the others")
+    users: int | None = Field(None, ge=2, description="use only the first N users (quick runs)")
+    target_history: int | None = Field(None, ge=1, description="targets keep only their first N history "
+                                       "items (MovieLens protocol: 10)")
+    n_boot: int = Field(1000, ge=100, description="bootstrap resamples")
+    seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _csv(cls, v: Any) -> Any:
+        return _split_csv(v)
+
+
+class RunConfig(_Config):
+    """`mta run`: one seeded split of the users into anchor candidates and targets."""
+
+    targets_fraction: float = Field(0.5, gt=0, lt=1, description="share of users held out as targets")
+    seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")

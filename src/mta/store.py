@@ -1,7 +1,8 @@
 """The user store: what each adapted user costs on disk, and nothing else.
 
-    STORE/users/<key>/meta.json      anchors (bank slots + user ids) and weights, merge,
-                                     stack config, training stats, history hash, bank id
+    STORE/users/<key>/meta.json      a ``UserRecord``: anchors (bank slots + user ids) and
+                                     weights, merge, stack config, training stats, history
+                                     hash, bank id
     STORE/users/<key>/stack/         the stacked adapter in PEFT format (absent when
                                      the user was adapted with fusion only)
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from mta.data.schema import User
 from mta.errors import MtaError
 from mta.paths import atomic_path
+from mta.records import UserRecord, dump, read_user_record
 
 META = "meta.json"
 
@@ -47,15 +49,12 @@ class UserStore:
     def has(self, user_id: str) -> bool:
         return (self.user_dir(user_id) / META).exists()
 
-    def meta(self, user_id: str) -> dict:
+    def meta(self, user_id: str) -> UserRecord:
         f = self.user_dir(user_id) / META
         if not f.exists():
             raise MtaError(f"user '{user_id}' is not in store {self.root}"
                            + self._known_hint())
-        try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise MtaError(f"{f}: corrupt user record ({e.msg})") from None
+        return read_user_record(f)
 
     def _known_hint(self) -> str:
         ids = self.user_ids()[:5]
@@ -76,14 +75,14 @@ class UserStore:
                     continue
         return out
 
-    def put(self, user_id: str, meta: dict, write_stack) -> Path:
+    def put(self, record: UserRecord, write_stack) -> Path:
         """Write one user atomically; ``write_stack(dir)`` writes the stacked adapter (or None)."""
-        dest = self.user_dir(user_id)
+        dest = self.user_dir(record.user_id)
         with atomic_path(dest) as tmp:
             tmp.mkdir(parents=True)
             if write_stack is not None:
                 write_stack(tmp / "stack")
-            (tmp / META).write_text(json.dumps({"user_id": user_id, **meta}, indent=2))
+            (tmp / META).write_text(dump(record), encoding="utf-8")
         return dest
 
     def bytes_of(self, user_id: str) -> int:

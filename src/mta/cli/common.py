@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -34,3 +36,65 @@ def progress() -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
     )
+
+
+class Bars:
+    """Maps library progress callbacks (stage, done, total) onto rich bars. Stages that
+    report a running count ("anchors", "users", "steps") set the bar; the others report
+    increments (prompts answered)."""
+
+    ABSOLUTE = ("anchors", "users", "steps")
+
+    def __init__(self, bar: Progress):
+        self.bar, self.ids = bar, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.ids:
+            self.ids[stage] = self.bar.add_task(stage, total=total)
+        task = self.ids[stage]
+        absolute = stage.split(" ")[-1] in self.ABSOLUTE
+        self.bar.update(task, total=total, completed=done if absolute else self.bar.tasks[task].completed + done)
+
+
+@contextlib.contextmanager
+def run_log(out: Path):
+    """Log the ``mta`` logger at INFO into OUT/run.log for the duration of a command."""
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("mta")
+    root.addHandler(handler)
+    old = root.level
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+        handler.close()
+
+
+def load_backbone(cfg, default_model: str | None = None, default_embedder: str | None = None):
+    """Load the backbone of ``cfg`` (a BackboneConfig) with a status line."""
+    from mta.backbone import Backbone
+
+    label = cfg.model or default_model or "the default model"
+    with err_console.status(f"loading {label} on {cfg.device}"):
+        return Backbone.load(cfg, default_model, default_embedder)
+
+
+def write_config(out: Path, command: str, cfg, backbone=None, **extra) -> dict:
+    """OUT/config.json: the command's resolved configuration, versions and the backbone."""
+    import platform
+
+    import torch
+
+    from mta import __version__
+    from mta.paths import write_json_atomic
+
+    record = {"command": command, **extra, "configs": cfg.dump(),
+              "backbone": backbone.describe() if backbone is not None else None,
+              "mta_version": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    write_json_atomic(out / "config.json", record)
+    return record

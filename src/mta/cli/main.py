@@ -1,4 +1,5 @@
-"""The ``mta`` entry point. User errors print one line and exit 2; bugs show a traceback."""
+"""The ``mta`` entry point. User errors print one line and exit 2, environment errors
+(out of memory, disk, a busy lock) exit 3; bugs show a traceback and exit 1."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from rich.markup import escape
 from mta import __version__
 from mta.cli import data, evaluate, models, pipeline
 from mta.cli.common import err_console, setup_logging
+from mta.cli.options import cli_message
 from mta.errors import MtaError
 
 app = typer.Typer(
@@ -24,8 +26,8 @@ app.add_typer(pipeline.store_app, name="store")
 app.command("adapt")(pipeline.adapt_cmd)
 app.command("generate")(pipeline.generate_cmd)
 app.command("export")(pipeline.export_cmd)
-app.command("run")(pipeline.run_cmd)
-app.command("demo")(pipeline.demo_cmd)
+app.command("run")(evaluate.run_cmd)
+app.command("demo")(evaluate.demo_cmd)
 
 
 def _version(value: bool) -> None:
@@ -50,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except MtaError as e:
-        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return 2
+        err_console.print(f"[red]error:[/red] {escape(cli_message(e))}", highlight=False, soft_wrap=True)
+        return e.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

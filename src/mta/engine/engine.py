@@ -1,5 +1,11 @@
 """The adapter engine: one frozen base model, a bank of anchor LoRAs, per-user tables,
-and per-row routing so that many users share every forward pass."""
+and per-row routing so that many users share every forward pass.
+
+An engine is injected into a model ONCE (``AdapterEngine(model, spec)``); its tables
+(bank, fused, stack) are then replaced as often as needed, never the layers. Misuse of
+this API (a slot out of range, a row that does not match its weights) raises
+``ValueError``: it is a bug of the caller, not a user error.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +14,29 @@ import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mta.engine.fingerprint import model_fingerprint
 from mta.engine.layer import BankLoRALinear, Routing
 from mta.errors import MtaError
-from mta.fusion import MERGE_MODES, check_weights
+from mta.fusion import check_weights, merge_svd
 
 log = logging.getLogger(__name__)
 
 # All linear projections of a Llama-style block (what the reference trains).
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Tensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+INJECTIONS = {"count": 0}  # engines built in this process (tests check one per model)
 
 
 @dataclass(frozen=True)
 class Row:
-    """What one batch row uses. ``anchors``/``weights``: its top-k bank mixture (empty =
-    none); ``user``: stack-table slot or None; ``fused``: fused-table slot or None;
-    ``active=False``: base model only."""
+    """What one batch row uses. ``anchors``/``weights``: its top-k bank mixture, merged
+    exactly (empty = none); ``fused``: a fused-table slot (factor or svd merges);
+    ``user``: a stack-table slot; ``active=False``: the base model only."""
 
     anchors: Sequence[int] = ()
     weights: Sequence[float] = ()
@@ -38,22 +47,22 @@ class Row:
 
 @dataclass
 class EngineSpec:
-    n_anchors: int
+    n_anchors: int = 0
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] = LLAMA_TARGETS
-    dtype: torch.dtype = torch.float32
-    extra: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32          # adapter master weights
+    compute_dtype: torch.dtype | None = None    # adapter matmuls (None: dtype)
 
     def __post_init__(self) -> None:
         if self.n_anchors < 0:
-            raise MtaError(f"n_anchors must be >= 0, got {self.n_anchors}")
+            raise ValueError(f"n_anchors must be >= 0, got {self.n_anchors}")
         if self.rank < 1:
-            raise MtaError(f"rank must be a positive integer, got {self.rank}")
+            raise ValueError(f"rank must be a positive integer, got {self.rank}")
         if not self.alpha > 0:
-            raise MtaError(f"alpha must be positive, got {self.alpha}")
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
         if not self.target_modules:
-            raise MtaError("target_modules is empty")
+            raise ValueError("target_modules is empty")
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -66,6 +75,12 @@ def block_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _kaiming_uniform(shape, gen: torch.Generator) -> torch.Tensor:
+    # nn.init.kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix: bound = 1/sqrt(in).
+    bound = 1.0 / math.sqrt(shape[-1])
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+
+
 class AdapterEngine:
     """Inject bank layers into ``model`` (in place) and route rows through them.
 
@@ -76,6 +91,7 @@ class AdapterEngine:
     def __init__(self, model: nn.Module, spec: EngineSpec):
         self.model = model
         self.spec = spec
+        self.fingerprint = model_fingerprint(model)  # of the base weights, before injection
         self._routing: list[Routing | None] = [None]
         self.layers: dict[str, BankLoRALinear] = {}
         names = linear_module_names(model)
@@ -85,22 +101,32 @@ class AdapterEngine:
         missing = sorted(wanted - found_suffixes)
         if missing:
             available = sorted({n.rsplit(".", 1)[-1] for n in names})
-            raise MtaError(f"unknown target module(s) {missing}; this model's linear modules: {available}")
+            raise MtaError(f"unknown target module(s) {missing}; this model's linear modules: {available}",
+                           ("BankConfig.target_modules",))
         for p in model.parameters():
             p.requires_grad_(False)
         for name in chosen:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            layer = BankLoRALinear(getattr(parent, child), spec.n_anchors, spec.rank, spec.alpha,
-                                   self._routing, dtype=spec.dtype)
+            layer = BankLoRALinear(getattr(parent, child), self._routing, dtype=spec.dtype,
+                                   compute_dtype=spec.compute_dtype)
             setattr(parent, child, layer)
             self.layers[name] = layer
+        INJECTIONS["count"] += 1
+        self.owner: object | None = None  # who filled the bank table (a LoadedBank), for reuse checks
+        self.slot_lora: list[tuple[int, float]] = []  # per stack slot: (its own rank, alpha)
+        self.set_bank(spec.n_anchors, spec.rank, spec.alpha)
         log.info("injected %d layers (%s)", len(self.layers), ", ".join(sorted(found_suffixes)))
 
     # -- structure --------------------------------------------------------------------------
     @property
     def n_anchors(self) -> int:
-        return self.spec.n_anchors
+        return max(ly.bank_A.shape[0] for ly in self.layers.values())
+
+    @property
+    def bank_layers(self) -> dict[str, BankLoRALinear]:
+        """The injected layers that carry a bank table."""
+        return {n: ly for n, ly in self.layers.items() if ly.bank_A.shape[0]}
 
     @property
     def n_users(self) -> int:
@@ -108,12 +134,16 @@ class AdapterEngine:
 
     @property
     def stack_layers(self) -> dict[str, BankLoRALinear]:
-        """The injected layers that carry a stack table (all, unless add_users chose modules)."""
+        """The injected layers that carry a stack table."""
         return {n: ly for n, ly in self.layers.items() if ly.stack_A.shape[0]}
 
     @property
     def device(self) -> torch.device:
         return next(iter(self.layers.values())).bank_A.device
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(sorted({n.rsplit(".", 1)[-1] for n in self.layers}))
 
     def remove(self) -> nn.Module:
         """Restore the original linear modules; the engine is unusable afterwards."""
@@ -125,16 +155,32 @@ class AdapterEngine:
         self._routing[0] = None
         return self.model
 
+    # -- the bank ------------------------------------------------------------------------------
+    def set_bank(self, n_anchors: int, rank: int, alpha: float, modules: Sequence[str] | None = None) -> None:
+        """(Re)allocate the bank table: ``n_anchors`` zero slots of rank ``rank`` on the
+        injected layers whose name ends in one of ``modules`` (default: all)."""
+        if n_anchors < 0 or rank < 1 or not alpha > 0:
+            raise ValueError(f"bank needs anchors >= 0, rank >= 1, alpha > 0; got {n_anchors}, {rank}, {alpha}")
+        short = {n.rsplit(".", 1)[-1] for n in self.layers}
+        if modules is not None and (not modules or set(modules) - short):
+            raise MtaError(f"bank target modules {sorted(set(modules) - short) or '(none)'} are not among the "
+                           f"injected layers {sorted(short)}", ("BankConfig.target_modules",))
+        for name, layer in self.layers.items():
+            on = modules is None or name.rsplit(".", 1)[-1] in modules
+            layer.set_bank(n_anchors if on else 0, rank, alpha)
+        self.spec.n_anchors, self.spec.rank, self.spec.alpha = n_anchors, rank, float(alpha)
+
     def init_bank(self, seed: int = 0, b_std: float = 0.0, slots: Sequence[int] | None = None) -> None:
         """PEFT's LoRA init: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (or N(0, b_std) for tests)."""
         gen = torch.Generator().manual_seed(seed)
         slots = range(self.n_anchors) if slots is None else slots
         with torch.no_grad():
-            for layer in self.layers.values():
+            for layer in self.bank_layers.values():
                 for s in slots:
                     layer.bank_A[s].copy_(_kaiming_uniform(layer.bank_A[s].shape, gen))
                     layer.bank_B[s].copy_(torch.randn(layer.bank_B[s].shape, generator=gen) * b_std)
 
+    # -- stacked adapters -------------------------------------------------------------------------
     def stack_selection(self, modules: Sequence[str] | None = None, last_layers: int | None = None) -> list[str]:
         """Injected layers that get a stacked adapter: those whose name ends in one of
         ``modules`` (all by default) within the last ``last_layers`` blocks (0, None, or
@@ -144,10 +190,10 @@ class AdapterEngine:
             unknown = sorted(set(modules) - short)
             if unknown or not modules:
                 raise MtaError(f"stack target modules {unknown or '(none)'} are not among the injected layers "
-                               f"{sorted(short)}")
+                               f"{sorted(short)}", ("AdaptConfig.stack_targets",))
         blocks = sorted({b for b in map(block_index, self.layers) if b is not None})
         if last_layers is not None and last_layers < 0:
-            raise MtaError(f"stack layers must be >= 0 (0 = all blocks), got {last_layers}")
+            raise ValueError(f"last_layers must be >= 0 (0 = all blocks), got {last_layers}")
         keep = set(blocks[-last_layers:]) if last_layers else None
         return [n for n in self.layers
                 if (modules is None or n.rsplit(".", 1)[-1] in modules)
@@ -156,50 +202,87 @@ class AdapterEngine:
     def add_users(self, n_users: int, rank: int, alpha: float, seed: int = 0, b_std: float = 0.0,
                   modules: Sequence[str] | None = None, last_layers: int | None = None) -> None:
         """(Re)allocate the stack table for ``n_users`` users of rank ``rank``, freshly
-        initialised, on the layers of ``stack_selection(modules, last_layers)``."""
+        initialised for training, on the layers of ``stack_selection(modules, last_layers)``."""
         if n_users < 0 or rank < 1 or not alpha > 0:
-            raise MtaError(f"stack needs users >= 0, rank >= 1, alpha > 0; got {n_users}, {rank}, {alpha}")
+            raise ValueError(f"stack needs users >= 0, rank >= 1, alpha > 0; got {n_users}, {rank}, {alpha}")
         chosen = set(self.stack_selection(modules, last_layers))
         gen = torch.Generator().manual_seed(seed)
         for name, layer in self.layers.items():
-            dev, dt = layer.bank_A.device, layer.bank_A.dtype
             n_here = n_users if name in chosen else 0
             a = torch.stack([_kaiming_uniform((rank, layer.in_features), gen) for _ in range(n_here)]) \
                 if n_here else torch.zeros(0, rank, layer.in_features)
             b = torch.randn(n_here, layer.out_features, rank, generator=gen) * b_std
-            layer.stack_A = nn.Parameter(a.to(dev, dt), requires_grad=False)
-            layer.stack_B = nn.Parameter(b.to(dev, dt), requires_grad=False)
-            layer.stack_rank, layer.stack_alpha = rank, float(alpha)
+            layer.set_stack(a, b, torch.full((n_here,), alpha / rank))
+        self.slot_lora = [(rank, float(alpha))] * n_users
 
-    def set_fused(self, tables: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
-        """Install per-user fused factors (e.g. from ``svd`` merges): name -> (A (U,r,in), B (U,out,r))."""
-        if set(tables) != set(self.layers):
-            raise MtaError("fused tables must cover exactly the injected layers")
-        for name, (a, b) in tables.items():
-            layer = self.layers[name]
-            layer.fused_A = a.to(layer.bank_A.device, layer.bank_A.dtype)
-            layer.fused_B = b.to(layer.bank_A.device, layer.bank_A.dtype)
-            layer.fused_scale = float(scale)
-
-    def install_svd(self, mixtures: Sequence[tuple[Sequence[int], Sequence[float]]], rank: int) -> None:
-        """Fused table slot u := the rank-``rank`` SVD truncation of mixture u's exact merge
-        (per layer, alpha/r folded in). Rows then use ``Row(fused=u)``."""
-        from mta.fusion import merge_svd
-
-        tables = {}
+    def alloc_stacks(self, n_slots: int, rank: int, layers: Sequence[str]) -> None:
+        """An all-zero stack table of ``n_slots`` slots of rank ``rank`` on ``layers``, to be
+        filled by ``load_user`` (users of lower rank, or on fewer layers, are zero-padded:
+        zero directions add nothing, so the padding is exact)."""
+        unknown = sorted(set(layers) - set(self.layers))
+        if unknown:
+            raise ValueError(f"stack layers not injected: {unknown[:3]}")
+        chosen = set(layers)
         for name, layer in self.layers.items():
+            n_here = n_slots if name in chosen else 0
+            layer.set_stack(torch.zeros(n_here, rank, layer.in_features),
+                            torch.zeros(n_here, layer.out_features, rank), torch.zeros(n_here))
+        self.slot_lora = [(rank, 0.0)] * n_slots
+
+    # -- fused per-user factors (merges that are not the exact sum) ---------------------------------
+    def install_fused(self, mixtures: Sequence[tuple[Sequence[int], Sequence[float]]], merge: str,
+                      svd_rank: int | None = None) -> None:
+        """Fused-table slot u := mixture u's merged factors, per layer.
+
+        ``factor`` (the reference's merge): ((sum w_i B_i), (sum w_i A_i)) with the bank's
+        alpha/r; ``svd``: the rank-``svd_rank`` truncation of the exact sum, alpha/r folded
+        in. Rows then use ``Row(fused=u)``. (The exact ``delta`` merge needs no table.)
+        """
+        if merge not in ("factor", "svd"):
+            raise ValueError(f"install_fused handles factor and svd merges, got {merge!r}")
+        for anchors, weights in mixtures:
+            self._check_mixture(anchors, weights, merge)
+        for layer in self.layers.values():
             a_s, b_s = [], []
+            if not layer.bank_A.shape[0]:  # a layer without a bank: an empty fused table
+                layer.set_fused(layer.fused_A.new_zeros(len(mixtures), 0, layer.in_features),
+                                layer.fused_B.new_zeros(len(mixtures), layer.out_features, 0),
+                                torch.zeros(len(mixtures)))
+                continue
+            if merge == "factor":
+                k = max(len(m[0]) for m in mixtures)  # shorter mixtures pad with weight-0 slots
+                idx = torch.tensor([list(m[0]) + [0] * (k - len(m[0])) for m in mixtures], dtype=torch.long,
+                                   device=self.device)
+                w = torch.tensor([list(m[1]) + [0.0] * (k - len(m[1])) for m in mixtures],
+                                 dtype=layer.bank_A.dtype, device=self.device)
+                with torch.no_grad():
+                    a = torch.einsum("bk,bkri->bri", w, layer.bank_A[idx])
+                    b = torch.einsum("bk,bkor->bor", w, layer.bank_B[idx])
+                layer.set_fused(a, b, torch.full((len(mixtures),), layer.scale))
+                continue
             for anchors, weights in mixtures:
-                w = torch.tensor(list(weights), dtype=torch.float64)
+                wt = torch.tensor(list(weights), dtype=torch.float64)
                 a, b = merge_svd(layer.bank_A[list(anchors)].detach().double(),
-                                 layer.bank_B[list(anchors)].detach().double(), w, rank)
+                                 layer.bank_B[list(anchors)].detach().double(), wt, svd_rank)
                 a_s.append(a * layer.scale)
                 b_s.append(b)
-            tables[name] = (torch.stack(a_s), torch.stack(b_s))
-        self.set_fused(tables, scale=1.0)
+            layer.set_fused(torch.stack(a_s), torch.stack(b_s), torch.ones(len(mixtures)))
 
+    def clear_fused(self) -> None:
+        for layer in self.layers.values():
+            layer.set_fused(layer.fused_A[:0], layer.fused_B[:0], layer.fused_scale[:0])
+
+    def _check_mixture(self, anchors: Sequence[int], weights: Sequence[float], merge: str) -> None:
+        if len(anchors) != len(weights) or not anchors:
+            raise ValueError(f"a mixture needs as many weights as anchors (at least one); got {len(anchors)} "
+                             f"anchors and {len(weights)} weights")
+        if not all(0 <= a < self.n_anchors for a in anchors):
+            raise ValueError(f"anchor slots {list(anchors)} out of range (bank has {self.n_anchors})")
+        check_weights(torch.tensor(list(weights), dtype=torch.float64), merge)
+
+    # -- trainable parameters ------------------------------------------------------------------------
     def bank_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values() for p in (layer.bank_A, layer.bank_B)]
+        return [p for layer in self.bank_layers.values() for p in (layer.bank_A, layer.bank_B)]
 
     def stack_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.stack_layers.values() for p in (layer.stack_A, layer.stack_B)]
@@ -213,74 +296,89 @@ class AdapterEngine:
             p.requires_grad_(True)
         return params
 
-    # -- per-adapter tensors ------------------------------------------------------------------
-    def anchor_tensors(self, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    # -- per-adapter tensors ------------------------------------------------------------------------
+    def anchor_tensors(self, slot: int) -> Tensors:
         return {n: (ly.bank_A[slot].detach().clone(), ly.bank_B[slot].detach().clone())
-                for n, ly in self.layers.items()}
+                for n, ly in self.bank_layers.items()}
 
-    def load_anchor(self, slot: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self._load(slot, tensors, "bank")
-
-    def user_tensors(self, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: (ly.stack_A[slot].detach().clone(), ly.stack_B[slot].detach().clone())
-                for n, ly in self.stack_layers.items()}
-
-    def load_user(self, slot: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self._load(slot, tensors, "stack")
-
-    def _load(self, slot: int, tensors: dict, kind: str) -> None:
-        expected = self.layers if kind == "bank" else self.stack_layers
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise MtaError(f"adapter modules do not match the engine: missing {missing[:3]}, "
-                           f"unexpected {extra[:3]}")
+    def load_anchor(self, slot: int, tensors: Tensors) -> None:
+        self._check_modules(tensors, self.bank_layers, "the bank")
         with torch.no_grad():
             for name, (a, b) in tensors.items():
-                layer = self.layers[name]
-                ta, tb = (layer.bank_A, layer.bank_B) if kind == "bank" else (layer.stack_A, layer.stack_B)
-                if not 0 <= slot < ta.shape[0]:
-                    raise MtaError(f"{kind} slot {slot} out of range (0..{ta.shape[0] - 1})")
-                if tuple(a.shape) != tuple(ta.shape[1:]) or tuple(b.shape) != tuple(tb.shape[1:]):
-                    raise MtaError(f"{name}: shape mismatch: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                                   f"the engine expects A {tuple(ta.shape[1:])}, B {tuple(tb.shape[1:])}")
-                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                    raise MtaError(f"{name}: adapter weights contain NaN or inf")
-                ta[slot].copy_(a)
-                tb[slot].copy_(b)
+                ly = self.layers[name]
+                _check_shapes(name, a, b, ly.bank_A, ly.bank_B, slot)
+                ly.bank_A[slot].copy_(a)
+                ly.bank_B[slot].copy_(b)
+
+    def user_tensors(self, slot: int) -> Tensors:
+        """The slot's stacked factors at the slot's own rank."""
+        r = self.slot_lora[slot][0]
+        return {n: (ly.stack_A[slot, :r].detach().clone(), ly.stack_B[slot, :, :r].detach().clone())
+                for n, ly in self.stack_layers.items()}
+
+    def load_user(self, slot: int, tensors: Tensors, alpha: float | None = None) -> None:
+        """Write one user's stacked adapter into stack slot ``slot``. Factors of a lower rank
+        than the table are zero-padded; table layers the adapter lacks are zeroed. With
+        ``alpha``, the slot's coefficient becomes alpha / (the adapter's rank)."""
+        table = self.stack_layers
+        rank = next(iter(tensors.values()))[0].shape[0] if tensors else 0
+        scale = None if alpha is None else alpha / rank
+        self._check_modules(tensors, table, "the stack table", subset=True)
+        with torch.no_grad():
+            for name, ly in table.items():
+                if name in tensors:
+                    a, b = tensors[name]
+                    r = a.shape[0]
+                    if r > ly.stack_rank:
+                        raise ValueError(f"{name}: stacked rank {r} exceeds the table's {ly.stack_rank}")
+                    _check_shapes(name, a, b, ly.stack_A[:, :r], ly.stack_B[:, :, :r], slot)
+                    ly.stack_A[slot].zero_()
+                    ly.stack_B[slot].zero_()
+                    ly.stack_A[slot, :r].copy_(a)
+                    ly.stack_B[slot, :, :r].copy_(b)
+                else:
+                    ly.stack_A[slot].zero_()
+                    ly.stack_B[slot].zero_()
+                if scale is not None:
+                    ly.stack_scale[slot] = scale
+        if alpha is not None:
+            self.slot_lora[slot] = (rank, float(alpha))
+
+    @staticmethod
+    def _check_modules(tensors: Tensors, expected: dict, what: str, subset: bool = False) -> None:
+        missing = [] if subset else sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise MtaError(f"adapter modules do not match {what}: missing {missing[:3]}, unexpected {extra[:3]}")
 
     # -- routing ---------------------------------------------------------------------------------
-    def routing(self, rows: Sequence[Row], mode: str = "delta") -> Routing:
+    def routing(self, rows: Sequence[Row]) -> Routing:
         """Turn per-row specs into the padded index/weight tensors the layers gather with."""
-        if mode not in MERGE_MODES:
-            raise MtaError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
         dev = self.device
         k = max((len(r.anchors) for r in rows), default=0)
-        if mode == "svd" and k:
-            raise MtaError("svd merges route through fused tables: call install_svd() and give rows "
-                           "`fused=` slots instead of anchors")
-        out = Routing(mode="factor" if mode == "factor" else "delta")
+        out = Routing()
         if k:
             idx = torch.zeros(len(rows), k, dtype=torch.long)
             w = torch.zeros(len(rows), k, dtype=torch.float32)
             for i, r in enumerate(rows):
-                if len(r.anchors) != len(r.weights):
-                    raise MtaError(f"row {i}: {len(r.anchors)} anchors but {len(r.weights)} weights")
-                for j, (a, wt) in enumerate(zip(r.anchors, r.weights)):
-                    if not 0 <= a < self.n_anchors:
-                        raise MtaError(f"row {i}: anchor {a} out of range (bank has {self.n_anchors})")
-                    idx[i, j], w[i, j] = a, wt
                 if r.anchors:
-                    check_weights(w[i, : len(r.anchors)], mode if mode == "factor" else "delta")
+                    self._check_mixture(r.anchors, r.weights, "delta")
+                elif r.weights:
+                    raise ValueError(f"row {i}: weights without anchors")
+                for j, (a, wt) in enumerate(zip(r.anchors, r.weights)):
+                    idx[i, j], w[i, j] = a, wt
             out.anchor_idx, out.anchor_w = idx.to(dev), w.to(dev)
         if any(r.user is not None for r in rows):
             users = [(-1 if r.user is None else r.user) for r in rows]
-            if max(users) >= self.n_users:
-                raise MtaError(f"user slot {max(users)} out of range (stack table has {self.n_users})")
+            if max(users) >= self.n_users or min(u for u in users if u != -1) < 0:
+                raise ValueError(f"user slots {users} out of range (stack table has {self.n_users})")
             out.stack_idx = torch.tensor(users, dtype=torch.long, device=dev)
         if any(r.fused is not None for r in rows):
-            out.fused_idx = torch.tensor([(-1 if r.fused is None else r.fused) for r in rows],
-                                         dtype=torch.long, device=dev)
+            fused = [(-1 if r.fused is None else r.fused) for r in rows]
+            n_fused = next(iter(self.layers.values())).fused_A.shape[0]
+            if max(fused) >= n_fused:
+                raise ValueError(f"fused slots {fused} out of range (fused table has {n_fused})")
+            out.fused_idx = torch.tensor(fused, dtype=torch.long, device=dev)
         if not all(r.active for r in rows):
             out.active = torch.tensor([r.active for r in rows], dtype=torch.bool, device=dev)
         return out
@@ -289,8 +387,8 @@ class AdapterEngine:
         self._routing[0] = routing
 
     @contextlib.contextmanager
-    def route(self, rows: Sequence[Row] | Routing, mode: str = "delta") -> Iterator[Routing]:
-        rt = rows if isinstance(rows, Routing) else self.routing(rows, mode)
+    def route(self, rows: Sequence[Row] | Routing) -> Iterator[Routing]:
+        rt = rows if isinstance(rows, Routing) else self.routing(rows)
         prev = self._routing[0]
         self._routing[0] = rt
         try:
@@ -301,18 +399,25 @@ class AdapterEngine:
                 layer.clear_cache()
 
     @torch.no_grad()
-    def generate(self, rows: Sequence[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 mode: str = "delta", **gen_kwargs) -> torch.Tensor:
-        """``model.generate`` with every row routed through its own adapters (KV cache on)."""
-        if len(rows) != input_ids.shape[0]:
-            raise MtaError(f"{len(rows)} routing rows for a batch of {input_ids.shape[0]}")
+    def generate(self, rows: Sequence[Row] | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 **gen_kwargs) -> torch.Tensor:
+        """``model.generate`` with every row routed through its own adapters (KV cache on);
+        ``rows=None``: the base model alone."""
+        if rows is not None and len(rows) != input_ids.shape[0]:
+            raise ValueError(f"{len(rows)} routing rows for a batch of {input_ids.shape[0]}")
         if gen_kwargs.get("num_beams", 1) != 1 or gen_kwargs.get("num_return_sequences", 1) != 1:
-            raise MtaError("beam search and several sequences per row would reorder rows; not supported")
-        with self.route(rows, mode):
+            raise ValueError("beam search and several sequences per row would reorder rows; not supported")
+        if rows is None:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+        with self.route(rows):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
 
 
-def _kaiming_uniform(shape, gen: torch.Generator) -> torch.Tensor:
-    # nn.init.kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix: bound = 1/sqrt(in).
-    bound = 1.0 / math.sqrt(shape[-1])
-    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+def _check_shapes(name, a, b, ta, tb, slot) -> None:
+    if not 0 <= slot < ta.shape[0]:
+        raise ValueError(f"slot {slot} out of range (0..{ta.shape[0] - 1})")
+    if tuple(a.shape) != tuple(ta.shape[1:]) or tuple(b.shape) != tuple(tb.shape[1:]):
+        raise MtaError(f"{name}: shape mismatch: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                       f"the engine expects A {tuple(ta.shape[1:])}, B {tuple(tb.shape[1:])}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise MtaError(f"{name}: adapter weights contain NaN or inf")

@@ -28,10 +28,17 @@ def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def _bytes(t: torch.Tensor) -> bytes:
+    # rounded to bf16 first: the same checkpoint loaded in fp32 (CPU) or bf16 (CUDA) is the
+    # same base model; the real models here are bf16 checkpoints, so this loses nothing
+    return t.detach().to(torch.bfloat16).float().cpu().numpy().tobytes()
+
+
 def model_fingerprint(model: nn.Module) -> dict[str, str | int]:
     """Architecture and sizes from the config, plus a sha256 over a few weight slices
     (the first rows of the input embedding, the first and last linear layer, the final
-    norm). Bank layers are seen through to their frozen base weights."""
+    norm), independent of the dtype the model was loaded in. Bank layers are seen
+    through to their frozen base weights."""
     cfg = model.config
     fp: dict[str, str | int] = {
         "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
@@ -42,13 +49,13 @@ def model_fingerprint(model: nn.Module) -> dict[str, str | int]:
             fp[f] = int(v)
     h = hashlib.sha256()
     emb = model.get_input_embeddings().weight
-    h.update(emb[:8].detach().float().cpu().numpy().tobytes())
+    h.update(_bytes(emb[:8]))
     weights = _linear_weights(model)
     for w in (weights[0], weights[-1]):
-        h.update(w[:4].detach().float().cpu().numpy().tobytes())
+        h.update(_bytes(w[:4]))
     norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
     if norms:
-        h.update(norms[-1].detach().float().cpu().numpy().tobytes())
+        h.update(_bytes(norms[-1]))
     fp["weights_sha256"] = h.hexdigest()[:32]
     return fp
 

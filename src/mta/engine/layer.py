@@ -1,17 +1,21 @@
 """The injected linear layer: one frozen base weight, a bank of anchor LoRAs mixed per
-row, optional per-user fused factors and per-user stacked adapters.
+row, per-user fused factors and per-user stacked adapters.
 
 For row b of a batch::
 
-    y_b = W x_b + sum_{i in top-k(b)} w[b,i] (alpha/r) B_i A_i x_b      (bank, mode "delta")
-                + (alpha_f/r_f) F^B_{f(b)} F^A_{f(b)} x_b                (fused table, e.g. "svd")
-                + (alpha_s/r_s) B_{u(b)} A_{u(b)} x_b                    (stacked adapter)
+    y_b = W x_b + sum_{i in top-k(b)} w[b,i] (alpha/r) B_i A_i x_b      (bank: the exact merge)
+                + c_f(b) F^B_{f(b)} F^A_{f(b)} x_b                       (fused table: factor or svd merges)
+                + c_s(b) B_{u(b)} A_{u(b)} x_b                           (stack table)
 
-In mode "factor" the bank term is (alpha/r)(sum_i w[b,i] B_i)(sum_i w[b,i] A_i) x_b.
-Every term is gathered per row from contiguous stacked tensors and folded into ONE pair
-of batched matmuls: A_row = [A parts] (R x in), B_row = [B parts] (out x R), with a
-per-row coefficient for each of the R rank directions. A row with every coefficient 0
-(switched off) gets exactly the base output.
+with per-slot coefficients c_f, c_s (a stacked user's alpha_s/r_s; 1 for fused factors,
+whose scale is folded in). Every term is gathered per row from contiguous stacked
+tensors and folded into ONE pair of batched matmuls: A_row = [A parts] (R x in),
+B_row = [B parts] (out x R), with a per-row coefficient for each of the R rank
+directions. A row with every coefficient 0 (switched off) gets exactly the base output.
+
+The tables hold fp32 master weights (``dtype``); the two matmuls run in
+``compute_dtype`` (bf16 on a bf16 base by default: the cast is differentiable, so the
+gradients still land in the fp32 masters).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ class Routing:
     active: (B,) False switches the row to the base model alone.
     """
 
-    mode: str = "delta"
     anchor_idx: torch.Tensor | None = None
     anchor_w: torch.Tensor | None = None
     fused_idx: torch.Tensor | None = None
@@ -39,40 +42,64 @@ class Routing:
     active: torch.Tensor | None = None
 
 
+def _empty(n: int, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(n, a, b, device=like.device, dtype=like.dtype)
+
+
 class BankLoRALinear(nn.Module):
     """Wraps an ``nn.Linear``; the wrapped module is kept untouched for removal."""
 
-    def __init__(self, base: nn.Linear, n_anchors: int, rank: int, alpha: float,
-                 routing_ref: list[Routing | None], dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Linear, routing_ref: list[Routing | None], dtype: torch.dtype = torch.float32,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha = rank, alpha
+        self.compute_dtype = compute_dtype or dtype
         dev = base.weight.device
-        self.bank_A = nn.Parameter(torch.zeros(n_anchors, rank, self.in_features, device=dev, dtype=dtype))
-        self.bank_B = nn.Parameter(torch.zeros(n_anchors, self.out_features, rank, device=dev, dtype=dtype))
-        self.stack_rank, self.stack_alpha = 0, 0.0
-        self.stack_A = nn.Parameter(torch.zeros(0, 0, self.in_features, device=dev, dtype=dtype))
-        self.stack_B = nn.Parameter(torch.zeros(0, self.out_features, 0, device=dev, dtype=dtype))
-        self.fused_scale = 1.0
-        self.register_buffer("fused_A", torch.zeros(0, 0, self.in_features, device=dev, dtype=dtype),
-                             persistent=False)
-        self.register_buffer("fused_B", torch.zeros(0, self.out_features, 0, device=dev, dtype=dtype),
-                             persistent=False)
+        proto = torch.zeros(0, device=dev, dtype=dtype)
+        self.rank, self.alpha = 0, 0.0
+        self.bank_A = nn.Parameter(_empty(0, 0, self.in_features, proto), requires_grad=False)
+        self.bank_B = nn.Parameter(_empty(0, self.out_features, 0, proto), requires_grad=False)
+        self.stack_rank = 0
+        self.stack_A = nn.Parameter(_empty(0, 0, self.in_features, proto), requires_grad=False)
+        self.stack_B = nn.Parameter(_empty(0, self.out_features, 0, proto), requires_grad=False)
+        self.register_buffer("stack_scale", torch.zeros(0, device=dev, dtype=dtype), persistent=False)
+        self.register_buffer("fused_A", _empty(0, 0, self.in_features, proto), persistent=False)
+        self.register_buffer("fused_B", _empty(0, self.out_features, 0, proto), persistent=False)
+        self.register_buffer("fused_scale", torch.zeros(0, device=dev, dtype=dtype), persistent=False)
         self._routing_ref = routing_ref  # a one-element list owned by the engine
         self._cache = None
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.rank if self.rank else 0.0
 
+    @property
+    def master_dtype(self) -> torch.dtype:
+        return self.bank_A.dtype
+
+    # -- tables ---------------------------------------------------------------------------------
+    def set_bank(self, n: int, rank: int, alpha: float) -> None:
+        proto = self.bank_A
+        self.rank, self.alpha = rank, float(alpha)
+        self.bank_A = nn.Parameter(_empty(n, rank, self.in_features, proto), requires_grad=False)
+        self.bank_B = nn.Parameter(_empty(n, self.out_features, rank, proto), requires_grad=False)
+
+    def set_stack(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+        """Stack table: A (U, r, in), B (U, out, r), per-slot coefficient (U,)."""
+        dev, dt = self.bank_A.device, self.bank_A.dtype
+        self.stack_rank = a.shape[1]
+        self.stack_A = nn.Parameter(a.to(dev, dt), requires_grad=False)
+        self.stack_B = nn.Parameter(b.to(dev, dt), requires_grad=False)
+        self.stack_scale = scale.to(dev, dt)
+
+    def set_fused(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+        dev, dt = self.bank_A.device, self.bank_A.dtype
+        self.fused_A, self.fused_B, self.fused_scale = a.to(dev, dt), b.to(dev, dt), scale.to(dev, dt)
+
+    # -- forward --------------------------------------------------------------------------------
     def _bank_parts(self, rt: Routing):
         idx, w = rt.anchor_idx, rt.anchor_w.to(self.bank_A.dtype)
-        if rt.mode == "factor":
-            a = torch.einsum("bk,bkri->bri", w, self.bank_A[idx])
-            b = torch.einsum("bk,bkor->bor", w, self.bank_B[idx])
-            coef = torch.full((a.shape[0], self.rank), self.scale, dtype=a.dtype, device=a.device)
-            return a, b, coef
         bsz, k = idx.shape
         a = self.bank_A[idx].reshape(bsz, k * self.rank, self.in_features)
         b = self.bank_B[idx].permute(0, 2, 1, 3).reshape(bsz, self.out_features, k * self.rank)
@@ -80,22 +107,22 @@ class BankLoRALinear(nn.Module):
         return a, b, coef
 
     @staticmethod
-    def _table_parts(ta: torch.Tensor, tb: torch.Tensor, idx: torch.Tensor, scale: float):
+    def _table_parts(ta: torch.Tensor, tb: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor):
         safe = idx.clamp(min=0)
-        coef = (idx >= 0).to(ta.dtype)[:, None] * scale
-        return ta[safe], tb[safe], coef.expand(-1, ta.shape[1])
+        coef = (idx >= 0).to(ta.dtype) * scale[safe]
+        return ta[safe], tb[safe], coef[:, None].expand(-1, ta.shape[1])
 
     def _gathered(self, rt: Routing):
         """(A_row * coef (B, R, in), B_row (B, out, R)) for the rows of ``rt``, or None.
 
         Without autograd (generation) the result is cached for as long as the routing and
         the adapter tensors are unchanged: a decode step then costs two batched matmuls
-        per layer instead of re-gathering every step. The key holds the tensors' version
-        counters, so an in-place update (load_user) invalidates it.
+        per layer instead of re-gathering every step. The key holds the tensors'
+        identities and version counters, so an in-place update (load_user) invalidates it.
         """
         cacheable = not torch.is_grad_enabled()
-        key = (id(rt), self.bank_A._version, self.bank_B._version, id(self.stack_A), self.stack_A._version,
-               self.stack_B._version, id(self.fused_A))
+        key = (id(rt), id(self.bank_A), self.bank_A._version, self.bank_B._version, id(self.stack_A),
+               self.stack_A._version, self.stack_B._version, self.stack_scale._version, id(self.fused_A))
         if cacheable and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         parts = []
@@ -104,8 +131,7 @@ class BankLoRALinear(nn.Module):
         if rt.fused_idx is not None and self.fused_A.shape[0]:
             parts.append(self._table_parts(self.fused_A, self.fused_B, rt.fused_idx, self.fused_scale))
         if rt.stack_idx is not None and self.stack_A.shape[0]:
-            parts.append(self._table_parts(self.stack_A, self.stack_B, rt.stack_idx,
-                                           self.stack_alpha / self.stack_rank))
+            parts.append(self._table_parts(self.stack_A, self.stack_B, rt.stack_idx, self.stack_scale))
         if not parts:
             out = None
         else:
@@ -114,7 +140,8 @@ class BankLoRALinear(nn.Module):
             coef = torch.cat([p[2] for p in parts], dim=1)       # (B, R)
             if rt.active is not None:
                 coef = coef * rt.active.to(coef.dtype)[:, None]
-            out = (a * coef[:, :, None], b)
+            cd = self.compute_dtype
+            out = ((a * coef[:, :, None]).to(cd), b.to(cd))
         if cacheable:
             self._cache = (key, out)
         return out
@@ -145,4 +172,4 @@ class BankLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, anchors={self.bank_A.shape[0]}, "
                 f"rank={self.rank}, alpha={self.alpha}, users={self.stack_A.shape[0]}, "
-                f"stack_rank={self.stack_rank}")
+                f"stack_rank={self.stack_rank}, compute={self.compute_dtype}")

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mta.engine.engine import AdapterEngine, block_index
-from mta.engine.fingerprint import check_fingerprint, model_fingerprint
+from mta.engine.fingerprint import check_fingerprint
 from mta.errors import MtaError
 from mta.fusion import concat_delta, merge_factor, merge_svd
 from mta.paths import atomic_path
@@ -118,11 +118,11 @@ def load_adapter(path: Path, fingerprint: dict | None = None) -> tuple[Tensors, 
 def save_anchor(engine: AdapterEngine, slot: int, out: Path, base_model: str | None = None,
                 extra: dict | None = None) -> Path:
     return save_adapter(out, engine.anchor_tensors(slot), engine.spec.rank, engine.spec.alpha,
-                        model_fingerprint(engine.model), "anchor", base_model, extra)
+                        engine.fingerprint, "anchor", base_model, extra)
 
 
 def load_anchor(engine: AdapterEngine, slot: int, path: Path) -> dict:
-    tensors, config, ours = load_adapter(path, model_fingerprint(engine.model))
+    tensors, config, ours = load_adapter(path, engine.fingerprint)
     if int(config["r"]) != engine.spec.rank or float(config["lora_alpha"]) != float(engine.spec.alpha):
         raise MtaError(f"{path}: rank/alpha {config['r']}/{config['lora_alpha']} do not match the bank's "
                        f"{engine.spec.rank}/{engine.spec.alpha}")
@@ -132,20 +132,18 @@ def load_anchor(engine: AdapterEngine, slot: int, path: Path) -> dict:
 
 def save_user(engine: AdapterEngine, slot: int, out: Path, base_model: str | None = None,
               extra: dict | None = None) -> Path:
-    layer = next(iter(engine.stack_layers.values()))
+    """A stack slot as a PEFT LoRA of the slot's own rank and alpha."""
     blocks = {block_index(n) for n in engine.stack_layers}
     subset = sorted(blocks) if None not in blocks and blocks != {block_index(n) for n in engine.layers} else None
-    return save_adapter(out, engine.user_tensors(slot), layer.stack_rank, layer.stack_alpha,
-                        model_fingerprint(engine.model), "stack", base_model, extra, layers=subset)
+    rank, alpha = engine.slot_lora[slot]
+    return save_adapter(out, engine.user_tensors(slot), rank, alpha,
+                        engine.fingerprint, "stack", base_model, extra, layers=subset)
 
 
 def load_user(engine: AdapterEngine, slot: int, path: Path) -> dict:
-    tensors, config, ours = load_adapter(path, model_fingerprint(engine.model))
-    layer = next(iter(engine.stack_layers.values()))
-    if int(config["r"]) != layer.stack_rank:
-        raise MtaError(f"{path}: stacked rank {config['r']} but the engine's stack table has rank "
-                       f"{layer.stack_rank}")
-    engine.load_user(slot, tensors)
+    """Load a stacked adapter file into stack slot ``slot`` (zero-padded to the table's rank)."""
+    tensors, config, ours = load_adapter(path, engine.fingerprint)
+    engine.load_user(slot, tensors, alpha=float(config["lora_alpha"]))
     return ours
 
 
@@ -159,23 +157,33 @@ def user_factors(engine: AdapterEngine, anchors: list[int], weights: list[float]
     w = torch.tensor(weights, dtype=torch.float64)
     out: Tensors = {}
     for name, layer in engine.layers.items():
-        a_bank = layer.bank_A[anchors].detach().double()
-        b_bank = layer.bank_B[anchors].detach().double()
-        if mode == "delta":
-            a, b = concat_delta(a_bank, b_bank, w)
+        if not layer.bank_A.shape[0] and not (user is not None and layer.stack_A.shape[0]):
+            continue  # neither a bank nor a stack here: nothing to export
+        if not layer.bank_A.shape[0]:
+            anchors_here: list[int] = []
+        else:
+            anchors_here = anchors
+        a_bank = layer.bank_A[anchors_here].detach().double()
+        b_bank = layer.bank_B[anchors_here].detach().double()
+        w_here = w if anchors_here else w[:0]
+        if not anchors_here:
+            a, b = a_bank.new_zeros(0, layer.in_features), b_bank.new_zeros(layer.out_features, 0)
+        elif mode == "delta":
+            a, b = concat_delta(a_bank, b_bank, w_here)
         elif mode == "factor":
-            a, b = merge_factor(a_bank, b_bank, w)
+            a, b = merge_factor(a_bank, b_bank, w_here)
         elif mode == "svd":
             if not svd_rank:
-                raise MtaError("svd export needs svd_rank")
-            a, b = merge_svd(a_bank, b_bank, w, svd_rank)
+                raise ValueError("svd export needs svd_rank")
+            a, b = merge_svd(a_bank, b_bank, w_here, svd_rank)
         else:
-            raise MtaError(f"unknown merge mode {mode!r}")
+            raise ValueError(f"unknown merge mode {mode!r}")
         a = a * layer.scale
         if user is not None and layer.stack_A.shape[0]:
-            a_s = layer.stack_A[user].detach().double() * (layer.stack_alpha / layer.stack_rank)
+            r_u, alpha_u = engine.slot_lora[user]
+            a_s = layer.stack_A[user, :r_u].detach().double() * (alpha_u / r_u)
             a = torch.cat([a, a_s])
-            b = torch.cat([b, layer.stack_B[user].detach().double()], dim=1)
+            b = torch.cat([b, layer.stack_B[user, :, :r_u].detach().double()], dim=1)
         out[name] = (a.to(layer.bank_A.dtype), b.to(layer.bank_A.dtype))
     # layers without a stacked adapter get zero directions so that one rank fits all
     rank = max(a.shape[0] for a, _ in out.values())
@@ -198,12 +206,12 @@ def export_user(engine: AdapterEngine, anchors: list[int], weights: list[float],
     elif pad_to is not None:
         target = int(pad_to)
         if target < rank:
-            raise MtaError(f"--pad-to {target} is below the exported rank {rank}")
+            raise MtaError(f"cannot pad to rank {target}: the exported rank is already {rank}")
     if target > rank:
         tensors = {n: (torch.cat([a, a.new_zeros(target - rank, a.shape[1])]),
                        torch.cat([b, b.new_zeros(b.shape[0], target - rank)], dim=1))
                    for n, (a, b) in tensors.items()}
     # lora_alpha = r makes PEFT's scaling alpha/r exactly 1: the coefficients live in A.
-    return save_adapter(out, tensors, target, float(target), model_fingerprint(engine.model), "export",
+    return save_adapter(out, tensors, target, float(target), engine.fingerprint, "export",
                         base_model, {"anchors": anchors, "weights": weights, "mode": mode,
                                      "rank_used": rank})

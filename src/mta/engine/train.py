@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from mta.engine.engine import AdapterEngine, Row
 from mta.engine.optim import SlotAdamW, lr_multiplier
-from mta.errors import MtaError
+from mta.errors import MtaError, ResourceError
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -37,6 +37,15 @@ class Example:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training recipe plus the resources it may use.
+
+    ``max_rows`` / ``token_budget`` bound one micro-batch (rows, padded tokens); None is
+    no bound, except ``token_budget`` on CUDA, where None means "measure": the first
+    micro-batch's peak memory per token sizes the rest to the free memory, and an
+    out-of-memory step is retried with half the budget. They change nothing but float
+    rounding. ``lr_field`` names the config field behind ``lr`` in error messages.
+    """
+
     lr: float = 1e-4
     epochs: int = 1
     batch_size: int = 8
@@ -45,9 +54,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     seed: int = 0
-    max_rows: int = 16
+    max_rows: int | None = 16
+    token_budget: int | None = None
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "bf16"] = "no"
+    lr_field: str = "lr"
 
     def __post_init__(self) -> None:
         problems = []
@@ -61,14 +71,14 @@ class TrainConfig:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.schedule not in ("cosine", "linear", "constant"):
             problems.append(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.max_rows < 1:
+        if self.max_rows is not None and self.max_rows < 1:
             problems.append(f"max_rows must be >= 1, got {self.max_rows}")
-        if self.mixed_precision not in ("no", "bf16"):
-            problems.append(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.token_budget is not None and self.token_budget < 1:
+            problems.append(f"token_budget must be >= 1, got {self.token_budget}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             problems.append(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if problems:
-            raise MtaError("; ".join(problems))
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -146,16 +156,85 @@ def target_token_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torc
     return torch.zeros(ids.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
 
 
+def micro_batches(lengths: Sequence[int], max_rows: int | None, token_budget: int | None) -> list[list[int]]:
+    """Split row indices (already sorted longest first) into micro-batches of at most
+    ``max_rows`` rows and ``token_budget`` padded tokens (rows x the first, longest
+    row). A row longer than the budget goes alone."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i, n in enumerate(lengths):
+        width = lengths[cur[0]] if cur else n
+        if cur and ((max_rows and len(cur) >= max_rows) or (token_budget and (len(cur) + 1) * width > token_budget)):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+class _Budget:
+    """The micro-batch token budget, measured on CUDA when not given (see TrainConfig)."""
+
+    PROBE_ROWS = 4
+    HEADROOM = 0.8
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.value = cfg.token_budget
+        self.auto = cfg.token_budget is None and device.type == "cuda"
+        self.device = device
+        self.measured = not self.auto
+
+    def next_size(self, lengths: list[int], max_rows: int | None) -> int:
+        """How many of ``lengths`` (longest first) the next micro-batch takes."""
+        if not self.measured:  # the probe: a few of the longest rows
+            return min(self.PROBE_ROWS, max_rows or self.PROBE_ROWS, len(lengths))
+        return len(micro_batches(lengths, max_rows, self.value)[0])
+
+    def start_probe(self) -> int:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def end_probe(self, before: int, tokens: int) -> None:
+        per_token = max(1, (torch.cuda.max_memory_allocated(self.device) - before) // max(1, tokens))
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        self.value = max(tokens, int(self.HEADROOM * (free + cached) / per_token))
+        self.measured = True
+        log.info("training micro-batch budget: %d padded tokens (%.0f KiB per token measured)", self.value,
+                 per_token / 1024)
+
+    def halve(self, longest: int) -> bool:
+        """After an out-of-memory step: halve the budget; False when it cannot go lower."""
+        if not self.auto or self.value is None or self.value // 2 < longest:
+            return False
+        self.value //= 2
+        log.warning("out of memory: retrying the step with micro-batches of %d padded tokens", self.value)
+        return True
+
+
+def _oom_error(device: torch.device, tokens: int, rows: int) -> ResourceError:
+    peak = total = 0.0
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return ResourceError(
+        f"out of {device.type} memory training a micro-batch of {rows} rows and {tokens} padded tokens "
+        f"(peak {peak:.1f} GiB of {total:.1f} GiB): lower the token budget or the example length, or turn on "
+        "gradient checkpointing",
+        ("BackboneConfig.token_budget", "BankConfig.max_length", "BackboneConfig.gradient_checkpointing"))
+
+
 def train_jobs(
     engine: AdapterEngine, target: Literal["bank", "stack"], jobs: Sequence[Job], cfg: TrainConfig,
-    pad_id: int, mode: str = "delta", on_step: Callable[[int, int], None] | None = None,
+    pad_id: int, on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train every job's adapter in one pass. Returns per-job losses and totals."""
     if not jobs:
-        raise MtaError("nothing to train: no jobs")
+        raise ValueError("nothing to train: no jobs")
     slots = [j.slot for j in jobs]
     if len(set(slots)) != len(slots):
-        raise MtaError("two jobs train the same slot")
+        raise ValueError("two jobs train the same slot")
     for j in jobs:
         if not j.examples:
             raise MtaError(f"job '{j.key}' has no training examples")
@@ -170,9 +249,9 @@ def train_jobs(
     if cfg.gradient_checkpointing:
         _checkpointing(model, True)
     device = engine.device
+    budget = _Budget(cfg, device)
     plans = [job_batches(j, cfg) for j in jobs]
     total_steps = max(len(p) for p in plans)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     tokens = 0
     try:
         for step in range(total_steps):
@@ -182,21 +261,19 @@ def train_jobs(
             # sums over rows: the order changes nothing but float rounding.
             rows.sort(key=lambda r: -len(r[1].input_ids))
             counts = {i: sum(sum(x != IGNORE for x in e.labels[1:]) for e in plans[i][step]) for i in active}
-            job_loss = {i: 0.0 for i in active}
-            for s in range(0, len(rows), cfg.max_rows):
-                chunk = rows[s:s + cfg.max_rows]
-                ids, mask, labels = pad_batch([e for _, e in chunk], pad_id, device)
-                # backward stays inside the routing: checkpointed layers recompute with it
-                with engine.route([jobs[i].row for i, _ in chunk], mode):
-                    with autocast:
-                        sums = target_token_loss(model, ids, mask, labels)
-                    denom = torch.tensor([max(1, counts[i]) for i, _ in chunk], dtype=sums.dtype,
-                                         device=sums.device)
-                    per_row = sums / denom
-                    per_row.sum().backward()
-                for (i, _), v in zip(chunk, per_row.detach().tolist()):
-                    job_loss[i] += v
-                tokens += int(mask.sum())
+            while True:
+                try:
+                    job_loss, step_tokens = _step(engine, jobs, rows, counts, budget, cfg, pad_id, step)
+                    break
+                except torch.OutOfMemoryError:
+                    for p in params:
+                        p.grad = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    longest = len(rows[0][1].input_ids)
+                    if not budget.halve(longest):
+                        raise _oom_error(device, budget.value or 0, len(rows)) from None
+            tokens += step_tokens
             if cfg.max_grad_norm is not None:
                 _clip_per_slot(params, [jobs[i].slot for i in active], cfg.max_grad_norm)
             lrs = [cfg.lr * lr_multiplier(step, len(plans[i]), cfg.warmup_ratio, cfg.schedule)
@@ -215,9 +292,42 @@ def train_jobs(
         model.train(was_training)
     for p in params:
         if not torch.isfinite(p).all():
-            raise MtaError("training diverged: adapter weights are NaN or inf; lower the learning rate")
+            raise MtaError(f"training diverged: adapter weights are NaN or inf; lower the learning rate "
+                           f"(`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
     return {"steps": total_steps, "tokens": tokens, "optimizer_state_bytes": opt.state_bytes(),
-            "losses": {j.key: j.losses for j in jobs}}
+            "losses": {j.key: j.losses for j in jobs}, "token_budget": budget.value}
+
+
+def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id: int, step: int):
+    """Forward and backward of one optimiser step's rows, micro-batch by micro-batch;
+    gradients accumulate in the parameters. Returns (per-job loss, tokens)."""
+    job_loss = dict.fromkeys(counts, 0.0)
+    tokens = 0
+    lengths = [len(e.input_ids) for _, e in rows]
+    pos = 0
+    while pos < len(rows):
+        n = budget.next_size(lengths[pos:], cfg.max_rows)
+        chunk = rows[pos:pos + n]
+        pos += n
+        ids, mask, labels = pad_batch([e for _, e in chunk], pad_id, engine.device)
+        probing = not budget.measured
+        before = budget.start_probe() if probing else 0
+        # backward stays inside the routing: checkpointed layers recompute with it
+        with engine.route([jobs[i].row for i, _ in chunk]):
+            sums = target_token_loss(engine.model, ids, mask, labels)
+            denom = torch.tensor([max(1, counts[i]) for i, _ in chunk], dtype=sums.dtype, device=sums.device)
+            per_row = sums / denom
+            per_row.sum().backward()
+        if probing:
+            budget.end_probe(before, ids.numel())
+        values = per_row.detach().tolist()
+        for (i, _), v in zip(chunk, values):
+            if not math.isfinite(v):
+                raise MtaError(f"training diverged at step {step + 1}: the loss of '{jobs[i].key}' is {v}; lower "
+                               f"the learning rate (`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
+            job_loss[i] += v
+        tokens += int(mask.sum())
+    return job_loss, tokens
 
 
 def _checkpointing(model, on: bool) -> None:

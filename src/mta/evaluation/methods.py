@@ -1,13 +1,20 @@
 """The methods `mta eval` compares, each run on one fold's targets.
 
-All share one base model, one prompt format and one protocol (``protocol.py``):
+All share one backbone (base model, embedder), one prompt format and one protocol
+(``protocol.py``). What each method is, exactly:
 
 - ``base``: the instruction alone; ``rag-K``: BM25 top-K history items in the prompt
   (``rag`` = rag-1 and rag-4);
-- ``per-user-lora``: one rank-8 LoRA per user from scratch on their history (the
-  meta-LoRA recipe applied to every user: OPPU-style), RAG-1 prompt;
-- ``mta-fusion``: fused anchors only; ``mta-stack``: a stacked low-rank adapter only
-  (no fusion); ``mta``: both, our defaults; ``mta-reference``: the authors' settings.
+- ``per-user-lora``: one LoRA per user from scratch on their own history, with the
+  meta-LoRA recipe (BankConfig: rank, lr, epochs, examples), RAG-k prompt;
+- ``mta-fusion``: the fold's bank, the user's fused top-k anchors, no stack;
+- ``mta-stack``: a stacked adapter (AdaptConfig's rank, lr, layers) over the bare base
+  model, no anchors;
+- ``mta``: fusion + stack with the AdaptConfig given (our defaults unless changed);
+- ``mta-reference``: the SAME bank (our bank recipe: BankConfig), with the authors'
+  fusion and stacking (the ``reference`` preset: factor merge of the top-2, rank-4 stack
+  on all linear layers of all blocks, lr 5e-5, one epoch) and our corrected weights (the
+  most similar anchor weighs most).
 """
 
 from __future__ import annotations
@@ -19,18 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mta.bank import training_history
-from mta.config import AdaptConfig, BankConfig, adapt_config
+from mta.backbone import Backbone
+from mta.bank import build_private
+from mta.config import AdaptConfig, BankConfig, GenerateConfig
 from mta.data.schema import User
-from mta.engine import AdapterEngine, EngineSpec, Job, Row, TrainConfig, train_jobs
-from mta.engine.peft_io import save_anchor, save_user
 from mta.errors import MtaError
-from mta.examples import loo_examples
-from mta.inference import generate_routed, generate_texts
-from mta.personalize import Personalizer, Request
+from mta.inference import generate
+from mta.loaded_bank import LoadedBank, Request
 from mta.retrieval import retrieve
-from mta.stacking import adapt_users
-from mta.store import UserStore, user_key
+from mta.store import UserStore
 
 log = logging.getLogger(__name__)
 ALL_METHODS = ("base", "rag", "per-user-lora", "mta-fusion", "mta-stack", "mta", "mta-reference")
@@ -38,17 +42,19 @@ BANK_METHODS = {"mta-fusion", "mta", "mta-reference"}
 Progress = Callable[[str, int, int], None] | None
 
 
-def expand_methods(spec: str) -> list[str]:
+def expand_methods(spec) -> list[str]:
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[str] = []
-    for name in (s.strip() for s in spec.split(",") if s.strip()):
+    for name in (s.strip() for s in names if s.strip()):
         if name == "rag":
             out += ["rag-1", "rag-4"]
         elif name == "base" or re.fullmatch(r"rag-[1-9]\d*", name) or name in ALL_METHODS:
             out.append(name)
         else:
-            raise MtaError(f"unknown method {name!r}; choose from: {', '.join(ALL_METHODS)} or rag-K")
+            raise MtaError(f"unknown method {name!r}; choose from: {', '.join(ALL_METHODS)} or rag-K",
+                           ("EvalConfig.methods",))
     if not out:
-        raise MtaError("--methods is empty")
+        raise MtaError("no method to evaluate", ("EvalConfig.methods",))
     return list(dict.fromkeys(out))
 
 
@@ -66,17 +72,16 @@ class FoldResult:
 
 @dataclass
 class EvalSetup:
-    model: object
-    tokenizer: object
-    embedder: object
-    embedder_id: str
+    backbone: Backbone
     task: object
     bank_cfg: BankConfig
     adapt_cfg: AdaptConfig
-    retrieve_k: int = 1
-    max_new_tokens: int = 12
-    batch_size: int = 8
+    gen_cfg: GenerateConfig
     progress: Progress = None
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.gen_cfg.max_new_tokens or self.task.max_new_tokens
 
 
 def _queries(users) -> list[tuple[User, object]]:
@@ -89,10 +94,6 @@ def _collect(res: FoldResult, pairs, texts, task) -> None:
         res.outputs.setdefault(u.user_id, []).append(t)
 
 
-def _prompts(task, pairs, k: int) -> list[str]:
-    return [task.prompt(q.input, retrieve(task, q.input, u.history, k)) for u, q in pairs]
-
-
 def _bar(setup: EvalSetup, name: str, total: int):
     return (lambda n: setup.progress(name, n, total)) if setup.progress else None
 
@@ -101,93 +102,68 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _lora_params(layers: dict, rank: int) -> int:
-    return sum((ly.in_features + ly.out_features) * rank for ly in layers.values())
-
-
 def run_prompt(setup: EvalSetup, name: str, targets) -> FoldResult:
+    """base / rag-K: the base model with 0 or K history items in the prompt."""
     k = 0 if name == "base" else int(name.split("-")[1])
     pairs = _queries(targets)
+    prompts = [setup.task.prompt(q.input, retrieve(setup.task, q.input, u.history, k)) for u, q in pairs]
+    g = setup.gen_cfg
     t0 = time.perf_counter()
-    texts = generate_texts(setup.model, setup.tokenizer, _prompts(setup.task, pairs, k), setup.max_new_tokens,
-                           setup.batch_size, on_batch=_bar(setup, name, len(pairs)))
+    texts = generate(setup.backbone, prompts, None, setup.max_new_tokens, g.batch_size, g.max_prompt_tokens,
+                     on_batch=_bar(setup, name, len(pairs)))
     res = FoldResult(infer_seconds=time.perf_counter() - t0, bytes_per_user={u.user_id: 0 for u in targets})
     _collect(res, pairs, texts, setup.task)
     return res
 
 
-def run_private(setup: EvalSetup, name: str, targets, out: Path) -> FoldResult:
-    """per-user-lora (a rank-8 bank slot per user) or mta-stack (a stack slot per user,
-    no anchors): private adapters trained in one pass, then one mixed-user generation."""
-    task, tok = setup.task, setup.tokenizer
-    private = name == "per-user-lora"
-    bc, ac = setup.bank_cfg, setup.adapt_cfg
-    engine = AdapterEngine(setup.model, EngineSpec(n_anchors=len(targets) if private else 0, rank=bc.rank,
-                                                   alpha=bc.alpha, target_modules=tuple(bc.target_modules)))
-    res = FoldResult()
-    try:
-        if private:
-            engine.init_bank(seed=bc.seed)
-            rows = [Row([j], [1.0]) for j in range(len(targets))]
-            cfg = TrainConfig(lr=bc.lr, epochs=bc.epochs, batch_size=bc.batch_size, warmup_ratio=bc.warmup_ratio,
-                              seed=bc.seed, max_rows=bc.max_rows)
-        else:
-            engine.add_users(len(targets), ac.stack_rank, ac.alpha_s, seed=ac.seed, modules=ac.stack_targets,
-                             last_layers=ac.stack_layers)
-            rows = [Row(user=j) for j in range(len(targets))]
-            cfg = TrainConfig(lr=ac.stack_lr, epochs=max(1, ac.stack_epochs), batch_size=ac.batch_size,
-                              warmup_ratio=ac.warmup_ratio, seed=ac.seed, max_rows=ac.max_rows)
-        t0 = time.perf_counter()
-        jobs = [Job(j, loo_examples(task, training_history(u, bc) if private else u, tok, setup.retrieve_k,
-                                    bc.max_length if private else ac.max_length), rows[j], key=f"user:{u.user_id}")
-                for j, u in enumerate(targets)]
-        train_jobs(engine, "bank" if private else "stack", jobs, cfg, pad_id=tok.pad_token_id,
-                   on_step=(lambda s, t: setup.progress(f"{name} steps", s, t)) if setup.progress else None)
-        res.adapt_seconds = time.perf_counter() - t0
-        res.trainable_params_per_user = (_lora_params(engine.layers, bc.rank) if private
-                                         else _lora_params(engine.stack_layers, ac.stack_rank))
-        for j, u in enumerate(targets):
-            d = out / user_key(u.user_id)
-            (save_anchor if private else save_user)(engine, j, d)
-            res.bytes_per_user[u.user_id] = _dir_bytes(d)
-        pairs = _queries(targets)
-        slot = {u.user_id: j for j, u in enumerate(targets)}
-        t0 = time.perf_counter()
-        texts = generate_routed(engine, tok, _prompts(task, pairs, setup.retrieve_k),
-                                [rows[slot[u.user_id]] for u, _ in pairs], max_new_tokens=setup.max_new_tokens,
-                                batch_size=setup.batch_size, on_batch=_bar(setup, name, len(pairs)))
-        res.infer_seconds = time.perf_counter() - t0
-        _collect(res, pairs, texts, task)
-    finally:
-        engine.remove()
+def _answer(setup: EvalSetup, bank: LoadedBank, name: str, targets, res: FoldResult,
+            store: UserStore | None = None, fusion: AdaptConfig | None = None) -> None:
+    pairs = _queries(targets)
+    t0 = time.perf_counter()
+    answers = bank.answer([Request(u.user_id, q.input, u) for u, q in pairs],
+                          setup.gen_cfg.model_copy(update={"max_new_tokens": setup.max_new_tokens}), store, fusion,
+                          on_batch=_bar(setup, name, len(pairs)))
+    res.infer_seconds = time.perf_counter() - t0
+    _collect(res, pairs, [a.output for a in answers], setup.task)
+
+
+def run_private(setup: EvalSetup, targets, out: Path) -> FoldResult:
+    """per-user-lora: a private bank of the targets (one LoRA each, one pass), each user
+    answered through their own LoRA."""
+    t0 = time.perf_counter()
+    rec = build_private(setup.backbone, list(targets), setup.task, setup.bank_cfg, out,
+                        (lambda s, d, t: setup.progress(f"per-user-lora {s}", d, t)) if setup.progress else None)
+    res = FoldResult(adapt_seconds=time.perf_counter() - t0)
+    bank = LoadedBank(setup.backbone, out, setup.task)
+    res.trainable_params_per_user = sum((ly.in_features + ly.out_features) * rec.config.rank
+                                        for ly in setup.backbone.engine.bank_layers.values())
+    for a in rec.anchors:
+        res.bytes_per_user[a.user_id] = _dir_bytes(out / "anchors" / f"{a.slot:03d}")
+    _answer(setup, bank, "per-user-lora", targets, res)
     return res
 
 
-def mta_config(name: str, base: AdaptConfig) -> AdaptConfig:
+def method_config(name: str, base: AdaptConfig) -> AdaptConfig:
+    """The AdaptConfig each adapter method uses."""
     if name == "mta-reference":
-        return adapt_config("reference", seed=base.seed, max_length=base.max_length, retrieve_k=base.retrieve_k)
+        return AdaptConfig.make(preset="reference", seed=base.seed, max_length=base.max_length,
+                                retrieve_k=base.retrieve_k, batch_size=base.batch_size)
     if name == "mta-fusion":
         return base.model_copy(update={"stack_epochs": 0})
+    if name == "mta-stack":
+        return base.model_copy(update={"top_k": 0})
     return base
 
 
-def run_mta(setup: EvalSetup, name: str, targets, bank: Path, out: Path) -> FoldResult:
-    cfg = mta_config(name, setup.adapt_cfg)
+def run_adapted(setup: EvalSetup, name: str, bank: LoadedBank, targets, out: Path) -> FoldResult:
+    """mta, mta-fusion, mta-reference (on the fold's bank) and mta-stack (on an empty
+    bank): adapt the targets into a store, then answer them in mixed-user batches."""
+    cfg = method_config(name, setup.adapt_cfg)
     store = UserStore(out)
     t0 = time.perf_counter()
-    stats = adapt_users(setup.model, setup.tokenizer, setup.embedder, setup.embedder_id, bank, list(targets),
-                        setup.task, cfg, store,
-                        (lambda s, d, t: setup.progress(f"{name} {s}", d, t)) if setup.progress else None)
+    stats = bank.adapt(list(targets), cfg, store,
+                       (lambda s, d, t: setup.progress(f"{name} {s}", d, t)) if setup.progress else None)
     res = FoldResult(adapt_seconds=time.perf_counter() - t0, bytes_per_user=dict(stats["bytes_per_user"]),
                      trainable_params_per_user=stats["trainable_params_per_user"])
-    pairs = _queries(targets)
-    pz = Personalizer(setup.model, setup.tokenizer, setup.embedder, setup.embedder_id, bank, setup.task, out, cfg)
-    try:
-        t0 = time.perf_counter()
-        answers = pz.answer([Request(u.user_id, q.input, u) for u, q in pairs], cfg.retrieve_k,
-                            setup.max_new_tokens, setup.batch_size, on_batch=_bar(setup, name, len(pairs)))
-        res.infer_seconds = time.perf_counter() - t0
-    finally:
-        pz.close()
-    _collect(res, pairs, [a.output for a in answers], setup.task)
+    _answer(setup, bank, name, targets, res, store, cfg)
     return res

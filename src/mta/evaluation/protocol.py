@@ -21,9 +21,26 @@ class Fold:
     candidates: tuple[User, ...]
 
 
+def holdout(users: list[User], targets_fraction: float, seed: int) -> Fold:
+    """One seeded split (`mta run`): a share of the users are targets, the rest anchor
+    candidates."""
+    if not 0 < targets_fraction < 1:
+        raise MtaError(f"the targets fraction must be in (0, 1), got {targets_fraction}",
+                       ("RunConfig.targets_fraction",))
+    order = list(range(len(users)))
+    random.Random(seed).shuffle(order)
+    n_t = max(1, round(targets_fraction * len(users)))
+    if n_t >= len(users):
+        raise MtaError(f"{len(users)} users cannot be split into anchor candidates and targets")
+    chosen = set(order[:n_t])
+    return Fold(0, tuple(users[i] for i in sorted(chosen)),
+                tuple(users[i] for i in range(len(users)) if i not in chosen))
+
+
 def make_folds(users: list[User], folds: int, seed: int) -> list[Fold]:
     if folds < 2:
-        raise MtaError(f"--folds must be at least 2 (anchors and targets must differ), got {folds}")
+        raise MtaError(f"folds must be at least 2 (anchors and targets must differ), got {folds}",
+                       ("EvalConfig.folds",))
     if len(users) < folds:
         raise MtaError(f"{len(users)} users cannot fill {folds} folds")
     order = list(range(len(users)))

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from mta.anchors import embed_users
-from mta.bank import build_bank, read_index, training_history
+from mta.bank import adapter_dir, build_bank, read_index, training_history
 from mta.data.schema import Dataset, User
 from mta.evaluation import plots
-from mta.evaluation.methods import BANK_METHODS, EvalSetup, FoldResult, run_mta, run_private, run_prompt
-from mta.evaluation.protocol import make_folds
+from mta.evaluation.methods import BANK_METHODS, EvalSetup, FoldResult, run_adapted, run_private, run_prompt
+from mta.evaluation.protocol import Fold
 from mta.evaluation.stats import bootstrap_ci, paired_diff_ci, user_stats
+from mta.loaded_bank import LoadedBank
 from mta.paths import write_json_atomic, write_text_atomic
-from mta.store import UserStore, user_key
+from mta.store import UserStore
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,9 @@ def method_stats(task, users: list[User], preds: dict[str, list]) -> np.ndarray:
                       [[q.gold for q in u.queries if q.gold is not None] for u in su], task.query_stats)
 
 
-def summarise(task, users: list[User], results: dict[str, FoldResult], reference: str | None,
+def summarise(task, users: list[User], results: dict[str, FoldResult], references: list[str],
               n_boot: int, seed: int) -> list[dict]:
-    """Per method: metrics with 95% CIs, paired difference to ``reference``, costs."""
+    """Per method: metrics with 95% CIs, paired differences to each of ``references``, costs."""
     su = scored_users(users)
     n_queries = sum(q.gold is not None for u in su for q in u.queries)
     stats = {name: method_stats(task, users, res.preds) for name, res in results.items()}
@@ -60,10 +62,11 @@ def summarise(task, users: list[User], results: dict[str, FoldResult], reference
 
             v, lo, hi = bootstrap_ci(stats[name], fn, n_boot=n_boot, seed=seed)
             row["metrics"][m] = {"value": v, "ci": [lo, hi]}
-            if reference and reference in results and name != reference:
-                d, dlo, dhi = paired_diff_ci(stats[name], stats[reference], fn, n_boot=n_boot, seed=seed)
-                row["metrics"][m]["diff_vs_" + reference] = {"value": d, "ci": [dlo, dhi],
-                                                             "significant": bool(dlo > 0 or dhi < 0)}
+            for ref in references:
+                if ref in results and name != ref:
+                    d, dlo, dhi = paired_diff_ci(stats[name], stats[ref], fn, n_boot=n_boot, seed=seed)
+                    row["metrics"][m]["diff_vs_" + ref] = {"value": d, "ci": [dlo, dhi],
+                                                           "significant": bool(dlo > 0 or dhi < 0)}
         n = max(1, len(res.preds))
         row["seconds_per_user_adapt"] = res.adapt_seconds / n
         row["seconds_per_user_inference"] = res.infer_seconds / n
@@ -72,6 +75,11 @@ def summarise(task, users: list[User], results: dict[str, FoldResult], reference
         row["trainable_params_per_user"] = res.trainable_params_per_user
         rows.append(row)
     return rows
+
+
+def references(methods: list[str]) -> list[str]:
+    """The methods every other is compared with (paired differences), when evaluated."""
+    return [m for m in ("rag-1",) if m in methods]
 
 
 def merge(into: FoldResult | None, part: FoldResult) -> FoldResult:
@@ -86,81 +94,95 @@ def merge(into: FoldResult | None, part: FoldResult) -> FoldResult:
     return into
 
 
-def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds: int, seed: int,
-             model_id: str, target_history: int | None = None, n_boot: int = 1000) -> dict:
+def eval_layout(out: Path) -> Callable[[int, str], Path]:
+    """`mta eval`: RUN/fold<i>/bank, RUN/fold<i>/<method>."""
+    return lambda fold, name: out / f"fold{fold}" / name
+
+
+def run_layout(out: Path) -> Callable[[int, str], Path]:
+    """`mta run` (one split): RUN/bank and RUN/store (the mta store)."""
+    return lambda fold, name: out / ("bank" if name == "bank" else "store" if name == "mta" else name)
+
+
+def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds: list[Fold], n_boot: int,
+             seed: int, target_history: int | None = None, place: Callable[[int, str], Path] | None = None) -> dict:
+    """Every method on every fold's targets (anchors from the fold's candidates), then
+    intervals over all users. ``place(fold, name)`` is where a fold's bank and each
+    method's adapters go (default: ``eval_layout``)."""
     task = setup.task
+    place = place or eval_layout(out)
     out.mkdir(parents=True, exist_ok=True)
-    fold_list = make_folds(ds.users, folds, seed)
     results: dict[str, FoldResult | None] = {m: None for m in methods}
     split = []
     t_start = time.perf_counter()
     bank_seconds = 0.0
-    targets = {f.index: cut_history(list(f.targets), target_history) for f in fold_list}
+    targets = {f.index: cut_history(list(f.targets), target_history) for f in folds}
     # Per-user LoRAs first: they follow the bank's recipe (rank, lr, epochs, examples), so
     # an anchor's meta-LoRA IS its per-user LoRA when it trains on the same history; the
     # banks below copy those instead of training the same adapter twice.
     own: dict[str, tuple[tuple, Path]] = {}
     if "per-user-lora" in methods:
-        for fold in fold_list:
-            d = out / f"fold{fold.index}" / "per-user-lora"
-            results["per-user-lora"] = merge(results["per-user-lora"],
-                                             run_private(setup, "per-user-lora", targets[fold.index], d))
+        for fold in folds:
+            d = place(fold.index, "per-user-lora")
+            results["per-user-lora"] = merge(results["per-user-lora"], run_private(setup, targets[fold.index], d))
+            slots = {a.user_id: a.slot for a in read_index(d).anchors}
             for u in targets[fold.index]:
-                own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), d / user_key(u.user_id))
+                own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), adapter_dir(d, slots[u.user_id]))
 
     def trained(user: User) -> Path | None:
         hit = own.get(user.user_id)
         return hit[1] if hit and hit[0] == _item_ids(user) else None
 
-    for fold in fold_list:
+    for fold in folds:
         split.append({"fold": fold.index, "targets": [u.user_id for u in targets[fold.index]],
                       "anchor_candidates": [u.user_id for u in fold.candidates]})
-        fdir = out / f"fold{fold.index}"
-        bank = fdir / "bank"
+        bank = None
         if BANK_METHODS & set(methods):
             t0 = time.perf_counter()
-            build_bank(list(fold.candidates), task, setup.model, setup.tokenizer, setup.embedder, setup.embedder_id,
-                       model_id, setup.bank_cfg, bank,
+            build_bank(setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "bank"),
                        (lambda s, d, t, f=fold.index: setup.progress(f"fold {f} bank {s}", d, t))
                        if setup.progress else None, trained=trained)
             bank_seconds += time.perf_counter() - t0
+            bank = LoadedBank(setup.backbone, place(fold.index, "bank"), task)
         for m in methods:
             if m == "per-user-lora":
                 continue
             if m == "base" or m.startswith("rag-"):
                 part = run_prompt(setup, m, targets[fold.index])
             elif m == "mta-stack":
-                part = run_private(setup, m, targets[fold.index], fdir / m)
+                part = run_adapted(setup, m, LoadedBank(setup.backbone, None, task), targets[fold.index],
+                                   place(fold.index, m))
             else:
-                part = run_mta(setup, m, targets[fold.index], bank, fdir / m)
+                part = run_adapted(setup, m, bank, targets[fold.index], place(fold.index, m))
             results[m] = merge(results[m], part)
-    reference = "rag-1" if "rag-1" in methods else None
-    rows = summarise(task, ds.users, results, reference, n_boot, seed)
+    evaluated = {u.user_id for f in folds for u in f.targets}
+    rows = summarise(task, [u for u in ds.users if u.user_id in evaluated], results, references(methods), n_boot,
+                     seed)
     write_json_atomic(out / "split.json", split)
     preds = [{"method": m, "user_id": uid, "outputs": r.outputs[uid], "parsed": r.preds[uid]}
              for m, r in results.items() for uid in r.preds]
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in preds))
     return {"rows": rows, "bank_seconds": bank_seconds, "wall_seconds": time.perf_counter() - t_start,
-            "folds": split}
+            "folds": split, "peak_gpu_memory_bytes": setup.backbone.peak_memory()}
 
 
-def anchor_map_for(ds: Dataset, setup: EvalSetup, out: Path, title: str) -> Path | None:
+def anchor_map_for(ds: Dataset, setup: EvalSetup, place: Callable[[int, str], Path], out: Path,
+                   title: str) -> Path | None:
     """The anchor map of fold 0: all users embedded, fold 0's anchors, a few targets' links."""
-    bank = out / "fold0" / "bank"
+    bank = place(0, "bank")
     if not (bank / "index.json").exists():
         return None
-    idx = read_index(bank)
-    emb = embed_users(ds.users, setup.task, setup.embedder)
+    rec = read_index(bank)
+    emb = embed_users(ds.users, setup.task, setup.backbone.embedder)
     pos = {u.user_id: i for i, u in enumerate(ds.users)}
-    anchors = [pos[a] for a in idx.anchor_ids if a in pos]
+    anchors = [pos[a] for a in rec.anchor_ids if a in pos]
     links = []
     for name in ("mta", "mta-reference", "mta-fusion"):
-        store = UserStore(out / "fold0" / name)
+        store = UserStore(place(0, name))
         ids = store.user_ids()
         if ids:
             for uid in ids[:8]:
-                meta = store.meta(uid)
-                links.append((pos[uid], [pos[a] for a in meta["anchor_users"] if a in pos]))
+                links.append((pos[uid], [pos[a] for a in store.meta(uid).anchor_users if a in pos]))
             break
     path = out / "anchor_map.png"
     plots.anchor_map(emb, [u.user_id for u in ds.users], anchors, links, title, path)

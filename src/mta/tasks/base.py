@@ -91,6 +91,12 @@ class Task:
         return metrics.generation_from_stats(summed)
 
     @property
+    def max_new_tokens(self) -> int:
+        """Answer length when nothing else says: a label or a score is short; free text
+        (a headline, a title) is not."""
+        return {"classification": 12, "rating": 8, "generation": 32}[self.kind]
+
+    @property
     def metric_names(self) -> tuple[str, str]:
         return {
             "classification": ("accuracy", "f1"),

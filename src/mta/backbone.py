@@ -1,0 +1,107 @@
+"""The backbone: the base model, its tokenizer, the embedder, where they run and in which
+dtype, loaded ONCE per process, with the adapter engine injected into the model once.
+
+Every stage (bank building, adaptation, generation, export, evaluation, serving) works
+on a ``Backbone``; banks are opened on it (``mta.loaded_bank.LoadedBank``) and replace
+the engine's tables, never its layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from mta.config import BackboneConfig
+from mta.engine.engine import LLAMA_TARGETS, AdapterEngine, EngineSpec
+from mta.errors import MtaError
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_EMBEDDER = "minilm-l6"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_MAX_ROWS = 16  # the CPU default micro-batch (rows); CUDA sizes micro-batches by memory
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MtaError(f"device {spec!r} asked for, but this torch sees no CUDA device", ("BackboneConfig.device",))
+        index = dev.index or 0
+        if index >= torch.cuda.device_count():
+            raise MtaError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist",
+                           ("BackboneConfig.device",))
+        return torch.device("cuda", index)
+    return dev
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    tokenizer: object
+    embedder: object
+    model_id: str
+    embedder_id: str
+    device: torch.device
+    dtype: torch.dtype
+    config: BackboneConfig
+    engine: AdapterEngine = field(init=False)
+
+    def __post_init__(self) -> None:
+        compute = self.config.adapter_compute
+        compute_dtype = self.dtype if compute == "auto" else DTYPES[compute]
+        # master weights stay fp32 whatever the base dtype; the engine hashes the base
+        # weights once (the fingerprint every adapter is checked against)
+        self.engine = AdapterEngine(self.model, EngineSpec(target_modules=self._linear_targets(),
+                                                           dtype=torch.float32, compute_dtype=compute_dtype))
+
+    def _linear_targets(self) -> tuple[str, ...]:
+        names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        return tuple(t for t in LLAMA_TARGETS if t in names) or LLAMA_TARGETS
+
+    @classmethod
+    def load(cls, cfg: BackboneConfig, default_model: str | None = None,
+             default_embedder: str | None = None) -> Backbone:
+        """Load the model and embedder of ``cfg`` (unset names fall back to the defaults
+        given, e.g. a bank's, then to the registry defaults)."""
+        from mta.models import load_embedder, load_llm
+
+        device = resolve_device(cfg.device)
+        dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda"
+                                                                 else torch.float32)
+        model_id = cfg.model or default_model or DEFAULT_MODEL
+        embedder_id = cfg.embedder or default_embedder or DEFAULT_EMBEDDER
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model, tok = load_llm(model_id, dtype=dtype, device=device)
+        emb = load_embedder(embedder_id, device=str(device))
+        log.info("loaded %s (%s) and %s on %s", model_id, dtype, embedder_id, device)
+        return cls(model, tok, emb, model_id, embedder_id, device, dtype, cfg)
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.engine.fingerprint
+
+    def train_resources(self) -> dict:
+        """The micro-batch bounds and checkpointing that training on this device uses."""
+        cuda = self.device.type == "cuda"
+        return {"max_rows": self.config.max_rows or (None if cuda else CPU_MAX_ROWS),
+                "token_budget": self.config.token_budget,
+                "gradient_checkpointing": self.config.gradient_checkpointing}
+
+    def peak_memory(self) -> int | None:
+        """Peak bytes allocated on the CUDA device since loading (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def describe(self) -> dict:
+        return {"model": self.model_id, "embedder": self.embedder_id, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "adapter_compute": str(self.engine.spec.compute_dtype).replace("torch.", ""),
+                "fingerprint": self.fingerprint}

@@ -1,0 +1,50 @@
+"""The one place that writes an evaluation's results: metrics.json, results.md and the
+plots, for `mta eval` and `mta run` alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mta.evaluation import plots
+from mta.paths import write_json_atomic, write_text_atomic
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def _diff(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    return f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" + (" *" if d["significant"] else "")
+
+
+def markdown(title: str, meta: str, task, rows: list[dict], references: list[str]) -> str:
+    m1, m2 = task.metric_names
+    diffs = "".join(f" Δ{m1} vs {r} [95% CI] |" for r in references)
+    head = (f"| method | {m1} [95% CI] | {m2} [95% CI] |{diffs} s/user adapt | s/user infer | bytes/user | "
+            "trainable params/user |")
+    lines = [f"# {title}", "", meta, "", head, "|" + "---|" * (7 + len(references))]
+    for r in rows:
+        a, b = r["metrics"][m1], r["metrics"][m2]
+        ds = "".join(f" {_diff(a.get('diff_vs_' + ref))} |" for ref in references)
+        lines.append(f"| {r['method']} | {_fmt(a['value'])} [{_fmt(a['ci'][0])}, {_fmt(a['ci'][1])}] | "
+                     f"{_fmt(b['value'])} [{_fmt(b['ci'][0])}, {_fmt(b['ci'][1])}] |{ds} "
+                     f"{r['seconds_per_user_adapt']:.2f} | {r['seconds_per_user_inference']:.2f} | "
+                     f"{r['bytes_per_user']:,.0f} | {r['trainable_params_per_user']:,} |")
+    lines += ["", "`*`: the paired 95% bootstrap interval of the difference excludes 0."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, title: str, meta: str, task, res: dict, config: dict, synthetic: bool,
+                 references: list[str]) -> list[str]:
+    """Write metrics.json, results.md and the metric and cost plots; return the file names."""
+    m1 = task.metric_names[0]
+    write_json_atomic(out / "metrics.json", {
+        "title": title, "synthetic": synthetic, "config": config, "results": res["rows"],
+        "bank_seconds": res["bank_seconds"], "wall_seconds": res["wall_seconds"],
+        "peak_gpu_memory_bytes": res.get("peak_gpu_memory_bytes")})
+    write_text_atomic(out / "results.md", markdown(title, meta, task, res["rows"], references))
+    plots.metric_plot(res["rows"], m1, title, out / f"{m1}_by_method.png")
+    plots.cost_plot(res["rows"], m1, title, out / "quality_vs_bytes.png")
+    return ["metrics.json", "results.md", f"{m1}_by_method.png", "quality_vs_bytes.png", "predictions.jsonl"]

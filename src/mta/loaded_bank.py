@@ -1,0 +1,380 @@
+"""A bank opened on a backbone: the one object through which users are adapted,
+answered and exported.
+
+``LoadedBank`` checks the bank once (schema, completeness, base-model fingerprint,
+embedder, task) and loads its anchors into the backbone's engine. It is the ONLY code
+that turns a user's plan (anchor mixture and merge mode, stacked adapter) into routing
+rows (``_rows``); it trains stacks for many users per pass (``adapt``), keeps users'
+stacks resident on the device with least-recently-used eviction (``ResidentStacks``),
+answers mixed-user batches (``answer``) and exports a user as one PEFT LoRA
+(``export``).
+
+Stages 2 and 3 of the method live here: the mixture of a user is recomputed from their
+history (cosine similarity to the anchors, top-k, weights), and the stack is trained
+over the frozen fused anchors.
+
+A path of None opens an *empty* bank (no anchors): stacks over the bare base model.
+A *private* bank (``bank.build_private``) answers each user through their own anchor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mta.anchors import embed_users
+from mta.backbone import Backbone
+from mta.bank import adapter_dir, read_index
+from mta.config import AdaptConfig, GenerateConfig
+from mta.data.schema import User
+from mta.engine import Job, Row, train_jobs
+from mta.engine.fingerprint import check_fingerprint
+from mta.engine.peft_io import export_user, load_adapter, load_anchor, save_user
+from mta.errors import MtaError
+from mta.examples import loo_examples
+from mta.inference import generate
+from mta.mixing import Mixture, mixtures_for
+from mta.records import BankRecord, StackRecord, UserRecord
+from mta.retrieval import retrieve
+from mta.store import UserStore, history_hash
+from mta.tasks import get_task
+from mta.tasks.base import Task
+
+log = logging.getLogger(__name__)
+USERS_PER_PASS = 64
+Progress = Callable[[str, int, int], None]
+LOADS = {"count": 0}  # times a bank's anchors were read into an engine (tests check one per use)
+
+
+@dataclass(frozen=True)
+class Request:
+    user_id: str
+    input: str
+    user: User | None = None  # history for retrieval and on-the-fly fusion
+
+
+@dataclass(frozen=True)
+class Answer:
+    user_id: str
+    input: str
+    output: str
+    parsed: object
+    route: str  # "mta" (fusion + stack), "stack" (stack only), "fusion", "base", "private" (own LoRA)
+    notice: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one user is served: a mixture and its merge, and/or a stack slot."""
+
+    anchors: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()
+    merge: str = "delta"
+    svd_rank: int | None = None
+    stack: int | None = None
+
+
+def stack_params_per_user(engine, rank: int, modules=None, last_layers: int | None = None) -> int:
+    """Trainable parameters of one user's stack: sum over its layers of (in + out) x rank
+    (computed from the layer shapes, so it is right even when no user was trained)."""
+    return sum((engine.layers[n].in_features + engine.layers[n].out_features) * rank
+               for n in engine.stack_selection(modules, last_layers))
+
+
+class ResidentStacks:
+    """Users' stacked adapters held in the engine's stack table, least recently used
+    first out. The table is sized to ``capacity`` slots (at least the users of one
+    batch), with the largest rank and the union of the layers of the users it holds;
+    lower ranks and missing layers are zero-padded, which is exact."""
+
+    def __init__(self, bank: LoadedBank, capacity: int = 256):
+        self.bank, self.capacity = bank, capacity
+        self.slots: OrderedDict[str, int] = OrderedDict()
+        self.rank, self.layers, self.size = 0, frozenset(), 0
+        self.loads = self.evictions = 0
+
+    def invalidate(self) -> None:
+        """The engine's stack table was reused for something else (training)."""
+        self.slots.clear()
+        self.rank, self.layers, self.size = 0, frozenset(), 0
+
+    def evict(self, user_id: str) -> None:
+        if self.slots.pop(user_id, None) is not None:
+            self.evictions += 1
+
+    def ensure(self, records: dict[str, UserRecord], store: UserStore) -> dict[str, int]:
+        """Make every user of ``records`` (all with a stack) resident; return user -> slot."""
+        engine = self.bank.backbone.engine
+        for uid in records:
+            if uid in self.slots:
+                self.slots.move_to_end(uid)
+        new = [u for u in records if u not in self.slots]
+        if new:
+            rank = max([self.rank] + [records[u].stack.rank for u in new])
+            layers = self.layers.union(*(self._layers_of(records[u]) for u in new))
+            room = max(self.capacity, len(records))
+            if rank > self.rank or layers != self.layers or room > self.size:
+                # a new shape: reallocate; this batch's users load again, the rest on demand
+                engine.alloc_stacks(room, rank, sorted(layers))
+                self.rank, self.layers, self.size = rank, frozenset(layers), room
+                self.slots.clear()
+                new = list(records)
+            for u in new:
+                self._load(u, records[u], store)
+        return {u: self.slots[u] for u in records}
+
+    def _layers_of(self, rec: UserRecord) -> set[str]:
+        engine = self.bank.backbone.engine
+        return set(engine.stack_selection(rec.stack.targets, rec.stack.layers))
+
+    def _load(self, user_id: str, rec: UserRecord, store: UserStore) -> None:
+        used = set(self.slots.values())
+        if len(used) >= self.size:  # the least recently used user leaves
+            _, slot = self.slots.popitem(last=False)
+            self.evictions += 1
+        else:
+            slot = next(s for s in range(self.size) if s not in used)
+        tensors, config, _ = load_adapter(store.user_dir(user_id) / "stack", self.bank.backbone.fingerprint)
+        self.bank.backbone.engine.load_user(slot, tensors, alpha=float(config["lora_alpha"]))
+        self.slots[user_id] = slot
+        self.loads += 1
+
+
+class LoadedBank:
+    """A bank on a backbone: adapt, answer and export users (see the module doc)."""
+
+    def __init__(self, backbone: Backbone, path: Path | None, task: Task | None = None,
+                 resident: int = 256):
+        self.backbone, self.path = backbone, (Path(path) if path is not None else None)
+        if self.path is None:
+            if task is None:
+                raise ValueError("an empty bank needs its task")
+            self.record: BankRecord | None = None
+            self.task, self.bank_id, self.kind = task, "none", "none"
+        else:
+            rec = read_index(self.path)
+            if not rec.complete:
+                raise MtaError(f"bank {self.path} is incomplete; rerun the same bank build to resume it")
+            check_fingerprint(rec.fingerprint, backbone.fingerprint, f"bank {self.path}")
+            if rec.embedder != backbone.embedder_id:
+                raise MtaError(f"bank {self.path} was built with embedder {rec.embedder!r}, not "
+                               f"{backbone.embedder_id!r}", ("BackboneConfig.embedder",))
+            if task is not None and rec.task != task.name:
+                raise MtaError(f"bank {self.path} was built for task {rec.task}, not {task.name}")
+            self.record, self.task, self.bank_id, self.kind = rec, get_task(rec.task), rec.bank_id, rec.kind
+        self.stacks = ResidentStacks(self, resident)
+        self._activate()
+
+    # -- the engine's bank table -----------------------------------------------------------------
+    @property
+    def n_anchors(self) -> int:
+        return len(self.record.anchors) if self.record else 0
+
+    def _activate(self) -> None:
+        """Put this bank's anchors into the engine unless they are there already."""
+        engine = self.backbone.engine
+        if getattr(engine, "owner", None) is self:
+            return
+        cfg = self.record.config if self.record else None
+        if cfg is None:
+            engine.set_bank(0, 1, 1.0)
+        else:
+            engine.set_bank(self.n_anchors, cfg.rank, cfg.alpha, cfg.target_modules)
+            for a in self.record.anchors:
+                load_anchor(engine, a.slot, adapter_dir(self.path, a.slot))
+            LOADS["count"] += 1
+        engine.clear_fused()
+        self.stacks.invalidate()
+        engine.owner = self
+
+    # -- stage 2: mixtures ------------------------------------------------------------------------
+    def mixtures(self, users: Sequence[User], cfg: AdaptConfig) -> list[Mixture]:
+        """Each user's top-k anchors and weights, from their history alone."""
+        if self.kind == "private":
+            slot = {a.user_id: a.slot for a in self.record.anchors}
+            missing = [u.user_id for u in users if u.user_id not in slot]
+            if missing:
+                raise MtaError(f"private bank {self.path} has no adapter for user(s) {missing[:3]}")
+            return [Mixture((slot[u.user_id],), (1.0,), (1.0,)) for u in users]
+        if cfg.top_k == 0 or not self.n_anchors:
+            return [Mixture((), (), ()) for _ in users]
+        emb = embed_users(list(users), self.task, self.backbone.embedder)
+        anchor_emb = np.asarray([a.embedding for a in self.record.anchors], dtype=np.float32)
+        return mixtures_for(emb, anchor_emb, cfg.top_k, cfg.weighting, cfg.temperature)
+
+    # -- the only place plans become routing rows ---------------------------------------------------
+    def _rows(self, plans: Sequence[Plan]) -> list[Row]:
+        """Routing rows for ``plans``: exact merges route through the bank; factor and svd
+        merges through a fused table built here for this batch's mixtures."""
+        engine = self.backbone.engine
+        fused: dict[tuple, int] = {}
+        for p in plans:
+            if p.anchors and p.merge != "delta":
+                fused.setdefault((p.merge, p.svd_rank, p.anchors, p.weights), len(fused))
+        if fused:
+            merges = {k[0] for k in fused}
+            if len(merges) > 1 or len({k[1] for k in fused}) > 1:
+                # one table per call: group the rarely mixed reference merges by kind
+                raise MtaError(f"one batch mixes merges {sorted(merges)} with different fused ranks; answer them "
+                               "in separate calls")
+            merge, svd_rank = next(iter(fused))[:2]
+            engine.install_fused([(k[2], k[3]) for k in fused], merge, svd_rank)
+        rows = []
+        for p in plans:
+            if p.anchors and p.merge != "delta":
+                rows.append(Row(fused=fused[(p.merge, p.svd_rank, p.anchors, p.weights)], user=p.stack))
+            elif p.anchors or p.stack is not None:
+                rows.append(Row(p.anchors, p.weights, user=p.stack))
+            else:
+                rows.append(Row(active=False))
+        return rows
+
+    # -- stage 3: stacks for many users ---------------------------------------------------------------
+    def adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore,
+              progress: Progress | None = None) -> dict:
+        """Fuse and stack ``users`` into ``store``; users unchanged since they were stored
+        are skipped. Returns counts, timings and per-user costs."""
+        for u in users:
+            if not u.history:
+                raise MtaError(f"user '{u.user_id}' has 0 history items; stacking needs at least 1")
+        self._activate()
+        engine, tok = self.backbone.engine, self.backbone.tokenizer
+        t0 = time.perf_counter()
+        mixes = self.mixtures(users, cfg)
+        fuse_s = time.perf_counter() - t0
+        settings = {"bank": self.bank_id, "adapt": cfg.dump()}
+        hashes = [history_hash(u, self.task.name, settings) for u in users]
+        todo = [i for i, u in enumerate(users)
+                if not (store.has(u.user_id) and store.meta(u.user_id).history_hash == hashes[i])]
+        skipped = len(users) - len(todo)
+        if skipped:
+            log.info("%d user(s) unchanged since they were stored; skipping them", skipped)
+        tcfg = cfg.train_config(**self.backbone.train_resources(), lr_field="AdaptConfig.stack_lr")
+        done, train_s = 0, 0.0
+        if progress:
+            progress("users", 0, len(todo))
+        for g in range(0, len(todo), USERS_PER_PASS):
+            group = todo[g:g + USERS_PER_PASS]
+            stats = None
+            t1 = time.perf_counter()
+            if cfg.stack_epochs > 0:
+                engine.add_users(len(group), cfg.stack_rank, cfg.alpha_s, seed=cfg.seed + g,
+                                 modules=cfg.stack_targets, last_layers=cfg.stack_layers)
+                self.stacks.invalidate()
+                rows = self._rows([Plan(mixes[i].anchors, mixes[i].weights, cfg.merge, cfg.svd_rank, stack=j)
+                                   for j, i in enumerate(group)])
+                jobs = [Job(j, loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length),
+                            rows[j], key=f"user:{users[i].user_id}") for j, i in enumerate(group)]
+                stats = train_jobs(engine, "stack", jobs, tcfg, pad_id=tok.pad_token_id,
+                                   on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
+            train_s += time.perf_counter() - t1
+            for j, i in enumerate(group):
+                store.put(self._record(users[i], mixes[i], cfg, hashes[i], stats), None if stats is None else (
+                    lambda d, j=j, uid=users[i].user_id: save_user(engine, j, d, base_model=self._model_id,
+                                                                    extra={"user_id": uid})))
+                self.stacks.evict(users[i].user_id)
+                done += 1
+            if progress:
+                progress("users", done, len(todo))
+        per_user = stack_params_per_user(engine, cfg.stack_rank, cfg.stack_targets,
+                                         cfg.stack_layers) if cfg.stack_epochs > 0 else 0
+        return {"adapted": done, "skipped": skipped, "fusion_seconds": fuse_s, "train_seconds": train_s,
+                "seconds_per_user": (fuse_s + train_s) / max(1, len(users)),
+                "trainable_params_per_user": per_user,
+                "bytes_per_user": {u.user_id: store.bytes_of(u.user_id) for u in users}}
+
+    @property
+    def _model_id(self) -> str:
+        return self.record.model if self.record else self.backbone.model_id
+
+    def _record(self, user: User, mix: Mixture, cfg: AdaptConfig, hist: str, stats: dict | None) -> UserRecord:
+        anchor_users = [self.record.anchors[a].user_id for a in mix.anchors] if mix.anchors else []
+        stack = None if stats is None else StackRecord(
+            rank=cfg.stack_rank, alpha=cfg.alpha_s, epochs=cfg.stack_epochs,
+            targets=list(cfg.stack_targets) if cfg.stack_targets else None, layers=cfg.stack_layers,
+            lr=cfg.stack_lr, examples=len(user.history), losses=stats["losses"][f"user:{user.user_id}"])
+        return UserRecord(user_id=user.user_id, task=self.task.name, bank=self.bank_id, history_hash=hist,
+                          adapt=cfg, merge=cfg.merge, svd_rank=cfg.svd_rank if cfg.merge == "svd" else None,
+                          anchors=list(mix.anchors), anchor_users=anchor_users, weights=list(mix.weights),
+                          similarities=list(mix.similarities), stack=stack, history_items=len(user.history))
+
+    # -- serving ------------------------------------------------------------------------------------
+    def stored(self, store: UserStore | None, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+        """The store's records of ``user_ids`` (those present), checked against this bank."""
+        out: dict[str, UserRecord] = {}
+        if store is None:
+            return out
+        for uid in dict.fromkeys(user_ids):
+            if store.has(uid):
+                rec = store.meta(uid)
+                if rec.bank != self.bank_id:
+                    raise MtaError(f"user '{uid}' in {store.root} was adapted against another bank "
+                                   f"({rec.bank}, this one is {self.bank_id}); adapt the user again with this bank")
+                out[uid] = rec
+        return out
+
+    def plans(self, requests: Sequence[Request], store: UserStore | None, fusion: AdaptConfig | None = None
+              ) -> tuple[list[Plan], list[str], list[str | None]]:
+        """Each request's plan, route and notice. A private bank: the user's own anchor. Else
+        a stored user's fusion and stack; a user with history only: fusion computed now;
+        anyone else: the base model."""
+        self._activate()
+        if self.kind == "private":
+            mixes = self.mixtures([r.user or User(user_id=r.user_id, history=[]) for r in requests], AdaptConfig())
+            return [Plan(m.anchors, m.weights) for m in mixes], ["private"] * len(requests), [None] * len(requests)
+        records = self.stored(store, [r.user_id for r in requests])
+        slots = self.stacks.ensure({u: rec for u, rec in records.items() if rec.stack}, store) if records else {}
+        fresh = list({r.user_id: r.user for r in requests if r.user_id not in records
+                      and r.user is not None and r.user.history}.values())
+        fusion = fusion or AdaptConfig()
+        fresh_mix = dict(zip([u.user_id for u in fresh], self.mixtures(fresh, fusion))) if fresh else {}
+        plans, routes, notices = [], [], []
+        for r in requests:
+            if r.user_id in records:
+                rec = records[r.user_id]
+                stack = slots.get(r.user_id)
+                plans.append(Plan(tuple(rec.anchors), tuple(rec.weights), rec.merge, rec.svd_rank, stack))
+                routes.append(("mta" if stack is not None else "fusion") if rec.anchors else "stack")
+                notices.append(None)
+            elif r.user_id in fresh_mix and fresh_mix[r.user_id].anchors:
+                m = fresh_mix[r.user_id]
+                plans.append(Plan(m.anchors, m.weights, fusion.merge, fusion.svd_rank))
+                routes.append("fusion")
+                notices.append(f"user '{r.user_id}' is not in the store: fusion only, computed from history")
+            else:
+                plans.append(Plan())
+                routes.append("base")
+                notices.append(f"user '{r.user_id}' has no stored adapter and no history: base model")
+        return plans, routes, notices
+
+    def answer(self, requests: Sequence[Request], gen: GenerateConfig, store: UserStore | None = None,
+               fusion: AdaptConfig | None = None, on_batch: Callable[[int], None] | None = None) -> list[Answer]:
+        """Answer a batch of requests of many users, each through their own adapters."""
+        if not requests:
+            return []
+        plans, routes, notices = self.plans(requests, store, fusion)
+        rows = self._rows(plans)
+        prompts = [self.task.prompt(r.input, retrieve(self.task, r.input, r.user.history, gen.retrieve_k)
+                                    if r.user else []) for r in requests]
+        texts = generate(self.backbone, prompts, rows, gen.max_new_tokens or self.task.max_new_tokens,
+                         gen.batch_size, gen.max_prompt_tokens, on_batch=on_batch)
+        for n in {n for n in notices if n}:
+            log.warning(n)
+        return [Answer(r.user_id, r.input, t, self.task.parse(t), route, note)
+                for r, t, route, note in zip(requests, texts, routes, notices)]
+
+    def export(self, user_id: str, store: UserStore, out: Path, pad_to: int | str | None = None) -> Path:
+        """Write one stored user (fused anchors + stack) as ONE ordinary PEFT LoRA."""
+        self._activate()
+        rec = self.stored(store, [user_id]).get(user_id)
+        if rec is None:
+            store.meta(user_id)  # raises the "not in the store" error with the stored ids
+        slot = self.stacks.ensure({user_id: rec}, store)[user_id] if rec.stack else None
+        return export_user(self.backbone.engine, rec.anchors, rec.weights, out, mode=rec.merge, user=slot,
+                           svd_rank=rec.svd_rank, pad_to=pad_to, base_model=self._model_id)

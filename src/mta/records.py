@@ -1,0 +1,132 @@
+"""Typed records of what lands on disk: the bank index and the per-user record.
+
+Each carries a ``schema_version``. A file of another version (or none: written before
+records were versioned) is refused with a one-line error that says what to do, instead
+of being half-understood.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mta.config import AdaptConfig, BankConfig
+from mta.errors import MtaError
+
+BANK_SCHEMA = 2
+USER_SCHEMA = 2
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AnchorRecord(_Record):
+    slot: int
+    user_id: str
+    cluster: int
+    embedding: list[float]
+    done: bool = False
+    examples: int | None = None
+    first_loss: float | None = None
+    final_loss: float | None = None
+    train_seconds: float | None = None
+    reused_from: str | None = None
+
+
+class BankRecord(_Record):
+    """``BANK/index.json``. ``kind`` "bank": anchors chosen by k-means; "private": every
+    user is its own anchor (per-user LoRAs, evaluated as a bank of one-hot mixtures)."""
+
+    schema_version: Literal[2] = BANK_SCHEMA
+    kind: Literal["bank", "private"] = "bank"
+    task: str
+    model: str
+    embedder: str
+    fingerprint: dict[str, Any]
+    config: BankConfig
+    notes: list[str] = Field(default_factory=list)
+    candidates: int
+    embed_seconds: float = 0.0
+    anchors: list[AnchorRecord]
+
+    @property
+    def anchor_ids(self) -> list[str]:
+        return [a.user_id for a in self.anchors]
+
+    @property
+    def complete(self) -> bool:
+        return all(a.done for a in self.anchors)
+
+    @property
+    def bank_id(self) -> str:
+        """Identifies the trained bank: its anchors, base model and recipe."""
+        payload = {"anchors": self.anchor_ids, "fingerprint": self.fingerprint, "config": self.config.dump()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StackRecord(_Record):
+    rank: int
+    alpha: float
+    epochs: int
+    targets: list[str] | None = None
+    layers: int = 0
+    lr: float
+    examples: int
+    losses: list[float]
+
+
+class UserRecord(_Record):
+    """``STORE/users/<key>/meta.json``: everything needed to serve the user again."""
+
+    schema_version: Literal[2] = USER_SCHEMA
+    user_id: str
+    task: str
+    bank: str
+    history_hash: str
+    adapt: AdaptConfig
+    merge: Literal["delta", "factor", "svd"]
+    svd_rank: int | None = None
+    anchors: list[int]
+    anchor_users: list[str]
+    weights: list[float]
+    similarities: list[float]
+    stack: StackRecord | None = None
+    history_items: int
+
+
+def _read(path: Path, cls: type[_Record], what: str, remedy: str, version: int) -> Any:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MtaError(f"{path}: corrupt {what} (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise MtaError(f"{path}: corrupt {what} ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise MtaError(f"{path}: corrupt {what} (not a JSON object)")
+    found = raw.get("schema_version")
+    if found != version:
+        age = "no schema version (written by mta 0.1)" if found is None else f"schema version {found!r}"
+        raise MtaError(f"{path}: {what} has {age}; this mta reads version {version}: {remedy}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise MtaError(f"{path}: corrupt {what} (field `{loc}`: {first['msg']})") from None
+
+
+def read_bank_record(path: Path) -> BankRecord:
+    return _read(path, BankRecord, "bank index", "rebuild the bank (mta bank build)", BANK_SCHEMA)
+
+
+def read_user_record(path: Path) -> UserRecord:
+    return _read(path, UserRecord, "user record", "adapt the user again (mta adapt)", USER_SCHEMA)
+
+
+def dump(record: _Record) -> str:
+    return record.model_dump_json(indent=2) + "\n"
