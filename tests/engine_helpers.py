@@ -20,6 +20,17 @@ def tiny_engine(n_anchors=4, rank=4, alpha=8.0, users=0, stack_rank=2, seed=0, b
     return eng, model, tok
 
 
+def tiny_backbone(seed: int = 0, **cfg):
+    """The tiny random model (seeded) with the hashing embedder, on the CPU in fp32."""
+    from mta.backbone import Backbone
+    from mta.config import BackboneConfig
+    from mta.models import load_embedder
+
+    model, tok = tiny_llama(seed=seed)
+    return Backbone.wrap(model, tok, load_embedder("hashing-embedder"), "tiny-random-llama", "hashing-embedder",
+                         BackboneConfig(device="cpu", **cfg))
+
+
 def random_examples(n: int, seed: int, vocab: int = 250, lo: int = 5, hi: int = 14) -> list[Example]:
     rng = random.Random(seed)
     out = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mta.bank import read_index
+from mta.bank import adapter_dir, read_index
 from mta.cli.main import main
 from mta.engine.peft_io import load_adapter
 
@@ -117,13 +117,13 @@ def test_eval_tiny_model_all_methods(tmp_path):
     assert f"accuracy: mta - rag-1 = {d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" in got
     # an anchor's meta-LoRA is its per-user LoRA (same recipe, same history): copied, not retrained
     for f in split:
-        idx = read_index(out / f"fold{f['fold']}" / "bank")
-        for a in idx.data["anchors"]:
-            src = Path(a["reused_from"])
-            assert src.parent.name == "per-user-lora" and src.parent.parent.name != f"fold{f['fold']}"
-            mine, _, meta = load_adapter(idx.adapter_dir(a["slot"]))
+        bank = out / f"fold{f['fold']}" / "bank"
+        for a in read_index(bank).anchors:
+            src = Path(a.reused_from)
+            assert src.parent.parent.name == "per-user-lora" and src.parent.parent.parent.name != f"fold{f['fold']}"
+            mine, _, meta = load_adapter(adapter_dir(bank, a.slot))
             theirs, _, _ = load_adapter(src)
-            assert meta["kind"] == "anchor" and meta["extra"]["user_id"] == a["user_id"]
+            assert meta["kind"] == "anchor" and meta["extra"]["user_id"] == a.user_id
             assert all(torch.equal(mine[k][0], theirs[k][0]) and torch.equal(mine[k][1], theirs[k][1])
                        for k in theirs)
 
@@ -137,8 +137,8 @@ def test_eval_bank_trains_anchors_whose_history_differs(tmp_path):
                  "tiny-random-llama", "--embedder", "hashing-embedder", "--out", str(out), "--max-new-tokens", "2",
                  "--anchors", "1", "--bank-epochs", "1", "--n-boot", "100", "--target-history", "4"]) == 0
     for f in (0, 1):
-        anchors = read_index(out / f"fold{f}" / "bank").data["anchors"]
-        assert anchors and all("reused_from" not in a and a["done"] for a in anchors)
+        anchors = read_index(out / f"fold{f}" / "bank").anchors
+        assert anchors and all(a.reused_from is None and a.done for a in anchors)
 
 
 def test_eval_unknown_method(tmp_path):

@@ -12,7 +12,7 @@ from mta.models.tiny import tiny_llama
 from tests.engine_helpers import tiny_engine
 
 
-def _layer_expect(layer, x, anchors, weights, mode, user=None):
+def _layer_expect(layer, x, anchors, weights, mode, user=None, eng=None):
     """Dense float64 reference of one injected layer for one row."""
     W = layer.base.weight.double()
     y = x.double() @ W.T
@@ -27,7 +27,8 @@ def _layer_expect(layer, x, anchors, weights, mode, user=None):
         y = y + layer.scale * x.double() @ dW.T
     if user is not None:
         dS = layer.stack_B[user].double() @ layer.stack_A[user].double()
-        y = y + (layer.stack_alpha / layer.stack_rank) * x.double() @ dS.T
+        rank, alpha = eng.slot_lora[user]
+        y = y + (alpha / rank) * x.double() @ dS.T
     return y
 
 
@@ -37,15 +38,20 @@ def test_layer_matches_formula_per_row(mode):
     layer = eng.layers["model.layers.1.mlp.down_proj"]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, layer.in_features, generator=g)
-    rows = [Row([0, 3], [0.7, 0.3], user=2), Row([4], [1.0]), Row(active=False),
-            Row([1, 2], [0.5, 0.5], user=0)]
-    with eng.route(rows, mode), torch.no_grad():
+    mixes = [([0, 3], [0.7, 0.3], 2), ([4], [1.0], None), None, ([1, 2], [0.5, 0.5], 0)]
+    if mode == "factor":  # merges other than the exact one route through a fused table
+        eng.install_fused([m[:2] for m in mixes if m], "factor")
+        fused = iter(range(3))
+        rows = [Row(fused=next(fused), user=m[2]) if m else Row(active=False) for m in mixes]
+    else:
+        rows = [Row(m[0], m[1], user=m[2]) if m else Row(active=False) for m in mixes]
+    with eng.route(rows), torch.no_grad():
         y = layer(x)
-    for b, r in enumerate(rows):
-        if not r.active:
+    for b, m in enumerate(mixes):
+        if m is None:
             expect = x[b].double() @ layer.base.weight.double().T
         else:
-            expect = _layer_expect(layer, x[b], list(r.anchors), list(r.weights), mode, r.user)
+            expect = _layer_expect(layer, x[b], m[0], m[1], mode, m[2], eng)
         torch.testing.assert_close(y[b].double(), expect, atol=1e-5, rtol=1e-5)
 
 
@@ -86,29 +92,29 @@ def test_unknown_target_module_is_reported():
         AdapterEngine(model, EngineSpec(n_anchors=1, target_modules=("q_proj", "c_attn")))
 
 
-def test_routing_errors():
+def test_routing_errors_are_bugs_not_user_errors():
+    """A bad row is the caller's bug: ValueError, which the CLI does not dress up as exit 2."""
     eng, _, _ = tiny_engine(n_anchors=2, users=1)
-    with pytest.raises(MtaError, match="anchor 5 out of range"):
-        eng.routing([Row([5], [1.0])])
-    with pytest.raises(MtaError, match="user slot 3 out of range"):
-        eng.routing([Row(user=3)])
+    for row, match in ((Row([5], [1.0]), r"anchor slots \[5\] out of range"),
+                       (Row(user=3), "user slots .* out of range"),
+                       (Row([0, 1], [1.0]), "as many weights as anchors"),
+                       (Row(fused=0), "fused slots .* out of range")):
+        with pytest.raises(ValueError, match=match) as e:
+            eng.routing([row])
+        assert not isinstance(e.value, MtaError)
     with pytest.raises(ValueError, match="must sum to 1"):
-        eng.routing([Row([0, 1], [0.9, 0.9])], mode="factor")
-    with pytest.raises(MtaError, match="2 anchors but 1 weights"):
-        eng.routing([Row([0, 1], [1.0])])
-    with pytest.raises(MtaError, match="install_svd"):
-        eng.routing([Row([0, 1], [0.5, 0.5])], mode="svd")
+        eng.install_fused([([0, 1], [0.9, 0.9])], "factor")
 
 
 def test_svd_rows_equal_truncated_merge():
     eng, model, _ = tiny_engine(n_anchors=3, b_std=0.2)
-    eng.install_svd([([0, 1], [0.5, 0.5]), ([2], [1.0])], rank=4)
+    eng.install_fused([([0, 1], [0.5, 0.5]), ([2], [1.0])], "svd", svd_rank=4)
     layer = eng.layers["model.layers.0.self_attn.q_proj"]
     x = torch.randn(2, 2, layer.in_features)
     with eng.route([Row(fused=0), Row(fused=1)]), torch.no_grad():
         y = layer(x)
     # rank 4 >= rank of a single anchor (4): row 1 must equal that anchor exactly
-    expect = _layer_expect(layer, x[1], [2], [1.0], "delta")
+    expect = _layer_expect(layer, x[1], [2], [1.0], "delta", eng=eng)
     torch.testing.assert_close(y[1].double(), expect, atol=1e-5, rtol=1e-5)
 
 

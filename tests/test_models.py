@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from mta.inference import chat_prompt, generate_texts
-from mta.models import load_llm
+from mta.inference import chat_prompt, generate
 from mta.models.registry import REGISTRY
 from mta.models.tiny import tiny_llama
 from tests.conftest import require_model
+from tests.engine_helpers import tiny_backbone
 
 
 def test_registry_has_the_four_models():
@@ -21,22 +21,26 @@ def test_tiny_llama_is_deterministic_and_generates():
     ids = tok("héllo", add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == "héllo"
     assert "<|im_start|>assistant" in chat_prompt(tok, "hi")
-    out = generate_texts(m1, tok, ["a", "a longer prompt"], max_new_tokens=4, batch_size=2)
-    single = generate_texts(m1, tok, ["a longer prompt"], max_new_tokens=4)
+    bb = tiny_backbone()
+    out = generate(bb, ["a", "a longer prompt"], None, max_new_tokens=4, batch_size=2)
+    single = generate(bb, ["a longer prompt"], None, max_new_tokens=4)
     assert len(out) == 2 and out[1] == single[0]  # left padding does not change the answer
 
 
 @pytest.mark.integration
 def test_smollm2_lamp2_prompt():
     require_model("smollm2-135m")
+    from mta.backbone import Backbone
+    from mta.config import BackboneConfig
     from mta.tasks import get_task
 
-    model, tok = load_llm("smollm2-135m")
-    assert model.config.num_hidden_layers == 30 and tok.pad_token is not None
-    assert "<|im_start|>assistant" in chat_prompt(tok, "x")
+    bb = Backbone.load(BackboneConfig(model="smollm2-135m", embedder="hashing-embedder", device="cpu"))
+    assert bb.model.config.num_hidden_layers == 30 and bb.tokenizer.pad_token is not None
+    assert bb.dtype == torch.float32  # auto on the CPU
+    assert "<|im_start|>assistant" in chat_prompt(bb.tokenizer, "x")
     t = get_task("lamp2")
     prompt = t.query_input("A crew of astronauts travels through a wormhole to save humanity.")
-    text = generate_texts(model, tok, [prompt], max_new_tokens=12)[0]
+    text = generate(bb, [prompt], None, max_new_tokens=12)[0]
     assert text.strip()
     # The real model answers in words; the parser must map it to a label or None, never crash.
     parsed = t.parse(text)

@@ -79,7 +79,7 @@ def test_stack_on_last_blocks_only(tmp_path):
     for everything in (0, None, 2, 30):  # 0, None or >= the block count: all blocks
         eng.add_users(1, 2, 4.0, last_layers=everything)
         assert len(eng.stack_layers) == 14
-    with pytest.raises(MtaError, match=">= 0"):
+    with pytest.raises(ValueError, match=">= 0"):
         eng.add_users(1, 2, 4.0, last_layers=-1)
 
 
@@ -94,14 +94,12 @@ def test_exported_user_equals_engine(tmp_path, mode, pad):
     if mode == "delta":
         # exact by concatenation: k*r + r_s = 2*4 + 2 = 10; the next rank vLLM accepts is 16
         assert cfg["r"] == (16 if pad == "serving" else 10)
-    if mode == "svd":
-        eng.install_svd([(anchors, weights)], rank=8)
-        row = Row(fused=0, user=1)
-        route_mode = "delta"
-    else:
+    if mode == "delta":
         row = Row(anchors, weights, user=1)
-        route_mode = mode
-    with eng.route([row] * 2, route_mode), torch.no_grad():
+    else:
+        eng.install_fused([(anchors, weights)], mode, svd_rank=8)
+        row = Row(fused=0, user=1)
+    with eng.route([row] * 2), torch.no_grad():
         ours = model(IDS).logits
     torch.testing.assert_close(_peft_logits(tmp_path / "u"), ours, atol=TOL, rtol=0)
 

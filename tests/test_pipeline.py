@@ -9,30 +9,32 @@ import pytest
 
 from mta import bank as bank_mod
 from mta.anchors import select_anchors
-from mta.bank import build_bank, load_bank, read_index, training_history
+from mta.bank import adapter_dir, build_bank, read_index, training_history
 from mta.cli.main import main
-from mta.config import BankConfig, adapt_config
+from mta.config import AdaptConfig, BankConfig, GenerateConfig
 from mta.data.schema import User
 from mta.data.synth import synth_users
 from mta.errors import MtaError
+from mta.loaded_bank import LoadedBank, Request
 from mta.mixing import anchor_weights
-from mta.models import load_embedder
-from mta.models.tiny import tiny_llama
-from mta.stacking import adapt_users
 from mta.store import UserStore
 from mta.tasks import get_task
+from tests.engine_helpers import tiny_backbone
 
 TASK = get_task("synth")
 FAST = dict(anchors=2, min_history=1, epochs=1, batch_size=4, max_length=160, group_size=1)
+ADAPT = dict(batch_size=4, max_length=160)
 
 
-def _bank(tmp_path, users, **kw):
-    model, tok = tiny_llama()
-    emb = load_embedder("hashing-embedder")
-    cfg = BankConfig.make(**{**FAST, **kw})
-    idx = build_bank(users, TASK, model, tok, emb, "hashing-embedder", "tiny-random-llama", cfg,
-                     tmp_path / "bank")
-    return model, tok, emb, idx
+def _bank(tmp_path, users, backbone=None, **kw):
+    backbone = backbone or tiny_backbone()
+    rec = build_bank(backbone, users, TASK, BankConfig.make(**{**FAST, **kw}), tmp_path / "bank")
+    return backbone, rec
+
+
+def _loaded(tmp_path, users, **kw) -> LoadedBank:
+    backbone, _ = _bank(tmp_path, users, **kw)
+    return LoadedBank(backbone, tmp_path / "bank", TASK)
 
 
 def test_mixing_weights_favour_the_most_similar():
@@ -71,60 +73,58 @@ def test_bank_resumes_after_a_kill(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(bank_mod, "train_jobs", dies_on_second_group)
+    backbone = tiny_backbone()
     with pytest.raises(KeyboardInterrupt):
-        _bank(tmp_path, users)
-    idx = read_index(tmp_path / "bank")
-    assert [a["done"] for a in idx.data["anchors"]] == [True, False] and not idx.complete
+        _bank(tmp_path, users, backbone)
+    rec = read_index(tmp_path / "bank")
+    assert [a.done for a in rec.anchors] == [True, False] and not rec.complete
     with pytest.raises(MtaError, match="incomplete"):
-        load_bank(tiny_llama()[0], tmp_path / "bank")
-    first = (idx.adapter_dir(0) / "adapter_model.safetensors").read_bytes()
-    _bank(tmp_path, users)  # resume: only the second anchor trains
+        LoadedBank(backbone, tmp_path / "bank")
+    first = (adapter_dir(tmp_path / "bank", 0) / "adapter_model.safetensors").read_bytes()
+    _bank(tmp_path, users, backbone)  # resume: only the second anchor trains
     assert calls["n"] == 3
-    idx = read_index(tmp_path / "bank")
-    assert idx.complete and (idx.adapter_dir(0) / "adapter_model.safetensors").read_bytes() == first
+    rec = read_index(tmp_path / "bank")
+    assert rec.complete and (adapter_dir(tmp_path / "bank", 0) / "adapter_model.safetensors").read_bytes() == first
 
 
 def test_anchors_train_on_their_latest_items(tmp_path):
     users = synth_users(4, seed=2, queries=0, history=9)
-    *_, idx = _bank(tmp_path, users, max_items=3)
-    assert [a["examples"] for a in idx.data["anchors"]] == [3, 3]
+    _, rec = _bank(tmp_path, users, max_items=3)
+    assert [a.examples for a in rec.anchors] == [3, 3]
     u = users[0]
-    assert training_history(u, idx.config).history == u.history[-3:]
+    assert training_history(u, rec.config).history == u.history[-3:]
 
 
 def test_bank_refuses_other_base_model_and_corrupt_files(tmp_path):
     users = synth_users(4, seed=2, queries=0)
     _bank(tmp_path, users)
-    other, _ = tiny_llama(seed=5)
     with pytest.raises(MtaError, match="different base model"):
-        load_bank(other, tmp_path / "bank")
-    f = read_index(tmp_path / "bank").adapter_dir(1) / "adapter_model.safetensors"
+        LoadedBank(tiny_backbone(seed=5), tmp_path / "bank")
+    f = adapter_dir(tmp_path / "bank", 1) / "adapter_model.safetensors"
     f.write_bytes(b"\x00" * 64)
     with pytest.raises(MtaError, match="corrupt or unreadable"):
-        load_bank(tiny_llama()[0], tmp_path / "bank")
+        LoadedBank(tiny_backbone(), tmp_path / "bank")
 
 
 def test_adapt_store_rerun_and_delete(tmp_path):
     users = synth_users(8, seed=3)
-    model, tok, emb, idx = _bank(tmp_path, users[:4])
-    cfg = adapt_config("default", batch_size=4, max_length=160)
+    bank = _loaded(tmp_path, users[:4])
+    cfg = AdaptConfig.make(**ADAPT)
     store = UserStore(tmp_path / "store")
-    stats = adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank", users[4:], TASK, cfg, store)
+    stats = bank.adapt(users[4:], cfg, store)
     assert stats["adapted"] == 4 and stats["skipped"] == 0
     meta = store.meta(users[4].user_id)
-    assert len(meta["anchors"]) == 2 and meta["weights"][0] >= meta["weights"][1]
-    assert sum(meta["weights"]) == pytest.approx(1.0)
+    assert len(meta.anchors) == 2 and meta.weights[0] >= meta.weights[1]
+    assert sum(meta.weights) == pytest.approx(1.0)
     assert (store.user_dir(users[4].user_id) / "stack" / "adapter_model.safetensors").exists()
     # unchanged users are skipped; a changed history retrains that user only
     changed = users[5].model_copy(update={"history": users[5].history[:-1]})
-    stats = adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank",
-                        [users[4], changed, users[6], users[7]], TASK, cfg, store)
+    stats = bank.adapt([users[4], changed, users[6], users[7]], cfg, store)
     assert stats["adapted"] == 1 and stats["skipped"] == 3
     # nobody changed: nothing retrains, and the per-user cost is still reported
-    again = adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank",
-                        [users[4], changed, users[6], users[7]], TASK, cfg, store)
+    again = bank.adapt([users[4], changed, users[6], users[7]], cfg, store)
     assert again["adapted"] == 0 and again["trainable_params_per_user"] == stats["trainable_params_per_user"] > 0
-    assert store.meta(users[5].user_id)["history_items"] == 9
+    assert store.meta(users[5].user_id).history_items == 9
     store.delete(users[4].user_id)
     assert not store.user_dir(users[4].user_id).exists() and users[4].user_id not in store.user_ids()
     with pytest.raises(MtaError, match="not in store"):
@@ -133,24 +133,41 @@ def test_adapt_store_rerun_and_delete(tmp_path):
 
 def test_reference_preset_stores_more_per_user(tmp_path):
     users = synth_users(6, seed=4)
-    model, tok, emb, _ = _bank(tmp_path, users[:3])
+    bank = _loaded(tmp_path, users[:3])
     sizes = {}
     for preset in ("default", "reference"):
         store = UserStore(tmp_path / preset)
-        adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank", users[3:4], TASK,
-                    adapt_config(preset, batch_size=4, max_length=160), store)
+        bank.adapt(users[3:4], AdaptConfig.make(preset=preset, **ADAPT), store)
         sizes[preset] = store.bytes_of(users[3].user_id)
-        assert store.meta(users[3].user_id)["merge"] == ("factor" if preset == "reference" else "delta")
+        assert store.meta(users[3].user_id).merge == ("factor" if preset == "reference" else "delta")
     assert sizes["default"] < sizes["reference"]
 
 
 def test_empty_history_refused(tmp_path):
     users = synth_users(4, seed=5)
-    model, tok, emb, _ = _bank(tmp_path, users[:2])
+    bank = _loaded(tmp_path, users[:2])
     empty = users[2].model_copy(update={"history": []})
     with pytest.raises(MtaError, match="0 history items"):
-        adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank", [empty], TASK,
-                    adapt_config(), UserStore(tmp_path / "s"))
+        bank.adapt([empty], AdaptConfig(), UserStore(tmp_path / "s"))
+
+
+def test_one_engine_and_one_bank_load_per_run(tmp_path):
+    """`mta run` and one `mta eval` method load the model once, inject the engine once, and
+    read a bank's anchors into it once (no inject/remove/inject between adapt and generate)."""
+    from mta import loaded_bank
+    from mta.engine import engine as engine_mod
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "6", "--queries", "1"]) == 0
+    common = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2",
+              "--anchors", "2"]
+    for cmd in (["run"], ["eval", "--methods", "mta"], ["eval", "--methods", "mta-reference"]):
+        injections, loads = engine_mod.INJECTIONS["count"], loaded_bank.LOADS["count"]
+        out = tmp_path / "-".join(cmd)
+        assert main([*cmd, "--data", str(data), "--out", str(out), *common]) == 0
+        folds = 1 if cmd == ["run"] else 2
+        assert engine_mod.INJECTIONS["count"] - injections == 1
+        assert loaded_bank.LOADS["count"] - loads == folds  # one bank per fold, each read once
 
 
 def test_cli_end_to_end_tiny(tmp_path, capsys):
@@ -161,14 +178,16 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
     rc = main(["run", "--data", str(data), "--out", str(out), "--anchors", "2", "--bank-epochs", "1",
                "--max-new-tokens", "2", *common])
     assert rc == 0
-    for f in ("config.json", "metrics.json", "summary.json", "results.md", "run.log", "split.json"):
+    for f in ("config.json", "metrics.json", "results.md", "run.log", "split.json", "predictions.jsonl"):
         assert (out / f).exists(), f
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["method"] for r in metrics["results"]] == ["base", "rag", "mta"] and metrics["synthetic"]
-    split = json.loads((out / "split.json").read_text())
+    assert [r["method"] for r in metrics["results"]] == ["base", "rag-1", "mta"] and metrics["synthetic"]
+    (split,) = json.loads((out / "split.json").read_text())
     assert not set(split["targets"]) & set(split["anchor_candidates"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["trainable_params_per_user"] > 0 and summary["bytes_per_user_mean"] > 0
+    mta = metrics["results"][2]
+    assert mta["trainable_params_per_user"] > 0 and mta["bytes_per_user"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["configs"]["bank"]["anchors"] == 2 and config["backbone"]["device"] == "cpu"
     capsys.readouterr()
     assert main(["store", "list", str(out / "store")]) == 0
     assert "bytes per user" in capsys.readouterr().out
@@ -205,44 +224,40 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
 @pytest.mark.integration
 def test_smollm2_pipeline_on_real_lamp2_users(lamp2_users, tmp_path):
     """Bank + adaptation + personalised generation with the real SmolLM2 and MiniLM on 6
-    real LaMP-2 users (2 anchors from 3 candidates, 3 targets)."""
+    real LaMP-2 users (2 anchors from 3 candidates, 3 targets), as `mta run` does it."""
     from tests.conftest import require_model
 
     require_model("smollm2-135m")
     require_model("minilm-l6")
+    from mta.backbone import Backbone
+    from mta.config import BackboneConfig
     from mta.data.readers import load_dataset
-    from mta.models import load_llm
-    from mta.pipeline import run_pipeline
+    from mta.evaluation.methods import EvalSetup
+    from mta.evaluation.protocol import holdout
+    from mta.evaluation.runner import run_eval, run_layout
 
     ds = load_dataset(lamp2_users)
     ds.users = ds.users[:6]
-    model, tok = load_llm("smollm2-135m", dtype=__import__("torch").float32)
-    emb = load_embedder("minilm-l6")
-    res = run_pipeline(ds, tmp_path / "run", model, tok, emb, "smollm2-135m", "minilm-l6",
-                       BankConfig.make(anchors=2, epochs=1, max_length=384), adapt_config(max_length=384),
-                       targets_fraction=0.5, seed=0, max_new_tokens=8)
-    assert [r["method"] for r in res["results"]] == ["base", "rag", "mta"]
-    assert all(r["scored"] == 3 for r in res["results"])
-    assert res["summary"]["anchor_notes"]  # every user has 10 items < 11: the fallback is announced
-    routes = {p["route"] for p in res["predictions"] if p["method"] == "mta"}
-    assert routes == {"mta"}
-    store = UserStore(tmp_path / "run" / "store")
-    assert len(store.user_ids()) == 3
+    backbone = Backbone.load(BackboneConfig(device="cpu"))
+    setup = EvalSetup(backbone, get_task("lamp2"), BankConfig.make(anchors=2, max_length=384),
+                      AdaptConfig.make(max_length=384), GenerateConfig(max_new_tokens=8))
+    out = tmp_path / "run"
+    res = run_eval(ds, ["base", "rag-1", "mta"], setup, out, [holdout(ds.users, 0.5, 0)], 200, 0,
+                   place=run_layout(out))
+    assert [r["method"] for r in res["rows"]] == ["base", "rag-1", "mta"]
+    assert all(r["users"] == 3 for r in res["rows"])
+    assert read_index(out / "bank").notes  # every user has 10 items < 11: the fallback is announced
+    assert len(UserStore(out / "store").user_ids()) == 3
 
 
 @pytest.mark.parametrize("merge", ["factor", "svd"])
 def test_merge_modes_adapt_and_serve(tmp_path, merge):
-    from mta.personalize import Personalizer, Request
-
     users = synth_users(6, seed=6)
-    model, tok, emb, _ = _bank(tmp_path, users[:3])
-    cfg = adapt_config("default", merge=merge, svd_rank=4, batch_size=4, max_length=160)
+    bank = _loaded(tmp_path, users[:3])
+    cfg = AdaptConfig.make(merge=merge, svd_rank=4, **ADAPT)
     store = UserStore(tmp_path / "store")
-    adapt_users(model, tok, emb, "hashing-embedder", tmp_path / "bank", users[3:5], TASK, cfg, store)
-    assert store.meta(users[3].user_id)["merge"] == merge
-    pz = Personalizer(model, tok, emb, "hashing-embedder", tmp_path / "bank", TASK, tmp_path / "store", cfg)
-    try:
-        ans = pz.answer([Request(u.user_id, u.queries[0].input, u) for u in users[3:6]], max_new_tokens=2)
-    finally:
-        pz.close()
+    bank.adapt(users[3:5], cfg, store)
+    assert store.meta(users[3].user_id).merge == merge
+    ans = bank.answer([Request(u.user_id, u.queries[0].input, u) for u in users[3:6]], GenerateConfig(max_new_tokens=2),
+                      store, cfg)
     assert [a.route for a in ans] == ["mta", "mta", "fusion"]

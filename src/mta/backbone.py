@@ -83,6 +83,14 @@ class Backbone:
         log.info("loaded %s (%s) and %s on %s", model_id, dtype, embedder_id, device)
         return cls(model, tok, emb, model_id, embedder_id, device, dtype, cfg)
 
+    @classmethod
+    def wrap(cls, model, tokenizer, embedder, model_id: str, embedder_id: str,
+             cfg: BackboneConfig | None = None) -> Backbone:
+        """A backbone around a model already loaded (tests, notebooks)."""
+        p = next(model.parameters())
+        return cls(model, tokenizer, embedder, model_id, embedder_id, p.device, p.dtype,
+                   cfg or BackboneConfig(device=str(p.device.type)))
+
     @property
     def fingerprint(self) -> dict:
         return self.engine.fingerprint

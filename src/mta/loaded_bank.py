@@ -212,28 +212,25 @@ class LoadedBank:
     def _rows(self, plans: Sequence[Plan]) -> list[Row]:
         """Routing rows for ``plans``: exact merges route through the bank; factor and svd
         merges through a fused table built here for this batch's mixtures."""
-        engine = self.backbone.engine
         fused: dict[tuple, int] = {}
         for p in plans:
             if p.anchors and p.merge != "delta":
-                fused.setdefault((p.merge, p.svd_rank, p.anchors, p.weights), len(fused))
+                fused.setdefault(self._fused_key(p), len(fused))
         if fused:
-            merges = {k[0] for k in fused}
-            if len(merges) > 1 or len({k[1] for k in fused}) > 1:
-                # one table per call: group the rarely mixed reference merges by kind
-                raise MtaError(f"one batch mixes merges {sorted(merges)} with different fused ranks; answer them "
-                               "in separate calls")
-            merge, svd_rank = next(iter(fused))[:2]
-            engine.install_fused([(k[2], k[3]) for k in fused], merge, svd_rank)
+            self.backbone.engine.install_fused(list(fused))
         rows = []
         for p in plans:
             if p.anchors and p.merge != "delta":
-                rows.append(Row(fused=fused[(p.merge, p.svd_rank, p.anchors, p.weights)], user=p.stack))
+                rows.append(Row(fused=fused[self._fused_key(p)], user=p.stack))
             elif p.anchors or p.stack is not None:
                 rows.append(Row(p.anchors, p.weights, user=p.stack))
             else:
                 rows.append(Row(active=False))
         return rows
+
+    @staticmethod
+    def _fused_key(p: Plan) -> tuple:
+        return (p.anchors, p.weights, p.merge, p.svd_rank if p.merge == "svd" else None)
 
     # -- stage 3: stacks for many users ---------------------------------------------------------------
     def adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore,

@@ -230,43 +230,55 @@ class AdapterEngine:
         self.slot_lora = [(rank, 0.0)] * n_slots
 
     # -- fused per-user factors (merges that are not the exact sum) ---------------------------------
-    def install_fused(self, mixtures: Sequence[tuple[Sequence[int], Sequence[float]]], merge: str,
-                      svd_rank: int | None = None) -> None:
+    def install_fused(self, mixtures: Sequence[tuple], merge: str | None = None, svd_rank: int | None = None) -> None:
         """Fused-table slot u := mixture u's merged factors, per layer.
 
-        ``factor`` (the reference's merge): ((sum w_i B_i), (sum w_i A_i)) with the bank's
-        alpha/r; ``svd``: the rank-``svd_rank`` truncation of the exact sum, alpha/r folded
-        in. Rows then use ``Row(fused=u)``. (The exact ``delta`` merge needs no table.)
+        A mixture is ``(anchors, weights)`` (merged with ``merge``/``svd_rank``) or
+        ``(anchors, weights, merge, svd_rank)``. ``factor`` (the reference's merge):
+        ((sum w_i B_i), (sum w_i A_i)) with the bank's alpha/r; ``svd``: the
+        rank-``svd_rank`` truncation of the exact sum, alpha/r folded in. Slots of lower
+        rank are zero-padded (exact). Rows then use ``Row(fused=u)``. The exact ``delta``
+        merge needs no table.
         """
-        if merge not in ("factor", "svd"):
-            raise ValueError(f"install_fused handles factor and svd merges, got {merge!r}")
-        for anchors, weights in mixtures:
-            self._check_mixture(anchors, weights, merge)
+        specs = [(tuple(m[0]), tuple(m[1]), m[2] if len(m) > 2 else merge, m[3] if len(m) > 3 else svd_rank)
+                 for m in mixtures]
+        for anchors, weights, how, rank in specs:
+            if how not in ("factor", "svd"):
+                raise ValueError(f"install_fused handles factor and svd merges, got {how!r}")
+            if how == "svd" and not rank:
+                raise ValueError("an svd merge needs its rank")
+            self._check_mixture(anchors, weights, how)
+        factor_slots = [u for u, sp in enumerate(specs) if sp[2] == "factor"]
         for layer in self.layers.values():
-            a_s, b_s = [], []
-            if not layer.bank_A.shape[0]:  # a layer without a bank: an empty fused table
-                layer.set_fused(layer.fused_A.new_zeros(len(mixtures), 0, layer.in_features),
-                                layer.fused_B.new_zeros(len(mixtures), layer.out_features, 0),
-                                torch.zeros(len(mixtures)))
-                continue
-            if merge == "factor":
-                k = max(len(m[0]) for m in mixtures)  # shorter mixtures pad with weight-0 slots
-                idx = torch.tensor([list(m[0]) + [0] * (k - len(m[0])) for m in mixtures], dtype=torch.long,
-                                   device=self.device)
-                w = torch.tensor([list(m[1]) + [0.0] * (k - len(m[1])) for m in mixtures],
+            parts: list[tuple[torch.Tensor, torch.Tensor, float] | None] = [None] * len(specs)
+            if layer.bank_A.shape[0] and factor_slots:
+                # all factor merges in one batched einsum (the same arithmetic as a routed row)
+                k = max(len(specs[u][0]) for u in factor_slots)  # shorter mixtures pad with weight 0
+                idx = torch.tensor([list(specs[u][0]) + [0] * (k - len(specs[u][0])) for u in factor_slots],
+                                   dtype=torch.long, device=self.device)
+                w = torch.tensor([list(specs[u][1]) + [0.0] * (k - len(specs[u][1])) for u in factor_slots],
                                  dtype=layer.bank_A.dtype, device=self.device)
                 with torch.no_grad():
                     a = torch.einsum("bk,bkri->bri", w, layer.bank_A[idx])
                     b = torch.einsum("bk,bkor->bor", w, layer.bank_B[idx])
-                layer.set_fused(a, b, torch.full((len(mixtures),), layer.scale))
-                continue
-            for anchors, weights in mixtures:
-                wt = torch.tensor(list(weights), dtype=torch.float64)
-                a, b = merge_svd(layer.bank_A[list(anchors)].detach().double(),
-                                 layer.bank_B[list(anchors)].detach().double(), wt, svd_rank)
-                a_s.append(a * layer.scale)
-                b_s.append(b)
-            layer.set_fused(torch.stack(a_s), torch.stack(b_s), torch.ones(len(mixtures)))
+                for j, u in enumerate(factor_slots):
+                    parts[u] = (a[j], b[j], layer.scale)
+            for u, (anchors, weights, how, rank) in enumerate(specs):
+                if how == "svd" and layer.bank_A.shape[0]:
+                    wt = torch.tensor(list(weights), dtype=torch.float64)
+                    a, b = merge_svd(layer.bank_A[list(anchors)].detach().double(),
+                                     layer.bank_B[list(anchors)].detach().double(), wt, rank)
+                    parts[u] = (a * layer.scale, b, 1.0)
+            width = max((p[0].shape[0] for p in parts if p is not None), default=0)
+            ta = torch.zeros(len(specs), width, layer.in_features, dtype=layer.bank_A.dtype)
+            tb = torch.zeros(len(specs), layer.out_features, width, dtype=layer.bank_A.dtype)
+            scale = torch.zeros(len(specs))
+            for u, p in enumerate(parts):
+                if p is not None:
+                    ta[u, :p[0].shape[0]] = p[0].to(ta.dtype).cpu()
+                    tb[u, :, :p[1].shape[1]] = p[1].to(tb.dtype).cpu()
+                    scale[u] = p[2]
+            layer.set_fused(ta, tb, scale)
 
     def clear_fused(self) -> None:
         for layer in self.layers.values():
