@@ -108,7 +108,8 @@ def main() -> None:
                      None if r["peak_bytes"] is None else r["peak_bytes"] / 2**30,
                      "max_loss_rel_diff": loss_gap, "adapter_effect_gap": effect_gap})
     print(f"model {a.model} on {device}: {a.anchors} anchors x {a.examples} examples x {a.length} tokens, one pass")
-    print(f"{'base':>5} {'compute':>8} {'tok/s':>10} {'x fp32':>7} {'peak GiB':>9} {'loss diff':>10} {'effect gap':>11}")
+    head = ("base", "compute", "tok/s", "x fp32", "peak GiB", "loss diff", "effect gap")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (5, 8, 10, 7, 9, 10, 11))))
     for r in rows:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         print(f"{r['base']:>5} {r['adapter_compute']:>8} {r['tokens_per_s']:>10.0f} {r['speed_vs_fp32']:>7.2f} "

@@ -3,7 +3,7 @@ itself reports every method against rag-1 only).
 
     .venv/bin/python scripts/paired.py RUN_DIR METHOD_A METHOD_B [--n-boot 1000] [--seed 0]
 
-Reads RUN_DIR/config.json (data, task, seed) and RUN_DIR/predictions.jsonl, resamples
+Reads RUN_DIR/config.json (data, task, seed, protocol) and RUN_DIR/predictions.jsonl, resamples
 users exactly as `mta eval` does, and prints A - B per metric with its 95% interval.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.data.readers import load_dataset  # noqa: E402
+from mta.evaluation.protocol import prepare_targets  # noqa: E402
 from mta.evaluation.runner import method_stats  # noqa: E402
 from mta.evaluation.stats import paired_diff_ci  # noqa: E402
 from mta.tasks import get_task  # noqa: E402
@@ -40,7 +41,11 @@ def main() -> None:
     for m in (a.a, a.b):
         if m not in preds:
             sys.exit(f"error: method {m!r} is not in {a.run} (has: {', '.join(preds)})")
-    sa, sb = method_stats(task, ds.users, preds[a.a]), method_stats(task, ds.users, preds[a.b])
+    # the run's targets, shaped as the run shaped them, in the data's order (as `mta eval` resamples them)
+    ev = cfg.get("configs", {}).get("eval", {})
+    users = prepare_targets([u for u in ds.users if u.user_id in preds[a.a]], ev.get("history_queries", 0),
+                            ev.get("target_history"), task)
+    sa, sb = method_stats(task, users, preds[a.a]), method_stats(task, users, preds[a.b])
     for name in task.metric_names:
         d, lo, hi = paired_diff_ci(sa, sb, lambda s, n=name: task.metrics_from_stats(s)[n], n_boot=a.n_boot,
                                    seed=cfg["seed"])

@@ -240,7 +240,7 @@ def test_smollm2_pipeline_on_real_lamp2_users(lamp2_users, tmp_path):
     ds.users = ds.users[:6]
     backbone = Backbone.load(BackboneConfig(device="cpu"))
     setup = EvalSetup(backbone, get_task("lamp2"), BankConfig.make(anchors=2, max_length=384),
-                      AdaptConfig.make(max_length=384), GenerateConfig(max_new_tokens=8))
+                      AdaptConfig.make(max_length=384), GenerateConfig(max_new_tokens=8)).resolve(ds.users)
     out = tmp_path / "run"
     res = run_eval(ds, ["base", "rag-1", "mta"], setup, out, [holdout(ds.users, 0.5, 0)], 200, 0,
                    place=run_layout(out))

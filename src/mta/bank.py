@@ -12,7 +12,9 @@ and the index are written atomically, so an interrupted build resumes with the a
 not yet done; an index only ever lists anchors whose files are complete.
 
 A *private* bank (``build_private``) has every given user as its own anchor: the
-per-user LoRA baseline, trained with the same recipe and opened like any bank.
+per-user LoRA baseline, trained with the same recipe and opened like any bank. A *task*
+bank (``build_task``) has ONE anchor trained on the pooled histories of the given users:
+the shared task LoRA (no personalisation), which OPPU stacks per-user LoRAs on.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mta.data.schema import User
 from mta.engine import Job, Row, train_jobs
 from mta.engine.peft_io import WEIGHTS, load_adapter, save_adapter, save_anchor
 from mta.errors import MtaError
-from mta.examples import loo_examples
+from mta.examples import loo_examples, negative_pool
 from mta.paths import write_text_atomic
 from mta.records import AnchorRecord, BankRecord, dump, read_bank_record
 from mta.tasks.base import Task
@@ -73,8 +75,10 @@ def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConf
 def build_bank(
     backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
     progress: Progress | None = None, trained: Callable[[User], Path | None] | None = None,
+    recipe: dict | None = None,
 ) -> BankRecord:
     """Select anchors among ``users`` and train their meta-LoRAs into ``out`` (resumable).
+    ``recipe``: AdaptConfig settings to record with the bank as defaults for adaptation.
 
     ``trained(user)`` may return an adapter already trained with exactly this recipe on
     exactly ``training_history(user, cfg)`` (in `mta eval`, the user's per-user LoRA):
@@ -93,6 +97,7 @@ def build_bank(
         rec = BankRecord(
             task=task.name, model=backbone.model_id, embedder=backbone.embedder_id,
             fingerprint=backbone.fingerprint, config=cfg, notes=sel.notes, candidates=len(users),
+            negatives=negative_pool(task, users, cfg.seed), recipe=recipe or {},
             embed_seconds=time.perf_counter() - t0,
             anchors=[AnchorRecord(slot=s, user_id=uid, cluster=c, embedding=emb[pos[uid]].tolist())
                      for s, (uid, c) in enumerate(zip(sel.user_ids, sel.cluster_of_anchor))])
@@ -113,6 +118,7 @@ def build_private(backbone: Backbone, users: list[User], task: Task, cfg: BankCo
     else:
         rec = BankRecord(kind="private", task=task.name, model=backbone.model_id, embedder=backbone.embedder_id,
                          fingerprint=backbone.fingerprint, config=cfg_all, candidates=len(users),
+                         negatives=negative_pool(task, users, cfg.seed),
                          anchors=[AnchorRecord(slot=s, user_id=u.user_id, cluster=s, embedding=[])
                                   for s, u in enumerate(users)])
         write_text_atomic(out / INDEX, dump(rec))
@@ -120,12 +126,43 @@ def build_private(backbone: Backbone, users: list[User], task: Task, cfg: BankCo
     return rec
 
 
+TASK_ANCHOR = "(task)"
+
+
+def build_task(backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
+               progress: Progress | None = None) -> BankRecord:
+    """ONE LoRA with the bank's recipe on the pooled histories of ``users`` (each user's
+    leave-one-out examples, with their own items as context): a bank of one anchor."""
+    out = Path(out)
+    if (out / INDEX).exists():
+        rec = read_index(out)
+        _check_resume(rec, backbone, task, cfg, out, "task")
+        if rec.pooled != [u.user_id for u in users]:
+            raise MtaError(f"task bank {out} was trained on other users; use a new output directory")
+    else:
+        rec = BankRecord(kind="task", task=task.name, model=backbone.model_id, embedder=backbone.embedder_id,
+                         fingerprint=backbone.fingerprint, config=cfg, candidates=len(users),
+                         negatives=negative_pool(task, users, cfg.seed),
+                         pooled=[u.user_id for u in users],
+                         anchors=[AnchorRecord(slot=0, user_id=TASK_ANCHOR, cluster=0, embedding=[])])
+        write_text_atomic(out / INDEX, dump(rec))
+    _train_missing(backbone, rec, users, task, cfg, out, "task", progress, None)
+    return rec
+
+
 def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task: Task, cfg: BankConfig, out: Path,
                    key_prefix: str, progress: Progress | None, trained) -> None:
     """Train (or copy in) every anchor of ``rec`` whose adapter is not complete, group by group."""
     by_id = {u.user_id: u for u in users}
+
+    def examples(user_id: str) -> list:
+        pool = users if rec.kind == "task" else [by_id[user_id]]
+        return [e for u in pool for e in loo_examples(
+            task, training_history(u, cfg), backbone.tokenizer, cfg.retrieve_k, cfg.max_length,
+            negative_pool(task, [o for o in users if o.user_id != u.user_id], cfg.seed))]
+
     todo = [a for a in rec.anchors if not (a.done and (adapter_dir(out, a.slot) / WEIGHTS).exists())]
-    missing = [a.user_id for a in todo if a.user_id not in by_id]
+    missing = [a.user_id for a in todo if a.user_id not in by_id and rec.kind != "task"]
     if missing:
         raise MtaError(f"bank {out} needs anchor user(s) {missing[:3]} that are not in the data")
     if trained is not None:
@@ -153,9 +190,8 @@ def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task:
         engine.owner = None  # the bank table now holds this group, not an opened bank
         engine.set_bank(len(group), cfg.rank, cfg.alpha, cfg.target_modules)
         engine.init_bank(seed=cfg.seed + group[0].slot)
-        jobs = [Job(j, loo_examples(task, training_history(by_id[a.user_id], cfg), backbone.tokenizer,
-                                    cfg.retrieve_k, cfg.max_length),
-                    Row([j], [1.0]), key=f"{key_prefix}:{a.user_id}") for j, a in enumerate(group)]
+        jobs = [Job(j, examples(a.user_id), Row([j], [1.0]), key=f"{key_prefix}:{a.user_id}")
+                for j, a in enumerate(group)]
         stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id,
                            on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
         for j, a in enumerate(group):

@@ -12,6 +12,7 @@ default (tested), and the flag sets all of them.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -219,6 +220,10 @@ class EvalConfig(_Config):
     users: int | None = Field(None, ge=2, description="use only the first N users (quick runs)")
     target_history: int | None = Field(None, ge=1, description="targets keep only their first N history "
                                        "items (MovieLens protocol: 10)")
+    history_queries: int = Field(0, ge=0, description="each target's last N history items become extra test "
+                                 "queries and leave its history (0: the data's own queries only)")
+    anchor_data: Path | None = Field(None, description="a separate pool of anchor candidates (rich users); the "
+                                     "users of the data are then all targets, in one fold")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples")
     seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
 

@@ -2,21 +2,37 @@
 
 Item i becomes (prompt, target) in the task's query format; the prompt carries the
 BM25 top-k of the user's OTHER items (never item i itself, which would leak its answer).
+Tasks whose queries contrast the user with others (LaMP-1) also draw on ``negatives``,
+items of other users (``negative_pool``).
 """
 
 from __future__ import annotations
 
-from mta.data.schema import User
+import random
+from collections.abc import Sequence
+
+from mta.data.schema import HistoryItem, User
 from mta.engine.train import Example, encode_example
 from mta.retrieval import retrieve
 from mta.tasks.base import Task
 
+NEGATIVES = 64
+
+
+def negative_pool(task: Task, users: Sequence[User], seed: int = 0) -> list[HistoryItem]:
+    """A seeded sample of history items of ``users`` for tasks with ``needs_negatives``
+    (empty otherwise). Callers pass users other than the one being trained."""
+    if not task.needs_negatives:
+        return []
+    items = [it for u in users for it in u.history]
+    return random.Random(seed).sample(items, min(NEGATIVES, len(items)))
+
 
 def loo_examples(task: Task, user: User, tokenizer, retrieve_k: int = 1,
-                 max_length: int = 512) -> list[Example]:
+                 max_length: int = 512, negatives: Sequence[HistoryItem] = ()) -> list[Example]:
     out = []
     for item in user.history:
-        inp, target = task.item_example(item)
+        inp, target = task.training_example(item, user.history, negatives)
         context = retrieve(task, inp, user.history, retrieve_k, exclude_id=item.id)
         out.append(encode_example(tokenizer, task.prompt(inp, context), target, max_length))
     return out

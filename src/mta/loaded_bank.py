@@ -65,7 +65,8 @@ class Answer:
     input: str
     output: str
     parsed: object
-    route: str  # "mta" (fusion + stack), "stack" (stack only), "fusion", "base", "private" (own LoRA)
+    route: str  # "mta" (fusion + stack), "stack" (stack only), "fusion", "base", "private" (own LoRA),
+    # "task" (the task LoRA alone)
     notice: str | None = None
 
 
@@ -196,6 +197,8 @@ class LoadedBank:
     # -- stage 2: mixtures ------------------------------------------------------------------------
     def mixtures(self, users: Sequence[User], cfg: AdaptConfig) -> list[Mixture]:
         """Each user's top-k anchors and weights, from their history alone."""
+        if self.kind == "task":  # everyone gets the one task anchor
+            return [Mixture((0,), (1.0,), (1.0,)) for _ in users]
         if self.kind == "private":
             slot = {a.user_id: a.slot for a in self.record.anchors}
             missing = [u.user_id for u in users if u.user_id not in slot]
@@ -266,7 +269,8 @@ class LoadedBank:
                 self.stacks.invalidate()
                 rows = self._rows([Plan(mixes[i].anchors, mixes[i].weights, cfg.merge, cfg.svd_rank, stack=j)
                                    for j, i in enumerate(group)])
-                jobs = [Job(j, loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length),
+                negatives = self.record.negatives if self.record else []
+                jobs = [Job(j, loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length, negatives),
                             rows[j], key=f"user:{users[i].user_id}") for j, i in enumerate(group)]
                 stats = train_jobs(engine, "stack", jobs, tcfg, pad_id=tok.pad_token_id,
                                    on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
@@ -338,6 +342,10 @@ class LoadedBank:
                 stack = slots.get(r.user_id)
                 plans.append(Plan(tuple(rec.anchors), tuple(rec.weights), rec.merge, rec.svd_rank, stack))
                 routes.append(("mta" if stack is not None else "fusion") if rec.anchors else "stack")
+                notices.append(None)
+            elif self.kind == "task":
+                plans.append(Plan((0,), (1.0,)))
+                routes.append("task")
                 notices.append(None)
             elif r.user_id in fresh_mix and fresh_mix[r.user_id].anchors:
                 m = fresh_mix[r.user_id]

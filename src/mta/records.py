@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mta.config import AdaptConfig, BankConfig
+from mta.data.schema import HistoryItem
 from mta.errors import MtaError
 
 BANK_SCHEMA = 2
@@ -40,10 +41,11 @@ class AnchorRecord(_Record):
 
 class BankRecord(_Record):
     """``BANK/index.json``. ``kind`` "bank": anchors chosen by k-means; "private": every
-    user is its own anchor (per-user LoRAs, evaluated as a bank of one-hot mixtures)."""
+    user is its own anchor (per-user LoRAs, evaluated as a bank of one-hot mixtures);
+    "task": one anchor trained on the pooled histories of ``pooled`` (the task LoRA)."""
 
     schema_version: Literal[2] = BANK_SCHEMA
-    kind: Literal["bank", "private"] = "bank"
+    kind: Literal["bank", "private", "task"] = "bank"
     task: str
     model: str
     embedder: str
@@ -51,6 +53,9 @@ class BankRecord(_Record):
     config: BankConfig
     notes: list[str] = Field(default_factory=list)
     candidates: int
+    pooled: list[str] = Field(default_factory=list)
+    negatives: list[HistoryItem] = Field(default_factory=list)  # other users' items, for tasks that need them
+    recipe: dict = Field(default_factory=dict)  # AdaptConfig settings recommended with this bank (mta tune)
     embed_seconds: float = 0.0
     anchors: list[AnchorRecord]
 

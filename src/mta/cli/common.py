@@ -98,3 +98,25 @@ def write_config(out: Path, command: str, cfg, backbone=None, **extra) -> dict:
               "mta_version": __version__, "torch": torch.__version__, "python": platform.python_version()}
     write_json_atomic(out / "config.json", record)
     return record
+
+
+def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None):
+    """Layer the defaults that are not flags: a --recipe file, then the recipe the bank
+    recorded, then the model's tuned defaults (mta.recipes). Returns (configs, the adapt
+    settings that came from recipes, for a bank to record)."""
+    from mta.evaluation.tune import read_recipe
+    from mta.recipes import model_recipe
+
+    adapt: dict = {}
+    if recipe is not None:
+        r = read_recipe(recipe)
+        if r.model != model_id:
+            err_console.print(f"[yellow]notice:[/yellow] recipe {recipe} was tuned for {r.model}, not {model_id}")
+        cfg = cfg.layer({"bank": r.bank, "adapt": r.adapt}, str(recipe))
+        adapt = {**r.adapt, **adapt}
+    if bank_record is not None and bank_record.recipe:
+        cfg = cfg.layer({"adapt": bank_record.recipe}, "the bank's recorded recipe")
+        adapt = {**bank_record.recipe, **adapt}
+    tuned = model_recipe(model_id)
+    cfg = cfg.layer(tuned, f"the tuned defaults of {model_id}")
+    return cfg, {**tuned.get("adapt", {}), **adapt}

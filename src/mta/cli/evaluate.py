@@ -11,23 +11,26 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mta.cli.common import Bars, console, err_console, load_backbone, progress, run_log, write_config
-from mta.cli.options import Configs, DataPath, OutDir, TaskName, configured
+from mta.backbone import DEFAULT_MODEL
+from mta.cli.common import Bars, console, err_console, load_backbone, progress, run_log, with_recipes, write_config
+from mta.cli.options import Configs, DataPath, OutDir, RecipeFile, TaskName, configured
 from mta.config import AdaptConfig, BackboneConfig, BankConfig, EvalConfig, GenerateConfig, RunConfig
 from mta.data.readers import load_dataset
 from mta.data.schema import Dataset
 from mta.errors import MtaError
 from mta.evaluation.methods import EvalSetup, expand_methods
-from mta.evaluation.protocol import Fold, holdout, make_folds
+from mta.evaluation.protocol import Fold, holdout, make_folds, pooled
 from mta.evaluation.report import write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
+from mta.evaluation.tune import SPACES, dev_split, read_recipe, tune
 from mta.tasks import get_task
 
 STAGES = (BackboneConfig, BankConfig, AdaptConfig, GenerateConfig)
 
 
 def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[str], folds: list[Fold],
-              protocol: str, n_boot: int, seed: int, target_history: int | None, place) -> None:
+              protocol: str, n_boot: int, seed: int, target_history: int | None, place,
+              history_queries: int = 0) -> None:
     """Load the backbone, run ``methods`` on ``folds``, write and print the report."""
     t = get_task(ds.task)
     if not any(q.gold is not None for u in ds.users for q in u.queries):
@@ -38,13 +41,14 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     config = write_config(out, command, cfg, backbone, data=str(ds.path), synthetic=ds.synthetic, task=t.name,
                           methods=methods, seed=seed, users=len(ds.users))
     with run_log(out), progress() as bar:
-        setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar))
-        res = run_eval(ds, methods, setup, out, folds, n_boot, seed, target_history, place)
+        setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar)).resolve(ds.users)
+        res = run_eval(ds, methods, setup, out, folds, n_boot, seed, target_history, place, history_queries)
     tag = "synthetic " if ds.synthetic else ""
     title = f"mta {command}: {t.title}, {len(ds.users)} {tag}users, model {backbone.model_id}"
     peak = res.get("peak_gpu_memory_bytes")
     meta = (f"Protocol: {protocol}; {cfg.bank.anchors} anchors requested per bank; 95% percentile bootstrap over "
-            f"users ({n_boot} resamples). Wall time {time.perf_counter() - t0:.0f} s on {backbone.device}"
+            f"users ({n_boot} resamples); {setup.max_new_tokens} new tokens per answer. "
+            f"Wall time {time.perf_counter() - t0:.0f} s on {backbone.device}"
             + (f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else "")
             + (" (synthetic data)" if ds.synthetic else "") + ".")
     refs = references(methods)
@@ -67,23 +71,45 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
 
 
 @configured(EvalConfig, *STAGES)
-def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, *, cfg: Configs) -> None:
+def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeFile = None, *,
+             cfg: Configs) -> None:
     """Compare methods under one protocol; write metrics.json, results.md and PNG plots."""
+    cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
     e = cfg.eval
     methods = expand_methods(e.methods)
     ds = load_dataset(data, task)
+    dev_note = ""
+    if recipe is not None:  # the users a recipe was tuned on are never reported
+        dev = set(read_recipe(recipe).dev_users)
+        kept = [u for u in ds.users if u.user_id not in dev]
+        dev_note = f"; the {len(ds.users) - len(kept)} dev users of {recipe.name} left out"
+        ds.users = kept
     if e.users:
         ds.users = ds.users[:e.users]
-    protocol = (f"{e.folds} folds over users (seed {e.seed}); each fold's users are targets, the other folds' "
-                "users the anchor candidates")
-    _evaluate("eval", ds, out, cfg, methods, make_folds(ds.users, e.folds, e.seed), protocol, e.n_boot, e.seed,
-              e.target_history, eval_layout(out))
+    if e.anchor_data:
+        pool = load_dataset(e.anchor_data, ds.task)
+        folds = [pooled(ds.users, pool.users)]
+        protocol = (f"every user of the data is a target ({len(ds.users)}); anchor candidates from "
+                    f"{pool.path} ({len(folds[0].candidates)} users)")
+    else:
+        folds = make_folds(ds.users, e.folds, e.seed)
+        protocol = (f"{e.folds} folds over users (seed {e.seed}); each fold's users are targets, the other "
+                    "folds' users the anchor candidates")
+    if e.history_queries:
+        protocol += f"; each target's last {e.history_queries} history items are extra test queries"
+    if e.target_history:
+        protocol += f"; targets keep their first {e.target_history} history items"
+    protocol += dev_note
+    _evaluate("eval", ds, out, cfg, methods, folds, protocol, e.n_boot, e.seed, e.target_history, eval_layout(out),
+              e.history_queries)
 
 
 @configured(RunConfig, *STAGES)
-def run_cmd(data: DataPath, out: OutDir, task: TaskName = None, *, cfg: Configs) -> None:
+def run_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeFile = None, *,
+            cfg: Configs) -> None:
     """The whole method on one split: build the bank on the anchor candidates, adapt the
     held-out targets, score base vs RAG vs MTA on their queries."""
+    cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
     ds = load_dataset(data, task)
     _run(ds, out, cfg)
 
@@ -109,4 +135,41 @@ def demo_cmd(
     write_jsonl(synth_users(users, seed=cfg.run.seed, queries=2), out / "data" / "users.jsonl")
     console.print(f"wrote {users} synthetic users to {escape(str(out / 'data'))}")
     # the bank default suits thousands of users, not 12 anchor candidates; tags are short
-    _run(load_dataset(out / "data"), out / "run", cfg.with_defaults(anchors=4, max_new_tokens=8))
+    small = {"bank": {"anchors": 4}, "generate": {"max_new_tokens": 8}}
+    _run(load_dataset(out / "data"), out / "run", cfg.layer(small))
+
+
+@configured(EvalConfig, *STAGES)
+def tune_cmd(
+    data: DataPath, out: OutDir, task: TaskName = None,
+    dev_fraction: float = typer.Option(1 / 3, min=0.05, max=0.9, help="Share of the users set aside as dev "
+                                       "users (tuned on, never reported)."),
+    space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)} (mta.evaluation.tune)."),
+    *, cfg: Configs,
+) -> None:
+    """Choose a recipe for this model and task on dev users; write OUT/recipe.json."""
+    from mta.paths import write_text_atomic
+
+    if space not in SPACES:
+        raise MtaError(f"unknown search space {space!r}; choose one of: {', '.join(SPACES)}")
+    cfg, _ = with_recipes(cfg, None, cfg.backbone.model or DEFAULT_MODEL)
+    ds = load_dataset(data, task)
+    t = get_task(ds.task)
+    dev = dev_split(ds.users, dev_fraction, cfg.eval.seed)
+    backbone = load_backbone(cfg.backbone)
+    write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space)
+    with run_log(out), progress() as bar:
+        setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar)).resolve(ds.users)
+        recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar))
+    write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
+    m = recipe.metric
+    table = Table(title=escape(f"mta tune: {t.title}, {len(dev)} dev users, model {backbone.model_id}"))
+    for col in ("method", m, "Δ vs rag-1", "Δ vs task-lora"):
+        table.add_column(col)
+    for r in recipe.ablation:
+        ds_ = [r["metrics"][m].get(f"diff_vs_{ref}") for ref in ("rag-1", "task-lora")]
+        table.add_row(r["method"], f"{r['metrics'][m]['value']:.3f}",
+                      *("-" if d is None else f"{d['value']:+.3f}" + (" *" if d["significant"] else "") for d in ds_))
+    console.print(table)
+    console.print(f"chosen: bank {recipe.bank or 'defaults'}, adapt {recipe.adapt or 'defaults'}; "
+                  f"wrote {escape(str(out / 'recipe.json'))}")

@@ -27,6 +27,7 @@ app.command("adapt")(pipeline.adapt_cmd)
 app.command("generate")(pipeline.generate_cmd)
 app.command("export")(pipeline.export_cmd)
 app.command("run")(evaluate.run_cmd)
+app.command("tune")(evaluate.tune_cmd)
 app.command("demo")(evaluate.demo_cmd)
 
 

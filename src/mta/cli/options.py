@@ -57,7 +57,7 @@ def _cli_type(annotation: Any) -> tuple[type, str]:
         return str, "one of: " + ", ".join(map(str, typing.get_args(annotation)))
     if origin is tuple:
         return str, "comma-separated"
-    if annotation in (bool, int, float, str):
+    if annotation in (bool, int, float, str, Path):
         return annotation, ""
     raise TypeError(f"no CLI type for {annotation!r}")
 
@@ -114,18 +114,24 @@ class Configs:
     def dump(self) -> dict:
         return {SECTIONS[cls][0]: obj.dump() for cls, obj in self._built.items()}
 
-    def with_defaults(self, **flags) -> Configs:
-        """A copy where each of ``flags`` (python names) not given on the command line takes the value given
-        here: a command's own default for a knob (e.g. a demo's small bank)."""
-        table = knobs(*self._built)
-        built = dict(self._built)
-        for py, value in flags.items():
-            knob = table[py.replace("_", "-")]
-            if knob.flag in self.given:
-                continue
-            for cls, name in knob.targets:
-                built[cls] = built[cls].model_copy(update={name: value})
-        return Configs(built, self.given)
+    def layer(self, values: dict[str, dict], source: str = "") -> Configs:
+        """A copy where config fields (``{"bank": {"lr": ...}}``, by section) whose flag was
+        not given take these values; their flags then count as given, so a later (lower)
+        layer does not override them. Used for: a command's own defaults, a recipe file,
+        the recipe a bank records, a model's tuned defaults (in that order)."""
+        built, given = dict(self._built), set(self.given)
+        for cls, obj in self._built.items():
+            section = SECTIONS[cls][0]
+            update = {}
+            for name, value in (values.get(section) or {}).items():
+                if name not in cls.model_fields:
+                    raise MtaError(f"{source or 'recipe'}: {section} has no setting {name!r}")
+                if _flag(cls, name) not in self.given:
+                    update[name] = value
+            if update:
+                built[cls] = cls.build({**obj.dump(), **update})
+                given |= {_flag(cls, n) for n in update}
+        return Configs(built, frozenset(given))
 
 
 def configured(*configs: type):
@@ -202,5 +208,7 @@ StorePath = Annotated[Path, typer.Option("--store", help="A user store directory
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory.")]
 TaskName = Annotated[str | None, typer.Option("--task", help="Task name (default: detected from the data, "
                                               "or the bank's).")]
+RecipeFile = Annotated[Path | None, typer.Option("--recipe", help="A recipe from `mta tune`: its settings "
+                                                "are the defaults here (flags still win).")]
 UserIds = Annotated[str | None, typer.Option("--users", help="Comma-separated user ids, or @FILE with one id "
                                              "per line (default: all users of the data).")]

@@ -11,8 +11,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mta.cli.common import Bars, console, err_console, load_backbone, progress, run_log, write_config
-from mta.cli.options import BankPath, Configs, DataPath, OptionalData, OutDir, StorePath, TaskName, UserIds, configured
+from mta.cli.common import Bars, console, err_console, load_backbone, progress, run_log, with_recipes, write_config
+from mta.cli.options import (
+    BankPath,
+    Configs,
+    DataPath,
+    OptionalData,
+    OutDir,
+    RecipeFile,
+    StorePath,
+    TaskName,
+    UserIds,
+    configured,
+)
 from mta.config import AdaptConfig, BackboneConfig, BankConfig, GenerateConfig
 from mta.data.readers import load_dataset
 from mta.data.schema import User
@@ -53,17 +64,19 @@ def _bank_record(bank: Path):
 
 @bank_app.command("build")
 @configured(BackboneConfig, BankConfig)
-def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserIds = None, *,
-               cfg: Configs) -> None:
+def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserIds = None,
+               recipe: RecipeFile = None, *, cfg: Configs) -> None:
     """Stage 1: cluster users, pick anchors, train one meta-LoRA per anchor (one pass per group)."""
+    from mta.backbone import DEFAULT_MODEL
     from mta.bank import build_bank
 
     ds = load_dataset(data, task)
     pool = select_users(ds.users, users)
+    cfg, adapt_recipe = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
     backbone = load_backbone(cfg.backbone)
     with run_log(out), progress() as bar:
         write_config(out, "bank build", cfg, backbone, data=str(ds.path), task=ds.task)
-        rec = build_bank(backbone, pool, get_task(ds.task), cfg.bank, out, Bars(bar))
+        rec = build_bank(backbone, pool, get_task(ds.task), cfg.bank, out, Bars(bar), recipe=adapt_recipe)
     for n in rec.notes:
         err_console.print(f"[yellow]notice:[/yellow] {escape(n)}")
     console.print(f"bank with {len(rec.anchors)} anchors in {escape(str(out))}")
@@ -107,10 +120,11 @@ def _open_bank(bank: Path, cfg: Configs, task: str | None = None):
 
 
 @configured(BackboneConfig, AdaptConfig)
-def adapt_cmd(bank: BankPath, data: DataPath, out: OutDir, task: TaskName = None, users: UserIds = None, *,
-              cfg: Configs) -> None:
+def adapt_cmd(bank: BankPath, data: DataPath, out: OutDir, task: TaskName = None, users: UserIds = None,
+              recipe: RecipeFile = None, *, cfg: Configs) -> None:
     """Stages 2+3: fuse each user's nearest anchors and train their stacked adapter."""
     rec = _bank_record(bank)
+    cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or rec.model, rec)
     ds = load_dataset(data, task or rec.task)
     sel = select_users(ds.users, users)
     backbone, loaded = _open_bank(bank, cfg, ds.task)
@@ -160,9 +174,11 @@ def generate_cmd(
     pairs = _requests(user, input, input_file)
     rec = _bank_record(bank)
     users = {u.user_id: u for u in load_dataset(data, rec.task).users} if data else {}
-    _, loaded = _open_bank(bank, cfg)
-    answers = loaded.answer([Request(u, i, users.get(u)) for u, i in pairs], cfg.generate,
-                            UserStore(store) if store else None)
+    backbone, loaded = _open_bank(bank, cfg)
+    gen = cfg.generate
+    if gen.max_new_tokens is None and users:
+        gen = gen.model_copy(update={"max_new_tokens": loaded.task.answer_tokens(backbone.tokenizer, users.values())})
+    answers = loaded.answer([Request(u, i, users.get(u)) for u, i in pairs], gen, UserStore(store) if store else None)
     for a in answers:
         if a.notice:
             err_console.print(f"[yellow]notice:[/yellow] {escape(a.notice)}")

@@ -5,8 +5,13 @@ All share one backbone (base model, embedder), one prompt format and one protoco
 
 - ``base``: the instruction alone; ``rag-K``: BM25 top-K history items in the prompt
   (``rag`` = rag-1 and rag-4);
+- ``task-lora``: ONE LoRA with the meta-LoRA recipe (BankConfig) on the pooled histories
+  of the fold's anchor candidates, never a target's: the task learnt, no user;
 - ``per-user-lora``: one LoRA per user from scratch on their own history, with the
   meta-LoRA recipe (BankConfig: rank, lr, epochs, examples), RAG-k prompt;
+- ``oppu``: OPPU's recipe: the task LoRA, frozen, and on top of it a per-user LoRA with
+  the meta-LoRA recipe (rank, alpha, lr, epochs, all linear layers of all blocks) on the
+  user's history;
 - ``mta-fusion``: the fold's bank, the user's fused top-k anchors, no stack;
 - ``mta-stack``: a stacked adapter (AdaptConfig's rank, lr, layers) over the bare base
   model, no anchors;
@@ -37,8 +42,10 @@ from mta.retrieval import retrieve
 from mta.store import UserStore
 
 log = logging.getLogger(__name__)
-ALL_METHODS = ("base", "rag", "per-user-lora", "mta-fusion", "mta-stack", "mta", "mta-reference")
+ALL_METHODS = ("base", "rag", "task-lora", "per-user-lora", "oppu", "mta-fusion", "mta-stack", "mta",
+               "mta-reference")
 BANK_METHODS = {"mta-fusion", "mta", "mta-reference"}
+TASK_METHODS = {"task-lora", "oppu"}
 Progress = Callable[[str, int, int], None] | None
 
 
@@ -78,10 +85,11 @@ class EvalSetup:
     adapt_cfg: AdaptConfig
     gen_cfg: GenerateConfig
     progress: Progress = None
+    max_new_tokens: int = 0  # resolved by ``resolve``: the config's, else the task's rule for the users
 
-    @property
-    def max_new_tokens(self) -> int:
-        return self.gen_cfg.max_new_tokens or self.task.max_new_tokens
+    def resolve(self, users) -> EvalSetup:
+        self.max_new_tokens = self.gen_cfg.max_new_tokens or self.task.answer_tokens(self.backbone.tokenizer, users)
+        return self
 
 
 def _queries(users) -> list[tuple[User, object]]:
@@ -143,8 +151,21 @@ def run_private(setup: EvalSetup, targets, out: Path) -> FoldResult:
     return res
 
 
-def method_config(name: str, base: AdaptConfig) -> AdaptConfig:
+def run_task(setup: EvalSetup, bank: LoadedBank, targets) -> FoldResult:
+    """task-lora: every target through the one task LoRA (trained on other users; a shared
+    cost like the bank's, so nothing per user)."""
+    res = FoldResult(bytes_per_user={u.user_id: 0 for u in targets})
+    _answer(setup, bank, "task-lora", targets, res)
+    return res
+
+
+def method_config(name: str, base: AdaptConfig, bank: BankConfig) -> AdaptConfig:
     """The AdaptConfig each adapter method uses."""
+    if name == "oppu":  # a per-user LoRA with the bank's recipe over the frozen task LoRA
+        return AdaptConfig.make(top_k=1, stack_rank=bank.rank, stack_alpha=bank.alpha, stack_layers=0,
+                                stack_targets=bank.target_modules, stack_lr=bank.lr, stack_epochs=bank.epochs,
+                                batch_size=bank.batch_size, warmup_ratio=bank.warmup_ratio,
+                                retrieve_k=bank.retrieve_k, max_length=bank.max_length, seed=base.seed)
     if name == "mta-reference":
         return AdaptConfig.make(preset="reference", seed=base.seed, max_length=base.max_length,
                                 retrieve_k=base.retrieve_k, batch_size=base.batch_size)
@@ -156,9 +177,10 @@ def method_config(name: str, base: AdaptConfig) -> AdaptConfig:
 
 
 def run_adapted(setup: EvalSetup, name: str, bank: LoadedBank, targets, out: Path) -> FoldResult:
-    """mta, mta-fusion, mta-reference (on the fold's bank) and mta-stack (on an empty
-    bank): adapt the targets into a store, then answer them in mixed-user batches."""
-    cfg = method_config(name, setup.adapt_cfg)
+    """mta, mta-fusion, mta-reference (on the fold's bank), mta-stack (on an empty bank)
+    and oppu (on the task bank): adapt the targets into a store, then answer them in
+    mixed-user batches."""
+    cfg = method_config(name, setup.adapt_cfg, setup.bank_cfg)
     store = UserStore(out)
     t0 = time.perf_counter()
     stats = bank.adapt(list(targets), cfg, store,

@@ -2,7 +2,13 @@
 
 With F folds (seeded shuffle), fold f's users are the targets and the users of the other
 folds are the anchor candidates. A target's adapters see only that target's history,
-never its queries (the training examples are built from ``history`` alone).
+never its queries (the training examples are built from ``history`` alone). With a
+separate pool of anchor candidates (``pooled``), there is one fold: every user of the
+data is a target, the pool (minus any of them) the candidates.
+
+What a target keeps (``prepare_targets``): optionally its last N history items become
+extra test queries (LaMP has one query per user; this gives more per user, documented in
+docs/evaluation.md), then optionally only its first N history items remain.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mta.data.schema import User
+from mta.data.schema import Query, User
 from mta.errors import MtaError
 
 
@@ -19,6 +25,38 @@ class Fold:
     index: int
     targets: tuple[User, ...]
     candidates: tuple[User, ...]
+
+
+def pooled(targets: list[User], candidates: list[User]) -> Fold:
+    """One fold: all of ``targets`` evaluated with anchors from ``candidates``."""
+    ids = {u.user_id for u in targets}
+    pool = tuple(u for u in candidates if u.user_id not in ids)
+    if not pool:
+        raise MtaError("the anchor pool has no user that is not also a target", ("EvalConfig.anchor_data",))
+    return Fold(0, tuple(targets), pool)
+
+
+def history_as_queries(user: User, n: int, task) -> User:
+    """The user's last ``n`` history items become queries (input and gold in the task's
+    query format) and leave the history; at least one history item must remain."""
+    if not n:
+        return user
+    if len(user.history) <= n:
+        raise MtaError(f"user '{user.user_id}' has {len(user.history)} history items; turning {n} into queries "
+                       "would leave none", ("EvalConfig.history_queries",))
+    taken = user.history[-n:]
+    extra = []
+    for it in taken:
+        inp, gold = task.item_example(it)
+        extra.append(Query(id=f"history:{it.id}", input=inp, gold=gold))
+    return user.model_copy(update={"history": user.history[:-n], "queries": [*user.queries, *extra]})
+
+
+def prepare_targets(users, history_queries: int, target_history: int | None, task) -> list[User]:
+    out = [history_as_queries(u, history_queries, task) for u in users]
+    if target_history:
+        out = [u.model_copy(update={"history": u.history[:target_history]}) for u in out]
+    return out
 
 
 def holdout(users: list[User], targets_fraction: float, seed: int) -> Fold:

@@ -11,24 +11,26 @@ from pathlib import Path
 import numpy as np
 
 from mta.anchors import embed_users
-from mta.bank import adapter_dir, build_bank, read_index, training_history
+from mta.bank import adapter_dir, build_bank, build_task, read_index, training_history
 from mta.data.schema import Dataset, User
 from mta.evaluation import plots
-from mta.evaluation.methods import BANK_METHODS, EvalSetup, FoldResult, run_adapted, run_private, run_prompt
-from mta.evaluation.protocol import Fold
+from mta.evaluation.methods import (
+    BANK_METHODS,
+    TASK_METHODS,
+    EvalSetup,
+    FoldResult,
+    run_adapted,
+    run_private,
+    run_prompt,
+    run_task,
+)
+from mta.evaluation.protocol import Fold, prepare_targets
 from mta.evaluation.stats import bootstrap_ci, paired_diff_ci, user_stats
 from mta.loaded_bank import LoadedBank
 from mta.paths import write_json_atomic, write_text_atomic
 from mta.store import UserStore
 
 log = logging.getLogger(__name__)
-
-
-def cut_history(users: list[User], n: int | None) -> list[User]:
-    """Targets keep only their first ``n`` history items (chronological order as given)."""
-    if not n:
-        return users
-    return [u.model_copy(update={"history": u.history[:n]}) for u in users]
 
 
 def _item_ids(user: User) -> tuple:
@@ -79,7 +81,7 @@ def summarise(task, users: list[User], results: dict[str, FoldResult], reference
 
 def references(methods: list[str]) -> list[str]:
     """The methods every other is compared with (paired differences), when evaluated."""
-    return [m for m in ("rag-1",) if m in methods]
+    return [m for m in ("rag-1", "task-lora") if m in methods]
 
 
 def merge(into: FoldResult | None, part: FoldResult) -> FoldResult:
@@ -105,10 +107,12 @@ def run_layout(out: Path) -> Callable[[int, str], Path]:
 
 
 def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds: list[Fold], n_boot: int,
-             seed: int, target_history: int | None = None, place: Callable[[int, str], Path] | None = None) -> dict:
+             seed: int, target_history: int | None = None, place: Callable[[int, str], Path] | None = None,
+             history_queries: int = 0) -> dict:
     """Every method on every fold's targets (anchors from the fold's candidates), then
-    intervals over all users. ``place(fold, name)`` is where a fold's bank and each
-    method's adapters go (default: ``eval_layout``)."""
+    intervals over all targets. ``place(fold, name)`` is where a fold's bank and each
+    method's adapters go (default: ``eval_layout``); ``history_queries`` and
+    ``target_history`` shape the targets (``protocol.prepare_targets``)."""
     task = setup.task
     place = place or eval_layout(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +120,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     split = []
     t_start = time.perf_counter()
     bank_seconds = 0.0
-    targets = {f.index: cut_history(list(f.targets), target_history) for f in folds}
+    targets = {f.index: prepare_targets(f.targets, history_queries, target_history, task) for f in folds}
     # Per-user LoRAs first: they follow the bank's recipe (rank, lr, epochs, examples), so
     # an anchor's meta-LoRA IS its per-user LoRA when it trains on the same history; the
     # banks below copy those instead of training the same adapter twice.
@@ -136,7 +140,14 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     for fold in folds:
         split.append({"fold": fold.index, "targets": [u.user_id for u in targets[fold.index]],
                       "anchor_candidates": [u.user_id for u in fold.candidates]})
-        bank = None
+        bank = task_bank = None
+        if TASK_METHODS & set(methods):
+            t0 = time.perf_counter()
+            build_task(setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "task-lora"),
+                       (lambda s, d, t, f=fold.index: setup.progress(f"fold {f} task-lora {s}", d, t))
+                       if setup.progress else None)
+            bank_seconds += time.perf_counter() - t0
+            task_bank = LoadedBank(setup.backbone, place(fold.index, "task-lora"), task)
         if BANK_METHODS & set(methods):
             t0 = time.perf_counter()
             build_bank(setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "bank"),
@@ -149,15 +160,19 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                 continue
             if m == "base" or m.startswith("rag-"):
                 part = run_prompt(setup, m, targets[fold.index])
+            elif m == "task-lora":
+                part = run_task(setup, task_bank, targets[fold.index])
+            elif m == "oppu":
+                part = run_adapted(setup, m, task_bank, targets[fold.index], place(fold.index, m))
             elif m == "mta-stack":
                 part = run_adapted(setup, m, LoadedBank(setup.backbone, None, task), targets[fold.index],
                                    place(fold.index, m))
             else:
                 part = run_adapted(setup, m, bank, targets[fold.index], place(fold.index, m))
             results[m] = merge(results[m], part)
-    evaluated = {u.user_id for f in folds for u in f.targets}
-    rows = summarise(task, [u for u in ds.users if u.user_id in evaluated], results, references(methods), n_boot,
-                     seed)
+    prepared = {u.user_id: u for f in folds for u in targets[f.index]}
+    evaluated = [prepared[u.user_id] for u in ds.users if u.user_id in prepared]  # the data's order
+    rows = summarise(task, evaluated, results, references(methods), n_boot, seed)
     write_json_atomic(out / "split.json", split)
     preds = [{"method": m, "user_id": uid, "outputs": r.outputs[uid], "parsed": r.preds[uid]}
              for m, r in results.items() for uid in r.preds]

@@ -27,6 +27,9 @@ class Task:
     labels: tuple[str, ...] = ()
     # Marker after which a query input holds the content to retrieve on ("description: ").
     content_marker: str | None = None
+    # Whether training examples in the query's form need items of OTHER users (LaMP-1's
+    # unrelated reference); see ``training_example``.
+    needs_negatives: bool = False
 
     # -- rendering -------------------------------------------------------------------
     def render_item(self, item: HistoryItem) -> str:
@@ -36,6 +39,13 @@ class Task:
     def item_example(self, item: HistoryItem) -> tuple[str, str]:
         """A history item as an (input, output) training pair in the query's format."""
         raise NotImplementedError
+
+    def training_example(self, item: HistoryItem, history: Sequence[HistoryItem],
+                         negatives: Sequence[HistoryItem]) -> tuple[str, str]:
+        """``item`` as an (input, output) training pair in the form of the task's queries;
+        ``history`` is the user's history, ``negatives`` items of other users (used by
+        tasks with ``needs_negatives``)."""
+        return self.item_example(item)
 
     def item_label(self, item: HistoryItem) -> str | None:
         """The item's label for distributions (tag, score); None for free text."""
@@ -95,6 +105,17 @@ class Task:
         """Answer length when nothing else says: a label or a score is short; free text
         (a headline, a title) is not."""
         return {"classification": 12, "rating": 8, "generation": 32}[self.kind]
+
+    def answer_tokens(self, tokenizer, users) -> int:
+        """The default answer length for ``users``: the 99th percentile, in tokens, of the
+        outputs of their history items in the query format (the answers the adapters are
+        trained to give; no test answer is looked at), plus 2 (end of turn, a little
+        slack); ``max_new_tokens`` when the users have no history."""
+        outs = [self.item_example(it)[1] for u in users for it in u.history]
+        if not outs:
+            return self.max_new_tokens
+        lengths = sorted(len(ids) for ids in tokenizer(outs, add_special_tokens=False)["input_ids"])
+        return lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))] + 2
 
     @property
     def metric_names(self) -> tuple[str, str]:

@@ -1,0 +1,151 @@
+"""`mta tune`: choose a recipe (learning rates, epochs, stack shape, top-k, anchors, merge)
+for one model and task on a DEV split of the users, which later evaluations leave out.
+
+The search is a coordinate search: knob groups in a fixed order, each option of a group
+evaluated (method ``mta`` under the eval protocol, on the dev users alone: folds among
+them, anchors from the other dev folds), the best kept before the next group; ties keep
+the earlier option (the default comes first). Banks are shared between trials with the
+same bank settings. At the end the chosen recipe is evaluated once more on the dev users
+with the baselines and the ablations (rag-1, task-lora, per-user-lora, mta-fusion,
+mta-stack), so the record says where mta stands and why.
+
+The recipe file (``recipe.json``) holds the chosen bank and adapt settings, the dev user
+ids, every trial and the final table. ``mta bank build/eval/run --recipe FILE`` take its
+settings as defaults (flags still win) and ``mta eval`` leaves its dev users out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mta.config import AdaptConfig, BankConfig
+from mta.data.schema import Dataset
+from mta.errors import MtaError
+from mta.evaluation.methods import EvalSetup
+from mta.evaluation.protocol import make_folds
+from mta.evaluation.runner import run_eval
+
+log = logging.getLogger(__name__)
+RECIPE_SCHEMA = 1
+Override = dict[str, dict]  # {"bank": {...}, "adapt": {...}}
+
+GROUPS: dict[str, list[Override]] = {
+    "learning rate": [{"bank": {"lr": lr, "epochs": ep}, "adapt": {"stack_lr": lr}}
+                      for lr, ep in ((3e-3, 1), (1e-3, 1), (3e-4, 2), (1e-4, 3))],
+    "stack learning rate": [{"adapt": {"stack_lr": lr}} for lr in (3e-3, 1e-3, 3e-4, 1e-4)],
+    "stack shape": [{"adapt": {"stack_rank": 2, "stack_layers": 8}}, {"adapt": {"stack_rank": 4, "stack_layers": 0}},
+                    {"adapt": {"stack_rank": 8, "stack_layers": 0}}],
+    "top-k": [{"adapt": {"top_k": k}} for k in (2, 1, 4)],
+    "anchors": [{"bank": {"anchors": n}} for n in (8, 4, 16)],
+    "merge": [{"adapt": {"merge": m}} for m in ("delta", "factor")],
+}
+SPACES = {"quick": ["learning rate", "stack shape", "top-k"], "full": list(GROUPS)}
+ABLATION = ["rag-1", "task-lora", "per-user-lora", "mta-fusion", "mta-stack", "mta"]
+
+
+class Recipe(BaseModel):
+    """What `mta tune` chose, for which model and task, on which dev users."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = RECIPE_SCHEMA
+    model: str
+    task: str
+    data: str
+    metric: str
+    dev_users: list[str]
+    bank: dict = Field(default_factory=dict)    # BankConfig fields the search changed
+    adapt: dict = Field(default_factory=dict)   # AdaptConfig fields the search changed
+    trials: list[dict] = Field(default_factory=list)
+    ablation: list[dict] = Field(default_factory=list)
+
+
+def read_recipe(path: Path) -> Recipe:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MtaError(f"{path}: not a readable recipe ({e})") from None
+    if not isinstance(raw, dict) or raw.get("schema_version") != RECIPE_SCHEMA:
+        raise MtaError(f"{path}: not a recipe of schema version {RECIPE_SCHEMA}; write one with mta tune")
+    try:
+        return Recipe.model_validate(raw)
+    except Exception as e:  # noqa: BLE001 - pydantic's message, one line
+        raise MtaError(f"{path}: corrupt recipe ({str(e).splitlines()[0]})") from None
+
+
+def dev_split(users, fraction: float, seed: int) -> list[str]:
+    """The dev users: a seeded share of the users, at least 4 (two folds of two)."""
+    n = max(4, round(fraction * len(users)))
+    if n >= len(users):
+        raise MtaError(f"{len(users)} users leave none to report after a dev split of {n}")
+    order = [u.user_id for u in users]
+    random.Random(seed).shuffle(order)
+    return sorted(order[:n])
+
+
+def _key(cfg) -> str:
+    return hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
+         history_queries: int = 0, n_boot: int = 200, progress: Callable[[str, int, int], None] | None = None
+         ) -> Recipe:
+    task = setup.task
+    metric = task.metric_names[0]
+    lower_better = task.kind == "rating"
+    dev = Dataset([u for u in ds.users if u.user_id in set(dev_ids)], ds.task, ds.layout, ds.path, ds.synthetic)
+    fold_list = make_folds(dev.users, folds, setup.bank_cfg.seed)
+    chosen: Override = {"bank": {}, "adapt": {}}
+    trials: list[dict] = []
+    cache: dict[str, float] = {}
+
+    def configs(over: Override) -> tuple[BankConfig, AdaptConfig]:
+        bank = {**chosen["bank"], **over.get("bank", {})}
+        adapt = {**chosen["adapt"], **over.get("adapt", {})}
+        return setup.bank_cfg.model_copy(update=bank), AdaptConfig.build({**setup.adapt_cfg.dump(), **adapt})
+
+    def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, name: str) -> dict:
+        trial = out / "trials" / name
+        shared = out / "banks" / _key(bc)
+
+        def place(fold: int, what: str) -> Path:
+            return shared / f"fold{fold}" / what if what in ("bank", "task-lora", "per-user-lora") else \
+                trial / f"fold{fold}" / what
+
+        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens)
+        return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, place=place,
+                        history_queries=history_queries)
+
+    order = SPACES[space]
+    total = sum(len(GROUPS[g]) for g in order)
+    done = 0
+    for group in order:
+        best_value, best_over = None, None
+        for over in GROUPS[group]:
+            bc, ac = configs(over)
+            key = _key(bc) + _key(ac)
+            if key not in cache:
+                res = evaluate(["mta"], bc, ac, f"{len(trials):02d}")
+                cache[key] = res["rows"][0]["metrics"][metric]["value"]
+                trials.append({"group": group, "override": over, metric: cache[key]})
+                log.info("tune %s %s: %s %.4f", group, over, metric, cache[key])
+            value = cache[key]
+            if best_value is None or (value < best_value if lower_better else value > best_value):
+                best_value, best_over = value, over
+            done += 1
+            if progress:
+                progress("tune trials", done, total)
+        for section in ("bank", "adapt"):
+            chosen[section].update(best_over.get(section, {}))
+    bc, ac = configs({})
+    final = evaluate(ABLATION, bc, ac, "final")
+    return Recipe(model=setup.backbone.model_id, task=task.name, data=str(ds.path), metric=metric,
+                  dev_users=dev_ids, bank=chosen["bank"], adapt=chosen["adapt"], trials=trials,
+                  ablation=final["rows"])

@@ -1,0 +1,16 @@
+"""Tuned defaults per registered model: what `mta tune` chose for it on development users
+(docs/defaults.md gives the command, the data and the dev users behind each entry).
+
+They apply when the model is used and a setting is neither given as a flag, nor set by
+a ``--recipe`` file, nor recorded by the bank (in that order of precedence). A model
+without an entry runs on the config classes' defaults, which were chosen with
+SmolLM2-135M on synthetic development data.
+"""
+
+from __future__ import annotations
+
+MODEL_RECIPES: dict[str, dict[str, dict]] = {}
+
+
+def model_recipe(model_id: str) -> dict[str, dict]:
+    return MODEL_RECIPES.get(model_id, {})

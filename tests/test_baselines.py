@@ -1,0 +1,144 @@
+"""The task-LoRA and OPPU baselines, and the protocol options the paper's setting needs
+(a separate anchor pool, extra queries from history, the answer-length rule, LaMP-1's
+query-form training), on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mta import bank as bank_mod
+from mta.bank import build_task
+from mta.cli.main import main
+from mta.config import AdaptConfig, BankConfig
+from mta.data.synth import synth_users
+from mta.errors import MtaError
+from mta.evaluation.methods import method_config
+from mta.evaluation.protocol import history_as_queries, pooled, prepare_targets
+from mta.loaded_bank import LoadedBank
+from mta.models.tiny import tiny_tokenizer
+from mta.store import UserStore
+from mta.tasks import get_task
+from tests.engine_helpers import tiny_backbone
+
+TASK = get_task("synth")
+FAST = dict(min_history=1, epochs=1, batch_size=4, max_length=160)
+COMMON = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2",
+          "--n-boot", "100", "--anchors", "2"]
+
+
+def test_task_lora_never_sees_a_target(tmp_path, monkeypatch):
+    """The eval's task LoRA trains on the fold's anchor candidates only: no target's
+    history item (and so no query) is in any of its examples."""
+    seen: list[str] = []
+    real = bank_mod.loo_examples
+
+    def spy(task, user, *a, **k):
+        seen.append(user.user_id)
+        return real(task, user, *a, **k)
+
+    monkeypatch.setattr(bank_mod, "loo_examples", spy)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "6", "--queries", "1"]) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "rag-1,task-lora", *COMMON]) == 0
+    split = json.loads((out / "split.json").read_text())
+    for f in split:
+        rec = bank_mod.read_index(out / f"fold{f['fold']}" / "task-lora")
+        assert rec.kind == "task" and sorted(rec.pooled) == sorted(f["anchor_candidates"])
+        assert not set(rec.pooled) & set(f["targets"])
+    assert seen and len(seen) == sum(len(f["anchor_candidates"]) for f in split)
+    rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["results"]}
+    assert "diff_vs_task-lora" in rows["rag-1"]["metrics"]["accuracy"]
+    assert "diff_vs_rag-1" in rows["task-lora"]["metrics"]["accuracy"]
+
+
+def test_oppu_trains_a_user_lora_over_the_frozen_task_lora(tmp_path):
+    users = synth_users(6, seed=1)
+    backbone = tiny_backbone()
+    cfg = BankConfig.make(**FAST)
+    build_task(backbone, users[:3], TASK, cfg, tmp_path / "task")
+    bank = LoadedBank(backbone, tmp_path / "task", TASK)
+    before = {n: t.clone() for n, (a, b) in backbone.engine.anchor_tensors(0).items() for t in (a, b)}
+    frozen = {n: (a.clone(), b.clone()) for n, (a, b) in backbone.engine.anchor_tensors(0).items()}
+    oppu = method_config("oppu", AdaptConfig(), cfg)
+    store = UserStore(tmp_path / "store")
+    bank.adapt(users[3:], oppu, store)
+    assert before  # the task LoRA did not move while the users' LoRAs trained
+    for n, (a, b) in backbone.engine.anchor_tensors(0).items():
+        assert torch.equal(a, frozen[n][0]) and torch.equal(b, frozen[n][1])
+    rec = store.meta(users[3].user_id)
+    assert rec.anchors == [0] and rec.weights == [1.0] and rec.anchor_users == ["(task)"]
+    assert rec.stack.rank == cfg.rank and rec.stack.alpha == cfg.alpha and rec.stack.layers == 0
+    assert rec.stack.lr == cfg.lr and rec.stack.losses[-1] != rec.stack.losses[0]
+    layers = backbone.engine.stack_selection(None, 0)
+    assert len(layers) == len(backbone.engine.layers)  # every linear layer of every block
+
+
+def test_history_queries_and_anchor_pool():
+    users = synth_users(4, seed=2, queries=1)
+    u = history_as_queries(users[0], 3, TASK)
+    assert len(u.history) == 7 and len(u.queries) == 4
+    assert [q.id for q in u.queries[1:]] == [f"history:{it.id}" for it in users[0].history[-3:]]
+    assert u.queries[-1].gold == TASK.item_example(users[0].history[-1])[1]
+    cut = prepare_targets(users[:1], 3, 5, TASK)[0]
+    assert len(cut.history) == 5 and cut.history == users[0].history[:5]
+    with pytest.raises(MtaError, match="would leave none"):
+        history_as_queries(users[0], 10, TASK)
+    fold = pooled(users[:2], users[1:])
+    assert [x.user_id for x in fold.targets] == [users[0].user_id, users[1].user_id]
+    assert [x.user_id for x in fold.candidates] == [users[2].user_id, users[3].user_id]  # never a target
+
+
+def test_eval_with_anchor_pool_and_history_queries(tmp_path):
+    targets, pool = tmp_path / "t", tmp_path / "p"
+    assert main(["data", "synth", "--out", str(targets), "--users", "3", "--queries", "1", "--seed", "1"]) == 0
+    # the pool's first 3 ids are the targets' ids: they are left out of the candidates
+    assert main(["data", "synth", "--out", str(pool), "--users", "7", "--queries", "0", "--seed", "2"]) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(targets), "--anchor-data", str(pool), "--history-queries", "2", "--out",
+                 str(out), "--methods", "rag-1,mta", *COMMON]) == 0
+    rows = json.loads((out / "metrics.json").read_text())["results"]
+    assert all(r["users"] == 3 and r["queries"] == 3 * 3 for r in rows)
+    (split,) = json.loads((out / "split.json").read_text())
+    assert len(split["targets"]) == 3 and len(split["anchor_candidates"]) == 4
+    assert "extra test queries" in (out / "results.md").read_text()
+    # the paired script rebuilds the same targets (history queries included)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    got = subprocess.run([sys.executable, "scripts/paired.py", str(out), "mta", "rag-1", "--n-boot", "100"],
+                         capture_output=True, text=True, check=True, cwd=root).stdout
+    d = rows[1]["metrics"]["accuracy"]["diff_vs_rag-1"]
+    assert f"mta - rag-1 = {d['value']:+.3f}" in got
+
+
+def test_answer_length_covers_the_training_answers():
+    tok = tiny_tokenizer()
+    users = synth_users(8, seed=0)
+    n = TASK.answer_tokens(tok, users)
+    longest = max(len(tok(TASK.item_example(it)[1], add_special_tokens=False)["input_ids"])
+                  for u in users for it in u.history)
+    assert n == longest + 2  # p99 of 80 answers is the longest here
+    assert TASK.answer_tokens(tok, []) == TASK.max_new_tokens
+
+
+def test_lamp1_trains_on_query_form_choices():
+    from mta.data.schema import HistoryItem
+
+    t = get_task("lamp1")
+    hist = [HistoryItem(id=str(i), title=title, abstract="x") for i, title in
+            enumerate(["deep nets for vision", "vision transformers at scale", "soup recipes"])]
+    other = [HistoryItem(id="o1", title="a paper of someone else", abstract="y")]
+    inp, out = t.training_example(hist[0], hist, other)
+    assert inp.startswith("For an author who has written the paper with the title") and out in ("[1]", "[2]")
+    assert '"vision transformers at scale"' in inp and '"a paper of someone else"' in inp
+    assert t.parse(out) == out and t.retrieval_text(inp)
+    # answers are balanced across items by a hash, not always [1]
+    many = [HistoryItem(id=str(i), title=f"paper {i} on topic", abstract="z") for i in range(40)]
+    answers = {t.training_example(it, many, other)[1] for it in many}
+    assert answers == {"[1]", "[2]"}

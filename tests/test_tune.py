@@ -1,0 +1,53 @@
+"""`mta tune` on the tiny model: a recipe chosen on dev users, then used (and its dev
+users left out) by the commands that take --recipe."""
+
+from __future__ import annotations
+
+import json
+
+from mta.bank import read_index
+from mta.cli.main import main
+from mta.evaluation.tune import GROUPS, SPACES, read_recipe
+
+TINY = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2"]
+
+
+def test_tune_then_use_the_recipe(tmp_path):
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
+                 "--anchors", "2", *TINY]) == 0
+    r = read_recipe(out / "recipe.json")
+    assert r.model == "tiny-random-llama" and r.metric == "accuracy" and len(r.dev_users) == 4
+    assert len(r.trials) <= sum(len(GROUPS[g]) for g in SPACES["quick"])
+    assert {"lr", "epochs"} <= set(r.bank) and {"stack_lr", "top_k"} <= set(r.adapt)
+    assert [row["method"] for row in r.ablation] == ["rag-1", "task-lora", "per-user-lora", "mta-fusion",
+                                                      "mta-stack", "mta"]
+    # the banks of trials with the same bank settings are shared
+    assert len(list((out / "banks").iterdir())) <= 4
+    # eval with the recipe: its settings are defaults, its dev users are never reported
+    ev = tmp_path / "eval"
+    assert main(["eval", "--data", str(data), "--out", str(ev), "--recipe", str(out / "recipe.json"),
+                 "--methods", "mta", "--n-boot", "100", *TINY]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["results"][0]["users"] == 6 and "dev users" in (ev / "results.md").read_text()
+    assert m["config"]["configs"]["bank"]["lr"] == r.bank["lr"]
+    split = json.loads((ev / "split.json").read_text())
+    assert not {t for f in split for t in f["targets"]} & set(r.dev_users)
+    # a bank built with the recipe records its adapt settings for `mta adapt`
+    bank = tmp_path / "bank"
+    assert main(["bank", "build", "--data", str(data), "--out", str(bank), "--recipe", str(out / "recipe.json"),
+                 "--anchors", "2", "--model", "tiny-random-llama", "--embedder", "hashing-embedder"]) == 0
+    assert read_index(bank).recipe == r.adapt
+    store = tmp_path / "store"
+    assert main(["adapt", "--bank", str(bank), "--data", str(data), "--out", str(store), "--users",
+                 "synth-0000", "--stack-rank", "3"]) == 0
+    cfg = json.loads((store / "config.json").read_text())["configs"]["adapt"]
+    assert cfg["stack_rank"] == 3 and cfg["top_k"] == r.adapt["top_k"]  # a flag beats the recipe
+
+
+def test_bad_recipe_is_one_line(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_text("{}")
+    assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--recipe", str(bad)]) == 2
