@@ -214,8 +214,8 @@ class EvalConfig(_Config):
     """`mta eval`'s protocol: which methods, how users are split, how intervals are drawn."""
 
     methods: Names = Field(("base", "rag"), min_length=1, description="comma-separated: base, rag "
-                                     "(= rag-1 and rag-4), rag-K, per-user-lora, mta-fusion, mta-stack, mta, "
-                                     "mta-reference")
+                                     "(= rag-1 and rag-4), rag-K, task-lora, per-user-lora, oppu, mta-fusion, "
+                                     "mta-stack, mta, mta-reference; or all")
     folds: int = Field(2, ge=2, description="user folds; each fold is evaluated with anchors from the others")
     users: int | None = Field(None, ge=2, description="use only the first N users (quick runs)")
     target_history: int | None = Field(None, ge=1, description="targets keep only their first N history "

@@ -53,12 +53,14 @@ def expand_methods(spec) -> list[str]:
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for name in (s.strip() for s in names if s.strip()):
-        if name == "rag":
+        if name == "all":
+            out += expand_methods(ALL_METHODS)
+        elif name == "rag":
             out += ["rag-1", "rag-4"]
         elif name == "base" or re.fullmatch(r"rag-[1-9]\d*", name) or name in ALL_METHODS:
             out.append(name)
         else:
-            raise MtaError(f"unknown method {name!r}; choose from: {', '.join(ALL_METHODS)} or rag-K",
+            raise MtaError(f"unknown method {name!r}; choose from: {', '.join(ALL_METHODS)}, rag-K or all",
                            ("EvalConfig.methods",))
     if not out:
         raise MtaError("no method to evaluate", ("EvalConfig.methods",))

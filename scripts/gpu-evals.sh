@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/results.md (real models) and the --device cuda checks of
+# docs/architecture.md. Each step writes its run directory under OUTROOT and packs the
+# files worth keeping (no adapters) into OUTROOT/<run>.tgz.
+#
+#   bash scripts/gpu-evals.sh smoke OUTROOT            tiny model: run + every eval method on CUDA
+#   bash scripts/gpu-evals.sh run MODEL OUTROOT        mta run on the 72 LaMP-2 users
+#   bash scripts/gpu-evals.sh lamp2 MODEL OUTROOT [ARGS]      every method, the 72 LaMP-2 users
+#   bash scripts/gpu-evals.sh tune MODEL OUTROOT [ARGS]       mta tune on LaMP-2 dev users
+#   bash scripts/gpu-evals.sh movielens MODEL OUTROOT [ARGS]  every method, 160 MovieLens users
+#
+# DATA (default gpu/data) holds lamp2_users.json (../shared/data/lamp2m_movie_tagging_72users/
+# users.json) and movielens_users.jsonl (`mta data movielens --queries 3 --max-users 160` on
+# ../shared/data/movielens_ml-latest-small_2016). MTA (default `python3 -m mta`) is the CLI.
+set -euo pipefail
+MTA=${MTA:-python3 -m mta}
+DATA=${DATA:-gpu/data}
+DEVICE=${DEVICE:-cuda}
+step=$1
+shift
+
+pack() {  # pack RUN_DIR: the run's records, not its adapters
+  local run=$1
+  tar -czf "$run.tgz" -C "$(dirname "$run")" \
+    $(cd "$(dirname "$run")" && ls -d "$(basename "$run")"/{config.json,metrics.json,results.md,predictions.jsonl,split.json,recipe.json,run.log,*.png} 2>/dev/null)
+}
+
+case "$step" in
+  smoke)
+    out=$1
+    $MTA data synth --out "$out/synth" --users 12 --queries 1
+    tiny=(--model tiny-random-llama --embedder hashing-embedder --device "$DEVICE" --anchors 2)
+    $MTA run --data "$out/synth" --out "$out/tiny-run" "${tiny[@]}"
+    $MTA eval --data "$out/synth" --out "$out/tiny-eval" --methods all "${tiny[@]}"
+    pack "$out/tiny-run"; pack "$out/tiny-eval" ;;
+  run)
+    model=$1 out=$2
+    $MTA run --data "$DATA/lamp2_users.json" --out "$out/run-lamp2-$model" --model "$model" --device "$DEVICE" \
+      --anchors 8 --batch-size 64
+    pack "$out/run-lamp2-$model" ;;
+  lamp2)
+    model=$1 out=$2
+    shift 2
+    $MTA eval --data "$DATA/lamp2_users.json" --out "$out/lamp2-$model" --model "$model" --device "$DEVICE" \
+      --methods all --anchors 8 --batch-size 64 "$@"
+    pack "$out/lamp2-$model" ;;
+  tune)
+    model=$1 out=$2
+    shift 2
+    $MTA tune --data "$DATA/lamp2_users.json" --out "$out/tune-lamp2-$model" --model "$model" --device "$DEVICE" \
+      --anchors 8 --batch-size 64 --history-queries 3 "$@"
+    pack "$out/tune-lamp2-$model" ;;
+  movielens)
+    model=$1 out=$2
+    shift 2
+    $MTA eval --data "$DATA/movielens_users.jsonl" --out "$out/movielens-$model" --model "$model" --device "$DEVICE" \
+      --methods all --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
+    pack "$out/movielens-$model" ;;
+  *)
+    echo "unknown step $step (smoke, run, lamp2, tune, movielens)" >&2
+    exit 2 ;;
+esac
