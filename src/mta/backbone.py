@@ -27,7 +27,7 @@ CPU_MAX_ROWS = 16  # the CPU default micro-batch (rows); CUDA sizes micro-batche
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> the first CUDA device when there is one, else the CPU."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(spec)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
