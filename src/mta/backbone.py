@@ -76,8 +76,6 @@ class Backbone:
                                                                  else torch.float32)
         model_id = cfg.model or default_model or DEFAULT_MODEL
         embedder_id = cfg.embedder or default_embedder or DEFAULT_EMBEDDER
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         model, tok = load_llm(model_id, dtype=dtype, device=device)
         emb = load_embedder(embedder_id, device=str(device))
         log.info("loaded %s (%s) and %s on %s", model_id, dtype, embedder_id, device)
@@ -103,7 +101,8 @@ class Backbone:
                 "gradient_checkpointing": self.config.gradient_checkpointing}
 
     def peak_memory(self) -> int | None:
-        """Peak bytes allocated on the CUDA device since loading (None on the CPU)."""
+        """Peak bytes allocated on the CUDA device in this process (None on the CPU); the
+        weights are part of it."""
         if self.device.type != "cuda":
             return None
         return int(torch.cuda.max_memory_allocated(self.device))
