@@ -84,3 +84,22 @@ def test_fetch_embedder_from_its_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("MTA_HOME", str(tmp_path / "home"))
     assert main(["models", "fetch", "minilm-l6", "--from", str(src)]) == 0
     assert get_spec("minilm-l6").present
+
+
+def test_turn_end_is_learnt_and_stops_generation_even_when_eos_differs():
+    """A tokenizer whose eos is not the token closing a chat turn (Qwen's GGUF tokenizer
+    under some transformers versions): adapters learn the turn's end, and generation
+    stops at either."""
+    from mta.engine.train import encode_example
+    from mta.inference import end_of_turn, stop_ids
+    from mta.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn(tok) == im_end == tok.eos_token_id
+    odd = tiny_tokenizer()
+    odd.eos_token = "<|endoftext|>"
+    assert end_of_turn(odd) == im_end != odd.eos_token_id
+    assert stop_ids(odd) == [im_end, odd.eos_token_id]
+    ex = encode_example(odd, "which tag?", "comedy")
+    assert ex.input_ids[-1] == im_end and ex.labels[-1] == im_end

@@ -18,6 +18,8 @@ from mta.tasks.lamp2 import LABELS
     ("no idea", None),
     ("", None),
     ("scifi", None),                                        # no fuzzy guessing
+    ("twist endingHuman: what next", "twist ending"),       # ran on past its answer (seen with Qwen)
+    ("dark comedyUser", "dark comedy"),                     # the longest leading label
 ])
 def test_parse_tag(text, expected):
     assert parse_label(text, LABELS) == expected

@@ -14,6 +14,34 @@ import torch
 from mta.errors import ResourceError
 
 
+def end_of_turn(tokenizer) -> int:
+    """The token that closes an assistant turn in the chat template (ChatML's <|im_end|>),
+    which is what an adapter must learn to emit and what generation stops on. Qwen's
+    tokenizer names <|endoftext|> its eos while its turns end with <|im_end|>: training on
+    the eos taught adapters an answer that never stops. Falls back to the eos token."""
+    cached = getattr(tokenizer, "_mta_end_of_turn", None)
+    if cached is not None:
+        return cached
+    eot = tokenizer.eos_token_id
+    if getattr(tokenizer, "chat_template", None):
+        marker = "MTA-ANSWER-MARKER"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant",
+                                              "content": marker}], tokenize=False)
+        tail = text.split(marker, 1)[1] if marker in text else ""
+        ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        # the first control token after the answer (added tokens: ChatML's <|im_end|> is one
+        # even when the tokenizer names another token its eos)
+        control = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        eot = next((i for i in ids if i in control), eot)
+    tokenizer._mta_end_of_turn = eot
+    return eot
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Generation stops at the end of the turn or at the eos, whichever comes."""
+    return list(dict.fromkeys(i for i in (end_of_turn(tokenizer), tokenizer.eos_token_id) if i is not None))
+
+
 def chat_prompt(tokenizer, user_text: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
@@ -44,7 +72,7 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     out: list[str] = [""] * len(texts)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
-              **gen_kwargs}
+              "eos_token_id": stop_ids(tokenizer), **gen_kwargs}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,

@@ -366,10 +366,10 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int = 512) -
     Over-long prompts lose their beginning (the retrieved history), never the
     instruction at their end or the target.
     """
-    from mta.inference import chat_prompt
+    from mta.inference import chat_prompt, end_of_turn
 
     p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    t_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    t_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [end_of_turn(tokenizer)]
     t_ids = t_ids[: max_length // 2]
     p_ids = p_ids[-(max_length - len(t_ids)):]
     return Example(tuple(p_ids + t_ids), tuple([IGNORE] * len(p_ids) + t_ids))

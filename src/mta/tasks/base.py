@@ -144,14 +144,18 @@ _QUOTES = "\"'`“”‘’*[]()."
 
 
 def parse_label(text: str, labels: Sequence[str]) -> str | None:
-    """A label out of free text: an exact match after trimming, else the label whose
-    whole-word mention comes first (longest label wins at a tie, so "dark comedy"
-    beats "comedy"); None when no label is mentioned."""
+    """A label out of free text: an exact match after trimming; else the longest label
+    the answer begins with (a model that runs on past its answer: "twist endingHuman:");
+    else the label whose whole-word mention comes first (longest label wins at a tie, so
+    "dark comedy" beats "comedy"); None when no label is mentioned."""
     t = text.strip().lower()
     first = t.splitlines()[0].strip(_QUOTES + " ") if t else ""
     lower = {lab.lower(): lab for lab in labels}
     if first in lower:
         return lower[first]
+    leading = [low for low in lower if first.startswith(low)]
+    if leading:
+        return lower[max(leading, key=len)]
     best: tuple[int, int, str] | None = None
     for low, lab in lower.items():
         m = re.search(r"(?<!\w)" + re.escape(low) + r"(?!\w)", t)
