@@ -64,7 +64,7 @@ def test_oppu_trains_a_user_lora_over_the_frozen_task_lora(tmp_path):
     before = {n: t.clone() for n, (a, b) in backbone.engine.anchor_tensors(0).items() for t in (a, b)}
     frozen = {n: (a.clone(), b.clone()) for n, (a, b) in backbone.engine.anchor_tensors(0).items()}
     oppu = method_config("oppu", AdaptConfig(), cfg)
-    store = UserStore(tmp_path / "store")
+    store = UserStore(tmp_path / "store", create=True)
     bank.adapt(users[3:], oppu, store)
     assert before  # the task LoRA did not move while the users' LoRAs trained
     for n, (a, b) in backbone.engine.anchor_tensors(0).items():

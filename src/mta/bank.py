@@ -19,7 +19,9 @@ the shared task LoRA (no personalisation), which OPPU stacks per-user LoRAs on.
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +34,7 @@ from mta.engine import Job, Row, train_jobs
 from mta.engine.peft_io import WEIGHTS, load_adapter, save_adapter, save_anchor
 from mta.errors import MtaError
 from mta.examples import loo_examples, negative_pool
-from mta.paths import write_text_atomic
+from mta.paths import LOCK, check_output_dir, fault, foreign_entries, recover, sha256_file, write_text_atomic, writer
 from mta.records import AnchorRecord, BankRecord, dump, read_bank_record
 from mta.tasks.base import Task
 
@@ -61,6 +63,43 @@ def training_history(user: User, cfg: BankConfig) -> User:
     return user.model_copy(update={"history": user.history[-cfg.max_items:]})
 
 
+def check_out(out: Path) -> None:
+    """A bank is written into a new or empty directory, or resumes one that is a bank."""
+    check_output_dir(out, lambda d: (d / INDEX).is_file(), "a bank")
+
+
+def _bank_writer(fn):
+    """Run a bank build as the bank's one writer, after repairing what a crashed build
+    left; a directory this call created is removed again if it fails before the index."""
+
+    @functools.wraps(fn)
+    def wrapped(backbone, users, task, cfg, out, *args, **kwargs):
+        out = Path(out)
+        check_out(out)
+        created = not foreign_entries(out)
+        try:
+            with writer(out, "bank"):
+                for note in recover(out / "anchors"):
+                    log.warning("bank %s: %s", out, note)
+                return fn(backbone, users, task, cfg, out, *args, **kwargs)
+        except BaseException:
+            if created and not (out / INDEX).exists():  # nothing of a bank was written: leave no trace
+                for name in ("anchors", LOCK):
+                    p = out / name
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            raise
+
+    return wrapped
+
+
+def check_resume(out: Path, backbone: Backbone, task: Task, cfg: BankConfig) -> None:
+    """Before anything is written: an existing bank at ``out`` must be resumable with these
+    settings (same base model, task and config)."""
+    check_out(out)
+    if (Path(out) / INDEX).exists():
+        _check_resume(read_index(out), backbone, task, cfg, Path(out), "bank")
+
+
 def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConfig, out: Path, kind: str) -> None:
     from mta.engine.fingerprint import check_fingerprint
 
@@ -72,6 +111,7 @@ def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConf
                        "same settings")
 
 
+@_bank_writer
 def build_bank(
     backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
     progress: Progress | None = None, trained: Callable[[User], Path | None] | None = None,
@@ -106,6 +146,7 @@ def build_bank(
     return rec
 
 
+@_bank_writer
 def build_private(backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
                   progress: Progress | None = None) -> BankRecord:
     """One LoRA per user, each on its own history, with the bank's recipe, all in ONE
@@ -129,6 +170,7 @@ def build_private(backbone: Backbone, users: list[User], task: Task, cfg: BankCo
 TASK_ANCHOR = "(task)"
 
 
+@_bank_writer
 def build_task(backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
                progress: Progress | None = None) -> BankRecord:
     """ONE LoRA with the bank's recipe on the pooled histories of ``users`` (each user's
@@ -177,6 +219,7 @@ def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task:
             save_adapter(adapter_dir(out, a.slot), tensors, cfg.rank, cfg.alpha, backbone.fingerprint, "anchor",
                          rec.model, {"user_id": a.user_id, "task": task.name})
             a.done, a.reused_from = True, str(src)
+            a.sha256 = sha256_file(adapter_dir(out, a.slot) / WEIGHTS)
             todo.remove(a)
         write_text_atomic(out / INDEX, dump(rec))
     n = len(rec.anchors)
@@ -199,7 +242,9 @@ def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task:
                         extra={"user_id": a.user_id, "task": task.name})
             losses = stats["losses"][jobs[j].key]
             a.done, a.examples, a.final_loss, a.first_loss = True, len(jobs[j].examples), losses[-1], losses[0]
+            a.sha256 = sha256_file(adapter_dir(out, a.slot) / WEIGHTS)
             a.train_seconds = (time.perf_counter() - t0) / len(group)
         write_text_atomic(out / INDEX, dump(rec))
+        fault("bank:group-written")
         if progress:
             progress("anchors", n - len(todo) + g + len(group), n)

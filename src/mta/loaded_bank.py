@@ -35,11 +35,12 @@ from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
 from mta.engine import Job, Row, train_jobs
 from mta.engine.fingerprint import check_fingerprint
-from mta.engine.peft_io import export_user, load_adapter, load_anchor, save_user
+from mta.engine.peft_io import WEIGHTS, export_user, load_adapter, load_anchor, save_user
 from mta.errors import MtaError
 from mta.examples import loo_examples
 from mta.inference import generate
 from mta.mixing import Mixture, mixtures_for
+from mta.paths import sha256_file
 from mta.records import BankRecord, StackRecord, UserRecord
 from mta.retrieval import retrieve
 from mta.store import UserStore, history_hash
@@ -141,7 +142,7 @@ class ResidentStacks:
             self.evictions += 1
         else:
             slot = next(s for s in range(self.size) if s not in used)
-        tensors, config, _ = load_adapter(store.user_dir(user_id) / "stack", self.bank.backbone.fingerprint)
+        tensors, config, _ = load_adapter(store.stack_path(user_id, rec), self.bank.backbone.fingerprint)
         self.bank.backbone.engine.load_user(slot, tensors, alpha=float(config["lora_alpha"]))
         self.slots[user_id] = slot
         self.loads += 1
@@ -188,7 +189,11 @@ class LoadedBank:
         else:
             engine.set_bank(self.n_anchors, cfg.rank, cfg.alpha, cfg.target_modules)
             for a in self.record.anchors:
-                load_anchor(engine, a.slot, adapter_dir(self.path, a.slot))
+                d = adapter_dir(self.path, a.slot)
+                if a.sha256 and sha256_file(d / WEIGHTS) != a.sha256:
+                    raise MtaError(f"bank {self.path}: anchor {a.slot} ({d / WEIGHTS}) does not match its checksum "
+                                   "(corrupt); rebuild the bank")
+                load_anchor(engine, a.slot, d)
             LOADS["count"] += 1
         engine.clear_fused()
         self.stacks.invalidate()
@@ -240,9 +245,24 @@ class LoadedBank:
               progress: Progress | None = None) -> dict:
         """Fuse and stack ``users`` into ``store``; users unchanged since they were stored
         are skipped. Returns counts, timings and per-user costs."""
+        self.check(users, cfg)
+        with store.writing():
+            return self._adapt(users, cfg, store, progress)
+
+    def check(self, users: Sequence[User], cfg: AdaptConfig) -> None:
+        """Everything ``adapt`` would refuse, checked before anything is written."""
         for u in users:
             if not u.history:
                 raise MtaError(f"user '{u.user_id}' has 0 history items; stacking needs at least 1")
+        if not users:
+            raise MtaError("no users to adapt")
+        if self.kind == "bank" and cfg.top_k > self.n_anchors:
+            raise MtaError(f"top_k {cfg.top_k} is more than the {self.n_anchors} anchors of bank {self.path}",
+                           ("AdaptConfig.top_k",))
+        if cfg.stack_epochs > 0:
+            self.backbone.engine.stack_selection(cfg.stack_targets, cfg.stack_layers)  # unknown modules refused
+
+    def _adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore, progress: Progress | None) -> dict:
         self._activate()
         engine, tok = self.backbone.engine, self.backbone.tokenizer
         t0 = time.perf_counter()

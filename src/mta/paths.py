@@ -1,8 +1,19 @@
-"""The one cache root, and atomic file writes used everywhere something lands on disk."""
+"""The one cache root, atomic writes, writer locks and crash recovery: everything that
+lands on disk goes through here (docs/reliability.md states the guarantees).
+
+- ``atomic_path(dest)``: write to a temporary beside ``dest``, rename into place on
+  success. A directory that already exists is replaced in two renames (dest -> .dest.old,
+  tmp -> dest); ``recover`` completes or undoes that after a crash between them.
+- ``writer(root)``: one writer per store or bank directory (a file lock); a second one
+  fails at once with a one-line error.
+- ``fault(point)``: test hook; ``MTA_FAULT=point:N`` kills the process (exit 99, no
+  clean-up, like SIGKILL) at the N-th time ``point`` is reached.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
+from mta.errors import MtaError
+
 ENV_HOME = "MTA_HOME"
+LOCK = ".lock"
+OURS = {LOCK, "run.log", "config.json"}  # what a command writes into an output directory first
+_FAULTS: dict[str, int] = {}
 
 
 def mta_home() -> Path:
@@ -21,6 +39,27 @@ def mta_home() -> Path:
 
 def models_dir() -> Path:
     return mta_home() / "models"
+
+
+def fault(point: str) -> None:
+    """Die here, without any clean-up, when ``MTA_FAULT`` names this point (tests only)."""
+    spec = os.environ.get("MTA_FAULT")
+    if not spec:
+        return
+    name, _, count = spec.partition(":")
+    if name != point:
+        return
+    _FAULTS[point] = _FAULTS.get(point, 0) + 1
+    if _FAULTS[point] == int(count or 1):
+        os._exit(99)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -36,16 +75,59 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     target = tmp / dest.name
     try:
         yield target
+        fault("atomic:before-rename")
         if dest.is_dir() and not dest.is_symlink():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             dest.rename(old)
+            fault("atomic:between-renames")
             target.rename(dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, dest)
+        fault("atomic:after-rename")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover(parent: Path) -> list[str]:
+    """After a crash: finish or undo interrupted replacements in ``parent`` and remove
+    stale temporaries. Only call it holding the writer lock (no live writer then).
+    Returns what was done, for the log."""
+    done: list[str] = []
+    if not Path(parent).is_dir():
+        return done
+    for p in sorted(Path(parent).iterdir()):
+        name = p.name
+        if name.startswith(".") and name.endswith(".old"):
+            live = p.with_name(name[1:-len(".old")])
+            if live.exists():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed the leftover of a finished replacement of {live.name}")
+            else:  # killed between the two renames: the old version is the last complete one
+                p.rename(live)
+                done.append(f"restored {live.name}, interrupted while being replaced")
+        elif name.startswith(".") and name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            done.append(f"removed the stale temporary {name}")
+    return done
+
+
+@contextlib.contextmanager
+def writer(root: Path, what: str) -> Iterator[None]:
+    """Hold the one writer lock of ``root`` (a store or a bank directory)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise MtaError(f"{what} {root} is being written by another process (lock {root / LOCK}); wait for "
+                       "it to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_text_atomic(dest: Path, text: str) -> None:
@@ -55,3 +137,24 @@ def write_text_atomic(dest: Path, text: str) -> None:
 
 def write_json_atomic(dest: Path, obj: Any) -> None:
     write_text_atomic(dest, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The names in ``out`` that mta's own bookkeeping did not write."""
+    return sorted(p.name for p in Path(out).iterdir() if p.name not in OURS) if Path(out).is_dir() else []
+
+
+def check_output_dir(out: Path, is_ours, what: str) -> None:
+    """An output directory must be new, empty (but for our own bookkeeping), or one of
+    ours (``is_ours(out)``); anything else is refused before a byte is written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MtaError(f"{out}: exists and is not a directory")
+    have = foreign_entries(out)
+    if have and not is_ours(out):
+        raise MtaError(f"{out} is not empty and not {what} (it holds {', '.join(have[:5])}); refusing to write "
+                       "into it: give a new or empty directory")

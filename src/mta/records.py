@@ -37,6 +37,7 @@ class AnchorRecord(_Record):
     final_loss: float | None = None
     train_seconds: float | None = None
     reused_from: str | None = None
+    sha256: str | None = None  # of the adapter's safetensors file, checked on load
 
 
 class BankRecord(_Record):
@@ -83,6 +84,7 @@ class StackRecord(_Record):
     lr: float
     examples: int
     losses: list[float]
+    sha256: str | None = None  # of the stack's safetensors file, checked on load
 
 
 class UserRecord(_Record):

@@ -1,36 +1,62 @@
 """The user store: what each adapted user costs on disk, and nothing else.
 
+    STORE/store.json                 marks the directory as a store (kind, schema version)
+    STORE/.lock                      the one-writer lock (adapt, delete, the server)
     STORE/users/<key>/meta.json      a ``UserRecord``: anchors (bank slots + user ids) and
-                                     weights, merge, stack config, training stats, history
-                                     hash, bank id
+                                     weights, merge, stack config and its file's sha256,
+                                     training stats, history hash, bank id
     STORE/users/<key>/stack/         the stacked adapter in PEFT format (absent when
                                      the user was adapted with fusion only)
 
+User ids are data, never paths: ``key`` is the sha256 of the id (32 hex digits), and the
+record holds the id itself, checked on every read. Any id of 1 to 1024 characters works
+(dots, separators, control characters, unicode); two ids never share a directory.
 A user's directory is written whole to a temporary name and renamed into place, so a
-reader never sees half a user. ``key`` is a filesystem-safe form of the user id.
+reader never sees half a user; a writer first finishes or undoes what a crashed writer
+left (``paths.recover``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mta.data.schema import User
 from mta.errors import MtaError
-from mta.paths import atomic_path
+from mta.paths import (
+    atomic_path,
+    check_output_dir,
+    dir_bytes,
+    fault,
+    recover,
+    sha256_file,
+    write_json_atomic,
+    writer,
+)
 from mta.records import UserRecord, dump, read_user_record
 
 META = "meta.json"
+MARKER = "store.json"
+STACK_WEIGHTS = "stack/adapter_model.safetensors"
+MAX_ID = 1024
+
+
+def check_user_id(user_id: object) -> str:
+    if not isinstance(user_id, str) or not user_id:
+        raise MtaError(f"a user id must be a non-empty string, got {user_id!r}")
+    if len(user_id) > MAX_ID:
+        raise MtaError(f"user id of {len(user_id)} characters is longer than {MAX_ID}: {user_id[:40]!r}...")
+    return user_id
 
 
 def user_key(user_id: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user_id)[:80]
-    if safe != user_id:  # keep distinct ids distinct after sanitising
-        safe += "-" + hashlib.sha256(user_id.encode()).hexdigest()[:8]
-    return safe
+    """The directory name of a user: a hash of the id, so no id is ever a path."""
+    return hashlib.sha256(check_user_id(user_id).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def history_hash(user: User, task: str, extra: dict) -> str:
@@ -39,9 +65,38 @@ def history_hash(user: User, task: str, extra: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One user directory as found on disk: its record, or why it cannot be read."""
+
+    key: str
+    record: UserRecord | None
+    problem: str | None = None
+
+
 class UserStore:
-    def __init__(self, root: Path):
+    """A store directory. ``create=True`` (writers) accepts a directory that does not exist
+    yet or is empty; otherwise the directory must already be a store."""
+
+    def __init__(self, root: Path, create: bool = False):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise MtaError(f"{self.root}: exists and is not a directory")
+        if (self.root / MARKER).is_file():
+            return
+        if not create:
+            what = "does not exist" if not self.root.exists() else "is not a user store (no store.json)"
+            raise MtaError(f"{self.root} {what}; give the directory `mta adapt` wrote")
+        check_output_dir(self.root, lambda d: (d / MARKER).is_file(), "a user store")
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """The one writer: takes the lock, repairs what a crashed writer left, marks the store."""
+        with writer(self.root, "user store"):
+            if not (self.root / MARKER).is_file():
+                write_json_atomic(self.root / MARKER, {"kind": "mta-user-store", "schema_version": 2})
+            recover(self.root / "users")
+            yield
 
     def user_dir(self, user_id: str) -> Path:
         return self.root / "users" / user_key(user_id)
@@ -52,45 +107,73 @@ class UserStore:
     def meta(self, user_id: str) -> UserRecord:
         f = self.user_dir(user_id) / META
         if not f.exists():
-            raise MtaError(f"user '{user_id}' is not in store {self.root}"
-                           + self._known_hint())
-        return read_user_record(f)
+            raise MtaError(f"user {user_id!r} is not in store {self.root}" + self._known_hint())
+        rec = read_user_record(f)
+        if rec.user_id != user_id:
+            raise MtaError(f"{f}: corrupt user record (it holds user {rec.user_id!r}, not {user_id!r})")
+        return rec
+
+    def stack_path(self, user_id: str, rec: UserRecord) -> Path:
+        """The user's stack directory, its file checked against the record's sha256."""
+        d = self.user_dir(user_id) / "stack"
+        f = self.user_dir(user_id) / STACK_WEIGHTS
+        if not f.is_file():
+            raise MtaError(f"user {user_id!r} in {self.root}: the stacked adapter is missing ({f})")
+        if rec.stack and rec.stack.sha256 and sha256_file(f) != rec.stack.sha256:
+            raise MtaError(f"user {user_id!r} in {self.root}: {f} does not match its checksum (corrupt); adapt "
+                           "the user again")
+        return d
 
     def _known_hint(self) -> str:
-        ids = self.user_ids()[:5]
-        return f" (stored: {', '.join(ids)}{' ...' if len(self.user_ids()) > 5 else ''})" if ids else \
+        ids = self.user_ids()
+        return f" (stored: {', '.join(map(repr, ids[:5]))}{' ...' if len(ids) > 5 else ''})" if ids else \
             " (the store is empty)"
 
-    def user_ids(self) -> list[str]:
+    def entries(self) -> list[Entry]:
+        """Every user directory, readable or not (corrupt ones carry their problem)."""
         base = self.root / "users"
         if not base.is_dir():
             return []
         out = []
         for d in sorted(base.iterdir()):
-            f = d / META
-            if f.exists():
-                try:
-                    out.append(json.loads(f.read_text())["user_id"])
-                except (json.JSONDecodeError, KeyError):
-                    continue
+            if d.name.startswith("."):
+                continue  # a temporary of a writer, live or crashed
+            try:
+                rec = read_user_record(d / META)
+                if user_key(rec.user_id) != d.name:
+                    raise MtaError(f"it holds user {rec.user_id!r}, whose key is not {d.name}")
+                out.append(Entry(d.name, rec))
+            except (MtaError, OSError) as e:
+                out.append(Entry(d.name, None, str(e).split(": ", 1)[-1] if isinstance(e, MtaError) else str(e)))
         return out
 
-    def put(self, record: UserRecord, write_stack) -> Path:
-        """Write one user atomically; ``write_stack(dir)`` writes the stacked adapter (or None)."""
+    def user_ids(self) -> list[str]:
+        return sorted(e.record.user_id for e in self.entries() if e.record)
+
+    def put(self, record: UserRecord, write_stack: Callable[[Path], object] | None) -> Path:
+        """Write one user atomically; ``write_stack(dir)`` writes the stacked adapter (or
+        None). The stack file's sha256 goes into the record. Call inside ``writing()``."""
         dest = self.user_dir(record.user_id)
         with atomic_path(dest) as tmp:
             tmp.mkdir(parents=True)
             if write_stack is not None:
                 write_stack(tmp / "stack")
+                if record.stack is not None:
+                    record = record.model_copy(update={"stack": record.stack.model_copy(
+                        update={"sha256": sha256_file(tmp / STACK_WEIGHTS)})})
             (tmp / META).write_text(dump(record), encoding="utf-8")
+            fault("store:user-written")
         return dest
 
     def bytes_of(self, user_id: str) -> int:
-        d = self.user_dir(user_id)
-        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        return dir_bytes(self.user_dir(user_id))
 
     def delete(self, user_id: str) -> None:
+        """Remove everything of one user (call inside ``writing()``)."""
         d = self.user_dir(user_id)
         if not d.exists():
-            raise MtaError(f"user '{user_id}' is not in store {self.root}{self._known_hint()}")
-        shutil.rmtree(d)
+            raise MtaError(f"user {user_id!r} is not in store {self.root}{self._known_hint()}")
+        trash = d.with_name(f".{d.name}.deleted.tmp")  # one rename: gone whole, or not at all
+        d.rename(trash)
+        fault("store:user-unlinked")
+        shutil.rmtree(trash)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -31,7 +32,14 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def progress() -> Progress:
+QUIET = {"on": False}  # set by `mta --quiet`
+
+
+def progress():
+    """Rich bars on a terminal; elsewhere (logs, CI) a context yielding None, for which
+    ``Bars`` prints plain lines; nothing with --quiet."""
+    if QUIET["on"] or not err_console.is_terminal:
+        return contextlib.nullcontext(None)
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
@@ -39,21 +47,40 @@ def progress() -> Progress:
 
 
 class Bars:
-    """Maps library progress callbacks (stage, done, total) onto rich bars. Stages that
-    report a running count ("anchors", "users", "steps") set the bar; the others report
-    increments (prompts answered)."""
+    """Maps library progress callbacks (stage, done, total) onto rich bars, or onto plain
+    lines ("fold 0 bank steps: 12/45 (27%), 30 s, about 80 s left") every ``EVERY``
+    seconds and at each stage's end when there is no terminal. Stages that report a
+    running count ("anchors", "users", "steps", "trials") set the count; the others
+    report increments (prompts answered)."""
 
-    ABSOLUTE = ("anchors", "users", "steps")
+    ABSOLUTE = ("anchors", "users", "steps", "trials")
+    EVERY = 10.0
 
-    def __init__(self, bar: Progress):
+    def __init__(self, bar: Progress | None):
         self.bar, self.ids = bar, {}
+        self.plain: dict[str, list] = {}  # stage -> [done, total, started, last printed]
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.ids:
-            self.ids[stage] = self.bar.add_task(stage, total=total)
-        task = self.ids[stage]
+        if QUIET["on"]:
+            return
         absolute = stage.split(" ")[-1] in self.ABSOLUTE
-        self.bar.update(task, total=total, completed=done if absolute else self.bar.tasks[task].completed + done)
+        if self.bar is not None:
+            if stage not in self.ids:
+                self.ids[stage] = self.bar.add_task(stage, total=total)
+            task = self.ids[stage]
+            self.bar.update(task, total=total, completed=done if absolute else self.bar.tasks[task].completed + done)
+            return
+        now = time.monotonic()
+        st = self.plain.setdefault(stage, [0, total, now, 0.0])
+        st[0] = done if absolute else st[0] + done
+        st[1] = total
+        if st[0] >= total or now - st[3] >= self.EVERY:
+            st[3] = now
+            elapsed = now - st[2]
+            left = f", about {elapsed / st[0] * (total - st[0]):.0f} s left" if 0 < st[0] < total else ""
+            pct = 100 * st[0] / total if total else 100
+            err_console.print(f"{stage}: {st[0]}/{total} ({pct:.0f}%), {elapsed:.0f} s{left}", highlight=False,
+                              soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,21 @@ from mta.tasks import get_task
 STAGES = (BackboneConfig, BankConfig, AdaptConfig, GenerateConfig)
 
 
+def check_run_out(out: Path) -> None:
+    """A run directory is new, empty, or an earlier run of eval/run/tune (whose banks resume)."""
+    import json
+
+    from mta.paths import check_output_dir
+
+    def ours(d: Path) -> bool:
+        try:
+            return json.loads((d / "config.json").read_text()).get("command") in ("eval", "run", "tune")
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    check_output_dir(out, ours, "an mta run directory")
+
+
 def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[str], folds: list[Fold],
               protocol: str, n_boot: int, seed: int, target_history: int | None, place,
               history_queries: int = 0) -> None:
@@ -35,6 +50,7 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     t = get_task(ds.task)
     if not any(q.gold is not None for u in ds.users for q in u.queries):
         raise MtaError(f"{ds.path}: no query has a gold output; nothing to score")
+    check_run_out(out)
     backbone = load_backbone(cfg.backbone)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -156,6 +172,7 @@ def tune_cmd(
     ds = load_dataset(data, task)
     t = get_task(ds.task)
     dev = dev_split(ds.users, dev_fraction, cfg.eval.seed)
+    check_run_out(out)
     backbone = load_backbone(cfg.backbone)
     write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space)
     with run_log(out), progress() as bar:

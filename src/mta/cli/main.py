@@ -1,5 +1,6 @@
-"""The ``mta`` entry point. User errors print one line and exit 2, environment errors
-(out of memory, disk, a busy lock) exit 3; bugs show a traceback and exit 1."""
+"""The ``mta`` entry point. Exit codes (docs/reliability.md): 0 done; 2 a user error
+(input, configuration, a busy store or bank), one line; 3 the environment (out of
+memory, a full disk, permissions), one line; 130 interrupted; 1 a bug, with its traceback."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rich.markup import escape
 
 from mta import __version__
 from mta.cli import data, evaluate, models, pipeline
-from mta.cli.common import err_console, setup_logging
+from mta.cli.common import QUIET, err_console, setup_logging
 from mta.cli.options import cli_message
 from mta.errors import MtaError
 
@@ -40,10 +41,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or progress lines."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
     setup_logging(verbose)
+    QUIET["on"] = quiet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except MtaError as e:
         err_console.print(f"[red]error:[/red] {escape(cli_message(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
+    except OSError as e:  # the environment: permissions, a full disk, not a directory...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        err_console.print(f"[red]error:[/red] {escape((e.strerror or str(e)) + where)}", highlight=False,
+                          soft_wrap=True)
+        return 3
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

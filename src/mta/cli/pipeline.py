@@ -43,7 +43,7 @@ def select_users(users: list[User], spec: str | None) -> list[User]:
         path = Path(spec[1:])
         if not path.is_file():
             raise MtaError(f"{path}: no such file of user ids")
-        wanted = [x.strip() for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        wanted = [x.strip() for x in _text(path).splitlines() if x.strip()]
     else:
         wanted = [x.strip() for x in spec.split(",") if x.strip()]
     by_id = {u.user_id: u for u in users}
@@ -68,12 +68,14 @@ def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserId
                recipe: RecipeFile = None, *, cfg: Configs) -> None:
     """Stage 1: cluster users, pick anchors, train one meta-LoRA per anchor (one pass per group)."""
     from mta.backbone import DEFAULT_MODEL
-    from mta.bank import build_bank
+    from mta.bank import build_bank, check_out, check_resume
 
+    check_out(out)
     ds = load_dataset(data, task)
     pool = select_users(ds.users, users)
     cfg, adapt_recipe = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
     backbone = load_backbone(cfg.backbone)
+    check_resume(out, backbone, get_task(ds.task), cfg.bank)
     with run_log(out), progress() as bar:
         write_config(out, "bank build", cfg, backbone, data=str(ds.path), task=ds.task)
         rec = build_bank(backbone, pool, get_task(ds.task), cfg.bank, out, Bars(bar), recipe=adapt_recipe)
@@ -84,29 +86,38 @@ def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserId
 
 @store_app.command("list")
 def store_list(store: Path = typer.Argument(..., help="A user store directory.")) -> None:
-    """Show stored users, their anchors and bytes per user."""
+    """Show stored users, their anchors and bytes per user; unreadable users as corrupt."""
     st = UserStore(store)
-    ids = st.user_ids()
-    if not ids:
+    entries = st.entries()
+    if not entries:
         raise MtaError(f"{store}: no users stored here")
-    table = Table(title=f"{escape(str(store))}: {len(ids)} users")
+    good = [e for e in entries if e.record]
+    table = Table(title=f"{escape(str(store))}: {len(good)} users" + (f", {len(entries) - len(good)} corrupt"
+                                                                       if len(good) < len(entries) else ""))
     for col in ("user", "anchors (weight)", "merge", "stack rank", "bytes"):
         table.add_column(col)
     total = 0
-    for u in ids:
-        m = st.meta(u)
-        b = st.bytes_of(u)
+    for e in entries:
+        b = st.bytes_of(e.record.user_id) if e.record else 0
         total += b
+        if e.record is None:
+            table.add_row(f"[red]corrupt[/red] users/{e.key}", escape(e.problem or ""), "-", "-", "-")
+            continue
+        m = e.record
         mix = ", ".join(f"{a} ({w:.2f})" for a, w in zip(m.anchor_users, m.weights))
-        table.add_row(escape(u), escape(mix) or "-", m.merge, str(m.stack.rank) if m.stack else "-", f"{b:,}")
+        table.add_row(escape(repr(m.user_id)[1:-1]), escape(mix) or "-", m.merge,
+                      str(m.stack.rank) if m.stack else "-", f"{b:,}")
     console.print(table)
-    console.print(f"{total / len(ids):,.0f} bytes per user on average")
+    if good:
+        console.print(f"{total / len(good):,.0f} bytes per user on average")
 
 
 @store_app.command("delete")
 def store_delete(store: Path = typer.Argument(...), user: str = typer.Argument(...)) -> None:
     """Remove everything stored for one user."""
-    UserStore(store).delete(user)
+    st = UserStore(store)
+    with st.writing():
+        st.delete(user)
     console.print(f"deleted user {escape(user)} from {escape(str(store))}")
 
 
@@ -127,10 +138,12 @@ def adapt_cmd(bank: BankPath, data: DataPath, out: OutDir, task: TaskName = None
     cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or rec.model, rec)
     ds = load_dataset(data, task or rec.task)
     sel = select_users(ds.users, users)
+    store = UserStore(out, create=True)  # before anything is written: refuse a directory that is not a store
     backbone, loaded = _open_bank(bank, cfg, ds.task)
+    loaded.check(sel, cfg.adapt)
     with run_log(out), progress() as bar:
         write_config(out, "adapt", cfg, backbone, bank=str(bank), data=str(ds.path), task=ds.task)
-        stats = loaded.adapt(sel, cfg.adapt, UserStore(out), Bars(bar))
+        stats = loaded.adapt(sel, cfg.adapt, store, Bars(bar))
     b = list(stats["bytes_per_user"].values())
     console.print(f"adapted {stats['adapted']} user(s), {stats['skipped']} unchanged; "
                   f"{stats['trainable_params_per_user']:,} trainable parameters and "
@@ -143,11 +156,13 @@ def _requests(user: str | None, input: str | None, input_file: Path | None) -> l
     if input is not None:
         if not user:
             raise MtaError("--input needs --user")
+        if not input.strip():
+            raise MtaError("--input is empty")
         return [(user, input)]
     if not input_file.is_file():
-        raise MtaError(f"{input_file}: no such file")
+        raise MtaError(f"{input_file}: no such file" + (" (it is a directory)" if input_file.is_dir() else ""))
     pairs = []
-    for n, line in enumerate(input_file.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_text(input_file).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -155,7 +170,18 @@ def _requests(user: str | None, input: str | None, input_file: Path | None) -> l
             pairs.append((str(rec["user_id"]), str(rec["input"])))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise MtaError(f"{input_file}: line {n}: expected {{\"user_id\": ..., \"input\": ...}}") from None
+        if not pairs[-1][1].strip():
+            raise MtaError(f"{input_file}: line {n}: the input is empty")
+    if not pairs:
+        raise MtaError(f"{input_file}: no requests in the file")
     return pairs
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MtaError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 @configured(BackboneConfig, GenerateConfig)
@@ -174,11 +200,12 @@ def generate_cmd(
     pairs = _requests(user, input, input_file)
     rec = _bank_record(bank)
     users = {u.user_id: u for u in load_dataset(data, rec.task).users} if data else {}
+    st = UserStore(store) if store else None  # a mistyped store is an error, not an empty store
     backbone, loaded = _open_bank(bank, cfg)
     gen = cfg.generate
     if gen.max_new_tokens is None and users:
         gen = gen.model_copy(update={"max_new_tokens": loaded.task.answer_tokens(backbone.tokenizer, users.values())})
-    answers = loaded.answer([Request(u, i, users.get(u)) for u, i in pairs], gen, UserStore(store) if store else None)
+    answers = loaded.answer([Request(u, i, users.get(u)) for u, i in pairs], gen, st)
     for a in answers:
         if a.notice:
             err_console.print(f"[yellow]notice:[/yellow] {escape(a.notice)}")
@@ -196,9 +223,16 @@ def export_cmd(
     *, cfg: Configs,
 ) -> None:
     """Write one ordinary PEFT LoRA equal to the user's fused + stacked adapter (fp32 factors)."""
+    from mta.engine.peft_io import is_export
+
     if pad_rank is not None and pad_rank != "serving" and not pad_rank.isdigit():
         raise MtaError(f"--pad-rank must be an integer or 'serving', got {pad_rank!r}")
+    if out.exists() and not is_export(out):
+        raise MtaError(f"{out} exists and is not an adapter `mta export` wrote; refusing to replace it: give a new "
+                       "path")
+    st = UserStore(store)
+    st.meta(user)  # an unknown user fails before the model loads
     _, loaded = _open_bank(bank, cfg)
-    loaded.export(user, UserStore(store), out, int(pad_rank) if pad_rank and pad_rank.isdigit() else pad_rank)
+    loaded.export(user, st, out, int(pad_rank) if pad_rank and pad_rank.isdigit() else pad_rank)
     r = json.loads((out / "adapter_config.json").read_text())["r"]
     console.print(f"exported {escape(user)} as a rank-{r} PEFT LoRA to {escape(str(out))}")

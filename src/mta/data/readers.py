@@ -64,19 +64,22 @@ def _make_user(path: Path, index: int, raw: Any) -> User:
 
 def read_jsonl(path: Path) -> tuple[list[User], str | None, bool]:
     users, tasks, synthetic = [], set(), False
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: not valid JSON: {e.msg}") from None
-            user = _make_user(path, lineno, raw)
-            users.append(user)
-            if user.task:
-                tasks.add(user.task)
-            synthetic |= user.source == "synthetic"
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno}: not valid JSON: {e.msg}") from None
+        user = _make_user(path, lineno, raw)
+        users.append(user)
+        if user.task:
+            tasks.add(user.task)
+        synthetic |= user.source == "synthetic"
     if len(tasks) > 1:
         raise DataError(f"{path}: users of several tasks in one file: {sorted(tasks)}")
     return users, (tasks.pop() if tasks else None), synthetic

@@ -115,6 +115,20 @@ def load_adapter(path: Path, fingerprint: dict | None = None) -> tuple[Tensors, 
     return tensors, config, ours
 
 
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is an adapter directory `mta export` wrote (safe to replace)."""
+    w = Path(path) / WEIGHTS
+    if not w.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(w), "pt") as fh:
+            return (fh.metadata() or {}).get("mta_kind") == "export"
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def save_anchor(engine: AdapterEngine, slot: int, out: Path, base_model: str | None = None,
                 extra: dict | None = None) -> Path:
     return save_adapter(out, engine.anchor_tensors(slot), engine.spec.rank, engine.spec.alpha,

@@ -38,6 +38,7 @@ from mta.data.schema import User
 from mta.errors import MtaError
 from mta.inference import generate
 from mta.loaded_bank import LoadedBank, Request
+from mta.paths import dir_bytes
 from mta.retrieval import retrieve
 from mta.store import UserStore
 
@@ -88,6 +89,7 @@ class EvalSetup:
     gen_cfg: GenerateConfig
     progress: Progress = None
     max_new_tokens: int = 0  # resolved by ``resolve``: the config's, else the task's rule for the users
+    prefix: str = ""  # names the fold in progress lines when there are several
 
     def resolve(self, users) -> EvalSetup:
         self.max_new_tokens = self.gen_cfg.max_new_tokens or self.task.answer_tokens(self.backbone.tokenizer, users)
@@ -105,11 +107,12 @@ def _collect(res: FoldResult, pairs, texts, task) -> None:
 
 
 def _bar(setup: EvalSetup, name: str, total: int):
-    return (lambda n: setup.progress(name, n, total)) if setup.progress else None
+    return (lambda n: setup.progress(setup.prefix + name, n, total)) if setup.progress else None
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def _stages(setup: EvalSetup, name: str):
+    """A progress callback for a library call's stages (anchors, users, steps) of ``name``."""
+    return (lambda s, d, t: setup.progress(f"{setup.prefix}{name} {s}", d, t)) if setup.progress else None
 
 
 def run_prompt(setup: EvalSetup, name: str, targets) -> FoldResult:
@@ -142,13 +145,13 @@ def run_private(setup: EvalSetup, targets, out: Path) -> FoldResult:
     answered through their own LoRA."""
     t0 = time.perf_counter()
     rec = build_private(setup.backbone, list(targets), setup.task, setup.bank_cfg, out,
-                        (lambda s, d, t: setup.progress(f"per-user-lora {s}", d, t)) if setup.progress else None)
+                        _stages(setup, "per-user-lora"))
     res = FoldResult(adapt_seconds=time.perf_counter() - t0)
     bank = LoadedBank(setup.backbone, out, setup.task)
     res.trainable_params_per_user = sum((ly.in_features + ly.out_features) * rec.config.rank
                                         for ly in setup.backbone.engine.bank_layers.values())
     for a in rec.anchors:
-        res.bytes_per_user[a.user_id] = _dir_bytes(out / "anchors" / f"{a.slot:03d}")
+        res.bytes_per_user[a.user_id] = dir_bytes(out / "anchors" / f"{a.slot:03d}")
     _answer(setup, bank, "per-user-lora", targets, res)
     return res
 
@@ -183,10 +186,9 @@ def run_adapted(setup: EvalSetup, name: str, bank: LoadedBank, targets, out: Pat
     and oppu (on the task bank): adapt the targets into a store, then answer them in
     mixed-user batches."""
     cfg = method_config(name, setup.adapt_cfg, setup.bank_cfg)
-    store = UserStore(out)
+    store = UserStore(out, create=True)
     t0 = time.perf_counter()
-    stats = bank.adapt(list(targets), cfg, store,
-                       (lambda s, d, t: setup.progress(f"{name} {s}", d, t)) if setup.progress else None)
+    stats = bank.adapt(list(targets), cfg, store, _stages(setup, name))
     res = FoldResult(adapt_seconds=time.perf_counter() - t0, bytes_per_user=dict(stats["bytes_per_user"]),
                      trainable_params_per_user=stats["trainable_params_per_user"])
     _answer(setup, bank, name, targets, res, store, cfg)

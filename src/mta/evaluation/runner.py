@@ -19,6 +19,7 @@ from mta.evaluation.methods import (
     TASK_METHODS,
     EvalSetup,
     FoldResult,
+    _stages,
     run_adapted,
     run_private,
     run_prompt,
@@ -128,6 +129,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     if "per-user-lora" in methods:
         for fold in folds:
             d = place(fold.index, "per-user-lora")
+            setup.prefix = f"fold {fold.index} " if len(folds) > 1 else ""
             results["per-user-lora"] = merge(results["per-user-lora"], run_private(setup, targets[fold.index], d))
             slots = {a.user_id: a.slot for a in read_index(d).anchors}
             for u in targets[fold.index]:
@@ -138,21 +140,20 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
         return hit[1] if hit and hit[0] == _item_ids(user) else None
 
     for fold in folds:
+        setup.prefix = f"fold {fold.index} " if len(folds) > 1 else ""
         split.append({"fold": fold.index, "targets": [u.user_id for u in targets[fold.index]],
                       "anchor_candidates": [u.user_id for u in fold.candidates]})
         bank = task_bank = None
         if TASK_METHODS & set(methods):
             t0 = time.perf_counter()
             build_task(setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "task-lora"),
-                       (lambda s, d, t, f=fold.index: setup.progress(f"fold {f} task-lora {s}", d, t))
-                       if setup.progress else None)
+                       _stages(setup, "task-lora"))
             bank_seconds += time.perf_counter() - t0
             task_bank = LoadedBank(setup.backbone, place(fold.index, "task-lora"), task)
         if BANK_METHODS & set(methods):
             t0 = time.perf_counter()
             build_bank(setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "bank"),
-                       (lambda s, d, t, f=fold.index: setup.progress(f"fold {f} bank {s}", d, t))
-                       if setup.progress else None, trained=trained)
+                       _stages(setup, "bank"), trained=trained)
             bank_seconds += time.perf_counter() - t0
             bank = LoadedBank(setup.backbone, place(fold.index, "bank"), task)
         for m in methods:
@@ -193,6 +194,8 @@ def anchor_map_for(ds: Dataset, setup: EvalSetup, place: Callable[[int, str], Pa
     anchors = [pos[a] for a in rec.anchor_ids if a in pos]
     links = []
     for name in ("mta", "mta-reference", "mta-fusion"):
+        if not (place(0, name) / "store.json").is_file():
+            continue
         store = UserStore(place(0, name))
         ids = store.user_ids()
         if ids:

@@ -132,7 +132,14 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             bc, ac = configs(over)
             key = _key(bc) + _key(ac)
             if key not in cache:
-                res = evaluate(["mta"], bc, ac, f"{len(trials):02d}")
+                try:
+                    res = evaluate(["mta"], bc, ac, f"{len(trials):02d}")
+                except MtaError as e:
+                    if "AdaptConfig.top_k" not in e.fields:
+                        raise
+                    trials.append({"group": group, "override": over, "skipped": str(e)})  # more anchors than exist
+                    done += 1
+                    continue
                 cache[key] = res["rows"][0]["metrics"][metric]["value"]
                 trials.append({"group": group, "override": over, metric: cache[key]})
                 log.info("tune %s %s: %s %.4f", group, over, metric, cache[key])
