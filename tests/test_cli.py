@@ -135,7 +135,8 @@ def test_eval_bank_trains_anchors_whose_history_differs(tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(data), "--methods", "per-user-lora,mta-fusion", "--model",
                  "tiny-random-llama", "--embedder", "hashing-embedder", "--out", str(out), "--max-new-tokens", "2",
-                 "--anchors", "1", "--top-k", "1", "--bank-epochs", "1", "--n-boot", "100", "--target-history", "4"]) == 0
+                 "--anchors", "1", "--top-k", "1", "--bank-epochs", "1", "--n-boot", "100",
+                 "--target-history", "4"]) == 0
     for f in (0, 1):
         anchors = read_index(out / f"fold{f}" / "bank").anchors
         assert anchors and all(a.reused_from is None and a.done for a in anchors)

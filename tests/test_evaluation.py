@@ -116,8 +116,8 @@ def test_eval_generation_task_official_layout(tmp_path):
     (d / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_4", "golds": golds}))
     out = tmp_path / "eval"
     rc = main(["eval", "--data", str(d), "--methods", "base,rag-1,mta", "--model", "tiny-random-llama",
-               "--embedder", "hashing-embedder", "--out", str(out), "--anchors", "1", "--top-k", "1", "--min-history", "1",
-               "--bank-epochs", "1", "--max-new-tokens", "3", "--n-boot", "100"])
+               "--embedder", "hashing-embedder", "--out", str(out), "--anchors", "1", "--top-k", "1",
+               "--min-history", "1", "--bank-epochs", "1", "--max-new-tokens", "3", "--n-boot", "100"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["task"] == "lamp4"

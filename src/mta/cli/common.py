@@ -53,14 +53,14 @@ class Bars:
     running count ("anchors", "users", "steps", "trials") set the count; the others
     report increments (prompts answered)."""
 
-    ABSOLUTE = ("anchors", "users", "steps", "trials")
+    ABSOLUTE = ("anchors", "users", "steps", "trials", "bytes")
     EVERY = 10.0
 
     def __init__(self, bar: Progress | None):
         self.bar, self.ids = bar, {}
         self.plain: dict[str, list] = {}  # stage -> [done, total, started, last printed]
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
         if QUIET["on"]:
             return
         absolute = stage.split(" ")[-1] in self.ABSOLUTE
@@ -74,13 +74,15 @@ class Bars:
         st = self.plain.setdefault(stage, [0, total, now, 0.0])
         st[0] = done if absolute else st[0] + done
         st[1] = total
-        if st[0] >= total or now - st[3] >= self.EVERY:
+        if (total and st[0] >= total) or now - st[3] >= self.EVERY:
             st[3] = now
             elapsed = now - st[2]
+            if not total:  # unknown total (a download without a length)
+                err_console.print(f"{stage}: {st[0]}, {elapsed:.0f} s", highlight=False, soft_wrap=True)
+                return
             left = f", about {elapsed / st[0] * (total - st[0]):.0f} s left" if 0 < st[0] < total else ""
-            pct = 100 * st[0] / total if total else 100
-            err_console.print(f"{stage}: {st[0]}/{total} ({pct:.0f}%), {elapsed:.0f} s{left}", highlight=False,
-                              soft_wrap=True)
+            err_console.print(f"{stage}: {st[0]}/{total} ({100 * st[0] / total:.0f}%), {elapsed:.0f} s{left}",
+                              highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

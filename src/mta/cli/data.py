@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mta.cli.common import console, progress
+from mta.cli.common import Bars, console, progress
 from mta.data.fetch import fetch_lamp
 from mta.data.movielens import movielens_users
 from mta.data.readers import load_dataset, write_jsonl
@@ -131,14 +131,9 @@ def fetch_lamp_cmd(
 ) -> None:
     """Download the official LaMP question and output files (resumable, atomic)."""
     with progress() as bar:
-        ids: dict[str, int] = {}
-
-        def report(name: str, done: int, total: int | None) -> None:
-            if name not in ids:
-                ids[name] = bar.add_task(name, total=total)
-            bar.update(ids[name], completed=done)
-
-        paths = fetch_lamp(task, split, out, split_kind=split_kind, base=base_url, progress=report)
+        bars = Bars(bar)
+        paths = fetch_lamp(task, split, out, split_kind=split_kind, base=base_url,
+                           progress=lambda name, done, total: bars(f"{name} bytes", done, total))
     for p in paths:
         console.print(f"ok {p}")
 
