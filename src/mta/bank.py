@@ -79,7 +79,7 @@ def _bank_writer(fn):
         created = not foreign_entries(out)
         try:
             with writer(out, "bank"):
-                for note in recover(out / "anchors"):
+                for note in recover(out) + recover(out / "anchors"):
                     log.warning("bank %s: %s", out, note)
                 return fn(backbone, users, task, cfg, out, *args, **kwargs)
         except BaseException:

@@ -46,7 +46,7 @@ def fault(point: str) -> None:
     spec = os.environ.get("MTA_FAULT")
     if not spec:
         return
-    name, _, count = spec.partition(":")
+    name, _, count = spec.rpartition(":")
     if name != point:
         return
     _FAULTS[point] = _FAULTS.get(point, 0) + 1
@@ -145,7 +145,10 @@ def dir_bytes(path: Path) -> int:
 
 def foreign_entries(out: Path) -> list[str]:
     """The names in ``out`` that mta's own bookkeeping did not write."""
-    return sorted(p.name for p in Path(out).iterdir() if p.name not in OURS) if Path(out).is_dir() else []
+    if not Path(out).is_dir():
+        return []
+    return sorted(p.name for p in Path(out).iterdir()
+                  if p.name not in OURS and not (p.name.startswith(".") and p.name.endswith((".tmp", ".old"))))
 
 
 def check_output_dir(out: Path, is_ours, what: str) -> None:
