@@ -63,8 +63,8 @@ def test_hostile_ids_round_trip(bank, tmp_path):
     assert sorted(store.user_ids()) == sorted(HOSTILE)
     assert len({user_key(i) for i in HOSTILE}) == len(HOSTILE)
     assert all(len(user_key(i)) == 32 for i in HOSTILE)
-    answers = loaded.answer([Request(u.user_id, u.queries[0].input, u) for u in users], GenerateConfig(max_new_tokens=2),
-                            store)
+    answers = loaded.answer([Request(u.user_id, u.queries[0].input, u) for u in users],
+                            GenerateConfig(max_new_tokens=2), store)
     assert [a.route for a in answers] == ["mta"] * len(HOSTILE)
     loaded.export("..", store, tmp_path / "exp")
     with store.writing():
