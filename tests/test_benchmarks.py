@@ -43,3 +43,10 @@ def test_precision_benchmark_tiny_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(x["base"], x["adapter_compute"]) for x in rows] == [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")]
     assert rows[0]["max_loss_rel_diff"] == 0 and rows[0]["adapter_effect_gap"] == 0
+
+
+def test_integrity_benchmark_runs(tmp_path):
+    out = tmp_path / "integrity.json"
+    r = _run("integrity.py", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads(out.read_text())["rows"]) == 4
