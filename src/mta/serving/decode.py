@@ -1,0 +1,165 @@
+"""A decode loop that takes new sequences in between steps (iteration-level batching, as
+Orca and vLLM do), each row routed through its own user's adapters.
+
+A ``Batch`` holds the running rows: their KV cache (transformers' ``DynamicCache``, rows
+left-padded to one length), attention mask, next position, routing row and generated
+tokens. ``prefill`` starts new rows (one forward over their left-padded prompts);
+``merge`` joins two batches (the shorter cache is padded on the left, masked out);
+``step`` runs ONE decode step for every row; ``keep`` drops finished rows. Position ids
+are computed exactly as ``generate`` does with left padding, so a row's greedy tokens do
+not depend on what else is in the batch (tested against one-by-one generation).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Sequence:
+    """One request's row: its prompt ids, routing row, limits, and what it has made."""
+
+    prompt: list[int]
+    row: object                      # mta.engine.Row
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    temperature: float = 0.0         # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None        # "stop" | "length" | "cancelled"
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor               # (B, T) 1 = a real token
+    pos: torch.Tensor                # (B,) position of the next token
+    last: torch.Tensor               # (B,) the last token of each row (the next input)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+def _cache_kw(model) -> str:
+    """transformers 5.24 names the cache argument ``cache``, earlier 5.x ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _out_cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def _layers(cache: DynamicCache):
+    return cache.layers
+
+
+class Decoder:
+    """Runs prefill and decode steps for the backbone's model through its engine."""
+
+    def __init__(self, backbone, pad_id: int):
+        self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
+        self.pad_id = pad_id
+        self.kw = _cache_kw(self.model)
+        self.device = backbone.engine.device
+
+    def _forward(self, ids, mask, pos_ids, cache, rows):
+        with self.engine.route(rows):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, use_cache=True,
+                             **{self.kw: cache})
+        return out.logits[:, -1, :].float(), _out_cache(out)
+
+    @torch.no_grad()
+    def prefill(self, seqs: list[Sequence]) -> Batch:
+        """One forward over the new rows' left-padded prompts; picks each row's first token."""
+        n = max(len(s.prompt) for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, n - len(s.prompt):] = torch.tensor(s.prompt)
+            mask[i, n - len(s.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does for left padding
+        logits, cache = self._forward(ids, mask, pos_ids, DynamicCache(), [s.row for s in seqs])
+        batch = Batch(seqs, cache, mask, mask.sum(-1), torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        self._take(batch, logits)
+        return batch
+
+    @torch.no_grad()
+    def step(self, batch: Batch) -> None:
+        """One decode step for every row of ``batch``."""
+        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+        logits, batch.cache = self._forward(batch.last[:, None], batch.mask, batch.pos[:, None], batch.cache,
+                                            [s.row for s in batch.seqs])
+        batch.pos = batch.pos + 1
+        self._take(batch, logits)
+
+    def _take(self, batch: Batch, logits: torch.Tensor) -> None:
+        nxt = logits.argmax(-1)
+        for i, s in enumerate(batch.seqs):
+            if s.temperature > 0:
+                nxt[i] = _sample(logits[i], s)
+        batch.last = nxt
+        for s, t in zip(batch.seqs, nxt.tolist()):
+            if s.finish is not None:
+                continue
+            if t in s.stop_ids:
+                s.finish = "stop"
+                continue
+            s.tokens.append(t)
+            if len(s.tokens) >= s.max_new_tokens:
+                s.finish = "length"
+
+    @staticmethod
+    def merge(a: Batch | None, b: Batch) -> Batch:
+        """Rows of ``a`` then rows of ``b`` in one batch (the shorter side left-padded)."""
+        if a is None or not len(a):
+            return b
+        ta, tb = a.mask.shape[1], b.mask.shape[1]
+        t = max(ta, tb)
+
+        def pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+            if width == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = width
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for la, lb in zip(_layers(a.cache), _layers(b.cache)):
+            la.keys = torch.cat([pad(la.keys, t - ta, 2), pad(lb.keys, t - tb, 2)], dim=0)
+            la.values = torch.cat([pad(la.values, t - ta, 2), pad(lb.values, t - tb, 2)], dim=0)
+        return Batch(a.seqs + b.seqs, a.cache, torch.cat([pad(a.mask, t - ta, 1), pad(b.mask, t - tb, 1)]),
+                     torch.cat([a.pos, b.pos]), torch.cat([a.last, b.last]))
+
+    @staticmethod
+    def keep(batch: Batch, rows: list[int]) -> Batch:
+        """Only ``rows`` stay; columns no remaining row uses are dropped from the left."""
+        idx = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
+        mask = batch.mask.index_select(0, idx)
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        for layer in _layers(batch.cache):
+            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        return Batch([batch.seqs[i] for i in rows], batch.cache, mask[:, start:], batch.pos.index_select(0, idx),
+                     batch.last.index_select(0, idx))
+
+
+def _sample(logits: torch.Tensor, s: Sequence) -> torch.Tensor:
+    """Temperature and nucleus (top-p) sampling for one row, with its own generator."""
+    probs = torch.softmax(logits / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > s.top_p
+        sorted_p[cut] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    if s.generator is None:
+        s.generator = torch.Generator(device=probs.device)
+        s.generator.manual_seed(s.seed if s.seed is not None else torch.seed() % (2**63))
+    return torch.multinomial(probs / probs.sum(), 1, generator=s.generator)[0]
