@@ -233,3 +233,17 @@ class RunConfig(_Config):
 
     targets_fraction: float = Field(0.5, gt=0, lt=1, description="share of users held out as targets")
     seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
+
+
+class ServeConfig(_Config):
+    """`mta serve`: where it listens, how much it batches and queues, and its limits."""
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    max_batch: int = Field(32, ge=1, description="requests decoded together in one step")
+    max_queue: int = Field(256, ge=1, description="requests waiting beyond the batch; more are answered 429")
+    resident: int = Field(256, ge=1, description="users whose stacks stay on the device (least recently used out)")
+    max_tokens: int = Field(512, ge=1, description="the largest max_tokens a request may ask for")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body, in bytes")
+    retry_after: int = Field(1, ge=1, description="seconds a 429 answer asks the client to wait")
+    shutdown_timeout: float = Field(60.0, gt=0, description="seconds a shutdown waits for running requests")

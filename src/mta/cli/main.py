@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from mta import __version__
-from mta.cli import data, evaluate, models, pipeline
+from mta.cli import data, evaluate, models, pipeline, serve
 from mta.cli.common import QUIET, err_console, setup_logging
 from mta.cli.options import cli_message
 from mta.errors import MtaError
@@ -30,6 +30,8 @@ app.command("export")(pipeline.export_cmd)
 app.command("run")(evaluate.run_cmd)
 app.command("tune")(evaluate.tune_cmd)
 app.command("demo")(evaluate.demo_cmd)
+app.command("serve")(serve.serve_cmd)
+app.add_typer(serve.keys_app, name="keys")
 
 
 def _version(value: bool) -> None:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from mta.config import AdaptConfig, BackboneConfig, BankConfig, EvalConfig, GenerateConfig, RunConfig
+from mta.config import AdaptConfig, BackboneConfig, BankConfig, EvalConfig, GenerateConfig, RunConfig, ServeConfig
 from mta.errors import ConfigError, MtaError
 
 SECTIONS: dict[type, tuple[str, str]] = {  # config -> (attribute on ``Configs``, --help panel)
@@ -29,6 +29,7 @@ SECTIONS: dict[type, tuple[str, str]] = {  # config -> (attribute on ``Configs``
     GenerateConfig: ("generate", "Generation"),
     EvalConfig: ("eval", "Evaluation protocol"),
     RunConfig: ("run", "Split"),
+    ServeConfig: ("serve", "Server"),
 }
 
 

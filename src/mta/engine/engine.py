@@ -398,6 +398,11 @@ class AdapterEngine:
     def set_routing(self, routing: Routing | None) -> None:
         self._routing[0] = routing
 
+    def clear_caches(self) -> None:
+        """Forget every layer's gathered per-row factors."""
+        for layer in self.layers.values():
+            layer.clear_cache()
+
     @contextlib.contextmanager
     def route(self, rows: Sequence[Row] | Routing) -> Iterator[Routing]:
         rt = rows if isinstance(rows, Routing) else self.routing(rows)

@@ -42,6 +42,7 @@ class Batch:
     mask: torch.Tensor               # (B, T) 1 = a real token
     pos: torch.Tensor                # (B,) position of the next token
     last: torch.Tensor               # (B,) the last token of each row (the next input)
+    routing: object | None = None    # the engine's routing for these rows; None: rebuild it
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -75,6 +76,20 @@ class Decoder:
                              **{self.kw: cache})
         return out.logits[:, -1, :].float(), _out_cache(out)
 
+    def _decode_forward(self, batch: Batch):
+        """A decode step's forward. The routing stays the same object while the rows do, so
+        every layer's gathered per-row factors are reused from step to step."""
+        if batch.routing is None:
+            self.engine.clear_caches()  # a new routing object may reuse a dead one's id
+            batch.routing = self.engine.routing([s.row for s in batch.seqs])
+        self.engine.set_routing(batch.routing)
+        try:
+            out = self.model(input_ids=batch.last[:, None], attention_mask=batch.mask, position_ids=batch.pos[:, None],
+                             use_cache=True, **{self.kw: batch.cache})
+        finally:
+            self.engine.set_routing(None)
+        return out.logits[:, -1, :].float(), _out_cache(out)
+
     @torch.no_grad()
     def prefill(self, seqs: list[Sequence]) -> Batch:
         """One forward over the new rows' left-padded prompts; picks each row's first token."""
@@ -95,8 +110,7 @@ class Decoder:
     def step(self, batch: Batch) -> None:
         """One decode step for every row of ``batch``."""
         batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-        logits, batch.cache = self._forward(batch.last[:, None], batch.mask, batch.pos[:, None], batch.cache,
-                                            [s.row for s in batch.seqs])
+        logits, batch.cache = self._decode_forward(batch)
         batch.pos = batch.pos + 1
         self._take(batch, logits)
 

@@ -1,0 +1,262 @@
+"""The server's scheduler: one thread owns the backbone and the loaded bank; requests of
+many users run in the same forward pass, and new ones join the running batch at decode
+step boundaries (iteration-level scheduling).
+
+Each loop: admit queued requests (up to ``max_batch`` rows), prefill them and merge them
+into the running batch (the plans of ALL running rows are recomputed, so every row
+keeps pointing at its own user's stack even when the resident table is reshaped), run
+one decode step, stream each row's new text, drop finished rows. Work that changes the
+engine's tables for training (adapting a user) or removes a user runs on the same thread
+between steps, once the running batch has drained, so nothing serving a request is ever
+changed under it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from mta.config import AdaptConfig, GenerateConfig
+from mta.data.schema import User
+from mta.errors import MtaError
+from mta.inference import chat_prompt, stop_ids
+from mta.loaded_bank import LoadedBank, Plan, Request
+from mta.retrieval import retrieve
+from mta.serving.decode import Batch, Decoder, Sequence
+from mta.store import UserStore
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: the caller should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new work."""
+
+
+@dataclass
+class Job:
+    """One generation request as the scheduler runs it. ``emit(kind, payload)`` is called
+    from the scheduler thread: ("delta", text), ("done", info) or ("error", exception)."""
+
+    user_id: str | None
+    messages: list[dict]             # chat messages; a completion is one user message
+    user: User | None                # history, for retrieval and fusion
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    base_only: bool = False
+    emit: Callable[[str, object], None] = lambda kind, payload: None
+    route: str = ""
+    prompt_tokens: int = 0
+    text: str = ""
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    seq: Sequence | None = None
+
+
+class Scheduler:
+    def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
+                 max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None):
+        self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
+        self.tok = bank.backbone.tokenizer
+        self.decoder = Decoder(bank.backbone, self.tok.pad_token_id)
+        self.stop_ids = frozenset(stop_ids(self.tok))
+        self.max_batch = max_batch
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.exclusive: queue.Queue[tuple[Callable, Future]] = queue.Queue()
+        self.metrics = metrics
+        self.batch: Batch | None = None
+        self.jobs: list[Job] = []
+        self.accepting = True
+        self.tokens_out = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mta-scheduler", daemon=True)
+        self._ids = itertools.count()
+
+    # -- the outside -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        if not self.accepting:
+            raise ShuttingDown()
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull() from None
+        self._wake.set()
+        self._gauge()
+
+    def run_exclusive(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the scheduler thread once no request is running."""
+        fut: Future = Future()
+        self.exclusive.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop taking requests, let the running and queued ones finish, then stop."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while (self.jobs or not self.queue.empty() or not self.exclusive.empty()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def running(self) -> int:
+        return len(self.jobs)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.jobs and not self.exclusive.empty():
+                    fn, fut = self.exclusive.get_nowait()
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as e:  # noqa: BLE001 - handed to the caller
+                            fut.set_exception(e)
+                    continue
+                if self.exclusive.empty():  # exclusive work waits: let the batch drain
+                    self._admit()
+                if not self.jobs:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                t0 = time.monotonic()
+                self.decoder.step(self.batch)
+                self._after_step(time.monotonic() - t0)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                log.exception("scheduler step failed")
+                for job in self.jobs:
+                    job.emit("error", e)
+                self.jobs, self.batch = [], None
+
+    def _admit(self) -> None:
+        new: list[Job] = []
+        while len(self.jobs) + len(new) < self.max_batch:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if not job.cancelled:
+                new.append(job)
+        if not new:
+            return
+        self._gauge()
+        try:
+            plans, routes = self._plans(self.jobs + new)
+        except Exception as e:  # noqa: BLE001 - e.g. a corrupt user: fail the new requests only
+            for job in new:
+                job.emit("error", e)
+            if self.jobs:
+                self._plans(self.jobs)
+            return
+        rows = self.bank._rows(plans)
+        for job, row in zip(self.jobs, rows):  # running rows follow their users' (new) slots
+            job.seq.row = row
+        fresh = []
+        for job, row, route in zip(new, rows[len(self.jobs):], routes[len(self.jobs):]):
+            job.route = route
+            try:
+                ids = self._prompt_ids(job)
+            except Exception as e:  # noqa: BLE001
+                job.emit("error", e)
+                continue
+            job.prompt_tokens = len(ids)
+            job.seq = Sequence(ids, row, job.max_tokens, self.stop_ids, job.temperature, job.top_p, job.seed)
+            fresh.append(job)
+        if not fresh:
+            return
+        t0 = time.monotonic()
+        part = self.decoder.prefill([j.seq for j in fresh])
+        self.batch = self.decoder.merge(self.batch, part)
+        self.batch.routing = None
+        self.jobs += fresh
+        if self.metrics:
+            self.metrics.prefill(len(fresh), sum(j.prompt_tokens for j in fresh), time.monotonic() - t0)
+        self._after_step(0.0, only=fresh)
+
+    def _plans(self, jobs: list[Job]) -> tuple[list[Plan], list[str]]:
+        personal = [j for j in jobs if not j.base_only]
+        reqs = [Request(j.user_id or "", "", j.user) for j in personal]
+        plans, routes, _ = self.bank.plans(reqs, self.store, self.fusion) if reqs else ([], [], [])
+        it = iter(zip(plans, routes))
+        out_p, out_r = [], []
+        for j in jobs:
+            p, r = (Plan(), "base") if j.base_only else next(it)
+            out_p.append(p)
+            out_r.append(r)
+        return out_p, out_r
+
+    def _prompt_ids(self, job: Job) -> list[int]:
+        """The same prompt `mta generate` builds: the task's template with the user's BM25
+        top-k history items around the last user message, through the chat template."""
+        task = self.bank.task
+        last = job.messages[-1]["content"]
+        items = retrieve(task, last, job.user.history, self.gen.retrieve_k) if job.user else []
+        content = task.prompt(last, items)
+        if len(job.messages) == 1:
+            text = chat_prompt(self.tok, content)
+        else:
+            msgs = [*job.messages[:-1], {"role": "user", "content": content}]
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.gen.max_prompt_tokens:
+            raise MtaError(f"the prompt is {len(ids)} tokens; this server takes at most {self.gen.max_prompt_tokens}")
+        return ids
+
+    def _after_step(self, seconds: float, only: list[Job] | None = None) -> None:
+        """Stream what each row added, finish rows that are done, drop them."""
+        keep = []
+        for k, job in enumerate(self.jobs):
+            if only is not None and job not in only:
+                keep.append(k)
+                continue
+            s = job.seq
+            text = self.tok.decode(s.tokens, skip_special_tokens=True)
+            stop_at = min((i for i in (text.find(x) for x in job.stop) if i >= 0), default=-1)
+            if stop_at >= 0:
+                text, s.finish = text[:stop_at], "stop"
+            stable = text if s.finish else text.rstrip("\ufffd")  # never split a multi-byte character
+            if len(stable) > len(job.text):
+                job.emit("delta", stable[len(job.text):])
+                job.text = stable
+            if job.cancelled and s.finish is None:
+                s.finish = "cancelled"
+            if s.finish is not None:
+                self.tokens_out += len(s.tokens)
+                job.emit("done", {"finish_reason": s.finish if s.finish != "cancelled" else "stop",
+                                  "prompt_tokens": job.prompt_tokens, "completion_tokens": len(s.tokens),
+                                  "route": job.route})
+                if self.metrics:
+                    self.metrics.finished(job, time.monotonic() - job.submitted)
+            else:
+                keep.append(k)
+        if self.metrics and only is None:
+            self.metrics.step(len(self.jobs), seconds)
+        if len(keep) < len(self.jobs):
+            self.jobs = [self.jobs[k] for k in keep]
+            self.batch = self.decoder.keep(self.batch, keep) if keep else None
+            if self.batch is not None:
+                self.batch.routing = None
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.gauges(self.queue.qsize(), len(self.jobs), len(self.bank.stacks.slots))
