@@ -194,7 +194,8 @@ def generate_cmd(
     input_file: Path | None = typer.Option(None, help="JSONL of {user_id, input} pairs, batched."),
     *, cfg: Configs,
 ) -> None:
-    """Personalised answers; one --user/--input, or many users batched from --input-file."""
+    """Personalised answers; one --user/--input, or many users batched from --input-file.
+    Prints one JSON object per answer and line: user_id, route, output, parsed."""
     from mta.loaded_bank import Request
 
     pairs = _requests(user, input, input_file)
@@ -209,8 +210,9 @@ def generate_cmd(
     for a in answers:
         if a.notice:
             err_console.print(f"[yellow]notice:[/yellow] {escape(a.notice)}")
-        console.print_json(json.dumps({"user_id": a.user_id, "route": a.route, "output": a.output,
-                                       "parsed": a.parsed}))
+        # one JSON object per line (JSONL), for pipes
+        print(json.dumps({"user_id": a.user_id, "route": a.route, "output": a.output, "parsed": a.parsed},
+                         ensure_ascii=False), flush=True)
 
 
 @configured(BackboneConfig)
