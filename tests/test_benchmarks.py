@@ -50,3 +50,12 @@ def test_integrity_benchmark_runs(tmp_path):
     r = _run("integrity.py", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(json.loads(out.read_text())["rows"]) == 4
+
+
+def test_serve_load_benchmark_tiny(tmp_path):
+    out = tmp_path / "serve.json"
+    r = _run("serve_load.py", "--model", "tiny-random-llama", "--requests", "12", "--clients", "4", "--users", "3",
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [x["max_batch"] for x in res["rows"]] == [4, 1] and all(x["errors"] == 0 for x in res["rows"])

@@ -1,0 +1,144 @@
+"""Load on `mta serve`: N concurrent clients over M distinct users against a server on
+loopback, against the same server limited to one request at a time, in the same run.
+
+    .venv/bin/python benchmarks/serve_load.py                       # SmolLM2, 16 clients, 16 users, 500 requests
+    .venv/bin/python benchmarks/serve_load.py --model tiny-random-llama --requests 40   # a smoke run
+
+It builds a small bank and store on synthetic users with the given model (in a temporary
+directory, or --work), starts `mta serve` twice (--max-batch N, then --max-batch 1),
+sends the same bounded set of chat requests (user i mod M, max_tokens fixed) from N
+client threads, and prints requests/s, tokens/s, p50/p99 latency and the error count of
+each, with the ratio; the JSON goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mta(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "mta", "--quiet", *args], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(work: Path, model: str, embedder: str, users: int, device: str) -> tuple[str, list[str]]:
+    if not (work / "store" / "store.json").exists():
+        mta("data", "synth", "--out", str(work / "data"), "--users", str(users + 8), "--queries", "1")
+        mta("bank", "build", "--data", str(work / "data"), "--out", str(work / "bank"), "--anchors", "4",
+            "--model", model, "--embedder", embedder, "--device", device)
+        ids = ",".join(f"synth-{i:04d}" for i in range(users))
+        mta("adapt", "--bank", str(work / "bank"), "--data", str(work / "data"), "--out", str(work / "store"),
+            "--users", ids, "--device", device)
+    if not (work / "keys.json").exists():
+        key = mta("keys", "add", "--keys", str(work / "keys.json"), "--role", "admin").strip()
+        (work / "admin.key").write_text(key)
+    return (work / "admin.key").read_text().strip(), [f"synth-{i:04d}" for i in range(users)]
+
+
+def run(work: Path, key: str, users: list[str], a, max_batch: int) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (work / f"serve-b{max_batch}.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(work / "bank"), "--store",
+                             str(work / "store"), "--users", str(work / "data"), "--keys", str(work / "keys.json"),
+                             "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(a.requests),
+                             "--device", a.device], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start: {(work / f'serve-b{max_batch}.log').read_text()[-1500:]}")
+            time.sleep(0.5)
+        client = httpx.Client(timeout=a.timeout, headers={"Authorization": f"Bearer {key}"})
+
+        def one(i: int) -> tuple[float, int, bool]:
+            body = {"model": "mta", "user": users[i % len(users)], "max_tokens": a.max_tokens,
+                    "messages": [{"role": "user", "content": a.prompt.format(i=i)}]}
+            t0 = time.perf_counter()
+            try:
+                r = client.post(url + "/v1/chat/completions", json=body)
+                ok = r.status_code == 200
+                tokens = r.json()["usage"]["completion_tokens"] if ok else 0
+            except httpx.HTTPError:
+                ok, tokens = False, 0
+            return time.perf_counter() - t0, tokens, ok
+
+        for i in range(min(4, a.requests)):  # warm-up, not counted
+            one(i)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(a.clients) as ex:
+            results = list(ex.map(one, range(a.requests)))
+        wall = time.perf_counter() - t0
+        lat = sorted(r[0] for r in results)
+        return {"max_batch": max_batch, "requests": a.requests, "clients": a.clients, "users": len(users),
+                "wall_s": wall, "requests_per_s": a.requests / wall, "tokens_per_s": sum(r[1] for r in results) / wall,
+                "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                "errors": sum(not r[2] for r in results)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--embedder", default="minilm-l6")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--users", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--prompt", help="the request text ({i}: the request's number)",
+                    default="Which tag does this movie relate to? description: a film about case number {i}")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--work", type=Path, help="keep the bank, store and logs here (default: a temporary directory)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_load.json"))
+    a = ap.parse_args()
+    if a.model == "tiny-random-llama" and a.embedder == "minilm-l6":
+        a.embedder = "hashing-embedder"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = a.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        key, users = setup(work, a.model, a.embedder, a.users, a.device)
+        rows = [run(work, key, users, a, a.clients), run(work, key, users, a, 1)]
+    ratio = rows[0]["requests_per_s"] / rows[1]["requests_per_s"]
+    print(f"mta serve, {a.model} on {a.device}: {a.requests} requests, {a.clients} clients over {a.users} users, "
+          f"max_tokens {a.max_tokens}, prompt {a.prompt!r}")
+    print(f"{'max batch':>9} {'req/s':>8} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
+    for r in rows:
+        print(f"{r['max_batch']:>9} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} {r['p50_s']:>7.2f} "
+              f"{r['p99_s']:>7.2f} {r['errors']:>6}")
+    print(f"batched / one at a time: {ratio:.2f}x")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "max_tokens": a.max_tokens, "prompt": a.prompt,
+                                 "rows": rows, "ratio": ratio}, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
