@@ -247,6 +247,8 @@ def _chromium() -> str | None:
                     reason="no Chromium here (.ci/run installs it and sets MTA_REQUIRE_BROWSER)")
 def test_page_in_a_headless_browser(server, world, tmp_path):
     _, keys = world
+    if _chromium() is None:
+        pytest.fail("MTA_REQUIRE_BROWSER is set but there is no chromium (apt-get install chromium)")
     url = f"{server.url}/#key={keys['admin']}&user=synth-0000&prompt=Which%20tag%3F&run=1"
     r = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
