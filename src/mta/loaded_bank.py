@@ -19,6 +19,7 @@ A *private* bank (``bank.build_private``) answers each user through their own an
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -394,12 +395,42 @@ class LoadedBank:
         return [Answer(r.user_id, r.input, t, self.task.parse(t), route, note)
                 for r, t, route, note in zip(requests, texts, routes, notices)]
 
-    def export(self, user_id: str, store: UserStore, out: Path, pad_to: int | str | None = None) -> Path:
-        """Write one stored user (fused anchors + stack) as ONE ordinary PEFT LoRA."""
+    def export(self, user_id: str, store: UserStore, out: Path, pad_to: int | str | None = None,
+               base_model: str | None = None) -> Path:
+        """Write one stored user (fused anchors + stack) as ONE ordinary PEFT LoRA.
+        ``base_model``: the name the adapter names its base by (default: the bank's model)."""
         self._activate()
         rec = self.stored(store, [user_id]).get(user_id)
         if rec is None:
             store.meta(user_id)  # raises the "not in the store" error with the stored ids
         slot = self.stacks.ensure({user_id: rec}, store)[user_id] if rec.stack else None
         return export_user(self.backbone.engine, rec.anchors, rec.weights, out, mode=rec.merge, user=slot,
-                           svd_rank=rec.svd_rank, pad_to=pad_to, base_model=self._model_id)
+                           svd_rank=rec.svd_rank, pad_to=pad_to, base_model=base_model or self._model_id)
+
+    def export_vllm(self, store: UserStore, out: Path, served_model: str,
+                    progress: Progress | None = None) -> dict:
+        """Every stored user as a PEFT adapter laid out for vLLM's runtime loading:
+        ``OUT/<lora_name>/`` (adapter_config.json names ``served_model`` as its base, the rank
+        zero-padded to one vLLM accepts), and ``OUT/manifest.json`` mapping user ids to lora
+        names. The lora name is ``u-`` + the user's store key (any user id, never a path)."""
+        from mta.paths import atomic_path, write_json_atomic
+        from mta.store import user_key
+
+        ids = store.user_ids()
+        if not ids:
+            raise MtaError(f"{store.root}: no users to export")
+        entries = []
+        with atomic_path(Path(out)) as tmp:
+            tmp.mkdir(parents=True)
+            for n, uid in enumerate(ids):
+                name = f"u-{user_key(uid)}"
+                self.export(uid, store, tmp / name, pad_to="serving", base_model=served_model)
+                cfg = json.loads((tmp / name / "adapter_config.json").read_text())
+                entries.append({"user_id": uid, "lora_name": name, "rank": cfg["r"],
+                                "target_modules": sorted(cfg["target_modules"])})
+                if progress:
+                    progress("exported users", n + 1, len(ids))
+            manifest = {"format": "vllm-lora", "base_model_name": served_model, "bank": self.bank_id,
+                        "task": self.task.name, "max_lora_rank": max(e["rank"] for e in entries), "users": entries}
+            write_json_atomic(tmp / "manifest.json", manifest)
+        return manifest

@@ -218,23 +218,47 @@ def generate_cmd(
 @configured(BackboneConfig)
 def export_cmd(
     bank: BankPath, store: StorePath,
-    user: str = typer.Option(..., help="User id to export."),
-    out: Path = typer.Option(..., help="Output PEFT adapter directory."),
+    user: str | None = typer.Option(None, help="User id to export (or --all)."),
+    all_users: bool = typer.Option(False, "--all", help="Export every stored user."),
+    out: Path = typer.Option(..., help="Output: a PEFT adapter directory (one user), or a directory of "
+                             "adapters and a manifest (--all)."),
+    fmt: str = typer.Option("peft", "--format", help="peft (one user), or vllm (with --all: laid out for vLLM's runtime "
+                               "adapter loading; docs/scale.md)."),
+    served_model: str | None = typer.Option(None, help="vllm: the base model's name as vLLM serves it "
+                                            "(adapters name it; default: the bank's model)."),
     pad_rank: str | None = typer.Option(None, help="Zero-pad the rank: an integer, or 'serving' for the "
-                                        "next rank vLLM accepts (1, 8, 16, 32, 64, ...)."),
+                                        "next rank vLLM accepts (1, 8, 16, 32, 64, ...); vllm: always 'serving'."),
     *, cfg: Configs,
 ) -> None:
-    """Write one ordinary PEFT LoRA equal to the user's fused + stacked adapter (fp32 factors)."""
+    """Write a user's fused + stacked adapter as ONE ordinary PEFT LoRA (fp32 factors), or
+    every user's, for vLLM."""
     from mta.engine.peft_io import is_export
 
+    if fmt not in ("peft", "vllm"):
+        raise MtaError(f"--format must be peft or vllm, got {fmt!r}")
+    if (user is None) == (not all_users):
+        raise MtaError("give either --user or --all")
+    if fmt == "vllm" and not all_users:
+        raise MtaError("--format vllm exports every user: add --all")
     if pad_rank is not None and pad_rank != "serving" and not pad_rank.isdigit():
         raise MtaError(f"--pad-rank must be an integer or 'serving', got {pad_rank!r}")
+    st = UserStore(store)
+    if all_users:
+        if out.exists() and not (out / "manifest.json").is_file():
+            raise MtaError(f"{out} exists and is not an export `mta export --all` wrote; refusing to replace it: "
+                           "give a new path")
+        rec = _bank_record(bank)
+        _, loaded = _open_bank(bank, cfg)
+        with progress() as bar:
+            manifest = loaded.export_vllm(st, out, served_model or rec.model, Bars(bar))
+        console.print(f"exported {len(manifest['users'])} users for vLLM to {escape(str(out))} (max rank "
+                      f"{manifest['max_lora_rank']}; manifest.json)")
+        return
     if out.exists() and not is_export(out):
         raise MtaError(f"{out} exists and is not an adapter `mta export` wrote; refusing to replace it: give a new "
                        "path")
-    st = UserStore(store)
     st.meta(user)  # an unknown user fails before the model loads
     _, loaded = _open_bank(bank, cfg)
-    loaded.export(user, st, out, int(pad_rank) if pad_rank and pad_rank.isdigit() else pad_rank)
+    loaded.export(user, st, out, int(pad_rank) if pad_rank and pad_rank.isdigit() else pad_rank, served_model)
     r = json.loads((out / "adapter_config.json").read_text())["r"]
     console.print(f"exported {escape(user)} as a rank-{r} PEFT LoRA to {escape(str(out))}")
