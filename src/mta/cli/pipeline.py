@@ -222,8 +222,8 @@ def export_cmd(
     all_users: bool = typer.Option(False, "--all", help="Export every stored user."),
     out: Path = typer.Option(..., help="Output: a PEFT adapter directory (one user), or a directory of "
                              "adapters and a manifest (--all)."),
-    fmt: str = typer.Option("peft", "--format", help="peft (one user), or vllm (with --all: laid out for vLLM's runtime "
-                               "adapter loading; docs/scale.md)."),
+    fmt: str = typer.Option("peft", "--format", help="peft (one user), or vllm (with --all: laid out for "
+                            "vLLM's runtime adapter loading; docs/scale.md)."),
     served_model: str | None = typer.Option(None, help="vllm: the base model's name as vLLM serves it "
                                             "(adapters name it; default: the bank's model)."),
     pad_rank: str | None = typer.Option(None, help="Zero-pad the rank: an integer, or 'serving' for the "
