@@ -59,3 +59,12 @@ def test_serve_load_benchmark_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert [x["max_batch"] for x in res["rows"]] == [4, 1] and all(x["errors"] == 0 for x in res["rows"])
+
+
+def test_scale_model_from_the_measured_run():
+    run = ROOT / "docs" / "gpu-run-2026-11-29.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "scale.py"), str(run)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| 1e+")]
+    assert len(rows) == 3 and "0.317 s of adaptation per user" in r.stdout
