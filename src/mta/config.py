@@ -171,6 +171,8 @@ class AdaptConfig(_Config):
     stack_lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="stacking learning rate")
     batch_size: int = Field(8, ge=1, description="examples per user per optimiser step",
                             json_schema_extra=flag("stack-batch-size"))
+    users_per_pass: int = Field(64, ge=1, description="users whose stacks train together in one pass (a stack's "
+                                "initial values depend on its pass: keep it to reproduce a run)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps in linear warm-up")
     retrieve_k: int = Field(1, ge=0, description="BM25 history items in each prompt (0 disables)")
     max_length: int = Field(512, ge=32, description="tokens per training example (prompt cut from the left)")

@@ -49,7 +49,6 @@ from mta.tasks import get_task
 from mta.tasks.base import Task
 
 log = logging.getLogger(__name__)
-USERS_PER_PASS = 64
 Progress = Callable[[str, int, int], None]
 LOADS = {"count": 0}  # times a bank's anchors were read into an engine (tests check one per use)
 
@@ -243,12 +242,20 @@ class LoadedBank:
 
     # -- stage 3: stacks for many users ---------------------------------------------------------------
     def adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None, *, locked: bool = True, first_pass: int = 0,
+              force: bool = False) -> dict:
         """Fuse and stack ``users`` into ``store``; users unchanged since they were stored
-        are skipped. Returns counts, timings and per-user costs."""
+        are skipped (unless ``force``). Returns counts, timings and per-user costs.
+
+        ``locked=False``: the caller already is the store's one writer (a sharded run's
+        driver, whose workers call this). ``first_pass``: the index in the whole run of
+        this call's first user, so that a shard's stacks start from the values the same
+        users get in one unsharded run (passes of ``cfg.users_per_pass``)."""
         self.check(users, cfg)
+        if not locked:
+            return self._adapt(users, cfg, store, progress, first_pass, force)
         with store.writing():
-            return self._adapt(users, cfg, store, progress)
+            return self._adapt(users, cfg, store, progress, first_pass, force)
 
     def check(self, users: Sequence[User], cfg: AdaptConfig) -> None:
         """Everything ``adapt`` would refuse, checked before anything is written."""
@@ -263,7 +270,8 @@ class LoadedBank:
         if cfg.stack_epochs > 0:
             self.backbone.engine.stack_selection(cfg.stack_targets, cfg.stack_layers)  # unknown modules refused
 
-    def _adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore, progress: Progress | None) -> dict:
+    def _adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore, progress: Progress | None,
+               first_pass: int = 0, force: bool = False) -> dict:
         self._activate()
         engine, tok = self.backbone.engine, self.backbone.tokenizer
         t0 = time.perf_counter()
@@ -272,7 +280,7 @@ class LoadedBank:
         settings = {"bank": self.bank_id, "adapt": cfg.dump()}
         hashes = [history_hash(u, self.task.name, settings) for u in users]
         todo = [i for i, u in enumerate(users)
-                if not (store.has(u.user_id) and store.meta(u.user_id).history_hash == hashes[i])]
+                if force or not (store.has(u.user_id) and store.meta(u.user_id).history_hash == hashes[i])]
         skipped = len(users) - len(todo)
         if skipped:
             log.info("%d user(s) unchanged since they were stored; skipping them", skipped)
@@ -280,12 +288,12 @@ class LoadedBank:
         done, train_s = 0, 0.0
         if progress:
             progress("users", 0, len(todo))
-        for g in range(0, len(todo), USERS_PER_PASS):
-            group = todo[g:g + USERS_PER_PASS]
+        for g in range(0, len(todo), cfg.users_per_pass):
+            group = todo[g:g + cfg.users_per_pass]
             stats = None
             t1 = time.perf_counter()
             if cfg.stack_epochs > 0:
-                engine.add_users(len(group), cfg.stack_rank, cfg.alpha_s, seed=cfg.seed + g,
+                engine.add_users(len(group), cfg.stack_rank, cfg.alpha_s, seed=cfg.seed + first_pass + g,
                                  modules=cfg.stack_targets, last_layers=cfg.stack_layers)
                 self.stacks.invalidate()
                 rows = self._rows([Plan(mixes[i].anchors, mixes[i].weights, cfg.merge, cfg.svd_rank, stack=j)

@@ -42,7 +42,9 @@ def models_dir() -> Path:
 
 
 def fault(point: str) -> None:
-    """Die here, without any clean-up, when ``MTA_FAULT`` names this point (tests only)."""
+    """Die here, without any clean-up, when ``MTA_FAULT`` names this point (tests only).
+    With ``MTA_FAULT_ONCE=FILE`` only one process dies (it creates FILE first): a
+    restarted worker then runs through."""
     spec = os.environ.get("MTA_FAULT")
     if not spec:
         return
@@ -51,6 +53,12 @@ def fault(point: str) -> None:
         return
     _FAULTS[point] = _FAULTS.get(point, 0) + 1
     if _FAULTS[point] == int(count or 1):
+        once = os.environ.get("MTA_FAULT_ONCE")
+        if once:
+            try:
+                Path(once).touch(exist_ok=False)
+            except FileExistsError:
+                return
         os._exit(99)
 
 

@@ -132,13 +132,21 @@ def _open_bank(bank: Path, cfg: Configs, task: str | None = None):
 
 @configured(BackboneConfig, AdaptConfig)
 def adapt_cmd(bank: BankPath, data: DataPath, out: OutDir, task: TaskName = None, users: UserIds = None,
-              recipe: RecipeFile = None, *, cfg: Configs) -> None:
+              recipe: RecipeFile = None,
+              ray: str | None = typer.Option(None, "--ray", help="Shard over Ray: 'local' (a local instance) or "
+                                             "the address of a running cluster (docs/scale.md)."),
+              ray_workers: int | None = typer.Option(None, min=1, help="Ray workers (default: one per GPU, or per "
+                                                     "CPU when there is no GPU)."),
+              *, cfg: Configs) -> None:
     """Stages 2+3: fuse each user's nearest anchors and train their stacked adapter."""
     rec = _bank_record(bank)
     cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or rec.model, rec)
     ds = load_dataset(data, task or rec.task)
     sel = select_users(ds.users, users)
     store = UserStore(out, create=True)  # before anything is written: refuse a directory that is not a store
+    if ray is not None:
+        _adapt_on_ray(ray, ray_workers, bank, rec, ds, sel, store, out, cfg)
+        return
     backbone, loaded = _open_bank(bank, cfg, ds.task)
     loaded.check(sel, cfg.adapt)
     with run_log(out), progress() as bar:
@@ -148,6 +156,25 @@ def adapt_cmd(bank: BankPath, data: DataPath, out: OutDir, task: TaskName = None
     console.print(f"adapted {stats['adapted']} user(s), {stats['skipped']} unchanged; "
                   f"{stats['trainable_params_per_user']:,} trainable parameters and "
                   f"{sum(b) / max(1, len(b)):,.0f} bytes per user; {stats['seconds_per_user']:.2f} s per user")
+
+
+def _adapt_on_ray(address, workers, bank, rec, ds, sel, store, out, cfg) -> None:
+    from mta.distributed import ray_adapt
+
+    if not rec.complete:
+        raise MtaError(f"bank {bank} is incomplete; rerun the same bank build to resume it")
+    if rec.task != ds.task:
+        raise MtaError(f"bank {bank} was built for task {rec.task}, not {ds.task}")
+    if rec.kind == "bank" and cfg.adapt.top_k > len(rec.anchors):
+        raise MtaError(f"top_k {cfg.adapt.top_k} is more than the {len(rec.anchors)} anchors of bank {bank}",
+                       ("AdaptConfig.top_k",))
+    if any(not u.history for u in sel):
+        raise MtaError("every user needs at least 1 history item")
+    with run_log(out), progress() as bar:
+        write_config(out, "adapt", cfg, None, bank=str(bank), data=str(ds.path), task=ds.task, ray=address)
+        stats = ray_adapt(address, cfg.backbone, bank, sel, cfg.adapt, store, workers, Bars(bar))
+    console.print(f"adapted {stats['adapted']} user(s) in {stats['shards']} shard(s) on {stats['workers']} Ray "
+                  f"worker(s), {stats['skipped']} unchanged")
 
 
 def _requests(user: str | None, input: str | None, input_file: Path | None) -> list[tuple[str, str]]:
