@@ -124,6 +124,16 @@ def build_bank(
     exactly ``training_history(user, cfg)`` (in `mta eval`, the user's per-user LoRA):
     it is copied in instead of training the anchor again.
     """
+    rec = prepare_bank(backbone, users, task, cfg, out, recipe)
+    _train_missing(backbone, rec, users, task, cfg, Path(out), "anchor", progress, trained)
+    return rec
+
+
+def prepare_bank(backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
+                 recipe: dict | None = None) -> BankRecord:
+    """The bank's index: anchors chosen and written, none trained yet (or, when ``out``
+    already holds this bank, the index as it is, for a resume). No lock: the caller is
+    the bank's writer."""
     out = Path(out)
     if (out / INDEX).exists():
         rec = read_index(out)
@@ -142,7 +152,6 @@ def build_bank(
             anchors=[AnchorRecord(slot=s, user_id=uid, cluster=c, embedding=emb[pos[uid]].tolist())
                      for s, (uid, c) in enumerate(zip(sel.user_ids, sel.cluster_of_anchor))])
         write_text_atomic(out / INDEX, dump(rec))
-    _train_missing(backbone, rec, users, task, cfg, out, "anchor", progress, trained)
     return rec
 
 
@@ -196,13 +205,6 @@ def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task:
                    key_prefix: str, progress: Progress | None, trained) -> None:
     """Train (or copy in) every anchor of ``rec`` whose adapter is not complete, group by group."""
     by_id = {u.user_id: u for u in users}
-
-    def examples(user_id: str) -> list:
-        pool = users if rec.kind == "task" else [by_id[user_id]]
-        return [e for u in pool for e in loo_examples(
-            task, training_history(u, cfg), backbone.tokenizer, cfg.retrieve_k, cfg.max_length,
-            negative_pool(task, [o for o in users if o.user_id != u.user_id], cfg.seed))]
-
     todo = [a for a in rec.anchors if not (a.done and (adapter_dir(out, a.slot) / WEIGHTS).exists())]
     missing = [a.user_id for a in todo if a.user_id not in by_id and rec.kind != "task"]
     if missing:
@@ -225,26 +227,50 @@ def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task:
     n = len(rec.anchors)
     if progress:
         progress("anchors", n - len(todo), n)
-    engine = backbone.engine
-    tcfg = cfg.train_config(**backbone.train_resources(), lr_field="BankConfig.lr")
     for g in range(0, len(todo), cfg.group_size):
         group = todo[g:g + cfg.group_size]
-        t0 = time.perf_counter()
-        engine.owner = None  # the bank table now holds this group, not an opened bank
-        engine.set_bank(len(group), cfg.rank, cfg.alpha, cfg.target_modules)
-        engine.init_bank(seed=cfg.seed + group[0].slot)
-        jobs = [Job(j, examples(a.user_id), Row([j], [1.0]), key=f"{key_prefix}:{a.user_id}")
-                for j, a in enumerate(group)]
-        stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id,
-                           on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
-        for j, a in enumerate(group):
-            save_anchor(engine, j, adapter_dir(out, a.slot), base_model=rec.model,
-                        extra={"user_id": a.user_id, "task": task.name})
-            losses = stats["losses"][jobs[j].key]
-            a.done, a.examples, a.final_loss, a.first_loss = True, len(jobs[j].examples), losses[-1], losses[0]
-            a.sha256 = sha256_file(adapter_dir(out, a.slot) / WEIGHTS)
-            a.train_seconds = (time.perf_counter() - t0) / len(group)
+        train_group(backbone, rec, [a.slot for a in group], users, task, cfg, out, key_prefix,
+                    (lambda s, t: progress("steps", s, t)) if progress else None)
         write_text_atomic(out / INDEX, dump(rec))
         fault("bank:group-written")
         if progress:
             progress("anchors", n - len(todo) + g + len(group), n)
+
+
+def todo_groups(rec: BankRecord, out: Path, cfg: BankConfig) -> list[list[int]]:
+    """The slots still to train, in the groups an unsharded build trains them in."""
+    todo = [a.slot for a in rec.anchors if not (a.done and (adapter_dir(out, a.slot) / WEIGHTS).exists())]
+    return [todo[g:g + cfg.group_size] for g in range(0, len(todo), cfg.group_size)]
+
+
+def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: list[User], task: Task,
+                cfg: BankConfig, out: Path, key_prefix: str = "anchor", on_step=None) -> list[AnchorRecord]:
+    """Train the anchors of ``slots`` in one pass and write their adapters (atomically);
+    the anchors' records are updated in place and returned. The initial values depend on
+    the group's first slot only, so a group trains the same alone or in a full build."""
+    by_id = {u.user_id: u for u in users}
+    group = [rec.anchors[s] for s in slots]
+
+    def examples(user_id: str) -> list:
+        pool = users if rec.kind == "task" else [by_id[user_id]]
+        return [e for u in pool for e in loo_examples(
+            task, training_history(u, cfg), backbone.tokenizer, cfg.retrieve_k, cfg.max_length,
+            negative_pool(task, [o for o in users if o.user_id != u.user_id], cfg.seed))]
+
+    engine = backbone.engine
+    tcfg = cfg.train_config(**backbone.train_resources(), lr_field="BankConfig.lr")
+    t0 = time.perf_counter()
+    engine.owner = None  # the bank table now holds this group, not an opened bank
+    engine.set_bank(len(group), cfg.rank, cfg.alpha, cfg.target_modules)
+    engine.init_bank(seed=cfg.seed + group[0].slot)
+    jobs = [Job(j, examples(a.user_id), Row([j], [1.0]), key=f"{key_prefix}:{a.user_id}")
+            for j, a in enumerate(group)]
+    stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id, on_step=on_step)
+    for j, a in enumerate(group):
+        save_anchor(engine, j, adapter_dir(out, a.slot), base_model=rec.model,
+                    extra={"user_id": a.user_id, "task": task.name})
+        losses = stats["losses"][jobs[j].key]
+        a.done, a.examples, a.final_loss, a.first_loss = True, len(jobs[j].examples), losses[-1], losses[0]
+        a.sha256 = sha256_file(adapter_dir(out, a.slot) / WEIGHTS)
+        a.train_seconds = (time.perf_counter() - t0) / len(group)
+    return group

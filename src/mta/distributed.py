@@ -1,6 +1,11 @@
-"""Adaptation sharded over Ray: each actor holds one backbone and one loaded bank (on its
-GPU, or CPU) and adapts whole passes of users; results land in the one store (a shared
-filesystem path), atomically per user (docs/scale.md).
+"""Bank building and adaptation sharded over Ray: each actor holds one backbone (and, to
+adapt, one loaded bank) on its GPU, or CPU, and trains whole groups of anchors or passes
+of users; results land in one bank or store on a shared filesystem path, atomically per
+anchor or user (docs/scale.md).
+
+Bank: one worker chooses the anchors and writes the index; the groups an unsharded build
+would train (``BankConfig.group_size``) go to the workers; the driver marks each group
+done in the index as it comes back. Adaptation: see ``ray_adapt``.
 
 The driver is the store's one writer (it holds the lock and repairs a crashed run first);
 its workers write users without taking the lock. Shards are exactly the passes of an
@@ -102,6 +107,103 @@ def ray_adapt(address: str, backbone: BackboneConfig, bank: Path, users: Sequenc
         return {"adapted": done, "skipped": len(users) - len(todo), "shards": len(shards), "workers": n,
                 "worker_pids": sorted({s["pid"] for s in stats}),
                 "trainable_params_per_user": stats[0]["trainable_params_per_user"] if stats else 0}
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class BankWorker:
+    """A Ray actor: one backbone, for every group of anchors it is given."""
+
+    def __init__(self, backbone: dict, threads: int | None = None):
+        import torch
+
+        from mta.backbone import Backbone
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.backbone = Backbone.load(BackboneConfig.build(backbone))
+
+    def prepare(self, users: list[dict], task: str, cfg: dict, out: str, recipe: dict | None) -> dict:
+        from mta.bank import prepare_bank
+        from mta.config import BankConfig
+        from mta.tasks import get_task
+
+        rec = prepare_bank(self.backbone, [User.model_validate(u) for u in users], get_task(task),
+                           BankConfig.build(cfg), Path(out), recipe)
+        return rec.model_dump(mode="json")
+
+    def train(self, rec: dict, slots: list[int], users: list[dict], task: str, cfg: dict, out: str) -> list[dict]:
+        from mta.bank import train_group
+        from mta.config import BankConfig
+        from mta.records import BankRecord
+        from mta.tasks import get_task
+
+        record = BankRecord.model_validate(rec)
+        done = train_group(self.backbone, record, slots, [User.model_validate(u) for u in users], get_task(task),
+                           BankConfig.build(cfg), Path(out))
+        return [a.model_dump(mode="json") for a in done] + [{"pid": os.getpid()}]
+
+
+def ray_build_bank(address: str, backbone: BackboneConfig, users: Sequence[User], task: str, cfg, out: Path,
+                   workers: int | None = None, progress: Callable[[str, int, int], None] | None = None,
+                   recipe: dict | None = None):
+    """Build a bank with anchor groups trained on Ray workers (``address`` "local": a
+    local instance); the same anchors and tensors as ``bank.build_bank``."""
+    import ray
+
+    from mta.bank import INDEX, check_out, todo_groups
+    from mta.paths import recover, write_text_atomic, writer
+    from mta.records import AnchorRecord, BankRecord, dump
+
+    out = Path(out)
+    check_out(out)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    try:
+        with writer(out, "bank"):
+            recover(out)
+            recover(out / "anchors")
+            gpus = ray.cluster_resources().get("GPU", 0)
+            gpu = backbone.device.startswith("cuda") or (backbone.device == "auto" and gpus > 0)
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            payload = [u.model_dump() for u in users]
+            n = workers or (int(gpus) if gpu else cpus) or 1
+            opts = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+            actor = ray.remote(max_restarts=3, max_task_retries=3, **opts)(BankWorker)
+            threads = None if gpu else max(1, cpus // n)
+            pool = [actor.remote(backbone.dump(), threads)]
+            rec = BankRecord.model_validate(ray.get(pool[0].prepare.remote(payload, task, cfg.dump(), str(out),
+                                                                             recipe)))
+            groups = todo_groups(rec, out, cfg)
+            pool += [actor.remote(backbone.dump(), threads) for _ in range(min(n, len(groups)) - 1)]
+            total, done = len(rec.anchors), len(rec.anchors) - sum(len(g) for g in groups)
+            if progress:
+                progress("anchors", done, total)
+            pending: dict = {}
+            queue = list(groups)
+            record = rec.model_dump(mode="json")
+            for a in pool:
+                if queue:
+                    pending[a.train.remote(record, queue.pop(0), payload, task, cfg.dump(), str(out))] = a
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                a = pending.pop(ready[0])
+                try:
+                    trained = ray.get(ready[0])[:-1]
+                except ray.exceptions.RayError as e:
+                    raise MtaError(f"a worker failed its anchors after retries: {str(e).splitlines()[0]}") from None
+                for t in trained:
+                    rec.anchors[t["slot"]] = AnchorRecord.model_validate(t)
+                write_text_atomic(out / INDEX, dump(rec))
+                done += len(trained)
+                if progress:
+                    progress("anchors", done, total)
+                if queue:
+                    pending[a.train.remote(record, queue.pop(0), payload, task, cfg.dump(), str(out))] = a
+        return rec
     finally:
         if started:
             ray.shutdown()

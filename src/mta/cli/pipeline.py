@@ -65,7 +65,12 @@ def _bank_record(bank: Path):
 @bank_app.command("build")
 @configured(BackboneConfig, BankConfig)
 def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserIds = None,
-               recipe: RecipeFile = None, *, cfg: Configs) -> None:
+               recipe: RecipeFile = None,
+               ray: str | None = typer.Option(None, "--ray", help="Train the anchor groups on Ray: 'local' or the "
+                                              "address of a running cluster (docs/scale.md)."),
+               ray_workers: int | None = typer.Option(None, min=1, help="Ray workers (default: one per GPU, or per "
+                                                      "CPU when there is no GPU)."),
+               *, cfg: Configs) -> None:
     """Stage 1: cluster users, pick anchors, train one meta-LoRA per anchor (one pass per group)."""
     from mta.backbone import DEFAULT_MODEL
     from mta.bank import build_bank, check_out, check_resume
@@ -74,6 +79,15 @@ def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserId
     ds = load_dataset(data, task)
     pool = select_users(ds.users, users)
     cfg, adapt_recipe = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
+    if ray is not None:
+        from mta.distributed import ray_build_bank
+
+        with run_log(out), progress() as bar:
+            rec = ray_build_bank(ray, cfg.backbone, pool, ds.task, cfg.bank, out, ray_workers, Bars(bar),
+                                 adapt_recipe)
+            write_config(out, "bank build", cfg, None, data=str(ds.path), task=ds.task, ray=ray)
+        console.print(f"bank with {len(rec.anchors)} anchors in {escape(str(out))} (trained on Ray)")
+        return
     backbone = load_backbone(cfg.backbone)
     check_resume(out, backbone, get_task(ds.task), cfg.bank)
     with run_log(out), progress() as bar:
