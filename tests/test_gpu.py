@@ -1,6 +1,7 @@
-"""The engine on CUDA: mixed-user generation equals one-by-one, and bf16 training tracks
-fp32 within the tolerance docs/architecture.md states. Marked ``gpu``: skipped without a
-CUDA device (CI has none); run on the GPU machine with ``pytest -m gpu tests/test_gpu.py``."""
+"""The engine on CUDA: mixed-user generation equals one-by-one (fp32; bf16: within kernel
+rounding), and bf16 training tracks fp32 within the tolerance docs/architecture.md states.
+Marked ``gpu``: skipped without a CUDA device (CI has none); run on the GPU machine with
+``pytest -m gpu tests/test_gpu.py``."""
 
 from __future__ import annotations
 
@@ -28,19 +29,78 @@ def _engine(dtype: torch.dtype, compute: torch.dtype, users: int = 3) -> tuple[A
     return eng, tok
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_user_generation_on_cuda_equals_one_by_one(dtype):
-    eng, tok = _engine(dtype, dtype)
+PROMPTS = ["hello there", "a much longer prompt for user two", "hi", "short one"]
+ROWS = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=2), Row(active=False), Row([3], [1.0])]
+NEW = 12
+
+
+def _mixed_and_alone(eng, tok, rows):
+    """Greedy tokens of the mixed batch and of each row alone (prompt excluded)."""
     tok.padding_side = "left"
-    prompts = ["hello there", "a much longer prompt for user two", "hi", "short one"]
-    rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=2), Row(active=False), Row([3], [1.0])]
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
-    together = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
+    together = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)[:, -NEW:].tolist()
+    alone = []
     for b, r in enumerate(rows):
-        one = tok([prompts[b]], return_tensors="pt", add_special_tokens=False).to(CUDA)
-        alone = eng.generate([r], one["input_ids"], one["attention_mask"], **kw)
-        assert together[b, -12:].tolist() == alone[0, one["input_ids"].shape[1]:].tolist(), (dtype, b)
+        one = tok([PROMPTS[b]], return_tensors="pt", add_special_tokens=False).to(CUDA)
+        alone.append(eng.generate([r], one["input_ids"], one["attention_mask"], **kw)[0, -NEW:].tolist())
+    return together, alone
+
+
+def _teacher_forced(eng, tok, rows, seqs):
+    """Logits of every generated position, the rows run together (left-padded) and one by one,
+    on the SAME token sequences (the one-by-one ones), so that no divergence compounds."""
+    full = [tok(p, add_special_tokens=False)["input_ids"] + s for p, s in zip(PROMPTS, seqs)]
+    width = max(map(len, full))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(f)) + f for f in full], device=CUDA)
+    mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in full], device=CUDA)
+    with torch.no_grad(), eng.route(rows):
+        together = eng.model(input_ids=ids, attention_mask=mask).logits[:, -NEW - 1:-1].float()
+    alone = []
+    for b, r in enumerate(rows):
+        one = torch.tensor([full[b]], device=CUDA)
+        with torch.no_grad(), eng.route([r]):
+            alone.append(eng.model(input_ids=one).logits[0, -NEW - 1:-1].float())
+    return together, torch.stack(alone)
+
+
+def test_mixed_user_generation_on_cuda_equals_one_by_one_fp32():
+    eng, tok = _engine(torch.float32, torch.float32)
+    together, alone = _mixed_and_alone(eng, tok, ROWS)
+    assert together == alone
+
+
+def test_mixed_user_generation_on_cuda_bf16_differs_only_by_kernel_rounding():
+    """In bf16 a batch and a single row go through different kernels (cuBLAS picks its tiling
+    by shape; attention over a padded batch sums in another order), so bits differ: the base
+    model alone shows it too. The claim that holds: every row's logits in the mixed batch are
+    within bf16 rounding of that row alone (routing is exact), and greedy tokens agree up to
+    the first step where the one-by-one top-2 margin is inside that rounding."""
+    eng, tok = _engine(torch.bfloat16, torch.bfloat16)
+    together, alone = _mixed_and_alone(eng, tok, ROWS)
+    mixed_logits, alone_logits = _teacher_forced(eng, tok, ROWS, alone)
+    base_mixed, base_alone = _teacher_forced(eng, tok, [Row(active=False)] * len(ROWS), alone)
+    gap = (mixed_logits - alone_logits).abs().amax().item()
+    base_gap = (base_mixed - base_alone).abs().amax().item()
+    scale = alone_logits.abs().amax().item()
+    print(f"bf16: max |mixed - alone| logit {gap:.4f} (base model alone: {base_gap:.4f}; logit scale {scale:.2f})")
+    assert gap <= 0.05 * scale, (gap, scale)  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+    # with a wrong routing (users' rows swapped) the gap is far larger: the check can fail
+    wrong = [ROWS[1], ROWS[0], ROWS[3], ROWS[2]]
+    wrong_logits, _ = _teacher_forced(eng, tok, wrong, alone)
+    wrong_gap = (wrong_logits - alone_logits).abs().amax().item()
+    print(f"bf16: rows swapped between users: {wrong_gap:.4f}")
+    assert wrong_gap > 3 * gap
+    top2 = alone_logits.topk(2, dim=-1).values
+    margins = (top2[..., 0] - top2[..., 1])
+    identical = 0
+    for b in range(len(ROWS)):
+        diverge = next((t for t in range(NEW) if together[b][t] != alone[b][t]), None)
+        if diverge is None:
+            identical += 1
+            continue
+        assert margins[b, diverge].item() <= 2 * gap, (b, diverge, margins[b, diverge].item(), gap)
+    print(f"bf16: {identical}/{len(ROWS)} rows token-identical; the others diverge at near-ties only")
 
 
 def _train(dtype: torch.dtype, compute: torch.dtype):

@@ -13,13 +13,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from mta.errors import ModelNotFoundError  # noqa: E402
-from mta.models.registry import REGISTRY  # noqa: E402
+from mta.models.registry import RANDOM_8B, REGISTRY  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def resolve_model_dir(name_or_path: str, kind: str = "llm") -> Path | None:
-    """Registry name -> its cached directory (None for the tiny random model); a path -> itself."""
+    """Registry name -> its cached directory (None for the built-in random models); a path -> itself."""
     if name_or_path in REGISTRY:
         spec = REGISTRY[name_or_path]
         if spec.kind != kind:
@@ -52,7 +52,11 @@ def load_llm(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.bflo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_dir(name_or_path, "llm")
-    if path is None:
+    if path is None and name_or_path == RANDOM_8B:
+        from mta.models.tiny import LLAMA3_8B_SHAPE, random_llama
+
+        model, tok = random_llama(LLAMA3_8B_SHAPE, dtype=dtype, device=device)
+    elif path is None:
         from mta.models.tiny import tiny_llama
 
         model, tok = tiny_llama(dtype=torch.float32 if dtype == torch.float32 else dtype)

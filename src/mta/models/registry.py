@@ -16,6 +16,7 @@ from mta.paths import models_dir
 
 MARKER = "mta-model.json"  # written last into a model dir; its presence means "complete"
 TINY = "tiny-random-llama"
+RANDOM_8B = "random-llama3-8b"
 HASH_EMBEDDER = "hashing-embedder"
 
 
@@ -94,6 +95,11 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in (
         description="2-layer random-init Llama (hidden 64) with a byte tokenizer, for tests",
         licence="n/a", params="~70K", packages=(), layout="random", member="", sha256="",
         nbytes=0,
+    ),
+    ModelSpec(
+        name=RANDOM_8B, kind="llm",
+        description="random-init Llama at Llama-3-8B's shape with the byte tokenizer: speed and memory, not text",
+        licence="n/a", params="8.03B", packages=(), layout="random", member="", sha256="", nbytes=0,
     ),
     ModelSpec(
         name=HASH_EMBEDDER, kind="embedder",

@@ -40,6 +40,35 @@ def tiny_config(vocab_size: int, layers: int = 2, hidden: int = 64) -> LlamaConf
     )
 
 
+# Llama-3-8B's shape (vocab included): speed and memory at 8B without its weights. The
+# byte tokenizer uses the first 259 ids; decoding skips the others.
+LLAMA3_8B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256)
+
+
+def random_llama(shape: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu") -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A seeded random Llama of the given shape, built directly on ``device`` in ``dtype``
+    (an 8B model is never materialised in fp32 on the host), with the byte tokenizer."""
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(**shape, max_position_embeddings=8192, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    prev = torch.get_default_dtype()
+    gen = torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else [])
+    with gen:
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(prev)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.eval()
+    return model, tok
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2,
                hidden: int = 64) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A deterministic random Llama (seeded) and its byte tokenizer."""
