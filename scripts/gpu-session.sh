@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One GPU session, run in the background on a 2-GPU machine (one GPU also works: set
+# GPUS=0) while the real models' pieces are still being carried there. Each step's log
+# goes to RES/<step>.log and a line per start/end to RES/progress; a step that fails does
+# not stop the others. Phases:
+#   1. no real weights needed: the `gpu` tests, `mta serve` under load and sharded
+#      adaptation on Ray, all at Llama-3-8B shape with random weights where a shape matters;
+#   2. once the pieces are whole (marker files MODELS/<name>.ok, written by the carrying
+#      calls after their sha256 check): convert the models, in parallel;
+#   3. two streams, one per GPU: Qwen2.5-Coder-1.5B (mta run, mta tune, LaMP-2 and MovieLens
+#      evals with the tuned recipe) and Qwen2.5-Coder-0.5B (the same, without mta run).
+#
+#   setsid nohup bash scripts/gpu-session.sh > /root/res/session.log 2>&1 &
+set -uo pipefail
+RES=${RES:-/root/res}
+MODELS=${MODELS:-/root/m}
+GPUS=${GPUS:-0,1}
+mkdir -p "$RES"
+export PYTHONPATH=${SITE:-/root/site}:$PWD/src MTA_HOME=${MTA_HOME:-/root/mtahome} RAY_AUTH_MODE=disabled \
+  PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+gpu_a=${GPUS%%,*}
+gpu_b=${GPUS##*,}
+
+step() {  # step NAME GPU COMMAND...: run one step, logged
+  local name=$1 gpu=$2
+  shift 2
+  echo "$(date +%T) start $name" >> "$RES/progress"
+  CUDA_VISIBLE_DEVICES=$gpu "$@" > "$RES/$name.log" 2>&1
+  echo "$(date +%T) end $name rc=$?" >> "$RES/progress"
+}
+
+wait_for() {  # wait_for NAME: until the carrying calls have marked NAME whole
+  until [ -e "$MODELS/$1.ok" ]; do sleep 2; done
+}
+
+convert() {  # convert REGISTRY_NAME SOURCE
+  step "fetch-$1" "" python3 -m mta models fetch "$1" --from "$2"
+}
+
+# -- phase 1: random weights ------------------------------------------------------------------------
+phase1_a() {
+  step gpu-tests "$gpu_a" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
+}
+phase1_b() {
+  step serve-load-8b "$gpu_b" python3 benchmarks/serve_load.py --model random-llama3-8b --embedder hashing-embedder \
+    --device cuda --clients 16 --users 16 --requests 200 --max-tokens 16 --work "$RES/serve-work" \
+    --out "$RES/serve-load-8b.json"
+}
+phase1_a & phase1_b & wait
+step ray-adapt-8b "$GPUS" python3 benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
+  --users-per-pass 16 --anchors 4 --workers 1,2 --work "$RES/ray-work" --out "$RES/ray-adapt-8b.json"
+
+# -- phase 2: the real models ------------------------------------------------------------------------
+(wait_for minilm && convert minilm-l6 "$MODELS/minilm-l6") &
+(wait_for q5 && convert qwen2.5-coder-0.5b "$MODELS/q5.gguf") &
+(wait_for q15 && convert qwen2.5-coder-1.5b "$MODELS/q15.gguf") &
+wait
+
+# -- phase 3: the evaluations -------------------------------------------------------------------------
+stream() {  # stream GPU MODEL [run]
+  local gpu=$1 model=$2 recipe=$RES/tune-lamp2-$2/recipe.json
+  [ "${3:-}" = run ] && step "run-$model" "$gpu" bash scripts/gpu-evals.sh run "$model" "$RES"
+  step "tune-$model" "$gpu" bash scripts/gpu-evals.sh tune "$model" "$RES" --space quick
+  local with=()
+  [ -e "$recipe" ] && with=(--recipe "$recipe")
+  step "lamp2-$model" "$gpu" bash scripts/gpu-evals.sh lamp2 "$model" "$RES" --history-queries 3 "${with[@]}"
+  step "movielens-$model" "$gpu" bash scripts/gpu-evals.sh movielens "$model" "$RES" "${with[@]}"
+}
+stream "$gpu_a" qwen2.5-coder-1.5b run &
+stream "$gpu_b" qwen2.5-coder-0.5b &
+wait
+echo "$(date +%T) session done" >> "$RES/progress"
