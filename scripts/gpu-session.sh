@@ -3,10 +3,10 @@
 # GPUS=0) while the real models' pieces are still being carried there. Each step's log
 # goes to RES/<step>.log and a line per start/end to RES/progress; a step that fails does
 # not stop the others. Phases:
-#   1. no real weights needed: the `gpu` tests, `mta serve` under load and sharded
-#      adaptation on Ray, all at Llama-3-8B shape with random weights where a shape matters;
-#   2. once the pieces are whole (marker files MODELS/<name>.ok, written by the carrying
-#      calls after their sha256 check): convert the models, in parallel;
+#   1. no real weights needed: the `gpu` tests, transformers' decode fast paths, `mta serve`
+#      under load and sharded adaptation on Ray, at Llama-3-8B shape with random weights;
+#   2. meanwhile, on the CPUs, as the pieces become whole (marker files MODELS/<name>.ok,
+#      written by the carrying calls after their sha256 check): convert the models;
 #   3. two streams, one per GPU: Qwen2.5-Coder-1.5B (mta run, mta tune, LaMP-2 and MovieLens
 #      evals with the tuned recipe) and Qwen2.5-Coder-0.5B (the same, without mta run).
 #
@@ -21,11 +21,11 @@ export PYTHONPATH=${SITE:-/root/site}:$PWD/src MTA_HOME=${MTA_HOME:-/root/mtahom
 gpu_a=${GPUS%%,*}
 gpu_b=${GPUS##*,}
 
-step() {  # step NAME GPU COMMAND...: run one step, logged
+step() {  # [T=SECONDS] step NAME GPU COMMAND...: run one step, logged, killed after T s (default 1800)
   local name=$1 gpu=$2
   shift 2
   echo "$(date +%T) start $name" >> "$RES/progress"
-  CUDA_VISIBLE_DEVICES=$gpu "$@" > "$RES/$name.log" 2>&1
+  CUDA_VISIBLE_DEVICES=$gpu timeout "${T:-1800}" "$@" > "$RES/$name.log" 2>&1
   echo "$(date +%T) end $name rc=$?" >> "$RES/progress"
 }
 
@@ -37,24 +37,30 @@ convert() {  # convert REGISTRY_NAME SOURCE
   step "fetch-$1" "" python3 -m mta models fetch "$1" --from "$2"
 }
 
-# -- phase 1: random weights ------------------------------------------------------------------------
-phase1_a() {
-  step gpu-tests "$gpu_a" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
-}
-phase1_b() {
-  step serve-load-8b "$gpu_b" python3 benchmarks/serve_load.py --model random-llama3-8b --embedder hashing-embedder \
-    --device cuda --clients 16 --users 16 --requests 200 --max-tokens 16 --work "$RES/serve-work" \
-    --out "$RES/serve-load-8b.json"
-}
-phase1_a & phase1_b & wait
-step ray-adapt-8b "$GPUS" python3 benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
-  --users-per-pass 16 --anchors 4 --workers 1,2 --work "$RES/ray-work" --out "$RES/ray-adapt-8b.json"
-
-# -- phase 2: the real models ------------------------------------------------------------------------
+# -- phase 2 starts first, on the CPUs: the real models, converted as their pieces become whole -------
 (wait_for minilm && convert minilm-l6 "$MODELS/minilm-l6") &
 (wait_for q5 && convert qwen2.5-coder-0.5b "$MODELS/q5.gguf") &
 (wait_for q15 && convert qwen2.5-coder-1.5b "$MODELS/q15.gguf") &
-wait
+
+# -- phase 1: random weights ------------------------------------------------------------------------
+phase1_a() {
+  T=300 step gpu-tests "$gpu_a" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
+  T=480 step hf-decode-8b "$gpu_a" python3 benchmarks/hf_decode.py --out "$RES/hf-decode-8b.json"
+}
+phase1_b() {
+  T=600 step serve-load-8b "$gpu_b" python3 benchmarks/serve_load.py --model random-llama3-8b --embedder hashing-embedder \
+    --device cuda --clients 16 --users 16 --requests 200 --max-tokens 16 --work "$RES/serve-work" \
+    --out "$RES/serve-load-8b.json"
+}
+phase1_a &
+pa=$!
+phase1_b &
+pb=$!
+wait $pa $pb
+T=600 step ray-adapt-8b "$GPUS" python3 benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
+  --users-per-pass 16 --anchors 4 --workers 1,2 --work "$RES/ray-work" --out "$RES/ray-adapt-8b.json"
+
+wait  # the conversions
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------
 stream() {  # stream GPU MODEL [run]

@@ -1,0 +1,146 @@
+"""What transformers' own fast decode paths give at Llama-3-8B shape (random bf16 weights),
+the first measurement issue 14 asks for before any loop of our own is written.
+
+    python3 benchmarks/hf_decode.py --out hf-decode.json          # on a GPU (8B shape)
+    .venv/bin/python benchmarks/hf_decode.py --tiny --device cpu  # a smoke run
+
+Workload: B rows x (P prompt + N new tokens), greedy, all rows the same length. Each
+configuration's decode step is (t(N new) - t(1 new)) / (N - 1), so prefill is left out;
+its floor is the bytes one step must read (weights + the mean KV cache) over the copy
+bandwidth measured in the same run. Configurations: HF ``generate`` with the dynamic
+cache, with the static cache (eager, and auto-compiled as transformers does it),
+``generate_batch`` (continuous batching) with its defaults and with CUDA graphs asked
+for, and the mta engine (every row its own user: top-2 of the bank + a rank-2 stack)
+with the dynamic and the static cache. A configuration that fails is reported with its
+error, not left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from gpu import LLAMA3_8B, TINY, bandwidth, make_model, sync  # noqa: E402
+from mta.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the tiny shape (a smoke run)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--anchors", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=Path("hf-decode.json"))
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = make_model(TINY if a.tiny else LLAMA3_8B, dev, dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (a.rows, a.prompt), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    rows_out = []
+
+    def timed(fn) -> float:
+        fn()  # warm-up (and compilation, where there is any)
+        sync(dev)
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        return time.perf_counter() - t
+
+    def gen(ctx=contextlib.nullcontext, **kw):
+        def run(new):
+            def f():
+                with torch.no_grad(), ctx():
+                    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, pad_token_id=0, **kw)
+            return f
+        return run
+
+    def batch(cb_kw: dict | None):
+        from transformers import GenerationConfig
+
+        def run(new):
+            cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                                   eos_token_id=-1)
+            extra = {}
+            if cb_kw is not None:
+                from transformers.generation import ContinuousBatchingConfig
+                extra["continuous_batching_config"] = ContinuousBatchingConfig(**cb_kw)
+            inputs = ids.tolist()
+
+            def f():
+                with torch.no_grad():
+                    model.generate_batch(inputs=inputs, generation_config=cfg, progress_bar=False, **extra)
+            return f
+        return run
+
+    def measure(name, run, note=""):
+        t0 = time.perf_counter()
+        try:
+            full, one = timed(run(a.new)), timed(run(1))
+            step = (full - one) / (a.new - 1)
+            rows_out.append({"config": name, "ms_per_step": 1e3 * step, "prefill_s": one, "total_s": full,
+                             "tokens_per_s": a.rows * a.new / full, "note": note})
+        except Exception as e:  # noqa: BLE001 - a failing configuration is a result
+            rows_out.append({"config": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                             "note": note})
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    measure("HF generate, dynamic cache", gen())
+    measure("HF generate, static cache, eager", gen(cache_implementation="static", disable_compile=True))
+    measure("HF generate, static cache, auto-compiled", gen(cache_implementation="static"),
+            "transformers compiles the forward itself when the cache is static")
+    if dev.type == "cuda":
+        model.set_attn_implementation("paged|sdpa")
+        measure("HF generate_batch, defaults", batch(None))
+        measure("HF generate_batch, CUDA graphs, 64 requests per batch",
+                batch({"use_cuda_graph": True, "max_requests_per_batch": a.rows}))
+        model.set_attn_implementation("sdpa")
+    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
+    eng.init_bank(b_std=0.01)
+    eng.add_users(a.rows, 2, 4.0, b_std=0.01)
+    rng = torch.Generator().manual_seed(2)
+    routes = [Row(torch.randperm(a.anchors, generator=rng)[:2].tolist(), [0.6, 0.4], user=u) for u in range(a.rows)]
+    measure("mta engine, dynamic cache", gen(lambda: eng.route(routes)), f"{a.rows} users, top-2 of {a.anchors}")
+    measure("mta engine, static cache, eager", gen(lambda: eng.route(routes), cache_implementation="static",
+                                                   disable_compile=True))
+    eng.remove()
+
+    bw = bandwidth(dev)
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    floor_bytes = weights + a.rows * (a.prompt + a.new / 2) * kv_token
+    floor_ms = 1e3 * floor_bytes / bw if bw else None
+    for r in rows_out:
+        if floor_ms and "ms_per_step" in r:
+            r["x_floor"] = r["ms_per_step"] / floor_ms
+    result = {"shape": "tiny" if a.tiny else "llama3-8b", "device": str(dev),
+              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+              "rows": a.rows, "prompt": a.prompt, "new": a.new, "copy_bandwidth_Bps": bw,
+              "floor_ms_per_step": floor_ms, "configs": rows_out}
+    import transformers
+    result["transformers"] = transformers.__version__
+    print(f"{'config':<48} {'ms/step':>8} {'x floor':>8} {'tok/s':>9}")
+    for r in rows_out:
+        if "error" in r:
+            print(f"{r['config']:<48} failed: {r['error'][:80]}")
+        else:
+            xf = f"{r['x_floor']:.2f}" if "x_floor" in r else "-"
+            print(f"{r['config']:<48} {r['ms_per_step']:>8.2f} {xf:>8} {r['tokens_per_s']:>9.0f}")
+    a.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
