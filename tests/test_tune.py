@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import json
 
+import mta.evaluation.tune as tune_mod
 from mta.bank import read_index
 from mta.cli.main import main
+from mta.errors import MtaError
 from mta.evaluation.tune import GROUPS, SPACES, read_recipe
 
 TINY = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2"]
 
 
-def test_tune_then_use_the_recipe(tmp_path):
+def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
+    real = tune_mod.run_eval
+
+    def diverging(ds, methods, setup, *a, **kw):  # as Qwen2.5-Coder-0.5B did on the H200 at lr 1e-4
+        if setup.bank_cfg.lr == 1e-4:
+            raise MtaError("training diverged at step 6: the loss of 'anchor:x' is nan", ("BankConfig.lr",))
+        return real(ds, methods, setup, *a, **kw)
+
+    monkeypatch.setattr(tune_mod, "run_eval", diverging)
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
     out = tmp_path / "tune"
@@ -21,6 +31,8 @@ def test_tune_then_use_the_recipe(tmp_path):
     r = read_recipe(out / "recipe.json")
     assert r.model == "tiny-random-llama" and r.metric == "accuracy" and len(r.dev_users) == 4
     assert len(r.trials) <= sum(len(GROUPS[g]) for g in SPACES["quick"])
+    failed = [t for t in r.trials if "failed" in t]  # recorded, and the search went on without it
+    assert [t["override"]["bank"]["lr"] for t in failed] == [1e-4] and r.bank["lr"] != 1e-4
     assert {"lr", "epochs"} <= set(r.bank) and {"stack_lr", "top_k"} <= set(r.adapt)
     assert [row["method"] for row in r.ablation] == ["rag-1", "task-lora", "per-user-lora", "mta-fusion",
                                                       "mta-stack", "mta"]

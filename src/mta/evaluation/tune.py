@@ -135,10 +135,18 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 try:
                     res = evaluate(["mta"], bc, ac, f"{len(trials):02d}")
                 except MtaError as e:
-                    if "AdaptConfig.top_k" not in e.fields:
+                    # more anchors than exist, or a recipe that diverges on this model: the
+                    # trial is recorded as failed and the search goes on without it
+                    if "AdaptConfig.top_k" in e.fields:
+                        trials.append({"group": group, "override": over, "skipped": str(e)})
+                    elif str(e).startswith("training diverged"):
+                        trials.append({"group": group, "override": over, "failed": str(e)})
+                        log.warning("tune %s %s: failed: %s", group, over, e)
+                    else:
                         raise
-                    trials.append({"group": group, "override": over, "skipped": str(e)})  # more anchors than exist
                     done += 1
+                    if progress:
+                        progress("tune trials", done, total)
                     continue
                 cache[key] = res["rows"][0]["metrics"][metric]["value"]
                 trials.append({"group": group, "override": over, metric: cache[key]})
@@ -149,6 +157,9 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             done += 1
             if progress:
                 progress("tune trials", done, total)
+        if best_over is None:
+            raise MtaError(f"tune: every option of {group!r} failed or was skipped (see {out / 'trials'}); "
+                           "nothing to choose from")
         for section in ("bank", "adapt"):
             chosen[section].update(best_over.get(section, {}))
     bc, ac = configs({})

@@ -1,0 +1,225 @@
+"""`mta serve --ray`: the same HTTP API served by N replicas on Ray Serve (docs/scale.md).
+
+Two deployments:
+
+- ``Replica`` (N of them, one GPU each on a GPU cluster): one whole ``mta serve`` process
+  image (backbone, loaded bank, scheduler, the FastAPI app of ``mta.serving.app``) that
+  listens on its own loopback port; requests are relayed to it unchanged, so auth,
+  limits, streaming, metrics and errors are exactly the single server's. Each replica
+  batches the different users it is sent, as ``mta serve`` does.
+- ``Router`` (the ingress, on Ray Serve's HTTP proxy): reads the end user of a request
+  (OpenAI's ``user`` field, or the user a user-role key is bound to) and sends the request
+  to a replica with Ray Serve's model multiplexing, the user id as the multiplexed model
+  id, so a user's requests go to the replica that already holds their stack. Requests
+  without a user (base model, ``/v1/models``, health) go to any replica.
+
+Every response carries ``x-mta-replica`` (the replica that answered). Adapt-job ids are
+made unique per replica and the router remembers which user a job belongs to, so a
+status query reaches the replica that runs it. Users' histories and stacks live in the
+shared store; a replica that holds a stack older than the store's reloads it (stacks are
+checked by their sha256 on every batch), and a deleted user's slot is dropped by every
+replica within ``SWEEP_S`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+SWEEP_S = 2.0
+REPLICA_HEADER = "x-mta-replica"
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ReplicaServer:
+    """One replica's server: the single-process app on a loopback port, in a thread."""
+
+    def __init__(self, spec: dict):
+        import uvicorn
+
+        from mta.bank import read_index
+        from mta.cli.common import load_backbone, with_recipes
+        from mta.cli.options import Configs
+        from mta.data.readers import load_dataset
+        from mta.loaded_bank import LoadedBank
+        from mta.serving.app import build_app
+        from mta.serving.security import Keys
+        from mta.store import UserStore
+
+        cfg = Configs.build(spec["configs"])
+        bank = Path(spec["bank"])
+        rec = read_index(bank)
+        cfg, _ = with_recipes(cfg, None, cfg.backbone.model or rec.model, rec)
+        self.store = UserStore(Path(spec["store"]), create=True) if spec.get("store") else None
+        histories = load_dataset(Path(spec["users"]), rec.task).users if spec.get("users") else []
+        self.loaded = LoadedBank(load_backbone(cfg.backbone, rec.model, rec.embedder), bank,
+                                 resident=cfg.serve.resident)
+        app = build_app(self.loaded, self.store, Keys.read(Path(spec["keys"])), cfg.serve, cfg.generate, histories,
+                        cfg.adapt, job_prefix=spec.get("job_prefix", ""))
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=int(cfg.serve.shutdown_timeout)))
+        self.thread = threading.Thread(target=self.server.run, name="mta-replica-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the replica's server did not start")
+            time.sleep(0.05)
+        self.sweeper = threading.Thread(target=self._sweep, name="mta-replica-sweep", daemon=True)
+        self.sweeper.start()
+
+    def _sweep(self) -> None:
+        """Drop resident stacks of users that left the store (deleted through another replica)."""
+        while not self.server.should_exit:
+            time.sleep(SWEEP_S)
+            if self.store is None:
+                continue
+            for uid in list(self.loaded.stacks.slots):
+                if not self.store.has(uid):
+                    self.loaded.stacks.evict(uid)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=120)
+
+
+def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
+    """The Ray Serve application: a Router in front of ``replicas`` Replicas."""
+    import httpx2 as httpx
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from ray import serve
+
+    @serve.deployment(num_replicas=replicas, max_ongoing_requests=max(64, spec["configs"]["serve"]["max_queue"]),
+                      ray_actor_options={"num_gpus": 1} if gpu else {"num_cpus": 1})
+    class Replica:
+        def __init__(self, spec: dict):
+            self.id = serve.get_replica_context().replica_id.unique_id
+            self.server = ReplicaServer({**spec, "job_prefix": f"{self.id}-"})
+            self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.server.port}", timeout=None)
+
+        @serve.multiplexed(max_num_models_per_replica=resident)
+        async def user(self, user_id: str) -> str:
+            # the stack itself is loaded by the scheduler on the user's first batch (and
+            # evicted by its LRU); this records, for Ray Serve's routing, who lives here
+            return user_id
+
+        async def forward(self, method: str, path: str, query: str, headers: list, body: bytes):
+            uid = serve.get_multiplexed_model_id()
+            if uid:
+                await self.user(uid)
+            url = path + (f"?{query}" if query else "")
+            req = self.client.build_request(method, url, headers=[(k, v) for k, v in headers
+                                                                  if k.lower() not in HOP_HEADERS], content=body)
+            resp = await self.client.send(req, stream=True)
+            try:
+                out = [(k, v) for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS]
+                yield {"status": resp.status_code, "headers": out + [(REPLICA_HEADER, self.id)]}
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:
+                await resp.aclose()
+
+        async def __del__(self):
+            await self.client.aclose()
+            self.server.stop()
+
+    keys_path = Path(spec["keys"])
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(app)
+    class Router:
+        def __init__(self, replica):
+            from mta.serving.security import Keys
+
+            self.replica = replica
+            self.keys = Keys.read(keys_path)
+            self.jobs: dict[str, str] = {}   # adapt job -> its user
+
+        def _user(self, request: Request, path: str, body: bytes) -> str:
+            if path.startswith("/v1/admin/jobs/"):
+                return self.jobs.get(path.rsplit("/", 1)[-1], "")
+            auth = request.headers.get("authorization", "")
+            who = self.keys.find(auth[7:].strip() if auth.lower().startswith("bearer ") else None)
+            if who is not None and who.role == "user":
+                return who.user or ""
+            if body and request.headers.get("content-type", "").startswith("application/json"):
+                try:
+                    user = json.loads(body).get("user")
+                except (ValueError, AttributeError):
+                    return ""
+                return user if isinstance(user, str) and 0 < len(user) <= 128 else ""
+            return ""
+
+        @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+        async def relay(self, request: Request, path: str):
+            body = await request.body()
+            uid = self._user(request, "/" + path, body)
+            handle = self.replica.options(stream=True, multiplexed_model_id=uid)
+            gen = handle.forward.remote(request.method, "/" + path, request.url.query,
+                                        list(request.headers.items()), body)
+            head = await gen.__anext__()
+            if path == "v1/admin/adapt" and head["status"] == 202:
+                data = b"".join([c async for c in gen])
+                try:
+                    self.jobs[json.loads(data)["job"]] = uid
+                except (ValueError, KeyError):
+                    pass
+                return JSONResponse(json.loads(data), status_code=202, headers=dict(head["headers"]))
+            headers = dict(head["headers"])
+            media = headers.pop("content-type", None)
+
+            async def rest():
+                async for chunk in gen:
+                    yield chunk
+            return StreamingResponse(rest(), status_code=head["status"], headers=headers, media_type=media)
+
+    return Router.bind(Replica.bind(spec))
+
+
+def serve_on_ray(address: str, spec: dict, host: str, port: int, replicas: int, resident: int, gpu: bool,
+                 ready=None, stop: threading.Event | None = None) -> None:
+    """Start Ray Serve (``address`` "local": a local instance), run the app on host:port
+    until ``stop`` is set or the process is interrupted, then shut Serve down."""
+    import ray
+    from ray import serve
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=None if address == "local" else address, include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+        serve.run(deployments(spec, replicas, resident, gpu), name="mta", route_prefix="/")
+        if ready is not None:
+            ready()
+        stop = stop or threading.Event()
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
+
+
+async def _never() -> None:  # keeps asyncio imported for Ray's async actor detection in some versions
+    await asyncio.sleep(0)
