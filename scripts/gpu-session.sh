@@ -26,7 +26,8 @@ step() {  # [T=SECONDS] step NAME GPU COMMAND...: run one step, logged, killed a
   shift 2
   echo "$(date +%T) start $name" >> "$RES/progress"
   CUDA_VISIBLE_DEVICES=$gpu timeout "${T:-1800}" "$@" > "$RES/$name.log" 2>&1
-  echo "$(date +%T) end $name rc=$?" >> "$RES/progress"
+  local rc=$?  # before $(date), which would reset it
+  echo "$(date +%T) end $name rc=$rc" >> "$RES/progress"
 }
 
 wait_for() {  # wait_for NAME: until the carrying calls have marked NAME whole
@@ -48,7 +49,7 @@ phase1_a() {
   T=480 step hf-decode-8b "$gpu_a" python3 benchmarks/hf_decode.py --out "$RES/hf-decode-8b.json"
 }
 phase1_b() {
-  T=600 step serve-load-8b "$gpu_b" python3 benchmarks/serve_load.py --model random-llama3-8b --embedder hashing-embedder \
+  T=1200 step serve-load-8b "$gpu_b" python3 benchmarks/serve_load.py --model random-llama3-8b --embedder hashing-embedder \
     --device cuda --clients 16 --users 16 --requests 200 --max-tokens 16 --work "$RES/serve-work" \
     --out "$RES/serve-load-8b.json"
 }
