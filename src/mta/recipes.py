@@ -9,7 +9,11 @@ SmolLM2-135M on synthetic development data.
 
 from __future__ import annotations
 
-MODEL_RECIPES: dict[str, dict[str, dict]] = {}
+MODEL_RECIPES: dict[str, dict[str, dict]] = {
+    # LaMP-2 dev users on the H200, 2026-11-29: the learning-rate group of `mta tune`
+    # (docs/defaults.md, "Tuned defaults per model"); the other knobs were not searched yet
+    "qwen2.5-coder-0.5b": {"bank": {"lr": 3e-4, "epochs": 2}, "adapt": {"stack_lr": 3e-4}},
+}
 
 
 def model_recipe(model_id: str) -> dict[str, dict]:
