@@ -34,8 +34,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("serve"))
+
+
+def make_world(d: Path) -> tuple[Path, dict]:
     """A bank, a store with three adapted users, the users' data, and two keys."""
-    d = tmp_path_factory.mktemp("serve")
     assert main(["data", "synth", "--out", str(d / "data"), "--users", "8", "--queries", "1"]) == 0
     assert main(["--quiet", "bank", "build", "--data", str(d / "data"), "--out", str(d / "bank"), "--anchors", "2",
                  "--min-history", "1", *TINY]) == 0
@@ -51,15 +54,15 @@ def world(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, d: Path, *extra: str):
+    def __init__(self, d: Path, *extra: str, env: dict | None = None, start_s: float = 120):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (d / f"serve-{self.port}.log").open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(d / "bank"), "--store",
                                       str(d / "store"), "--users", str(d / "data"), "--keys", str(d / "keys.json"),
                                       "--port", str(self.port), *extra], cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + start_s
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:

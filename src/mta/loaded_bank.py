@@ -98,22 +98,33 @@ class ResidentStacks:
     def __init__(self, bank: LoadedBank, capacity: int = 256):
         self.bank, self.capacity = bank, capacity
         self.slots: OrderedDict[str, int] = OrderedDict()
+        self.stamps: dict[str, str] = {}  # user -> the stored stack a slot holds (its sha256)
         self.rank, self.layers, self.size = 0, frozenset(), 0
         self.loads = self.evictions = 0
 
     def invalidate(self) -> None:
         """The engine's stack table was reused for something else (training)."""
         self.slots.clear()
+        self.stamps.clear()
         self.rank, self.layers, self.size = 0, frozenset(), 0
 
     def evict(self, user_id: str) -> None:
+        self.stamps.pop(user_id, None)
         if self.slots.pop(user_id, None) is not None:
             self.evictions += 1
 
+    @staticmethod
+    def _stamp(rec: UserRecord) -> str:
+        return rec.stack.sha256 or rec.history_hash
+
     def ensure(self, records: dict[str, UserRecord], store: UserStore) -> dict[str, int]:
-        """Make every user of ``records`` (all with a stack) resident; return user -> slot."""
+        """Make every user of ``records`` (all with a stack) resident; return user -> slot.
+        A slot holding an older stack of the user (re-adapted by another process sharing
+        the store) is loaded again."""
         engine = self.bank.backbone.engine
         for uid in records:
+            if uid in self.slots and self.stamps.get(uid) != self._stamp(records[uid]):
+                self.evict(uid)
             if uid in self.slots:
                 self.slots.move_to_end(uid)
         new = [u for u in records if u not in self.slots]
@@ -126,6 +137,7 @@ class ResidentStacks:
                 engine.alloc_stacks(room, rank, sorted(layers))
                 self.rank, self.layers, self.size = rank, frozenset(layers), room
                 self.slots.clear()
+                self.stamps.clear()
                 new = list(records)
             for u in new:
                 self._load(u, records[u], store)
@@ -138,13 +150,15 @@ class ResidentStacks:
     def _load(self, user_id: str, rec: UserRecord, store: UserStore) -> None:
         used = set(self.slots.values())
         if len(used) >= self.size:  # the least recently used user leaves
-            _, slot = self.slots.popitem(last=False)
+            gone, slot = self.slots.popitem(last=False)
+            self.stamps.pop(gone, None)
             self.evictions += 1
         else:
             slot = next(s for s in range(self.size) if s not in used)
         tensors, config, _ = load_adapter(store.stack_path(user_id, rec), self.bank.backbone.fingerprint)
         self.bank.backbone.engine.load_user(slot, tensors, alpha=float(config["lora_alpha"]))
         self.slots[user_id] = slot
+        self.stamps[user_id] = self._stamp(rec)
         self.loads += 1
 
 

@@ -115,6 +115,12 @@ class Configs:
     def dump(self) -> dict:
         return {SECTIONS[cls][0]: obj.dump() for cls, obj in self._built.items()}
 
+    @classmethod
+    def load(cls, dumped: dict) -> Configs:
+        """The inverse of ``dump`` (resolved configs sent to another process, e.g. a Ray replica)."""
+        by_name = {v[0]: k for k, v in SECTIONS.items()}
+        return cls({by_name[name]: by_name[name].build(values) for name, values in dumped.items()})
+
     def layer(self, values: dict[str, dict], source: str = "") -> Configs:
         """A copy where config fields (``{"bank": {"lr": ...}}``, by section) whose flag was
         not given take these values; their flags then count as given, so a later (lower)

@@ -37,6 +37,9 @@ def serve_cmd(
     store: Path | None = typer.Option(None, help="User store (users adapted by `mta adapt` or by this server)."),
     users: Path | None = typer.Option(None, help="Users' data: histories for retrieval and fusion."),
     keys: Path = KeysFile,
+    ray: str | None = typer.Option(None, "--ray", help="Serve with replicas on Ray Serve: 'local' (a local "
+                                   "instance) or a cluster address; requests are routed by user (docs/scale.md)."),
+    replicas: int = typer.Option(2, min=1, help="Ray Serve replicas (with --ray), one GPU each on a GPU cluster."),
     *, cfg: Configs,
 ) -> None:
     """Serve personalised answers over HTTP, OpenAI-compatible (docs/serving.md)."""
@@ -56,6 +59,9 @@ def serve_cmd(
     cfg, _ = with_recipes(cfg, None, cfg.backbone.model or rec.model, rec)
     st = UserStore(store, create=True) if store else None
     histories = load_dataset(users, rec.task).users if users else []
+    if ray is not None:
+        _serve_on_ray(ray, replicas, bank, store, users, keys, cfg, rec)
+        return
     backbone = load_backbone(cfg.backbone, rec.model, rec.embedder)
     loaded = LoadedBank(backbone, bank, resident=cfg.serve.resident)
     app = build_app(loaded, st, key_table, cfg.serve, cfg.generate, histories, cfg.adapt)
@@ -63,3 +69,18 @@ def serve_cmd(
     err_console.print(f"serving {escape(str(bank))} ({rec.task}, {backbone.model_id} on {backbone.device}) at "
                       f"http://{s.host}:{s.port}")
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=int(s.shutdown_timeout))
+
+
+def _serve_on_ray(address, replicas, bank, store, users, keys, cfg, rec) -> None:
+    from mta.serving.ray_serve import serve_on_ray
+
+    s = cfg.serve
+    spec = {"configs": cfg.dump(), "bank": str(Path(bank).resolve()), "keys": str(Path(keys).resolve()),
+            "store": str(Path(store).resolve()) if store else None,
+            "users": str(Path(users).resolve()) if users else None}
+
+    def ready() -> None:
+        err_console.print(f"serving {escape(str(bank))} ({rec.task}) with {replicas} replica(s) on Ray Serve at "
+                          f"http://{s.host}:{s.port}")
+
+    serve_on_ray(address, spec, s.host, s.port, replicas, s.resident, cfg.backbone.device, ready=ready)

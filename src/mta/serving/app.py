@@ -127,10 +127,17 @@ class Histories:
 
         return self.store.root / "histories" / f"{user_key(user_id)}.json"
 
+    def _tombstone(self, user_id: str) -> Path | None:
+        f = self._file(user_id)
+        return None if f is None else f.with_suffix(".deleted")
+
     def get(self, user_id: str) -> User | None:
         f = self._file(user_id)
         if f is not None and f.is_file():
             return User.model_validate_json(f.read_text(encoding="utf-8"))
+        t = self._tombstone(user_id)
+        if t is not None and t.exists():  # deleted over HTTP: the users file no longer speaks for them
+            return None
         return self.base.get(user_id)
 
     def put(self, user: User) -> None:
@@ -140,19 +147,30 @@ class Histories:
         if f is None:
             raise ApiError(409, "this server has no store to keep histories in")
         write_text_atomic(f, user.model_dump_json())
+        t = self._tombstone(user.user_id)
+        if t.exists():
+            t.unlink()
 
     def delete(self, user_id: str) -> bool:
+        """Forget the user's history. Kept in the store as a tombstone, so that every
+        process serving this store (replicas, a restart) stops using the users file's copy."""
         f = self._file(user_id)
+        had = self.get(user_id) is not None
         self.base.pop(user_id, None)
-        if f is not None and f.is_file():
-            f.unlink()
-            return True
-        return False
+        if f is not None:
+            if f.is_file():
+                f.unlink()
+            if had:
+                from mta.paths import write_text_atomic
+
+                write_text_atomic(self._tombstone(user_id), "")
+        return had
 
 
 def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeConfig, gen: GenerateConfig,
-              users: list[User] | None = None, adapt_cfg: AdaptConfig | None = None) -> FastAPI:
-    """The server around an opened bank (the backbone loaded, the bank checked)."""
+              users: list[User] | None = None, adapt_cfg: AdaptConfig | None = None, job_prefix: str = "") -> FastAPI:
+    """The server around an opened bank (the backbone loaded, the bank checked).
+    ``job_prefix`` makes adapt-job ids unique across replicas (mta.serving.ray_serve)."""
     metrics = Metrics()
     adapt_cfg = adapt_cfg or AdaptConfig()
     scheduler = Scheduler(bank, store, gen, cfg.max_batch, cfg.max_queue, adapt_cfg, metrics)
@@ -389,7 +407,7 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
             raise ApiError(404, f"user {user_id!r} has no history here; upload one first", code="no_history")
         if store is None:
             raise ApiError(409, "this server has no store to adapt into")
-        job = AdaptJob(f"adapt-{next(counter)}", user_id)
+        job = AdaptJob(f"adapt-{job_prefix}{next(counter)}", user_id)
         jobs[job.id] = job
 
         def run():

@@ -21,15 +21,16 @@ checked by their sha256 on every batch), and a deleted user's slot is dropped by
 replica within ``SWEEP_S`` seconds.
 """
 
-from __future__ import annotations
-
-import asyncio
+# No ``from __future__ import annotations`` here: Ray pickles the router class by value, and
+# FastAPI must see ``Request`` as a class, not as a string it cannot resolve over there.
 import json
 import logging
 import socket
 import threading
 import time
 from pathlib import Path
+
+from fastapi import FastAPI, Request  # module level: the router's annotations resolve here
 
 log = logging.getLogger(__name__)
 SWEEP_S = 2.0
@@ -49,8 +50,8 @@ class ReplicaServer:
     def __init__(self, spec: dict):
         import uvicorn
 
+        from mta.backbone import Backbone
         from mta.bank import read_index
-        from mta.cli.common import load_backbone, with_recipes
         from mta.cli.options import Configs
         from mta.data.readers import load_dataset
         from mta.loaded_bank import LoadedBank
@@ -58,13 +59,12 @@ class ReplicaServer:
         from mta.serving.security import Keys
         from mta.store import UserStore
 
-        cfg = Configs.build(spec["configs"])
+        cfg = Configs.load(spec["configs"])  # resolved by the driver (flags, recipes, the bank's record)
         bank = Path(spec["bank"])
         rec = read_index(bank)
-        cfg, _ = with_recipes(cfg, None, cfg.backbone.model or rec.model, rec)
         self.store = UserStore(Path(spec["store"]), create=True) if spec.get("store") else None
         histories = load_dataset(Path(spec["users"]), rec.task).users if spec.get("users") else []
-        self.loaded = LoadedBank(load_backbone(cfg.backbone, rec.model, rec.embedder), bank,
+        self.loaded = LoadedBank(Backbone.load(cfg.backbone, rec.model, rec.embedder), bank,
                                  resident=cfg.serve.resident)
         app = build_app(self.loaded, self.store, Keys.read(Path(spec["keys"])), cfg.serve, cfg.generate, histories,
                         cfg.adapt, job_prefix=spec.get("job_prefix", ""))
@@ -99,7 +99,6 @@ class ReplicaServer:
 def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
     """The Ray Serve application: a Router in front of ``replicas`` Replicas."""
     import httpx2 as httpx
-    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 
@@ -191,10 +190,11 @@ def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
     return Router.bind(Replica.bind(spec))
 
 
-def serve_on_ray(address: str, spec: dict, host: str, port: int, replicas: int, resident: int, gpu: bool,
+def serve_on_ray(address: str, spec: dict, host: str, port: int, replicas: int, resident: int, device: str,
                  ready=None, stop: threading.Event | None = None) -> None:
     """Start Ray Serve (``address`` "local": a local instance), run the app on host:port
-    until ``stop`` is set or the process is interrupted, then shut Serve down."""
+    until ``stop`` is set or the process is interrupted, then shut Serve down. Replicas
+    take one GPU each when ``device`` is CUDA, or "auto" on a cluster with GPUs."""
     import ray
     from ray import serve
 
@@ -202,12 +202,17 @@ def serve_on_ray(address: str, spec: dict, host: str, port: int, replicas: int, 
     if started:
         ray.init(address=None if address == "local" else address, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
+    gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         serve.run(deployments(spec, replicas, resident, gpu), name="mta", route_prefix="/")
         if ready is not None:
             ready()
         stop = stop or threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            import signal
+
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(0.5):
                 pass
@@ -220,6 +225,3 @@ def serve_on_ray(address: str, spec: dict, host: str, port: int, replicas: int, 
             if started:
                 ray.shutdown()
 
-
-async def _never() -> None:  # keeps asyncio imported for Ray's async actor detection in some versions
-    await asyncio.sleep(0)
