@@ -28,7 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-# isort: off  (benchmarks/gpu.py is a sibling script; its module name also matches the ignored gpu/ folder)
+# benchmarks/gpu.py is a sibling script; ruff would sort it as first- or third-party depending
+# on whether an (ignored) gpu/ folder exists at the root, so the order is fixed by hand.
+# isort: off
 from gpu import LLAMA3_8B, TINY, bandwidth, make_model, sync  # noqa: E402
 from mta.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 # isort: on
