@@ -11,6 +11,19 @@
 #      evals with the tuned recipe) and Qwen2.5-Coder-0.5B (the same, without mta run).
 #
 #   setsid nohup bash scripts/gpu-session.sh > /root/res/session.log 2>&1 &
+#
+# How the 2026-11-29 session got everything there (each a device call, issued back to back,
+# since a machine idle for 30 s is given back): (1) carry .whl/ (pip download of gguf,
+# bm25s, nltk, rouge_score, pydantic(+core), fastapi, starlette, uvicorn, httpx2, httpcore2,
+# truststore, jsonschema(+specifications), referencing, rpds-py, opentelemetry-api for
+# cp312 manylinux) and install with `pip install --no-index --no-deps --target /root/site`;
+# (2) the ray cp312 wheel split in two 40 MB pieces (gpu/r/), joined, sha256-checked and
+# installed the same way; copy src/ scripts/ benchmarks/ tests/ pyproject.toml and
+# gpu/data/ to /root/work and start this script there; (3) one call per 58 MiB piece of the
+# GGUFs / the MiniLM tar (gpu/p/, `split -b 58M`), appended under /root/m, the last piece
+# of each checked against the registry's sha256 before touching MODELS/<name>.ok. About
+# 3.5 minutes of device time for 32 calls. Keep every step's limit above its worst case:
+# a step killed by its limit loses its whole result.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
