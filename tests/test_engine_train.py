@@ -4,6 +4,8 @@ steps (differences come only from padding-dependent summation order)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -213,6 +215,9 @@ def test_diverging_loss_names_the_learning_rate():
         train_jobs(eng, "bank", jobs, TrainConfig(lr=1e30, epochs=3, batch_size=1, lr_field="BankConfig.lr"),
                    pad_id=tok.pad_token_id)
     assert e.value.fields == ("BankConfig.lr",)
+    # and says where the NaN came from: here one step of lr 1e30 left huge but finite weights
+    assert re.search(r"adapter weights are finite, largest \|w\| [0-9.]+e\+(2[4-9]|3\d): the forward pass overflowed",
+                     str(e.value)), str(e.value)
 
 
 def test_train_config_names_bad_fields():

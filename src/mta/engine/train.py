@@ -263,7 +263,7 @@ def train_jobs(
             counts = {i: sum(sum(x != IGNORE for x in e.labels[1:]) for e in plans[i][step]) for i in active}
             while True:
                 try:
-                    job_loss, step_tokens = _step(engine, jobs, rows, counts, budget, cfg, pad_id, step)
+                    job_loss, step_tokens = _step(engine, jobs, rows, counts, budget, cfg, pad_id, step, params)
                     break
                 except torch.OutOfMemoryError:
                     for p in params:
@@ -298,7 +298,8 @@ def train_jobs(
             "losses": {j.key: j.losses for j in jobs}, "token_budget": budget.value}
 
 
-def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id: int, step: int):
+def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id: int, step: int,
+          params: list[torch.nn.Parameter]):
     """Forward and backward of one optimiser step's rows, micro-batch by micro-batch;
     gradients accumulate in the parameters. Returns (per-job loss, tokens)."""
     job_loss = dict.fromkeys(counts, 0.0)
@@ -323,11 +324,23 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
         values = per_row.detach().tolist()
         for (i, _), v in zip(chunk, values):
             if not math.isfinite(v):
-                raise MtaError(f"training diverged at step {step + 1}: the loss of '{jobs[i].key}' is {v}; lower "
-                               f"the learning rate (`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
+                raise MtaError(f"training diverged at step {step + 1}: the loss of '{jobs[i].key}' is {v} "
+                               f"({_why_not_finite(params, jobs[i].slot, step)}); lower the learning rate "
+                               f"(`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
             job_loss[i] += v
         tokens += int(mask.sum())
     return job_loss, tokens
+
+
+def _why_not_finite(params: list[torch.nn.Parameter], slot: int, step: int) -> str:
+    """Where a non-finite loss came from: the slot's adapter weights (the previous update
+    blew up), or the forward pass, with the weights' largest magnitude (huge weights from
+    too large a step, or small ones: an overflow elsewhere, e.g. bf16 activations)."""
+    mine = [p.detach()[slot] for p in params if p.dim() and p.shape[0] > slot]
+    if any(not torch.isfinite(w).all() for w in mine):
+        return f"its adapter weights already held NaN/inf after the update of step {step}"
+    top = max((float(w.abs().max()) for w in mine if w.numel()), default=0.0)
+    return f"its adapter weights are finite, largest |w| {top:.3g}: the forward pass overflowed"
 
 
 def _checkpointing(model, on: bool) -> None:
