@@ -11,7 +11,8 @@ bandwidth measured in the same run. Configurations: HF ``generate`` with the dyn
 cache, with the static cache (eager, and auto-compiled as transformers does it),
 ``generate_batch`` (continuous batching) with its defaults and with CUDA graphs asked
 for, and the mta engine (every row its own user: top-2 of the bank + a rank-2 stack)
-with the dynamic and the static cache. A configuration that fails is reported with its
+with the dynamic and the static cache, and compiled with its routing pinned (then a new
+batch of other users through the same compiled step). A configuration that fails is reported with its
 error, not left out.
 """
 
@@ -119,6 +120,15 @@ def main() -> None:
     measure("mta engine, dynamic cache", gen(lambda: eng.route(routes)), f"{a.rows} users, top-2 of {a.anchors}")
     measure("mta engine, static cache, eager", gen(lambda: eng.route(routes), cache_implementation="static",
                                                    disable_compile=True))
+    width = 2 * 8 + 2  # top-2 of rank 8 + the rank-2 stack: every batch of this kind pins to it
+    measure("mta engine, static cache, auto-compiled, pinned routing",
+            gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
+            "routing in fixed buffers (AdapterEngine.pinned)")
+    routes[:] = [Row(torch.randperm(a.anchors, generator=rng)[:2].tolist(), [0.5, 0.5], user=(u + 7) % a.rows)
+                 for u in range(a.rows)]
+    measure("mta engine, compiled, a NEW batch of users (same shape)",
+            gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
+            "refills the pinned buffers; the compiled step is reused")
     eng.remove()
 
     bw = bandwidth(dev)

@@ -130,3 +130,25 @@ def test_bf16_training_on_cuda_tracks_fp32(dtype, compute):
     gap = adapter_effect_gap(ref, eng, Row([0], [1.0]), ids)
     print(f"dtype {dtype}, compute {compute}: adapter effect gap {gap:.4f}")
     assert gap < effect_tol
+
+
+def test_compiled_static_decode_on_cuda_equals_eager():
+    """transformers' own auto-compile of the static-cache decode step (CUDA graphs), with the
+    routing pinned: the same greedy tokens as the eager engine in fp32, and a second batch
+    of other users reuses the compiled step."""
+    from torch._dynamo.utils import counters
+
+    eng, tok = _engine(torch.float32, torch.float32)
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    other = [Row([3], [1.0], user=1), Row([1, 2], [0.5, 0.5]), Row([0], [1.0], user=2), Row(active=False)]
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = None
+    for rows in (ROWS, other):
+        want = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
+        got = eng.generate_static(rows, enc["input_ids"], enc["attention_mask"], width=16, **kw)
+        assert torch.equal(got, want)
+        graphs = graphs or counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -415,6 +415,43 @@ class AdapterEngine:
             for layer in self.layers.values():  # gathered factors of this routing are dead now
                 layer.clear_cache()
 
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def pinned(self, rows: Sequence[Row], batch: int | None = None, width: int | None = None) -> Iterator[None]:
+        """Routing for a compiled or graph-captured decode step: every layer's per-row
+        factors are written into fixed buffers (``batch`` rows, ``width`` rank directions,
+        zero-padded, which is exact), and the layers read those instead of the routing.
+        A later batch with the same shape refills the same buffers in place, so a compiled
+        step (or a captured CUDA graph) is reused, not rebuilt. Inference only."""
+        rt = self.routing(rows)
+        batch = batch or len(rows)
+        if batch < len(rows):
+            raise ValueError(f"{len(rows)} rows do not fit a pinned batch of {batch}")
+        need = max((layer.width(rt) for layer in self.layers.values()), default=0)
+        width = need if width is None else width
+        if width < need:
+            raise ValueError(f"these rows need {need} rank directions; the pinned width is {width}")
+        try:
+            for layer in self.layers.values():
+                layer.pin(rt, batch, width)
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.pin_on = False
+                layer.clear_cache()
+
+    @torch.no_grad()
+    def generate_static(self, rows: Sequence[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        width: int | None = None, **gen_kwargs) -> torch.Tensor:
+        """``generate`` over transformers' static KV cache with the routing pinned; on CUDA
+        transformers compiles the decode step itself (its auto-compile for static caches),
+        and a new batch of the same size and width reuses that compiled step."""
+        if len(rows) != input_ids.shape[0]:
+            raise ValueError(f"{len(rows)} routing rows for a batch of {input_ids.shape[0]}")
+        with self.pinned(rows, width=width):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       cache_implementation="static", **gen_kwargs)
+
     @torch.no_grad()
     def generate(self, rows: Sequence[Row] | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  **gen_kwargs) -> torch.Tensor:

@@ -69,6 +69,11 @@ class BankLoRALinear(nn.Module):
         self.register_buffer("fused_scale", torch.zeros(0, device=dev, dtype=dtype), persistent=False)
         self._routing_ref = routing_ref  # a one-element list owned by the engine
         self._cache = None
+        # pinned routing (AdapterEngine.pinned): per-row factors in fixed buffers for a
+        # compiled / graph-captured decode step; refilled in place for a new batch
+        self.register_buffer("pin_A", torch.zeros(0, 0, self.in_features, device=dev), persistent=False)
+        self.register_buffer("pin_B", torch.zeros(0, self.out_features, 0, device=dev), persistent=False)
+        self.pin_on = False
 
     @property
     def scale(self) -> float:
@@ -149,15 +154,40 @@ class BankLoRALinear(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
 
+    def pin(self, rt: Routing, rows: int, width: int) -> None:
+        """Fill the pin buffers with the rows' factors (zero-padded to ``rows`` x ``width``
+        rank directions: zeros add exactly nothing), in place when the shape is unchanged."""
+        got = self._gathered(rt)
+        cd, dev = self.compute_dtype, self.bank_A.device
+        shape_a, shape_b = (rows, width, self.in_features), (rows, self.out_features, width)
+        if tuple(self.pin_A.shape) != shape_a or self.pin_A.dtype != cd:
+            self.pin_A = torch.zeros(shape_a, device=dev, dtype=cd)
+            self.pin_B = torch.zeros(shape_b, device=dev, dtype=cd)
+        else:
+            self.pin_A.zero_()
+            self.pin_B.zero_()
+        if got is not None:
+            a, b = got
+            self.pin_A[:a.shape[0], :a.shape[1]].copy_(a)
+            self.pin_B[:b.shape[0], :, :b.shape[2]].copy_(b)
+        self.pin_on = True
+
+    def width(self, rt: Routing) -> int:
+        got = self._gathered(rt)
+        return 0 if got is None else got[0].shape[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        rt = self._routing_ref[0]
-        if rt is None:
-            return y
-        got = self._gathered(rt)
-        if got is None:
-            return y
-        a, b = got
+        if self.pin_on:
+            a, b = self.pin_A, self.pin_B
+        else:
+            rt = self._routing_ref[0]
+            if rt is None:
+                return y
+            got = self._gathered(rt)
+            if got is None:
+                return y
+            a, b = got
         if a.shape[0] != x.shape[0]:
             raise RuntimeError(f"routing is set for {a.shape[0]} rows but the batch has {x.shape[0]}")
         squeeze = x.dim() == 2
