@@ -45,6 +45,7 @@ class AnchorSelection:
     cluster_of_anchor: list[int]
     centroids: np.ndarray
     notes: list[str] = field(default_factory=list)
+    members: list[list[str]] = field(default_factory=list)  # per anchor: every user nearest its centroid
 
 
 def select_anchors(users: list[User], emb: np.ndarray, k: int, min_history: int,
@@ -75,4 +76,6 @@ def select_anchors(users: list[User], emb: np.ndarray, k: int, min_history: int,
         clusters.append(c)
     for n in notes:
         log.warning(n)
-    return AnchorSelection([users[i].user_id for i in chosen], clusters, km.cluster_centers_, notes)
+    nearest = km.predict(emb)  # every candidate, eligible or not, joins its nearest cluster
+    members = [[u.user_id for u, c2 in zip(users, nearest) if c2 == c] for c in clusters]
+    return AnchorSelection([users[i].user_id for i in chosen], clusters, km.cluster_centers_, notes, members)

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from mta.anchors import embed_users, select_anchors
 from mta.backbone import Backbone
 from mta.config import BankConfig
@@ -144,13 +146,24 @@ def prepare_bank(backbone: Backbone, users: list[User], task: Task, cfg: BankCon
         emb = embed_users(users, task, backbone.embedder)
         sel = select_anchors(users, emb, cfg.anchors, cfg.min_history, cfg.seed)
         pos = {u.user_id: i for i, u in enumerate(users)}
+        pooled = cfg.anchor_training == "cluster"
+
+        def embedding(uid: str, members: list[str]) -> list[float]:
+            # a pooled anchor stands for its cluster: retrieval compares targets with the
+            # members' mean (normalised like every embedding), not with one user
+            if not pooled:
+                return emb[pos[uid]].tolist()
+            mean = emb[[pos[m] for m in members]].mean(axis=0)
+            return (mean / max(float(np.linalg.norm(mean)), 1e-12)).tolist()
+
         rec = BankRecord(
             task=task.name, model=backbone.model_id, embedder=backbone.embedder_id,
             fingerprint=backbone.fingerprint, config=cfg, notes=sel.notes, candidates=len(users),
             negatives=negative_pool(task, users, cfg.seed), recipe=recipe or {},
             embed_seconds=time.perf_counter() - t0,
-            anchors=[AnchorRecord(slot=s, user_id=uid, cluster=c, embedding=emb[pos[uid]].tolist())
-                     for s, (uid, c) in enumerate(zip(sel.user_ids, sel.cluster_of_anchor))])
+            anchors=[AnchorRecord(slot=s, user_id=uid, cluster=c, embedding=embedding(uid, m),
+                                  members=m if pooled else [])
+                     for s, (uid, c, m) in enumerate(zip(sel.user_ids, sel.cluster_of_anchor, sel.members))])
         write_text_atomic(out / INDEX, dump(rec))
     return rec
 
@@ -251,8 +264,13 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
     by_id = {u.user_id: u for u in users}
     group = [rec.anchors[s] for s in slots]
 
-    def examples(user_id: str) -> list:
-        pool = users if rec.kind == "task" else [by_id[user_id]]
+    def examples(anchor: AnchorRecord) -> list:
+        if rec.kind == "task":
+            pool = users
+        elif anchor.members:  # a pooled anchor (anchor_training "cluster")
+            pool = [by_id[m] for m in anchor.members]
+        else:
+            pool = [by_id[anchor.user_id]]
         return [e for u in pool for e in loo_examples(
             task, training_history(u, cfg), backbone.tokenizer, cfg.retrieve_k, cfg.max_length,
             negative_pool(task, [o for o in users if o.user_id != u.user_id], cfg.seed))]
@@ -263,7 +281,7 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
     engine.owner = None  # the bank table now holds this group, not an opened bank
     engine.set_bank(len(group), cfg.rank, cfg.alpha, cfg.target_modules)
     engine.init_bank(seed=cfg.seed + group[0].slot)
-    jobs = [Job(j, examples(a.user_id), Row([j], [1.0]), key=f"{key_prefix}:{a.user_id}")
+    jobs = [Job(j, examples(a), Row([j], [1.0]), key=f"{key_prefix}:{a.user_id}")
             for j, a in enumerate(group)]
     stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id, on_step=on_step)
     for j, a in enumerate(group):

@@ -109,6 +109,9 @@ class BankConfig(_Config):
     anchors: int = Field(50, ge=1, description="k-means clusters = anchors requested (capped at the "
                          "eligible users; the bank records the effective number)")
     min_history: int = Field(11, ge=1, description="history items an anchor needs (reference: more than 10)")
+    anchor_training: Literal["user", "cluster"] = Field(
+        "user", description="what each meta-LoRA trains on: its anchor user's history (the paper), or the pooled "
+        "histories of every candidate user nearest its cluster's centroid (for pools of sparse users)")
     rank: int = Field(8, ge=1, description="meta-LoRA rank", json_schema_extra=flag("bank-rank"))
     alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="meta-LoRA alpha",
                          json_schema_extra=flag("bank-alpha"))

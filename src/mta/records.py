@@ -38,6 +38,7 @@ class AnchorRecord(_Record):
     train_seconds: float | None = None
     reused_from: str | None = None
     sha256: str | None = None  # of the adapter's safetensors file, checked on load
+    members: list[str] = []  # the users whose histories it trains on (anchor_training "cluster")
 
 
 class BankRecord(_Record):

@@ -1,5 +1,6 @@
-"""`mta tune`: choose a recipe (learning rates, epochs, stack shape, top-k, anchors, merge)
-for one model and task on a DEV split of the users, which later evaluations leave out.
+"""`mta tune`: choose a recipe (learning rates, epochs, anchor training, stack shape, top-k,
+anchors, merge) for one model and task on a DEV split of the users, which later
+evaluations leave out.
 
 The search is a coordinate search: knob groups in a fixed order, each option of a group
 evaluated (method ``mta`` under the eval protocol, on the dev users alone: folds among
@@ -39,6 +40,7 @@ Override = dict[str, dict]  # {"bank": {...}, "adapt": {...}}
 GROUPS: dict[str, list[Override]] = {
     "learning rate": [{"bank": {"lr": lr, "epochs": ep}, "adapt": {"stack_lr": lr}}
                       for lr, ep in ((3e-3, 1), (1e-3, 1), (3e-4, 2), (1e-4, 3))],
+    "anchor training": [{"bank": {"anchor_training": m}} for m in ("user", "cluster")],
     "stack learning rate": [{"adapt": {"stack_lr": lr}} for lr in (3e-3, 1e-3, 3e-4, 1e-4)],
     "stack shape": [{"adapt": {"stack_rank": 2, "stack_layers": 8}}, {"adapt": {"stack_rank": 4, "stack_layers": 0}},
                     {"adapt": {"stack_rank": 8, "stack_layers": 0}}],
@@ -46,7 +48,7 @@ GROUPS: dict[str, list[Override]] = {
     "anchors": [{"bank": {"anchors": n}} for n in (8, 4, 16)],
     "merge": [{"adapt": {"merge": m}} for m in ("delta", "factor")],
 }
-SPACES = {"quick": ["learning rate", "stack shape", "top-k"], "full": list(GROUPS)}
+SPACES = {"quick": ["learning rate", "anchor training", "stack shape", "top-k"], "full": list(GROUPS)}
 ABLATION = ["rag-1", "task-lora", "per-user-lora", "mta-fusion", "mta-stack", "mta"]
 
 
