@@ -3,14 +3,21 @@
 # GPUS=0) while the real models' pieces are still being carried there. Each step's log
 # goes to RES/<step>.log and a line per start/end to RES/progress; a step that fails does
 # not stop the others. Phases:
-#   1. no real weights needed: the `gpu` tests, transformers' decode fast paths, `mta serve`
-#      under load and sharded adaptation on Ray, at Llama-3-8B shape with random weights;
+#   1. no real weights needed: the `gpu` tests, transformers' decode fast paths and the
+#      engine's compiled path, sharded adaptation on Ray (two GPUs), `mta serve` under load
+#      (SERVE_LOAD=1), at Llama-3-8B shape with random weights;
 #   2. meanwhile, on the CPUs, as the pieces become whole (marker files MODELS/<name>.ok,
 #      written by the carrying calls after their sha256 check): convert the models;
-#   3. two streams, one per GPU: Qwen2.5-Coder-1.5B (mta run, mta tune, LaMP-2 and MovieLens
-#      evals with the tuned recipe) and Qwen2.5-Coder-0.5B (the same, without mta run).
+#   3. two streams, one per GPU: Qwen2.5-Coder-1.5B (mta tune, LaMP-2 and MovieLens
+#      evals with the tuned recipe) and Qwen2.5-Coder-0.5B (the same).
 #
 #   setsid nohup bash scripts/gpu-session.sh > /root/res/session.log 2>&1 &
+#
+# Durations seen on the H200 (2026-11-29): model pieces ~3.5 min; conversions ~2 min (in
+# the background); gpu tests 47 s; hf_decode ~5.5 min; serve load 9 min; mta run 1.5B
+# 1.8 min; a tune trial ~37 s with 0.5B (the quick space is 12 trials + a final
+# ablation: ~10 min; about twice that with 1.5B); per-user LoRAs for 80 users with 1.5B
+# ~100 s per fold. RUN_15B=run adds `mta run` with 1.5B to its stream.
 #
 # How the 2026-11-29 session got everything there (each a device call, issued back to back,
 # since a machine idle for 30 s is given back): (1) carry .whl/ (pip download of gguf,
@@ -62,6 +69,7 @@ phase1_a() {
   T=480 step hf-decode-8b "$gpu_a" python3 benchmarks/hf_decode.py --out "$RES/hf-decode-8b.json"
 }
 phase1_b() {
+  [ "${SERVE_LOAD:-0}" = 1 ] || return 0  # measured 2026-11-29 (docs/serving.md): SERVE_LOAD=1 to repeat
   T=1200 step serve-load-8b "$gpu_b" python3 benchmarks/serve_load.py --model random-llama3-8b --embedder hashing-embedder \
     --device cuda --clients 16 --users 16 --requests 200 --max-tokens 16 --work "$RES/serve-work" \
     --out "$RES/serve-load-8b.json"
@@ -88,7 +96,7 @@ stream() {  # stream GPU MODEL [run]
   step "lamp2-$model" "$gpu" bash scripts/gpu-evals.sh lamp2 "$model" "$RES" --history-queries 3 "${with[@]}"
   step "movielens-$model" "$gpu" bash scripts/gpu-evals.sh movielens "$model" "$RES" "${with[@]}"
 }
-stream "$gpu_a" qwen2.5-coder-1.5b run &
+stream "$gpu_a" qwen2.5-coder-1.5b "${RUN_15B:-}" &
 stream "$gpu_b" qwen2.5-coder-0.5b &
 wait
 echo "$(date +%T) session done" >> "$RES/progress"
