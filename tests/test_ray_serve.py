@@ -63,6 +63,20 @@ def test_routed_by_user_and_equal_to_the_single_server(ray_server, server, world
     assert chat(ray_server.url, "", "synth-0000", PROMPT).status_code == 401
 
 
+def test_concurrent_clients_through_the_router(ray_server, world):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, keys = world
+    users = [*STORED, "synth-0005"]
+    with ThreadPoolExecutor(12) as ex:
+        got = list(ex.map(lambda i: chat(ray_server.url, keys["admin"], users[i % 4], f"{PROMPT} {i}"), range(24)))
+    assert [r.status_code for r in got] == [200] * 24
+    by_user: dict[str, set[str]] = {}
+    for i, r in enumerate(got):
+        by_user.setdefault(users[i % 4], set()).add(r.headers["x-mta-replica"])
+    assert all(len(v) == 1 for v in by_user.values()), by_user
+
+
 def test_the_openai_client_works_through_ray(ray_server, server, world):
     _, keys = world
     client = openai.OpenAI(base_url=ray_server.url + "/v1", api_key=keys["admin"])

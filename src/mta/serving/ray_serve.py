@@ -139,7 +139,10 @@ def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
     keys_path = Path(spec["keys"])
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    # one router for the whole cluster: it only relays, so it must not be the bottleneck
+    # (Ray Serve's default of 5 ongoing requests per replica would serialise the clients)
+    @serve.deployment(ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=max(1024, 2 * replicas * spec["configs"]["serve"]["max_queue"]))
     @serve.ingress(app)
     class Router:
         def __init__(self, replica):
