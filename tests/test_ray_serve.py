@@ -98,7 +98,7 @@ def test_adapt_job_and_delete_across_replicas(ray_server, world):
     r = httpx.post(ray_server.url + "/v1/admin/adapt", json={"user": user}, headers=admin, timeout=60)
     assert r.status_code == 202, r.text
     job = r.json()["job"]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a wait, not a speed check: a busy 2-core machine is slow
     while True:  # the status query must reach the replica that runs the job
         s = httpx.get(ray_server.url + f"/v1/admin/jobs/{job}", headers=admin, timeout=30)
         assert s.status_code == 200, s.text
