@@ -2,9 +2,12 @@
 itself reports every method against rag-1 only).
 
     .venv/bin/python scripts/paired.py RUN_DIR METHOD_A METHOD_B [--n-boot 1000] [--seed 0]
+    .venv/bin/python scripts/paired.py RUN_DIR METHOD_A METHOD_B --b-run OTHER_RUN   # B from another run
 
 Reads RUN_DIR/config.json (data, task, seed, protocol) and RUN_DIR/predictions.jsonl, resamples
-users exactly as `mta eval` does, and prints A - B per metric with its 95% interval.
+users exactly as `mta eval` does, and prints A - B per metric with its 95% interval. With
+--b-run, METHOD_B's predictions come from OTHER_RUN, which must have the same data, seed and
+split (checked): e.g. one method under two settings.
 """
 
 from __future__ import annotations
@@ -28,24 +31,36 @@ def main() -> None:
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--b-run", type=Path, help="take METHOD_B from this run (same data, seed and split)")
     a = ap.parse_args()
     cfg = json.loads((a.run / "config.json").read_text())
     task = get_task(cfg["task"])
     ds = load_dataset(Path(cfg["data"]), cfg["task"])
     if cfg.get("users"):
         ds.users = ds.users[:cfg["users"]]
-    preds: dict[str, dict[str, list]] = {}
-    for line in (a.run / "predictions.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        preds.setdefault(r["method"], {})[r["user_id"]] = r["parsed"]
-    for m in (a.a, a.b):
-        if m not in preds:
-            sys.exit(f"error: method {m!r} is not in {a.run} (has: {', '.join(preds)})")
+    def read(run: Path) -> dict[str, dict[str, list]]:
+        out: dict[str, dict[str, list]] = {}
+        for line in (run / "predictions.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault(r["method"], {})[r["user_id"]] = r["parsed"]
+        return out
+
+    preds = read(a.run)
+    other = preds
+    if a.b_run is not None:
+        ocfg = json.loads((a.b_run / "config.json").read_text())
+        if (ocfg["data"], ocfg["seed"]) != (cfg["data"], cfg["seed"]) or \
+                (a.b_run / "split.json").read_text() != (a.run / "split.json").read_text():
+            sys.exit(f"error: {a.b_run} has other data, seed or split than {a.run}; the pairs would not match")
+        other = read(a.b_run)
+    for m, run, have in ((a.a, a.run, preds), (a.b, a.b_run or a.run, other)):
+        if m not in have:
+            sys.exit(f"error: method {m!r} is not in {run} (has: {', '.join(have)})")
     # the run's targets, shaped as the run shaped them, in the data's order (as `mta eval` resamples them)
     ev = cfg.get("configs", {}).get("eval", {})
     users = prepare_targets([u for u in ds.users if u.user_id in preds[a.a]], ev.get("history_queries", 0),
                             ev.get("target_history"), task)
-    sa, sb = method_stats(task, users, preds[a.a]), method_stats(task, users, preds[a.b])
+    sa, sb = method_stats(task, users, preds[a.a]), method_stats(task, users, other[a.b])
     for name in task.metric_names:
         d, lo, hi = paired_diff_ci(sa, sb, lambda s, n=name: task.metrics_from_stats(s)[n], n_boot=a.n_boot,
                                    seed=cfg["seed"])

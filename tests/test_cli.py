@@ -115,6 +115,11 @@ def test_eval_tiny_model_all_methods(tmp_path):
                          text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
     d = by["mta"]["metrics"]["accuracy"]["diff_vs_rag-1"]
     assert f"accuracy: mta - rag-1 = {d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" in got
+    # ... and pairs a method with itself from another run of the same split (--b-run): here the
+    # same run, so the difference is exactly 0
+    got = subprocess.run([sys.executable, "scripts/paired.py", str(out), "mta", "mta", "--b-run", str(out)],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "accuracy: mta - mta = +0.000 [+0.000, +0.000]" in got
     # an anchor's meta-LoRA is its per-user LoRA (same recipe, same history): copied, not retrained
     for f in split:
         bank = out / f"fold{f['fold']}" / "bank"
