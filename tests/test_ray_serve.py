@@ -39,6 +39,14 @@ def ray_server(world):
     s.stop()
 
 
+def _settle(url: str, key: str, users: list[str]) -> None:
+    """One request per user, then a pause: a replica reports the users it holds to Ray
+    Serve's routers asynchronously, and routing by user only holds once they know."""
+    for u in users:
+        assert chat(url, key, u, PROMPT).status_code == 200
+    time.sleep(3)
+
+
 def _content(r: httpx.Response) -> str:
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
@@ -48,6 +56,7 @@ def test_routed_by_user_and_equal_to_the_single_server(ray_server, server, world
     _, keys = world
     users = [*STORED, "synth-0005"]  # three with a stack, one with history only
     seen: dict[str, set[str]] = {u: set() for u in users}
+    _settle(ray_server.url, keys["admin"], users)
     for _ in range(3):
         for u in users:
             r = chat(ray_server.url, keys["admin"], u, PROMPT)
@@ -68,6 +77,7 @@ def test_concurrent_clients_through_the_router(ray_server, world):
 
     _, keys = world
     users = [*STORED, "synth-0005"]
+    _settle(ray_server.url, keys["admin"], users)
     with ThreadPoolExecutor(12) as ex:
         got = list(ex.map(lambda i: chat(ray_server.url, keys["admin"], users[i % 4], f"{PROMPT} {i}"), range(24)))
     assert [r.status_code for r in got] == [200] * 24
@@ -99,7 +109,7 @@ def test_adapt_job_and_delete_across_replicas(ray_server, world):
     assert r.status_code == 202, r.text
     job = r.json()["job"]
     deadline = time.monotonic() + 600  # a wait, not a speed check: a busy 2-core machine is slow
-    while True:  # the status query must reach the replica that runs the job
+    while True:  # any replica answers: the job's state is in the shared store
         s = httpx.get(ray_server.url + f"/v1/admin/jobs/{job}", headers=admin, timeout=30)
         assert s.status_code == 200, s.text
         if s.json()["status"] in ("done", "failed") or time.monotonic() > deadline:
@@ -149,3 +159,27 @@ def test_replicas_share_the_store_safely(world, tmp_path):
     assert two.get("synth-0004") is None and Histories(bank.task, users, store).get("synth-0004") is None
     one.put(users[4])  # uploading a history again brings the user back everywhere
     assert two.get("synth-0004") is not None
+
+
+def test_a_job_is_answered_by_any_server_on_the_store(server, world):
+    """The job state lives in the shared store: a second server on the same store (as another
+    replica would) answers for a job the first one runs."""
+    d, keys = world
+    admin = _h(keys["admin"])
+    second = Server(d)
+    try:
+        r = httpx.post(server.url + "/v1/admin/adapt", json={"user": "synth-0006"}, headers=admin, timeout=60)
+        assert r.status_code == 202, r.text
+        job = r.json()["job"]
+        deadline = time.monotonic() + 600
+        while True:
+            s = httpx.get(second.url + f"/v1/admin/jobs/{job}", headers=admin, timeout=30)
+            assert s.status_code == 200, s.text
+            if s.json()["status"] in ("done", "failed") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert s.json()["status"] == "done" and s.json()["user"] == "synth-0006", s.json()
+        assert httpx.get(second.url + "/v1/admin/jobs/adapt-nope", headers=admin).status_code == 404
+        assert httpx.get(second.url + "/v1/admin/jobs/..%2Fstore", headers=admin).status_code == 404
+    finally:
+        second.stop()

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -46,6 +47,7 @@ from mta.store import UserStore, check_user_id
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
 MODELS = ("mta", "mta-base")
+JOB_ID = re.compile(r"adapt-[A-Za-z0-9_-]{1,80}")  # what a job id looks like; nothing else names a file
 
 
 class ApiError(Exception):
@@ -156,11 +158,11 @@ class Histories:
         process serving this store (replicas, a restart) stops using the users file's copy."""
         f = self._file(user_id)
         had = self.get(user_id) is not None
-        self.base.pop(user_id, None)
+        in_file = self.base.pop(user_id, None) is not None and had
         if f is not None:
             if f.is_file():
                 f.unlink()
-            if had:
+            if in_file:  # an empty marker named by the id's hash: no data of the user
                 from mta.paths import write_text_atomic
 
                 write_text_atomic(self._tombstone(user_id), "")
@@ -409,9 +411,11 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
             raise ApiError(409, "this server has no store to adapt into")
         job = AdaptJob(f"adapt-{job_prefix}{next(counter)}", user_id)
         jobs[job.id] = job
+        publish(job)
 
         def run():
             job.status = "running"
+            publish(job)
             stats = bank.adapt([user], adapt_cfg, store)
             bank.stacks.evict(user_id)
             return {"adapted": stats["adapted"], "bytes": stats["bytes_per_user"].get(user_id)}
@@ -423,17 +427,33 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
                 job.result, job.status = f.result(), "done"
             except BaseException as e:  # noqa: BLE001 - reported through the job
                 job.error, job.status = str(e), "failed"
+            publish(job)
 
         fut.add_done_callback(finished)
         return {"job": job.id, "status": job.status}
+
+    def job_view(job: AdaptJob) -> dict:
+        return {"job": job.id, "user": job.user, "status": job.status, "error": job.error, "result": job.result}
+
+    def publish(job: AdaptJob) -> None:
+        """The job's state, also in the store (STORE/jobs/<id>.json, atomically), so that any
+        process serving the store can answer for it (replicas on Ray Serve, a restart)."""
+        if store is not None:
+            from mta.paths import write_json_atomic
+
+            write_json_atomic(store.root / "jobs" / f"{job.id}.json", job_view(job))
 
     @app.get("/v1/admin/jobs/{job_id}")
     async def job_status(request: Request, job_id: str):
         admin(request)
         job = jobs.get(job_id)
-        if job is None:
-            raise ApiError(404, f"no job {job_id!r}", code="not_found")
-        return {"job": job.id, "user": job.user, "status": job.status, "error": job.error, "result": job.result}
+        if job is not None:
+            return job_view(job)
+        if store is not None and JOB_ID.fullmatch(job_id):  # a job of another process on this store
+            f = store.root / "jobs" / f"{job_id}.json"
+            if f.is_file():
+                return json.loads(f.read_text(encoding="utf-8"))
+        raise ApiError(404, f"no job {job_id!r}", code="not_found")
 
     @app.post("/v1/admin/delete")
     async def delete_user(request: Request, body: UserBody):
@@ -442,6 +462,15 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
 
         def run():
             bank.stacks.evict(user_id)
+            for jid in [j for j, job in jobs.items() if job.user == user_id]:
+                del jobs[jid]
+            if store is not None:  # the user's job records too: nothing of them remains
+                for f in (store.root / "jobs").glob("*.json"):
+                    try:
+                        if json.loads(f.read_text(encoding="utf-8")).get("user") == user_id:
+                            f.unlink()
+                    except (OSError, ValueError):
+                        continue
             removed = False
             if store is not None and store.has(user_id):
                 with store.writing():

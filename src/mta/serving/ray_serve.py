@@ -13,12 +13,14 @@ Two deployments:
   id, so a user's requests go to the replica that already holds their stack. Requests
   without a user (base model, ``/v1/models``, health) go to any replica.
 
-Every response carries ``x-mta-replica`` (the replica that answered). Adapt-job ids are
-made unique per replica and the router remembers which user a job belongs to, so a
-status query reaches the replica that runs it. Users' histories and stacks live in the
-shared store; a replica that holds a stack older than the store's reloads it (stacks are
-checked by their sha256 on every batch), and a deleted user's slot is dropped by every
-replica within ``SWEEP_S`` seconds.
+Every response carries ``x-mta-replica`` (the replica that answered). Routing by user is
+Ray Serve's affinity, best effort: a replica reports the users it holds asynchronously,
+and a busy one can be passed over, so a user may be held by two replicas; that is only a
+cost, never a wrong answer, because everything lives in the shared store: histories,
+stacks (a replica holding an older stack than the store's reloads it: stacks are checked
+by their sha256 on every batch), adapt jobs' states (``STORE/jobs``; job ids are unique
+per replica, so any replica answers a status query), and deletions (a deleted user's
+slot is dropped by every replica within ``SWEEP_S`` seconds).
 """
 
 # No ``from __future__ import annotations`` here: Ray pickles the router class by value, and
@@ -150,7 +152,7 @@ def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
 
             self.replica = replica
             self.keys = Keys.read(keys_path)
-            self.jobs: dict[str, str] = {}   # adapt job -> its user
+            self.jobs: dict[str, str] = {}   # adapt job -> its user: status queries go where it runs
 
         def _user(self, request: Request, path: str, body: bytes) -> str:
             if path.startswith("/v1/admin/jobs/"):
