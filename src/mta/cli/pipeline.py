@@ -25,7 +25,7 @@ from mta.cli.options import (
     configured,
 )
 from mta.config import AdaptConfig, BackboneConfig, BankConfig, GenerateConfig
-from mta.data.readers import load_dataset
+from mta.data.readers import jsonl_lines, load_dataset
 from mta.data.schema import User
 from mta.errors import MtaError
 from mta.store import UserStore
@@ -43,7 +43,7 @@ def select_users(users: list[User], spec: str | None) -> list[User]:
         path = Path(spec[1:])
         if not path.is_file():
             raise MtaError(f"{path}: no such file of user ids")
-        wanted = [x.strip() for x in _text(path).splitlines() if x.strip()]
+        wanted = [x.strip() for x in jsonl_lines(_text(path)) if x.strip()]
     else:
         wanted = [x.strip() for x in spec.split(",") if x.strip()]
     by_id = {u.user_id: u for u in users}
@@ -203,7 +203,7 @@ def _requests(user: str | None, input: str | None, input_file: Path | None) -> l
     if not input_file.is_file():
         raise MtaError(f"{input_file}: no such file" + (" (it is a directory)" if input_file.is_dir() else ""))
     pairs = []
-    for n, line in enumerate(_text(input_file).splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(_text(input_file)), 1):
         if not line.strip():
             continue
         try:

@@ -62,10 +62,17 @@ def _make_user(path: Path, index: int, raw: Any) -> User:
         raise DataError(f"{_where(path, index, raw)}: {_validation_message(e)}") from None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text: split at "\n" only (and a "\r" before it). Not
+    ``str.splitlines``, which also splits at U+0085, U+2028 and other characters that JSON
+    may carry unescaped inside a string (a user id, say)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def read_jsonl(path: Path) -> tuple[list[User], str | None, bool]:
     users, tasks, synthetic = [], set(), False
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        lines = jsonl_lines(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for lineno, line in enumerate(lines, 1):
