@@ -101,7 +101,7 @@ class ReplicaServer:
 def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
     """The Ray Serve application: a Router in front of ``replicas`` Replicas."""
     import httpx2 as httpx
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
     from ray import serve
 
     @serve.deployment(num_replicas=replicas, max_ongoing_requests=max(64, spec["configs"]["serve"]["max_queue"]),
@@ -152,11 +152,8 @@ def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
 
             self.replica = replica
             self.keys = Keys.read(keys_path)
-            self.jobs: dict[str, str] = {}   # adapt job -> its user: status queries go where it runs
 
         def _user(self, request: Request, path: str, body: bytes) -> str:
-            if path.startswith("/v1/admin/jobs/"):
-                return self.jobs.get(path.rsplit("/", 1)[-1], "")
             auth = request.headers.get("authorization", "")
             who = self.keys.find(auth[7:].strip() if auth.lower().startswith("bearer ") else None)
             if who is not None and who.role == "user":
@@ -177,13 +174,6 @@ def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
             gen = handle.forward.remote(request.method, "/" + path, request.url.query,
                                         list(request.headers.items()), body)
             head = await gen.__anext__()
-            if path == "v1/admin/adapt" and head["status"] == 202:
-                data = b"".join([c async for c in gen])
-                try:
-                    self.jobs[json.loads(data)["job"]] = uid
-                except (ValueError, KeyError):
-                    pass
-                return JSONResponse(json.loads(data), status_code=202, headers=dict(head["headers"]))
             headers = dict(head["headers"])
             media = headers.pop("content-type", None)
 
