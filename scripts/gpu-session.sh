@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session, run in the background on a 2-GPU machine (one GPU also works: set
-# GPUS=0) while the real models' pieces are still being carried there. Each step's log
+# One GPU session, run in the background on a 4-GPU machine (GPUS=0,1,2,3; a 2-GPU machine:
+# GPUS=0,1) while the real models' pieces are still being carried there. Each step's log
 # goes to RES/<step>.log and a line per start/end to RES/progress; a step that fails does
 # not stop the others. Phases:
 #   1. no real weights needed: the `gpu` tests, transformers' decode fast paths and the
@@ -8,8 +8,11 @@
 #      (SERVE_LOAD=1), at Llama-3-8B shape with random weights;
 #   2. meanwhile, on the CPUs, as the pieces become whole (marker files MODELS/<name>.ok,
 #      written by the carrying calls after their sha256 check): convert the models;
-#   3. two streams, one per GPU: Qwen2.5-Coder-1.5B (mta tune, LaMP-2 and MovieLens
-#      evals with the tuned recipe) and Qwen2.5-Coder-0.5B (the same).
+#   3. per model (Qwen2.5-Coder-0.5B with the quick tune space, 1.5B with the core one):
+#      mta tune on LaMP-2 dev users, then the LaMP-2 and MovieLens evals with the tuned
+#      recipe. On 4 GPUs the two evals of a model run side by side (the MovieLens one on
+#      the GPU that did the random-weight steps, once its model's tune has finished); on 2
+#      GPUs each model's steps run one after another on its own GPU.
 #
 #   setsid nohup bash scripts/gpu-session.sh > /root/res/session.log 2>&1 &
 #
@@ -19,6 +22,7 @@
 # ablation: ~10 min; about twice that with 1.5B); per-user LoRAs for 80 users with 1.5B
 # ~100 s per fold. RUN_15B=run adds `mta run` with 1.5B to its stream.
 #
+# `bash scripts/gpu-prepare.sh` builds everything that travels (.whl/, gpu/r, gpu/data, gpu/p).
 # How the 2026-11-29 session got everything there (each a device call, issued back to back,
 # since a machine idle for 30 s is given back): (1) carry .whl/ (pip download of gguf,
 # bm25s, nltk, rouge_score, pydantic(+core), fastapi, starlette, uvicorn, httpx2, httpcore2,
@@ -34,12 +38,15 @@
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
-GPUS=${GPUS:-0,1}
+GPUS=${GPUS:-0,1,2,3}
 mkdir -p "$RES"
 export PYTHONPATH=${SITE:-/root/site}:$PWD/src MTA_HOME=${MTA_HOME:-/root/mtahome} RAY_AUTH_MODE=disabled \
   PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-gpu_a=${GPUS%%,*}
-gpu_b=${GPUS##*,}
+IFS=, read -r -a gpu <<< "$GPUS"
+if [ "${#gpu[@]}" -ne 4 ] && [ "${#gpu[@]}" -ne 2 ]; then
+  echo "GPUS must name 2 or 4 GPUs, not $GPUS" >&2
+  exit 2
+fi
 
 step() {  # [T=SECONDS] step NAME GPU COMMAND...: run one step, logged, killed after T s (default 1800)
   local name=$1 gpu=$2
@@ -48,10 +55,11 @@ step() {  # [T=SECONDS] step NAME GPU COMMAND...: run one step, logged, killed a
   CUDA_VISIBLE_DEVICES=$gpu timeout "${T:-1800}" "$@" > "$RES/$name.log" 2>&1
   local rc=$?  # before $(date), which would reset it
   echo "$(date +%T) end $name rc=$rc" >> "$RES/progress"
+  touch "$RES/$name.done"
 }
 
-wait_for() {  # wait_for NAME: until the carrying calls have marked NAME whole
-  until [ -e "$MODELS/$1.ok" ]; do sleep 2; done
+wait_for() {  # wait_for FILE: until it exists (a model marked whole by the carrying calls, a step done)
+  until [ -e "$1" ]; do sleep 2; done
 }
 
 convert() {  # convert REGISTRY_NAME SOURCE
@@ -59,44 +67,52 @@ convert() {  # convert REGISTRY_NAME SOURCE
 }
 
 # -- phase 2 starts first, on the CPUs: the real models, converted as their pieces become whole -------
-(wait_for minilm && convert minilm-l6 "$MODELS/minilm-l6") &
-(wait_for q5 && convert qwen2.5-coder-0.5b "$MODELS/q5.gguf") &
-(wait_for q15 && convert qwen2.5-coder-1.5b "$MODELS/q15.gguf") &
+(wait_for "$MODELS/minilm.ok" && convert minilm-l6 "$MODELS/minilm-l6" && touch "$RES/minilm.ready") &
+(wait_for "$MODELS/q5.ok" && convert qwen2.5-coder-0.5b "$MODELS/q5.gguf") &
+(wait_for "$MODELS/q15.ok" && convert qwen2.5-coder-1.5b "$MODELS/q15.gguf") &
 
 # -- phase 1: random weights ------------------------------------------------------------------------
-phase1_a() {
-  T=300 step gpu-tests "$gpu_a" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
-  T=480 step hf-decode-8b "$gpu_a" python3 benchmarks/hf_decode.py --out "$RES/hf-decode-8b.json"
-}
-phase1_b() {
-  [ "${SERVE_LOAD:-0}" = 1 ] || return 0  # measured 2026-11-29 (docs/serving.md): SERVE_LOAD=1 to repeat
-  T=1200 step serve-load-8b "$gpu_b" python3 benchmarks/serve_load.py --model random-llama3-8b --embedder hashing-embedder \
-    --device cuda --clients 16 --users 16 --requests 200 --max-tokens 16 --work "$RES/serve-work" \
-    --out "$RES/serve-load-8b.json"
-}
-phase1_a &
-pa=$!
-phase1_b &
-pb=$!
-wait $pa $pb
-if [ "$gpu_a" != "$gpu_b" ]; then  # one worker per GPU: it needs two
-  T=600 step ray-adapt-8b "$GPUS" python3 benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
+ray_adapt() {  # GPU_LIST: one Ray worker per GPU
+  T=600 step ray-adapt-8b "$1" python3 benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
     --users-per-pass 16 --anchors 4 --workers 1,2 --work "$RES/ray-work" --out "$RES/ray-adapt-8b.json"
-fi
-
-wait  # the conversions
+}
+random_weights() {  # GPU
+  T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
+  T=540 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --out "$RES/hf-decode-8b.json"
+}
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------
-stream() {  # stream GPU MODEL [run]
-  local gpu=$1 model=$2 recipe=$RES/tune-lamp2-$2/recipe.json
-  [ "${3:-}" = run ] && step "run-$model" "$gpu" bash scripts/gpu-evals.sh run "$model" "$RES"
-  step "tune-$model" "$gpu" bash scripts/gpu-evals.sh tune "$model" "$RES" --space quick
-  local with=()
-  [ -e "$recipe" ] && with=(--recipe "$recipe")
-  step "lamp2-$model" "$gpu" bash scripts/gpu-evals.sh lamp2 "$model" "$RES" --history-queries 3 "${with[@]}"
-  step "movielens-$model" "$gpu" bash scripts/gpu-evals.sh movielens "$model" "$RES" "${with[@]}"
+recipe_of() {  # MODEL: the --recipe arguments, if its tune wrote one
+  local r=$RES/tune-lamp2-$1/recipe.json
+  [ -e "$r" ] && echo --recipe "$r"
 }
-stream "$gpu_a" qwen2.5-coder-1.5b "${RUN_15B:-}" &
-stream "$gpu_b" qwen2.5-coder-0.5b &
+tune() {  # GPU MODEL SPACE
+  wait_for "$RES/fetch-$2.done"
+  wait_for "$RES/fetch-minilm-l6.done"
+  step "tune-$2" "$1" bash scripts/gpu-evals.sh tune "$2" "$RES" --space "$3"
+}
+lamp2() {  # GPU MODEL
+  # shellcheck disable=SC2046 - recipe_of prints nothing or two words
+  step "lamp2-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES" --history-queries 3 $(recipe_of "$2")
+}
+movielens() {  # GPU MODEL
+  wait_for "$RES/tune-$2.done"
+  # shellcheck disable=SC2046
+  step "movielens-$2" "$1" bash scripts/gpu-evals.sh movielens "$2" "$RES" $(recipe_of "$2")
+}
+
+if [ "${#gpu[@]}" -eq 4 ]; then
+  (tune "${gpu[0]}" qwen2.5-coder-0.5b quick; lamp2 "${gpu[0]}" qwen2.5-coder-0.5b) &
+  (tune "${gpu[2]}" qwen2.5-coder-1.5b core; lamp2 "${gpu[2]}" qwen2.5-coder-1.5b) &
+  ray_adapt "${gpu[1]},${gpu[3]}"
+  (movielens "${gpu[1]}" qwen2.5-coder-0.5b) &
+  (random_weights "${gpu[3]}"; movielens "${gpu[3]}" qwen2.5-coder-1.5b) &
+else
+  ray_adapt "$GPUS"
+  (random_weights "${gpu[0]}"; tune "${gpu[0]}" qwen2.5-coder-0.5b quick; lamp2 "${gpu[0]}" qwen2.5-coder-0.5b
+   movielens "${gpu[0]}" qwen2.5-coder-0.5b) &
+  (tune "${gpu[1]}" qwen2.5-coder-1.5b core; lamp2 "${gpu[1]}" qwen2.5-coder-1.5b
+   movielens "${gpu[1]}" qwen2.5-coder-1.5b) &
+fi
 wait
 echo "$(date +%T) session done" >> "$RES/progress"
