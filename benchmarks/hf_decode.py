@@ -46,7 +46,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--anchors", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("hf-decode.json"))
+    ap.add_argument("--sections", default="hf,batch,engine",
+                    help="hf: generate's caches; batch: generate_batch (CUDA only); engine: the mta engine")
     a = ap.parse_args()
+    sections = set(a.sections.split(","))
+    if not sections <= {"hf", "batch", "engine"}:
+        ap.error(f"unknown sections in {a.sections!r} (hf, batch, engine)")
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = make_model(TINY if a.tiny else LLAMA3_8B, dev, dtype)
@@ -54,6 +59,24 @@ def main() -> None:
     ids = torch.randint(3, model.config.vocab_size, (a.rows, a.prompt), generator=g).to(dev)
     mask = torch.ones_like(ids)
     rows_out = []
+    bw = bandwidth(dev)
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    floor_bytes = weights + a.rows * (a.prompt + a.new / 2) * kv_token
+    floor_ms = 1e3 * floor_bytes / bw if bw else None
+
+    def dump() -> None:  # after every configuration: a run cut short keeps what it measured
+        import transformers
+
+        for r in rows_out:
+            if floor_ms and "ms_per_step" in r:
+                r["x_floor"] = r["ms_per_step"] / floor_ms
+        result = {"shape": "tiny" if a.tiny else "llama3-8b", "device": str(dev),
+                  "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                  "rows": a.rows, "prompt": a.prompt, "new": a.new, "copy_bandwidth_Bps": bw,
+                  "floor_ms_per_step": floor_ms, "configs": rows_out, "transformers": transformers.__version__}
+        a.out.write_text(json.dumps(result, indent=2))
 
     def timed(fn) -> float:
         fn()  # warm-up (and compilation, where there is any)
@@ -101,51 +124,40 @@ def main() -> None:
             rows_out.append({"config": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
                              "note": note})
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        dump()
 
-    measure("HF generate, dynamic cache", gen())
-    measure("HF generate, static cache, eager", gen(cache_implementation="static", disable_compile=True))
-    measure("HF generate, static cache, auto-compiled", gen(cache_implementation="static"),
-            "transformers compiles the forward itself when the cache is static")
-    if dev.type == "cuda":
+    if "hf" in sections:
+        measure("HF generate, dynamic cache", gen())
+        measure("HF generate, static cache, eager", gen(cache_implementation="static", disable_compile=True))
+        measure("HF generate, static cache, auto-compiled", gen(cache_implementation="static"),
+                "transformers compiles the forward itself when the cache is static")
+    if dev.type == "cuda" and "batch" in sections:
         model.set_attn_implementation("paged|sdpa")
         measure("HF generate_batch, defaults", batch(None))
         measure("HF generate_batch, CUDA graphs, 64 requests per batch",
                 batch({"use_cuda_graph": True, "max_requests_per_batch": a.rows}))
         model.set_attn_implementation("sdpa")
-    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
-    eng.init_bank(b_std=0.01)
-    eng.add_users(a.rows, 2, 4.0, b_std=0.01)
-    rng = torch.Generator().manual_seed(2)
-    routes = [Row(torch.randperm(a.anchors, generator=rng)[:2].tolist(), [0.6, 0.4], user=u) for u in range(a.rows)]
-    measure("mta engine, dynamic cache", gen(lambda: eng.route(routes)), f"{a.rows} users, top-2 of {a.anchors}")
-    measure("mta engine, static cache, eager", gen(lambda: eng.route(routes), cache_implementation="static",
-                                                   disable_compile=True))
-    width = 2 * 8 + 2  # top-2 of rank 8 + the rank-2 stack: every batch of this kind pins to it
-    measure("mta engine, static cache, auto-compiled, pinned routing",
-            gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
-            "routing in fixed buffers (AdapterEngine.pinned)")
-    routes[:] = [Row(torch.randperm(a.anchors, generator=rng)[:2].tolist(), [0.5, 0.5], user=(u + 7) % a.rows)
-                 for u in range(a.rows)]
-    measure("mta engine, compiled, a NEW batch of users (same shape)",
-            gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
-            "refills the pinned buffers; the compiled step is reused")
-    eng.remove()
+    if "engine" in sections:
+        eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
+        eng.init_bank(b_std=0.01)
+        eng.add_users(a.rows, 2, 4.0, b_std=0.01)
+        rng = torch.Generator().manual_seed(2)
+        routes = [Row(torch.randperm(a.anchors, generator=rng)[:2].tolist(), [0.6, 0.4], user=u) for u in range(a.rows)]
+        measure("mta engine, dynamic cache", gen(lambda: eng.route(routes)), f"{a.rows} users, top-2 of {a.anchors}")
+        measure("mta engine, static cache, eager", gen(lambda: eng.route(routes), cache_implementation="static",
+                                                       disable_compile=True))
+        width = 2 * 8 + 2  # top-2 of rank 8 + the rank-2 stack: every batch of this kind pins to it
+        measure("mta engine, static cache, auto-compiled, pinned routing",
+                gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
+                "routing in fixed buffers (AdapterEngine.pinned)")
+        routes[:] = [Row(torch.randperm(a.anchors, generator=rng)[:2].tolist(), [0.5, 0.5], user=(u + 7) % a.rows)
+                     for u in range(a.rows)]
+        measure("mta engine, compiled, a NEW batch of users (same shape)",
+                gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
+                "refills the pinned buffers; the compiled step is reused")
+        eng.remove()
 
-    bw = bandwidth(dev)
-    cfg = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-    floor_bytes = weights + a.rows * (a.prompt + a.new / 2) * kv_token
-    floor_ms = 1e3 * floor_bytes / bw if bw else None
-    for r in rows_out:
-        if floor_ms and "ms_per_step" in r:
-            r["x_floor"] = r["ms_per_step"] / floor_ms
-    result = {"shape": "tiny" if a.tiny else "llama3-8b", "device": str(dev),
-              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-              "rows": a.rows, "prompt": a.prompt, "new": a.new, "copy_bandwidth_Bps": bw,
-              "floor_ms_per_step": floor_ms, "configs": rows_out}
-    import transformers
-    result["transformers"] = transformers.__version__
+    dump()
     print(f"{'config':<48} {'ms/step':>8} {'x floor':>8} {'tok/s':>9}")
     for r in rows_out:
         if "error" in r:
@@ -153,7 +165,6 @@ def main() -> None:
         else:
             xf = f"{r['x_floor']:.2f}" if "x_floor" in r else "-"
             print(f"{r['config']:<48} {r['ms_per_step']:>8.2f} {xf:>8} {r['tokens_per_s']:>9.0f}")
-    a.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
