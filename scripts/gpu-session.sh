@@ -35,13 +35,24 @@
 # of each checked against the registry's sha256 before touching MODELS/<name>.ok. About
 # 3.5 minutes of device time for 32 calls. Keep every step's limit above its worst case:
 # a step killed by its limit loses its whole result.
+# Learnt 2026-11-30 (4-GPU machine): (1) each job's torch/OpenMP takes every core: six
+# jobs at once drove the load average to 350 and a LaMP-2 eval that takes 88 s alone had
+# not finished fold 0 after 9 minutes; OMP_NUM_THREADS is now the cores over the jobs that
+# run at once (4 evals at 14 threads each finished LaMP-2 in 88 s and 122 s). (2) The image
+# holds JAX; a Ray worker that imported it preallocated 75% of its GPU (105 GiB) and the
+# next 8B worker ran out of memory: XLA_PYTHON_CLIENT_PREALLOCATE=false, JAX_PLATFORMS=cpu.
+# (3) A MovieLens eval trains the task LoRA on the pooled histories of 80 users (~720
+# steps, 146 s per fold with 0.5B alone): ~6 minutes per model with 0.5B, more with 1.5B.
+# (4) The first plot on a fresh machine builds matplotlib's font cache: ~60 s of a small
+# eval. (5) Between device calls, 30 s idle gives the machine back and everything on it.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
 GPUS=${GPUS:-0,1,2,3}
 mkdir -p "$RES"
 export PYTHONPATH=${SITE:-/root/site}:$PWD/src MTA_HOME=${MTA_HOME:-/root/mtahome} RAY_AUTH_MODE=disabled \
-  PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / 6 ))} \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 IFS=, read -r -a gpu <<< "$GPUS"
 if [ "${#gpu[@]}" -ne 4 ] && [ "${#gpu[@]}" -ne 2 ]; then
   echo "GPUS must name 2 or 4 GPUs, not $GPUS" >&2
@@ -82,8 +93,10 @@ random_weights() {  # GPU
 }
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------
-recipe_of() {  # MODEL: the --recipe arguments, if its tune wrote one
-  local r=$RES/tune-lamp2-$1/recipe.json
+recipe_of() {  # MODEL: the --recipe arguments: a fixed one in DATA (gpu/data/recipe-MODEL.json), else
+  # the one its tune wrote, if any
+  local r=gpu/data/recipe-$1.json
+  [ -e "$r" ] || r=$RES/tune-lamp2-$1/recipe.json
   [ -e "$r" ] && echo --recipe "$r"
 }
 tune() {  # GPU MODEL SPACE
@@ -95,13 +108,27 @@ lamp2() {  # GPU MODEL
   # shellcheck disable=SC2046 - recipe_of prints nothing or two words
   step "lamp2-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES" --history-queries 3 $(recipe_of "$2")
 }
+ready() {  # MODEL: its weights and the embedder converted
+  wait_for "$RES/fetch-$1.done"
+  wait_for "$RES/fetch-minilm-l6.done"
+}
 movielens() {  # GPU MODEL
-  wait_for "$RES/tune-$2.done"
+  [ -e "gpu/data/recipe-$2.json" ] || wait_for "$RES/tune-$2.done"
   # shellcheck disable=SC2046
   step "movielens-$2" "$1" bash scripts/gpu-evals.sh movielens "$2" "$RES" $(recipe_of "$2")
 }
 
-if [ "${#gpu[@]}" -eq 4 ]; then
+if [ "${#gpu[@]}" -eq 4 ] && [ -e gpu/data/recipe-qwen2.5-coder-1.5b.json ]; then
+  # 2026-11-30: the evaluations on fixed recipes, beside the tunes (several jobs share a
+  # GPU: these models use a fraction of one); no timing steps beside them but Ray's
+  ray_adapt "${gpu[1]},${gpu[3]}" &
+  (tune "${gpu[0]}" qwen2.5-coder-0.5b quick) &
+  (tune "${gpu[2]}" qwen2.5-coder-1.5b core) &
+  (ready qwen2.5-coder-0.5b; lamp2 "${gpu[0]}" qwen2.5-coder-0.5b) &
+  (ready qwen2.5-coder-0.5b; movielens "${gpu[1]}" qwen2.5-coder-0.5b) &
+  (ready qwen2.5-coder-1.5b; lamp2 "${gpu[3]}" qwen2.5-coder-1.5b) &
+  (ready qwen2.5-coder-1.5b; movielens "${gpu[1]}" qwen2.5-coder-1.5b) &
+elif [ "${#gpu[@]}" -eq 4 ]; then
   (tune "${gpu[0]}" qwen2.5-coder-0.5b quick; lamp2 "${gpu[0]}" qwen2.5-coder-0.5b) &
   (tune "${gpu[2]}" qwen2.5-coder-1.5b core; lamp2 "${gpu[2]}" qwen2.5-coder-1.5b) &
   ray_adapt "${gpu[1]},${gpu[3]}"

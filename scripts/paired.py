@@ -36,8 +36,6 @@ def main() -> None:
     cfg = json.loads((a.run / "config.json").read_text())
     task = get_task(cfg["task"])
     ds = load_dataset(Path(cfg["data"]), cfg["task"])
-    if cfg.get("users"):
-        ds.users = ds.users[:cfg["users"]]
     def read(run: Path) -> dict[str, dict[str, list]]:
         out: dict[str, dict[str, list]] = {}
         for line in (run / "predictions.jsonl").read_text().splitlines():
@@ -56,7 +54,9 @@ def main() -> None:
     for m, run, have in ((a.a, a.run, preds), (a.b, a.b_run or a.run, other)):
         if m not in have:
             sys.exit(f"error: method {m!r} is not in {run} (has: {', '.join(have)})")
-    # the run's targets, shaped as the run shaped them, in the data's order (as `mta eval` resamples them)
+    # the run's targets (the users it predicted for: its --users cut and any recipe's dev users
+    # already applied), shaped as the run shaped them, in the data's order (as `mta eval`
+    # resamples them). config.json's top-level "users" is how many were reported, not a cut.
     ev = cfg.get("configs", {}).get("eval", {})
     users = prepare_targets([u for u in ds.users if u.user_id in preds[a.a]], ev.get("history_queries", 0),
                             ev.get("target_history"), task)
