@@ -6,8 +6,10 @@ GPU machine, one CPU each otherwise), in the same run, on the same bank and user
 
 It makes synthetic users, builds one bank (not on Ray, not timed), then runs
 ``mta adapt --ray local --ray-workers N`` into a fresh store for each N and times the
-whole command (Ray's start and the workers' model loads included, as a user sees it).
-Prints a table and writes the JSON to --out.
+whole command (Ray's start and the workers' model loads included, as a user sees it),
+and reads from the store's run.log the seconds each worker spent inside its shards
+(fusion + training; the busiest worker bounds the shard work), so the scaling of the
+work itself is seen apart from the start costs. Prints a table and writes the JSON to --out.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def mta(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "mta", "--quiet", *args], cwd=ROOT, check=True)
+
+
+def shard_stats(run_log: Path) -> dict:
+    """The driver's summary line (mta.distributed.ray_adapt logs it into the store's run.log)."""
+    lines = [ln for ln in run_log.read_text().splitlines() if "ray adapt: " in ln]
+    if not lines:
+        sys.exit(f"error: no 'ray adapt:' summary in {run_log}")
+    return json.loads(lines[-1].split("ray adapt: ", 1)[1])
 
 
 def main() -> None:
@@ -54,16 +64,25 @@ def main() -> None:
         mta("adapt", "--bank", str(work / "bank"), "--data", str(work / "data"), "--out", str(store), "--users", ids,
             "--users-per-pass", str(a.users_per_pass), "--device", a.device, "--ray", "local", "--ray-workers", str(n))
         wall = time.perf_counter() - t
+        inner = shard_stats(store / "run.log")
         rows.append({"workers": n, "users": a.users, "seconds": round(wall, 2),
-                     "users_per_s": round(a.users / wall, 3)})
-    ref = rows[0]["users_per_s"]
+                     "users_per_s": round(a.users / wall, 3),
+                     # inside the actors: the busiest worker's fusion + training seconds, so the
+                     # shard work's scaling is read without Ray's and the actors' start costs
+                     "busiest_worker_seconds": inner["busiest_worker_seconds"],
+                     "shard_seconds": inner["shard_seconds"],
+                     "shard_users_per_s": round(a.users / inner["busiest_worker_seconds"], 3)})
+    ref, ref_inner = rows[0]["users_per_s"], rows[0]["shard_users_per_s"]
     for r in rows:
         r["vs_first"] = round(r["users_per_s"] / ref, 3)
+        r["shard_vs_first"] = round(r["shard_users_per_s"] / ref_inner, 3)
     result = {"model": a.model, "device": a.device, "users": a.users, "users_per_pass": a.users_per_pass,
               "anchors": a.anchors, "rows": rows}
-    print(f"{'workers':>8} {'seconds':>9} {'users/s':>9} {'vs ' + str(counts[0]):>7}")
+    print(f"{'workers':>8} {'seconds':>9} {'users/s':>9} {'vs ' + str(counts[0]):>7} {'busiest s':>10} "
+          f"{'shard users/s':>14} {'vs ' + str(counts[0]):>7}")
     for r in rows:
-        print(f"{r['workers']:>8} {r['seconds']:>9.1f} {r['users_per_s']:>9.2f} {r['vs_first']:>6.2f}x")
+        print(f"{r['workers']:>8} {r['seconds']:>9.1f} {r['users_per_s']:>9.2f} {r['vs_first']:>6.2f}x "
+              f"{r['busiest_worker_seconds']:>10.1f} {r['shard_users_per_s']:>14.2f} {r['shard_vs_first']:>6.2f}x")
     a.out.write_text(json.dumps(result, indent=2))
 
 

@@ -4,6 +4,7 @@ complete and consistent, and a re-run trains nobody."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,10 @@ def test_sharded_adapt_equals_single_process_and_survives_a_killed_worker(tmp_pa
     sharded = _adapt(tmp_path, "sharded", "--ray", "local", "--ray-workers", "2")
     assert sharded.returncode == 0, sharded.stderr[-1500:]
     assert "in 2 shard(s) on 2 Ray worker(s)" in sharded.stdout
+    # the driver logs what the workers spent inside their shards (benchmarks/ray_adapt.py reads it)
+    summary = [ln for ln in (tmp_path / "sharded" / "run.log").read_text().splitlines() if "ray adapt: " in ln]
+    inner = json.loads(summary[-1].split("ray adapt: ", 1)[1])
+    assert len(inner["worker_pids"]) == 2 and 0 < inner["busiest_worker_seconds"] <= inner["shard_seconds"]
     want = _tensors(tmp_path / "single")
 
     def same(got: dict) -> None:  # workers run one CPU thread each: float sums may round differently

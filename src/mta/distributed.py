@@ -17,6 +17,7 @@ reproduces the same tensors; users already written are simply written again.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ class AdaptWorker:
         stats = self.bank.adapt(shard, AdaptConfig.build(cfg), UserStore(store), locked=False, first_pass=first_pass,
                                 force=True)
         return {"adapted": stats["adapted"], "train_seconds": stats["train_seconds"],
+                "fusion_seconds": stats["fusion_seconds"],
                 "trainable_params_per_user": stats["trainable_params_per_user"], "pid": os.getpid()}
 
 
@@ -104,9 +106,15 @@ def ray_adapt(address: str, backbone: BackboneConfig, bank: Path, users: Sequenc
                 if queue:
                     first, shard = queue.pop(0)
                     pending[a.adapt.remote([u.model_dump() for u in shard], cfg.dump(), str(store.root), first)] = a
-        return {"adapted": done, "skipped": len(users) - len(todo), "shards": len(shards), "workers": n,
-                "worker_pids": sorted({s["pid"] for s in stats}),
-                "trainable_params_per_user": stats[0]["trainable_params_per_user"] if stats else 0}
+        busy: dict[int, float] = {}  # per worker: seconds inside its shards (fusion + training)
+        for s in stats:
+            busy[s["pid"]] = busy.get(s["pid"], 0.0) + s["fusion_seconds"] + s["train_seconds"]
+        result = {"adapted": done, "skipped": len(users) - len(todo), "shards": len(shards), "workers": n,
+                  "worker_pids": sorted(busy), "shard_seconds": round(sum(busy.values()), 3),
+                  "busiest_worker_seconds": round(max(busy.values(), default=0.0), 3),
+                  "trainable_params_per_user": stats[0]["trainable_params_per_user"] if stats else 0}
+        log.info("ray adapt: %s", json.dumps(result))
+        return result
     finally:
         if started:
             ray.shutdown()
