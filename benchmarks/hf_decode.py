@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # isort: off
 from gpu import LLAMA3_8B, TINY, bandwidth, make_model, sync  # noqa: E402
 from mta.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
+from mta.engine.graphs import GraphDecoder, pinned_buffers  # noqa: E402
 # isort: on
 
 
@@ -46,12 +47,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--anchors", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("hf-decode.json"))
-    ap.add_argument("--sections", default="hf,batch,engine",
-                    help="hf: generate's caches; batch: generate_batch (CUDA only); engine: the mta engine")
+    ap.add_argument("--sections", default="hf,batch,engine,graph",
+                    help="hf: generate's caches; batch: generate_batch (CUDA only); engine: the mta engine; "
+                         "graph: mta's GraphDecoder (the step captured in a CUDA graph), base and engine")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
-    if not sections <= {"hf", "batch", "engine"}:
-        ap.error(f"unknown sections in {a.sections!r} (hf, batch, engine)")
+    if not sections <= {"hf", "batch", "engine", "graph"}:
+        ap.error(f"unknown sections in {a.sections!r} (hf, batch, engine, graph)")
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = make_model(TINY if a.tiny else LLAMA3_8B, dev, dtype)
@@ -131,22 +133,48 @@ def main() -> None:
         measure("HF generate, static cache, eager", gen(cache_implementation="static", disable_compile=True))
         measure("HF generate, static cache, auto-compiled", gen(cache_implementation="static"),
                 "transformers compiles the forward itself when the cache is static")
+
+    def graph(dec, pin=None):
+        def run(new):
+            def f():
+                with torch.no_grad(), (pin() if pin else contextlib.nullcontext()):
+                    if pin:
+                        dec.buffers = pinned_buffers(eng)
+                    dec.generate(ids, mask, new)
+            return f
+        return run
+
+    if "graph" in sections:  # the plain model, before the engine wraps its layers
+        measure("GraphDecoder (step in a CUDA graph), base", graph(GraphDecoder(model, a.rows, a.prompt + a.new)),
+                "mta.engine.graphs: static cache, argmax and buffer updates inside the graph")
     if dev.type == "cuda" and "batch" in sections:
         model.set_attn_implementation("paged|sdpa")
         measure("HF generate_batch, defaults", batch(None))
         measure("HF generate_batch, CUDA graphs, 64 requests per batch",
                 batch({"use_cuda_graph": True, "max_requests_per_batch": a.rows}))
         model.set_attn_implementation("sdpa")
-    if "engine" in sections:
+    if sections & {"engine", "graph"}:
         eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
         eng.init_bank(b_std=0.01)
         eng.add_users(a.rows, 2, 4.0, b_std=0.01)
         rng = torch.Generator().manual_seed(2)
         routes = [Row(torch.randperm(a.anchors, generator=rng)[:2].tolist(), [0.6, 0.4], user=u) for u in range(a.rows)]
+        width = 2 * 8 + 2  # top-2 of rank 8 + the rank-2 stack: every batch of this kind pins to it
+        if "graph" in sections:
+            dec = GraphDecoder(model, a.rows, a.prompt + a.new)
+            measure("GraphDecoder, mta engine, pinned routing", graph(dec, lambda: eng.pinned(routes, width=width)),
+                    f"{a.rows} users, top-2 of {a.anchors} + own rank-2 stack")
+            later = [Row(r.anchors, r.weights, user=(r.user + 7) % a.rows) for r in routes]
+            measure("GraphDecoder, mta engine, a NEW batch of users",
+                    graph(dec, lambda: eng.pinned(later, width=width)),
+                    "refills the pinned buffers; 'captures' 1 = the first capture was reused")
+            rows_out[-1]["captures"] = dec.captures
+        if "engine" not in sections:
+            eng.remove()
+    if "engine" in sections:
         measure("mta engine, dynamic cache", gen(lambda: eng.route(routes)), f"{a.rows} users, top-2 of {a.anchors}")
         measure("mta engine, static cache, eager", gen(lambda: eng.route(routes), cache_implementation="static",
                                                        disable_compile=True))
-        width = 2 * 8 + 2  # top-2 of rank 8 + the rank-2 stack: every batch of this kind pins to it
         measure("mta engine, static cache, auto-compiled, pinned routing",
                 gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
                 "routing in fixed buffers (AdapterEngine.pinned)")

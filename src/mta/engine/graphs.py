@@ -1,0 +1,169 @@
+"""Greedy decoding with the whole decode step captured once in a CUDA graph.
+
+`GraphDecoder` owns a transformers ``StaticCache`` for ``batch`` rows of up to ``max_len``
+positions and a handful of fixed buffers (the next input token, each row's position, the
+cache position, the attention mask, the tokens decoded so far and a step counter). One
+decode step reads those buffers, runs the model for one token per row, takes the argmax
+and advances every buffer in place, all on the GPU, so a step is one ``graph.replay()``
+with no host work and no host-device sync: the loop runs at the speed of the kernels,
+which is what brings a step near its memory floor (docs/performance.md).
+
+Prefill runs eagerly (its length varies); it writes the prompt's keys and values into the
+same cache tensors and resets the buffers in place, so one captured step serves every
+later batch of the same size. Rows past their end of sequence keep decoding (a batch
+never changes shape); their tokens after it are replaced by the pad id, as transformers'
+``generate`` does. Every row is computed independently (rows never attend to each other),
+so the result is token-for-token what ``generate`` gives with greedy decoding.
+
+With the adapter engine, run it inside ``AdapterEngine.pinned(rows, batch, width)``: the
+layers then read their per-row factors from fixed buffers, and a new batch of users is a
+refill of those buffers, not a new capture. The decoder checks that the buffers it
+captured are still the ones in place (a pin with another shape reallocates them) and
+captures again if not.
+
+On a CPU (or with ``graph=False``) the same step runs eagerly: the tests compare it with
+``generate`` there, and on CUDA (a ``gpu`` test) the captured step with the eager one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+
+class GraphDecoder:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None,
+                 buffers: Sequence[torch.Tensor] = ()):
+        """``buffers``: tensors the captured step reads that others may reallocate (the
+        engine's pin buffers, see ``pinned_buffers``); a change of any of them re-captures."""
+        if batch < 1 or max_len < 2:
+            raise ValueError(f"a decoder needs at least 1 row and 2 positions, not {batch} x {max_len}")
+        self.model = model
+        self.batch, self.max_len = batch, max_len
+        dev = next(model.parameters()).device
+        self.device = dev
+        self.graph_on = dev.type == "cuda" if graph is None else graph
+        if self.graph_on and dev.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA model")
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        z = dict(dtype=torch.long, device=dev)
+        self.tok = torch.zeros(batch, 1, **z)        # the next input token of each row
+        self.pos = torch.zeros(batch, 1, **z)        # its position id
+        self.cpos = torch.zeros(1, **z)              # its cache slot (the same for every row)
+        self.mask = torch.zeros(batch, max_len, **z)  # prompt padding 0, everything else 1
+        self.out = torch.zeros(batch, max_len, **z)  # tokens decoded so far
+        self.step_i = torch.zeros(1, **z)            # how many
+        self.buffers = list(buffers)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._ptrs: list[int] = []
+        self.captures = 0
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        logits = self.model(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
+                            past_key_values=self.cache, cache_position=self.cpos, use_cache=True).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        self.out.index_copy_(1, self.step_i, nxt)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+        self.cpos.add_(1)
+        self.step_i.add_(1)
+
+    def _counters(self) -> list[torch.Tensor]:
+        """What a step advances: our buffers, and the cache layers' own write position where
+        they keep one as a tensor (transformers 5.24 writes at that counter rather than
+        at ``cache_position``)."""
+        own = [self.tok, self.pos, self.cpos, self.out, self.step_i]
+        return own + [c for layer in getattr(self.cache, "layers", [])
+                      if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+    def _state(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self._counters()]
+
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip(self._counters(), saved):
+            t.copy_(s)
+
+    def _capture(self) -> None:
+        saved = self._state()
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up (allocations, lazy inits, autotuning) off the graph
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._restore(saved)  # the warm-up's keys and values sit in slots the real steps overwrite
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self._graph = graph
+        self._ptrs = [b.data_ptr() for b in self.buffers]
+        self.captures += 1
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Run the (left-padded) prompts into the cache; the first new token lands in
+        ``out[:, 0]``."""
+        b, p = input_ids.shape
+        if b != self.batch:
+            raise ValueError(f"a decoder of {self.batch} rows got {b} prompts; pad the batch to its size")
+        if p >= self.max_len:
+            raise ValueError(f"prompts of {p} tokens leave no room in {self.max_len} positions")
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device).long()
+        self.mask.fill_(1)
+        self.mask[:, :p].copy_(attention_mask)
+        pos = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # as generate numbers left-padded rows
+        pos.masked_fill_(attention_mask == 0, 1)
+        self.cache.reset()  # in place: the captured step keeps reading the same tensors
+        logits = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=pos,
+                            past_key_values=self.cache, cache_position=torch.arange(p, device=self.device),
+                            use_cache=True, logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        self.out.zero_()
+        self.out[:, :1].copy_(nxt)
+        self.tok.copy_(nxt)
+        self.pos.copy_(pos[:, -1:] + 1)
+        self.cpos.fill_(p)
+        self.step_i.fill_(1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+                 check_every: int = 16) -> torch.Tensor:
+        """Greedy: the prompts followed by ``max_new_tokens`` new tokens per row (as
+        ``generate`` returns them; after a row's end of sequence, pad). With an end of
+        sequence the loop stops early once every row has one, checked every
+        ``check_every`` steps (the only host-device syncs)."""
+        p = input_ids.shape[1]
+        if p + max_new_tokens > self.max_len:
+            raise ValueError(f"{p} prompt + {max_new_tokens} new tokens exceed the decoder's {self.max_len}")
+        self.prefill(input_ids, attention_mask)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           dtype=torch.long, device=self.device)
+        if self.graph_on and (self._graph is None or [b.data_ptr() for b in self.buffers] != self._ptrs):
+            self._capture()
+        n = 1
+        while n < max_new_tokens:
+            if self._graph is not None and self.graph_on:
+                self._graph.replay()
+            else:
+                self._step()
+            n += 1
+            if len(eos) and n % check_every == 0 and bool(torch.isin(self.out[:, :n], eos).any(-1).all()):
+                break
+        new = self.out[:, :max_new_tokens].clone()
+        if len(eos):
+            hit = torch.isin(new, eos)
+            after = (hit.cumsum(-1) - hit.long()) > 0  # strictly after the first end of sequence
+            new.masked_fill_(after, pad_token_id)
+            if n < max_new_tokens:  # stopped early: what was never decoded is padding too
+                new[:, n:] = pad_token_id
+        return torch.cat([input_ids.to(self.device), new], dim=1)
+
+
+def pinned_buffers(engine) -> list[torch.Tensor]:
+    """The engine's pin buffers (what a captured step reads for the adapters)."""
+    return [t for layer in engine.layers.values() for t in (layer.pin_A, layer.pin_B)]

@@ -1,0 +1,88 @@
+"""GraphDecoder (the decode step captured in a CUDA graph; eager on a CPU): greedy tokens
+identical to transformers' `generate`, for the base model and for mixed users through the
+engine's pinned routing; one decoder serves later batches (other prompts, other users);
+end-of-sequence handling as `generate` pads. The captured path on CUDA: tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mta.engine.engine import AdapterEngine, EngineSpec, Row
+from mta.engine.graphs import GraphDecoder, pinned_buffers
+from mta.models.tiny import tiny_llama
+
+PROMPTS = ["hello there", "a much longer prompt for user two", "hi", "short one"]
+OTHER = ["another batch", "of four prompts here", "x", "the last of them, longer than the rest"]
+FIRST = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=2), Row(active=False), Row([3], [1.0])]
+SECOND = [Row([3], [1.0], user=1), Row([1, 2], [0.5, 0.5]), Row([0], [1.0], user=2), Row(active=False)]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = tiny_llama(seed=0, layers=4, hidden=128)
+    eng = AdapterEngine(model, EngineSpec(n_anchors=4, rank=4, alpha=8.0))
+    eng.init_bank(seed=0, b_std=0.3)
+    eng.add_users(3, 2, 4.0, seed=1, b_std=0.3)
+    tok.padding_side = "left"
+    return eng, tok
+
+
+def _enc(tok, prompts):
+    return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _hf(eng, tok, enc, rows, **kw):
+    kw = {"max_new_tokens": NEW, "do_sample": False, "eos_token_id": None, **kw}
+    return eng.generate(rows, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **kw)
+
+
+def test_base_model_equals_generate_across_batches(setup):
+    eng, tok = setup
+    dec = GraphDecoder(eng.model, batch=4, max_len=64)
+    assert not dec.graph_on  # a CPU: the same step, eagerly
+    for prompts in (PROMPTS, OTHER, PROMPTS):  # one decoder, later batches refill it in place
+        enc = _enc(tok, prompts)
+        got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+        assert torch.equal(got, _hf(eng, tok, enc, None)), prompts
+
+
+def test_mixed_users_through_pinned_routing_equal_the_eager_engine(setup):
+    eng, tok = setup
+    dec = GraphDecoder(eng.model, batch=4, max_len=64)
+    enc = _enc(tok, PROMPTS)
+    for rows in (FIRST, SECOND):
+        with eng.pinned(rows, width=16):
+            if not dec.buffers:
+                dec.buffers = pinned_buffers(eng)
+            got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+        assert torch.equal(got, _hf(eng, tok, enc, rows)), rows
+    base = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+    assert not torch.equal(base, _hf(eng, tok, enc, FIRST))  # the adapters matter: the check can fail
+
+
+def test_end_of_sequence_pads_like_generate(setup):
+    eng, tok = setup
+    enc = _enc(tok, PROMPTS)
+    free = _hf(eng, tok, enc, None)[:, enc["input_ids"].shape[1]:]
+    eos = int(free[0, 3])  # a token the first row emits: its row ends there, the others maybe later
+    want = _hf(eng, tok, enc, None, eos_token_id=eos)
+    dec = GraphDecoder(eng.model, batch=4, max_len=64)
+    got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, eos_token_id=eos,
+                       pad_token_id=tok.pad_token_id, check_every=2)
+    assert torch.equal(got[:, :want.shape[1]], want)
+    assert (got[:, want.shape[1]:] == tok.pad_token_id).all()  # generate stopped; the rest is padding
+    assert (got[0, enc["input_ids"].shape[1] + 4:] == tok.pad_token_id).all()
+
+
+def test_bad_shapes_are_refused(setup):
+    eng, tok = setup
+    dec = GraphDecoder(eng.model, batch=4, max_len=16)
+    enc = _enc(tok, PROMPTS)
+    with pytest.raises(ValueError, match="exceed"):
+        dec.generate(enc["input_ids"], enc["attention_mask"], 16)
+    with pytest.raises(ValueError, match="pad the batch"):
+        GraphDecoder(eng.model, batch=4, max_len=64).generate(enc["input_ids"][:2], enc["attention_mask"][:2], 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphDecoder(eng.model, batch=4, max_len=16, graph=True)
