@@ -51,6 +51,7 @@ if [ ! -e gpu/r/.done ]; then
 fi
 
 cp "$SHARED/data/lamp2m_movie_tagging_72users/users.json" gpu/data/lamp2_users.json
+cp docs/results/gpu-2026-11-30/recipe-*.json gpu/data/  # the recipes of the 2026-11-30 tables
 if [ ! -e gpu/data/movielens_users.jsonl ]; then
   ml=$SHARED/data/movielens_ml-latest-small_2016
   $MTA data movielens --ratings "$ml/ratings.csv" --movies "$ml/movies.csv" --queries 3 --max-users 160 \

@@ -44,7 +44,10 @@
 # (3) A MovieLens eval trains the task LoRA on the pooled histories of 80 users (~720
 # steps, 146 s per fold with 0.5B alone): ~6 minutes per model with 0.5B, more with 1.5B.
 # (4) The first plot on a fresh machine builds matplotlib's font cache: ~60 s of a small
-# eval. (5) Between device calls, 30 s idle gives the machine back and everything on it.
+# eval. (5) Between device calls, 30 s idle gives the machine back and everything on it:
+# issue the carrying calls several per message (they run one after another, ~4 s each) and
+# poll with calls that sleep. (6) `pkill -f PATTERN` inside a device call also matches that
+# call's own shell (its command line holds PATTERN) and kills it: kill by PID.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
@@ -118,28 +121,22 @@ movielens() {  # GPU MODEL
   step "movielens-$2" "$1" bash scripts/gpu-evals.sh movielens "$2" "$RES" $(recipe_of "$2")
 }
 
-if [ "${#gpu[@]}" -eq 4 ] && [ -e gpu/data/recipe-qwen2.5-coder-1.5b.json ]; then
-  # 2026-11-30: the evaluations on fixed recipes, beside the tunes (several jobs share a
-  # GPU: these models use a fraction of one); no timing steps beside them but Ray's
-  ray_adapt "${gpu[1]},${gpu[3]}" &
-  (tune "${gpu[0]}" qwen2.5-coder-0.5b quick) &
-  (tune "${gpu[2]}" qwen2.5-coder-1.5b core) &
-  (ready qwen2.5-coder-0.5b; lamp2 "${gpu[0]}" qwen2.5-coder-0.5b) &
-  (ready qwen2.5-coder-0.5b; movielens "${gpu[1]}" qwen2.5-coder-0.5b) &
-  (ready qwen2.5-coder-1.5b; lamp2 "${gpu[3]}" qwen2.5-coder-1.5b) &
+# The plan after 2026-11-30 (the LaMP-2 tables on fixed recipes are done): MovieLens on the
+# same fixed recipes (gpu/data/recipe-MODEL.json, from docs/results/gpu-2026-11-30/ by
+# gpu-prepare.sh), the dev-split tunes of both models, the GPU tests and the decode
+# timings (GraphDecoder), and Ray's sharded adaptation with its in-shard timings. One job
+# per GPU at a time, except the CPU-side conversions.
+if [ "${#gpu[@]}" -eq 4 ]; then
+  ray_adapt "${gpu[0]},${gpu[1]}"  # ~2.5 min, while the models are still being carried
+  (ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b) &
   (ready qwen2.5-coder-1.5b; movielens "${gpu[1]}" qwen2.5-coder-1.5b) &
-elif [ "${#gpu[@]}" -eq 4 ]; then
-  (tune "${gpu[0]}" qwen2.5-coder-0.5b quick; lamp2 "${gpu[0]}" qwen2.5-coder-0.5b) &
-  (tune "${gpu[2]}" qwen2.5-coder-1.5b core; lamp2 "${gpu[2]}" qwen2.5-coder-1.5b) &
-  ray_adapt "${gpu[1]},${gpu[3]}"
-  (movielens "${gpu[1]}" qwen2.5-coder-0.5b) &
-  (random_weights "${gpu[3]}"; movielens "${gpu[3]}" qwen2.5-coder-1.5b) &
+  (tune "${gpu[2]}" qwen2.5-coder-1.5b core) &
+  (random_weights "${gpu[3]}"; tune "${gpu[3]}" qwen2.5-coder-0.5b quick) &
 else
   ray_adapt "$GPUS"
-  (random_weights "${gpu[0]}"; tune "${gpu[0]}" qwen2.5-coder-0.5b quick; lamp2 "${gpu[0]}" qwen2.5-coder-0.5b
-   movielens "${gpu[0]}" qwen2.5-coder-0.5b) &
-  (tune "${gpu[1]}" qwen2.5-coder-1.5b core; lamp2 "${gpu[1]}" qwen2.5-coder-1.5b
-   movielens "${gpu[1]}" qwen2.5-coder-1.5b) &
+  (random_weights "${gpu[0]}"; ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b
+   tune "${gpu[0]}" qwen2.5-coder-0.5b quick) &
+  (ready qwen2.5-coder-1.5b; movielens "${gpu[1]}" qwen2.5-coder-1.5b; tune "${gpu[1]}" qwen2.5-coder-1.5b core) &
 fi
 wait
 echo "$(date +%T) session done" >> "$RES/progress"
