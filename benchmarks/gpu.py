@@ -11,7 +11,9 @@ the same run (random bf16 weights: speed depends only on shape; nothing is downl
    training the anchors one after another (a few timed, the rest extrapolated);
 3. new-user adaptation: fusion + rank-2 stack for 256 users, against the reference
    procedure (add_weighted_adapter, merge, train a rank-4 LoRA, unmerge) on a few users;
-4. per-user cost: bytes stored, time to load a user into a running batch and evict it.
+4. per-user cost: bytes stored, time to load a user into a running batch and evict it;
+5. memory: peak memory of mixed-user decoding (GraphDecoder) at two batch sizes, hence the
+   bytes per concurrent user and the most users that decode at once on this device.
 
     python benchmarks/gpu.py [--out DIR]        # on the H200 (device tool)
     python benchmarks/gpu.py --tiny             # smoke run on CPU, tiny shape, < 1 minute
@@ -302,11 +304,51 @@ def adapt_section(model, dev, a) -> dict:
             "load_user_seconds": load_s, "evict_user_seconds": evict_s}
 
 
+def memory_section(model, dev, a) -> dict:
+    """Peak memory of mixed-user decoding (GraphDecoder over a static cache, the engine with
+    an ``a.anchors``-anchor rank-8 bank, each row its own user with a rank-2 stack, top-2
+    pinned) at two batch sizes; the slope is what one more concurrent user costs (KV cache,
+    stack, activations), the intercept what the batch shares (weights, bank, workspace), and
+    their ratio against the device's memory the largest number of users decoding at once."""
+    from mta.engine.graphs import GraphDecoder, pinned_buffers
+
+    g = torch.Generator().manual_seed(3)
+    sizes = (a.rows // 4, a.rows)
+    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, dtype=a.adapter_dtype))
+    eng.init_bank(b_std=0.01)
+    eng.add_users(max(sizes), 2, 4.0, b_std=0.01)
+    rows_out = []
+    for b in sizes:
+        ids = torch.randint(3, model.config.vocab_size, (b, a.prompt), generator=g).to(dev)
+        rows = [Row(torch.randperm(a.anchors, generator=g)[:2].tolist(), [0.6, 0.4], user=u) for u in range(b)]
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        dec = GraphDecoder(model, b, a.prompt + a.new)
+        with eng.pinned(rows, width=2 * 8 + 2):
+            dec.buffers = pinned_buffers(eng)
+            dec.generate(ids, torch.ones_like(ids), a.new)
+        sync(dev)
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        rows_out.append({"rows": b, "peak_bytes": peak})
+        del dec
+    eng.remove()
+    res = {"context_tokens": a.prompt + a.new, "anchors": a.anchors, "configs": rows_out}
+    if dev.type == "cuda":
+        (b0, p0), (b1, p1) = [(r["rows"], r["peak_bytes"]) for r in rows_out]
+        per_row = (p1 - p0) / (b1 - b0)
+        shared = p0 - b0 * per_row
+        total = torch.cuda.get_device_properties(dev).total_memory
+        res.update({"bytes_per_concurrent_user": per_row, "shared_bytes": shared, "device_bytes": total,
+                    "max_concurrent_users": int((total - shared) // per_row)})
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny shape")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/gpu.json"))
-    ap.add_argument("--sections", default="gen,bank,adapt")
+    ap.add_argument("--sections", default="gen,bank,adapt,memory")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     if a.tiny:
@@ -340,6 +382,9 @@ def main() -> None:
     if "adapt" in secs:
         res["adapt"] = adapt_section(model, dev, a)
         print(json.dumps(res["adapt"], indent=1), flush=True)
+    if "memory" in secs:
+        res["memory"] = memory_section(model, dev, a)
+        print(json.dumps(res["memory"], indent=1), flush=True)
     if dev.type == "cuda":
         res["max_memory_allocated"] = torch.cuda.max_memory_allocated()
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,7 @@ ray_adapt() {  # GPU_LIST: one Ray worker per GPU
 random_weights() {  # GPU
   T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
   T=540 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections hf,graph,engine --out "$RES/hf-decode-8b.json"
+  T=300 step gpu-memory-8b "$1" python3 benchmarks/gpu.py --sections memory --out "$RES/gpu-memory-8b.json"
 }
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------
