@@ -20,6 +20,17 @@ def tiny_engine(n_anchors=4, rank=4, alpha=8.0, users=0, stack_rank=2, seed=0, b
     return eng, model, tok
 
 
+def decode_engine():
+    """A 4-block tiny model whose adapters clearly move greedy tokens (4 anchors of rank 4,
+    3 users with rank-2 stacks), with a left-padding tokenizer: the decode-path tests."""
+    model, tok = tiny_llama(seed=0, layers=4, hidden=128)
+    eng = AdapterEngine(model, EngineSpec(n_anchors=4, rank=4, alpha=8.0))
+    eng.init_bank(seed=0, b_std=0.3)
+    eng.add_users(3, 2, 4.0, seed=1, b_std=0.3)
+    tok.padding_side = "left"
+    return eng, tok
+
+
 def tiny_backbone(seed: int = 0, **cfg):
     """The tiny random model (seeded) with the hashing embedder, on the CPU in fp32."""
     from mta.backbone import Backbone

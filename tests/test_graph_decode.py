@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mta.engine.engine import AdapterEngine, EngineSpec, Row
+from mta.engine.engine import Row
 from mta.engine.graphs import GraphDecoder, pinned_buffers
-from mta.models.tiny import tiny_llama
+from tests.engine_helpers import decode_engine
 
 PROMPTS = ["hello there", "a much longer prompt for user two", "hi", "short one"]
 OTHER = ["another batch", "of four prompts here", "x", "the last of them, longer than the rest"]
@@ -21,12 +21,7 @@ NEW = 12
 
 @pytest.fixture(scope="module")
 def setup():
-    model, tok = tiny_llama(seed=0, layers=4, hidden=128)
-    eng = AdapterEngine(model, EngineSpec(n_anchors=4, rank=4, alpha=8.0))
-    eng.init_bank(seed=0, b_std=0.3)
-    eng.add_users(3, 2, 4.0, seed=1, b_std=0.3)
-    tok.padding_side = "left"
-    return eng, tok
+    return decode_engine()
 
 
 def _enc(tok, prompts):

@@ -255,6 +255,7 @@ def test_a_second_writer_is_turned_away(tmp_path, bank):
             pass
     finally:
         held.kill()
+        held.wait()  # the lock goes with the process: kill() alone returns before it has gone
     assert loaded.adapt(_users(["u"]), AdaptConfig.make(**FAST), store)["adapted"] == 1
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from mta.engine.engine import AdapterEngine, EngineSpec, Row
-from mta.models.tiny import tiny_llama
+from mta.engine.engine import Row
+from tests.engine_helpers import decode_engine
 
 PROMPTS = ["hello there", "a much longer prompt for user two", "hi", "short one"]
 FIRST = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=2), Row(active=False), Row([3], [1.0])]
@@ -20,11 +20,7 @@ KW = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
 
 @pytest.fixture(scope="module")
 def setup():
-    model, tok = tiny_llama(seed=0, layers=4, hidden=128)
-    eng = AdapterEngine(model, EngineSpec(n_anchors=4, rank=4, alpha=8.0))
-    eng.init_bank(seed=0, b_std=0.3)
-    eng.add_users(3, 2, 4.0, seed=1, b_std=0.3)
-    tok.padding_side = "left"
+    eng, tok = decode_engine()
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     return eng, tok, enc
 
