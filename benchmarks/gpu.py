@@ -86,6 +86,42 @@ def bandwidth(dev) -> float | None:
     return 2 * 2 * 1024**3 / t  # bytes read + written per second
 
 
+def profile(fn, dev, top: int = 15) -> dict:
+    """Run ``fn`` once under torch's profiler: the kernels (or, on a CPU, the operators) that
+    took the most time, and how busy the device was over the wall time (kernel time summed
+    over wall seconds: well under 1 means the host, not the GPU, sets the pace). The
+    profiler's own overhead lengthens the wall time: read the fraction as a lower bound."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(dev)
+    t = time.perf_counter()
+    with torch_profile(activities=acts) as prof:
+        fn()
+        sync(dev)
+    wall_s = time.perf_counter() - t
+
+    def dev_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    events = prof.key_averages()
+    key = dev_us if cuda else (lambda e: float(e.self_cpu_time_total))
+    busy = sum(dev_us(e) for e in events) / 1e6 if cuda else None
+    ranked = sorted(events, key=key, reverse=True)[:top]
+    return {"wall_s": wall_s, "device_busy_s": busy, "busy_fraction": busy / wall_s if busy is not None else None,
+            "top": [{"name": e.key[:120], "calls": e.count, "self_device_ms": dev_us(e) / 1e3,
+                     "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in ranked]}
+
+
+def print_profile(title: str, p: dict) -> None:
+    frac = "-" if p["busy_fraction"] is None else f"{p['busy_fraction']:.2f}"
+    print(f"profile: {title}: wall {p['wall_s']:.3f} s, device busy {frac} of it", flush=True)
+    for r in p["top"][:8]:
+        print(f"  {r['self_device_ms']:9.2f} ms dev {r['self_cpu_ms']:9.2f} ms cpu {r['calls']:6d}x  {r['name'][:70]}")
+
+
 def linear_sizes(model) -> int:
     """Sum over targeted linear layers of (in + out): LoRA bytes per rank = this x dtype size."""
     return sum(m.in_features + m.out_features for n, m in model.named_modules()
@@ -180,6 +216,11 @@ def bank_section(model, dev, a) -> dict:
     stats = train_jobs(eng, "bank", jobs, cfg, pad_id=0)
     sync(dev)
     ours = time.perf_counter() - t
+    prof = None
+    if a.profile:  # a few steps of the same training, under the profiler
+        few = [Job(i, data[i][:16], Row([i], [1.0]), key=f"p{i}") for i in range(2)]
+        prof = profile(lambda: train_jobs(eng, "bank", few, cfg, pad_id=0), dev)
+        print_profile("bank building, 2 anchors x 16 samples", prof)
     eng.remove()
     tokens = a.anchors * a.samples * a.seq
     # reference: PEFT, one adapter after another, model loaded once
@@ -214,7 +255,7 @@ def bank_section(model, dev, a) -> dict:
             "peft_seconds_per_anchor": per_anchor, "peft_anchors_timed": a.peft_anchors,
             "peft_total_seconds_extrapolated": peft_total, "speedup": peft_total / ours,
             "peft_single_tokens_per_s": single_tps, "tokens_per_s_ratio_to_single_peft": tokens / ours / single_tps,
-            "optimizer_state_bytes": stats["optimizer_state_bytes"]}
+            "optimizer_state_bytes": stats["optimizer_state_bytes"], "profile": prof}
 
 
 def adapt_section(model, dev, a) -> dict:
@@ -236,6 +277,10 @@ def adapt_section(model, dev, a) -> dict:
     train_jobs(eng, "stack", jobs, cfg, pad_id=0)
     sync(dev)
     ours = time.perf_counter() - t
+    prof = None
+    if a.profile:
+        prof = profile(lambda: train_jobs(eng, "stack", jobs[:16], cfg, pad_id=0), dev)
+        print_profile("new-user adaptation, 16 users", prof)
     # per-user cost in place: stored bytes (fp32 and bf16 factors), load into a running batch, evict
     with tempfile.TemporaryDirectory() as tmp:
         save_user(eng, 0, Path(tmp) / "u0")
@@ -301,7 +346,7 @@ def adapt_section(model, dev, a) -> dict:
     return {"users": a.users, "ours_seconds": ours, "ours_seconds_per_user": per_user,
             "reference_seconds_per_user": ref, "reference_users_timed": a.ref_users, "speedup": ref / per_user,
             "stored_bytes_per_user_fp32": stored, "stored_bytes_per_user_bf16": stored // 2,
-            "load_user_seconds": load_s, "evict_user_seconds": evict_s}
+            "load_user_seconds": load_s, "evict_user_seconds": evict_s, "profile": prof}
 
 
 def memory_section(model, dev, a) -> dict:
@@ -349,6 +394,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny shape")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/gpu.json"))
     ap.add_argument("--sections", default="gen,bank,adapt,memory")
+    ap.add_argument("--profile", action="store_true", help="profile a few training steps of bank and adapt")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     if a.tiny:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # benchmarks/gpu.py is a sibling script; ruff would sort it as first- or third-party depending
 # on whether an (ignored) gpu/ folder exists at the root, so the order is fixed by hand.
 # isort: off
-from gpu import LLAMA3_8B, TINY, bandwidth, make_model, sync  # noqa: E402
+from gpu import LLAMA3_8B, TINY, bandwidth, make_model, print_profile, profile, sync  # noqa: E402
 from mta.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 from mta.engine.graphs import GraphDecoder, pinned_buffers  # noqa: E402
 # isort: on
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--sections", default="hf,batch,engine,graph",
                     help="hf: generate's caches; batch: generate_batch (CUDA only); engine: the mta engine; "
                          "graph: mta's GraphDecoder (the step captured in a CUDA graph), base and engine")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile 8 new tokens of HF generate (dynamic cache) and of each GraphDecoder config")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
     if not sections <= {"hf", "batch", "engine", "graph"}:
@@ -77,7 +79,8 @@ def main() -> None:
         result = {"shape": "tiny" if a.tiny else "llama3-8b", "device": str(dev),
                   "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                   "rows": a.rows, "prompt": a.prompt, "new": a.new, "copy_bandwidth_Bps": bw,
-                  "floor_ms_per_step": floor_ms, "configs": rows_out, "transformers": transformers.__version__}
+                  "floor_ms_per_step": floor_ms, "configs": rows_out, "transformers": transformers.__version__,
+                  "profiles_of_9_new_tokens": profiles}
         a.out.write_text(json.dumps(result, indent=2))
 
     def timed(fn) -> float:
@@ -115,6 +118,15 @@ def main() -> None:
             return f
         return run
 
+    profiles = {}
+
+    def profiled(name, run):
+        if a.profile:
+            run(9)()  # warm-up (and the capture) outside the profile
+            profiles[name] = profile(run(9), dev)
+            print_profile(name, profiles[name])
+            dump()
+
     def measure(name, run, note=""):
         t0 = time.perf_counter()
         try:
@@ -130,6 +142,7 @@ def main() -> None:
 
     if "hf" in sections:
         measure("HF generate, dynamic cache", gen())
+        profiled("HF generate, dynamic cache", gen())
         measure("HF generate, static cache, eager", gen(cache_implementation="static", disable_compile=True))
         measure("HF generate, static cache, auto-compiled", gen(cache_implementation="static"),
                 "transformers compiles the forward itself when the cache is static")
@@ -145,8 +158,11 @@ def main() -> None:
         return run
 
     if "graph" in sections:  # the plain model, before the engine wraps its layers
-        measure("GraphDecoder (step in a CUDA graph), base", graph(GraphDecoder(model, a.rows, a.prompt + a.new)),
+        base_dec = GraphDecoder(model, a.rows, a.prompt + a.new)
+        measure("GraphDecoder (step in a CUDA graph), base", graph(base_dec),
                 "mta.engine.graphs: static cache, argmax and buffer updates inside the graph")
+        profiled("GraphDecoder, base", graph(base_dec))
+        del base_dec
     if dev.type == "cuda" and "batch" in sections:
         model.set_attn_implementation("paged|sdpa")
         measure("HF generate_batch, defaults", batch(None))
@@ -164,6 +180,7 @@ def main() -> None:
             dec = GraphDecoder(model, a.rows, a.prompt + a.new)
             measure("GraphDecoder, mta engine, pinned routing", graph(dec, lambda: eng.pinned(routes, width=width)),
                     f"{a.rows} users, top-2 of {a.anchors} + own rank-2 stack")
+            profiled("GraphDecoder, mta engine", graph(dec, lambda: eng.pinned(routes, width=width)))
             later = [Row(r.anchors, r.weights, user=(r.user + 7) % a.rows) for r in routes]
             measure("GraphDecoder, mta engine, a NEW batch of users",
                     graph(dec, lambda: eng.pinned(later, width=width)),

@@ -92,8 +92,10 @@ ray_adapt() {  # GPU_LIST: one Ray worker per GPU
 }
 random_weights() {  # GPU
   T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
-  T=540 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections hf,graph,engine --out "$RES/hf-decode-8b.json"
+  T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections hf,graph,engine --profile \
+    --out "$RES/hf-decode-8b.json"
   T=300 step gpu-memory-8b "$1" python3 benchmarks/gpu.py --sections memory --out "$RES/gpu-memory-8b.json"
+  T=600 step gpu-train-8b "$1" python3 benchmarks/gpu.py --sections bank,adapt --profile --out "$RES/gpu-train-8b.json"
 }
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------
@@ -129,10 +131,10 @@ movielens() {  # GPU MODEL
 # per GPU at a time, except the CPU-side conversions.
 if [ "${#gpu[@]}" -eq 4 ]; then
   ray_adapt "${gpu[0]},${gpu[1]}"  # ~2.5 min, while the models are still being carried
-  (ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b) &
+  (ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b; tune "${gpu[0]}" qwen2.5-coder-0.5b quick) &
   (ready qwen2.5-coder-1.5b; movielens "${gpu[1]}" qwen2.5-coder-1.5b) &
   (tune "${gpu[2]}" qwen2.5-coder-1.5b core) &
-  (random_weights "${gpu[3]}"; tune "${gpu[3]}" qwen2.5-coder-0.5b quick) &
+  (random_weights "${gpu[3]}") &
 else
   ray_adapt "$GPUS"
   (random_weights "${gpu[0]}"; ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b
