@@ -81,3 +81,14 @@ def test_bad_shapes_are_refused(setup):
         GraphDecoder(eng.model, batch=4, max_len=64).generate(enc["input_ids"][:2], enc["attention_mask"][:2], 2)
     with pytest.raises(ValueError, match="CUDA"):
         GraphDecoder(eng.model, batch=4, max_len=16, graph=True)
+
+
+def test_prompts_without_padding(setup):
+    """No row padded (the benchmark's case): the unwritten cache slots must stay masked,
+    which a 2D all-ones mask would let transformers skip."""
+    eng, tok = setup
+    enc = _enc(tok, ["abcd", "efgh", "ijkl", "mnop"])
+    assert bool(enc["attention_mask"].all())
+    dec = GraphDecoder(eng.model, batch=4, max_len=64)
+    got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+    assert torch.equal(got, _hf(eng, tok, enc, None))

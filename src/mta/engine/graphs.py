@@ -2,7 +2,7 @@
 
 `GraphDecoder` owns a transformers ``StaticCache`` for ``batch`` rows of up to ``max_len``
 positions and a handful of fixed buffers (the next input token, each row's position, the
-cache position, the attention mask, the tokens decoded so far and a step counter). One
+cache position, a 4D attention mask, the tokens decoded so far and a step counter). One
 decode step reads those buffers, runs the model for one token per row, takes the argmax
 and advances every buffer in place, all on the GPU, so a step is one ``graph.replay()``
 with no host work and no host-device sync: the loop runs at the speed of the kernels,
@@ -53,7 +53,12 @@ class GraphDecoder:
         self.tok = torch.zeros(batch, 1, **z)        # the next input token of each row
         self.pos = torch.zeros(batch, 1, **z)        # its position id
         self.cpos = torch.zeros(1, **z)              # its cache slot (the same for every row)
-        self.mask = torch.zeros(batch, max_len, **z)  # prompt padding 0, everything else 1
+        # the decode steps' attention mask, 4D and additive (0 attend, dtype min never): a
+        # prepared 4D mask is used as given, where a 2D one makes transformers read its values
+        # on the host (to skip the mask when nothing is padded), which a graph cannot capture
+        dtype = next(model.parameters()).dtype
+        self.neg = torch.finfo(dtype).min
+        self.bias = torch.full((batch, 1, 1, max_len), self.neg, dtype=dtype, device=dev)
         self.out = torch.zeros(batch, max_len, **z)  # tokens decoded so far
         self.step_i = torch.zeros(1, **z)            # how many
         self.buffers = list(buffers)
@@ -63,7 +68,8 @@ class GraphDecoder:
 
     @torch.no_grad()
     def _step(self) -> None:
-        logits = self.model(input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
+        self.bias.index_fill_(3, self.cpos, 0.0)  # the slot this step writes joins what it attends to
+        logits = self.model(input_ids=self.tok, attention_mask=self.bias, position_ids=self.pos,
                             past_key_values=self.cache, cache_position=self.cpos, use_cache=True).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         self.out.index_copy_(1, self.step_i, nxt)
@@ -76,7 +82,7 @@ class GraphDecoder:
         """What a step advances: our buffers, and the cache layers' own write position where
         they keep one as a tensor (transformers 5.24 writes at that counter rather than
         at ``cache_position``)."""
-        own = [self.tok, self.pos, self.cpos, self.out, self.step_i]
+        own = [self.tok, self.pos, self.cpos, self.out, self.step_i, self.bias]
         return own + [c for layer in getattr(self.cache, "layers", [])
                       if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
 
@@ -113,12 +119,12 @@ class GraphDecoder:
         if p >= self.max_len:
             raise ValueError(f"prompts of {p} tokens leave no room in {self.max_len} positions")
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device).long()
-        self.mask.fill_(1)
-        self.mask[:, :p].copy_(attention_mask)
+        self.bias.fill_(self.neg)
+        self.bias[:, 0, 0, :p].masked_fill_(attention_mask.bool(), 0.0)
         pos = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # as generate numbers left-padded rows
         pos.masked_fill_(attention_mask == 0, 1)
         self.cache.reset()  # in place: the captured step keeps reading the same tensors
-        logits = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=pos,
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                             past_key_values=self.cache, cache_position=torch.arange(p, device=self.device),
                             use_cache=True, logits_to_keep=1).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
