@@ -143,6 +143,26 @@ def test_slot_adamw_matches_torch_adamw_with_decay():
     torch.testing.assert_close(p.detach()[1], q.detach(), atol=1e-6, rtol=0)
 
 
+def test_slot_adamw_every_slot_at_once_matches_torch_adamw():
+    """The in-place path (every slot steps, in order) against one torch AdamW per slot, with
+    a slot-specific learning rate and then a step that leaves a slot out."""
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(3, 4, 5))
+    refs = [torch.nn.Parameter(p.detach()[s].clone()) for s in range(3)]
+    lrs = [0.01, 0.02, 0.005]
+    mine = SlotAdamW([p], 3, weight_decay=0.1)
+    opts = [torch.optim.AdamW([q], lr=lr, weight_decay=0.1, foreach=False) for q, lr in zip(refs, lrs)]
+    for step in range(4):
+        slots = [0, 1, 2] if step != 2 else [0, 2]
+        p.grad = torch.randn(3, 4, 5)
+        mine.step(slots, [lrs[s] for s in slots])
+        for s in slots:
+            refs[s].grad = p.grad[s].clone()
+            opts[s].step()
+    for s in range(3):
+        torch.testing.assert_close(p.detach()[s], refs[s].detach(), atol=1e-6, rtol=0)
+
+
 def _train_once(compute_dtype=torch.float32, checkpointing=False, token_budget=None, max_rows=16):
     model, tok = tiny_llama(seed=0)
     eng = AdapterEngine(model, EngineSpec(n_anchors=2, rank=4, alpha=8.0, compute_dtype=compute_dtype))
@@ -223,3 +243,14 @@ def test_diverging_loss_names_the_learning_rate():
 def test_train_config_names_bad_fields():
     with pytest.raises(ValueError, match=r"lr must be a positive number, got -1.*epochs must be >= 1"):
         TrainConfig(lr=-1, epochs=0)
+
+
+def test_all_finite_finds_one_bad_element():
+    from mta.engine.train import all_finite
+
+    good = [torch.randn(3, 4), torch.zeros(0), torch.randn(2, 2, 2, dtype=torch.bfloat16)]
+    assert all_finite(good) and all_finite([])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(5, 6)
+        t[3, 2] = bad
+        assert not all_finite(good + [t])

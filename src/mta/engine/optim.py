@@ -42,25 +42,37 @@ class SlotAdamW:
         bc1 = 1 - b1 ** t
         bc2_sqrt = (1 - b2 ** t).sqrt()
         lr = torch.tensor(lrs, dtype=torch.float64)
+        # every slot, in order (a bank's anchors or a pass's users all stepping together):
+        # the update runs on the tensors in place, without gathering and scattering slots
+        whole = slots == list(range(len(self.steps)))
+        factors: dict = {}  # per device and dtype: the per-slot factors, moved once
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
-            dev_idx = idx.to(p.device)
+            key = (p.device, p.dtype)
+            if key not in factors:
+                factors[key] = ((1 - lr * self.weight_decay).to(p.dtype).to(p.device),
+                                bc2_sqrt.to(p.dtype).to(p.device), (lr / bc1).to(p.dtype).to(p.device),
+                                idx.to(p.device))
+            decay, bc2_d, step_d, dev_idx = factors[key]
             shape = (len(slots),) + (1,) * (p.dim() - 1)
-            g = p.grad.index_select(0, dev_idx)
-            ps = p.data.index_select(0, dev_idx)
-            ms = m.index_select(0, dev_idx)
-            vs = v.index_select(0, dev_idx)
+            if whole:
+                g, ps, ms, vs = p.grad, p.data, m, v
+            else:
+                g = p.grad.index_select(0, dev_idx)
+                ps = p.data.index_select(0, dev_idx)
+                ms = m.index_select(0, dev_idx)
+                vs = v.index_select(0, dev_idx)
             if self.weight_decay:
-                ps.mul_((1 - lr * self.weight_decay).to(ps.dtype).to(p.device).view(shape))
+                ps.mul_(decay.view(shape))
             ms.lerp_(g, 1 - b1)
             vs.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (vs.sqrt() / bc2_sqrt.to(vs.dtype).to(p.device).view(shape)).add_(self.eps)
-            step_size = (lr / bc1).to(ps.dtype).to(p.device).view(shape)
-            ps.sub_(step_size * ms / denom)
-            p.data.index_copy_(0, dev_idx, ps)
-            m.index_copy_(0, dev_idx, ms)
-            v.index_copy_(0, dev_idx, vs)
+            denom = (vs.sqrt() / bc2_d.view(shape)).add_(self.eps)
+            ps.sub_(step_d.view(shape) * ms / denom)
+            if not whole:
+                p.data.index_copy_(0, dev_idx, ps)
+                m.index_copy_(0, dev_idx, ms)
+                v.index_copy_(0, dev_idx, vs)
 
 
 def lr_multiplier(step: int, total: int, warmup_ratio: float, schedule: str) -> float:

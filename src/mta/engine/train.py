@@ -290,10 +290,9 @@ def train_jobs(
         if cfg.gradient_checkpointing:
             _checkpointing(model, False)
         model.train(was_training)
-    for p in params:
-        if not torch.isfinite(p).all():
-            raise MtaError(f"training diverged: adapter weights are NaN or inf; lower the learning rate "
-                           f"(`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
+    if not all_finite(params):
+        raise MtaError(f"training diverged: adapter weights are NaN or inf; lower the learning rate "
+                       f"(`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
     return {"steps": total_steps, "tokens": tokens, "optimizer_state_bytes": opt.state_bytes(),
             "losses": {j.key: j.losses for j in jobs}, "token_budget": budget.value}
 
@@ -321,7 +320,7 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
             per_row.sum().backward()
         if probing:
             budget.end_probe(before, ids.numel())
-        values = per_row.detach().tolist()
+        values = per_row.detach().tolist()  # the step's one sync for its losses
         for (i, _), v in zip(chunk, values):
             if not math.isfinite(v):
                 raise MtaError(f"training diverged at step {step + 1}: the loss of '{jobs[i].key}' is {v} "
@@ -330,6 +329,16 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
             job_loss[i] += v
         tokens += int(mask.sum())
     return job_loss, tokens
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with ONE host-device sync (a norm
+    is NaN or inf exactly when an element is, short of an overflow of huge finite values)."""
+    tensors = [t.detach() for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    norms = [n.float() for n in torch._foreach_norm(tensors)]
+    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
 
 
 def _why_not_finite(params: list[torch.nn.Parameter], slot: int, step: int) -> str:
@@ -360,11 +369,12 @@ def _checkpointing(model, on: bool) -> None:
 @torch.no_grad()
 def _clip_per_slot(params: list[torch.nn.Parameter], slots: list[int], max_norm: float) -> None:
     idx = torch.tensor(slots, dtype=torch.long)
-    sq = torch.zeros(len(slots), dtype=torch.float64)
+    dev = next((p.grad.device for p in params if p.grad is not None), idx.device)
+    sq = torch.zeros(len(slots), dtype=torch.float64, device=dev)  # summed on the device: no sync per tensor
     for p in params:
         if p.grad is not None:
             g = p.grad.index_select(0, idx.to(p.device)).double()
-            sq += g.pow(2).flatten(1).sum(1).cpu()
+            sq += g.pow(2).flatten(1).sum(1).to(dev)
     scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
     for p in params:
         if p.grad is not None:
