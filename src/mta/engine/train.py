@@ -327,7 +327,7 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
                                f"({_why_not_finite(params, jobs[i].slot, step)}); lower the learning rate "
                                f"(`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
             job_loss[i] += v
-        tokens += int(mask.sum())
+        tokens += sum(len(e.input_ids) for _, e in chunk)  # the mask's sum, without a sync
     return job_loss, tokens
 
 
