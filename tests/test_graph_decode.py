@@ -92,3 +92,21 @@ def test_prompts_without_padding(setup):
     dec = GraphDecoder(eng.model, batch=4, max_len=64)
     got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
     assert torch.equal(got, _hf(eng, tok, enc, None))
+
+
+def test_pool_pads_to_buckets_and_reuses_decoders(setup):
+    from mta.engine.graphs import DecoderPool
+
+    eng, tok = setup
+    pool = DecoderPool(eng.model, row_buckets=(2, 8), len_step=32, max_decoders=2)
+    for prompts, rows in ((PROMPTS, FIRST), (PROMPTS[:3], SECOND[:3]), (OTHER[:1], None)):
+        enc = _enc(tok, prompts)
+        got = pool.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id,
+                            engine=eng if rows else None, rows=rows)
+        assert torch.equal(got, _hf(eng, tok, enc, rows)), prompts
+    assert sorted(pool.decoders) == [(2, 32), (8, 64)]  # 4 and 3 rows shared the 8-row decoder
+    assert pool.bucket(3, 33) == (8, 64)
+    pool.decoder(2, 100)  # a third decoder: the least recently used one goes
+    assert sorted(pool.decoders) == [(2, 32), (2, 128)]
+    with pytest.raises(ValueError, match="largest row bucket"):
+        pool.bucket(9, 10)

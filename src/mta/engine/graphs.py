@@ -173,3 +173,63 @@ class GraphDecoder:
 def pinned_buffers(engine) -> list[torch.Tensor]:
     """The engine's pin buffers (what a captured step reads for the adapters)."""
     return [t for layer in engine.layers.values() for t in (layer.pin_A, layer.pin_B)]
+
+
+class DecoderPool:
+    """GraphDecoders by bucket: a batch is padded to the next row bucket (dummy rows: one
+    token, no adapters) and its prompt + new tokens to the next multiple of ``len_step``,
+    so a handful of captures serve batches of every size. The least recently used decoder
+    goes when more than ``max_decoders`` are held (each holds its KV cache)."""
+
+    def __init__(self, model: nn.Module, row_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+                 len_step: int = 128, max_decoders: int = 4, graph: bool | None = None):
+        if not row_buckets or any(b < 1 for b in row_buckets) or len_step < 2 or max_decoders < 1:
+            raise ValueError("row buckets must be positive, len_step at least 2 and max_decoders at least 1")
+        self.model, self.row_buckets, self.len_step = model, sorted(row_buckets), len_step
+        self.max_decoders, self.graph = max_decoders, graph
+        self.decoders: dict[tuple[int, int], GraphDecoder] = {}
+
+    def bucket(self, rows: int, length: int) -> tuple[int, int]:
+        fit = [b for b in self.row_buckets if b >= rows]
+        if not fit:
+            raise ValueError(f"{rows} rows exceed the largest row bucket ({self.row_buckets[-1]})")
+        return fit[0], -(-length // self.len_step) * self.len_step
+
+    def decoder(self, rows: int, length: int) -> GraphDecoder:
+        key = self.bucket(rows, length)
+        dec = self.decoders.pop(key, None) or GraphDecoder(self.model, key[0], key[1], graph=self.graph)
+        self.decoders[key] = dec  # most recently used last
+        while len(self.decoders) > self.max_decoders:
+            self.decoders.pop(next(iter(self.decoders)))
+        return dec
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+                 engine=None, rows: Sequence | None = None, width: int | None = None) -> torch.Tensor:
+        """Greedy tokens for a left-padded batch of any size (``generate``'s layout). With
+        ``engine`` and ``rows``, every row through its own adapters (pinned routing, the
+        dummy rows inactive); ``width`` fixes the pinned rank directions (default: what the
+        rows need, rounded up to a multiple of 8, so later batches reuse the capture)."""
+        n, p = input_ids.shape
+        dec = self.decoder(n, p + max_new_tokens)
+        extra = dec.batch - n
+        if extra:  # dummy rows: one real token each
+            ids = torch.full((extra, p), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+            mask = torch.zeros((extra, p), dtype=attention_mask.dtype, device=attention_mask.device)
+            mask[:, -1] = 1
+            input_ids, attention_mask = torch.cat([input_ids, ids]), torch.cat([attention_mask, mask])
+        if engine is None:
+            out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+            return out[:n]
+        from mta.engine.engine import Row
+
+        full = list(rows) + [Row(active=False)] * extra
+        if width is None:
+            rt = engine.routing(full)
+            need = max((layer.width(rt) for layer in engine.layers.values()), default=0)
+            width = max(8, -(-need // 8) * 8)
+        with engine.pinned(full, batch=dec.batch, width=width):
+            dec.buffers = pinned_buffers(engine)
+            out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+        return out[:n]
