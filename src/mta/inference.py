@@ -53,7 +53,7 @@ def chat_prompt(tokenizer, user_text: str) -> str:
 @torch.no_grad()
 def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_tokens: int, batch_size: int = 8,
              max_prompt_tokens: int = 1024, on_batch: Callable[[int], None] | None = None,
-             **gen_kwargs) -> list[str]:
+             decoder: str = "generate", **gen_kwargs) -> list[str]:
     """Greedy completions of chat-formatted ``prompts``, decoded without special tokens;
     prompt i goes through ``rows[i]`` (its user's adapters), or all through the base
     model when ``rows`` is None.
@@ -61,9 +61,17 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
     Batches are formed longest first (little left padding). Prompts longer than
     ``max_prompt_tokens`` keep their END (the question): truncating on the right would
     cut off the instruction being answered.
+
+    ``decoder="graph"``: the batches go through the backbone's ``DecoderPool``
+    (mta.engine.graphs: the decode step captured in a CUDA graph on CUDA), which gives
+    the same greedy tokens; it takes no extra generation arguments.
     """
     if rows is not None and len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} rows")
+    if decoder not in ("generate", "graph"):
+        raise ValueError(f"unknown decoder {decoder!r} (generate, graph)")
+    if decoder == "graph" and gen_kwargs:
+        raise ValueError(f"the graph decoder is greedy and takes no generation arguments ({', '.join(gen_kwargs)})")
     tokenizer, engine = backbone.tokenizer, backbone.engine
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
@@ -77,9 +85,14 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
         idx = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_prompt_tokens, add_special_tokens=False).to(engine.device)
+        batch_rows = None if rows is None else [rows[i] for i in idx]
         try:
-            gen = engine.generate(None if rows is None else [rows[i] for i in idx], enc["input_ids"],
-                                  enc["attention_mask"], **kwargs)
+            if decoder == "graph":
+                gen = _pool(backbone).generate(enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                               kwargs["eos_token_id"], tokenizer.pad_token_id,
+                                               engine=None if rows is None else engine, rows=batch_rows)
+            else:
+                gen = engine.generate(batch_rows, enc["input_ids"], enc["attention_mask"], **kwargs)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of {engine.device.type} memory generating a batch of {len(idx)} prompts of "
                                 f"up to {enc['input_ids'].shape[1]} tokens: lower the generation batch size or "
@@ -91,3 +104,14 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
         if on_batch:
             on_batch(len(idx))
     return out
+
+
+def _pool(backbone):
+    """The backbone's DecoderPool, made on first use (row buckets up to its batch sizes)."""
+    pool = getattr(backbone, "_mta_decoder_pool", None)
+    if pool is None:
+        from mta.engine.graphs import DecoderPool
+
+        pool = DecoderPool(backbone.model, row_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        backbone._mta_decoder_pool = pool
+    return pool

@@ -411,7 +411,7 @@ class LoadedBank:
         prompts = [self.task.prompt(r.input, retrieve(self.task, r.input, r.user.history, gen.retrieve_k)
                                     if r.user else []) for r in requests]
         texts = generate(self.backbone, prompts, rows, gen.max_new_tokens or self.task.max_new_tokens,
-                         gen.batch_size, gen.max_prompt_tokens, on_batch=on_batch)
+                         gen.batch_size, gen.max_prompt_tokens, on_batch=on_batch, decoder=gen.decoder)
         for n in {n for n in notices if n}:
             log.warning(n)
         return [Answer(r.user_id, r.input, t, self.task.parse(t), route, note)

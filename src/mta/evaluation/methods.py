@@ -123,7 +123,7 @@ def run_prompt(setup: EvalSetup, name: str, targets) -> FoldResult:
     g = setup.gen_cfg
     t0 = time.perf_counter()
     texts = generate(setup.backbone, prompts, None, setup.max_new_tokens, g.batch_size, g.max_prompt_tokens,
-                     on_batch=_bar(setup, name, len(pairs)))
+                     on_batch=_bar(setup, name, len(pairs)), decoder=g.decoder)
     res = FoldResult(infer_seconds=time.perf_counter() - t0, bytes_per_user={u.user_id: 0 for u in targets})
     _collect(res, pairs, texts, setup.task)
     return res
