@@ -134,7 +134,9 @@ if [ "${#gpu[@]}" -eq 4 ]; then
   (ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b; tune "${gpu[0]}" qwen2.5-coder-0.5b quick) &
   (ready qwen2.5-coder-1.5b; movielens "${gpu[1]}" qwen2.5-coder-1.5b) &
   (tune "${gpu[2]}" qwen2.5-coder-1.5b core) &
-  (random_weights "${gpu[3]}") &
+  (random_weights "${gpu[3]}"; ready qwen2.5-coder-0.5b; mkdir -p "$RES/graph"
+   step lamp2-graph-qwen2.5-coder-0.5b "${gpu[3]}" bash scripts/gpu-evals.sh lamp2 qwen2.5-coder-0.5b "$RES/graph" \
+     --history-queries 3 $(recipe_of qwen2.5-coder-0.5b) --decoder graph) &
 else
   ray_adapt "$GPUS"
   (random_weights "${gpu[0]}"; ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b
