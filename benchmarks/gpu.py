@@ -149,7 +149,19 @@ def gen_section(model, dev, a) -> list[dict]:
         out.append({"config": name, "seconds": sec, "new_tokens": new, "tokens_per_s": a.rows * new / sec,
                     "note": note})
 
+    from mta.engine.graphs import GraphDecoder, pinned_buffers
+
+    def graphed(dec, pin=None):
+        def f():
+            with torch.no_grad(), (pin() if pin else contextlib.nullcontext()):
+                if pin:
+                    dec.buffers = pinned_buffers(eng)
+                dec.generate(ids, mask, a.new)
+        return f
+
     rec("base model", wall(run(model, a.new), dev), a.new)
+    rec("new loop (GraphDecoder): base model", wall(graphed(GraphDecoder(model, a.rows, a.prompt + a.new)), dev),
+        a.new, "the decode step captured in a CUDA graph (mta.engine.graphs)")
     eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, dtype=a.adapter_dtype))
     eng.init_bank(b_std=0.01)
     eng.add_users(a.rows, 2, 4.0, b_std=0.01)
@@ -160,6 +172,9 @@ def gen_section(model, dev, a) -> list[dict]:
         rows.append(Row(pair, [0.6, 0.4], user=u))
     rec(f"mta engine: {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
         wall(run(model, a.new, lambda: eng.route(rows)), dev), a.new)
+    rec(f"new loop: mta engine, {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
+        wall(graphed(GraphDecoder(model, a.rows, a.prompt + a.new), lambda: eng.pinned(rows, width=2 * 8 + 2)), dev),
+        a.new, "pinned routing")
     bank_bytes = sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
     eng.remove()
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
@@ -176,18 +191,21 @@ def gen_section(model, dev, a) -> list[dict]:
     rec(f"peft: mixed batch, {a.rows} adapters", wall(run(pm, new, adapter_names=names), dev), new,
         f"timed over {new} new tokens (it is slow); throughput per token is comparable")
     pm.unload()
-    base = out[0]["tokens_per_s"]
+    hf_base, loop_base, eng_row, loop_eng, _, peft_mixed = out
     for r in out:
-        r["ratio_to_base"] = r["tokens_per_s"] / base
-    eng_row = out[1]
-    eng_row["ratio_to_peft_mixed"] = eng_row["tokens_per_s"] / out[3]["tokens_per_s"]
+        r["ratio_to_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"]
+    eng_row["ratio_to_peft_mixed"] = eng_row["tokens_per_s"] / peft_mixed["tokens_per_s"]
+    # the two decode ratios: the engine against the base in the SAME (new) loop, and
+    # the new loop's engine against HF generate's base with the dynamic cache
+    loop_eng["ratio_to_base_same_loop"] = loop_eng["tokens_per_s"] / loop_base["tokens_per_s"]
+    loop_eng["ratio_to_hf_dynamic_base"] = loop_eng["tokens_per_s"] / hf_base["tokens_per_s"]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
         (model.config.hidden_size // model.config.num_attention_heads) * 2
     avg_ctx = a.prompt + a.new / 2
     kv = a.rows * avg_ctx * kv_per_token
     for r in out:
-        r["bytes_per_step_floor"] = weights + kv + (bank_bytes if r is eng_row else 0)
+        r["bytes_per_step_floor"] = weights + kv + (bank_bytes if r in (eng_row, loop_eng) else 0)
     return out
 
 
@@ -445,8 +463,10 @@ def _print_gen(res):
         step = 1e3 * r["seconds"] / r["new_tokens"]
         floor = "-" if not bw else f"{1e3 * r['bytes_per_step_floor'] / bw:.2f}"
         print(f"{r['config'][:58]:58s} {r['tokens_per_s']:9.0f} {r['ratio_to_base']:7.3f} {step:8.2f} {floor:>9s}")
-    e = res["generation"][1]
-    print(f"engine vs PEFT mixed batch: {e['ratio_to_peft_mixed']:.1f}x", flush=True)
+    e, loop = res["generation"][2], res["generation"][3]
+    print(f"engine vs PEFT mixed batch: {e['ratio_to_peft_mixed']:.1f}x; new loop: engine vs base "
+          f"{loop['ratio_to_base_same_loop']:.3f}x, vs HF generate's base {loop['ratio_to_hf_dynamic_base']:.2f}x",
+          flush=True)
 
 
 if __name__ == "__main__":
