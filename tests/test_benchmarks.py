@@ -21,8 +21,11 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     r = _run("gpu.py", "--tiny", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert [g["config"].split(":")[0] for g in res["generation"]] == ["base model", "mta engine", "peft", "peft"]
+    assert [g["config"].split(":")[0] for g in res["generation"]] == ["base model", "new loop (GraphDecoder)",
+                                                                      "mta engine", "new loop", "peft", "peft"]
+    assert res["generation"][3]["ratio_to_base_same_loop"] > 0
     assert res["bank"]["anchors"] == 6 and res["adapt"]["users"] == 8
+    assert [c["rows"] for c in res["memory"]["configs"]] == [2, 8]  # peak bytes only on CUDA
     assert res["adapt"]["stored_bytes_per_user_fp32"] > 0
 
 
