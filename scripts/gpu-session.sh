@@ -92,10 +92,11 @@ ray_adapt() {  # GPU_LIST: one Ray worker per GPU
 }
 random_weights() {  # GPU
   T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
-  T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections hf,graph,engine --profile \
+  # every target of the GPU-speed issue in one run (generation incl. the new loop, bank, adapt,
+  # memory), with profiles; then transformers' own decode paths next to the new loop
+  T=900 step gpu-8b "$1" python3 benchmarks/gpu.py --profile --out "$RES/gpu-8b.json"
+  T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections hf,graph --profile \
     --out "$RES/hf-decode-8b.json"
-  T=300 step gpu-memory-8b "$1" python3 benchmarks/gpu.py --sections memory --out "$RES/gpu-memory-8b.json"
-  T=600 step gpu-train-8b "$1" python3 benchmarks/gpu.py --sections bank,adapt --profile --out "$RES/gpu-train-8b.json"
 }
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------
