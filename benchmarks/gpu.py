@@ -413,6 +413,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/gpu.json"))
     ap.add_argument("--sections", default="gen,bank,adapt,memory")
     ap.add_argument("--profile", action="store_true", help="profile a few training steps of bank and adapt")
+    ap.add_argument("--max-rows-cap", type=int, default=None,
+                    help="cap rows per training micro-batch (default: the measured token budget decides)")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     if a.tiny:
@@ -423,13 +425,17 @@ def main() -> None:
     else:
         shape, dtype = LLAMA3_8B, torch.bfloat16
         a.rows, a.prompt, a.new, a.peft_mixed_new, a.anchors = 64, 256, 128, 8, 50
-        a.samples, a.seq, a.max_rows, a.peft_anchors, a.users, a.ref_users = 64, 256, 16, 3, 256, 3
+        a.samples, a.seq, a.peft_anchors, a.users, a.ref_users = 64, 256, 3, 256, 3
+        # rows per training micro-batch: the product's default (None: the token budget measured
+        # on the device decides); runs before 2026-11-30 capped it at 16
+        a.max_rows = a.max_rows_cap
         a.adapter_dtype, a.checkpointing = torch.bfloat16, False
     t0 = time.perf_counter()
     model = make_model(shape, dev, dtype)
     res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "python": platform.python_version(), "shape": shape, "dtype": str(dtype),
-           "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0}
+           "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0,
+           "train_max_rows": a.max_rows}
     try:
         import peft
         import transformers
