@@ -27,11 +27,17 @@ On a CPU (or with ``graph=False``) the same step runs eagerly: the tests compare
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import StaticCache
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.24 names the cache argument ``cache``, earlier 5.x ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class GraphDecoder:
@@ -65,12 +71,13 @@ class GraphDecoder:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._ptrs: list[int] = []
         self.captures = 0
+        self.kw = cache_kwarg(model)
 
     @torch.no_grad()
     def _step(self) -> None:
         self.bias.index_fill_(3, self.cpos, 0.0)  # the slot this step writes joins what it attends to
         logits = self.model(input_ids=self.tok, attention_mask=self.bias, position_ids=self.pos,
-                            past_key_values=self.cache, cache_position=self.cpos, use_cache=True).logits
+                            cache_position=self.cpos, use_cache=True, **{self.kw: self.cache}).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         self.out.index_copy_(1, self.step_i, nxt)
         self.tok.copy_(nxt)
@@ -125,8 +132,8 @@ class GraphDecoder:
         pos.masked_fill_(attention_mask == 0, 1)
         self.cache.reset()  # in place: the captured step keeps reading the same tensors
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                            past_key_values=self.cache, cache_position=torch.arange(p, device=self.device),
-                            use_cache=True, logits_to_keep=1).logits
+                            cache_position=torch.arange(p, device=self.device), use_cache=True, logits_to_keep=1,
+                            **{self.kw: self.cache}).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         self.out.zero_()
         self.out[:, :1].copy_(nxt)

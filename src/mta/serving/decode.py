@@ -12,11 +12,12 @@ not depend on what else is in the batch (tested against one-by-one generation).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from mta.engine.graphs import cache_kwarg
 
 
 @dataclass
@@ -48,11 +49,6 @@ class Batch:
         return len(self.seqs)
 
 
-def _cache_kw(model) -> str:
-    """transformers 5.24 names the cache argument ``cache``, earlier 5.x ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _out_cache(out):
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
@@ -67,7 +63,7 @@ class Decoder:
     def __init__(self, backbone, pad_id: int):
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
         self.pad_id = pad_id
-        self.kw = _cache_kw(self.model)
+        self.kw = cache_kwarg(self.model)
         self.device = backbone.engine.device
 
     def _forward(self, ids, mask, pos_ids, cache, rows):
