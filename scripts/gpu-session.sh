@@ -22,7 +22,8 @@
 # ablation: ~10 min; about twice that with 1.5B); per-user LoRAs for 80 users with 1.5B
 # ~100 s per fold. RUN_15B=run adds `mta run` with 1.5B to its stream.
 #
-# `bash scripts/gpu-prepare.sh` builds everything that travels (.whl/, gpu/r, gpu/data, gpu/p).
+# `bash scripts/gpu-prepare.sh` builds everything that travels (.whl/, gpu/r, gpu/data, gpu/p);
+# `bash scripts/gpu-collect.sh` (from /root/work) packs the results into $OUT for the trip back.
 # How the 2026-11-29 session got everything there (each a device call, issued back to back,
 # since a machine idle for 30 s is given back): (1) carry .whl/ (pip download of gguf,
 # bm25s, nltk, rouge_score, pydantic(+core), fastapi, starlette, uvicorn, httpx2, httpcore2,
