@@ -108,8 +108,7 @@ def test_pool_pads_to_buckets_and_reuses_decoders(setup):
     assert pool.bucket(3, 33) == (8, 64)
     pool.decoder(2, 100)  # a third decoder: the least recently used one goes
     assert sorted(pool.decoders) == [(2, 32), (2, 128)]
-    with pytest.raises(ValueError, match="largest row bucket"):
-        pool.bucket(9, 10)
+    assert pool.bucket(9, 10) == (16, 32)  # past the largest bucket: the next power of two
 
 
 def test_eval_with_the_graph_decoder_gives_the_same_answers(tmp_path):
@@ -134,3 +133,13 @@ def test_eval_with_the_graph_decoder_gives_the_same_answers(tmp_path):
         from mta.inference import generate
 
         generate(None, ["x"], None, 2, decoder="graph", temperature=0.5)
+
+
+def test_the_server_refuses_the_graph_decoder(tmp_path, capsys):
+    """`mta serve` decodes in its own loop: `--decoder graph` is refused, not ignored."""
+    from mta.cli.main import main
+
+    (tmp_path / "bank").mkdir()
+    code = main(["serve", "--bank", str(tmp_path / "bank"), "--keys", str(tmp_path / "keys.json"),
+                 "--decoder", "graph"])
+    assert code != 0 and "--decoder graph applies to eval, run and generate" in capsys.readouterr().err

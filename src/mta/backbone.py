@@ -51,6 +51,7 @@ class Backbone:
     dtype: torch.dtype
     config: BackboneConfig
     engine: AdapterEngine = field(init=False)
+    _pool: object = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         compute = self.config.adapter_compute
@@ -99,6 +100,14 @@ class Backbone:
         return {"max_rows": self.config.max_rows or (None if cuda else CPU_MAX_ROWS),
                 "token_budget": self.config.token_budget,
                 "gradient_checkpointing": self.config.gradient_checkpointing}
+
+    def decoder_pool(self):
+        """The GraphDecoders of ``--decoder graph`` (mta.engine.graphs), made on first use."""
+        if self._pool is None:
+            from mta.engine.graphs import DecoderPool
+
+            self._pool = DecoderPool(self.model)
+        return self._pool
 
     def peak_memory(self) -> int | None:
         """Peak bytes allocated on the CUDA device in this process (None on the CPU); the

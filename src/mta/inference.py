@@ -88,7 +88,7 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
         batch_rows = None if rows is None else [rows[i] for i in idx]
         try:
             if decoder == "graph":
-                gen = _pool(backbone).generate(enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                gen = backbone.decoder_pool().generate(enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                                kwargs["eos_token_id"], tokenizer.pad_token_id,
                                                engine=None if rows is None else engine, rows=batch_rows)
             else:
@@ -105,13 +105,3 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
             on_batch(len(idx))
     return out
 
-
-def _pool(backbone):
-    """The backbone's DecoderPool, made on first use (row buckets up to its batch sizes)."""
-    pool = getattr(backbone, "_mta_decoder_pool", None)
-    if pool is None:
-        from mta.engine.graphs import DecoderPool
-
-        pool = DecoderPool(backbone.model, row_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        backbone._mta_decoder_pool = pool
-    return pool

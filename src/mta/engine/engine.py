@@ -417,18 +417,21 @@ class AdapterEngine:
 
     @contextlib.contextmanager
     @torch.no_grad()
-    def pinned(self, rows: Sequence[Row], batch: int | None = None, width: int | None = None) -> Iterator[None]:
+    def pinned(self, rows: Sequence[Row], batch: int | None = None, width: int | None = None,
+               multiple: int = 1) -> Iterator[None]:
         """Routing for a compiled or graph-captured decode step: every layer's per-row
         factors are written into fixed buffers (``batch`` rows, ``width`` rank directions,
         zero-padded, which is exact), and the layers read those instead of the routing.
         A later batch with the same shape refills the same buffers in place, so a compiled
-        step (or a captured CUDA graph) is reused, not rebuilt. Inference only."""
+        step (or a captured CUDA graph) is reused, not rebuilt. Without ``width``: what
+        the rows need, rounded up to ``multiple`` (so later batches tend to fit the same
+        buffers). Inference only."""
         rt = self.routing(rows)
         batch = batch or len(rows)
         if batch < len(rows):
             raise ValueError(f"{len(rows)} rows do not fit a pinned batch of {batch}")
         need = max((layer.width(rt) for layer in self.layers.values()), default=0)
-        width = need if width is None else width
+        width = -(-need // multiple) * multiple if width is None else width
         if width < need:
             raise ValueError(f"these rows need {need} rank directions; the pinned width is {width}")
         try:

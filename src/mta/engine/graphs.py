@@ -184,9 +184,10 @@ def pinned_buffers(engine) -> list[torch.Tensor]:
 
 class DecoderPool:
     """GraphDecoders by bucket: a batch is padded to the next row bucket (dummy rows: one
-    token, no adapters) and its prompt + new tokens to the next multiple of ``len_step``,
-    so a handful of captures serve batches of every size. The least recently used decoder
-    goes when more than ``max_decoders`` are held (each holds its KV cache)."""
+    token, no adapters; past the largest bucket, the next power of two) and its prompt +
+    new tokens to the next multiple of ``len_step``, so a handful of captures serve
+    batches of every size. The least recently used decoder goes when more than
+    ``max_decoders`` are held (each holds its KV cache)."""
 
     def __init__(self, model: nn.Module, row_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
                  len_step: int = 128, max_decoders: int = 4, graph: bool | None = None):
@@ -197,9 +198,7 @@ class DecoderPool:
         self.decoders: dict[tuple[int, int], GraphDecoder] = {}
 
     def bucket(self, rows: int, length: int) -> tuple[int, int]:
-        fit = [b for b in self.row_buckets if b >= rows]
-        if not fit:
-            raise ValueError(f"{rows} rows exceed the largest row bucket ({self.row_buckets[-1]})")
+        fit = [b for b in self.row_buckets if b >= rows] or [1 << (rows - 1).bit_length()]
         return fit[0], -(-length // self.len_step) * self.len_step
 
     def decoder(self, rows: int, length: int) -> GraphDecoder:
@@ -217,7 +216,7 @@ class DecoderPool:
         """Greedy tokens for a left-padded batch of any size (``generate``'s layout). With
         ``engine`` and ``rows``, every row through its own adapters (pinned routing, the
         dummy rows inactive); ``width`` fixes the pinned rank directions (default: what the
-        rows need, rounded up to a multiple of 8, so later batches reuse the capture)."""
+        rows need, rounded up to a multiple of 8, so later batches tend to reuse the capture)."""
         n, p = input_ids.shape
         dec = self.decoder(n, p + max_new_tokens)
         extra = dec.batch - n
@@ -232,11 +231,7 @@ class DecoderPool:
         from mta.engine.engine import Row
 
         full = list(rows) + [Row(active=False)] * extra
-        if width is None:
-            rt = engine.routing(full)
-            need = max((layer.width(rt) for layer in engine.layers.values()), default=0)
-            width = max(8, -(-need // 8) * 8)
-        with engine.pinned(full, batch=dec.batch, width=width):
+        with engine.pinned(full, batch=dec.batch, width=width, multiple=8):
             dec.buffers = pinned_buffers(engine)
             out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
         return out[:n]

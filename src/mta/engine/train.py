@@ -320,7 +320,7 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
             per_row.sum().backward()
         if probing:
             budget.end_probe(before, ids.numel())
-        values = per_row.detach().tolist()  # the step's one sync for its losses
+        values = per_row.detach().tolist()  # the micro-batch's one sync: its losses
         for (i, _), v in zip(chunk, values):
             if not math.isfinite(v):
                 raise MtaError(f"training diverged at step {step + 1}: the loss of '{jobs[i].key}' is {v} "
