@@ -36,19 +36,24 @@
 # of each checked against the registry's sha256 before touching MODELS/<name>.ok. About
 # 3.5 minutes of device time for 32 calls. Keep every step's limit above its worst case:
 # a step killed by its limit loses its whole result.
-# Learnt 2026-11-30 (4-GPU machine): (1) each job's torch/OpenMP takes every core: six
-# jobs at once drove the load average to 350 and a LaMP-2 eval that takes 88 s alone had
-# not finished fold 0 after 9 minutes; OMP_NUM_THREADS is now the cores over the jobs that
-# run at once (4 evals at 14 threads each finished LaMP-2 in 88 s and 122 s). (2) The image
-# holds JAX; a Ray worker that imported it preallocated 75% of its GPU (105 GiB) and the
-# next 8B worker ran out of memory: XLA_PYTHON_CLIENT_PREALLOCATE=false, JAX_PLATFORMS=cpu.
-# (3) A MovieLens eval trains the task LoRA on the pooled histories of 80 users (~720
-# steps, 146 s per fold with 0.5B alone): ~6 minutes per model with 0.5B, more with 1.5B.
-# (4) The first plot on a fresh machine builds matplotlib's font cache: ~60 s of a small
-# eval. (5) Between device calls, 30 s idle gives the machine back and everything on it:
-# issue the carrying calls several per message (they run one after another, ~4 s each) and
-# poll with calls that sleep. (6) `pkill -f PATTERN` inside a device call also matches that
-# call's own shell (its command line holds PATTERN) and kills it: kill by PID.
+# Learnt 2026-11-30 (4-GPU machine; logs in docs/results/gpu-2026-11-30/session/):
+# (1) each job's torch/OpenMP takes every core: with six jobs at once (load average ~350 by
+# `uptime`) the LaMP-2 evals had not finished fold 0 after 9 minutes (crowded/); with
+# OMP_NUM_THREADS at 14 and four evals side by side they took 88 s and 122 s in all
+# (rerun/, and the runs' results.md): OMP_NUM_THREADS is now the cores over six jobs.
+# (2) The image holds JAX; a process that imported it preallocated 75% of a GPU (105 GiB)
+# and the 8B Ray worker beside it ran out of memory (crowded/ray-adapt-8b.log is the
+# rerun's; the failure's log was lost with the first machine):
+# XLA_PYTHON_CLIENT_PREALLOCATE=false, JAX_PLATFORMS=cpu. (3) A MovieLens eval trains the
+# task LoRA on the pooled histories of 80 users: 712 steps in 146 s for 0.5B's fold 0,
+# beside three other evals (rerun/); a whole MovieLens eval did not fit in 330 s.
+# (4) Profiled alone, a small eval (24 users, 2 methods) took 79 s, 60 of them in
+# matplotlib's text layout for the plots (crowded/prof-alone-tottime.txt; first use on a
+# fresh machine, the cause not checked further). (5) Between device calls, 30 s idle gives
+# the machine back and everything on it: issue the carrying calls several per message
+# (they run one after another, ~4 s each) and poll with calls that sleep. (6) `pkill -f
+# PATTERN` inside a device call also matches that call's own shell (its command line holds
+# PATTERN) and kills it: kill by PID.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
