@@ -5,6 +5,9 @@ query-form training), on the tiny model."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,10 +109,6 @@ def test_eval_with_anchor_pool_and_history_queries(tmp_path):
     assert len(split["targets"]) == 3 and len(split["anchor_candidates"]) == 4
     assert "extra test queries" in (out / "results.md").read_text()
     # the paired script rebuilds the same targets (history queries included)
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     got = subprocess.run([sys.executable, "scripts/paired.py", str(out), "mta", "rag-1", "--n-boot", "100"],
                          capture_output=True, text=True, check=True, cwd=root).stdout
@@ -142,3 +141,28 @@ def test_lamp1_trains_on_query_form_choices():
     many = [HistoryItem(id=str(i), title=f"paper {i} on topic", abstract="z") for i in range(40)]
     answers = {t.training_example(it, many, other)[1] for it in many}
     assert answers == {"[1]", "[2]"}
+
+
+def test_paired_script_pairs_the_reported_users(tmp_path):
+    """A run that left dev users out reports users that are not the data's first N:
+    scripts/paired.py pairs exactly the users the run predicted for."""
+    from mta.data.readers import load_dataset
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    users = load_dataset(data, None).users
+    run = tmp_path / "run"
+    run.mkdir()
+    reported = users[5:]  # e.g. the first five were a recipe's dev users
+    (run / "config.json").write_text(json.dumps({"task": "synth", "data": str(data), "seed": 0,
+                                                 "users": len(reported), "configs": {"eval": {}}}))
+    lines = []
+    for i, u in enumerate(reported):  # A right on every query, B right on the first user only
+        gold = [q.gold for q in u.queries]
+        lines += [json.dumps({"method": "a", "user_id": u.user_id, "parsed": gold}),
+                  json.dumps({"method": "b", "user_id": u.user_id, "parsed": gold if i == 0 else ["-"] * len(gold)})]
+    (run / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    got = subprocess.run([sys.executable, "scripts/paired.py", str(run), "a", "b", "--n-boot", "200"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert got.returncode == 0, got.stderr
+    assert "accuracy: a - b = +0.667" in got.stdout

@@ -4,9 +4,6 @@ users left out) by the commands that take --recipe."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import mta.evaluation.tune as tune_mod
 from mta.bank import read_index
@@ -67,27 +64,3 @@ def test_bad_recipe_is_one_line(tmp_path):
     bad.write_text("{}")
     assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--recipe", str(bad)]) == 2
 
-
-def test_paired_script_pairs_the_reported_users(tmp_path):
-    """A run that left dev users out reports users that are not the data's first N:
-    scripts/paired.py pairs exactly the users the run predicted for."""
-    from mta.data.readers import load_dataset
-
-    data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
-    users = load_dataset(data, None).users
-    run = tmp_path / "run"
-    run.mkdir()
-    reported = users[5:]  # e.g. the first five were a recipe's dev users
-    (run / "config.json").write_text(json.dumps({"task": "synth", "data": str(data), "seed": 0,
-                                                 "users": len(reported), "configs": {"eval": {}}}))
-    lines = []
-    for i, u in enumerate(reported):  # A right on every query, B right on the first user only
-        gold = [q.gold for q in u.queries]
-        lines += [json.dumps({"method": "a", "user_id": u.user_id, "parsed": gold}),
-                  json.dumps({"method": "b", "user_id": u.user_id, "parsed": gold if i == 0 else ["-"] * len(gold)})]
-    (run / "predictions.jsonl").write_text("\n".join(lines) + "\n")
-    got = subprocess.run([sys.executable, "scripts/paired.py", str(run), "a", "b", "--n-boot", "200"],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    assert got.returncode == 0, got.stderr
-    assert "accuracy: a - b = +0.667" in got.stdout
