@@ -48,8 +48,9 @@ GROUPS: dict[str, list[Override]] = {
     "anchors": [{"bank": {"anchors": n}} for n in (8, 4, 16)],
     "merge": [{"adapt": {"merge": m}} for m in ("delta", "factor")],
 }
-# "core": the two groups that moved the dev metric most so far (docs/defaults.md), for
-# models where one trial costs minutes; "quick" adds the stack's shape and top-k
+# "core": the two knobs with evidence so far, the learning rate (0.5B's dev tune,
+# docs/defaults.md) and anchor training (the CPU ablation, docs/results.md), for models
+# where one trial costs minutes; "quick" adds the stack's shape and top-k
 SPACES = {"core": ["learning rate", "anchor training"],
           "quick": ["learning rate", "anchor training", "stack shape", "top-k"], "full": list(GROUPS)}
 ABLATION = ["rag-1", "task-lora", "per-user-lora", "mta-fusion", "mta-stack", "mta"]
