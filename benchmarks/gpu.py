@@ -443,23 +443,37 @@ def main() -> None:
     except ImportError:
         pass
     secs = a.sections.split(",")
-    if "gen" in secs:
-        res["generation"] = gen_section(model, dev, a)
-        _print_gen(res)
-    if "bank" in secs:
-        res["bank"] = bank_section(model, dev, a)
-        print(json.dumps(res["bank"], indent=1), flush=True)
-    if "adapt" in secs:
-        res["adapt"] = adapt_section(model, dev, a)
-        print(json.dumps(res["adapt"], indent=1), flush=True)
-    if "memory" in secs:
-        res["memory"] = memory_section(model, dev, a)
-        print(json.dumps(res["memory"], indent=1), flush=True)
-    if dev.type == "cuda":
-        res["max_memory_allocated"] = torch.cuda.max_memory_allocated()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2, default=str))
+
+    def save() -> None:  # after every section: a later section's failure keeps the earlier ones
+        if dev.type == "cuda":
+            res["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        a.out.write_text(json.dumps(res, indent=2, default=str))
+
+    sections = {"gen": (gen_section, _print_gen), "bank": (bank_section, None),
+                "adapt": (adapt_section, None), "memory": (memory_section, None)}
+    failed = []
+    for name, (fn, show) in sections.items():
+        if name not in secs:
+            continue
+        key = {"gen": "generation"}.get(name, name)
+        try:
+            res[key] = fn(model, dev, a)
+        except Exception as e:  # noqa: BLE001 - recorded; the other sections still run
+            res[key] = {"error": f"{type(e).__name__}: {e}"}
+            failed.append(name)
+            print(f"section {name} failed: {type(e).__name__}: {e}", flush=True)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            if show:
+                show(res)
+            else:
+                print(json.dumps(res[key], indent=1), flush=True)
+        save()
     print(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s")
+    if failed:
+        sys.exit(f"sections failed: {', '.join(failed)} (their errors are in {a.out})")
 
 
 def _print_gen(res):

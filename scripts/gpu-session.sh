@@ -131,24 +131,29 @@ movielens() {  # GPU MODEL
   step "movielens-$2" "$1" bash scripts/gpu-evals.sh movielens "$2" "$RES" $(recipe_of "$2")
 }
 
-# The plan after 2026-11-30 (the LaMP-2 tables on fixed recipes are done): MovieLens on the
-# same fixed recipes (gpu/data/recipe-MODEL.json, from docs/results/gpu-2026-11-30/ by
-# gpu-prepare.sh), the dev-split tunes of both models, the GPU tests and the decode
-# timings (GraphDecoder), and Ray's sharded adaptation with its in-shard timings. One job
-# per GPU at a time, except the CPU-side conversions.
-if [ "${#gpu[@]}" -eq 4 ]; then
-  ray_adapt "${gpu[0]},${gpu[1]}"  # ~2.5 min, while the models are still being carried
-  (ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b; tune "${gpu[0]}" qwen2.5-coder-0.5b quick) &
-  (ready qwen2.5-coder-1.5b; movielens "${gpu[1]}" qwen2.5-coder-1.5b) &
-  (tune "${gpu[2]}" qwen2.5-coder-1.5b core) &
-  (random_weights "${gpu[3]}"; ready qwen2.5-coder-0.5b; mkdir -p "$RES/graph"
-   step lamp2-graph-qwen2.5-coder-0.5b "${gpu[3]}" bash scripts/gpu-evals.sh lamp2 qwen2.5-coder-0.5b "$RES/graph" \
-     --history-queries 3 $(recipe_of qwen2.5-coder-0.5b) --decoder graph) &
-else
-  ray_adapt "$GPUS"
-  (random_weights "${gpu[0]}"; ready qwen2.5-coder-0.5b; movielens "${gpu[0]}" qwen2.5-coder-0.5b
-   tune "${gpu[0]}" qwen2.5-coder-0.5b quick) &
-  (ready qwen2.5-coder-1.5b; movielens "${gpu[1]}" qwen2.5-coder-1.5b; tune "${gpu[1]}" qwen2.5-coder-1.5b core) &
-fi
+tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned recipe (RES/tuned/)
+  local r=$RES/tune-lamp2-$2/recipe.json
+  wait_for "$RES/tune-$2.done"
+  [ -e "$r" ] || return 0
+  mkdir -p "$RES/tuned"
+  step "lamp2-tuned-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES/tuned" --history-queries 3 --recipe "$r"
+}
+
+# The plan after 2026-11-30 (the LaMP-2 tables on fixed recipes are done; Ray is done): the
+# random-weight benchmarks alone on the last GPU (their timings need a quiet GPU); on the
+# other GPU(s) the real-model jobs side by side (each is host-bound: a small model leaves
+# the GPU mostly idle, and 2026-11-30 ran four at once on one host): MovieLens on the
+# fixed recipes (gpu/data/recipe-MODEL.json, from docs/results/gpu-2026-11-30/ by
+# gpu-prepare.sh), the dev-split tunes of both models, each followed by the LaMP-2 table
+# on its tuned recipe.
+bench=${gpu[-1]}
+ev=("${gpu[@]:0:${#gpu[@]}-1}")
+on() { echo "${ev[$(( $1 % ${#ev[@]} ))]}"; }  # the eval GPU of stream N
+[ -n "${RAY:-}" ] && ray_adapt "${gpu[0]},${gpu[1]}"  # RAY=1: the ray wheel must be installed (gpu/r)
+random_weights "$bench" &
+(ready qwen2.5-coder-0.5b; movielens "$(on 0)" qwen2.5-coder-0.5b) &
+(ready qwen2.5-coder-1.5b; movielens "$(on 1)" qwen2.5-coder-1.5b) &
+(tune "$(on 2)" qwen2.5-coder-0.5b quick; tuned "$(on 2)" qwen2.5-coder-0.5b) &
+(tune "$(on 3)" qwen2.5-coder-1.5b core; tuned "$(on 3)" qwen2.5-coder-1.5b) &
 wait
 echo "$(date +%T) session done" >> "$RES/progress"
