@@ -143,3 +143,31 @@ def test_the_server_refuses_the_graph_decoder(tmp_path, capsys):
     code = main(["serve", "--bank", str(tmp_path / "bank"), "--keys", str(tmp_path / "keys.json"),
                  "--decoder", "graph"])
     assert code != 0 and "--decoder graph applies to eval, run and generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_gqa_decode_attention_equals_the_eager_reference(heads, kv_heads):
+    """One new token per row over a cache with masked slots: our grouped-head SDPA gives
+    what transformers' eager attention (keys and values repeated per query head) gives."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from mta.engine.graphs import gqa_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, d, length = 3, 16, 10
+    q = torch.randn(b, heads, 1, d, generator=g)
+    k = torch.randn(b, kv_heads, length, d, generator=g)
+    v = torch.randn(b, kv_heads, length, d, generator=g)
+    mask = torch.zeros(b, 1, 1, length)
+    mask[0, ..., :4] = torch.finfo(torch.float32).min   # a left-padded row
+    mask[1, ..., 7:] = torch.finfo(torch.float32).min   # slots not written yet
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, is_causal=True)
+    ours, _ = gqa_decode_attention(module, q, k, v, mask, scaling=d ** -0.5)
+    ref, _ = eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+    assert ours.shape == ref.shape == (b, 1, heads, d)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # the masked slots matter: without the mask the answer moves
+    free, _ = gqa_decode_attention(module, q, k, v, torch.zeros_like(mask), scaling=d ** -0.5)
+    assert not torch.allclose(free, ref, atol=1e-3)

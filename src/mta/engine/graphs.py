@@ -27,12 +27,57 @@ On a CPU (or with ``graph=False``) the same step runs eagerly: the tests compare
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import StaticCache
+from transformers import AttentionInterface, StaticCache
+from transformers.integrations import sdpa_attention
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+GQA_DECODE = "mta_gqa_decode"
+
+
+def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+    """SDPA for one new token per row without copying the cache. With a mask, the SDPA path
+    of transformers before ``pack_gqa`` (5.17, the GPU image's version) repeats every
+    key/value head for its query heads (``repeat_kv``): a copy of the whole cache per layer
+    per step, ~0.23 ms each, 64 per step, on the H200 at 8B shape with B=64
+    (docs/performance.md). Here a key/value head's query heads become that many query
+    positions of one head (a step's single token has nothing causal to mask among them;
+    the mask says which cache slots each row sees), so the cache is read in place.
+    Prompts (more than one new token) take transformers' SDPA."""
+    b, h, q, d = query.shape
+    kvh = key.shape[1]
+    if q != 1 or h == kvh or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kw)
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    out = F.scaled_dot_product_attention(query.reshape(b, kvh, h // kvh, d), key, value, attn_mask=mask,
+                                         scale=scaling)  # (b, kv heads, query heads per kv head, d)
+    return out.reshape(b, h, 1, d).transpose(1, 2), None
+
+
+AttentionInterface.register(GQA_DECODE, gqa_decode_attention)
+
+
+@contextlib.contextmanager
+def decode_attention(model: nn.Module):
+    """The model's attention through `gqa_decode_attention` while inside: SDPA models, on a
+    transformers whose SDPA path does not pack grouped heads itself (``pack_gqa``, 5.24)."""
+    cfg = model.config
+    old = getattr(cfg, "_attn_implementation", None)
+    if old != "sdpa" or hasattr(sdpa_attention, "pack_gqa"):
+        yield
+        return
+    cfg._attn_implementation = GQA_DECODE
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -75,6 +120,10 @@ class GraphDecoder:
 
     @torch.no_grad()
     def _step(self) -> None:
+        with decode_attention(self.model):
+            self._step_inner()
+
+    def _step_inner(self) -> None:
         self.bias.index_fill_(3, self.cpos, 0.0)  # the slot this step writes joins what it attends to
         logits = self.model(input_ids=self.tok, attention_mask=self.bias, position_ids=self.pos,
                             cache_position=self.cpos, use_cache=True, **{self.kw: self.cache}).logits
