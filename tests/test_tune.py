@@ -26,9 +26,15 @@ def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
     out = tmp_path / "tune"
+    # the tiny model has 2 blocks: the default stack (rank 2 in them all) stores a quarter of
+    # a per-user LoRA, so the bytes budget is raised to 30% here
     assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
-                 "--anchors", "2", *TINY]) == 0
+                 "--anchors", "2", "--max-user-share", "0.3", *TINY]) == 0
     r = read_recipe(out / "recipe.json")
+    over = [t["override"]["adapt"] for t in r.trials if "over the budget" in t.get("skipped", "")]
+    assert over == [{"stack_rank": 4, "stack_layers": 4}, {"stack_rank": 4, "stack_layers": 0},
+                    {"stack_rank": 8, "stack_layers": 0}] and r.max_user_share == 0.3
+    assert r.adapt["stack_rank"] in (1, 2)
     assert r.model == "tiny-random-llama" and r.metric == "accuracy" and len(r.dev_users) == 4
     assert len(r.trials) <= sum(len(GROUPS[g]) for g in SPACES["quick"])
     failed = [t for t in r.trials if "failed" in t]  # recorded, and the search went on without it
@@ -64,3 +70,53 @@ def test_bad_recipe_is_one_line(tmp_path):
     bad.write_text("{}")
     assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--recipe", str(bad)]) == 2
 
+
+
+def test_stack_share_is_the_share_of_stored_parameters():
+    """`stack_share` against the parameters the engine really allocates for one user."""
+    from mta.config import AdaptConfig, BankConfig
+    from mta.evaluation.tune import stack_share
+    from tests.engine_helpers import tiny_engine
+
+    eng, _, _ = tiny_engine()
+    bank = BankConfig(rank=8)
+
+    def stored(rank, layers, modules=None):
+        eng.add_users(1, rank, 2.0 * rank, modules=modules, last_layers=layers)
+        return sum(p.numel() for p in eng.stack_parameters())
+
+    full = stored(8, 0)  # a per-user LoRA: rank 8 everywhere
+    for rank, layers, modules in ((2, 1, None), (1, 0, None), (4, 1, ("q_proj", "v_proj"))):
+        ac = AdaptConfig.make(stack_rank=rank, stack_layers=layers, stack_targets=modules)
+        assert stack_share(eng, bank, ac) == stored(rank, layers, modules) / full
+
+
+def test_tune_refuses_a_budget_nothing_fits_in_one_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    rc = main(["tune", "--data", str(data), "--out", str(tmp_path / "t"), "--dev-fraction", "0.4", "--n-boot", "100",
+               "--anchors", "2", *TINY])  # default budget 10%: no stack shape of the 2-block model fits
+    err = capsys.readouterr().err
+    assert rc == 2 and "over the budget of 10%" in err and "--max-user-share" in err
+    assert not (tmp_path / "t" / "recipe.json").exists()
+
+
+def test_a_baseline_diverging_in_the_final_ablation_keeps_the_recipe(tmp_path, monkeypatch, capsys):
+    """As Qwen2.5-Coder-1.5B's per-user LoRA did at lr 3e-4 on the H200: the search's result
+    is written, the ablation records the failure."""
+    real = tune_mod.run_eval
+
+    def diverging(ds, methods, setup, *a, **kw):
+        if "per-user-lora" in methods:
+            raise MtaError("training diverged at step 2: the loss of 'user:x' is nan", ("BankConfig.lr",))
+        return real(ds, methods, setup, *a, **kw)
+
+    monkeypatch.setattr(tune_mod, "run_eval", diverging)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
+                 "--anchors", "2", "--space", "core", "--max-user-share", "0.3", *TINY]) == 0
+    r = read_recipe(out / "recipe.json")
+    assert r.ablation == [{"error": "training diverged at step 2: the loss of 'user:x' is nan"}]
+    assert "lr" in r.bank and "the final ablation failed" in capsys.readouterr().err

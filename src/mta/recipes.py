@@ -10,9 +10,10 @@ SmolLM2-135M on synthetic development data.
 from __future__ import annotations
 
 MODEL_RECIPES: dict[str, dict[str, dict]] = {
-    # LaMP-2 dev users on the H200, 2026-11-29: the learning-rate group of `mta tune`
-    # (docs/defaults.md, "Tuned defaults per model"); the other knobs were not searched yet
-    "qwen2.5-coder-0.5b": {"bank": {"lr": 3e-4, "epochs": 2}, "adapt": {"stack_lr": 3e-4}},
+    # LaMP-2 dev users on the H200, 2026-12-01: the learning-rate group of `mta tune --space
+    # quick` (docs/defaults.md, "Tuned defaults per model"); its stack-shape and top-k choices
+    # were over the bytes budget the goal sets (a tenth of a per-user LoRA), so not taken
+    "qwen2.5-coder-0.5b": {"bank": {"lr": 1e-4, "epochs": 3}, "adapt": {"stack_lr": 1e-4}},
 }
 
 

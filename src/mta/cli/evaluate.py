@@ -22,7 +22,7 @@ from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, pooled
 from mta.evaluation.report import write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
-from mta.evaluation.tune import SPACES, dev_split, read_recipe, tune
+from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, read_recipe, tune
 from mta.tasks import get_task
 
 STAGES = (BackboneConfig, BankConfig, AdaptConfig, GenerateConfig)
@@ -161,6 +161,8 @@ def tune_cmd(
     dev_fraction: float = typer.Option(1 / 3, min=0.05, max=0.9, help="Share of the users set aside as dev "
                                        "users (tuned on, never reported)."),
     space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)} (mta.evaluation.tune)."),
+    max_user_share: float = typer.Option(MAX_USER_SHARE, min=0.0, max=1.0, help="Skip recipes whose stacked "
+                                         "adapter stores more than this share of a per-user LoRA per user."),
     *, cfg: Configs,
 ) -> None:
     """Choose a recipe for this model and task on dev users; write OUT/recipe.json."""
@@ -177,13 +179,17 @@ def tune_cmd(
     write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space)
     with run_log(out), progress() as bar:
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar)).resolve(ds.users)
-        recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar))
+        recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),
+                      max_user_share)
     write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
     m = recipe.metric
     table = Table(title=escape(f"mta tune: {t.title}, {len(dev)} dev users, model {backbone.model_id}"))
     for col in ("method", m, "Δ vs rag-1", "Δ vs task-lora"):
         table.add_column(col)
     for r in recipe.ablation:
+        if "error" in r:
+            err_console.print(f"the final ablation failed: {escape(r['error'])}")
+            continue
         ds_ = [r["metrics"][m].get(f"diff_vs_{ref}") for ref in ("rag-1", "task-lora")]
         table.add_row(r["method"], f"{r['metrics'][m]['value']:.3f}",
                       *("-" if d is None else f"{d['value']:+.3f}" + (" *" if d["significant"] else "") for d in ds_))

@@ -42,8 +42,10 @@ GROUPS: dict[str, list[Override]] = {
                       for lr, ep in ((3e-3, 1), (1e-3, 1), (3e-4, 2), (1e-4, 3))],
     "anchor training": [{"bank": {"anchor_training": m}} for m in ("user", "cluster")],
     "stack learning rate": [{"adapt": {"stack_lr": lr}} for lr in (3e-3, 1e-3, 3e-4, 1e-4)],
-    "stack shape": [{"adapt": {"stack_rank": 2, "stack_layers": 8}}, {"adapt": {"stack_rank": 4, "stack_layers": 0}},
-                    {"adapt": {"stack_rank": 8, "stack_layers": 0}}],
+    # the first three cost the same bytes per user (rank x blocks = 16); the last two more
+    # than the default budget of a tenth of a per-user LoRA allows (see `stack_share`)
+    "stack shape": [{"adapt": {"stack_rank": r, "stack_layers": n}}
+                    for r, n in ((2, 8), (1, 16), (4, 4), (4, 0), (8, 0))],
     "top-k": [{"adapt": {"top_k": k}} for k in (2, 1, 4)],
     "anchors": [{"bank": {"anchors": n}} for n in (8, 4, 16)],
     "merge": [{"adapt": {"merge": m}} for m in ("delta", "factor")],
@@ -54,6 +56,19 @@ GROUPS: dict[str, list[Override]] = {
 SPACES = {"core": ["learning rate", "anchor training"],
           "quick": ["learning rate", "anchor training", "stack shape", "top-k"], "full": list(GROUPS)}
 ABLATION = ["rag-1", "task-lora", "per-user-lora", "mta-fusion", "mta-stack", "mta"]
+# the goal MTA is held to (docs/results.md): at most a tenth of a per-user LoRA's bytes per user
+MAX_USER_SHARE = 0.1
+
+
+def stack_share(engine, bank: BankConfig, adapt: AdaptConfig) -> float:
+    """A user's stacked adapter (what MTA stores per user) as a share of a per-user LoRA's
+    parameters (rank ``bank.rank`` on every injected layer, the per-user-lora baseline):
+    both are rank x (in + out) summed over their layers, so the share is exact."""
+    def size(names) -> int:
+        return sum(engine.layers[n].in_features + engine.layers[n].out_features for n in names)
+
+    stack = adapt.stack_rank * size(engine.stack_selection(adapt.stack_targets, adapt.stack_layers))
+    return stack / (bank.rank * size(engine.layers))
 
 
 class Recipe(BaseModel):
@@ -70,7 +85,8 @@ class Recipe(BaseModel):
     bank: dict = Field(default_factory=dict)    # BankConfig fields the search changed
     adapt: dict = Field(default_factory=dict)   # AdaptConfig fields the search changed
     trials: list[dict] = Field(default_factory=list)
-    ablation: list[dict] = Field(default_factory=list)
+    ablation: list[dict] = Field(default_factory=list)  # rows of the final table, or one {"error": ...}
+    max_user_share: float | None = None  # the bytes budget the search kept to (None: recipes before it)
 
 
 def read_recipe(path: Path) -> Recipe:
@@ -101,8 +117,8 @@ def _key(cfg) -> str:
 
 
 def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
-         history_queries: int = 0, n_boot: int = 200, progress: Callable[[str, int, int], None] | None = None
-         ) -> Recipe:
+         history_queries: int = 0, n_boot: int = 200, progress: Callable[[str, int, int], None] | None = None,
+         max_user_share: float = MAX_USER_SHARE) -> Recipe:
     task = setup.task
     metric = task.metric_names[0]
     lower_better = task.kind == "rating"
@@ -137,6 +153,15 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         for over in GROUPS[group]:
             bc, ac = configs(over)
             key = _key(bc) + _key(ac)
+            share = stack_share(setup.backbone.engine, bc, ac)
+            if share > max_user_share:  # a recipe MTA may not ship: too many bytes per user
+                trials.append({"group": group, "override": over,
+                               "skipped": f"stores {share:.1%} of a per-user LoRA per user, over the "
+                                          f"budget of {max_user_share:.0%}"})
+                done += 1
+                if progress:
+                    progress("tune trials", done, total)
+                continue
             if key not in cache:
                 try:
                     res = evaluate(["mta"], bc, ac, f"{len(trials):02d}")
@@ -164,12 +189,22 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             if progress:
                 progress("tune trials", done, total)
         if best_over is None:
-            raise MtaError(f"tune: every option of {group!r} failed or was skipped (see {out / 'trials'}); "
-                           "nothing to choose from")
+            why = next((t["skipped"] for t in reversed(trials) if t["group"] == group and "skipped" in t), None)
+            raise MtaError(f"tune: every option of {group!r} failed or was skipped"
+                           + (f" (the last: {why}; see --max-user-share)" if why else f" (see {out / 'trials'})")
+                           + "; nothing to choose from")
         for section in ("bank", "adapt"):
             chosen[section].update(best_over.get(section, {}))
     bc, ac = configs({})
-    final = evaluate(ABLATION, bc, ac, "final")
+    try:
+        ablation = evaluate(ABLATION, bc, ac, "final")["rows"]
+    except MtaError as e:
+        # a baseline that diverges under the chosen recipe (per-user-lora trains at the bank's
+        # learning rate: Qwen2.5-Coder-1.5B at 3e-4 did on the H200) must not lose the search
+        if not str(e).startswith("training diverged"):
+            raise
+        log.warning("tune: the final ablation failed (%s); the recipe is written without it", e)
+        ablation = [{"error": str(e)}]
     return Recipe(model=setup.backbone.model_id, task=task.name, data=str(ds.path), metric=metric,
                   dev_users=dev_ids, bank=chosen["bank"], adapt=chosen["adapt"], trials=trials,
-                  ablation=final["rows"])
+                  ablation=ablation, max_user_share=max_user_share)
