@@ -52,6 +52,15 @@ fi
 
 cp "$SHARED/data/lamp2m_movie_tagging_72users/users.json" gpu/data/lamp2_users.json
 cp docs/results/gpu-2026-11-30/recipe-*.json gpu/data/  # the recipes of the 2026-11-30 tables
+# 0.5B's 2026-12-01 tune within the bytes budget: its learning-rate group's choice (the
+# registry default since), without the stack shape and top-k it chose over the budget
+$PY - <<'PY'
+import json
+r = json.load(open("docs/results/gpu-2026-12-01/tune-lamp2-qwen2.5-coder-0.5b/recipe.json"))
+r["adapt"] = {k: v for k, v in r["adapt"].items() if k not in ("stack_rank", "stack_layers", "top_k")}
+r.update(trials=[], ablation=[])
+json.dump(r, open("gpu/data/recipe-qwen2.5-coder-0.5b-budget.json", "w"), indent=2)
+PY
 if [ ! -e gpu/data/movielens_users.jsonl ]; then
   ml=$SHARED/data/movielens_ml-latest-small_2016
   $MTA data movielens --ratings "$ml/ratings.csv" --movies "$ml/movies.csv" --queries 3 --max-users 160 \

@@ -54,10 +54,20 @@
 # (they run one after another, ~4 s each) and poll with calls that sleep. (6) `pkill -f
 # PATTERN` inside a device call also matches that call's own shell (its command line holds
 # PATTERN) and kills it: kill by PID.
+# Learnt 2026-12-01 (2-GPU machine; logs in docs/results/gpu-2026-12-01/session/): (7) jobs
+# that share a GPU each size their training micro-batches to the free memory: the two 0.5B
+# jobs held 75 and 56 GiB and both 1.5B jobs died of out-of-memory at their start (the
+# *.oom-tail.log files): every job here now gets --gpu-memory-share SHARE (default 0.2).
+# (8) The machine was given back twice while the next calls were being written (more than
+# 30 s between calls, from the reply's end to the next call's start): once mid-carry, once
+# mid-run with every result not yet packed into $OUT. Issue every carrying call AND a row
+# of polling calls (`sleep 28; tail progress`) in one message; read the results while the
+# next message's polls run; pack finished results into $OUT as soon as they exist.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
 GPUS=${GPUS:-0,1,2,3}
+SHARE=${SHARE:-0.2}  # of a GPU's memory, per real-model job (several share one GPU)
 mkdir -p "$RES"
 export PYTHONPATH=${SITE:-/root/site}:$PWD/src MTA_HOME=${MTA_HOME:-/root/mtahome} RAY_AUTH_MODE=disabled \
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / 6 ))} \
@@ -115,11 +125,12 @@ recipe_of() {  # MODEL: the --recipe arguments: a fixed one in DATA (gpu/data/re
 tune() {  # GPU MODEL SPACE
   wait_for "$RES/fetch-$2.done"
   wait_for "$RES/fetch-minilm-l6.done"
-  step "tune-$2" "$1" bash scripts/gpu-evals.sh tune "$2" "$RES" --space "$3"
+  step "tune-$2" "$1" bash scripts/gpu-evals.sh tune "$2" "$RES" --space "$3" --gpu-memory-share "$SHARE"
 }
 lamp2() {  # GPU MODEL
   # shellcheck disable=SC2046 - recipe_of prints nothing or two words
-  step "lamp2-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES" --history-queries 3 $(recipe_of "$2")
+  step "lamp2-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES" --history-queries 3 --gpu-memory-share "$SHARE" \
+    $(recipe_of "$2")
 }
 ready() {  # MODEL: its weights and the embedder converted
   wait_for "$RES/fetch-$1.done"
@@ -128,7 +139,7 @@ ready() {  # MODEL: its weights and the embedder converted
 movielens() {  # GPU MODEL
   [ -e "gpu/data/recipe-$2.json" ] || wait_for "$RES/tune-$2.done"
   # shellcheck disable=SC2046
-  step "movielens-$2" "$1" bash scripts/gpu-evals.sh movielens "$2" "$RES" $(recipe_of "$2")
+  step "movielens-$2" "$1" bash scripts/gpu-evals.sh movielens "$2" "$RES" --gpu-memory-share "$SHARE" $(recipe_of "$2")
 }
 
 tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned recipe (RES/tuned/)
@@ -136,24 +147,24 @@ tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned reci
   wait_for "$RES/tune-$2.done"
   [ -e "$r" ] || return 0
   mkdir -p "$RES/tuned"
-  step "lamp2-tuned-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES/tuned" --history-queries 3 --recipe "$r"
+  step "lamp2-tuned-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES/tuned" --history-queries 3 --recipe "$r" \
+    --gpu-memory-share "$SHARE"
 }
 
-# The plan after 2026-11-30 (the LaMP-2 tables on fixed recipes are done; Ray is done): the
+# The plan after 2026-12-01 (left of the real-model issue: MovieLens with 1.5B, 1.5B's tune,
+# the LaMP-2 table of 0.5B on its tuned recipe within the bytes budget; of the GPU-speed
+# issue: every number again on the code with the cache-reading decode attention): the
 # random-weight benchmarks alone on the last GPU (their timings need a quiet GPU); on the
-# other GPU(s) the real-model jobs side by side (each is host-bound: a small model leaves
-# the GPU mostly idle, and 2026-11-30 ran four at once on one host): MovieLens on the
-# fixed recipes (gpu/data/recipe-MODEL.json, from docs/results/gpu-2026-11-30/ by
-# gpu-prepare.sh), the dev-split tunes of both models, each followed by the LaMP-2 table
-# on its tuned recipe.
+# other GPU(s) the real-model jobs side by side, each on --gpu-memory-share SHARE.
 bench=${gpu[-1]}
 ev=("${gpu[@]:0:${#gpu[@]}-1}")
 on() { echo "${ev[$(( $1 % ${#ev[@]} ))]}"; }  # the eval GPU of stream N
 [ -n "${RAY:-}" ] && ray_adapt "${gpu[0]},${gpu[1]}"  # RAY=1: the ray wheel must be installed (gpu/r)
 random_weights "$bench" &
-(ready qwen2.5-coder-0.5b; movielens "$(on 0)" qwen2.5-coder-0.5b) &
-(ready qwen2.5-coder-1.5b; movielens "$(on 1)" qwen2.5-coder-1.5b) &
-(tune "$(on 2)" qwen2.5-coder-0.5b quick; tuned "$(on 2)" qwen2.5-coder-0.5b) &
-(tune "$(on 3)" qwen2.5-coder-1.5b core; tuned "$(on 3)" qwen2.5-coder-1.5b) &
+(ready qwen2.5-coder-1.5b; movielens "$(on 0)" qwen2.5-coder-1.5b) &
+(tune "$(on 1)" qwen2.5-coder-1.5b core; tuned "$(on 1)" qwen2.5-coder-1.5b) &
+(ready qwen2.5-coder-0.5b; mkdir -p "$RES/budget"
+ step lamp2-budget-qwen2.5-coder-0.5b "$(on 2)" bash scripts/gpu-evals.sh lamp2 qwen2.5-coder-0.5b "$RES/budget" \
+   --history-queries 3 --recipe gpu/data/recipe-qwen2.5-coder-0.5b-budget.json --gpu-memory-share "$SHARE") &
 wait
 echo "$(date +%T) session done" >> "$RES/progress"

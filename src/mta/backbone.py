@@ -98,7 +98,7 @@ class Backbone:
         """The micro-batch bounds and checkpointing that training on this device uses."""
         cuda = self.device.type == "cuda"
         return {"max_rows": self.config.max_rows or (None if cuda else CPU_MAX_ROWS),
-                "token_budget": self.config.token_budget,
+                "token_budget": self.config.token_budget, "memory_share": self.config.gpu_memory_share,
                 "gradient_checkpointing": self.config.gradient_checkpointing}
 
     def decoder_pool(self):

@@ -72,7 +72,8 @@ class BackboneConfig(_Config):
     base is bf16; benchmarks/precision.py measured it equal to fp32 within its stated
     tolerance and faster). ``token_budget`` bounds the padded tokens of one training
     micro-batch; auto on CUDA measures the bytes per token of the first micro-batch and
-    sizes the rest to the free memory (docs/architecture.md).
+    sizes the rest to the free memory (docs/architecture.md), or to ``gpu_memory_share``
+    of the device when several jobs share it.
     """
 
     model: str | None = Field(None, description="registry LLM or local HF model directory "
@@ -90,6 +91,8 @@ class BackboneConfig(_Config):
                                      "(default: no limit on CPU, measured from free memory on CUDA)")
     max_rows: int | None = Field(None, ge=1, description="rows per training micro-batch "
                                  "(default: 16 on CPU, no limit on CUDA)")
+    gpu_memory_share: float = Field(1.0, gt=0, le=1, description="share of the GPU's memory a measured "
+                                    "token budget may plan into (lower it when jobs share a GPU)")
 
     @field_validator("device")
     @classmethod

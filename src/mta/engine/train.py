@@ -43,7 +43,10 @@ class TrainConfig:
     no bound, except ``token_budget`` on CUDA, where None means "measure": the first
     micro-batch's peak memory per token sizes the rest to the free memory, and an
     out-of-memory step is retried with half the budget. They change nothing but float
-    rounding. ``lr_field`` names the config field behind ``lr`` in error messages.
+    rounding. ``memory_share`` caps what the measured budget plans into at that share of
+    the device's memory for this process (jobs sharing a GPU: otherwise the first takes
+    most of it and the next runs out of memory). ``lr_field`` names the config field
+    behind ``lr`` in error messages.
     """
 
     lr: float = 1e-4
@@ -56,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     max_rows: int | None = 16
     token_budget: int | None = None
+    memory_share: float = 1.0
     gradient_checkpointing: bool = False
     lr_field: str = "lr"
 
@@ -75,6 +79,8 @@ class TrainConfig:
             problems.append(f"max_rows must be >= 1, got {self.max_rows}")
         if self.token_budget is not None and self.token_budget < 1:
             problems.append(f"token_budget must be >= 1, got {self.token_budget}")
+        if not 0 < self.memory_share <= 1:
+            problems.append(f"memory_share must be in (0, 1], got {self.memory_share}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             problems.append(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if problems:
@@ -181,6 +187,7 @@ class _Budget:
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.value = cfg.token_budget
+        self.share = cfg.memory_share
         self.auto = cfg.token_budget is None and device.type == "cuda"
         self.device = device
         self.measured = not self.auto
@@ -197,9 +204,12 @@ class _Budget:
 
     def end_probe(self, before: int, tokens: int) -> None:
         per_token = max(1, (torch.cuda.max_memory_allocated(self.device) - before) // max(1, tokens))
-        free, _ = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        self.value = max(tokens, int(self.HEADROOM * (free + cached) / per_token))
+        free, total = torch.cuda.mem_get_info(self.device)
+        held = torch.cuda.memory_allocated(self.device)
+        room = free + torch.cuda.memory_reserved(self.device) - held
+        if self.share < 1:  # what this process may still take of its share of the device
+            room = min(room, int(self.share * total) - held)
+        self.value = max(tokens, int(self.HEADROOM * max(0, room) / per_token))
         self.measured = True
         log.info("training micro-batch budget: %d padded tokens (%.0f KiB per token measured)", self.value,
                  per_token / 1024)
