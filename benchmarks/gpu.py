@@ -226,7 +226,9 @@ def bank_section(model, dev, a) -> dict:
     data = [_examples(a.samples, a.seq, vocab, s) for s in range(a.anchors)]
     cfg = TrainConfig(lr=1e-4, epochs=1, batch_size=8, warmup_ratio=0.1, max_rows=a.max_rows,
                       gradient_checkpointing=a.checkpointing)
-    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
+    # fp32 master weights, matmuls in the base's dtype: what `mta bank build` runs on CUDA
+    # (BackboneConfig.adapter_compute auto); runs before 2026-12-01 left the matmuls in fp32
+    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, compute_dtype=a.adapter_dtype))
     eng.init_bank()
     jobs = [Job(i, data[i], Row([i], [1.0]), key=f"a{i}") for i in range(a.anchors)]
     sync(dev)
@@ -280,7 +282,7 @@ def adapt_section(model, dev, a) -> dict:
     from peft import LoraConfig, get_peft_model
 
     vocab = model.config.vocab_size
-    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
+    eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, compute_dtype=a.adapter_dtype))
     eng.init_bank(b_std=0.01)
     eng.add_users(a.users, 2, 4.0)
     rng = torch.Generator().manual_seed(3)
