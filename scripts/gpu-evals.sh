@@ -42,7 +42,7 @@ case "$step" in
     model=$1 out=$2
     shift 2
     $MTA eval --data "$DATA/lamp2_users.json" --out "$out/lamp2-$model" --model "$model" --device "$DEVICE" \
-      --methods all --anchors 8 --batch-size 64 "$@"
+      --methods all,user-prior --anchors 8 --batch-size 64 "$@"
     pack "$out/lamp2-$model" ;;
   tune)
     model=$1 out=$2
@@ -54,7 +54,7 @@ case "$step" in
     model=$1 out=$2
     shift 2
     $MTA eval --data "$DATA/movielens_users.jsonl" --out "$out/movielens-$model" --model "$model" --device "$DEVICE" \
-      --methods all --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
+      --methods all,user-prior --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
     pack "$out/movielens-$model" ;;
   *)
     echo "unknown step $step (smoke, run, lamp2, tune, movielens)" >&2

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ ALL_METHODS = ("base", "rag", "task-lora", "per-user-lora", "oppu", "mta-fusion"
                "mta-reference")
 BANK_METHODS = {"mta-fusion", "mta", "mta-reference"}
 TASK_METHODS = {"task-lora", "oppu"}
+# no model at all: a rating task's target answers its mean score, a classification task's
+# its most frequent label, over its own training history (not part of "all": ask for it)
+USER_PRIOR = "user-prior"
 Progress = Callable[[str, int, int], None] | None
 
 
@@ -58,10 +62,11 @@ def expand_methods(spec) -> list[str]:
             out += expand_methods(ALL_METHODS)
         elif name == "rag":
             out += ["rag-1", "rag-4"]
-        elif name == "base" or re.fullmatch(r"rag-[1-9]\d*", name) or name in ALL_METHODS:
+        elif name == "base" or re.fullmatch(r"rag-[1-9]\d*", name) or name in ALL_METHODS or name == USER_PRIOR:
             out.append(name)
         else:
-            raise MtaError(f"unknown method {name!r}; choose from: {', '.join(ALL_METHODS)}, rag-K or all",
+            raise MtaError(f"unknown method {name!r}; choose from: {', '.join(ALL_METHODS)}, {USER_PRIOR}, rag-K "
+                           "or all",
                            ("EvalConfig.methods",))
     if not out:
         raise MtaError("no method to evaluate", ("EvalConfig.methods",))
@@ -126,6 +131,32 @@ def run_prompt(setup: EvalSetup, name: str, targets) -> FoldResult:
                      on_batch=_bar(setup, name, len(pairs)), decoder=g.decoder)
     res = FoldResult(infer_seconds=time.perf_counter() - t0, bytes_per_user={u.user_id: 0 for u in targets})
     _collect(res, pairs, texts, setup.task)
+    return res
+
+
+def run_prior(setup: EvalSetup, targets) -> FoldResult:
+    """user-prior: the answer a user's own history alone suggests, without a model: the
+    mean of its scores rounded to the nearest whole score (rating tasks), or its most
+    frequent label, the earliest of a tie (classification). What a personalised model has
+    to beat to have learnt more than the user's prior."""
+    task = setup.task
+    if task.kind not in ("rating", "classification"):
+        raise MtaError(f"{USER_PRIOR} needs a rating or classification task; {task.name} is {task.kind}",
+                       ("EvalConfig.methods",))
+    res = FoldResult(bytes_per_user={u.user_id: 0 for u in targets})
+    t0 = time.perf_counter()
+    for u in targets:
+        labels = [lb for lb in map(task.item_label, u.history) if lb not in (None, "None")]
+        if not labels:
+            answer = ""
+        elif task.kind == "rating":
+            answer = str(int(sum(float(x) for x in labels) / len(labels) + 0.5))
+        else:
+            counts = Counter(labels)
+            answer = max(dict.fromkeys(labels), key=lambda lb: counts[lb])  # first seen wins a tie
+        res.preds[u.user_id] = [task.parse(answer) for _ in u.queries]
+        res.outputs[u.user_id] = [answer for _ in u.queries]
+    res.infer_seconds = time.perf_counter() - t0
     return res
 
 

@@ -17,10 +17,12 @@ from mta.evaluation import plots
 from mta.evaluation.methods import (
     BANK_METHODS,
     TASK_METHODS,
+    USER_PRIOR,
     EvalSetup,
     FoldResult,
     _stages,
     run_adapted,
+    run_prior,
     run_private,
     run_prompt,
     run_task,
@@ -161,6 +163,8 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                 continue
             if m == "base" or m.startswith("rag-"):
                 part = run_prompt(setup, m, targets[fold.index])
+            elif m == USER_PRIOR:
+                part = run_prior(setup, targets[fold.index])
             elif m == "task-lora":
                 part = run_task(setup, task_bank, targets[fold.index])
             elif m == "oppu":
