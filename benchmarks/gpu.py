@@ -6,7 +6,8 @@ the same run (random bf16 weights: speed depends only on shape; nothing is downl
 1. mixed-user generation: 64 rows, each a distinct user with its own top-2 mixture of a
    50-anchor rank-8 bank plus its own rank-2 stacked adapter, against the base model,
    PEFT with one shared adapter and PEFT's mixed batch (64 adapters, ``adapter_names``),
-   all in HF ``generate``;
+   all in HF ``generate``; and the base and the engine (pinned and dense routing) in the
+   new loop (mta.engine.graphs.GraphDecoder), whole runs and decode steps alone;
 2. bank building: 50 anchors x 64 samples x 256 tokens, rank 8, one pass, against PEFT
    training the anchors one after another (a few timed, the rest extrapolated);
 3. new-user adaptation: fusion + rank-2 stack for 256 users, against the reference
@@ -182,6 +183,8 @@ def gen_section(model, dev, a) -> list[dict]:
         wall(run(model, a.new, lambda: eng.route(rows)), dev), a.new)
     loop_rec(f"new loop: mta engine, {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
              lambda: eng.pinned(rows, width=2 * 8 + 2), "pinned routing")
+    loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: eng.dense(rows),
+             "every table as columns of two dense matmuls, each row's coefficients over them")
     bank_bytes = sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
     eng.remove()
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
@@ -198,22 +201,23 @@ def gen_section(model, dev, a) -> list[dict]:
     rec(f"peft: mixed batch, {a.rows} adapters", wall(run(pm, new, adapter_names=names), dev), new,
         f"timed over {new} new tokens (it is slow); throughput per token is comparable")
     pm.unload()
-    hf_base, loop_base, eng_row, loop_eng, _, peft_mixed = out
+    hf_base, loop_base, eng_row, loop_eng, loop_dense, _, peft_mixed = out
     for r in out:
         r["ratio_to_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"]
     eng_row["ratio_to_peft_mixed"] = eng_row["tokens_per_s"] / peft_mixed["tokens_per_s"]
     # the two decode ratios: the engine against the base in the SAME (new) loop, and
     # the new loop's engine against HF generate's base with the dynamic cache
-    loop_eng["ratio_to_base_same_loop"] = loop_eng["tokens_per_s"] / loop_base["tokens_per_s"]
-    loop_eng["step_ratio_to_base_same_loop"] = loop_base["decode_step_seconds"] / loop_eng["decode_step_seconds"]
-    loop_eng["ratio_to_hf_dynamic_base"] = loop_eng["tokens_per_s"] / hf_base["tokens_per_s"]
+    for r in (loop_eng, loop_dense):
+        r["ratio_to_base_same_loop"] = r["tokens_per_s"] / loop_base["tokens_per_s"]
+        r["ratio_to_hf_dynamic_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"]
+        r["step_ratio_to_base_same_loop"] = loop_base["decode_step_seconds"] / r["decode_step_seconds"]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
         (model.config.hidden_size // model.config.num_attention_heads) * 2
     avg_ctx = a.prompt + a.new / 2
     kv = a.rows * avg_ctx * kv_per_token
     for r in out:
-        r["bytes_per_step_floor"] = weights + kv + (bank_bytes if r in (eng_row, loop_eng) else 0)
+        r["bytes_per_step_floor"] = weights + kv + (bank_bytes if r in (eng_row, loop_eng, loop_dense) else 0)
     return out
 
 
@@ -497,11 +501,12 @@ def _print_gen(res):
         if "decode_step_seconds" in r:
             floor = "" if not bw else f", {r['decode_step_seconds'] * bw / r['bytes_per_step_floor']:.2f}x its floor"
             print(f"decode step alone, {r['config'][:40]}: {1e3 * r['decode_step_seconds']:.2f} ms{floor}")
-    e, loop = res["generation"][2], res["generation"][3]
-    print(f"engine vs PEFT mixed batch: {e['ratio_to_peft_mixed']:.1f}x; new loop: engine vs base "
-          f"{loop['ratio_to_base_same_loop']:.3f}x (decode steps alone {loop['step_ratio_to_base_same_loop']:.3f}x), "
-          f"vs HF generate's base {loop['ratio_to_hf_dynamic_base']:.2f}x",
-          flush=True)
+    e = res["generation"][2]
+    print(f"engine vs PEFT mixed batch: {e['ratio_to_peft_mixed']:.1f}x", flush=True)
+    for loop in res["generation"][3:5]:
+        print(f"new loop, {loop['note'].split(',')[0]}: engine vs base {loop['ratio_to_base_same_loop']:.3f}x "
+              f"(decode steps alone {loop['step_ratio_to_base_same_loop']:.3f}x), vs HF generate's base "
+              f"{loop['ratio_to_hf_dynamic_base']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -178,3 +178,23 @@ def test_graph_decoder_captured_equals_eager_and_is_reused():
     want = eng.generate(None, enc["input_ids"], enc["attention_mask"], **kw)
     assert torch.equal(base.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id),
                        want)
+
+
+def test_graph_decoder_with_dense_routing_equals_eager_and_is_reused():
+    """The dense routing layout under a captured step: the eager engine's greedy tokens
+    (fp32), two batches of other users through one capture."""
+    from mta.engine.graphs import GraphDecoder, pinned_buffers
+
+    eng, tok = _engine(torch.float32, torch.float32)
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    other = [Row([3], [1.0], user=1), Row([1, 2], [0.5, 0.5]), Row([0], [1.0], user=2), Row(active=False)]
+    dec = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64)
+    for rows in (ROWS, other):
+        want = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
+        with eng.dense(rows):
+            dec.buffers = pinned_buffers(eng)
+            got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+        assert torch.equal(got, want)
+    assert dec.captures == 1

@@ -171,3 +171,48 @@ def test_gqa_decode_attention_equals_the_eager_reference(heads, kv_heads):
     # the masked slots matter: without the mask the answer moves
     free, _ = gqa_decode_attention(module, q, k, v, torch.zeros_like(mask), scaling=d ** -0.5)
     assert not torch.allclose(free, ref, atol=1e-3)
+
+
+def test_dense_routing_equals_the_eager_engine(setup):
+    """The dense layout (every table as columns, each row's coefficients over them) gives
+    the routing's logits, for anchors, users, inactive rows and padding rows alike."""
+    eng, tok = setup
+    enc = _enc(tok, PROMPTS)
+    with torch.no_grad():
+        with eng.route(FIRST):
+            ref = eng.model(**enc).logits
+        with eng.dense(FIRST):
+            got = eng.model(**enc).logits
+        with eng.dense(FIRST, batch=6):  # two padding rows: nothing added to them
+            ids = torch.cat([enc["input_ids"], enc["input_ids"][:2]])
+            mask = torch.cat([enc["attention_mask"], enc["attention_mask"][:2]])
+            padded = eng.model(input_ids=ids, attention_mask=mask).logits
+        base = eng.model(input_ids=ids[4:], attention_mask=mask[4:]).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded[:4], ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded[4:], base, rtol=1e-5, atol=1e-5)
+    assert not any(layer.dense_on for layer in eng.layers.values())  # off again on leaving
+
+
+def test_mixed_users_through_dense_routing_equal_the_eager_engine(setup):
+    """One decoder, two batches of other users: the second refills the dense buffers in
+    place (the same tensors the captured step reads)."""
+    eng, tok = setup
+    dec = GraphDecoder(eng.model, batch=4, max_len=64)
+    enc = _enc(tok, PROMPTS)
+    seen = None
+    for rows in (FIRST, SECOND):
+        with eng.dense(rows):
+            dec.buffers = pinned_buffers(eng)
+            ptrs = [b.data_ptr() for b in dec.buffers]
+            assert seen is None or ptrs == seen
+            seen = ptrs
+            got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+        assert torch.equal(got, _hf(eng, tok, enc, rows)), rows
+
+
+def test_the_pool_takes_the_layout_with_fewer_bytes(setup):
+    eng, _ = setup
+    # 4 anchors x rank 4 + 3 users x rank 2 = 22 columns; a row of FIRST needs 2 x 4 + 2 = 10
+    assert eng.fixed_layout(FIRST, 4) == "dense"       # 22 <= 4 x 10
+    assert eng.fixed_layout(FIRST[:1], 2) == "pinned"  # 22 > 2 x 10

@@ -443,6 +443,39 @@ class AdapterEngine:
                 layer.pin_on = False
                 layer.clear_cache()
 
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def dense(self, rows: Sequence[Row], batch: int | None = None) -> Iterator[None]:
+        """Routing for a graph-captured decode step, the other fixed layout: every layer
+        reads ALL its tables (anchors, fused slots, users) as the columns of two dense
+        matrices, and each row's coefficients over those columns from a (``batch``,
+        columns) buffer, zero where the row uses nothing. The same sum as the routing
+        (exact up to float summation order), read once per step for the whole batch
+        instead of per row: fewer bytes than ``pinned`` when the tables' columns are fewer
+        than batch x a row's rank directions (e.g. 64 users, top-2 of 50 rank-8 anchors and
+        own rank-2 stacks: 528 columns against 64 x 18 = 1,152). A later batch refills the
+        buffers in place. Inference only."""
+        rt = self.routing(rows)
+        batch = batch or len(rows)
+        if batch < len(rows):
+            raise ValueError(f"{len(rows)} rows do not fit a dense batch of {batch}")
+        try:
+            for layer in self.layers.values():
+                layer.densify(rt, batch)
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.dense_on = False
+                layer.clear_cache()
+
+    def fixed_layout(self, rows: Sequence[Row], batch: int | None = None) -> str:
+        """``dense`` or ``pinned``: the fixed routing layout that reads fewer adapter bytes
+        per decode step for these rows in a batch of ``batch``."""
+        rt = self.routing(rows)
+        need = max((layer.width(rt) for layer in self.layers.values()), default=0)
+        cols = max((layer.dense_columns() for layer in self.layers.values()), default=0)
+        return "dense" if cols <= (batch or len(rows)) * need else "pinned"
+
     @torch.no_grad()
     def generate_static(self, rows: Sequence[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         width: int | None = None, **gen_kwargs) -> torch.Tensor:

@@ -15,8 +15,10 @@ never changes shape); their tokens after it are replaced by the pad id, as trans
 ``generate`` does. Every row is computed independently (rows never attend to each other),
 so the result is token-for-token what ``generate`` gives with greedy decoding.
 
-With the adapter engine, run it inside ``AdapterEngine.pinned(rows, batch, width)``: the
-layers then read their per-row factors from fixed buffers, and a new batch of users is a
+With the adapter engine, run it inside ``AdapterEngine.pinned(rows, batch, width)`` (the
+layers read their per-row factors from fixed buffers) or ``AdapterEngine.dense(rows,
+batch)`` (every table as the columns of two dense matmuls, each row's coefficients over
+them; fewer bytes per step when many rows share a bank): a new batch of users is a
 refill of those buffers, not a new capture. The decoder checks that the buffers it
 captured are still the ones in place (a pin with another shape reallocates them) and
 captures again if not.
@@ -227,7 +229,10 @@ class GraphDecoder:
 
 
 def pinned_buffers(engine) -> list[torch.Tensor]:
-    """The engine's pin buffers (what a captured step reads for the adapters)."""
+    """The buffers a captured step reads for the adapters: those of the engine's dense
+    routing while it is on, else its pin buffers."""
+    if any(layer.dense_on for layer in engine.layers.values()):
+        return [t for layer in engine.layers.values() for t in (layer.dense_A, layer.dense_B, layer.dense_W)]
     return [t for layer in engine.layers.values() for t in (layer.pin_A, layer.pin_B)]
 
 
@@ -264,8 +269,10 @@ class DecoderPool:
                  engine=None, rows: Sequence | None = None, width: int | None = None) -> torch.Tensor:
         """Greedy tokens for a left-padded batch of any size (``generate``'s layout). With
         ``engine`` and ``rows``, every row through its own adapters (pinned routing, the
-        dummy rows inactive); ``width`` fixes the pinned rank directions (default: what the
-        rows need, rounded up to a multiple of 8, so later batches tend to reuse the capture)."""
+        dummy rows inactive), in the fixed layout that reads fewer bytes (``fixed_layout``);
+        ``width`` asks for the pinned layout with that many rank directions (default: what
+        the rows need, rounded up to a multiple of 8, so later batches tend to reuse the
+        capture)."""
         n, p = input_ids.shape
         dec = self.decoder(n, p + max_new_tokens)
         extra = dec.batch - n
@@ -280,7 +287,10 @@ class DecoderPool:
         from mta.engine.engine import Row
 
         full = list(rows) + [Row(active=False)] * extra
-        with engine.pinned(full, batch=dec.batch, width=width, multiple=8):
+        layout = engine.fixed_layout(full, dec.batch) if width is None else "pinned"
+        fixed = engine.dense(full, batch=dec.batch) if layout == "dense" else \
+            engine.pinned(full, batch=dec.batch, width=width, multiple=8)
+        with fixed:
             dec.buffers = pinned_buffers(engine)
             out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
         return out[:n]

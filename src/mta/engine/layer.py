@@ -74,6 +74,13 @@ class BankLoRALinear(nn.Module):
         self.register_buffer("pin_A", torch.zeros(0, 0, self.in_features, device=dev), persistent=False)
         self.register_buffer("pin_B", torch.zeros(0, self.out_features, 0, device=dev), persistent=False)
         self.pin_on = False
+        # dense routing (AdapterEngine.dense): every table's factors side by side as columns,
+        # read once per step by two dense matmuls; a row's mixture is its coefficients over
+        # those columns (dense_W), zero where the row does not use a column
+        self.register_buffer("dense_A", torch.zeros(0, self.in_features, device=dev), persistent=False)
+        self.register_buffer("dense_B", torch.zeros(self.out_features, 0, device=dev), persistent=False)
+        self.register_buffer("dense_W", torch.zeros(0, 0, device=dev), persistent=False)
+        self.dense_on = False
 
     @property
     def scale(self) -> float:
@@ -172,12 +179,69 @@ class BankLoRALinear(nn.Module):
             self.pin_B[:b.shape[0], :, :b.shape[2]].copy_(b)
         self.pin_on = True
 
+    def dense_columns(self) -> int:
+        """Columns of the dense layout: every anchor's, fused slot's and user's rank directions."""
+        return sum(t.shape[0] * t.shape[1] for t in (self.bank_A, self.fused_A, self.stack_A))
+
+    def densify(self, rt: Routing, rows: int) -> None:
+        """Fill the dense buffers: the tables as columns (anchors, fused slots, users, in
+        that order) and each row's coefficients over them, the same coefficients
+        ``_gathered`` applies (anchor weight x scale, a slot's scale; 0 for an inactive or
+        padding row). In place when the shapes are unchanged."""
+        cd, dev, master = self.compute_dtype, self.bank_A.device, self.bank_A.dtype
+        tables = [(self.bank_A, self.bank_B), (self.fused_A, self.fused_B), (self.stack_A, self.stack_B)]
+        a = torch.cat([ta.reshape(-1, self.in_features) for ta, _ in tables])
+        b = torch.cat([tb.permute(1, 0, 2).reshape(self.out_features, -1) for _, tb in tables], dim=1)
+        n = a.shape[0]
+        w = torch.zeros(rows, n, dtype=master, device=dev)
+        if rt.anchor_idx is not None and self.bank_A.shape[0]:
+            idx = rt.anchor_idx
+            cols = (idx[:, :, None] * self.rank + torch.arange(self.rank, device=dev)).reshape(idx.shape[0], -1)
+            vals = (rt.anchor_w.to(master) * self.scale)[:, :, None].expand(-1, -1, self.rank).reshape(idx.shape[0], -1)
+            w[:idx.shape[0]].scatter_add_(1, cols, vals)
+        off = self.bank_A.shape[0] * self.rank
+        for ta, scale, idx in ((self.fused_A, self.fused_scale, rt.fused_idx), (self.stack_A, self.stack_scale,
+                                                                                 rt.stack_idx)):
+            r = ta.shape[1]
+            if idx is not None and ta.shape[0]:
+                safe = idx.clamp(min=0)
+                cols = off + safe[:, None] * r + torch.arange(r, device=dev)
+                vals = ((idx >= 0).to(master) * scale[safe])[:, None].expand(-1, r)
+                w[:idx.shape[0]].scatter_add_(1, cols, vals)
+            off += ta.shape[0] * r
+        if rt.active is not None:
+            w[:rt.active.shape[0]] *= rt.active.to(master)[:, None]
+        if tuple(self.dense_A.shape) != (n, self.in_features) or self.dense_A.dtype != cd:
+            self.dense_A = a.to(cd).contiguous()
+            self.dense_B = b.to(cd).contiguous()
+        else:
+            self.dense_A.copy_(a)
+            self.dense_B.copy_(b)
+        if tuple(self.dense_W.shape) != (rows, n) or self.dense_W.dtype != cd:
+            self.dense_W = w.to(cd)
+        else:
+            self.dense_W.copy_(w)
+        self.dense_on = True
+
+    def _dense_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = self.dense_W
+        if w.shape[0] != x.shape[0]:
+            raise RuntimeError(f"routing is set for {w.shape[0]} rows but the batch has {x.shape[0]}")
+        z = x.to(self.dense_A.dtype) @ self.dense_A.t()            # (..., N): every column's projection
+        z = z * (w if x.dim() == 2 else w[:, None, :])             # each row's own mixture
+        if y.dtype == self.dense_B.dtype:  # the add inside the matmul
+            return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]),
+                               self.dense_B.t()).reshape(y.shape)
+        return y + (z @ self.dense_B.t()).to(y.dtype)
+
     def width(self, rt: Routing) -> int:
         got = self._gathered(rt)
         return 0 if got is None else got[0].shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.dense_on:
+            return self._dense_forward(x, y)
         if self.pin_on:
             a, b = self.pin_A, self.pin_B
         else:
