@@ -1,5 +1,6 @@
 """Non-LLM reference points for a rating task: a constant score, and each user's own mean
-of their first N history ratings (rounded), scored like `mta eval` on every query.
+of their first N history ratings (rounded half up, as `mta eval --methods user-prior`
+answers), scored like `mta eval` on every query.
 
     .venv/bin/python scripts/rating-baselines.py runs/movielens/users.jsonl --target-history 10
 """
@@ -10,10 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.data.readers import load_dataset  # noqa: E402
+from mta.evaluation.methods import prior_answer  # noqa: E402
 from mta.tasks import get_task  # noqa: E402
 
 
@@ -31,8 +31,7 @@ def main() -> None:
     golds = [q.gold for _, q in pairs]
     rows = {f"constant {c}": [float(c)] * len(pairs) for c in (3, 4)}
     rows[f"user mean of first {a.target_history}"] = [
-        float(round(np.mean([float(task.item_label(it)) for it in u.history[:a.target_history]])))
-        for u, _ in pairs]
+        task.parse(prior_answer(task, u.history[:a.target_history])) for u, _ in pairs]
     print(f"{len(pairs)} queries of {len(ds.users)} users")
     for name, preds in rows.items():
         m = task.score(preds, golds)

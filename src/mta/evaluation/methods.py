@@ -134,6 +134,18 @@ def run_prompt(setup: EvalSetup, name: str, targets) -> FoldResult:
     return res
 
 
+def prior_answer(task, history) -> str:
+    """What ``history`` alone answers (``user-prior``): the mean score rounded half up, or
+    the most frequent label, the first seen of a tie; "" without a labelled item."""
+    labels = [lb for lb in map(task.item_label, history) if lb not in (None, "None")]
+    if not labels:
+        return ""
+    if task.kind == "rating":
+        return str(int(sum(float(x) for x in labels) / len(labels) + 0.5))
+    counts = Counter(labels)
+    return max(dict.fromkeys(labels), key=lambda lb: counts[lb])
+
+
 def run_prior(setup: EvalSetup, targets) -> FoldResult:
     """user-prior: the answer a user's own history alone suggests, without a model: the
     mean of its scores rounded to the nearest whole score (rating tasks), or its most
@@ -146,14 +158,7 @@ def run_prior(setup: EvalSetup, targets) -> FoldResult:
     res = FoldResult(bytes_per_user={u.user_id: 0 for u in targets})
     t0 = time.perf_counter()
     for u in targets:
-        labels = [lb for lb in map(task.item_label, u.history) if lb not in (None, "None")]
-        if not labels:
-            answer = ""
-        elif task.kind == "rating":
-            answer = str(int(sum(float(x) for x in labels) / len(labels) + 0.5))
-        else:
-            counts = Counter(labels)
-            answer = max(dict.fromkeys(labels), key=lambda lb: counts[lb])  # first seen wins a tie
+        answer = prior_answer(task, u.history)
         res.preds[u.user_id] = [task.parse(answer) for _ in u.queries]
         res.outputs[u.user_id] = [answer for _ in u.queries]
     res.infer_seconds = time.perf_counter() - t0
