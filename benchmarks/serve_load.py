@@ -61,7 +61,8 @@ def run(work: Path, key: str, users: list[str], a, max_batch: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(work / "bank"), "--store",
                              str(work / "store"), "--users", str(work / "data"), "--keys", str(work / "keys.json"),
                              "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(a.requests),
-                             "--device", a.device], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             "--device", a.device, "--decoder", a.decoder], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -109,6 +110,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--embedder", default="minilm-l6")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--decoder", default="generate", choices=("generate", "graph"),
+                    help="the server's decode loop: its eager one, or the slot decoder (captured step)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--requests", type=int, default=500)
@@ -135,7 +138,8 @@ def main() -> None:
               f"{r['p99_s']:>7.2f} {r['errors']:>6}")
     print(f"batched / one at a time: {ratio:.2f}x")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "max_tokens": a.max_tokens, "prompt": a.prompt,
+    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "decoder": a.decoder, "max_tokens": a.max_tokens,
+                                 "prompt": a.prompt,
                                  "rows": rows, "ratio": ratio}, indent=2) + "\n")
     print(f"wrote {a.out}")
 

@@ -113,6 +113,12 @@ random_weights() {  # GPU
   T=900 step gpu-8b "$1" python3 benchmarks/gpu.py --profile --out "$RES/gpu-8b.json"
   T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections hf,graph --profile \
     --out "$RES/hf-decode-8b.json"
+  if [ -n "${SERVE_LOAD:-}" ]; then  # the server's two decode loops under the same load (~5 min each)
+    for d in generate graph; do
+      T=600 step "serve-load-8b-$d" "$1" python3 benchmarks/serve_load.py --model random-llama3-8b --device cuda \
+        --requests 200 --clients 16 --users 16 --max-tokens 16 --decoder "$d" --out "$RES/serve-load-8b-$d.json"
+    done
+  fi
 }
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------

@@ -1,13 +1,20 @@
-"""The iteration-level decode loop: rows that join between steps, and rows that leave,
-get exactly the greedy tokens they get alone (tiny model, fp32, CPU)."""
+"""The iteration-level decode loops (the eager one on dynamic caches, and the slot decoder
+on one static cache whose step a CUDA graph captures; eager here on the CPU): rows that
+join between steps, and rows that leave, get exactly the greedy tokens they get alone
+(tiny model, fp32, CPU)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mta.engine.engine import Row
 from mta.serving.decode import Decoder, Sequence
+from mta.serving.slots import SlotDecoder
 from tests.engine_helpers import tiny_backbone
+
+DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
+            "slots": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64)}
 
 
 def _alone(bb, prompt: list[int], row: Row, n: int) -> list[int]:
@@ -17,7 +24,8 @@ def _alone(bb, prompt: list[int], row: Row, n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def test_rows_joining_and_leaving_equal_each_alone():
+@pytest.mark.parametrize("kind", DECODERS)
+def test_rows_joining_and_leaving_equal_each_alone(kind):
     bb = tiny_backbone()
     eng = bb.engine
     eng.set_bank(3, 4, 8.0)
@@ -29,8 +37,8 @@ def test_rows_joining_and_leaving_equal_each_alone():
     rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0])]
     lengths = [9, 4, 7, 6]
     seqs = [Sequence(p, r, n, frozenset()) for p, r, n in zip(prompts, rows, lengths)]
-    dec = Decoder(bb, tok.pad_token_id)
-    batch = dec.prefill(seqs[:2])
+    dec = DECODERS[kind](bb, tok.pad_token_id)
+    batch = dec.merge(None, dec.prefill(seqs[:2]))
     dec.step(batch)
     batch = dec.merge(batch, dec.prefill(seqs[2:3]))  # joins after two tokens
     done = []
@@ -48,15 +56,63 @@ def test_rows_joining_and_leaving_equal_each_alone():
         assert s.tokens == _alone(bb, p, r, n)
 
 
-def test_stop_tokens_end_a_row():
+@pytest.mark.parametrize("kind", DECODERS)
+def test_stop_tokens_end_a_row(kind):
     bb = tiny_backbone()
     tok = bb.tokenizer
     p = tok("stop me", add_special_tokens=False)["input_ids"]
     free = _alone(bb, p, Row(active=False), 8)
     k = next(i for i in range(1, 8) if free[i] not in free[:i])  # a token not seen before it
     s = Sequence(p, Row(active=False), 8, frozenset({free[k]}))
-    dec = Decoder(bb, tok.pad_token_id)
-    b = dec.prefill([s])
+    dec = DECODERS[kind](bb, tok.pad_token_id)
+    b = dec.merge(None, dec.prefill([s]))
     while s.finish is None:
         dec.step(b)
     assert s.finish == "stop" and s.tokens == free[:k]
+
+
+def test_slots_are_reused_and_the_cache_shifts_when_full():
+    """Rows pass through a 3-slot decoder whose cache (2 x 24 positions) fills up several
+    times: each row still gets its tokens alone, slots freed by finished rows are taken by
+    new ones, and the shared write position moves back when the cache is shifted."""
+    bb = tiny_backbone()
+    eng = bb.engine
+    eng.set_bank(3, 4, 8.0)
+    eng.init_bank(seed=0, b_std=0.3)
+    eng.add_users(2, 2, 4.0, seed=1, b_std=0.3)
+    tok = bb.tokenizer
+    texts = ["ab", "cdef", "g", "hijk", "lm", "nopq", "r", "stu"]
+    rows = [Row([i % 3], [1.0], user=i % 2) if i % 4 else Row(active=False) for i in range(len(texts))]
+    seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 6 + i % 5, frozenset())
+            for i, (t, r) in enumerate(zip(texts, rows))]
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=24)
+    batch, waiting, shifts, last_t = None, list(seqs), 0, 0
+    while waiting or (batch is not None and len(batch)):
+        room = 3 - (len(batch) if batch is not None else 0)
+        if waiting and room:
+            batch = dec.merge(batch, dec.prefill(waiting[:room]))
+            waiting = waiting[room:]
+        left = [k for k, s in enumerate(batch.seqs) if s.finish is None]
+        batch = dec.keep(batch, left)
+        if left:
+            dec.step(batch)
+        shifts += dec.t < last_t
+        last_t = dec.t
+    assert shifts >= 1 and sorted(dec.free) == [0, 1, 2]
+    for s in seqs:
+        assert s.finish == "length" and s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
+
+
+def test_slot_decoder_refuses_what_does_not_fit():
+    bb = tiny_backbone()
+    dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=1, span=8)
+    with pytest.raises(ValueError, match="exceeds the decoder's span 8"):
+        dec.prefill([Sequence([5] * 6, Row(active=False), 4, frozenset())])
+    with pytest.raises(RuntimeError, match="the decoder has 1 slots"):
+        dec.prefill([Sequence([5, 6], Row(active=False), 4, frozenset())] * 2)
+    running = dec.merge(None, dec.prefill([Sequence([5, 6], Row(active=False), 4, frozenset())]))
+    with pytest.raises(RuntimeError, match="only 0 slots are free"):
+        dec.merge(running, dec.prefill([Sequence([5, 6], Row(active=False), 4, frozenset())]))
+    # the scheduler drops a batch whose rows all finished (None): its slots are free again
+    dec.merge(None, dec.prefill([Sequence([7, 8], Row(active=False), 4, frozenset())]))
+    assert dec.free == []

@@ -198,3 +198,37 @@ def test_graph_decoder_with_dense_routing_equals_eager_and_is_reused():
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, want)
     assert dec.captures == 1
+
+
+def test_slot_decoder_captured_equals_each_row_alone():
+    """The server's slot decoder on CUDA (step captured once): rows joining and leaving,
+    the cache shifted when full, get their tokens alone (fp32)."""
+    from types import SimpleNamespace
+
+    from mta.serving.decode import Sequence
+    from mta.serving.slots import SlotDecoder
+
+    eng, tok = _engine(torch.float32, torch.float32)
+    bb = SimpleNamespace(engine=eng, model=eng.model)
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    rows = [ROWS[i % len(ROWS)] for i in range(8)]
+    seqs = [Sequence(tok(p, add_special_tokens=False)["input_ids"], r, 6 + i % 5, frozenset())
+            for i, (p, r) in enumerate(zip(PROMPTS * 2, rows))]
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=48)
+    assert dec.g.graph_on
+    batch, waiting, shifts, last_t = None, list(seqs), 0, 0
+    while waiting or (batch is not None and len(batch)):
+        room = 3 - (len(batch) if batch is not None else 0)
+        if waiting and room:
+            batch = dec.merge(batch, dec.prefill(waiting[:room]))
+            waiting = waiting[room:]
+        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+        if len(batch):
+            dec.step(batch)
+        shifts += dec.t < last_t
+        last_t = dec.t
+    assert shifts >= 1
+    for s in seqs:
+        ids = torch.tensor([s.prompt], device=CUDA)
+        alone = eng.generate([s.row], ids, torch.ones_like(ids), max_new_tokens=s.max_new_tokens, **kw)
+        assert s.tokens == alone[0, len(s.prompt):].tolist()

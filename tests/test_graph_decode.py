@@ -135,16 +135,6 @@ def test_eval_with_the_graph_decoder_gives_the_same_answers(tmp_path):
         generate(None, ["x"], None, 2, decoder="graph", temperature=0.5)
 
 
-def test_the_server_refuses_the_graph_decoder(tmp_path, capsys):
-    """`mta serve` decodes in its own loop: `--decoder graph` is refused, not ignored."""
-    from mta.cli.main import main
-
-    (tmp_path / "bank").mkdir()
-    code = main(["serve", "--bank", str(tmp_path / "bank"), "--keys", str(tmp_path / "keys.json"),
-                 "--decoder", "graph"])
-    assert code != 0 and "--decoder graph applies to eval, run and generate" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
 def test_gqa_decode_attention_equals_the_eager_reference(heads, kv_heads):
     """One new token per row over a cache with masked slots: our grouped-head SDPA gives

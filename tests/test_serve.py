@@ -149,6 +149,25 @@ def test_mixed_users_in_one_batch_equal_mta_generate(server, world, tmp_path):
     assert float(rows_bucket[0].split()[-1]) < float(total[0].split()[-1])  # some steps ran several rows
 
 
+def test_the_slot_decoder_serves_the_same_answers(server, world):
+    """`mta serve --decoder graph` (one static cache, the step captured on CUDA; eager here):
+    mixed users arriving together get the answers of the default loop, sampled ones too."""
+    d, keys = world
+    reqs = [(u, f"Which tag does this movie relate to? description: film {i}") for i, u in
+            enumerate(STORED + ["synth-0005", "nobody"] + STORED)]
+    slots = Server(d, "--decoder", "graph", "--max-batch", "4")
+    try:
+        for kw in ({}, {"temperature": 0.9, "seed": 3, "max_tokens": 5}):
+            with ThreadPoolExecutor(len(reqs)) as ex:
+                want = list(ex.map(lambda r, kw=kw: chat(server.url, keys["admin"], r[0], r[1], **kw).json(), reqs))
+                got = list(ex.map(lambda r, kw=kw: chat(slots.url, keys["admin"], r[0], r[1], **kw).json(), reqs))
+            assert [a["choices"][0]["message"]["content"] for a in got] == \
+                [a["choices"][0]["message"]["content"] for a in want], kw
+            assert [a["mta"]["route"] for a in got] == [a["mta"]["route"] for a in want]
+    finally:
+        slots.stop()
+
+
 def test_the_openai_client_works(server, world):
     openai = pytest.importorskip("openai")
     _, keys = world

@@ -217,8 +217,9 @@ class GenerateConfig(_Config):
     retrieve_k: int = Field(1, ge=0, description="BM25 history items in each prompt (0 disables)")
     max_prompt_tokens: int = Field(1024, ge=16, description="prompt tokens kept (from the end)")
     decoder: Literal["generate", "graph"] = Field(
-        "generate", description="generate: transformers' generate; graph: mta's GraphDecoder, the decode step "
-        "captured in a CUDA graph on CUDA (same greedy tokens; docs/performance.md)")
+        "generate", description="generate: transformers' generate (the server: its eager loop); graph: the "
+        "decode step captured in a CUDA graph on CUDA over a static cache (GraphDecoder; the server's slot "
+        "decoder); same greedy tokens (docs/performance.md)")
 
 
 class EvalConfig(_Config):

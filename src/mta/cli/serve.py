@@ -52,9 +52,6 @@ def serve_cmd(
     from mta.serving.security import Keys
     from mta.store import UserStore
 
-    if cfg.generate.decoder != "generate":
-        raise MtaError("the server decodes in its own loop (rows join and leave between steps); --decoder graph "
-                       "applies to eval, run and generate", ("GenerateConfig.decoder",))
     key_table = Keys.read(keys)
     if not key_table.entries:
         raise MtaError(f"{keys}: no keys; add one with: mta keys add --keys {keys} --role admin")

@@ -468,6 +468,22 @@ class AdapterEngine:
                 layer.dense_on = False
                 layer.clear_cache()
 
+    @contextlib.contextmanager
+    def fixed_on(self, layout: str) -> Iterator[None]:
+        """Turn on the fixed routing that ``dense`` or ``pinned`` last filled (their buffers
+        stay filled after the ``with`` ends), without refilling it: for a decode loop whose
+        rows stay the same for many steps while other work (a prefill) uses the routing."""
+        if layout not in ("dense", "pinned"):
+            raise ValueError(f"layout must be dense or pinned, not {layout!r}")
+        flag = "dense_on" if layout == "dense" else "pin_on"
+        try:
+            for layer in self.layers.values():
+                setattr(layer, flag, True)
+            yield
+        finally:
+            for layer in self.layers.values():
+                setattr(layer, flag, False)
+
     def fixed_layout(self, rows: Sequence[Row], batch: int | None = None) -> str:
         """``dense`` or ``pinned``: the fixed routing layout that reads fewer adapter bytes
         per decode step for these rows in a batch of ``batch``."""

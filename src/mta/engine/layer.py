@@ -227,6 +227,8 @@ class BankLoRALinear(nn.Module):
         w = self.dense_W
         if w.shape[0] != x.shape[0]:
             raise RuntimeError(f"routing is set for {w.shape[0]} rows but the batch has {x.shape[0]}")
+        if not self.dense_A.shape[0]:  # no table at all: the base layer alone
+            return y
         z = x.to(self.dense_A.dtype) @ self.dense_A.t()            # (..., N): every column's projection
         z = z * (w if x.dim() == 2 else w[:, None, :])             # each row's own mixture
         if y.dtype == self.dense_B.dtype:  # the add inside the matmul

@@ -175,7 +175,7 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
     ``job_prefix`` makes adapt-job ids unique across replicas (mta.serving.ray_serve)."""
     metrics = Metrics()
     adapt_cfg = adapt_cfg or AdaptConfig()
-    scheduler = Scheduler(bank, store, gen, cfg.max_batch, cfg.max_queue, adapt_cfg, metrics)
+    scheduler = Scheduler(bank, store, gen, cfg.max_batch, cfg.max_queue, adapt_cfg, metrics, cfg.max_tokens)
     histories = Histories(bank.task, users or [], store)
     jobs: dict[str, AdaptJob] = {}
     counter = itertools.count(1)

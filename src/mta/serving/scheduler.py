@@ -29,6 +29,7 @@ from mta.inference import chat_prompt, stop_ids
 from mta.loaded_bank import LoadedBank, Plan, Request
 from mta.retrieval import retrieve
 from mta.serving.decode import Batch, Decoder, Sequence
+from mta.serving.slots import SlotBatch, SlotDecoder
 from mta.store import UserStore
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,20 @@ class Job:
 
 class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
-                 max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None):
+                 max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
-        self.decoder = Decoder(bank.backbone, self.tok.pad_token_id)
+        if gen.decoder == "graph":  # one static cache, the step captured in a CUDA graph (mta.serving.slots)
+            self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
+                                       span=gen.max_prompt_tokens + max_tokens)
+        else:
+            self.decoder = Decoder(bank.backbone, self.tok.pad_token_id)
         self.stop_ids = frozenset(stop_ids(self.tok))
         self.max_batch = max_batch
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.exclusive: queue.Queue[tuple[Callable, Future]] = queue.Queue()
         self.metrics = metrics
-        self.batch: Batch | None = None
+        self.batch: Batch | SlotBatch | None = None
         self.jobs: list[Job] = []
         self.accepting = True
         self.tokens_out = 0
