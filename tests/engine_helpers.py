@@ -51,3 +51,21 @@ def random_examples(n: int, seed: int, vocab: int = 250, lo: int = 5, hi: int = 
         cut = rng.randint(1, length - 2)
         out.append(Example(tuple(ids), tuple([IGNORE] * cut + ids[cut:])))
     return out
+
+
+def run_through_slots(dec, seqs, slots: int) -> int:
+    """Drive a SlotDecoder as the server's scheduler does: rows join as slots free up,
+    finished rows leave, one step at a time until every row is done. Returns how often
+    the shared write position moved back (a cache shift)."""
+    batch, waiting, shifts, last_t = None, list(seqs), 0, 0
+    while waiting or (batch is not None and len(batch)):
+        room = slots - (len(batch) if batch is not None else 0)
+        if waiting and room:
+            batch = dec.merge(batch, dec.prefill(waiting[:room]))
+            waiting = waiting[room:]
+        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+        if len(batch):
+            dec.step(batch)
+        shifts += dec.t < last_t
+        last_t = dec.t
+    return shifts

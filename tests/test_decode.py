@@ -11,7 +11,7 @@ import torch
 from mta.engine.engine import Row
 from mta.serving.decode import Decoder, Sequence
 from mta.serving.slots import SlotDecoder
-from tests.engine_helpers import tiny_backbone
+from tests.engine_helpers import run_through_slots, tiny_backbone
 
 DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
             "slots": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64)}
@@ -24,13 +24,18 @@ def _alone(bb, prompt: list[int], row: Row, n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def _with_adapters():
+    """The tiny backbone with 3 rank-4 anchors and 2 users' rank-2 stacks that move tokens."""
+    bb = tiny_backbone()
+    bb.engine.set_bank(3, 4, 8.0)
+    bb.engine.init_bank(seed=0, b_std=0.3)
+    bb.engine.add_users(2, 2, 4.0, seed=1, b_std=0.3)
+    return bb
+
+
 @pytest.mark.parametrize("kind", DECODERS)
 def test_rows_joining_and_leaving_equal_each_alone(kind):
-    bb = tiny_backbone()
-    eng = bb.engine
-    eng.set_bank(3, 4, 8.0)
-    eng.init_bank(seed=0, b_std=0.3)
-    eng.add_users(2, 2, 4.0, seed=1, b_std=0.3)
+    bb = _with_adapters()
     tok = bb.tokenizer
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
                ("hello there", "a much longer prompt for the second user", "hi", "mid length one")]
@@ -75,29 +80,14 @@ def test_slots_are_reused_and_the_cache_shifts_when_full():
     """Rows pass through a 3-slot decoder whose cache (2 x 24 positions) fills up several
     times: each row still gets its tokens alone, slots freed by finished rows are taken by
     new ones, and the shared write position moves back when the cache is shifted."""
-    bb = tiny_backbone()
-    eng = bb.engine
-    eng.set_bank(3, 4, 8.0)
-    eng.init_bank(seed=0, b_std=0.3)
-    eng.add_users(2, 2, 4.0, seed=1, b_std=0.3)
+    bb = _with_adapters()
     tok = bb.tokenizer
     texts = ["ab", "cdef", "g", "hijk", "lm", "nopq", "r", "stu"]
     rows = [Row([i % 3], [1.0], user=i % 2) if i % 4 else Row(active=False) for i in range(len(texts))]
     seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 6 + i % 5, frozenset())
             for i, (t, r) in enumerate(zip(texts, rows))]
     dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=24)
-    batch, waiting, shifts, last_t = None, list(seqs), 0, 0
-    while waiting or (batch is not None and len(batch)):
-        room = 3 - (len(batch) if batch is not None else 0)
-        if waiting and room:
-            batch = dec.merge(batch, dec.prefill(waiting[:room]))
-            waiting = waiting[room:]
-        left = [k for k, s in enumerate(batch.seqs) if s.finish is None]
-        batch = dec.keep(batch, left)
-        if left:
-            dec.step(batch)
-        shifts += dec.t < last_t
-        last_t = dec.t
+    shifts = run_through_slots(dec, seqs, 3)
     assert shifts >= 1 and sorted(dec.free) == [0, 1, 2]
     for s in seqs:
         assert s.finish == "length" and s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)

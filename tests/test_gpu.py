@@ -154,10 +154,11 @@ def test_compiled_static_decode_on_cuda_equals_eager():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_graph_decoder_captured_equals_eager_and_is_reused():
+@pytest.mark.parametrize("layout", ["pinned", "dense"])
+def test_graph_decoder_captured_equals_eager_and_is_reused(layout):
     """GraphDecoder on CUDA: the decode step captured once in a CUDA graph gives the eager
     engine's greedy tokens (fp32), for the base model and for mixed users through pinned
-    routing, and later batches of other users replay the same capture."""
+    or dense routing, and later batches of other users replay the same capture."""
     from mta.engine.graphs import GraphDecoder, pinned_buffers
 
     eng, tok = _engine(torch.float32, torch.float32)
@@ -169,7 +170,7 @@ def test_graph_decoder_captured_equals_eager_and_is_reused():
     assert dec.graph_on
     for rows in (ROWS, other):
         want = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
-        with eng.pinned(rows, width=16):
+        with eng.pinned(rows, width=16) if layout == "pinned" else eng.dense(rows):
             dec.buffers = pinned_buffers(eng)
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, want)
@@ -180,26 +181,6 @@ def test_graph_decoder_captured_equals_eager_and_is_reused():
                        want)
 
 
-def test_graph_decoder_with_dense_routing_equals_eager_and_is_reused():
-    """The dense routing layout under a captured step: the eager engine's greedy tokens
-    (fp32), two batches of other users through one capture."""
-    from mta.engine.graphs import GraphDecoder, pinned_buffers
-
-    eng, tok = _engine(torch.float32, torch.float32)
-    tok.padding_side = "left"
-    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
-    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
-    other = [Row([3], [1.0], user=1), Row([1, 2], [0.5, 0.5]), Row([0], [1.0], user=2), Row(active=False)]
-    dec = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64)
-    for rows in (ROWS, other):
-        want = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
-        with eng.dense(rows):
-            dec.buffers = pinned_buffers(eng)
-            got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
-        assert torch.equal(got, want)
-    assert dec.captures == 1
-
-
 def test_slot_decoder_captured_equals_each_row_alone():
     """The server's slot decoder on CUDA (step captured once): rows joining and leaving,
     the cache shifted when full, get their tokens alone (fp32)."""
@@ -207,6 +188,7 @@ def test_slot_decoder_captured_equals_each_row_alone():
 
     from mta.serving.decode import Sequence
     from mta.serving.slots import SlotDecoder
+    from tests.engine_helpers import run_through_slots
 
     eng, tok = _engine(torch.float32, torch.float32)
     bb = SimpleNamespace(engine=eng, model=eng.model)
@@ -216,17 +198,7 @@ def test_slot_decoder_captured_equals_each_row_alone():
             for i, (p, r) in enumerate(zip(PROMPTS * 2, rows))]
     dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=48)
     assert dec.g.graph_on
-    batch, waiting, shifts, last_t = None, list(seqs), 0, 0
-    while waiting or (batch is not None and len(batch)):
-        room = 3 - (len(batch) if batch is not None else 0)
-        if waiting and room:
-            batch = dec.merge(batch, dec.prefill(waiting[:room]))
-            waiting = waiting[room:]
-        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
-        if len(batch):
-            dec.step(batch)
-        shifts += dec.t < last_t
-        last_t = dec.t
+    shifts = run_through_slots(dec, seqs, 3)
     assert shifts >= 1
     for s in seqs:
         ids = torch.tensor([s.prompt], device=CUDA)

@@ -14,17 +14,25 @@ from mta.evaluation.tune import GROUPS, SPACES, read_recipe
 TINY = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2"]
 
 
-def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
+def _diverging_when(monkeypatch, tmp_path, when, message):
+    """Synthetic data, and run_eval raising a divergence whenever ``when(methods, setup)``."""
     real = tune_mod.run_eval
 
-    def diverging(ds, methods, setup, *a, **kw):  # as Qwen2.5-Coder-0.5B did on the H200 at lr 1e-4
-        if setup.bank_cfg.lr == 1e-4:
-            raise MtaError("training diverged at step 6: the loss of 'anchor:x' is nan", ("BankConfig.lr",))
+    def diverging(ds, methods, setup, *a, **kw):
+        if when(methods, setup):
+            raise MtaError(message, ("BankConfig.lr",))
         return real(ds, methods, setup, *a, **kw)
 
     monkeypatch.setattr(tune_mod, "run_eval", diverging)
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    return data
+
+
+def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
+    # as Qwen2.5-Coder-0.5B did on the H200 at lr 1e-4
+    data = _diverging_when(monkeypatch, tmp_path, lambda methods, setup: setup.bank_cfg.lr == 1e-4,
+                           "training diverged at step 6: the loss of 'anchor:x' is nan")
     out = tmp_path / "tune"
     # the tiny model has 2 blocks: the default stack (rank 2 in them all) stores a quarter of
     # a per-user LoRA, so the bytes budget is raised to 30% here
@@ -104,16 +112,8 @@ def test_tune_refuses_a_budget_nothing_fits_in_one_line(tmp_path, capsys):
 def test_a_baseline_diverging_in_the_final_ablation_keeps_the_recipe(tmp_path, monkeypatch, capsys):
     """As Qwen2.5-Coder-1.5B's per-user LoRA did at lr 3e-4 on the H200: the search's result
     is written, the ablation records the failure."""
-    real = tune_mod.run_eval
-
-    def diverging(ds, methods, setup, *a, **kw):
-        if "per-user-lora" in methods:
-            raise MtaError("training diverged at step 2: the loss of 'user:x' is nan", ("BankConfig.lr",))
-        return real(ds, methods, setup, *a, **kw)
-
-    monkeypatch.setattr(tune_mod, "run_eval", diverging)
-    data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    data = _diverging_when(monkeypatch, tmp_path, lambda methods, setup: "per-user-lora" in methods,
+                           "training diverged at step 2: the loss of 'user:x' is nan")
     out = tmp_path / "tune"
     assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
                  "--anchors", "2", "--space", "core", "--max-user-share", "0.3", *TINY]) == 0

@@ -116,15 +116,7 @@ class Decoder:
             if s.temperature > 0:
                 nxt[i] = _sample(logits[i], s)
         batch.last = nxt
-        for s, t in zip(batch.seqs, nxt.tolist()):
-            if s.finish is not None:
-                continue
-            if t in s.stop_ids:
-                s.finish = "stop"
-                continue
-            s.tokens.append(t)
-            if len(s.tokens) >= s.max_new_tokens:
-                s.finish = "length"
+        take_tokens(batch.seqs, nxt.tolist())
 
     @staticmethod
     def merge(a: Batch | None, b: Batch) -> Batch:
@@ -159,6 +151,20 @@ class Decoder:
             layer.values = layer.values.index_select(0, idx)[:, :, start:]
         return Batch([batch.seqs[i] for i in rows], batch.cache, mask[:, start:], batch.pos.index_select(0, idx),
                      batch.last.index_select(0, idx))
+
+
+def take_tokens(seqs: list[Sequence], tokens: list[int]) -> None:
+    """Each running row takes its new token: a stop token finishes it (not kept), its
+    ``max_new_tokens``-th token too (kept)."""
+    for s, t in zip(seqs, tokens):
+        if s.finish is not None:
+            continue
+        if t in s.stop_ids:
+            s.finish = "stop"
+            continue
+        s.tokens.append(t)
+        if len(s.tokens) >= s.max_new_tokens:
+            s.finish = "length"
 
 
 def _sample(logits: torch.Tensor, s: Sequence) -> torch.Tensor:

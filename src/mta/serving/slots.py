@@ -33,7 +33,7 @@ import torch
 
 from mta.engine.engine import Row
 from mta.engine.graphs import GraphDecoder, pinned_buffers
-from mta.serving.decode import Batch, Decoder, Sequence, _layers, _sample
+from mta.serving.decode import Batch, Decoder, Sequence, _layers, _sample, take_tokens
 
 
 @dataclass
@@ -187,15 +187,7 @@ class SlotDecoder:
             if s.temperature > 0:
                 nxt[slot] = _sample(self.g.logits[slot], s)
         self.g.tok[:, 0].copy_(nxt)  # a sampled token is the next input
-        for s, tok in zip(batch.seqs, nxt[batch.slots].tolist()):
-            if s.finish is not None:
-                continue
-            if tok in s.stop_ids:
-                s.finish = "stop"
-                continue
-            s.tokens.append(tok)
-            if len(s.tokens) >= s.max_new_tokens:
-                s.finish = "length"
+        take_tokens(batch.seqs, nxt[batch.slots].tolist())
 
     # -- internals ---------------------------------------------------------------------------
     def _compact(self, batch: SlotBatch) -> None:
