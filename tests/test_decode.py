@@ -106,3 +106,21 @@ def test_slot_decoder_refuses_what_does_not_fit():
     # the scheduler drops a batch whose rows all finished (None): its slots are free again
     dec.merge(None, dec.prefill([Sequence([7, 8], Row(active=False), 4, frozenset())]))
     assert dec.free == []
+
+
+def test_slot_decoder_sees_a_table_changed_in_place():
+    """Between admissions only the rows' coefficients are refilled, unless a table changed
+    (a user's stack reloaded in place, as the server's store does): then the columns too."""
+    bb = _with_adapters()
+    eng, tok = bb.engine, bb.tokenizer
+    prompt = tok("the same prompt", add_special_tokens=False)["input_ids"]
+    row = Row([0], [1.0], user=0)
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=2, span=32)
+    first = Sequence(prompt, row, 8, frozenset())
+    run_through_slots(dec, [first], 2)
+    with torch.no_grad():
+        for layer in eng.layers.values():
+            layer.stack_A.mul_(4.0)  # in place: the tensor's version moves, its identity does not
+    second = Sequence(prompt, row, 8, frozenset())
+    run_through_slots(dec, [second], 2)
+    assert second.tokens == _alone(bb, prompt, row, 8) != first.tokens

@@ -445,7 +445,7 @@ class AdapterEngine:
 
     @contextlib.contextmanager
     @torch.no_grad()
-    def dense(self, rows: Sequence[Row], batch: int | None = None) -> Iterator[None]:
+    def dense(self, rows: Sequence[Row], batch: int | None = None, tables: bool = True) -> Iterator[None]:
         """Routing for a graph-captured decode step, the other fixed layout: every layer
         reads ALL its tables (anchors, fused slots, users) as the columns of two dense
         matrices, and each row's coefficients over those columns from a (``batch``,
@@ -454,14 +454,15 @@ class AdapterEngine:
         instead of per row: fewer bytes than ``pinned`` when the tables' columns are fewer
         than batch x a row's rank directions (e.g. 64 users, top-2 of 50 rank-8 anchors and
         own rank-2 stacks: 528 columns against 64 x 18 = 1,152). A later batch refills the
-        buffers in place. Inference only."""
+        buffers in place; ``tables=False`` only the rows' coefficients, for a caller that
+        knows the tables are as at the last fill (``tables_key``). Inference only."""
         rt = self.routing(rows)
         batch = batch or len(rows)
         if batch < len(rows):
             raise ValueError(f"{len(rows)} rows do not fit a dense batch of {batch}")
         try:
             for layer in self.layers.values():
-                layer.densify(rt, batch)
+                layer.densify(rt, batch, tables)
             yield
         finally:
             for layer in self.layers.values():
@@ -483,6 +484,10 @@ class AdapterEngine:
         finally:
             for layer in self.layers.values():
                 setattr(layer, flag, False)
+
+    def tables_key(self) -> tuple:
+        """Changes whenever any layer's bank, fused or stack table does."""
+        return tuple(layer.tables_key() for layer in self.layers.values())
 
     def fixed_layout(self, rows: Sequence[Row], batch: int | None = None) -> str:
         """``dense`` or ``pinned``: the fixed routing layout that reads fewer adapter bytes

@@ -183,16 +183,32 @@ class BankLoRALinear(nn.Module):
         """Columns of the dense layout: every anchor's, fused slot's and user's rank directions."""
         return sum(t.shape[0] * t.shape[1] for t in (self.bank_A, self.fused_A, self.stack_A))
 
-    def densify(self, rt: Routing, rows: int) -> None:
+    def tables_key(self) -> tuple:
+        """Changes whenever a table does (replaced, or updated in place): what the dense
+        buffers' columns were copied from."""
+        ts = (self.bank_A, self.bank_B, self.fused_A, self.fused_B, self.fused_scale, self.stack_A, self.stack_B,
+              self.stack_scale)
+        return tuple((id(t), t._version) for t in ts) + (self.rank, self.alpha)
+
+    def densify(self, rt: Routing, rows: int, tables: bool = True) -> None:
         """Fill the dense buffers: the tables as columns (anchors, fused slots, users, in
         that order) and each row's coefficients over them, the same coefficients
         ``_gathered`` applies (anchor weight x scale, a slot's scale; 0 for an inactive or
-        padding row). In place when the shapes are unchanged."""
+        padding row). In place when the shapes are unchanged. ``tables=False`` refills the
+        rows' coefficients only (the caller knows the tables did not change since the last
+        fill: ``tables_key``)."""
         cd, dev, master = self.compute_dtype, self.bank_A.device, self.bank_A.dtype
-        tables = [(self.bank_A, self.bank_B), (self.fused_A, self.fused_B), (self.stack_A, self.stack_B)]
-        a = torch.cat([ta.reshape(-1, self.in_features) for ta, _ in tables])
-        b = torch.cat([tb.permute(1, 0, 2).reshape(self.out_features, -1) for _, tb in tables], dim=1)
-        n = a.shape[0]
+        n = self.dense_columns()
+        if tables or self.dense_A.shape[0] != n:
+            tables_ = [(self.bank_A, self.bank_B), (self.fused_A, self.fused_B), (self.stack_A, self.stack_B)]
+            a = torch.cat([ta.reshape(-1, self.in_features) for ta, _ in tables_])
+            b = torch.cat([tb.permute(1, 0, 2).reshape(self.out_features, -1) for _, tb in tables_], dim=1)
+            if tuple(self.dense_A.shape) != (n, self.in_features) or self.dense_A.dtype != cd:
+                self.dense_A = a.to(cd).contiguous()
+                self.dense_B = b.to(cd).contiguous()
+            else:
+                self.dense_A.copy_(a)
+                self.dense_B.copy_(b)
         w = torch.zeros(rows, n, dtype=master, device=dev)
         if rt.anchor_idx is not None and self.bank_A.shape[0]:
             idx = rt.anchor_idx
@@ -211,12 +227,6 @@ class BankLoRALinear(nn.Module):
             off += ta.shape[0] * r
         if rt.active is not None:
             w[:rt.active.shape[0]] *= rt.active.to(master)[:, None]
-        if tuple(self.dense_A.shape) != (n, self.in_features) or self.dense_A.dtype != cd:
-            self.dense_A = a.to(cd).contiguous()
-            self.dense_B = b.to(cd).contiguous()
-        else:
-            self.dense_A.copy_(a)
-            self.dense_B.copy_(b)
         if tuple(self.dense_W.shape) != (rows, n) or self.dense_W.dtype != cd:
             self.dense_W = w.to(cd)
         else:

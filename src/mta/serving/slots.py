@@ -98,7 +98,7 @@ class SlotDecoder:
         self.t = 0
         self.free = list(range(slots))
         self.start: dict[int, int] = {}  # slot -> first position of its row
-        self.layout = "dense"
+        self.layout, self._tables = "dense", None  # the fixed routing last filled, and its tables' key
 
     # -- the scheduler's interface ---------------------------------------------------------
     def _release_all(self) -> None:
@@ -168,8 +168,10 @@ class SlotDecoder:
             rows = [Row(active=False)] * self.n
             for s, slot in zip(batch.seqs, batch.slots):
                 rows[slot] = s.row
-            self.layout = self.engine.fixed_layout(rows, self.n)
-            fill = self.engine.dense(rows, self.n) if self.layout == "dense" else \
+            layout, key = self.engine.fixed_layout(rows, self.n), self.engine.tables_key()
+            same = layout == self.layout and key == self._tables  # rows came or went, tables as they were
+            self.layout, self._tables = layout, key
+            fill = self.engine.dense(rows, self.n, tables=not same) if layout == "dense" else \
                 self.engine.pinned(rows, self.n, multiple=8)
             with fill:
                 self.g.buffers = pinned_buffers(self.engine)
