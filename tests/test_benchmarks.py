@@ -22,8 +22,12 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert [g["config"].split(":")[0] for g in res["generation"]] == ["base model", "new loop (GraphDecoder)",
-                                                                      "mta engine", "new loop", "peft", "peft"]
-    assert res["generation"][3]["ratio_to_base_same_loop"] > 0
+                                                                      "mta engine", "new loop", "new loop", "peft",
+                                                                      "peft"]
+    assert "dense routing" in res["generation"][4]["config"]
+    for g in res["generation"][3:5]:  # pinned and dense routing in the new loop
+        assert g["ratio_to_base_same_loop"] > 0 and g["step_ratio_to_base_same_loop"] > 0
+        assert 0 < g["decode_step_seconds"] < g["seconds"]
     assert res["bank"]["anchors"] == 6 and res["adapt"]["users"] == 8
     assert [c["rows"] for c in res["memory"]["configs"]] == [2, 8]  # peak bytes only on CUDA
     assert res["adapt"]["stored_bytes_per_user_fp32"] > 0
