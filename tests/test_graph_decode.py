@@ -206,3 +206,18 @@ def test_the_pool_takes_the_layout_with_fewer_bytes(setup):
     # 4 anchors x rank 4 + 3 users x rank 2 = 22 columns; a row of FIRST needs 2 x 4 + 2 = 10
     assert eng.fixed_layout(FIRST, 4) == "dense"       # 22 <= 4 x 10
     assert eng.fixed_layout(FIRST[:1], 2) == "pinned"  # 22 > 2 x 10
+
+
+def test_tables_state_sees_replacement_and_in_place_change():
+    from tests.engine_helpers import tiny_engine
+
+    eng, _, _ = tiny_engine(users=2)
+    state = eng.tables_state()
+    assert eng.tables_unchanged(state) and not eng.tables_unchanged(None)
+    layer = next(iter(eng.layers.values()))
+    with torch.no_grad():
+        layer.stack_B.add_(1.0)  # in place: the version moves
+    assert not eng.tables_unchanged(state)
+    state = eng.tables_state()
+    eng.add_users(3, 2, 4.0)  # new tables (new tensors, perhaps at a freed address)
+    assert not eng.tables_unchanged(state)

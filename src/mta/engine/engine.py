@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -455,7 +456,7 @@ class AdapterEngine:
         than batch x a row's rank directions (e.g. 64 users, top-2 of 50 rank-8 anchors and
         own rank-2 stacks: 528 columns against 64 x 18 = 1,152). A later batch refills the
         buffers in place; ``tables=False`` only the rows' coefficients, for a caller that
-        knows the tables are as at the last fill (``tables_key``). Inference only."""
+        knows the tables are as at the last fill (``tables_unchanged``). Inference only."""
         rt = self.routing(rows)
         batch = batch or len(rows)
         if batch < len(rows):
@@ -485,9 +486,30 @@ class AdapterEngine:
             for layer in self.layers.values():
                 setattr(layer, flag, False)
 
-    def tables_key(self) -> tuple:
-        """Changes whenever any layer's bank, fused or stack table does."""
-        return tuple(layer.tables_key() for layer in self.layers.values())
+    def tables_state(self) -> list:
+        """What every layer's tables are now: each tensor (weakly referenced, so a table
+        replaced by a new tensor that happens to reuse the old one's address is not taken
+        for it) with its version counter (in-place updates move it), and the bank's scale.
+        ``tables_unchanged`` compares a state with the present."""
+        out: list = []
+        for layer in self.layers.values():
+            out += [(weakref.ref(t), t._version) for t in layer.tables()]
+            out.append((layer.rank, layer.alpha))
+        return out
+
+    def tables_unchanged(self, state: list | None) -> bool:
+        if state is None:
+            return False
+        now = self.tables_state()
+        if len(now) != len(state):
+            return False
+        for (a, va), (b, vb) in zip(state, now):
+            if isinstance(a, weakref.ref):
+                if a() is None or a() is not b() or va != vb:
+                    return False
+            elif (a, va) != (b, vb):
+                return False
+        return True
 
     def fixed_layout(self, rows: Sequence[Row], batch: int | None = None) -> str:
         """``dense`` or ``pinned``: the fixed routing layout that reads fewer adapter bytes

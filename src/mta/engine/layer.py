@@ -183,12 +183,10 @@ class BankLoRALinear(nn.Module):
         """Columns of the dense layout: every anchor's, fused slot's and user's rank directions."""
         return sum(t.shape[0] * t.shape[1] for t in (self.bank_A, self.fused_A, self.stack_A))
 
-    def tables_key(self) -> tuple:
-        """Changes whenever a table does (replaced, or updated in place): what the dense
-        buffers' columns were copied from."""
-        ts = (self.bank_A, self.bank_B, self.fused_A, self.fused_B, self.fused_scale, self.stack_A, self.stack_B,
-              self.stack_scale)
-        return tuple((id(t), t._version) for t in ts) + (self.rank, self.alpha)
+    def tables(self) -> tuple[torch.Tensor, ...]:
+        """Every table the layer's adapters are read from."""
+        return (self.bank_A, self.bank_B, self.fused_A, self.fused_B, self.fused_scale, self.stack_A, self.stack_B,
+                self.stack_scale)
 
     def densify(self, rt: Routing, rows: int, tables: bool = True) -> None:
         """Fill the dense buffers: the tables as columns (anchors, fused slots, users, in
@@ -196,7 +194,7 @@ class BankLoRALinear(nn.Module):
         ``_gathered`` applies (anchor weight x scale, a slot's scale; 0 for an inactive or
         padding row). In place when the shapes are unchanged. ``tables=False`` refills the
         rows' coefficients only (the caller knows the tables did not change since the last
-        fill: ``tables_key``)."""
+        fill: ``AdapterEngine.tables_state``)."""
         cd, dev, master = self.compute_dtype, self.bank_A.device, self.bank_A.dtype
         n = self.dense_columns()
         if tables or self.dense_A.shape[0] != n:

@@ -168,9 +168,9 @@ class SlotDecoder:
             rows = [Row(active=False)] * self.n
             for s, slot in zip(batch.seqs, batch.slots):
                 rows[slot] = s.row
-            layout, key = self.engine.fixed_layout(rows, self.n), self.engine.tables_key()
-            same = layout == self.layout and key == self._tables  # rows came or went, tables as they were
-            self.layout, self._tables = layout, key
+            layout = self.engine.fixed_layout(rows, self.n)
+            same = layout == self.layout and self.engine.tables_unchanged(self._tables)  # only rows changed
+            self.layout, self._tables = layout, self.engine.tables_state()
             fill = self.engine.dense(rows, self.n, tables=not same) if layout == "dense" else \
                 self.engine.pinned(rows, self.n, multiple=8)
             with fill:
