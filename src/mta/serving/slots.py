@@ -98,13 +98,9 @@ class SlotDecoder:
         self.t = 0
         self.free = list(range(slots))
         self.start: dict[int, int] = {}  # slot -> first position of its row
-        self.layout, self._tables = "dense", None  # the fixed routing last filled, and its tables' key
+        self.layout, self._tables = "dense", None  # the fixed routing last filled, and its tables' state
 
     # -- the scheduler's interface ---------------------------------------------------------
-    def _release_all(self) -> None:
-        self.g.bias.fill_(self.g.neg)
-        self.free, self.start = list(range(self.n)), {}
-
     def prefill(self, seqs: list[Sequence]) -> Batch:
         """The joining rows' prompts, eagerly; ``merge`` then gives them slots (it checks
         that enough are free: slots of a batch the scheduler dropped are freed there)."""
@@ -117,9 +113,9 @@ class SlotDecoder:
 
     @torch.no_grad()
     def merge(self, a: SlotBatch | None, b: Batch) -> SlotBatch:
-        """The prefilled rows of ``b`` take free slots of the running batch ``a`` (None: no
-        row is running any more, so every slot is free: the scheduler drops a batch whose
-        rows all finished without asking to keep none of them)."""
+        """The prefilled rows of ``b`` take free slots of the running batch ``a``. None: no
+        row is running any more and every slot is free (the scheduler drops a batch whose
+        rows have all finished without calling ``keep``)."""
         if a is None:
             self._release_all()
         batch = a if a is not None else SlotBatch()
@@ -192,6 +188,10 @@ class SlotDecoder:
         take_tokens(batch.seqs, nxt[batch.slots].tolist())
 
     # -- internals ---------------------------------------------------------------------------
+    def _release_all(self) -> None:
+        self.g.bias.fill_(self.g.neg)
+        self.free, self.start = list(range(self.n)), {}
+
     def _compact(self, batch: SlotBatch) -> None:
         """Shift every slot left by the oldest live row's start (all of ``t`` when none is live)."""
         live = [self.start[s] for s in batch.slots if s in self.start] if batch else []
