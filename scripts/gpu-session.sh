@@ -3,16 +3,14 @@
 # GPUS=0,1) while the real models' pieces are still being carried there. Each step's log
 # goes to RES/<step>.log and a line per start/end to RES/progress; a step that fails does
 # not stop the others. Phases:
-#   1. no real weights needed: the `gpu` tests, transformers' decode fast paths and the
-#      engine's compiled path, sharded adaptation on Ray (two GPUs), `mta serve` under load
-#      (SERVE_LOAD=1), at Llama-3-8B shape with random weights;
+#   1. no real weights needed, on the LAST GPU alone (its timings need a quiet GPU): the
+#      `gpu` tests, `benchmarks/gpu.py --profile` (every GPU-speed target),
+#      `hf_decode.py --sections hf,graph --profile`, and with SERVE_LOAD=1 `mta serve`
+#      under load with both decode loops; RAY=1 adds sharded adaptation on Ray first;
 #   2. meanwhile, on the CPUs, as the pieces become whole (marker files MODELS/<name>.ok,
 #      written by the carrying calls after their sha256 check): convert the models;
-#   3. per model (Qwen2.5-Coder-0.5B with the quick tune space, 1.5B with the core one):
-#      mta tune on LaMP-2 dev users, then the LaMP-2 and MovieLens evals with the tuned
-#      recipe. On 4 GPUs the two evals of a model run side by side (the MovieLens one on
-#      the GPU that did the random-weight steps, once its model's tune has finished); on 2
-#      GPUs each model's steps run one after another on its own GPU.
+#   3. on the other GPU(s), side by side, each job on --gpu-memory-share SHARE: the plan
+#      at the end of this file (what the real-model issue still lacks).
 #
 #   setsid nohup bash scripts/gpu-session.sh > /root/res/session.log 2>&1 &
 #
