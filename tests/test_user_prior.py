@@ -48,5 +48,8 @@ def test_eval_reports_user_prior(tmp_path):
                  "--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2"]) == 0
     rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["results"]}
     assert set(rows) == {"rag-1", "user-prior"} and rows["user-prior"]["users"] == 8
+    diff = rows["rag-1"]["metrics"]["accuracy"]["diff_vs_user-prior"]  # a reference, as rag-1 is
+    assert diff["ci"][0] <= diff["value"] <= diff["ci"][1]
+    assert "Δaccuracy vs user-prior" in (out / "results.md").read_text()
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert {p["method"] for p in preds} == {"rag-1", "user-prior"}

@@ -83,8 +83,9 @@ def summarise(task, users: list[User], results: dict[str, FoldResult], reference
 
 
 def references(methods: list[str]) -> list[str]:
-    """The methods every other is compared with (paired differences), when evaluated."""
-    return [m for m in ("rag-1", "task-lora") if m in methods]
+    """The methods every other is compared with (paired differences), when evaluated: the
+    prompt-only baseline, the shared task LoRA, and the user's own prior."""
+    return [m for m in ("rag-1", "task-lora", USER_PRIOR) if m in methods]
 
 
 def merge(into: FoldResult | None, part: FoldResult) -> FoldResult:
