@@ -48,8 +48,8 @@ def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
     failed = [t for t in r.trials if "failed" in t]  # recorded, and the search went on without it
     assert [t["override"]["bank"]["lr"] for t in failed] == [1e-4] and r.bank["lr"] != 1e-4
     assert {"lr", "epochs"} <= set(r.bank) and {"stack_lr", "top_k"} <= set(r.adapt)
-    assert [row["method"] for row in r.ablation] == ["rag-1", "task-lora", "per-user-lora", "mta-fusion",
-                                                      "mta-stack", "mta"]
+    assert [row["method"] for row in r.ablation] == ["rag-1", "user-prior", "task-lora", "per-user-lora",
+                                                      "mta-fusion", "mta-stack", "mta"]
     # the banks of trials with the same bank settings are shared
     assert len(list((out / "banks").iterdir())) <= 5  # 4 learning rates, 1 more anchor training
     # eval with the recipe: its settings are defaults, its dev users are never reported

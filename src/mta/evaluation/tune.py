@@ -7,8 +7,8 @@ evaluated (method ``mta`` under the eval protocol, on the dev users alone: folds
 them, anchors from the other dev folds), the best kept before the next group; ties keep
 the earlier option (the default comes first). Banks are shared between trials with the
 same bank settings. At the end the chosen recipe is evaluated once more on the dev users
-with the baselines and the ablations (rag-1, task-lora, per-user-lora, mta-fusion,
-mta-stack), so the record says where mta stands and why.
+with the baselines and the ablations (rag-1, user-prior where the task has one, task-lora,
+per-user-lora, mta-fusion, mta-stack), so the record says where mta stands and why.
 
 The recipe file (``recipe.json``) holds the chosen bank and adapt settings, the dev user
 ids, every trial and the final table. ``mta bank build/eval/run --recipe FILE`` take its
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mta.config import AdaptConfig, BankConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
-from mta.evaluation.methods import EvalSetup
+from mta.evaluation.methods import USER_PRIOR, EvalSetup
 from mta.evaluation.protocol import make_folds
 from mta.evaluation.runner import run_eval
 
@@ -56,6 +56,7 @@ GROUPS: dict[str, list[Override]] = {
 SPACES = {"core": ["learning rate", "anchor training"],
           "quick": ["learning rate", "anchor training", "stack shape", "top-k"], "full": list(GROUPS)}
 ABLATION = ["rag-1", "task-lora", "per-user-lora", "mta-fusion", "mta-stack", "mta"]
+PRIOR_KINDS = ("rating", "classification")  # tasks with a user-prior baseline (added to the ablation)
 # the goal MTA is held to (docs/results.md): at most a tenth of a per-user LoRA's bytes per user
 MAX_USER_SHARE = 0.1
 
@@ -197,7 +198,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             chosen[section].update(best_over.get(section, {}))
     bc, ac = configs({})
     try:
-        ablation = evaluate(ABLATION, bc, ac, "final")["rows"]
+        methods = ABLATION[:1] + [USER_PRIOR] * (task.kind in PRIOR_KINDS) + ABLATION[1:]
+        ablation = evaluate(methods, bc, ac, "final")["rows"]
     except MtaError as e:
         # a baseline that diverges under the chosen recipe (per-user-lora trains at the bank's
         # learning rate: Qwen2.5-Coder-1.5B at 3e-4 did on the H200) must not lose the search
