@@ -221,3 +221,12 @@ def test_tables_state_sees_replacement_and_in_place_change():
     state = eng.tables_state()
     eng.add_users(3, 2, 4.0)  # new tables (new tensors, perhaps at a freed address)
     assert not eng.tables_unchanged(state)
+
+
+def test_width_is_what_the_gather_concatenates(setup):
+    eng, _ = setup
+    for rows in (FIRST, SECOND, [Row(active=False)], [Row([1], [1.0])], [Row(user=0)]):
+        rt = eng.routing(rows)
+        for layer in eng.layers.values():
+            got = layer._gathered(rt)
+            assert layer.width(rt) == (0 if got is None else got[0].shape[1]), rows

@@ -416,10 +416,9 @@ class AdapterEngine:
             for layer in self.layers.values():  # gathered factors of this routing are dead now
                 layer.clear_cache()
 
-    @contextlib.contextmanager
     @torch.no_grad()
     def pinned(self, rows: Sequence[Row], batch: int | None = None, width: int | None = None,
-               multiple: int = 1) -> Iterator[None]:
+               multiple: int = 1) -> contextlib.AbstractContextManager[None]:
         """Routing for a compiled or graph-captured decode step: every layer's per-row
         factors are written into fixed buffers (``batch`` rows, ``width`` rank directions,
         zero-padded, which is exact), and the layers read those instead of the routing.
@@ -427,26 +426,16 @@ class AdapterEngine:
         step (or a captured CUDA graph) is reused, not rebuilt. Without ``width``: what
         the rows need, rounded up to ``multiple`` (so later batches tend to fit the same
         buffers). Inference only."""
-        rt = self.routing(rows)
-        batch = batch or len(rows)
-        if batch < len(rows):
-            raise ValueError(f"{len(rows)} rows do not fit a pinned batch of {batch}")
-        need = max((layer.width(rt) for layer in self.layers.values()), default=0)
+        rt, batch = self._fixed_rows(rows, batch, "pinned")
+        need = self._width(rt)
         width = -(-need // multiple) * multiple if width is None else width
         if width < need:
             raise ValueError(f"these rows need {need} rank directions; the pinned width is {width}")
-        try:
-            for layer in self.layers.values():
-                layer.pin(rt, batch, width)
-            yield
-        finally:
-            for layer in self.layers.values():
-                layer.pin_on = False
-                layer.clear_cache()
+        return self._fixed(lambda layer: layer.pin(rt, batch, width))
 
-    @contextlib.contextmanager
     @torch.no_grad()
-    def dense(self, rows: Sequence[Row], batch: int | None = None, tables: bool = True) -> Iterator[None]:
+    def dense(self, rows: Sequence[Row], batch: int | None = None,
+              tables: bool = True) -> contextlib.AbstractContextManager[None]:
         """Routing for a graph-captured decode step, the other fixed layout: every layer
         reads ALL its tables (anchors, fused slots, users) as the columns of two dense
         matrices, and each row's coefficients over those columns from a (``batch``,
@@ -457,17 +446,29 @@ class AdapterEngine:
         own rank-2 stacks: 528 columns against 64 x 18 = 1,152). A later batch refills the
         buffers in place; ``tables=False`` only the rows' coefficients, for a caller that
         knows the tables are as at the last fill (``tables_unchanged``). Inference only."""
-        rt = self.routing(rows)
+        rt, batch = self._fixed_rows(rows, batch, "dense")
+        return self._fixed(lambda layer: layer.densify(rt, batch, tables))
+
+    def _fixed_rows(self, rows: Sequence[Row], batch: int | None, layout: str):
         batch = batch or len(rows)
         if batch < len(rows):
-            raise ValueError(f"{len(rows)} rows do not fit a dense batch of {batch}")
+            raise ValueError(f"{len(rows)} rows do not fit a {layout} batch of {batch}")
+        return self.routing(rows), batch
+
+    def _width(self, rt: Routing) -> int:
+        return max((layer.width(rt) for layer in self.layers.values()), default=0)
+
+    @contextlib.contextmanager
+    def _fixed(self, fill) -> Iterator[None]:
+        """Fill every layer's fixed-routing buffers (which turns that layout on), then off again."""
         try:
-            for layer in self.layers.values():
-                layer.densify(rt, batch, tables)
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    fill(layer)
             yield
         finally:
             for layer in self.layers.values():
-                layer.dense_on = False
+                layer.pin_on = layer.dense_on = False
                 layer.clear_cache()
 
     @contextlib.contextmanager
@@ -514,8 +515,7 @@ class AdapterEngine:
     def fixed_layout(self, rows: Sequence[Row], batch: int | None = None) -> str:
         """``dense`` or ``pinned``: the fixed routing layout that reads fewer adapter bytes
         per decode step for these rows in a batch of ``batch``."""
-        rt = self.routing(rows)
-        need = max((layer.width(rt) for layer in self.layers.values()), default=0)
+        need = self._width(self.routing(rows))
         cols = max((layer.dense_columns() for layer in self.layers.values()), default=0)
         return "dense" if cols <= (batch or len(rows)) * need else "pinned"
 

@@ -245,8 +245,16 @@ class BankLoRALinear(nn.Module):
         return y + (z @ self.dense_B.t()).to(y.dtype)
 
     def width(self, rt: Routing) -> int:
-        got = self._gathered(rt)
-        return 0 if got is None else got[0].shape[1]
+        """Rank directions per row that ``_gathered`` concatenates for ``rt`` (its anchors',
+        fused slot's and stack's), read off the shapes without gathering anything."""
+        w = 0
+        if rt.anchor_idx is not None and self.bank_A.shape[0]:
+            w += rt.anchor_idx.shape[1] * self.rank
+        if rt.fused_idx is not None and self.fused_A.shape[0]:
+            w += self.fused_A.shape[1]
+        if rt.stack_idx is not None and self.stack_A.shape[0]:
+            w += self.stack_A.shape[1]
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
