@@ -131,10 +131,9 @@ tune() {  # GPU MODEL SPACE
   wait_for "$RES/fetch-minilm-l6.done"
   step "tune-$2" "$1" bash scripts/gpu-evals.sh tune "$2" "$RES" --space "$3" --gpu-memory-share "$SHARE"
 }
-lamp2() {  # GPU MODEL
-  # shellcheck disable=SC2046 - recipe_of prints nothing or two words
-  step "lamp2-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES" --history-queries 3 --gpu-memory-share "$SHARE" \
-    $(recipe_of "$2")
+lamp2() {  # NAME GPU MODEL OUTROOT RECIPE: the LaMP-2 table of MODEL on RECIPE
+  mkdir -p "$4"
+  step "$1" "$2" bash scripts/gpu-evals.sh lamp2 "$3" "$4" --history-queries 3 --recipe "$5" --gpu-memory-share "$SHARE"
 }
 ready() {  # MODEL: its weights and the embedder converted
   wait_for "$RES/fetch-$1.done"
@@ -149,10 +148,7 @@ movielens() {  # GPU MODEL
 tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned recipe (RES/tuned/)
   local r=$RES/tune-lamp2-$2/recipe.json
   wait_for "$RES/tune-$2.done"
-  [ -e "$r" ] || return 0
-  mkdir -p "$RES/tuned"
-  step "lamp2-tuned-$2" "$1" bash scripts/gpu-evals.sh lamp2 "$2" "$RES/tuned" --history-queries 3 --recipe "$r" \
-    --gpu-memory-share "$SHARE"
+  [ -e "$r" ] && lamp2 "lamp2-tuned-$2" "$1" "$2" "$RES/tuned" "$r"
 }
 
 # The plan after 2026-12-01 (left of the real-model issue: MovieLens with 1.5B, 1.5B's tune,
@@ -167,8 +163,8 @@ on() { echo "${ev[$(( $1 % ${#ev[@]} ))]}"; }  # the eval GPU of stream N
 random_weights "$bench" &
 (ready qwen2.5-coder-1.5b; movielens "$(on 0)" qwen2.5-coder-1.5b) &
 (tune "$(on 1)" qwen2.5-coder-1.5b core; tuned "$(on 1)" qwen2.5-coder-1.5b) &
-(ready qwen2.5-coder-0.5b; mkdir -p "$RES/budget"
- step lamp2-budget-qwen2.5-coder-0.5b "$(on 2)" bash scripts/gpu-evals.sh lamp2 qwen2.5-coder-0.5b "$RES/budget" \
-   --history-queries 3 --recipe gpu/data/recipe-qwen2.5-coder-0.5b-budget.json --gpu-memory-share "$SHARE") &
+(ready qwen2.5-coder-0.5b
+ lamp2 lamp2-budget-qwen2.5-coder-0.5b "$(on 2)" qwen2.5-coder-0.5b "$RES/budget" \
+   gpu/data/recipe-qwen2.5-coder-0.5b-budget.json) &
 wait
 echo "$(date +%T) session done" >> "$RES/progress"

@@ -51,6 +51,7 @@ TASK_METHODS = {"task-lora", "oppu"}
 # no model at all: a rating task's target answers its mean score, a classification task's
 # its most frequent label, over its own training history (not part of "all": ask for it)
 USER_PRIOR = "user-prior"
+PRIOR_KINDS = ("rating", "classification")  # the task kinds it is defined for
 Progress = Callable[[str, int, int], None] | None
 
 
@@ -152,7 +153,7 @@ def run_prior(setup: EvalSetup, targets) -> FoldResult:
     frequent label, the earliest of a tie (classification). What a personalised model has
     to beat to have learnt more than the user's prior."""
     task = setup.task
-    if task.kind not in ("rating", "classification"):
+    if task.kind not in PRIOR_KINDS:
         raise MtaError(f"{USER_PRIOR} needs a rating or classification task; {task.name} is {task.kind}",
                        ("EvalConfig.methods",))
     res = FoldResult(bytes_per_user={u.user_id: 0 for u in targets})
