@@ -4,6 +4,7 @@ They check the scripts run and write their JSON; they assert no timing."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
                                                                       "peft"]
     assert "dense routing" in res["generation"][4]["config"]
     for g in res["generation"][3:5]:  # pinned and dense routing in the new loop
-        assert g["ratio_to_base_same_loop"] > 0 and g["step_ratio_to_base_same_loop"] > 0
-        assert 0 < g["decode_step_seconds"] < g["seconds"]
+        # reported, not judged: on a busy CPU a difference of two timings may even be negative
+        assert all(math.isfinite(g[k]) for k in ("ratio_to_base_same_loop", "step_ratio_to_base_same_loop",
+                                                 "decode_step_seconds"))
     assert res["bank"]["anchors"] == 6 and res["adapt"]["users"] == 8
     assert [c["rows"] for c in res["memory"]["configs"]] == [2, 8]  # peak bytes only on CUDA
     assert res["adapt"]["stored_bytes_per_user_fp32"] > 0
