@@ -14,6 +14,9 @@ MODEL_RECIPES: dict[str, dict[str, dict]] = {
     # quick` (docs/defaults.md, "Tuned defaults per model"); its stack-shape and top-k choices
     # were over the bytes budget the goal sets (a tenth of a per-user LoRA), so not taken
     "qwen2.5-coder-0.5b": {"bank": {"lr": 1e-4, "epochs": 3}, "adapt": {"stack_lr": 1e-4}},
+    # the same dev users, 2026-12-01 (second session): `mta tune --space core` (learning rate,
+    # anchor training); every other setting keeps the config default
+    "qwen2.5-coder-1.5b": {"bank": {"lr": 3e-4, "epochs": 2}, "adapt": {"stack_lr": 3e-4}},
 }
 
 
