@@ -170,7 +170,11 @@ def main() -> None:
                 batch({"use_cuda_graph": True, "max_requests_per_batch": a.rows}))
         model.set_attn_implementation("sdpa")
     if sections & {"engine", "graph"}:
-        eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16))
+        # as the product builds it (mta.backbone): fp32 master tables, adapter matmuls in the
+        # base's dtype. Runs before 2026-12-01 (second session) left them in fp32 (fp32 GEMMs
+        # in the engine's profile): their engine rows are not the product's.
+        eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, dtype=torch.float32,
+                                              compute_dtype=dtype))
         eng.init_bank(b_std=0.01)
         eng.add_users(a.rows, 2, 4.0, b_std=0.01)
         rng = torch.Generator().manual_seed(2)
