@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session, run in the background on a 4-GPU machine (GPUS=0,1,2,3; a 2-GPU machine:
-# GPUS=0,1) while the real models' pieces are still being carried there. Each step's log
+# GPUS=0,1; a 1-GPU machine: GPUS=0) while the real models' pieces are still being carried there. Each step's log
 # goes to RES/<step>.log and a line per start/end to RES/progress; a step that fails does
 # not stop the others. Phases:
 #   1. no real weights needed, on the LAST GPU alone (its timings need a quiet GPU): the
@@ -61,6 +61,16 @@
 # mid-run with every result not yet packed into $OUT. Issue every carrying call AND a row
 # of polling calls (`sleep 28; tail progress`) in one message; read the results while the
 # next message's polls run; pack finished results into $OUT as soon as they exist.
+# Learnt 2026-12-01, second session (a 1-GPU machine, only kind lent; logs in
+# docs/results/gpu-2026-12-01b/session/): (9) GPUS=0 works: the benchmarks ran alone first
+# (gpu tests 49 s, gpu.py --profile 477 s) while the 30 pieces were carried (one message of
+# 31 calls, done 3.3 min after the first) and converted on the CPUs; then MovieLens 1.5B
+# (921 s), 1.5B's core tune (159 s) and its LaMP-2 table (269 s) and LaMP-2 0.5B (240 s)
+# side by side on the one GPU. Held 25 of the 30 minutes for all of it; the result files
+# were copied into $OUT by the polling calls as each finished. (10) 1.5B's final dev
+# ablation failed the same way on both machines of the day: dev user 8001650's per-user
+# LoRA at lr 3e-4 gets a non-finite gradient at its first step (its loss finite); training
+# now skips such a step for that adapter (mta.engine.train) instead of ending the run.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
@@ -122,15 +132,8 @@ random_weights() {  # GPU
 }
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------
-recipe_of() {  # MODEL: the --recipe arguments: a fixed one in DATA (gpu/data/recipe-MODEL.json), else
-  # the one its tune wrote, if any
-  local r=gpu/data/recipe-$1.json
-  [ -e "$r" ] || r=$RES/tune-lamp2-$1/recipe.json
-  [ -e "$r" ] && echo --recipe "$r"
-}
 tune() {  # GPU MODEL SPACE
-  wait_for "$RES/fetch-$2.done"
-  wait_for "$RES/fetch-minilm-l6.done"
+  ready "$2"
   step "tune-$2" "$1" bash scripts/gpu-evals.sh tune "$2" "$RES" --space "$3" --gpu-memory-share "$SHARE"
 }
 lamp2() {  # NAME GPU MODEL OUTROOT RECIPE: the LaMP-2 table of MODEL on RECIPE
@@ -141,11 +144,8 @@ ready() {  # MODEL: its weights and the embedder converted
   wait_for "$RES/fetch-$1.done"
   wait_for "$RES/fetch-minilm-l6.done"
 }
-movielens() {  # GPU MODEL
-  [ -e "gpu/data/recipe-$2.json" ] || wait_for "$RES/tune-$2.done"
-  # shellcheck disable=SC2046
-  step "movielens-$2" "$1" bash scripts/gpu-evals.sh movielens "$2" "$RES" --gpu-memory-share "$SHARE" $(recipe_of "$2")
-}
+# (MovieLens: `bash scripts/gpu-evals.sh movielens MODEL "$RES" --gpu-memory-share "$SHARE" --recipe R`
+# in a step, after `ready MODEL`; both models' tables are done: docs/results.md.)
 
 tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned recipe (RES/tuned/)
   local r=$RES/tune-lamp2-$2/recipe.json
@@ -153,11 +153,14 @@ tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned reci
   [ -e "$r" ] && lamp2 "lamp2-tuned-$2" "$1" "$2" "$RES/tuned" "$r"
 }
 
-# The plan after 2026-12-01 (left of the real-model issue: MovieLens with 1.5B, 1.5B's tune,
-# the LaMP-2 table of 0.5B on its tuned recipe within the bytes budget; of the GPU-speed
-# issue: every number again on the code with the cache-reading decode attention): the
-# random-weight benchmarks alone on the last GPU (their timings need a quiet GPU); on the
-# other GPU(s) the real-model jobs side by side, each on --gpu-memory-share SHARE.
+# The plan after 2026-12-01's second session. Real-model issue: the quick tunes again, now
+# within the bytes budget (their stack-shape group: 2 x 8, 1 x 16, 4 x 4 blocks, never run
+# on a GPU), with the final dev ablation 1.5B has never completed, and each model's LaMP-2
+# table on its result. GPU-speed issue: every number again once the fused adapter kernel
+# exists (the profile's next step), and hf_decode's engine rows with the product's adapter
+# compute (SERVE_LOAD=1 for the server's two loops). The random-weight benchmarks alone on
+# the last GPU (their timings need a quiet GPU); the real-model jobs on the other GPU(s),
+# side by side, each on --gpu-memory-share SHARE.
 # With ONE GPU (GPUS=0; 2026-12-01 only 1-GPU machines were lent) the benchmarks run first,
 # alone, while the pieces are carried, and the real-model jobs start after them on the same GPU.
 bench=${gpu[-1]}
@@ -170,10 +173,7 @@ quiet() {  # on a 1-GPU machine: until the benchmarks are done
   [ "${#gpu[@]}" -eq 1 ] && wait_for "$RES/bench.done"
   return 0
 }
-(ready qwen2.5-coder-1.5b; quiet; movielens "$(on 0)" qwen2.5-coder-1.5b) &
-(quiet; tune "$(on 1)" qwen2.5-coder-1.5b core; tuned "$(on 1)" qwen2.5-coder-1.5b) &
-(ready qwen2.5-coder-0.5b; quiet
- lamp2 lamp2-budget-qwen2.5-coder-0.5b "$(on 2)" qwen2.5-coder-0.5b "$RES/budget" \
-   gpu/data/recipe-qwen2.5-coder-0.5b-budget.json) &
+(quiet; tune "$(on 0)" qwen2.5-coder-1.5b quick; tuned "$(on 0)" qwen2.5-coder-1.5b) &
+(quiet; tune "$(on 1)" qwen2.5-coder-0.5b quick; tuned "$(on 1)" qwen2.5-coder-0.5b) &
 wait
 echo "$(date +%T) session done" >> "$RES/progress"

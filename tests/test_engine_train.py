@@ -4,6 +4,7 @@ steps (differences come only from padding-dependent summation order)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -163,10 +164,16 @@ def test_slot_adamw_every_slot_at_once_matches_torch_adamw():
         torch.testing.assert_close(p.detach()[s], refs[s].detach(), atol=1e-6, rtol=0)
 
 
-def _train_once(compute_dtype=torch.float32, checkpointing=False, token_budget=None, max_rows=16):
+def _train_once(compute_dtype=torch.float32, checkpointing=False, token_budget=None, max_rows=16, hook=None):
+    """Two anchors trained together (6 optimiser steps each); ``hook`` (grad -> grad) is put
+    on the first adapted layer's bank B table, which holds both anchors' slots."""
     model, tok = tiny_llama(seed=0)
     eng = AdapterEngine(model, EngineSpec(n_anchors=2, rank=4, alpha=8.0, compute_dtype=compute_dtype))
     eng.init_bank(seed=0)
+    if hook is not None:
+        table = next(iter(eng.bank_layers.values())).bank_B
+        table.requires_grad_(True)  # a hook needs it; the hook stays while training toggles it
+        table.register_hook(hook)
     jobs = [Job(0, random_examples(6, seed=3), Row([0], [1.0]), key="a"),
             Job(1, random_examples(5, seed=4), Row([1], [1.0]), key="b")]
     cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=2, gradient_checkpointing=checkpointing,
@@ -238,6 +245,41 @@ def test_diverging_loss_names_the_learning_rate():
     # and says where the NaN came from: here one step of lr 1e30 left huge but finite weights
     assert re.search(r"adapter weights are finite, largest \|w\| [0-9.]+e\+(2[4-9]|3\d): the forward pass overflowed",
                      str(e.value)), str(e.value)
+
+
+def _poison_slot_1(steps):
+    """A gradient hook making anchor slot 1's gradient NaN at the given (1-based) backward calls
+    (one per optimiser step here: every step's rows fit one micro-batch)."""
+    calls = {"n": 0}
+
+    def hook(g):
+        calls["n"] += 1
+        if calls["n"] in steps:
+            g = g.clone()
+            g[1] = float("nan")
+        return g
+    return hook
+
+
+def test_a_non_finite_gradient_skips_that_adapters_update_and_nothing_else(caplog):
+    ref, ref_stats = _train_once()
+    eng, stats = _train_once(hook=_poison_slot_1({1}))
+    assert ref_stats["skipped_steps"] == {}
+    assert stats["skipped_steps"] == {"b": 1}
+    assert "step 1: the gradient of 'b' is not finite; its update is skipped" in caplog.text
+    # anchor a trained exactly as without the NaN; b trained on its 5 other steps, finite
+    for name, (a, b) in ref.anchor_tensors(0).items():
+        assert torch.equal(eng.anchor_tensors(0)[name][0], a) and torch.equal(eng.anchor_tensors(0)[name][1], b)
+    got, want = eng.anchor_tensors(1), ref.anchor_tensors(1)
+    assert all(torch.isfinite(t).all() for pair in got.values() for t in pair)
+    assert any(not torch.allclose(got[n][1], want[n][1]) for n in got)
+    assert len(stats["losses"]["b"]) == 6 and all(map(math.isfinite, stats["losses"]["b"]))
+
+
+def test_an_adapter_whose_every_gradient_is_non_finite_is_an_error():
+    with pytest.raises(MtaError, match=r"every gradient of 'b' was NaN or inf, so it never trained; lower the "
+                                       r"learning rate"):
+        _train_once(hook=_poison_slot_1(set(range(1, 7))))
 
 
 def test_train_config_names_bad_fields():

@@ -118,5 +118,23 @@ def test_a_baseline_diverging_in_the_final_ablation_keeps_the_recipe(tmp_path, m
     assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
                  "--anchors", "2", "--space", "core", "--max-user-share", "0.3", *TINY]) == 0
     r = read_recipe(out / "recipe.json")
-    assert r.ablation == [{"error": "training diverged at step 2: the loss of 'user:x' is nan"}]
-    assert "lr" in r.bank and "the final ablation failed" in capsys.readouterr().err
+    message = "training diverged at step 2: the loss of 'user:x' is nan"
+    # every other method's row is kept, with its paired differences; the failure is a row too
+    assert [row.get("method") for row in r.ablation] == ["rag-1", "user-prior", "task-lora", "mta-fusion",
+                                                          "mta-stack", "mta", "per-user-lora"]
+    assert r.ablation[-1] == {"method": "per-user-lora", "error": message}
+    assert "diff_vs_task-lora" in r.ablation[5]["metrics"]["accuracy"]
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "lr" in r.bank and f"the final ablation: per-user-lora diverged: {message}" in err
+
+
+def test_a_divergence_only_together_in_the_final_ablation_keeps_the_recipe(tmp_path, monkeypatch):
+    """Each method alone trains; together they diverge (a run-to-run NaN): the recipe is
+    written with the failure as its ablation."""
+    data = _diverging_when(monkeypatch, tmp_path, lambda methods, setup: len(methods) > 1,
+                           "training diverged at step 1: the loss of 'user:x' is nan")
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
+                 "--anchors", "2", "--space", "core", "--max-user-share", "0.3", *TINY]) == 0
+    r = read_recipe(out / "recipe.json")
+    assert r.ablation == [{"error": "training diverged at step 1: the loss of 'user:x' is nan"}]

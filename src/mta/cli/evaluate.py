@@ -188,7 +188,8 @@ def tune_cmd(
         table.add_column(col)
     for r in recipe.ablation:
         if "error" in r:
-            err_console.print(f"the final ablation failed: {escape(r['error'])}")
+            what = f"{r['method']} diverged" if "method" in r else "failed"
+            err_console.print(f"the final ablation: {what}: {escape(r['error'])}")
             continue
         ds_ = [r["metrics"][m].get(f"diff_vs_{ref}") for ref in ("rag-1", "task-lora")]
         table.add_row(r["method"], f"{r['metrics'][m]['value']:.3f}",

@@ -96,6 +96,7 @@ class Job:
     row: Row
     key: str
     losses: list[float] = field(default_factory=list)
+    skipped: int = 0  # optimiser steps skipped for a non-finite gradient
 
     def steps_per_epoch(self, bs: int) -> int:
         return math.ceil(len(self.examples) / bs)
@@ -284,11 +285,23 @@ def train_jobs(
                     if not budget.halve(longest):
                         raise _oom_error(device, budget.value or 0, len(rows)) from None
             tokens += step_tokens
+            sq = _slot_grad_sq(params, [jobs[i].slot for i in active])
+            # A non-finite gradient with a finite loss (seen once per 1.5B dev tune on the
+            # H200, one user's first step; cause not found) would put NaN into the adapter
+            # through Adam's moments: that adapter skips this update instead, as AMP's
+            # GradScaler does, and the skip is logged and counted. One sync per step.
+            finite = torch.isfinite(sq).tolist()
+            for i, ok in zip(active, finite):
+                if not ok:
+                    jobs[i].skipped += 1
+                    log.warning("step %d: the gradient of '%s' is not finite; its update is skipped", step + 1,
+                                jobs[i].key)
+            keep = [k for k, ok in enumerate(finite) if ok]
             if cfg.max_grad_norm is not None:
-                _clip_per_slot(params, [jobs[i].slot for i in active], cfg.max_grad_norm)
-            lrs = [cfg.lr * lr_multiplier(step, len(plans[i]), cfg.warmup_ratio, cfg.schedule)
-                   for i in active]
-            opt.step([jobs[i].slot for i in active], lrs)
+                _clip_per_slot(params, [jobs[active[k]].slot for k in keep], cfg.max_grad_norm, sq[keep])
+            lrs = [cfg.lr * lr_multiplier(step, len(plans[active[k]]), cfg.warmup_ratio, cfg.schedule)
+                   for k in keep]
+            opt.step([jobs[active[k]].slot for k in keep], lrs)
             for p in params:
                 p.grad = None
             for i in active:
@@ -303,8 +316,13 @@ def train_jobs(
     if not all_finite(params):
         raise MtaError(f"training diverged: adapter weights are NaN or inf; lower the learning rate "
                        f"(`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
+    never = [j.key for j, p in zip(jobs, plans) if j.skipped == len(p)]
+    if never:
+        raise MtaError(f"training diverged: every gradient of '{never[0]}' was NaN or inf, so it never "
+                       f"trained; lower the learning rate (`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
     return {"steps": total_steps, "tokens": tokens, "optimizer_state_bytes": opt.state_bytes(),
-            "losses": {j.key: j.losses for j in jobs}, "token_budget": budget.value}
+            "losses": {j.key: j.losses for j in jobs}, "token_budget": budget.value,
+            "skipped_steps": {j.key: j.skipped for j in jobs if j.skipped}}
 
 
 def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id: int, step: int,
@@ -377,14 +395,25 @@ def _checkpointing(model, on: bool) -> None:
 
 
 @torch.no_grad()
-def _clip_per_slot(params: list[torch.nn.Parameter], slots: list[int], max_norm: float) -> None:
+def _slot_grad_sq(params: list[torch.nn.Parameter], slots: list[int]) -> torch.Tensor:
+    """Each slot's squared gradient norm over every parameter, summed on the device (no sync
+    per tensor): NaN or inf exactly when one of the slot's gradient elements is."""
     idx = torch.tensor(slots, dtype=torch.long)
     dev = next((p.grad.device for p in params if p.grad is not None), idx.device)
-    sq = torch.zeros(len(slots), dtype=torch.float64, device=dev)  # summed on the device: no sync per tensor
+    sq = torch.zeros(len(slots), dtype=torch.float64, device=dev)
     for p in params:
         if p.grad is not None:
             g = p.grad.index_select(0, idx.to(p.device)).double()
             sq += g.pow(2).flatten(1).sum(1).to(dev)
+    return sq
+
+
+def _clip_per_slot(params: list[torch.nn.Parameter], slots: list[int], max_norm: float,
+                   sq: torch.Tensor) -> None:
+    """Scale each slot's gradient to at most ``max_norm`` (``sq``: the slots' squared norms)."""
+    if not slots:
+        return
+    idx = torch.tensor(slots, dtype=torch.long)
     scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
     for p in params:
         if p.grad is not None:

@@ -85,7 +85,8 @@ class Recipe(BaseModel):
     bank: dict = Field(default_factory=dict)    # BankConfig fields the search changed
     adapt: dict = Field(default_factory=dict)   # AdaptConfig fields the search changed
     trials: list[dict] = Field(default_factory=list)
-    ablation: list[dict] = Field(default_factory=list)  # rows of the final table, or one {"error": ...}
+    # rows of the final table, {"method", "error"} for a method that diverged, or one {"error"}
+    ablation: list[dict] = Field(default_factory=list)
     max_user_share: float | None = None  # the bytes budget the search kept to (None: recipes before it)
 
 
@@ -201,16 +202,40 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         for section in ("bank", "adapt"):
             chosen[section].update(best_over.get(section, {}))
     bc, ac = configs({})
+    methods = ABLATION[:1] + [USER_PRIOR] * (task.kind in PRIOR_KINDS) + ABLATION[1:]
+    return Recipe(model=setup.backbone.model_id, task=task.name, data=str(ds.path), metric=metric,
+                  dev_users=dev_ids, bank=chosen["bank"], adapt=chosen["adapt"], trials=trials,
+                  ablation=_final_ablation(evaluate, methods, bc, ac), max_user_share=max_user_share)
+
+
+def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfig) -> list[dict]:
+    """The dev table of every method on the chosen recipe. A method that diverges under it
+    (per-user-lora trains at the bank's learning rate: Qwen2.5-Coder-1.5B's at 3e-4 did on
+    the H200) must lose neither the search nor the other methods' rows: on a divergence each
+    method runs alone to find the ones that fail (banks are shared between the runs), the
+    rest run together (paired differences need one run), and each failure is a row
+    ``{"method", "error"}``."""
     try:
-        methods = ABLATION[:1] + [USER_PRIOR] * (task.kind in PRIOR_KINDS) + ABLATION[1:]
-        ablation = evaluate(methods, bc, ac, "final")["rows"]
+        return evaluate(methods, bc, ac, "final")["rows"]
     except MtaError as e:
-        # a baseline that diverges under the chosen recipe (per-user-lora trains at the bank's
-        # learning rate: Qwen2.5-Coder-1.5B at 3e-4 did on the H200) must not lose the search
+        if not _diverged(e):
+            raise
+        log.warning("tune: the final ablation diverged (%s); finding the method(s) that do", e)
+    failed = []
+    for m in methods:
+        try:
+            evaluate([m], bc, ac, f"final-{m}")
+        except MtaError as e:
+            if not _diverged(e):
+                raise
+            log.warning("tune: %s diverged in the final ablation (%s); the ablation goes on without it", m, e)
+            failed.append({"method": m, "error": str(e)})
+    rest = [m for m in methods if m not in {f["method"] for f in failed}]
+    try:
+        rows = evaluate(rest, bc, ac, "final-rest")["rows"] if rest else []
+    except MtaError as e:  # diverged together, not alone: a run-to-run NaN
         if not _diverged(e):
             raise
         log.warning("tune: the final ablation failed (%s); the recipe is written without it", e)
-        ablation = [{"error": str(e)}]
-    return Recipe(model=setup.backbone.model_id, task=task.name, data=str(ds.path), metric=metric,
-                  dev_users=dev_ids, bank=chosen["bank"], adapt=chosen["adapt"], trials=trials,
-                  ablation=ablation, max_user_share=max_user_share)
+        return [{"error": str(e)}]
+    return rows + failed
