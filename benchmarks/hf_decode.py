@@ -13,7 +13,9 @@ cache, with the static cache (eager, and auto-compiled as transformers does it),
 for, and the mta engine (every row its own user: top-2 of the bank + a rank-2 stack)
 with the dynamic and the static cache, and compiled with its routing pinned (then a new
 batch of other users through the same compiled step). A configuration that fails is reported with its
-error, not left out.
+error, not left out. ``--sections parts``: GraphDecoder's captured step with a part left out
+(attention, the MLP; the engine's adapter B side), each part's cost the difference of two
+steps, against the bytes that part must read: where a step's time over its floor goes.
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("hf-decode.json"))
     ap.add_argument("--sections", default="hf,batch,engine,graph",
                     help="hf: generate's caches; batch: generate_batch (CUDA only); engine: the mta engine; "
-                         "graph: mta's GraphDecoder (the step captured in a CUDA graph), base and engine")
+                         "graph: mta's GraphDecoder (the step captured in a CUDA graph), base and engine; "
+                         "parts: GraphDecoder's step with parts left out (what each part costs, against its "
+                         "bytes)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 8 new tokens of HF generate (dynamic cache) and of each GraphDecoder config")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
-    if not sections <= {"hf", "batch", "engine", "graph"}:
-        ap.error(f"unknown sections in {a.sections!r} (hf, batch, engine, graph)")
+    if not sections <= {"hf", "batch", "engine", "graph", "parts"}:
+        ap.error(f"unknown sections in {a.sections!r} (hf, batch, engine, graph, parts)")
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = make_model(TINY if a.tiny else LLAMA3_8B, dev, dtype)
@@ -80,7 +84,7 @@ def main() -> None:
                   "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                   "rows": a.rows, "prompt": a.prompt, "new": a.new, "copy_bandwidth_Bps": bw,
                   "floor_ms_per_step": floor_ms, "configs": rows_out, "transformers": transformers.__version__,
-                  "profiles_of_9_new_tokens": profiles}
+                  "profiles_of_9_new_tokens": profiles, "parts": parts}
         a.out.write_text(json.dumps(result, indent=2))
 
     def timed(fn) -> float:
@@ -119,6 +123,7 @@ def main() -> None:
         return run
 
     profiles = {}
+    parts = {}  # the parts section's costs: measured step differences against their byte floors
 
     def profiled(name, run):
         if a.profile:
@@ -163,13 +168,15 @@ def main() -> None:
                 "mta.engine.graphs: static cache, argmax and buffer updates inside the graph")
         profiled("GraphDecoder, base", graph(base_dec))
         del base_dec
+    if "parts" in sections:
+        parts.update(base_parts(model, a, graph, measure, rows_out, bw, kv_token))
     if dev.type == "cuda" and "batch" in sections:
         model.set_attn_implementation("paged|sdpa")
         measure("HF generate_batch, defaults", batch(None))
         measure("HF generate_batch, CUDA graphs, 64 requests per batch",
                 batch({"use_cuda_graph": True, "max_requests_per_batch": a.rows}))
         model.set_attn_implementation("sdpa")
-    if sections & {"engine", "graph"}:
+    if sections & {"engine", "graph", "parts"}:
         # as the product builds it (mta.backbone): fp32 master tables, adapter matmuls in the
         # base's dtype. Runs before 2026-12-01 (second session) left them in fp32 (fp32 GEMMs
         # in the engine's profile): their engine rows are not the product's.
@@ -190,6 +197,9 @@ def main() -> None:
                     graph(dec, lambda: eng.pinned(later, width=width)),
                     "refills the pinned buffers; 'captures' 1 = the first capture was reused")
             rows_out[-1]["captures"] = dec.captures
+            del dec
+        if "parts" in sections:
+            parts.update(engine_parts(model, eng, routes, a, graph, measure, rows_out, bw))
         if "engine" not in sections:
             eng.remove()
     if "engine" in sections:
@@ -207,6 +217,9 @@ def main() -> None:
         eng.remove()
 
     dump()
+    for name, p in parts.items():
+        print(f"part {name}: {p['ms']:.2f} ms a step, its bytes {p['floor_ms']:.2f} ms at the copy bandwidth "
+              f"({p['x_floor']:.2f}x)" if p.get("x_floor") else f"part {name}: {p['ms']:.2f} ms a step")
     print(f"{'config':<48} {'ms/step':>8} {'x floor':>8} {'tok/s':>9}")
     for r in rows_out:
         if "error" in r:
@@ -214,6 +227,85 @@ def main() -> None:
         else:
             xf = f"{r['x_floor']:.2f}" if "x_floor" in r else "-"
             print(f"{r['config']:<48} {r['ms_per_step']:>8.2f} {xf:>8} {r['tokens_per_s']:>9.0f}")
+
+
+def _step_ms(rows_out, name: str) -> float | None:
+    r = next((r for r in rows_out if r["config"] == name), None)
+    return r.get("ms_per_step") if r else None
+
+
+def _part(full: float | None, without: float | None, nbytes: float, bw: float | None) -> dict:
+    """A part's cost: the step with it minus the step without it, against its bytes' floor."""
+    if full is None or without is None:
+        return {"error": "a variant failed"}
+    ms = full - without
+    floor = 1e3 * nbytes / bw if bw else None
+    return {"ms": ms, "bytes": nbytes, "floor_ms": floor, "x_floor": ms / floor if floor else None}
+
+
+@contextlib.contextmanager
+def _patched(objs, attr: str, make):
+    """Each obj's ``attr`` replaced by ``make(obj)`` (an instance attribute), then restored."""
+    for o in objs:
+        setattr(o, attr, make(o))
+    try:
+        yield
+    finally:
+        for o in objs:
+            delattr(o, attr)
+
+
+def base_parts(model, a, graph, measure, rows_out, bw, kv_token) -> dict:
+    """The base step with attention, then the MLP, left out of every block (each module's
+    forward passes its input through: no kernel), each captured afresh. Attention's bytes:
+    its four projections and the mean KV cache; the MLP's: its three projections."""
+    layers = model.model.layers
+    nbytes = {k: sum(p.numel() * p.element_size() for ly in layers for p in getattr(ly, k).parameters())
+              for k in ("self_attn", "mlp")}
+    nbytes["self_attn"] += a.rows * (a.prompt + a.new / 2) * kv_token
+    full = "GraphDecoder (step in a CUDA graph), base"
+    if _step_ms(rows_out, full) is None:
+        measure(full, graph(GraphDecoder(model, a.rows, a.prompt + a.new)))
+    skips = {"self_attn": lambda m: (lambda hidden_states, *args, **kw: (hidden_states, None)),
+             "mlp": lambda m: (lambda x: x)}
+    out = {}
+    for k, make in skips.items():
+        name = f"parts: base without {k} (its input passed through)"
+        with _patched([getattr(ly, k) for ly in layers], "forward", make):
+            measure(name, graph(GraphDecoder(model, a.rows, a.prompt + a.new)))
+        out[f"base {k}"] = _part(_step_ms(rows_out, full), _step_ms(rows_out, name), nbytes[k], bw)
+    return out
+
+
+def engine_parts(model, eng, routes, a, graph, measure, rows_out, bw) -> dict:
+    """The engine's step in the dense layout (the cheaper of the two here), whole and with
+    the adapter's second half (the B matmul and its add) left out of every adapted layer:
+    the A side (x by every table's A columns, times each row's coefficients) and the B side
+    against their bytes."""
+    lys = list(eng.layers.values())
+
+    def a_side(ly):
+        def fwd(x, y):
+            z = x.to(ly.dense_A.dtype) @ ly.dense_A.t()
+            z * (ly.dense_W if x.dim() == 2 else ly.dense_W[:, None, :])  # computed, not added
+            return y
+        return fwd
+
+    full = "parts: mta engine, dense routing"
+    a_only = "parts: mta engine, dense routing, the A side alone"
+
+    def on():
+        return eng.dense(routes)
+    measure(full, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
+    with _patched(lys, "_dense_forward", a_side):
+        measure(a_only, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
+    with eng.dense(routes):
+        a_bytes = sum(ly.dense_A.numel() * ly.dense_A.element_size() + ly.dense_W.numel() * ly.dense_W.element_size()
+                      for ly in lys)
+        b_bytes = sum(ly.dense_B.numel() * ly.dense_B.element_size() for ly in lys)
+    base = _step_ms(rows_out, "GraphDecoder (step in a CUDA graph), base")
+    return {"adapter A side (dense)": _part(_step_ms(rows_out, a_only), base, a_bytes, bw),
+            "adapter B side (dense)": _part(_step_ms(rows_out, full), _step_ms(rows_out, a_only), b_bytes, bw)}
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ random_weights() {  # GPU
   # every target of the GPU-speed issue in one run (generation incl. the new loop, bank, adapt,
   # memory), with profiles; then transformers' own decode paths next to the new loop
   T=900 step gpu-8b "$1" python3 benchmarks/gpu.py --profile --out "$RES/gpu-8b.json"
-  if [ -z "${NO_HF:-}" ]; then  # NO_HF=1: skip (measured 2026-12-01; gpu.py times HF's dynamic base itself)
-    T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections hf,graph --profile \
+  if [ -z "${NO_HF:-}" ]; then  # NO_HF=1: skip; HF's own loops were measured 2026-12-01 (gpu.py times
+    # HF's dynamic base itself): the captured loop, base and engine, and where its step's time goes
+    T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections graph,parts --profile \
       --out "$RES/hf-decode-8b.json"
   fi
   if [ -n "${SERVE_LOAD:-}" ]; then  # the server's two decode loops under the same load (~5 min each)

@@ -35,6 +35,18 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     assert res["adapt"]["stored_bytes_per_user_fp32"] > 0
 
 
+def test_decode_parts_benchmark_tiny_on_cpu(tmp_path):
+    out = tmp_path / "hf-decode.json"
+    r = _run("hf_decode.py", "--tiny", "--device", "cpu", "--sections", "graph,parts", "--rows", "4",
+             "--prompt", "8", "--new", "6", "--anchors", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["parts"]) == {"base self_attn", "base mlp", "adapter A side (dense)", "adapter B side (dense)"}
+    for p in res["parts"].values():  # costs are differences of CPU timings: reported, not judged
+        assert math.isfinite(p["ms"]) and p["bytes"] > 0
+    assert not any("error" in c for c in res["configs"]), res["configs"]
+
+
 def test_engine_cpu_benchmark_quick(tmp_path):
     out = tmp_path / "engine.json"
     r = _run("engine_cpu.py", "--quick", "--out", str(out))
