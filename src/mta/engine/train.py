@@ -285,20 +285,23 @@ def train_jobs(
                     if not budget.halve(longest):
                         raise _oom_error(device, budget.value or 0, len(rows)) from None
             tokens += step_tokens
-            sq = _slot_grad_sq(params, [jobs[i].slot for i in active])
             # A non-finite gradient with a finite loss (seen once per 1.5B dev tune on the
             # H200, one user's first step; cause not found) would put NaN into the adapter
             # through Adam's moments: that adapter skips this update instead, as AMP's
-            # GradScaler does, and the skip is logged and counted. One sync per step.
-            finite = torch.isfinite(sq).tolist()
-            for i, ok in zip(active, finite):
-                if not ok:
-                    jobs[i].skipped += 1
-                    log.warning("step %d: the gradient of '%s' is not finite; its update is skipped", step + 1,
-                                jobs[i].key)
-            keep = [k for k, ok in enumerate(finite) if ok]
-            if cfg.max_grad_norm is not None:
-                _clip_per_slot(params, [jobs[active[k]].slot for k in keep], cfg.max_grad_norm, sq[keep])
+            # GradScaler does, and the skip is logged and counted. One fused check and sync
+            # per step; the per-adapter norms only when something is not finite.
+            keep = list(range(len(active)))
+            if not all_finite([p.grad for p in params if p.grad is not None]):
+                sq = _slot_grad_sq(params, [jobs[i].slot for i in active])
+                keep = [k for k, ok in enumerate(torch.isfinite(sq).tolist()) if ok]
+                for k, i in enumerate(active):
+                    if k not in keep:
+                        jobs[i].skipped += 1
+                        log.warning("step %d: the gradient of '%s' is not finite; its update is skipped",
+                                    step + 1, jobs[i].key)
+            if cfg.max_grad_norm is not None and keep:
+                slots_kept = [jobs[active[k]].slot for k in keep]
+                _clip_per_slot(params, slots_kept, cfg.max_grad_norm, _slot_grad_sq(params, slots_kept))
             lrs = [cfg.lr * lr_multiplier(step, len(plans[active[k]]), cfg.warmup_ratio, cfg.schedule)
                    for k in keep]
             opt.step([jobs[active[k]].slot for k in keep], lrs)
@@ -411,8 +414,6 @@ def _slot_grad_sq(params: list[torch.nn.Parameter], slots: list[int]) -> torch.T
 def _clip_per_slot(params: list[torch.nn.Parameter], slots: list[int], max_norm: float,
                    sq: torch.Tensor) -> None:
     """Scale each slot's gradient to at most ``max_norm`` (``sq``: the slots' squared norms)."""
-    if not slots:
-        return
     idx = torch.tensor(slots, dtype=torch.long)
     scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
     for p in params:
