@@ -4,6 +4,7 @@ steps (differences come only from padding-dependent summation order)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -42,6 +43,8 @@ def _peft_alone(init: dict, job: Job, cfg: TrainConfig, rank: int, alpha: float)
         ids, mask, labels = pad_batch(batch, tok.pad_token_id, "cpu")
         loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -66,6 +69,25 @@ def test_bank_batched_equals_each_alone_with_peft():
         for name in ref:
             torch.testing.assert_close(got[name][0], ref[name][0], atol=TOL, rtol=0)
             torch.testing.assert_close(got[name][1], ref[name][1], atol=TOL, rtol=0)
+
+
+def test_clipping_is_per_adapter_as_torch_clips_each_alone():
+    """max_grad_norm clips each anchor's gradient by its own norm, as torch's clip_grad_norm_
+    does for that adapter trained alone (a bound low enough to clip every step)."""
+    cfg = dataclasses.replace(CFG, max_grad_norm=0.05)
+    eng, model, tok = tiny_engine(n_anchors=2, rank=4, alpha=8.0)
+    init = {n: eng.anchor_tensors(n) for n in range(2)}
+    jobs = [Job(n, random_examples(5 + n, seed=n), Row([n], [1.0]), key=f"anchor-{n}") for n in range(2)]
+    train_jobs(eng, "bank", jobs, cfg, pad_id=tok.pad_token_id)
+    unclipped, _, _ = tiny_engine(n_anchors=2, rank=4, alpha=8.0)
+    train_jobs(unclipped, "bank", [Job(j.slot, j.examples, j.row, j.key) for j in jobs], CFG, pad_id=tok.pad_token_id)
+    for n, job in enumerate(jobs):
+        ref = _peft_alone(init[n], Job(n, job.examples, job.row, job.key), cfg, 4, 8.0)
+        got = eng.anchor_tensors(n)
+        for name in ref:
+            torch.testing.assert_close(got[name][1], ref[name][1], atol=TOL, rtol=0)
+        # and the bound mattered: the unclipped run ends elsewhere
+        assert any((got[k][1] - unclipped.anchor_tensors(n)[k][1]).abs().max() > 1e-4 for k in got)
 
 
 def test_each_row_updates_only_its_anchor():
