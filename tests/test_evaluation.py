@@ -123,3 +123,48 @@ def test_eval_generation_task_official_layout(tmp_path):
     assert m["config"]["task"] == "lamp4"
     assert all(set(r["metrics"]) == {"rouge1", "rougeL"} for r in m["results"])
     assert (out / "rouge1_by_method.png").exists()
+
+
+def _eval_synth(tmp_path, methods: str, name: str):
+    from mta.cli.main import main
+
+    data = tmp_path / "data"
+    if not data.exists():
+        assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / name
+    rc = main(["eval", "--data", str(data), "--out", str(out), "--methods", methods, "--model", "tiny-random-llama",
+               "--embedder", "hashing-embedder", "--anchors", "2", "--max-new-tokens", "2", "--n-boot", "100"])
+    return rc, out
+
+
+def test_a_diverging_method_is_left_out_and_the_others_reported(tmp_path, monkeypatch, capsys):
+    """One method's training diverging (here per-user-lora's, and the bank that mta-fusion
+    and mta need) costs those methods, named with their errors, not the evaluation."""
+    import json
+
+    import mta.evaluation.runner as runner_mod
+
+    def diverging(what):
+        def f(*a, **kw):
+            raise MtaError(f"training diverged at step 1: the loss of '{what}' is nan", ("BankConfig.lr",))
+        return f
+
+    monkeypatch.setattr(runner_mod, "run_private", diverging("user:x"))
+    monkeypatch.setattr(runner_mod, "build_bank", diverging("anchor:y"))
+    rc, out = _eval_synth(tmp_path, "rag-1,per-user-lora,mta-fusion,mta-stack,mta", "eval")
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [r["method"] for r in m["results"]] == ["rag-1", "mta-stack"]
+    assert m["failed"] == {"per-user-lora": "training diverged at step 1: the loss of 'user:x' is nan",
+                           "mta-fusion": "training diverged at step 1: the loss of 'anchor:y' is nan",
+                           "mta": "training diverged at step 1: the loss of 'anchor:y' is nan"}
+    assert "diff_vs_rag-1" in m["results"][1]["metrics"]["accuracy"]
+    md = (out / "results.md").read_text()
+    assert "Not reported: `per-user-lora` diverged (training diverged at step 1" in md
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {p["method"] for p in preds} == {"rag-1", "mta-stack"}
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not reported: mta diverged (training diverged at step 1: the loss of 'anchor:y' is nan)" in err
+    # every method diverging: nothing to report, the one-line error and exit code 2
+    rc, _ = _eval_synth(tmp_path, "per-user-lora,mta", "eval2")
+    assert rc == 2

@@ -111,9 +111,15 @@ def test_tune_refuses_a_budget_nothing_fits_in_one_line(tmp_path, capsys):
 
 def test_a_baseline_diverging_in_the_final_ablation_keeps_the_recipe(tmp_path, monkeypatch, capsys):
     """As Qwen2.5-Coder-1.5B's per-user LoRA did at lr 3e-4 on the H200: the search's result
-    is written, the ablation records the failure."""
-    data = _diverging_when(monkeypatch, tmp_path, lambda methods, setup: "per-user-lora" in methods,
-                           "training diverged at step 2: the loss of 'user:x' is nan")
+    is written, the ablation keeps every other method's row and records the failure."""
+    import mta.evaluation.runner as runner_mod
+
+    def diverging(*a, **kw):
+        raise MtaError("training diverged at step 2: the loss of 'user:x' is nan", ("BankConfig.lr",))
+
+    monkeypatch.setattr(runner_mod, "run_private", diverging)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
     out = tmp_path / "tune"
     assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
                  "--anchors", "2", "--space", "core", "--max-user-share", "0.3", *TINY]) == 0
@@ -128,9 +134,9 @@ def test_a_baseline_diverging_in_the_final_ablation_keeps_the_recipe(tmp_path, m
     assert "lr" in r.bank and f"the final ablation: per-user-lora diverged: {message}" in err
 
 
-def test_a_divergence_only_together_in_the_final_ablation_keeps_the_recipe(tmp_path, monkeypatch):
-    """Each method alone trains; together they diverge (a run-to-run NaN): the recipe is
-    written with the failure as its ablation."""
+def test_a_final_ablation_that_fails_whole_keeps_the_recipe(tmp_path, monkeypatch):
+    """The whole final evaluation diverging (here every run of more than one method): the
+    recipe is written with the failure as its ablation."""
     data = _diverging_when(monkeypatch, tmp_path, lambda methods, setup: len(methods) > 1,
                            "training diverged at step 1: the loss of 'user:x' is nan")
     out = tmp_path / "tune"

@@ -67,7 +67,8 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
             f"Wall time {time.perf_counter() - t0:.0f} s on {backbone.device}"
             + (f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else "")
             + (" (synthetic data)" if ds.synthetic else "") + ".")
-    refs = references(methods)
+    failed = res.get("failed", {})
+    refs = references([m for m in methods if m not in failed])
     files = write_report(out, title, meta, t, res, config, ds.synthetic, refs)
     if anchor_map_for(ds, setup, place, out, f"anchor map (fold 0): {title}"):
         files.append("anchor_map.png")
@@ -83,6 +84,8 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
         table.add_row(r["method"], *[f"{r['metrics'][m]['value']:.3f}" for m in t.metric_names], *diffs,
                       f"{r['bytes_per_user']:,.0f}")
     console.print(table)
+    for m, e in failed.items():
+        err_console.print(f"[yellow]not reported: {escape(m)} diverged ({escape(e)})[/yellow]")
     err_console.print(f"wrote {escape(str(out))}: {', '.join(files)}, config.json, run.log")
 
 

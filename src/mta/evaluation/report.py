@@ -19,7 +19,8 @@ def _diff(d: dict | None) -> str:
     return f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" + (" *" if d["significant"] else "")
 
 
-def markdown(title: str, meta: str, task, rows: list[dict], references: list[str]) -> str:
+def markdown(title: str, meta: str, task, rows: list[dict], references: list[str],
+             failed: dict[str, str] | None = None) -> str:
     m1, m2 = task.metric_names
     diffs = "".join(f" Δ{m1} vs {r} [95% CI] |" for r in references)
     head = (f"| method | {m1} [95% CI] | {m2} [95% CI] |{diffs} s/user adapt | s/user infer | bytes/user | "
@@ -33,6 +34,8 @@ def markdown(title: str, meta: str, task, rows: list[dict], references: list[str
                      f"{r['seconds_per_user_adapt']:.2f} | {r['seconds_per_user_inference']:.2f} | "
                      f"{r['bytes_per_user']:,.0f} | {r['trainable_params_per_user']:,} |")
     lines += ["", "`*`: the paired 95% bootstrap interval of the difference excludes 0."]
+    for m, e in (failed or {}).items():
+        lines += ["", f"Not reported: `{m}` diverged ({e})."]
     return "\n".join(lines) + "\n"
 
 
@@ -43,8 +46,8 @@ def write_report(out: Path, title: str, meta: str, task, res: dict, config: dict
     write_json_atomic(out / "metrics.json", {
         "title": title, "synthetic": synthetic, "config": config, "results": res["rows"],
         "bank_seconds": res["bank_seconds"], "wall_seconds": res["wall_seconds"],
-        "peak_gpu_memory_bytes": res.get("peak_gpu_memory_bytes")})
-    write_text_atomic(out / "results.md", markdown(title, meta, task, res["rows"], references))
+        "peak_gpu_memory_bytes": res.get("peak_gpu_memory_bytes"), "failed": res.get("failed", {})})
+    write_text_atomic(out / "results.md", markdown(title, meta, task, res["rows"], references, res.get("failed")))
     plots.metric_plot(res["rows"], m1, title, out / f"{m1}_by_method.png")
     plots.cost_plot(res["rows"], m1, title, out / "quality_vs_bytes.png")
     return ["metrics.json", "results.md", f"{m1}_by_method.png", "quality_vs_bytes.png", "predictions.jsonl"]

@@ -13,6 +13,7 @@ import numpy as np
 from mta.anchors import embed_users
 from mta.bank import adapter_dir, build_bank, build_task, read_index, training_history
 from mta.data.schema import Dataset, User
+from mta.errors import MtaError
 from mta.evaluation import plots
 from mta.evaluation.methods import (
     BANK_METHODS,
@@ -129,11 +130,32 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     # an anchor's meta-LoRA IS its per-user LoRA when it trains on the same history; the
     # banks below copy those instead of training the same adapter twice.
     own: dict[str, tuple[tuple, Path]] = {}
+    # A method whose training diverges (a NaN the trainer cannot skip) is left out of the
+    # report with its error, and the others go on: one baseline at too high a learning rate
+    # must not cost a whole evaluation. Its adapters' folders are left as they are.
+    failed: dict[str, MtaError] = {}
+
+    def attempt(names, fn):
+        try:
+            return fn()
+        except MtaError as e:
+            if not diverged(e):
+                raise
+            gone = [n for n in names if n in methods and n not in failed]
+            for n in gone:
+                failed[n] = e
+            log.warning("%s: %s; the evaluation goes on without %s", setup.prefix.strip() or "eval", e,
+                        ", ".join(gone))
+            return None
+
     if "per-user-lora" in methods:
         for fold in folds:
             d = place(fold.index, "per-user-lora")
             setup.prefix = f"fold {fold.index} " if len(folds) > 1 else ""
-            results["per-user-lora"] = merge(results["per-user-lora"], run_private(setup, targets[fold.index], d))
+            part = attempt(["per-user-lora"], lambda d=d, fold=fold: run_private(setup, targets[fold.index], d))
+            if part is None:
+                break
+            results["per-user-lora"] = merge(results["per-user-lora"], part)
             slots = {a.user_id: a.slot for a in read_index(d).anchors}
             for u in targets[fold.index]:
                 own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), adapter_dir(d, slots[u.user_id]))
@@ -147,44 +169,63 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
         split.append({"fold": fold.index, "targets": [u.user_id for u in targets[fold.index]],
                       "anchor_candidates": [u.user_id for u in fold.candidates]})
         bank = task_bank = None
-        if TASK_METHODS & set(methods):
+        wanted = set(methods) - set(failed)
+        if TASK_METHODS & wanted:
             t0 = time.perf_counter()
-            build_task(setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "task-lora"),
-                       _stages(setup, "task-lora"))
+            if attempt(sorted(TASK_METHODS), lambda fold=fold: build_task(
+                    setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "task-lora"),
+                    _stages(setup, "task-lora"))) is not None:
+                task_bank = LoadedBank(setup.backbone, place(fold.index, "task-lora"), task)
             bank_seconds += time.perf_counter() - t0
-            task_bank = LoadedBank(setup.backbone, place(fold.index, "task-lora"), task)
-        if BANK_METHODS & set(methods):
+        if BANK_METHODS & wanted:
             t0 = time.perf_counter()
-            build_bank(setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "bank"),
-                       _stages(setup, "bank"), trained=trained)
+            if attempt(sorted(BANK_METHODS), lambda fold=fold: build_bank(
+                    setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "bank"),
+                    _stages(setup, "bank"), trained=trained)) is not None:
+                bank = LoadedBank(setup.backbone, place(fold.index, "bank"), task)
             bank_seconds += time.perf_counter() - t0
-            bank = LoadedBank(setup.backbone, place(fold.index, "bank"), task)
         for m in methods:
-            if m == "per-user-lora":
+            if m == "per-user-lora" or m in failed:
                 continue
-            if m == "base" or m.startswith("rag-"):
-                part = run_prompt(setup, m, targets[fold.index])
-            elif m == USER_PRIOR:
-                part = run_prior(setup, targets[fold.index])
-            elif m == "task-lora":
-                part = run_task(setup, task_bank, targets[fold.index])
-            elif m == "oppu":
-                part = run_adapted(setup, m, task_bank, targets[fold.index], place(fold.index, m))
-            elif m == "mta-stack":
-                part = run_adapted(setup, m, LoadedBank(setup.backbone, None, task), targets[fold.index],
-                                   place(fold.index, m))
-            else:
-                part = run_adapted(setup, m, bank, targets[fold.index], place(fold.index, m))
-            results[m] = merge(results[m], part)
+            part = attempt([m], lambda m=m, fold=fold, bank=bank, task_bank=task_bank: _run_method(
+                setup, m, targets[fold.index], place(fold.index, m), bank, task_bank))
+            if part is not None:
+                results[m] = merge(results[m], part)
+    if len(failed) == len(methods):  # nothing to report
+        raise next(iter(failed.values()))
+    results = {m: r for m, r in results.items() if m not in failed}
     prepared = {u.user_id: u for f in folds for u in targets[f.index]}
     evaluated = [prepared[u.user_id] for u in ds.users if u.user_id in prepared]  # the data's order
-    rows = summarise(task, evaluated, results, references(methods), n_boot, seed)
+    rows = summarise(task, evaluated, results, references(list(results)), n_boot, seed)
     write_json_atomic(out / "split.json", split)
     preds = [{"method": m, "user_id": uid, "outputs": r.outputs[uid], "parsed": r.preds[uid]}
              for m, r in results.items() for uid in r.preds]
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in preds))
     return {"rows": rows, "bank_seconds": bank_seconds, "wall_seconds": time.perf_counter() - t_start,
-            "folds": split, "peak_gpu_memory_bytes": setup.backbone.peak_memory()}
+            "folds": split, "peak_gpu_memory_bytes": setup.backbone.peak_memory(),
+            "failed": {m: str(e) for m, e in failed.items()}}
+
+
+def _run_method(setup: EvalSetup, m: str, targets: list[User], where: Path, bank, task_bank) -> FoldResult | None:
+    """One method on one fold's targets (None: the bank it needs failed to train)."""
+    if m == "base" or m.startswith("rag-"):
+        return run_prompt(setup, m, targets)
+    if m == USER_PRIOR:
+        return run_prior(setup, targets)
+    if m in TASK_METHODS and task_bank is None or m in BANK_METHODS and bank is None:
+        return None
+    if m == "task-lora":
+        return run_task(setup, task_bank, targets)
+    if m == "oppu":
+        return run_adapted(setup, m, task_bank, targets, where)
+    if m == "mta-stack":
+        return run_adapted(setup, m, LoadedBank(setup.backbone, None, setup.task), targets, where)
+    return run_adapted(setup, m, bank, targets, where)
+
+
+def diverged(e: MtaError) -> bool:
+    """A recipe that diverges on this model (mta.engine.train's NaN checks), not a bad input."""
+    return str(e).startswith("training diverged")
 
 
 def anchor_map_for(ds: Dataset, setup: EvalSetup, place: Callable[[int, str], Path], out: Path,

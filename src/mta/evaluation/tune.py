@@ -31,7 +31,7 @@ from mta.data.schema import Dataset
 from mta.errors import MtaError
 from mta.evaluation.methods import PRIOR_KINDS, USER_PRIOR, EvalSetup
 from mta.evaluation.protocol import make_folds
-from mta.evaluation.runner import run_eval
+from mta.evaluation.runner import diverged, run_eval
 
 log = logging.getLogger(__name__)
 RECIPE_SCHEMA = 1
@@ -113,9 +113,6 @@ def dev_split(users, fraction: float, seed: int) -> list[str]:
     return sorted(order[:n])
 
 
-def _diverged(e: MtaError) -> bool:
-    """A recipe that diverges on this model (mta.engine.train's NaN check), not a bad input."""
-    return str(e).startswith("training diverged")
 
 
 def _key(cfg) -> str:
@@ -151,6 +148,10 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, place=place,
                         history_queries=history_queries)
 
+    def trial_value(bc: BankConfig, ac: AdaptConfig, name: str) -> float:
+        res = evaluate(["mta"], bc, ac, name)  # raises when mta, its only method, diverged
+        return res["rows"][0]["metrics"][metric]["value"]
+
     order = SPACES[space]
     total = sum(len(GROUPS[g]) for g in order)
     done = 0
@@ -170,13 +171,13 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 continue
             if key not in cache:
                 try:
-                    res = evaluate(["mta"], bc, ac, f"{len(trials):02d}")
+                    value = trial_value(bc, ac, f"{len(trials):02d}")
                 except MtaError as e:
                     # more anchors than exist, or a recipe that diverges on this model: the
                     # trial is recorded as failed and the search goes on without it
                     if "AdaptConfig.top_k" in e.fields:
                         trials.append({"group": group, "override": over, "skipped": str(e)})
-                    elif _diverged(e):
+                    elif diverged(e):
                         trials.append({"group": group, "override": over, "failed": str(e)})
                         log.warning("tune %s %s: failed: %s", group, over, e)
                     else:
@@ -185,7 +186,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                     if progress:
                         progress("tune trials", done, total)
                     continue
-                cache[key] = res["rows"][0]["metrics"][metric]["value"]
+                cache[key] = value
                 trials.append({"group": group, "override": over, metric: cache[key]})
                 log.info("tune %s %s: %s %.4f", group, over, metric, cache[key])
             value = cache[key]
@@ -211,31 +212,16 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
 def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfig) -> list[dict]:
     """The dev table of every method on the chosen recipe. A method that diverges under it
     (per-user-lora trains at the bank's learning rate: Qwen2.5-Coder-1.5B's at 3e-4 did on
-    the H200) must lose neither the search nor the other methods' rows: on a divergence each
-    method runs alone to find the ones that fail (banks are shared between the runs), the
-    rest run together (paired differences need one run), and each failure is a row
-    ``{"method", "error"}``."""
+    the H200) is a row ``{"method", "error"}`` beside the others (the evaluation goes on
+    without it); if every method diverged, one ``{"error"}`` row. The search is kept either
+    way."""
     try:
-        return evaluate(methods, bc, ac, "final")["rows"]
+        res = evaluate(methods, bc, ac, "final")
     except MtaError as e:
-        if not _diverged(e):
-            raise
-        log.warning("tune: the final ablation diverged (%s); finding the method(s) that do", e)
-    failed = []
-    for m in methods:
-        try:
-            evaluate([m], bc, ac, f"final-{m}")
-        except MtaError as e:
-            if not _diverged(e):
-                raise
-            log.warning("tune: %s diverged in the final ablation (%s); the ablation goes on without it", m, e)
-            failed.append({"method": m, "error": str(e)})
-    rest = [m for m in methods if m not in {f["method"] for f in failed}]
-    try:
-        rows = evaluate(rest, bc, ac, "final-rest")["rows"] if rest else []
-    except MtaError as e:  # diverged together, not alone: a run-to-run NaN
-        if not _diverged(e):
+        if not diverged(e):
             raise
         log.warning("tune: the final ablation failed (%s); the recipe is written without it", e)
         return [{"error": str(e)}]
-    return rows + failed
+    for m, e in res["failed"].items():
+        log.warning("tune: %s diverged in the final ablation (%s); the ablation goes on without it", m, e)
+    return res["rows"] + [{"method": m, "error": e} for m, e in res["failed"].items()]
