@@ -285,11 +285,11 @@ def train_jobs(
                     if not budget.halve(longest):
                         raise _oom_error(device, budget.value or 0, len(rows)) from None
             tokens += step_tokens
-            # A non-finite gradient with a finite loss (seen once per 1.5B dev tune on the
-            # H200, one user's first step; cause not found) would put NaN into the adapter
-            # through Adam's moments: that adapter skips this update instead, as AMP's
-            # GradScaler does, and the skip is logged and counted. One fused check and sync
-            # per step; the per-adapter norms only when something is not finite.
+            # A non-finite gradient with a finite loss (on the H200, in both Qwen2.5-Coder-1.5B
+            # dev tunes of 2026-12-01: one user's first step; cause not found) would put NaN
+            # into the adapter through Adam's moments: that adapter skips this update
+            # instead, as AMP's GradScaler does, and the skip is logged and counted. One fused
+            # check and sync per step; the per-adapter norms only when something is not finite.
             keep = list(range(len(active)))
             if not all_finite([p.grad for p in params if p.grad is not None]):
                 sq = _slot_grad_sq(params, [jobs[i].slot for i in active])

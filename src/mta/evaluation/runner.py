@@ -206,14 +206,13 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             "failed": {m: str(e) for m, e in failed.items()}}
 
 
-def _run_method(setup: EvalSetup, m: str, targets: list[User], where: Path, bank, task_bank) -> FoldResult | None:
-    """One method on one fold's targets (None: the bank it needs failed to train)."""
+def _run_method(setup: EvalSetup, m: str, targets: list[User], where: Path, bank, task_bank) -> FoldResult:
+    """One method on one fold's targets (``bank`` / ``task_bank``: the fold's, where the
+    method needs one)."""
     if m == "base" or m.startswith("rag-"):
         return run_prompt(setup, m, targets)
     if m == USER_PRIOR:
         return run_prior(setup, targets)
-    if m in TASK_METHODS and task_bank is None or m in BANK_METHODS and bank is None:
-        return None
     if m == "task-lora":
         return run_task(setup, task_bank, targets)
     if m == "oppu":

@@ -222,6 +222,4 @@ def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfi
             raise
         log.warning("tune: the final ablation failed (%s); the recipe is written without it", e)
         return [{"error": str(e)}]
-    for m, e in res["failed"].items():
-        log.warning("tune: %s diverged in the final ablation (%s); the ablation goes on without it", m, e)
     return res["rows"] + [{"method": m, "error": e} for m, e in res["failed"].items()]
