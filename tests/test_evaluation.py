@@ -168,3 +168,23 @@ def test_a_diverging_method_is_left_out_and_the_others_reported(tmp_path, monkey
     # every method diverging: nothing to report, the one-line error and exit code 2
     rc, _ = _eval_synth(tmp_path, "per-user-lora,mta", "eval2")
     assert rc == 2
+
+
+def test_mta_run_fails_when_its_mta_diverges(tmp_path, monkeypatch, capsys):
+    """`mta run` is for its mta: a diverging bank is its one-line error, not a table of the
+    baselines alone."""
+    import mta.evaluation.runner as runner_mod
+    from mta.cli.main import main
+
+    def diverging(*a, **kw):
+        raise MtaError("training diverged at step 1: the loss of 'anchor:y' is nan", ("BankConfig.lr",))
+
+    monkeypatch.setattr(runner_mod, "build_bank", diverging)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    rc = main(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "tiny-random-llama",
+               "--embedder", "hashing-embedder", "--anchors", "2", "--max-new-tokens", "2"])
+    assert rc == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "training diverged at step 1: the loss of 'anchor:y' is nan" in err
+    assert not (tmp_path / "run" / "metrics.json").exists()

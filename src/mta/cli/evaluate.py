@@ -45,7 +45,7 @@ def check_run_out(out: Path) -> None:
 
 def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[str], folds: list[Fold],
               protocol: str, n_boot: int, seed: int, target_history: int | None, place,
-              history_queries: int = 0) -> None:
+              history_queries: int = 0, required: frozenset[str] = frozenset()) -> None:
     """Load the backbone, run ``methods`` on ``folds``, write and print the report."""
     t = get_task(ds.task)
     if not any(q.gold is not None for u in ds.users for q in u.queries):
@@ -58,7 +58,8 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
                           methods=methods, seed=seed, users=len(ds.users))
     with run_log(out), progress() as bar:
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar)).resolve(ds.users)
-        res = run_eval(ds, methods, setup, out, folds, n_boot, seed, target_history, place, history_queries)
+        res = run_eval(ds, methods, setup, out, folds, n_boot, seed, target_history, place, history_queries,
+                       required)
     tag = "synthetic " if ds.synthetic else ""
     title = f"mta {command}: {t.title}, {len(ds.users)} {tag}users, model {backbone.model_id}"
     peak = res.get("peak_gpu_memory_bytes")
@@ -138,7 +139,7 @@ def _run(ds: Dataset, out: Path, cfg: Configs) -> None:
     protocol = (f"one split (seed {cfg.run.seed}): {len(fold.targets)} target users held out, "
                 f"{len(fold.candidates)} anchor candidates")
     _evaluate("run", ds, out, cfg, ["base", "rag-1", "mta"], [fold], protocol, 1000, cfg.run.seed, None,
-              run_layout(out))
+              run_layout(out), required=frozenset({"mta"}))
 
 
 @configured(RunConfig, *STAGES)

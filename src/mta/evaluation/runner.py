@@ -113,7 +113,7 @@ def run_layout(out: Path) -> Callable[[int, str], Path]:
 
 def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds: list[Fold], n_boot: int,
              seed: int, target_history: int | None = None, place: Callable[[int, str], Path] | None = None,
-             history_queries: int = 0) -> dict:
+             history_queries: int = 0, required: frozenset[str] = frozenset()) -> dict:
     """Every method on every fold's targets (anchors from the fold's candidates), then
     intervals over all targets. ``place(fold, name)`` is where a fold's bank and each
     method's adapters go (default: ``eval_layout``); ``history_queries`` and
@@ -132,14 +132,15 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     own: dict[str, tuple[tuple, Path]] = {}
     # A method whose training diverges (a NaN the trainer cannot skip) is left out of the
     # report with its error, and the others go on: one baseline at too high a learning rate
-    # must not cost a whole evaluation. Its adapters' folders are left as they are.
+    # must not cost a whole evaluation. Its adapters' folders are left as they are. A
+    # ``required`` method's divergence is the caller's error (`mta run` is for its mta).
     failed: dict[str, MtaError] = {}
 
     def attempt(names, fn):
         try:
             return fn()
         except MtaError as e:
-            if not diverged(e):
+            if not diverged(e) or required & set(names):
                 raise
             gone = [n for n in names if n in methods and n not in failed]
             for n in gone:
