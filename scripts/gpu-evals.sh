@@ -8,6 +8,7 @@
 #   bash scripts/gpu-evals.sh lamp2 MODEL OUTROOT [ARGS]      every method, the 72 LaMP-2 users
 #   bash scripts/gpu-evals.sh tune MODEL OUTROOT [ARGS]       mta tune on LaMP-2 dev users
 #   bash scripts/gpu-evals.sh movielens MODEL OUTROOT [ARGS]  every method, 160 MovieLens users
+#   bash scripts/gpu-evals.sh tune-movielens MODEL OUTROOT [ARGS]  mta tune on MovieLens dev users
 #
 # DATA (default gpu/data) holds lamp2_users.json (../shared/data/lamp2m_movie_tagging_72users/
 # users.json) and movielens_users.jsonl (`mta data movielens --queries 3 --max-users 160` on
@@ -56,7 +57,13 @@ case "$step" in
     $MTA eval --data "$DATA/movielens_users.jsonl" --out "$out/movielens-$model" --model "$model" --device "$DEVICE" \
       --methods all,user-prior --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
     pack "$out/movielens-$model" ;;
+  tune-movielens)  # the MovieLens protocol of the tables (targets keep their first 10 ratings)
+    model=$1 out=$2
+    shift 2
+    $MTA tune --data "$DATA/movielens_users.jsonl" --out "$out/tune-movielens-$model" --model "$model" \
+      --device "$DEVICE" --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
+    pack "$out/tune-movielens-$model" ;;
   *)
-    echo "unknown step $step (smoke, run, lamp2, tune, movielens)" >&2
+    echo "unknown step $step (smoke, run, lamp2, tune, movielens, tune-movielens)" >&2
     exit 2 ;;
 esac

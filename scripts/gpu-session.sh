@@ -157,7 +157,7 @@ tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned reci
 # The plan after 2026-12-01's second session. Real-model issue: the quick tunes again, now
 # within the bytes budget (their stack-shape group: 2 x 8, 1 x 16, 4 x 4 blocks, never run
 # on a GPU), with the final dev ablation 1.5B has never completed, and each model's LaMP-2
-# table on its result. GPU-speed issue: every number again once the fused adapter kernel
+# table on its result; 0.5B's first dev-split tune on MovieLens. GPU-speed issue: every number again once the fused adapter kernel
 # exists (the profile's next step), and hf_decode's engine rows with the product's adapter
 # compute (SERVE_LOAD=1 for the server's two loops). The random-weight benchmarks alone on
 # the last GPU (their timings need a quiet GPU); the real-model jobs on the other GPU(s),
@@ -175,6 +175,9 @@ quiet() {  # on a 1-GPU machine: until the benchmarks are done
   return 0
 }
 (quiet; tune "$(on 0)" qwen2.5-coder-1.5b quick; tuned "$(on 0)" qwen2.5-coder-1.5b) &
-(quiet; tune "$(on 1)" qwen2.5-coder-0.5b quick; tuned "$(on 1)" qwen2.5-coder-0.5b) &
+(quiet; tune "$(on 1)" qwen2.5-coder-0.5b quick; tuned "$(on 1)" qwen2.5-coder-0.5b
+ # MovieLens's own dev-split tune and ablation (its tables ran on LaMP-2's recipes)
+ step tune-movielens-qwen2.5-coder-0.5b "$(on 1)" bash scripts/gpu-evals.sh tune-movielens qwen2.5-coder-0.5b \
+   "$RES" --space quick --gpu-memory-share "$SHARE") &
 wait
 echo "$(date +%T) session done" >> "$RES/progress"

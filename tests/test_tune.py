@@ -144,3 +144,26 @@ def test_a_final_ablation_that_fails_whole_keeps_the_recipe(tmp_path, monkeypatc
                  "--anchors", "2", "--space", "core", "--max-user-share", "0.3", *TINY]) == 0
     r = read_recipe(out / "recipe.json")
     assert r.ablation == [{"error": "training diverged at step 1: the loss of 'user:x' is nan"}]
+
+
+def test_tune_takes_the_eval_protocol_it_can_and_refuses_what_it_cannot(tmp_path, monkeypatch, capsys):
+    """--target-history and --users reach the dev evaluations; --methods and --anchor-data,
+    which tune chooses itself, are a one-line error rather than silently ignored."""
+    seen = []
+    real = tune_mod.run_eval
+
+    def spy(ds, methods, setup, *a, **kw):
+        seen.append((len(ds.users), kw.get("target_history")))
+        return real(ds, methods, setup, *a, **kw)
+
+    monkeypatch.setattr(tune_mod, "run_eval", spy)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    args = ["tune", "--data", str(data), "--dev-fraction", "0.5", "--n-boot", "100", "--anchors", "2",
+            "--space", "core", "--max-user-share", "0.3", *TINY]
+    assert main([*args, "--out", str(tmp_path / "t1"), "--target-history", "3", "--users", "8"]) == 0
+    assert seen and all(s == (4, 3) for s in seen)  # half of the first 8 users are dev users
+    for extra in (["--methods", "mta"], ["--anchor-data", str(data)]):
+        assert main([*args, "--out", str(tmp_path / "t2"), *extra]) == 2
+        assert f"{extra[0]} is an `mta eval` option" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "t2").exists()

@@ -175,7 +175,15 @@ def tune_cmd(
     if space not in SPACES:
         raise MtaError(f"unknown search space {space!r}; choose one of: {', '.join(SPACES)}")
     cfg, _ = with_recipes(cfg, None, cfg.backbone.model or DEFAULT_MODEL)
+    e = cfg.eval
+    unused = [flag for flag, given in (("--methods", e.methods != EvalConfig.model_fields["methods"].default),
+                                       ("--anchor-data", e.anchor_data is not None)) if given]
+    if unused:
+        raise MtaError(f"mta tune chooses its own methods and anchors among the dev users: {', '.join(unused)} "
+                       "is an `mta eval` option")
     ds = load_dataset(data, task)
+    if e.users:
+        ds.users = ds.users[:e.users]
     t = get_task(ds.task)
     dev = dev_split(ds.users, dev_fraction, cfg.eval.seed)
     check_run_out(out)
@@ -184,7 +192,7 @@ def tune_cmd(
     with run_log(out), progress() as bar:
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar)).resolve(ds.users)
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),
-                      max_user_share)
+                      max_user_share, cfg.eval.target_history)
     write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
     m = recipe.metric
     table = Table(title=escape(f"mta tune: {t.title}, {len(dev)} dev users, model {backbone.model_id}"))

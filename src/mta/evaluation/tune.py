@@ -121,7 +121,7 @@ def _key(cfg) -> str:
 
 def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
          history_queries: int = 0, n_boot: int = 200, progress: Callable[[str, int, int], None] | None = None,
-         max_user_share: float = MAX_USER_SHARE) -> Recipe:
+         max_user_share: float = MAX_USER_SHARE, target_history: int | None = None) -> Recipe:
     task = setup.task
     metric = task.metric_names[0]
     lower_better = task.kind == "rating"
@@ -145,8 +145,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 trial / f"fold{fold}" / what
 
         s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens)
-        return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, place=place,
-                        history_queries=history_queries)
+        return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
+                        place=place, history_queries=history_queries)
 
     def trial_value(bc: BankConfig, ac: AdaptConfig, name: str) -> float:
         res = evaluate(["mta"], bc, ac, name)  # raises when mta, its only method, diverged
