@@ -218,8 +218,13 @@ def main() -> None:
 
     dump()
     for name, p in parts.items():
-        print(f"part {name}: {p['ms']:.2f} ms a step, its bytes {p['floor_ms']:.2f} ms at the copy bandwidth "
-              f"({p['x_floor']:.2f}x)" if p.get("x_floor") else f"part {name}: {p['ms']:.2f} ms a step")
+        if "error" in p:
+            print(f"part {name}: {p['error']}")
+        elif p.get("x_floor"):
+            print(f"part {name}: {p['ms']:.2f} ms a step, its bytes {p['floor_ms']:.2f} ms at the copy bandwidth "
+                  f"({p['x_floor']:.2f}x)")
+        else:
+            print(f"part {name}: {p['ms']:.2f} ms a step")
     print(f"{'config':<48} {'ms/step':>8} {'x floor':>8} {'tok/s':>9}")
     for r in rows_out:
         if "error" in r:
