@@ -45,3 +45,30 @@ def own_emb(rec, users, user_id):
     from mta.tasks import get_task
 
     return embed_users([users[user_id]], get_task(rec.task), HashingEmbedder())[0]
+
+
+def test_skipped_training_steps_are_recorded_with_the_adapter(tmp_path, monkeypatch):
+    """The steps an adapter skipped for a non-finite gradient (mta.engine.train) are in its
+    record: the bank's index for an anchor, the store's record for a user's stack."""
+    import mta.bank as bank_mod
+    import mta.loaded_bank as loaded_mod
+    from mta.store import UserStore
+
+    def one_skipped(real):
+        def train(engine, target, jobs, *a, **kw):
+            stats = real(engine, target, jobs, *a, **kw)
+            return {**stats, "skipped_steps": {jobs[0].key: 1}}
+        return train
+
+    monkeypatch.setattr(bank_mod, "train_jobs", one_skipped(bank_mod.train_jobs))
+    monkeypatch.setattr(loaded_mod, "train_jobs", one_skipped(loaded_mod.train_jobs))
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    assert main(["--quiet", "bank", "build", "--data", str(data), "--out", str(tmp_path / "bank"), "--anchors", "2",
+                 "--min-history", "1", "--group-size", "1", *TINY]) == 0
+    assert [a.skipped_steps for a in read_index(tmp_path / "bank").anchors] == [1, 1]  # one group each
+    users = [u.user_id for u in load_dataset(data, "synth").users][:2]
+    assert main(["--quiet", "adapt", "--bank", str(tmp_path / "bank"), "--data", str(data), "--out",
+                 str(tmp_path / "store"), "--users", ",".join(users), "--users-per-pass", "2", *TINY]) == 0
+    store = UserStore(tmp_path / "store")
+    assert sorted(store.meta(u).stack.skipped_steps for u in users) == [0, 1]  # the pass's first job only

@@ -342,7 +342,8 @@ class LoadedBank:
         stack = None if stats is None else StackRecord(
             rank=cfg.stack_rank, alpha=cfg.alpha_s, epochs=cfg.stack_epochs,
             targets=list(cfg.stack_targets) if cfg.stack_targets else None, layers=cfg.stack_layers,
-            lr=cfg.stack_lr, examples=len(user.history), losses=stats["losses"][f"user:{user.user_id}"])
+            lr=cfg.stack_lr, examples=len(user.history), losses=stats["losses"][f"user:{user.user_id}"],
+            skipped_steps=stats["skipped_steps"].get(f"user:{user.user_id}", 0))
         return UserRecord(user_id=user.user_id, task=self.task.name, bank=self.bank_id, history_hash=hist,
                           adapt=cfg, merge=cfg.merge, svd_rank=cfg.svd_rank if cfg.merge == "svd" else None,
                           anchors=list(mix.anchors), anchor_users=anchor_users, weights=list(mix.weights),

@@ -39,6 +39,7 @@ class AnchorRecord(_Record):
     reused_from: str | None = None
     sha256: str | None = None  # of the adapter's safetensors file, checked on load
     members: list[str] = []  # the users whose histories it trains on (anchor_training "cluster")
+    skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient (mta.engine.train)
 
 
 class BankRecord(_Record):
@@ -86,6 +87,7 @@ class StackRecord(_Record):
     examples: int
     losses: list[float]
     sha256: str | None = None  # of the stack's safetensors file, checked on load
+    skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient (mta.engine.train)
 
 
 class UserRecord(_Record):
