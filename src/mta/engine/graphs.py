@@ -167,6 +167,16 @@ class GraphDecoder:
         self._ptrs = [b.data_ptr() for b in self.buffers]
         self.captures += 1
 
+    def advance(self) -> None:
+        """One decode step: replayed from the captured graph (captured first, or again when
+        the adapter buffers it reads were reallocated), or run eagerly without graphs."""
+        if not self.graph_on:
+            self._step()
+            return
+        if self._graph is None or [b.data_ptr() for b in self.buffers] != self._ptrs:
+            self._capture()
+        self._graph.replay()
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Run the (left-padded) prompts into the cache; the first new token lands in
@@ -207,14 +217,9 @@ class GraphDecoder:
         self.prefill(input_ids, attention_mask)
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            dtype=torch.long, device=self.device)
-        if self.graph_on and (self._graph is None or [b.data_ptr() for b in self.buffers] != self._ptrs):
-            self._capture()
         n = 1
         while n < max_new_tokens:
-            if self._graph is not None and self.graph_on:
-                self._graph.replay()
-            else:
-                self._step()
+            self.advance()
             n += 1
             if len(eos) and n % check_every == 0 and bool(torch.isin(self.out[:, :n], eos).any(-1).all()):
                 break

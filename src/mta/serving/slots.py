@@ -173,12 +173,7 @@ class SlotDecoder:
                 self.g.buffers = pinned_buffers(self.engine)
             batch.routing = self.layout
         with self.engine.fixed_on(self.layout):
-            if self.g.graph_on and (self.g._graph is None or [x.data_ptr() for x in self.g.buffers] != self.g._ptrs):
-                self.g._capture()
-            if self.g.graph_on:
-                self.g._graph.replay()
-            else:
-                self.g._step()
+            self.g.advance()
         self.t += 1
         nxt = self.g.tok[:, 0].clone()
         for s, slot in zip(batch.seqs, batch.slots):
