@@ -64,10 +64,11 @@
 # Learnt 2026-12-01, second session (a 1-GPU machine, only kind lent; logs in
 # docs/results/gpu-2026-12-01b/session/): (9) GPUS=0 works: the benchmarks ran alone first
 # (gpu tests 49 s, gpu.py --profile 477 s) while the 30 pieces were carried (one message of
-# 31 calls, done 3.3 min after the first) and converted on the CPUs; then MovieLens 1.5B
-# (921 s), 1.5B's core tune (159 s) and its LaMP-2 table (269 s) and LaMP-2 0.5B (240 s)
-# side by side on the one GPU. Held 25 of the 30 minutes for all of it; the result files
-# were copied into $OUT by the polling calls as each finished. (10) 1.5B's final dev
+# 31 calls: the last model was whole 2.8 min after this script started, its `progress`)
+# and converted on the CPUs; then MovieLens 1.5B (921 s), 1.5B's core tune (159 s) and its
+# LaMP-2 table (269 s) and LaMP-2 0.5B (240 s) side by side on the one GPU, the session
+# done 25 min after it started (`progress`); the result files were copied into $OUT by the
+# polling calls as each finished. (10) 1.5B's final dev
 # ablation failed the same way on both machines of the day: dev user 8001650's per-user
 # LoRA at lr 3e-4 gets a non-finite gradient at its first step (its loss finite); training
 # now skips such a step for that adapter (mta.engine.train) instead of ending the run.
