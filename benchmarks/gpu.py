@@ -7,7 +7,8 @@ the same run (random bf16 weights: speed depends only on shape; nothing is downl
    50-anchor rank-8 bank plus its own rank-2 stacked adapter, against the base model,
    PEFT with one shared adapter and PEFT's mixed batch (64 adapters, ``adapter_names``),
    all in HF ``generate``; and the base and the engine (pinned and dense routing) in the
-   new loop (mta.engine.graphs.GraphDecoder), whole runs and decode steps alone;
+   new loop (mta.engine.graphs.GraphDecoder), whole runs and decode steps alone (with
+   ``--compile``, the new loop's step through torch.compile's inductor before capture);
 2. bank building: 50 anchors x 64 samples x 256 tokens, rank 8, one pass, against PEFT
    training the anchors one after another (a few timed, the rest extrapolated);
 3. new-user adaptation: fusion + rank-2 stack for 256 users, against the reference
@@ -163,14 +164,16 @@ def gen_section(model, dev, a) -> list[dict]:
     def loop_rec(name, pin=None, note=""):
         """The new loop over the whole run, and its decode step alone: (t(new) - t(1)) / (new - 1),
         the prefill and first token taken out (as benchmarks/hf_decode.py measures a step)."""
-        dec = GraphDecoder(model, a.rows, a.prompt + a.new)
+        dec = GraphDecoder(model, a.rows, a.prompt + a.new, compile=a.compile)
         whole = wall(graphed(dec, pin), dev)
         first = wall(graphed(dec, pin, 1), dev)
         rec(name, whole, a.new, note)
         out[-1]["decode_step_seconds"] = (whole - first) / (a.new - 1)
 
     rec("base model", wall(run(model, a.new), dev), a.new)
-    loop_rec("new loop (GraphDecoder): base model", note="the decode step captured in a CUDA graph (mta.engine.graphs)")
+    loop = "new loop (GraphDecoder, compiled)" if a.compile else "new loop (GraphDecoder)"
+    loop_rec(f"{loop}: base model", note="the decode step captured in a CUDA graph (mta.engine.graphs)" +
+             (", after torch.compile (inductor)" if a.compile else ""))
     eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, dtype=a.adapter_dtype))
     eng.init_bank(b_std=0.01)
     eng.add_users(a.rows, 2, 4.0, b_std=0.01)
@@ -427,6 +430,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/gpu.json"))
     ap.add_argument("--sections", default="gen,bank,adapt,memory")
     ap.add_argument("--profile", action="store_true", help="profile a few training steps of bank and adapt")
+    ap.add_argument("--compile", action="store_true",
+                    help="the new decode loop's step through torch.compile (inductor) before it is captured")
     ap.add_argument("--max-rows-cap", type=int, default=None,
                     help="cap rows per training micro-batch (default: the measured token budget decides)")
     a = ap.parse_args()
@@ -449,7 +454,7 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "python": platform.python_version(), "shape": shape, "dtype": str(dtype),
            "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0,
-           "train_max_rows": a.max_rows}
+           "train_max_rows": a.max_rows, "compiled_decode_loop": a.compile}
     try:
         import peft
         import transformers

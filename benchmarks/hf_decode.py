@@ -16,6 +16,8 @@ batch of other users through the same compiled step). A configuration that fails
 error, not left out. ``--sections parts``: GraphDecoder's captured step with a part left out
 (attention, the MLP; the engine's adapter B side), each part's cost the difference of two
 steps, against the bytes that part must read: where a step's time over its floor goes.
+``--sections compiled``: GraphDecoder with ``compile=True`` (inductor's fused kernels
+captured in the graph), base and engine (pinned and dense routing).
 """
 
 from __future__ import annotations
@@ -53,13 +55,14 @@ def main() -> None:
                     help="hf: generate's caches; batch: generate_batch (CUDA only); engine: the mta engine; "
                          "graph: mta's GraphDecoder (the step captured in a CUDA graph), base and engine; "
                          "parts: GraphDecoder's step with parts left out (what each part costs, against its "
-                         "bytes)")
+                         "bytes); compiled: GraphDecoder's step through torch.compile (inductor), base and "
+                         "engine")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 8 new tokens of HF generate (dynamic cache) and of each GraphDecoder config")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
-    if not sections <= {"hf", "batch", "engine", "graph", "parts"}:
-        ap.error(f"unknown sections in {a.sections!r} (hf, batch, engine, graph, parts)")
+    if not sections <= {"hf", "batch", "engine", "graph", "parts", "compiled"}:
+        ap.error(f"unknown sections in {a.sections!r} (hf, batch, engine, graph, parts, compiled)")
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = make_model(TINY if a.tiny else LLAMA3_8B, dev, dtype)
@@ -142,6 +145,9 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a failing configuration is a result
             rows_out.append({"config": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
                              "note": note})
+        if "compiled" in name:  # dynamo's graphs so far: a compile that fell back to eager would not add one
+            from torch._dynamo.utils import counters
+            rows_out[-1]["dynamo_graphs_so_far"] = counters["stats"]["unique_graphs"]
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
         dump()
 
@@ -170,13 +176,19 @@ def main() -> None:
         del base_dec
     if "parts" in sections:
         parts.update(base_parts(model, a, graph, measure, rows_out, bw, kv_token))
+    if "compiled" in sections:
+        base_dec = GraphDecoder(model, a.rows, a.prompt + a.new, compile=True)
+        measure("GraphDecoder compiled, base", graph(base_dec),
+                "the step through torch.compile (inductor), then captured")
+        profiled("GraphDecoder compiled, base", graph(base_dec))
+        del base_dec
     if dev.type == "cuda" and "batch" in sections:
         model.set_attn_implementation("paged|sdpa")
         measure("HF generate_batch, defaults", batch(None))
         measure("HF generate_batch, CUDA graphs, 64 requests per batch",
                 batch({"use_cuda_graph": True, "max_requests_per_batch": a.rows}))
         model.set_attn_implementation("sdpa")
-    if sections & {"engine", "graph", "parts"}:
+    if sections & {"engine", "graph", "parts", "compiled"}:
         # as the product builds it (mta.backbone): fp32 master tables, adapter matmuls in the
         # base's dtype. Runs before 2026-12-01 (second session) left them in fp32 (fp32 GEMMs
         # in the engine's profile): their engine rows are not the product's.
@@ -198,6 +210,15 @@ def main() -> None:
                     "refills the pinned buffers; 'captures' 1 = the first capture was reused")
             rows_out[-1]["captures"] = dec.captures
             del dec
+        if "compiled" in sections:
+            for layout, on in (("dense", lambda: eng.dense(routes)),
+                               ("pinned", lambda: eng.pinned(routes, width=width))):
+                dec = GraphDecoder(model, a.rows, a.prompt + a.new, compile=True)
+                measure(f"GraphDecoder compiled, mta engine, {layout} routing", graph(dec, on),
+                        f"{a.rows} users, top-2 of {a.anchors} + own rank-2 stack")
+                if layout == "dense":
+                    profiled("GraphDecoder compiled, mta engine, dense", graph(dec, on))
+                del dec
         if "parts" in sections:
             parts.update(engine_parts(model, eng, routes, a, graph, measure, rows_out, bw))
         if "engine" not in sections:

@@ -155,30 +155,51 @@ tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned reci
   [ -e "$r" ] && lamp2 "lamp2-tuned-$2" "$1" "$2" "$RES/tuned" "$r"
 }
 
-# The plan after 2026-12-01's second session. Real-model issue: the quick tunes again, now
-# within the bytes budget (their stack-shape group: 2 x 8, 1 x 16, 4 x 4 blocks, never run
-# on a GPU), with the final dev ablation 1.5B has never completed, and each model's LaMP-2
-# table on its result; 0.5B's first dev-split tune on MovieLens. GPU-speed issue: every number again once the fused adapter kernel
-# exists (the profile's next step), and hf_decode's engine rows with the product's adapter
-# compute (SERVE_LOAD=1 for the server's two loops). The random-weight benchmarks alone on
-# the last GPU (their timings need a quiet GPU); the real-model jobs on the other GPU(s),
-# side by side, each on --gpu-memory-share SHARE.
-# With ONE GPU (GPUS=0; 2026-12-01 only 1-GPU machines were lent) the benchmarks run first,
-# alone, while the pieces are carried, and the real-model jobs start after them on the same GPU.
+# The plan after 2026-12-01's second session (run 2026-12-01, third session). Real-model
+# issue: the stack-shape group (2 x 8, 1 x 16, 4 x 4 blocks: the same bytes; never run on a
+# GPU) and top-k on each model's registered recipe (`--space stack-shape,top-k`), with the
+# final dev ablation 1.5B has never completed, then each model's LaMP-2 table on the result;
+# 0.5B's first dev-split tune on MovieLens last. GPU-speed issue: the decode loop's step
+# through torch.compile (inductor's fused kernels, captured): the `gpu` tests (now with the
+# compiled step), gpu.py's decode section with --compile (the issue's decode ratios in one
+# run), and hf_decode's compiled and parts sections (where the step's time goes).
+# With ONE GPU (GPUS=0) the first two benchmarks run alone while the pieces are carried,
+# then the real-model jobs, then hf_decode (its timings need the GPU to itself again).
 bench=${gpu[-1]}
 ev=("${gpu[@]:0:${#gpu[@]}-1}")
 [ "${#gpu[@]}" -eq 1 ] && ev=("${gpu[0]}")
 on() { echo "${ev[$(( $1 % ${#ev[@]} ))]}"; }  # the eval GPU of stream N
 [ -n "${RAY:-}" ] && ray_adapt "${gpu[0]},${gpu[1]}"  # RAY=1: the ray wheel must be installed (gpu/r)
-(random_weights "$bench"; touch "$RES/bench.done") &
+decode_bench() {  # GPU: the compiled loop, the issue's decode ratios (HF dynamic base, PEFT in the same run)
+  T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
+  T=600 step gpu-gen-compiled "$1" python3 benchmarks/gpu.py --sections gen --compile --out "$RES/gpu-gen-compiled.json"
+}
+decode_parts() {  # GPU: where the compiled and the eager captured step's time goes
+  T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections compiled,parts --profile \
+    --out "$RES/hf-decode-8b.json"
+}
+if [ "${#gpu[@]}" -eq 1 ]; then
+  decode_bench "$bench"
+  touch "$RES/bench.done"
+else
+  (decode_bench "$bench"; decode_parts "$bench"; touch "$RES/bench.done") &
+fi
 quiet() {  # on a 1-GPU machine: until the benchmarks are done
   [ "${#gpu[@]}" -eq 1 ] && wait_for "$RES/bench.done"
   return 0
 }
-(quiet; tune "$(on 0)" qwen2.5-coder-1.5b quick; tuned "$(on 0)" qwen2.5-coder-1.5b) &
-(quiet; tune "$(on 1)" qwen2.5-coder-0.5b quick; tuned "$(on 1)" qwen2.5-coder-0.5b
+groups=stack-shape,top-k
+(quiet; tune "$(on 0)" qwen2.5-coder-1.5b "$groups"; tuned "$(on 0)" qwen2.5-coder-1.5b; touch "$RES/ev0.done") &
+(quiet; tune "$(on 1)" qwen2.5-coder-0.5b "$groups"; tuned "$(on 1)" qwen2.5-coder-0.5b; touch "$RES/ev1.done"
+ [ "${#gpu[@]}" -eq 1 ] && wait_for "$RES/parts.done"
  # MovieLens's own dev-split tune and ablation (its tables ran on LaMP-2's recipes)
  step tune-movielens-qwen2.5-coder-0.5b "$(on 1)" bash scripts/gpu-evals.sh tune-movielens qwen2.5-coder-0.5b \
-   "$RES" --space quick --gpu-memory-share "$SHARE") &
+   "$RES" --space core --gpu-memory-share "$SHARE") &
+if [ "${#gpu[@]}" -eq 1 ]; then  # after the LaMP-2 jobs, alone; MovieLens's tune after it
+  wait_for "$RES/ev0.done"
+  wait_for "$RES/ev1.done"
+  decode_parts "$bench"
+  touch "$RES/parts.done"
+fi
 wait
 echo "$(date +%T) session done" >> "$RES/progress"

@@ -154,11 +154,13 @@ def test_compiled_static_decode_on_cuda_equals_eager():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("layout", ["pinned", "dense"])
-def test_graph_decoder_captured_equals_eager_and_is_reused(layout):
+@pytest.mark.parametrize("layout, compile", [("pinned", False), ("dense", False), ("pinned", True),
+                                             ("dense", True)])
+def test_graph_decoder_captured_equals_eager_and_is_reused(layout, compile):
     """GraphDecoder on CUDA: the decode step captured once in a CUDA graph gives the eager
     engine's greedy tokens (fp32), for the base model and for mixed users through pinned
-    or dense routing, and later batches of other users replay the same capture."""
+    or dense routing, and later batches of other users replay the same capture; with
+    ``compile`` the captured step is inductor's (fused kernels)."""
     from mta.engine.graphs import GraphDecoder, pinned_buffers
 
     eng, tok = _engine(torch.float32, torch.float32)
@@ -166,7 +168,7 @@ def test_graph_decoder_captured_equals_eager_and_is_reused(layout):
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
     other = [Row([3], [1.0], user=1), Row([1, 2], [0.5, 0.5]), Row([0], [1.0], user=2), Row(active=False)]
-    dec = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64)
+    dec = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64, compile=compile)
     assert dec.graph_on
     for rows in (ROWS, other):
         want = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
@@ -175,7 +177,7 @@ def test_graph_decoder_captured_equals_eager_and_is_reused(layout):
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, want)
     assert dec.captures == 1  # the second batch refilled the buffers and replayed the same graph
-    base = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64)
+    base = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64, compile=compile)
     want = eng.generate(None, enc["input_ids"], enc["attention_mask"], **kw)
     assert torch.equal(base.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id),
                        want)

@@ -57,6 +57,25 @@ def test_mixed_users_through_pinned_routing_equal_the_eager_engine(setup):
     assert not torch.equal(base, _hf(eng, tok, enc, FIRST))  # the adapters matter: the check can fail
 
 
+@pytest.mark.parametrize("layout", ["base", "pinned", "dense"])
+def test_compiled_step_equals_generate(setup, layout):
+    """``compile=``: the step through dynamo (``aot_eager`` here: the same tracing and
+    functionalisation of the in-place buffer updates as inductor, no code generation; inductor
+    under capture is the ``gpu`` test's) gives generate's tokens, for the base model and
+    mixed users in both fixed layouts, across two batches of other users."""
+    import contextlib
+
+    eng, tok = setup
+    dec = GraphDecoder(eng.model, batch=4, max_len=64, compile="aot_eager")
+    for prompts, rows in ((PROMPTS, FIRST), (OTHER, SECOND)):
+        enc = _enc(tok, prompts)
+        fixed = contextlib.nullcontext() if layout == "base" else \
+            eng.pinned(rows, width=16) if layout == "pinned" else eng.dense(rows)
+        with fixed:
+            got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+        assert torch.equal(got, _hf(eng, tok, enc, None if layout == "base" else rows)), (layout, prompts)
+
+
 def test_end_of_sequence_pads_like_generate(setup):
     eng, tok = setup
     enc = _enc(tok, PROMPTS)
@@ -81,6 +100,8 @@ def test_bad_shapes_are_refused(setup):
         GraphDecoder(eng.model, batch=4, max_len=64).generate(enc["input_ids"][:2], enc["attention_mask"][:2], 2)
     with pytest.raises(ValueError, match="CUDA"):
         GraphDecoder(eng.model, batch=4, max_len=16, graph=True)
+    with pytest.raises(ValueError, match="compile must be"):
+        GraphDecoder(eng.model, batch=4, max_len=16, compile="")
 
 
 def test_prompts_without_padding(setup):

@@ -167,3 +167,16 @@ def test_tune_takes_the_eval_protocol_it_can_and_refuses_what_it_cannot(tmp_path
         assert main([*args, "--out", str(tmp_path / "t2"), *extra]) == 2
         assert f"{extra[0]} is an `mta eval` option" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "t2").exists()
+
+
+def test_a_space_of_named_groups(tmp_path, capsys):
+    """``--space stack-shape,top-k``: only those groups (on the model's registered recipe);
+    a name that is no group is one line before anything loads."""
+    from mta.evaluation.tune import space_groups
+
+    assert space_groups("quick") == SPACES["quick"]
+    assert space_groups("stack-shape, top-k,stack-shape") == ["stack shape", "top-k"]
+    assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--space", "stack-shape,lr",
+                 *TINY]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown search space 'stack-shape,lr'" in err and "learning-rate" in err

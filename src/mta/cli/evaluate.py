@@ -22,7 +22,7 @@ from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, pooled
 from mta.evaluation.report import write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
-from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, read_recipe, tune
+from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, read_recipe, space_groups, tune
 from mta.tasks import get_task
 
 STAGES = (BackboneConfig, BankConfig, AdaptConfig, GenerateConfig)
@@ -164,7 +164,8 @@ def tune_cmd(
     data: DataPath, out: OutDir, task: TaskName = None,
     dev_fraction: float = typer.Option(1 / 3, min=0.05, max=0.9, help="Share of the users set aside as dev "
                                        "users (tuned on, never reported)."),
-    space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)} (mta.evaluation.tune)."),
+    space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)}, or knob groups separated by "
+                              "commas, e.g. stack-shape,top-k (mta.evaluation.tune)."),
     max_user_share: float = typer.Option(MAX_USER_SHARE, min=0.0, max=1.0, help="Skip recipes whose stacked "
                                          "adapter stores more than this share of a per-user LoRA per user."),
     *, cfg: Configs,
@@ -172,8 +173,7 @@ def tune_cmd(
     """Choose a recipe for this model and task on dev users; write OUT/recipe.json."""
     from mta.paths import write_text_atomic
 
-    if space not in SPACES:
-        raise MtaError(f"unknown search space {space!r}; choose one of: {', '.join(SPACES)}")
+    space_groups(space)  # an unknown space fails before anything loads
     cfg, _ = with_recipes(cfg, None, cfg.backbone.model or DEFAULT_MODEL)
     e = cfg.eval
     unused = [flag for flag, given in (("--methods", e.methods != EvalConfig.model_fields["methods"].default),

@@ -25,6 +25,15 @@ captures again if not.
 
 On a CPU (or with ``graph=False``) the same step runs eagerly: the tests compare it with
 ``generate`` there, and on CUDA (a ``gpu`` test) the captured step with the eager one.
+
+``compile=True`` runs the step through ``torch.compile`` (inductor, no CUDA graphs of its
+own) before it is captured: the captured graph then replays inductor's fused kernels
+instead of the eager step's many small ones (a norm is one kernel instead of six, the
+rotary embedding and the MLP's activation one each), which is what the captured eager
+step spends most of its time over the memory floor on (docs/performance.md). Any other
+string names a dynamo backend (the CPU tests use ``"aot_eager"``: the same tracing and
+functionalisation, no code generation). The compile happens at the first capture, once per
+decoder (minutes at 8B shape); a decoder's later batches reuse it.
 """
 
 from __future__ import annotations
@@ -89,11 +98,14 @@ def cache_kwarg(model: nn.Module) -> str:
 
 class GraphDecoder:
     def __init__(self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None,
-                 buffers: Sequence[torch.Tensor] = ()):
+                 buffers: Sequence[torch.Tensor] = (), compile: bool | str = False):
         """``buffers``: tensors the captured step reads that others may reallocate (the
-        engine's pin buffers, see ``pinned_buffers``); a change of any of them re-captures."""
+        engine's pin buffers, see ``pinned_buffers``); a change of any of them re-captures.
+        ``compile``: True for inductor, or a dynamo backend's name (module docstring)."""
         if batch < 1 or max_len < 2:
             raise ValueError(f"a decoder needs at least 1 row and 2 positions, not {batch} x {max_len}")
+        if compile is not False and not (compile is True or isinstance(compile, str) and compile):
+            raise ValueError(f"compile must be True, False or a dynamo backend's name, not {compile!r}")
         self.model = model
         self.batch, self.max_len = batch, max_len
         dev = next(model.parameters()).device
@@ -119,11 +131,17 @@ class GraphDecoder:
         self._ptrs: list[int] = []
         self.captures = 0
         self.kw = cache_kwarg(model)
+        self._inner = self._step_inner
+        if compile is not False:
+            # dynamic=False: a decoder's shapes never change; inductor's own CUDA graphs stay
+            # off (default mode), the decoder captures the compiled step itself
+            self._inner = torch.compile(self._step_inner, dynamic=False,
+                                        backend="inductor" if compile is True else compile)
 
     @torch.no_grad()
     def _step(self) -> None:
         with decode_attention(self.model):
-            self._step_inner()
+            self._inner()
 
     def _step_inner(self) -> None:
         self.bias.index_fill_(3, self.cpos, 0.0)  # the slot this step writes joins what it attends to
