@@ -14,7 +14,8 @@ for, and the mta engine (every row its own user: top-2 of the bank + a rank-2 st
 with the dynamic and the static cache, and compiled with its routing pinned (then a new
 batch of other users through the same compiled step). A configuration that fails is reported with its
 error, not left out. ``--sections parts``: GraphDecoder's captured step with a part left out
-(attention, the MLP; the engine's adapter B side), each part's cost the difference of two
+(attention, the MLP; the engine's adapter B side; the dense layout's A columns as a GEMM of
+their own instead of folded into the base matmul), each part's cost the difference of two
 steps, against the bytes that part must read: where a step's time over its floor goes.
 ``--sections compiled``: GraphDecoder with ``compile=True`` (inductor's fused kernels
 captured in the graph), base and engine (pinned and dense routing).
@@ -304,34 +305,47 @@ def base_parts(model, a, graph, measure, rows_out, bw, kv_token) -> dict:
 
 
 def engine_parts(model, eng, routes, a, graph, measure, rows_out, bw) -> dict:
-    """The engine's step in the dense layout (the cheaper of the two here), whole and with
-    the adapter's second half (the B matmul and its add) left out of every adapted layer:
-    the A side (x by every table's A columns, times each row's coefficients) and the B side
-    against their bytes."""
+    """The engine's step in the dense layout (the cheaper of the two here): as the product
+    runs it (the A columns folded into the base matmuls), not folded (x by the A columns as
+    a GEMM of its own), and not folded with the adapter's second half (the B matmul and its
+    add) left out of every adapted layer: the A side and the B side against their bytes,
+    and what the folding saves."""
     lys = list(eng.layers.values())
 
     def a_side(ly):
-        def fwd(x, y):
+        def fwd(x):
+            y = ly.base(x)
             z = x.to(ly.dense_A.dtype) @ ly.dense_A.t()
             z * (ly.dense_W if x.dim() == 2 else ly.dense_W[:, None, :])  # computed, not added
             return y
         return fwd
 
-    full = "parts: mta engine, dense routing"
-    a_only = "parts: mta engine, dense routing, the A side alone"
+    folded = "parts: mta engine, dense routing (A columns folded into the base matmul)"
+    plain = "parts: mta engine, dense routing, not folded"
+    a_only = "parts: mta engine, dense routing, not folded, the A side alone"
 
     def on():
         return eng.dense(routes)
-    measure(full, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
-    with _patched(lys, "_dense_forward", a_side):
-        measure(a_only, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
+    measure(folded, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
+    for ly in lys:
+        ly.fold_dense = False
+    try:
+        measure(plain, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
+        with _patched(lys, "_dense_forward", a_side):
+            measure(a_only, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
+    finally:
+        for ly in lys:
+            ly.fold_dense = True
     with eng.dense(routes):
         a_bytes = sum(ly.dense_A.numel() * ly.dense_A.element_size() + ly.dense_W.numel() * ly.dense_W.element_size()
                       for ly in lys)
         b_bytes = sum(ly.dense_B.numel() * ly.dense_B.element_size() for ly in lys)
     base = _step_ms(rows_out, "GraphDecoder (step in a CUDA graph), base")
-    return {"adapter A side (dense)": _part(_step_ms(rows_out, a_only), base, a_bytes, bw),
-            "adapter B side (dense)": _part(_step_ms(rows_out, full), _step_ms(rows_out, a_only), b_bytes, bw)}
+    return {"adapter A side (dense, not folded)": _part(_step_ms(rows_out, a_only), base, a_bytes, bw),
+            "adapter B side (dense)": _part(_step_ms(rows_out, plain), _step_ms(rows_out, a_only), b_bytes, bw),
+            "whole adapter, A columns folded (dense)": _part(_step_ms(rows_out, folded), base, a_bytes + b_bytes, bw),
+            "what folding saves (not folded minus folded)": _part(_step_ms(rows_out, plain),
+                                                                  _step_ms(rows_out, folded), 0, None)}
 
 
 if __name__ == "__main__":

@@ -183,6 +183,29 @@ def test_graph_decoder_captured_equals_eager_and_is_reused(layout, compile):
                        want)
 
 
+def test_a_step_captured_before_the_dense_fold_is_captured_again():
+    """The dense layout folds the A columns into the base weights the first time (they move
+    to a larger matrix): a base-model step captured before then is captured again, not
+    replayed over the freed weights, and still gives the eager tokens."""
+    from mta.engine.graphs import GraphDecoder
+
+    eng, tok = _engine(torch.float32, torch.float32)
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
+    want = eng.generate(None, enc["input_ids"], enc["attention_mask"], max_new_tokens=NEW, do_sample=False,
+                        pad_token_id=tok.pad_token_id, eos_token_id=None)
+    base = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64)
+
+    def run():
+        return base.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+    assert torch.equal(run(), want) and base.captures == 1
+    with torch.no_grad(), eng.dense(ROWS):
+        eng.model(**enc)
+    assert all(ly._ext is not None for ly in eng.layers.values())  # folded: the weights moved
+    torch.cuda.empty_cache()
+    assert torch.equal(run(), want) and base.captures == 2
+
+
 def test_slot_decoder_captured_equals_each_row_alone():
     """The server's slot decoder on CUDA (step captured once): rows joining and leaving,
     the cache shifted when full, get their tokens alone (fp32)."""

@@ -251,3 +251,44 @@ def test_width_is_what_the_gather_concatenates(setup):
         for layer in eng.layers.values():
             got = layer._gathered(rt)
             assert layer.width(rt) == (0 if got is None else got[0].shape[1]), rows
+
+
+def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it():
+    """The dense layout on a bias-free linear whose weight is in the compute dtype: the A
+    columns become extra rows of one matrix whose first rows are the base weight (a view,
+    no second copy); the logits equal the unfolded layout's and the routing's; a captured
+    step's pointers see the weights move; removing the engine gives each base weight its
+    own storage with its values unchanged."""
+    from tests.engine_helpers import tiny_engine
+
+    eng, model, tok = tiny_engine(users=3)
+    before = {n: ly.base.weight.detach().clone() for n, ly in eng.layers.items()}
+    enc = _enc(tok, PROMPTS)
+    dec = GraphDecoder(model, batch=4, max_len=64)
+    dec._params = list(model.parameters())
+    ptrs = dec._pointers()
+    with torch.no_grad():
+        with eng.route(FIRST):
+            ref = model(**enc).logits
+        with eng.dense(FIRST):
+            folded = model(**enc).logits
+        for ly in eng.layers.values():
+            assert ly._ext is not None and ly.base.weight.data_ptr() == ly._ext.data_ptr()
+            assert ly.dense_A.data_ptr() == ly._ext[ly.out_features:].data_ptr()
+        assert dec._pointers() != ptrs  # a step captured before would be captured again
+        for ly in eng.layers.values():
+            ly.fold_dense = False
+        with eng.dense(FIRST):
+            plain = model(**enc).logits
+        assert all(ly._ext is None for ly in eng.layers.values())
+        for ly in eng.layers.values():
+            ly.fold_dense = True
+        with eng.dense(FIRST):
+            assert torch.equal(model(**enc).logits, folded)
+    torch.testing.assert_close(folded, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
+    layers = dict(eng.layers)
+    eng.remove()
+    for n, ly in layers.items():
+        assert ly._ext is None and torch.equal(ly.base.weight, before[n])
+        assert ly.base.weight.untyped_storage().nbytes() == ly.base.weight.numel() * ly.base.weight.element_size()

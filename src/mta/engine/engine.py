@@ -149,6 +149,7 @@ class AdapterEngine:
     def remove(self) -> nn.Module:
         """Restore the original linear modules; the engine is unusable afterwards."""
         for name, layer in self.layers.items():
+            layer.unfold()  # the base weight back in storage of its own
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, layer.base)

@@ -129,6 +129,7 @@ class GraphDecoder:
         self.buffers = list(buffers)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._ptrs: list[int] = []
+        self._params: list[torch.Tensor] = []
         self.captures = 0
         self.kw = cache_kwarg(model)
         self._inner = self._step_inner
@@ -182,16 +183,24 @@ class GraphDecoder:
         with torch.cuda.graph(graph):
             self._step()
         self._graph = graph
-        self._ptrs = [b.data_ptr() for b in self.buffers]
+        self._params = list(self.model.parameters())
+        self._ptrs = self._pointers()
         self.captures += 1
+
+    def _pointers(self) -> list[int]:
+        """Where the captured step's inputs live: the adapter buffers, and the model's
+        parameters as they were at capture (the engine's dense layout moves the base weights
+        into a larger matrix the first time it folds the adapters' A columns into them)."""
+        return [b.data_ptr() for b in self.buffers] + [p.data_ptr() for p in self._params]
 
     def advance(self) -> None:
         """One decode step: replayed from the captured graph (captured first, or again when
-        the adapter buffers it reads were reallocated), or run eagerly without graphs."""
+        the adapter buffers or the weights it reads were reallocated), or run eagerly
+        without graphs."""
         if not self.graph_on:
             self._step()
             return
-        if self._graph is None or [b.data_ptr() for b in self.buffers] != self._ptrs:
+        if self._graph is None or self._pointers() != self._ptrs:
             self._capture()
         self._graph.replay()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -81,6 +82,15 @@ class BankLoRALinear(nn.Module):
         self.register_buffer("dense_B", torch.zeros(self.out_features, 0, device=dev), persistent=False)
         self.register_buffer("dense_W", torch.zeros(0, 0, device=dev), persistent=False)
         self.dense_on = False
+        # the dense layout's A columns folded into the base matmul: one (out + columns, in)
+        # matrix whose first rows ARE the base weight (base.weight becomes a view of them)
+        # and whose last rows are dense_A, so x @ ext.T gives the base output and every
+        # column's projection in one GEMM. A separate x @ dense_A.T is a small GEMM whose
+        # time is its launch and too few tiles, not its bytes: 3.0 ms of a decode step at
+        # 8B shape against 0.33 ms of bytes (docs/performance.md, run D). ``fold_dense``
+        # False keeps the two GEMMs (the benchmark's comparison).
+        self.fold_dense = True
+        self._ext: torch.Tensor | None = None
 
     @property
     def scale(self) -> float:
@@ -201,11 +211,17 @@ class BankLoRALinear(nn.Module):
             tables_ = [(self.bank_A, self.bank_B), (self.fused_A, self.fused_B), (self.stack_A, self.stack_B)]
             a = torch.cat([ta.reshape(-1, self.in_features) for ta, _ in tables_])
             b = torch.cat([tb.permute(1, 0, 2).reshape(self.out_features, -1) for _, tb in tables_], dim=1)
+            if self._foldable(cd):
+                self._fold(n)
+            elif self._ext is not None:  # no longer foldable (fold_dense turned off): own dense_A again
+                self.unfold()
             if tuple(self.dense_A.shape) != (n, self.in_features) or self.dense_A.dtype != cd:
                 self.dense_A = a.to(cd).contiguous()
-                self.dense_B = b.to(cd).contiguous()
             else:
                 self.dense_A.copy_(a)
+            if tuple(self.dense_B.shape) != (self.out_features, n) or self.dense_B.dtype != cd:
+                self.dense_B = b.to(cd).contiguous()
+            else:
                 self.dense_B.copy_(b)
         w = torch.zeros(rows, n, dtype=master, device=dev)
         if rt.anchor_idx is not None and self.bank_A.shape[0]:
@@ -231,13 +247,48 @@ class BankLoRALinear(nn.Module):
             self.dense_W.copy_(w)
         self.dense_on = True
 
-    def _dense_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _foldable(self, cd: torch.dtype) -> bool:
+        """The A columns can ride in the base matmul: a plain bias-free linear whose weight
+        is in the adapter compute dtype (a bf16 base with bf16 adapter compute)."""
+        w = self.base.weight
+        return (self.fold_dense and type(self.base) is nn.Linear and self.base.bias is None
+                and w.dtype == cd and not w.requires_grad)
+
+    def _fold(self, n: int) -> None:
+        """Make room for ``n`` A columns after the base weight's rows: a new (out + n, in)
+        matrix when the column count changed (the base weight copied into its first rows
+        and ``base.weight`` made a view of them, so no second copy of the base is held),
+        dense_A the view of its last rows (densify fills it)."""
+        out = self.out_features
+        if self._ext is None or self._ext.shape[0] != out + n:
+            w = self.base.weight
+            ext = torch.empty(out + n, self.in_features, dtype=w.dtype, device=w.device)
+            ext[:out].copy_(w)
+            w.data = ext[:out]  # the old storage is freed here
+            self._ext = ext
+        self.dense_A = self._ext[out:]
+
+    def unfold(self) -> None:
+        """Give the base weight its own storage again (the engine's removal calls this)."""
+        if self._ext is None:
+            return
+        w = self.base.weight
+        w.data = w.data.clone()
+        self.dense_A = self._ext[self.out_features:].clone()
+        self._ext = None
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dense_W
         if w.shape[0] != x.shape[0]:
             raise RuntimeError(f"routing is set for {w.shape[0]} rows but the batch has {x.shape[0]}")
         if not self.dense_A.shape[0]:  # no table at all: the base layer alone
-            return y
-        z = x.to(self.dense_A.dtype) @ self.dense_A.t()            # (..., N): every column's projection
+            return self.base(x)
+        if self._ext is not None:  # one GEMM: the base output, then every column's projection
+            full = F.linear(x, self._ext)
+            y, z = full[..., :self.out_features], full[..., self.out_features:]
+        else:
+            y = self.base(x)
+            z = x.to(self.dense_A.dtype) @ self.dense_A.t()        # (..., N): every column's projection
         z = z * (w if x.dim() == 2 else w[:, None, :])             # each row's own mixture
         if y.dtype == self.dense_B.dtype:  # the add inside the matmul
             return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]),
@@ -257,9 +308,9 @@ class BankLoRALinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.dense_on:
-            return self._dense_forward(x, y)
+            return self._dense_forward(x)
+        y = self.base(x)
         if self.pin_on:
             a, b = self.pin_A, self.pin_B
         else:
