@@ -14,7 +14,10 @@ from mta.serving.slots import SlotDecoder
 from tests.engine_helpers import run_through_slots, tiny_backbone
 
 DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
-            "slots": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64)}
+            "slots": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64),
+            # `mta serve --decoder compiled`: the slot step through dynamo (aot_eager: its tracing
+            # without code generation; inductor is the eval test's and the gpu tests')
+            "slots, compiled": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64, compile="aot_eager")}
 
 
 def _alone(bb, prompt: list[int], row: Row, n: int) -> list[int]:

@@ -133,8 +133,9 @@ def test_pool_pads_to_buckets_and_reuses_decoders(setup):
 
 
 def test_eval_with_the_graph_decoder_gives_the_same_answers(tmp_path):
-    """`--decoder graph` through `mta eval` (base prompts and mixed users of a bank): the
-    same predictions as transformers' generate."""
+    """`--decoder graph` and `--decoder compiled` (the step through inductor, here its CPU
+    code) through `mta eval` (base prompts and mixed users of a bank): the same predictions
+    as transformers' generate."""
     import json
 
     from mta.cli.main import main
@@ -144,11 +145,11 @@ def test_eval_with_the_graph_decoder_gives_the_same_answers(tmp_path):
     common = ["--methods", "rag-1,mta", "--anchors", "2", "--n-boot", "100", "--model", "tiny-random-llama",
               "--embedder", "hashing-embedder", "--max-new-tokens", "6"]
     preds = {}
-    for decoder in ("generate", "graph"):
+    for decoder in ("generate", "graph", "compiled"):
         out = tmp_path / decoder
         assert main(["eval", "--data", str(data), "--out", str(out), "--decoder", decoder, *common]) == 0
         preds[decoder] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert preds["graph"] == preds["generate"] and len(preds["graph"]) == 16
+    assert preds["graph"] == preds["generate"] == preds["compiled"] and len(preds["graph"]) == 16
     assert sum(bool(o) for p in preds["graph"] for o in p["outputs"]) > 8  # answers, not empty strings
     with pytest.raises(ValueError, match="no generation arguments"):
         from mta.inference import generate

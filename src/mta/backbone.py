@@ -51,7 +51,7 @@ class Backbone:
     dtype: torch.dtype
     config: BackboneConfig
     engine: AdapterEngine = field(init=False)
-    _pool: object = field(init=False, default=None, repr=False)
+    _pools: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         compute = self.config.adapter_compute
@@ -101,13 +101,14 @@ class Backbone:
                 "token_budget": self.config.token_budget, "memory_share": self.config.gpu_memory_share,
                 "gradient_checkpointing": self.config.gradient_checkpointing}
 
-    def decoder_pool(self):
-        """The GraphDecoders of ``--decoder graph`` (mta.engine.graphs), made on first use."""
-        if self._pool is None:
+    def decoder_pool(self, compile: bool = False):
+        """The GraphDecoders of ``--decoder graph`` (``compile``: of ``--decoder compiled``;
+        mta.engine.graphs), made on first use."""
+        if compile not in self._pools:
             from mta.engine.graphs import DecoderPool
 
-            self._pool = DecoderPool(self.model)
-        return self._pool
+            self._pools[compile] = DecoderPool(self.model, compile=compile)
+        return self._pools[compile]
 
     def peak_memory(self) -> int | None:
         """Peak bytes allocated on the CUDA device in this process (None on the CPU); the

@@ -64,13 +64,14 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
 
     ``decoder="graph"``: the batches go through the backbone's ``DecoderPool``
     (mta.engine.graphs: the decode step captured in a CUDA graph on CUDA), which gives
-    the same greedy tokens; it takes no extra generation arguments.
+    the same greedy tokens; it takes no extra generation arguments. ``"compiled"``: the
+    same, the step through torch.compile before it is captured.
     """
     if rows is not None and len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} rows")
-    if decoder not in ("generate", "graph"):
-        raise ValueError(f"unknown decoder {decoder!r} (generate, graph)")
-    if decoder == "graph" and gen_kwargs:
+    if decoder not in ("generate", "graph", "compiled"):
+        raise ValueError(f"unknown decoder {decoder!r} (generate, graph, compiled)")
+    if decoder != "generate" and gen_kwargs:
         raise ValueError(f"the graph decoder is greedy and takes no generation arguments ({', '.join(gen_kwargs)})")
     tokenizer, engine = backbone.tokenizer, backbone.engine
     tokenizer.padding_side = "left"
@@ -87,10 +88,10 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
                         max_length=max_prompt_tokens, add_special_tokens=False).to(engine.device)
         batch_rows = None if rows is None else [rows[i] for i in idx]
         try:
-            if decoder == "graph":
-                gen = backbone.decoder_pool().generate(enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                               kwargs["eos_token_id"], tokenizer.pad_token_id,
-                                               engine=None if rows is None else engine, rows=batch_rows)
+            if decoder != "generate":
+                pool = backbone.decoder_pool(compile=decoder == "compiled")
+                gen = pool.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, kwargs["eos_token_id"],
+                                    tokenizer.pad_token_id, engine=None if rows is None else engine, rows=batch_rows)
             else:
                 gen = engine.generate(batch_rows, enc["input_ids"], enc["attention_mask"], **kwargs)
         except torch.OutOfMemoryError:

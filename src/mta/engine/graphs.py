@@ -134,6 +134,12 @@ class GraphDecoder:
         self.kw = cache_kwarg(model)
         self._inner = self._step_inner
         if compile is not False:
+            # every decoder shape (a pool's buckets, the layouts) is a graph of its own for
+            # dynamo, which past its recompile limit (8 by default) runs the step eagerly
+            # without a word: room for a pool's buckets times its layouts
+            cfg = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, name, max(getattr(cfg, name), 64))
             # dynamic=False: a decoder's shapes never change; inductor's own CUDA graphs stay
             # off (default mode), the decoder captures the compiled step itself
             self._inner = torch.compile(self._step_inner, dynamic=False,
@@ -276,11 +282,12 @@ class DecoderPool:
     ``max_decoders`` are held (each holds its KV cache)."""
 
     def __init__(self, model: nn.Module, row_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
-                 len_step: int = 128, max_decoders: int = 4, graph: bool | None = None):
+                 len_step: int = 128, max_decoders: int = 4, graph: bool | None = None,
+                 compile: bool | str = False):
         if not row_buckets or any(b < 1 for b in row_buckets) or len_step < 2 or max_decoders < 1:
             raise ValueError("row buckets must be positive, len_step at least 2 and max_decoders at least 1")
         self.model, self.row_buckets, self.len_step = model, sorted(row_buckets), len_step
-        self.max_decoders, self.graph = max_decoders, graph
+        self.max_decoders, self.graph, self.compile = max_decoders, graph, compile
         self.decoders: dict[tuple[int, int], GraphDecoder] = {}
 
     def bucket(self, rows: int, length: int) -> tuple[int, int]:
@@ -289,7 +296,8 @@ class DecoderPool:
 
     def decoder(self, rows: int, length: int) -> GraphDecoder:
         key = self.bucket(rows, length)
-        dec = self.decoders.pop(key, None) or GraphDecoder(self.model, key[0], key[1], graph=self.graph)
+        dec = self.decoders.pop(key, None) or GraphDecoder(self.model, key[0], key[1], graph=self.graph,
+                                                           compile=self.compile)
         self.decoders[key] = dec  # most recently used last
         while len(self.decoders) > self.max_decoders:
             self.decoders.pop(next(iter(self.decoders)))

@@ -71,9 +71,9 @@ class Scheduler:
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
-        if gen.decoder == "graph":  # one static cache, the step captured in a CUDA graph (mta.serving.slots)
+        if gen.decoder != "generate":  # one static cache, the step captured in a CUDA graph (mta.serving.slots)
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
-                                       span=gen.max_prompt_tokens + max_tokens)
+                                       span=gen.max_prompt_tokens + max_tokens, compile=gen.decoder == "compiled")
         else:
             self.decoder = Decoder(bank.backbone, self.tok.pad_token_id)
         self.stop_ids = frozenset(stop_ids(self.tok))

@@ -52,8 +52,8 @@ class _SlotStep(GraphDecoder):
     """GraphDecoder's buffers and capture; its step also keeps the logits (for sampling rows)
     and never runs out of its token buffer (slots do not record what they decode)."""
 
-    def __init__(self, model, batch: int, max_len: int, graph: bool | None):
-        super().__init__(model, batch, max_len, graph)
+    def __init__(self, model, batch: int, max_len: int, graph: bool | None, compile: bool | str = False):
+        super().__init__(model, batch, max_len, graph, compile=compile)
         self.logits = None
 
     def _step_inner(self) -> None:
@@ -83,13 +83,14 @@ class SlotDecoder:
     """Runs the server's rows in ``slots`` slots of one static cache, each row at most
     ``span`` tokens (prompt + new tokens)."""
 
-    def __init__(self, backbone, pad_id: int, slots: int = 32, span: int = 2048, graph: bool | None = None):
+    def __init__(self, backbone, pad_id: int, slots: int = 32, span: int = 2048, graph: bool | None = None,
+                 compile: bool | str = False):
         if slots < 1 or span < 2:
             raise ValueError(f"a slot decoder needs at least 1 slot and a span of 2, not {slots} x {span}")
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
         self.pad_id, self.n, self.span = pad_id, slots, span
         self.eager = Decoder(backbone, pad_id)  # prefills joining rows
-        self.g = _SlotStep(self.model, slots, 2 * span, graph)
+        self.g = _SlotStep(self.model, slots, 2 * span, graph, compile)
         with torch.no_grad():  # one forward allocates the static cache's tensors; then all empty
             ids = torch.full((slots, 1), pad_id, dtype=torch.long)
             self.g.prefill(ids, torch.ones_like(ids))
