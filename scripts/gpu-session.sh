@@ -72,6 +72,14 @@
 # ablation failed the same way on both machines of the day: dev user 8001650's per-user
 # LoRA at lr 3e-4 gets a non-finite gradient at its first step (its loss finite); training
 # now skips such a step for that adapter (mta.engine.train) instead of ending the run.
+# Learnt 2026-12-01, third session (logs in docs/results/gpu-2026-12-01c/session/): (11) the
+# compiled decode loop at 8B shape compiles ~1.5 minutes per decoder with the GPU idle and
+# one core busy (gpu.py --sections gen --compile: 321 s for three decoders); with GPUS=0 the
+# plan below is sequential, so the evals wait for it: do not start a second copy of the plan
+# meanwhile (it was: the duplicate tunes found their output folders taken and exited, but
+# the kill that followed matched the device call's own `timeout` by its command line and
+# ended the call: kill a step by its pid file, never by pattern). (12) Both models' tunes
+# of `--space stack-shape,top-k` with their final ablations took ~4 minutes side by side.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
@@ -88,10 +96,13 @@ if [ "${#gpu[@]}" -ne 4 ] && [ "${#gpu[@]}" -ne 2 ] && [ "${#gpu[@]}" -ne 1 ]; t
 fi
 
 step() {  # [T=SECONDS] step NAME GPU COMMAND...: run one step, logged, killed after T s (default 1800)
+  # To stop a step by hand: kill -- -$(cat RES/NAME.pid) (timeout leads its own process group)
   local name=$1 gpu=$2
   shift 2
   echo "$(date +%T) start $name" >> "$RES/progress"
-  CUDA_VISIBLE_DEVICES=$gpu timeout "${T:-1800}" "$@" > "$RES/$name.log" 2>&1
+  CUDA_VISIBLE_DEVICES=$gpu timeout "${T:-1800}" "$@" > "$RES/$name.log" 2>&1 &
+  echo $! > "$RES/$name.pid"
+  wait $!
   local rc=$?  # before $(date), which would reset it
   echo "$(date +%T) end $name rc=$rc" >> "$RES/progress"
   touch "$RES/$name.done"
@@ -155,28 +166,25 @@ tuned() {  # GPU MODEL: after its tune, the LaMP-2 table again on the tuned reci
   [ -e "$r" ] && lamp2 "lamp2-tuned-$2" "$1" "$2" "$RES/tuned" "$r"
 }
 
-# The plan after 2026-12-01's second session (run 2026-12-01, third session). Real-model
-# issue: the stack-shape group (2 x 8, 1 x 16, 4 x 4 blocks: the same bytes; never run on a
-# GPU) and top-k on each model's registered recipe (`--space stack-shape,top-k`), with the
-# final dev ablation 1.5B has never completed, then each model's LaMP-2 table on the result;
-# 0.5B's first dev-split tune on MovieLens last. GPU-speed issue: the decode loop's step
-# through torch.compile (inductor's fused kernels, captured): the `gpu` tests (now with the
-# compiled step), gpu.py's decode section with --compile (the issue's decode ratios in one
-# run), and hf_decode's compiled and parts sections (where the step's time goes).
-# With ONE GPU (GPUS=0) the first two benchmarks run alone while the pieces are carried,
-# then the real-model jobs, then hf_decode (its timings need the GPU to itself again).
+# The plan after 2026-12-01's third session. GPU-speed issue: every target in ONE run with
+# the compiled decode loop (`gpu.py --compile --profile`: decode, bank, adaptation, memory;
+# the `gpu` tests first), then hf_decode's parts (where the step's time goes now).
+# Real-model issue: MovieLens's dev ablations, both models (`tune-movielens --space
+# learning-rate`: the learning rate, the one knob whose choice moved with the task, then the
+# final ablation the third session had to stop), side by side after the benchmarks.
+# With ONE GPU (GPUS=0) the decode benchmarks run alone first (the pieces are carried
+# meanwhile), then the real-model jobs, then hf_decode (alone again).
 bench=${gpu[-1]}
 ev=("${gpu[@]:0:${#gpu[@]}-1}")
 [ "${#gpu[@]}" -eq 1 ] && ev=("${gpu[0]}")
 on() { echo "${ev[$(( $1 % ${#ev[@]} ))]}"; }  # the eval GPU of stream N
 [ -n "${RAY:-}" ] && ray_adapt "${gpu[0]},${gpu[1]}"  # RAY=1: the ray wheel must be installed (gpu/r)
-decode_bench() {  # GPU: the compiled loop, the issue's decode ratios (HF dynamic base, PEFT in the same run)
+decode_bench() {  # GPU: every target of the speed issue in one run, the decode loop compiled
   T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
-  T=600 step gpu-gen-compiled "$1" python3 benchmarks/gpu.py --sections gen --compile --out "$RES/gpu-gen-compiled.json"
+  T=1200 step gpu-8b-compiled "$1" python3 benchmarks/gpu.py --compile --profile --out "$RES/gpu-8b-compiled.json"
 }
-decode_parts() {  # GPU: where the compiled and the eager captured step's time goes
-  T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections compiled,parts --profile \
-    --out "$RES/hf-decode-8b.json"
+decode_parts() {  # GPU: where the eager captured step's time goes (no compile: 1 minute)
+  T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections parts --out "$RES/hf-decode-8b.json"
 }
 if [ "${#gpu[@]}" -eq 1 ]; then
   decode_bench "$bench"
@@ -188,18 +196,17 @@ quiet() {  # on a 1-GPU machine: until the benchmarks are done
   [ "${#gpu[@]}" -eq 1 ] && wait_for "$RES/bench.done"
   return 0
 }
-groups=stack-shape,top-k
-(quiet; tune "$(on 0)" qwen2.5-coder-1.5b "$groups"; tuned "$(on 0)" qwen2.5-coder-1.5b; touch "$RES/ev0.done") &
-(quiet; tune "$(on 1)" qwen2.5-coder-0.5b "$groups"; tuned "$(on 1)" qwen2.5-coder-0.5b; touch "$RES/ev1.done"
- [ "${#gpu[@]}" -eq 1 ] && wait_for "$RES/parts.done"
- # MovieLens's own dev-split tune and ablation (its tables ran on LaMP-2's recipes)
- step tune-movielens-qwen2.5-coder-0.5b "$(on 1)" bash scripts/gpu-evals.sh tune-movielens qwen2.5-coder-0.5b \
-   "$RES" --space core --gpu-memory-share "$SHARE") &
-if [ "${#gpu[@]}" -eq 1 ]; then  # after the LaMP-2 jobs, alone; MovieLens's tune after it
+movielens() {  # GPU MODEL: its MovieLens dev tune (learning rate) and final dev ablation
+  ready "$2"
+  step "tune-movielens-$2" "$1" bash scripts/gpu-evals.sh tune-movielens "$2" "$RES" --space learning-rate \
+    --gpu-memory-share "$SHARE"
+}
+(quiet; movielens "$(on 0)" qwen2.5-coder-1.5b; touch "$RES/ev0.done") &
+(quiet; movielens "$(on 1)" qwen2.5-coder-0.5b; touch "$RES/ev1.done") &
+if [ "${#gpu[@]}" -eq 1 ]; then  # after the real-model jobs, alone
   wait_for "$RES/ev0.done"
   wait_for "$RES/ev1.done"
   decode_parts "$bench"
-  touch "$RES/parts.done"
 fi
 wait
 echo "$(date +%T) session done" >> "$RES/progress"
