@@ -206,9 +206,11 @@ def test_a_step_captured_before_the_dense_fold_is_captured_again():
     assert torch.equal(run(), want) and base.captures == 2
 
 
-def test_slot_decoder_captured_equals_each_row_alone():
-    """The server's slot decoder on CUDA (step captured once): rows joining and leaving,
-    the cache shifted when full, get their tokens alone (fp32)."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_slot_decoder_captured_equals_each_row_alone(compile):
+    """The server's slot decoder on CUDA (step captured once; ``compile``: inductor's step,
+    `mta serve --decoder compiled`): rows joining and leaving, the cache shifted when full,
+    get their tokens alone (fp32)."""
     from types import SimpleNamespace
 
     from mta.serving.decode import Sequence
@@ -221,7 +223,7 @@ def test_slot_decoder_captured_equals_each_row_alone():
     rows = [ROWS[i % len(ROWS)] for i in range(8)]
     seqs = [Sequence(tok(p, add_special_tokens=False)["input_ids"], r, 6 + i % 5, frozenset())
             for i, (p, r) in enumerate(zip(PROMPTS * 2, rows))]
-    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=48)
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=48, compile=compile)
     assert dec.g.graph_on
     shifts = run_through_slots(dec, seqs, 3)
     assert shifts >= 1
