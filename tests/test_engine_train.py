@@ -288,7 +288,9 @@ def test_a_non_finite_gradient_skips_that_adapters_update_and_nothing_else(caplo
     eng, stats = _train_once(hook=_poison_slot_1({1}))
     assert ref_stats["skipped_steps"] == {}
     assert stats["skipped_steps"] == {"b": 1}
-    assert "step 1: the gradient of 'b' is not finite; its update is skipped" in caplog.text
+    first = next(iter(eng.bank_layers))  # the poisoned table, B of the first adapted layer
+    assert (f"step 1: the gradient of 'b' is not finite (1 of {2 * len(eng.bank_layers)} tables; the last in the "
+            f"model, where the backward pass met it: {first} bank B, NaN); its update is skipped") in caplog.text
     # anchor a trained exactly as without the NaN; b trained on its 5 other steps, finite
     for name, (a, b) in ref.anchor_tensors(0).items():
         assert torch.equal(eng.anchor_tensors(0)[name][0], a) and torch.equal(eng.anchor_tensors(0)[name][1], b)
@@ -341,3 +343,30 @@ def test_measured_budget_keeps_to_its_share_of_a_shared_gpu(monkeypatch):
     assert sizes[0.25] == int(0.8 * (0.25 * 140 - 10) * 1024)  # its share, less what it holds
     with pytest.raises(ValueError, match="memory_share"):
         TrainConfig(memory_share=0)
+
+
+def test_the_skip_message_locates_where_a_non_finite_gradient_entered(caplog):
+    """A NaN entering the backward pass at one layer's output reaches every table below it,
+    none above: the message names that layer's table as the last non-finite one."""
+    model, tok = tiny_llama(seed=0)
+    eng = AdapterEngine(model, EngineSpec(n_anchors=2, rank=4, alpha=8.0))
+    eng.init_bank(seed=0)
+    names = list(eng.bank_layers)
+    where = names[len(names) // 2]  # a layer in the middle: tables above it stay finite
+    calls = {"n": 0}
+
+    def poison(module, args, out):
+        calls["n"] += 1
+        if calls["n"] == 1 and out.requires_grad:  # the first step's forward only
+            out.register_hook(lambda g: torch.full_like(g, float("nan")))
+    handle = model.get_submodule(where).register_forward_hook(poison)
+    jobs = [Job(0, random_examples(4, seed=3), Row([0], [1.0]), key="a"),
+            Job(1, random_examples(4, seed=4), Row([1], [1.0]), key="b")]
+    try:
+        stats = train_jobs(eng, "bank", jobs, TrainConfig(lr=1e-2, epochs=2, batch_size=4), pad_id=tok.pad_token_id)
+    finally:
+        handle.remove()
+    assert stats["skipped_steps"] == {"a": 1, "b": 1}
+    below = names.index(where) + 1  # this layer and every one before it: A and B each
+    assert (f"({2 * below} of {2 * len(names)} tables; the last in the model, where the backward pass met it: "
+            f"{where} bank B, NaN)") in caplog.text

@@ -301,6 +301,12 @@ class AdapterEngine:
     def stack_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.stack_layers.values() for p in (layer.stack_A, layer.stack_B)]
 
+    def table_names(self) -> dict[int, str]:
+        """id of every bank and stack table -> '<layer> <table> A|B', for messages."""
+        return {id(t): f"{n} {kind} {ab}" for n, ly in self.layers.items()
+                for kind, pair in (("bank", (ly.bank_A, ly.bank_B)), ("stack", (ly.stack_A, ly.stack_B)))
+                for ab, t in zip("AB", pair)}
+
     def trainable(self, what: str | None) -> list[nn.Parameter]:
         """Make only the bank, only the stack table, or nothing trainable; return those params."""
         for p in self.bank_parameters() + self.stack_parameters():

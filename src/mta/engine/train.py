@@ -297,8 +297,8 @@ def train_jobs(
                 for k, i in enumerate(active):
                     if k not in keep:
                         jobs[i].skipped += 1
-                        log.warning("step %d: the gradient of '%s' is not finite; its update is skipped",
-                                    step + 1, jobs[i].key)
+                        log.warning("step %d: the gradient of '%s' is not finite (%s); its update is skipped",
+                                    step + 1, jobs[i].key, _where_not_finite(engine, params, jobs[i].slot))
             if cfg.max_grad_norm is not None and keep:
                 slots_kept = [jobs[active[k]].slot for k in keep]
                 _clip_per_slot(params, slots_kept, cfg.max_grad_norm, _slot_grad_sq(params, slots_kept))
@@ -370,6 +370,20 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         return True
     norms = [n.float() for n in torch._foreach_norm(tensors)]
     return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+
+
+@torch.no_grad()
+def _where_not_finite(engine: AdapterEngine, params: list[torch.nn.Parameter], slot: int) -> str:
+    """Which of a slot's gradient tables are not finite. The backward pass runs from the last
+    layer to the first, so a NaN or inf that enters it at some layer reaches every table
+    below: the last one in the model's order is where it entered (the H200's unexplained
+    non-finite first steps, docs/results.md, are to be located by this)."""
+    names = engine.table_names()
+    bad = []
+    for p in params:
+        if p.grad is not None and not bool(torch.isfinite(g := p.grad[slot]).all()):
+            bad.append(f"{names.get(id(p), '?')}, {'NaN' if bool(torch.isnan(g).any()) else 'inf'}")
+    return f"{len(bad)} of {len(params)} tables; the last in the model, where the backward pass met it: {bad[-1]}"
 
 
 def _why_not_finite(params: list[torch.nn.Parameter], slot: int, step: int) -> str:
