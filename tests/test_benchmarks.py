@@ -37,14 +37,18 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
 
 def test_decode_parts_benchmark_tiny_on_cpu(tmp_path):
     out = tmp_path / "hf-decode.json"
-    r = _run("hf_decode.py", "--tiny", "--device", "cpu", "--sections", "graph,parts", "--rows", "4",
+    r = _run("hf_decode.py", "--tiny", "--device", "cpu", "--sections", "graph,parts,compiled", "--rows", "4",
              "--prompt", "8", "--new", "6", "--anchors", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert set(res["parts"]) == {"base self_attn", "base mlp", "adapter A side (dense)", "adapter B side (dense)"}
-    for p in res["parts"].values():  # costs are differences of CPU timings: reported, not judged
-        assert math.isfinite(p["ms"]) and p["bytes"] > 0
+    saving = "what folding saves (not folded minus folded)"
+    assert set(res["parts"]) == {"base self_attn", "base mlp", "adapter A side (dense, not folded)",
+                                 "adapter B side (dense)", "whole adapter, A columns folded (dense)", saving}
+    for name, p in res["parts"].items():  # costs are differences of CPU timings: reported, not judged
+        assert math.isfinite(p["ms"]) and (p["bytes"] > 0 or name == saving)
     assert not any("error" in c for c in res["configs"]), res["configs"]
+    compiled = [c for c in res["configs"] if c["config"].startswith("GraphDecoder compiled")]
+    assert len(compiled) == 3 and all(c["dynamo_graphs_so_far"] >= 1 for c in compiled)
 
 
 def test_engine_cpu_benchmark_quick(tmp_path):
