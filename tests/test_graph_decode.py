@@ -58,13 +58,15 @@ def test_mixed_users_through_pinned_routing_equal_the_eager_engine(setup):
 
 
 @pytest.mark.parametrize("layout", ["base", "pinned", "dense"])
-def test_compiled_step_equals_generate(setup, layout):
+def test_compiled_step_equals_generate(setup, layout, caplog):
     """``compile=``: the step through dynamo (``aot_eager`` here: the same tracing and
     functionalisation of the in-place buffer updates as inductor, no code generation; inductor
     under capture is the ``gpu`` test's) gives generate's tokens, for the base model and
     mixed users in both fixed layouts, across two batches of other users."""
     import contextlib
+    import logging
 
+    caplog.set_level(logging.INFO, logger="mta.engine.graphs")
     eng, tok = setup
     dec = GraphDecoder(eng.model, batch=4, max_len=64, compile="aot_eager")
     for prompts, rows in ((PROMPTS, FIRST), (OTHER, SECOND)):
@@ -74,6 +76,9 @@ def test_compiled_step_equals_generate(setup, layout):
         with fixed:
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, _hf(eng, tok, enc, None if layout == "base" else rows)), (layout, prompts)
+    # the compile is announced once, when it happens (a server's first requests wait on it)
+    assert caplog.text.count("compiling the decode step for 4 rows x 64 positions") == 1
+    assert "decode step compiled in" in caplog.text
 
 
 def test_end_of_sequence_pads_like_generate(setup):

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +51,7 @@ from transformers import AttentionInterface, StaticCache
 from transformers.integrations import sdpa_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+log = logging.getLogger(__name__)
 GQA_DECODE = "mta_gqa_decode"
 
 
@@ -133,6 +136,7 @@ class GraphDecoder:
         self.captures = 0
         self.kw = cache_kwarg(model)
         self._inner = self._step_inner
+        self.compiling = compile is not False  # until the first step has run (and compiled)
         if compile is not False:
             # every decoder shape (a pool's buckets, the layouts) is a graph of its own for
             # dynamo, which past its recompile limit (8 by default) runs the step eagerly
@@ -147,8 +151,15 @@ class GraphDecoder:
 
     @torch.no_grad()
     def _step(self) -> None:
+        t = time.perf_counter()
+        if self.compiling:  # long and silent otherwise: say so (the server's first requests wait on it)
+            log.info("compiling the decode step for %d rows x %d positions (torch.compile; a minute or two at "
+                     "8B shape)", self.batch, self.max_len)
         with decode_attention(self.model):
             self._inner()
+        if self.compiling:
+            self.compiling = False
+            log.info("decode step compiled in %.0f s", time.perf_counter() - t)
 
     def _step_inner(self) -> None:
         self.bias.index_fill_(3, self.cpos, 0.0)  # the slot this step writes joins what it attends to
