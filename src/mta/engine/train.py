@@ -141,7 +141,7 @@ def row_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return ce.sum(dim=1), (shift_labels != IGNORE).sum(dim=1)
 
 
-def target_token_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def target_token_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
     """Per-row sum of cross-entropy over the target tokens only.
 
     The output projection runs only at positions that predict a target token: with a
@@ -285,8 +285,8 @@ def train_jobs(
                     if not budget.halve(longest):
                         raise _oom_error(device, budget.value or 0, len(rows)) from None
             tokens += step_tokens
-            # A non-finite gradient with a finite loss (on the H200, in both Qwen2.5-Coder-1.5B
-            # dev tunes of 2026-12-01: one user's first step; cause not found) would put NaN
+            # A non-finite gradient with a finite loss (on the H200 with Qwen2.5-Coder, from
+            # cuDNN's attention backward, pytorch/pytorch#196678, avoided in _step) would put NaN
             # into the adapter through Adam's moments: that adapter skips this update
             # instead, as AMP's GradScaler does, and the skip is logged and counted. One fused
             # check and sync per step; the per-adapter norms only when something is not finite.
@@ -340,12 +340,19 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
         n = budget.next_size(lengths[pos:], cfg.max_rows)
         chunk = rows[pos:pos + n]
         pos += n
-        ids, mask, labels = pad_batch([e for _, e in chunk], pad_id, engine.device)
+        ids, _, labels = pad_batch([e for _, e in chunk], pad_id, engine.device)
         probing = not budget.measured
         before = budget.start_probe() if probing else 0
         # backward stays inside the routing: checkpointed layers recompute with it
         with engine.route([jobs[i].row for i, _ in chunk]):
-            sums = target_token_loss(engine.model, ids, mask, labels)
+            # No padding mask: the rows are right-padded, so under causal attention no real
+            # token ever sees a pad (pads come after it) and the loss skips the pads; without
+            # a mask tensor SDPA runs causal flash attention. With one, the H200's default
+            # SDPA backend (cuDNN, torch 2.11-2.13) returns NaN query gradients when the padded
+            # length is 64 modulo 128 and a head's log-sum-exp is below ln(FLT_MAX) - which
+            # Qwen2.5's massive-activation heads reach: pytorch/pytorch#196678, the
+            # unexplained non-finite first steps of the 2026-12-01 dev tunes (docs/results.md).
+            sums = target_token_loss(engine.model, ids, None, labels)
             denom = torch.tensor([max(1, counts[i]) for i, _ in chunk], dtype=sums.dtype, device=sums.device)
             per_row = sums / denom
             per_row.sum().backward()
