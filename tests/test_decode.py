@@ -127,3 +127,21 @@ def test_slot_decoder_sees_a_table_changed_in_place():
     second = Sequence(prompt, row, 8, frozenset())
     run_through_slots(dec, [second], 2)
     assert second.tokens == _alone(bb, prompt, row, 8) != first.tokens
+
+
+def test_the_slot_decoder_builds_a_new_batchs_routing_once(monkeypatch):
+    """At a step after rows joined, the routing tensors are built once (the layout's choice
+    and the fill share them); a step with the same rows builds none."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 4, frozenset())
+            for t, r in (("hello there", Row([0, 1], [0.6, 0.4], user=0)), ("hi", Row([2], [1.0], user=1)))]
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=4, span=32)
+    batch = dec.merge(None, dec.prefill(seqs))
+    calls = []
+    real = bb.engine.routing
+    monkeypatch.setattr(bb.engine, "routing", lambda rows: calls.append(len(rows)) or real(rows))
+    dec.step(batch)
+    assert calls == [4]  # one routing over the decoder's 4 slots
+    dec.step(batch)
+    assert calls == [4]

@@ -425,15 +425,16 @@ class AdapterEngine:
 
     @torch.no_grad()
     def pinned(self, rows: Sequence[Row], batch: int | None = None, width: int | None = None,
-               multiple: int = 1) -> contextlib.AbstractContextManager[None]:
+               multiple: int = 1, routing: Routing | None = None) -> contextlib.AbstractContextManager[None]:
         """Routing for a compiled or graph-captured decode step: every layer's per-row
         factors are written into fixed buffers (``batch`` rows, ``width`` rank directions,
         zero-padded, which is exact), and the layers read those instead of the routing.
         A later batch with the same shape refills the same buffers in place, so a compiled
         step (or a captured CUDA graph) is reused, not rebuilt. Without ``width``: what
         the rows need, rounded up to ``multiple`` (so later batches tend to fit the same
-        buffers). Inference only."""
-        rt, batch = self._fixed_rows(rows, batch, "pinned")
+        buffers). ``routing``: ``self.routing(rows)`` when the caller has it already.
+        Inference only."""
+        rt, batch = self._fixed_rows(rows, batch, "pinned", routing)
         need = self._width(rt)
         width = -(-need // multiple) * multiple if width is None else width
         if width < need:
@@ -441,8 +442,8 @@ class AdapterEngine:
         return self._fixed(lambda layer: layer.pin(rt, batch, width))
 
     @torch.no_grad()
-    def dense(self, rows: Sequence[Row], batch: int | None = None,
-              tables: bool = True) -> contextlib.AbstractContextManager[None]:
+    def dense(self, rows: Sequence[Row], batch: int | None = None, tables: bool = True,
+              routing: Routing | None = None) -> contextlib.AbstractContextManager[None]:
         """Routing for a graph-captured decode step, the other fixed layout: every layer
         reads ALL its tables (anchors, fused slots, users) as the columns of two dense
         matrices, and each row's coefficients over those columns from a (``batch``,
@@ -452,15 +453,16 @@ class AdapterEngine:
         than batch x a row's rank directions (e.g. 64 users, top-2 of 50 rank-8 anchors and
         own rank-2 stacks: 528 columns against 64 x 18 = 1,152). A later batch refills the
         buffers in place; ``tables=False`` only the rows' coefficients, for a caller that
-        knows the tables are as at the last fill (``tables_unchanged``). Inference only."""
-        rt, batch = self._fixed_rows(rows, batch, "dense")
+        knows the tables are as at the last fill (``tables_unchanged``); ``routing`` as for
+        ``pinned``. Inference only."""
+        rt, batch = self._fixed_rows(rows, batch, "dense", routing)
         return self._fixed(lambda layer: layer.densify(rt, batch, tables))
 
-    def _fixed_rows(self, rows: Sequence[Row], batch: int | None, layout: str):
+    def _fixed_rows(self, rows: Sequence[Row], batch: int | None, layout: str, routing: Routing | None):
         batch = batch or len(rows)
         if batch < len(rows):
             raise ValueError(f"{len(rows)} rows do not fit a {layout} batch of {batch}")
-        return self.routing(rows), batch
+        return (self.routing(rows) if routing is None else routing), batch
 
     def _width(self, rt: Routing) -> int:
         return max((layer.width(rt) for layer in self.layers.values()), default=0)
@@ -519,10 +521,10 @@ class AdapterEngine:
                 return False
         return True
 
-    def fixed_layout(self, rows: Sequence[Row], batch: int | None = None) -> str:
+    def fixed_layout(self, rows: Sequence[Row], batch: int | None = None, routing: Routing | None = None) -> str:
         """``dense`` or ``pinned``: the fixed routing layout that reads fewer adapter bytes
-        per decode step for these rows in a batch of ``batch``."""
-        need = self._width(self.routing(rows))
+        per decode step for these rows in a batch of ``batch`` (``routing`` as for ``pinned``)."""
+        need = self._width(self.routing(rows) if routing is None else routing)
         cols = max((layer.dense_columns() for layer in self.layers.values()), default=0)
         return "dense" if cols <= (batch or len(rows)) * need else "pinned"
 

@@ -338,9 +338,10 @@ class DecoderPool:
         from mta.engine.engine import Row
 
         full = list(rows) + [Row(active=False)] * extra
-        layout = engine.fixed_layout(full, dec.batch) if width is None else "pinned"
-        fixed = engine.dense(full, batch=dec.batch) if layout == "dense" else \
-            engine.pinned(full, batch=dec.batch, width=width, multiple=8)
+        rt = engine.routing(full)  # built once for the layout's choice and the fill
+        layout = engine.fixed_layout(full, dec.batch, routing=rt) if width is None else "pinned"
+        fixed = engine.dense(full, batch=dec.batch, routing=rt) if layout == "dense" else \
+            engine.pinned(full, batch=dec.batch, width=width, multiple=8, routing=rt)
         with fixed:
             dec.buffers = pinned_buffers(engine)
             out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)

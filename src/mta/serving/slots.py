@@ -165,11 +165,12 @@ class SlotDecoder:
             rows = [Row(active=False)] * self.n
             for s, slot in zip(batch.seqs, batch.slots):
                 rows[slot] = s.row
-            layout = self.engine.fixed_layout(rows, self.n)
+            rt = self.engine.routing(rows)  # built once: the layout's choice and the fill share it
+            layout = self.engine.fixed_layout(rows, self.n, routing=rt)
             same = layout == self.layout and self.engine.tables_unchanged(self._tables)  # only rows changed
             self.layout, self._tables = layout, self.engine.tables_state()
-            fill = self.engine.dense(rows, self.n, tables=not same) if layout == "dense" else \
-                self.engine.pinned(rows, self.n, multiple=8)
+            fill = self.engine.dense(rows, self.n, tables=not same, routing=rt) if layout == "dense" else \
+                self.engine.pinned(rows, self.n, multiple=8, routing=rt)
             with fill:
                 self.g.buffers = pinned_buffers(self.engine)
             batch.routing = self.layout
