@@ -110,8 +110,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--embedder", default="minilm-l6")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--decoder", default="generate", choices=("generate", "graph"),
-                    help="the server's decode loop: its eager one, or the slot decoder (captured step)")
+    ap.add_argument("--decoder", default="generate", choices=("generate", "graph", "compiled"),
+                    help="the server's decode loop: its eager one, the slot decoder (captured step), or the "
+                         "slot decoder with its step compiled first")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--requests", type=int, default=500)

@@ -4,9 +4,10 @@
 # goes to RES/<step>.log and a line per start/end to RES/progress; a step that fails does
 # not stop the others. Phases:
 #   1. no real weights needed, on the LAST GPU alone (its timings need a quiet GPU): the
-#      `gpu` tests, `benchmarks/gpu.py --profile` (every GPU-speed target),
-#      `hf_decode.py --sections hf,graph --profile`, and with SERVE_LOAD=1 `mta serve`
-#      under load with both decode loops; RAY=1 adds sharded adaptation on Ray first;
+#      `gpu` tests, the SDPA NaN check, `benchmarks/gpu.py --compile --profile` (every
+#      GPU-speed target), with SERVE_LOAD=1 `mta serve` under load with each decode loop
+#      (generate, graph, compiled), and `hf_decode.py --sections parts` (NO_HF=1 skips it);
+#      RAY=1 adds sharded adaptation on Ray first;
 #   2. meanwhile, on the CPUs, as the pieces become whole (marker files MODELS/<name>.ok,
 #      written by the carrying calls after their sha256 check): convert the models;
 #   3. on the other GPU(s), side by side, each job on --gpu-memory-share SHARE: the plan
@@ -129,22 +130,12 @@ ray_adapt() {  # GPU_LIST: one Ray worker per GPU
   T=600 step ray-adapt-8b "$1" python3 benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
     --users-per-pass 16 --anchors 4 --workers 1,2 --work "$RES/ray-work" --out "$RES/ray-adapt-8b.json"
 }
-random_weights() {  # GPU
-  T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
-  # every target of the GPU-speed issue in one run (generation incl. the new loop, bank, adapt,
-  # memory), with profiles; then transformers' own decode paths next to the new loop
-  T=900 step gpu-8b "$1" python3 benchmarks/gpu.py --profile --out "$RES/gpu-8b.json"
-  if [ -z "${NO_HF:-}" ]; then  # NO_HF=1: skip; HF's own loops were measured 2026-12-01 (gpu.py times
-    # HF's dynamic base itself): the captured loop, base and engine, and where its step's time goes
-    T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections graph,parts --profile \
-      --out "$RES/hf-decode-8b.json"
-  fi
-  if [ -n "${SERVE_LOAD:-}" ]; then  # the server's two decode loops under the same load (~5 min each)
-    for d in generate graph; do
-      T=600 step "serve-load-8b-$d" "$1" python3 benchmarks/serve_load.py --model random-llama3-8b --device cuda \
-        --requests 200 --clients 16 --users 16 --max-tokens 16 --decoder "$d" --out "$RES/serve-load-8b-$d.json"
-    done
-  fi
+serve_load() {  # GPU: with SERVE_LOAD=1, `mta serve` under the same load with each decode loop (~5 min each)
+  [ -n "${SERVE_LOAD:-}" ] || return 0
+  for d in generate graph compiled; do
+    T=600 step "serve-load-8b-$d" "$1" python3 benchmarks/serve_load.py --model random-llama3-8b --device cuda \
+      --requests 200 --clients 16 --users 16 --max-tokens 16 --decoder "$d" --out "$RES/serve-load-8b-$d.json"
+  done
 }
 
 # -- phase 3: the evaluations -------------------------------------------------------------------------
@@ -187,8 +178,10 @@ decode_bench() {  # GPU: every target of the speed issue in one run, the decode 
   T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
   T=120 step sdpa-nan-check "$1" python3 scripts/sdpa-nan-check.py  # is the image's cuDNN NaN still there?
   T=1200 step gpu-8b-compiled "$1" python3 benchmarks/gpu.py --compile --profile --out "$RES/gpu-8b-compiled.json"
+  serve_load "$1"
 }
-decode_parts() {  # GPU: where the eager captured step's time goes (no compile: 1 minute)
+decode_parts() {  # GPU: where the eager captured step's time goes (no compile: 1 minute); NO_HF=1 skips it
+  [ -n "${NO_HF:-}" ] && return 0
   T=600 step hf-decode-8b "$1" python3 benchmarks/hf_decode.py --sections parts --out "$RES/hf-decode-8b.json"
 }
 if [ "${#gpu[@]}" -eq 1 ]; then
