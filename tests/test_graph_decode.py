@@ -265,14 +265,16 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
     no second copy); the logits equal the unfolded layout's and the routing's; a captured
     step's pointers see the weights move; removing the engine gives each base weight its
     own storage with its values unchanged."""
+    from mta.engine.layer import weight_moves
     from tests.engine_helpers import tiny_engine
 
     eng, model, tok = tiny_engine(users=3)
     before = {n: ly.base.weight.detach().clone() for n, ly in eng.layers.items()}
     enc = _enc(tok, PROMPTS)
     dec = GraphDecoder(model, batch=4, max_len=64)
-    dec._params = list(model.parameters())
-    ptrs = dec._pointers()
+    dec._graph = object()  # as if captured now (CPU: no graphs), so that only a move makes it stale
+    dec._moves, dec._ptrs = weight_moves(), []
+    assert not dec.stale()
     with torch.no_grad():
         with eng.route(FIRST):
             ref = model(**enc).logits
@@ -281,7 +283,7 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
         for ly in eng.layers.values():
             assert ly._ext is not None and ly.base.weight.data_ptr() == ly._ext.data_ptr()
             assert ly.dense_A.data_ptr() == ly._ext[ly.out_features:].data_ptr()
-        assert dec._pointers() != ptrs  # a step captured before would be captured again
+        assert dec.stale()  # a step captured before would be captured again
         for ly in eng.layers.values():
             ly.fold_dense = False
         with eng.dense(FIRST):

@@ -51,6 +51,8 @@ from transformers import AttentionInterface, StaticCache
 from transformers.integrations import sdpa_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from mta.engine.layer import weight_moves
+
 log = logging.getLogger(__name__)
 GQA_DECODE = "mta_gqa_decode"
 
@@ -132,7 +134,7 @@ class GraphDecoder:
         self.buffers = list(buffers)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._ptrs: list[int] = []
-        self._params: list[torch.Tensor] = []
+        self._moves = -1  # weight_moves() at capture
         self.captures = 0
         self.kw = cache_kwarg(model)
         self._inner = self._step_inner
@@ -200,15 +202,16 @@ class GraphDecoder:
         with torch.cuda.graph(graph):
             self._step()
         self._graph = graph
-        self._params = list(self.model.parameters())
-        self._ptrs = self._pointers()
+        self._ptrs = [b.data_ptr() for b in self.buffers]
+        self._moves = weight_moves()
         self.captures += 1
 
-    def _pointers(self) -> list[int]:
-        """Where the captured step's inputs live: the adapter buffers, and the model's
-        parameters as they were at capture (the engine's dense layout moves the base weights
-        into a larger matrix the first time it folds the adapters' A columns into them)."""
-        return [b.data_ptr() for b in self.buffers] + [p.data_ptr() for p in self._params]
+    def stale(self) -> bool:
+        """Whether the captured step reads memory that moved since: an adapter buffer
+        reallocated, or a base weight moved (the engine's dense layout moves the base weights
+        into a larger matrix when it folds the adapters' A columns into them)."""
+        return (self._graph is None or weight_moves() != self._moves
+                or [b.data_ptr() for b in self.buffers] != self._ptrs)
 
     def advance(self) -> None:
         """One decode step: replayed from the captured graph (captured first, or again when
@@ -217,7 +220,7 @@ class GraphDecoder:
         if not self.graph_on:
             self._step()
             return
-        if self._graph is None or self._pointers() != self._ptrs:
+        if self.stale():
             self._capture()
         self._graph.replay()
 

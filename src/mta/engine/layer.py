@@ -43,6 +43,16 @@ class Routing:
     active: torch.Tensor | None = None
 
 
+# How often a base weight has moved to new storage (the dense layout's fold, unfold): a
+# captured CUDA graph reads weights at fixed addresses, so GraphDecoder captures again when
+# this moved since its capture (one integer to compare per step, not every parameter)
+_WEIGHT_MOVES = [0]
+
+
+def weight_moves() -> int:
+    return _WEIGHT_MOVES[0]
+
+
 def _empty(n: int, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n, a, b, device=like.device, dtype=like.dtype)
 
@@ -265,6 +275,7 @@ class BankLoRALinear(nn.Module):
             ext = torch.empty(out + n, self.in_features, dtype=w.dtype, device=w.device)
             ext[:out].copy_(w)
             w.data = ext[:out]  # the old storage is freed here
+            _WEIGHT_MOVES[0] += 1
             self._ext = ext
         self.dense_A = self._ext[out:]
 
@@ -274,6 +285,7 @@ class BankLoRALinear(nn.Module):
             return
         w = self.base.weight
         w.data = w.data.clone()
+        _WEIGHT_MOVES[0] += 1
         self.dense_A = self._ext[self.out_features:].clone()
         self._ext = None
 

@@ -141,8 +141,9 @@ def row_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return ce.sum(dim=1), (shift_labels != IGNORE).sum(dim=1)
 
 
-def target_token_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of cross-entropy over the target tokens only.
+def target_token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of cross-entropy over the target tokens only, for RIGHT-padded rows under
+    causal attention with no padding mask (see ``_step`` for why none is passed).
 
     The output projection runs only at positions that predict a target token: with a
     49k vocabulary and ~300-token prompts over ~5-token answers this skips most of the
@@ -152,9 +153,9 @@ def target_token_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, label
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings()
     if body is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = model(input_ids=ids, use_cache=False).logits
         return row_token_loss(logits, labels)[0]
-    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state
     shift_labels = labels[:, 1:]
     sel = shift_labels != IGNORE
     logits = head(hidden[:, :-1][sel]).float()
@@ -352,7 +353,7 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
             # length is 64 modulo 128 and a head's log-sum-exp is below ln(FLT_MAX) - which
             # Qwen2.5's massive-activation heads reach: pytorch/pytorch#196678, the
             # unexplained non-finite first steps of the 2026-12-01 dev tunes (docs/results.md).
-            sums = target_token_loss(engine.model, ids, None, labels)
+            sums = target_token_loss(engine.model, ids, labels)
             denom = torch.tensor([max(1, counts[i]) for i, _ in chunk], dtype=sums.dtype, device=sums.device)
             per_row = sums / denom
             per_row.sum().backward()
@@ -383,8 +384,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 def _where_not_finite(engine: AdapterEngine, params: list[torch.nn.Parameter], slot: int) -> str:
     """Which of a slot's gradient tables are not finite. The backward pass runs from the last
     layer to the first, so a NaN or inf that enters it at some layer reaches every table
-    below: the last one in the model's order is where it entered (the H200's unexplained
-    non-finite first steps, docs/results.md, are to be located by this)."""
+    below: the last one in the model's order is where it entered."""
     names = engine.table_names()
     bad = []
     for p in params:
