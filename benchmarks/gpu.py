@@ -161,19 +161,36 @@ def gen_section(model, dev, a) -> list[dict]:
                 dec.generate(ids, mask, new)
         return f
 
-    def loop_rec(name, pin=None, note=""):
+    def loop_rec(name, pin=None, note="", mode=None, role=None):
         """The new loop over the whole run, and its decode step alone: (t(new) - t(1)) / (new - 1),
-        the prefill and first token taken out (as benchmarks/hf_decode.py measures a step)."""
-        dec = GraphDecoder(model, a.rows, a.prompt + a.new, compile=a.compile)
+        the prefill and first token taken out (as benchmarks/hf_decode.py measures a step).
+        With --profile, a few captured steps under the profiler too (the kernels the graph
+        replays: where a step's time goes)."""
+        dec = GraphDecoder(model, a.rows, a.prompt + a.new, compile=a.compile or mode is not None,
+                           compile_mode=mode)
         whole = wall(graphed(dec, pin), dev)
         first = wall(graphed(dec, pin, 1), dev)
         rec(name, whole, a.new, note)
         out[-1]["decode_step_seconds"] = (whole - first) / (a.new - 1)
+        out[-1]["role"] = role
+        if a.profile and dev.type == "cuda":
+            with torch.no_grad(), (pin() if pin else contextlib.nullcontext()):
+                if pin:
+                    dec.buffers = pinned_buffers(eng)
+                dec.prefill(ids, mask)
+                dec.advance()  # captured (again, if the fill moved a buffer) before the profile
+                out[-1]["profile"] = profile(lambda: [dec.advance() for _ in range(16)], dev)
+            print_profile(f"16 decode steps: {name}", out[-1]["profile"])
 
     rec("base model", wall(run(model, a.new), dev), a.new)
+    out[-1]["role"] = "hf_base"
     loop = "new loop (GraphDecoder, compiled)" if a.compile else "new loop (GraphDecoder)"
     loop_rec(f"{loop}: base model", note="the decode step captured in a CUDA graph (mta.engine.graphs)" +
-             (", after torch.compile (inductor)" if a.compile else ""))
+             (", after torch.compile (inductor)" if a.compile else ""), role="loop_base")
+    tuned = "max-autotune-no-cudagraphs"
+    if a.autotune:
+        loop_rec("new loop, compiled max-autotune: base model", mode=tuned, role="tuned_base",
+                 note=f"the step through torch.compile mode {tuned} before capture")
     eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, dtype=a.adapter_dtype))
     eng.init_bank(b_std=0.01)
     eng.add_users(a.rows, 2, 4.0, b_std=0.01)
@@ -184,10 +201,15 @@ def gen_section(model, dev, a) -> list[dict]:
         rows.append(Row(pair, [0.6, 0.4], user=u))
     rec(f"mta engine: {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
         wall(run(model, a.new, lambda: eng.route(rows)), dev), a.new)
+    out[-1]["role"] = "hf_engine"
     loop_rec(f"new loop: mta engine, {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
-             lambda: eng.pinned(rows, width=2 * 8 + 2), "pinned routing")
+             lambda: eng.pinned(rows, width=2 * 8 + 2), "pinned routing", role="loop_pinned")
     loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: eng.dense(rows),
-             "every table as columns of two dense matmuls, each row's coefficients over them")
+             "every table as columns of two dense matmuls, each row's coefficients over them", role="loop_dense")
+    if a.autotune:
+        loop_rec(f"new loop, compiled max-autotune: mta engine, {a.rows} users, dense routing",
+                 lambda: eng.dense(rows), f"dense routing, the step through torch.compile mode {tuned}",
+                 mode=tuned, role="tuned_dense")
     bank_bytes = sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
     eng.remove()
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
@@ -195,6 +217,7 @@ def gen_section(model, dev, a) -> list[dict]:
     pm.to(dev)
     pm.eval()
     rec("peft: one shared adapter", wall(run(pm, a.new), dev), a.new)
+    out[-1]["role"] = "peft_shared"
     for i in range(1, a.rows):
         pm.add_adapter(f"a{i}", lcfg)
     pm.to(dev)
@@ -203,24 +226,31 @@ def gen_section(model, dev, a) -> list[dict]:
     new = a.peft_mixed_new
     rec(f"peft: mixed batch, {a.rows} adapters", wall(run(pm, new, adapter_names=names), dev), new,
         f"timed over {new} new tokens (it is slow); throughput per token is comparable")
+    out[-1]["role"] = "peft_mixed"
     pm.unload()
-    hf_base, loop_base, eng_row, loop_eng, loop_dense, _, peft_mixed = out
+    by = {r["role"]: r for r in out}
+    hf_base = by["hf_base"]
     for r in out:
         r["ratio_to_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"]
-    eng_row["ratio_to_peft_mixed"] = eng_row["tokens_per_s"] / peft_mixed["tokens_per_s"]
+    by["hf_engine"]["ratio_to_peft_mixed"] = by["hf_engine"]["tokens_per_s"] / by["peft_mixed"]["tokens_per_s"]
     # the issue's two decode ratios: the engine against the base in the SAME (new) loop, and
     # the new loop's engine against HF generate's base with the dynamic cache
-    for r in (loop_eng, loop_dense):
-        r["ratio_to_base_same_loop"] = r["tokens_per_s"] / loop_base["tokens_per_s"]
+    pairs = [("loop_pinned", "loop_base"), ("loop_dense", "loop_base"), ("tuned_dense", "tuned_base")]
+    for eng_role, base_role in pairs:
+        if eng_role not in by:
+            continue
+        r, base = by[eng_role], by[base_role]
+        r["ratio_to_base_same_loop"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["ratio_to_hf_dynamic_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"]
-        r["step_ratio_to_base_same_loop"] = loop_base["decode_step_seconds"] / r["decode_step_seconds"]
+        r["step_ratio_to_base_same_loop"] = base["decode_step_seconds"] / r["decode_step_seconds"]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
         (model.config.hidden_size // model.config.num_attention_heads) * 2
     avg_ctx = a.prompt + a.new / 2
     kv = a.rows * avg_ctx * kv_per_token
     for r in out:
-        r["bytes_per_step_floor"] = weights + kv + (bank_bytes if r in (eng_row, loop_eng, loop_dense) else 0)
+        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "tuned_dense")
+        r["bytes_per_step_floor"] = weights + kv + (bank_bytes if engine else 0)
     return out
 
 
@@ -234,13 +264,16 @@ def _examples(n, length, vocab, seed):
     return out
 
 
-def bank_section(model, dev, a) -> dict:
+def bank_section(model, dev, a, compile=False, ref=None) -> dict:
+    """``compile``: the decoder blocks through torch.compile while training
+    (TrainConfig.compile); ``ref``: an earlier bank section's result whose PEFT timing
+    (same run) the ratio uses, instead of timing PEFT again."""
     from peft import LoraConfig, get_peft_model
 
     vocab = model.config.vocab_size
     data = [_examples(a.samples, a.seq, vocab, s) for s in range(a.anchors)]
     cfg = TrainConfig(lr=1e-4, epochs=1, batch_size=8, warmup_ratio=0.1, max_rows=a.max_rows,
-                      gradient_checkpointing=a.checkpointing)
+                      gradient_checkpointing=a.checkpointing, compile=compile)
     # fp32 master weights, matmuls in the base's dtype: what `mta bank build` runs on CUDA
     # (BackboneConfig.adapter_compute auto); runs before 2026-12-01 left the matmuls in fp32
     eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, compute_dtype=a.adapter_dtype))
@@ -258,6 +291,13 @@ def bank_section(model, dev, a) -> dict:
         print_profile("bank building, 2 anchors x 16 samples", prof)
     eng.remove()
     tokens = a.anchors * a.samples * a.seq
+    mine = {"anchors": a.anchors, "tokens": tokens, "ours_seconds": ours, "ours_tokens_per_s": tokens / ours,
+            "compiled_layers": compile, "optimizer_state_bytes": stats["optimizer_state_bytes"], "profile": prof}
+    if ref is not None:  # PEFT's timing from the eager section of this run
+        single_tps = ref["peft_single_tokens_per_s"]
+        return {**mine, "peft_total_seconds_extrapolated": ref["peft_total_seconds_extrapolated"],
+                "speedup": ref["peft_total_seconds_extrapolated"] / ours, "peft_single_tokens_per_s": single_tps,
+                "tokens_per_s_ratio_to_single_peft": tokens / ours / single_tps, "reference": "the bank section's"}
     # reference: PEFT, one adapter after another, model loaded once
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
     pm = get_peft_model(model, lcfg)
@@ -286,14 +326,13 @@ def bank_section(model, dev, a) -> dict:
     per_anchor = statistics.median(times[1:] if len(times) > 1 else times)  # the first carries warm-up
     peft_total = per_anchor * a.anchors
     single_tps = a.samples * a.seq / per_anchor
-    return {"anchors": a.anchors, "tokens": tokens, "ours_seconds": ours, "ours_tokens_per_s": tokens / ours,
-            "peft_seconds_per_anchor": per_anchor, "peft_anchors_timed": a.peft_anchors,
+    return {**mine, "peft_seconds_per_anchor": per_anchor, "peft_anchors_timed": a.peft_anchors,
             "peft_total_seconds_extrapolated": peft_total, "speedup": peft_total / ours,
-            "peft_single_tokens_per_s": single_tps, "tokens_per_s_ratio_to_single_peft": tokens / ours / single_tps,
-            "optimizer_state_bytes": stats["optimizer_state_bytes"], "profile": prof}
+            "peft_single_tokens_per_s": single_tps, "tokens_per_s_ratio_to_single_peft": tokens / ours / single_tps}
 
 
-def adapt_section(model, dev, a) -> dict:
+def adapt_section(model, dev, a, compile=False, ref=None) -> dict:
+    """``compile`` and ``ref`` as in ``bank_section`` (the reference procedure's timing)."""
     from peft import LoraConfig, get_peft_model
 
     vocab = model.config.vocab_size
@@ -306,7 +345,7 @@ def adapt_section(model, dev, a) -> dict:
         pair = torch.randperm(a.anchors, generator=rng)[:2].tolist()
         jobs.append(Job(u, _examples(10, a.seq, vocab, 1000 + u), Row(pair, [0.6, 0.4], user=u), key=f"u{u}"))
     cfg = TrainConfig(lr=1e-4, epochs=1, batch_size=10, warmup_ratio=0.0, max_rows=a.max_rows,
-                      gradient_checkpointing=a.checkpointing)
+                      gradient_checkpointing=a.checkpointing, compile=compile)
     sync(dev)
     t = time.perf_counter()
     train_jobs(eng, "stack", jobs, cfg, pad_id=0)
@@ -316,6 +355,13 @@ def adapt_section(model, dev, a) -> dict:
     if a.profile:
         prof = profile(lambda: train_jobs(eng, "stack", jobs[:16], cfg, pad_id=0), dev)
         print_profile("new-user adaptation, 16 users", prof)
+    per_user = ours / a.users
+    if ref is not None:  # the reference procedure's timing from the eager section of this run
+        eng.remove()
+        return {"users": a.users, "ours_seconds": ours, "ours_seconds_per_user": per_user, "compiled_layers": compile,
+                "reference_seconds_per_user": ref["reference_seconds_per_user"],
+                "speedup": ref["reference_seconds_per_user"] / per_user, "reference": "the adapt section's",
+                "profile": prof}
     # per-user cost in place: stored bytes (fp32 and bf16 factors), load into a running batch, evict
     with tempfile.TemporaryDirectory() as tmp:
         save_user(eng, 0, Path(tmp) / "u0")
@@ -377,8 +423,7 @@ def adapt_section(model, dev, a) -> dict:
         times.append(time.perf_counter() - t)
     pm.unload()
     ref = statistics.median(times[1:] if len(times) > 1 else times)
-    per_user = ours / a.users
-    return {"users": a.users, "ours_seconds": ours, "ours_seconds_per_user": per_user,
+    return {"users": a.users, "compiled_layers": compile, "ours_seconds": ours, "ours_seconds_per_user": per_user,
             "reference_seconds_per_user": ref, "reference_users_timed": a.ref_users, "speedup": ref / per_user,
             "stored_bytes_per_user_fp32": stored, "stored_bytes_per_user_bf16": stored // 2,
             "load_user_seconds": load_s, "evict_user_seconds": evict_s, "profile": prof}
@@ -432,6 +477,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile a few training steps of bank and adapt")
     ap.add_argument("--compile", action="store_true",
                     help="the new decode loop's step through torch.compile (inductor) before it is captured")
+    ap.add_argument("--autotune", action="store_true",
+                    help="also the base and the dense engine with the step compiled in inductor's max-autotune mode")
     ap.add_argument("--max-rows-cap", type=int, default=None,
                     help="cap rows per training micro-batch (default: the measured token budget decides)")
     a = ap.parse_args()
@@ -454,7 +501,8 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "python": platform.python_version(), "shape": shape, "dtype": str(dtype),
            "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0,
-           "train_max_rows": a.max_rows, "compiled_decode_loop": a.compile}
+           "train_max_rows": a.max_rows, "compiled_decode_loop": a.compile,
+           "autotuned_decode_loop": a.autotune}
     try:
         import peft
         import transformers
@@ -470,12 +518,17 @@ def main() -> None:
         a.out.write_text(json.dumps(res, indent=2, default=str))
 
     sections = {"gen": (gen_section, _print_gen), "bank": (bank_section, None),
-                "adapt": (adapt_section, None), "memory": (memory_section, None)}
+                "adapt": (adapt_section, None), "memory": (memory_section, None),
+                # training with the decoder blocks compiled (TrainConfig.compile), against the
+                # references the eager sections timed in this run
+                "bank-compiled": (lambda m, d, a: bank_section(m, d, a, True, res.get("bank")), None),
+                "adapt-compiled": (lambda m, d, a: adapt_section(m, d, a, True, res.get("adapt")), None)}
     failed = []
     for name, (fn, show) in sections.items():
         if name not in secs:
             continue
-        key = {"gen": "generation"}.get(name, name)
+        key = {"gen": "generation", "bank-compiled": "bank_compiled", "adapt-compiled": "adapt_compiled"}.get(
+            name, name)
         try:
             res[key] = fn(model, dev, a)
         except Exception as e:  # noqa: BLE001 - recorded; the other sections still run
@@ -506,12 +559,13 @@ def _print_gen(res):
         if "decode_step_seconds" in r:
             floor = "" if not bw else f", {r['decode_step_seconds'] * bw / r['bytes_per_step_floor']:.2f}x its floor"
             print(f"decode step alone, {r['config'][:40]}: {1e3 * r['decode_step_seconds']:.2f} ms{floor}")
-    e = res["generation"][2]
-    print(f"engine vs PEFT mixed batch: {e['ratio_to_peft_mixed']:.1f}x", flush=True)
-    for loop in res["generation"][3:5]:
-        print(f"new loop, {loop['note'].split(',')[0]}: engine vs base {loop['ratio_to_base_same_loop']:.3f}x "
-              f"(decode steps alone {loop['step_ratio_to_base_same_loop']:.3f}x), vs HF generate's base "
-              f"{loop['ratio_to_hf_dynamic_base']:.2f}x", flush=True)
+    by = {r.get("role"): r for r in res["generation"]}
+    print(f"engine vs PEFT mixed batch: {by['hf_engine']['ratio_to_peft_mixed']:.1f}x", flush=True)
+    for loop in res["generation"]:
+        if "ratio_to_base_same_loop" in loop:
+            print(f"{loop['config'][:60]}: engine vs base {loop['ratio_to_base_same_loop']:.3f}x (decode steps "
+                  f"alone {loop['step_ratio_to_base_same_loop']:.3f}x), vs HF generate's base "
+                  f"{loop['ratio_to_hf_dynamic_base']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

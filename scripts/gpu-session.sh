@@ -177,7 +177,11 @@ on() { echo "${ev[$(( $1 % ${#ev[@]} ))]}"; }  # the eval GPU of stream N
 decode_bench() {  # GPU: every target of the speed issue in one run, the decode loop compiled
   T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
   T=120 step sdpa-nan-check "$1" python3 scripts/sdpa-nan-check.py  # is the image's cuDNN NaN still there?
-  T=1200 step gpu-8b-compiled "$1" python3 benchmarks/gpu.py --compile --profile --out "$RES/gpu-8b-compiled.json"
+  # every section in one run, plus the two experiments of 2026-12-01's fourth session: the decode
+  # step in inductor's max-autotune mode (base and dense engine), training with the decoder
+  # blocks compiled (bank and adaptation, against the references the eager sections timed)
+  T=1800 step gpu-8b-compiled "$1" python3 benchmarks/gpu.py --compile --autotune --profile \
+    --sections gen,bank,adapt,memory,bank-compiled,adapt-compiled --out "$RES/gpu-8b-compiled.json"
   serve_load "$1"
 }
 decode_parts() {  # GPU: where the eager captured step's time goes (no compile: 1 minute); NO_HF=1 skips it

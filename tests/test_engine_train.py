@@ -186,7 +186,8 @@ def test_slot_adamw_every_slot_at_once_matches_torch_adamw():
         torch.testing.assert_close(p.detach()[s], refs[s].detach(), atol=1e-6, rtol=0)
 
 
-def _train_once(compute_dtype=torch.float32, checkpointing=False, token_budget=None, max_rows=16, hook=None):
+def _train_once(compute_dtype=torch.float32, checkpointing=False, token_budget=None, max_rows=16, hook=None,
+                compile=False):
     """Two anchors trained together (6 optimiser steps each); ``hook`` (grad -> grad) is put
     on the first adapted layer's bank B table, which holds both anchors' slots."""
     model, tok = tiny_llama(seed=0)
@@ -199,7 +200,7 @@ def _train_once(compute_dtype=torch.float32, checkpointing=False, token_budget=N
     jobs = [Job(0, random_examples(6, seed=3), Row([0], [1.0]), key="a"),
             Job(1, random_examples(5, seed=4), Row([1], [1.0]), key="b")]
     cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=2, gradient_checkpointing=checkpointing,
-                      token_budget=token_budget, max_rows=max_rows)
+                      token_budget=token_budget, max_rows=max_rows, compile=compile)
     stats = train_jobs(eng, "bank", jobs, cfg, pad_id=tok.pad_token_id)
     return eng, stats
 
@@ -215,6 +216,34 @@ def test_checkpointing_and_micro_batching_change_nothing_but_rounding():
         eng, _ = _train_once(**kw)
         for k, v in _updates(eng).items():
             torch.testing.assert_close(v, _updates(ref)[k], atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_layers_train_the_same_adapters_in_one_graph_each_and_are_restored():
+    """TrainConfig.compile: the decoder blocks through torch.compile (aot_eager on the CPU:
+    dynamo's capture and AOTAutograd's joint graph, without inductor's code generation) give
+    the eager run's updates; every block is captured whole (no graph break, which would
+    quietly split it into eager pieces); the blocks are eager again afterwards."""
+    from torch._dynamo.utils import counters
+
+    from mta.engine.train import decoder_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    ref, ref_stats = _train_once()
+    eng, stats = _train_once(compile="aot_eager", max_rows=3)  # several micro-batch shapes
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    for k, v in _updates(eng).items():
+        torch.testing.assert_close(v, _updates(ref)[k], atol=1e-6, rtol=1e-5)
+    for key, losses in stats["losses"].items():
+        assert losses == pytest.approx(ref_stats["losses"][key], rel=1e-5)
+    layers = decoder_layers(eng.model)
+    assert len(layers) == eng.model.config.num_hidden_layers
+    assert all(ly._compiled_call_impl is None for ly in layers)
+    with pytest.raises(ValueError, match="compile must be True, False or a dynamo backend's name"):
+        TrainConfig(compile="")
+    with pytest.raises(ValueError, match="compiled training with inductor is for CUDA models"):
+        _train_once(compile=True)
 
 
 def adapter_effect_gap(eng_a, eng_b, row, ids) -> float:

@@ -107,6 +107,9 @@ def test_bad_shapes_are_refused(setup):
         GraphDecoder(eng.model, batch=4, max_len=16, graph=True)
     with pytest.raises(ValueError, match="compile must be"):
         GraphDecoder(eng.model, batch=4, max_len=16, compile="")
+    for compile, mode in ((True, "reduce-overhead"), ("aot_eager", "max-autotune-no-cudagraphs")):
+        with pytest.raises(ValueError, match="compile_mode must be one of default, max-autotune-no-cudagraphs"):
+            GraphDecoder(eng.model, batch=4, max_len=16, compile=compile, compile_mode=mode)
 
 
 def test_prompts_without_padding(setup):

@@ -33,7 +33,11 @@ rotary embedding and the MLP's activation one each), which is what the captured 
 step spends most of its time over the memory floor on (docs/performance.md). Any other
 string names a dynamo backend (the CPU tests use ``"aot_eager"``: the same tracing and
 functionalisation, no code generation). The compile happens at the first capture, once per
-decoder (minutes at 8B shape); a decoder's later batches reuse it.
+decoder (minutes at 8B shape); a decoder's later batches reuse it. ``compile_mode`` passes
+an inductor mode through: ``"max-autotune-no-cudagraphs"`` also times Triton templates
+against cuBLAS for every matmul shape of the step and can fuse the dense layout's per-row
+mixing and the residual add into the B side's matmul (longer compile; benchmarks/gpu.py
+--autotune measures what it gives).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from mta.engine.layer import weight_moves
 
 log = logging.getLogger(__name__)
 GQA_DECODE = "mta_gqa_decode"
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes the decoder can capture
 
 
 def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
@@ -103,14 +108,19 @@ def cache_kwarg(model: nn.Module) -> str:
 
 class GraphDecoder:
     def __init__(self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None,
-                 buffers: Sequence[torch.Tensor] = (), compile: bool | str = False):
+                 buffers: Sequence[torch.Tensor] = (), compile: bool | str = False,
+                 compile_mode: str | None = None):
         """``buffers``: tensors the captured step reads that others may reallocate (the
         engine's pin buffers, see ``pinned_buffers``); a change of any of them re-captures.
-        ``compile``: True for inductor, or a dynamo backend's name (module docstring)."""
+        ``compile``: True for inductor, or a dynamo backend's name; ``compile_mode``: an
+        inductor mode without CUDA graphs of its own (module docstring)."""
         if batch < 1 or max_len < 2:
             raise ValueError(f"a decoder needs at least 1 row and 2 positions, not {batch} x {max_len}")
         if compile is not False and not (compile is True or isinstance(compile, str) and compile):
             raise ValueError(f"compile must be True, False or a dynamo backend's name, not {compile!r}")
+        if compile_mode is not None and (compile is not True or compile_mode not in COMPILE_MODES):
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)} with compile=True (modes "
+                             f"with inductor's own CUDA graphs do not nest in the decoder's), not {compile_mode!r}")
         self.model = model
         self.batch, self.max_len = batch, max_len
         dev = next(model.parameters()).device
@@ -148,7 +158,7 @@ class GraphDecoder:
             setattr(cfg, name, max(getattr(cfg, name), 64))
             # dynamic=False: a decoder's shapes never change; inductor's own CUDA graphs stay
             # off (default mode), the decoder captures the compiled step itself
-            self._inner = torch.compile(self._step_inner, dynamic=False,
+            self._inner = torch.compile(self._step_inner, dynamic=False, mode=compile_mode,
                                         backend="inductor" if compile is True else compile)
 
     @torch.no_grad()

@@ -153,10 +153,11 @@ class BankLoRALinear(nn.Module):
         identities and version counters, so an in-place update (load_user) invalidates it.
         """
         cacheable = not torch.is_grad_enabled()
-        key = (id(rt), id(self.bank_A), self.bank_A._version, self.bank_B._version, id(self.stack_A),
-               self.stack_A._version, self.stack_B._version, self.stack_scale._version, id(self.fused_A))
-        if cacheable and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        if cacheable:  # (never while training: a compiled training layer reads no ids or versions)
+            key = (id(rt), id(self.bank_A), self.bank_A._version, self.bank_B._version, id(self.stack_A),
+                   self.stack_A._version, self.stack_B._version, self.stack_scale._version, id(self.fused_A))
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
         parts = []
         if rt.anchor_idx is not None and self.bank_A.shape[0]:
             parts.append(self._bank_parts(rt))

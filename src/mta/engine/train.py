@@ -9,6 +9,7 @@ training it alone would give, and ``SlotAdamW`` steps each slot on its own sched
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -46,7 +47,9 @@ class TrainConfig:
     rounding. ``memory_share`` caps what the measured budget plans into at that share of
     the device's memory for this process (jobs sharing a GPU: otherwise the first takes
     most of it and the next runs out of memory). ``lr_field`` names the config field
-    behind ``lr`` in error messages.
+    behind ``lr`` in error messages. ``compile``: the model's decoder layers run through
+    ``torch.compile`` while training (True: inductor; a string: a dynamo backend's name;
+    see ``compiled_layers``).
     """
 
     lr: float = 1e-4
@@ -62,6 +65,7 @@ class TrainConfig:
     memory_share: float = 1.0
     gradient_checkpointing: bool = False
     lr_field: str = "lr"
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,6 +85,8 @@ class TrainConfig:
             problems.append(f"token_budget must be >= 1, got {self.token_budget}")
         if not 0 < self.memory_share <= 1:
             problems.append(f"memory_share must be in (0, 1], got {self.memory_share}")
+        if not (isinstance(self.compile, bool) or isinstance(self.compile, str) and self.compile):
+            problems.append(f"compile must be True, False or a dynamo backend's name, got {self.compile!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             problems.append(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if problems:
@@ -265,7 +271,10 @@ def train_jobs(
     plans = [job_batches(j, cfg) for j in jobs]
     total_steps = max(len(p) for p in plans)
     tokens = 0
+    scope = contextlib.ExitStack()
     try:
+        if cfg.compile is not False:
+            scope.enter_context(compiled_layers(model, cfg.compile))
         for step in range(total_steps):
             active = [i for i, p in enumerate(plans) if step < len(p)]
             rows: list[tuple[int, Example]] = [(i, e) for i in active for e in plans[i][step]]
@@ -313,6 +322,7 @@ def train_jobs(
             if on_step:
                 on_step(step + 1, total_steps)
     finally:
+        scope.close()
         engine.trainable(None)
         if cfg.gradient_checkpointing:
             _checkpointing(model, False)
@@ -402,6 +412,46 @@ def _why_not_finite(params: list[torch.nn.Parameter], slot: int, step: int) -> s
         return f"its adapter weights already held NaN/inf after the update of step {step}"
     top = max((float(w.abs().max()) for w in mine if w.numel()), default=0.0)
     return f"its adapter weights are finite, largest |w| {top:.3g}: the forward pass overflowed"
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated decoder blocks (``model.model.layers`` for transformers' causal
+    LMs), or none where the model has no such list."""
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    layers = getattr(body, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+@contextlib.contextmanager
+def compiled_layers(model, backend: bool | str = True):
+    """Each decoder block through ``torch.compile`` while inside, restored on the way out.
+
+    Regional compilation: the blocks share one code object, so dynamo compiles the block
+    once and every layer reuses it (guards permitting), in seconds where the whole model
+    takes minutes; the loss, the optimiser and the skip checks stay eager. Inside a block
+    inductor fuses the elementwise work eager mode launches one op at a time (the norms'
+    fp32 up-casts, the rotary embedding, the activation, the adapter path's casts and
+    scales) into the matmuls' neighbours, forward and backward. Micro-batch shapes vary
+    (rows, padded length): dynamo recompiles once with symbolic sizes and then reuses it.
+    """
+    layers = decoder_layers(model)
+    if backend is True and any(p.device.type == "cpu" for p in model.parameters()):
+        # torch 2.13's CPU code generation vectorises the scatter-add of the adapter tables'
+        # gradients (index_put, accumulate) with a wrong stride at micro-batches of 1-2
+        # rows and writes past the table (a heap corruption; unvectorised it is exact)
+        raise ValueError("compiled training with inductor is for CUDA models; on the CPU its vectorised "
+                         "scatter-add of the adapter gradients is wrong at small micro-batches (torch 2.13)")
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+    saved = [ly._compiled_call_impl for ly in layers]
+    for ly in layers:
+        ly.compile(backend="inductor" if backend is True else backend)
+    try:
+        yield layers
+    finally:
+        for ly, s in zip(layers, saved):
+            ly._compiled_call_impl = s
 
 
 def _checkpointing(model, on: bool) -> None:
