@@ -303,6 +303,11 @@ class BankLoRALinear(nn.Module):
             y = self.base(x)
             z = x.to(self.dense_A.dtype) @ self.dense_A.t()        # (..., N): every column's projection
         z = z * (w if x.dim() == 2 else w[:, None, :])             # each row's own mixture
+        if torch.compiler.is_compiling():
+            # inductor fuses a plain add into the next elementwise kernel (the rotary
+            # embedding, the activation, the residual add); an addmm on the strided slice y
+            # would copy y into its output first, a kernel more per layer
+            return y + (z @ self.dense_B.t()).to(y.dtype)
         if y.dtype == self.dense_B.dtype:  # the add inside the matmul
             return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]),
                                self.dense_B.t()).reshape(y.shape)
