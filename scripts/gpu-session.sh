@@ -176,7 +176,7 @@ on() { echo "${ev[$(( $1 % ${#ev[@]} ))]}"; }  # the eval GPU of stream N
 [ -n "${RAY:-}" ] && ray_adapt "${gpu[0]},${gpu[1]}"  # RAY=1: the ray wheel must be installed (gpu/r)
 decode_bench() {  # GPU: every target of the speed issue in one run, the decode loop compiled
   T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
-  T=120 step sdpa-nan-check "$1" python3 scripts/sdpa-nan-check.py  # is the image's cuDNN NaN still there?
+  [ -n "${NAN_CHECK:-}" ] && T=120 step sdpa-nan-check "$1" python3 scripts/sdpa-nan-check.py  # the image's cuDNN NaN
   # every section in one run, plus the two experiments of 2026-12-01's fourth session: the decode
   # step in inductor's max-autotune mode (base and dense engine), training with the decoder
   # blocks compiled (bank and adaptation, against the references the eager sections timed)
