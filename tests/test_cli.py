@@ -67,6 +67,19 @@ def test_bad_option_value_exit_code():
     assert main(["data", "synth", "--out", "/tmp/x", "--users", "0"]) == 2
 
 
+def test_compiled_training_on_the_cpu_is_one_line_before_any_training(tmp_path):
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "6", "--queries", "1"]) == 0
+    r = run_cli("--quiet", "bank", "build", "--data", str(data), "--out", str(tmp_path / "bank"), "--anchors", "2",
+                "--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--device", "cpu",
+                "--compile-training")
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "compiled training needs a CUDA device" in lines[0]
+    assert "(--compile-training)" in lines[0]
+    assert not (tmp_path / "bank" / "index.json").exists()
+
+
 def test_models_list_and_missing_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MTA_HOME", str(tmp_path))
     assert main(["models", "list"]) == 0

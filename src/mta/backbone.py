@@ -54,6 +54,10 @@ class Backbone:
     _pools: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.config.compile_training and self.device.type != "cuda":
+            raise MtaError("compiled training needs a CUDA device (on the CPU, torch's compiled gradient scatter "
+                           "is wrong at small micro-batches: mta.engine.train.compiled_layers)",
+                           ("BackboneConfig.compile_training",))
         compute = self.config.adapter_compute
         compute_dtype = self.dtype if compute == "auto" else DTYPES[compute]
         # master weights stay fp32 whatever the base dtype; the engine hashes the base
@@ -99,7 +103,8 @@ class Backbone:
         cuda = self.device.type == "cuda"
         return {"max_rows": self.config.max_rows or (None if cuda else CPU_MAX_ROWS),
                 "token_budget": self.config.token_budget, "memory_share": self.config.gpu_memory_share,
-                "gradient_checkpointing": self.config.gradient_checkpointing}
+                "gradient_checkpointing": self.config.gradient_checkpointing,
+                "compile": self.config.compile_training}
 
     def decoder_pool(self, compile: bool = False):
         """The GraphDecoders of ``--decoder graph`` (``compile``: of ``--decoder compiled``;
