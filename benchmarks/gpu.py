@@ -206,6 +206,13 @@ def gen_section(model, dev, a) -> list[dict]:
              lambda: eng.pinned(rows, width=2 * 8 + 2), "pinned routing", role="loop_pinned")
     loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: eng.dense(rows),
              "every table as columns of two dense matmuls, each row's coefficients over them", role="loop_dense")
+    if a.kernel_compare:  # the same layout with torch's ops for the mixing and the B side
+        from mta.engine import kernels
+        kernels.ENABLED = False
+        loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, torch ops", lambda: eng.dense(rows),
+                 "dense routing without the Triton kernel (mta.engine.kernels): a product and a GEMM",
+                 role="loop_dense_torch")
+        kernels.ENABLED = True
     if a.autotune:
         loop_rec(f"new loop, compiled max-autotune: mta engine, {a.rows} users, dense routing",
                  lambda: eng.dense(rows), f"dense routing, the step through torch.compile mode {tuned}",
@@ -235,7 +242,8 @@ def gen_section(model, dev, a) -> list[dict]:
     by["hf_engine"]["ratio_to_peft_mixed"] = by["hf_engine"]["tokens_per_s"] / by["peft_mixed"]["tokens_per_s"]
     # the two decode ratios: the engine against the base in the SAME (new) loop, and
     # the new loop's engine against HF generate's base with the dynamic cache
-    pairs = [("loop_pinned", "loop_base"), ("loop_dense", "loop_base"), ("tuned_dense", "tuned_base")]
+    pairs = [("loop_pinned", "loop_base"), ("loop_dense", "loop_base"), ("loop_dense_torch", "loop_base"),
+             ("tuned_dense", "tuned_base")]
     for eng_role, base_role in pairs:
         if eng_role not in by:
             continue
@@ -249,7 +257,7 @@ def gen_section(model, dev, a) -> list[dict]:
     avg_ctx = a.prompt + a.new / 2
     kv = a.rows * avg_ctx * kv_per_token
     for r in out:
-        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "tuned_dense")
+        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "loop_dense_torch", "tuned_dense")
         r["bytes_per_step_floor"] = weights + kv + (bank_bytes if engine else 0)
     return out
 
@@ -356,6 +364,14 @@ def adapt_section(model, dev, a, compile=False, ref=None) -> dict:
         jobs.append(Job(u, _examples(10, a.seq, vocab, 1000 + u), Row(pair, [0.6, 0.4], user=u), key=f"u{u}"))
     cfg = TrainConfig(lr=1e-4, epochs=1, batch_size=10, warmup_ratio=0.0, max_rows=a.max_rows,
                       gradient_checkpointing=a.checkpointing, compile=compile)
+    warm = None
+    if compile and a.warm_compile:  # the compile before the clock: 16 users trained untimed, then reset
+        sync(dev)
+        t = time.perf_counter()
+        train_jobs(eng, "stack", jobs[:16], cfg, pad_id=0)
+        sync(dev)
+        warm = time.perf_counter() - t
+        eng.add_users(a.users, 2, 4.0)  # fresh stacks for every user
     sync(dev)
     t = time.perf_counter()
     train_jobs(eng, "stack", jobs, cfg, pad_id=0)
@@ -369,6 +385,7 @@ def adapt_section(model, dev, a, compile=False, ref=None) -> dict:
     if ref is not None:  # the reference procedure's timing from the eager section of this run
         eng.remove()
         return {"users": a.users, "ours_seconds": ours, "ours_seconds_per_user": per_user, "compiled_layers": compile,
+                "warm_up_seconds": warm,
                 "reference_seconds_per_user": ref["reference_seconds_per_user"],
                 "speedup": ref["reference_seconds_per_user"] / per_user, "reference": "the adapt section's",
                 "profile": prof}
@@ -489,8 +506,11 @@ def main() -> None:
                     help="the new decode loop's step through torch.compile (inductor) before it is captured")
     ap.add_argument("--autotune", action="store_true",
                     help="also the base and the dense engine with the step compiled in inductor's max-autotune mode")
+    ap.add_argument("--kernel-compare", action="store_true",
+                    help="also the dense layout without the Triton kernel (torch's product and GEMM)")
     ap.add_argument("--warm-compile", action="store_true",
-                    help="bank-compiled: train 4 anchors untimed first, so the timed run excludes the compile")
+                    help="bank-compiled / adapt-compiled: train 4 anchors / 16 users untimed first, so the timed "
+                         "run excludes the compile")
     ap.add_argument("--max-rows-cap", type=int, default=None,
                     help="cap rows per training micro-batch (default: the measured token budget decides)")
     a = ap.parse_args()
@@ -514,7 +534,7 @@ def main() -> None:
            "python": platform.python_version(), "shape": shape, "dtype": str(dtype),
            "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0,
            "train_max_rows": a.max_rows, "compiled_decode_loop": a.compile,
-           "autotuned_decode_loop": a.autotune}
+           "autotuned_decode_loop": a.autotune, "kernel_compare": a.kernel_compare}
     try:
         import peft
         import transformers

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mta.engine import kernels
+
 
 @dataclass
 class Routing:
@@ -298,6 +300,10 @@ class BankLoRALinear(nn.Module):
             return self.base(x)
         if self._ext is not None:  # one GEMM: the base output, then every column's projection
             full = F.linear(x, self._ext)
+            flat = full.reshape(-1, full.shape[-1])
+            if kernels.usable(flat, w, self.dense_B):  # the mixing, the B side and the add: one kernel
+                tokens = x.shape[1] if x.dim() == 3 else 1
+                return kernels.dense_mix(flat, w, self.dense_B, tokens).reshape(*x.shape[:-1], self.out_features)
             y, z = full[..., :self.out_features], full[..., self.out_features:]
         else:
             y = self.base(x)

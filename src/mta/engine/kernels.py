@@ -1,0 +1,147 @@
+"""A Triton kernel for the dense layout's adapter side in decoding, on CUDA.
+
+The dense layout (``BankLoRALinear.densify``) folds every table's A columns into the base
+matmul, so one GEMM gives ``full = [y | z]``: the base output y (rows x out) and every
+column's projection z (rows x C). What is left per adapted layer is
+
+    out = y + (z * W) @ B.T        W: each row's coefficients over the C columns (rows x C)
+
+which torch runs as two kernels, the product and a GEMM of 64 rows over K = C (~528): a
+GEMM too small to fill the GPU, several times its bytes in time (docs/performance.md, run
+F: the engine's extra GEMMs cost 1.5 ms a step against 0.66 ms of extra bytes). Here it is
+one kernel: each program takes a tile of rows and outputs, reads z and W from ``full`` and
+the coefficients, multiplies them in registers (rounded to the compute dtype, as torch's
+product is), accumulates the dot with B in fp32 and adds y before the one rounding (as
+``addmm`` does). ``dense_mix`` is a torch custom op, so a compiled decode step calls it as
+one opaque kernel and a CUDA graph captures it like any other.
+
+Used for decode-sized batches only (at most ``MAX_ROWS`` rows x tokens); prefill keeps
+cuBLAS. Without Triton (the CPU wheels) nothing here is used. ``TRITON_INTERPRET=1``
+(set before this module is imported) runs the kernel on the CPU through Triton's
+interpreter: the tests compare it with torch there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU wheels: the torch path everywhere
+    triton = None
+
+MAX_ROWS = 256  # rows x tokens up to which the kernel runs (decode); above, cuBLAS (prefill)
+ENABLED = True  # False: torch's ops everywhere (benchmarks/gpu.py --kernel-compare measures both)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def usable(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``dense_mix`` applies: Triton present, the tensors on CUDA (or the
+    interpreter on), one dtype throughout, a decode-sized batch and no autograd."""
+    if not ENABLED or triton is None or not (full.is_cuda or INTERPRET):
+        return False
+    if not (full.dtype == w.dtype == b.dtype) or full.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if torch.is_grad_enabled() and (full.requires_grad or b.requires_grad or w.requires_grad):
+        return False
+    return full.numel() // full.shape[-1] <= MAX_ROWS
+
+
+CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+           for bm, bn, bk, nw, ns in ((64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (32, 32, 64, 2, 3),
+                                      (64, 128, 32, 4, 3), (16, 64, 64, 2, 4), (64, 16, 128, 2, 3))]
+
+if triton is not None:
+    @triton.jit
+    def _dense_mix_kernel(full_ptr, w_ptr, b_ptr, o_ptr, M, OUT, COLS, T, stride_full, stride_w, stride_b,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        in_m = rm < M
+        in_n = rn < OUT
+        wrow = rm // T  # the coefficients are per sequence; a prompt's tokens share its row
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, COLS, BLOCK_K):
+            kk = k0 + rk
+            in_k = kk < COLS
+            mk = in_m[:, None] & in_k[None, :]
+            z = tl.load(full_ptr + rm[:, None] * stride_full + OUT + kk[None, :], mask=mk, other=0.0)
+            w = tl.load(w_ptr + wrow[:, None] * stride_w + kk[None, :], mask=mk, other=0.0)
+            zw = z.to(tl.float32) * w.to(tl.float32)
+            bt = tl.load(b_ptr + rn[None, :] * stride_b + kk[:, None], mask=in_n[None, :] & in_k[:, None],
+                         other=0.0)  # (BLOCK_K, BLOCK_N): B transposed
+            if UPCAST:
+                # Triton's interpreter multiplies bf16 matrices as integers and converts to bf16 by
+                # truncation: there the product stays fp32 and the dot runs in fp32 (tests only)
+                acc = tl.dot(zw, bt.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(zw, bt, acc, input_precision="ieee")
+            else:  # the product rounded to the compute dtype, as torch's `z * w` is
+                acc = tl.dot(zw.to(z.dtype), bt, acc)
+        mn = in_m[:, None] & in_n[None, :]
+        y = tl.load(full_ptr + rm[:, None] * stride_full + rn[None, :], mask=mn, other=0.0)
+        out = acc + y.to(tl.float32)
+        tl.store(o_ptr + rm[:, None] * OUT + rn[None, :], out.to(o_ptr.dtype.element_ty), mask=mn)
+
+    # on CUDA the tile shape is timed per (rows, outputs, columns) at the first call (a decoder's
+    # warm-up, before its capture); the interpreter has no timer: one config, or the one given
+    _tuned = triton.autotune(configs=[triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+                                                    num_warps=c["num_warps"], num_stages=c["num_stages"])
+                                      for c in CONFIGS], key=["M", "OUT", "COLS"])(_dense_mix_kernel)
+
+
+def check_shapes(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int) -> None:
+    """``full`` (M, OUT + C), ``w`` (at least M / tokens, C), ``b`` (OUT, C), or a ValueError."""
+    m, width = full.shape
+    out_f, cols = b.shape
+    if width != out_f + cols or w.shape[-1] != cols or w.shape[0] * tokens < m or tokens < 1:
+        raise ValueError(f"dense_mix: full {tuple(full.shape)}, w {tuple(w.shape)}, b {tuple(b.shape)} "
+                         f"and {tokens} tokens per row do not fit together")
+
+
+def launch(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int, config: dict | None = None):
+    """Run the kernel (``config``: one of ``CONFIGS`` instead of the timed choice)."""
+    check_shapes(full, w, b, tokens)
+    m, out_f = full.shape[0], b.shape[0]
+    cols = b.shape[1]
+    full, w, b = full.contiguous(), w.contiguous(), b.contiguous()
+    out = torch.empty(m, out_f, dtype=full.dtype, device=full.device)
+    args = (full, w, b, out, m, out_f, cols, tokens, full.stride(0), w.stride(0), b.stride(0))
+    ieee = full.dtype == torch.float32
+    kw = dict(IEEE=ieee, UPCAST=INTERPRET and not ieee)
+    if config is None and not INTERPRET:
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(out_f, meta["BLOCK_N"])
+        _tuned[grid](*args, **kw)
+    else:
+        c = config or CONFIGS[0]
+        grid = (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(out_f, c["BLOCK_N"]))
+        _dense_mix_kernel[grid](*args, **kw, **c)
+    return out
+
+
+@torch.library.custom_op("mta::dense_mix", mutates_args=())
+def dense_mix(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``full`` (M, OUT + C) = [y | z], ``w`` (M / tokens, C), ``b`` (OUT, C) -> y + (z * w[m // tokens]) @ b.T,
+    (M, OUT), in ``full``'s dtype."""
+    return launch(full, w, b, tokens)
+
+
+@dense_mix.register_fake
+def _(full, w, b, tokens):
+    return full.new_empty(full.shape[0], b.shape[0])
+
+
+def dense_mix_reference(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int) -> torch.Tensor:
+    """What ``dense_mix`` computes, in torch (the tests' reference)."""
+    out_f = b.shape[0]
+    y, z = full[:, :out_f], full[:, out_f:]
+    zw = z * w.repeat_interleave(tokens, dim=0)[: full.shape[0]]
+    return torch.addmm(y, zw, b.t())
