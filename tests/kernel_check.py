@@ -52,6 +52,15 @@ def main() -> int:
         print("FAIL the dense layout never called the kernel")
         return 1
     print(f"ok dense decode through the kernel ({calls[0]} calls) equals generate")
+    # a compiled step calls it as the custom op (aot_eager: dynamo's tracing, no code generation)
+    before = calls[0]
+    dec = GraphDecoder(eng.model, batch=4, max_len=64, compile="aot_eager")
+    with eng.dense(FIRST):
+        got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
+    if not torch.equal(got, _hf(eng, tok, enc, FIRST)) or calls[0] == before:
+        print("FAIL the compiled step through the custom op differs from generate, or never called it")
+        return 1
+    print("ok the compiled dense step through the custom op equals generate")
     return 0
 
 

@@ -21,6 +21,7 @@ def test_dense_mix_kernel_in_the_interpreter_equals_torch():
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ok dense decode through the kernel" in r.stdout
+    assert "ok the compiled dense step through the custom op equals generate" in r.stdout
 
 
 def test_the_kernel_is_used_only_where_it_applies_and_checks_its_shapes():
