@@ -180,10 +180,12 @@ decode_bench() {  # GPU: every target of the speed issue in one run, the decode 
   # every section in one run (~20 min at 2026-12-01's pace): the dense layout through the Triton
   # kernel (mta.engine.kernels) and, beside it, through torch's ops (--kernel-compare); training
   # eager and with the decoder blocks compiled, timed after a warm-up that holds the compile
-  # (--warm-compile; run F2 measured the bank that way). Run F's max-autotune rows (--autotune)
+  # (--warm-compile; run F2 measured the bank that way); adaptation also with the product's default
+  # stack (rank 2 in the last 8 blocks: adapt-last8). Run F's max-autotune rows (--autotune)
   # were slower and are left out.
   T=1800 step gpu-8b-compiled "$1" python3 benchmarks/gpu.py --compile --kernel-compare --warm-compile --profile \
-    --sections gen,bank,adapt,memory,bank-compiled,adapt-compiled --out "$RES/gpu-8b-compiled.json"
+    --sections gen,bank,adapt,memory,adapt-last8,bank-compiled,adapt-compiled,adapt-last8-compiled \
+    --out "$RES/gpu-8b-compiled.json"
   serve_load "$1"
 }
 decode_parts() {  # GPU: where the eager captured step's time goes (no compile: 1 minute); NO_HF=1 skips it
