@@ -95,7 +95,7 @@ class BackboneConfig(_Config):
                                     "token budget may plan into (lower it when jobs share a GPU)")
     compile_training: bool = Field(False, description="train with the model's decoder blocks through "
                                    "torch.compile (CUDA only; about a minute of compile per process, then "
-                                   "1.3x faster bank building at 8B: docs/performance.md)")
+                                   "faster: docs/performance.md, runs F and F2)")
 
     @field_validator("device")
     @classmethod
