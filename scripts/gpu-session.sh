@@ -84,6 +84,14 @@
 # (13) The non-finite first steps of the dev tunes were cuDNN's attention backward with a
 # mask at padded lengths of 64 mod 128 (pytorch/pytorch#196678; scripts/sdpa-nan-check.py
 # shows it on the image): training passes no padding mask since.
+# Learnt 2026-12-01, fourth session (docs/results/gpu-2026-12-01d/session/): (14) status listed a
+# 2-GPU kind at the session's start and only the 1-GPU kind an hour later: plan for one GPU.
+# With GPUS=0 and no real-model job to run, carry no model pieces (3.5 minutes saved): the plan
+# below then waits for them forever after the benchmarks; give the machine back once gpu.py
+# is done. (15) gpu.py with every section and five compiled decoders took 1,112 s, the gpu
+# tests 290 s (most of it the tiny model's max-autotune compile, since dropped from them).
+# (16) Compiled training compiles for about a minute at 8B before its first step: time it after
+# a warm-up (--warm-compile) or the compile is in the number.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
