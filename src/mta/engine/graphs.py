@@ -85,6 +85,14 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0,
 AttentionInterface.register(GQA_DECODE, gqa_decode_attention)
 
 
+def allow_recompiles(n: int) -> None:
+    """Raise dynamo's recompile limit to at least ``n`` graphs per compiled function (past
+    it, dynamo runs the function eagerly without a word); torch renamed the setting."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), n))
+
+
 @contextlib.contextmanager
 def decode_attention(model: nn.Module):
     """The model's attention through `gqa_decode_attention` while inside: SDPA models, on a
@@ -153,9 +161,7 @@ class GraphDecoder:
             # every decoder shape (a pool's buckets, the layouts) is a graph of its own for
             # dynamo, which past its recompile limit (8 by default) runs the step eagerly
             # without a word: room for a pool's buckets times its layouts
-            cfg = torch._dynamo.config
-            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, name, max(getattr(cfg, name), 64))
+            allow_recompiles(64)
             # dynamic=False: a decoder's shapes never change; inductor's own CUDA graphs stay
             # off (default mode), the decoder captures the compiled step itself
             self._inner = torch.compile(self._step_inner, dynamic=False, mode=compile_mode,

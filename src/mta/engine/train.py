@@ -147,6 +147,11 @@ def row_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return ce.sum(dim=1), (shift_labels != IGNORE).sum(dim=1)
 
 
+def _body(model):
+    """The transformer stack under the LM head (``model.model`` for transformers' causal LMs)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), None)
+
+
 def target_token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row sum of cross-entropy over the target tokens only, for RIGHT-padded rows under
     causal attention with no padding mask (see ``_step`` for why none is passed).
@@ -156,7 +161,7 @@ def target_token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.T
     lm_head's work and all of its memory. Models that post-process logits (soft-capping)
     take the full path.
     """
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    body = _body(model)
     head = model.get_output_embeddings()
     if body is None or head is None or getattr(model.config, "final_logit_softcapping", None):
         logits = model(input_ids=ids, use_cache=False).logits
@@ -417,8 +422,7 @@ def _why_not_finite(params: list[torch.nn.Parameter], slot: int, step: int) -> s
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The model's repeated decoder blocks (``model.model.layers`` for transformers' causal
     LMs), or none where the model has no such list."""
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    layers = getattr(body, "layers", None)
+    layers = getattr(_body(model), "layers", None)
     return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
@@ -426,13 +430,13 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 def compiled_layers(model, backend: bool | str = True):
     """Each decoder block through ``torch.compile`` while inside, restored on the way out.
 
-    Regional compilation: the blocks share one code object, so dynamo compiles the block
-    once and every layer reuses it (guards permitting), in seconds where the whole model
-    takes minutes; the loss, the optimiser and the skip checks stay eager. Inside a block
+    Regional compilation: the blocks share one code object, so a compiled block can serve
+    every layer whose guards it passes (how many graphs dynamo actually builds at 8B is not
+    measured); the loss, the optimiser and the skip checks stay eager. Inside a block
     inductor fuses the elementwise work eager mode launches one op at a time (the norms'
     fp32 up-casts, the rotary embedding, the activation, the adapter path's casts and
-    scales) into the matmuls' neighbours, forward and backward. Micro-batch shapes vary
-    (rows, padded length): dynamo recompiles once with symbolic sizes and then reuses it.
+    scales), forward and backward. Micro-batch shapes vary (rows, padded length): dynamo
+    recompiles for new shapes, with symbolic sizes after its first recompile by default.
     """
     layers = decoder_layers(model)
     if backend is True and any(p.device.type == "cpu" for p in model.parameters()):
@@ -441,9 +445,9 @@ def compiled_layers(model, backend: bool | str = True):
         # rows and writes past the table (a heap corruption; unvectorised it is exact)
         raise ValueError("compiled training with inductor is for CUDA models; on the CPU its vectorised "
                          "scatter-add of the adapter gradients is wrong at small micro-batches (torch 2.13)")
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), 64))
+    from mta.engine.graphs import allow_recompiles
+
+    allow_recompiles(64)  # micro-batch shapes: rows and padded lengths vary
     saved = [ly._compiled_call_impl for ly in layers]
     for ly in layers:
         ly.compile(backend="inductor" if backend is True else backend)
