@@ -15,7 +15,7 @@ from tests.test_graph_decode import FIRST, NEW, PROMPTS, SECOND, _enc, _hf
 
 
 def main() -> int:
-    assert kernels.triton is not None and kernels.INTERPRET, "needs triton and TRITON_INTERPRET=1"
+    assert kernels.HAVE_TRITON and kernels.INTERPRET, "needs triton and TRITON_INTERPRET=1"
     g = torch.Generator().manual_seed(0)
     # odd sizes: rows, outputs and columns off every tile size; tokens > 1 (a prompt's rows)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -6)):

@@ -156,7 +156,7 @@ def test_dense_mix_kernel_on_cuda_equals_torch():
     order)."""
     from mta.engine import kernels
 
-    assert kernels.triton is not None and kernels.usable(torch.zeros(2, 3, device=CUDA), torch.zeros(2, 1, device=CUDA),
+    assert kernels.HAVE_TRITON and kernels.usable(torch.zeros(2, 3, device=CUDA), torch.zeros(2, 1, device=CUDA),
                                                          torch.zeros(2, 1, device=CUDA))
     g = torch.Generator(device=CUDA).manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):

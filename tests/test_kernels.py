@@ -30,7 +30,7 @@ def test_the_kernel_is_used_only_where_it_applies_and_checks_its_shapes():
     from mta.engine import kernels
 
     full, w, b = torch.randn(4, 10), torch.randn(4, 6), torch.randn(4, 6)
-    assert kernels.usable(full, w, b) == (kernels.triton is not None and kernels.INTERPRET)
+    assert kernels.usable(full, w, b) == (kernels.HAVE_TRITON and kernels.INTERPRET)
     assert not kernels.usable(full, w.double(), b)  # mixed dtypes: torch's ops
     assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 10), w, b)  # a prefill: cuBLAS
     kernels.check_shapes(full, w, b, 1)

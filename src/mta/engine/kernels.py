@@ -16,22 +16,20 @@ product is), accumulates the dot with B in fp32 and adds y before the one roundi
 one opaque kernel and a CUDA graph captures it like any other.
 
 Used for decode-sized batches only (at most ``MAX_ROWS`` rows x tokens); prefill keeps
-cuBLAS. Without Triton (the CPU wheels) nothing here is used. ``TRITON_INTERPRET=1``
+cuBLAS. Without Triton (the CPU wheels) nothing here is used; with it, Triton is imported
+only when the kernel first runs (``_dense_mix_triton``). ``TRITON_INTERPRET=1``
 (set before this module is imported) runs the kernel on the CPU through Triton's
 interpreter: the tests compare it with torch there.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU wheels: the torch path everywhere
-    triton = None
+HAVE_TRITON = importlib.util.find_spec("triton") is not None  # without it: the torch path everywhere
 
 MAX_ROWS = 256  # rows x tokens up to which the kernel runs (decode); above, cuBLAS (prefill)
 ENABLED = True  # False: torch's ops everywhere (benchmarks/gpu.py --kernel-compare measures both)
@@ -41,7 +39,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def usable(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``dense_mix`` applies: Triton present, the tensors on CUDA (or the
     interpreter on), one dtype throughout, a decode-sized batch and no autograd."""
-    if not ENABLED or triton is None or not (full.is_cuda or INTERPRET):
+    if not ENABLED or not HAVE_TRITON or not (full.is_cuda or INTERPRET):
         return False
     if not (full.dtype == w.dtype == b.dtype) or full.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
@@ -54,49 +52,6 @@ CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
            for bm, bn, bk, nw, ns in ((64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (32, 32, 64, 2, 3),
                                       (64, 128, 32, 4, 3), (16, 64, 64, 2, 4), (64, 16, 128, 2, 3))]
 
-if triton is not None:
-    @triton.jit
-    def _dense_mix_kernel(full_ptr, w_ptr, b_ptr, o_ptr, M, OUT, COLS, T, stride_full, stride_w, stride_b,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        in_m = rm < M
-        in_n = rn < OUT
-        wrow = rm // T  # the coefficients are per sequence; a prompt's tokens share its row
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, COLS, BLOCK_K):
-            kk = k0 + rk
-            in_k = kk < COLS
-            mk = in_m[:, None] & in_k[None, :]
-            z = tl.load(full_ptr + rm[:, None] * stride_full + OUT + kk[None, :], mask=mk, other=0.0)
-            w = tl.load(w_ptr + wrow[:, None] * stride_w + kk[None, :], mask=mk, other=0.0)
-            zw = z.to(tl.float32) * w.to(tl.float32)
-            bt = tl.load(b_ptr + rn[None, :] * stride_b + kk[:, None], mask=in_n[None, :] & in_k[:, None],
-                         other=0.0)  # (BLOCK_K, BLOCK_N): B transposed
-            if UPCAST:
-                # Triton's interpreter multiplies bf16 matrices as integers and converts to bf16 by
-                # truncation: there the product stays fp32 and the dot runs in fp32 (tests only)
-                acc = tl.dot(zw, bt.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(zw, bt, acc, input_precision="ieee")
-            else:  # the product rounded to the compute dtype, as torch's `z * w` is
-                acc = tl.dot(zw.to(z.dtype), bt, acc)
-        mn = in_m[:, None] & in_n[None, :]
-        y = tl.load(full_ptr + rm[:, None] * stride_full + rn[None, :], mask=mn, other=0.0)
-        out = acc + y.to(tl.float32)
-        tl.store(o_ptr + rm[:, None] * OUT + rn[None, :], out.to(o_ptr.dtype.element_ty), mask=mn)
-
-    # on CUDA the tile shape is timed per (rows, outputs, columns) at the first call (a decoder's
-    # warm-up, before its capture); the interpreter has no timer: one config, or the one given
-    _tuned = triton.autotune(configs=[triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
-                                                    num_warps=c["num_warps"], num_stages=c["num_stages"])
-                                      for c in CONFIGS], key=["M", "OUT", "COLS"])(_dense_mix_kernel)
-
-
 def check_shapes(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int) -> None:
     """``full`` (M, OUT + C), ``w`` (at least M / tokens, C), ``b`` (OUT, C), or a ValueError."""
     m, width = full.shape
@@ -108,6 +63,8 @@ def check_shapes(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: i
 
 def launch(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int, config: dict | None = None):
     """Run the kernel (``config``: one of ``CONFIGS`` instead of the timed choice)."""
+    from mta.engine import _dense_mix_triton as tk  # Triton, on first use
+
     check_shapes(full, w, b, tokens)
     m, out_f = full.shape[0], b.shape[0]
     cols = b.shape[1]
@@ -118,12 +75,12 @@ def launch(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int, co
     kw = dict(IEEE=ieee, UPCAST=INTERPRET and not ieee)
     if config is None and not INTERPRET:
         def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(out_f, meta["BLOCK_N"])
-        _tuned[grid](*args, **kw)
+            return -(-m // meta["BLOCK_M"]), -(-out_f // meta["BLOCK_N"])
+        tk.tuned[grid](*args, **kw)
     else:
         c = config or CONFIGS[0]
-        grid = (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(out_f, c["BLOCK_N"]))
-        _dense_mix_kernel[grid](*args, **kw, **c)
+        grid = (-(-m // c["BLOCK_M"]), -(-out_f // c["BLOCK_N"]))
+        tk.dense_mix_kernel[grid](*args, **kw, **c)
     return out
 
 
