@@ -61,6 +61,29 @@ def test_anchor_selection_most_active_then_centroid():
     assert any("chose anchors among all" in n for n in none.notes)
 
 
+@pytest.mark.parametrize("nearer", [0, 1])
+def test_anchor_choice_between_equidistant_users_ignores_rounding_noise(nearer):
+    # a and b are mirror images about the line through c and the centroid, so equally far
+    # from it; which one a BLAS rounds nearer must not choose the anchor (it did, and the
+    # golden test failed on another machine). The smaller user id wins; a real difference
+    # still decides.
+    users = [User(user_id=u, history=[{"id": "0", "description": "d", "tag": "drama"}])
+             for u in ("a", "b", "c")]
+    emb = np.array([[0.6, 0.8], [0.8, 0.6], [0.2, 0.2]], dtype=np.float64)
+
+    def gap(e):  # distance of a minus distance of b, to the centroid of the three
+        centre = e.mean(axis=0)
+        return np.linalg.norm(e[0] - centre) - np.linalg.norm(e[1] - centre)
+
+    noisy = emb.copy()
+    noisy[nearer] *= 1 - 1e-9  # a rounding-sized step towards the origin, so towards the centroid
+    assert 0 < abs(gap(noisy)) < 1e-8 and (gap(noisy) < 0) == (nearer == 0)
+    assert select_anchors(users, noisy, k=1, min_history=1).user_ids == ["a"]
+    real = emb.copy()
+    real[nearer] *= 1 - 1e-3
+    assert select_anchors(users, real, k=1, min_history=1).user_ids == [users[nearer].user_id]
+
+
 def test_bank_resumes_after_a_kill(tmp_path, monkeypatch):
     users = synth_users(6, seed=1, queries=0)
     real = bank_mod.train_jobs

@@ -20,6 +20,10 @@ from mta.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
+# Centroid distances closer than this count as equal when choosing a cluster's anchor
+# (embeddings are unit vectors, so distances are at most 2).
+TIE_TOLERANCE = 1e-6
+
 
 def embed_users(users: list[User], task: Task, embedder, batch_size: int = 64) -> np.ndarray:
     """(n_users, dim) float32: the mean of each user's normalised item embeddings,
@@ -70,8 +74,16 @@ def select_anchors(users: list[User], emb: np.ndarray, k: int, min_history: int,
         members = [eligible[j] for j in np.flatnonzero(km.labels_ == c)]
         if not members:
             continue
+        most = max(len(users[i].history) for i in members)
+        members = [i for i in members if len(users[i].history) == most]
         dist = {i: float(np.linalg.norm(emb[i] - km.cluster_centers_[c])) for i in members}
-        best = min(members, key=lambda i: (-len(users[i].history), dist[i], users[i].user_id))
+        # Distances equal in exact arithmetic (the two members of a two-user cluster sit
+        # at the same distance from their midpoint) differ in the last bits from one BLAS
+        # to another; without a tolerance the anchor, and everything trained on it, would
+        # depend on the machine. Near-ties go to the smallest user id.
+        closest = min(dist.values())
+        best = min((i for i in members if dist[i] <= closest + TIE_TOLERANCE),
+                   key=lambda i: users[i].user_id)
         chosen.append(best)
         clusters.append(c)
     for n in notes:
