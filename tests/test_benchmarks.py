@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +96,15 @@ def test_scale_model_from_the_measured_run():
     assert r.returncode == 0, r.stderr
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| 1e+")]
     assert len(rows) == 3 and "0.317 s of adaptation per user" in r.stdout
+
+
+def test_dense_mix_benchmark_tiny_in_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "dense-mix.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dense_mix.py"), "--tiny", "--dtypes", "bf16,fp32",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["dtype"], x["out"]) for x in rows] == [("bf16", 96), ("bf16", 130), ("fp32", 96), ("fp32", 130)]
+    assert all(x["max_rel_err"] <= 2 ** -6 for x in rows) and all(x["max_rel_err"] <= 1e-5 for x in rows[2:])
