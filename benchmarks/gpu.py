@@ -206,13 +206,13 @@ def gen_section(model, dev, a) -> list[dict]:
              lambda: eng.pinned(rows, width=2 * 8 + 2), "pinned routing", role="loop_pinned")
     loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: eng.dense(rows),
              "every table as columns of two dense matmuls, each row's coefficients over them", role="loop_dense")
-    if a.kernel_compare:  # the same layout with torch's ops for the mixing and the B side
+    if a.kernel_compare:  # the same layout through the Triton kernel (opt-in: mta.engine.kernels)
         from mta.engine import kernels
-        kernels.ENABLED = False
-        loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, torch ops", lambda: eng.dense(rows),
-                 "dense routing without the Triton kernel (mta.engine.kernels): a product and a GEMM",
-                 role="loop_dense_torch")
-        kernels.ENABLED = True
+        was, kernels.ENABLED = kernels.ENABLED, True
+        loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, Triton kernel", lambda: eng.dense(rows),
+                 "dense routing with the mixing, the B side and the add in one Triton kernel",
+                 role="loop_dense_kernel")
+        kernels.ENABLED = was
     if a.autotune:
         loop_rec(f"new loop, compiled max-autotune: mta engine, {a.rows} users, dense routing",
                  lambda: eng.dense(rows), f"dense routing, the step through torch.compile mode {tuned}",
@@ -242,7 +242,7 @@ def gen_section(model, dev, a) -> list[dict]:
     by["hf_engine"]["ratio_to_peft_mixed"] = by["hf_engine"]["tokens_per_s"] / by["peft_mixed"]["tokens_per_s"]
     # the two decode ratios: the engine against the base in the SAME (new) loop, and
     # the new loop's engine against HF generate's base with the dynamic cache
-    pairs = [("loop_pinned", "loop_base"), ("loop_dense", "loop_base"), ("loop_dense_torch", "loop_base"),
+    pairs = [("loop_pinned", "loop_base"), ("loop_dense", "loop_base"), ("loop_dense_kernel", "loop_base"),
              ("tuned_dense", "tuned_base")]
     for eng_role, base_role in pairs:
         if eng_role not in by:
@@ -257,7 +257,7 @@ def gen_section(model, dev, a) -> list[dict]:
     avg_ctx = a.prompt + a.new / 2
     kv = a.rows * avg_ctx * kv_per_token
     for r in out:
-        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "loop_dense_torch", "tuned_dense")
+        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "loop_dense_kernel", "tuned_dense")
         r["bytes_per_step_floor"] = weights + kv + (bank_bytes if engine else 0)
     return out
 
@@ -511,7 +511,7 @@ def main() -> None:
     ap.add_argument("--autotune", action="store_true",
                     help="also the base and the dense engine with the step compiled in inductor's max-autotune mode")
     ap.add_argument("--kernel-compare", action="store_true",
-                    help="also the dense layout without the Triton kernel (torch's product and GEMM)")
+                    help="also the dense layout through the Triton kernel (opt-in elsewhere: MTA_DENSE_KERNEL=1)")
     ap.add_argument("--warm-compile", action="store_true",
                     help="bank-compiled / adapt-compiled: train 4 anchors / 16 users untimed first, so the timed "
                          "run excludes the compile")

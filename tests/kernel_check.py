@@ -16,6 +16,7 @@ from tests.test_graph_decode import FIRST, NEW, PROMPTS, SECOND, _enc, _hf
 
 def main() -> int:
     assert kernels.HAVE_TRITON and kernels.INTERPRET, "needs triton and TRITON_INTERPRET=1"
+    kernels.ENABLED = True  # opt-in (MTA_DENSE_KERNEL=1) until it has run on a GPU
     g = torch.Generator().manual_seed(0)
     # odd sizes: rows, outputs and columns off every tile size; tokens > 1 (a prompt's rows)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -6)):

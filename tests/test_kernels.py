@@ -24,12 +24,16 @@ def test_dense_mix_kernel_in_the_interpreter_equals_torch():
     assert "ok the compiled dense step through the custom op equals generate" in r.stdout
 
 
-def test_the_kernel_is_used_only_where_it_applies_and_checks_its_shapes():
+def test_the_kernel_is_used_only_where_it_applies_and_checks_its_shapes(monkeypatch):
     import torch
 
     from mta.engine import kernels
 
     full, w, b = torch.randn(4, 10), torch.randn(4, 6), torch.randn(4, 6)
+    assert kernels.ENABLED == (os.environ.get("MTA_DENSE_KERNEL") == "1")  # opt-in until run on a GPU
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert not kernels.usable(full, w, b)
+    monkeypatch.setattr(kernels, "ENABLED", True)
     assert kernels.usable(full, w, b) == (kernels.HAVE_TRITON and kernels.INTERPRET)
     assert not kernels.usable(full, w.double(), b)  # mixed dtypes: torch's ops
     assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 10), w, b)  # a prefill: cuBLAS
