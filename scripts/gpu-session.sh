@@ -188,8 +188,8 @@ decode_bench() {  # GPU: every target of the speed issue in one run, the decode 
   # the Triton kernel alone against the torch ops it replaces, at the 8B decode shapes (~30 s):
   # it has never run on a GPU, so its correctness and per-op speed come before the whole step's
   T=180 step dense-mix "$1" python3 benchmarks/dense_mix.py --out "$RES/dense-mix.json"
-  # every section in one run (~20 min at 2026-12-01's pace): the dense layout through the Triton
-  # kernel (mta.engine.kernels) and, beside it, through torch's ops (--kernel-compare); training
+  # every section in one run (~20 min at 2026-12-01's pace): the dense layout through torch's ops
+  # and, beside it, through the opt-in Triton kernel (--kernel-compare; mta.engine.kernels); training
   # eager and with the decoder blocks compiled, timed after a warm-up that holds the compile
   # (--warm-compile; run F2 measured the bank that way); adaptation also with the product's default
   # stack (rank 2 in the last 8 blocks: adapt-last8). Run F's max-autotune rows (--autotune)
