@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.engine import LLAMA_TARGETS, AdapterEngine, EngineSpec, Example, Job, Row, TrainConfig, train_jobs  # noqa: E402
@@ -88,11 +89,26 @@ def bandwidth(dev) -> float | None:
     return 2 * 2 * 1024**3 / t  # bytes read + written per second
 
 
+def device_events(events) -> list:
+    """The device's own events (kernels, copies, memsets), as torch's profiler table totals
+    them. Each operator's ``self_device_time_total`` is the time of the kernels it launched,
+    which are events of their own too: summing both counts that time twice (runs A, C and F
+    did, docs/performance.md)."""
+    return [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user", False)]
+
+
+def device_seconds(events) -> float:
+    """Seconds the device was busy over ``events`` (``key_averages()``): kernels only."""
+    return sum(float(e.self_device_time_total) for e in device_events(events)) / 1e6
+
+
 def profile(fn, dev, top: int = 15) -> dict:
-    """Run ``fn`` once under torch's profiler: the kernels (or, on a CPU, the operators) that
-    took the most time, and how busy the device was over the wall time (kernel time summed
-    over wall seconds: well under 1 means the host, not the GPU, sets the pace). The
-    profiler's own overhead lengthens the wall time: read the fraction as a lower bound."""
+    """Run ``fn`` once under torch's profiler: how busy the device was over the wall time
+    (kernel time over wall seconds: well under 1 means the host, not the GPU, sets the pace),
+    the kernels that took the most device time (``top``) and the operators whose kernels did
+    (``top_ops``: an operator's kernels, not again the same time); on a CPU the operators by
+    self CPU time. The profiler's own overhead lengthens the wall time: read the fraction as
+    a lower bound."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -104,17 +120,22 @@ def profile(fn, dev, top: int = 15) -> dict:
         fn()
         sync(dev)
     wall_s = time.perf_counter() - t
-
-    def dev_us(e) -> float:
-        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
-
     events = prof.key_averages()
-    key = dev_us if cuda else (lambda e: float(e.self_cpu_time_total))
-    busy = sum(dev_us(e) for e in events) / 1e6 if cuda else None
-    ranked = sorted(events, key=key, reverse=True)[:top]
-    return {"wall_s": wall_s, "device_busy_s": busy, "busy_fraction": busy / wall_s if busy is not None else None,
-            "top": [{"name": e.key[:120], "calls": e.count, "self_device_ms": dev_us(e) / 1e3,
-                     "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in ranked]}
+
+    def row(e) -> dict:
+        return {"name": e.key[:120], "calls": e.count, "self_device_ms": float(e.self_device_time_total) / 1e3,
+                "self_cpu_ms": e.self_cpu_time_total / 1e3}
+
+    if not cuda:
+        ranked = sorted(events, key=lambda e: float(e.self_cpu_time_total), reverse=True)[:top]
+        return {"wall_s": wall_s, "device_busy_s": None, "busy_fraction": None, "top": [row(e) for e in ranked]}
+    def ranked(evs) -> list[dict]:
+        return [row(e) for e in sorted(evs, key=lambda e: float(e.self_device_time_total), reverse=True)[:top]]
+
+    busy = device_seconds(events)
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+    return {"wall_s": wall_s, "device_busy_s": busy, "busy_fraction": busy / wall_s,
+            "top": ranked(device_events(events)), "top_ops": ranked(ops)}
 
 
 def print_profile(title: str, p: dict) -> None:

@@ -108,3 +108,23 @@ def test_dense_mix_benchmark_tiny_in_the_interpreter(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(x["dtype"], x["out"]) for x in rows] == [("bf16", 96), ("bf16", 130), ("fp32", 96), ("fp32", 130)]
     assert all(x["max_rel_err"] <= 2 ** -6 for x in rows) and all(x["max_rel_err"] <= 1e-5 for x in rows[2:])
+
+
+def test_profile_counts_each_kernel_once():
+    # an operator's self device time IS its kernels' time, which the profiler also lists as
+    # events of their own; the busy total counts kernels (and device copies) only, as
+    # torch's profiler table does, not user annotations on the device
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    def ev(device, us, user=False):
+        return SimpleNamespace(device_type=device, self_device_time_total=us, is_user=user)
+
+    events = [ev(DeviceType.CPU, 3000.0), ev(DeviceType.CUDA, 2000.0), ev(DeviceType.CUDA, 1000.0),
+              ev(DeviceType.CUDA, 500.0, user=True), ev(DeviceType.CPU, 0.0)]
+    assert gpu.device_seconds(events) == 3000.0 / 1e6
+    assert [e.self_device_time_total for e in gpu.device_events(events)] == [2000.0, 1000.0]

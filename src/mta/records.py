@@ -72,8 +72,12 @@ class BankRecord(_Record):
 
     @property
     def bank_id(self) -> str:
-        """Identifies the trained bank: its anchors, base model and recipe."""
-        payload = {"anchors": self.anchor_ids, "fingerprint": self.fingerprint, "config": self.config.dump()}
+        """Identifies the trained bank: its anchors, base model, recipe and the anchors' trained
+        weights (their files' sha256: two banks of the same anchor ids and recipe trained on
+        other data, or retrained differently, are different banks for the users adapted
+        against them)."""
+        payload = {"anchors": self.anchor_ids, "fingerprint": self.fingerprint, "config": self.config.dump(),
+                   "weights": [a.sha256 for a in self.anchors]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
