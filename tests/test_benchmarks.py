@@ -128,3 +128,19 @@ def test_profile_counts_each_kernel_once():
               ev(DeviceType.CUDA, 500.0, user=True), ev(DeviceType.CPU, 0.0)]
     assert gpu.device_seconds(events) == 3000.0 / 1e6
     assert [e.self_device_time_total for e in gpu.device_events(events)] == [2000.0, 1000.0]
+
+
+def test_profile_bounds_of_the_old_records():
+    # run F's compiled adaptation window was recorded "busy 1.32 of the wall time": kernel time
+    # counted twice; its bounds fall below 1, and the captured decode steps (kernels only, no
+    # operator above them) keep their recorded fraction
+    run = ROOT / "docs" / "results" / "gpu-2026-12-01d" / "gpu-8b.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile-bounds.py"), str(run)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split("  ")[1].split(":")[0]: ln for ln in r.stdout.splitlines()}
+    assert "recorded busy 1.32, true busy 0.66-0.76" in lines[".adapt_compiled.profile"]
+    assert "recorded busy 0.56, true busy 0.55-0.56" in lines[".generation[1].profile"]
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile-bounds.py"), "nowhere.json"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "nowhere.json: cannot read" in bad.stderr
