@@ -92,6 +92,11 @@
 # tests 290 s (most of it the tiny model's max-autotune compile, since dropped from them).
 # (16) Compiled training compiles for about a minute at 8B before its first step: time it after
 # a warm-up (--warm-compile) or the compile is in the number.
+# Learnt 2026-12-01, fifth session (no device time: the 30 minutes count every session's tries
+# at the same work, and 114 s were left, too little to start a machine): (17) gpu.py's profiles
+# before it counted kernel time twice in eager and compiled training windows (busy 1.32 in one);
+# fixed, and scripts/profile-bounds.py bounds the old records. (18) The dense-mix kernel is
+# opt-in (MTA_DENSE_KERNEL=1) until its gpu test and benchmarks/dense_mix.py pass on a GPU.
 set -uo pipefail
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/m}
