@@ -46,18 +46,13 @@ def operands(rows: int, out_f: int, cols: int, dtype: torch.dtype, device: torch
 
 
 def check(full, w, b, tol: float) -> float:
-    """The largest relative error of the kernel (timed choice and every config) against torch;
-    raises past ``tol``."""
-    want = kernels.dense_mix_reference(full, w, b, 1).float()
-    worst = 0.0
-    for config in [None, *kernels.CONFIGS]:
-        got = kernels.launch(full, w, b, 1, config).float()
-        err = float(((got - want).abs() / want.abs().clamp(min=1)).max())
-        if not err <= tol:
-            raise SystemExit(f"dense_mix: config {config or 'timed'} is {err:.3g} from torch at "
-                             f"{tuple(full.shape)} x {tuple(b.shape)} (allowed {tol:.3g})")
-        worst = max(worst, err)
-    return worst
+    """The largest relative error of the kernel (timed choice and every tile config) against
+    torch (``kernels.worst_error``); exits past ``tol``."""
+    err, config = kernels.worst_error(full, w, b, 1)
+    if not err <= tol:
+        raise SystemExit(f"dense_mix: config {config or 'timed'} is {err:.3g} from torch at "
+                         f"{tuple(full.shape)} x {tuple(b.shape)} (allowed {tol:.3g})")
+    return err
 
 
 def time_graph(fn, calls: int, reps: int) -> float:

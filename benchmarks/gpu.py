@@ -129,6 +129,7 @@ def profile(fn, dev, top: int = 15) -> dict:
     if not cuda:
         ranked = sorted(events, key=lambda e: float(e.self_cpu_time_total), reverse=True)[:top]
         return {"wall_s": wall_s, "device_busy_s": None, "busy_fraction": None, "top": [row(e) for e in ranked]}
+
     def ranked(evs) -> list[dict]:
         return [row(e) for e in sorted(evs, key=lambda e: float(e.self_device_time_total), reverse=True)[:top]]
 
@@ -230,10 +231,12 @@ def gen_section(model, dev, a) -> list[dict]:
     if a.kernel_compare:  # the same layout through the Triton kernel (opt-in: mta.engine.kernels)
         from mta.engine import kernels
         was, kernels.ENABLED = kernels.ENABLED, True
-        loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, Triton kernel", lambda: eng.dense(rows),
-                 "dense routing with the mixing, the B side and the add in one Triton kernel",
-                 role="loop_dense_kernel")
-        kernels.ENABLED = was
+        try:
+            loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, Triton kernel", lambda: eng.dense(rows),
+                     "dense routing with the mixing, the B side and the add in one Triton kernel",
+                     role="loop_dense_kernel")
+        finally:  # the rows after it (max-autotune) are torch's again
+            kernels.ENABLED = was
     if a.autotune:
         loop_rec(f"new loop, compiled max-autotune: mta engine, {a.rows} users, dense routing",
                  lambda: eng.dense(rows), f"dense routing, the step through torch.compile mode {tuned}",
@@ -405,9 +408,10 @@ def adapt_section(model, dev, a, compile=False, ref=None, last_layers=None) -> d
         prof = profile(lambda: train_jobs(eng, "stack", jobs[:16], cfg, pad_id=0), dev)
         print_profile("new-user adaptation, 16 users", prof)
     per_user = ours / a.users
-    with tempfile.TemporaryDirectory() as tmp:  # what one user stores
+    with tempfile.TemporaryDirectory() as tmp:  # what one user stores, and its tensors as a load reads them
         save_user(eng, 0, Path(tmp) / "u0")
         stored = sum(p.stat().st_size for p in (Path(tmp) / "u0").rglob("*") if p.is_file())
+        tensors, _, _ = load_adapter(Path(tmp) / "u0")
     if ref is not None:  # the reference procedure's timing from the eager section of this run
         eng.remove()
         return {"users": a.users, "ours_seconds": ours, "ours_seconds_per_user": per_user, "compiled_layers": compile,
@@ -416,22 +420,19 @@ def adapt_section(model, dev, a, compile=False, ref=None, last_layers=None) -> d
                 "speedup": ref["reference_seconds_per_user"] / per_user, "reference": "the adapt section's",
                 "stored_bytes_per_user_fp32": stored, "profile": prof}
     # per-user cost in place: load into a running batch, evict
-    with tempfile.TemporaryDirectory() as tmp:
-        save_user(eng, 0, Path(tmp) / "u0")
-        tensors, _, _ = load_adapter(Path(tmp) / "u0")
 
-        def load():
-            eng.load_user(a.users - 1, tensors)
+    def load():
+        eng.load_user(a.users - 1, tensors)
 
-        load_s = wall(load, dev, repeats=5)
+    load_s = wall(load, dev, repeats=5)
 
-        def evict():
-            with torch.no_grad():
-                for ly in eng.stack_layers.values():
-                    ly.stack_A[a.users - 1].zero_()
-                    ly.stack_B[a.users - 1].zero_()
+    def evict():
+        with torch.no_grad():
+            for ly in eng.stack_layers.values():
+                ly.stack_A[a.users - 1].zero_()
+                ly.stack_B[a.users - 1].zero_()
 
-        evict_s = wall(evict, dev, repeats=5)
+    evict_s = wall(evict, dev, repeats=5)
     anchors = {n: [(ly.bank_A[i].detach().to(model.dtype), ly.bank_B[i].detach().to(model.dtype))
                    for i in range(2)] for n, ly in eng.layers.items()}
     eng.remove()

@@ -190,7 +190,8 @@ on() { echo "${ev[$(( $1 % ${#ev[@]} ))]}"; }  # the eval GPU of stream N
 decode_bench() {  # GPU: every target of the speed issue in one run, the decode loop compiled
   T=300 step gpu-tests "$1" python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider
   [ -n "${NAN_CHECK:-}" ] && T=120 step sdpa-nan-check "$1" python3 scripts/sdpa-nan-check.py  # the image's cuDNN NaN
-  # the Triton kernel alone against the torch ops it replaces, at the 8B decode shapes (~30 s):
+  # the Triton kernel alone against the torch ops it replaces, at the 8B decode shapes (not yet
+  # timed; 180 s at most):
   # it has never run on a GPU, so its correctness and per-op speed come before the whole step's
   T=180 step dense-mix "$1" python3 benchmarks/dense_mix.py --out "$RES/dense-mix.json"
   # every section in one run (~20 min at 2026-12-01's pace): the dense layout through torch's ops

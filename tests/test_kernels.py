@@ -42,3 +42,23 @@ def test_the_kernel_is_used_only_where_it_applies_and_checks_its_shapes(monkeypa
     for bad in ((full, w, torch.randn(5, 6), 1), (full, w[:1], b, 2), (full, torch.randn(4, 5), b, 1)):
         with pytest.raises(ValueError, match="do not fit together"):
             kernels.check_shapes(*bad)
+
+
+def test_the_kernel_check_reports_its_worst_config(monkeypatch):
+    # kernels.worst_error, the check behind the tests and benchmarks/dense_mix.py: a config off
+    # by 0.5 (or giving NaN) is the one reported, whichever configs around it are exact
+    import math
+
+    import torch
+
+    from mta.engine import kernels
+
+    g = torch.Generator().manual_seed(0)
+    full, w, b = torch.randn(6, 12, generator=g), torch.randn(6, 4, generator=g), 0.1 * torch.randn(8, 4, generator=g)
+    for bad, off in ((kernels.CONFIGS[2], 0.5), (None, float("nan"))):
+        monkeypatch.setattr(kernels, "launch", lambda f, w_, b_, t, config=None, bad=bad, off=off:
+                            kernels.dense_mix_reference(f, w_, b_, t) + (off if config == bad else 0.0))
+        err, where = kernels.worst_error(full, w, b, 1)
+        assert where == bad
+        # 0.5 over max(|want|, 1): 0.5 where |want| <= 1 (some of the 48 outputs, at this seed)
+        assert math.isnan(err) if math.isnan(off) else err == pytest.approx(off)

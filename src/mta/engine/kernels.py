@@ -26,6 +26,7 @@ interpreter: the tests compare it with torch there.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -55,6 +56,7 @@ def usable(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
 CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
            for bm, bn, bk, nw, ns in ((64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (32, 32, 64, 2, 3),
                                       (64, 128, 32, 4, 3), (16, 64, 64, 2, 4), (64, 16, 128, 2, 3))]
+
 
 def check_shapes(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int) -> None:
     """``full`` (M, OUT + C), ``w`` (at least M / tokens, C), ``b`` (OUT, C), or a ValueError."""
@@ -106,3 +108,17 @@ def dense_mix_reference(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, to
     y, z = full[:, :out_f], full[:, out_f:]
     zw = z * w.repeat_interleave(tokens, dim=0)[: full.shape[0]]
     return torch.addmm(y, zw, b.t())
+
+
+def worst_error(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int) -> tuple[float, dict | None]:
+    """The kernel against ``dense_mix_reference``, the timed choice (None) and every one of
+    ``CONFIGS``: the largest relative error (|got - want| / max(|want|, 1)) and its config
+    (the tests' and benchmarks/dense_mix.py's check)."""
+    want = dense_mix_reference(full, w, b, tokens).float()
+    worst, where = -1.0, None
+    for config in [None, *CONFIGS]:
+        got = launch(full, w, b, tokens, config).float()
+        err = float(((got - want).abs() / want.abs().clamp(min=1)).max())
+        if err > worst or (math.isnan(err) and not math.isnan(worst)):  # a NaN is the worst, and stays
+            worst, where = err, config
+    return worst, where
