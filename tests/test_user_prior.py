@@ -25,14 +25,14 @@ def test_prior_of_ratings_and_labels():
     users = [_user("a", [{"title": "t", "genres": "g", "score": s} for s in (3, 4, 3, 4, 3)]),  # 3.4
              _user("b", [{"title": "t", "genres": "g", "score": s} for s in (3, 4)]),            # 3.5
              _user("c", [])]
-    res = run_prior(rating, users)
+    res = run_prior(rating, "user-prior", users)
     assert res.outputs == {"a": ["3"], "b": ["4"], "c": [""]} and res.preds["a"] == [3.0]
     assert res.bytes_per_user == {"a": 0, "b": 0, "c": 0}
     tags = SimpleNamespace(task=get_task("lamp2"))
     u = _user("d", [{"description": "x", "tag": t} for t in ("comedy", "sci-fi", "sci-fi", "comedy", "dystopia")])
-    assert run_prior(tags, [u]).outputs == {"d": ["comedy"]}  # a tie: the first seen
+    assert run_prior(tags, "user-prior", [u]).outputs == {"d": ["comedy"]}  # a tie: the first seen
     with pytest.raises(MtaError, match="rating or classification"):
-        run_prior(SimpleNamespace(task=get_task("lamp5")), [u])
+        run_prior(SimpleNamespace(task=get_task("lamp5")), "user-prior", [u])
 
 
 def test_user_prior_is_asked_for_not_in_all():

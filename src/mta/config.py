@@ -241,6 +241,11 @@ class EvalConfig(_Config):
                                  "queries and leave its history (0: the data's own queries only)")
     anchor_data: Path | None = Field(None, description="a separate pool of anchor candidates (rich users); the "
                                      "users of the data are then all targets, in one fold")
+    persons: Path | None = Field(None, description="a JSON file mapping each user id to its person; folds, "
+                                 "dev split and bootstrap draw persons (default: inferred from profile overlap "
+                                 "for LaMP files, the data's person fields for JSONL)")
+    leak_check: bool = Field(True, description="stop before training when a target's query answer is in its "
+                             "fold's training data (docs/evaluation.md)")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples")
     seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
 

@@ -19,7 +19,7 @@ from mta.data.readers import load_dataset
 from mta.data.schema import Dataset
 from mta.errors import MtaError
 from mta.evaluation.methods import EvalSetup, expand_methods
-from mta.evaluation.protocol import Fold, holdout, make_folds, pooled
+from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
 from mta.evaluation.report import write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
 from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, read_recipe, space_groups, tune
@@ -45,7 +45,7 @@ def check_run_out(out: Path) -> None:
 
 def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[str], folds: list[Fold],
               protocol: str, n_boot: int, seed: int, target_history: int | None, place,
-              history_queries: int = 0, required: frozenset[str] = frozenset()) -> None:
+              history_queries: int = 0, required: frozenset[str] = frozenset(), leak_check: bool = True) -> None:
     """Load the backbone, run ``methods`` on ``folds``, write and print the report."""
     t = get_task(ds.task)
     if not any(q.gold is not None for u in ds.users for q in u.queries):
@@ -59,12 +59,12 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     with run_log(out), progress() as bar:
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar)).resolve(ds.users)
         res = run_eval(ds, methods, setup, out, folds, n_boot, seed, target_history, place, history_queries,
-                       required)
+                       required, leak_check)
     tag = "synthetic " if ds.synthetic else ""
     title = f"mta {command}: {t.title}, {len(ds.users)} {tag}users, model {backbone.model_id}"
     peak = res.get("peak_gpu_memory_bytes")
     meta = (f"Protocol: {protocol}; {cfg.bank.anchors} anchors requested per bank; 95% percentile bootstrap over "
-            f"users ({n_boot} resamples); {setup.max_new_tokens} new tokens per answer. "
+            f"persons ({n_boot} resamples); {setup.max_new_tokens} new tokens per answer. "
             f"Wall time {time.perf_counter() - t0:.0f} s on {backbone.device}"
             + (f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else "")
             + (" (synthetic data)" if ds.synthetic else "") + ".")
@@ -97,12 +97,12 @@ def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeF
     cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
     e = cfg.eval
     methods = expand_methods(e.methods)
-    ds = load_dataset(data, task)
+    ds = load_dataset(data, task, e.persons)
     dev_note = ""
-    if recipe is not None:  # the users a recipe was tuned on are never reported
+    if recipe is not None:  # the persons a recipe was tuned on are never reported (dev_users: all their users)
         dev = set(read_recipe(recipe).dev_users)
         kept = [u for u in ds.users if u.user_id not in dev]
-        dev_note = f"; the {len(ds.users) - len(kept)} dev users of {recipe.name} left out"
+        dev_note = f"; the {len(ds.users) - len(kept)} users of the dev persons of {recipe.name} left out"
         ds.users = kept
     if e.users:
         ds.users = ds.users[:e.users]
@@ -113,15 +113,16 @@ def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeF
                     f"{pool.path} ({len(folds[0].candidates)} users)")
     else:
         folds = make_folds(ds.users, e.folds, e.seed)
-        protocol = (f"{e.folds} folds over users (seed {e.seed}); each fold's users are targets, the other "
-                    "folds' users the anchor candidates")
+        protocol = (f"{e.folds} folds over persons (seed {e.seed}; {len(persons_of(ds.users))} persons, "
+                    f"{len(ds.users)} users); each fold's persons' users are targets, the other folds' users "
+                    "the anchor candidates")
     if e.history_queries:
         protocol += f"; each target's last {e.history_queries} history items are extra test queries"
     if e.target_history:
         protocol += f"; targets keep their first {e.target_history} history items"
     protocol += dev_note
     _evaluate("eval", ds, out, cfg, methods, folds, protocol, e.n_boot, e.seed, e.target_history, eval_layout(out),
-              e.history_queries)
+              e.history_queries, leak_check=e.leak_check)
 
 
 @configured(RunConfig, *STAGES)
@@ -136,7 +137,7 @@ def run_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeFi
 
 def _run(ds: Dataset, out: Path, cfg: Configs) -> None:
     fold = holdout(ds.users, cfg.run.targets_fraction, cfg.run.seed)
-    protocol = (f"one split (seed {cfg.run.seed}): {len(fold.targets)} target users held out, "
+    protocol = (f"one split over persons (seed {cfg.run.seed}): {len(fold.targets)} target users held out, "
                 f"{len(fold.candidates)} anchor candidates")
     _evaluate("run", ds, out, cfg, ["base", "rag-1", "mta"], [fold], protocol, 1000, cfg.run.seed, None,
               run_layout(out), required=frozenset({"mta"}))
@@ -162,8 +163,8 @@ def demo_cmd(
 @configured(EvalConfig, *STAGES)
 def tune_cmd(
     data: DataPath, out: OutDir, task: TaskName = None,
-    dev_fraction: float = typer.Option(1 / 3, min=0.05, max=0.9, help="Share of the users set aside as dev "
-                                       "users (tuned on, never reported)."),
+    dev_fraction: float = typer.Option(1 / 3, min=0.05, max=0.9, help="Share of the persons set aside as dev "
+                                       "persons (all their users tuned on, never reported)."),
     space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)}, or knob groups separated by "
                               "commas, e.g. stack-shape,top-k (mta.evaluation.tune)."),
     max_user_share: float = typer.Option(MAX_USER_SHARE, min=0.0, max=1.0, help="Skip recipes whose stacked "
@@ -181,7 +182,7 @@ def tune_cmd(
     if unused:
         raise MtaError(f"mta tune chooses its own methods and anchors among the dev users: {', '.join(unused)} "
                        "is an `mta eval` option")
-    ds = load_dataset(data, task)
+    ds = load_dataset(data, task, e.persons)
     if e.users:
         ds.users = ds.users[:e.users]
     t = get_task(ds.task)

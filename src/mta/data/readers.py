@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mta.data.persons import infer_persons, read_persons, with_persons
 from mta.data.schema import Dataset, HistoryItem, Query, User
 from mta.errors import DataError
 from mta.tasks import Task, get_task
@@ -218,8 +219,12 @@ def _resolve(path: Path) -> tuple[str, Path]:
     return "json", path
 
 
-def load_dataset(path: str | Path, task: str | None = None) -> Dataset:
-    """Read users from ``path`` (any supported layout) and validate them for the task."""
+def load_dataset(path: str | Path, task: str | None = None, persons: str | Path | None = None) -> Dataset:
+    """Read users from ``path`` (any supported layout) and validate them for the task.
+
+    Persons: a ``persons`` file (JSON {user id: person}) sets them for every layout;
+    otherwise the LaMP layouts (official and processed) infer them from profile overlap
+    (``mta.data.persons``) and canonical JSONL keeps its ``person`` fields."""
     path = Path(path)
     layout, file = _resolve(path)
     synthetic = False
@@ -249,6 +254,10 @@ def load_dataset(path: str | Path, task: str | None = None) -> Dataset:
         raise DataError(f"{file}: cannot tell the task from the fields; pass --task")
     t = get_task(name)
     validate_users(file, users, t)
+    if persons is not None:
+        users = with_persons(users, read_persons(Path(persons), users))
+    elif layout in ("lamp", "processed"):
+        users = with_persons(users, infer_persons(users))
     return Dataset(users=users, task=t.name, layout=layout, path=file, synthetic=synthetic)
 
 

@@ -2,10 +2,12 @@
 
 A user has an id, a non-empty history of items (whose fields depend on the task: a
 LaMP-2 item has ``description`` and ``tag``) and zero or more queries, each an
-``input`` with an optional ``gold`` output. On disk the canonical layout is JSONL,
+``input`` with an optional ``gold`` output. ``person`` (optional) groups users who are
+one person (LaMP's several questions of one user): splits and bootstraps draw persons,
+never users apart from their person (``mta.data.persons``). On disk the canonical layout is JSONL,
 one user per line::
 
-    {"user_id": "u1", "task": "lamp2", "source": "synthetic",
+    {"user_id": "u1", "task": "lamp2", "source": "synthetic", "person": "p1",
      "history": [{"id": "1", "description": "...", "tag": "comedy"}],
      "queries": [{"id": "q1", "input": "Which tag ...", "gold": "comedy"}]}
 """
@@ -63,6 +65,14 @@ class User(BaseModel):
     queries: list[Query] = Field(default_factory=list)
     task: str | None = None
     source: str | None = None
+    # the person behind this user: several LaMP "users" (questions) can be one person,
+    # whose profiles are nearly the same (mta.data.persons); None: the user is a person
+    person: Id | None = None
+
+    @property
+    def person_id(self) -> str:
+        """The unit of every split and bootstrap: the person, else the user."""
+        return self.person if self.person is not None else self.user_id
 
 
 @dataclass

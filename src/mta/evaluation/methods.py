@@ -51,6 +51,10 @@ TASK_METHODS = {"task-lora", "oppu"}
 # no model at all: a rating task's target answers its mean score, a classification task's
 # its most frequent label, over its own training history (not part of "all": ask for it)
 USER_PRIOR = "user-prior"
+# no model either: the answer the fold's training users gave the same item most often
+# (their mean score), else the user's own prior (not part of "all": ask for it)
+ITEM_PRIOR = "item-prior"
+PRIORS = (USER_PRIOR, ITEM_PRIOR)
 PRIOR_KINDS = ("rating", "classification")  # the task kinds it is defined for
 Progress = Callable[[str, int, int], None] | None
 
@@ -63,11 +67,11 @@ def expand_methods(spec) -> list[str]:
             out += expand_methods(ALL_METHODS)
         elif name == "rag":
             out += ["rag-1", "rag-4"]
-        elif name == "base" or re.fullmatch(r"rag-[1-9]\d*", name) or name in ALL_METHODS or name == USER_PRIOR:
+        elif name == "base" or re.fullmatch(r"rag-[1-9]\d*", name) or name in ALL_METHODS or name in PRIORS:
             out.append(name)
         else:
-            raise MtaError(f"unknown method {name!r}; choose from: {', '.join(ALL_METHODS)}, {USER_PRIOR}, rag-K "
-                           "or all",
+            raise MtaError(f"unknown method {name!r}; choose from: {', '.join(ALL_METHODS)}, {', '.join(PRIORS)}, "
+                           "rag-K or all",
                            ("EvalConfig.methods",))
     if not out:
         raise MtaError("no method to evaluate", ("EvalConfig.methods",))
@@ -135,10 +139,10 @@ def run_prompt(setup: EvalSetup, name: str, targets) -> FoldResult:
     return res
 
 
-def prior_answer(task, history) -> str:
-    """What ``history`` alone answers (``user-prior``): the mean score rounded half up, or
-    the most frequent label, the first seen of a tie; "" without a labelled item."""
-    labels = [lb for lb in map(task.item_label, history) if lb not in (None, "None")]
+def _prior(task, labels: list[str]) -> str:
+    """The mean score rounded half up (rating), or the most frequent label, the first seen
+    of a tie (classification); "" without a label."""
+    labels = [lb for lb in labels if lb not in (None, "None")]
     if not labels:
         return ""
     if task.kind == "rating":
@@ -147,21 +151,46 @@ def prior_answer(task, history) -> str:
     return max(dict.fromkeys(labels), key=lambda lb: counts[lb])
 
 
-def run_prior(setup: EvalSetup, targets) -> FoldResult:
+def prior_answer(task, history) -> str:
+    """What ``history`` alone answers (``user-prior``): the mean score rounded half up, or
+    the most frequent label, the first seen of a tie; "" without a labelled item."""
+    return _prior(task, [task.item_label(it) for it in history])
+
+
+def item_of(query_input: str) -> str:
+    """Which item a query or a history item (``task.item_example``'s input) is about:
+    the task's query text, white space folded."""
+    return " ".join(query_input.split())
+
+
+def item_answers(task, users) -> dict[str, list[str]]:
+    """{item: the labels ``users`` gave it in their histories, in the users' order}."""
+    out: dict[str, list[str]] = {}
+    for u in users:
+        for it in u.history:
+            out.setdefault(item_of(task.item_example(it)[0]), []).append(task.item_label(it))
+    return out
+
+
+def run_prior(setup: EvalSetup, name: str, targets, training=()) -> FoldResult:
     """user-prior: the answer a user's own history alone suggests, without a model: the
     mean of its scores rounded to the nearest whole score (rating tasks), or its most
-    frequent label, the earliest of a tie (classification). What a personalised model has
-    to beat to have learnt more than the user's prior."""
+    frequent label, the earliest of a tie (classification). item-prior: the same over the
+    labels the fold's TRAINING users (``training``: the anchor candidates, never a target)
+    gave the query's item, else the user-prior. What a personalised model has to beat to
+    have learnt more than the user's prior and the crowd's opinion of the item."""
     task = setup.task
     if task.kind not in PRIOR_KINDS:
-        raise MtaError(f"{USER_PRIOR} needs a rating or classification task; {task.name} is {task.kind}",
+        raise MtaError(f"{name} needs a rating or classification task; {task.name} is {task.kind}",
                        ("EvalConfig.methods",))
     res = FoldResult(bytes_per_user={u.user_id: 0 for u in targets})
     t0 = time.perf_counter()
+    crowd = item_answers(task, training) if name == ITEM_PRIOR else {}
     for u in targets:
-        answer = prior_answer(task, u.history)
-        res.preds[u.user_id] = [task.parse(answer) for _ in u.queries]
-        res.outputs[u.user_id] = [answer for _ in u.queries]
+        own = prior_answer(task, u.history)
+        answers = [_prior(task, crowd.get(item_of(q.input), [])) or own for q in u.queries]
+        res.preds[u.user_id] = [task.parse(a) for a in answers]
+        res.outputs[u.user_id] = answers
     res.infer_seconds = time.perf_counter() - t0
     return res
 

@@ -1,10 +1,14 @@
-"""Folds over users: every user is a target exactly once and never their own anchor.
+"""Folds over persons: every user is a target exactly once and never their own anchor.
 
-With F folds (seeded shuffle), fold f's users are the targets and the users of the other
-folds are the anchor candidates. A target's adapters see only that target's history,
-never its queries (the training examples are built from ``history`` alone). With a
-separate pool of anchor candidates (``pooled``), there is one fold: every user of the
-data is a target, the pool (minus any of them) the candidates.
+Every split here draws PERSONS (``User.person_id``; ``mta.data.persons``), never users
+apart from their person: a person's users are all targets of one fold, or all
+candidates. With F folds (seeded shuffle of the persons), fold f's persons' users are the
+targets and the users of the other folds are the anchor candidates. Where every user is
+their own person this is the split over users it always was (the same seeded order).
+A target's adapters see only that target's history, never its queries (the training
+examples are built from ``history`` alone). With a separate pool of anchor candidates
+(``pooled``), there is one fold: every user of the data is a target, the pool (minus any
+of them and their persons) the candidates.
 
 What a target keeps (``prepare_targets``): optionally its last N history items become
 extra test queries (LaMP has one query per user; this gives more per user, documented in
@@ -16,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from mta.data.persons import item_key, one_person, shared_counts
 from mta.data.schema import Query, User
 from mta.errors import MtaError
 
@@ -27,10 +32,21 @@ class Fold:
     candidates: tuple[User, ...]
 
 
+def persons_of(users) -> list[str]:
+    """The persons of ``users`` in order of their first user."""
+    return list(dict.fromkeys(u.person_id for u in users))
+
+
 def pooled(targets: list[User], candidates: list[User]) -> Fold:
-    """One fold: all of ``targets`` evaluated with anchors from ``candidates``."""
+    """One fold: all of ``targets`` evaluated with anchors from ``candidates``. A candidate
+    that is a target (same user id), or the same person as one by the rule of
+    ``mta.data.persons`` (profile overlap: person labels of two files are not comparable),
+    is left out of the pool."""
     ids = {u.user_id for u in targets}
-    pool = tuple(u for u in candidates if u.user_id not in ids)
+    distinct = [len({item_key(it) for it in u.history}) for u in (*targets, *candidates)]
+    same = {j for (i, j), n in shared_counts(targets, candidates).items()
+            if one_person(n, distinct[i], distinct[len(targets) + j])}
+    pool = tuple(u for j, u in enumerate(candidates) if u.user_id not in ids and j not in same)
     if not pool:
         raise MtaError("the anchor pool has no user that is not also a target", ("EvalConfig.anchor_data",))
     return Fold(0, tuple(targets), pool)
@@ -59,34 +75,33 @@ def prepare_targets(users, history_queries: int, target_history: int | None, tas
     return out
 
 
+def _split(users: list[User], chosen: set[str]) -> tuple[tuple[User, ...], tuple[User, ...]]:
+    """(users of the ``chosen`` persons, the others), each in the data's order."""
+    return (tuple(u for u in users if u.person_id in chosen), tuple(u for u in users if u.person_id not in chosen))
+
+
 def holdout(users: list[User], targets_fraction: float, seed: int) -> Fold:
-    """One seeded split (`mta run`): a share of the users are targets, the rest anchor
-    candidates."""
+    """One seeded split (`mta run`): a share of the persons are targets (all their users),
+    the rest anchor candidates."""
     if not 0 < targets_fraction < 1:
         raise MtaError(f"the targets fraction must be in (0, 1), got {targets_fraction}",
                        ("RunConfig.targets_fraction",))
-    order = list(range(len(users)))
+    persons = persons_of(users)
+    order = list(range(len(persons)))
     random.Random(seed).shuffle(order)
-    n_t = max(1, round(targets_fraction * len(users)))
-    if n_t >= len(users):
-        raise MtaError(f"{len(users)} users cannot be split into anchor candidates and targets")
-    chosen = set(order[:n_t])
-    return Fold(0, tuple(users[i] for i in sorted(chosen)),
-                tuple(users[i] for i in range(len(users)) if i not in chosen))
+    n_t = max(1, round(targets_fraction * len(persons)))
+    if n_t >= len(persons):
+        raise MtaError(f"{len(persons)} persons cannot be split into anchor candidates and targets")
+    return Fold(0, *_split(users, {persons[i] for i in order[:n_t]}))
 
 
 def make_folds(users: list[User], folds: int, seed: int) -> list[Fold]:
     if folds < 2:
         raise MtaError(f"folds must be at least 2 (anchors and targets must differ), got {folds}",
                        ("EvalConfig.folds",))
-    if len(users) < folds:
-        raise MtaError(f"{len(users)} users cannot fill {folds} folds")
-    order = list(range(len(users)))
+    persons = persons_of(users)
+    if len(persons) < folds:
+        raise MtaError(f"{len(persons)} persons ({len(users)} users) cannot fill {folds} folds")
+    order = list(range(len(persons)))
     random.Random(seed).shuffle(order)
-    parts = [sorted(order[f::folds]) for f in range(folds)]
-    out = []
-    for f, part in enumerate(parts):
-        inside = set(part)
-        out.append(Fold(f, tuple(users[i] for i in part),
-                        tuple(users[i] for i in range(len(users)) if i not in inside)))
-    return out
+    return [Fold(f, *_split(users, {persons[i] for i in order[f::folds]})) for f in range(folds)]

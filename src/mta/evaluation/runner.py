@@ -15,8 +15,11 @@ from mta.bank import adapter_dir, build_bank, build_task, read_index, training_h
 from mta.data.schema import Dataset, User
 from mta.errors import MtaError
 from mta.evaluation import plots
+from mta.evaluation.leaks import check_folds
 from mta.evaluation.methods import (
     BANK_METHODS,
+    ITEM_PRIOR,
+    PRIORS,
     TASK_METHODS,
     USER_PRIOR,
     EvalSetup,
@@ -28,8 +31,8 @@ from mta.evaluation.methods import (
     run_prompt,
     run_task,
 )
-from mta.evaluation.protocol import Fold, prepare_targets
-from mta.evaluation.stats import bootstrap_ci, paired_diff_ci, user_stats
+from mta.evaluation.protocol import Fold, persons_of, prepare_targets
+from mta.evaluation.stats import bootstrap_ci, group_sum, paired_diff_ci, user_stats
 from mta.loaded_bank import LoadedBank
 from mta.paths import write_json_atomic, write_text_atomic
 from mta.store import UserStore
@@ -46,11 +49,13 @@ def scored_users(users: list[User]) -> list[User]:
 
 
 def method_stats(task, users: list[User], preds: dict[str, list]) -> np.ndarray:
-    """(scored users, d): each scored user's summed query statistics for one method's
-    parsed predictions (``preds[user_id]``, one per query); queries without gold skipped."""
+    """(scored persons, d): each scored person's summed query statistics (over all their
+    users) for one method's parsed predictions (``preds[user_id]``, one per query);
+    queries without gold skipped. The bootstrap's unit is the person."""
     su = scored_users(users)
-    return user_stats([[p for p, q in zip(preds[u.user_id], u.queries) if q.gold is not None] for u in su],
+    rows = user_stats([[p for p, q in zip(preds[u.user_id], u.queries) if q.gold is not None] for u in su],
                       [[q.gold for q in u.queries if q.gold is not None] for u in su], task.query_stats)
+    return group_sum(rows, [u.person_id for u in su])
 
 
 def summarise(task, users: list[User], results: dict[str, FoldResult], references: list[str],
@@ -61,7 +66,8 @@ def summarise(task, users: list[User], results: dict[str, FoldResult], reference
     stats = {name: method_stats(task, users, res.preds) for name, res in results.items()}
     rows = []
     for name, res in results.items():
-        row = {"method": name, "users": len(su), "queries": n_queries, "metrics": {}}
+        row = {"method": name, "users": len(su), "persons": len({u.person_id for u in su}), "queries": n_queries,
+               "metrics": {}}
         for m in task.metric_names:
             def fn(s, m=m):
                 return task.metrics_from_stats(s)[m]
@@ -85,8 +91,8 @@ def summarise(task, users: list[User], results: dict[str, FoldResult], reference
 
 def references(methods: list[str]) -> list[str]:
     """The methods every other is compared with (paired differences), when evaluated: the
-    prompt-only baseline, the shared task LoRA, and the user's own prior."""
-    return [m for m in ("rag-1", "task-lora", USER_PRIOR) if m in methods]
+    prompt-only baseline, the shared task LoRA, the user's own prior and the item's."""
+    return [m for m in ("rag-1", "task-lora", USER_PRIOR, ITEM_PRIOR) if m in methods]
 
 
 def merge(into: FoldResult | None, part: FoldResult) -> FoldResult:
@@ -113,11 +119,13 @@ def run_layout(out: Path) -> Callable[[int, str], Path]:
 
 def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds: list[Fold], n_boot: int,
              seed: int, target_history: int | None = None, place: Callable[[int, str], Path] | None = None,
-             history_queries: int = 0, required: frozenset[str] = frozenset()) -> dict:
+             history_queries: int = 0, required: frozenset[str] = frozenset(), leak_check: bool = True) -> dict:
     """Every method on every fold's targets (anchors from the fold's candidates), then
     intervals over all targets. ``place(fold, name)`` is where a fold's bank and each
     method's adapters go (default: ``eval_layout``); ``history_queries`` and
-    ``target_history`` shape the targets (``protocol.prepare_targets``)."""
+    ``target_history`` shape the targets (``protocol.prepare_targets``). ``leak_check``:
+    stop before anything trains when a target's answer is in its fold's training data
+    (``mta.evaluation.leaks``)."""
     task = setup.task
     place = place or eval_layout(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +134,8 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     t_start = time.perf_counter()
     bank_seconds = 0.0
     targets = {f.index: prepare_targets(f.targets, history_queries, target_history, task) for f in folds}
+    if leak_check:
+        check_folds([(targets[f.index], f.candidates) for f in folds], task)
     # Per-user LoRAs first: they follow the bank's recipe (rank, lr, epochs, examples), so
     # an anchor's meta-LoRA IS its per-user LoRA when it trains on the same history; the
     # banks below copy those instead of training the same adapter twice.
@@ -168,7 +178,8 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     for fold in folds:
         setup.prefix = f"fold {fold.index} " if len(folds) > 1 else ""
         split.append({"fold": fold.index, "targets": [u.user_id for u in targets[fold.index]],
-                      "anchor_candidates": [u.user_id for u in fold.candidates]})
+                      "anchor_candidates": [u.user_id for u in fold.candidates],
+                      "target_persons": persons_of(fold.targets), "candidate_persons": persons_of(fold.candidates)})
         bank = task_bank = None
         wanted = set(methods) - set(failed)
         if TASK_METHODS & wanted:
@@ -189,7 +200,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             if m == "per-user-lora" or m in failed:
                 continue
             part = attempt([m], lambda m=m, fold=fold, bank=bank, task_bank=task_bank: _run_method(
-                setup, m, targets[fold.index], place(fold.index, m), bank, task_bank))
+                setup, m, targets[fold.index], place(fold.index, m), bank, task_bank, fold.candidates))
             if part is not None:
                 results[m] = merge(results[m], part)
     if len(failed) == len(methods):  # nothing to report
@@ -207,13 +218,14 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             "failed": {m: str(e) for m, e in failed.items()}}
 
 
-def _run_method(setup: EvalSetup, m: str, targets: list[User], where: Path, bank, task_bank) -> FoldResult:
+def _run_method(setup: EvalSetup, m: str, targets: list[User], where: Path, bank, task_bank,
+                candidates=()) -> FoldResult:
     """One method on one fold's targets (``bank`` / ``task_bank``: the fold's, where the
-    method needs one)."""
+    method needs one; ``candidates``: the fold's training users)."""
     if m == "base" or m.startswith("rag-"):
         return run_prompt(setup, m, targets)
-    if m == USER_PRIOR:
-        return run_prior(setup, targets)
+    if m in PRIORS:
+        return run_prior(setup, m, targets, candidates)
     if m == "task-lora":
         return run_task(setup, task_bank, targets)
     if m == "oppu":

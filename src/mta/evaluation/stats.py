@@ -1,5 +1,7 @@
-"""Confidence intervals over users: the percentile bootstrap, resampling USERS (a user's
-queries stay together), for a metric and for a paired difference between two methods.
+"""Confidence intervals over persons: the percentile bootstrap, resampling PERSONS (all
+of a person's users and queries stay together: ``group_sum``), for a metric and for a
+paired difference between two methods. Where every user is their own person, a resample
+of persons is one of users.
 
 Every metric here is a function of per-query statistics summed over queries (accuracy:
 [correct, 1]; macro-F1: per-label tp/fp/fn; MAE/RMSE: |e|, e^2; ROUGE: the scores), so
@@ -27,6 +29,19 @@ def user_stats(preds: Sequence[Sequence], golds: Sequence[Sequence], stats: Call
             raise ValueError("every user needs one prediction per gold and at least one gold")
         rows.append(np.sum([np.asarray(stats(a, b), dtype=np.float64) for a, b in zip(p, g)], axis=0))
     return np.stack(rows)
+
+
+def group_sum(stats: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+    """(groups, d): the rows of ``stats`` summed per group (a person's users), groups in
+    order of their first row. Resampling these rows resamples persons."""
+    stats = np.asarray(stats, dtype=np.float64)
+    if len(groups) != len(stats):
+        raise ValueError("one group per row of stats")
+    order = list(dict.fromkeys(groups))
+    pos = {g: i for i, g in enumerate(order)}
+    out = np.zeros((len(order), stats.shape[1]))
+    np.add.at(out, [pos[g] for g in groups], stats)
+    return out
 
 
 def _counts(n_users: int, n_boot: int, seed: int) -> np.ndarray:

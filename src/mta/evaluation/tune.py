@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mta.config import AdaptConfig, BankConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
-from mta.evaluation.methods import PRIOR_KINDS, USER_PRIOR, EvalSetup
-from mta.evaluation.protocol import make_folds
+from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup
+from mta.evaluation.protocol import make_folds, persons_of
 from mta.evaluation.runner import diverged, run_eval
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class Recipe(BaseModel):
     task: str
     data: str
     metric: str
-    dev_users: list[str]
+    dev_users: list[str]  # every user of the dev persons
+    dev_persons: list[str] = Field(default_factory=list)
     bank: dict = Field(default_factory=dict)    # BankConfig fields the search changed
     adapt: dict = Field(default_factory=dict)   # AdaptConfig fields the search changed
     trials: list[dict] = Field(default_factory=list)
@@ -122,15 +123,16 @@ def read_recipe(path: Path) -> Recipe:
 
 
 def dev_split(users, fraction: float, seed: int) -> list[str]:
-    """The dev users: a seeded share of the users, at least 4 (two folds of two)."""
-    n = max(4, round(fraction * len(users)))
-    if n >= len(users):
-        raise MtaError(f"{len(users)} users leave none to report after a dev split of {n}")
-    order = [u.user_id for u in users]
+    """The dev users: every user of a seeded share of the PERSONS, at least 4 persons (two
+    folds of two), so no dev person has a user among the reported ones."""
+    persons = persons_of(users)
+    n = max(4, round(fraction * len(persons)))
+    if n >= len(persons):
+        raise MtaError(f"{len(persons)} persons leave none to report after a dev split of {n}")
+    order = list(persons)
     random.Random(seed).shuffle(order)
-    return sorted(order[:n])
-
-
+    chosen = set(order[:n])
+    return sorted(u.user_id for u in users if u.person_id in chosen)
 
 
 def _key(cfg) -> str:
@@ -221,9 +223,10 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         for section in ("bank", "adapt"):
             chosen[section].update(best_over.get(section, {}))
     bc, ac = configs({})
-    methods = ABLATION[:1] + [USER_PRIOR] * (task.kind in PRIOR_KINDS) + ABLATION[1:]
+    methods = ABLATION[:1] + list(PRIORS) * (task.kind in PRIOR_KINDS) + ABLATION[1:]
     return Recipe(model=setup.backbone.model_id, task=task.name, data=str(ds.path), metric=metric,
-                  dev_users=dev_ids, bank=chosen["bank"], adapt=chosen["adapt"], trials=trials,
+                  dev_users=dev_ids, dev_persons=persons_of(dev.users), bank=chosen["bank"], adapt=chosen["adapt"],
+                  trials=trials,
                   ablation=_final_ablation(evaluate, methods, bc, ac), max_user_share=max_user_share)
 
 
