@@ -157,7 +157,8 @@ def configured(*configs: type):
             if py in taken:
                 raise TypeError(f"{fn.__name__}: its parameter {py} clashes with the option --{knob.flag}")
             panel = SECTIONS[knob.targets[0][0]][1]
-            opt = typer.Option(f"--{knob.flag}", help=knob.help, show_default=False, rich_help_panel=panel)
+            names = f"--{knob.flag}/--no-{knob.flag}" if knob.cli_type is bool else f"--{knob.flag}"
+            opt = typer.Option(names, help=knob.help, show_default=False, rich_help_panel=panel)
             generated.append(inspect.Parameter(py, inspect.Parameter.KEYWORD_ONLY, default=None,
                                                annotation=Annotated[knob.cli_type | None, opt]))
 
