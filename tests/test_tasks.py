@@ -56,7 +56,7 @@ def test_every_task_renders_and_scores():
         "lamp3": {"text": "good", "score": 4}, "lamp4": {"text": "body", "title": "head"},
         "lamp5": {"title": "T", "abstract": "A"}, "lamp7": {"text": "tweet"},
         "movielens": {"title": "Heat (1995)", "genres": "Action", "score": 4},
-        "synth": {"description": "D", "tag": "drama"},
+        "synth": {"description": "D", "tag": "drama"}, "lastfm": {"artist": "Björk", "tag": "experimental"},
     }
     assert set(samples) == set(TASKS)
     for name, fields in samples.items():

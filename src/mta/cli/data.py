@@ -12,9 +12,11 @@ from rich.table import Table
 
 from mta.cli.common import Bars, console, progress
 from mta.data.fetch import fetch_lamp
+from mta.data.lastfm import lastfm_users
 from mta.data.movielens import movielens_users
 from mta.data.readers import load_dataset, write_jsonl
 from mta.data.synth import synth_users
+from mta.errors import MtaError
 from mta.paths import write_json_atomic
 from mta.tasks import get_task
 
@@ -114,6 +116,27 @@ def movielens(
     n = sum(len(u.history) for u in us)
     console.print(f"wrote {len(us)} users, {n} history items, "
                   f"{sum(len(u.queries) for u in us)} queries to {out / 'users.jsonl'}")
+
+
+@app.command()
+def lastfm(
+    dir: Path = typer.Option(..., "--dir", help="The hetrec2011-lastfm-2k directory (user_taggedartists.dat, "
+                             "tags.dat, artists.dat)."),
+    out: Path = typer.Option(..., help="Output directory (users.jsonl is written there; it must not exist yet)."),
+    queries: int = typer.Option(3, min=1, help="Latest items per user (by date) held out as queries."),
+    min_items: int = typer.Option(13, min=2, help="Leave out users with fewer items (13: 10 history items "
+                                  "and 3 queries for a target)."),
+    max_users: int | None = typer.Option(None, min=1, help="Keep at most this many users."),
+) -> None:
+    """Convert Last.fm artist tags into a LaMP-2-style per-user tagging task (15 tags)."""
+    dest = out / "users.jsonl"
+    if dest.exists():
+        raise MtaError(f"{dest} already exists; choose another --out or remove it first")
+    us = lastfm_users(dir, queries=queries, min_items=min_items, max_users=max_users)
+    write_jsonl(us, dest)
+    n = [len(u.history) for u in us]
+    console.print(f"wrote {len(us)} users, {sum(n)} history items ({sum(x >= 20 for x in n)} users with at least "
+                  f"20), {sum(len(u.queries) for u in us)} queries to {escape(str(dest))}")
 
 
 fetch_app = typer.Typer(help="Download public datasets.", no_args_is_help=True)

@@ -165,6 +165,7 @@ INPUT_PREFIXES = {
     "Generate a title for the following abstract": "lamp5",
     "Paraphrase the following tweet": "lamp7",
     "What score from 1 to 5 would this user give": "movielens",
+    "Which tag does this user give this artist": "lastfm",
 }
 
 
@@ -181,6 +182,8 @@ def detect_task(users: list[User]) -> str | None:
     fields = set(items[0].fields)
     if {"description", "tag"} <= fields:
         return "lamp2"
+    if {"artist", "tag"} <= fields:
+        return "lastfm"
     if {"title", "genres", "score"} <= fields:
         return "movielens"
     if {"text", "score"} <= fields:

@@ -1,11 +1,11 @@
 """Task registry: one small definition per file, looked up by its CLI name."""
 
 from mta.errors import MtaError
-from mta.tasks import lamp1, lamp2, lamp3, lamp4, lamp5, lamp7, movielens, synth
+from mta.tasks import lamp1, lamp2, lamp3, lamp4, lamp5, lamp7, lastfm, movielens, synth
 from mta.tasks.base import Task
 
 TASKS: dict[str, Task] = {
-    m.TASK.name: m.TASK for m in (lamp1, lamp2, lamp3, lamp4, lamp5, lamp7, movielens, synth)
+    m.TASK.name: m.TASK for m in (lamp1, lamp2, lamp3, lamp4, lamp5, lamp7, lastfm, movielens, synth)
 }
 
 
