@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mta import bank as bank_mod
-from mta.bank import build_task
+from mta.bank import build_task, read_index
 from mta.cli.main import main
 from mta.config import AdaptConfig, BankConfig
 from mta.data.synth import synth_users
@@ -166,3 +166,30 @@ def test_paired_script_pairs_the_reported_users(tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert got.returncode == 0, got.stderr
     assert "accuracy: a - b = +0.667" in got.stdout
+
+
+def test_each_trained_method_has_its_own_budget_and_the_report_says_its_steps(tmp_path):
+    """--task-steps/--user-steps/--oppu-steps/--bank-steps/--stack-steps: each method trains
+    with its own number of optimiser steps, and metrics.json and results.md report them."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods",
+                 "task-lora,per-user-lora,oppu,mta-fusion,mta", "--task-steps", "6", "--task-lr", "1e-3",
+                 "--user-steps", "3", "--oppu-steps", "4", "--oppu-lr", "1e-4", "--bank-steps", "2",
+                 "--stack-steps", "5", *COMMON]) == 0
+    rows = {r["method"]: r["optimizer_steps"] for r in json.loads((out / "metrics.json").read_text())["results"]}
+
+    def one(n):
+        return {"min": n, "median": float(n), "max": n}
+
+    assert rows == {"task-lora": {"task LoRA": one(6)}, "per-user-lora": {"LoRA": one(3)},
+                    "oppu": {"user part": one(4), "task LoRA": one(6)}, "mta-fusion": {"anchors": one(2)},
+                    "mta": {"stack": one(5), "anchors": one(2)}}
+    assert "| stack 5; anchors 2 |" in (out / "results.md").read_text()
+    oppu = UserStore(out / "fold0" / "oppu")
+    rec = oppu.meta(oppu.user_ids()[0])
+    assert rec.stack.lr == 1e-4 and len(rec.stack.losses) == 4
+    assert read_index(out / "fold0" / "task-lora").config.lr == 1e-3
+    # per-user LoRAs with their own budget are never copied in as anchors (other recipe)
+    assert all(a.reused_from is None for a in read_index(out / "fold0" / "bank").anchors)

@@ -71,6 +71,32 @@ def test_bank_batched_equals_each_alone_with_peft():
             torch.testing.assert_close(got[name][1], ref[name][1], atol=TOL, rtol=0)
 
 
+def test_steps_cycle_the_data_and_train_as_peft_does_over_the_same_batches():
+    """``steps``: every job gets exactly that many updates, its examples cycled with a new
+    shuffle each pass (a 3-example job and a 7-example one alike), and each still equals
+    PEFT trained alone over the same batches."""
+    cfg = dataclasses.replace(CFG, steps=5, epochs=1)
+    small = Job(0, random_examples(3, seed=0), Row([0], [1.0]), key="a")
+    plan = job_batches(small, cfg)
+    assert len(plan) == 5 and all(len(b) == 3 for b in plan)  # batch 3 over 3 examples: one pass each
+    assert len({tuple(id(e) for e in b) for b in plan}) > 1  # new shuffle each pass
+    assert len(job_batches(Job(1, random_examples(7, seed=1), Row([1], [1.0]), key="b"), cfg)) == 5
+    assert [len(b) for b in job_batches(small, dataclasses.replace(cfg, steps=None, epochs=2))] == [3, 3]
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TrainConfig(steps=0)
+    eng, model, tok = tiny_engine(n_anchors=2, rank=4, alpha=8.0)
+    init = {n: eng.anchor_tensors(n) for n in range(2)}
+    jobs = [Job(n, random_examples(3 + 4 * n, seed=n), Row([n], [1.0]), key=f"anchor-{n}") for n in range(2)]
+    stats = train_jobs(eng, "bank", jobs, cfg, pad_id=tok.pad_token_id)
+    assert stats["steps"] == 5 and [len(v) for v in stats["losses"].values()] == [5, 5]
+    for n, job in enumerate(jobs):
+        ref = _peft_alone(init[n], Job(n, job.examples, job.row, job.key), cfg, 4, 8.0)
+        got = eng.anchor_tensors(n)
+        for name in ref:
+            torch.testing.assert_close(got[name][0], ref[name][0], atol=TOL, rtol=0)
+            torch.testing.assert_close(got[name][1], ref[name][1], atol=TOL, rtol=0)
+
+
 def test_clipping_is_per_adapter_as_torch_clips_each_alone():
     """max_grad_norm clips each anchor's gradient by its own norm, as torch's clip_grad_norm_
     does for that adapter trained alone (a bound low enough to clip every step)."""

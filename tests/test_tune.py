@@ -48,8 +48,8 @@ def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
     failed = [t for t in r.trials if "failed" in t]  # recorded, and the search went on without it
     assert [t["override"]["bank"]["lr"] for t in failed] == [1e-4] and r.bank["lr"] != 1e-4
     assert {"lr", "epochs"} <= set(r.bank) and {"stack_lr", "top_k"} <= set(r.adapt)
-    assert [row["method"] for row in r.ablation] == ["rag-1", "user-prior", "task-lora", "per-user-lora",
-                                                      "mta-fusion", "mta-stack", "mta"]
+    assert [row["method"] for row in r.ablation] == ["rag-1", "user-prior", "item-prior", "task-lora",
+                                                      "per-user-lora", "oppu", "mta-fusion", "mta-stack", "mta"]
     # the banks of trials with the same bank settings are shared
     assert len(list((out / "banks").iterdir())) <= 5  # 4 learning rates, 1 more anchor training
     # eval with the recipe: its settings are defaults, its dev users are never reported
@@ -180,3 +180,48 @@ def test_a_space_of_named_groups(tmp_path, capsys):
                  *TINY]) != 0
     err = " ".join(capsys.readouterr().err.split())
     assert "unknown search space 'stack-shape,lr'" in err and "learning-rate" in err
+
+
+def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trials(tmp_path, monkeypatch):
+    """The budgets space: each part searched over the same grid, scored by its own method;
+    run_eval is replaced by a scorer whose best (lr, steps) differs per method, so the test
+    checks what the search chose, not what the tiny model learnt."""
+    best = {"task-lora": ("baselines", "task", 1e-3, 128), "oppu": ("baselines", "oppu", 3e-4, 32),
+            "per-user-lora": ("baselines", "user", 1e-4, 8), "mta-fusion": ("bank", "", 3e-3, 128),
+            "mta": ("adapt", "stack", 1e-3, 32)}
+    seen: list[tuple[str, str]] = []
+
+    def fake(ds, methods, setup, out, folds, *a, place=None, **kw):
+        rows = []
+        for m in methods:
+            got = None
+            if m in best:
+                section, part, lr, steps = best[m]
+                cfg = {"baselines": setup.baselines, "bank": setup.bank_cfg, "adapt": setup.adapt_cfg}[section]
+                lr_f, steps_f = {"task": ("task_lr", "task_steps"), "oppu": ("oppu_lr", "oppu_steps"),
+                                 "user": ("user_lr", "user_steps"), "": ("lr", "steps"),
+                                 "stack": ("stack_lr", "stack_steps")}[part]
+                got = (getattr(cfg, lr_f), getattr(cfg, steps_f))
+                seen.append((m, str(place(0, "task-lora" if m in ("task-lora", "oppu") else "bank"))))
+            value = 0.9 if got == best.get(m, (0, 0, 0, 0))[2:] else 0.1
+            rows.append({"method": m, "metrics": {"accuracy": {"value": value, "ci": [0, 1]}}})
+        return {"rows": rows, "failed": {}}
+
+    monkeypatch.setattr(tune_mod, "run_eval", fake)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
+                 "--space", "budgets", "--max-user-share", "0.3", *TINY]) == 0
+    r = read_recipe(out / "recipe.json")
+    per_group = {g: sum(t["group"] == g for t in r.trials) for g in SPACES["budgets"]}
+    assert set(per_group.values()) == {12}  # 4 learning rates x 3 step counts, for every part
+    assert {t["group"]: t["method"] for t in r.trials} == {
+        "task-lora budget": "task-lora", "oppu budget": "oppu", "per-user-lora budget": "per-user-lora",
+        "anchor budget": "mta-fusion", "stack budget": "mta"}
+    assert r.baselines == {"task_lr": 1e-3, "task_steps": 128, "oppu_lr": 3e-4, "oppu_steps": 32,
+                           "user_lr": 1e-4, "user_steps": 8}
+    assert r.bank == {"lr": 3e-3, "steps": 128} and r.adapt == {"stack_lr": 1e-3, "stack_steps": 32}
+    # a task LoRA trained with other settings lives elsewhere: trials never share a wrong adapter
+    task_dirs = {d for m, d in seen if m == "task-lora"}
+    assert len(task_dirs) == 12

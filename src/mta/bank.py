@@ -290,6 +290,7 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
         losses = stats["losses"][jobs[j].key]
         a.done, a.examples, a.final_loss, a.first_loss = True, len(jobs[j].examples), losses[-1], losses[0]
         a.skipped_steps = stats["skipped_steps"].get(jobs[j].key, 0)
+        a.steps = len(losses)
         a.sha256 = sha256_file(adapter_dir(out, a.slot) / WEIGHTS)
         a.train_seconds = (time.perf_counter() - t0) / len(group)
     return group

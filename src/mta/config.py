@@ -125,6 +125,9 @@ class BankConfig(_Config):
                                             "meta-LoRA (comma-separated)", json_schema_extra=flag("bank-targets"))
     epochs: int = Field(1, ge=1, description="meta-LoRA (and per-user LoRA) epochs",
                         json_schema_extra=flag("bank-epochs"))
+    steps: int | None = Field(None, ge=1, description="optimiser steps per meta-LoRA, the data cycled as often as "
+                              "it takes; replaces epochs (default: epochs x batches per epoch)",
+                              json_schema_extra=flag("bank-steps"))
     lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="meta-LoRA (and per-user LoRA) learning "
                       "rate, cosine with warm-up", json_schema_extra=flag("bank-lr"))
     batch_size: int = Field(8, ge=1, description="examples per anchor per optimiser step",
@@ -138,7 +141,7 @@ class BankConfig(_Config):
     seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
 
     def train_config(self, **resources) -> TrainConfig:
-        return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+        return TrainConfig(lr=self.lr, epochs=self.epochs, steps=self.steps, batch_size=self.batch_size,
                            warmup_ratio=self.warmup_ratio, seed=self.seed, **resources)
 
 
@@ -177,6 +180,9 @@ class AdaptConfig(_Config):
     stack_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="stack alpha "
                                       "(default: 2 x stack rank)")
     stack_epochs: int = Field(1, ge=0, description="stacking epochs (0 = fusion only)")
+    stack_steps: int | None = Field(None, ge=1, description="optimiser steps per stack, the user's examples cycled "
+                                    "as often as it takes; replaces stack_epochs unless that is 0 (default: "
+                                    "epochs x batches per epoch)")
     stack_lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="stacking learning rate")
     batch_size: int = Field(8, ge=1, description="examples per user per optimiser step",
                             json_schema_extra=flag("stack-batch-size"))
@@ -207,8 +213,33 @@ class AdaptConfig(_Config):
         return self.stack_alpha if self.stack_alpha is not None else 2.0 * self.stack_rank
 
     def train_config(self, **resources) -> TrainConfig:
-        return TrainConfig(lr=self.stack_lr, epochs=max(1, self.stack_epochs), batch_size=self.batch_size,
-                           warmup_ratio=self.warmup_ratio, seed=self.seed, **resources)
+        return TrainConfig(lr=self.stack_lr, epochs=max(1, self.stack_epochs), steps=self.stack_steps,
+                           batch_size=self.batch_size, warmup_ratio=self.warmup_ratio, seed=self.seed, **resources)
+
+
+class BaselineConfig(_Config):
+    """The trained baselines' own budgets, so that each method is tuned alike (`mta tune`):
+    the learning rate and optimiser steps of the task LoRA (``task-lora``, and OPPU's
+    shared part), of each per-user LoRA (``per-user-lora``) and of OPPU's per-user part.
+    Unset, a baseline trains with the bank's (BankConfig: lr, epochs, steps)."""
+
+    task_lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="the task LoRA's learning rate "
+                                  "(default: the bank's)")
+    task_steps: int | None = Field(None, ge=1, description="the task LoRA's optimiser steps (default: the bank's "
+                                   "epochs over the pooled examples)")
+    user_lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="each per-user LoRA's learning "
+                                  "rate (default: the bank's)")
+    user_steps: int | None = Field(None, ge=1, description="each per-user LoRA's optimiser steps (default: the "
+                                   "bank's)")
+    oppu_lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="OPPU's per-user part's learning "
+                                  "rate (default: the bank's)")
+    oppu_steps: int | None = Field(None, ge=1, description="OPPU's per-user part's optimiser steps (default: the "
+                                   "bank's)")
+
+    def bank_for(self, part: Literal["task", "user"], bank: BankConfig) -> BankConfig:
+        """The bank recipe with ``part``'s learning rate and steps where set."""
+        lr, steps = getattr(self, f"{part}_lr"), getattr(self, f"{part}_steps")
+        return bank.model_copy(update={k: v for k, v in (("lr", lr), ("steps", steps)) if v is not None})
 
 
 class GenerateConfig(_Config):

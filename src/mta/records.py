@@ -40,6 +40,7 @@ class AnchorRecord(_Record):
     sha256: str | None = None  # of the adapter's safetensors file, checked on load
     members: list[str] = []  # the users whose histories it trains on (anchor_training "cluster")
     skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient (mta.engine.train)
+    steps: int | None = None  # optimiser steps it trained for (None: copied in, or recorded before this field)
 
 
 class BankRecord(_Record):

@@ -129,10 +129,11 @@ def write_config(out: Path, command: str, cfg, backbone=None, **extra) -> dict:
     return record
 
 
-def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None):
+def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None, task: str | None = None):
     """Layer the defaults that are not flags: a --recipe file, then the recipe the bank
-    recorded, then the model's tuned defaults (mta.recipes). Returns (configs, the adapt
-    settings that came from recipes, for a bank to record)."""
+    recorded, then the model's tuned defaults for ``task`` (the bank's task when a bank is
+    given; mta.recipes). Returns (configs, the adapt settings that came from recipes, for a
+    bank to record)."""
     from mta.evaluation.tune import read_recipe
     from mta.recipes import model_recipe
 
@@ -146,6 +147,7 @@ def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None):
     if bank_record is not None and bank_record.recipe:
         cfg = cfg.layer({"adapt": bank_record.recipe}, "the bank's recorded recipe")
         adapt = {**bank_record.recipe, **adapt}
-    tuned = model_recipe(model_id)
-    cfg = cfg.layer(tuned, f"the tuned defaults of {model_id}")
+    task = task or (bank_record.task if bank_record is not None else None)
+    tuned = model_recipe(model_id, task)
+    cfg = cfg.layer(tuned, f"the tuned defaults of {model_id} for {task}")
     return cfg, {**tuned.get("adapt", {}), **adapt}

@@ -14,7 +14,7 @@ from rich.table import Table
 from mta.backbone import DEFAULT_MODEL
 from mta.cli.common import Bars, console, err_console, load_backbone, progress, run_log, with_recipes, write_config
 from mta.cli.options import Configs, DataPath, OutDir, RecipeFile, TaskName, configured
-from mta.config import AdaptConfig, BackboneConfig, BankConfig, EvalConfig, GenerateConfig, RunConfig
+from mta.config import AdaptConfig, BackboneConfig, BankConfig, BaselineConfig, EvalConfig, GenerateConfig, RunConfig
 from mta.data.readers import load_dataset
 from mta.data.schema import Dataset
 from mta.errors import MtaError
@@ -57,7 +57,8 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     config = write_config(out, command, cfg, backbone, data=str(ds.path), synthetic=ds.synthetic, task=t.name,
                           methods=methods, seed=seed, users=len(ds.users))
     with run_log(out), progress() as bar:
-        setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar)).resolve(ds.users)
+        setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
+                          baselines=getattr(cfg, "baselines", BaselineConfig())).resolve(ds.users)
         res = run_eval(ds, methods, setup, out, folds, n_boot, seed, target_history, place, history_queries,
                        required, leak_check)
     tag = "synthetic " if ds.synthetic else ""
@@ -90,14 +91,14 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     err_console.print(f"wrote {escape(str(out))}: {', '.join(files)}, config.json, run.log")
 
 
-@configured(EvalConfig, *STAGES)
+@configured(EvalConfig, BaselineConfig, *STAGES)
 def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeFile = None, *,
              cfg: Configs) -> None:
     """Compare methods under one protocol; write metrics.json, results.md and PNG plots."""
-    cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
     e = cfg.eval
     methods = expand_methods(e.methods)
     ds = load_dataset(data, task, e.persons)
+    cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL, task=ds.task)
     dev_note = ""
     if recipe is not None:  # the persons a recipe was tuned on are never reported (dev_users: all their users)
         dev = set(read_recipe(recipe).dev_users)
@@ -130,8 +131,8 @@ def run_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeFi
             cfg: Configs) -> None:
     """The whole method on one split: build the bank on the anchor candidates, adapt the
     held-out targets, score base vs RAG vs MTA on their queries."""
-    cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
     ds = load_dataset(data, task)
+    cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL, task=ds.task)
     _run(ds, out, cfg)
 
 
@@ -160,7 +161,7 @@ def demo_cmd(
     _run(load_dataset(out / "data"), out / "run", cfg.layer(small))
 
 
-@configured(EvalConfig, *STAGES)
+@configured(EvalConfig, BaselineConfig, *STAGES)
 def tune_cmd(
     data: DataPath, out: OutDir, task: TaskName = None,
     dev_fraction: float = typer.Option(1 / 3, min=0.05, max=0.9, help="Share of the persons set aside as dev "
@@ -175,7 +176,6 @@ def tune_cmd(
     from mta.paths import write_text_atomic
 
     space_groups(space)  # an unknown space fails before anything loads
-    cfg, _ = with_recipes(cfg, None, cfg.backbone.model or DEFAULT_MODEL)
     e = cfg.eval
     unused = [flag for flag, given in (("--methods", e.methods != EvalConfig.model_fields["methods"].default),
                                        ("--anchor-data", e.anchor_data is not None)) if given]
@@ -183,6 +183,7 @@ def tune_cmd(
         raise MtaError(f"mta tune chooses its own methods and anchors among the dev users: {', '.join(unused)} "
                        "is an `mta eval` option")
     ds = load_dataset(data, task, e.persons)
+    cfg, _ = with_recipes(cfg, None, cfg.backbone.model or DEFAULT_MODEL, task=ds.task)
     if e.users:
         ds.users = ds.users[:e.users]
     t = get_task(ds.task)
@@ -191,7 +192,8 @@ def tune_cmd(
     backbone = load_backbone(cfg.backbone)
     write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space)
     with run_log(out), progress() as bar:
-        setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar)).resolve(ds.users)
+        setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
+                          baselines=cfg.baselines).resolve(ds.users)
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),
                       max_user_share, cfg.eval.target_history)
     write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
@@ -208,5 +210,6 @@ def tune_cmd(
         table.add_row(r["method"], f"{r['metrics'][m]['value']:.3f}",
                       *("-" if d is None else f"{d['value']:+.3f}" + (" *" if d["significant"] else "") for d in ds_))
     console.print(table)
-    console.print(f"chosen: bank {recipe.bank or 'defaults'}, adapt {recipe.adapt or 'defaults'}; "
+    console.print(f"chosen: bank {recipe.bank or 'defaults'}, adapt {recipe.adapt or 'defaults'}, "
+                  f"baselines {recipe.baselines or 'the bank recipe'}; "
                   f"wrote {escape(str(out / 'recipe.json'))}")

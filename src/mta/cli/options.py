@@ -19,7 +19,16 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from mta.config import AdaptConfig, BackboneConfig, BankConfig, EvalConfig, GenerateConfig, RunConfig, ServeConfig
+from mta.config import (
+    AdaptConfig,
+    BackboneConfig,
+    BankConfig,
+    BaselineConfig,
+    EvalConfig,
+    GenerateConfig,
+    RunConfig,
+    ServeConfig,
+)
 from mta.errors import ConfigError, MtaError
 
 SECTIONS: dict[type, tuple[str, str]] = {  # config -> (attribute on ``Configs``, --help panel)
@@ -28,6 +37,7 @@ SECTIONS: dict[type, tuple[str, str]] = {  # config -> (attribute on ``Configs``
     AdaptConfig: ("adapt", "Fusion and stacking (stages 2 and 3)"),
     GenerateConfig: ("generate", "Generation"),
     EvalConfig: ("eval", "Evaluation protocol"),
+    BaselineConfig: ("baselines", "Baselines' budgets"),
     RunConfig: ("run", "Split"),
     ServeConfig: ("serve", "Server"),
 }

@@ -78,7 +78,7 @@ def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserId
     check_out(out)
     ds = load_dataset(data, task)
     pool = select_users(ds.users, users)
-    cfg, adapt_recipe = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL)
+    cfg, adapt_recipe = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL, task=ds.task)
     if ray is not None:
         from mta.distributed import ray_build_bank
 

@@ -54,6 +54,7 @@ class TrainConfig:
 
     lr: float = 1e-4
     epochs: int = 1
+    steps: int | None = None  # optimiser steps per job; set, it replaces ``epochs`` (``plan_steps``)
     batch_size: int = 8
     warmup_ratio: float = 0.1
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -73,6 +74,8 @@ class TrainConfig:
             problems.append(f"lr must be a positive number, got {self.lr}")
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"steps must be >= 1 or None, got {self.steps}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.warmup_ratio < 1:
@@ -116,13 +119,24 @@ def job_order(key: str, seed: int, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
+def plan_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimiser steps of a job with ``n_examples``: ``cfg.steps`` when set (the data is
+    cycled, a new shuffle each pass, as often as it takes), else ``epochs`` passes of
+    ceil(n / batch_size) batches. With ``steps`` every adapter of a method gets the same
+    number of updates however few items its user has."""
+    return cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n_examples / cfg.batch_size)
+
+
 def job_batches(job: Job, cfg: TrainConfig) -> list[list[Example]]:
-    out = []
-    for epoch in range(cfg.epochs):
+    want = plan_steps(len(job.examples), cfg)
+    out: list[list[Example]] = []
+    epoch = 0
+    while len(out) < want:
         order = job_order(job.key, cfg.seed, epoch, len(job.examples))
         for s in range(0, len(order), cfg.batch_size):
             out.append([job.examples[i] for i in order[s:s + cfg.batch_size]])
-    return out
+        epoch += 1
+    return out[:want]
 
 
 def pad_batch(examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, ...]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from mta.backbone import Backbone
 from mta.bank import build_private
-from mta.config import AdaptConfig, BankConfig, GenerateConfig
+from mta.config import AdaptConfig, BankConfig, BaselineConfig, GenerateConfig
 from mta.data.schema import User
 from mta.errors import MtaError
 from mta.inference import generate
@@ -88,6 +88,9 @@ class FoldResult:
     infer_seconds: float = 0.0
     bytes_per_user: dict[str, int] = field(default_factory=dict)
     trainable_params_per_user: int = 0
+    # optimiser steps of each adapter the method trained, by part ("stack", "LoRA",
+    # "user part"); the shared adapters it uses are added by the runner ("anchors", "task LoRA")
+    steps: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class EvalSetup:
     progress: Progress = None
     max_new_tokens: int = 0  # resolved by ``resolve``: the config's, else the task's rule for the users
     prefix: str = ""  # names the fold in progress lines when there are several
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
 
     def resolve(self, users) -> EvalSetup:
         self.max_new_tokens = self.gen_cfg.max_new_tokens or self.task.answer_tokens(self.backbone.tokenizer, users)
@@ -210,9 +214,9 @@ def run_private(setup: EvalSetup, targets, out: Path) -> FoldResult:
     """per-user-lora: a private bank of the targets (one LoRA each, one pass), each user
     answered through their own LoRA."""
     t0 = time.perf_counter()
-    rec = build_private(setup.backbone, list(targets), setup.task, setup.bank_cfg, out,
-                        _stages(setup, "per-user-lora"))
-    res = FoldResult(adapt_seconds=time.perf_counter() - t0)
+    rec = build_private(setup.backbone, list(targets), setup.task, setup.baselines.bank_for("user", setup.bank_cfg),
+                        out, _stages(setup, "per-user-lora"))
+    res = FoldResult(adapt_seconds=time.perf_counter() - t0, steps={"LoRA": [a.steps for a in rec.anchors]})
     bank = LoadedBank(setup.backbone, out, setup.task)
     res.trainable_params_per_user = sum((ly.in_features + ly.out_features) * rec.config.rank
                                         for ly in setup.backbone.engine.bank_layers.values())
@@ -230,11 +234,13 @@ def run_task(setup: EvalSetup, bank: LoadedBank, targets) -> FoldResult:
     return res
 
 
-def method_config(name: str, base: AdaptConfig, bank: BankConfig) -> AdaptConfig:
+def method_config(name: str, base: AdaptConfig, bank: BankConfig,
+                  baselines: BaselineConfig = BaselineConfig()) -> AdaptConfig:
     """The AdaptConfig each adapter method uses."""
-    if name == "oppu":  # a per-user LoRA with the bank's recipe over the frozen task LoRA
+    if name == "oppu":  # a per-user LoRA with the bank's recipe (its own lr and steps) over the frozen task LoRA
         return AdaptConfig.make(top_k=1, stack_rank=bank.rank, stack_alpha=bank.alpha, stack_layers=0,
-                                stack_targets=bank.target_modules, stack_lr=bank.lr, stack_epochs=bank.epochs,
+                                stack_targets=bank.target_modules, stack_lr=baselines.oppu_lr or bank.lr,
+                                stack_epochs=bank.epochs, stack_steps=baselines.oppu_steps or bank.steps,
                                 batch_size=bank.batch_size, warmup_ratio=bank.warmup_ratio,
                                 retrieve_k=bank.retrieve_k, max_length=bank.max_length, seed=base.seed)
     if name == "mta-reference":
@@ -251,11 +257,14 @@ def run_adapted(setup: EvalSetup, name: str, bank: LoadedBank, targets, out: Pat
     """mta, mta-fusion, mta-reference (on the fold's bank), mta-stack (on an empty bank)
     and oppu (on the task bank): adapt the targets into a store, then answer them in
     mixed-user batches."""
-    cfg = method_config(name, setup.adapt_cfg, setup.bank_cfg)
+    cfg = method_config(name, setup.adapt_cfg, setup.bank_cfg, setup.baselines)
     store = UserStore(out, create=True)
     t0 = time.perf_counter()
     stats = bank.adapt(list(targets), cfg, store, _stages(setup, name))
     res = FoldResult(adapt_seconds=time.perf_counter() - t0, bytes_per_user=dict(stats["bytes_per_user"]),
                      trainable_params_per_user=stats["trainable_params_per_user"])
+    stacks = [store.meta(u.user_id).stack for u in targets]
+    if any(st is not None for st in stacks):
+        res.steps["user part" if name == "oppu" else "stack"] = [len(st.losses) for st in stacks if st is not None]
     _answer(setup, bank, name, targets, res, store, cfg)
     return res

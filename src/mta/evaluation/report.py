@@ -19,20 +19,29 @@ def _diff(d: dict | None) -> str:
     return f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" + (" *" if d["significant"] else "")
 
 
+def steps_cell(row: dict) -> str:
+    """"stack 8; anchors 2-5": each trained part's optimiser steps per adapter (a range
+    over the adapters where they differ); "-" for a method that trains nothing."""
+    parts = []
+    for part, s in (row.get("optimizer_steps") or {}).items():
+        parts.append(f"{part} {s['min']}" + (f"-{s['max']}" if s["max"] != s["min"] else ""))
+    return "; ".join(parts) or "-"
+
+
 def markdown(title: str, meta: str, task, rows: list[dict], references: list[str],
              failed: dict[str, str] | None = None) -> str:
     m1, m2 = task.metric_names
     diffs = "".join(f" Δ{m1} vs {r} [95% CI] |" for r in references)
     head = (f"| method | {m1} [95% CI] | {m2} [95% CI] |{diffs} s/user adapt | s/user infer | bytes/user | "
-            "trainable params/user |")
-    lines = [f"# {title}", "", meta, "", head, "|" + "---|" * (7 + len(references))]
+            "trainable params/user | optimiser steps per adapter |")
+    lines = [f"# {title}", "", meta, "", head, "|" + "---|" * (8 + len(references))]
     for r in rows:
         a, b = r["metrics"][m1], r["metrics"][m2]
         ds = "".join(f" {_diff(a.get('diff_vs_' + ref))} |" for ref in references)
         lines.append(f"| {r['method']} | {_fmt(a['value'])} [{_fmt(a['ci'][0])}, {_fmt(a['ci'][1])}] | "
                      f"{_fmt(b['value'])} [{_fmt(b['ci'][0])}, {_fmt(b['ci'][1])}] |{ds} "
                      f"{r['seconds_per_user_adapt']:.2f} | {r['seconds_per_user_inference']:.2f} | "
-                     f"{r['bytes_per_user']:,.0f} | {r['trainable_params_per_user']:,} |")
+                     f"{r['bytes_per_user']:,.0f} | {r['trainable_params_per_user']:,} | {steps_cell(r)} |")
     lines += ["", "`*`: the paired 95% bootstrap interval of the difference excludes 0."]
     for m, e in (failed or {}).items():
         lines += ["", f"Not reported: `{m}` diverged ({e})."]

@@ -85,6 +85,8 @@ def summarise(task, users: list[User], results: dict[str, FoldResult], reference
         b = list(res.bytes_per_user.values())
         row["bytes_per_user"] = float(np.mean(b)) if b else 0.0
         row["trainable_params_per_user"] = res.trainable_params_per_user
+        row["optimizer_steps"] = {part: {"min": min(v), "median": float(np.median(v)), "max": max(v)}
+                                  for part, v in res.steps.items() if v}
         rows.append(row)
     return rows
 
@@ -104,6 +106,8 @@ def merge(into: FoldResult | None, part: FoldResult) -> FoldResult:
     into.adapt_seconds += part.adapt_seconds
     into.infer_seconds += part.infer_seconds
     into.trainable_params_per_user = part.trainable_params_per_user or into.trainable_params_per_user
+    for k, v in part.steps.items():
+        into.steps.setdefault(k, []).extend(v)
     return into
 
 
@@ -140,6 +144,9 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     # an anchor's meta-LoRA IS its per-user LoRA when it trains on the same history; the
     # banks below copy those instead of training the same adapter twice.
     own: dict[str, tuple[tuple, Path]] = {}
+    own_steps: dict[str, int | None] = {}
+    # ... only while the per-user LoRAs train with the anchors' budget (BaselineConfig unset)
+    reuse = setup.baselines.bank_for("user", setup.bank_cfg) == setup.bank_cfg
     # A method whose training diverges (a NaN the trainer cannot skip) is left out of the
     # report with its error, and the others go on: one baseline at too high a learning rate
     # must not cost a whole evaluation. Its adapters' folders are left as they are. A
@@ -168,8 +175,11 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                 break
             results["per-user-lora"] = merge(results["per-user-lora"], part)
             slots = {a.user_id: a.slot for a in read_index(d).anchors}
-            for u in targets[fold.index]:
-                own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), adapter_dir(d, slots[u.user_id]))
+            for a in read_index(d).anchors:
+                own_steps[a.user_id] = a.steps
+            if reuse:
+                for u in targets[fold.index]:
+                    own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), adapter_dir(d, slots[u.user_id]))
 
     def trained(user: User) -> Path | None:
         hit = own.get(user.user_id)
@@ -185,8 +195,8 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
         if TASK_METHODS & wanted:
             t0 = time.perf_counter()
             if attempt(sorted(TASK_METHODS), lambda fold=fold: build_task(
-                    setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "task-lora"),
-                    _stages(setup, "task-lora"))) is not None:
+                    setup.backbone, list(fold.candidates), task, setup.baselines.bank_for("task", setup.bank_cfg),
+                    place(fold.index, "task-lora"), _stages(setup, "task-lora"))) is not None:
                 task_bank = LoadedBank(setup.backbone, place(fold.index, "task-lora"), task)
             bank_seconds += time.perf_counter() - t0
         if BANK_METHODS & wanted:
@@ -202,6 +212,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             part = attempt([m], lambda m=m, fold=fold, bank=bank, task_bank=task_bank: _run_method(
                 setup, m, targets[fold.index], place(fold.index, m), bank, task_bank, fold.candidates))
             if part is not None:
+                part.steps.update(_shared_steps(m, bank, task_bank, own_steps))
                 results[m] = merge(results[m], part)
     if len(failed) == len(methods):  # nothing to report
         raise next(iter(failed.values()))
@@ -216,6 +227,17 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     return {"rows": rows, "bank_seconds": bank_seconds, "wall_seconds": time.perf_counter() - t_start,
             "folds": split, "peak_gpu_memory_bytes": setup.backbone.peak_memory(),
             "failed": {m: str(e) for m, e in failed.items()}}
+
+
+def _shared_steps(m: str, bank, task_bank, own_steps: dict[str, int | None]) -> dict[str, list[int]]:
+    """The optimiser steps of the shared adapters method ``m`` stands on: the fold's anchors
+    (an anchor copied from a per-user LoRA has that LoRA's steps) or its task LoRA."""
+    if m in BANK_METHODS and bank is not None and bank.record is not None:
+        steps = [a.steps if a.steps is not None else own_steps.get(a.user_id) for a in bank.record.anchors]
+        return {"anchors": [s for s in steps if s is not None]}
+    if m in TASK_METHODS and task_bank is not None and task_bank.record is not None:
+        return {"task LoRA": [a.steps for a in task_bank.record.anchors if a.steps is not None]}
+    return {}
 
 
 def _run_method(setup: EvalSetup, m: str, targets: list[User], where: Path, bank, task_bank,

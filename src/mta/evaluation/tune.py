@@ -1,18 +1,25 @@
-"""`mta tune`: choose a recipe (learning rates, epochs, anchor training, stack shape, top-k,
-anchors, merge) for one model and task on a DEV split of the users, which later
+"""`mta tune`: choose a recipe (learning rates, optimiser steps, anchor training, stack
+shape, top-k, anchors, merge) for one model and task on DEV persons, whom later
 evaluations leave out.
 
 The search is a coordinate search: knob groups in a fixed order, each option of a group
-evaluated (method ``mta`` under the eval protocol, on the dev users alone: folds among
-them, anchors from the other dev folds), the best kept before the next group; ties keep
-the earlier option (the default comes first). Banks are shared between trials with the
-same bank settings. At the end the chosen recipe is evaluated once more on the dev users
-with the baselines and the ablations (rag-1, user-prior where the task has one, task-lora,
-per-user-lora, mta-fusion, mta-stack), so the record says where mta stands and why.
+evaluated under the eval protocol on the dev persons alone (folds among them, anchors
+from the other dev folds), the best kept before the next group; ties keep the earlier
+option (the default comes first). A group is scored by the method it is about: the
+``budgets`` groups give every trained method (the task LoRA, each per-user LoRA, OPPU's
+user part, the anchors, the stack) its own learning rate and optimiser steps from the
+same grid, the same number of trials each, scored by ``task-lora``, ``oppu``,
+``per-user-lora``, ``mta-fusion`` and ``mta``; the other groups by ``mta``. Adapters are
+shared between trials trained with the same settings. At the end the chosen recipe is
+evaluated once more on the dev persons with every baseline and ablation (rag-1, the
+priors where the task has them, task-lora, per-user-lora, oppu, mta-fusion, mta-stack),
+so the record says where mta stands and why.
 
-The recipe file (``recipe.json``) holds the chosen bank and adapt settings, the dev user
-ids, every trial and the final table. ``mta bank build/eval/run --recipe FILE`` take its
-settings as defaults (flags still win) and ``mta eval`` leaves its dev users out.
+The recipe file (``recipe.json``) holds the chosen bank, adapt and baseline settings, the
+dev persons and their user ids, every trial and the final table. ``mta bank build/eval/run
+--recipe FILE`` take its settings as defaults (flags still win) and ``mta eval`` leaves
+the dev persons' users out. A recipe kept for a registered model and task goes into
+``mta/recipes/`` (``mta.recipes``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mta.config import AdaptConfig, BankConfig
+from mta.config import AdaptConfig, BankConfig, BaselineConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
 from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup
@@ -35,7 +42,7 @@ from mta.evaluation.runner import diverged, run_eval
 
 log = logging.getLogger(__name__)
 RECIPE_SCHEMA = 1
-Override = dict[str, dict]  # {"bank": {...}, "adapt": {...}}
+Override = dict[str, dict]  # {"bank": {...}, "adapt": {...}, "baselines": {...}}
 
 GROUPS: dict[str, list[Override]] = {
     "learning rate": [{"bank": {"lr": lr, "epochs": ep}, "adapt": {"stack_lr": lr}}
@@ -50,11 +57,31 @@ GROUPS: dict[str, list[Override]] = {
     "anchors": [{"bank": {"anchors": n}} for n in (8, 4, 16)],
     "merge": [{"adapt": {"merge": m}} for m in ("delta", "factor")],
 }
+# Every trained part gets its own learning rate and optimiser steps from the same kind of
+# search, with the same number of trials: the learning rates below times three step
+# counts (the task LoRA's larger: it trains on every candidate's pooled history, not on
+# one user's ~10 items). Each part is scored by the method that isolates it; OPPU's user
+# part on top of the task LoRA chosen just before, the stack on top of the anchors.
+BUDGET_LRS = (3e-3, 1e-3, 3e-4, 1e-4)
+BUDGET_STEPS = {"task": (32, 128, 512), "user": (8, 32, 128)}
+# group -> (config section, lr field, steps field, the method whose metric scores it, steps)
+BUDGETS = {
+    "task-lora budget": ("baselines", "task_lr", "task_steps", "task-lora", BUDGET_STEPS["task"]),
+    "oppu budget": ("baselines", "oppu_lr", "oppu_steps", "oppu", BUDGET_STEPS["user"]),
+    "per-user-lora budget": ("baselines", "user_lr", "user_steps", "per-user-lora", BUDGET_STEPS["user"]),
+    "anchor budget": ("bank", "lr", "steps", "mta-fusion", BUDGET_STEPS["user"]),
+    "stack budget": ("adapt", "stack_lr", "stack_steps", "mta", BUDGET_STEPS["user"]),
+}
+for _group, (_section, _lr, _steps, _method, _counts) in BUDGETS.items():
+    GROUPS[_group] = [{_section: {_lr: lr, _steps: n}} for lr in BUDGET_LRS for n in _counts]
+SCORED_BY = {g: b[3] for g, b in BUDGETS.items()}  # other groups: "mta"
 # "core": the two knobs with evidence so far, the learning rate (0.5B's dev tune,
 # docs/defaults.md) and anchor training (the CPU ablation, docs/results.md), for models
-# where one trial costs minutes; "quick" adds the stack's shape and top-k
+# where one trial costs minutes; "quick" adds the stack's shape and top-k; "budgets": every
+# trained method's learning rate and steps, the same trials each (a fair comparison)
 SPACES = {"core": ["learning rate", "anchor training"],
-          "quick": ["learning rate", "anchor training", "stack shape", "top-k"], "full": list(GROUPS)}
+          "quick": ["learning rate", "anchor training", "stack shape", "top-k"],
+          "budgets": list(BUDGETS), "full": list(GROUPS)}
 
 
 def space_groups(space: str) -> list[str]:
@@ -73,7 +100,7 @@ def space_groups(space: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-ABLATION = ["rag-1", "task-lora", "per-user-lora", "mta-fusion", "mta-stack", "mta"]
+ABLATION = ["rag-1", "task-lora", "per-user-lora", "oppu", "mta-fusion", "mta-stack", "mta"]
 # the goal MTA is held to (docs/results.md): at most a tenth of a per-user LoRA's bytes per user
 MAX_USER_SHARE = 0.1
 
@@ -103,6 +130,7 @@ class Recipe(BaseModel):
     dev_persons: list[str] = Field(default_factory=list)
     bank: dict = Field(default_factory=dict)    # BankConfig fields the search changed
     adapt: dict = Field(default_factory=dict)   # AdaptConfig fields the search changed
+    baselines: dict = Field(default_factory=dict)  # BaselineConfig fields the search changed
     trials: list[dict] = Field(default_factory=list)
     # rows of the final table, {"method", "error"} for a method that diverged, or one {"error"}
     ablation: list[dict] = Field(default_factory=list)
@@ -147,39 +175,44 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     lower_better = task.kind == "rating"
     dev = Dataset([u for u in ds.users if u.user_id in set(dev_ids)], ds.task, ds.layout, ds.path, ds.synthetic)
     fold_list = make_folds(dev.users, folds, setup.bank_cfg.seed)
-    chosen: Override = {"bank": {}, "adapt": {}}
+    chosen: Override = {"bank": {}, "adapt": {}, "baselines": {}}
     trials: list[dict] = []
     cache: dict[str, float] = {}
 
-    def configs(over: Override) -> tuple[BankConfig, AdaptConfig]:
+    def configs(over: Override) -> tuple[BankConfig, AdaptConfig, BaselineConfig]:
         bank = {**chosen["bank"], **over.get("bank", {})}
         adapt = {**chosen["adapt"], **over.get("adapt", {})}
-        return setup.bank_cfg.model_copy(update=bank), AdaptConfig.build({**setup.adapt_cfg.dump(), **adapt})
+        base = {**chosen["baselines"], **over.get("baselines", {})}
+        return (setup.bank_cfg.model_copy(update=bank), AdaptConfig.build({**setup.adapt_cfg.dump(), **adapt}),
+                BaselineConfig.build({**setup.baselines.dump(), **base}))
 
-    def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, name: str) -> dict:
+    def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str) -> dict:
         trial = out / "trials" / name
-        shared = out / "banks" / _key(bc)
+        # adapters shared between trials, keyed by the recipe they were trained with
+        shared = {"bank": bc, "task-lora": bl.bank_for("task", bc), "per-user-lora": bl.bank_for("user", bc)}
 
         def place(fold: int, what: str) -> Path:
-            return shared / f"fold{fold}" / what if what in ("bank", "task-lora", "per-user-lora") else \
-                trial / f"fold{fold}" / what
+            if what in shared:
+                return out / "banks" / _key(shared[what]) / f"fold{fold}" / what
+            return trial / f"fold{fold}" / what
 
-        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens)
+        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens, baselines=bl)
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
                         place=place, history_queries=history_queries)
 
-    def trial_value(bc: BankConfig, ac: AdaptConfig, name: str) -> float:
-        res = evaluate(["mta"], bc, ac, name)  # raises when mta, its only method, diverged
+    def trial_value(method: str, bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str) -> float:
+        res = evaluate([method], bc, ac, bl, name)  # raises when the method, the only one, diverged
         return res["rows"][0]["metrics"][metric]["value"]
 
     order = space_groups(space)
     total = sum(len(GROUPS[g]) for g in order)
     done = 0
     for group in order:
+        method = SCORED_BY.get(group, "mta")
         best_value, best_over = None, None
         for over in GROUPS[group]:
-            bc, ac = configs(over)
-            key = _key(bc) + _key(ac)
+            bc, ac, bl = configs(over)
+            key = method + _key(bc) + _key(ac) + _key(bl)
             share = stack_share(setup.backbone.engine, bc, ac)
             if share > max_user_share:  # a recipe MTA may not ship: too many bytes per user
                 trials.append({"group": group, "override": over,
@@ -191,7 +224,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 continue
             if key not in cache:
                 try:
-                    value = trial_value(bc, ac, f"{len(trials):02d}")
+                    value = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
                 except MtaError as e:
                     # more anchors than exist, or a recipe that diverges on this model: the
                     # trial is recorded as failed and the search goes on without it
@@ -207,8 +240,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                         progress("tune trials", done, total)
                     continue
                 cache[key] = value
-                trials.append({"group": group, "override": over, metric: cache[key]})
-                log.info("tune %s %s: %s %.4f", group, over, metric, cache[key])
+                trials.append({"group": group, "method": method, "override": over, metric: cache[key]})
+                log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, cache[key])
             value = cache[key]
             if best_value is None or (value < best_value if lower_better else value > best_value):
                 best_value, best_over = value, over
@@ -220,24 +253,25 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             raise MtaError(f"tune: every option of {group!r} failed or was skipped"
                            + (f" (the last: {why}; see --max-user-share)" if why else f" (see {out / 'trials'})")
                            + "; nothing to choose from")
-        for section in ("bank", "adapt"):
+        for section in chosen:
             chosen[section].update(best_over.get(section, {}))
-    bc, ac = configs({})
+    bc, ac, bl = configs({})
     methods = ABLATION[:1] + list(PRIORS) * (task.kind in PRIOR_KINDS) + ABLATION[1:]
     return Recipe(model=setup.backbone.model_id, task=task.name, data=str(ds.path), metric=metric,
                   dev_users=dev_ids, dev_persons=persons_of(dev.users), bank=chosen["bank"], adapt=chosen["adapt"],
-                  trials=trials,
-                  ablation=_final_ablation(evaluate, methods, bc, ac), max_user_share=max_user_share)
+                  baselines=chosen["baselines"], trials=trials,
+                  ablation=_final_ablation(evaluate, methods, bc, ac, bl),
+                  max_user_share=max_user_share)
 
 
-def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfig) -> list[dict]:
+def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig) -> list[dict]:
     """The dev table of every method on the chosen recipe. A method that diverges under it
     (per-user-lora trains at the bank's learning rate: Qwen2.5-Coder-1.5B's at 3e-4 did on
     the H200) is a row ``{"method", "error"}`` beside the others (the evaluation goes on
     without it); if every method diverged, one ``{"error"}`` row. The search is kept either
     way."""
     try:
-        res = evaluate(methods, bc, ac, "final")
+        res = evaluate(methods, bc, ac, bl, "final")
     except MtaError as e:
         if not diverged(e):
             raise

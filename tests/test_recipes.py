@@ -1,0 +1,39 @@
+"""Tuned recipes are data files per (model, task) that the library reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import mta.recipes as recipes
+from mta.config import AdaptConfig, BankConfig, BaselineConfig
+from mta.errors import MtaError
+
+
+def test_every_shipped_recipe_is_valid_and_builds_configs():
+    shipped = recipes.registered()
+    assert {(r.model, r.task) for r in shipped} >= {("qwen2.5-coder-0.5b", "lamp2"), ("qwen2.5-coder-1.5b", "lamp2")}
+    for r in shipped:
+        BankConfig.build(r.bank), AdaptConfig.build(r.adapt), BaselineConfig.build(r.baselines)
+
+
+def test_a_recipe_is_per_model_and_task():
+    assert recipes.model_recipe("qwen2.5-coder-0.5b", "lamp2") == {"bank": {"lr": 1e-4, "epochs": 3},
+                                                                    "adapt": {"stack_lr": 1e-4}}
+    assert recipes.model_recipe("qwen2.5-coder-0.5b", "movielens") == {}  # tuned on LaMP-2 only
+    assert recipes.model_recipe("qwen2.5-coder-0.5b", None) == {}
+    assert recipes.model_recipe("smollm2-135m", "lamp2") == {}
+
+
+def test_a_misplaced_or_broken_recipe_file_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "lamp2.json").write_text(json.dumps({"model": "other", "task": "lamp2", "source": "x"}))
+    (tmp_path / "m" / "lastfm.json").write_text("{not json")
+    monkeypatch.setattr(recipes, "ROOT", tmp_path)
+    recipes._read.cache_clear()
+    with pytest.raises(MtaError, match="holds the recipe of other/lamp2, not m/lamp2"):
+        recipes.model_recipe("m", "lamp2")
+    with pytest.raises(MtaError, match="not a tuned recipe"):
+        recipes.model_recipe("m", "lastfm")
+    recipes._read.cache_clear()
