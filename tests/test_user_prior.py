@@ -53,3 +53,22 @@ def test_eval_reports_user_prior(tmp_path):
     assert "Δaccuracy vs user-prior" in (out / "results.md").read_text()
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert {p["method"] for p in preds} == {"rag-1", "user-prior"}
+
+
+def test_results_table_script_renders_the_runs_own_table(tmp_path):
+    """docs/results.md's tables come from scripts/results-table.py: it prints exactly the
+    run's results.md, under a level-3 heading."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "rag-1,user-prior,item-prior",
+                 "--n-boot", "100", "--model", "tiny-random-llama", "--embedder", "hashing-embedder",
+                 "--max-new-tokens", "2"]) == 0
+    script = Path(__file__).resolve().parents[1] / "scripts" / "results-table.py"
+    got = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, check=True).stdout
+    assert got == "##" + (out / "results.md").read_text()
+    assert "| item-prior |" in got and "2 folds over persons" in got

@@ -40,7 +40,7 @@ def dataset_summary(path: Path, task: str | None = None) -> dict:
     return {
         "path": str(ds.path), "layout": ds.layout, "synthetic": ds.synthetic,
         "task": t.name, "task_title": t.title, "task_kind": t.kind,
-        "task_labels": len(t.labels), "users": len(ds.users),
+        "task_labels": len(t.labels), "users": len(ds.users), "persons": len({u.person_id for u in ds.users}),
         "history_items": sum(counts), "history_per_user": {
             "min": min(counts), "median": statistics.median(counts), "max": max(counts)},
         "queries": sum(len(u.queries) for u in ds.users),
@@ -63,7 +63,8 @@ def inspect(
     rows = [
         ("layout", s["layout"]), ("task", f"{s['task_title']} [{s['task']}]"),
         ("labels", f"{s['task_labels']} in the task's label set" if s["task_labels"] else "-"),
-        ("users", str(s["users"])), ("history items", str(s["history_items"])),
+        ("users", str(s["users"])), ("persons", f"{s['persons']} (splits and bootstraps draw persons)"),
+        ("history items", str(s["history_items"])),
         ("history per user", f"min {h['min']} / median {h['median']} / max {h['max']}"),
         ("queries", f"{s['queries']} ({s['queries_with_gold']} with gold)"),
     ]

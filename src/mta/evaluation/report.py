@@ -29,12 +29,14 @@ def steps_cell(row: dict) -> str:
 
 
 def markdown(title: str, meta: str, task, rows: list[dict], references: list[str],
-             failed: dict[str, str] | None = None) -> str:
+             failed: dict[str, str] | None = None, level: int = 1) -> str:
+    """The run's table in Markdown under a heading of ``level``; ``scripts/results-table.py``
+    renders docs/results.md's tables with it from each run's metrics.json."""
     m1, m2 = task.metric_names
     diffs = "".join(f" Δ{m1} vs {r} [95% CI] |" for r in references)
     head = (f"| method | {m1} [95% CI] | {m2} [95% CI] |{diffs} s/user adapt | s/user infer | bytes/user | "
             "trainable params/user | optimiser steps per adapter |")
-    lines = [f"# {title}", "", meta, "", head, "|" + "---|" * (8 + len(references))]
+    lines = [f"{'#' * level} {title}", "", meta, "", head, "|" + "---|" * (8 + len(references))]
     for r in rows:
         a, b = r["metrics"][m1], r["metrics"][m2]
         ds = "".join(f" {_diff(a.get('diff_vs_' + ref))} |" for ref in references)
@@ -53,7 +55,8 @@ def write_report(out: Path, title: str, meta: str, task, res: dict, config: dict
     """Write metrics.json, results.md and the metric and cost plots; return the file names."""
     m1 = task.metric_names[0]
     write_json_atomic(out / "metrics.json", {
-        "title": title, "synthetic": synthetic, "config": config, "results": res["rows"],
+        "title": title, "protocol": meta, "references": references, "synthetic": synthetic, "config": config,
+        "results": res["rows"],
         "bank_seconds": res["bank_seconds"], "wall_seconds": res["wall_seconds"],
         "peak_gpu_memory_bytes": res.get("peak_gpu_memory_bytes"), "failed": res.get("failed", {})})
     write_text_atomic(out / "results.md", markdown(title, meta, task, res["rows"], references, res.get("failed")))
