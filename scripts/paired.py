@@ -5,7 +5,7 @@ itself reports every method against rag-1 only).
     .venv/bin/python scripts/paired.py RUN_DIR METHOD_A METHOD_B --b-run OTHER_RUN   # B from another run
 
 Reads RUN_DIR/config.json (data, task, seed, protocol) and RUN_DIR/predictions.jsonl, resamples
-users exactly as `mta eval` does, and prints A - B per metric with its 95% interval. With
+persons exactly as `mta eval` does, and prints A - B per metric with its 95% interval. With
 --b-run, METHOD_B's predictions come from OTHER_RUN, which must have the same data, seed and
 split (checked): e.g. one method under two settings.
 """
@@ -35,7 +35,7 @@ def main() -> None:
     a = ap.parse_args()
     cfg = json.loads((a.run / "config.json").read_text())
     task = get_task(cfg["task"])
-    ds = load_dataset(Path(cfg["data"]), cfg["task"])
+    ds = load_dataset(Path(cfg["data"]), cfg["task"], cfg["configs"].get("eval", {}).get("persons"))  # its persons
     def read(run: Path) -> dict[str, dict[str, list]]:
         out: dict[str, dict[str, list]] = {}
         for line in (run / "predictions.jsonl").read_text().splitlines():

@@ -32,7 +32,7 @@ def main() -> None:
     a = ap.parse_args()
     cfg = json.loads((a.run / "config.json").read_text())
     task = get_task(cfg["task"])
-    ds = load_dataset(a.data or Path(cfg["data"]), cfg["task"])
+    ds = load_dataset(a.data or Path(cfg["data"]), cfg["task"], cfg["configs"].get("eval", {}).get("persons"))
     old = {r["method"]: r for r in json.loads((a.run / "metrics.json").read_text())["results"]}
     results: dict[str, FoldResult] = {}
     for line in (a.run / "predictions.jsonl").read_text().splitlines():
