@@ -169,6 +169,12 @@ class AdaptConfig(_Config):
     weighting: Literal["linear", "softmax"] = Field("linear", description="anchor weights: linear "
                                                     "(similarity-proportional) or softmax")
     temperature: float = Field(0.1, gt=0, allow_inf_nan=False, description="softmax temperature")
+    fusion_weights: Literal["similarity", "searched"] = Field(
+        "similarity", description="similarity: the weights from the anchors' similarity (recomputable from the "
+        "history); searched: a CMA-ES search per user over the top-k anchors' weights, started at those and "
+        "scored by the user's leave-one-out loss (the weights are stored, k floats per user; delta merge only)")
+    search_evals: int = Field(24, ge=2, description="candidate weight vectors scored per user by a searched "
+                              "fusion (each one forward pass over the user's examples)")
     merge: Literal["delta", "factor", "svd"] = Field("delta", description="delta (exact), factor (reference) "
                                                      "or svd")
     svd_rank: int = Field(8, ge=1, description="rank of an svd merge")
@@ -206,6 +212,8 @@ class AdaptConfig(_Config):
     def _check(self) -> AdaptConfig:
         if self.top_k == 0 and self.stack_epochs == 0:
             raise ValueError("top_k 0 (no fusion) with stack_epochs 0 (no stack) leaves nothing to adapt")
+        if self.fusion_weights == "searched" and self.merge != "delta":
+            raise ValueError(f"searched fusion weights need the exact delta merge, not {self.merge!r}")
         return self
 
     @property

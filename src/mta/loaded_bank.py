@@ -47,6 +47,7 @@ from mta.retrieval import retrieve
 from mta.store import UserStore, history_hash
 from mta.tasks import get_task
 from mta.tasks.base import Task
+from mta.weight_search import search_weights
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -298,6 +299,21 @@ class LoadedBank:
         skipped = len(users) - len(todo)
         if skipped:
             log.info("%d user(s) unchanged since they were stored; skipping them", skipped)
+        negatives = self.record.negatives if self.record else []
+        if cfg.fusion_weights == "searched" and cfg.top_k > 0 and todo:
+            t0 = time.perf_counter()
+            if progress:
+                progress("fusion search", 0, len(todo))
+            found, _ = search_weights(
+                engine, [mixes[i] for i in todo],
+                [loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length, negatives) for i in todo],
+                cfg.search_evals, tok.pad_token_id, seed=cfg.seed + first_pass,
+                max_rows=self.backbone.train_resources().get("max_rows") or 64)
+            for i, m in zip(todo, found):
+                mixes[i] = m
+            fuse_s += time.perf_counter() - t0
+            if progress:
+                progress("fusion search", len(todo), len(todo))
         tcfg = cfg.train_config(**self.backbone.train_resources(), lr_field="AdaptConfig.stack_lr")
         done, train_s = 0, 0.0
         if progress:
@@ -312,7 +328,6 @@ class LoadedBank:
                 self.stacks.invalidate()
                 rows = self._rows([Plan(mixes[i].anchors, mixes[i].weights, cfg.merge, cfg.svd_rank, stack=j)
                                    for j, i in enumerate(group)])
-                negatives = self.record.negatives if self.record else []
                 jobs = [Job(j, loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length, negatives),
                             rows[j], key=f"user:{users[i].user_id}") for j, i in enumerate(group)]
                 stats = train_jobs(engine, "stack", jobs, tcfg, pad_id=tok.pad_token_id,

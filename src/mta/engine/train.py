@@ -399,6 +399,34 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
     return job_loss, tokens
 
 
+@torch.no_grad()
+def row_losses(engine: AdapterEngine, rows: Sequence[tuple[Row, Example]], pad_id: int,
+               max_rows: int | None = 16) -> list[float]:
+    """Forward only: each (routing row, example) pair's mean cross-entropy over its target
+    tokens, the training loss of ``_step`` without the backward (same routing, same
+    right-padded batches without a padding mask, so the same numbers). Pairs are batched
+    longest first, ``max_rows`` at a time."""
+    if not rows:
+        return []
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1].input_ids))
+    out = [0.0] * len(rows)
+    was_training = engine.model.training
+    engine.model.eval()
+    try:
+        step = max_rows or len(order)
+        for s in range(0, len(order), step):
+            chunk = order[s:s + step]
+            ids, _, labels = pad_batch([rows[i][1] for i in chunk], pad_id, engine.device)
+            with engine.route([rows[i][0] for i in chunk]):
+                sums = target_token_loss(engine.model, ids, labels)
+            counts = (labels[:, 1:] != IGNORE).sum(dim=1).clamp(min=1)
+            for i, v in zip(chunk, (sums / counts).tolist()):
+                out[i] = v
+    finally:
+        engine.model.train(was_training)
+    return out
+
+
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite, with ONE host-device sync (a norm
     is NaN or inf exactly when an element is, short of an overflow of huge finite values)."""

@@ -1,0 +1,93 @@
+"""Stage 2, searched: each user's fusion weights chosen by the loss they give on the
+user's own examples, as LoraHub and PriME do.
+
+For a user with top-k anchors (by similarity) and leave-one-out examples E (each history
+item with the others as context, the stack's training examples), the search minimises
+
+    L(w) = mean over e in E of the mean token cross-entropy of e under
+           W0 + sum_i w_i (alpha/r) B_i A_i,       w in [0, W_MAX]^k,
+
+with CMA-ES (the ``cma`` library), started at the similarity weights with step size
+``SIGMA0``, for about ``cfg.search_evals`` candidate vectors (whole generations of the
+strategy: up to a generation more). The similarity weights are scored
+too, and the best vector seen is kept, so a searched user's loss is never above the
+similarity one on its own examples. Users search in lockstep: every candidate of every
+user in one batch of the engine's per-row routing (exact delta merges; nothing merged
+into a weight). The k weights are what the user stores; the stack then trains on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from mta.engine.engine import AdapterEngine, Row
+from mta.engine.train import Example, row_losses
+from mta.errors import MtaError
+from mta.mixing import Mixture
+
+log = logging.getLogger(__name__)
+W_MAX = 2.0   # an anchor may count up to twice (LoraHub's bound is 1.5 on signed weights)
+SIGMA0 = 0.3  # the initial step, in weight units
+
+
+def search_weights(engine: AdapterEngine, mixes: Sequence[Mixture], examples: Sequence[Sequence[Example]],
+                   evals: int, pad_id: int, seed: int = 0, max_rows: int | None = 16) -> tuple[list[Mixture], dict]:
+    """One searched mixture per user (same anchors, new weights) and the search's record:
+    {"seconds", "evals", "loss_before", "loss_after"} with per-user losses."""
+    import cma  # 1 s to import: only where a search runs
+
+    if len(mixes) != len(examples):
+        raise ValueError("one example list per mixture")
+    for m, ex in zip(mixes, examples):
+        if not m.anchors:
+            raise MtaError("a searched fusion needs anchors (top_k >= 1)", ("AdaptConfig.top_k",))
+        if not ex:
+            raise MtaError("a searched fusion needs at least one training example per user")
+    t0 = time.perf_counter()
+    es = []
+    for i, m in enumerate(mixes):
+        x0 = np.clip(np.asarray(m.weights, dtype=np.float64), 0.0, W_MAX)
+        opts = {"bounds": [0.0, W_MAX], "seed": seed + i + 1, "verbose": -9, "maxfevals": evals - 1,
+                "CMA_diagonal": False}
+        es.append(cma.CMAEvolutionStrategy(x0.tolist(), SIGMA0, opts))
+
+    def score(cands: list[tuple[int, np.ndarray]]) -> list[float]:
+        pairs = [(Row(mixes[u].anchors, tuple(float(x) for x in w)), e) for u, w in cands for e in examples[u]]
+        flat = row_losses(engine, pairs, pad_id, max_rows)
+        out, pos = [], 0
+        for u, _ in cands:
+            n = len(examples[u])
+            out.append(float(np.mean(flat[pos:pos + n])))
+            pos += n
+        return out
+
+    start = [np.asarray(m.weights, dtype=np.float64) for m in mixes]
+    before = score(list(enumerate(start)))
+    best = [(loss, w) for loss, w in zip(before, start)]
+    used = [1] * len(mixes)
+    while True:  # each strategy stops after ``evals - 1`` told candidates (its maxfevals)
+        asks = {u: e.ask() for u, e in enumerate(es) if not e.stop()}
+        if not asks:
+            break
+        cands = [(u, np.asarray(x)) for u, xs in asks.items() for x in xs]
+        losses = score(cands)
+        pos = 0
+        for u, xs in asks.items():
+            vals = losses[pos:pos + len(xs)]
+            pos += len(xs)
+            if not all(np.isfinite(vals)):
+                raise MtaError(f"the fusion search got a non-finite loss for user {u}'s candidates")
+            es[u].tell(xs, vals)
+            used[u] += len(xs)
+            k = int(np.argmin(vals))
+            if vals[k] < best[u][0]:
+                best[u] = (vals[k], np.asarray(xs[k]))
+    out = [Mixture(m.anchors, tuple(float(x) for x in w), m.similarities) for m, (_, w) in zip(mixes, best)]
+    seconds = time.perf_counter() - t0
+    log.info("searched the fusion weights of %d user(s) in %.1f s (%.2f s per user, %d evaluations each)",
+             len(mixes), seconds, seconds / max(1, len(mixes)), max(used))
+    return out, {"seconds": seconds, "evals": used, "loss_before": before, "loss_after": [b for b, _ in best]}

@@ -1,0 +1,98 @@
+"""Searched fusion weights: the forward-only loss they are scored by equals PEFT's, the
+search never ends above the similarity weights on the user's own examples, and
+`--fusion-weights searched` stores the weights it found."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from mta.cli.main import main
+from mta.config import AdaptConfig
+from mta.engine.engine import Row
+from mta.engine.train import IGNORE, row_losses
+from mta.errors import ConfigError
+from mta.mixing import Mixture
+from mta.models.tiny import tiny_llama
+from mta.store import UserStore
+from mta.weight_search import W_MAX, search_weights
+from tests.engine_helpers import TARGETS, random_examples, tiny_engine
+
+COMMON = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2",
+          "--n-boot", "100", "--anchors", "3"]
+
+
+def _peft_loss(eng, anchors, weights, example) -> float:
+    """Reference: PEFT's exact weighted sum of the anchors (``cat``), the mean token loss."""
+    model, _ = tiny_llama(seed=0)
+    pm = get_peft_model(model, LoraConfig(r=eng.spec.rank, lora_alpha=eng.spec.alpha, target_modules=list(TARGETS),
+                                          lora_dropout=0.0), adapter_name="a0")
+    for k in range(1, len(anchors)):
+        pm.add_adapter(f"a{k}", LoraConfig(r=eng.spec.rank, lora_alpha=eng.spec.alpha, target_modules=list(TARGETS),
+                                           lora_dropout=0.0))
+    with torch.no_grad():
+        for k, slot in enumerate(anchors):
+            for name, (a, b) in eng.anchor_tensors(slot).items():
+                mod = pm.base_model.model.get_submodule(name)
+                mod.lora_A[f"a{k}"].weight.copy_(a)
+                mod.lora_B[f"a{k}"].weight.copy_(b)
+    pm.add_weighted_adapter([f"a{k}" for k in range(len(anchors))], list(weights), "mix", combination_type="cat")
+    pm.set_adapter("mix")
+    pm.eval()
+    ids = torch.tensor([example.input_ids])
+    labels = torch.tensor([example.labels])
+    with torch.no_grad():
+        logits = pm(input_ids=ids).logits[0, :-1].float()
+    tgt = labels[0, 1:]
+    keep = tgt != IGNORE
+    return torch.nn.functional.cross_entropy(logits[keep], tgt[keep]).item()
+
+
+def test_row_losses_equal_peft_on_the_weighted_sum_of_anchors():
+    eng, model, tok = tiny_engine(n_anchors=3, rank=4, alpha=8.0, b_std=0.2)
+    ex = random_examples(3, seed=5)
+    rows = [(Row((0, 2), (0.7, 0.4)), ex[0]), (Row((1,), (1.3,)), ex[1]), (Row((0, 1, 2), (0.2, 0.5, 1.1)), ex[2])]
+    got = row_losses(eng, rows, tok.pad_token_id, max_rows=2)
+    for (row, e), g in zip(rows, got):
+        assert g == pytest.approx(_peft_loss(eng, row.anchors, row.weights, e), abs=1e-5)
+    assert got != row_losses(eng, [(Row((0, 2), (0.1, 0.1)), ex[0])], tok.pad_token_id)  # weights matter
+
+
+def test_search_never_ends_above_the_similarity_weights_and_keeps_the_anchors():
+    eng, model, tok = tiny_engine(n_anchors=4, rank=4, alpha=8.0, b_std=0.3)
+    mixes = [Mixture((0, 1), (0.6, 0.4), (0.9, 0.6)), Mixture((3, 2), (0.5, 0.5), (0.4, 0.4)),
+             Mixture((1,), (1.0,), (0.8,))]
+    examples = [random_examples(4, seed=s) for s in (1, 2, 3)]
+    found, rec = search_weights(eng, mixes, examples, evals=16, pad_id=tok.pad_token_id, seed=0, max_rows=8)
+    assert [m.anchors for m in found] == [m.anchors for m in mixes]
+    assert [m.similarities for m in found] == [m.similarities for m in mixes]
+    for m, ex, before, after in zip(found, examples, rec["loss_before"], rec["loss_after"]):
+        assert after <= before
+        assert all(0.0 <= w <= W_MAX for w in m.weights)
+        mine = row_losses(eng, [(Row(m.anchors, m.weights), e) for e in ex], tok.pad_token_id)
+        assert sum(mine) / len(mine) == pytest.approx(after, abs=1e-6)  # the stored weights give that loss
+    assert any(a < b - 1e-6 for a, b in zip(rec["loss_after"], rec["loss_before"]))  # it found better weights
+    assert all(16 <= n <= 16 + 8 for n in rec["evals"]) and rec["seconds"] > 0
+
+
+def test_searched_weights_need_the_exact_merge():
+    with pytest.raises(ConfigError, match="delta merge"):
+        AdaptConfig.build({"fusion_weights": "searched", "merge": "factor"})
+
+
+def test_eval_with_searched_weights_stores_them(tmp_path):
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "mta-fusion", "--fusion-weights",
+                 "searched", "--search-evals", "8", *COMMON]) == 0
+    store = UserStore(out / "fold0" / "mta-fusion")
+    recs = [store.meta(u) for u in store.user_ids()]
+    assert recs and all(r.adapt.fusion_weights == "searched" and len(r.weights) == 2 for r in recs)
+    # not the similarity weights (those sum to 1): the search moved them
+    assert any(abs(sum(r.weights) - 1.0) > 1e-6 for r in recs)
+    row = json.loads((out / "metrics.json").read_text())["results"][0]
+    assert row["method"] == "mta-fusion" and row["seconds_per_user_adapt"] > 0
