@@ -33,7 +33,7 @@ from mta.backbone import Backbone
 from mta.config import BankConfig
 from mta.data.schema import User
 from mta.engine import Job, Row, train_jobs
-from mta.engine.peft_io import WEIGHTS, load_adapter, save_adapter, save_anchor
+from mta.engine.peft_io import WEIGHTS, load_adapter, load_anchor, save_adapter, save_anchor
 from mta.errors import MtaError
 from mta.examples import loo_examples, negative_pool
 from mta.paths import LOCK, check_output_dir, fault, foreign_entries, recover, sha256_file, write_text_atomic, writer
@@ -47,6 +47,14 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 def adapter_dir(bank: Path, slot: int) -> Path:
     return Path(bank) / "anchors" / f"{slot:03d}"
+
+
+BASE_DIR = "base"  # a residual bank's task LoRA: a task bank of its own inside the bank
+
+
+def base_adapter(bank: Path) -> Path:
+    """The task LoRA under a residual bank's anchors (``bank_base`` "task")."""
+    return adapter_dir(Path(bank) / BASE_DIR, 0)
 
 
 def read_index(bank: Path) -> BankRecord:
@@ -117,18 +125,37 @@ def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConf
 def build_bank(
     backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
     progress: Progress | None = None, trained: Callable[[User], Path | None] | None = None,
-    recipe: dict | None = None,
+    recipe: dict | None = None, base_cfg: BankConfig | None = None,
 ) -> BankRecord:
     """Select anchors among ``users`` and train their meta-LoRAs into ``out`` (resumable).
     ``recipe``: AdaptConfig settings to record with the bank as defaults for adaptation.
+    ``cfg.bank_base`` "task": the task LoRA is trained first (``ensure_base``, with
+    ``base_cfg``'s learning rate and steps when given) and every anchor trains as a
+    residual over it, frozen.
 
     ``trained(user)`` may return an adapter already trained with exactly this recipe on
     exactly ``training_history(user, cfg)`` (in `mta eval`, the user's per-user LoRA):
     it is copied in instead of training the anchor again.
     """
     rec = prepare_bank(backbone, users, task, cfg, out, recipe)
+    ensure_base(backbone, rec, users, task, cfg, Path(out), base_cfg, progress)
     _train_missing(backbone, rec, users, task, cfg, Path(out), "anchor", progress, trained)
     return rec
+
+
+def ensure_base(backbone: Backbone, rec: BankRecord, users: list[User], task: Task, cfg: BankConfig, out: Path,
+                base_cfg: BankConfig | None = None, progress: Progress | None = None) -> None:
+    """``bank_base`` "task": train the task LoRA every anchor is a residual over, first, on
+    the bank's whole candidate pool (``build_task`` into ``BANK/base``: resumable, and the
+    same adapter as the ``task-lora`` baseline when ``base_cfg`` is its recipe), and record
+    its checksum. Nothing for a bank without a base, or one whose base is trained."""
+    if cfg.bank_base != "task" or rec.base_sha256 is not None:
+        return
+    base_cfg = (base_cfg or cfg).model_copy(update={"bank_base": "none"})
+    build_task(backbone, users, task, base_cfg, Path(out) / BASE_DIR,
+               (lambda st, d, t: progress(f"base {st}", d, t)) if progress else None)
+    rec.base_sha256 = sha256_file(base_adapter(out) / WEIGHTS)
+    write_text_atomic(Path(out) / INDEX, dump(rec))
 
 
 def prepare_bank(backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
@@ -279,10 +306,19 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
     tcfg = cfg.train_config(**backbone.train_resources(), lr_field="BankConfig.lr")
     t0 = time.perf_counter()
     engine.owner = None  # the bank table now holds this group, not an opened bank
-    engine.set_bank(len(group), cfg.rank, cfg.alpha, cfg.target_modules)
+    residual = rec.kind == "bank" and cfg.bank_base == "task"
+    engine.set_bank(len(group) + residual, cfg.rank, cfg.alpha, cfg.target_modules)
     engine.init_bank(seed=cfg.seed + group[0].slot)
-    jobs = [Job(j, examples(a), Row([j], [1.0]), key=f"{key_prefix}:{a.user_id}")
-            for j, a in enumerate(group)]
+    if residual:  # the task LoRA in the slot after the group's: in every row, never stepped (not a job's slot)
+        if rec.base_sha256 is None or sha256_file(base_adapter(out) / WEIGHTS) != rec.base_sha256:
+            raise MtaError(f"bank {out}: its task LoRA ({base_adapter(out)}) is missing or does not match its "
+                           "checksum; rebuild the bank")
+        load_anchor(engine, len(group), base_adapter(out))
+
+    def row(j: int) -> Row:
+        return Row([j, len(group)], [1.0, 1.0]) if residual else Row([j], [1.0])
+
+    jobs = [Job(j, examples(a), row(j), key=f"{key_prefix}:{a.user_id}") for j, a in enumerate(group)]
     stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id, on_step=on_step)
     for j, a in enumerate(group):
         save_anchor(engine, j, adapter_dir(out, a.slot), base_model=rec.model,

@@ -53,6 +53,22 @@ class _Config(BaseModel):
     def dump(self) -> dict:
         return self.model_dump(mode="json")
 
+    def identity(self) -> dict:
+        """``dump`` without the fields added since ids were first taken from configs, where
+        they hold their default: a bank id or a stored user's settings hash stays what it
+        was for a config that does not use them (a new default field would otherwise
+        invalidate every bank and user already on disk)."""
+        out = self.dump()
+        for name in ADDED_FIELDS.get(type(self).__name__, ()):
+            if name in out and out[name] == type(self).model_fields[name].default:
+                del out[name]
+        return out
+
+
+# fields added after bank ids and user hashes were first taken from configs (``identity``)
+ADDED_FIELDS = {"BankConfig": ("steps", "bank_base"),
+                "AdaptConfig": ("stack_steps", "fusion_weights", "search_evals")}
+
 
 def _split_csv(v: Any) -> Any:
     if isinstance(v, str):
@@ -115,6 +131,10 @@ class BankConfig(_Config):
     anchors: int = Field(50, ge=1, description="k-means clusters = anchors requested (capped at the "
                          "eligible users; the bank records the effective number)")
     min_history: int = Field(11, ge=1, description="history items an anchor needs (reference: more than 10)")
+    bank_base: Literal["none", "task"] = Field(
+        "none", description="none: each meta-LoRA learns the task from scratch (the paper); task: a task LoRA is "
+        "trained first on the whole candidate pool and held frozen under every anchor, which trains as a residual "
+        "on top of it (Per-Pcs, PriME); fusion merges the residuals and every user's rows carry the task LoRA")
     anchor_training: Literal["user", "cluster"] = Field(
         "user", description="what each meta-LoRA trains on: its anchor user's history (the paper), or the pooled "
         "histories of every candidate user nearest its cluster's centroid (for pools of sparse users)")
@@ -245,9 +265,11 @@ class BaselineConfig(_Config):
                                    "bank's)")
 
     def bank_for(self, part: Literal["task", "user"], bank: BankConfig) -> BankConfig:
-        """The bank recipe with ``part``'s learning rate and steps where set."""
+        """The bank recipe with ``part``'s learning rate and steps where set; a baseline (and
+        a residual bank's task LoRA) never sits on a base of its own."""
         lr, steps = getattr(self, f"{part}_lr"), getattr(self, f"{part}_steps")
-        return bank.model_copy(update={k: v for k, v in (("lr", lr), ("steps", steps)) if v is not None})
+        update = {k: v for k, v in (("lr", lr), ("steps", steps)) if v is not None}
+        return bank.model_copy(update={**update, "bank_base": "none"})
 
 
 class GenerateConfig(_Config):

@@ -65,7 +65,7 @@ def ray_adapt(address: str, backbone: BackboneConfig, bank: Path, users: Sequenc
     from mta.bank import read_index
 
     rec = read_index(bank)
-    settings = {"bank": rec.bank_id, "adapt": cfg.dump()}
+    settings = {"bank": rec.bank_id, "adapt": cfg.identity()}
     started = not ray.is_initialized()
     if started:
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
@@ -133,12 +133,15 @@ class BankWorker:
         self.backbone = Backbone.load(BackboneConfig.build(backbone))
 
     def prepare(self, users: list[dict], task: str, cfg: dict, out: str, recipe: dict | None) -> dict:
-        from mta.bank import prepare_bank
+        """The bank's index, and (``bank_base`` "task") its task LoRA trained here, before
+        any group of residual anchors is handed out."""
+        from mta.bank import ensure_base, prepare_bank
         from mta.config import BankConfig
         from mta.tasks import get_task
 
-        rec = prepare_bank(self.backbone, [User.model_validate(u) for u in users], get_task(task),
-                           BankConfig.build(cfg), Path(out), recipe)
+        people, t, c = [User.model_validate(u) for u in users], get_task(task), BankConfig.build(cfg)
+        rec = prepare_bank(self.backbone, people, t, c, Path(out), recipe)
+        ensure_base(self.backbone, rec, people, t, c, Path(out))
         return rec.model_dump(mode="json")
 
     def train(self, rec: dict, slots: list[int], users: list[dict], task: str, cfg: dict, out: str) -> list[dict]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from mta.anchors import embed_users
 from mta.backbone import Backbone
-from mta.bank import adapter_dir, read_index
+from mta.bank import adapter_dir, base_adapter, read_index
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
 from mta.engine import Job, Row, train_jobs
@@ -193,6 +193,20 @@ class LoadedBank:
     def n_anchors(self) -> int:
         return len(self.record.anchors) if self.record else 0
 
+    @property
+    def base_slot(self) -> int | None:
+        """A residual bank's task LoRA: the table slot after the anchors, in every adapted
+        row with weight 1 (``bank_base`` "task"); None for any other bank."""
+        if self.record is None or self.record.kind != "bank" or self.record.base_sha256 is None:
+            return None
+        return self.n_anchors
+
+    def with_base(self, anchors: Sequence[int], weights: Sequence[float]) -> tuple[tuple, tuple]:
+        """The anchors and weights a row or an export uses: a residual bank adds its task LoRA."""
+        if self.base_slot is None:
+            return tuple(anchors), tuple(weights)
+        return (*anchors, self.base_slot), (*weights, 1.0)
+
     def _activate(self) -> None:
         """Put this bank's anchors into the engine unless they are there already."""
         engine = self.backbone.engine
@@ -202,13 +216,19 @@ class LoadedBank:
         if cfg is None:
             engine.set_bank(0, 1, 1.0)
         else:
-            engine.set_bank(self.n_anchors, cfg.rank, cfg.alpha, cfg.target_modules)
+            engine.set_bank(self.n_anchors + (self.base_slot is not None), cfg.rank, cfg.alpha, cfg.target_modules)
             for a in self.record.anchors:
                 d = adapter_dir(self.path, a.slot)
                 if a.sha256 and sha256_file(d / WEIGHTS) != a.sha256:
                     raise MtaError(f"bank {self.path}: anchor {a.slot} ({d / WEIGHTS}) does not match its checksum "
                                    "(corrupt); rebuild the bank")
                 load_anchor(engine, a.slot, d)
+            if self.base_slot is not None:
+                d = base_adapter(self.path)
+                if not (d / WEIGHTS).is_file() or sha256_file(d / WEIGHTS) != self.record.base_sha256:
+                    raise MtaError(f"bank {self.path}: its task LoRA ({d / WEIGHTS}) is missing or does not match "
+                                   "its checksum (corrupt); rebuild the bank")
+                load_anchor(engine, self.base_slot, d)
             LOADS["count"] += 1
         engine.clear_fused()
         self.stacks.invalidate()
@@ -244,9 +264,12 @@ class LoadedBank:
         rows = []
         for p in plans:
             if p.anchors and p.merge != "delta":
+                if self.base_slot is not None:
+                    raise MtaError(f"bank {self.path} is residual (a task LoRA under its anchors): it takes the "
+                                   f"exact delta merge only, not {p.merge!r}", ("AdaptConfig.merge",))
                 rows.append(Row(fused=fused[self._fused_key(p)], user=p.stack))
             elif p.anchors or p.stack is not None:
-                rows.append(Row(p.anchors, p.weights, user=p.stack))
+                rows.append(Row(*self.with_base(p.anchors, p.weights), user=p.stack))
             else:
                 rows.append(Row(active=False))
         return rows
@@ -279,6 +302,9 @@ class LoadedBank:
                 raise MtaError(f"user '{u.user_id}' has 0 history items; stacking needs at least 1")
         if not users:
             raise MtaError("no users to adapt")
+        if self.base_slot is not None and cfg.merge != "delta":
+            raise MtaError(f"bank {self.path} is residual (a task LoRA under its anchors): it takes the exact delta "
+                           f"merge only, not {cfg.merge!r}", ("AdaptConfig.merge",))
         if self.kind == "bank" and cfg.top_k > self.n_anchors:
             raise MtaError(f"top_k {cfg.top_k} is more than the {self.n_anchors} anchors of bank {self.path}",
                            ("AdaptConfig.top_k",))
@@ -292,7 +318,7 @@ class LoadedBank:
         t0 = time.perf_counter()
         mixes = self.mixtures(users, cfg)
         fuse_s = time.perf_counter() - t0
-        settings = {"bank": self.bank_id, "adapt": cfg.dump()}
+        settings = {"bank": self.bank_id, "adapt": cfg.identity()}
         hashes = [history_hash(u, self.task.name, settings) for u in users]
         todo = [i for i, u in enumerate(users)
                 if force or not (store.has(u.user_id) and store.meta(u.user_id).history_hash == hashes[i])]
@@ -307,7 +333,7 @@ class LoadedBank:
             found, _ = search_weights(
                 engine, [mixes[i] for i in todo],
                 [loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length, negatives) for i in todo],
-                cfg.search_evals, tok.pad_token_id, seed=cfg.seed + first_pass,
+                cfg.search_evals, tok.pad_token_id, seed=cfg.seed + first_pass, base_slot=self.base_slot,
                 max_rows=self.backbone.train_resources().get("max_rows") or 64)
             for i, m in zip(todo, found):
                 mixes[i] = m
@@ -442,7 +468,8 @@ class LoadedBank:
         if rec is None:
             store.meta(user_id)  # raises the "not in the store" error with the stored ids
         slot = self.stacks.ensure({user_id: rec}, store)[user_id] if rec.stack else None
-        return export_user(self.backbone.engine, rec.anchors, rec.weights, out, mode=rec.merge, user=slot,
+        anchors, weights = self.with_base(rec.anchors, rec.weights)
+        return export_user(self.backbone.engine, list(anchors), list(weights), out, mode=rec.merge, user=slot,
                            svd_rank=rec.svd_rank, pad_to=pad_to, base_model=base_model or self._model_id)
 
     def export_vllm(self, store: UserStore, out: Path, served_model: str,

@@ -62,6 +62,9 @@ class BankRecord(_Record):
     recipe: dict = Field(default_factory=dict)  # AdaptConfig settings recommended with this bank (mta tune)
     embed_seconds: float = 0.0
     anchors: list[AnchorRecord]
+    # bank_base "task": the sha256 of the task LoRA under every anchor (BANK/base, a task
+    # bank), set once it is trained; None for a bank without a base
+    base_sha256: str | None = None
 
     @property
     def anchor_ids(self) -> list[str]:
@@ -77,8 +80,10 @@ class BankRecord(_Record):
         weights (their files' sha256: two banks of the same anchor ids and recipe trained on
         other data, or retrained differently, are different banks for the users adapted
         against them)."""
-        payload = {"anchors": self.anchor_ids, "fingerprint": self.fingerprint, "config": self.config.dump(),
+        payload = {"anchors": self.anchor_ids, "fingerprint": self.fingerprint, "config": self.config.identity(),
                    "weights": [a.sha256 for a in self.anchors]}
+        if self.base_sha256 is not None:
+            payload["base"] = self.base_sha256
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -35,9 +35,11 @@ SIGMA0 = 0.3  # the initial step, in weight units
 
 
 def search_weights(engine: AdapterEngine, mixes: Sequence[Mixture], examples: Sequence[Sequence[Example]],
-                   evals: int, pad_id: int, seed: int = 0, max_rows: int | None = 16) -> tuple[list[Mixture], dict]:
+                   evals: int, pad_id: int, seed: int = 0, max_rows: int | None = 16,
+                   base_slot: int | None = None) -> tuple[list[Mixture], dict]:
     """One searched mixture per user (same anchors, new weights) and the search's record:
-    {"seconds", "evals", "loss_before", "loss_after"} with per-user losses."""
+    {"seconds", "evals", "loss_before", "loss_after"} with per-user losses. ``base_slot``:
+    a residual bank's task LoRA, in every scored row with weight 1 (not searched)."""
     import cma  # 1 s to import: only where a search runs
 
     if len(mixes) != len(examples):
@@ -56,7 +58,9 @@ def search_weights(engine: AdapterEngine, mixes: Sequence[Mixture], examples: Se
         es.append(cma.CMAEvolutionStrategy(x0.tolist(), SIGMA0, opts))
 
     def score(cands: list[tuple[int, np.ndarray]]) -> list[float]:
-        pairs = [(Row(mixes[u].anchors, tuple(float(x) for x in w)), e) for u, w in cands for e in examples[u]]
+        base = ((base_slot,), (1.0,)) if base_slot is not None else ((), ())
+        pairs = [(Row((*mixes[u].anchors, *base[0]), (*(float(x) for x in w), *base[1])), e)
+                 for u, w in cands for e in examples[u]]
         flat = row_losses(engine, pairs, pad_id, max_rows)
         out, pos = [], 0
         for u, _ in cands:

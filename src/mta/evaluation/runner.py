@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mta.anchors import embed_users
-from mta.bank import adapter_dir, build_bank, build_task, read_index, training_history
+from mta.bank import BASE_DIR, adapter_dir, build_bank, build_task, read_index, training_history
 from mta.data.schema import Dataset, User
 from mta.errors import MtaError
 from mta.evaluation import plots
@@ -146,7 +146,9 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     own: dict[str, tuple[tuple, Path]] = {}
     own_steps: dict[str, int | None] = {}
     # ... only while the per-user LoRAs train with the anchors' budget (BaselineConfig unset)
-    reuse = setup.baselines.bank_for("user", setup.bank_cfg) == setup.bank_cfg
+    # (a from-scratch bank's anchors: a residual bank's are not per-user LoRAs)
+    scratch = setup.bank_cfg.model_copy(update={"bank_base": "none"})
+    reuse = setup.baselines.bank_for("user", setup.bank_cfg) == scratch
     # A method whose training diverges (a NaN the trainer cannot skip) is left out of the
     # report with its error, and the others go on: one baseline at too high a learning rate
     # must not cost a whole evaluation. Its adapters' folders are left as they are. A
@@ -181,6 +183,11 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                 for u in targets[fold.index]:
                     own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), adapter_dir(d, slots[u.user_id]))
 
+    # bank_base "task": the bank trains the task LoRA first (BANK/base) and the task-lora
+    # baseline and OPPU use that very adapter; mta-reference keeps a from-scratch bank
+    residual = setup.bank_cfg.bank_base == "task"
+    task_cfg = setup.baselines.bank_for("task", setup.bank_cfg)
+
     def trained(user: User) -> Path | None:
         hit = own.get(user.user_id)
         return hit[1] if hit and hit[0] == _item_ids(user) else None
@@ -190,29 +197,37 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
         split.append({"fold": fold.index, "targets": [u.user_id for u in targets[fold.index]],
                       "anchor_candidates": [u.user_id for u in fold.candidates],
                       "target_persons": persons_of(fold.targets), "candidate_persons": persons_of(fold.candidates)})
-        bank = task_bank = None
+        bank = task_bank = ref_bank = None
         wanted = set(methods) - set(failed)
-        if TASK_METHODS & wanted:
+        if TASK_METHODS & wanted and not (residual and BANK_METHODS & wanted):
             t0 = time.perf_counter()
             if attempt(sorted(TASK_METHODS), lambda fold=fold: build_task(
-                    setup.backbone, list(fold.candidates), task, setup.baselines.bank_for("task", setup.bank_cfg),
-                    place(fold.index, "task-lora"), _stages(setup, "task-lora"))) is not None:
+                    setup.backbone, list(fold.candidates), task, task_cfg, place(fold.index, "task-lora"),
+                    _stages(setup, "task-lora"))) is not None:
                 task_bank = LoadedBank(setup.backbone, place(fold.index, "task-lora"), task)
             bank_seconds += time.perf_counter() - t0
         if BANK_METHODS & wanted:
             t0 = time.perf_counter()
-            if attempt(sorted(BANK_METHODS), lambda fold=fold: build_bank(
+            users_of_bank = sorted(BANK_METHODS - {"mta-reference"} if residual else BANK_METHODS)
+            if attempt(users_of_bank + (sorted(TASK_METHODS) if residual else []), lambda fold=fold: build_bank(
                     setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "bank"),
-                    _stages(setup, "bank"), trained=trained)) is not None:
+                    _stages(setup, "bank"), trained=None if residual else trained, base_cfg=task_cfg)) is not None:
                 bank = LoadedBank(setup.backbone, place(fold.index, "bank"), task)
+                if residual and TASK_METHODS & wanted:
+                    task_bank = LoadedBank(setup.backbone, place(fold.index, "bank") / BASE_DIR, task)
+            if residual and "mta-reference" in wanted and attempt(["mta-reference"], lambda fold=fold: build_bank(
+                    setup.backbone, list(fold.candidates), task, scratch, place(fold.index, "bank-reference"),
+                    _stages(setup, "bank-reference"), trained=trained)) is not None:
+                ref_bank = LoadedBank(setup.backbone, place(fold.index, "bank-reference"), task)
             bank_seconds += time.perf_counter() - t0
         for m in methods:
             if m == "per-user-lora" or m in failed:
                 continue
-            part = attempt([m], lambda m=m, fold=fold, bank=bank, task_bank=task_bank: _run_method(
-                setup, m, targets[fold.index], place(fold.index, m), bank, task_bank, fold.candidates))
+            used = ref_bank if m == "mta-reference" and ref_bank is not None else bank
+            part = attempt([m], lambda m=m, fold=fold, used=used, task_bank=task_bank: _run_method(
+                setup, m, targets[fold.index], place(fold.index, m), used, task_bank, fold.candidates))
             if part is not None:
-                part.steps.update(_shared_steps(m, bank, task_bank, own_steps))
+                part.steps.update(_shared_steps(m, used, task_bank, own_steps))
                 results[m] = merge(results[m], part)
     if len(failed) == len(methods):  # nothing to report
         raise next(iter(failed.values()))
@@ -234,7 +249,10 @@ def _shared_steps(m: str, bank, task_bank, own_steps: dict[str, int | None]) -> 
     (an anchor copied from a per-user LoRA has that LoRA's steps) or its task LoRA."""
     if m in BANK_METHODS and bank is not None and bank.record is not None:
         steps = [a.steps if a.steps is not None else own_steps.get(a.user_id) for a in bank.record.anchors]
-        return {"anchors": [s for s in steps if s is not None]}
+        out = {"anchors": [s for s in steps if s is not None]}
+        if bank.base_slot is not None:
+            out["task LoRA"] = [a.steps for a in read_index(bank.path / BASE_DIR).anchors if a.steps is not None]
+        return out
     if m in TASK_METHODS and task_bank is not None and task_bank.record is not None:
         return {"task LoRA": [a.steps for a in task_bank.record.anchors if a.steps is not None]}
     return {}

@@ -189,7 +189,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str) -> dict:
         trial = out / "trials" / name
         # adapters shared between trials, keyed by the recipe they were trained with
-        shared = {"bank": bc, "task-lora": bl.bank_for("task", bc), "per-user-lora": bl.bank_for("user", bc)}
+        shared = {"bank": bc, "task-lora": bl.bank_for("task", bc), "per-user-lora": bl.bank_for("user", bc),
+                  "bank-reference": bc.model_copy(update={"bank_base": "none"})}
 
         def place(fold: int, what: str) -> Path:
             if what in shared:

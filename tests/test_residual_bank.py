@@ -1,0 +1,107 @@
+"""A residual bank (`--bank-base task`): a task LoRA trained first on the candidate pool,
+frozen under every anchor, which trains as a residual; every adapted row, the weight
+search and the export carry the task LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from mta.bank import BASE_DIR, adapter_dir, base_adapter, build_bank, build_task, read_index
+from mta.cli.main import main
+from mta.config import AdaptConfig, BankConfig
+from mta.data.synth import synth_users
+from mta.engine.peft_io import WEIGHTS
+from mta.errors import MtaError
+from mta.loaded_bank import LoadedBank, Plan
+from mta.models.tiny import tiny_llama
+from mta.paths import sha256_file
+from mta.store import UserStore
+from mta.tasks import get_task
+from tests.engine_helpers import tiny_backbone
+
+TASK = get_task("synth")
+FAST = dict(anchors=2, min_history=1, epochs=1, batch_size=4, max_length=160, group_size=2)
+ADAPT = dict(batch_size=4, max_length=160)
+COMMON = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2",
+          "--n-boot", "100", "--anchors", "2"]
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / WEIGHTS))
+
+
+def test_the_base_is_the_task_lora_and_stays_frozen_under_residual_anchors(tmp_path):
+    users = synth_users(8, seed=3)
+    backbone = tiny_backbone()
+    cfg = BankConfig.make(**FAST, bank_base="task")
+    rec = build_bank(backbone, users, TASK, cfg, tmp_path / "bank")
+    assert rec.base_sha256 == sha256_file(base_adapter(tmp_path / "bank") / WEIGHTS)
+    assert read_index(tmp_path / "bank" / BASE_DIR).kind == "task"
+    # the base is exactly the task-lora baseline's adapter (same pool, same recipe)
+    build_task(tiny_backbone(), users, TASK, cfg.model_copy(update={"bank_base": "none"}), tmp_path / "task")
+    base, task = _weights(base_adapter(tmp_path / "bank")), _weights(adapter_dir(tmp_path / "task", 0))
+    assert base.keys() == task.keys() and all(torch.equal(base[k], task[k]) for k in base)
+    # the anchors trained ON TOP of it: not the anchors a from-scratch bank trains
+    scratch = build_bank(tiny_backbone(), users, TASK, BankConfig.make(**FAST), tmp_path / "scratch")
+    assert [a.user_id for a in scratch.anchors] == [a.user_id for a in rec.anchors]
+    for a in rec.anchors:
+        ours, theirs = _weights(adapter_dir(tmp_path / "bank", a.slot)), _weights(adapter_dir(tmp_path / "scratch",
+                                                                                              a.slot))
+        assert any(not torch.equal(ours[k], theirs[k]) for k in ours)
+        assert a.first_loss != scratch.anchors[a.slot].first_loss  # its first forward already had the base
+    assert rec.bank_id != scratch.bank_id
+
+
+def _peft_logits(path, ids):
+    base, _ = tiny_llama(seed=0)
+    pm = PeftModel.from_pretrained(base, str(path))
+    pm.eval()
+    with torch.no_grad():
+        return pm(ids).logits
+
+
+def test_rows_search_and_export_carry_the_task_lora(tmp_path):
+    users = synth_users(8, seed=3)
+    backbone = tiny_backbone()
+    build_bank(backbone, users, TASK, BankConfig.make(**FAST, bank_base="task"), tmp_path / "bank")
+    bank = LoadedBank(backbone, tmp_path / "bank", TASK)
+    assert bank.base_slot == 2 and bank.backbone.engine.n_anchors == 3
+    row = bank._rows([Plan((1, 0), (0.6, 0.4))])[0]
+    assert tuple(row.anchors) == (1, 0, 2) and tuple(row.weights) == (0.6, 0.4, 1.0)
+    assert not bank._rows([Plan()])[0].active  # the base model stays the base model
+    store = UserStore(tmp_path / "store", create=True)
+    cfg = AdaptConfig.make(**ADAPT, fusion_weights="searched", search_evals=6)
+    bank.adapt(users[:2], cfg, store)
+    rec = store.meta(users[0].user_id)
+    assert len(rec.anchors) == 2 and len(rec.weights) == 2  # the task LoRA is the bank's, not stored per user
+    out = bank.export(users[0].user_id, store, tmp_path / "u")
+    cfg_json = json.loads((out / "adapter_config.json").read_text())
+    assert cfg_json["r"] == 3 * 8 + 2  # task LoRA + 2 residual anchors (rank 8) + the rank-2 stack
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(5))
+    slot = bank.stacks.ensure({users[0].user_id: rec}, store)[users[0].user_id]
+    with bank.backbone.engine.route(bank._rows([Plan(tuple(rec.anchors), tuple(rec.weights), stack=slot)]) * 2), \
+            torch.no_grad():
+        ours = bank.backbone.model(ids).logits
+    torch.testing.assert_close(_peft_logits(out, ids), ours, atol=1e-5, rtol=0)
+    with pytest.raises(MtaError, match="delta merge only"):
+        bank.adapt(users[2:3], AdaptConfig.make(**ADAPT, merge="factor"), store)
+
+
+def test_eval_with_a_residual_bank_shares_the_task_lora_and_keeps_reference_from_scratch(tmp_path):
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "task-lora,mta,mta-reference",
+                 "--bank-base", "task", *COMMON]) == 0
+    fold = out / "fold0"
+    assert not (fold / "task-lora" / "index.json").exists()  # the baseline IS the bank's base
+    assert read_index(fold / "bank").base_sha256 and read_index(fold / "bank-reference").base_sha256 is None
+    rows = {r["method"]: r["optimizer_steps"] for r in json.loads((out / "metrics.json").read_text())["results"]}
+    assert set(rows["mta"]) == {"stack", "anchors", "task LoRA"} and set(rows["mta-reference"]) == {"stack",
+                                                                                                    "anchors"}
