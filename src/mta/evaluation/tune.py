@@ -169,7 +169,7 @@ def _key(cfg) -> str:
 
 def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
          history_queries: int = 0, n_boot: int = 200, progress: Callable[[str, int, int], None] | None = None,
-         max_user_share: float = MAX_USER_SHARE, target_history: int | None = None) -> Recipe:
+         max_user_share: float = MAX_USER_SHARE, target_history: int | None = None, leak_check: bool = True) -> Recipe:
     task = setup.task
     metric = task.metric_names[0]
     lower_better = task.kind == "rating"
@@ -199,7 +199,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
 
         s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens, baselines=bl)
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
-                        place=place, history_queries=history_queries)
+                        place=place, history_queries=history_queries, leak_check=leak_check)
 
     def trial_value(method: str, bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str) -> float:
         res = evaluate([method], bc, ac, bl, name)  # raises when the method, the only one, diverged
