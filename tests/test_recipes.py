@@ -37,3 +37,16 @@ def test_a_misplaced_or_broken_recipe_file_is_refused(tmp_path, monkeypatch):
     with pytest.raises(MtaError, match="not a tuned recipe"):
         recipes.model_recipe("m", "lastfm")
     recipes._read.cache_clear()
+
+
+def test_config_identity_ignores_fields_added_later_at_their_defaults():
+    """Bank ids and user hashes are taken from ``identity``: a bank built before ``steps``
+    and ``bank_base`` existed keeps its id; setting either changes it."""
+    base = BankConfig()
+    assert "steps" not in base.identity() and "bank_base" not in base.identity()
+    assert base.identity() == {k: v for k, v in base.dump().items() if k not in ("steps", "bank_base")}
+    assert BankConfig(steps=4).identity()["steps"] == 4
+    assert BankConfig(bank_base="task").identity()["bank_base"] == "task"
+    a = AdaptConfig()
+    assert not {"stack_steps", "fusion_weights", "search_evals"} & set(a.identity())
+    assert AdaptConfig(fusion_weights="searched").identity()["fusion_weights"] == "searched"
