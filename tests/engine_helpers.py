@@ -53,6 +53,19 @@ def random_examples(n: int, seed: int, vocab: int = 250, lo: int = 5, hi: int = 
     return out
 
 
+def peft_logits(path, ids):
+    """Reference: the saved PEFT adapter at ``path`` loaded by plain ``peft`` onto the tiny
+    model (seed 0), its logits for ``ids``."""
+    import torch
+    from peft import PeftModel
+
+    base, _ = tiny_llama(seed=0)
+    pm = PeftModel.from_pretrained(base, str(path))
+    pm.eval()
+    with torch.no_grad():
+        return pm(ids).logits
+
+
 def run_through_slots(dec, seqs, slots: int) -> int:
     """Drive a SlotDecoder as the server's scheduler does: rows join as slots free up,
     finished rows leave, one step at a time until every row is done. Returns how often

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 
 from mta.engine.engine import Row
 from mta.engine.fingerprint import model_fingerprint
@@ -21,18 +20,14 @@ from mta.engine.peft_io import (
 )
 from mta.errors import MtaError
 from mta.models.tiny import tiny_llama
-from tests.engine_helpers import tiny_engine
+from tests.engine_helpers import peft_logits, tiny_engine
 
 IDS = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(5))
 TOL = 1e-5
 
 
 def _peft_logits(path, ids=IDS):
-    base, _ = tiny_llama(seed=0)
-    pm = PeftModel.from_pretrained(base, str(path))
-    pm.eval()
-    with torch.no_grad():
-        return pm(ids).logits
+    return peft_logits(path, ids)
 
 
 def test_anchor_round_trip_and_peft_parity(tmp_path):

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 
 from mta.bank import BASE_DIR, adapter_dir, base_adapter, build_bank, build_task, read_index
 from mta.cli.main import main
@@ -17,11 +16,10 @@ from mta.data.synth import synth_users
 from mta.engine.peft_io import WEIGHTS
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank, Plan
-from mta.models.tiny import tiny_llama
 from mta.paths import sha256_file
 from mta.store import UserStore
 from mta.tasks import get_task
-from tests.engine_helpers import tiny_backbone
+from tests.engine_helpers import peft_logits, tiny_backbone
 
 TASK = get_task("synth")
 FAST = dict(anchors=2, min_history=1, epochs=1, batch_size=4, max_length=160, group_size=2)
@@ -58,14 +56,6 @@ def test_the_base_is_the_task_lora_and_stays_frozen_under_residual_anchors(tmp_p
     assert rec.bank_id != scratch.bank_id
 
 
-def _peft_logits(path, ids):
-    base, _ = tiny_llama(seed=0)
-    pm = PeftModel.from_pretrained(base, str(path))
-    pm.eval()
-    with torch.no_grad():
-        return pm(ids).logits
-
-
 def test_rows_search_and_export_carry_the_task_lora(tmp_path):
     users = synth_users(8, seed=3)
     backbone = tiny_backbone()
@@ -88,7 +78,7 @@ def test_rows_search_and_export_carry_the_task_lora(tmp_path):
     with bank.backbone.engine.route(bank._rows([Plan(tuple(rec.anchors), tuple(rec.weights), stack=slot)]) * 2), \
             torch.no_grad():
         ours = bank.backbone.model(ids).logits
-    torch.testing.assert_close(_peft_logits(out, ids), ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(peft_logits(out, ids), ours, atol=1e-5, rtol=0)
     with pytest.raises(MtaError, match="delta merge only"):
         bank.adapt(users[2:3], AdaptConfig.make(**ADAPT, merge="factor"), store)
 
