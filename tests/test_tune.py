@@ -57,7 +57,7 @@ def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
     assert main(["eval", "--data", str(data), "--out", str(ev), "--recipe", str(out / "recipe.json"),
                  "--methods", "mta", "--n-boot", "100", *TINY]) == 0
     m = json.loads((ev / "metrics.json").read_text())
-    assert m["results"][0]["users"] == 6 and "dev users" in (ev / "results.md").read_text()
+    assert m["results"][0]["users"] == 6 and "users of the dev persons" in (ev / "results.md").read_text()
     assert m["config"]["configs"]["bank"]["lr"] == r.bank["lr"]
     split = json.loads((ev / "split.json").read_text())
     assert not {t for f in split for t in f["targets"]} & set(r.dev_users)
@@ -126,10 +126,10 @@ def test_a_baseline_diverging_in_the_final_ablation_keeps_the_recipe(tmp_path, m
     r = read_recipe(out / "recipe.json")
     message = "training diverged at step 2: the loss of 'user:x' is nan"
     # every other method's row is kept, with its paired differences; the failure is a row too
-    assert [row.get("method") for row in r.ablation] == ["rag-1", "user-prior", "task-lora", "mta-fusion",
-                                                          "mta-stack", "mta", "per-user-lora"]
+    assert [row.get("method") for row in r.ablation] == ["rag-1", "user-prior", "item-prior", "task-lora", "oppu",
+                                                          "mta-fusion", "mta-stack", "mta", "per-user-lora"]
     assert r.ablation[-1] == {"method": "per-user-lora", "error": message}
-    assert "diff_vs_task-lora" in r.ablation[5]["metrics"]["accuracy"]
+    assert "diff_vs_task-lora" in r.ablation[7]["metrics"]["accuracy"]
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "lr" in r.bank and f"the final ablation: per-user-lora diverged: {message}" in err
 
