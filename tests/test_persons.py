@@ -73,6 +73,18 @@ def test_inference_reproduces_the_shared_persons_file():
     assert len(set(expected.values())) == 24
 
 
+def test_official_lamp_files_get_persons_too(tmp_path):
+    """The official layout (questions + outputs): one question per record, persons by overlap."""
+    users = _people(3, 2)
+    questions = [{"id": u.queries[0].id, "input": u.queries[0].input, "profile": [it.model_dump() for it in u.history]}
+                 for u in users]
+    golds = {"task": "LaMP_2", "golds": [{"id": u.queries[0].id, "output": u.queries[0].gold} for u in users]}
+    (tmp_path / "dev_questions.json").write_text(json.dumps(questions))
+    (tmp_path / "dev_outputs.json").write_text(json.dumps(golds))
+    ds = load_dataset(tmp_path)
+    assert ds.layout == "lamp" and [u.person for u in ds.users] == ["p01", "p01", "p02", "p02", "p03", "p03"]
+
+
 def test_persons_file_overrides_and_must_cover_every_user(tmp_path):
     users = _people(2, 2)
     data = tmp_path / "users.json"
