@@ -193,3 +193,19 @@ def test_each_trained_method_has_its_own_budget_and_the_report_says_its_steps(tm
     assert read_index(out / "fold0" / "task-lora").config.lr == 1e-3
     # per-user LoRAs with their own budget are never copied in as anchors (other recipe)
     assert all(a.reused_from is None for a in read_index(out / "fold0" / "bank").anchors)
+
+
+def test_an_anchor_copied_from_a_per_user_lora_keeps_its_steps(tmp_path):
+    """A bank copies the per-user LoRAs of its anchors instead of training them again; the
+    copy carries the steps that LoRA trained for, so the report's anchor steps are complete."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "per-user-lora,mta-fusion",
+                 *COMMON]) == 0
+    anchors = read_index(out / "fold0" / "bank").anchors
+    assert anchors and all(a.reused_from for a in anchors)
+    own = {a.user_id: a.steps for f in ("fold0", "fold1") for a in read_index(out / f / "per-user-lora").anchors}
+    assert all(a.steps is not None and a.steps == own[a.user_id] for a in anchors)
+    rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["results"]}
+    assert set(rows["mta-fusion"]["optimizer_steps"]) == {"anchors"}

@@ -57,6 +57,16 @@ def base_adapter(bank: Path) -> Path:
     return adapter_dir(Path(bank) / BASE_DIR, 0)
 
 
+def load_base(engine, slot: int, bank: Path, rec: BankRecord) -> None:
+    """Put a residual bank's task LoRA into the bank table's ``slot``, after checking it
+    against the checksum its index records (a missing or changed file is one error)."""
+    d = base_adapter(bank)
+    if rec.base_sha256 is None or not (d / WEIGHTS).is_file() or sha256_file(d / WEIGHTS) != rec.base_sha256:
+        raise MtaError(f"bank {bank}: its task LoRA ({d / WEIGHTS}) is missing or does not match its checksum "
+                       "(corrupt); rebuild the bank")
+    load_anchor(engine, slot, d)
+
+
 def read_index(bank: Path) -> BankRecord:
     f = Path(bank) / INDEX
     if not f.exists():
@@ -261,6 +271,7 @@ def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task:
             save_adapter(adapter_dir(out, a.slot), tensors, cfg.rank, cfg.alpha, backbone.fingerprint, "anchor",
                          rec.model, {"user_id": a.user_id, "task": task.name})
             a.done, a.reused_from = True, str(src)
+            a.steps = _steps_of(src)
             a.sha256 = sha256_file(adapter_dir(out, a.slot) / WEIGHTS)
             todo.remove(a)
         write_text_atomic(out / INDEX, dump(rec))
@@ -275,6 +286,14 @@ def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task:
         fault("bank:group-written")
         if progress:
             progress("anchors", n - len(todo) + g + len(group), n)
+
+
+def _steps_of(adapter: Path) -> int | None:
+    """The optimiser steps its bank recorded for ``adapter`` (BANK/anchors/NNN), if any."""
+    bank = Path(adapter).parent.parent
+    if not (bank / INDEX).is_file():
+        return None
+    return next((a.steps for a in read_index(bank).anchors if adapter_dir(bank, a.slot) == Path(adapter)), None)
 
 
 def todo_groups(rec: BankRecord, out: Path, cfg: BankConfig) -> list[list[int]]:
@@ -310,10 +329,7 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
     engine.set_bank(len(group) + residual, cfg.rank, cfg.alpha, cfg.target_modules)
     engine.init_bank(seed=cfg.seed + group[0].slot)
     if residual:  # the task LoRA in the slot after the group's: in every row, never stepped (not a job's slot)
-        if rec.base_sha256 is None or sha256_file(base_adapter(out) / WEIGHTS) != rec.base_sha256:
-            raise MtaError(f"bank {out}: its task LoRA ({base_adapter(out)}) is missing or does not match its "
-                           "checksum; rebuild the bank")
-        load_anchor(engine, len(group), base_adapter(out))
+        load_base(engine, len(group), out, rec)
 
     def row(j: int) -> Row:
         return Row([j, len(group)], [1.0, 1.0]) if residual else Row([j], [1.0])

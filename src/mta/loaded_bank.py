@@ -31,7 +31,7 @@ import numpy as np
 
 from mta.anchors import embed_users
 from mta.backbone import Backbone
-from mta.bank import adapter_dir, base_adapter, read_index
+from mta.bank import adapter_dir, load_base, read_index
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
 from mta.engine import Job, Row, train_jobs
@@ -207,6 +207,11 @@ class LoadedBank:
             return tuple(anchors), tuple(weights)
         return (*anchors, self.base_slot), (*weights, 1.0)
 
+    def _check_merge(self, merge: str) -> None:
+        if self.base_slot is not None and merge != "delta":
+            raise MtaError(f"bank {self.path} is residual (a task LoRA under its anchors): it takes the exact delta "
+                           f"merge only, not {merge!r}", ("AdaptConfig.merge",))
+
     def _activate(self) -> None:
         """Put this bank's anchors into the engine unless they are there already."""
         engine = self.backbone.engine
@@ -224,11 +229,7 @@ class LoadedBank:
                                    "(corrupt); rebuild the bank")
                 load_anchor(engine, a.slot, d)
             if self.base_slot is not None:
-                d = base_adapter(self.path)
-                if not (d / WEIGHTS).is_file() or sha256_file(d / WEIGHTS) != self.record.base_sha256:
-                    raise MtaError(f"bank {self.path}: its task LoRA ({d / WEIGHTS}) is missing or does not match "
-                                   "its checksum (corrupt); rebuild the bank")
-                load_anchor(engine, self.base_slot, d)
+                load_base(engine, self.base_slot, self.path, self.record)
             LOADS["count"] += 1
         engine.clear_fused()
         self.stacks.invalidate()
@@ -264,9 +265,7 @@ class LoadedBank:
         rows = []
         for p in plans:
             if p.anchors and p.merge != "delta":
-                if self.base_slot is not None:
-                    raise MtaError(f"bank {self.path} is residual (a task LoRA under its anchors): it takes the "
-                                   f"exact delta merge only, not {p.merge!r}", ("AdaptConfig.merge",))
+                self._check_merge(p.merge)
                 rows.append(Row(fused=fused[self._fused_key(p)], user=p.stack))
             elif p.anchors or p.stack is not None:
                 rows.append(Row(*self.with_base(p.anchors, p.weights), user=p.stack))
@@ -302,9 +301,7 @@ class LoadedBank:
                 raise MtaError(f"user '{u.user_id}' has 0 history items; stacking needs at least 1")
         if not users:
             raise MtaError("no users to adapt")
-        if self.base_slot is not None and cfg.merge != "delta":
-            raise MtaError(f"bank {self.path} is residual (a task LoRA under its anchors): it takes the exact delta "
-                           f"merge only, not {cfg.merge!r}", ("AdaptConfig.merge",))
+        self._check_merge(cfg.merge)
         if self.kind == "bank" and cfg.top_k > self.n_anchors:
             raise MtaError(f"top_k {cfg.top_k} is more than the {self.n_anchors} anchors of bank {self.path}",
                            ("AdaptConfig.top_k",))
@@ -326,14 +323,20 @@ class LoadedBank:
         if skipped:
             log.info("%d user(s) unchanged since they were stored; skipping them", skipped)
         negatives = self.record.negatives if self.record else []
+        examples: dict[int, list] = {}  # user index -> its leave-one-out examples (search and stack share them)
+
+        def examples_of(i: int) -> list:
+            if i not in examples:
+                examples[i] = loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length, negatives)
+            return examples[i]
+
         if cfg.fusion_weights == "searched" and cfg.top_k > 0 and todo:
             t0 = time.perf_counter()
             if progress:
                 progress("fusion search", 0, len(todo))
             found, _ = search_weights(
-                engine, [mixes[i] for i in todo],
-                [loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length, negatives) for i in todo],
-                cfg.search_evals, tok.pad_token_id, seed=cfg.seed + first_pass, base_slot=self.base_slot,
+                engine, [mixes[i] for i in todo], [examples_of(i) for i in todo], cfg.search_evals,
+                tok.pad_token_id, seed=cfg.seed + first_pass, base_slot=self.base_slot,
                 max_rows=self.backbone.train_resources().get("max_rows") or 64)
             for i, m in zip(todo, found):
                 mixes[i] = m
@@ -354,8 +357,9 @@ class LoadedBank:
                 self.stacks.invalidate()
                 rows = self._rows([Plan(mixes[i].anchors, mixes[i].weights, cfg.merge, cfg.svd_rank, stack=j)
                                    for j, i in enumerate(group)])
-                jobs = [Job(j, loo_examples(self.task, users[i], tok, cfg.retrieve_k, cfg.max_length, negatives),
-                            rows[j], key=f"user:{users[i].user_id}") for j, i in enumerate(group)]
+                jobs = [Job(j, examples_of(i), rows[j], key=f"user:{users[i].user_id}") for j, i in enumerate(group)]
+                for i in group:  # a pass's examples are not needed after it
+                    examples.pop(i, None)
                 stats = train_jobs(engine, "stack", jobs, tcfg, pad_id=tok.pad_token_id,
                                    on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
             train_s += time.perf_counter() - t1

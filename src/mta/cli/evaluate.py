@@ -18,9 +18,9 @@ from mta.config import AdaptConfig, BackboneConfig, BankConfig, BaselineConfig, 
 from mta.data.readers import load_dataset
 from mta.data.schema import Dataset
 from mta.errors import MtaError
-from mta.evaluation.leaks import check_folds
+from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import EvalSetup, expand_methods
-from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled, prepare_targets
+from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
 from mta.evaluation.report import write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
 from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, read_recipe, space_groups, tune
@@ -51,8 +51,8 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     t = get_task(ds.task)
     if not any(q.gold is not None for u in ds.users for q in u.queries):
         raise MtaError(f"{ds.path}: no query has a gold output; nothing to score")
-    if leak_check:  # before anything is written (run_eval checks again, for library callers)
-        check_folds([(prepare_targets(f.targets, history_queries, target_history, t), f.candidates) for f in folds], t)
+    if leak_check:  # before anything is written; run_eval is then told not to check again
+        check_split(folds, t, history_queries, target_history)
     check_run_out(out)
     backbone = load_backbone(cfg.backbone)
     torch.manual_seed(seed)
@@ -63,7 +63,7 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
                           baselines=getattr(cfg, "baselines", BaselineConfig())).resolve(ds.users)
         res = run_eval(ds, methods, setup, out, folds, n_boot, seed, target_history, place, history_queries,
-                       required, leak_check)
+                       required, leak_check=False)
     tag = "synthetic " if ds.synthetic else ""
     title = f"mta {command}: {t.title}, {len(ds.users)} {tag}users, model {backbone.model_id}"
     peak = res.get("peak_gpu_memory_bytes")
@@ -191,10 +191,9 @@ def tune_cmd(
         ds.users = ds.users[:e.users]
     t = get_task(ds.task)
     dev = dev_split(ds.users, dev_fraction, cfg.eval.seed)
-    if e.leak_check:  # the dev folds, before anything is written
-        dev_users = [u for u in ds.users if u.user_id in set(dev)]
-        check_folds([(prepare_targets(f.targets, e.history_queries, e.target_history, t), f.candidates)
-                     for f in make_folds(dev_users, e.folds, cfg.bank.seed)], t)
+    if e.leak_check:  # the dev folds, before anything is written; tune is then told not to check again
+        check_split(make_folds([u for u in ds.users if u.user_id in set(dev)], e.folds, cfg.bank.seed), t,
+                    e.history_queries, e.target_history)
     check_run_out(out)
     backbone = load_backbone(cfg.backbone)
     write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space)
@@ -202,7 +201,7 @@ def tune_cmd(
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
                           baselines=cfg.baselines).resolve(ds.users)
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),
-                      max_user_share, cfg.eval.target_history, cfg.eval.leak_check)
+                      max_user_share, cfg.eval.target_history, leak_check=False)
     write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
     m = recipe.metric
     table = Table(title=escape(f"mta tune: {t.title}, {len(dev)} dev users, model {backbone.model_id}"))

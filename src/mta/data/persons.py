@@ -34,6 +34,13 @@ def item_key(item: HistoryItem) -> str:
     return json.dumps(item.fields, sort_keys=True, ensure_ascii=False, default=str)
 
 
+def query_item(text: str) -> str:
+    """Which item a query's input (or a history item in the query's format,
+    ``Task.item_example``) asks about: the text with its white space folded. The leak
+    check and ``item-prior`` match queries to history items by it."""
+    return " ".join(text.split())
+
+
 def shared_counts(users: Sequence[User], among: Sequence[User] | None = None) -> dict[tuple[int, int], int]:
     """{(i, j): items shared by ``users[i]`` and ``among[j]``} for every pair that shares
     any (``among`` defaults to ``users``, then only i < j). One inverted index, so the cost

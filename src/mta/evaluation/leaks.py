@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mta.data.persons import item_key, one_person
+from mta.data.persons import item_key, one_person, query_item
 from mta.data.schema import User
 from mta.errors import MtaError
 
@@ -35,17 +35,13 @@ class Leak:
     history: int
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.split())
-
-
 def find_leaks(targets: Sequence[User], candidates: Sequence[User], task) -> list[Leak]:
     """Every (target query, training user) pair that leaks, by the module's rule."""
     by_example: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
     for j, c in enumerate(candidates):
         for it in c.history:
             inp, gold = task.item_example(it)
-            by_example[(_norm(inp), _norm(str(gold)))].append((j, it.id))
+            by_example[(query_item(inp), query_item(str(gold)))].append((j, it.id))
     keys = [None] * len(candidates)
     leaks = []
     for t in targets:
@@ -53,7 +49,7 @@ def find_leaks(targets: Sequence[User], candidates: Sequence[User], task) -> lis
         for q in t.queries:
             if q.gold is None:
                 continue
-            for j, item_id in by_example.get((_norm(q.input), _norm(q.gold)), ()):
+            for j, item_id in by_example.get((query_item(q.input), query_item(q.gold)), ()):
                 if keys[j] is None:
                     keys[j] = {item_key(it) for it in candidates[j].history}
                 if mine is None:
@@ -62,6 +58,15 @@ def find_leaks(targets: Sequence[User], candidates: Sequence[User], task) -> lis
                 if one_person(shared, len(mine), len(keys[j])):
                     leaks.append(Leak(t.user_id, q.id, candidates[j].user_id, item_id, shared, len(mine)))
     return leaks
+
+
+def check_split(folds, task, history_queries: int = 0, target_history: int | None = None) -> None:
+    """``check_folds`` on ``protocol.Fold``s, their targets shaped as the evaluation will
+    shape them (``prepare_targets``): what a command calls before it writes anything."""
+    from mta.evaluation.protocol import prepare_targets
+
+    check_folds([(prepare_targets(f.targets, history_queries, target_history, task), f.candidates) for f in folds],
+                task)
 
 
 def check_folds(folds: Sequence[tuple[Sequence[User], Sequence[User]]], task) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from mta.backbone import Backbone
 from mta.bank import build_private
 from mta.config import AdaptConfig, BankConfig, BaselineConfig, GenerateConfig
+from mta.data.persons import query_item
 from mta.data.schema import User
 from mta.errors import MtaError
 from mta.inference import generate
@@ -161,18 +162,12 @@ def prior_answer(task, history) -> str:
     return _prior(task, [task.item_label(it) for it in history])
 
 
-def item_of(query_input: str) -> str:
-    """Which item a query or a history item (``task.item_example``'s input) is about:
-    the task's query text, white space folded."""
-    return " ".join(query_input.split())
-
-
 def item_answers(task, users) -> dict[str, list[str]]:
     """{item: the labels ``users`` gave it in their histories, in the users' order}."""
     out: dict[str, list[str]] = {}
     for u in users:
         for it in u.history:
-            out.setdefault(item_of(task.item_example(it)[0]), []).append(task.item_label(it))
+            out.setdefault(query_item(task.item_example(it)[0]), []).append(task.item_label(it))
     return out
 
 
@@ -192,7 +187,7 @@ def run_prior(setup: EvalSetup, name: str, targets, training=()) -> FoldResult:
     crowd = item_answers(task, training) if name == ITEM_PRIOR else {}
     for u in targets:
         own = prior_answer(task, u.history)
-        answers = [_prior(task, crowd.get(item_of(q.input), [])) or own for q in u.queries]
+        answers = [_prior(task, crowd.get(query_item(q.input), [])) or own for q in u.queries]
         res.preds[u.user_id] = [task.parse(a) for a in answers]
         res.outputs[u.user_id] = answers
     res.infer_seconds = time.perf_counter() - t0

@@ -144,9 +144,8 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     # an anchor's meta-LoRA IS its per-user LoRA when it trains on the same history; the
     # banks below copy those instead of training the same adapter twice.
     own: dict[str, tuple[tuple, Path]] = {}
-    own_steps: dict[str, int | None] = {}
-    # ... only while the per-user LoRAs train with the anchors' budget (BaselineConfig unset)
-    # (a from-scratch bank's anchors: a residual bank's are not per-user LoRAs)
+    # ... only the anchors of a from-scratch bank, and only while the per-user LoRAs train
+    # with the anchors' budget (``bank_for`` never sets a base: equal means lr and steps unset)
     scratch = setup.bank_cfg.model_copy(update={"bank_base": "none"})
     reuse = setup.baselines.bank_for("user", setup.bank_cfg) == scratch
     # A method whose training diverges (a NaN the trainer cannot skip) is left out of the
@@ -177,8 +176,6 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                 break
             results["per-user-lora"] = merge(results["per-user-lora"], part)
             slots = {a.user_id: a.slot for a in read_index(d).anchors}
-            for a in read_index(d).anchors:
-                own_steps[a.user_id] = a.steps
             if reuse:
                 for u in targets[fold.index]:
                     own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), adapter_dir(d, slots[u.user_id]))
@@ -227,7 +224,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             part = attempt([m], lambda m=m, fold=fold, used=used, task_bank=task_bank: _run_method(
                 setup, m, targets[fold.index], place(fold.index, m), used, task_bank, fold.candidates))
             if part is not None:
-                part.steps.update(_shared_steps(m, used, task_bank, own_steps))
+                part.steps.update(_shared_steps(m, used, task_bank))
                 results[m] = merge(results[m], part)
     if len(failed) == len(methods):  # nothing to report
         raise next(iter(failed.values()))
@@ -244,12 +241,11 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             "failed": {m: str(e) for m, e in failed.items()}}
 
 
-def _shared_steps(m: str, bank, task_bank, own_steps: dict[str, int | None]) -> dict[str, list[int]]:
+def _shared_steps(m: str, bank, task_bank) -> dict[str, list[int]]:
     """The optimiser steps of the shared adapters method ``m`` stands on: the fold's anchors
-    (an anchor copied from a per-user LoRA has that LoRA's steps) or its task LoRA."""
+    (one copied from a per-user LoRA carries that LoRA's steps) or its task LoRA."""
     if m in BANK_METHODS and bank is not None and bank.record is not None:
-        steps = [a.steps if a.steps is not None else own_steps.get(a.user_id) for a in bank.record.anchors]
-        out = {"anchors": [s for s in steps if s is not None]}
+        out = {"anchors": [a.steps for a in bank.record.anchors if a.steps is not None]}
         if bank.base_slot is not None:
             out["task LoRA"] = [a.steps for a in read_index(bank.path / BASE_DIR).anchors if a.steps is not None]
         return out

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mta.config import AdaptConfig, BankConfig, BaselineConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
+from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup
 from mta.evaluation.protocol import make_folds, persons_of
 from mta.evaluation.runner import diverged, run_eval
@@ -175,6 +176,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     lower_better = task.kind == "rating"
     dev = Dataset([u for u in ds.users if u.user_id in set(dev_ids)], ds.task, ds.layout, ds.path, ds.synthetic)
     fold_list = make_folds(dev.users, folds, setup.bank_cfg.seed)
+    if leak_check:  # once: every trial evaluates these folds
+        check_split(fold_list, task, history_queries, target_history)
     chosen: Override = {"bank": {}, "adapt": {}, "baselines": {}}
     trials: list[dict] = []
     cache: dict[str, float] = {}
@@ -199,7 +202,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
 
         s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens, baselines=bl)
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
-                        place=place, history_queries=history_queries, leak_check=leak_check)
+                        place=place, history_queries=history_queries, leak_check=False)
 
     def trial_value(method: str, bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str) -> float:
         res = evaluate([method], bc, ac, bl, name)  # raises when the method, the only one, diverged
