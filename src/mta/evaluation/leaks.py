@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from mta.data.persons import item_key, one_person, query_item
 from mta.data.schema import User
 from mta.errors import MtaError
+from mta.evaluation.protocol import prepare_targets
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,6 @@ def find_leaks(targets: Sequence[User], candidates: Sequence[User], task) -> lis
 def check_split(folds, task, history_queries: int = 0, target_history: int | None = None) -> None:
     """``check_folds`` on ``protocol.Fold``s, their targets shaped as the evaluation will
     shape them (``prepare_targets``): what a command calls before it writes anything."""
-    from mta.evaluation.protocol import prepare_targets
-
     check_folds([(prepare_targets(f.targets, history_queries, target_history, task), f.candidates) for f in folds],
                 task)
 
