@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import mta.cli.evaluate as evaluate_mod
 import mta.evaluation.tune as tune_mod
 from mta.bank import read_index
 from mta.cli.main import main
@@ -212,7 +213,8 @@ def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trial
     assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
     out = tmp_path / "tune"
     assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
-                 "--space", "budgets", "--max-user-share", "0.3", *TINY]) == 0
+                 "--space", "budgets", "--max-user-share", "0.3", "--bank-base", "task",
+                 "--fusion-weights", "searched", *TINY]) == 0
     r = read_recipe(out / "recipe.json")
     per_group = {g: sum(t["group"] == g for t in r.trials) for g in SPACES["budgets"]}
     assert set(per_group.values()) == {12}  # 4 learning rates x 3 step counts, for every part
@@ -225,3 +227,14 @@ def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trial
     # a task LoRA trained with other settings lives elsewhere: trials never share a wrong adapter
     task_dirs = {d for m, d in seen if m == "task-lora"}
     assert len(task_dirs) == 12
+    # the flags the search ran under are recorded, and `mta eval --recipe` reproduces all of it
+    assert r.start["bank"]["bank_base"] == "task" and r.start["adapt"]["fusion_weights"] == "searched"
+    got = {}
+    monkeypatch.setattr(evaluate_mod, "_evaluate", lambda command, ds, out, cfg, *a, **kw: got.update(cfg=cfg))
+    assert main(["eval", "--data", str(data), "--out", str(tmp_path / "eval"), "--recipe", str(out / "recipe.json"),
+                 "--user-steps", "16", *TINY]) == 0
+    cfg = got["cfg"]
+    assert (cfg.bank.bank_base, cfg.bank.lr, cfg.bank.steps) == ("task", 3e-3, 128)
+    assert (cfg.adapt.fusion_weights, cfg.adapt.stack_lr, cfg.adapt.stack_steps) == ("searched", 1e-3, 32)
+    assert (cfg.baselines.task_lr, cfg.baselines.oppu_steps) == (1e-3, 32)
+    assert (cfg.baselines.user_lr, cfg.baselines.user_steps) == (1e-4, 16)  # a flag still wins

@@ -134,7 +134,7 @@ def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None, task
     recorded, then the model's tuned defaults for ``task`` (the bank's task when a bank is
     given; mta.recipes). Returns (configs, the adapt settings that came from recipes, for a
     bank to record)."""
-    from mta.evaluation.tune import read_recipe
+    from mta.evaluation.tune import read_recipe, recipe_layers
     from mta.recipes import model_recipe
 
     adapt: dict = {}
@@ -142,8 +142,9 @@ def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None, task
         r = read_recipe(recipe)
         if r.model != model_id:
             err_console.print(f"[yellow]notice:[/yellow] recipe {recipe} was tuned for {r.model}, not {model_id}")
-        cfg = cfg.layer({"bank": r.bank, "adapt": r.adapt}, str(recipe))
-        adapt = {**r.adapt, **adapt}
+        layers = recipe_layers(r)
+        cfg = cfg.layer(layers, str(recipe))
+        adapt = {**layers["adapt"], **adapt}
     if bank_record is not None and bank_record.recipe:
         cfg = cfg.layer({"adapt": bank_record.recipe}, "the bank's recorded recipe")
         adapt = {**bank_record.recipe, **adapt}

@@ -132,6 +132,10 @@ class Recipe(BaseModel):
     bank: dict = Field(default_factory=dict)    # BankConfig fields the search changed
     adapt: dict = Field(default_factory=dict)   # AdaptConfig fields the search changed
     baselines: dict = Field(default_factory=dict)  # BaselineConfig fields the search changed
+    # the settings the search started from where they differ from the config defaults (the
+    # tune's flags, e.g. --bank-base task, and the model's registered recipe), by section:
+    # `--recipe` layers these under the chosen ones, so an evaluation reproduces the tune
+    start: dict[str, dict] = Field(default_factory=dict)
     trials: list[dict] = Field(default_factory=list)
     # rows of the final table, {"method", "error"} for a method that diverged, or one {"error"}
     ablation: list[dict] = Field(default_factory=list)
@@ -164,8 +168,8 @@ def dev_split(users, fraction: float, seed: int) -> list[str]:
     return sorted(u.user_id for u in users if u.person_id in chosen)
 
 
-def _key(cfg) -> str:
-    return hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True).encode()).hexdigest()[:12]
+def _key(*cfgs) -> str:
+    return hashlib.sha256(json.dumps([c.dump() for c in cfgs], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
@@ -192,12 +196,15 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str) -> dict:
         trial = out / "trials" / name
         # adapters shared between trials, keyed by the recipe they were trained with
-        shared = {"bank": bc, "task-lora": bl.bank_for("task", bc), "per-user-lora": bl.bank_for("user", bc),
-                  "bank-reference": bc.model_copy(update={"bank_base": "none"})}
+        task_cfg = bl.bank_for("task", bc)
+        # a residual bank also depends on the task LoRA it sits on
+        shared = {"bank": (bc, task_cfg) if bc.bank_base == "task" else (bc,), "task-lora": (task_cfg,),
+                  "per-user-lora": (bl.bank_for("user", bc),),
+                  "bank-reference": (bc.model_copy(update={"bank_base": "none"}),)}
 
         def place(fold: int, what: str) -> Path:
             if what in shared:
-                return out / "banks" / _key(shared[what]) / f"fold{fold}" / what
+                return out / "banks" / _key(*shared[what]) / f"fold{fold}" / what
             return trial / f"fold{fold}" / what
 
         s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens, baselines=bl)
@@ -209,6 +216,11 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         return res["rows"][0]["metrics"][metric]["value"]
 
     order = space_groups(space)
+    start_share = stack_share(setup.backbone.engine, setup.bank_cfg, setup.adapt_cfg)
+    if start_share > max_user_share:  # every trial would be skipped: say so before any runs
+        raise MtaError(f"tune: the stack the search starts from stores {start_share:.1%} of a per-user LoRA per "
+                       f"user, over the budget of {max_user_share:.0%} (--max-user-share); start from a smaller "
+                       "--stack-rank or --stack-layers")
     total = sum(len(GROUPS[g]) for g in order)
     done = 0
     for group in order:
@@ -260,12 +272,26 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         for section in chosen:
             chosen[section].update(best_over.get(section, {}))
     bc, ac, bl = configs({})
+    start = {name: _changed(cfg) for name, cfg in
+             (("bank", setup.bank_cfg), ("adapt", setup.adapt_cfg), ("baselines", setup.baselines))}
     methods = ABLATION[:1] + list(PRIORS) * (task.kind in PRIOR_KINDS) + ABLATION[1:]
     return Recipe(model=setup.backbone.model_id, task=task.name, data=str(ds.path), metric=metric,
                   dev_users=dev_ids, dev_persons=persons_of(dev.users), bank=chosen["bank"], adapt=chosen["adapt"],
-                  baselines=chosen["baselines"], trials=trials,
+                  baselines=chosen["baselines"], start={k: v for k, v in start.items() if v}, trials=trials,
                   ablation=_final_ablation(evaluate, methods, bc, ac, bl),
                   max_user_share=max_user_share)
+
+
+def _changed(cfg) -> dict:
+    """The fields of a config that differ from their defaults."""
+    default = type(cfg)().dump()
+    return {k: v for k, v in cfg.dump().items() if v != default.get(k)}
+
+
+def recipe_layers(r: Recipe) -> dict[str, dict]:
+    """A recipe's settings by section, as ``--recipe`` layers them: the chosen ones over
+    the settings the search started from."""
+    return {s: {**r.start.get(s, {}), **getattr(r, s)} for s in ("bank", "adapt", "baselines")}
 
 
 def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig) -> list[dict]:
