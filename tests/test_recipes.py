@@ -19,8 +19,10 @@ def test_every_shipped_recipe_is_valid_and_builds_configs():
 
 
 def test_a_recipe_is_per_model_and_task():
-    assert recipes.model_recipe("qwen2.5-coder-0.5b", "lamp2") == {"bank": {"lr": 1e-4, "epochs": 3},
-                                                                    "adapt": {"stack_lr": 1e-4}}
+    assert recipes.model_recipe("qwen2.5-coder-0.5b", "lamp2") == {
+        "bank": {"lr": 1e-4, "epochs": 3, "bank_base": "task"},
+        "adapt": {"stack_lr": 1e-4, "fusion_weights": "searched", "stack_steps": 16},
+        "baselines": {"user_steps": 16, "oppu_steps": 16}}
     assert recipes.model_recipe("qwen2.5-coder-0.5b", "movielens") == {}  # tuned on LaMP-2 only
     assert recipes.model_recipe("qwen2.5-coder-0.5b", None) == {}
     assert recipes.model_recipe("smollm2-135m", "lamp2") == {}
