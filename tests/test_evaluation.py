@@ -188,3 +188,20 @@ def test_mta_run_fails_when_its_mta_diverges(tmp_path, monkeypatch, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "training diverged at step 1: the loss of 'anchor:y' is nan" in err
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_unparsed_answers_are_counted_and_noted_under_the_table():
+    """A method whose adapter collapsed (empty answers) is counted in metrics.json's row and
+    named under results.md's table; a method that answers is not."""
+    from mta.evaluation.methods import FoldResult
+    from mta.evaluation.report import markdown
+    from mta.evaluation.runner import summarise
+
+    task = get_task("synth")
+    users = synth_users(6, seed=0, queries=2)
+    good = FoldResult(preds={u.user_id: [q.gold for q in u.queries] for u in users})
+    bad = FoldResult(preds={u.user_id: [None, u.queries[1].gold if i else None] for i, u in enumerate(users)})
+    rows = summarise(task, users, {"good": good, "bad": bad}, [], n_boot=100, seed=0)
+    assert [r["unparsed"] for r in rows] == [0, 7] and rows[1]["queries"] == 12
+    md = markdown("t", "m", task, rows, [])
+    assert "`bad`: 7 of 12 answers could not be parsed (58%; scored as wrong)." in md and "`good`:" not in md

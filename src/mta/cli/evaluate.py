@@ -21,7 +21,7 @@ from mta.errors import MtaError
 from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
-from mta.evaluation.report import write_report
+from mta.evaluation.report import UNPARSED_NOTE, write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
 from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, read_recipe, space_groups, tune
 from mta.tasks import get_task
@@ -91,6 +91,10 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     console.print(table)
     for m, e in failed.items():
         err_console.print(f"[yellow]not reported: {escape(m)} diverged ({escape(e)})[/yellow]")
+    for r in res["rows"]:
+        if r.get("unparsed", 0) >= UNPARSED_NOTE * r["queries"]:
+            err_console.print(f"[yellow]notice: {escape(r['method'])}: {r['unparsed']} of {r['queries']} answers "
+                              "could not be parsed (a collapsed adapter?)[/yellow]")
     err_console.print(f"wrote {escape(str(out))}: {', '.join(files)}, config.json, run.log")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from mta.evaluation import plots
 from mta.paths import write_json_atomic, write_text_atomic
 
+UNPARSED_NOTE = 0.1  # a method with at least this share of unparseable answers gets a note under the table
+
 
 def _fmt(v: float) -> str:
     return f"{v:.3f}"
@@ -45,6 +47,10 @@ def markdown(title: str, meta: str, task, rows: list[dict], references: list[str
                      f"{r['seconds_per_user_adapt']:.2f} | {r['seconds_per_user_inference']:.2f} | "
                      f"{r['bytes_per_user']:,.0f} | {r['trainable_params_per_user']:,} | {steps_cell(r)} |")
     lines += ["", "`*`: the paired 95% bootstrap interval of the difference excludes 0."]
+    for r in rows:
+        if r.get("unparsed", 0) >= UNPARSED_NOTE * r["queries"]:
+            lines += ["", f"`{r['method']}`: {r['unparsed']} of {r['queries']} answers could not be parsed "
+                          f"({r['unparsed'] / r['queries']:.0%}; {task.unparsed_scoring})."]
     for m, e in (failed or {}).items():
         lines += ["", f"Not reported: `{m}` diverged ({e})."]
     return "\n".join(lines) + "\n"

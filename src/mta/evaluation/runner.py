@@ -85,6 +85,10 @@ def summarise(task, users: list[User], results: dict[str, FoldResult], reference
         b = list(res.bytes_per_user.values())
         row["bytes_per_user"] = float(np.mean(b)) if b else 0.0
         row["trainable_params_per_user"] = res.trainable_params_per_user
+        # answers the task could not parse, or empty ones (scored as wrong, as the furthest
+        # rating or as empty text): a collapsed adapter shows here plainly
+        row["unparsed"] = sum(p is None or p == "" for u in su for p, q in zip(res.preds[u.user_id], u.queries)
+                              if q.gold is not None)
         row["optimizer_steps"] = {part: {"min": min(v), "median": float(np.median(v)), "max": max(v)}
                                   for part, v in res.steps.items() if v}
         rows.append(row)

@@ -101,6 +101,12 @@ class Task:
         return metrics.generation_from_stats(summed)
 
     @property
+    def unparsed_scoring(self) -> str:
+        """How an answer that cannot be parsed (or is empty) is scored, in words."""
+        return {"classification": "scored as wrong", "rating": "scored as the rating furthest from the gold",
+                "generation": "scored as empty text"}[self.kind]
+
+    @property
     def max_new_tokens(self) -> int:
         """Answer length when nothing else says: a label or a score is short; free text
         (a headline, a title) is not."""
