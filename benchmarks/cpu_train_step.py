@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.data.synth import synth_users  # noqa: E402
-from mta.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
+from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 from mta.engine.train import pad_batch, target_token_loss  # noqa: E402
 from mta.examples import loo_examples  # noqa: E402
 from mta.models import load_llm  # noqa: E402

@@ -33,7 +33,8 @@ from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mta.engine import LLAMA_TARGETS, AdapterEngine, EngineSpec, Row  # noqa: E402
+from mta.engine.config import LLAMA_TARGETS  # noqa: E402
+from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -37,8 +37,10 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mta.engine import LLAMA_TARGETS, AdapterEngine, EngineSpec, Example, Job, Row, TrainConfig, train_jobs  # noqa: E402
+from mta.engine.config import LLAMA_TARGETS, TrainConfig  # noqa: E402
+from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 from mta.engine.peft_io import load_adapter, save_user  # noqa: E402
+from mta.engine.train import Example, Job, train_jobs  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256)

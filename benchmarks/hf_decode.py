@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # on whether an (ignored) gpu/ folder exists at the root, so the order is fixed by hand.
 # isort: off
 from gpu import LLAMA3_8B, TINY, bandwidth, make_model, print_profile, profile, sync  # noqa: E402
-from mta.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
+from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 from mta.engine.graphs import GraphDecoder, pinned_buffers  # noqa: E402
 # isort: on
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mta.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
+from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 from mta.engine.train import IGNORE, Example, Job, TrainConfig, train_jobs  # noqa: E402
 
 CONFIGS = [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")]  # (base, adapter compute)

@@ -52,3 +52,14 @@ def test_config_identity_ignores_fields_added_later_at_their_defaults():
     a = AdaptConfig()
     assert not {"stack_steps", "fusion_weights", "search_evals"} & set(a.identity())
     assert AdaptConfig(fusion_weights="searched").identity()["fusion_weights"] == "searched"
+
+
+def test_reading_a_config_does_not_load_torch():
+    """`mta.config` (and the recipes) validate settings without the engine: importing them
+    must not import torch (start-up time of every command that only reads settings)."""
+    import subprocess
+    import sys
+
+    code = "import sys, mta.config, mta.recipes; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mta.config import BackboneConfig
-from mta.engine.engine import LLAMA_TARGETS, AdapterEngine, EngineSpec
+from mta.engine.config import LLAMA_TARGETS
+from mta.engine.engine import AdapterEngine, EngineSpec
 from mta.errors import MtaError
 
 log = logging.getLogger(__name__)

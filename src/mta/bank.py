@@ -32,8 +32,9 @@ from mta.anchors import embed_users, select_anchors
 from mta.backbone import Backbone
 from mta.config import BankConfig
 from mta.data.schema import User
-from mta.engine import Job, Row, train_jobs
+from mta.engine.engine import Row
 from mta.engine.peft_io import WEIGHTS, load_adapter, load_anchor, save_adapter, save_anchor
+from mta.engine.train import Job, train_jobs
 from mta.errors import MtaError
 from mta.examples import loo_examples, negative_pool
 from mta.paths import LOCK, check_output_dir, fault, foreign_entries, recover, sha256_file, write_text_atomic, writer

@@ -17,8 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mta.engine.engine import LLAMA_TARGETS
-from mta.engine.train import TrainConfig
+from mta.engine.config import LLAMA_TARGETS, TrainConfig
 from mta.errors import ConfigError
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mta.engine.config import LLAMA_TARGETS
 from mta.engine.fingerprint import model_fingerprint
 from mta.engine.layer import BankLoRALinear, Routing
 from mta.errors import MtaError
@@ -28,7 +29,6 @@ from mta.fusion import check_weights, merge_svd
 log = logging.getLogger(__name__)
 
 # All linear projections of a Llama-style block (what the reference trains).
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Tensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 INJECTIONS = {"count": 0}  # engines built in this process (tests check one per model)
 
