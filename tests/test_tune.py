@@ -238,3 +238,38 @@ def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trial
     assert (cfg.adapt.fusion_weights, cfg.adapt.stack_lr, cfg.adapt.stack_steps) == ("searched", 1e-3, 32)
     assert (cfg.baselines.task_lr, cfg.baselines.oppu_steps) == (1e-3, 32)
     assert (cfg.baselines.user_lr, cfg.baselines.user_steps) == (1e-4, 16)  # a flag still wins
+
+
+def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
+    """Each finished trial's value is logged in OUT/trial-values.json; a tune run again into
+    the same OUT evaluates no trial twice and chooses the same, and a log of another tune
+    (other dev users) is refused in one line."""
+    calls: list[list[str]] = []
+    stop = [3]
+
+    def fake(ds, methods, setup, out, folds, *a, place=None, **kw):
+        calls.append(list(methods))
+        if len(calls) == stop[0]:
+            stop[0] = 0
+            raise KeyboardInterrupt  # the session ends in the third trial
+        value = 0.9 if setup.bank_cfg.lr == 3e-4 else 0.1
+        return {"rows": [{"method": m, "metrics": {"accuracy": {"value": value, "ci": [0, 1]}}} for m in methods],
+                "failed": {}}
+
+    monkeypatch.setattr(tune_mod, "run_eval", fake)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    out = tmp_path / "tune"
+    args = ["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
+            "--space", "learning-rate", "--max-user-share", "0.3", *TINY]
+    assert main(args) != 0  # interrupted
+    logged = json.loads((out / tune_mod.VALUES).read_text())["values"]
+    assert len(logged) == 2 and not (out / "recipe.json").exists()
+    calls.clear()
+    assert main(args) == 0
+    trials = [c for c in calls if len(c) == 1]
+    assert len(trials) == len(GROUPS["learning rate"]) - 2  # the two logged trials were not run again
+    r = read_recipe(out / "recipe.json")
+    assert r.bank["lr"] == 3e-4 and len(r.trials) == len(GROUPS["learning rate"])
+    assert main([("0.6" if a == "0.4" else a) for a in args]) == 2
+    assert "holds the trials of another tune (different dev_users)" in " ".join(capsys.readouterr().err.split())

@@ -40,9 +40,11 @@ from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup
 from mta.evaluation.protocol import make_folds, persons_of
 from mta.evaluation.runner import diverged, run_eval
+from mta.paths import write_json_atomic
 
 log = logging.getLogger(__name__)
 RECIPE_SCHEMA = 1
+VALUES = "trial-values.json"  # OUT's log of finished trials (``tune`` resumes from it)
 Override = dict[str, dict]  # {"bank": {...}, "adapt": {...}, "baselines": {...}}
 
 GROUPS: dict[str, list[Override]] = {
@@ -184,7 +186,15 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         check_split(fold_list, task, history_queries, target_history)
     chosen: Override = {"bank": {}, "adapt": {}, "baselines": {}}
     trials: list[dict] = []
-    cache: dict[str, float] = {}
+    # every finished trial's value (or failure), kept in OUT/trial-values.json as it
+    # finishes: a tune run again into the same OUT skips them (a search longer than one
+    # session, or one that was stopped, goes on where it was)
+    identity = {"model": setup.backbone.model_id, "task": task.name, "data": str(ds.path), "dev_users": sorted(dev_ids),
+                "folds": folds, "seed": setup.bank_cfg.seed, "history_queries": history_queries,
+                "target_history": target_history}
+    cache = _read_values(out / VALUES, identity)
+    if cache:
+        log.info("tune: %d trial(s) already evaluated in %s; they are not run again", len(cache), out / VALUES)
 
     def configs(over: Override) -> tuple[BankConfig, AdaptConfig, BaselineConfig]:
         bank = {**chosen["bank"], **over.get("bank", {})}
@@ -240,24 +250,27 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 continue
             if key not in cache:
                 try:
-                    value = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
+                    cache[key] = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
                 except MtaError as e:
                     # more anchors than exist, or a recipe that diverges on this model: the
                     # trial is recorded as failed and the search goes on without it
                     if "AdaptConfig.top_k" in e.fields:
-                        trials.append({"group": group, "override": over, "skipped": str(e)})
+                        cache[key] = {"skipped": str(e)}
                     elif diverged(e):
-                        trials.append({"group": group, "override": over, "failed": str(e)})
+                        cache[key] = {"failed": str(e)}
                         log.warning("tune %s %s: failed: %s", group, over, e)
                     else:
                         raise
-                    done += 1
-                    if progress:
-                        progress("tune trials", done, total)
-                    continue
-                cache[key] = value
-                trials.append({"group": group, "method": method, "override": over, metric: cache[key]})
-                log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, cache[key])
+                write_json_atomic(out / VALUES, {"identity": identity, "values": cache})
+                if isinstance(cache[key], float):
+                    log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, cache[key])
+            if not isinstance(cache[key], float):  # {"skipped": why} or {"failed": why}
+                trials.append({"group": group, "override": over, **cache[key]})
+                done += 1
+                if progress:
+                    progress("tune trials", done, total)
+                continue
+            trials.append({"group": group, "method": method, "override": over, metric: cache[key]})
             value = cache[key]
             if best_value is None or (value < best_value if lower_better else value > best_value):
                 best_value, best_over = value, over
@@ -280,6 +293,22 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                   baselines=chosen["baselines"], start={k: v for k, v in start.items() if v}, trials=trials,
                   ablation=_final_ablation(evaluate, methods, bc, ac, bl),
                   max_user_share=max_user_share)
+
+
+def _read_values(path: Path, identity: dict) -> dict:
+    """The trial values an earlier run of this tune left in ``path`` ({} when none); a file
+    from a tune of other data, dev users, protocol or model is refused (one line)."""
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        values, theirs = raw["values"], raw["identity"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise MtaError(f"{path}: not a readable trial log ({e}); remove it to tune from the start") from None
+    if theirs != identity:
+        differ = ", ".join(k for k in identity if theirs.get(k) != identity[k])
+        raise MtaError(f"{path} holds the trials of another tune (different {differ}); use another --out")
+    return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
 
 
 def _changed(cfg) -> dict:
