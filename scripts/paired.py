@@ -47,7 +47,8 @@ def main() -> None:
     other = preds
     if a.b_run is not None:
         ocfg = json.loads((a.b_run / "config.json").read_text())
-        if (ocfg["data"], ocfg["seed"]) != (cfg["data"], cfg["seed"]) or \
+        same_data = Path(ocfg["data"]).resolve() == Path(cfg["data"]).resolve()  # a path relative to the repo
+        if not same_data or ocfg["seed"] != cfg["seed"] or \
                 (a.b_run / "split.json").read_text() != (a.run / "split.json").read_text():
             sys.exit(f"error: {a.b_run} has other data, seed or split than {a.run}; the pairs would not match")
         other = read(a.b_run)
