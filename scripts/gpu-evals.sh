@@ -6,13 +6,21 @@
 #   bash scripts/gpu-evals.sh smoke OUTROOT            tiny model: run + every eval method on CUDA
 #   bash scripts/gpu-evals.sh run MODEL OUTROOT        mta run on the 72 LaMP-2 users
 #   bash scripts/gpu-evals.sh lamp2 MODEL OUTROOT [ARGS]      every method, the 72 LaMP-2 users
-#   bash scripts/gpu-evals.sh tune MODEL OUTROOT [ARGS]       mta tune on LaMP-2 dev users
+#   bash scripts/gpu-evals.sh tune MODEL OUTROOT [ARGS]       mta tune on LaMP-2 dev persons
 #   bash scripts/gpu-evals.sh movielens MODEL OUTROOT [ARGS]  every method, 160 MovieLens users
-#   bash scripts/gpu-evals.sh tune-movielens MODEL OUTROOT [ARGS]  mta tune on MovieLens dev users
+#   bash scripts/gpu-evals.sh tune-movielens MODEL OUTROOT [ARGS]  mta tune on MovieLens dev persons
+#   bash scripts/gpu-evals.sh lastfm MODEL OUTROOT [ARGS]     every method, the Last.fm users
+#   bash scripts/gpu-evals.sh tune-lastfm MODEL OUTROOT [ARGS]  mta tune on Last.fm dev persons
+#
+# ARGS go to mta as they are: e.g. the equal budgets of docs/results.md (2026-12-04) are
+# `--bank-base task --fusion-weights searched --user-steps 16 --oppu-steps 16 --stack-steps 16`,
+# a tune's recipe `--recipe OUTROOT/tune-lamp2-MODEL/recipe.json`. A tune packs its
+# trial-values.json: unpacked into the same OUT, `mta tune` goes on where it stopped.
 #
 # DATA (default gpu/data) holds lamp2_users.json (../shared/data/lamp2m_movie_tagging_72users/
-# users.json) and movielens_users.jsonl (`mta data movielens --queries 3 --max-users 160` on
-# ../shared/data/movielens_ml-latest-small_2016). MTA (default `python3 -m mta`) is the CLI.
+# users.json), movielens_users.jsonl (`mta data movielens --queries 3 --max-users 160` on
+# ../shared/data/movielens_ml-latest-small_2016) and lastfm_users.jsonl (`mta data lastfm --dir
+# ../shared/data/lastfm_hetrec2011`). MTA (default `python3 -m mta`) is the CLI.
 set -euo pipefail
 MTA=${MTA:-python3 -m mta}
 DATA=${DATA:-gpu/data}
@@ -23,7 +31,7 @@ shift
 pack() {  # pack RUN_DIR: the run's records, not its adapters
   local run=$1
   tar -czf "$run.tgz" -C "$(dirname "$run")" \
-    $(cd "$(dirname "$run")" && ls -d "$(basename "$run")"/{config.json,metrics.json,results.md,predictions.jsonl,split.json,recipe.json,run.log,*.png} 2>/dev/null)
+    $(cd "$(dirname "$run")" && ls -d "$(basename "$run")"/{config.json,metrics.json,results.md,predictions.jsonl,split.json,recipe.json,trial-values.json,run.log,*.png} 2>/dev/null)
 }
 
 case "$step" in
@@ -43,7 +51,7 @@ case "$step" in
     model=$1 out=$2
     shift 2
     $MTA eval --data "$DATA/lamp2_users.json" --out "$out/lamp2-$model" --model "$model" --device "$DEVICE" \
-      --methods all,user-prior --anchors 8 --batch-size 64 "$@"
+      --methods all,user-prior,item-prior --anchors 8 --batch-size 64 --history-queries 3 "$@"
     pack "$out/lamp2-$model" ;;
   tune)
     model=$1 out=$2
@@ -55,7 +63,8 @@ case "$step" in
     model=$1 out=$2
     shift 2
     $MTA eval --data "$DATA/movielens_users.jsonl" --out "$out/movielens-$model" --model "$model" --device "$DEVICE" \
-      --methods all,user-prior --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
+      --methods all,user-prior,item-prior --anchors 8 --batch-size 64 --target-history 10 --min-history 20 \
+      --anchor-items 40 "$@"
     pack "$out/movielens-$model" ;;
   tune-movielens)  # the MovieLens protocol of the tables (targets keep their first 10 ratings)
     model=$1 out=$2
@@ -63,7 +72,20 @@ case "$step" in
     $MTA tune --data "$DATA/movielens_users.jsonl" --out "$out/tune-movielens-$model" --model "$model" \
       --device "$DEVICE" --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
     pack "$out/tune-movielens-$model" ;;
+  lastfm)  # targets keep their first 10 items; anchors need 20 and train on their latest 40
+    model=$1 out=$2
+    shift 2
+    $MTA eval --data "$DATA/lastfm_users.jsonl" --out "$out/lastfm-$model" --model "$model" --device "$DEVICE" \
+      --methods all,user-prior,item-prior --anchors 8 --batch-size 64 --target-history 10 --min-history 20 \
+      --anchor-items 40 "$@"
+    pack "$out/lastfm-$model" ;;
+  tune-lastfm)
+    model=$1 out=$2
+    shift 2
+    $MTA tune --data "$DATA/lastfm_users.jsonl" --out "$out/tune-lastfm-$model" --model "$model" \
+      --device "$DEVICE" --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
+    pack "$out/tune-lastfm-$model" ;;
   *)
-    echo "unknown step $step (smoke, run, lamp2, tune, movielens, tune-movielens)" >&2
+    echo "unknown step $step (smoke, run, lamp2, tune, movielens, tune-movielens, lastfm, tune-lastfm)" >&2
     exit 2 ;;
 esac
