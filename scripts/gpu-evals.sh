@@ -47,44 +47,25 @@ case "$step" in
     $MTA run --data "$DATA/lamp2_users.json" --out "$out/run-lamp2-$model" --model "$model" --device "$DEVICE" \
       --anchors 8 --batch-size 64
     pack "$out/run-lamp2-$model" ;;
-  lamp2)
+  lamp2|tune|movielens|tune-movielens|lastfm|tune-lastfm)
     model=$1 out=$2
     shift 2
-    $MTA eval --data "$DATA/lamp2_users.json" --out "$out/lamp2-$model" --model "$model" --device "$DEVICE" \
-      --methods all,user-prior,item-prior --anchors 8 --batch-size 64 --history-queries 3 "$@"
-    pack "$out/lamp2-$model" ;;
-  tune)
-    model=$1 out=$2
-    shift 2
-    $MTA tune --data "$DATA/lamp2_users.json" --out "$out/tune-lamp2-$model" --model "$model" --device "$DEVICE" \
-      --anchors 8 --batch-size 64 --history-queries 3 "$@"
-    pack "$out/tune-lamp2-$model" ;;
-  movielens)
-    model=$1 out=$2
-    shift 2
-    $MTA eval --data "$DATA/movielens_users.jsonl" --out "$out/movielens-$model" --model "$model" --device "$DEVICE" \
-      --methods all,user-prior,item-prior --anchors 8 --batch-size 64 --target-history 10 --min-history 20 \
-      --anchor-items 40 "$@"
-    pack "$out/movielens-$model" ;;
-  tune-movielens)  # the MovieLens protocol of the tables (targets keep their first 10 ratings)
-    model=$1 out=$2
-    shift 2
-    $MTA tune --data "$DATA/movielens_users.jsonl" --out "$out/tune-movielens-$model" --model "$model" \
-      --device "$DEVICE" --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
-    pack "$out/tune-movielens-$model" ;;
-  lastfm)  # targets keep their first 10 items; anchors need 20 and train on their latest 40
-    model=$1 out=$2
-    shift 2
-    $MTA eval --data "$DATA/lastfm_users.jsonl" --out "$out/lastfm-$model" --model "$model" --device "$DEVICE" \
-      --methods all,user-prior,item-prior --anchors 8 --batch-size 64 --target-history 10 --min-history 20 \
-      --anchor-items 40 "$@"
-    pack "$out/lastfm-$model" ;;
-  tune-lastfm)
-    model=$1 out=$2
-    shift 2
-    $MTA tune --data "$DATA/lastfm_users.jsonl" --out "$out/tune-lastfm-$model" --model "$model" \
-      --device "$DEVICE" --anchors 8 --batch-size 64 --target-history 10 --min-history 20 --anchor-items 40 "$@"
-    pack "$out/tune-lastfm-$model" ;;
+    # each data set's protocol: LaMP-2 with 3 history items as extra queries; MovieLens and
+    # Last.fm targets keep their first 10 items, anchors need 20 and train on their latest 40
+    case "$step" in
+      lamp2|tune) name=lamp2 file=lamp2_users.json proto=(--history-queries 3) ;;
+      *) name=${step#tune-} file=${step#tune-}_users.jsonl
+         proto=(--target-history 10 --min-history 20 --anchor-items 40) ;;
+    esac
+    common=(--data "$DATA/$file" --model "$model" --device "$DEVICE" --anchors 8 --batch-size 64 "${proto[@]}")
+    if [ "${step%%-*}" = tune ]; then
+      run="$out/tune-$name-$model"
+      $MTA tune "${common[@]}" --out "$run" "$@"
+    else
+      run="$out/$name-$model"
+      $MTA eval "${common[@]}" --methods all,user-prior,item-prior --out "$run" "$@"
+    fi
+    pack "$run" ;;
   *)
     echo "unknown step $step (smoke, run, lamp2, tune, movielens, tune-movielens, lastfm, tune-lastfm)" >&2
     exit 2 ;;
