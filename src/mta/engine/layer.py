@@ -99,7 +99,7 @@ class BankLoRALinear(nn.Module):
         # and whose last rows are dense_A, so x @ ext.T gives the base output and every
         # column's projection in one GEMM. A separate x @ dense_A.T is a small GEMM whose
         # time is its launch and too few tiles, not its bytes: 3.0 ms of a decode step at
-        # 8B shape against 0.33 ms of bytes (docs/performance.md, run D). ``fold_dense``
+        # 8B shape against 0.33 ms of bytes (docs/performance.md). ``fold_dense``
         # False keeps the two GEMMs (the benchmark's comparison).
         self.fold_dense = True
         self._ext: torch.Tensor | None = None

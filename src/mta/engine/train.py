@@ -321,8 +321,8 @@ def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id:
             # a mask tensor SDPA runs causal flash attention. With one, the H200's default
             # SDPA backend (cuDNN, torch 2.11-2.13) returns NaN query gradients when the padded
             # length is 64 modulo 128 and a head's log-sum-exp is below ln(FLT_MAX) - which
-            # Qwen2.5's massive-activation heads reach: pytorch/pytorch#196678, the
-            # unexplained non-finite first steps of the 2026-12-01 dev tunes (docs/results.md).
+            # Qwen2.5's massive-activation heads reach (pytorch/pytorch#196678;
+            # scripts/sdpa-nan-check.py reproduces it).
             sums = target_token_loss(engine.model, ids, labels)
             denom = torch.tensor([max(1, counts[i]) for i, _ in chunk], dtype=sums.dtype, device=sums.device)
             per_row = sums / denom

@@ -325,10 +325,9 @@ def recipe_layers(r: Recipe) -> dict[str, dict]:
 
 def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig) -> list[dict]:
     """The dev table of every method on the chosen recipe. A method that diverges under it
-    (per-user-lora trains at the bank's learning rate: Qwen2.5-Coder-1.5B's at 3e-4 did on
-    the H200) is a row ``{"method", "error"}`` beside the others (the evaluation goes on
-    without it); if every method diverged, one ``{"error"}`` row. The search is kept either
-    way."""
+    (a learning rate too high for that method on this model) is a row ``{"method",
+    "error"}`` beside the others (the evaluation goes on without it); if every method
+    diverged, one ``{"error"}`` row. The search is kept either way."""
     try:
         res = evaluate(methods, bc, ac, bl, "final")
     except MtaError as e:
