@@ -63,3 +63,29 @@ def test_reading_a_config_does_not_load_torch():
     code = "import sys, mta.config, mta.recipes; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_preset_typed_beats_the_models_recipe_and_flags_beat_the_preset():
+    """`--preset reference` on a model whose registered recipe sets the stack's learning
+    rate, steps and searched weights: the preset's settings hold (its stack lr 5e-5, one
+    epoch, similarity weights with the factor merge), since typing a preset types its
+    settings; a flag typed beside it still wins."""
+    import inspect
+
+    from mta.cli.common import with_recipes
+    from mta.cli.options import configured
+
+    @configured(AdaptConfig)
+    def cmd(*, cfg):
+        return cfg
+
+    def resolve(**typed):
+        cfg = cmd(**{**{name: None for name in inspect.signature(cmd).parameters}, **typed})
+        return with_recipes(cfg, None, "qwen2.5-coder-0.5b", task="lamp2")[0].adapt
+
+    plain = resolve()
+    assert (plain.stack_lr, plain.stack_steps, plain.fusion_weights) == (1e-4, 16, "searched")  # the recipe
+    ref = resolve(preset="reference")
+    assert (ref.stack_lr, ref.stack_steps, ref.stack_epochs, ref.merge, ref.fusion_weights, ref.stack_rank) == \
+        (5e-5, None, 1, "factor", "similarity", 4)
+    assert resolve(preset="reference", stack_lr=1e-3).stack_lr == 1e-3

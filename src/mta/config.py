@@ -167,10 +167,11 @@ class BankConfig(_Config):
 # Stage-3 settings of each preset; fields given explicitly override them.
 PRESETS: dict[str, dict] = {
     "default": {},
-    # The authors' released fusion and stacking: factor merge of the top-2 (weighted the
-    # right way round), stacked rank 4 on all linear layers of all blocks, lr 5e-5, 1 epoch.
-    "reference": {"merge": "factor", "top_k": 2, "stack_rank": 4, "stack_alpha": 8.0,
-                  "stack_lr": 5e-5, "stack_epochs": 1, "stack_layers": 0},
+    # The authors' released fusion and stacking: factor merge of the top-2 by similarity
+    # (weighted the right way round), stacked rank 4 on all linear layers of all blocks,
+    # lr 5e-5, 1 epoch.
+    "reference": {"merge": "factor", "top_k": 2, "fusion_weights": "similarity", "stack_rank": 4,
+                  "stack_alpha": 8.0, "stack_lr": 5e-5, "stack_epochs": 1, "stack_steps": None, "stack_layers": 0},
 }
 
 

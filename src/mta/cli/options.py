@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from mta.config import (
+    PRESETS,
     AdaptConfig,
     BackboneConfig,
     BankConfig,
@@ -182,6 +183,9 @@ def configured(*configs: type):
                     given.add(knob.flag)
                     for cls, name in knob.targets:
                         values[cls][name] = value
+            if values.get(AdaptConfig, {}).get("preset"):  # a preset typed is its settings typed: no
+                # recipe layered later overrides them (flags still win over the preset)
+                given |= {_flag(AdaptConfig, n) for n in PRESETS[values[AdaptConfig]["preset"]]}
             built = {}
             for cls in configs:
                 try:
