@@ -191,7 +191,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     # session, or one that was stopped, goes on where it was)
     identity = {"model": setup.backbone.model_id, "task": task.name, "data": str(ds.path), "dev_users": sorted(dev_ids),
                 "folds": folds, "seed": setup.bank_cfg.seed, "history_queries": history_queries,
-                "target_history": target_history}
+                "target_history": target_history, "max_new_tokens": setup.max_new_tokens,
+                "prompts": {k: v for k, v in setup.gen_cfg.dump().items() if k not in ("batch_size", "decoder")}}
     cache = _read_values(out / VALUES, identity)
     if cache:
         log.info("tune: %d trial(s) already evaluated in %s; they are not run again", len(cache), out / VALUES)
