@@ -204,4 +204,5 @@ def test_unparsed_answers_are_counted_and_noted_under_the_table():
     rows = summarise(task, users, {"good": good, "bad": bad}, [], n_boot=100, seed=0)
     assert [r["unparsed"] for r in rows] == [0, 7] and rows[1]["queries"] == 12
     md = markdown("t", "m", task, rows, [])
-    assert "`bad`: 7 of 12 answers could not be parsed (58%; scored as wrong)." in md and "`good`:" not in md
+    assert "`bad`: 7 of 12 answers could not be parsed or were empty (58%; scored as wrong)." in md
+    assert "`good`:" not in md

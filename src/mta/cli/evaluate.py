@@ -94,7 +94,7 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     for r in res["rows"]:
         if r.get("unparsed", 0) >= UNPARSED_NOTE * r["queries"]:
             err_console.print(f"[yellow]notice: {escape(r['method'])}: {r['unparsed']} of {r['queries']} answers "
-                              "could not be parsed (a collapsed adapter?)[/yellow]")
+                              f"could not be parsed or were empty ({t.unparsed_scoring})[/yellow]")
     err_console.print(f"wrote {escape(str(out))}: {', '.join(files)}, config.json, run.log")
 
 

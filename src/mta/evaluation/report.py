@@ -49,8 +49,8 @@ def markdown(title: str, meta: str, task, rows: list[dict], references: list[str
     lines += ["", "`*`: the paired 95% bootstrap interval of the difference excludes 0."]
     for r in rows:
         if r.get("unparsed", 0) >= UNPARSED_NOTE * r["queries"]:
-            lines += ["", f"`{r['method']}`: {r['unparsed']} of {r['queries']} answers could not be parsed "
-                          f"({r['unparsed'] / r['queries']:.0%}; {task.unparsed_scoring})."]
+            lines += ["", f"`{r['method']}`: {r['unparsed']} of {r['queries']} answers could not be parsed or "
+                          f"were empty ({r['unparsed'] / r['queries']:.0%}; {task.unparsed_scoring})."]
     for m, e in (failed or {}).items():
         lines += ["", f"Not reported: `{m}` diverged ({e})."]
     return "\n".join(lines) + "\n"
