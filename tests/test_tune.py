@@ -10,7 +10,8 @@ import mta.evaluation.tune as tune_mod
 from mta.bank import read_index
 from mta.cli.main import main
 from mta.errors import MtaError
-from mta.evaluation.tune import GROUPS, SPACES, read_recipe
+from mta.evaluation.tune import GROUPS, SPACES
+from mta.recipes import read_recipe
 
 TINY = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2"]
 

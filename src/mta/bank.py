@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mta import defaults
 from mta.anchors import embed_users, select_anchors
 from mta.backbone import Backbone
 from mta.config import BankConfig
@@ -146,8 +147,10 @@ def build_bank(
 
     ``trained(user)`` may return an adapter already trained with exactly this recipe on
     exactly ``training_history(user, cfg)`` (in `mta eval`, the user's per-user LoRA):
-    it is copied in instead of training the anchor again.
+    it is copied in instead of training the anchor again. Fields of ``cfg`` not set come
+    from the model's registered recipe for ``task`` (``mta.defaults``), as in `mta bank build`.
     """
+    cfg = defaults.resolve(cfg, defaults.layers(backbone.model_id, task.name))
     rec = prepare_bank(backbone, users, task, cfg, out, recipe)
     ensure_base(backbone, rec, users, task, cfg, Path(out), base_cfg, progress)
     _train_missing(backbone, rec, users, task, cfg, Path(out), "anchor", progress, trained)

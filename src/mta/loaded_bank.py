@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mta import defaults
 from mta.anchors import embed_users
 from mta.backbone import Backbone
 from mta.bank import adapter_dir, load_base, read_index
@@ -279,16 +280,26 @@ class LoadedBank:
         return (p.anchors, p.weights, p.merge, p.svd_rank if p.merge == "svd" else None)
 
     # -- stage 3: stacks for many users ---------------------------------------------------------------
-    def adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore,
+    def settings(self, cfg: AdaptConfig | None = None) -> AdaptConfig:
+        """``cfg`` (default: nothing set) resolved on this bank as `mta adapt` resolves it
+        (``mta.defaults``): what the caller set, else the bank's recorded recipe, else the
+        model's registered recipe for the bank's task, else the field's default."""
+        under = defaults.layers(self.backbone.model_id, self.task.name if self.task else None,
+                                bank_recipe=self.record.recipe if self.record else None)
+        return defaults.resolve(cfg if cfg is not None else AdaptConfig(), under)
+
+    def adapt(self, users: Sequence[User], cfg: AdaptConfig | None, store: UserStore,
               progress: Progress | None = None, *, locked: bool = True, first_pass: int = 0,
               force: bool = False) -> dict:
         """Fuse and stack ``users`` into ``store``; users unchanged since they were stored
-        are skipped (unless ``force``). Returns counts, timings and per-user costs.
+        are skipped (unless ``force``). Returns counts, timings and per-user costs. Fields
+        of ``cfg`` not set are resolved by ``settings``.
 
         ``locked=False``: the caller already is the store's one writer (a sharded run's
         driver, whose workers call this). ``first_pass``: the index in the whole run of
         this call's first user, so that a shard's stacks start from the values the same
         users get in one unsharded run (passes of ``cfg.users_per_pass``)."""
+        cfg = self.settings(cfg)
         self.check(users, cfg)
         if not locked:
             return self._adapt(users, cfg, store, progress, first_pass, force)
@@ -423,7 +434,7 @@ class LoadedBank:
         slots = self.stacks.ensure({u: rec for u, rec in records.items() if rec.stack}, store) if records else {}
         fresh = list({r.user_id: r.user for r in requests if r.user_id not in records
                       and r.user is not None and r.user.history}.values())
-        fusion = fusion or AdaptConfig()
+        fusion = self.settings(fusion)
         fresh_mix = dict(zip([u.user_id for u in fresh], self.mixtures(fresh, fusion))) if fresh else {}
         plans, routes, notices = [], [], []
         for r in requests:

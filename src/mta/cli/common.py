@@ -130,25 +130,21 @@ def write_config(out: Path, command: str, cfg, backbone=None, **extra) -> dict:
 
 
 def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None, task: str | None = None):
-    """Layer the defaults that are not flags: a --recipe file, then the recipe the bank
-    recorded, then the model's tuned defaults for ``task`` (the bank's task when a bank is
-    given; mta.recipes). Returns (configs, the adapt settings that came from recipes, for a
-    bank to record)."""
-    from mta.evaluation.tune import read_recipe, recipe_layers
-    from mta.recipes import model_recipe
+    """Resolve what was not typed the library's way (``mta.defaults``): a --recipe file,
+    then the recipe the bank recorded, then the model's registered recipe for ``task``
+    (the bank's task when a bank is given). Returns (configs, the adapt settings that came
+    from recipes, for a bank to record)."""
+    from mta import defaults
+    from mta.recipes import read_recipe
 
-    adapt: dict = {}
     if recipe is not None:
         r = read_recipe(recipe)
         if r.model != model_id:
             err_console.print(f"[yellow]notice:[/yellow] recipe {recipe} was tuned for {r.model}, not {model_id}")
-        layers = recipe_layers(r)
-        cfg = cfg.layer(layers, str(recipe))
-        adapt = {**layers["adapt"], **adapt}
-    if bank_record is not None and bank_record.recipe:
-        cfg = cfg.layer({"adapt": bank_record.recipe}, "the bank's recorded recipe")
-        adapt = {**bank_record.recipe, **adapt}
     task = task or (bank_record.task if bank_record is not None else None)
-    tuned = model_recipe(model_id, task)
-    cfg = cfg.layer(tuned, f"the tuned defaults of {model_id} for {task}")
-    return cfg, {**tuned.get("adapt", {}), **adapt}
+    under = defaults.layers(model_id, task, recipe=recipe,
+                            bank_recipe=bank_record.recipe if bank_record is not None else None)
+    adapt: dict = {}
+    for layer in reversed(under):  # lowest first
+        adapt.update(layer.values.get("adapt", {}))
+    return cfg.resolved(under), adapt

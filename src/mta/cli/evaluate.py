@@ -23,7 +23,8 @@ from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
 from mta.evaluation.report import UNPARSED_NOTE, write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
-from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, read_recipe, space_groups, tune
+from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, space_groups, tune
+from mta.recipes import read_recipe
 from mta.tasks import get_task
 
 STAGES = (BackboneConfig, BankConfig, AdaptConfig, GenerateConfig)

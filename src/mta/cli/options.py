@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from mta import defaults
 from mta.config import (
     PRESETS,
     AdaptConfig,
@@ -152,6 +153,20 @@ class Configs:
         return Configs(built, frozenset(given))
 
 
+    def resolved(self, under) -> Configs:
+        """A copy where the bank, adapt and baselines settings not typed are resolved by
+        the library (``mta.defaults.resolve``) over the layers ``under``, highest first;
+        the settings a layer gave then count as given."""
+        built, given = dict(self._built), set(self.given)
+        for cls, obj in self._built.items():
+            if SECTIONS[cls][0] in defaults.SECTIONS:
+                came = defaults.sources(obj, under)
+                built[cls] = defaults.resolve(obj, under)
+                given |= {_flag(cls, n) for n, src in came.items()
+                          if src not in (defaults.PRECEDENCE[0], defaults.PRECEDENCE[-1])}
+        return Configs(built, frozenset(given))
+
+
 def configured(*configs: type):
     """Decorate a command whose last parameter is ``cfg: Configs`` (see the module doc)."""
     table = knobs(*configs)
@@ -183,8 +198,8 @@ def configured(*configs: type):
                     given.add(knob.flag)
                     for cls, name in knob.targets:
                         values[cls][name] = value
-            if values.get(AdaptConfig, {}).get("preset"):  # a preset typed is its settings typed: no
-                # recipe layered later overrides them (flags still win over the preset)
+            if values.get(AdaptConfig, {}).get("preset"):  # a preset typed is its settings typed
+                # (mta.defaults), as the config counts them: flags beside it still win
                 given |= {_flag(AdaptConfig, n) for n in PRESETS[values[AdaptConfig]["preset"]]}
             built = {}
             for cls in configs:

@@ -37,6 +37,7 @@ from mta.bank import build_private
 from mta.config import AdaptConfig, BankConfig, BaselineConfig, GenerateConfig
 from mta.data.persons import query_item
 from mta.data.schema import User
+from mta.defaults import pinned
 from mta.errors import MtaError
 from mta.inference import generate
 from mta.loaded_bank import LoadedBank, Request
@@ -231,16 +232,17 @@ def run_task(setup: EvalSetup, bank: LoadedBank, targets) -> FoldResult:
 
 def method_config(name: str, base: AdaptConfig, bank: BankConfig,
                   baselines: BaselineConfig = BaselineConfig()) -> AdaptConfig:
-    """The AdaptConfig each adapter method uses."""
+    """The AdaptConfig each adapter method uses; a baseline's and the reference's are
+    pinned (``mta.defaults``): no registered recipe changes what they are."""
     if name == "oppu":  # a per-user LoRA with the bank's recipe (its own lr and steps) over the frozen task LoRA
-        return AdaptConfig.make(top_k=1, stack_rank=bank.rank, stack_alpha=bank.alpha, stack_layers=0,
-                                stack_targets=bank.target_modules, stack_lr=baselines.oppu_lr or bank.lr,
-                                stack_epochs=bank.epochs, stack_steps=baselines.oppu_steps or bank.steps,
-                                batch_size=bank.batch_size, warmup_ratio=bank.warmup_ratio,
-                                retrieve_k=bank.retrieve_k, max_length=bank.max_length, seed=base.seed)
+        return pinned(AdaptConfig.make(top_k=1, stack_rank=bank.rank, stack_alpha=bank.alpha, stack_layers=0,
+                                       stack_targets=bank.target_modules, stack_lr=baselines.oppu_lr or bank.lr,
+                                       stack_epochs=bank.epochs, stack_steps=baselines.oppu_steps or bank.steps,
+                                       batch_size=bank.batch_size, warmup_ratio=bank.warmup_ratio,
+                                       retrieve_k=bank.retrieve_k, max_length=bank.max_length, seed=base.seed))
     if name == "mta-reference":
-        return AdaptConfig.make(preset="reference", seed=base.seed, max_length=base.max_length,
-                                retrieve_k=base.retrieve_k, batch_size=base.batch_size)
+        return pinned(AdaptConfig.make(preset="reference", seed=base.seed, max_length=base.max_length,
+                                       retrieve_k=base.retrieve_k, batch_size=base.batch_size))
     if name == "mta-fusion":
         return base.model_copy(update={"stack_epochs": 0})
     if name == "mta-stack":

@@ -31,8 +31,6 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from mta.config import AdaptConfig, BankConfig, BaselineConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
@@ -41,9 +39,9 @@ from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup
 from mta.evaluation.protocol import make_folds, persons_of
 from mta.evaluation.runner import diverged, run_eval
 from mta.paths import write_json_atomic
+from mta.recipes import Recipe
 
 log = logging.getLogger(__name__)
-RECIPE_SCHEMA = 1
 VALUES = "trial-values.json"  # OUT's log of finished trials (``tune`` resumes from it)
 Override = dict[str, dict]  # {"bank": {...}, "adapt": {...}, "baselines": {...}}
 
@@ -117,44 +115,6 @@ def stack_share(engine, bank: BankConfig, adapt: AdaptConfig) -> float:
 
     stack = adapt.stack_rank * size(engine.stack_selection(adapt.stack_targets, adapt.stack_layers))
     return stack / (bank.rank * size(engine.layers))
-
-
-class Recipe(BaseModel):
-    """What `mta tune` chose, for which model and task, on which dev users."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: int = RECIPE_SCHEMA
-    model: str
-    task: str
-    data: str
-    metric: str
-    dev_users: list[str]  # every user of the dev persons
-    dev_persons: list[str] = Field(default_factory=list)
-    bank: dict = Field(default_factory=dict)    # BankConfig fields the search changed
-    adapt: dict = Field(default_factory=dict)   # AdaptConfig fields the search changed
-    baselines: dict = Field(default_factory=dict)  # BaselineConfig fields the search changed
-    # the settings the search started from where they differ from the config defaults (the
-    # tune's flags, e.g. --bank-base task, and the model's registered recipe), by section:
-    # `--recipe` layers these under the chosen ones, so an evaluation reproduces the tune
-    start: dict[str, dict] = Field(default_factory=dict)
-    trials: list[dict] = Field(default_factory=list)
-    # rows of the final table, {"method", "error"} for a method that diverged, or one {"error"}
-    ablation: list[dict] = Field(default_factory=list)
-    max_user_share: float | None = None  # the bytes budget the search kept to (None: recipes before it)
-
-
-def read_recipe(path: Path) -> Recipe:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MtaError(f"{path}: not a readable recipe ({e})") from None
-    if not isinstance(raw, dict) or raw.get("schema_version") != RECIPE_SCHEMA:
-        raise MtaError(f"{path}: not a recipe of schema version {RECIPE_SCHEMA}; write one with mta tune")
-    try:
-        return Recipe.model_validate(raw)
-    except Exception as e:  # noqa: BLE001 - pydantic's message, one line
-        raise MtaError(f"{path}: corrupt recipe ({str(e).splitlines()[0]})") from None
 
 
 def dev_split(users, fraction: float, seed: int) -> list[str]:
@@ -316,12 +276,6 @@ def _changed(cfg) -> dict:
     """The fields of a config that differ from their defaults."""
     default = type(cfg)().dump()
     return {k: v for k, v in cfg.dump().items() if v != default.get(k)}
-
-
-def recipe_layers(r: Recipe) -> dict[str, dict]:
-    """A recipe's settings by section, as ``--recipe`` layers them: the chosen ones over
-    the settings the search started from."""
-    return {s: {**r.start.get(s, {}), **getattr(r, s)} for s in ("bank", "adapt", "baselines")}
 
 
 def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig) -> list[dict]:
