@@ -163,3 +163,20 @@ def test_eval_bank_trains_anchors_whose_history_differs(tmp_path):
 def test_eval_unknown_method(tmp_path):
     assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--methods", "magic"]) == 2
+
+
+def test_help_starts_without_torch_and_lists_each_commands_own_summary():
+    """`mta --help` imports no command module (nor torch): it lists the summaries kept in
+    `mta.cli.main.COMMANDS`, which must be each command's own first help paragraph."""
+    import subprocess
+    import sys
+
+    from mta.cli.main import COMMANDS, load_command
+
+    code = ("import sys; from mta.cli.main import main; rc = main(['--help']); "
+            "print('TORCH', 'torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "TORCH False 0" in out and all(name in out for name in COMMANDS)
+    for name, (_, _, summary) in COMMANDS.items():
+        own = (load_command(name).help or "").strip().split("\n\n")[0]
+        assert summary == " ".join(own.split()), name

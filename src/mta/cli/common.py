@@ -18,6 +18,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mta import defaults
+from mta.recipes import read_recipe
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -104,39 +107,11 @@ def run_log(out: Path):
         handler.close()
 
 
-def load_backbone(cfg, default_model: str | None = None, default_embedder: str | None = None):
-    """Load the backbone of ``cfg`` (a BackboneConfig) with a status line."""
-    from mta.backbone import Backbone
-
-    label = cfg.model or default_model or "the default model"
-    with err_console.status(f"loading {label} on {cfg.device}"):
-        return Backbone.load(cfg, default_model, default_embedder)
-
-
-def write_config(out: Path, command: str, cfg, backbone=None, **extra) -> dict:
-    """OUT/config.json: the command's resolved configuration, versions and the backbone."""
-    import platform
-
-    import torch
-
-    from mta import __version__
-    from mta.paths import write_json_atomic
-
-    record = {"command": command, **extra, "configs": cfg.dump(),
-              "backbone": backbone.describe() if backbone is not None else None,
-              "mta_version": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    write_json_atomic(out / "config.json", record)
-    return record
-
-
 def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None, task: str | None = None):
     """Resolve what was not typed the library's way (``mta.defaults``): a --recipe file,
     then the recipe the bank recorded, then the model's registered recipe for ``task``
     (the bank's task when a bank is given). Returns (configs, the adapt settings that came
     from recipes, for a bank to record)."""
-    from mta import defaults
-    from mta.recipes import read_recipe
-
     if recipe is not None:
         r = read_recipe(recipe)
         if r.model != model_id:

@@ -3,6 +3,7 @@ one backbone, scored and reported by the same code (``mta.evaluation``)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from mta.backbone import DEFAULT_MODEL
-from mta.cli.common import Bars, console, err_console, load_backbone, progress, run_log, with_recipes, write_config
+from mta.cli.common import Bars, console, err_console, progress, run_log, with_recipes
+from mta.cli.loading import load_backbone, write_config
 from mta.cli.options import Configs, DataPath, OutDir, RecipeFile, TaskName, configured
 from mta.config import AdaptConfig, BackboneConfig, BankConfig, BaselineConfig, EvalConfig, GenerateConfig, RunConfig
-from mta.data.readers import load_dataset
+from mta.data.readers import load_dataset, write_jsonl
 from mta.data.schema import Dataset
+from mta.data.synth import synth_users
 from mta.errors import MtaError
 from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import EvalSetup, expand_methods
@@ -24,6 +27,7 @@ from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, poole
 from mta.evaluation.report import UNPARSED_NOTE, write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
 from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, space_groups, tune
+from mta.paths import check_output_dir, write_text_atomic
 from mta.recipes import read_recipe
 from mta.tasks import get_task
 
@@ -32,10 +36,6 @@ STAGES = (BackboneConfig, BankConfig, AdaptConfig, GenerateConfig)
 
 def check_run_out(out: Path) -> None:
     """A run directory is new, empty, or an earlier run of eval/run/tune (whose banks resume)."""
-    import json
-
-    from mta.paths import check_output_dir
-
     def ours(d: Path) -> bool:
         try:
             return json.loads((d / "config.json").read_text()).get("command") in ("eval", "run", "tune")
@@ -159,9 +159,6 @@ def demo_cmd(
     *, cfg: Configs,
 ) -> None:
     """`mta run` on built-in SYNTHETIC data (4 taste groups) with the default models."""
-    from mta.data.readers import write_jsonl
-    from mta.data.synth import synth_users
-
     write_jsonl(synth_users(users, seed=cfg.run.seed, queries=2), out / "data" / "users.jsonl")
     console.print(f"wrote {users} synthetic users to {escape(str(out / 'data'))}")
     # the bank default suits thousands of users, not 12 anchor candidates; tags are short
@@ -181,8 +178,6 @@ def tune_cmd(
     *, cfg: Configs,
 ) -> None:
     """Choose a recipe for this model and task on dev users; write OUT/recipe.json."""
-    from mta.paths import write_text_atomic
-
     space_groups(space)  # an unknown space fails before anything loads
     e = cfg.eval
     unused = [flag for flag, given in (("--methods", e.methods != EvalConfig.model_fields["methods"].default),

@@ -11,7 +11,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mta.cli.common import Bars, console, err_console, load_backbone, progress, run_log, with_recipes, write_config
+from mta.backbone import DEFAULT_MODEL
+from mta.bank import build_bank, check_out, check_resume, read_index
+from mta.cli.common import Bars, console, err_console, progress, run_log, with_recipes
+from mta.cli.loading import load_backbone, write_config
 from mta.cli.options import (
     BankPath,
     Configs,
@@ -27,7 +30,10 @@ from mta.cli.options import (
 from mta.config import AdaptConfig, BackboneConfig, BankConfig, GenerateConfig
 from mta.data.readers import jsonl_lines, load_dataset
 from mta.data.schema import User
+from mta.distributed import ray_adapt, ray_build_bank
+from mta.engine.peft_io import is_export
 from mta.errors import MtaError
+from mta.loaded_bank import LoadedBank, Request
 from mta.store import UserStore
 from mta.tasks import get_task
 
@@ -57,8 +63,6 @@ def select_users(users: list[User], spec: str | None) -> list[User]:
 
 
 def _bank_record(bank: Path):
-    from mta.bank import read_index
-
     return read_index(bank)
 
 
@@ -72,16 +76,11 @@ def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserId
                                                       "CPU when there is no GPU)."),
                *, cfg: Configs) -> None:
     """Stage 1: cluster users, pick anchors, train one meta-LoRA per anchor (one pass per group)."""
-    from mta.backbone import DEFAULT_MODEL
-    from mta.bank import build_bank, check_out, check_resume
-
     check_out(out)
     ds = load_dataset(data, task)
     pool = select_users(ds.users, users)
     cfg, adapt_recipe = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL, task=ds.task)
     if ray is not None:
-        from mta.distributed import ray_build_bank
-
         with run_log(out), progress() as bar:
             rec = ray_build_bank(ray, cfg.backbone, pool, ds.task, cfg.bank, out, ray_workers, Bars(bar),
                                  adapt_recipe)
@@ -137,8 +136,6 @@ def store_delete(store: Path = typer.Argument(...), user: str = typer.Argument(.
 
 def _open_bank(bank: Path, cfg: Configs, task: str | None = None):
     """Load the backbone the bank was built on (unless told otherwise) and open the bank on it."""
-    from mta.loaded_bank import LoadedBank
-
     rec = _bank_record(bank)
     backbone = load_backbone(cfg.backbone, rec.model, rec.embedder)
     return backbone, LoadedBank(backbone, bank, get_task(task) if task else None)
@@ -173,8 +170,6 @@ def adapt_cmd(bank: BankPath, data: DataPath, out: OutDir, task: TaskName = None
 
 
 def _adapt_on_ray(address, workers, bank, rec, ds, sel, store, out, cfg) -> None:
-    from mta.distributed import ray_adapt
-
     if not rec.complete:
         raise MtaError(f"bank {bank} is incomplete; rerun the same bank build to resume it")
     if rec.task != ds.task:
@@ -237,8 +232,6 @@ def generate_cmd(
 ) -> None:
     """Personalised answers; one --user/--input, or many users batched from --input-file.
     Prints one JSON object per answer and line: user_id, route, output, parsed."""
-    from mta.loaded_bank import Request
-
     pairs = _requests(user, input, input_file)
     rec = _bank_record(bank)
     users = {u.user_id: u for u in load_dataset(data, rec.task).users} if data else {}
@@ -273,8 +266,6 @@ def export_cmd(
 ) -> None:
     """Write a user's fused + stacked adapter as ONE ordinary PEFT LoRA (fp32 factors), or
     every user's, for vLLM."""
-    from mta.engine.peft_io import is_export
-
     if fmt not in ("peft", "vllm"):
         raise MtaError(f"--format must be peft or vllm, got {fmt!r}")
     if (user is None) == (not all_users):

@@ -5,12 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+import uvicorn
 from rich.markup import escape
 
-from mta.cli.common import console, err_console, load_backbone, with_recipes
+from mta.bank import read_index
+from mta.cli.common import console, err_console, with_recipes
+from mta.cli.loading import load_backbone
 from mta.cli.options import BankPath, Configs, configured
 from mta.config import AdaptConfig, BackboneConfig, GenerateConfig, ServeConfig
+from mta.data.readers import load_dataset
 from mta.errors import MtaError
+from mta.loaded_bank import LoadedBank
+from mta.serving.app import build_app
+from mta.serving.ray_serve import serve_on_ray
+from mta.serving.security import Keys, add_key
+from mta.store import UserStore
 
 keys_app = typer.Typer(help="API keys of `mta serve` (stored hashed).", no_args_is_help=True)
 KeysFile = typer.Option(..., "--keys", help="The keys file (JSON; only hashes are stored).")
@@ -24,8 +33,6 @@ def keys_add(
     name: str = typer.Option("key", help="A label for the key, shown nowhere else."),
 ) -> None:
     """Create an API key; it is printed once, and only its hash is kept."""
-    from mta.serving.security import add_key
-
     key = add_key(keys, role, user, name)
     err_console.print(f"added a {role} key to {escape(str(keys))}; it is shown only now:")
     console.print(key)
@@ -43,15 +50,6 @@ def serve_cmd(
     *, cfg: Configs,
 ) -> None:
     """Serve personalised answers over HTTP, OpenAI-compatible (docs/serving.md)."""
-    import uvicorn
-
-    from mta.bank import read_index
-    from mta.data.readers import load_dataset
-    from mta.loaded_bank import LoadedBank
-    from mta.serving.app import build_app
-    from mta.serving.security import Keys
-    from mta.store import UserStore
-
     key_table = Keys.read(keys)
     if not key_table.entries:
         raise MtaError(f"{keys}: no keys; add one with: mta keys add --keys {keys} --role admin")
@@ -72,8 +70,6 @@ def serve_cmd(
 
 
 def _serve_on_ray(address, replicas, bank, store, users, keys, cfg, rec) -> None:
-    from mta.serving.ray_serve import serve_on_ray
-
     s = cfg.serve
     spec = {"configs": cfg.dump(), "bank": str(Path(bank).resolve()), "keys": str(Path(keys).resolve()),
             "store": str(Path(store).resolve()) if store else None,
