@@ -1,6 +1,6 @@
 """How busy the GPU really was in the profiles recorded before the busy total was fixed.
 
-    python scripts/profile-bounds.py docs/results/gpu-2026-12-01d/gpu-8b.json [...]
+    python scripts/profile-bounds.py results/gpu-2026-12-01d/gpu-8b.json [...]
 
 Until 2026-12-01's fifth session, ``benchmarks/gpu.py``'s ``profile`` summed the self device
 time of every event of ``key_averages()``: operators (``aten::mm``: the time of the kernels

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from mta.engine.engine import AdapterEngine, EngineSpec
+import torch
+
+from mta.engine.engine import AdapterEngine, EngineSpec, Row
 from mta.engine.train import IGNORE, Example
 from mta.models.tiny import tiny_llama
 
@@ -82,3 +84,35 @@ def run_through_slots(dec, seqs, slots: int) -> int:
         shifts += dec.t < last_t
         last_t = dec.t
     return shifts
+
+
+def adapter_effect_gap(eng_a, eng_b, row, ids) -> float:
+    """|| (logits_a - base_a) - (logits_b - base_b) || / || logits_a - base_a ||: how far two
+    trainings of the same adapter (on the same or differently rounded bases) differ in
+    what the adapter does to the output."""
+    effects = []
+    with torch.no_grad():
+        for eng in (eng_a, eng_b):
+            with eng.route([row] * len(ids)):
+                tuned = eng.model(ids).logits.double()
+            with eng.route([Row(active=False)] * len(ids)):
+                base = eng.model(ids).logits.double()
+            effects.append(tuned - base)
+    return float((effects[0] - effects[1]).norm() / effects[0].norm())
+
+
+# the decode tests' prompts and rows (test_graph_decode, kernel_check)
+PROMPTS = ["hello there", "a much longer prompt for user two", "hi", "short one"]
+OTHER = ["another batch", "of four prompts here", "x", "the last of them, longer than the rest"]
+FIRST = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=2), Row(active=False), Row([3], [1.0])]
+SECOND = [Row([3], [1.0], user=1), Row([1, 2], [0.5, 0.5]), Row([0], [1.0], user=2), Row(active=False)]
+NEW = 12
+
+
+def _enc(tok, prompts):
+    return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _hf(eng, tok, enc, rows, **kw):
+    kw = {"max_new_tokens": NEW, "do_sample": False, "eos_token_id": None, **kw}
+    return eng.generate(rows, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **kw)

@@ -10,8 +10,7 @@ import torch
 
 from mta.engine import kernels
 from mta.engine.graphs import GraphDecoder
-from tests.engine_helpers import decode_engine
-from tests.test_graph_decode import FIRST, NEW, PROMPTS, SECOND, _enc, _hf
+from tests.engine_helpers import FIRST, NEW, PROMPTS, SECOND, _enc, _hf, decode_engine
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ from mta.engine.optim import SlotAdamW, lr_multiplier
 from mta.engine.train import Job, TrainConfig, job_batches, pad_batch, row_token_loss, train_jobs
 from mta.errors import MtaError
 from mta.models.tiny import tiny_llama
-from tests.engine_helpers import TARGETS, random_examples, tiny_engine
+from tests.engine_helpers import TARGETS, adapter_effect_gap, random_examples, tiny_engine
 
 TOL = 2e-5
 CFG = TrainConfig(lr=5e-3, epochs=2, batch_size=3, warmup_ratio=0.2, seed=7, max_rows=5)
@@ -270,21 +270,6 @@ def test_compiled_layers_train_the_same_adapters_in_one_graph_each_and_are_resto
         TrainConfig(compile="")
     with pytest.raises(ValueError, match="compiled training with inductor is for CUDA models"):
         _train_once(compile=True)
-
-
-def adapter_effect_gap(eng_a, eng_b, row, ids) -> float:
-    """|| (logits_a - base_a) - (logits_b - base_b) || / || logits_a - base_a ||: how far two
-    trainings of the same adapter (on the same or differently rounded bases) differ in
-    what the adapter does to the output."""
-    effects = []
-    with torch.no_grad():
-        for eng in (eng_a, eng_b):
-            with eng.route([row] * len(ids)):
-                tuned = eng.model(ids).logits.double()
-            with eng.route([Row(active=False)] * len(ids)):
-                base = eng.model(ids).logits.double()
-            effects.append(tuned - base)
-    return float((effects[0] - effects[1]).norm() / effects[0].norm())
 
 
 def test_bf16_adapter_compute_keeps_fp32_masters_and_tracks_fp32():

@@ -11,8 +11,7 @@ import torch
 from mta.engine.engine import AdapterEngine, EngineSpec, Row
 from mta.engine.train import Job, TrainConfig, train_jobs
 from mta.models.tiny import tiny_llama
-from tests.engine_helpers import random_examples
-from tests.test_engine_train import adapter_effect_gap
+from tests.engine_helpers import adapter_effect_gap, random_examples
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,27 +10,12 @@ import torch
 
 from mta.engine.engine import Row
 from mta.engine.graphs import GraphDecoder, pinned_buffers
-from tests.engine_helpers import decode_engine
-
-PROMPTS = ["hello there", "a much longer prompt for user two", "hi", "short one"]
-OTHER = ["another batch", "of four prompts here", "x", "the last of them, longer than the rest"]
-FIRST = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=2), Row(active=False), Row([3], [1.0])]
-SECOND = [Row([3], [1.0], user=1), Row([1, 2], [0.5, 0.5]), Row([0], [1.0], user=2), Row(active=False)]
-NEW = 12
+from tests.engine_helpers import FIRST, NEW, OTHER, PROMPTS, SECOND, _enc, _hf, decode_engine
 
 
 @pytest.fixture(scope="module")
 def setup():
     return decode_engine()
-
-
-def _enc(tok, prompts):
-    return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-
-def _hf(eng, tok, enc, rows, **kw):
-    kw = {"max_new_tokens": NEW, "do_sample": False, "eos_token_id": None, **kw}
-    return eng.generate(rows, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **kw)
 
 
 def test_base_model_equals_generate_across_batches(setup):

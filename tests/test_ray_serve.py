@@ -11,7 +11,7 @@ import time
 import httpx2 as httpx
 import pytest
 
-from tests.test_serve import STORED, Server, _h, chat, make_world
+from tests.serve_helpers import STORED, Server, _h, chat, make_world
 
 pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")

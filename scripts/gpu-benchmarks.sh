@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU benchmarks behind docs/performance.md and docs/serving.md, one after another on
+# one quiet GPU (never beside model jobs: the numbers are ratios within a run). Each writes
+# OUT/NAME.json and OUT/NAME.log. Needs `make setup` (or the pinned packages) and CUDA.
+#
+#   bash scripts/gpu-benchmarks.sh OUT [STEP...]
+#
+# STEPs (default: all but ray-adapt): gpu-tests, dense-mix, gpu-8b, serve-load, hf-decode,
+# ray-adapt (two GPUs or more).
+set -uo pipefail
+out=${1:?usage: gpu-benchmarks.sh OUT [STEP...]}
+shift
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(gpu-tests dense-mix gpu-8b serve-load hf-decode)
+PY=${PY:-python3}
+mkdir -p "$out"
+run() {  # run NAME SECONDS COMMAND...: logged, killed after SECONDS
+  local name=$1 t=$2
+  shift 2
+  echo "$(date +%T) start $name"
+  timeout "$t" "$@" > "$out/$name.log" 2>&1
+  echo "$(date +%T) end $name rc=$?"
+}
+for s in "${steps[@]}"; do
+  case "$s" in
+    gpu-tests) run gpu-tests 300 $PY -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider ;;
+    # the Triton dense-mix kernel against the torch ops it replaces, at the 8B decode shapes
+    dense-mix) run dense-mix 180 $PY benchmarks/dense_mix.py --out "$out/dense-mix.json" ;;
+    # every speed target at Llama-3-8B shape in one run, decode compiled; the kernel beside torch's ops
+    gpu-8b) run gpu-8b 1800 $PY benchmarks/gpu.py --compile --kernel-compare --warm-compile --profile \
+      --sections gen,bank,adapt,memory,adapt-last8,bank-compiled,adapt-compiled,adapt-last8-compiled \
+      --out "$out/gpu-8b.json" ;;
+    serve-load) for d in generate graph compiled; do
+        run "serve-load-$d" 600 $PY benchmarks/serve_load.py --model random-llama3-8b --device cuda \
+          --requests 200 --clients 16 --users 16 --max-tokens 16 --decoder "$d" --out "$out/serve-load-$d.json"
+      done ;;
+    hf-decode) run hf-decode 600 $PY benchmarks/hf_decode.py --sections parts --out "$out/hf-decode.json" ;;
+    ray-adapt) run ray-adapt 600 $PY benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
+      --users-per-pass 16 --anchors 4 --workers 1,2 --work "$out/ray-work" --out "$out/ray-adapt.json" ;;
+    *) echo "unknown step $s (gpu-tests, dense-mix, gpu-8b, serve-load, hf-decode, ray-adapt)" >&2; exit 2 ;;
+  esac
+done
