@@ -62,9 +62,9 @@ def test_rows_search_and_export_carry_the_task_lora(tmp_path):
     build_bank(backbone, users, TASK, BankConfig.make(**FAST, bank_base="task"), tmp_path / "bank")
     bank = LoadedBank(backbone, tmp_path / "bank", TASK)
     assert bank.base_slot == 2 and bank.backbone.engine.n_anchors == 3
-    row = bank._rows([Plan((1, 0), (0.6, 0.4))])[0]
+    row = bank.rows([Plan((1, 0), (0.6, 0.4))])[0]
     assert tuple(row.anchors) == (1, 0, 2) and tuple(row.weights) == (0.6, 0.4, 1.0)
-    assert not bank._rows([Plan()])[0].active  # the base model stays the base model
+    assert not bank.rows([Plan()])[0].active  # the base model stays the base model
     store = UserStore(tmp_path / "store", create=True)
     cfg = AdaptConfig.make(**ADAPT, fusion_weights="searched", search_evals=6)
     bank.adapt(users[:2], cfg, store)
@@ -75,7 +75,7 @@ def test_rows_search_and_export_carry_the_task_lora(tmp_path):
     assert cfg_json["r"] == 3 * 8 + 2  # task LoRA + 2 residual anchors (rank 8) + the rank-2 stack
     ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(5))
     slot = bank.stacks.ensure({users[0].user_id: rec}, store)[users[0].user_id]
-    with bank.backbone.engine.route(bank._rows([Plan(tuple(rec.anchors), tuple(rec.weights), stack=slot)]) * 2), \
+    with bank.backbone.engine.route(bank.rows([Plan(tuple(rec.anchors), tuple(rec.weights), stack=slot)]) * 2), \
             torch.no_grad():
         ours = bank.backbone.model(ids).logits
     torch.testing.assert_close(peft_logits(out, ids), ours, atol=1e-5, rtol=0)

@@ -4,14 +4,14 @@ answered and exported.
 ``LoadedBank`` checks the bank once (schema, completeness, base-model fingerprint,
 embedder, task) and loads its anchors into the backbone's engine. It is the ONLY code
 that turns a user's plan (anchor mixture and merge mode, stacked adapter) into routing
-rows (``_rows``); it trains stacks for many users per pass (``adapt``), keeps users'
+rows (``rows``); it adapts users (``adapt``: stage 2 here, stage 3 in mta.stacking), keeps users'
 stacks resident on the device with least-recently-used eviction (``ResidentStacks``),
 answers mixed-user batches (``answer``) and exports a user as one PEFT LoRA
 (``export``).
 
-Stages 2 and 3 of the method live here: the mixture of a user is recomputed from their
-history (cosine similarity to the anchors, top-k, weights), and the stack is trained
-over the frozen fused anchors.
+Stage 2 of the method lives here: the mixture of a user is recomputed from their history
+(cosine similarity to the anchors, top-k, weights; searched weights by mta.weight_search).
+Stage 3, the stack trained over the frozen fused anchors, is mta.stacking.
 
 A path of None opens an *empty* bank (no anchors): stacks over the bare base model.
 A *private* bank (``bank.build_private``) answers each user through their own anchor.
@@ -38,14 +38,14 @@ from mta.data.schema import User
 from mta.engine.engine import Row
 from mta.engine.fingerprint import check_fingerprint
 from mta.engine.peft_io import WEIGHTS, export_user, load_adapter, load_anchor, save_user
-from mta.engine.train import Job, train_jobs
 from mta.errors import MtaError
 from mta.examples import loo_examples
 from mta.inference import generate
-from mta.mixing import Mixture, mixtures_for
+from mta.mixing import Mixture, Plan, mixtures_for
 from mta.paths import sha256_file
-from mta.records import BankRecord, StackRecord, UserRecord
+from mta.records import BankRecord, UserRecord
 from mta.retrieval import retrieve
+from mta.stacking import stack_params_per_user, stack_passes, stack_record
 from mta.store import UserStore, history_hash
 from mta.tasks import get_task
 from mta.tasks.base import Task
@@ -72,24 +72,6 @@ class Answer:
     route: str  # "mta" (fusion + stack), "stack" (stack only), "fusion", "base", "private" (own LoRA),
     # "task" (the task LoRA alone)
     notice: str | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How one user is served: a mixture and its merge, and/or a stack slot."""
-
-    anchors: tuple[int, ...] = ()
-    weights: tuple[float, ...] = ()
-    merge: str = "delta"
-    svd_rank: int | None = None
-    stack: int | None = None
-
-
-def stack_params_per_user(engine, rank: int, modules=None, last_layers: int | None = None) -> int:
-    """Trainable parameters of one user's stack: sum over its layers of (in + out) x rank
-    (computed from the layer shapes, so it is right even when no user was trained)."""
-    return sum((engine.layers[n].in_features + engine.layers[n].out_features) * rank
-               for n in engine.stack_selection(modules, last_layers))
 
 
 class ResidentStacks:
@@ -255,7 +237,7 @@ class LoadedBank:
         return mixtures_for(emb, anchor_emb, cfg.top_k, cfg.weighting, cfg.temperature)
 
     # -- the only place plans become routing rows ---------------------------------------------------
-    def _rows(self, plans: Sequence[Plan]) -> list[Row]:
+    def rows(self, plans: Sequence[Plan]) -> list[Row]:
         """Routing rows for ``plans``: exact merges route through the bank; factor and svd
         merges through a fused table built here for this batch's mixtures."""
         fused: dict[tuple, int] = {}
@@ -355,26 +337,12 @@ class LoadedBank:
             fuse_s += time.perf_counter() - t0
             if progress:
                 progress("fusion search", len(todo), len(todo))
-        tcfg = cfg.train_config(**self.backbone.train_resources(), lr_field="AdaptConfig.stack_lr")
         done, train_s = 0, 0.0
         if progress:
             progress("users", 0, len(todo))
-        for g in range(0, len(todo), cfg.users_per_pass):
-            group = todo[g:g + cfg.users_per_pass]
-            stats = None
-            t1 = time.perf_counter()
-            if cfg.stack_epochs > 0:
-                engine.add_users(len(group), cfg.stack_rank, cfg.alpha_s, seed=cfg.seed + first_pass + g,
-                                 modules=cfg.stack_targets, last_layers=cfg.stack_layers)
-                self.stacks.invalidate()
-                rows = self._rows([Plan(mixes[i].anchors, mixes[i].weights, cfg.merge, cfg.svd_rank, stack=j)
-                                   for j, i in enumerate(group)])
-                jobs = [Job(j, examples_of(i), rows[j], key=f"user:{users[i].user_id}") for j, i in enumerate(group)]
-                for i in group:  # a pass's examples are not needed after it
-                    examples.pop(i, None)
-                stats = train_jobs(engine, "stack", jobs, tcfg, pad_id=tok.pad_token_id,
-                                   on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
-            train_s += time.perf_counter() - t1
+        for group, stats, seconds in stack_passes(self, users, mixes, todo, cfg, examples_of,
+                                                  lambda i: examples.pop(i, None), first_pass, progress):
+            train_s += seconds
             for j, i in enumerate(group):
                 store.put(self._record(users[i], mixes[i], cfg, hashes[i], stats), None if stats is None else (
                     lambda d, j=j, uid=users[i].user_id: save_user(engine, j, d, base_model=self._model_id,
@@ -396,11 +364,7 @@ class LoadedBank:
 
     def _record(self, user: User, mix: Mixture, cfg: AdaptConfig, hist: str, stats: dict | None) -> UserRecord:
         anchor_users = [self.record.anchors[a].user_id for a in mix.anchors] if mix.anchors else []
-        stack = None if stats is None else StackRecord(
-            rank=cfg.stack_rank, alpha=cfg.alpha_s, epochs=cfg.stack_epochs,
-            targets=list(cfg.stack_targets) if cfg.stack_targets else None, layers=cfg.stack_layers,
-            lr=cfg.stack_lr, examples=len(user.history), losses=stats["losses"][f"user:{user.user_id}"],
-            skipped_steps=stats["skipped_steps"].get(f"user:{user.user_id}", 0))
+        stack = stack_record(user, cfg, stats)
         return UserRecord(user_id=user.user_id, task=self.task.name, bank=self.bank_id, history_hash=hist,
                           adapt=cfg, merge=cfg.merge, svd_rank=cfg.svd_rank if cfg.merge == "svd" else None,
                           anchors=list(mix.anchors), anchor_users=anchor_users, weights=list(mix.weights),
@@ -465,7 +429,7 @@ class LoadedBank:
         if not requests:
             return []
         plans, routes, notices = self.plans(requests, store, fusion)
-        rows = self._rows(plans)
+        rows = self.rows(plans)
         prompts = [self.task.prompt(r.input, retrieve(self.task, r.input, r.user.history, gen.retrieve_k)
                                     if r.user else []) for r in requests]
         texts = generate(self.backbone, prompts, rows, gen.max_new_tokens or self.task.max_new_tokens,

@@ -52,3 +52,14 @@ def mixtures_for(user_emb: np.ndarray, anchor_emb: np.ndarray, top_k: int, weigh
     """One mixture per row of ``user_emb`` (both sides L2-normalised)."""
     sims = np.asarray(user_emb, dtype=np.float64) @ np.asarray(anchor_emb, dtype=np.float64).T
     return [anchor_weights(s, top_k, weighting, temperature) for s in sims]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one user is served: a mixture and its merge, and/or a stack slot."""
+
+    anchors: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()
+    merge: str = "delta"
+    svd_rank: int | None = None
+    stack: int | None = None

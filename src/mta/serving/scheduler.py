@@ -172,7 +172,7 @@ class Scheduler:
             if self.jobs:
                 self._plans(self.jobs)
             return
-        rows = self.bank._rows(plans)
+        rows = self.bank.rows(plans)
         for job, row in zip(self.jobs, rows):  # running rows follow their users' (new) slots
             job.seq.row = row
         fresh = []
