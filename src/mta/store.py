@@ -7,6 +7,10 @@
                                      training stats, history hash, bank id
     STORE/users/<key>/stack/         the stacked adapter in PEFT format (absent when
                                      the user was adapted with fusion only)
+    STORE/histories/<key>.json       a history uploaded to the server (``put_history``);
+                  <key>.deleted      a user deleted over HTTP: the server's users file no
+                                     longer speaks for them (no data of the user)
+    STORE/jobs/<id>.json             the state of a server's adapt job (``put_job``)
 
 User ids are data, never paths: ``key`` is the sha256 of the id (32 hex digits), and the
 record holds the id itself, checked on every read. Any id of 1 to 1024 characters works
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ from mta.paths import (
     recover,
     sha256_file,
     write_json_atomic,
+    write_text_atomic,
     writer,
 )
 from mta.records import UserRecord, dump, read_user_record
@@ -80,6 +86,7 @@ class UserStore:
 
     def __init__(self, root: Path, create: bool = False):
         self.root = Path(root)
+        self._files = threading.Lock()  # histories and jobs: one thread at a time in this process
         if self.root.exists() and not self.root.is_dir():
             raise MtaError(f"{self.root}: exists and is not a directory")
         if (self.root / MARKER).is_file():
@@ -177,3 +184,72 @@ class UserStore:
         d.rename(trash)
         fault("store:user-unlinked")
         shutil.rmtree(trash)
+
+    # -- what a server keeps beside the users: uploaded histories and adapt jobs --------------------
+    def _history_file(self, user_id: str) -> Path:
+        return self.root / "histories" / f"{user_key(user_id)}.json"
+
+    def uploaded_history(self, user_id: str) -> User | None:
+        """The history uploaded for ``user_id`` (None when there is none); a file that does
+        not read as one is refused in one line."""
+        f = self._history_file(user_id)
+        with self._files:
+            if not f.is_file():
+                return None
+            try:
+                user = User.model_validate_json(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise MtaError(f"the stored history of user {user_id!r} is corrupt ({type(e).__name__}); "
+                               "upload it again") from None
+        if user.user_id != user_id:
+            raise MtaError(f"the stored history of user {user_id!r} is corrupt (it holds another user); "
+                           "upload it again")
+        return user
+
+    def history_deleted(self, user_id: str) -> bool:
+        """Whether ``user_id`` was deleted here since their history was last uploaded."""
+        return self._history_file(user_id).with_suffix(".deleted").exists()
+
+    def put_history(self, user: User) -> None:
+        """Keep an uploaded history (atomically), replacing any earlier one and any deletion mark."""
+        f = self._history_file(user.user_id)
+        with self._files:
+            write_text_atomic(f, user.model_dump_json())
+            f.with_suffix(".deleted").unlink(missing_ok=True)
+
+    def delete_history(self, user_id: str, mark: bool) -> bool:
+        """Forget an uploaded history; ``mark``: leave a deletion mark (an empty file named by
+        the id's hash), so that every process serving this store stops using another copy
+        (a users file). Returns whether an uploaded history was removed."""
+        f = self._history_file(user_id)
+        with self._files:
+            had = f.is_file()
+            f.unlink(missing_ok=True)
+            if mark:
+                write_text_atomic(f.with_suffix(".deleted"), "")
+        return had
+
+    def put_job(self, job_id: str, state: dict) -> None:
+        """An adapt job's state (atomically), so that any process serving the store answers for it."""
+        with self._files:
+            write_json_atomic(self.root / "jobs" / f"{job_id}.json", state)
+
+    def job(self, job_id: str) -> dict | None:
+        f = self.root / "jobs" / f"{job_id}.json"
+        with self._files:
+            try:
+                return json.loads(f.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                return None
+            except (OSError, UnicodeDecodeError, ValueError):
+                raise MtaError(f"the record of job {job_id!r} is corrupt") from None
+
+    def delete_jobs_of(self, user_id: str) -> None:
+        """Remove the job records about ``user_id`` (nothing of a deleted user remains)."""
+        with self._files:
+            for f in (self.root / "jobs").glob("*.json"):
+                try:
+                    if json.loads(f.read_text(encoding="utf-8")).get("user") == user_id:
+                        f.unlink()
+                except (OSError, ValueError):
+                    continue

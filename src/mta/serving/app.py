@@ -22,7 +22,6 @@ import itertools
 import json
 import logging
 import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -114,58 +113,34 @@ class AdaptJob:
 
 
 class Histories:
-    """Users' histories: from the users file given at start, and uploads (kept in the
-    store, ``STORE/histories/<key>.json``, written atomically)."""
+    """Users' histories as the server sees them: an upload kept in the store
+    (``UserStore.uploaded_history``) over the users file given at start, unless the user
+    was deleted over HTTP since."""
 
     def __init__(self, task, users: list[User], store: UserStore | None):
         self.task, self.store = task, store
         self.base = {u.user_id: u for u in users}
-        self.lock = threading.Lock()
-
-    def _file(self, user_id: str) -> Path | None:
-        if self.store is None:
-            return None
-        from mta.store import user_key
-
-        return self.store.root / "histories" / f"{user_key(user_id)}.json"
-
-    def _tombstone(self, user_id: str) -> Path | None:
-        f = self._file(user_id)
-        return None if f is None else f.with_suffix(".deleted")
 
     def get(self, user_id: str) -> User | None:
-        f = self._file(user_id)
-        if f is not None and f.is_file():
-            return User.model_validate_json(f.read_text(encoding="utf-8"))
-        t = self._tombstone(user_id)
-        if t is not None and t.exists():  # deleted over HTTP: the users file no longer speaks for them
-            return None
+        if self.store is not None:
+            uploaded = self.store.uploaded_history(user_id)
+            if uploaded is not None:
+                return uploaded
+            if self.store.history_deleted(user_id):
+                return None
         return self.base.get(user_id)
 
     def put(self, user: User) -> None:
-        from mta.paths import write_text_atomic
-
-        f = self._file(user.user_id)
-        if f is None:
+        if self.store is None:
             raise ApiError(409, "this server has no store to keep histories in")
-        write_text_atomic(f, user.model_dump_json())
-        t = self._tombstone(user.user_id)
-        if t.exists():
-            t.unlink()
+        self.store.put_history(user)
 
     def delete(self, user_id: str) -> bool:
-        """Forget the user's history. Kept in the store as a tombstone, so that every
-        process serving this store (replicas, a restart) stops using the users file's copy."""
-        f = self._file(user_id)
+        """Forget the user's history; True when there was one."""
         had = self.get(user_id) is not None
         in_file = self.base.pop(user_id, None) is not None and had
-        if f is not None:
-            if f.is_file():
-                f.unlink()
-            if in_file:  # an empty marker named by the id's hash: no data of the user
-                from mta.paths import write_text_atomic
-
-                write_text_atomic(self._tombstone(user_id), "")
+        if self.store is not None:
+            self.store.delete_history(user_id, mark=in_file)
         return had
 
 
@@ -203,6 +178,10 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
         return _error(e.status, str(e), e.kind, e.code, e.param, e.headers)
+
+    @app.exception_handler(MtaError)
+    async def bad_input(_, e: MtaError):  # a library refusal (a corrupt stored history...): one line, 400
+        return _error(400, str(e), "invalid_request_error", None, None, None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
@@ -439,9 +418,7 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
         """The job's state, also in the store (STORE/jobs/<id>.json, atomically), so that any
         process serving the store can answer for it (replicas on Ray Serve, a restart)."""
         if store is not None:
-            from mta.paths import write_json_atomic
-
-            write_json_atomic(store.root / "jobs" / f"{job.id}.json", job_view(job))
+            store.put_job(job.id, job_view(job))
 
     @app.get("/v1/admin/jobs/{job_id}")
     async def job_status(request: Request, job_id: str):
@@ -450,9 +427,9 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
         if job is not None:
             return job_view(job)
         if store is not None and JOB_ID.fullmatch(job_id):  # a job of another process on this store
-            f = store.root / "jobs" / f"{job_id}.json"
-            if f.is_file():
-                return json.loads(f.read_text(encoding="utf-8"))
+            state = store.job(job_id)
+            if state is not None:
+                return state
         raise ApiError(404, f"no job {job_id!r}", code="not_found")
 
     @app.post("/v1/admin/delete")
@@ -465,12 +442,7 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
             for jid in [j for j, job in jobs.items() if job.user == user_id]:
                 del jobs[jid]
             if store is not None:  # the user's job records too: nothing of them remains
-                for f in (store.root / "jobs").glob("*.json"):
-                    try:
-                        if json.loads(f.read_text(encoding="utf-8")).get("user") == user_id:
-                            f.unlink()
-                    except (OSError, ValueError):
-                        continue
+                store.delete_jobs_of(user_id)
             removed = False
             if store is not None and store.has(user_id):
                 with store.writing():
