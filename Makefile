@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both set everything up first and are
+# Two entry points: `make demo` and `make test` (`make test-fast`: its unit tier alone). Both set everything up first and are
 # idempotent: the venv is rebuilt only when the pins change; models are fetched once.
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mta-installed
 DEMO := runs/demo
 
-.PHONY: setup models demo test lint clean
+.PHONY: setup models demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: models
 
 test: models
 	bash scripts/run-tests.sh
+
+# the unit tier alone (no real weights needed); `make test` runs it first, then the rest
+test-fast: setup
+	bash scripts/run-tests.sh unit
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -1,15 +1,32 @@
 #!/usr/bin/env bash
-# Run the suite; pytest's exit 5 ("no tests collected") is a failure here, not a pass,
-# because a suite that silently collects nothing hides breakage.
+# Lint, then the suite by tier: the unit tier (not `integration`, not `gpu`: pure functions
+# and the tiny model in this process), then the integration tier (other processes, servers,
+# Ray, a browser, benchmarks, real model weights; `gpu` tests skip without CUDA).
+#
+#   bash scripts/run-tests.sh            both tiers, unit first (make test)
+#   bash scripts/run-tests.sh unit       the unit tier alone (make test-fast)
+#   bash scripts/run-tests.sh integration
+#
+# Further arguments go to pytest. pytest's exit 5 ("no tests collected") is a failure here,
+# not a pass: a tier that silently collects nothing hides breakage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tier=${1:-all}
+case "$tier" in unit|integration|all) shift || true ;; *) tier=all ;; esac
 .venv/bin/ruff check src tests benchmarks scripts
-set +e
-.venv/bin/python -m pytest "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-  echo "pytest collected no tests: treating as failure" >&2
-  exit 1
-fi
-exit "$rc"
+run() {  # run NAME MARKEXPR ARGS...
+  local name=$1 expr=$2
+  shift 2
+  echo "== $name tier ($expr)"
+  set +e
+  .venv/bin/python -m pytest -m "$expr" "$@"
+  local rc=$?
+  set -e
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no $name tests: treating as failure" >&2
+    exit 1
+  fi
+  [ "$rc" -eq 0 ] || exit "$rc"
+}
+[ "$tier" = integration ] || run unit "not integration and not gpu" "$@"
+[ "$tier" = unit ] || run integration "integration or gpu" "$@"

@@ -51,7 +51,7 @@ def test_skipped_training_steps_are_recorded_with_the_adapter(tmp_path, monkeypa
     """The steps an adapter skipped for a non-finite gradient (mta.engine.train) are in its
     record: the bank's index for an anchor, the store's record for a user's stack."""
     import mta.bank as bank_mod
-    import mta.loaded_bank as loaded_mod
+    import mta.stacking as stacking_mod
     from mta.store import UserStore
 
     def one_skipped(real):
@@ -61,7 +61,7 @@ def test_skipped_training_steps_are_recorded_with_the_adapter(tmp_path, monkeypa
         return train
 
     monkeypatch.setattr(bank_mod, "train_jobs", one_skipped(bank_mod.train_jobs))
-    monkeypatch.setattr(loaded_mod, "train_jobs", one_skipped(loaded_mod.train_jobs))
+    monkeypatch.setattr(stacking_mod, "train_jobs", one_skipped(stacking_mod.train_jobs))
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
     assert main(["--quiet", "bank", "build", "--data", str(data), "--out", str(tmp_path / "bank"), "--anchors", "2",

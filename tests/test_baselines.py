@@ -95,6 +95,7 @@ def test_history_queries_and_anchor_pool():
     assert [x.user_id for x in fold.candidates] == [users[2].user_id, users[3].user_id]  # never a target
 
 
+@pytest.mark.integration
 def test_eval_with_anchor_pool_and_history_queries(tmp_path):
     targets, pool = tmp_path / "t", tmp_path / "p"
     assert main(["data", "synth", "--out", str(targets), "--users", "3", "--queries", "1", "--seed", "1"]) == 0
@@ -143,6 +144,7 @@ def test_lamp1_trains_on_query_form_choices():
     assert answers == {"[1]", "[2]"}
 
 
+@pytest.mark.integration
 def test_paired_script_pairs_the_reported_users(tmp_path):
     """A run that left dev users out reports users that are not the data's first N:
     scripts/paired.py pairs exactly the users the run predicted for."""

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # subprocesses, servers, Ray, benchmarks: the integration tier
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -134,7 +136,7 @@ def test_profile_bounds_of_the_old_records():
     # run F's compiled adaptation window was recorded "busy 1.32 of the wall time": kernel time
     # counted twice; its bounds fall below 1, and the captured decode steps (kernels only, no
     # operator above them) keep their recorded fraction
-    run = ROOT / "docs" / "results" / "gpu-2026-12-01d" / "gpu-8b.json"
+    run = ROOT / "results" / "gpu-2026-12-01d" / "gpu-8b.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile-bounds.py"), str(run)], capture_output=True,
                        text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr

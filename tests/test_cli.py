@@ -37,6 +37,7 @@ def test_inspect_shared(lamp2_users, tmp_path, capsys):
     assert "LaMP-2 (movie tagging)" in out and "72" in out and "720" in out
 
 
+@pytest.mark.integration
 def test_truncated_json_one_line_exit_2(lamp2_users, tmp_path):
     bad = tmp_path / "trunc.json"
     bad.write_bytes(lamp2_users.read_bytes()[:5000])
@@ -67,6 +68,7 @@ def test_bad_option_value_exit_code():
     assert main(["data", "synth", "--out", "/tmp/x", "--users", "0"]) == 2
 
 
+@pytest.mark.integration
 def test_compiled_training_on_the_cpu_is_one_line_before_any_training(tmp_path):
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--users", "6", "--queries", "1"]) == 0
@@ -93,6 +95,7 @@ def test_models_list_and_missing_model(tmp_path, monkeypatch, capsys):
         load_llm("smollm2-135m")
 
 
+@pytest.mark.integration
 def test_eval_tiny_model_all_methods(tmp_path):
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--users", "6", "--queries", "1"]) == 0
@@ -165,6 +168,7 @@ def test_eval_unknown_method(tmp_path):
                  "--methods", "magic"]) == 2
 
 
+@pytest.mark.integration
 def test_help_starts_without_torch_and_lists_each_commands_own_summary():
     """`mta --help` imports no command module (nor torch): it lists the summaries kept in
     `mta.cli.main.COMMANDS`, which must be each command's own first help paragraph."""

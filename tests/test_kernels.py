@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # subprocesses, servers, Ray, benchmarks: the integration tier
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

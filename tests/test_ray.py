@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from mta.cli.main import main
 from mta.store import UserStore
 
+pytestmark = pytest.mark.integration  # subprocesses, servers, Ray, benchmarks: the integration tier
+
 pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
 USERS = ",".join(f"synth-{i:04d}" for i in range(4))

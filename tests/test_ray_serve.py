@@ -13,6 +13,8 @@ import pytest
 
 from tests.serve_helpers import STORED, Server, _h, chat, make_world
 
+pytestmark = pytest.mark.integration  # subprocesses, servers, Ray, benchmarks: the integration tier
+
 pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 PROMPT = "Which tag does this movie relate to? a heist in a casino"

@@ -54,6 +54,7 @@ def test_config_identity_ignores_fields_added_later_at_their_defaults():
     assert AdaptConfig(fusion_weights="searched").identity()["fusion_weights"] == "searched"
 
 
+@pytest.mark.integration
 def test_reading_a_config_does_not_load_torch():
     """`mta.config` (and the recipes) validate settings without the engine: importing them
     must not import torch (start-up time of every command that only reads settings)."""

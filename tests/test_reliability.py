@@ -206,6 +206,7 @@ def test_export_refuses_a_user_of_another_bank(tmp_path, bank):
 
 
 # -- integrity ---------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_corrupt_users_are_listed_and_refused(tmp_path, bank, capsys):
     loaded, _ = bank
     store = UserStore(tmp_path / "store", create=True)
@@ -236,6 +237,7 @@ def test_mixed_stack_ranks_in_one_batch_equal_each_alone(tmp_path, bank):
 
 
 # -- one writer ---------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_a_second_writer_is_turned_away(tmp_path, bank):
     loaded, bank_dir = bank
     store = UserStore(tmp_path / "store", create=True)
@@ -284,6 +286,7 @@ def test_full_disk_and_permissions_are_one_line(tmp_path, monkeypatch, capsys):
 
 
 # -- progress ------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_progress_lines_without_a_terminal_and_quiet(tmp_path):
     data = tmp_path / "d"
     assert main(["data", "synth", "--out", str(data), "--users", "4", "--queries", "1"]) == 0
@@ -317,6 +320,7 @@ def _consistent(store: Path, expect: set[str]) -> None:
             st.stack_path(uid, rec)  # checksum holds
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fault", ["store:user-written:2", "atomic:before-rename:3", "atomic:after-rename:2",
                                    "atomic:between-renames:1"])
 def test_adapt_killed_then_rerun(tmp_path, bank, fault):
@@ -341,6 +345,7 @@ def test_adapt_killed_then_rerun(tmp_path, bank, fault):
     assert _cli(*args).stdout.count("0 user(s)") == 1  # a third run trains nobody
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fault", ["bank:group-written:1", "atomic:before-rename:2", "atomic:between-renames:1"])
 def test_bank_build_killed_then_resumed(tmp_path, fault):
     data = tmp_path / "users.jsonl"
@@ -365,6 +370,7 @@ def test_bank_build_killed_then_resumed(tmp_path, fault):
     LoadedBank(tiny_backbone(), out, TASK)  # every checksum holds
 
 
+@pytest.mark.integration
 def test_delete_killed_then_rerun(tmp_path, bank):
     loaded, _ = bank
     store = UserStore(tmp_path / "store", create=True)

@@ -19,6 +19,8 @@ import pytest
 
 from tests.serve_helpers import ROOT, STORED, Server, _h, chat, make_world
 
+pytestmark = pytest.mark.integration  # subprocesses, servers, Ray, benchmarks: the integration tier
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

@@ -55,6 +55,7 @@ def test_eval_reports_user_prior(tmp_path):
     assert {p["method"] for p in preds} == {"rag-1", "user-prior"}
 
 
+@pytest.mark.integration
 def test_results_table_script_renders_the_runs_own_table(tmp_path):
     """docs/results.md's tables come from scripts/results-table.py: it prints exactly the
     run's results.md, under a level-3 heading."""

@@ -41,7 +41,7 @@ def test_vllm_export_layout_and_logits(tmp_path):
     assert {e["user_id"] for e in manifest["users"]} == {"alice", "a/b", ".."}
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(3))
     plans, _, _ = bank.plans([Request(e["user_id"], "") for e in manifest["users"]], store)
-    rows = bank._rows(plans)
+    rows = bank.rows(plans)
     for e, row in zip(manifest["users"], rows):
         d = out / e["lora_name"]
         cfg = json.loads((d / "adapter_config.json").read_text())
