@@ -266,6 +266,8 @@ class LoadedBank:
         """``cfg`` (default: nothing set) resolved on this bank as `mta adapt` resolves it
         (``mta.defaults``): what the caller set, else the bank's recorded recipe, else the
         model's registered recipe for the bank's task, else the field's default."""
+        if cfg is not None and defaults.is_resolved(cfg):
+            return cfg
         under = defaults.layers(self.backbone.model_id, self.task.name if self.task else None,
                                 bank_recipe=self.record.recipe if self.record else None)
         return defaults.resolve(cfg if cfg is not None else AdaptConfig(), under)

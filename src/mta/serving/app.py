@@ -149,7 +149,7 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
     """The server around an opened bank (the backbone loaded, the bank checked).
     ``job_prefix`` makes adapt-job ids unique across replicas (mta.serving.ray_serve)."""
     metrics = Metrics()
-    adapt_cfg = adapt_cfg or AdaptConfig()
+    adapt_cfg = bank.settings(adapt_cfg)  # once: what the CLI typed, else the bank's and the model's recipes
     scheduler = Scheduler(bank, store, gen, cfg.max_batch, cfg.max_queue, adapt_cfg, metrics, cfg.max_tokens)
     histories = Histories(bank.task, users or [], store)
     jobs: dict[str, AdaptJob] = {}
