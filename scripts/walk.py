@@ -9,8 +9,8 @@ the tiny random model on the CPU (the counts do not depend on the model).
 
 For ``serve`` and ``adapt``, *stops* are the distinct functions of ``mta`` that ran,
 *files* their distinct source files, *returns* the distinct return points (function and
-line) that were left; for ``knob`` they are the frames of ``mta`` on the chain, their
-files, and 0.
+line) that were left (comprehensions and lambdas count as part of their function); for
+``knob`` they are the frames of ``mta`` on the chain, their files, and 0.
 
     .venv/bin/python scripts/walk.py [serve adapt knob] [--json FILE]
 """
@@ -41,8 +41,8 @@ class Tracer:
 
     def __call__(self, frame, event, arg):
         f = frame.f_code.co_filename
-        if not self.on or not f.startswith(SRC):
-            return
+        if not self.on or not f.startswith(SRC) or frame.f_code.co_name.startswith("<"):
+            return  # not ours, or a comprehension or lambda (part of the function it is in)
         key = (f, frame.f_code.co_qualname)
         with self.lock:
             if event == "call":

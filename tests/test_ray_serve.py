@@ -143,7 +143,7 @@ def test_replicas_share_the_store_safely(world, tmp_path):
     from mta.config import BackboneConfig
     from mta.data.readers import load_dataset
     from mta.loaded_bank import LoadedBank
-    from mta.serving.app import Histories
+    from mta.serving.service import Histories
     from mta.store import UserStore
 
     d, _ = world

@@ -1,6 +1,6 @@
 """What a server keeps in a store beside the users (uploaded histories, deletion marks,
 adapt-job records) goes through UserStore, under its lock; the server's view of a
-user's history (mta.serving.app.Histories) sits on it."""
+user's history (mta.serving.service.Histories) sits on it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from mta.data.schema import User
 from mta.errors import MtaError
-from mta.serving.app import Histories
+from mta.serving.service import Histories
 from mta.store import UserStore, user_key
 
 
