@@ -184,3 +184,22 @@ def test_help_starts_without_torch_and_lists_each_commands_own_summary():
     for name, (_, _, summary) in COMMANDS.items():
         own = (load_command(name).help or "").strip().split("\n\n")[0]
         assert summary == " ".join(own.split()), name
+
+
+def test_data_commands_never_replace_what_is_there(tmp_path, capsys):
+    """`data inspect --json DIR` on a directory and `data synth` into a directory that has
+    users.jsonl are one-line errors that leave what was there (both deleted or replaced it)."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "4"]) == 0
+    before = (data / "users.jsonl").read_bytes()
+    assert main(["data", "synth", "--out", str(data), "--users", "6", "--seed", "1"]) == 2
+    assert (data / "users.jsonl").read_bytes() == before
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "a.txt").write_text("mine")
+    assert main(["data", "inspect", str(data), "--json", str(keep)]) == 2
+    assert (keep / "a.txt").read_text() == "mine"
+    err = capsys.readouterr().err
+    assert "already exists" in err and "is a directory" in err
+    assert main(["data", "inspect", str(data), "--json", str(keep / "summary.json")]) == 0
+    assert json.loads((keep / "summary.json").read_text())["users"] == 4

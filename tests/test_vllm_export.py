@@ -60,3 +60,13 @@ def test_vllm_export_layout_and_logits(tmp_path):
                  "vllm", "--out", str(out), "--model", "tiny-random-llama"]) == 0
     assert main(["export", "--bank", str(tmp_path / "bank"), "--store", str(tmp_path / "store"), "--all", "--format",
                  "vllm", "--out", str(tmp_path / "bank"), "--model", "tiny-random-llama"]) == 2
+    # a directory with a manifest.json of its own, or ours with a file added, is not replaced (data loss before)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text("{}")
+    (mine / "notes.txt").write_text("keep me")
+    (out / "notes.txt").write_text("keep me too")
+    for target in (mine, out):
+        assert main(["export", "--bank", str(tmp_path / "bank"), "--store", str(tmp_path / "store"), "--all",
+                     "--format", "vllm", "--out", str(target), "--model", "tiny-random-llama"]) == 2
+    assert (mine / "notes.txt").read_text() == "keep me" and (out / "notes.txt").read_text() == "keep me too"

@@ -330,3 +330,14 @@ class ServeConfig(_Config):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body, in bytes")
     retry_after: int = Field(1, ge=1, description="seconds a 429 answer asks the client to wait")
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds a shutdown waits for running requests")
+
+
+def load_sections(dumped: dict[str, dict]) -> dict[str, _Config]:
+    """Configs dumped by section (``{"backbone": {...}, "serve": {...}}``, as a command's
+    ``config.json`` and a Ray driver send them) built again, by section name."""
+    classes = {"backbone": BackboneConfig, "bank": BankConfig, "adapt": AdaptConfig, "generate": GenerateConfig,
+               "eval": EvalConfig, "baselines": BaselineConfig, "run": RunConfig, "serve": ServeConfig}
+    unknown = set(dumped) - set(classes)
+    if unknown:
+        raise ValueError(f"no config section named {', '.join(sorted(unknown))}")
+    return {name: classes[name].build(values) for name, values in dumped.items()}

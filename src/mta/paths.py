@@ -138,8 +138,17 @@ def writer(root: Path, what: str) -> Iterator[None]:
         lock.release()
 
 
+def check_file_dest(dest: Path) -> Path:
+    """A file about to be written whole: refused when a directory is there (``atomic_path``
+    would replace the directory, and everything in it, with the file)."""
+    dest = Path(dest)
+    if dest.is_dir():
+        raise MtaError(f"{dest} is a directory; give the path of a file to write")
+    return dest
+
+
 def write_text_atomic(dest: Path, text: str) -> None:
-    with atomic_path(Path(dest)) as tmp:
+    with atomic_path(check_file_dest(dest)) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

@@ -49,6 +49,15 @@ def dataset_summary(path: Path, task: str | None = None) -> dict:
     }
 
 
+def new_users_file(out: Path) -> Path:
+    """OUT/users.jsonl for a command that writes users: refused (before any work) when it
+    is already there, so that no users file is ever replaced."""
+    dest = out / "users.jsonl"
+    if dest.exists():
+        raise MtaError(f"{dest} already exists; choose another --out or remove it first")
+    return dest
+
+
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A data file or directory (layout is autodetected)."),
@@ -86,7 +95,7 @@ def inspect(
 
 @app.command()
 def synth(
-    out: Path = typer.Option(..., help="Output directory (users.jsonl is written there)."),
+    out: Path = typer.Option(..., help="Output directory (users.jsonl is written there; it must not exist yet)."),
     users: int = typer.Option(48, min=1, help="Number of users."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same bytes."),
     history: int = typer.Option(10, min=1, help="History items per user."),
@@ -96,9 +105,10 @@ def synth(
                                 "their group's choice on a history item."),
 ) -> None:
     """Write a deterministic SYNTHETIC tagging dataset whose users differ by taste group."""
+    dest = new_users_file(out)
     us = synth_users(users, seed=seed, history=history, queries=queries, groups=groups,
                      noise=noise)
-    write_jsonl(us, out / "users.jsonl")
+    write_jsonl(us, dest)
     console.print(f"wrote {len(us)} synthetic users ({groups} taste groups, seed {seed}) "
                   f"to {out / 'users.jsonl'}")
 
@@ -107,13 +117,14 @@ def synth(
 def movielens(
     ratings: Path = typer.Option(..., help="MovieLens ratings.csv."),
     movies: Path = typer.Option(..., help="MovieLens movies.csv."),
-    out: Path = typer.Option(..., help="Output directory (users.jsonl is written there)."),
+    out: Path = typer.Option(..., help="Output directory (users.jsonl is written there; it must not exist yet)."),
     queries: int = typer.Option(1, min=1, help="Latest ratings per user held out as queries."),
     max_users: int | None = typer.Option(None, min=1, help="Keep at most this many users."),
 ) -> None:
     """Convert MovieLens ratings into a LaMP-3-style per-user rating task."""
+    dest = new_users_file(out)
     us = movielens_users(ratings, movies, queries=queries, max_users=max_users)
-    write_jsonl(us, out / "users.jsonl")
+    write_jsonl(us, dest)
     n = sum(len(u.history) for u in us)
     console.print(f"wrote {len(us)} users, {n} history items, "
                   f"{sum(len(u.queries) for u in us)} queries to {out / 'users.jsonl'}")
@@ -130,9 +141,7 @@ def lastfm(
     max_users: int | None = typer.Option(None, min=1, help="Keep at most this many users."),
 ) -> None:
     """Convert Last.fm artist tags into a LaMP-2-style per-user tagging task (15 tags)."""
-    dest = out / "users.jsonl"
-    if dest.exists():
-        raise MtaError(f"{dest} already exists; choose another --out or remove it first")
+    dest = new_users_file(out)
     us = lastfm_users(dir, queries=queries, min_items=min_items, max_users=max_users)
     write_jsonl(us, dest)
     n = [len(u.history) for u in us]

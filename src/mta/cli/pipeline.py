@@ -31,7 +31,7 @@ from mta.config import AdaptConfig, BackboneConfig, BankConfig, GenerateConfig
 from mta.data.readers import jsonl_lines, load_dataset
 from mta.data.schema import User
 from mta.distributed import ray_adapt, ray_build_bank
-from mta.engine.peft_io import is_export
+from mta.engine.peft_io import is_export, is_vllm_export
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank, Request
 from mta.store import UserStore
@@ -276,9 +276,9 @@ def export_cmd(
         raise MtaError(f"--pad-rank must be an integer or 'serving', got {pad_rank!r}")
     st = UserStore(store)
     if all_users:
-        if out.exists() and not (out / "manifest.json").is_file():
-            raise MtaError(f"{out} exists and is not an export `mta export --all` wrote; refusing to replace it: "
-                           "give a new path")
+        if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or is_vllm_export(out))):
+            raise MtaError(f"{out} exists and is not an export `mta export --all` wrote (or holds more than its "
+                           "adapters and manifest); refusing to replace it: give a new path")
         rec = _bank_record(bank)
         _, loaded = _open_bank(bank, cfg)
         with progress() as bar:

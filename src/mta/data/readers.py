@@ -300,9 +300,9 @@ def validate_users(path: Path, users: list[User], task: Task) -> None:
 
 def write_jsonl(users: list[User], dest: Path) -> None:
     """Write users in the canonical layout, atomically."""
-    from mta.paths import atomic_path
+    from mta.paths import atomic_path, check_file_dest
 
-    with atomic_path(Path(dest)) as tmp, tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(check_file_dest(dest)) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for u in users:
             fh.write(json.dumps(u.model_dump(exclude_none=True), ensure_ascii=False) + "\n")
 

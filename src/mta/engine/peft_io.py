@@ -129,6 +129,26 @@ def is_export(path: Path) -> bool:
         return False
 
 
+def is_vllm_export(path: Path) -> bool:
+    """Whether ``path`` is a directory `mta export --all --format vllm` wrote (safe to
+    replace): its manifest.json says so, and it holds nothing but the adapters the
+    manifest lists, each one our export, and our own temporary names."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        names = {e["lora_name"] for e in manifest["users"]}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != "vllm-lora":
+        return False
+    for p in path.iterdir():
+        if p.name == "manifest.json" or (p.name.startswith(".") and p.name.endswith((".tmp", ".old"))):
+            continue
+        if p.name not in names or not is_export(p):
+            return False
+    return True
+
+
 def save_anchor(engine: AdapterEngine, slot: int, out: Path, base_model: str | None = None,
                 extra: dict | None = None) -> Path:
     return save_adapter(out, engine.anchor_tensors(slot), engine.spec.rank, engine.spec.alpha,

@@ -54,25 +54,25 @@ class ReplicaServer:
 
         from mta.backbone import Backbone
         from mta.bank import read_index
-        from mta.cli.options import Configs
+        from mta.config import load_sections
         from mta.data.readers import load_dataset
         from mta.loaded_bank import LoadedBank
         from mta.serving.app import build_app
         from mta.serving.security import Keys
         from mta.store import UserStore
 
-        cfg = Configs.load(spec["configs"])  # resolved by the driver (flags, recipes, the bank's record)
+        cfg = load_sections(spec["configs"])  # resolved by the driver (flags, recipes, the bank's record)
         bank = Path(spec["bank"])
         rec = read_index(bank)
         self.store = UserStore(Path(spec["store"]), create=True) if spec.get("store") else None
         histories = load_dataset(Path(spec["users"]), rec.task).users if spec.get("users") else []
-        self.loaded = LoadedBank(Backbone.load(cfg.backbone, rec.model, rec.embedder), bank,
-                                 resident=cfg.serve.resident)
-        app = build_app(self.loaded, self.store, Keys.read(Path(spec["keys"])), cfg.serve, cfg.generate, histories,
-                        cfg.adapt, job_prefix=spec.get("job_prefix", ""))
+        self.loaded = LoadedBank(Backbone.load(cfg["backbone"], rec.model, rec.embedder), bank,
+                                 resident=cfg["serve"].resident)
+        app = build_app(self.loaded, self.store, Keys.read(Path(spec["keys"])), cfg["serve"], cfg["generate"],
+                        histories, cfg["adapt"], job_prefix=spec.get("job_prefix", ""))
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=int(cfg.serve.shutdown_timeout)))
+                                                    timeout_graceful_shutdown=int(cfg["serve"].shutdown_timeout)))
         self.thread = threading.Thread(target=self.server.run, name="mta-replica-http", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 120
