@@ -26,6 +26,9 @@ def flag(name: str) -> dict:
     return {"flag": name}
 
 
+MAX_SEED = 2**32 - 1  # what every random generator used takes (numpy, torch, python)
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -157,7 +160,8 @@ class BankConfig(_Config):
     max_items: int | None = Field(None, ge=1, description="anchors (and per-user LoRAs) train on their latest "
                                   "N history items (default: all)", json_schema_extra=flag("anchor-items"))
     group_size: int = Field(8, ge=1, description="anchors trained per pass; a resumed build restarts a group")
-    seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of k-means, initialisation, shuffling, folds and "
+                      "bootstrap")
 
     def train_config(self, **resources) -> TrainConfig:
         return TrainConfig(lr=self.lr, epochs=self.epochs, steps=self.steps, batch_size=self.batch_size,
@@ -217,7 +221,8 @@ class AdaptConfig(_Config):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps in linear warm-up")
     retrieve_k: int = Field(1, ge=0, description="BM25 history items in each prompt (0 disables)")
     max_length: int = Field(512, ge=32, description="tokens per training example (prompt cut from the left)")
-    seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of k-means, initialisation, shuffling, folds and "
+                      "bootstrap")
 
     @model_validator(mode="before")
     @classmethod
@@ -308,14 +313,16 @@ class EvalConfig(_Config):
     leak_check: bool = Field(True, description="stop before training when a target's query answer is in its "
                              "fold's training data (docs/evaluation.md)")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples")
-    seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of k-means, initialisation, shuffling, folds and "
+                      "bootstrap")
 
 
 class RunConfig(_Config):
     """`mta run`: one seeded split of the users into anchor candidates and targets."""
 
     targets_fraction: float = Field(0.5, gt=0, lt=1, description="share of users held out as targets")
-    seed: int = Field(0, description="seed of k-means, initialisation, shuffling, folds and bootstrap")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of k-means, initialisation, shuffling, folds and "
+                      "bootstrap")
 
 
 class ServeConfig(_Config):

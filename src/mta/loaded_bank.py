@@ -384,6 +384,9 @@ class LoadedBank:
                 if rec.bank != self.bank_id:
                     raise MtaError(f"user '{uid}' in {store.root} was adapted against another bank "
                                    f"({rec.bank}, this one is {self.bank_id}); adapt the user again with this bank")
+                if any(a >= self.n_anchors for a in rec.anchors):
+                    raise MtaError(f"user {uid!r}: the record names anchor slot {max(rec.anchors)} of a bank with "
+                                   f"{self.n_anchors} anchors (corrupt); adapt the user again")
                 out[uid] = rec
         return out
 

@@ -147,13 +147,16 @@ def check_file_dest(dest: Path) -> Path:
     return dest
 
 
-def write_text_atomic(dest: Path, text: str) -> None:
+def write_text_atomic(dest: Path, text: str, mode: int | None = None) -> None:
+    """Write a file whole; ``mode``: its permissions, set before it takes the name."""
     with atomic_path(check_file_dest(dest)) as tmp:
         tmp.write_text(text, encoding="utf-8")
+        if mode is not None:
+            os.chmod(tmp, mode)
 
 
-def write_json_atomic(dest: Path, obj: Any) -> None:
-    write_text_atomic(dest, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+def write_json_atomic(dest: Path, obj: Any, mode: int | None = None) -> None:
+    write_text_atomic(dest, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", mode)
 
 
 def dir_bytes(path: Path) -> int:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mta.config import AdaptConfig, BankConfig
 from mta.data.schema import HistoryItem
@@ -100,6 +101,11 @@ class StackRecord(_Record):
     skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient (mta.engine.train)
 
 
+# the most an anchor may weigh in a user's mixture: similarity weights are at most 1,
+# searched ones at most 2 (mta.weight_search); a record beyond this was edited or damaged
+MAX_WEIGHT = 10.0
+
+
 class UserRecord(_Record):
     """``STORE/users/<key>/meta.json``: everything needed to serve the user again."""
 
@@ -117,6 +123,16 @@ class UserRecord(_Record):
     similarities: list[float]
     stack: StackRecord | None = None
     history_items: int
+
+    @model_validator(mode="after")
+    def _check(self) -> UserRecord:
+        if not len(self.anchors) == len(self.anchor_users) == len(self.weights):
+            raise ValueError("anchors, anchor_users and weights differ in length")
+        if any(a < 0 for a in self.anchors):
+            raise ValueError("an anchor slot is negative")
+        if not all(math.isfinite(w) and 0 <= w <= MAX_WEIGHT for w in self.weights):
+            raise ValueError(f"a fusion weight is not a number in [0, {MAX_WEIGHT:g}]")
+        return self
 
 
 def _read(path: Path, cls: type[_Record], what: str, remedy: str, version: int) -> Any:

@@ -55,6 +55,10 @@ MAX_ID = 1024
 def check_user_id(user_id: object) -> str:
     if not isinstance(user_id, str) or not user_id:
         raise MtaError(f"a user id must be a non-empty string, got {user_id!r}")
+    try:
+        user_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MtaError(f"a user id must be text that UTF-8 can encode; {user_id!r} holds a lone surrogate") from None
     if len(user_id) > MAX_ID:
         raise MtaError(f"user id of {len(user_id)} characters is longer than {MAX_ID}: {user_id[:40]!r}...")
     return user_id

@@ -81,5 +81,5 @@ def add_key(path: Path, role: str, user: str | None, name: str) -> str:
     entries = Keys.read(path).entries if Path(path).exists() else []
     key = "mta-" + secrets.token_hex(20)
     entries.append({"name": name, "sha256": _hash(key), "role": role, **({"user": user} if user else {})})
-    write_json_atomic(Path(path), {"keys": entries})
+    write_json_atomic(Path(path), {"keys": entries}, mode=0o600)  # hashes only, and still its owner's alone
     return key

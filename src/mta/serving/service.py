@@ -5,9 +5,9 @@ Errors are ``ApiError``s carrying the HTTP status and OpenAI's error fields."""
 
 from __future__ import annotations
 
-import itertools
 import re
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -98,7 +98,6 @@ class Service:
                                    cfg.max_tokens)
         self.histories = Histories(bank.task, users or [], store)
         self.jobs: dict[str, AdaptJob] = {}
-        self.counter = itertools.count(1)
         self.job_prefix = job_prefix
         self.ready = False
 
@@ -173,7 +172,7 @@ class Service:
             raise ApiError(404, f"user {user_id!r} has no history here; upload one first", code="no_history")
         if self.store is None:
             raise ApiError(409, "this server has no store to adapt into")
-        job = AdaptJob(f"adapt-{self.job_prefix}{next(self.counter)}", user_id)
+        job = AdaptJob(f"adapt-{self.job_prefix}{uuid.uuid4().hex[:16]}", user_id)  # unique across restarts too
         self.jobs[job.id] = job
         self.publish(job)
 
