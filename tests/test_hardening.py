@@ -78,3 +78,57 @@ def test_an_anchor_slot_out_of_range_is_refused_in_one_line(tmp_path):
     bank, store, uid = _record(tmp_path, anchors=[0, 7])
     with pytest.raises(MtaError, match="anchor slot 7 of a bank with 2 anchors .*adapt the user again"):
         bank.plans([Request(uid, "q")], store)
+
+
+def test_one_bad_request_in_a_batch_fails_alone_and_the_others_answer_as_they_would_alone(tmp_path):
+    """Four requests admitted in one scheduler step, one of them for a user whose record
+    is unreadable: that one gets its error; the others' answers equal each one run alone
+    (before, every request admitted with it failed with its error)."""
+    import threading
+
+    from mta.config import GenerateConfig
+    from mta.serving.scheduler import Job, Scheduler
+
+    bank, store, uid = _record(tmp_path)
+    store.user_dir("someone").mkdir(parents=True)
+    (store.user_dir("someone") / "meta.json").write_text("{not json")  # a record the store cannot read back
+
+    def run(specs):
+        sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=4), max_batch=8)
+        done = {i: threading.Event() for i in range(len(specs))}
+        got: dict[int, tuple] = {}
+        for i, (user, base_only) in enumerate(specs):
+            def emit(kind, payload, i=i):
+                if kind == "delta":
+                    got[i] = ("text", got.get(i, ("text", ""))[1] + payload)
+                elif kind == "done":
+                    got.setdefault(i, ("text", ""))
+                    done[i].set()
+                elif kind == "error":
+                    got[i] = ("error", str(payload))
+                    done[i].set()
+            sched.submit(Job(user, [{"role": "user", "content": "a film about space"}], None, 4,
+                             base_only=base_only, emit=emit))
+        sched.start()  # everything queued is admitted in the first step
+        for e in done.values():
+            assert e.wait(60)
+        sched.shutdown(5)
+        return [got[i] for i in range(len(specs))]
+
+    specs = [(uid, False), ("someone", False), ("base-user", True), (uid, False)]
+    together = run(specs)
+    assert together[1][0] == "error" and "corrupt user record" in together[1][1]
+    for i in (0, 2, 3):
+        assert together[i][0] == "text" and together[i] == run([specs[i]])[0]
+
+
+def test_model_mta_without_a_user_says_what_to_fix(tmp_path):
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.serving.security import Keys
+    from mta.serving.service import ApiError, Service
+
+    bank, store, _ = _record(tmp_path)
+    svc = Service(bank, store, Keys([]), ServeConfig(), GenerateConfig())
+    with pytest.raises(ApiError, match="model mta answers as one user: name them in OpenAI's `user` field") as e:
+        svc.submit(None, [{"role": "user", "content": "q"}], "mta", 4, 0.0, 1.0, None, [], 1, lambda k, p: None)
+    assert e.value.status == 400 and e.value.param == "user"

@@ -166,12 +166,13 @@ class Scheduler:
         self._gauge()
         try:
             plans, routes = self._plans(self.jobs + new)
-        except Exception as e:  # noqa: BLE001 - e.g. a corrupt user: fail the new requests only
-            for job in new:
-                job.emit("error", e)
-            if self.jobs:
-                self._plans(self.jobs)
-            return
+        except Exception:  # noqa: BLE001 - e.g. a corrupt user: find the requests at fault, fail them alone
+            new = [job for job in new if self._plannable(job)]
+            if not new:
+                if self.jobs:
+                    self._plans(self.jobs)
+                return
+            plans, routes = self._plans(self.jobs + new)
         rows = self.bank.rows(plans)
         for job, row in zip(self.jobs, rows):  # running rows follow their users' (new) slots
             job.seq.row = row
@@ -196,6 +197,15 @@ class Scheduler:
         if self.metrics:
             self.metrics.prefill(len(fresh), sum(j.prompt_tokens for j in fresh), time.monotonic() - t0)
         self._after_step(0.0, only=fresh)
+
+    def _plannable(self, job: Job) -> bool:
+        """Whether ``job`` plans on its own; if not, it gets its error (and no one else does)."""
+        try:
+            self._plans([job])
+        except Exception as e:  # noqa: BLE001 - the request's own error, e.g. an unreadable record
+            job.emit("error", e)
+            return False
+        return True
 
     def _plans(self, jobs: list[Job]) -> tuple[list[Plan], list[str]]:
         personal = [j for j in jobs if not j.base_only]

@@ -134,6 +134,9 @@ class Service:
                            code="model_not_found", param="model")
         if n != 1:
             raise ApiError(400, "n must be 1", param="n")
+        if model == "mta" and user_id is None:
+            raise ApiError(400, "model mta answers as one user: name them in OpenAI's `user` field (or use that "
+                           "user's key), or ask model mta-base for the base model", param="user")
         max_tokens = max_tokens or self.gen.max_new_tokens or self.bank.task.max_new_tokens
         if max_tokens > self.cfg.max_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {self.cfg.max_tokens}",
