@@ -132,3 +132,40 @@ def test_model_mta_without_a_user_says_what_to_fix(tmp_path):
     with pytest.raises(ApiError, match="model mta answers as one user: name them in OpenAI's `user` field") as e:
         svc.submit(None, [{"role": "user", "content": "q"}], "mta", 4, 0.0, 1.0, None, [], 1, lambda k, p: None)
     assert e.value.status == 400 and e.value.param == "user"
+
+
+def test_openai_fields_are_honoured_or_refused_by_name(tmp_path):
+    """In process, through the app: fields the server does not honour are a 400 naming the
+    field (not silently ignored); array content and the developer role are accepted and
+    read as their text; /health and /version answer."""
+    from fastapi.testclient import TestClient
+
+    from mta import __version__
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.serving.app import build_app
+    from mta.serving.security import Keys
+
+    bank, store, uid = _record(tmp_path)
+    key = add_key(tmp_path / "keys.json", "admin", None, "k")
+    app = build_app(bank, store, Keys.read(tmp_path / "keys.json"), ServeConfig(), GenerateConfig(max_new_tokens=3))
+    h = {"Authorization": f"Bearer {key}"}
+    plain = {"model": "mta", "user": uid, "max_tokens": 3, "messages": [{"role": "user", "content": "a space film"}]}
+    with TestClient(app) as c:
+        assert c.get("/health").json() == {"status": "ok"} and c.get("/version").json() == {"version": __version__}
+        want = c.post("/v1/chat/completions", json=plain, headers=h).json()["choices"][0]["message"]["content"]
+        parts = {**plain, "messages": [{"role": "developer", "content": "answer with a tag"},
+                                       {"role": "user", "content": [{"type": "text", "text": "a space "},
+                                                                    {"type": "text", "text": "film"}]}]}
+        r = c.post("/v1/chat/completions", json=parts, headers=h)
+        assert r.status_code == 200, r.text
+        arr = {**plain, "messages": [{"role": "user", "content": [{"type": "text", "text": "a space film"}]}]}
+        assert c.post("/v1/chat/completions", json=arr, headers=h).json()["choices"][0]["message"]["content"] == want
+        for field, value in (("logprobs", True), ("tools", [{"type": "function"}]),
+                             ("response_format", {"type": "json_object"}), ("frequency_penalty", 0.5)):
+            r = c.post("/v1/chat/completions", json={**plain, field: value}, headers=h)
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+        assert c.post("/v1/chat/completions", json={**plain, "logprobs": False, "tools": []}, headers=h).status_code \
+            == 200  # asking for nothing is fine
+        img = {**plain, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+        r = c.post("/v1/chat/completions", json=img, headers=h)
+        assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from mta import __version__
 from mta.errors import MtaError
 from mta.serving.scheduler import Job
 from mta.serving.security import Principal
@@ -31,15 +32,44 @@ def error_response(status: int, message: str, kind: str, code: str | None = None
                         status_code=status, headers=headers)
 
 
-# -- request bodies (OpenAI's, the fields we honour; unknown fields are ignored) ----------------------
+# -- request bodies (OpenAI's): the fields we honour; the ones we do not are refused (400,
+# naming the field) when they ask for something; anything else unknown is ignored, as OpenAI does
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_chat(self, param: str) -> dict:
+        """{"role", "content"} for the chat template: array content joined from its text
+        parts (any other part is refused), OpenAI's developer role as a system message."""
+        if isinstance(self.content, str):
+            text = self.content
+        else:
+            other = [p.type for p in self.content if p.type != "text" or p.text is None]
+            if other:
+                raise ApiError(400, f"content part of type {other[0]!r} is not supported: this server reads text",
+                               param=param)
+            text = "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+# field -> the value that asks for nothing (a request giving anything else is refused)
+UNSUPPORTED: dict[str, object] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "best_of": (None, 1),
+    "echo": (None, False), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+}
 
 
 class _Gen(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str = "mta"
     user: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -50,6 +80,12 @@ class _Gen(BaseModel):
     stream: bool = False
     seed: int | None = None
     n: int = 1
+
+    def refuse_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise ApiError(400, f"`{name}` is not supported by this server; leave it out", param=name,
+                               code="unsupported_parameter")
 
 
 class ChatBody(_Gen):
@@ -97,6 +133,7 @@ users = APIRouter(prefix="/v1/admin")
 
 # -- generation ----------------------------------------------------------------------------------------
 async def _generate(svc: Service, who: Principal, body: _Gen, messages: list[dict], chat: bool):
+    body.refuse_unsupported()
     user_id = svc.end_user(who, body.user)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -178,7 +215,8 @@ async def _stream(svc: Service, rid: str, created: int, model: str, chat: bool, 
 async def chat_completions(body: ChatBody, svc: Svc, who: Caller):
     if body.messages[-1].role != "user":
         raise ApiError(400, "the last message must be the user's", param="messages")
-    return await _generate(svc, who, body, [m.model_dump() for m in body.messages], chat=True)
+    return await _generate(svc, who, body, [m.as_chat(f"messages.{i}.content") for i, m in enumerate(body.messages)],
+                           chat=True)
 
 
 @openai.post("/v1/completions")
@@ -196,8 +234,14 @@ async def models(who: Caller):
 
 # -- operations ----------------------------------------------------------------------------------------
 @ops.get("/healthz")
+@ops.get("/health")
 async def healthz():
     return {"status": "ok"}
+
+
+@ops.get("/version")
+async def version():
+    return {"version": __version__}
 
 
 @ops.get("/readyz")
