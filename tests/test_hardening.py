@@ -169,3 +169,22 @@ def test_openai_fields_are_honoured_or_refused_by_name(tmp_path):
         img = {**plain, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
         r = c.post("/v1/chat/completions", json=img, headers=h)
         assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+
+
+def test_progress_lines_estimate_from_the_observed_rate_and_not_before_it_settles(monkeypatch, capsys):
+    """Without a terminal: a line when a stage starts (no estimate), then estimates from
+    the rate seen since the first report (5 steps in 10 s, 85 left: about 170 s; counting
+    the 10 steps done before the first report as instant gave 57 s, a third of the truth);
+    the end line has none."""
+    import mta.cli.common as common
+
+    clock = iter([100.0, 101.0, 110.0, 120.0, 190.0])
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    bars = common.Bars(None)
+    for done in (10, 11, 15, 20, 100):  # the stage's first report comes after 10 steps already done
+        bars("bank steps", done, 100)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "bank steps: 10/100 (10%), 0 s"
+    assert lines[1] == "bank steps: 15/100 (15%), 10 s, about 170 s left"
+    assert lines[2] == "bank steps: 20/100 (20%), 20 s, about 160 s left"
+    assert lines[3] == "bank steps: 100/100 (100%), 90 s" and len(lines) == 4

@@ -51,17 +51,22 @@ def progress():
 
 class Bars:
     """Maps library progress callbacks (stage, done, total) onto rich bars, or onto plain
-    lines ("fold 0 bank steps: 12/45 (27%), 30 s, about 80 s left") every ``EVERY``
-    seconds and at each stage's end when there is no terminal. Stages that report a
-    running count ("anchors", "users", "steps", "trials") set the count; the others
-    report increments (prompts answered)."""
+    lines ("fold 0 bank steps: 12/45 (27%), 30 s, about 80 s left") when there is no
+    terminal: one when a stage starts, then every ``EVERY`` seconds, and at its end. Stages
+    that report a running count ("anchors", "users", "steps", "trials") set the count; the
+    others report increments (prompts answered).
+
+    A plain line's estimate comes from the rate observed since the stage's first report
+    (work done before it is not counted as if it took no time), and only once that rate
+    rests on ``SETTLE`` seconds of progress; until then no estimate is printed."""
 
     ABSOLUTE = ("anchors", "users", "steps", "trials", "bytes")
     EVERY = 10.0
+    SETTLE = 5.0
 
     def __init__(self, bar: Progress | None):
         self.bar, self.ids = bar, {}
-        self.plain: dict[str, list] = {}  # stage -> [done, total, started, last printed]
+        self.plain: dict[str, list] = {}  # stage -> [done, total, first report, last printed, done at first]
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if QUIET["on"]:
@@ -74,18 +79,23 @@ class Bars:
             self.bar.update(task, total=total, completed=done if absolute else self.bar.tasks[task].completed + done)
             return
         now = time.monotonic()
-        st = self.plain.setdefault(stage, [0, total, now, 0.0])
+        first = stage not in self.plain
+        st = self.plain.setdefault(stage, [0, total, now, now, done if absolute else 0])
         st[0] = done if absolute else st[0] + done
         st[1] = total
-        if (total and st[0] >= total) or now - st[3] >= self.EVERY:
-            st[3] = now
-            elapsed = now - st[2]
-            if not total:  # unknown total (a download without a length)
-                err_console.print(f"{stage}: {st[0]}, {elapsed:.0f} s", highlight=False, soft_wrap=True)
-                return
-            left = f", about {elapsed / st[0] * (total - st[0]):.0f} s left" if 0 < st[0] < total else ""
-            err_console.print(f"{stage}: {st[0]}/{total} ({100 * st[0] / total:.0f}%), {elapsed:.0f} s{left}",
-                              highlight=False, soft_wrap=True)
+        finished = bool(total) and st[0] >= total
+        if not (first or finished or now - st[3] >= self.EVERY):
+            return
+        st[3] = now
+        elapsed = now - st[2]
+        if not total:  # unknown total (a download without a length)
+            err_console.print(f"{stage}: {st[0]}, {elapsed:.0f} s", highlight=False, soft_wrap=True)
+            return
+        left = ""
+        if not finished and elapsed >= self.SETTLE and st[0] > st[4]:
+            left = f", about {(total - st[0]) * elapsed / (st[0] - st[4]):.0f} s left"
+        err_console.print(f"{stage}: {st[0]}/{total} ({100 * st[0] / total:.0f}%), {elapsed:.0f} s{left}",
+                          highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
