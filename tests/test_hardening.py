@@ -188,3 +188,34 @@ def test_progress_lines_estimate_from_the_observed_rate_and_not_before_it_settle
     assert lines[1] == "bank steps: 15/100 (15%), 10 s, about 170 s left"
     assert lines[2] == "bank steps: 20/100 (20%), 20 s, about 160 s left"
     assert lines[3] == "bank steps: 100/100 (100%), 90 s" and len(lines) == 4
+
+
+def test_a_body_over_the_limit_is_refused_with_or_without_its_length(tmp_path):
+    """--max-body-bytes holds for a chunked body too (it was checked against
+    Content-Length only, so a long chunked body was read whole)."""
+    from fastapi.testclient import TestClient
+
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.serving.app import build_app
+    from mta.serving.security import Keys
+
+    bank, store, uid = _record(tmp_path)
+    key = add_key(tmp_path / "keys.json", "user", uid, "k")
+    app = build_app(bank, store, Keys.read(tmp_path / "keys.json"), ServeConfig(max_body_bytes=4096),
+                    GenerateConfig(max_new_tokens=2))
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    big = json.dumps({"model": "mta", "messages": [{"role": "user", "content": "x" * 10_000}]}).encode()
+    sent = []
+
+    def chunks():
+        for i in range(0, len(big), 1000):
+            sent.append(i)
+            yield big[i:i + 1000]
+
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", content=big, headers=h)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        r = c.post("/v1/chat/completions", content=chunks(), headers=h)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+        small = {"model": "mta", "max_tokens": 2, "messages": [{"role": "user", "content": "a film"}]}
+        assert c.post("/v1/chat/completions", content=json.dumps(small).encode(), headers=h).status_code == 200

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 
 from mta.config import AdaptConfig, GenerateConfig, ServeConfig
@@ -55,8 +55,9 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
     app = FastAPI(title="mta", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = svc
     app.state.scheduler, app.state.metrics = svc.scheduler, svc.metrics
-    app.middleware("http")(limit_body)
+    app.add_middleware(BodyLimit)
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(BodyTooLarge, body_too_large)
     app.add_exception_handler(MtaError, bad_input)
     app.add_exception_handler(RequestValidationError, invalid)
     for router in (routes.openai, routes.ops, routes.users):
@@ -64,13 +65,45 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
     return app
 
 
-async def limit_body(request: Request, call_next):
-    limit = request.app.state.service.cfg.max_body_bytes
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > limit:
-        return error_response(413, f"the request body is {size} bytes; the limit is {limit}",
-                              "invalid_request_error", "body_too_large")
-    return await call_next(request)
+class BodyLimit:
+    """``--max-body-bytes`` for every body: one whose Content-Length says more is refused
+    before it is read; one without (chunked) is refused as soon as what has arrived is
+    more (a 413 either way), so a long body cannot hold the server."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = scope["app"].state.service.cfg.max_body_bytes
+        size = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > limit:
+            return await too_large(f"the request body is {size} bytes; the limit is {limit}")(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(413, f"the request body is over the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a body is read (FastAPI passes HTTP exceptions on from body parsing)."""
+
+
+async def body_too_large(_, e: BodyTooLarge):
+    return too_large(e.detail)
+
+
+def too_large(message: str):
+    return error_response(413, message, "invalid_request_error", "body_too_large")
 
 
 async def api_error(_, e: ApiError):
