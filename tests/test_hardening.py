@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 
 import pytest
 
@@ -219,3 +220,38 @@ def test_a_body_over_the_limit_is_refused_with_or_without_its_length(tmp_path):
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
         small = {"model": "mta", "max_tokens": 2, "messages": [{"role": "user", "content": "a film"}]}
         assert c.post("/v1/chat/completions", content=json.dumps(small).encode(), headers=h).status_code == 200
+
+
+def test_a_user_deleted_while_their_adapt_job_waits_does_not_come_back(tmp_path):
+    """An adapt job queued behind other work, and the user deleted meanwhile (by another
+    server on the store: its deletion mark): the job ends cancelled and writes nothing."""
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.data.synth import synth_users
+    from mta.serving.security import Keys
+    from mta.serving.service import Service
+
+    bank, store, _ = _record(tmp_path)
+    newcomer = synth_users(3, seed=11)[2]
+    svc = Service(bank, store, Keys([]), ServeConfig(), GenerateConfig(), users=[newcomer])
+    job = svc.start_adapt(newcomer.user_id)  # queued: the scheduler has not started
+    store.delete_history(newcomer.user_id, mark=True)  # what a delete on another replica leaves
+    svc.scheduler.start()
+    deadline = time.monotonic() + 60
+    while svc.job(job.id)["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    svc.scheduler.shutdown(5)
+    assert svc.job(job.id)["status"] == "cancelled" and not store.has(newcomer.user_id)
+    assert store.job(job.id)["status"] == "cancelled"
+
+
+def test_error_bodies_keep_store_paths_and_storage_keys_on_the_server(tmp_path):
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.serving.security import Keys
+    from mta.serving.service import Service
+
+    bank, store, uid = _record(tmp_path)
+    svc = Service(bank, store, Keys([]), ServeConfig(), GenerateConfig())
+    msg = f"user 'u' in {store.root}: {store.user_dir('u') / 'stack'} does not match its checksum"
+    out = svc.public(msg)
+    assert str(tmp_path) not in out and user_key("u") not in out
+    assert out == "user 'u' in the store: the store/users/<key>/stack does not match its checksum"

@@ -110,8 +110,8 @@ async def api_error(_, e: ApiError):
     return error_response(e.status, str(e), e.kind, e.code, e.param, e.headers)
 
 
-async def bad_input(_, e: MtaError):  # a library refusal (a corrupt stored history...): one line, 400
-    return error_response(400, str(e), "invalid_request_error")
+async def bad_input(request, e: MtaError):  # a library refusal (a corrupt stored history...): one line, 400
+    return error_response(400, request.app.state.service.public(str(e)), "invalid_request_error")
 
 
 async def invalid(_, e: RequestValidationError):

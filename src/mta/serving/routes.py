@@ -160,7 +160,7 @@ async def _generate(svc: Service, who: Principal, body: _Gen, messages: list[dic
         raise
     except MtaError as e:
         svc.metrics.requests.labels(job.route or "-", "400").inc()
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, svc.public(str(e))) from None
     svc.metrics.requests.labels(info["route"], "200").inc()
     choice = {"index": 0, "finish_reason": info["finish_reason"]}
     choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
@@ -203,8 +203,8 @@ async def _stream(svc: Service, rid: str, created: int, model: str, chat: bool, 
                 yield "data: [DONE]\n\n"
                 return
             else:
-                err = {"error": {"message": str(payload), "type": "invalid_request_error", "param": None,
-                                 "code": None}}
+                err = {"error": {"message": svc.public(str(payload)), "type": "invalid_request_error",
+                                 "param": None, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
     finally:

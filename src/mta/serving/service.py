@@ -23,6 +23,7 @@ from mta.serving.security import Keys, Principal
 from mta.store import UserStore, check_user_id
 
 MODELS = ("mta", "mta-base")
+HASHED = re.compile(r"\b[0-9a-f]{32}\b")  # a user's storage key (mta.store.user_key)
 JOB_ID = re.compile(r"adapt-[A-Za-z0-9_-]{1,80}")  # what a job id looks like; nothing else names a file
 
 
@@ -37,7 +38,7 @@ class ApiError(Exception):
 class AdaptJob:
     id: str
     user: str
-    status: str = "queued"   # queued | running | done | failed
+    status: str = "queued"   # queued | running | done | failed | cancelled (the user was deleted first)
     error: str | None = None
     result: dict | None = None
     created: float = field(default_factory=time.time)
@@ -180,6 +181,9 @@ class Service:
         self.publish(job)
 
         def run():
+            if job.status == "cancelled" or self.histories.get(user_id) is None:
+                job.status = "cancelled"  # the user was deleted (here or by another server on the store)
+                return None               # while this job waited: nothing of them comes back
             job.status = "running"
             self.publish(job)
             stats = self.bank.adapt([user], self.adapt_cfg, self.store)
@@ -187,6 +191,9 @@ class Service:
             return {"adapted": stats["adapted"], "bytes": stats["bytes_per_user"].get(user_id)}
 
         def finished(f):
+            if job.status == "cancelled":
+                self.publish(job)
+                return
             try:
                 job.result, job.status = f.result(), "done"
             except BaseException as e:  # noqa: BLE001 - reported through the job
@@ -221,7 +228,7 @@ class Service:
         def run():
             self.bank.stacks.evict(user_id)
             for jid in [j for j, job in self.jobs.items() if job.user == user_id]:
-                del self.jobs[jid]
+                self.jobs.pop(jid).status = "cancelled"  # a queued adapt of the user must not write them back
             if store is not None:  # the user's job records too: nothing of them remains
                 store.delete_jobs_of(user_id)
             removed = False
@@ -237,6 +244,14 @@ class Service:
         stored = self.store.entries() if self.store is not None else []
         return [{"user": e.record.user_id, "stack": e.record.stack is not None, "anchors": e.record.anchor_users}
                 if e.record else {"corrupt": e.problem} for e in stored]
+
+    def public(self, message: str) -> str:
+        """An error message as a client sees it: the store's path and the hashed storage
+        keys stay on the server."""
+        if self.store is not None:
+            for root in {str(self.store.root), str(self.store.root.resolve())}:
+                message = message.replace(root, "the store")
+        return HASHED.sub("<key>", message)
 
     # -- operations ----------------------------------------------------------------------------------------
     def state(self) -> dict:
