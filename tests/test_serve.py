@@ -171,7 +171,12 @@ def test_lru_eviction_and_reload_and_a_full_queue(world):
             [a["choices"][0]["message"]["content"] for a in again]
         m = httpx.get(s.url + "/metrics").text
         value = {ln.split()[0]: float(ln.split()[1]) for ln in m.splitlines() if ln and not ln.startswith("#")}
-        assert value["mta_stack_loads"] == 6 and value["mta_stack_evictions"] == 5 and value["mta_resident_users"] == 1
+        assert value["mta_stack_loads_total"] == 6 and value["mta_stack_evictions_total"] == 5
+        assert value["mta_resident_users"] == 1 and "# TYPE mta_stack_loads_total counter" in m
+        assert value["mta_time_to_first_token_seconds_count"] == 6
+        assert value["mta_request_queue_time_seconds_count"] == 6
+        assert value["mta_inter_token_latency_seconds_count"] > 0
+        assert sum(v for k, v in value.items() if k.startswith("mta_request_success_total")) == 6
         with ThreadPoolExecutor(12) as ex:
             codes = list(ex.map(lambda i: chat(s.url, keys["admin"], STORED[i % 3], f"q{i}", max_tokens=40), range(12)))
         busy = [r for r in codes if r.status_code == 429]

@@ -1,4 +1,7 @@
-"""Prometheus metrics of one server (its own registry, so tests can run several)."""
+"""Prometheus metrics of one server (its own registry, so tests can run several), named
+and typed as vLLM's users know them: counters for what only grows (``*_total``),
+histograms for time to first token, inter-token latency, queue time and request latency,
+gauges for what goes up and down, finish reasons and adapt jobs by outcome."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+TOKEN = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -16,31 +20,65 @@ class Metrics:
                                 registry=r)
         self.prompt_tokens = Counter("mta_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.completion_tokens = Counter("mta_completion_tokens", "tokens generated", registry=r)
+        self.finish = Counter("mta_request_success", "finished requests by finish reason", ["finished_reason"],
+                              registry=r)
         self.batch = Histogram("mta_batch_rows", "rows in a decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                                registry=r)
         self.step_seconds = Histogram("mta_decode_step_seconds", "seconds per decode step",
-                              buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+                                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
         self.latency = Histogram("mta_request_seconds", "seconds from submission to the last token", buckets=LATENCY,
                                  registry=r)
+        self.ttft = Histogram("mta_time_to_first_token_seconds", "seconds from submission to the first token",
+                              buckets=LATENCY, registry=r)
+        self.itl = Histogram("mta_inter_token_latency_seconds", "seconds between a request's tokens", buckets=TOKEN,
+                             registry=r)
+        self.queue_time = Histogram("mta_request_queue_time_seconds", "seconds from submission to admission",
+                                    buckets=LATENCY, registry=r)
+        self.adapt_jobs = Counter("mta_adapt_jobs", "adapt jobs by outcome (done, failed, cancelled)", ["status"],
+                                  registry=r)
+        self.adapt_seconds = Histogram("mta_adapt_job_seconds", "seconds an adapt job ran", buckets=LATENCY,
+                                       registry=r)
         self.queue = Gauge("mta_queue_depth", "requests waiting", registry=r)
         self.running = Gauge("mta_running_rows", "requests in the running batch", registry=r)
         self.resident = Gauge("mta_resident_users", "users whose stacks are on the device", registry=r)
-        self.loads = Gauge("mta_stack_loads", "stacks loaded from the store since start", registry=r)
-        self.evictions = Gauge("mta_stack_evictions", "stacks evicted since start", registry=r)
+        self.loads = Counter("mta_stack_loads", "stacks loaded from the store", registry=r)
+        self.evictions = Counter("mta_stack_evictions", "stacks evicted", registry=r)
+        self._stacks = [0, 0]  # the bank's counts at the last report
         self.started = time.monotonic()
         self.tokens = 0
 
-    def prefill(self, rows: int, tokens: int, seconds: float) -> None:
+    def prefill(self, jobs, tokens: int, now: float) -> None:
         self.prompt_tokens.inc(tokens)
+        for job in jobs:
+            self.queue_time.observe(now - job.submitted)
+
+    def new_tokens(self, job, n: int, now: float) -> None:
+        """``n`` more tokens of ``job`` at ``now``: its first gives the time to first token,
+        the others the time between tokens."""
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.ttft.observe(now - job.submitted)
+            n -= 1
+        elif n > 0:
+            gap = (now - job.last_token_at) / n
+            for _ in range(n):
+                self.itl.observe(gap)
+        job.last_token_at = now
 
     def step(self, rows: int, seconds: float) -> None:
         self.batch.observe(rows)
         self.step_seconds.observe(seconds)
 
-    def finished(self, job, seconds: float) -> None:
+    def finished(self, job, seconds: float, reason: str) -> None:
         self.completion_tokens.inc(len(job.seq.tokens))
         self.tokens += len(job.seq.tokens)
         self.latency.observe(seconds)
+        self.finish.labels(reason).inc()
+
+    def adapted(self, status: str, seconds: float | None) -> None:
+        self.adapt_jobs.labels(status).inc()
+        if seconds is not None:
+            self.adapt_seconds.observe(seconds)
 
     def gauges(self, queued: int, running: int, resident: int) -> None:
         self.queue.set(queued)
@@ -48,8 +86,10 @@ class Metrics:
         self.resident.set(resident)
 
     def stacks(self, loads: int, evictions: int) -> None:
-        self.loads.set(loads)
-        self.evictions.set(evictions)
+        """The bank's running counts of stack loads and evictions, added as they grew."""
+        self.loads.inc(max(0, loads - self._stacks[0]))
+        self.evictions.inc(max(0, evictions - self._stacks[1]))
+        self._stacks = [max(loads, self._stacks[0]), max(evictions, self._stacks[1])]
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -64,6 +64,9 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
     seq: Sequence | None = None
+    seen: int = 0                       # tokens counted in the metrics so far
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
 
 
 class Scheduler:
@@ -195,7 +198,7 @@ class Scheduler:
         self.batch.routing = None
         self.jobs += fresh
         if self.metrics:
-            self.metrics.prefill(len(fresh), sum(j.prompt_tokens for j in fresh), time.monotonic() - t0)
+            self.metrics.prefill(fresh, sum(j.prompt_tokens for j in fresh), t0)
         self._after_step(0.0, only=fresh)
 
     def _plannable(self, job: Job) -> bool:
@@ -244,6 +247,9 @@ class Scheduler:
                 keep.append(k)
                 continue
             s = job.seq
+            if self.metrics and len(s.tokens) > job.seen:
+                self.metrics.new_tokens(job, len(s.tokens) - job.seen, time.monotonic())
+                job.seen = len(s.tokens)
             text = self.tok.decode(s.tokens, skip_special_tokens=True)
             stop_at = min((i for i in (text.find(x) for x in job.stop) if i >= 0), default=-1)
             if stop_at >= 0:
@@ -260,7 +266,7 @@ class Scheduler:
                                   "prompt_tokens": job.prompt_tokens, "completion_tokens": len(s.tokens),
                                   "route": job.route})
                 if self.metrics:
-                    self.metrics.finished(job, time.monotonic() - job.submitted)
+                    self.metrics.finished(job, time.monotonic() - job.submitted, s.finish)
             else:
                 keep.append(k)
         if self.metrics and only is None:

@@ -42,6 +42,7 @@ class AdaptJob:
     error: str | None = None
     result: dict | None = None
     created: float = field(default_factory=time.time)
+    started: float | None = None  # monotonic, when it began to run
 
     def view(self) -> dict:
         return {"job": self.id, "user": self.user, "status": self.status, "error": self.error, "result": self.result}
@@ -186,18 +187,18 @@ class Service:
                 return None               # while this job waited: nothing of them comes back
             job.status = "running"
             self.publish(job)
+            job.started = time.monotonic()
             stats = self.bank.adapt([user], self.adapt_cfg, self.store)
             self.bank.stacks.evict(user_id)
             return {"adapted": stats["adapted"], "bytes": stats["bytes_per_user"].get(user_id)}
 
         def finished(f):
-            if job.status == "cancelled":
-                self.publish(job)
-                return
-            try:
-                job.result, job.status = f.result(), "done"
-            except BaseException as e:  # noqa: BLE001 - reported through the job
-                job.error, job.status = str(e), "failed"
+            if job.status != "cancelled":
+                try:
+                    job.result, job.status = f.result(), "done"
+                except BaseException as e:  # noqa: BLE001 - reported through the job
+                    job.error, job.status = str(e), "failed"
+            self.metrics.adapted(job.status, time.monotonic() - job.started if job.started else None)
             self.publish(job)
 
         self.scheduler.run_exclusive(run).add_done_callback(finished)
