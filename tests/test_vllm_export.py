@@ -55,9 +55,17 @@ def test_vllm_export_layout_and_logits(tmp_path):
         pm = PeftModel.from_pretrained(base, str(d)).eval()
         with torch.no_grad():
             torch.testing.assert_close(pm(ids).logits, ours, atol=2e-5, rtol=0)
+    # what docs/scale.md tells a vLLM user: the adapters name the served model, and with no
+    # --served-model the bank's model id (mta's registry name); files readable by the group
+    # and others under the usual umask (vLLM may run as another user)
+    for p in out.rglob("*"):
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~_umask(), p
     # a second export replaces ours; a foreign directory is refused
     assert main(["export", "--bank", str(tmp_path / "bank"), "--store", str(tmp_path / "store"), "--all", "--format",
                  "vllm", "--out", str(out), "--model", "tiny-random-llama"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["base_model_name"] == "tiny-random-llama"
+    assert all(json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random-llama"
+               for d in out.iterdir() if d.is_dir())
     assert main(["export", "--bank", str(tmp_path / "bank"), "--store", str(tmp_path / "store"), "--all", "--format",
                  "vllm", "--out", str(tmp_path / "bank"), "--model", "tiny-random-llama"]) == 2
     # a directory with a manifest.json of its own, or ours with a file added, is not replaced (data loss before)
@@ -70,3 +78,11 @@ def test_vllm_export_layout_and_logits(tmp_path):
         assert main(["export", "--bank", str(tmp_path / "bank"), "--store", str(tmp_path / "store"), "--all",
                      "--format", "vllm", "--out", str(target), "--model", "tiny-random-llama"]) == 2
     assert (mine / "notes.txt").read_text() == "keep me" and (out / "notes.txt").read_text() == "keep me too"
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -42,7 +42,7 @@ from mta.errors import MtaError
 from mta.examples import loo_examples
 from mta.inference import generate
 from mta.mixing import Mixture, Plan, mixtures_for
-from mta.paths import sha256_file
+from mta.paths import sha256_file, shared_modes
 from mta.records import BankRecord, UserRecord
 from mta.retrieval import retrieve
 from mta.stacking import stack_params_per_user, stack_passes, stack_record
@@ -454,8 +454,10 @@ class LoadedBank:
             store.meta(user_id)  # raises the "not in the store" error with the stored ids
         slot = self.stacks.ensure({user_id: rec}, store)[user_id] if rec.stack else None
         anchors, weights = self.with_base(rec.anchors, rec.weights)
-        return export_user(self.backbone.engine, list(anchors), list(weights), out, mode=rec.merge, user=slot,
+        done = export_user(self.backbone.engine, list(anchors), list(weights), out, mode=rec.merge, user=slot,
                            svd_rank=rec.svd_rank, pad_to=pad_to, base_model=base_model or self._model_id)
+        shared_modes(out)  # another program (vLLM, PEFT as another user) reads it
+        return done
 
     def export_vllm(self, store: UserStore, out: Path, served_model: str,
                     progress: Progress | None = None) -> dict:
