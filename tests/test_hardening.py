@@ -255,3 +255,29 @@ def test_error_bodies_keep_store_paths_and_storage_keys_on_the_server(tmp_path):
     out = svc.public(msg)
     assert str(tmp_path) not in out and user_key("u") not in out
     assert out == "user 'u' in the store: the store/users/<key>/stack does not match its checksum"
+
+
+def test_readers_see_a_user_whose_replacement_a_crash_cut_and_a_bad_stack_is_listed_as_such(tmp_path):
+    """Killed between the two renames of replacing a user, the store holds only the previous
+    version beside the user's name (the next writer restores it): readers use it meanwhile
+    (`store list` left the user out and `generate` answered them fusion-only). A stack that
+    is a directory, not a file, is listed as corrupt (it was listed as normal)."""
+    from mta.data.synth import synth_users
+    from mta.loaded_bank import LoadedBank
+
+    bank, store, _ = _record(tmp_path)
+    user = synth_users(2, seed=21)[1]
+    LoadedBank.adapt(bank, [user], AdaptConfig.make(batch_size=4, max_length=160), store)
+    d = store.user_dir(user.user_id)
+    d.rename(d.with_name(f".{d.name}.old"))  # the state a crash between the renames leaves
+    reader = UserStore(tmp_path / "store")
+    assert reader.has(user.user_id) and user.user_id in reader.user_ids()
+    assert reader.meta(user.user_id).stack is not None and reader.stack_path(user.user_id, reader.meta(user.user_id))
+    with reader.writing():  # the next writer puts it back
+        pass
+    assert d.is_dir() and not d.with_name(f".{d.name}.old").exists()
+    stack = d / "stack" / "adapter_model.safetensors"
+    stack.unlink()
+    stack.mkdir()
+    (entry,) = [e for e in reader.entries() if e.key == d.name]
+    assert entry.record is None and "missing or not a file" in entry.problem

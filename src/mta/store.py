@@ -112,11 +112,19 @@ class UserStore:
     def user_dir(self, user_id: str) -> Path:
         return self.root / "users" / user_key(user_id)
 
+    def _read_dir(self, user_id: str) -> Path:
+        """Where a reader finds the user: their directory, or, while a writer that crashed
+        between the two renames of replacing them has not been followed by the next writer
+        (which completes it, ``paths.recover``), the previous version kept beside it."""
+        d = self.user_dir(user_id)
+        old = d.with_name(f".{d.name}.old")
+        return old if not d.exists() and (old / META).is_file() else d
+
     def has(self, user_id: str) -> bool:
-        return (self.user_dir(user_id) / META).exists()
+        return (self._read_dir(user_id) / META).exists()
 
     def meta(self, user_id: str) -> UserRecord:
-        f = self.user_dir(user_id) / META
+        f = self._read_dir(user_id) / META
         if not f.exists():
             raise MtaError(f"user {user_id!r} is not in store {self.root}" + self._known_hint())
         rec = read_user_record(f)
@@ -126,8 +134,8 @@ class UserStore:
 
     def stack_path(self, user_id: str, rec: UserRecord) -> Path:
         """The user's stack directory, its file checked against the record's sha256."""
-        d = self.user_dir(user_id) / "stack"
-        f = self.user_dir(user_id) / STACK_WEIGHTS
+        d = self._read_dir(user_id) / "stack"
+        f = self._read_dir(user_id) / STACK_WEIGHTS
         if not f.is_file():
             raise MtaError(f"user {user_id!r} in {self.root}: the stacked adapter is missing ({f})")
         if rec.stack and rec.stack.sha256 and sha256_file(f) != rec.stack.sha256:
@@ -146,16 +154,22 @@ class UserStore:
         if not base.is_dir():
             return []
         out = []
+        names = {d.name for d in base.iterdir()}
         for d in sorted(base.iterdir()):
-            if d.name.startswith("."):
-                continue  # a temporary of a writer, live or crashed
+            key = d.name
+            if d.name.startswith("."):  # a temporary of a writer, live or crashed; or the previous
+                key = d.name[1:-4] if d.name.endswith(".old") else ""  # version of a user whose
+                if not key or key in names:  # replacement a crash cut between its renames
+                    continue
             try:
                 rec = read_user_record(d / META)
-                if user_key(rec.user_id) != d.name:
-                    raise MtaError(f"it holds user {rec.user_id!r}, whose key is not {d.name}")
-                out.append(Entry(d.name, rec))
+                if user_key(rec.user_id) != key:
+                    raise MtaError(f"it holds user {rec.user_id!r}, whose key is not {key}")
+                if rec.stack is not None and not (d / STACK_WEIGHTS).is_file():
+                    raise MtaError(f"its stacked adapter {STACK_WEIGHTS} is missing or not a file")
+                out.append(Entry(key, rec))
             except (MtaError, OSError) as e:
-                out.append(Entry(d.name, None, str(e).split(": ", 1)[-1] if isinstance(e, MtaError) else str(e)))
+                out.append(Entry(key, None, str(e).split(": ", 1)[-1] if isinstance(e, MtaError) else str(e)))
         return out
 
     def user_ids(self) -> list[str]:
@@ -177,7 +191,7 @@ class UserStore:
         return dest
 
     def bytes_of(self, user_id: str) -> int:
-        return dir_bytes(self.user_dir(user_id))
+        return dir_bytes(self._read_dir(user_id))
 
     def delete(self, user_id: str) -> None:
         """Remove everything of one user (call inside ``writing()``)."""
