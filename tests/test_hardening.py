@@ -281,3 +281,42 @@ def test_readers_see_a_user_whose_replacement_a_crash_cut_and_a_bad_stack_is_lis
     stack.mkdir()
     (entry,) = [e for e in reader.entries() if e.key == d.name]
     assert entry.record is None and "missing or not a file" in entry.problem
+
+
+TINY = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder"]
+
+
+def test_rerunning_as_the_error_advises_repairs_the_damage(tmp_path, capsys):
+    """"corrupt; adapt the user again" and "rebuild the bank": rerunning the same command
+    now repairs a damaged stack, an unreadable record and a damaged anchor (it exited 0
+    and left them, or refused again); --force adapts every user again."""
+    from mta.bank import read_index
+    from mta.loaded_bank import LoadedBank
+    from tests.engine_helpers import tiny_backbone
+
+    data, bank, store = tmp_path / "data", tmp_path / "bank", tmp_path / "store"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    build = ["--quiet", "bank", "build", "--data", str(data), "--out", str(bank), "--anchors", "2", "--min-history",
+             "1", *TINY]
+    adapt = ["--quiet", "adapt", "--bank", str(bank), "--data", str(data), "--out", str(store),
+             "--users", "synth-0000,synth-0001"]
+    assert main(build) == 0 and main(adapt) == 0
+    st = UserStore(store)
+    stack = st.user_dir("synth-0000") / "stack" / "adapter_model.safetensors"
+    stack.write_bytes(stack.read_bytes()[:-8] + b"\0" * 8)  # damaged in place
+    (st.user_dir("synth-0001") / "meta.json").write_text("{broken")
+    capsys.readouterr()
+    assert main(adapt) == 0 and "adapted 2 user(s)" in capsys.readouterr().out
+    for uid in ("synth-0000", "synth-0001"):
+        st.stack_path(uid, st.meta(uid))  # the checksum holds again
+    assert main([*adapt, "--force"]) == 0 and "adapted 2 user(s), 0 unchanged" in capsys.readouterr().out
+    assert main(adapt) == 0 and "adapted 0 user(s), 2 unchanged" in capsys.readouterr().out
+    anchor = bank / "anchors" / "000" / "adapter_model.safetensors"
+    if not anchor.exists():  # the layout of anchor directories
+        anchor = next(bank.rglob("adapter_model.safetensors"))
+    anchor.write_bytes(anchor.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(MtaError, match="checksum"):
+        LoadedBank(tiny_backbone(), bank)
+    assert main(build) == 0
+    LoadedBank(tiny_backbone(), bank)  # every checksum holds again
+    assert all(a.done for a in read_index(bank).anchors)

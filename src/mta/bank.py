@@ -255,11 +255,23 @@ def build_task(backbone: Backbone, users: list[User], task: Task, cfg: BankConfi
     return rec
 
 
+def _intact(out: Path, a: AnchorRecord) -> bool:
+    """A finished anchor whose file is there and matches its checksum; anything else is
+    trained again (so rerunning a build repairs a damaged anchor, as its error advises)."""
+    f = adapter_dir(out, a.slot) / WEIGHTS
+    if not (a.done and f.is_file()):
+        return False
+    if a.sha256 is not None and sha256_file(f) != a.sha256:
+        log.warning("anchor %d (%s) does not match its checksum; training it again", a.slot, a.user_id)
+        return False
+    return True
+
+
 def _train_missing(backbone: Backbone, rec: BankRecord, users: list[User], task: Task, cfg: BankConfig, out: Path,
                    key_prefix: str, progress: Progress | None, trained) -> None:
     """Train (or copy in) every anchor of ``rec`` whose adapter is not complete, group by group."""
     by_id = {u.user_id: u for u in users}
-    todo = [a for a in rec.anchors if not (a.done and (adapter_dir(out, a.slot) / WEIGHTS).exists())]
+    todo = [a for a in rec.anchors if not _intact(out, a)]
     missing = [a.user_id for a in todo if a.user_id not in by_id and rec.kind != "task"]
     if missing:
         raise MtaError(f"bank {out} needs anchor user(s) {missing[:3]} that are not in the data")

@@ -58,8 +58,9 @@ class AdaptWorker:
 
 def ray_adapt(address: str, backbone: BackboneConfig, bank: Path, users: Sequence[User], cfg: AdaptConfig,
               store: UserStore, workers: int | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Adapt ``users`` into ``store`` on Ray (``address`` "local": a local instance)."""
+              progress: Callable[[str, int, int], None] | None = None, force: bool = False) -> dict:
+    """Adapt ``users`` into ``store`` on Ray (``address`` "local": a local instance);
+    users stored unchanged and intact are skipped unless ``force``."""
     import ray
 
     from mta.bank import read_index
@@ -72,8 +73,7 @@ def ray_adapt(address: str, backbone: BackboneConfig, bank: Path, users: Sequenc
                  logging_level=logging.WARNING)
     try:
         with store.writing():
-            todo = [u for u in users if not (store.has(u.user_id) and store.meta(u.user_id).history_hash
-                                            == history_hash(u, rec.task, settings))]
+            todo = [u for u in users if force or not store.unchanged(u.user_id, history_hash(u, rec.task, settings))]
             shards = [(i, todo[i:i + cfg.users_per_pass]) for i in range(0, len(todo), cfg.users_per_pass)]
             if progress:
                 progress("users", 0, len(todo))

@@ -313,8 +313,7 @@ class LoadedBank:
         fuse_s = time.perf_counter() - t0
         settings = {"bank": self.bank_id, "adapt": cfg.identity()}
         hashes = [history_hash(u, self.task.name, settings) for u in users]
-        todo = [i for i, u in enumerate(users)
-                if force or not (store.has(u.user_id) and store.meta(u.user_id).history_hash == hashes[i])]
+        todo = [i for i, u in enumerate(users) if force or not store.unchanged(u.user_id, hashes[i])]
         skipped = len(users) - len(todo)
         if skipped:
             log.info("%d user(s) unchanged since they were stored; skipping them", skipped)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ from mta.paths import (
 )
 from mta.records import UserRecord, dump, read_user_record
 
+log = logging.getLogger(__name__)
 META = "meta.json"
 MARKER = "store.json"
 STACK_WEIGHTS = "stack/adapter_model.safetensors"
@@ -189,6 +191,21 @@ class UserStore:
             (tmp / META).write_text(dump(record), encoding="utf-8")
             fault("store:user-written")
         return dest
+
+    def unchanged(self, user_id: str, hist: str) -> bool:
+        """Whether a user stored with this history hash can stay as they are: their record
+        reads, says the same hash, and their stack matches its checksum. A damaged user is
+        adapted again (as the error about them advises), not skipped."""
+        if not self.has(user_id):
+            return False
+        try:
+            rec = self.meta(user_id)
+            if rec.stack is not None:
+                self.stack_path(user_id, rec)
+        except MtaError as e:
+            log.warning("%s; adapting the user again", e)
+            return False
+        return rec.history_hash == hist
 
     def bytes_of(self, user_id: str) -> int:
         return dir_bytes(self._read_dir(user_id))

@@ -148,6 +148,8 @@ def adapt_cmd(bank: BankPath, data: DataPath, out: OutDir, task: TaskName = None
                                              "the address of a running cluster (docs/scale.md)."),
               ray_workers: int | None = typer.Option(None, min=1, help="Ray workers (default: one per GPU, or per "
                                                      "CPU when there is no GPU)."),
+              force: bool = typer.Option(False, "--force", help="Adapt every user again, even those stored with "
+                                         "the same history and settings (damaged users are adapted again anyway)."),
               *, cfg: Configs) -> None:
     """Stages 2+3: fuse each user's nearest anchors and train their stacked adapter."""
     rec = _bank_record(bank)
@@ -156,20 +158,20 @@ def adapt_cmd(bank: BankPath, data: DataPath, out: OutDir, task: TaskName = None
     sel = select_users(ds.users, users)
     store = UserStore(out, create=True)  # before anything is written: refuse a directory that is not a store
     if ray is not None:
-        _adapt_on_ray(ray, ray_workers, bank, rec, ds, sel, store, out, cfg)
+        _adapt_on_ray(ray, ray_workers, bank, rec, ds, sel, store, out, cfg, force)
         return
     backbone, loaded = _open_bank(bank, cfg, ds.task)
     loaded.check(sel, cfg.adapt)
     with run_log(out), progress() as bar:
         write_config(out, "adapt", cfg, backbone, bank=str(bank), data=str(ds.path), task=ds.task)
-        stats = loaded.adapt(sel, cfg.adapt, store, Bars(bar))
+        stats = loaded.adapt(sel, cfg.adapt, store, Bars(bar), force=force)
     b = list(stats["bytes_per_user"].values())
     console.print(f"adapted {stats['adapted']} user(s), {stats['skipped']} unchanged; "
                   f"{stats['trainable_params_per_user']:,} trainable parameters and "
                   f"{sum(b) / max(1, len(b)):,.0f} bytes per user; {stats['seconds_per_user']:.2f} s per user")
 
 
-def _adapt_on_ray(address, workers, bank, rec, ds, sel, store, out, cfg) -> None:
+def _adapt_on_ray(address, workers, bank, rec, ds, sel, store, out, cfg, force: bool = False) -> None:
     if not rec.complete:
         raise MtaError(f"bank {bank} is incomplete; rerun the same bank build to resume it")
     if rec.task != ds.task:
@@ -181,7 +183,7 @@ def _adapt_on_ray(address, workers, bank, rec, ds, sel, store, out, cfg) -> None
         raise MtaError("every user needs at least 1 history item")
     with run_log(out), progress() as bar:
         write_config(out, "adapt", cfg, None, bank=str(bank), data=str(ds.path), task=ds.task, ray=address)
-        stats = ray_adapt(address, cfg.backbone, bank, sel, cfg.adapt, store, workers, Bars(bar))
+        stats = ray_adapt(address, cfg.backbone, bank, sel, cfg.adapt, store, workers, Bars(bar), force=force)
     console.print(f"adapted {stats['adapted']} user(s) in {stats['shards']} shard(s) on {stats['workers']} Ray "
                   f"worker(s), {stats['skipped']} unchanged")
 
