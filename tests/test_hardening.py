@@ -320,3 +320,18 @@ def test_rerunning_as_the_error_advises_repairs_the_damage(tmp_path, capsys):
     assert main(build) == 0
     LoadedBank(tiny_backbone(), bank)  # every checksum holds again
     assert all(a.done for a in read_index(bank).anchors)
+
+
+def test_a_bank_build_into_a_bank_of_other_data_is_refused(tmp_path, capsys):
+    """It reported success and kept the old bank, ignoring the new data."""
+    a, b, bank = tmp_path / "a", tmp_path / "b", tmp_path / "bank"
+    assert main(["data", "synth", "--out", str(a), "--users", "6", "--queries", "1"]) == 0
+    assert main(["data", "synth", "--out", str(b), "--users", "6", "--queries", "1", "--seed", "3"]) == 0
+    build = ["--quiet", "bank", "build", "--out", str(bank), "--anchors", "2", "--min-history", "1", *TINY]
+    assert main([*build, "--data", str(a)]) == 0
+    index = (bank / "index.json").read_bytes()
+    capsys.readouterr()
+    assert main([*build, "--data", str(b)]) == 2
+    assert "was built from other data" in capsys.readouterr().err
+    assert (bank / "index.json").read_bytes() == index
+    assert main([*build, "--data", str(a)]) == 0  # the same data resumes (nothing to do)

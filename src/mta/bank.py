@@ -20,6 +20,8 @@ the shared task LoRA (no personalisation), which OPPU stacks per-user LoRAs on.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -114,15 +116,22 @@ def _bank_writer(fn):
     return wrapped
 
 
-def check_resume(out: Path, backbone: Backbone, task: Task, cfg: BankConfig) -> None:
+def check_resume(out: Path, backbone: Backbone, task: Task, cfg: BankConfig, users: list[User] | None = None) -> None:
     """Before anything is written: an existing bank at ``out`` must be resumable with these
-    settings (same base model, task and config)."""
+    settings (same base model, task and config) and, when given, these candidate users."""
     check_out(out)
     if (Path(out) / INDEX).exists():
-        _check_resume(read_index(out), backbone, task, cfg, Path(out), "bank")
+        _check_resume(read_index(out), backbone, task, cfg, Path(out), "bank", users)
 
 
-def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConfig, out: Path, kind: str) -> None:
+def pool_digest(users: list[User]) -> str:
+    """The identity of a bank's candidate pool: every user's id and history."""
+    pool = sorted([u.user_id, [it.model_dump(mode="json") for it in u.history]] for u in users)
+    return hashlib.sha256(json.dumps(pool, sort_keys=True).encode()).hexdigest()
+
+
+def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConfig, out: Path, kind: str,
+                  users: list[User] | None = None) -> None:
     from mta.engine.fingerprint import check_fingerprint
 
     check_fingerprint(rec.fingerprint, backbone.fingerprint, f"bank {out}")
@@ -131,6 +140,10 @@ def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConf
     if rec.kind != kind or rec.config != cfg:
         raise MtaError(f"bank {out} exists with another configuration; use a new output directory or the "
                        "same settings")
+    if users is not None and rec.data_sha256 is not None and rec.data_sha256 != pool_digest(users):
+        raise MtaError(f"bank {out} was built from other data ({rec.candidates} candidate users; these are "
+                       f"{len(users)}, or their histories differ); use a new output directory, or the data it was "
+                       "built from to resume it")
 
 
 @_bank_writer
@@ -180,7 +193,7 @@ def prepare_bank(backbone: Backbone, users: list[User], task: Task, cfg: BankCon
     out = Path(out)
     if (out / INDEX).exists():
         rec = read_index(out)
-        _check_resume(rec, backbone, task, cfg, out, "bank")
+        _check_resume(rec, backbone, task, cfg, out, "bank", users)
         log.info("resuming bank build in %s", out)
     else:
         t0 = time.perf_counter()
@@ -200,7 +213,7 @@ def prepare_bank(backbone: Backbone, users: list[User], task: Task, cfg: BankCon
         rec = BankRecord(
             task=task.name, model=backbone.model_id, embedder=backbone.embedder_id,
             fingerprint=backbone.fingerprint, config=cfg, notes=sel.notes, candidates=len(users),
-            negatives=negative_pool(task, users, cfg.seed), recipe=recipe or {},
+            data_sha256=pool_digest(users), negatives=negative_pool(task, users, cfg.seed), recipe=recipe or {},
             embed_seconds=time.perf_counter() - t0,
             anchors=[AnchorRecord(slot=s, user_id=uid, cluster=c, embedding=embedding(uid, m),
                                   members=m if pooled else [])

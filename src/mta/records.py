@@ -66,6 +66,9 @@ class BankRecord(_Record):
     # bank_base "task": the sha256 of the task LoRA under every anchor (BANK/base, a task
     # bank), set once it is trained; None for a bank without a base
     base_sha256: str | None = None
+    # the candidate pool it was built from (``bank.pool_digest``): a resume with other data
+    # is refused; None in banks written before it was recorded
+    data_sha256: str | None = None
 
     @property
     def anchor_ids(self) -> list[str]:

@@ -88,7 +88,7 @@ def bank_build(data: DataPath, out: OutDir, task: TaskName = None, users: UserId
         console.print(f"bank with {len(rec.anchors)} anchors in {escape(str(out))} (trained on Ray)")
         return
     backbone = load_backbone(cfg.backbone)
-    check_resume(out, backbone, get_task(ds.task), cfg.bank)
+    check_resume(out, backbone, get_task(ds.task), cfg.bank, pool)
     with run_log(out), progress() as bar:
         write_config(out, "bank build", cfg, backbone, data=str(ds.path), task=ds.task)
         rec = build_bank(backbone, pool, get_task(ds.task), cfg.bank, out, Bars(bar), recipe=adapt_recipe)
