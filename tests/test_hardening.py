@@ -335,3 +335,14 @@ def test_a_bank_build_into_a_bank_of_other_data_is_refused(tmp_path, capsys):
     assert "was built from other data" in capsys.readouterr().err
     assert (bank / "index.json").read_bytes() == index
     assert main([*build, "--data", str(a)]) == 0  # the same data resumes (nothing to do)
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, monkeypatch, capsys):
+    import mta.cli.evaluate as evaluate
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "load_dataset", interrupted)
+    assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *TINY]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

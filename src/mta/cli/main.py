@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="mta")
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 130:  # Typer turns Ctrl-C inside a command into a silent exit 130
+            err_console.print("interrupted")
+        return code
     except MtaError as e:
         err_console.print(f"[red]error:[/red] {escape(cli_message(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
