@@ -346,3 +346,13 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "load_dataset", interrupted)
     assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *TINY]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_data_that_declares_another_task_is_refused_not_overridden(lamp_official):
+    """The official layout says which LaMP task it holds: asking for another task (as a
+    bank of that task does for `mta adapt`) was applied silently."""
+    from mta.data.readers import load_dataset
+
+    assert load_dataset(lamp_official).task == "lamp2" and load_dataset(lamp_official, "lamp2").task == "lamp2"
+    with pytest.raises(MtaError, match="declares task .*, not lamp3"):
+        load_dataset(lamp_official, "lamp3")

@@ -252,6 +252,9 @@ def load_dataset(path: str | Path, task: str | None = None, persons: str | Path 
             )
     if not users:
         raise DataError(f"{file}: the file holds no users")
+    if task and declared and get_task(task).name != get_task(declared).name:
+        raise DataError(f"{file} declares task {declared}, not {task}; give data of task {task} (a bank "
+                        "answers the task it was built for)")
     name = task or declared or detect_task(users)
     if name is None:
         raise DataError(f"{file}: cannot tell the task from the fields; pass --task")
