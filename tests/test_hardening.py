@@ -356,3 +356,36 @@ def test_data_that_declares_another_task_is_refused_not_overridden(lamp_official
     assert load_dataset(lamp_official).task == "lamp2" and load_dataset(lamp_official, "lamp2").task == "lamp2"
     with pytest.raises(MtaError, match="declares task .*, not lamp3"):
         load_dataset(lamp_official, "lamp3")
+
+
+def test_task_mode_and_chat_mode_are_models_that_say_what_they_do(tmp_path):
+    """Model mta wraps the message in the bank's task prompt (what the adapters learnt);
+    model mta-chat passes the messages through the chat template as they are, still
+    through the user's adapter; /v1/models says which is which."""
+    from fastapi.testclient import TestClient
+
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.serving.app import build_app
+    from mta.serving.scheduler import Job
+    from mta.serving.security import Keys
+
+    bank, store, uid = _record(tmp_path)
+    key = add_key(tmp_path / "keys.json", "admin", None, "k")
+    app = build_app(bank, store, Keys.read(tmp_path / "keys.json"), ServeConfig(), GenerateConfig(max_new_tokens=2))
+    h = {"Authorization": f"Bearer {key}"}
+    with TestClient(app) as c:
+        listed = {m["id"]: m["mta"]["mode"] for m in c.get("/v1/models", headers=h).json()["data"]}
+        assert listed == {"mta": "task", "mta-chat": "chat", "mta-base": "base"}
+        for model in listed:
+            body = {"model": model, "user": uid, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+            r = c.post("/v1/chat/completions", json=body, headers=h)
+            assert r.status_code == 200 and r.json()["mta"]["route"] == ("base" if model == "mta-base" else "fusion")
+    from mta.data.synth import synth_users
+
+    sched = app.state.scheduler
+    user = synth_users(1, seed=3)[0]  # the stored user, with their history for retrieval
+    msg = [{"role": "user", "content": "Recommend me a film"}]
+    task_text, chat_text = (bank.backbone.tokenizer.decode(sched._prompt_ids(Job(uid, msg, user, 2, chat=chat)))
+                            for chat in (False, True))
+    item = next(it for it in user.history if it.description in task_text)  # the retrieved history item
+    assert "Recommend me a film" in chat_text and item.description not in chat_text

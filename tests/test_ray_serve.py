@@ -105,7 +105,7 @@ def test_the_openai_client_works_through_ray(ray_server, server, world):
     stream = client.chat.completions.create(model="mta", messages=msgs, max_tokens=6, user="synth-0002",
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
-    assert {m.id for m in client.models.list()} == {"mta", "mta-base"}
+    assert {m.id for m in client.models.list()} == {"mta", "mta-chat", "mta-base"}
 
 
 def test_adapt_job_and_delete_across_replicas(ray_server, world):

@@ -38,7 +38,7 @@ def server(world):
 def test_chat_completion_and_models(server, world):
     _, keys = world
     r = httpx.get(server.url + "/v1/models", headers=_h(keys["admin"]))
-    assert r.status_code == 200 and {m["id"] for m in r.json()["data"]} == {"mta", "mta-base"}
+    assert r.status_code == 200 and {m["id"] for m in r.json()["data"]} == {"mta", "mta-chat", "mta-base"}
     r = chat(server.url, keys["admin"], "synth-0000", "Which tag? a film")
     j = r.json()
     assert r.status_code == 200 and j["object"] == "chat.completion" and j["mta"]["route"] == "mta"
@@ -108,7 +108,7 @@ def test_the_openai_client_works(server, world):
     openai = pytest.importorskip("openai")
     _, keys = world
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=keys["admin"])
-    assert {m.id for m in client.models.list()} == {"mta", "mta-base"}
+    assert {m.id for m in client.models.list()} == {"mta", "mta-chat", "mta-base"}
     r = client.chat.completions.create(model="mta", user="synth-0000", max_tokens=4,
                                        messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 4

@@ -3,9 +3,11 @@ own user's model (docs/serving.md).
 
 - ``POST /v1/chat/completions`` and ``POST /v1/completions`` (also ``stream: true``, as
   server-sent events), ``GET /v1/models``. The end user is OpenAI's ``user`` field, or the
-  user a user-role key is bound to. Model ``mta`` answers personalised (stored user:
-  fusion + stack; history only: fusion; neither: base); model ``mta-base`` answers with
-  the base model. Each response says how it was answered in an extra ``mta`` field.
+  user a user-role key is bound to. Model ``mta`` answers personalised in task mode (the
+  bank's task prompt; stored user: fusion + stack; history only: fusion; neither: base),
+  ``mta-chat`` in chat mode (the messages as they are, through the user's adapter),
+  ``mta-base`` with the base model (docs/serving.md). Each response says how it was
+  answered in an extra ``mta`` field.
 - Admin (admin key): ``POST /v1/admin/history`` (upload or replace a user's history),
   ``POST /v1/admin/adapt`` (a background job: fusion + stack), ``GET /v1/admin/jobs/{id}``,
   ``POST /v1/admin/delete``, ``GET /v1/admin/users``. User ids travel in JSON bodies,

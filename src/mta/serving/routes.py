@@ -21,7 +21,7 @@ from mta import __version__
 from mta.errors import MtaError
 from mta.serving.scheduler import Job
 from mta.serving.security import Principal
-from mta.serving.service import MODELS, ApiError, Service
+from mta.serving.service import ApiError, Service
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -227,9 +227,8 @@ async def completions(body: CompletionBody, svc: Svc, who: Caller):
 
 
 @openai.get("/v1/models")
-async def models(who: Caller):
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mta"}
-                                       for m in MODELS]}
+async def models(svc: Svc, who: Caller):
+    return {"object": "list", "data": svc.models()}
 
 
 # -- operations ----------------------------------------------------------------------------------------

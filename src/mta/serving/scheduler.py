@@ -57,6 +57,7 @@ class Job:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     base_only: bool = False
+    chat: bool = False                   # the messages as they are, no task prompt (model mta-chat)
     emit: Callable[[str, object], None] = lambda kind, payload: None
     route: str = ""
     prompt_tokens: int = 0
@@ -227,6 +228,10 @@ class Scheduler:
         top-k history items around the last user message, through the chat template."""
         task = self.bank.task
         last = job.messages[-1]["content"]
+        if job.chat:  # free chat: the messages as they are
+            text = self.tok.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True) \
+                if getattr(self.tok, "chat_template", None) else last + "\n"
+            return self._checked(self.tok(text, add_special_tokens=False)["input_ids"])
         items = retrieve(task, last, job.user.history, self.gen.retrieve_k) if job.user else []
         content = task.prompt(last, items)
         if len(job.messages) == 1:
@@ -234,7 +239,9 @@ class Scheduler:
         else:
             msgs = [*job.messages[:-1], {"role": "user", "content": content}]
             text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._checked(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _checked(self, ids: list[int]) -> list[int]:
         if len(ids) > self.gen.max_prompt_tokens:
             raise MtaError(f"the prompt is {len(ids)} tokens; this server takes at most {self.gen.max_prompt_tokens}")
         return ids

@@ -22,7 +22,11 @@ from mta.serving.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from mta.serving.security import Keys, Principal
 from mta.store import UserStore, check_user_id
 
-MODELS = ("mta", "mta-base")
+# model -> how it answers: "task" (the bank's task prompt around the last message, with the
+# user's retrieved history, through the user's adapter: what the adapter was trained on),
+# "chat" (the messages through the chat template as they are, through the user's adapter),
+# "base" (the task prompt through the base model alone: the yardstick beside "task")
+MODELS = {"mta": "task", "mta-chat": "chat", "mta-base": "base"}
 HASHED = re.compile(r"\b[0-9a-f]{32}\b")  # a user's storage key (mta.store.user_key)
 JOB_ID = re.compile(r"adapt-[A-Za-z0-9_-]{1,80}")  # what a job id looks like; nothing else names a file
 
@@ -136,15 +140,15 @@ class Service:
                            code="model_not_found", param="model")
         if n != 1:
             raise ApiError(400, "n must be 1", param="n")
-        if model == "mta" and user_id is None:
-            raise ApiError(400, "model mta answers as one user: name them in OpenAI's `user` field (or use that "
-                           "user's key), or ask model mta-base for the base model", param="user")
+        if MODELS[model] != "base" and user_id is None:
+            raise ApiError(400, f"model {model} answers as one user: name them in OpenAI's `user` field (or use "
+                           "that user's key), or ask model mta-base for the base model", param="user")
         max_tokens = max_tokens or self.gen.max_new_tokens or self.bank.task.max_new_tokens
         if max_tokens > self.cfg.max_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {self.cfg.max_tokens}",
                            param="max_tokens")
         job = Job(user_id, messages, self.histories.get(user_id) if user_id else None, max_tokens, temperature,
-                  top_p, seed, stop, model == "mta-base", emit=emit)
+                  top_p, seed, stop, MODELS[model] == "base", emit=emit, chat=MODELS[model] == "chat")
         try:
             self.scheduler.submit(job)
         except QueueFull:
@@ -262,6 +266,16 @@ class Service:
                 "running": s.running, "queued": s.queue.qsize(), "max_batch": self.cfg.max_batch,
                 "tokens_generated": s.tokens_out, "tokens_per_second": s.tokens_out / max(up, 1e-9),
                 "uptime_seconds": up, "task": self.bank.task.name, "model": self.bank.backbone.model_id}
+
+    def models(self) -> list[dict]:
+        """OpenAI's model list, each with how it answers (``mta``: mode and task)."""
+        what = {"task": f"the {self.bank.task.name} task's prompt with the user's retrieved history, through the "
+                        "user's adapter",
+                "chat": "the messages as they are (chat template), through the user's adapter",
+                "base": f"the {self.bank.task.name} task's prompt through the base model alone"}
+        return [{"id": m, "object": "model", "created": 0, "owned_by": "mta",
+                 "mta": {"mode": mode, "task": self.bank.task.name, "answers": what[mode]}}
+                for m, mode in MODELS.items()]
 
     def prometheus(self) -> str:
         self.metrics.stacks(self.bank.stacks.loads, self.bank.stacks.evictions)
