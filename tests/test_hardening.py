@@ -389,3 +389,34 @@ def test_task_mode_and_chat_mode_are_models_that_say_what_they_do(tmp_path):
                             for chat in (False, True))
     item = next(it for it in user.history if it.description in task_text)  # the retrieved history item
     assert "Recommend me a film" in chat_text and item.description not in chat_text
+
+
+def test_a_server_told_to_stop_answers_its_running_requests_before_the_limit(tmp_path):
+    """SIGTERM: requests still running near the shutdown limit end with a 'shutting down'
+    error each (the server's answer: a JSON 503, or an error event in a stream), instead of
+    being cut when the limit passes (a plain-text 500, a stream with no end)."""
+    import threading
+
+    from mta.config import GenerateConfig
+    from mta.serving.scheduler import Job, Scheduler, ShuttingDown
+
+    bank, store, uid = _record(tmp_path)
+    sched = Scheduler(bank, store, GenerateConfig(), max_batch=4, max_tokens=100_000)
+    sched.stop_ids = frozenset()  # no end of turn: the request runs until stopped
+    got, done = [], threading.Event()
+
+    def emit(kind, payload):
+        if kind in ("done", "error"):
+            got.append((kind, payload))
+            done.set()
+
+    sched.submit(Job(uid, [{"role": "user", "content": "go on forever"}], None, 100_000, emit=emit))
+    sched.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    sched.drain(0.3)
+    assert done.wait(30) and time.monotonic() - t0 < 10
+    (kind, err), = got
+    assert kind == "error" and isinstance(err, ShuttingDown) and "send it again" in str(err)
+    assert not sched.accepting
+    sched.shutdown(5)

@@ -66,7 +66,15 @@ def serve_cmd(
     s = cfg.serve
     err_console.print(f"serving {escape(str(bank))} ({rec.task}, {backbone.model_id} on {backbone.device}) at "
                       f"http://{s.host}:{s.port}")
-    uvicorn.run(app, host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=int(s.shutdown_timeout))
+    scheduler = app.state.scheduler
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # told to stop: requests still running a second before
+            scheduler.drain(max(0.5, s.shutdown_timeout - 1))  # the limit are answered "shutting down"
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="warning",
+                          timeout_graceful_shutdown=int(s.shutdown_timeout))).run()
 
 
 def _serve_on_ray(address, replicas, bank, store, users, keys, cfg, rec) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mta import __version__
 from mta.errors import MtaError
-from mta.serving.scheduler import Job
+from mta.serving.scheduler import Job, ShuttingDown
 from mta.serving.security import Principal
 from mta.serving.service import ApiError, Service
 
@@ -153,6 +153,8 @@ async def _generate(svc: Service, who: Principal, body: _Gen, messages: list[dic
                 text += payload
             elif kind == "done":
                 info = payload
+            elif isinstance(payload, ShuttingDown):
+                raise ApiError(503, str(payload), "server_error", "shutting_down")
             else:
                 raise payload
     except asyncio.CancelledError:
@@ -203,8 +205,10 @@ async def _stream(svc: Service, rid: str, created: int, model: str, chat: bool, 
                 yield "data: [DONE]\n\n"
                 return
             else:
-                err = {"error": {"message": svc.public(str(payload)), "type": "invalid_request_error",
-                                 "param": None, "code": None}}
+                stopping = isinstance(payload, ShuttingDown)
+                err = {"error": {"message": svc.public(str(payload)),
+                                 "type": "server_error" if stopping else "invalid_request_error", "param": None,
+                                 "code": "shutting_down" if stopping else None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
     finally:

@@ -93,6 +93,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mta-scheduler", daemon=True)
         self._ids = itertools.count()
+        self._aborting = False
 
     # -- the outside -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -115,6 +116,33 @@ class Scheduler:
         self._wake.set()
         return fut
 
+    def drain(self, within: float) -> None:
+        """Stop taking requests; the ones still running or queued after ``within`` seconds
+        end with a ShuttingDown error (so each gets an answer that says so, not a cut
+        connection). For a server told to stop (SIGTERM)."""
+        self.accepting = False
+        timer = threading.Timer(within, self._abort_all)
+        timer.daemon = True
+        timer.start()
+
+    def _abort_all(self) -> None:
+        self._aborting = True
+        self._wake.set()
+
+    def _fail_everything(self) -> None:
+        """(Scheduler thread.) Every running and queued request ends with ShuttingDown."""
+        err = ShuttingDown("the server stopped before this request finished; send it again")
+        left = list(self.jobs)
+        while True:
+            try:
+                left.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for job in left:
+            job.emit("error", err)
+        self.jobs, self.batch = [], None
+        self._aborting = False
+
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop taking requests, let the running and queued ones finish, then stop."""
         self.accepting = False
@@ -133,6 +161,8 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                if self._aborting:
+                    self._fail_everything()
                 if not self.jobs and not self.exclusive.empty():
                     fn, fut = self.exclusive.get_nowait()
                     if fut.set_running_or_notify_cancel():
