@@ -420,3 +420,34 @@ def test_a_server_told_to_stop_answers_its_running_requests_before_the_limit(tmp
     assert kind == "error" and isinstance(err, ShuttingDown) and "send it again" in str(err)
     assert not sched.accepting
     sched.shutdown(5)
+
+
+def test_a_full_disk_while_writing_adapters_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
+    """safetensors reports the OS's 'no space left' as its own error: bank build and adapt
+    ended in a traceback (exit 1); now one line, exit 3, and nothing half-written."""
+    from safetensors import SafetensorError
+
+    import mta.engine.peft_io as peft_io
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "6", "--queries", "1"]) == 0
+
+    def full(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    real = peft_io.save_file
+    monkeypatch.setattr(peft_io, "save_file", full)
+    capsys.readouterr()
+    build = ["--quiet", "bank", "build", "--data", str(data), "--anchors", "2", "--min-history", "1", *TINY]
+    assert main([*build, "--out", str(tmp_path / "bank")]) == 3
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "no space left on device" in err[0]
+    assert not list((tmp_path / "bank" / "anchors").iterdir())  # no half-written anchor; the index resumes
+    monkeypatch.setattr(peft_io, "save_file", real)
+    assert main([*build, "--out", str(tmp_path / "bank")]) == 0
+    monkeypatch.setattr(peft_io, "save_file", full)
+    assert main(["--quiet", "adapt", "--bank", str(tmp_path / "bank"), "--data", str(data), "--out",
+                 str(tmp_path / "store"), "--users", "synth-0000"]) == 3
+    assert "no space left on device" in capsys.readouterr().err
+    assert not UserStore(tmp_path / "store").user_ids()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from mta.engine.engine import AdapterEngine, block_index
 from mta.engine.fingerprint import check_fingerprint
-from mta.errors import MtaError
+from mta.errors import MtaError, ResourceError
 from mta.fusion import concat_delta, merge_factor, merge_svd
 from mta.paths import atomic_path
 
@@ -63,7 +63,14 @@ def save_adapter(out: Path, tensors: Tensors, rank: int, alpha: float, fingerpri
     with atomic_path(Path(out)) as tmp:
         tmp.mkdir()
         cfg.save_pretrained(str(tmp))
-        save_file(state, str(tmp / WEIGHTS), metadata=meta)
+        try:
+            save_file(state, str(tmp / WEIGHTS), metadata=meta)
+        except SafetensorError as e:  # safetensors reports the OS's errors as its own
+            if "No space left" in str(e) or "StorageFull" in str(e) or "os error 28" in str(e):
+                raise ResourceError(f"{out}: no space left on device (writing the adapter)") from None
+            if "Permission denied" in str(e) or "os error 13" in str(e):
+                raise ResourceError(f"{out}: permission denied (writing the adapter)") from None
+            raise
     return Path(out)
 
 
