@@ -451,3 +451,11 @@ def test_a_full_disk_while_writing_adapters_is_one_line_exit_3(tmp_path, monkeyp
                  str(tmp_path / "store"), "--users", "synth-0000"]) == 3
     assert "no space left on device" in capsys.readouterr().err
     assert not UserStore(tmp_path / "store").user_ids()
+
+
+def test_metrics_relayed_from_a_ray_replica_carry_its_label():
+    from mta.serving.ray_serve import labelled
+
+    text = b'# TYPE a_total counter\na_total 3.0\nb_bucket{le="1.0"} 2.0\n'
+    assert labelled(text, "r1").decode().splitlines() == [
+        "# TYPE a_total counter", 'a_total{replica="r1"} 3.0', 'b_bucket{le="1.0",replica="r1"} 2.0']

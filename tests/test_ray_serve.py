@@ -93,6 +93,10 @@ def test_concurrent_clients_through_the_router(ray_server, world):
     for i, r in enumerate(got):
         by_user.setdefault(users[i % 4], set()).add(r.headers["x-mta-replica"])
     assert all(len(v) == 1 for v in by_user.values()), by_user
+    m = httpx.get(ray_server.url + "/metrics")
+    samples = [ln for ln in m.text.splitlines() if ln and not ln.startswith("#")]
+    who = m.headers["x-mta-replica"]
+    assert samples and all(f'replica="{who}"' in ln for ln in samples)  # series never mix replicas
 
 
 def test_the_openai_client_works_through_ray(ray_server, server, world):

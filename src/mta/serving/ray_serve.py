@@ -27,6 +27,7 @@ slot is dropped by every replica within ``SWEEP_S`` seconds).
 # FastAPI must see ``Request`` as a class, not as a string it cannot resolve over there.
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -38,6 +39,23 @@ log = logging.getLogger(__name__)
 SWEEP_S = 2.0
 REPLICA_HEADER = "x-mta-replica"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
+
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?( .*)$")
+
+
+def labelled(text: bytes, replica: str) -> bytes:
+    """Prometheus text with ``replica="..."`` added to every sample, so that series of
+    different replicas never mix (a counter read from another replica looked like a drop)."""
+    out = []
+    for line in text.decode("utf-8").splitlines():
+        m = SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            name, labels, rest = m.groups()
+            inner = labels[1:-1] if labels else ""
+            line = f'{name}{{{inner + "," if inner else ""}replica="{replica}"}}{rest}'
+        out.append(line)
+    return ("\n".join(out) + "\n").encode("utf-8")
 
 
 def _free_port() -> int:
@@ -129,6 +147,9 @@ def deployments(spec: dict, replicas: int, resident: int, gpu: bool):
             try:
                 out = [(k, v) for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS]
                 yield {"status": resp.status_code, "headers": out + [(REPLICA_HEADER, self.id)]}
+                if path == "/metrics":  # a scrape reaches one replica: its series say which
+                    yield labelled(await resp.aread(), self.id)
+                    return
                 async for chunk in resp.aiter_raw():
                     yield chunk
             finally:
