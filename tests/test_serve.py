@@ -220,4 +220,16 @@ def test_page_in_a_headless_browser(server, world, tmp_path):
     dom = r.stdout
     assert 'id="base" data-done="1"' in dom and 'id="mine" data-done="1"' in dom, r.stderr[-2000:]
     assert "answered by: base" in dom and "answered by: mta" in dom
-    assert "users resident" in dom
+    assert "users resident" in dom and "synth task" in dom
+    assert '<option value="synth-0000">' in dom and "stored: anchors" in dom  # the admin's user picker
+    assert "/v1/admin/adapt" in dom  # the routes, explained
+    # chat mode, at a phone's width, and a screenshot of it kept with the test's files
+    shot = tmp_path / "page-420px.png"
+    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile2'}", "--virtual-time-budget=20000", "--window-size=420,1400"]
+    url = f"{server.url}/#key={keys['admin']}&user=synth-0000&prompt=hello&mode=chat&run=1"
+    r = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert "(mta-chat)" in r.stdout and 'id="mine" data-done="1"' in r.stdout, r.stderr[-2000:]
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 1000
