@@ -223,6 +223,7 @@ def test_page_in_a_headless_browser(server, world, tmp_path):
     assert "users resident" in dom and "synth task" in dom
     assert '<option value="synth-0000">' in dom and "stored: anchors" in dom  # the admin's user picker
     assert "/v1/admin/adapt" in dom  # the routes, explained
+    assert 'data-example="1"' in dom  # an example question in the task's form
     # chat mode, at a phone's width, and a screenshot of it kept with the test's files
     shot = tmp_path / "page-420px.png"
     flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

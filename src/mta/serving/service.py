@@ -265,7 +265,14 @@ class Service:
         return {"resident_users": len(self.bank.stacks.slots), "resident_capacity": self.bank.stacks.capacity,
                 "running": s.running, "queued": s.queue.qsize(), "max_batch": self.cfg.max_batch,
                 "tokens_generated": s.tokens_out, "tokens_per_second": s.tokens_out / max(up, 1e-9),
-                "uptime_seconds": up, "task": self.bank.task.name, "model": self.bank.backbone.model_id}
+                "uptime_seconds": up, "task": self.bank.task.name, "model": self.bank.backbone.model_id,
+                "example": self.example()}
+
+    def example(self) -> str | None:
+        """A question in the task's own form (for the page): the latest history item of the
+        first user of the users file, asked as the task asks it; None without one."""
+        user = next((u for u in self.histories.base.values() if u.history), None)
+        return self.bank.task.item_example(user.history[-1])[0] if user else None
 
     def models(self) -> list[dict]:
         """OpenAI's model list, each with how it answers (``mta``: mode and task)."""
