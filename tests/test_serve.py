@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
@@ -234,3 +235,15 @@ def test_page_in_a_headless_browser(server, world, tmp_path):
     assert "(mta-chat)" in r.stdout and 'id="mine" data-done="1"' in r.stdout, r.stderr[-2000:]
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 1000
+    # onboarding from the page: upload a history, adapt (followed to its end), then compare
+    d, _ = world
+    first = json.loads((d / "data" / "users.jsonl").read_text().splitlines()[0])
+    hist = urllib.parse.quote(json.dumps(first["history"]))
+    url = f"{server.url}/#key={keys['admin']}&user=page-user&prompt=Which%20tag%3F&history={hist}&onboard=1"
+    slow = [f for f in flags if not f.startswith("--virtual-time-budget")] + ["--virtual-time-budget=300000"]
+    r = subprocess.run([*slow, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    status = r.stdout[r.stdout.find('id="onboard-status"'):][:300]
+    assert 'id="onboard-status" data-done="1"' in r.stdout and "adapted (" in r.stdout, status
+    assert "answered by: mta" in r.stdout
+    admin = {"Authorization": f"Bearer {keys['admin']}"}
+    assert httpx.post(server.url + "/v1/admin/delete", json={"user": "page-user"}, headers=admin).status_code == 200
