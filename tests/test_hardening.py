@@ -459,3 +459,17 @@ def test_metrics_relayed_from_a_ray_replica_carry_its_label():
     text = b'# TYPE a_total counter\na_total 3.0\nb_bucket{le="1.0"} 2.0\n'
     assert labelled(text, "r1").decode().splitlines() == [
         "# TYPE a_total counter", 'a_total{replica="r1"} 3.0', 'b_bucket{le="1.0",replica="r1"} 2.0']
+
+
+def test_adapt_job_ids_never_repeat_after_a_restart(tmp_path):
+    """Job ids restarted at 1 with the server and overwrote older job records."""
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.data.synth import synth_users
+    from mta.serving.security import Keys
+    from mta.serving.service import Service
+
+    bank, store, _ = _record(tmp_path)
+    u = synth_users(3, seed=11)[2]
+    first = Service(bank, store, Keys([]), ServeConfig(), GenerateConfig(), users=[u]).start_adapt(u.user_id)
+    again = Service(bank, store, Keys([]), ServeConfig(), GenerateConfig(), users=[u]).start_adapt(u.user_id)
+    assert first.id != again.id and store.job(first.id)["job"] == first.id and store.job(again.id)["job"] == again.id
