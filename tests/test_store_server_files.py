@@ -56,3 +56,28 @@ def test_job_records_are_kept_read_and_removed_with_their_user(tmp_path):
     (tmp_path / "s" / "jobs" / "adapt-2.json").write_text("{")
     with pytest.raises(MtaError, match="record of job 'adapt-2' is corrupt"):
         store.job("adapt-2")
+
+
+def test_a_record_is_read_again_only_when_its_file_changed(tmp_path, monkeypatch):
+    """A server asks for the same users' records at every admission: the store reads a
+    record's file once while it stays the same, and again as soon as it is replaced."""
+    import mta.store as store_mod
+    from mta.config import AdaptConfig
+    from mta.records import UserRecord
+
+    calls = []
+    real = store_mod.read_user_record
+    monkeypatch.setattr(store_mod, "read_user_record", lambda f: calls.append(f) or real(f))
+    store = UserStore(tmp_path / "s", create=True)
+    rec = UserRecord(user_id="u", task="synth", bank="b", history_hash="h", adapt=AdaptConfig(), merge="delta",
+                     anchors=[], anchor_users=[], weights=[], similarities=[], history_items=3)
+    with store.writing():
+        store.put(rec, None)
+    assert store.meta("u").user_id == "u" and store.meta("u").history_items == 3 and len(calls) == 1
+    with store.writing():
+        store.put(rec.model_copy(update={"history_items": 9}), None)
+    assert store.meta("u").history_items == 9 and len(calls) == 2
+    with store.writing():
+        store.delete("u")
+    with pytest.raises(MtaError, match="not in store"):
+        store.meta("u")

@@ -27,6 +27,7 @@ import json
 import logging
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from mta.records import UserRecord, dump, read_user_record
 
 log = logging.getLogger(__name__)
 META = "meta.json"
+RECORDS_KEPT = 4096  # user records kept parsed (by their file's path and bytes)
 MARKER = "store.json"
 STACK_WEIGHTS = "stack/adapter_model.safetensors"
 MAX_ID = 1024
@@ -93,6 +95,7 @@ class UserStore:
     def __init__(self, root: Path, create: bool = False):
         self.root = Path(root)
         self._files = threading.Lock()  # histories and jobs: one thread at a time in this process
+        self._records: OrderedDict[str, tuple] = OrderedDict()  # user -> (its file's stamp, record)
         if self.root.exists() and not self.root.is_dir():
             raise MtaError(f"{self.root}: exists and is not a directory")
         if (self.root / MARKER).is_file():
@@ -126,12 +129,24 @@ class UserStore:
         return (self._read_dir(user_id) / META).exists()
 
     def meta(self, user_id: str) -> UserRecord:
+        """The user's record. Parsed and validated again only when its file's bytes changed
+        (a server asks for the same users' records at every admission)."""
         f = self._read_dir(user_id) / META
-        if not f.exists():
-            raise MtaError(f"user {user_id!r} is not in store {self.root}" + self._known_hint())
+        try:
+            raw = f.read_bytes()
+        except FileNotFoundError:
+            raise MtaError(f"user {user_id!r} is not in store {self.root}" + self._known_hint()) from None
+        stamp = (str(f), hashlib.sha1(raw).hexdigest())
+        hit = self._records.get(user_id)
+        if hit is not None and hit[0] == stamp:
+            self._records.move_to_end(user_id)
+            return hit[1]
         rec = read_user_record(f)
         if rec.user_id != user_id:
             raise MtaError(f"{f}: corrupt user record (it holds user {rec.user_id!r}, not {user_id!r})")
+        self._records[user_id] = (stamp, rec)
+        while len(self._records) > RECORDS_KEPT:
+            self._records.popitem(last=False)
         return rec
 
     def stack_path(self, user_id: str, rec: UserRecord) -> Path:
