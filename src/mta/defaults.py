@@ -42,12 +42,14 @@ class Layer:
 
 
 def layers(model_id: str | None, task: str | None, *, recipe: Recipe | Path | None = None,
-           bank_recipe: dict | None = None) -> list[Layer]:
-    """The layers under what the caller set, highest first (``PRECEDENCE`` 2-4)."""
+           bank_recipe: dict | None = None, recipe_source: str | None = None) -> list[Layer]:
+    """The layers under what the caller set, highest first (``PRECEDENCE`` 2-4).
+    ``recipe_source``: how errors name a recipe given as an object (its file, say)."""
     out = []
     if recipe is not None:
         r = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)
-        out.append(Layer(f"recipe {recipe if isinstance(recipe, Path) else r.model}", recipe_layers(r)))
+        source = recipe_source or (str(recipe) if isinstance(recipe, Path) else f"the recipe tuned for {r.model}")
+        out.append(Layer(f"recipe {source}", recipe_layers(r)))
     if bank_recipe:
         out.append(Layer("the bank's recorded recipe", {"adapt": dict(bank_recipe)}))
     if model_id:

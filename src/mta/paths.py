@@ -147,15 +147,22 @@ def check_file_dest(dest: Path) -> Path:
     return dest
 
 
+def _umask() -> int:  # read once, at import: setting it to read it is not safe beside other threads
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
 def shared_modes(path: Path) -> None:
     """Give ``path`` and everything under it the permissions a new file or directory gets
     under the process's umask (some writers, safetensors among them, create files 0600):
     for what is handed to another program, such as an export a vLLM server reads."""
-    mask = os.umask(0)
-    os.umask(mask)
     path = Path(path)
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~UMASK)
 
 
 def write_text_atomic(dest: Path, text: str, mode: int | None = None) -> None:

@@ -122,12 +122,11 @@ def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None, task
     then the recipe the bank recorded, then the model's registered recipe for ``task``
     (the bank's task when a bank is given). Returns (configs, the adapt settings that came
     from recipes, for a bank to record)."""
-    if recipe is not None:
-        r = read_recipe(recipe)
-        if r.model != model_id:
-            err_console.print(f"[yellow]notice:[/yellow] recipe {recipe} was tuned for {r.model}, not {model_id}")
+    r = read_recipe(recipe) if recipe is not None else None
+    if r is not None and r.model != model_id:
+        err_console.print(f"[yellow]notice:[/yellow] recipe {recipe} was tuned for {r.model}, not {model_id}")
     task = task or (bank_record.task if bank_record is not None else None)
-    under = defaults.layers(model_id, task, recipe=recipe,
+    under = defaults.layers(model_id, task, recipe=r, recipe_source=str(recipe),
                             bank_recipe=bank_record.recipe if bank_record is not None else None)
     adapt: dict = {}
     for layer in reversed(under):  # lowest first

@@ -21,7 +21,6 @@ import typer
 
 from mta import defaults
 from mta.config import (
-    PRESETS,
     AdaptConfig,
     BackboneConfig,
     BankConfig,
@@ -135,9 +134,8 @@ class Configs:
 
     def layer(self, values: dict[str, dict], source: str = "") -> Configs:
         """A copy where config fields (``{"bank": {"lr": ...}}``, by section) whose flag was
-        not given take these values; their flags then count as given, so a later (lower)
-        layer does not override them. Used for: a command's own defaults, a recipe file,
-        the recipe a bank records, a model's tuned defaults (in that order)."""
+        not given take these values; their flags then count as given. For a command's own
+        defaults (``mta demo``); recipes are resolved by the library (``resolved``)."""
         built, given = dict(self._built), set(self.given)
         for cls, obj in self._built.items():
             section = SECTIONS[cls][0]
@@ -198,9 +196,6 @@ def configured(*configs: type):
                     given.add(knob.flag)
                     for cls, name in knob.targets:
                         values[cls][name] = value
-            if values.get(AdaptConfig, {}).get("preset"):  # a preset typed is its settings typed
-                # (mta.defaults), as the config counts them: flags beside it still win
-                given |= {_flag(AdaptConfig, n) for n in PRESETS[values[AdaptConfig]["preset"]]}
             built = {}
             for cls in configs:
                 try:
