@@ -288,8 +288,10 @@ TINY = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder"]
 
 def test_rerunning_as_the_error_advises_repairs_the_damage(tmp_path, capsys):
     """"corrupt; adapt the user again" and "rebuild the bank": rerunning the same command
-    now repairs a damaged stack, an unreadable record and a damaged anchor (it exited 0
-    and left them, or refused again); --force adapts every user again."""
+    now repairs an unreadable record and a damaged anchor (it exited 0 and left them, or
+    refused again); a stack failing its checksum is repaired by what its error names
+    (--force for that user: a rerun does not hash every stored stack); --force adapts
+    every user again."""
     from mta.bank import read_index
     from mta.loaded_bank import LoadedBank
     from tests.engine_helpers import tiny_backbone
@@ -306,7 +308,11 @@ def test_rerunning_as_the_error_advises_repairs_the_damage(tmp_path, capsys):
     stack.write_bytes(stack.read_bytes()[:-8] + b"\0" * 8)  # damaged in place
     (st.user_dir("synth-0001") / "meta.json").write_text("{broken")
     capsys.readouterr()
-    assert main(adapt) == 0 and "adapted 2 user(s)" in capsys.readouterr().out
+    assert main(adapt) == 0 and "adapted 1 user(s), 1 unchanged" in capsys.readouterr().out  # the unreadable one
+    with pytest.raises(MtaError, match=r"checksum .*--force"):
+        st.stack_path("synth-0000", st.meta("synth-0000"))
+    one = [a if a != "synth-0000,synth-0001" else "synth-0000" for a in adapt]
+    assert main([*one, "--force"]) == 0 and "adapted 1 user(s)" in capsys.readouterr().out  # as the error says
     for uid in ("synth-0000", "synth-0001"):
         st.stack_path(uid, st.meta(uid))  # the checksum holds again
     assert main([*adapt, "--force"]) == 0 and "adapted 2 user(s), 0 unchanged" in capsys.readouterr().out

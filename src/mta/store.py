@@ -157,7 +157,7 @@ class UserStore:
             raise MtaError(f"user {user_id!r} in {self.root}: the stacked adapter is missing ({f})")
         if rec.stack and rec.stack.sha256 and sha256_file(f) != rec.stack.sha256:
             raise MtaError(f"user {user_id!r} in {self.root}: {f} does not match its checksum (corrupt); adapt "
-                           "the user again")
+                           "the user again (mta adapt --users ID --force)")
         return d
 
     def _known_hint(self) -> str:
@@ -209,16 +209,19 @@ class UserStore:
 
     def unchanged(self, user_id: str, hist: str) -> bool:
         """Whether a user stored with this history hash can stay as they are: their record
-        reads, says the same hash, and their stack matches its checksum. A damaged user is
-        adapted again (as the error about them advises), not skipped."""
+        reads, says the same hash, and their stack file is there. A user whose record does
+        not read or whose stack is missing is adapted again, not skipped. Stack checksums
+        are not hashed here (a rerun over a large store would read every stack); a stack
+        that fails its checksum when loaded says to adapt that user with --force."""
         if not self.has(user_id):
             return False
         try:
             rec = self.meta(user_id)
-            if rec.stack is not None:
-                self.stack_path(user_id, rec)
         except MtaError as e:
             log.warning("%s; adapting the user again", e)
+            return False
+        if rec.stack is not None and not (self._read_dir(user_id) / STACK_WEIGHTS).is_file():
+            log.warning("user %r: the stacked adapter is missing; adapting the user again", user_id)
             return False
         return rec.history_hash == hist
 
