@@ -3,6 +3,7 @@ itself reports every method against rag-1 only).
 
     .venv/bin/python scripts/paired.py RUN_DIR METHOD_A METHOD_B [--n-boot 1000] [--seed 0]
     .venv/bin/python scripts/paired.py RUN_DIR METHOD_A METHOD_B --b-run OTHER_RUN   # B from another run
+    .venv/bin/python scripts/paired.py RUN_DIR METHOD_A METHOD_B --data FILE   # a run made on another machine
 
 Reads RUN_DIR/config.json (data, task, seed, protocol) and RUN_DIR/predictions.jsonl, resamples
 persons exactly as `mta eval` does, and prints A - B per metric with its 95% interval. With
@@ -32,10 +33,12 @@ def main() -> None:
     ap.add_argument("b")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--b-run", type=Path, help="take METHOD_B from this run (same data, seed and split)")
+    ap.add_argument("--data", type=Path, help="the run's data file, where the path in its config.json is not on "
+                    "this machine (a run made elsewhere); used for both runs")
     a = ap.parse_args()
     cfg = json.loads((a.run / "config.json").read_text())
     task = get_task(cfg["task"])
-    ds = load_dataset(Path(cfg["data"]), cfg["task"], cfg["configs"].get("eval", {}).get("persons"))  # its persons
+    ds = load_dataset(a.data or Path(cfg["data"]), cfg["task"], cfg["configs"].get("eval", {}).get("persons"))  # its persons
     def read(run: Path) -> dict[str, dict[str, list]]:
         out: dict[str, dict[str, list]] = {}
         for line in (run / "predictions.jsonl").read_text().splitlines():
@@ -47,7 +50,8 @@ def main() -> None:
     other = preds
     if a.b_run is not None:
         ocfg = json.loads((a.b_run / "config.json").read_text())
-        same_data = Path(ocfg["data"]).resolve() == Path(cfg["data"]).resolve()  # a path relative to the repo
+        # a path relative to the repo; with --data both runs are taken to have read that file
+        same_data = a.data is not None or Path(ocfg["data"]).resolve() == Path(cfg["data"]).resolve()
         if not same_data or ocfg["seed"] != cfg["seed"] or \
                 (a.b_run / "split.json").read_text() != (a.run / "split.json").read_text():
             sys.exit(f"error: {a.b_run} has other data, seed or split than {a.run}; the pairs would not match")

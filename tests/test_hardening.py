@@ -479,3 +479,18 @@ def test_adapt_job_ids_never_repeat_after_a_restart(tmp_path):
     first = Service(bank, store, Keys([]), ServeConfig(), GenerateConfig(), users=[u]).start_adapt(u.user_id)
     again = Service(bank, store, Keys([]), ServeConfig(), GenerateConfig(), users=[u]).start_adapt(u.user_id)
     assert first.id != again.id and store.job(first.id)["job"] == first.id and store.job(again.id)["job"] == again.id
+
+
+def test_a_memory_share_caps_the_cuda_allocator_and_nothing_else(monkeypatch):
+    """--gpu-memory-share below 1 caps the caching allocator of a CUDA process (jobs side by
+    side otherwise starve each other of cached blocks); a whole share or the CPU is left alone."""
+    import torch
+
+    from mta.backbone import cap_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    cap_memory(torch.device("cuda:0"), 0.3)
+    cap_memory(torch.device("cuda:0"), 1.0)
+    cap_memory(torch.device("cpu"), 0.3)
+    assert calls == [(0.3, torch.device("cuda:0"))]

@@ -41,6 +41,15 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def cap_memory(device: torch.device, share: float) -> None:
+    """Cap this process's CUDA caching allocator at ``share`` of the device (``--gpu-memory-share``
+    below 1): it then releases cached blocks before it grows past the share, where it would
+    otherwise keep what its largest micro-batches once took and starve jobs beside it
+    (docs/architecture.md, "Devices, dtypes and memory")."""
+    if device.type == "cuda" and share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, device)
+
+
 @dataclass
 class Backbone:
     model: torch.nn.Module
@@ -82,6 +91,7 @@ class Backbone:
                                                                  else torch.float32)
         model_id = cfg.model or default_model or DEFAULT_MODEL
         embedder_id = cfg.embedder or default_embedder or DEFAULT_EMBEDDER
+        cap_memory(device, cfg.gpu_memory_share)
         model, tok = load_llm(model_id, dtype=dtype, device=device)
         emb = load_embedder(embedder_id, device=str(device))
         log.info("loaded %s (%s) and %s on %s", model_id, dtype, embedder_id, device)
