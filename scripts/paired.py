@@ -38,7 +38,8 @@ def main() -> None:
     a = ap.parse_args()
     cfg = json.loads((a.run / "config.json").read_text())
     task = get_task(cfg["task"])
-    ds = load_dataset(a.data or Path(cfg["data"]), cfg["task"], cfg["configs"].get("eval", {}).get("persons"))  # its persons
+    persons = cfg["configs"].get("eval", {}).get("persons")  # its persons
+    ds = load_dataset(a.data or Path(cfg["data"]), cfg["task"], persons)
     def read(run: Path) -> dict[str, dict[str, list]]:
         out: dict[str, dict[str, list]] = {}
         for line in (run / "predictions.jsonl").read_text().splitlines():
