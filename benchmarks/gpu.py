@@ -7,7 +7,7 @@ the same run (random bf16 weights: speed depends only on shape; nothing is downl
    50-anchor rank-8 bank plus its own rank-2 stacked adapter, against the base model,
    PEFT with one shared adapter and PEFT's mixed batch (64 adapters, ``adapter_names``),
    all in HF ``generate``; and the base and the engine (pinned and dense routing) in the
-   new loop (mta.engine.graphs.GraphDecoder), whole runs and decode steps alone (with
+   new loop (mta.decoding.step.GraphDecoder), whole runs and decode steps alone (with
    ``--compile``, the new loop's step through torch.compile's inductor before capture);
 2. bank building: 50 anchors x 64 samples x 256 tokens, rank 8, one pass, against PEFT
    training the anchors one after another (a few timed, the rest extrapolated);
@@ -175,13 +175,14 @@ def gen_section(model, dev, a) -> list[dict]:
         out.append({"config": name, "seconds": sec, "new_tokens": new, "tokens_per_s": a.rows * new / sec,
                     "note": note})
 
-    from mta.engine.graphs import GraphDecoder, pinned_buffers
+    from mta.decoding.fixed import captured_buffers
+    from mta.decoding.step import GraphDecoder
 
     def graphed(dec, pin=None, new=a.new):
         def f():
             with torch.no_grad(), (pin() if pin else contextlib.nullcontext()):
                 if pin:
-                    dec.buffers = pinned_buffers(eng)
+                    dec.buffers = captured_buffers(eng)
                 dec.generate(ids, mask, new)
         return f
 
@@ -200,7 +201,7 @@ def gen_section(model, dev, a) -> list[dict]:
         if a.profile and dev.type == "cuda":
             with torch.no_grad(), (pin() if pin else contextlib.nullcontext()):
                 if pin:
-                    dec.buffers = pinned_buffers(eng)
+                    dec.buffers = captured_buffers(eng)
                 dec.prefill(ids, mask)
                 dec.advance()  # captured (again, if the fill moved a buffer) before the profile
                 out[-1]["profile"] = profile(lambda: [dec.advance() for _ in range(16)], dev)
@@ -209,7 +210,7 @@ def gen_section(model, dev, a) -> list[dict]:
     rec("base model", wall(run(model, a.new), dev), a.new)
     out[-1]["role"] = "hf_base"
     loop = "new loop (GraphDecoder, compiled)" if a.compile else "new loop (GraphDecoder)"
-    loop_rec(f"{loop}: base model", note="the decode step captured in a CUDA graph (mta.engine.graphs)" +
+    loop_rec(f"{loop}: base model", note="the decode step captured in a CUDA graph (mta.decoding.step)" +
              (", after torch.compile (inductor)" if a.compile else ""), role="loop_base")
     tuned = "max-autotune-no-cudagraphs"
     if a.autotune:
@@ -490,7 +491,8 @@ def memory_section(model, dev, a) -> dict:
     pinned) at two batch sizes; the slope is what one more concurrent user costs (KV cache,
     stack, activations), the intercept what the batch shares (weights, bank, workspace), and
     their ratio against the device's memory the largest number of users decoding at once."""
-    from mta.engine.graphs import GraphDecoder, pinned_buffers
+    from mta.decoding.fixed import captured_buffers
+    from mta.decoding.step import GraphDecoder
 
     g = torch.Generator().manual_seed(3)
     sizes = (a.rows // 4, a.rows)
@@ -506,7 +508,7 @@ def memory_section(model, dev, a) -> dict:
             torch.cuda.reset_peak_memory_stats(dev)
         dec = GraphDecoder(model, b, a.prompt + a.new)
         with eng.pinned(rows, width=2 * 8 + 2):
-            dec.buffers = pinned_buffers(eng)
+            dec.buffers = captured_buffers(eng)
             dec.generate(ids, torch.ones_like(ids), a.new)
         sync(dev)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None

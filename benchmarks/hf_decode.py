@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # isort: off
 from gpu import LLAMA3_8B, TINY, bandwidth, make_model, print_profile, profile, sync  # noqa: E402
 from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
-from mta.engine.graphs import GraphDecoder, pinned_buffers  # noqa: E402
+from mta.decoding.fixed import captured_buffers  # noqa: E402
+from mta.decoding.step import GraphDecoder  # noqa: E402
 # isort: on
 
 
@@ -164,7 +165,7 @@ def main() -> None:
             def f():
                 with torch.no_grad(), (pin() if pin else contextlib.nullcontext()):
                     if pin:
-                        dec.buffers = pinned_buffers(eng)
+                        dec.buffers = captured_buffers(eng)
                     dec.generate(ids, mask, new)
             return f
         return run
@@ -172,7 +173,7 @@ def main() -> None:
     if "graph" in sections:  # the plain model, before the engine wraps its layers
         base_dec = GraphDecoder(model, a.rows, a.prompt + a.new)
         measure("GraphDecoder (step in a CUDA graph), base", graph(base_dec),
-                "mta.engine.graphs: static cache, argmax and buffer updates inside the graph")
+                "mta.decoding.step: static cache, argmax and buffer updates inside the graph")
         profiled("GraphDecoder, base", graph(base_dec))
         del base_dec
     if "parts" in sections:

@@ -6,6 +6,7 @@ import random
 
 import torch
 
+from mta.decoding.batch import hf_generate
 from mta.engine.engine import AdapterEngine, EngineSpec, Row
 from mta.engine.train import IGNORE, Example
 from mta.models.tiny import tiny_llama
@@ -115,4 +116,4 @@ def _enc(tok, prompts):
 
 def _hf(eng, tok, enc, rows, **kw):
     kw = {"max_new_tokens": NEW, "do_sample": False, "eos_token_id": None, **kw}
-    return eng.generate(rows, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **kw)
+    return hf_generate(eng, rows, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **kw)

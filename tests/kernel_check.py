@@ -8,8 +8,8 @@ import sys
 
 import torch
 
+from mta.decoding.step import GraphDecoder
 from mta.engine import kernels
-from mta.engine.graphs import GraphDecoder
 from tests.engine_helpers import FIRST, NEW, PROMPTS, SECOND, _enc, _hf, decode_engine
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mta.decoding.batch import hf_generate
+from mta.decoding.eager import Decoder, Sequence
+from mta.decoding.slots import SlotDecoder
 from mta.engine.engine import Row
-from mta.serving.decode import Decoder, Sequence
-from mta.serving.slots import SlotDecoder
 from tests.engine_helpers import run_through_slots, tiny_backbone
 
 DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
@@ -22,7 +23,7 @@ DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
 
 def _alone(bb, prompt: list[int], row: Row, n: int) -> list[int]:
     ids = torch.tensor([prompt])
-    out = bb.engine.generate([row], ids, torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+    out = hf_generate(bb.engine, [row], ids, torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              pad_token_id=bb.tokenizer.pad_token_id, eos_token_id=None)
     return out[0, len(prompt):].tolist()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mta.decoding.batch import hf_generate
 from mta.engine.engine import AdapterEngine, EngineSpec, Row
 from mta.errors import MtaError
 from mta.fusion import merge_delta, merge_factor
@@ -135,15 +136,15 @@ def test_mixed_user_generation_equals_one_by_one(sample):
     else:
         kw.update(do_sample=False)
     enc = _encode(tok, prompts)
-    together = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
+    together = hf_generate(eng, rows, enc["input_ids"], enc["attention_mask"], **kw)
     for b, r in enumerate(rows):
         one = _encode(tok, [prompts[b]])
-        alone = eng.generate([r], one["input_ids"], one["attention_mask"], **kw)
+        alone = hf_generate(eng, [r], one["input_ids"], one["attention_mask"], **kw)
         n = one["input_ids"].shape[1]
         assert together[b, -8:].tolist() == alone[0, n:].tolist()
     # the users really differ: row 0 and row 2 (base) diverge on the same prompt
     enc2 = _encode(tok, [prompts[0]] * 2)
-    pair = eng.generate([rows[0], rows[2]], enc2["input_ids"], enc2["attention_mask"], **kw)
+    pair = hf_generate(eng, [rows[0], rows[2]], enc2["input_ids"], enc2["attention_mask"], **kw)
     assert pair[0].tolist() != pair[1].tolist()
 
 

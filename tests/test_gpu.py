@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mta.decoding.batch import hf_generate, static_generate
 from mta.engine.engine import AdapterEngine, EngineSpec, Row
 from mta.engine.train import Job, TrainConfig, train_jobs
 from mta.models.tiny import tiny_llama
@@ -38,11 +39,11 @@ def _mixed_and_alone(eng, tok, rows):
     tok.padding_side = "left"
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
-    together = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)[:, -NEW:].tolist()
+    together = hf_generate(eng, rows, enc["input_ids"], enc["attention_mask"], **kw)[:, -NEW:].tolist()
     alone = []
     for b, r in enumerate(rows):
         one = tok([PROMPTS[b]], return_tensors="pt", add_special_tokens=False).to(CUDA)
-        alone.append(eng.generate([r], one["input_ids"], one["attention_mask"], **kw)[0, -NEW:].tolist())
+        alone.append(hf_generate(eng, [r], one["input_ids"], one["attention_mask"], **kw)[0, -NEW:].tolist())
     return together, alone
 
 
@@ -184,8 +185,8 @@ def test_compiled_static_decode_on_cuda_equals_eager():
     counters.clear()
     graphs = None
     for rows in (ROWS, other):
-        want = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
-        got = eng.generate_static(rows, enc["input_ids"], enc["attention_mask"], width=16, **kw)
+        want = hf_generate(eng, rows, enc["input_ids"], enc["attention_mask"], **kw)
+        got = static_generate(eng, rows, enc["input_ids"], enc["attention_mask"], width=16, **kw)
         assert torch.equal(got, want)
         graphs = graphs or counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
@@ -202,8 +203,9 @@ def test_graph_decoder_captured_equals_eager_and_is_reused(layout, compile, monk
     or dense routing (dense+kernel: through the opt-in Triton kernel), and later batches of
     other users replay the same capture; with ``compile`` the captured step is inductor's
     (fused kernels)."""
+    from mta.decoding.fixed import captured_buffers
+    from mta.decoding.step import GraphDecoder
     from mta.engine import kernels
-    from mta.engine.graphs import GraphDecoder, pinned_buffers
 
     monkeypatch.setattr(kernels, "ENABLED", layout == "dense+kernel")
 
@@ -215,14 +217,14 @@ def test_graph_decoder_captured_equals_eager_and_is_reused(layout, compile, monk
     dec = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64, compile=compile)
     assert dec.graph_on
     for rows in (ROWS, other):
-        want = eng.generate(rows, enc["input_ids"], enc["attention_mask"], **kw)
+        want = hf_generate(eng, rows, enc["input_ids"], enc["attention_mask"], **kw)
         with eng.pinned(rows, width=16) if layout == "pinned" else eng.dense(rows):
-            dec.buffers = pinned_buffers(eng)
+            dec.buffers = captured_buffers(eng)
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, want)
     assert dec.captures == 1  # the second batch refilled the buffers and replayed the same graph
     base = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64, compile=compile)
-    want = eng.generate(None, enc["input_ids"], enc["attention_mask"], **kw)
+    want = hf_generate(eng, None, enc["input_ids"], enc["attention_mask"], **kw)
     assert torch.equal(base.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id),
                        want)
 
@@ -231,12 +233,12 @@ def test_a_step_captured_before_the_dense_fold_is_captured_again():
     """The dense layout folds the A columns into the base weights the first time (they move
     to a larger matrix): a base-model step captured before then is captured again, not
     replayed over the freed weights, and still gives the eager tokens."""
-    from mta.engine.graphs import GraphDecoder
+    from mta.decoding.step import GraphDecoder
 
     eng, tok = _engine(torch.float32, torch.float32)
     tok.padding_side = "left"
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(CUDA)
-    want = eng.generate(None, enc["input_ids"], enc["attention_mask"], max_new_tokens=NEW, do_sample=False,
+    want = hf_generate(eng, None, enc["input_ids"], enc["attention_mask"], max_new_tokens=NEW, do_sample=False,
                         pad_token_id=tok.pad_token_id, eos_token_id=None)
     base = GraphDecoder(eng.model, batch=len(PROMPTS), max_len=64)
 
@@ -257,8 +259,8 @@ def test_slot_decoder_captured_equals_each_row_alone(compile):
     get their tokens alone (fp32)."""
     from types import SimpleNamespace
 
-    from mta.serving.decode import Sequence
-    from mta.serving.slots import SlotDecoder
+    from mta.decoding.eager import Sequence
+    from mta.decoding.slots import SlotDecoder
     from tests.engine_helpers import run_through_slots
 
     eng, tok = _engine(torch.float32, torch.float32)
@@ -273,5 +275,5 @@ def test_slot_decoder_captured_equals_each_row_alone(compile):
     assert shifts >= 1
     for s in seqs:
         ids = torch.tensor([s.prompt], device=CUDA)
-        alone = eng.generate([s.row], ids, torch.ones_like(ids), max_new_tokens=s.max_new_tokens, **kw)
+        alone = hf_generate(eng, [s.row], ids, torch.ones_like(ids), max_new_tokens=s.max_new_tokens, **kw)
         assert s.tokens == alone[0, len(s.prompt):].tolist()

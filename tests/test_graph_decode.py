@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mta.decoding.fixed import captured_buffers
+from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
-from mta.engine.graphs import GraphDecoder, pinned_buffers
 from tests.engine_helpers import FIRST, NEW, OTHER, PROMPTS, SECOND, _enc, _hf, decode_engine
 
 
@@ -35,7 +36,7 @@ def test_mixed_users_through_pinned_routing_equal_the_eager_engine(setup):
     for rows in (FIRST, SECOND):
         with eng.pinned(rows, width=16):
             if not dec.buffers:
-                dec.buffers = pinned_buffers(eng)
+                dec.buffers = captured_buffers(eng)
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, _hf(eng, tok, enc, rows)), rows
     base = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
@@ -51,7 +52,7 @@ def test_compiled_step_equals_generate(setup, layout, caplog):
     import contextlib
     import logging
 
-    caplog.set_level(logging.INFO, logger="mta.engine.graphs")
+    caplog.set_level(logging.INFO, logger="mta.decoding.step")
     eng, tok = setup
     dec = GraphDecoder(eng.model, batch=4, max_len=64, compile="aot_eager")
     for prompts, rows in ((PROMPTS, FIRST), (OTHER, SECOND)):
@@ -109,7 +110,7 @@ def test_prompts_without_padding(setup):
 
 
 def test_pool_pads_to_buckets_and_reuses_decoders(setup):
-    from mta.engine.graphs import DecoderPool
+    from mta.decoding.batch import DecoderPool
 
     eng, tok = setup
     pool = DecoderPool(eng.model, row_buckets=(2, 8), len_step=32, max_decoders=2)
@@ -145,7 +146,7 @@ def test_eval_with_the_graph_decoder_gives_the_same_answers(tmp_path):
     assert preds["graph"] == preds["generate"] == preds["compiled"] and len(preds["graph"]) == 16
     assert sum(bool(o) for p in preds["graph"] for o in p["outputs"]) > 8  # answers, not empty strings
     with pytest.raises(ValueError, match="no generation arguments"):
-        from mta.inference import generate
+        from mta.decoding.batch import generate
 
         generate(None, ["x"], None, 2, decoder="graph", temperature=0.5)
 
@@ -158,7 +159,7 @@ def test_gqa_decode_attention_equals_the_eager_reference(heads, kv_heads):
 
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from mta.engine.graphs import gqa_decode_attention
+    from mta.decoding.attention import gqa_decode_attention
 
     g = torch.Generator().manual_seed(0)
     b, d, length = 3, 16, 10
@@ -208,7 +209,7 @@ def test_mixed_users_through_dense_routing_equal_the_eager_engine(setup):
     seen = None
     for rows in (FIRST, SECOND):
         with eng.dense(rows):
-            dec.buffers = pinned_buffers(eng)
+            dec.buffers = captured_buffers(eng)
             ptrs = [b.data_ptr() for b in dec.buffers]
             assert seen is None or ptrs == seen
             seen = ptrs

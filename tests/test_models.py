@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mta.inference import chat_prompt, generate
+from mta.decoding.batch import generate
+from mta.decoding.prompts import chat_prompt
 from mta.models.registry import REGISTRY
 from mta.models.tiny import tiny_llama
 from tests.conftest import require_model
@@ -90,8 +91,8 @@ def test_turn_end_is_learnt_and_stops_generation_even_when_eos_differs():
     """A tokenizer whose eos is not the token closing a chat turn (Qwen's GGUF tokenizer
     under some transformers versions): adapters learn the turn's end, and generation
     stops at either."""
+    from mta.decoding.prompts import end_of_turn, stop_ids
     from mta.engine.train import encode_example
-    from mta.inference import end_of_turn, stop_ids
     from mta.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
+from mta.decoding.batch import hf_generate, static_generate
 from mta.engine.engine import Row
 from tests.engine_helpers import decode_engine
 
@@ -26,7 +27,7 @@ def setup():
 
 
 def _eager(eng, tok, enc, rows):
-    return eng.generate(rows, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **KW)
+    return hf_generate(eng, rows, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **KW)
 
 
 def test_static_cache_with_pinned_routing_equals_the_eager_engine(setup):
@@ -34,15 +35,15 @@ def test_static_cache_with_pinned_routing_equals_the_eager_engine(setup):
     for rows in (FIRST, SECOND):
         want = _eager(eng, tok, enc, rows)
         for width in (None, 16):  # padded rank directions are zeros: exact
-            got = eng.generate_static(rows, enc["input_ids"], enc["attention_mask"], width=width,
+            got = static_generate(eng, rows, enc["input_ids"], enc["attention_mask"], width=width,
                                       pad_token_id=tok.pad_token_id, **KW)
             assert torch.equal(got, want), (rows, width)
-    base = eng.generate(None, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **KW)
+    base = hf_generate(eng, None, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **KW)
     assert not torch.equal(base, _eager(eng, tok, enc, FIRST))  # the adapters matter: the check can fail
     layer = next(iter(eng.layers.values()))
     assert not layer.pin_on  # unpinned after the call: the eager path is back
     with pytest.raises(ValueError, match="rank directions"):
-        eng.generate_static(FIRST, enc["input_ids"], enc["attention_mask"], width=2, pad_token_id=0, **KW)
+        static_generate(eng, FIRST, enc["input_ids"], enc["attention_mask"], width=2, pad_token_id=0, **KW)
 
 
 def test_compiled_decode_equals_eager_and_is_reused_for_new_users(setup):
@@ -54,12 +55,12 @@ def test_compiled_decode_equals_eager_and_is_reused_for_new_users(setup):
     torch._dynamo.reset()
     counters.clear()
     layer = next(iter(eng.layers.values()))
-    got = eng.generate_static(FIRST, enc["input_ids"], enc["attention_mask"], width=16, compile_config=cc,
+    got = static_generate(eng, FIRST, enc["input_ids"], enc["attention_mask"], width=16, compile_config=cc,
                               pad_token_id=tok.pad_token_id, **KW)
     assert torch.equal(got, _eager(eng, tok, enc, FIRST))
     graphs, buffer = counters["stats"]["unique_graphs"], layer.pin_A.data_ptr()
     assert graphs >= 1
-    got = eng.generate_static(SECOND, enc["input_ids"], enc["attention_mask"], width=16, compile_config=cc,
+    got = static_generate(eng, SECOND, enc["input_ids"], enc["attention_mask"], width=16, compile_config=cc,
                               pad_token_id=tok.pad_token_id, **KW)
     assert torch.equal(got, _eager(eng, tok, enc, SECOND))
     assert counters["stats"]["unique_graphs"] == graphs  # the same compiled step, refilled buffers

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mta.config import BackboneConfig
+from mta.decoding.batch import DecoderPool
 from mta.engine.config import LLAMA_TARGETS
 from mta.engine.engine import AdapterEngine, EngineSpec
 from mta.errors import MtaError
@@ -119,10 +120,8 @@ class Backbone:
 
     def decoder_pool(self, compile: bool = False):
         """The GraphDecoders of ``--decoder graph`` (``compile``: of ``--decoder compiled``;
-        mta.engine.graphs), made on first use."""
+        mta.decoding.step), made on first use."""
         if compile not in self._pools:
-            from mta.engine.graphs import DecoderPool
-
             self._pools[compile] = DecoderPool(self.model, compile=compile)
         return self._pools[compile]
 

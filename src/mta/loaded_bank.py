@@ -35,12 +35,12 @@ from mta.backbone import Backbone
 from mta.bank import adapter_dir, load_base, read_index
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
+from mta.decoding.batch import generate
 from mta.engine.engine import Row
 from mta.engine.fingerprint import check_fingerprint
 from mta.engine.peft_io import WEIGHTS, export_user, load_adapter, load_anchor, save_user
 from mta.errors import MtaError
 from mta.examples import loo_examples
-from mta.inference import generate
 from mta.mixing import Mixture, Plan, mixtures_for
 from mta.paths import sha256_file, shared_modes
 from mta.records import BankRecord, UserRecord

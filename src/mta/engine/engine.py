@@ -528,32 +528,6 @@ class AdapterEngine:
         cols = max((layer.dense_columns() for layer in self.layers.values()), default=0)
         return "dense" if cols <= (batch or len(rows)) * need else "pinned"
 
-    @torch.no_grad()
-    def generate_static(self, rows: Sequence[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        width: int | None = None, **gen_kwargs) -> torch.Tensor:
-        """``generate`` over transformers' static KV cache with the routing pinned; on CUDA
-        transformers compiles the decode step itself (its auto-compile for static caches),
-        and a new batch of the same size and width reuses that compiled step."""
-        if len(rows) != input_ids.shape[0]:
-            raise ValueError(f"{len(rows)} routing rows for a batch of {input_ids.shape[0]}")
-        with self.pinned(rows, width=width):
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                       cache_implementation="static", **gen_kwargs)
-
-    @torch.no_grad()
-    def generate(self, rows: Sequence[Row] | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 **gen_kwargs) -> torch.Tensor:
-        """``model.generate`` with every row routed through its own adapters (KV cache on);
-        ``rows=None``: the base model alone."""
-        if rows is not None and len(rows) != input_ids.shape[0]:
-            raise ValueError(f"{len(rows)} routing rows for a batch of {input_ids.shape[0]}")
-        if gen_kwargs.get("num_beams", 1) != 1 or gen_kwargs.get("num_return_sequences", 1) != 1:
-            raise ValueError("beam search and several sequences per row would reorder rows; not supported")
-        if rows is None:
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-        with self.route(rows):
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-
 
 def _check_shapes(name, a, b, ta, tb, slot) -> None:
     if not 0 <= slot < ta.shape[0]:

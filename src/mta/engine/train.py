@@ -428,7 +428,7 @@ def compiled_layers(model, backend: bool | str = True):
         # rows and writes past the table (a heap corruption; unvectorised it is exact)
         raise ValueError("compiled training with inductor is for CUDA models; on the CPU its vectorised "
                          "scatter-add of the adapter gradients is wrong at small micro-batches (torch 2.13)")
-    from mta.engine.graphs import allow_recompiles
+    from mta.decoding.attention import allow_recompiles
 
     allow_recompiles(64)  # micro-batch shapes: rows and padded lengths vary
     saved = [ly._compiled_call_impl for ly in layers]
@@ -487,7 +487,7 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int = 512) -
     Over-long prompts lose their beginning (the retrieved history), never the
     instruction at their end or the target.
     """
-    from mta.inference import chat_prompt, end_of_turn
+    from mta.decoding.prompts import chat_prompt, end_of_turn
 
     p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     t_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [end_of_turn(tokenizer)]

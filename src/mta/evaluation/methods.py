@@ -37,9 +37,9 @@ from mta.bank import build_private
 from mta.config import AdaptConfig, BankConfig, BaselineConfig, GenerateConfig
 from mta.data.persons import query_item
 from mta.data.schema import User
+from mta.decoding.batch import generate
 from mta.defaults import pinned
 from mta.errors import MtaError
-from mta.inference import generate
 from mta.loaded_bank import LoadedBank, Request
 from mta.paths import dir_bytes
 from mta.retrieval import retrieve

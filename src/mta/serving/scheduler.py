@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
+from mta.decoding.eager import Batch, Decoder, Sequence
+from mta.decoding.prompts import chat_prompt, stop_ids
+from mta.decoding.slots import SlotBatch, SlotDecoder
 from mta.errors import MtaError
-from mta.inference import chat_prompt, stop_ids
 from mta.loaded_bank import LoadedBank, Plan, Request
 from mta.retrieval import retrieve
-from mta.serving.decode import Batch, Decoder, Sequence
-from mta.serving.slots import SlotBatch, SlotDecoder
 from mta.store import UserStore
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Scheduler:
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
-        if gen.decoder != "generate":  # one static cache, the step captured in a CUDA graph (mta.serving.slots)
+        if gen.decoder != "generate":  # one static cache, the step captured in a CUDA graph (mta.decoding.slots)
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
                                        span=gen.max_prompt_tokens + max_tokens, compile=gen.decoder == "compiled")
         else:

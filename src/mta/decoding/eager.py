@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from mta.engine.graphs import cache_kwarg
+from mta.decoding.attention import cache_kwarg
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _out_cache(out):
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
 
-def _layers(cache: DynamicCache):
+def cache_layers(cache: DynamicCache):
     return cache.layers
 
 
@@ -114,7 +114,7 @@ class Decoder:
         nxt = logits.argmax(-1)
         for i, s in enumerate(batch.seqs):
             if s.temperature > 0:
-                nxt[i] = _sample(logits[i], s)
+                nxt[i] = sample(logits[i], s)
         batch.last = nxt
         take_tokens(batch.seqs, nxt.tolist())
 
@@ -133,7 +133,7 @@ class Decoder:
             shape[dim] = width
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
-        for la, lb in zip(_layers(a.cache), _layers(b.cache)):
+        for la, lb in zip(cache_layers(a.cache), cache_layers(b.cache)):
             la.keys = torch.cat([pad(la.keys, t - ta, 2), pad(lb.keys, t - tb, 2)], dim=0)
             la.values = torch.cat([pad(la.values, t - ta, 2), pad(lb.values, t - tb, 2)], dim=0)
         return Batch(a.seqs + b.seqs, a.cache, torch.cat([pad(a.mask, t - ta, 1), pad(b.mask, t - tb, 1)]),
@@ -146,7 +146,7 @@ class Decoder:
         mask = batch.mask.index_select(0, idx)
         used = mask.any(0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
-        for layer in _layers(batch.cache):
+        for layer in cache_layers(batch.cache):
             layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
             layer.values = layer.values.index_select(0, idx)[:, :, start:]
         return Batch([batch.seqs[i] for i in rows], batch.cache, mask[:, start:], batch.pos.index_select(0, idx),
@@ -167,7 +167,7 @@ def take_tokens(seqs: list[Sequence], tokens: list[int]) -> None:
             s.finish = "length"
 
 
-def _sample(logits: torch.Tensor, s: Sequence) -> torch.Tensor:
+def sample(logits: torch.Tensor, s: Sequence) -> torch.Tensor:
     """Temperature and nucleus (top-p) sampling for one row, with its own generator."""
     probs = torch.softmax(logits / s.temperature, dim=-1)
     if s.top_p < 1.0:

@@ -1,6 +1,6 @@
 """The server's decode loop on a static KV cache with the step captured in a CUDA graph.
 
-`SlotDecoder` has the interface of `mta.serving.decode.Decoder` (``prefill``, ``merge``,
+`SlotDecoder` has the interface of `mta.decoding.eager.Decoder` (``prefill``, ``merge``,
 ``step``, ``keep``), so the scheduler runs either. Rows live in a fixed number of slots
 of one static cache; all slots write each step's keys and values at one shared cache
 position ``t`` (what a captured step needs: one shape, one write slot), and each slot's
@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mta.decoding.eager import Batch, Decoder, Sequence, cache_layers, sample, take_tokens
+from mta.decoding.fixed import FixedRouting, captured_buffers
+from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
-from mta.engine.graphs import GraphDecoder, pinned_buffers
-from mta.serving.decode import Batch, Decoder, Sequence, _layers, _sample, take_tokens
 
 
 @dataclass
@@ -48,37 +49,6 @@ class SlotBatch:
         return len(self.seqs)
 
 
-class _SlotStep(GraphDecoder):
-    """GraphDecoder's buffers and capture; its step also keeps the logits (for sampling rows)
-    and never runs out of its token buffer (slots do not record what they decode)."""
-
-    def __init__(self, model, batch: int, max_len: int, graph: bool | None, compile: bool | str = False):
-        super().__init__(model, batch, max_len, graph, compile=compile)
-        self.logits = None
-
-    def _step_inner(self) -> None:
-        self.bias.index_fill_(3, self.cpos, 0.0)
-        logits = self.model(input_ids=self.tok, attention_mask=self.bias, position_ids=self.pos,
-                            cache_position=self.cpos, use_cache=True, **{self.kw: self.cache}).logits[:, -1]
-        if self.logits is None:  # first (eager) step: allocate; a captured step writes into it
-            self.logits = torch.empty_like(logits, dtype=torch.float32)
-        self.logits.copy_(logits)
-        self.tok.copy_(logits.argmax(-1, keepdim=True))
-        self.pos.add_(1)
-        self.cpos.add_(1)
-
-    def _counters(self) -> list[torch.Tensor]:
-        own = [self.tok, self.pos, self.cpos, self.bias]
-        return own + [c for layer in getattr(self.cache, "layers", [])
-                      if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
-
-    def set_position(self, t: int) -> None:
-        """The shared write position, in our buffer and in the cache layers' own counters."""
-        self.cpos.fill_(t)
-        for c in self._counters()[4:]:
-            c.fill_(t)
-
-
 class SlotDecoder:
     """Runs the server's rows in ``slots`` slots of one static cache, each row at most
     ``span`` tokens (prompt + new tokens)."""
@@ -90,7 +60,7 @@ class SlotDecoder:
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
         self.pad_id, self.n, self.span = pad_id, slots, span
         self.eager = Decoder(backbone, pad_id)  # prefills joining rows
-        self.g = _SlotStep(self.model, slots, 2 * span, graph, compile)
+        self.g = GraphDecoder(self.model, slots, 2 * span, graph, compile=compile, keep_logits=True)
         with torch.no_grad():  # one forward allocates the static cache's tensors; then all empty
             ids = torch.full((slots, 1), pad_id, dtype=torch.long)
             self.g.prefill(ids, torch.ones_like(ids))
@@ -99,7 +69,7 @@ class SlotDecoder:
         self.t = 0
         self.free = list(range(slots))
         self.start: dict[int, int] = {}  # slot -> first position of its row
-        self.layout, self._tables = "dense", None  # the fixed routing last filled, and its tables' state
+        self.fixed = FixedRouting()  # the fixed routing last filled
 
     # -- the scheduler's interface ---------------------------------------------------------
     def prefill(self, seqs: list[Sequence]) -> Batch:
@@ -129,7 +99,7 @@ class SlotDecoder:
             self.t = t
             self.g.set_position(t)
         lengths = b.mask.sum(-1).tolist()
-        layers = list(zip(_layers(self.g.cache), _layers(b.cache)))
+        layers = list(zip(cache_layers(self.g.cache), cache_layers(b.cache)))
         for i, s in enumerate(b.seqs):
             slot, p = self.free.pop(0), int(lengths[i])
             for mine, theirs in layers:
@@ -165,22 +135,16 @@ class SlotDecoder:
             rows = [Row(active=False)] * self.n
             for s, slot in zip(batch.seqs, batch.slots):
                 rows[slot] = s.row
-            rt = self.engine.routing(rows)  # built once: the layout's choice and the fill share it
-            layout = self.engine.fixed_layout(rows, self.n, routing=rt)
-            same = layout == self.layout and self.engine.tables_unchanged(self._tables)  # only rows changed
-            self.layout, self._tables = layout, self.engine.tables_state()
-            fill = self.engine.dense(rows, self.n, tables=not same, routing=rt) if layout == "dense" else \
-                self.engine.pinned(rows, self.n, multiple=8, routing=rt)
-            with fill:
-                self.g.buffers = pinned_buffers(self.engine)
-            batch.routing = self.layout
-        with self.engine.fixed_on(self.layout):
+            with self.fixed.fill(self.engine, rows, self.n):
+                self.g.buffers = captured_buffers(self.engine)
+            batch.routing = self.fixed.layout
+        with self.engine.fixed_on(self.fixed.layout):
             self.g.advance()
         self.t += 1
         nxt = self.g.tok[:, 0].clone()
         for s, slot in zip(batch.seqs, batch.slots):
             if s.temperature > 0:
-                nxt[slot] = _sample(self.g.logits[slot], s)
+                nxt[slot] = sample(self.g.logits[slot], s)
         self.g.tok[:, 0].copy_(nxt)  # a sampled token is the next input
         take_tokens(batch.seqs, nxt[batch.slots].tolist())
 
@@ -196,7 +160,7 @@ class SlotDecoder:
         if shift <= 0:
             return
         keep = 2 * self.span - shift
-        for layer in _layers(self.g.cache):
+        for layer in cache_layers(self.g.cache):
             layer.keys[:, :, :keep] = layer.keys[:, :, shift:].clone()
             layer.values[:, :, :keep] = layer.values[:, :, shift:].clone()
         self.g.bias[..., :keep] = self.g.bias[..., shift:].clone()

@@ -42,86 +42,31 @@ mixing and the residual add into the B side's matmul (longer compile; benchmarks
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, StaticCache
-from transformers.integrations import sdpa_attention
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import StaticCache
 
+from mta.decoding.attention import allow_recompiles, cache_kwarg, decode_attention
 from mta.engine.layer import weight_moves
 
 log = logging.getLogger(__name__)
-GQA_DECODE = "mta_gqa_decode"
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes the decoder can capture
-
-
-def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-    """SDPA for one new token per row without copying the cache. With a mask, the SDPA path
-    of transformers before ``pack_gqa`` (5.17, the GPU image's version) repeats every
-    key/value head for its query heads (``repeat_kv``): a copy of the whole cache per layer
-    per step, ~0.23 ms each, 64 per step, on the H200 at 8B shape with B=64
-    (docs/performance.md). Here a key/value head's query heads become that many query
-    positions of one head (a step's single token has nothing causal to mask among them;
-    the mask says which cache slots each row sees), so the cache is read in place.
-    Prompts (more than one new token) take transformers' SDPA."""
-    b, h, q, d = query.shape
-    kvh = key.shape[1]
-    if q != 1 or h == kvh or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kw)
-    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    out = F.scaled_dot_product_attention(query.reshape(b, kvh, h // kvh, d), key, value, attn_mask=mask,
-                                         scale=scaling)  # (b, kv heads, query heads per kv head, d)
-    return out.reshape(b, h, 1, d).transpose(1, 2), None
-
-
-AttentionInterface.register(GQA_DECODE, gqa_decode_attention)
-
-
-def allow_recompiles(n: int) -> None:
-    """Raise dynamo's recompile limit to at least ``n`` graphs per compiled function (past
-    it, dynamo runs the function eagerly without a word); torch renamed the setting."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), n))
-
-
-@contextlib.contextmanager
-def decode_attention(model: nn.Module):
-    """The model's attention through `gqa_decode_attention` while inside: SDPA models, on a
-    transformers whose SDPA path does not pack grouped heads itself (``pack_gqa``, 5.24)."""
-    cfg = model.config
-    old = getattr(cfg, "_attn_implementation", None)
-    if old != "sdpa" or hasattr(sdpa_attention, "pack_gqa"):
-        yield
-        return
-    cfg._attn_implementation = GQA_DECODE
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = old
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """transformers 5.24 names the cache argument ``cache``, earlier 5.x ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class GraphDecoder:
     def __init__(self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None,
                  buffers: Sequence[torch.Tensor] = (), compile: bool | str = False,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, keep_logits: bool = False):
         """``buffers``: tensors the captured step reads that others may reallocate (the
-        engine's pin buffers, see ``pinned_buffers``); a change of any of them re-captures.
-        ``compile``: True for inductor, or a dynamo backend's name; ``compile_mode``: an
-        inductor mode without CUDA graphs of its own (module docstring)."""
+        engine's fixed-routing buffers, see ``mta.decoding.fixed.captured_buffers``); a change
+        of any of them re-captures. ``compile``: True for inductor, or a dynamo backend's
+        name; ``compile_mode``: an inductor mode without CUDA graphs of its own (module
+        docstring). ``keep_logits``: the step keeps its float32 logits in ``logits`` (rows
+        that sample) and records no tokens in ``out`` (the slot decoder's rows keep their own)."""
         if batch < 1 or max_len < 2:
             raise ValueError(f"a decoder needs at least 1 row and 2 positions, not {batch} x {max_len}")
         if compile is not False and not (compile is True or isinstance(compile, str) and compile):
@@ -149,6 +94,8 @@ class GraphDecoder:
         self.bias = torch.full((batch, 1, 1, max_len), self.neg, dtype=dtype, device=dev)
         self.out = torch.zeros(batch, max_len, **z)  # tokens decoded so far
         self.step_i = torch.zeros(1, **z)            # how many
+        self.keep_logits = keep_logits
+        self.logits: torch.Tensor | None = None      # the last step's, with keep_logits
         self.buffers = list(buffers)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._ptrs: list[int] = []
@@ -182,21 +129,35 @@ class GraphDecoder:
     def _step_inner(self) -> None:
         self.bias.index_fill_(3, self.cpos, 0.0)  # the slot this step writes joins what it attends to
         logits = self.model(input_ids=self.tok, attention_mask=self.bias, position_ids=self.pos,
-                            cache_position=self.cpos, use_cache=True, **{self.kw: self.cache}).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        self.out.index_copy_(1, self.step_i, nxt)
+                            cache_position=self.cpos, use_cache=True, **{self.kw: self.cache}).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        if self.keep_logits:
+            if self.logits is None:  # first (eager) step: allocate; a captured step writes into it
+                self.logits = torch.empty_like(logits, dtype=torch.float32)
+            self.logits.copy_(logits)
+        else:
+            self.out.index_copy_(1, self.step_i, nxt)
         self.tok.copy_(nxt)
         self.pos.add_(1)
         self.cpos.add_(1)
-        self.step_i.add_(1)
+        if not self.keep_logits:
+            self.step_i.add_(1)
+
+    def _cache_counters(self) -> list[torch.Tensor]:
+        """The cache layers' own write position where they keep one as a tensor
+        (transformers 5.24 writes at that counter rather than at ``cache_position``)."""
+        return [c for layer in getattr(self.cache, "layers", [])
+                if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
 
     def _counters(self) -> list[torch.Tensor]:
-        """What a step advances: our buffers, and the cache layers' own write position where
-        they keep one as a tensor (transformers 5.24 writes at that counter rather than
-        at ``cache_position``)."""
-        own = [self.tok, self.pos, self.cpos, self.out, self.step_i, self.bias]
-        return own + [c for layer in getattr(self.cache, "layers", [])
-                      if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
+        """What a step advances: our buffers and the cache's counters."""
+        return [self.tok, self.pos, self.cpos, self.out, self.step_i, self.bias, *self._cache_counters()]
+
+    def set_position(self, t: int) -> None:
+        """The shared write position, in our buffer and in the cache layers' own counters."""
+        self.cpos.fill_(t)
+        for c in self._cache_counters():
+            c.fill_(t)
 
     def _state(self) -> list[torch.Tensor]:
         return [t.clone() for t in self._counters()]
@@ -294,74 +255,3 @@ class GraphDecoder:
             if n < max_new_tokens:  # stopped early: what was never decoded is padding too
                 new[:, n:] = pad_token_id
         return torch.cat([input_ids.to(self.device), new], dim=1)
-
-
-def pinned_buffers(engine) -> list[torch.Tensor]:
-    """The buffers a captured step reads for the adapters: those of the engine's dense
-    routing while it is on, else its pin buffers."""
-    if any(layer.dense_on for layer in engine.layers.values()):
-        return [t for layer in engine.layers.values() for t in (layer.dense_A, layer.dense_B, layer.dense_W)]
-    return [t for layer in engine.layers.values() for t in (layer.pin_A, layer.pin_B)]
-
-
-class DecoderPool:
-    """GraphDecoders by bucket: a batch is padded to the next row bucket (dummy rows: one
-    token, no adapters; past the largest bucket, the next power of two) and its prompt +
-    new tokens to the next multiple of ``len_step``, so a handful of captures serve
-    batches of every size. The least recently used decoder goes when more than
-    ``max_decoders`` are held (each holds its KV cache)."""
-
-    def __init__(self, model: nn.Module, row_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
-                 len_step: int = 128, max_decoders: int = 4, graph: bool | None = None,
-                 compile: bool | str = False):
-        if not row_buckets or any(b < 1 for b in row_buckets) or len_step < 2 or max_decoders < 1:
-            raise ValueError("row buckets must be positive, len_step at least 2 and max_decoders at least 1")
-        self.model, self.row_buckets, self.len_step = model, sorted(row_buckets), len_step
-        self.max_decoders, self.graph, self.compile = max_decoders, graph, compile
-        self.decoders: dict[tuple[int, int], GraphDecoder] = {}
-
-    def bucket(self, rows: int, length: int) -> tuple[int, int]:
-        fit = [b for b in self.row_buckets if b >= rows] or [1 << (rows - 1).bit_length()]
-        return fit[0], -(-length // self.len_step) * self.len_step
-
-    def decoder(self, rows: int, length: int) -> GraphDecoder:
-        key = self.bucket(rows, length)
-        dec = self.decoders.pop(key, None) or GraphDecoder(self.model, key[0], key[1], graph=self.graph,
-                                                           compile=self.compile)
-        self.decoders[key] = dec  # most recently used last
-        while len(self.decoders) > self.max_decoders:
-            self.decoders.pop(next(iter(self.decoders)))
-        return dec
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-                 engine=None, rows: Sequence | None = None, width: int | None = None) -> torch.Tensor:
-        """Greedy tokens for a left-padded batch of any size (``generate``'s layout). With
-        ``engine`` and ``rows``, every row through its own adapters (pinned routing, the
-        dummy rows inactive), in the fixed layout that reads fewer bytes (``fixed_layout``);
-        ``width`` asks for the pinned layout with that many rank directions (default: what
-        the rows need, rounded up to a multiple of 8, so later batches tend to reuse the
-        capture)."""
-        n, p = input_ids.shape
-        dec = self.decoder(n, p + max_new_tokens)
-        extra = dec.batch - n
-        if extra:  # dummy rows: one real token each
-            ids = torch.full((extra, p), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-            mask = torch.zeros((extra, p), dtype=attention_mask.dtype, device=attention_mask.device)
-            mask[:, -1] = 1
-            input_ids, attention_mask = torch.cat([input_ids, ids]), torch.cat([attention_mask, mask])
-        if engine is None:
-            out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
-            return out[:n]
-        from mta.engine.engine import Row
-
-        full = list(rows) + [Row(active=False)] * extra
-        rt = engine.routing(full)  # built once for the layout's choice and the fill
-        layout = engine.fixed_layout(full, dec.batch, routing=rt) if width is None else "pinned"
-        fixed = engine.dense(full, batch=dec.batch, routing=rt) if layout == "dense" else \
-            engine.pinned(full, batch=dec.batch, width=width, multiple=8, routing=rt)
-        with fixed:
-            dec.buffers = pinned_buffers(engine)
-            out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
-        return out[:n]
