@@ -37,6 +37,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mta.decoding import fixed  # noqa: E402
 from mta.engine.config import LLAMA_TARGETS, TrainConfig  # noqa: E402
 from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 from mta.engine.peft_io import load_adapter, save_user  # noqa: E402
@@ -228,21 +229,22 @@ def gen_section(model, dev, a) -> list[dict]:
         wall(run(model, a.new, lambda: eng.route(rows)), dev), a.new)
     out[-1]["role"] = "hf_engine"
     loop_rec(f"new loop: mta engine, {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
-             lambda: eng.pinned(rows, width=2 * 8 + 2), "pinned routing", role="loop_pinned")
-    loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: eng.dense(rows),
+             lambda: fixed.pinned(eng, rows, width=2 * 8 + 2), "pinned routing", role="loop_pinned")
+    loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: fixed.dense(eng, rows),
              "every table as columns of two dense matmuls, each row's coefficients over them", role="loop_dense")
     if a.kernel_compare:  # the same layout through the Triton kernel (opt-in: mta.engine.kernels)
         from mta.engine import kernels
         was, kernels.ENABLED = kernels.ENABLED, True
         try:
-            loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, Triton kernel", lambda: eng.dense(rows),
+            loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, Triton kernel",
+                     lambda: fixed.dense(eng, rows),
                      "dense routing with the mixing, the B side and the add in one Triton kernel",
                      role="loop_dense_kernel")
         finally:  # the rows after it (max-autotune) are torch's again
             kernels.ENABLED = was
     if a.autotune:
         loop_rec(f"new loop, compiled max-autotune: mta engine, {a.rows} users, dense routing",
-                 lambda: eng.dense(rows), f"dense routing, the step through torch.compile mode {tuned}",
+                 lambda: fixed.dense(eng, rows), f"dense routing, the step through torch.compile mode {tuned}",
                  mode=tuned, role="tuned_dense")
     bank_bytes = sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
     eng.remove()
@@ -507,7 +509,7 @@ def memory_section(model, dev, a) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         dec = GraphDecoder(model, b, a.prompt + a.new)
-        with eng.pinned(rows, width=2 * 8 + 2):
+        with fixed.pinned(eng, rows, width=2 * 8 + 2):
             dec.buffers = captured_buffers(eng)
             dec.generate(ids, torch.ones_like(ids), a.new)
         sync(dev)

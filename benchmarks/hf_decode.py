@@ -41,6 +41,7 @@ from gpu import LLAMA3_8B, TINY, bandwidth, make_model, print_profile, profile, 
 from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 from mta.decoding.fixed import captured_buffers  # noqa: E402
 from mta.decoding.step import GraphDecoder  # noqa: E402
+from mta.decoding import fixed  # noqa: E402
 # isort: on
 
 
@@ -203,18 +204,19 @@ def main() -> None:
         width = 2 * 8 + 2  # top-2 of rank 8 + the rank-2 stack: every batch of this kind pins to it
         if "graph" in sections:
             dec = GraphDecoder(model, a.rows, a.prompt + a.new)
-            measure("GraphDecoder, mta engine, pinned routing", graph(dec, lambda: eng.pinned(routes, width=width)),
+            measure("GraphDecoder, mta engine, pinned routing",
+                    graph(dec, lambda: fixed.pinned(eng, routes, width=width)),
                     f"{a.rows} users, top-2 of {a.anchors} + own rank-2 stack")
-            profiled("GraphDecoder, mta engine", graph(dec, lambda: eng.pinned(routes, width=width)))
+            profiled("GraphDecoder, mta engine", graph(dec, lambda: fixed.pinned(eng, routes, width=width)))
             later = [Row(r.anchors, r.weights, user=(r.user + 7) % a.rows) for r in routes]
             measure("GraphDecoder, mta engine, a NEW batch of users",
-                    graph(dec, lambda: eng.pinned(later, width=width)),
+                    graph(dec, lambda: fixed.pinned(eng, later, width=width)),
                     "refills the pinned buffers; 'captures' 1 = the first capture was reused")
             rows_out[-1]["captures"] = dec.captures
             del dec
         if "compiled" in sections:
-            for layout, on in (("dense", lambda: eng.dense(routes)),
-                               ("pinned", lambda: eng.pinned(routes, width=width))):
+            for layout, on in (("dense", lambda: fixed.dense(eng, routes)),
+                               ("pinned", lambda: fixed.pinned(eng, routes, width=width))):
                 dec = GraphDecoder(model, a.rows, a.prompt + a.new, compile=True)
                 measure(f"GraphDecoder compiled, mta engine, {layout} routing", graph(dec, on),
                         f"{a.rows} users, top-2 of {a.anchors} + own rank-2 stack")
@@ -230,12 +232,12 @@ def main() -> None:
         measure("mta engine, static cache, eager", gen(lambda: eng.route(routes), cache_implementation="static",
                                                        disable_compile=True))
         measure("mta engine, static cache, auto-compiled, pinned routing",
-                gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
-                "routing in fixed buffers (AdapterEngine.pinned)")
+                gen(lambda: fixed.pinned(eng, routes, width=width), cache_implementation="static"),
+                "routing in fixed buffers (mta.decoding.fixed.pinned)")
         routes[:] = [Row(torch.randperm(a.anchors, generator=rng)[:2].tolist(), [0.5, 0.5], user=(u + 7) % a.rows)
                      for u in range(a.rows)]
         measure("mta engine, compiled, a NEW batch of users (same shape)",
-                gen(lambda: eng.pinned(routes, width=width), cache_implementation="static"),
+                gen(lambda: fixed.pinned(eng, routes, width=width), cache_implementation="static"),
                 "refills the pinned buffers; the compiled step is reused")
         eng.remove()
 
@@ -326,18 +328,18 @@ def engine_parts(model, eng, routes, a, graph, measure, rows_out, bw) -> dict:
     a_only = "parts: mta engine, dense routing, not folded, the A side alone"
 
     def on():
-        return eng.dense(routes)
+        return fixed.dense(eng, routes)
     measure(folded, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
     for ly in lys:
         ly.fold_dense = False
     try:
         measure(plain, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
-        with _patched(lys, "_dense_forward", a_side):
+        with _patched(lys, "forward", a_side):
             measure(a_only, graph(GraphDecoder(model, a.rows, a.prompt + a.new), on))
     finally:
         for ly in lys:
             ly.fold_dense = True
-    with eng.dense(routes):
+    with fixed.dense(eng, routes):
         a_bytes = sum(ly.dense_A.numel() * ly.dense_A.element_size() + ly.dense_W.numel() * ly.dense_W.element_size()
                       for ly in lys)
         b_bytes = sum(ly.dense_B.numel() * ly.dense_B.element_size() for ly in lys)

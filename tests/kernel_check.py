@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from mta.decoding import fixed
 from mta.decoding.step import GraphDecoder
 from mta.engine import kernels
 from tests.engine_helpers import FIRST, NEW, PROMPTS, SECOND, _enc, _hf, decode_engine
@@ -40,7 +41,7 @@ def main() -> int:
     dec = GraphDecoder(eng.model, batch=4, max_len=64)
     enc = _enc(tok, PROMPTS)
     for rows in (FIRST, SECOND):
-        with eng.dense(rows):
+        with fixed.dense(eng, rows):
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         if not torch.equal(got, _hf(eng, tok, enc, rows)):
             print("FAIL the dense layout's tokens through the kernel differ from generate's")
@@ -52,7 +53,7 @@ def main() -> int:
     # a compiled step calls it as the custom op (aot_eager: dynamo's tracing, no code generation)
     before = calls[0]
     dec = GraphDecoder(eng.model, batch=4, max_len=64, compile="aot_eager")
-    with eng.dense(FIRST):
+    with fixed.dense(eng, FIRST):
         got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
     if not torch.equal(got, _hf(eng, tok, enc, FIRST)) or calls[0] == before:
         print("FAIL the compiled step through the custom op differs from generate, or never called it")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mta.decoding import fixed
 from mta.decoding.batch import hf_generate, static_generate
 from mta.engine.engine import AdapterEngine, EngineSpec, Row
 from mta.engine.train import Job, TrainConfig, train_jobs
@@ -218,7 +219,7 @@ def test_graph_decoder_captured_equals_eager_and_is_reused(layout, compile, monk
     assert dec.graph_on
     for rows in (ROWS, other):
         want = hf_generate(eng, rows, enc["input_ids"], enc["attention_mask"], **kw)
-        with eng.pinned(rows, width=16) if layout == "pinned" else eng.dense(rows):
+        with fixed.pinned(eng, rows, width=16) if layout == "pinned" else fixed.dense(eng, rows):
             dec.buffers = captured_buffers(eng)
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, want)
@@ -245,7 +246,7 @@ def test_a_step_captured_before_the_dense_fold_is_captured_again():
     def run():
         return base.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
     assert torch.equal(run(), want) and base.captures == 1
-    with torch.no_grad(), eng.dense(ROWS):
+    with torch.no_grad(), fixed.dense(eng, ROWS):
         eng.model(**enc)
     assert all(ly._ext is not None for ly in eng.layers.values())  # folded: the weights moved
     torch.cuda.empty_cache()

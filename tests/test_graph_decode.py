@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mta.decoding import fixed, routing
 from mta.decoding.fixed import captured_buffers
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
@@ -34,7 +35,7 @@ def test_mixed_users_through_pinned_routing_equal_the_eager_engine(setup):
     dec = GraphDecoder(eng.model, batch=4, max_len=64)
     enc = _enc(tok, PROMPTS)
     for rows in (FIRST, SECOND):
-        with eng.pinned(rows, width=16):
+        with fixed.pinned(eng, rows, width=16):
             if not dec.buffers:
                 dec.buffers = captured_buffers(eng)
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
@@ -57,9 +58,9 @@ def test_compiled_step_equals_generate(setup, layout, caplog):
     dec = GraphDecoder(eng.model, batch=4, max_len=64, compile="aot_eager")
     for prompts, rows in ((PROMPTS, FIRST), (OTHER, SECOND)):
         enc = _enc(tok, prompts)
-        fixed = contextlib.nullcontext() if layout == "base" else \
-            eng.pinned(rows, width=16) if layout == "pinned" else eng.dense(rows)
-        with fixed:
+        on = contextlib.nullcontext() if layout == "base" else \
+            fixed.pinned(eng, rows, width=16) if layout == "pinned" else fixed.dense(eng, rows)
+        with on:
             got = dec.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, _hf(eng, tok, enc, None if layout == "base" else rows)), (layout, prompts)
     # the compile is announced once, when it happens (a server's first requests wait on it)
@@ -187,9 +188,9 @@ def test_dense_routing_equals_the_eager_engine(setup):
     with torch.no_grad():
         with eng.route(FIRST):
             ref = eng.model(**enc).logits
-        with eng.dense(FIRST):
+        with fixed.dense(eng, FIRST):
             got = eng.model(**enc).logits
-        with eng.dense(FIRST, batch=6):  # two padding rows: nothing added to them
+        with fixed.dense(eng, FIRST, batch=6):  # two padding rows: nothing added to them
             ids = torch.cat([enc["input_ids"], enc["input_ids"][:2]])
             mask = torch.cat([enc["attention_mask"], enc["attention_mask"][:2]])
             padded = eng.model(input_ids=ids, attention_mask=mask).logits
@@ -197,7 +198,7 @@ def test_dense_routing_equals_the_eager_engine(setup):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(padded[:4], ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(padded[4:], base, rtol=1e-5, atol=1e-5)
-    assert not any(layer.dense_on for layer in eng.layers.values())  # off again on leaving
+    assert eng.backend is routing.GATHERED  # off again on leaving
 
 
 def test_mixed_users_through_dense_routing_equal_the_eager_engine(setup):
@@ -208,7 +209,7 @@ def test_mixed_users_through_dense_routing_equal_the_eager_engine(setup):
     enc = _enc(tok, PROMPTS)
     seen = None
     for rows in (FIRST, SECOND):
-        with eng.dense(rows):
+        with fixed.dense(eng, rows):
             dec.buffers = captured_buffers(eng)
             ptrs = [b.data_ptr() for b in dec.buffers]
             assert seen is None or ptrs == seen
@@ -220,23 +221,23 @@ def test_mixed_users_through_dense_routing_equal_the_eager_engine(setup):
 def test_the_pool_takes_the_layout_with_fewer_bytes(setup):
     eng, _ = setup
     # 4 anchors x rank 4 + 3 users x rank 2 = 22 columns; a row of FIRST needs 2 x 4 + 2 = 10
-    assert eng.fixed_layout(FIRST, 4) == "dense"       # 22 <= 4 x 10
-    assert eng.fixed_layout(FIRST[:1], 2) == "pinned"  # 22 > 2 x 10
+    assert fixed.fixed_layout(eng, FIRST, 4) == "dense"       # 22 <= 4 x 10
+    assert fixed.fixed_layout(eng, FIRST[:1], 2) == "pinned"  # 22 > 2 x 10
 
 
 def test_tables_state_sees_replacement_and_in_place_change():
     from tests.engine_helpers import tiny_engine
 
     eng, _, _ = tiny_engine(users=2)
-    state = eng.tables_state()
-    assert eng.tables_unchanged(state) and not eng.tables_unchanged(None)
+    state = fixed.tables_state(eng)
+    assert fixed.tables_unchanged(eng, state) and not fixed.tables_unchanged(eng, None)
     layer = next(iter(eng.layers.values()))
     with torch.no_grad():
         layer.stack_B.add_(1.0)  # in place: the version moves
-    assert not eng.tables_unchanged(state)
-    state = eng.tables_state()
+    assert not fixed.tables_unchanged(eng, state)
+    state = fixed.tables_state(eng)
     eng.add_users(3, 2, 4.0)  # new tables (new tensors, perhaps at a freed address)
-    assert not eng.tables_unchanged(state)
+    assert not fixed.tables_unchanged(eng, state)
 
 
 def test_width_is_what_the_gather_concatenates(setup):
@@ -244,8 +245,8 @@ def test_width_is_what_the_gather_concatenates(setup):
     for rows in (FIRST, SECOND, [Row(active=False)], [Row([1], [1.0])], [Row(user=0)]):
         rt = eng.routing(rows)
         for layer in eng.layers.values():
-            got = layer._gathered(rt)
-            assert layer.width(rt) == (0 if got is None else got[0].shape[1]), rows
+            got = routing.gathered(layer, rt)
+            assert routing.width(layer, rt) == (0 if got is None else got[0].shape[1]), rows
 
 
 def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it():
@@ -254,7 +255,7 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
     no second copy); the logits equal the unfolded layout's and the routing's; a captured
     step's pointers see the weights move; removing the engine gives each base weight its
     own storage with its values unchanged."""
-    from mta.engine.layer import weight_moves
+    from mta.decoding.routing import weight_moves
     from tests.engine_helpers import tiny_engine
 
     eng, model, tok = tiny_engine(users=3)
@@ -267,7 +268,7 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
     with torch.no_grad():
         with eng.route(FIRST):
             ref = model(**enc).logits
-        with eng.dense(FIRST):
+        with fixed.dense(eng, FIRST):
             folded = model(**enc).logits
         for ly in eng.layers.values():
             assert ly._ext is not None and ly.base.weight.data_ptr() == ly._ext.data_ptr()
@@ -275,12 +276,12 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
         assert dec.stale()  # a step captured before would be captured again
         for ly in eng.layers.values():
             ly.fold_dense = False
-        with eng.dense(FIRST):
+        with fixed.dense(eng, FIRST):
             plain = model(**enc).logits
         assert all(ly._ext is None for ly in eng.layers.values())
         for ly in eng.layers.values():
             ly.fold_dense = True
-        with eng.dense(FIRST):
+        with fixed.dense(eng, FIRST):
             assert torch.equal(model(**enc).logits, folded)
     torch.testing.assert_close(folded, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from mta.decoding.fixed import FixedRouting, captured_buffers
+from mta.decoding.fixed import FixedRouting, captured_buffers, pinned
 from mta.decoding.prompts import chat_prompt, stop_ids
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import AdapterEngine, Row
@@ -102,7 +102,7 @@ def static_generate(engine: AdapterEngine, rows: Sequence[Row], input_ids: torch
     a new batch of the same size and width reuses that compiled step."""
     if len(rows) != input_ids.shape[0]:
         raise ValueError(f"{len(rows)} routing rows for a batch of {input_ids.shape[0]}")
-    with engine.pinned(rows, width=width):
+    with pinned(engine, rows, width=width):
         return engine.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                      cache_implementation="static", **gen_kwargs)
 

@@ -1,21 +1,141 @@
-"""Fixed routing for a captured decode step: which layout a batch of rows is read in, the
-one fill both decoders use, and the buffers a captured step reads.
+"""Fixed routing for a captured decode step: the two fixed layouts, which one a batch of
+rows is read in, the one fill both decoders use, and the buffers a captured step reads.
 
 A captured (or compiled) step reads every layer's adapters from buffers at fixed
-addresses: ``pinned`` (each row's own factors, zero-padded to one width) or ``dense``
-(every table as columns, each row's coefficients over them), whichever reads fewer bytes
-for the rows (``AdapterEngine.fixed_layout``). A new batch of rows is a refill of those
-buffers in place, not a new capture; the dense tables themselves are copied again only
-when they changed since the last fill (``AdapterEngine.tables_unchanged``).
+addresses, through one of two backends of ``mta.decoding.routing``: ``pinned`` (each
+row's own factors, zero-padded to one width) or ``dense`` (every table as columns, each
+row's coefficients over them), whichever reads fewer bytes for the rows
+(``fixed_layout``). A new batch of rows is a refill of those buffers in place, not a new
+capture; the dense tables themselves are copied again only when they changed since the
+last fill (``tables_unchanged``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from mta.decoding.routing import DENSE, GATHERED, PINNED, Backend, Routing, dense_columns, densify, pin, width
+from mta.engine.engine import AdapterEngine, Row
+
+LAYOUTS = {"dense": DENSE, "pinned": PINNED}
+
+
+def rows_width(engine: AdapterEngine, rt: Routing) -> int:
+    """Rank directions per row the widest layer needs for ``rt``."""
+    return max((width(layer, rt) for layer in engine.layers.values()), default=0)
+
+
+def _fixed_rows(engine: AdapterEngine, rows: Sequence[Row], batch: int | None, layout: str,
+                routing: Routing | None) -> tuple[Routing, int]:
+    batch = batch or len(rows)
+    if batch < len(rows):
+        raise ValueError(f"{len(rows)} rows do not fit a {layout} batch of {batch}")
+    return (engine.routing(rows) if routing is None else routing), batch
+
+
+@contextlib.contextmanager
+def _fixed(engine: AdapterEngine, backend: Backend, fill: Callable) -> Iterator[None]:
+    """Fill every layer's buffers for ``backend`` and read through it, then the gathered
+    routing again."""
+    try:
+        with torch.no_grad():
+            for layer in engine.layers.values():
+                fill(layer)
+        engine.set_backend(backend)
+        yield
+    finally:
+        engine.set_backend(GATHERED)
+        engine.clear_caches()
+
+
+@torch.no_grad()
+def pinned(engine: AdapterEngine, rows: Sequence[Row], batch: int | None = None, width: int | None = None,
+           multiple: int = 1, routing: Routing | None = None) -> contextlib.AbstractContextManager[None]:
+    """Routing for a compiled or graph-captured decode step: every layer's per-row
+    factors are written into fixed buffers (``batch`` rows, ``width`` rank directions,
+    zero-padded, which is exact), and the layers read those instead of the routing. A
+    later batch with the same shape refills the same buffers in place, so a compiled step
+    (or a captured CUDA graph) is reused, not rebuilt. Without ``width``: what the rows
+    need, rounded up to ``multiple`` (so later batches tend to fit the same buffers).
+    ``routing``: ``engine.routing(rows)`` when the caller has it already. Inference only."""
+    rt, batch = _fixed_rows(engine, rows, batch, "pinned", routing)
+    need = rows_width(engine, rt)
+    width = -(-need // multiple) * multiple if width is None else width
+    if width < need:
+        raise ValueError(f"these rows need {need} rank directions; the pinned width is {width}")
+    return _fixed(engine, PINNED, lambda layer: pin(layer, rt, batch, width))
+
+
+@torch.no_grad()
+def dense(engine: AdapterEngine, rows: Sequence[Row], batch: int | None = None, tables: bool = True,
+          routing: Routing | None = None) -> contextlib.AbstractContextManager[None]:
+    """Routing for a graph-captured decode step, the other fixed layout: every layer reads
+    ALL its tables (anchors, fused slots, users) as the columns of two dense matrices, and
+    each row's coefficients over those columns from a (``batch``, columns) buffer, zero
+    where the row uses nothing. The same sum as the routing (exact up to float summation
+    order), read once per step for the whole batch instead of per row: fewer bytes than
+    ``pinned`` when the tables' columns are fewer than batch x a row's rank directions
+    (e.g. 64 users, top-2 of 50 rank-8 anchors and own rank-2 stacks: 528 columns against
+    64 x 18 = 1,152). A later batch refills the buffers in place; ``tables=False`` only the
+    rows' coefficients, for a caller that knows the tables are as at the last fill
+    (``tables_unchanged``); ``routing`` as for ``pinned``. Inference only."""
+    rt, batch = _fixed_rows(engine, rows, batch, "dense", routing)
+    return _fixed(engine, DENSE, lambda layer: densify(layer, rt, batch, tables))
+
+
+@contextlib.contextmanager
+def fixed_on(engine: AdapterEngine, layout: str) -> Iterator[None]:
+    """Turn on the fixed routing that ``dense`` or ``pinned`` last filled (their buffers stay
+    filled after the ``with`` ends), without refilling it: for a decode loop whose rows stay
+    the same for many steps while other work (a prefill) uses the gathered routing."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be dense or pinned, not {layout!r}")
+    engine.set_backend(LAYOUTS[layout])
+    try:
+        yield
+    finally:
+        engine.set_backend(GATHERED)
+
+
+def tables_state(engine: AdapterEngine) -> list:
+    """What every layer's tables are now: each tensor (weakly referenced, so a table replaced
+    by a new tensor that happens to reuse the old one's address is not taken for it) with
+    its version counter (in-place updates move it), and the bank's scale.
+    ``tables_unchanged`` compares a state with the present."""
+    out: list = []
+    for layer in engine.layers.values():
+        out += [(weakref.ref(t), t._version) for t in layer.tables()]
+        out.append((layer.rank, layer.alpha))
+    return out
+
+
+def tables_unchanged(engine: AdapterEngine, state: list | None) -> bool:
+    if state is None:
+        return False
+    now = tables_state(engine)
+    if len(now) != len(state):
+        return False
+    for (a, va), (b, vb) in zip(state, now):
+        if isinstance(a, weakref.ref):
+            if a() is None or a() is not b() or va != vb:
+                return False
+        elif (a, va) != (b, vb):
+            return False
+    return True
+
+
+def fixed_layout(engine: AdapterEngine, rows: Sequence[Row], batch: int | None = None,
+                 routing: Routing | None = None) -> str:
+    """``dense`` or ``pinned``: the fixed layout that reads fewer adapter bytes per decode
+    step for these rows in a batch of ``batch`` (``routing`` as for ``pinned``)."""
+    need = rows_width(engine, engine.routing(rows) if routing is None else routing)
+    cols = max((dense_columns(layer) for layer in engine.layers.values()), default=0)
+    return "dense" if cols <= (batch or len(rows)) * need else "pinned"
 
 
 @dataclass
@@ -25,25 +145,25 @@ class FixedRouting:
     layout: str = "dense"
     tables: list | None = None
 
-    def fill(self, engine, rows: Sequence, batch: int, width: int | None = None
+    def fill(self, engine: AdapterEngine, rows: Sequence[Row], batch: int, width: int | None = None
              ) -> contextlib.AbstractContextManager[None]:
         """Fill the fixed routing for ``rows`` in a batch of ``batch`` (the layout that reads
         fewer bytes, or ``pinned`` at ``width`` rank directions when a width is asked for);
-        the layout is on inside the ``with`` (``AdapterEngine.fixed_on`` turns it on again
-        later without a refill)."""
+        the layout is on inside the ``with`` (``fixed_on`` turns it on again later without
+        a refill)."""
         rt = engine.routing(rows)  # built once: the layout's choice and the fill share it
-        layout = engine.fixed_layout(rows, batch, routing=rt) if width is None else "pinned"
-        same = layout == self.layout and engine.tables_unchanged(self.tables)  # only the rows changed
-        self.layout, self.tables = layout, engine.tables_state()
+        layout = fixed_layout(engine, rows, batch, routing=rt) if width is None else "pinned"
+        same = layout == self.layout and tables_unchanged(engine, self.tables)  # only the rows changed
+        self.layout, self.tables = layout, tables_state(engine)
         if layout == "dense":
-            return engine.dense(rows, batch, tables=not same, routing=rt)
-        return engine.pinned(rows, batch, width=width, multiple=8, routing=rt)
+            return dense(engine, rows, batch, tables=not same, routing=rt)
+        return pinned(engine, rows, batch, width=width, multiple=8, routing=rt)
 
 
-def captured_buffers(engine) -> list[torch.Tensor]:
-    """The buffers a captured step reads for the adapters: those of the engine's dense
-    routing while it is on, else its pin buffers (a decoder captures again when any of
-    them was reallocated)."""
-    if any(layer.dense_on for layer in engine.layers.values()):
+def captured_buffers(engine: AdapterEngine) -> list[torch.Tensor]:
+    """The buffers a captured step reads for the adapters: those of the dense backend while
+    it is on, else the pin buffers (a decoder captures again when any of them was
+    reallocated)."""
+    if engine.backend is DENSE:
         return [t for layer in engine.layers.values() for t in (layer.dense_A, layer.dense_B, layer.dense_W)]
     return [t for layer in engine.layers.values() for t in (layer.pin_A, layer.pin_B)]

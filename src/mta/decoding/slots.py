@@ -19,7 +19,7 @@ position ``t`` (what a captured step needs: one shape, one write slot), and each
 Each row keeps its own position ids (as ``generate`` numbers a left-padded row), so its
 greedy tokens are what it gets alone (tested against one-by-one generation on the CPU,
 where the same step runs eagerly). Adapters ride along through the engine's fixed
-routing (``AdapterEngine.dense`` or ``pinned``, whichever reads fewer bytes), refilled in
+routing (``mta.decoding.fixed``: dense or pinned, whichever reads fewer bytes), refilled in
 place when the rows change; the step is captured again only when those buffers had to be
 reallocated (a bank or user table of another shape). Sampling rows (temperature > 0) are
 drawn on the host from the step's logits, greedy rows take the captured argmax.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mta.decoding.eager import Batch, Decoder, Sequence, cache_layers, sample, take_tokens
-from mta.decoding.fixed import FixedRouting, captured_buffers
+from mta.decoding.fixed import FixedRouting, captured_buffers, fixed_on
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
 
@@ -138,7 +138,7 @@ class SlotDecoder:
             with self.fixed.fill(self.engine, rows, self.n):
                 self.g.buffers = captured_buffers(self.engine)
             batch.routing = self.fixed.layout
-        with self.engine.fixed_on(self.fixed.layout):
+        with fixed_on(self.engine, self.fixed.layout):
             self.g.advance()
         self.t += 1
         nxt = self.g.tok[:, 0].clone()

@@ -15,9 +15,9 @@ never changes shape); their tokens after it are replaced by the pad id, as trans
 ``generate`` does. Every row is computed independently (rows never attend to each other),
 so the result is token-for-token what ``generate`` gives with greedy decoding.
 
-With the adapter engine, run it inside ``AdapterEngine.pinned(rows, batch, width)`` (the
-layers read their per-row factors from fixed buffers) or ``AdapterEngine.dense(rows,
-batch)`` (every table as the columns of two dense matmuls, each row's coefficients over
+With the adapter engine, run it inside ``mta.decoding.fixed.pinned(engine, rows, batch,
+width)`` (the layers read their per-row factors from fixed buffers) or ``fixed.dense(engine,
+rows, batch)`` (every table as the columns of two dense matmuls, each row's coefficients over
 them; fewer bytes per step when many rows share a bank): a new batch of users is a
 refill of those buffers, not a new capture. The decoder checks that the buffers it
 captured are still the ones in place (a pin with another shape reallocates them) and
@@ -51,7 +51,7 @@ from torch import nn
 from transformers import StaticCache
 
 from mta.decoding.attention import allow_recompiles, cache_kwarg, decode_attention
-from mta.engine.layer import weight_moves
+from mta.decoding.routing import weight_moves
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes the decoder can capture

@@ -13,16 +13,16 @@ import contextlib
 import logging
 import math
 import re
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mta.decoding.routing import GATHERED, Backend, Routing, unfold
 from mta.engine.config import LLAMA_TARGETS
 from mta.engine.fingerprint import model_fingerprint
-from mta.engine.layer import BankLoRALinear, Routing
+from mta.engine.layer import BankLoRALinear
 from mta.errors import MtaError
 from mta.fusion import check_weights, merge_svd
 
@@ -94,6 +94,7 @@ class AdapterEngine:
         self.spec = spec
         self.fingerprint = model_fingerprint(model)  # of the base weights, before injection
         self._routing: list[Routing | None] = [None]
+        self._backend: list[Backend] = [GATHERED]
         self.layers: dict[str, BankLoRALinear] = {}
         names = linear_module_names(model)
         wanted = set(spec.target_modules)
@@ -109,7 +110,7 @@ class AdapterEngine:
         for name in chosen:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            layer = BankLoRALinear(getattr(parent, child), self._routing, dtype=spec.dtype,
+            layer = BankLoRALinear(getattr(parent, child), self._routing, self._backend, dtype=spec.dtype,
                                    compute_dtype=spec.compute_dtype)
             setattr(parent, child, layer)
             self.layers[name] = layer
@@ -149,12 +150,13 @@ class AdapterEngine:
     def remove(self) -> nn.Module:
         """Restore the original linear modules; the engine is unusable afterwards."""
         for name, layer in self.layers.items():
-            layer.unfold()  # the base weight back in storage of its own
+            unfold(layer)  # the base weight back in storage of its own
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, layer.base)
         self.layers = {}
         self._routing[0] = None
+        self._backend[0] = GATHERED
         return self.model
 
     # -- the bank ------------------------------------------------------------------------------
@@ -423,110 +425,15 @@ class AdapterEngine:
             for layer in self.layers.values():  # gathered factors of this routing are dead now
                 layer.clear_cache()
 
-    @torch.no_grad()
-    def pinned(self, rows: Sequence[Row], batch: int | None = None, width: int | None = None,
-               multiple: int = 1, routing: Routing | None = None) -> contextlib.AbstractContextManager[None]:
-        """Routing for a compiled or graph-captured decode step: every layer's per-row
-        factors are written into fixed buffers (``batch`` rows, ``width`` rank directions,
-        zero-padded, which is exact), and the layers read those instead of the routing.
-        A later batch with the same shape refills the same buffers in place, so a compiled
-        step (or a captured CUDA graph) is reused, not rebuilt. Without ``width``: what
-        the rows need, rounded up to ``multiple`` (so later batches tend to fit the same
-        buffers). ``routing``: ``self.routing(rows)`` when the caller has it already.
-        Inference only."""
-        rt, batch = self._fixed_rows(rows, batch, "pinned", routing)
-        need = self._width(rt)
-        width = -(-need // multiple) * multiple if width is None else width
-        if width < need:
-            raise ValueError(f"these rows need {need} rank directions; the pinned width is {width}")
-        return self._fixed(lambda layer: layer.pin(rt, batch, width))
+    # -- the routing backend (mta.decoding.routing) ------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        """How the layers read their rows' adapters now (``GATHERED`` unless a fixed layout is on)."""
+        return self._backend[0]
 
-    @torch.no_grad()
-    def dense(self, rows: Sequence[Row], batch: int | None = None, tables: bool = True,
-              routing: Routing | None = None) -> contextlib.AbstractContextManager[None]:
-        """Routing for a graph-captured decode step, the other fixed layout: every layer
-        reads ALL its tables (anchors, fused slots, users) as the columns of two dense
-        matrices, and each row's coefficients over those columns from a (``batch``,
-        columns) buffer, zero where the row uses nothing. The same sum as the routing
-        (exact up to float summation order), read once per step for the whole batch
-        instead of per row: fewer bytes than ``pinned`` when the tables' columns are fewer
-        than batch x a row's rank directions (e.g. 64 users, top-2 of 50 rank-8 anchors and
-        own rank-2 stacks: 528 columns against 64 x 18 = 1,152). A later batch refills the
-        buffers in place; ``tables=False`` only the rows' coefficients, for a caller that
-        knows the tables are as at the last fill (``tables_unchanged``); ``routing`` as for
-        ``pinned``. Inference only."""
-        rt, batch = self._fixed_rows(rows, batch, "dense", routing)
-        return self._fixed(lambda layer: layer.densify(rt, batch, tables))
-
-    def _fixed_rows(self, rows: Sequence[Row], batch: int | None, layout: str, routing: Routing | None):
-        batch = batch or len(rows)
-        if batch < len(rows):
-            raise ValueError(f"{len(rows)} rows do not fit a {layout} batch of {batch}")
-        return (self.routing(rows) if routing is None else routing), batch
-
-    def _width(self, rt: Routing) -> int:
-        return max((layer.width(rt) for layer in self.layers.values()), default=0)
-
-    @contextlib.contextmanager
-    def _fixed(self, fill) -> Iterator[None]:
-        """Fill every layer's fixed-routing buffers (which turns that layout on), then off again."""
-        try:
-            with torch.no_grad():
-                for layer in self.layers.values():
-                    fill(layer)
-            yield
-        finally:
-            for layer in self.layers.values():
-                layer.pin_on = layer.dense_on = False
-                layer.clear_cache()
-
-    @contextlib.contextmanager
-    def fixed_on(self, layout: str) -> Iterator[None]:
-        """Turn on the fixed routing that ``dense`` or ``pinned`` last filled (their buffers
-        stay filled after the ``with`` ends), without refilling it: for a decode loop whose
-        rows stay the same for many steps while other work (a prefill) uses the routing."""
-        if layout not in ("dense", "pinned"):
-            raise ValueError(f"layout must be dense or pinned, not {layout!r}")
-        flag = "dense_on" if layout == "dense" else "pin_on"
-        try:
-            for layer in self.layers.values():
-                setattr(layer, flag, True)
-            yield
-        finally:
-            for layer in self.layers.values():
-                setattr(layer, flag, False)
-
-    def tables_state(self) -> list:
-        """What every layer's tables are now: each tensor (weakly referenced, so a table
-        replaced by a new tensor that happens to reuse the old one's address is not taken
-        for it) with its version counter (in-place updates move it), and the bank's scale.
-        ``tables_unchanged`` compares a state with the present."""
-        out: list = []
-        for layer in self.layers.values():
-            out += [(weakref.ref(t), t._version) for t in layer.tables()]
-            out.append((layer.rank, layer.alpha))
-        return out
-
-    def tables_unchanged(self, state: list | None) -> bool:
-        if state is None:
-            return False
-        now = self.tables_state()
-        if len(now) != len(state):
-            return False
-        for (a, va), (b, vb) in zip(state, now):
-            if isinstance(a, weakref.ref):
-                if a() is None or a() is not b() or va != vb:
-                    return False
-            elif (a, va) != (b, vb):
-                return False
-        return True
-
-    def fixed_layout(self, rows: Sequence[Row], batch: int | None = None, routing: Routing | None = None) -> str:
-        """``dense`` or ``pinned``: the fixed routing layout that reads fewer adapter bytes
-        per decode step for these rows in a batch of ``batch`` (``routing`` as for ``pinned``)."""
-        need = self._width(self.routing(rows) if routing is None else routing)
-        cols = max((layer.dense_columns() for layer in self.layers.values()), default=0)
-        return "dense" if cols <= (batch or len(rows)) * need else "pinned"
+    def set_backend(self, backend: Backend) -> None:
+        """Every layer reads its rows' adapters through ``backend`` from the next forward on."""
+        self._backend[0] = backend
 
 
 def _check_shapes(name, a, b, ta, tb, slot) -> None:

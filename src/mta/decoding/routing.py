@@ -1,0 +1,325 @@
+"""Per-row adapters: one routing interface, three backends (vLLM's punica wrapper is the
+model: ``punica_base`` the interface, ``punica_selector`` the choice).
+
+Every injected layer (``mta.engine.layer.BankLoRALinear``) computes, for row b,
+``y_b = W x_b + (row b's adapters) x_b``. HOW the rows' adapters are read is a ``Backend``,
+chosen once for the whole engine by whoever runs the model (``AdapterEngine.use``; the
+fixed layouts by ``mta.decoding.fixed``), never by the layer, which only calls its
+engine's current backend:
+
+- ``GATHERED`` (the default): each row's factors gathered from the tables by the engine's
+  current ``Routing``; the only backend that trains.
+- ``PINNED``: each row's factors in fixed buffers, zero-padded to one width (exact), for a
+  compiled or captured step; a new batch refills them in place.
+- ``DENSE``: every table's rank directions as the columns of two dense matrices and each
+  row's coefficients over them: fewer bytes per step when many rows share a bank. Where
+  the base weight is a plain bf16 linear, the A columns ride in the base GEMM (``_fold``).
+
+The tables and the buffers live on the layer; the code that reads and fills them is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mta.engine import kernels
+
+
+@dataclass
+class Routing:
+    """Per-row selection, shared by every injected layer of one engine.
+
+    anchor_idx: (B, k) bank slots; anchor_w: (B, k) their weights (0 for padding slots).
+    fused_idx / stack_idx: (B,) rows into the fused / stack tables, -1 for none.
+    active: (B,) False switches the row to the base model alone.
+    """
+
+    anchor_idx: torch.Tensor | None = None
+    anchor_w: torch.Tensor | None = None
+    fused_idx: torch.Tensor | None = None
+    stack_idx: torch.Tensor | None = None
+    active: torch.Tensor | None = None
+
+
+# How often a base weight has moved to new storage (the dense layout's fold, unfold): a
+# captured CUDA graph reads weights at fixed addresses, so GraphDecoder captures again when
+# this moved since its capture (one integer to compare per step, not every parameter)
+_WEIGHT_MOVES = [0]
+
+
+def weight_moves() -> int:
+    return _WEIGHT_MOVES[0]
+
+
+def _bank_parts(layer, rt: Routing):
+    idx, w = rt.anchor_idx, rt.anchor_w.to(layer.bank_A.dtype)
+    bsz, k = idx.shape
+    a = layer.bank_A[idx].reshape(bsz, k * layer.rank, layer.in_features)
+    b = layer.bank_B[idx].permute(0, 2, 1, 3).reshape(bsz, layer.out_features, k * layer.rank)
+    coef = (w * layer.scale).repeat_interleave(layer.rank, dim=1)
+    return a, b, coef
+
+
+def _table_parts(ta: torch.Tensor, tb: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor):
+    safe = idx.clamp(min=0)
+    coef = (idx >= 0).to(ta.dtype) * scale[safe]
+    return ta[safe], tb[safe], coef[:, None].expand(-1, ta.shape[1])
+
+
+def gathered(layer, rt: Routing):
+    """(A_row * coef (B, R, in), B_row (B, out, R)) for the rows of ``rt``, or None.
+
+    Without autograd (generation) the result is cached for as long as the routing and
+    the adapter tensors are unchanged: a decode step then costs two batched matmuls
+    per layer instead of re-gathering every step. The key holds the tensors'
+    identities and version counters, so an in-place update (load_user) invalidates it.
+    """
+    cacheable = not torch.is_grad_enabled()
+    if cacheable:  # (never while training: a compiled training layer reads no ids or versions)
+        key = (id(rt), id(layer.bank_A), layer.bank_A._version, layer.bank_B._version, id(layer.stack_A),
+               layer.stack_A._version, layer.stack_B._version, layer.stack_scale._version, id(layer.fused_A))
+        if layer._cache is not None and layer._cache[0] == key:
+            return layer._cache[1]
+    parts = []
+    if rt.anchor_idx is not None and layer.bank_A.shape[0]:
+        parts.append(_bank_parts(layer, rt))
+    if rt.fused_idx is not None and layer.fused_A.shape[0]:
+        parts.append(_table_parts(layer.fused_A, layer.fused_B, rt.fused_idx, layer.fused_scale))
+    if rt.stack_idx is not None and layer.stack_A.shape[0]:
+        parts.append(_table_parts(layer.stack_A, layer.stack_B, rt.stack_idx, layer.stack_scale))
+    if not parts:
+        out = None
+    else:
+        a = torch.cat([p[0] for p in parts], dim=1)          # (B, R, in)
+        b = torch.cat([p[1] for p in parts], dim=2)          # (B, out, R)
+        coef = torch.cat([p[2] for p in parts], dim=1)       # (B, R)
+        if rt.active is not None:
+            coef = coef * rt.active.to(coef.dtype)[:, None]
+        cd = layer.compute_dtype
+        out = ((a * coef[:, :, None]).to(cd), b.to(cd))
+    if cacheable:
+        layer._cache = (key, out)
+    return out
+
+
+def width(layer, rt: Routing) -> int:
+    """Rank directions per row that ``gathered`` concatenates for ``rt`` (its anchors',
+    fused slot's and stack's), read off the shapes without gathering anything."""
+    w = 0
+    if rt.anchor_idx is not None and layer.bank_A.shape[0]:
+        w += rt.anchor_idx.shape[1] * layer.rank
+    if rt.fused_idx is not None and layer.fused_A.shape[0]:
+        w += layer.fused_A.shape[1]
+    if rt.stack_idx is not None and layer.stack_A.shape[0]:
+        w += layer.stack_A.shape[1]
+    return w
+
+
+def pin(layer, rt: Routing, rows: int, width: int) -> None:
+    """Fill the pin buffers with the rows' factors (zero-padded to ``rows`` x ``width``
+    rank directions: zeros add exactly nothing), in place when the shape is unchanged."""
+    got = gathered(layer, rt)
+    cd, dev = layer.compute_dtype, layer.bank_A.device
+    shape_a, shape_b = (rows, width, layer.in_features), (rows, layer.out_features, width)
+    if tuple(layer.pin_A.shape) != shape_a or layer.pin_A.dtype != cd:
+        layer.pin_A = torch.zeros(shape_a, device=dev, dtype=cd)
+        layer.pin_B = torch.zeros(shape_b, device=dev, dtype=cd)
+    else:
+        layer.pin_A.zero_()
+        layer.pin_B.zero_()
+    if got is not None:
+        a, b = got
+        layer.pin_A[:a.shape[0], :a.shape[1]].copy_(a)
+        layer.pin_B[:b.shape[0], :, :b.shape[2]].copy_(b)
+
+
+def dense_columns(layer) -> int:
+    """Columns of the dense layout: every anchor's, fused slot's and user's rank directions."""
+    return sum(t.shape[0] * t.shape[1] for t in (layer.bank_A, layer.fused_A, layer.stack_A))
+
+
+def densify(layer, rt: Routing, rows: int, tables: bool = True) -> None:
+    """Fill the dense buffers: the tables as columns (anchors, fused slots, users, in
+    that order) and each row's coefficients over them, the same coefficients
+    ``gathered`` applies (anchor weight x scale, a slot's scale; 0 for an inactive or
+    padding row). In place when the shapes are unchanged. ``tables=False`` refills the
+    rows' coefficients only (the caller knows the tables did not change since the last
+    fill: ``mta.decoding.fixed.tables_state``)."""
+    cd, dev, master = layer.compute_dtype, layer.bank_A.device, layer.bank_A.dtype
+    n = dense_columns(layer)
+    if tables or layer.dense_A.shape[0] != n:
+        tables_ = [(layer.bank_A, layer.bank_B), (layer.fused_A, layer.fused_B), (layer.stack_A, layer.stack_B)]
+        a = torch.cat([ta.reshape(-1, layer.in_features) for ta, _ in tables_])
+        b = torch.cat([tb.permute(1, 0, 2).reshape(layer.out_features, -1) for _, tb in tables_], dim=1)
+        if _foldable(layer, cd):
+            _fold(layer, n)
+        elif layer._ext is not None:  # no longer foldable (fold_dense turned off): own dense_A again
+            unfold(layer)
+        if tuple(layer.dense_A.shape) != (n, layer.in_features) or layer.dense_A.dtype != cd:
+            layer.dense_A = a.to(cd).contiguous()
+        else:
+            layer.dense_A.copy_(a)
+        if tuple(layer.dense_B.shape) != (layer.out_features, n) or layer.dense_B.dtype != cd:
+            layer.dense_B = b.to(cd).contiguous()
+        else:
+            layer.dense_B.copy_(b)
+    w = torch.zeros(rows, n, dtype=master, device=dev)
+    if rt.anchor_idx is not None and layer.bank_A.shape[0]:
+        idx = rt.anchor_idx
+        cols = (idx[:, :, None] * layer.rank + torch.arange(layer.rank, device=dev)).reshape(idx.shape[0], -1)
+        vals = (rt.anchor_w.to(master) * layer.scale)[:, :, None].expand(-1, -1, layer.rank).reshape(idx.shape[0], -1)
+        w[:idx.shape[0]].scatter_add_(1, cols, vals)
+    off = layer.bank_A.shape[0] * layer.rank
+    for ta, scale, idx in ((layer.fused_A, layer.fused_scale, rt.fused_idx), (layer.stack_A, layer.stack_scale,
+                                                                             rt.stack_idx)):
+        r = ta.shape[1]
+        if idx is not None and ta.shape[0]:
+            safe = idx.clamp(min=0)
+            cols = off + safe[:, None] * r + torch.arange(r, device=dev)
+            vals = ((idx >= 0).to(master) * scale[safe])[:, None].expand(-1, r)
+            w[:idx.shape[0]].scatter_add_(1, cols, vals)
+        off += ta.shape[0] * r
+    if rt.active is not None:
+        w[:rt.active.shape[0]] *= rt.active.to(master)[:, None]
+    if tuple(layer.dense_W.shape) != (rows, n) or layer.dense_W.dtype != cd:
+        layer.dense_W = w.to(cd)
+    else:
+        layer.dense_W.copy_(w)
+
+
+def _foldable(layer, cd: torch.dtype) -> bool:
+    """The A columns can ride in the base matmul: a plain bias-free linear whose weight
+    is in the adapter compute dtype (a bf16 base with bf16 adapter compute)."""
+    w = layer.base.weight
+    return (layer.fold_dense and type(layer.base) is nn.Linear and layer.base.bias is None
+            and w.dtype == cd and not w.requires_grad)
+
+
+def _fold(layer, n: int) -> None:
+    """Make room for ``n`` A columns after the base weight's rows: a new (out + n, in)
+    matrix when the column count changed (the base weight copied into its first rows
+    and ``base.weight`` made a view of them, so no second copy of the base is held),
+    dense_A the view of its last rows (densify fills it)."""
+    out = layer.out_features
+    if layer._ext is None or layer._ext.shape[0] != out + n:
+        w = layer.base.weight
+        ext = torch.empty(out + n, layer.in_features, dtype=w.dtype, device=w.device)
+        ext[:out].copy_(w)
+        w.data = ext[:out]  # the old storage is freed here
+        _WEIGHT_MOVES[0] += 1
+        layer._ext = ext
+    layer.dense_A = layer._ext[out:]
+
+
+def unfold(layer) -> None:
+    """Give the base weight its own storage again (the engine's removal calls this)."""
+    if layer._ext is None:
+        return
+    w = layer.base.weight
+    w.data = w.data.clone()
+    _WEIGHT_MOVES[0] += 1
+    layer.dense_A = layer._ext[layer.out_features:].clone()
+    layer._ext = None
+
+
+def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    w = layer.dense_W
+    if w.shape[0] != x.shape[0]:
+        raise RuntimeError(f"routing is set for {w.shape[0]} rows but the batch has {x.shape[0]}")
+    if not layer.dense_A.shape[0]:  # no table at all: the base layer alone
+        return layer.base(x)
+    if layer._ext is not None:  # one GEMM: the base output, then every column's projection
+        full = F.linear(x, layer._ext)
+        flat = full.reshape(-1, full.shape[-1])
+        if kernels.usable(flat, w, layer.dense_B):  # the mixing, the B side and the add: one kernel
+            tokens = x.shape[1] if x.dim() == 3 else 1
+            return kernels.dense_mix(flat, w, layer.dense_B, tokens).reshape(*x.shape[:-1], layer.out_features)
+        y, z = full[..., :layer.out_features], full[..., layer.out_features:]
+    else:
+        y = layer.base(x)
+        z = x.to(layer.dense_A.dtype) @ layer.dense_A.t()        # (..., N): every column's projection
+    z = z * (w if x.dim() == 2 else w[:, None, :])             # each row's own mixture
+    if torch.compiler.is_compiling():
+        # inductor fuses a plain add into the next elementwise kernel (the rotary
+        # embedding, the activation, the residual add); an addmm on the strided slice y
+        # would copy y into its output first, a kernel more per layer
+        return y + (z @ layer.dense_B.t()).to(y.dtype)
+    if y.dtype == layer.dense_B.dtype:  # the add inside the matmul
+        return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]),
+                           layer.dense_B.t()).reshape(y.shape)
+    return y + (z @ layer.dense_B.t()).to(y.dtype)
+
+
+def _add_rows(layer, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``y`` plus each row's ``x @ a_row.T @ b_row.T``: two batched matmuls (the add inside
+    the second one when the dtypes allow)."""
+    if a.shape[0] != x.shape[0]:
+        raise RuntimeError(f"routing is set for {a.shape[0]} rows but the batch has {x.shape[0]}")
+    squeeze = x.dim() == 2
+    h = x.unsqueeze(1) if squeeze else x
+    h = h.to(a.dtype)
+    z = torch.bmm(h, a.transpose(1, 2))
+    if y.dtype == b.dtype:  # the add inside the second matmul: one kernel fewer per layer
+        out = torch.baddbmm(y.unsqueeze(1) if squeeze else y, z, b.transpose(1, 2))
+        return out.squeeze(1) if squeeze else out
+    delta = torch.bmm(z, b.transpose(1, 2))
+    if squeeze:
+        delta = delta.squeeze(1)
+    return y + delta.to(y.dtype)
+
+
+class Backend:
+    """How an injected layer reads its rows' adapters: ``forward(layer, x)`` is the layer's
+    output for ``x``, the base output plus every row's own adapters."""
+
+    name = ""
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Gathered(Backend):
+    """Each row's factors gathered from the tables by the engine's current ``Routing``
+    (cached while nothing changes and no gradient is taken); no routing: the base model.
+    Training and the eager decoders."""
+
+    name = "gathered"
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        y = layer.base(x)
+        rt = layer._routing_ref[0]
+        if rt is None:
+            return y
+        got = gathered(layer, rt)
+        if got is None:
+            return y
+        return _add_rows(layer, x, y, *got)
+
+
+class Pinned(Backend):
+    """Each row's factors in fixed buffers (``pin`` fills them): a captured step's routing."""
+
+    name = "pinned"
+    fill = staticmethod(pin)
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return _add_rows(layer, x, layer.base(x), layer.pin_A, layer.pin_B)
+
+
+class Dense(Backend):
+    """Every table as columns, each row's coefficients over them (``densify`` fills them):
+    a captured step's routing when it reads fewer bytes than ``Pinned``."""
+
+    name = "dense"
+    fill = staticmethod(densify)
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return dense_forward(layer, x)
+
+
+GATHERED, PINNED, DENSE = Gathered(), Pinned(), Dense()
+BACKENDS = {b.name: b for b in (GATHERED, PINNED, DENSE)}
