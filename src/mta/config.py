@@ -337,6 +337,11 @@ class ServeConfig(_Config):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body, in bytes")
     retry_after: int = Field(1, ge=1, description="seconds a 429 answer asks the client to wait")
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds a shutdown waits for running requests")
+    adapt_worker: bool = Field(True, description="adapt users in a worker process with its own copy of the model, "
+                               "beside the decode loop; off: on the decode loop's thread, once the running requests "
+                               "have finished (no second copy of the model, but requests wait for the job)")
+    adapt_share: float = Field(0.5, gt=0, le=1, description="share of the machine the adaptation worker takes: of "
+                               "the CPU cores for its threads (at least one), or of the GPU's memory")
 
 
 def load_sections(dumped: dict[str, dict]) -> dict[str, _Config]:

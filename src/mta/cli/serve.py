@@ -62,7 +62,7 @@ def serve_cmd(
         return
     backbone = load_backbone(cfg.backbone, rec.model, rec.embedder)
     loaded = LoadedBank(backbone, bank, resident=cfg.serve.resident)
-    app = build_app(loaded, st, key_table, cfg.serve, cfg.generate, histories, cfg.adapt)
+    app = build_app(loaded, st, key_table, cfg.serve, cfg.generate, histories, cfg.adapt, backbone=cfg.backbone)
     s = cfg.serve
     err_console.print(f"serving {escape(str(bank))} ({rec.task}, {backbone.model_id} on {backbone.device}) at "
                       f"http://{s.host}:{s.port}")

@@ -25,7 +25,7 @@ import logging
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 
-from mta.config import AdaptConfig, GenerateConfig, ServeConfig
+from mta.config import AdaptConfig, BackboneConfig, GenerateConfig, ServeConfig
 from mta.data.schema import User
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank
@@ -39,12 +39,14 @@ log = logging.getLogger(__name__)
 
 
 def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeConfig, gen: GenerateConfig,
-              users: list[User] | None = None, adapt_cfg: AdaptConfig | None = None, job_prefix: str = "") -> FastAPI:
+              users: list[User] | None = None, adapt_cfg: AdaptConfig | None = None, job_prefix: str = "",
+              backbone: BackboneConfig | None = None) -> FastAPI:
     """The server around an opened bank (the backbone loaded, the bank checked): the
     service (``app.state.service``), the routes of ``mta.serving.routes``, the body
     limit and OpenAI-shaped errors. ``job_prefix`` makes adapt-job ids unique across
-    replicas (mta.serving.ray_serve)."""
-    svc = Service(bank, store, keys, cfg, gen, users, adapt_cfg, job_prefix)
+    replicas (mta.serving.ray_serve); ``backbone``, how the backbone was loaded, lets adapt
+    jobs run in a worker process beside decoding (``Service``)."""
+    svc = Service(bank, store, keys, cfg, gen, users, adapt_cfg, job_prefix, backbone)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,6 +55,7 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
         yield
         svc.ready = False
         await asyncio.to_thread(svc.scheduler.shutdown, cfg.shutdown_timeout)
+        await asyncio.to_thread(svc.close)
 
     app = FastAPI(title="mta", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = svc

@@ -87,7 +87,7 @@ class ReplicaServer:
         self.loaded = LoadedBank(Backbone.load(cfg["backbone"], rec.model, rec.embedder), bank,
                                  resident=cfg["serve"].resident)
         app = build_app(self.loaded, self.store, Keys.read(Path(spec["keys"])), cfg["serve"], cfg["generate"],
-                        histories, cfg["adapt"], job_prefix=spec.get("job_prefix", ""))
+                        histories, cfg["adapt"], job_prefix=spec.get("job_prefix", ""), backbone=cfg["backbone"])
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     timeout_graceful_shutdown=int(cfg["serve"].shutdown_timeout)))

@@ -6,17 +6,19 @@ Errors are ``ApiError``s carrying the HTTP status and OpenAI's error fields."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from mta.config import AdaptConfig, GenerateConfig, ServeConfig
+from mta.config import AdaptConfig, BackboneConfig, GenerateConfig, ServeConfig
 from mta.data.schema import HistoryItem, User
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank
+from mta.serving.adapt_worker import AdaptWorker, install, worker_backbone
 from mta.serving.metrics import Metrics
 from mta.serving.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from mta.serving.security import Keys, Principal
@@ -93,11 +95,20 @@ def checked_user(user_id: str) -> str:
 
 class Service:
     """One server's state and operations (see the module doc). ``job_prefix`` makes
-    adapt-job ids unique across replicas (mta.serving.ray_serve)."""
+    adapt-job ids unique across replicas (mta.serving.ray_serve). ``backbone``: how the
+    backbone was loaded, for the adaptation worker (``ServeConfig.adapt_worker``); without
+    it (a backbone built in memory) adapt jobs run on the decode loop's thread."""
 
     def __init__(self, bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeConfig, gen: GenerateConfig,
-                 users: list[User] | None = None, adapt_cfg: AdaptConfig | None = None, job_prefix: str = ""):
+                 users: list[User] | None = None, adapt_cfg: AdaptConfig | None = None, job_prefix: str = "",
+                 backbone: BackboneConfig | None = None):
         self.bank, self.store, self.keys, self.cfg, self.gen = bank, store, keys, cfg, gen
+        self.worker: AdaptWorker | None = None
+        if cfg.adapt_worker and backbone is not None and store is not None and bank.path is not None:
+            self.worker = AdaptWorker(worker_backbone(backbone, bank.backbone.model_id, bank.backbone.embedder_id,
+                                                      cfg.adapt_share), bank.path, cfg.adapt_share)
+        self._adapts = ThreadPoolExecutor(1, thread_name_prefix="mta-adapt")  # the worker's jobs, in order
+        self._writes = threading.Lock()  # this process's writers of the store, one at a time
         self.metrics = Metrics()
         self.adapt_cfg = bank.settings(adapt_cfg)  # once: what was typed, else the bank's and the model's recipes
         self.scheduler = Scheduler(bank, store, gen, cfg.max_batch, cfg.max_queue, self.adapt_cfg, self.metrics,
@@ -185,16 +196,33 @@ class Service:
         self.jobs[job.id] = job
         self.publish(job)
 
+        def deleted() -> bool:  # here or by another server on the store, while this job waited
+            return job.status == "cancelled" or self.histories.get(user_id) is None
+
         def run():
-            if job.status == "cancelled" or self.histories.get(user_id) is None:
-                job.status = "cancelled"  # the user was deleted (here or by another server on the store)
-                return None               # while this job waited: nothing of them comes back
+            if deleted():
+                job.status = "cancelled"  # nothing of the user comes back
+                return None
             job.status = "running"
             self.publish(job)
             job.started = time.monotonic()
             stats = self.bank.adapt([user], self.adapt_cfg, self.store)
             self.bank.stacks.evict(user_id)
             return {"adapted": stats["adapted"], "bytes": stats["bytes_per_user"].get(user_id)}
+
+        def run_beside():  # in the worker process; only the install takes the store's lock
+            if deleted():
+                job.status = "cancelled"
+                return None
+            job.status = "running"
+            self.publish(job)
+            job.started = time.monotonic()
+            staged, stats = self.worker.adapt(user, self.adapt_cfg)
+            with self._writes, self.store.writing():
+                if deleted():  # deleted while it trained: the staged user is dropped
+                    job.status = "cancelled"
+                    return None
+                return {"adapted": stats["adapted"], "bytes": install(self.store, staged, user_id)}
 
         def finished(f):
             if job.status != "cancelled":
@@ -205,8 +233,16 @@ class Service:
             self.metrics.adapted(job.status, time.monotonic() - job.started if job.started else None)
             self.publish(job)
 
-        self.scheduler.run_exclusive(run).add_done_callback(finished)
+        fut = self._adapts.submit(run_beside) if self.worker is not None else self.scheduler.run_exclusive(run)
+        fut.add_done_callback(finished)
         return job
+
+    def close(self) -> None:
+        """After the scheduler stopped: the adaptation worker stops (a job still training is
+        abandoned: the store never sees it)."""
+        if self.worker is not None:
+            self.worker.close()
+        self._adapts.shutdown(wait=False, cancel_futures=True)
 
     def publish(self, job: AdaptJob) -> None:
         """The job's state, also in the store, so that any process serving the store can
@@ -238,7 +274,7 @@ class Service:
                 store.delete_jobs_of(user_id)
             removed = False
             if store is not None and store.has(user_id):
-                with store.writing():
+                with self._writes, store.writing():
                     store.delete(user_id)
                 removed = True
             return self.histories.delete(user_id) or removed
