@@ -9,6 +9,14 @@ directory, or --work), starts `mta serve` twice (--max-batch N, then --max-batch
 sends the same bounded set of chat requests (user i mod M, max_tokens fixed) from N
 client threads, and prints requests/s, tokens/s, p50/p99 latency and the error count of
 each, with the ratio; the JSON goes to --out.
+
+    .venv/bin/python benchmarks/serve_load.py --adapt-during    # latency while users are onboarded
+
+With --adapt-during the same load runs three times at one batch size: without adapt jobs,
+with a user being adapted the whole time (new users uploaded and adapted one after
+another over HTTP) by the default adaptation worker, and the same with --no-adapt-worker
+(jobs on the decode loop's thread); it prints each one's latency and the p99 ratios
+against the run without jobs.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +36,7 @@ from pathlib import Path
 import httpx2 as httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+ready = threading.Event()  # adapt_loop's warm-up job has finished
 
 
 def mta(*args: str) -> str:
@@ -54,14 +64,47 @@ def setup(work: Path, model: str, embedder: str, users: int, device: str) -> tup
     return (work / "admin.key").read_text().strip(), [f"synth-{i:04d}" for i in range(users)]
 
 
-def run(work: Path, key: str, users: list[str], a, max_batch: int) -> dict:
+def adapt_one(client, url: str, uid: str, history: list, stop: threading.Event | None = None) -> str | None:
+    """Upload ``uid``'s history, adapt them, wait for the job; its end status (None: stopped first)."""
+    client.post(url + "/v1/admin/history", json={"user": uid, "history": history}).raise_for_status()
+    job = client.post(url + "/v1/admin/adapt", json={"user": uid}).json()["job"]
+    while stop is None or not stop.is_set():
+        status = client.get(url + f"/v1/admin/jobs/{job}").json()["status"]
+        if status in ("done", "failed", "cancelled"):
+            return status
+        time.sleep(0.1)
+    return None
+
+
+def adapt_loop(url: str, key: str, work: Path, newcomers: list[str], stop: threading.Event, ended: list) -> None:
+    """Keep one user being adapted until ``stop``: a newcomer's history uploaded, the user
+    adapted, the next one; each finished job's status goes to ``ended``. One job first, not
+    counted, so the adaptation worker has started before the load."""
+    history = {u["user_id"]: u["history"] for u in map(json.loads, (work / "data" / "users.jsonl").open())}
+    client = httpx.Client(timeout=600, headers={"Authorization": f"Bearer {key}"})
+    if adapt_one(client, url, newcomers[-1], history[newcomers[-1]]) != "done":
+        raise SystemExit("the warm-up adapt job failed; see the server's log")
+    ready.set()
+    k = 0
+    while not stop.is_set():
+        uid = newcomers[k % (len(newcomers) - 1)]
+        k += 1
+        status = adapt_one(client, url, uid, history[uid], stop)
+        if status is not None:
+            ended.append(status)
+
+
+def run(work: Path, key: str, users: list[str], a, max_batch: int, extra: tuple[str, ...] = (),
+        newcomers: list[str] | None = None, name: str = "") -> dict:
+    """The load on a server of ``max_batch``; with ``newcomers``, a user is being adapted
+    the whole time the load runs (``adapt_loop``)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = (work / f"serve-b{max_batch}.log").open("w")
+    log = (work / f"serve-b{max_batch}{name}.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(work / "bank"), "--store",
                              str(work / "store"), "--users", str(work / "data"), "--keys", str(work / "keys.json"),
                              "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(a.requests),
-                             "--device", a.device, "--decoder", a.decoder], cwd=ROOT, stdout=log,
+                             "--device", a.device, "--decoder", a.decoder, *extra], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
@@ -90,12 +133,25 @@ def run(work: Path, key: str, users: list[str], a, max_batch: int) -> dict:
 
         for i in range(min(4, a.requests)):  # warm-up, not counted
             one(i)
+        stop, ended = threading.Event(), []
+        adapting = threading.Thread(target=adapt_loop, args=(url, key, work, newcomers, stop, ended), daemon=True)
+        if newcomers:
+            ready.clear()
+            adapting.start()
+            if not ready.wait(600):
+                raise SystemExit("the warm-up adapt job did not finish in 10 minutes")
+            time.sleep(0.5)  # the next job under way
         t0 = time.perf_counter()
         with ThreadPoolExecutor(a.clients) as ex:
             results = list(ex.map(one, range(a.requests)))
         wall = time.perf_counter() - t0
+        stop.set()
+        if newcomers:
+            adapting.join(timeout=600)
         lat = sorted(r[0] for r in results)
-        return {"max_batch": max_batch, "requests": a.requests, "clients": a.clients, "users": len(users),
+        return {"name": name or f"max batch {max_batch}", "adapt_jobs_done": ended.count("done"),
+                "adapt_jobs_failed": len(ended) - ended.count("done"),
+                "max_batch": max_batch, "requests": a.requests, "clients": a.clients, "users": len(users),
                 "wall_s": wall, "requests_per_s": a.requests / wall, "tokens_per_s": sum(r[1] for r in results) / wall,
                 "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
                 "errors": sum(not r[2] for r in results)}
@@ -122,6 +178,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--work", type=Path, help="keep the bank, store and logs here (default: a temporary directory)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_load.json"))
+    ap.add_argument("--adapt-during", action="store_true", help="the load without adapt jobs, with a user being "
+                    "adapted by the worker the whole time, and with jobs on the decode loop's thread")
     a = ap.parse_args()
     if a.model == "tiny-random-llama" and a.embedder == "minilm-l6":
         a.embedder = "hashing-embedder"
@@ -129,7 +187,17 @@ def main() -> None:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         key, users = setup(work, a.model, a.embedder, a.users, a.device)
-        rows = [run(work, key, users, a, a.clients), run(work, key, users, a, 1)]
+        if a.adapt_during:
+            newcomers = [f"synth-{i:04d}" for i in range(a.users, a.users + 8)]  # in the data, not in the store
+            rows = [run(work, key, users, a, a.clients, name="no adapt job"),
+                    run(work, key, users, a, a.clients, newcomers=newcomers, name="adapting, worker"),
+                    run(work, key, users, a, a.clients, ("--no-adapt-worker",), newcomers,
+                        name="adapting, decode thread")]
+        else:
+            rows = [run(work, key, users, a, a.clients), run(work, key, users, a, 1)]
+    if a.adapt_during:
+        report_adapting(a, rows)
+        return
     ratio = rows[0]["requests_per_s"] / rows[1]["requests_per_s"]
     print(f"mta serve, {a.model} on {a.device}: {a.requests} requests, {a.clients} clients over {a.users} users, "
           f"max_tokens {a.max_tokens}, prompt {a.prompt!r}")
@@ -142,6 +210,21 @@ def main() -> None:
     a.out.write_text(json.dumps({"model": a.model, "device": a.device, "decoder": a.decoder, "max_tokens": a.max_tokens,
                                  "prompt": a.prompt,
                                  "rows": rows, "ratio": ratio}, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+def report_adapting(a, rows: list[dict]) -> None:
+    base = rows[0]
+    print(f"mta serve, {a.model} on {a.device}: {a.requests} requests, {a.clients} clients over {a.users} users, "
+          f"max_tokens {a.max_tokens}; a user adapted the whole time in the last two runs")
+    print(f"{'run':<24} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'p99 / none':>10} {'jobs':>5} {'errors':>6}")
+    for r in rows:
+        r["p99_vs_no_job"] = r["p99_s"] / base["p99_s"]
+        print(f"{r['name']:<24} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} "
+              f"{r['p99_vs_no_job']:>10.2f} {r['adapt_jobs_done']:>5} {r['errors']:>6}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "decoder": a.decoder, "max_tokens": a.max_tokens,
+                                 "prompt": a.prompt, "adapt_during": True, "rows": rows}, indent=2) + "\n")
     print(f"wrote {a.out}")
 
 
