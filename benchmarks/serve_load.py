@@ -100,7 +100,8 @@ def run(work: Path, key: str, users: list[str], a, max_batch: int, extra: tuple[
     the whole time the load runs (``adapt_loop``)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = (work / f"serve-b{max_batch}{name}.log").open("w")
+    tag = "".join(c if c.isalnum() else "-" for c in name)
+    log = (work / f"serve-b{max_batch}{'-' + tag if tag else ''}.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(work / "bank"), "--store",
                              str(work / "store"), "--users", str(work / "data"), "--keys", str(work / "keys.json"),
                              "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(a.requests),
@@ -115,7 +116,7 @@ def run(work: Path, key: str, users: list[str], a, max_batch: int, extra: tuple[
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {(work / f'serve-b{max_batch}.log').read_text()[-1500:]}")
+                raise SystemExit(f"the server did not start: {Path(log.name).read_text()[-1500:]}")
             time.sleep(0.5)
         client = httpx.Client(timeout=a.timeout, headers={"Authorization": f"Bearer {key}"})
 
