@@ -189,6 +189,32 @@ def test_progress_lines_estimate_from_the_observed_rate_and_not_before_it_settle
     assert lines[1] == "bank steps: 15/100 (15%), 10 s, about 170 s left"
     assert lines[2] == "bank steps: 20/100 (20%), 20 s, about 160 s left"
     assert lines[3] == "bank steps: 100/100 (100%), 90 s" and len(lines) == 4
+    bars.close()
+
+
+def test_a_stage_without_reports_still_prints_that_it_is_working_until_the_command_ends(monkeypatch, capsys):
+    """Without a terminal, a long step with no report (an 18-minute bank build printed 5
+    lines) gets a line every EVERY seconds with its time so far; none once the stage is
+    done or the command's progress has ended."""
+    import mta.cli.common as common
+
+    monkeypatch.setattr(common.Bars, "EVERY", 0.2)
+    with common.progress() as bar:
+        assert bar is None  # not a terminal here
+        bars = common.Bars(bar)
+        bars("steps", 1, 2)
+        time.sleep(1.0)
+        beats = capsys.readouterr().err.strip().splitlines()
+        assert beats[0] == "steps: 1/2 (50%), 0 s" and len(beats) >= 3, beats
+        assert all(b.startswith("steps: 1/2 (50%), ") and b.endswith(" (working)") for b in beats[1:]), beats
+        bars("steps", 2, 2)
+        time.sleep(0.5)
+        done = capsys.readouterr().err.strip().splitlines()
+        assert len(done) == 1 and done[0].startswith("steps: 2/2 (100%)"), done  # no beat for a finished stage
+        bars("save", 0, 1)
+    capsys.readouterr()
+    time.sleep(0.5)
+    assert not capsys.readouterr().err and bars.stopped.is_set()  # progress() ended: the heartbeat stopped
 
 
 def test_a_body_over_the_limit_is_refused_with_or_without_its_length(tmp_path):

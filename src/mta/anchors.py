@@ -9,6 +9,7 @@ ties broken by closeness to the centroid.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,9 +26,14 @@ log = logging.getLogger(__name__)
 TIE_TOLERANCE = 1e-6
 
 
-def embed_users(users: list[User], task: Task, embedder, batch_size: int = 64) -> np.ndarray:
+EMBED_CHUNK = 8192  # history items embedded between two progress reports (one call below it)
+
+
+def embed_users(users: list[User], task: Task, embedder, batch_size: int = 64,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(n_users, dim) float32: the mean of each user's normalised item embeddings,
-    itself normalised (so that a dot product is the cosine similarity)."""
+    itself normalised (so that a dot product is the cosine similarity). A large pool is
+    embedded ``EMBED_CHUNK`` items at a time, ``progress(items done, items)`` after each."""
     texts, owner = [], []
     for i, u in enumerate(users):
         if not u.history:
@@ -35,8 +41,13 @@ def embed_users(users: list[User], task: Task, embedder, batch_size: int = 64) -
         for it in u.history:
             texts.append(task.render_item(it))
             owner.append(i)
-    vecs = embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
+    parts = []
+    for start in range(0, len(texts), EMBED_CHUNK):
+        parts.append(embedder.encode(texts[start:start + EMBED_CHUNK], batch_size=batch_size,
+                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False))
+        if progress:
+            progress(min(start + EMBED_CHUNK, len(texts)), len(texts))
+    vecs = np.concatenate(parts) if len(parts) > 1 else parts[0]
     out = np.zeros((len(users), vecs.shape[1]), dtype=np.float64)
     np.add.at(out, np.asarray(owner), vecs.astype(np.float64))
     out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)

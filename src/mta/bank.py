@@ -164,7 +164,7 @@ def build_bank(
     from the model's registered recipe for ``task`` (``mta.defaults``), as in `mta bank build`.
     """
     cfg = defaults.resolve(cfg, defaults.layers(backbone.model_id, task.name))
-    rec = prepare_bank(backbone, users, task, cfg, out, recipe)
+    rec = prepare_bank(backbone, users, task, cfg, out, recipe, progress)
     ensure_base(backbone, rec, users, task, cfg, Path(out), base_cfg, progress)
     _train_missing(backbone, rec, users, task, cfg, Path(out), "anchor", progress, trained)
     return rec
@@ -186,7 +186,7 @@ def ensure_base(backbone: Backbone, rec: BankRecord, users: list[User], task: Ta
 
 
 def prepare_bank(backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
-                 recipe: dict | None = None) -> BankRecord:
+                 recipe: dict | None = None, progress: Progress | None = None) -> BankRecord:
     """The bank's index: anchors chosen and written, none trained yet (or, when ``out``
     already holds this bank, the index as it is, for a resume). No lock: the caller is
     the bank's writer."""
@@ -197,7 +197,10 @@ def prepare_bank(backbone: Backbone, users: list[User], task: Task, cfg: BankCon
         log.info("resuming bank build in %s", out)
     else:
         t0 = time.perf_counter()
-        emb = embed_users(users, task, backbone.embedder)
+        if progress:
+            progress("items embedded", 0, sum(len(u.history) for u in users))
+        emb = embed_users(users, task, backbone.embedder,
+                          progress=(lambda d, t: progress("items embedded", d, t)) if progress else None)
         sel = select_anchors(users, emb, cfg.anchors, cfg.min_history, cfg.seed)
         pos = {u.user_id: i for i, u in enumerate(users)}
         pooled = cfg.anchor_training == "cluster"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -40,13 +41,24 @@ QUIET = {"on": False}  # set by `mta --quiet`
 
 def progress():
     """Rich bars on a terminal; elsewhere (logs, CI) a context yielding None, for which
-    ``Bars`` prints plain lines; nothing with --quiet."""
-    if QUIET["on"] or not err_console.is_terminal:
+    ``Bars`` prints plain lines (their heartbeats stop when it ends); nothing with --quiet."""
+    if QUIET["on"]:
         return contextlib.nullcontext(None)
+    if not err_console.is_terminal:
+        return _plain()
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
     )
+
+
+@contextlib.contextmanager
+def _plain():
+    try:
+        yield None
+    finally:
+        for bars in list(Bars.beating):
+            bars.close()
 
 
 class Bars:
@@ -60,13 +72,35 @@ class Bars:
     (work done before it is not counted as if it took no time), and only once that rate
     rests on ``SETTLE`` seconds of progress; until then no estimate is printed."""
 
-    ABSOLUTE = ("anchors", "users", "steps", "trials", "bytes")
+    ABSOLUTE = ("anchors", "users", "steps", "trials", "bytes", "embedded")
     EVERY = 10.0
     SETTLE = 5.0
+    beating: set[Bars] = set()  # plain Bars whose heartbeat runs (``progress()``'s end stops them)
 
     def __init__(self, bar: Progress | None):
         self.bar, self.ids = bar, {}
         self.plain: dict[str, list] = {}  # stage -> [done, total, first report, last printed, done at first]
+        self.current: str | None = None  # the stage reported last
+        self.printed = 0.0  # when a line was printed last (the first report always prints)
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.heart: threading.Thread | None = None
+
+    def close(self) -> None:
+        """Stop the heartbeat (the command's work is over)."""
+        self.stopped.set()
+        Bars.beating.discard(self)
+
+    def _beat(self) -> None:
+        """Outside a terminal, a stage with no report for ``EVERY`` seconds (one long
+        optimiser step, a long save) still gets a line every ``EVERY`` seconds: the work is
+        alive, and how long it has taken."""
+        while not self.stopped.wait(self.EVERY / 2):
+            with self.lock:
+                st = self.plain.get(self.current) if self.current else None
+                if st is None or (st[1] and st[0] >= st[1]) or time.monotonic() - self.printed < self.EVERY:
+                    continue
+                self._print(self.current, st, time.monotonic(), " (working)")
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if QUIET["on"]:
@@ -78,23 +112,31 @@ class Bars:
             task = self.ids[stage]
             self.bar.update(task, total=total, completed=done if absolute else self.bar.tasks[task].completed + done)
             return
-        now = time.monotonic()
-        first = stage not in self.plain
-        st = self.plain.setdefault(stage, [0, total, now, now, done if absolute else 0])
-        st[0] = done if absolute else st[0] + done
-        st[1] = total
-        finished = bool(total) and st[0] >= total
-        if not (first or finished or now - st[3] >= self.EVERY):
-            return
-        st[3] = now
-        elapsed = now - st[2]
+        with self.lock:
+            now = time.monotonic()
+            first = stage not in self.plain
+            st = self.plain.setdefault(stage, [0, total, now, now, done if absolute else 0])
+            st[0] = done if absolute else st[0] + done
+            st[1] = total
+            self.current = stage
+            if self.heart is None and not self.stopped.is_set():
+                self.heart = threading.Thread(target=self._beat, name="mta-progress", daemon=True)
+                Bars.beating.add(self)
+                self.heart.start()
+            finished = bool(total) and st[0] >= total
+            if first or finished or now - st[3] >= self.EVERY:
+                self._print(stage, st, now)
+
+    def _print(self, stage: str, st: list, now: float, note: str = "") -> None:
+        st[3] = self.printed = now
+        elapsed, total = now - st[2], st[1]
         if not total:  # unknown total (a download without a length)
-            err_console.print(f"{stage}: {st[0]}, {elapsed:.0f} s", highlight=False, soft_wrap=True)
+            err_console.print(f"{stage}: {st[0]}, {elapsed:.0f} s{note}", highlight=False, soft_wrap=True)
             return
         left = ""
-        if not finished and elapsed >= self.SETTLE and st[0] > st[4]:
+        if st[0] < total and elapsed >= self.SETTLE and st[0] > st[4]:
             left = f", about {(total - st[0]) * elapsed / (st[0] - st[4]):.0f} s left"
-        err_console.print(f"{stage}: {st[0]}/{total} ({100 * st[0] / total:.0f}%), {elapsed:.0f} s{left}",
+        err_console.print(f"{stage}: {st[0]}/{total} ({100 * st[0] / total:.0f}%), {elapsed:.0f} s{left}{note}",
                           highlight=False, soft_wrap=True)
 
 
