@@ -3,7 +3,7 @@ model: ``punica_base`` the interface, ``punica_selector`` the choice).
 
 Every injected layer (``mta.engine.layer.BankLoRALinear``) computes, for row b,
 ``y_b = W x_b + (row b's adapters) x_b``. HOW the rows' adapters are read is a ``Backend``,
-chosen once for the whole engine by whoever runs the model (``AdapterEngine.use``; the
+chosen once for the whole engine by whoever runs the model (``AdapterEngine.set_backend``; the
 fixed layouts by ``mta.decoding.fixed``), never by the layer, which only calls its
 engine's current backend:
 
@@ -254,7 +254,7 @@ def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return y + (z @ layer.dense_B.t()).to(y.dtype)
 
 
-def _add_rows(layer, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _add_rows(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``y`` plus each row's ``x @ a_row.T @ b_row.T``: two batched matmuls (the add inside
     the second one when the dtypes allow)."""
     if a.shape[0] != x.shape[0]:
@@ -297,17 +297,16 @@ class Gathered(Backend):
         got = gathered(layer, rt)
         if got is None:
             return y
-        return _add_rows(layer, x, y, *got)
+        return _add_rows(x, y, *got)
 
 
 class Pinned(Backend):
     """Each row's factors in fixed buffers (``pin`` fills them): a captured step's routing."""
 
     name = "pinned"
-    fill = staticmethod(pin)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
-        return _add_rows(layer, x, layer.base(x), layer.pin_A, layer.pin_B)
+        return _add_rows(x, layer.base(x), layer.pin_A, layer.pin_B)
 
 
 class Dense(Backend):
@@ -315,11 +314,9 @@ class Dense(Backend):
     a captured step's routing when it reads fewer bytes than ``Pinned``."""
 
     name = "dense"
-    fill = staticmethod(densify)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         return dense_forward(layer, x)
 
 
 GATHERED, PINNED, DENSE = Gathered(), Pinned(), Dense()
-BACKENDS = {b.name: b for b in (GATHERED, PINNED, DENSE)}

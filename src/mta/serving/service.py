@@ -199,24 +199,25 @@ class Service:
         def deleted() -> bool:  # here or by another server on the store, while this job waited
             return job.status == "cancelled" or self.histories.get(user_id) is None
 
-        def run():
+        def begin() -> bool:
             if deleted():
                 job.status = "cancelled"  # nothing of the user comes back
-                return None
+                return False
             job.status = "running"
             self.publish(job)
             job.started = time.monotonic()
+            return True
+
+        def run():
+            if not begin():
+                return None
             stats = self.bank.adapt([user], self.adapt_cfg, self.store)
             self.bank.stacks.evict(user_id)
             return {"adapted": stats["adapted"], "bytes": stats["bytes_per_user"].get(user_id)}
 
         def run_beside():  # in the worker process; only the install takes the store's lock
-            if deleted():
-                job.status = "cancelled"
+            if not begin():
                 return None
-            job.status = "running"
-            self.publish(job)
-            job.started = time.monotonic()
             staged, stats = self.worker.adapt(user, self.adapt_cfg)
             with self._writes, self.store.writing():
                 if deleted():  # deleted while it trained: the staged user is dropped
