@@ -84,4 +84,5 @@ def test_a_user_deleted_while_their_job_trains_does_not_come_back(served):
     assert c.post("/v1/admin/delete", json={"user": doomed}, headers=h).status_code == 200
     svc._adapts.submit(lambda: None).result(timeout=120)  # the worker's job has ended (one at a time)
     assert not store.has(doomed)
+    assert not any(svc.worker._staging.iterdir())  # the dropped user's staged copy is gone too
     assert _chat(c, doomed, h).json()["mta"]["route"] == "base"

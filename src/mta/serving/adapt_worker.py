@@ -108,11 +108,10 @@ class AdaptWorker:
 
 def install(store: UserStore, staged: UserStore, user_id: str) -> int:
     """Copy one adapted user from ``staged`` into ``store`` (call inside ``store.writing()``);
-    their bytes in the store. The staging store is removed."""
+    their bytes in the store."""
     rec = staged.meta(user_id)
     src = staged.user_dir(user_id) / "stack"
     store.put(rec, (lambda d: shutil.copytree(src, d)) if rec.stack is not None else None)
-    shutil.rmtree(staged.root, ignore_errors=True)
     return store.bytes_of(user_id)
 
 

@@ -6,6 +6,7 @@ Errors are ``ApiError``s carrying the HTTP status and OpenAI's error fields."""
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -219,11 +220,14 @@ class Service:
             if not begin():
                 return None
             staged, stats = self.worker.adapt(user, self.adapt_cfg)
-            with self._writes, self.store.writing():
-                if deleted():  # deleted while it trained: the staged user is dropped
-                    job.status = "cancelled"
-                    return None
-                return {"adapted": stats["adapted"], "bytes": install(self.store, staged, user_id)}
+            try:
+                with self._writes, self.store.writing():
+                    if deleted():  # deleted while it trained: the staged user is dropped
+                        job.status = "cancelled"
+                        return None
+                    return {"adapted": stats["adapted"], "bytes": install(self.store, staged, user_id)}
+            finally:  # installed, dropped, or refused (a store locked by another process)
+                shutil.rmtree(staged.root, ignore_errors=True)
 
         def finished(f):
             if job.status != "cancelled":
