@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from mta.engine import train as engine_train
 from mta.engine.engine import AdapterEngine, EngineSpec, Row
 from mta.engine.optim import SlotAdamW, lr_multiplier
 from mta.engine.train import Job, TrainConfig, job_batches, pad_batch, row_token_loss, train_jobs
@@ -410,3 +411,20 @@ def test_the_skip_message_locates_where_a_non_finite_gradient_entered(caplog):
     below = names.index(where) + 1  # this layer and every one before it: A and B each
     assert (f"({2 * below} of {2 * len(names)} tables; the last in the model, where the backward pass met it: "
             f"{where} bank B, NaN)") in caplog.text
+
+
+def test_run_peak_survives_the_probes_resets(monkeypatch):
+    """A micro-batch probe resets torch's peak counters; the run's peak (what `mta eval`
+    reports) is still the largest seen before any reset, allocated and reserved alike."""
+    train = engine_train
+    counters = {"allocated": 30, "reserved": 50}
+    monkeypatch.setattr(train, "_PEAKS", {})
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: counters["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: counters["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: counters.update(allocated=1, reserved=2))
+    dev = torch.device("cuda", 0)
+    train.reset_peak(dev)
+    assert counters == {"allocated": 1, "reserved": 2}
+    assert train.run_peak(dev) == (30, 50)
+    counters.update(allocated=40, reserved=45)  # a later, larger allocation; less reserved
+    assert train.run_peak(dev) == (40, 50)

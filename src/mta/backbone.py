@@ -17,6 +17,7 @@ from mta.config import BackboneConfig
 from mta.decoding.batch import DecoderPool
 from mta.engine.config import LLAMA_TARGETS
 from mta.engine.engine import AdapterEngine, EngineSpec
+from mta.engine.train import run_peak
 from mta.errors import MtaError
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,8 @@ def resolve_device(spec: str) -> torch.device:
 
 def cap_memory(device: torch.device, share: float) -> None:
     """Cap this process's CUDA caching allocator at ``share`` of the device (``--gpu-memory-share``
-    below 1): it then releases cached blocks before it grows past the share, where it would
-    otherwise keep what its largest micro-batches once took and starve jobs beside it
-    (docs/architecture.md, "Devices, dtypes and memory")."""
+    below 1). Not isolation: what the process holds on the device was seen far above the
+    share (docs/architecture.md, "Devices, dtypes and memory")."""
     if device.type == "cuda" and share < 1:
         torch.cuda.set_per_process_memory_fraction(share, device)
 
@@ -125,12 +125,14 @@ class Backbone:
             self._pools[compile] = DecoderPool(self.model, compile=compile)
         return self._pools[compile]
 
-    def peak_memory(self) -> int | None:
-        """Peak bytes allocated on the CUDA device in this process (None on the CPU); the
-        weights are part of it."""
+    def peak_memory(self) -> dict | None:
+        """Peak bytes on the CUDA device in this process so far (None on the CPU): ``allocated``
+        (tensors, the weights included) and ``reserved`` (what torch's caching allocator held,
+        what a job beside this one cannot have)."""
         if self.device.type != "cuda":
             return None
-        return int(torch.cuda.max_memory_allocated(self.device))
+        allocated, reserved = run_peak(self.device)
+        return {"allocated": allocated, "reserved": reserved}
 
     def describe(self) -> dict:
         return {"model": self.model_id, "embedder": self.embedder_id, "device": str(self.device),

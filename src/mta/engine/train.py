@@ -167,7 +167,7 @@ class _Budget:
         return len(micro_batches(lengths, max_rows, self.value)[0])
 
     def start_probe(self) -> int:
-        torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak(self.device)
         return torch.cuda.memory_allocated(self.device)
 
     def end_probe(self, before: int, tokens: int) -> None:
@@ -189,6 +189,29 @@ class _Budget:
         self.value //= 2
         log.warning("out of memory: retrying the step with micro-batches of %d padded tokens", self.value)
         return True
+
+
+# The process's peaks before the last reset of torch's counters (a probe resets them to
+# measure one micro-batch): `run_peak` reports the whole run's, not the last probe's.
+_PEAKS: dict[str, tuple[int, int]] = {}
+
+
+def _current_peak(device: torch.device) -> tuple[int, int]:
+    return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))
+
+
+def reset_peak(device: torch.device) -> None:
+    """Reset torch's peak-memory counters of ``device``, keeping what they held for `run_peak`."""
+    before, now = _PEAKS.get(str(device), (0, 0)), _current_peak(device)
+    _PEAKS[str(device)] = (max(before[0], now[0]), max(before[1], now[1]))
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_peak(device: torch.device) -> tuple[int, int]:
+    """Peak bytes (allocated, reserved by torch's caching allocator) on the CUDA ``device`` in
+    this process so far, across `reset_peak`'s resets."""
+    before, now = _PEAKS.get(str(device), (0, 0)), _current_peak(device)
+    return max(before[0], now[0]), max(before[1], now[1])
 
 
 def _oom_error(device: torch.device, tokens: int, rows: int) -> ResourceError:

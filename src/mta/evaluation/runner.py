@@ -241,8 +241,15 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
              for m, r in results.items() for uid in r.preds]
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in preds))
     return {"rows": rows, "bank_seconds": bank_seconds, "wall_seconds": time.perf_counter() - t_start,
-            "folds": split, "peak_gpu_memory_bytes": setup.backbone.peak_memory(),
+            "folds": split, **peak_fields(setup.backbone.peak_memory()),
             "failed": {m: str(e) for m, e in failed.items()}}
+
+
+def peak_fields(peak: dict | None) -> dict:
+    """An eval record's memory fields: the run's peak bytes allocated (the key older records
+    carry too) and reserved by torch's caching allocator; None on the CPU."""
+    return {"peak_gpu_memory_bytes": peak and peak["allocated"],
+            "peak_gpu_reserved_bytes": peak and peak["reserved"]}
 
 
 def _shared_steps(m: str, bank, task_bank) -> dict[str, list[int]]:
