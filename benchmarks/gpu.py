@@ -38,6 +38,7 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.decoding import fixed  # noqa: E402
+from mta.engine import kernels  # noqa: E402
 from mta.engine.config import LLAMA_TARGETS, TrainConfig  # noqa: E402
 from mta.engine.engine import AdapterEngine, EngineSpec, Row  # noqa: E402
 from mta.engine.peft_io import load_adapter, save_user  # noqa: E402
@@ -48,6 +49,16 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
 
+
+
+@contextlib.contextmanager
+def dense_kernel(on: bool):
+    """The dense layout through the Triton kernel (``on``) or torch's ops, then as before."""
+    was, kernels.ENABLED = kernels.ENABLED, on
+    try:
+        yield
+    finally:
+        kernels.ENABLED = was
 
 def sync(dev):
     if dev.type == "cuda":
@@ -230,22 +241,20 @@ def gen_section(model, dev, a) -> list[dict]:
     out[-1]["role"] = "hf_engine"
     loop_rec(f"new loop: mta engine, {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
              lambda: fixed.pinned(eng, rows, width=2 * 8 + 2), "pinned routing", role="loop_pinned")
-    loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: fixed.dense(eng, rows),
-             "every table as columns of two dense matmuls, each row's coefficients over them", role="loop_dense")
-    if a.kernel_compare:  # the same layout through the Triton kernel (opt-in: mta.engine.kernels)
-        from mta.engine import kernels
-        was, kernels.ENABLED = kernels.ENABLED, True
-        try:
+    with dense_kernel(False):  # torch's ops; the kernel's row below (the product's default on CUDA)
+        loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: fixed.dense(eng, rows),
+                 "every table as columns of two dense matmuls, each row's coefficients over them", role="loop_dense")
+    if a.kernel_compare:  # the same layout through the Triton kernel (mta.engine.kernels)
+        with dense_kernel(True):
             loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, Triton kernel",
                      lambda: fixed.dense(eng, rows),
                      "dense routing with the mixing, the B side and the add in one Triton kernel",
                      role="loop_dense_kernel")
-        finally:  # the rows after it (max-autotune) are torch's again
-            kernels.ENABLED = was
     if a.autotune:
-        loop_rec(f"new loop, compiled max-autotune: mta engine, {a.rows} users, dense routing",
-                 lambda: fixed.dense(eng, rows), f"dense routing, the step through torch.compile mode {tuned}",
-                 mode=tuned, role="tuned_dense")
+        with dense_kernel(False):  # inductor's own kernels for the whole step
+            loop_rec(f"new loop, compiled max-autotune: mta engine, {a.rows} users, dense routing",
+                     lambda: fixed.dense(eng, rows), f"dense routing, the step through torch.compile mode {tuned}",
+                     mode=tuned, role="tuned_dense")
     bank_bytes = sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
     eng.remove()
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
@@ -539,7 +548,7 @@ def main() -> None:
     ap.add_argument("--autotune", action="store_true",
                     help="also the base and the dense engine with the step compiled in inductor's max-autotune mode")
     ap.add_argument("--kernel-compare", action="store_true",
-                    help="also the dense layout through the Triton kernel (opt-in elsewhere: MTA_DENSE_KERNEL=1)")
+                    help="also the dense layout through the Triton kernel (MTA_DENSE_KERNEL=0 turns it off elsewhere)")
     ap.add_argument("--warm-compile", action="store_true",
                     help="bank-compiled / adapt-compiled: train 4 anchors / 16 users untimed first, so the timed "
                          "run excludes the compile")

@@ -157,7 +157,7 @@ def test_dense_mix_kernel_on_cuda_equals_torch(monkeypatch):
     order)."""
     from mta.engine import kernels
 
-    monkeypatch.setattr(kernels, "ENABLED", True)  # opt-in until this test has passed on a GPU
+    monkeypatch.setattr(kernels, "ENABLED", True)  # whatever MTA_DENSE_KERNEL says
     assert kernels.HAVE_TRITON and kernels.usable(torch.zeros(2, 3, device=CUDA), torch.zeros(2, 1, device=CUDA),
                                                          torch.zeros(2, 1, device=CUDA))
     g = torch.Generator(device=CUDA).manual_seed(0)

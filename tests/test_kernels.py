@@ -32,7 +32,7 @@ def test_the_kernel_is_used_only_where_it_applies_and_checks_its_shapes(monkeypa
     from mta.engine import kernels
 
     full, w, b = torch.randn(4, 10), torch.randn(4, 6), torch.randn(4, 6)
-    assert kernels.ENABLED == (os.environ.get("MTA_DENSE_KERNEL") == "1")  # opt-in until run on a GPU
+    assert kernels.ENABLED == (os.environ.get("MTA_DENSE_KERNEL", "1") != "0")  # on unless turned off
     monkeypatch.setattr(kernels, "ENABLED", False)
     assert not kernels.usable(full, w, b)
     monkeypatch.setattr(kernels, "ENABLED", True)

@@ -15,8 +15,9 @@ product is), accumulates the dot with B in fp32 and adds y before the one roundi
 ``addmm`` does). ``dense_mix`` is a torch custom op, so a compiled decode step calls it as
 one opaque kernel and a CUDA graph captures it like any other.
 
-Off unless ``MTA_DENSE_KERNEL=1`` (``ENABLED``): it has not yet run on a GPU. Used for
-decode-sized batches only (at most ``MAX_ROWS`` rows x tokens); prefill keeps
+On by default on CUDA (``MTA_DENSE_KERNEL=0`` turns it off: ``ENABLED``): on the H200 it
+equals torch's ops and is 1.5x faster in a captured eager step, level inside a compiled
+one (docs/performance.md, run G). Used for decode-sized batches only (at most ``MAX_ROWS`` rows x tokens); prefill keeps
 cuBLAS. Without Triton (the CPU wheels) nothing here is used; with it, Triton is imported
 only when the kernel first runs (``_dense_mix_triton``). ``TRITON_INTERPRET=1``
 (set before this module is imported) runs the kernel on the CPU through Triton's
@@ -34,10 +35,8 @@ import torch
 HAVE_TRITON = importlib.util.find_spec("triton") is not None  # without it: the torch path everywhere
 
 MAX_ROWS = 256  # rows x tokens up to which the kernel runs (decode); above, cuBLAS (prefill)
-# Opt-in (MTA_DENSE_KERNEL=1, or set this flag) until the kernel has run on a GPU: it is checked
-# only through Triton's interpreter so far, and on CUDA it would sit under every dense decode,
-# serving's included. benchmarks/gpu.py --kernel-compare and the `gpu` tests turn it on.
-ENABLED = os.environ.get("MTA_DENSE_KERNEL") == "1"
+# On unless MTA_DENSE_KERNEL=0: correct and faster on the GPU (docs/performance.md, run G)
+ENABLED = os.environ.get("MTA_DENSE_KERNEL", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
