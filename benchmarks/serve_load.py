@@ -10,6 +10,15 @@ sends the same bounded set of chat requests (user i mod M, max_tokens fixed) fro
 client threads, and prints requests/s, tokens/s, p50/p99 latency and the error count of
 each, with the ratio; the JSON goes to --out.
 
+    .venv/bin/python benchmarks/serve_load.py --rate 8 --decoder generate,graph,compiled --clients 64
+
+With --rate R the load is open-loop: request i is sent at i / R seconds whatever the
+answers before it (as users arrive, not as a fixed set of clients wait), streamed, so each
+gives its time to first token and its inter-token gaps; one server per decoder, with
+--max-batch --clients, serves the per-user model (``mta``) and then the base model alone
+(``mta-base``, the yardstick) under the same arrivals. It prints tokens/s, time to first
+token p50/p99, inter-token latency p50/p99 and errors of each.
+
     .venv/bin/python benchmarks/serve_load.py --adapt-during    # latency while users are onboarded
 
 With --adapt-during the same load runs three times at one batch size: without adapt jobs,
@@ -22,6 +31,7 @@ against the run without jobs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import socket
@@ -94,21 +104,21 @@ def adapt_loop(url: str, key: str, work: Path, newcomers: list[str], stop: threa
             ended.append(status)
 
 
-def run(work: Path, key: str, users: list[str], a, max_batch: int, extra: tuple[str, ...] = (),
-        newcomers: list[str] | None = None, name: str = "") -> dict:
-    """The load on a server of ``max_batch``; with ``newcomers``, a user is being adapted
-    the whole time the load runs (``adapt_loop``)."""
+@contextlib.contextmanager
+def server(work: Path, a, max_batch: int, decoder: str, extra: tuple[str, ...] = (), name: str = ""):
+    """`mta serve` on loopback with ``max_batch`` rows and ``decoder``, ready (its warm-up
+    done); yields its URL, stops it (SIGTERM) after."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     tag = "".join(c if c.isalnum() else "-" for c in name)
-    log = (work / f"serve-b{max_batch}{'-' + tag if tag else ''}.log").open("w")
+    log = (work / f"serve-b{max_batch}-{decoder}{'-' + tag if tag else ''}.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(work / "bank"), "--store",
                              str(work / "store"), "--users", str(work / "data"), "--keys", str(work / "keys.json"),
                              "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(a.requests),
-                             "--device", a.device, "--decoder", a.decoder, *extra], cwd=ROOT, stdout=log,
+                             "--device", a.device, "--decoder", decoder, *extra], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + a.start_timeout
         while True:
             try:
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
@@ -118,6 +128,77 @@ def run(work: Path, key: str, users: list[str], a, max_batch: int, extra: tuple[
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the server did not start: {Path(log.name).read_text()[-1500:]}")
             time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        log.close()
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    """The ``q`` quantile of ``xs`` (nearest rank), None when empty."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def streamed(client, url: str, body: dict) -> dict:
+    """One streamed chat request: when each piece of text arrived, the tokens, success."""
+    t0 = time.perf_counter()
+    times, tokens = [], 0
+    try:
+        with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+            if r.status_code != 200:
+                return {"ok": False, "tokens": 0, "times": [], "t0": t0}
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return {"ok": True, "tokens": tokens, "times": times, "t0": t0}
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    break
+                if obj["choices"][0].get("delta", {}).get("content"):
+                    times.append(time.perf_counter())
+                tokens = obj.get("usage", {}).get("completion_tokens", tokens)
+    except httpx.HTTPError:
+        pass
+    return {"ok": False, "tokens": tokens, "times": times, "t0": t0}
+
+
+def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str) -> dict:
+    """``a.requests`` streamed requests sent at ``a.rate`` per second (open loop) to ``model``."""
+    def body(i: int) -> dict:
+        b = {"model": model, "max_tokens": a.max_tokens,
+             "messages": [{"role": "user", "content": a.prompt.format(i=i)}]}
+        return b if model == "mta-base" else {**b, "user": users[i % len(users)]}
+
+    lanes = min(a.requests, 512)  # threads enough that no request waits for a free one
+    client = httpx.Client(timeout=a.timeout, headers={"Authorization": f"Bearer {key}"},
+                          limits=httpx.Limits(max_connections=lanes, max_keepalive_connections=lanes))
+    for i in range(min(4, a.requests)):  # warm-up, not counted
+        streamed(client, url, body(i))
+    with ThreadPoolExecutor(lanes) as ex:
+        futures, t0 = [], time.perf_counter()
+        for i in range(a.requests):
+            time.sleep(max(0.0, t0 + i / a.rate - time.perf_counter()))
+            futures.append(ex.submit(streamed, client, url, body(i)))
+        results = [f.result() for f in futures]
+    wall = max((r["times"][-1] if r["times"] else r["t0"]) for r in results) - t0
+    ttft = [r["times"][0] - r["t0"] for r in results if r["ok"] and r["times"]]
+    itl = [b - a_ for r in results if r["ok"] for a_, b in zip(r["times"], r["times"][1:])]
+    return {"decoder": decoder, "model": model, "rate_per_s": a.rate, "requests": a.requests,
+            "max_batch": a.clients, "users": len(users), "wall_s": wall,
+            "tokens_per_s": sum(r["tokens"] for r in results if r["ok"]) / wall,
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
+            "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99),
+            "errors": sum(not r["ok"] for r in results)}
+
+
+def run(work: Path, key: str, users: list[str], a, max_batch: int, extra: tuple[str, ...] = (),
+        newcomers: list[str] | None = None, name: str = "") -> dict:
+    """The load on a server of ``max_batch``; with ``newcomers``, a user is being adapted
+    the whole time the load runs (``adapt_loop``)."""
+    with server(work, a, max_batch, a.decoder, extra, name) as url:
         client = httpx.Client(timeout=a.timeout, headers={"Authorization": f"Bearer {key}"})
 
         def one(i: int) -> tuple[float, int, bool]:
@@ -149,17 +230,12 @@ def run(work: Path, key: str, users: list[str], a, max_batch: int, extra: tuple[
         stop.set()
         if newcomers:
             adapting.join(timeout=600)
-        lat = sorted(r[0] for r in results)
+        lat = [r[0] for r in results]
         return {"name": name or f"max batch {max_batch}", "adapt_jobs_done": ended.count("done"),
                 "adapt_jobs_failed": len(ended) - ended.count("done"),
                 "max_batch": max_batch, "requests": a.requests, "clients": a.clients, "users": len(users),
                 "wall_s": wall, "requests_per_s": a.requests / wall, "tokens_per_s": sum(r[1] for r in results) / wall,
-                "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-                "errors": sum(not r[2] for r in results)}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        log.close()
+                "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "errors": sum(not r[2] for r in results)}
 
 
 def main() -> None:
@@ -167,9 +243,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--embedder", default="minilm-l6")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--decoder", default="generate", choices=("generate", "graph", "compiled"),
-                    help="the server's decode loop: its eager one, the slot decoder (captured step), or the "
-                         "slot decoder with its step compiled first")
+    ap.add_argument("--decoder", default="generate",
+                    help="the server's decode loop: generate (its eager one), graph (the slot decoder, its step "
+                         "captured), compiled (the slot decoder with its step compiled first); with --rate, "
+                         "several separated by commas, one server each")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--requests", type=int, default=500)
@@ -179,16 +256,32 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--work", type=Path, help="keep the bank, store and logs here (default: a temporary directory)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_load.json"))
+    ap.add_argument("--rate", type=float, help="open loop: requests sent at this rate per second, streamed "
+                    "(time to first token, inter-token latency), to mta and then to mta-base")
+    ap.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to turn ready "
+                    "(a compiled decoder compiles before it does)")
     ap.add_argument("--adapt-during", action="store_true", help="the load without adapt jobs, with a user being "
                     "adapted by the worker the whole time, and with jobs on the decode loop's thread")
     a = ap.parse_args()
+    decoders = [d.strip() for d in a.decoder.split(",")]
+    bad = [d for d in decoders if d not in ("generate", "graph", "compiled")]
+    if bad or (len(decoders) > 1 and a.rate is None):
+        ap.error(f"--decoder {a.decoder!r}: one of generate, graph, compiled (several, separated by commas, "
+                 "only with --rate)")
+    if a.rate is not None and (a.rate <= 0 or a.adapt_during):
+        ap.error("--rate takes a positive number of requests per second, and not with --adapt-during")
     if a.model == "tiny-random-llama" and a.embedder == "minilm-l6":
         a.embedder = "hashing-embedder"
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         key, users = setup(work, a.model, a.embedder, a.users, a.device)
-        if a.adapt_during:
+        if a.rate is not None:
+            rows = []
+            for d in decoders:
+                with server(work, a, a.clients, d) as url:
+                    rows += [open_loop(url, key, users, a, model, d) for model in ("mta", "mta-base")]
+        elif a.adapt_during:
             newcomers = [f"synth-{i:04d}" for i in range(a.users, a.users + 8)]  # in the data, not in the store
             rows = [run(work, key, users, a, a.clients, name="no adapt job"),
                     run(work, key, users, a, a.clients, newcomers=newcomers, name="adapting, worker"),
@@ -196,6 +289,9 @@ def main() -> None:
                         name="adapting, decode thread")]
         else:
             rows = [run(work, key, users, a, a.clients), run(work, key, users, a, 1)]
+    if a.rate is not None:
+        report_open_loop(a, rows)
+        return
     if a.adapt_during:
         report_adapting(a, rows)
         return
@@ -211,6 +307,27 @@ def main() -> None:
     a.out.write_text(json.dumps({"model": a.model, "device": a.device, "decoder": a.decoder, "max_tokens": a.max_tokens,
                                  "prompt": a.prompt,
                                  "rows": rows, "ratio": ratio}, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+def report_open_loop(a, rows: list[dict]) -> None:
+    def ms(x: float | None) -> str:
+        return f"{1000 * x:.1f}" if x is not None else "-"
+
+    print(f"mta serve, {a.model} on {a.device}: open loop, {a.requests} requests at {a.rate:g}/s, max batch "
+          f"{a.clients}, {a.users} users, max_tokens {a.max_tokens}")
+    print(f"{'decoder':<9} {'model':<9} {'tok/s':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ITL p50 ms':>10} "
+          f"{'ITL p99 ms':>10} {'errors':>6}")
+    for r in rows:
+        print(f"{r['decoder']:<9} {r['model']:<9} {r['tokens_per_s']:>8.1f} {ms(r['ttft_p50_s']):>11} "
+              f"{ms(r['ttft_p99_s']):>11} {ms(r['itl_p50_s']):>10} {ms(r['itl_p99_s']):>10} {r['errors']:>6}")
+    for d in dict.fromkeys(r["decoder"] for r in rows):
+        mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
+        mine["tokens_vs_base"] = mine["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
+        print(f"{d}: mta / mta-base tokens/s {mine['tokens_vs_base']:.3f}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "open_loop": True, "rate_per_s": a.rate,
+                                 "max_tokens": a.max_tokens, "prompt": a.prompt, "rows": rows}, indent=2) + "\n")
     print(f"wrote {a.out}")
 
 

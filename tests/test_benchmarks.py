@@ -82,13 +82,21 @@ def test_integrity_benchmark_runs(tmp_path):
     assert len(json.loads(out.read_text())["rows"]) == 4
 
 
-def test_serve_load_benchmark_tiny(tmp_path):
+def test_serve_load_benchmark_tiny_open_loop(tmp_path):
+    """The open-loop load (one server, the slot decoder): per-user and base rows, each with
+    its streamed latencies and no error."""
     out = tmp_path / "serve.json"
     r = _run("serve_load.py", "--model", "tiny-random-llama", "--requests", "12", "--clients", "4", "--users", "3",
-             "--out", str(out))
+             "--rate", "20", "--decoder", "graph", "--max-tokens", "6", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
-    assert [x["max_batch"] for x in res["rows"]] == [4, 1] and all(x["errors"] == 0 for x in res["rows"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["decoder"], x["model"]) for x in rows] == [("graph", "mta"), ("graph", "mta-base")]
+    for x in rows:
+        assert x["errors"] == 0 and x["tokens_per_s"] > 0
+        assert 0 < x["ttft_p50_s"] <= x["ttft_p99_s"] and 0 < x["itl_p50_s"] <= x["itl_p99_s"]
+    assert "mta / mta-base tokens/s" in r.stdout
+    bad = _run("serve_load.py", "--decoder", "graph,eager", "--rate", "1")
+    assert bad.returncode == 2 and "one of generate, graph, compiled" in bad.stderr
 
 
 def test_scale_model_from_the_measured_run():
