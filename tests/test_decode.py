@@ -12,6 +12,7 @@ from mta.decoding.batch import hf_generate
 from mta.decoding.eager import Decoder, Sequence
 from mta.decoding.slots import SlotDecoder
 from mta.engine.engine import Row
+from mta.serving.scheduler import server_decoder
 from tests.engine_helpers import run_through_slots, tiny_backbone
 
 DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
@@ -146,3 +147,30 @@ def test_the_slot_decoder_builds_a_new_batchs_routing_once(monkeypatch):
     assert calls == [4]  # one routing over the decoder's 4 slots
     dec.step(batch)
     assert calls == [4]
+
+
+@pytest.mark.parametrize("kind", ["slots", "slots, compiled"])
+def test_a_warmed_up_slot_decoder_frees_its_slots_and_changes_no_token(kind):
+    """The server's warm-up (every slot through an anchor mixture, then a base row) leaves
+    every slot free, and rows decoded after it get the tokens they get alone."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    dec = DECODERS[kind](bb, tok.pad_token_id)
+    prompt = tok("warm-up", add_special_tokens=False)["input_ids"]
+    dec.warm([Row([0, 1], [0.5, 0.5])] * dec.n, prompt, steps=3)
+    dec.warm([Row(active=False)], prompt, steps=3)
+    assert sorted(dec.free) == list(range(dec.n)) and not dec.start
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row(active=False)]
+    seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 6, frozenset())
+            for t, r in zip(("hello there", "a longer prompt"), rows)]
+    batch = dec.merge(None, dec.prefill(seqs))
+    while any(s.finish is None for s in seqs):
+        dec.step(batch)
+    for s in seqs:
+        assert s.tokens == _alone(bb, s.prompt, s.row, 6)
+
+
+def test_the_server_decoder_auto_is_compiled_on_cuda_only():
+    assert server_decoder("auto", "cuda") == "compiled" and server_decoder("auto", "cuda:1") == "compiled"
+    assert server_decoder("auto", "cpu") == "generate" and server_decoder("auto", torch.device("cpu")) == "generate"
+    assert server_decoder("graph", "cpu") == "graph" and server_decoder("generate", "cuda") == "generate"

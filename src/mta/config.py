@@ -285,8 +285,10 @@ class GenerateConfig(_Config):
     batch_size: int = Field(8, ge=1, description="prompts per generation batch")
     retrieve_k: int = Field(1, ge=0, description="BM25 history items in each prompt (0 disables)")
     max_prompt_tokens: int = Field(1024, ge=16, description="prompt tokens kept (from the end)")
-    decoder: Literal["generate", "graph", "compiled"] = Field(
-        "generate", description="generate: transformers' generate (the server: its eager loop); graph: the "
+    decoder: Literal["auto", "generate", "graph", "compiled"] = Field(
+        "auto", description="auto: compiled for the server on CUDA (compiled and captured at start-up, before "
+        "/readyz turns ready), generate elsewhere and for batch generation; "
+        "generate: transformers' generate (the server: its eager loop); graph: the "
         "decode step captured in a CUDA graph on CUDA over a static cache (GraphDecoder; the server's slot "
         "decoder); compiled: graph with the step through torch.compile first (fused kernels: 1.5x the memory "
         "floor at Llama-3-8B shape instead of 2.1x; a minute or two of compiling per batch shape); same "

@@ -35,15 +35,17 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
     ``max_prompt_tokens`` keep their END (the question): truncating on the right would
     cut off the instruction being answered.
 
-    ``decoder="graph"``: the batches go through the backbone's ``DecoderPool``
-    (mta.decoding.step: the decode step captured in a CUDA graph on CUDA), which gives
+    ``decoder="generate"`` (or ``"auto"``): transformers' generate. ``"graph"``: the batches
+    go through the backbone's ``DecoderPool`` (mta.decoding.step: the decode step captured
+    in a CUDA graph on CUDA), which gives
     the same greedy tokens; it takes no extra generation arguments. ``"compiled"``: the
     same, the step through torch.compile before it is captured.
     """
     if rows is not None and len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} rows")
-    if decoder not in ("generate", "graph", "compiled"):
-        raise ValueError(f"unknown decoder {decoder!r} (generate, graph, compiled)")
+    if decoder not in ("auto", "generate", "graph", "compiled"):
+        raise ValueError(f"unknown decoder {decoder!r} (auto, generate, graph, compiled)")
+    decoder = "generate" if decoder == "auto" else decoder
     if decoder != "generate" and gen_kwargs:
         raise ValueError(f"the graph decoder is greedy and takes no generation arguments ({', '.join(gen_kwargs)})")
     tokenizer, engine = backbone.tokenizer, backbone.engine

@@ -148,6 +148,17 @@ class SlotDecoder:
         self.g.tok[:, 0].copy_(nxt)  # a sampled token is the next input
         take_tokens(batch.seqs, nxt[batch.slots].tolist())
 
+    def warm(self, rows: list[Row], prompt: list[int], steps: int = 3) -> None:
+        """Run ``steps`` decode steps of ``prompt`` through ``rows`` (at most the slots) and
+        free every slot again: the step for these rows' layout is compiled and captured now
+        (the server's warm-up before it turns ready). Nothing running is touched only when
+        nothing runs: call it between batches."""
+        seqs = [Sequence(list(prompt), row, steps + 1, frozenset()) for row in rows]
+        batch = self.merge(None, self.prefill(seqs))
+        for _ in range(steps):
+            self.step(batch)
+        self.keep(batch, [])
+
     # -- internals ---------------------------------------------------------------------------
     def _release_all(self) -> None:
         self.g.bias.fill_(self.g.neg)

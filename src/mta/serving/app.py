@@ -51,6 +51,7 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         svc.scheduler.start()
+        await asyncio.to_thread(svc.scheduler.warm_up)  # a compiled decoder compiles here, not under requests
         svc.ready = True
         yield
         svc.ready = False

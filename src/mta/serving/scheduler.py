@@ -22,11 +22,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
 from mta.decoding.eager import Batch, Decoder, Sequence
 from mta.decoding.prompts import chat_prompt, stop_ids
 from mta.decoding.slots import SlotBatch, SlotDecoder
+from mta.engine.engine import Row
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank, Plan, Request
 from mta.retrieval import retrieve
@@ -70,14 +73,23 @@ class Job:
     last_token_at: float = 0.0
 
 
+def server_decoder(decoder: str, device) -> str:
+    """The server's decode loop for ``GenerateConfig.decoder``: ``auto`` is the compiled slot
+    loop on CUDA (docs/serving.md) and the eager loop elsewhere."""
+    if decoder == "auto":
+        return "compiled" if torch.device(device).type == "cuda" else "generate"
+    return decoder
+
+
 class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
-        if gen.decoder != "generate":  # one static cache, the step captured in a CUDA graph (mta.decoding.slots)
+        self.decoder_kind = server_decoder(gen.decoder, bank.backbone.device)
+        if self.decoder_kind != "generate":  # one static cache, the step captured in a CUDA graph (decoding.slots)
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
-                                       span=gen.max_prompt_tokens + max_tokens, compile=gen.decoder == "compiled")
+                                       span=gen.max_prompt_tokens + max_tokens, compile=self.decoder_kind == "compiled")
         else:
             self.decoder = Decoder(bank.backbone, self.tok.pad_token_id)
         self.stop_ids = frozenset(stop_ids(self.tok))
@@ -98,6 +110,27 @@ class Scheduler:
     # -- the outside -----------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+
+    def warm_up(self, steps: int = 3) -> float:
+        """(Before the server turns ready.) Run the slot decoder's step for the rows it will
+        see, so that its compile and capture happen now and not under the first requests:
+        every slot through an anchor mixture of the fusion's top-k, then one base-model row
+        (each a layout of its own, mta.decoding.fixed). A stored user's stack can change the
+        layout, which captures (and compiles) once more at its first request. Nothing to do
+        for the eager loop. Returns the seconds it took."""
+        if not isinstance(self.decoder, SlotDecoder):
+            return 0.0
+        t0 = time.monotonic()
+        self.run_exclusive(lambda: self._warm(steps)).result()
+        log.info("decoder warmed up (%s) in %.1f s", self.decoder_kind, time.monotonic() - t0)
+        return time.monotonic() - t0
+
+    def _warm(self, steps: int) -> None:
+        k = min(self.bank.backbone.engine.n_anchors, self.fusion.top_k if self.fusion else 2)
+        mixed = Row(anchors=tuple(range(k)), weights=(1.0 / k,) * k) if k else Row(active=False)
+        prompt = self.tok("warm-up", add_special_tokens=False)["input_ids"] or [self.tok.pad_token_id]
+        for rows in ([mixed] * self.max_batch, [Row(active=False)]):
+            self.decoder.warm(rows, prompt, steps)
 
     def submit(self, job: Job) -> None:
         if not self.accepting:
