@@ -4,45 +4,50 @@ one whose record changed, is caught."""
 
 from __future__ import annotations
 
-import subprocess
+import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "results-doc.py"
+_spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results-doc.py")
+results_doc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(results_doc)
+RUN = "results/gpu-2026-12-04c/movielens-15b-lr3e-4"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+def _main(monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["results-doc.py", *args])
+    results_doc.main()
 
 
-def test_the_results_doc_tables_match_their_records():
-    r = _run("--check")
-    assert r.returncode == 0, r.stderr
-    assert " 0 tables" not in r.stdout and "tables match their runs" in r.stdout
-
-
-def test_a_table_edited_by_hand_is_caught_and_rewritten(tmp_path):
+def test_the_results_doc_tables_match_their_records(monkeypatch, capsys):
     doc = (ROOT / "docs" / "results.md").read_text()
-    run = "results/gpu-2026-12-04c/movielens-15b-lr3e-4"
-    block = f"<!-- table: {run} -->"
-    assert block in doc
-    start = doc.index(block)
-    row = doc.index("| mta | ", start)
+    new, changed = results_doc.regenerate(doc)
+    assert changed == [] and new == doc and f"<!-- table: {RUN} -->" in doc
+    _main(monkeypatch, "--check")
+    assert "tables match their runs" in capsys.readouterr().out
+
+
+def test_a_table_edited_by_hand_is_caught_and_rewritten(tmp_path, monkeypatch, capsys):
+    doc = (ROOT / "docs" / "results.md").read_text()
+    row = doc.index("| mta | ", doc.index(f"<!-- table: {RUN} -->"))
     tampered = doc[:row] + doc[row:].replace("| mta | 0.969", "| mta | 0.700", 1)
     assert tampered != doc
     f = tmp_path / "results.md"
     f.write_text(tampered)
-    r = _run("--check", str(f))
-    assert r.returncode == 1 and run in r.stderr and "1 of" in r.stderr
-    r = _run(str(f))
-    assert r.returncode == 0 and "1 rewritten" in r.stdout and f.read_text() == doc
+    with pytest.raises(SystemExit, match=f"1 of .* tables differ from their runs: {RUN}$"):
+        _main(monkeypatch, "--check", str(f))
+    assert f.read_text() == tampered  # --check changes nothing
+    _main(monkeypatch, str(f))
+    assert "1 rewritten" in capsys.readouterr().out and f.read_text() == doc
 
 
-def test_a_marker_without_its_end_is_an_error(tmp_path):
+def test_a_marker_without_its_end_and_a_missing_doc_are_errors(tmp_path, monkeypatch):
     f = tmp_path / "doc.md"
     f.write_text("text\n<!-- table: results/lamp2-persons-smollm2 -->\nno end\n")
-    r = _run("--check", str(f))
-    assert r.returncode == 1 and "without its end marker" in r.stderr
-    r = _run("--check", str(tmp_path / "absent.md"))
-    assert r.returncode == 1 and "error:" in r.stderr
+    with pytest.raises(SystemExit, match="without its end marker"):
+        _main(monkeypatch, "--check", str(f))
+    with pytest.raises(SystemExit, match="^error: .*absent.md"):
+        _main(monkeypatch, "--check", str(tmp_path / "absent.md"))
