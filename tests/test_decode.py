@@ -159,7 +159,7 @@ def test_a_warmed_up_slot_decoder_frees_its_slots_and_changes_no_token(kind):
     prompt = tok("warm-up", add_special_tokens=False)["input_ids"]
     dec.warm([Row([0, 1], [0.5, 0.5])] * dec.n, prompt, steps=3)
     dec.warm([Row(active=False)], prompt, steps=3)
-    assert sorted(dec.free) == list(range(dec.n)) and not dec.start
+    assert sorted(dec.free) == list(range(dec.n)) and not dec.row_start
     rows = [Row([0, 1], [0.6, 0.4], user=0), Row(active=False)]
     seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 6, frozenset())
             for t, r in zip(("hello there", "a longer prompt"), rows)]
@@ -174,3 +174,27 @@ def test_the_server_decoder_auto_is_compiled_on_cuda_only():
     assert server_decoder("auto", "cuda") == "compiled" and server_decoder("auto", "cuda:1") == "compiled"
     assert server_decoder("auto", "cpu") == "generate" and server_decoder("auto", torch.device("cpu")) == "generate"
     assert server_decoder("graph", "cpu") == "graph" and server_decoder("generate", "cuda") == "generate"
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_a_prompt_prefilled_in_chunks_gives_the_tokens_of_one_forward(kind):
+    """Chunked prefill (the server's, between decode steps): joining rows' prompts go in a
+    few columns at a time, and each row still gets the greedy tokens it gets alone."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    texts = ("a much longer prompt for the first of these users", "hi", "mid length one")
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row(active=False), Row([2], [1.0], user=1)]
+    seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 5, frozenset()) for t, r in zip(texts, rows)]
+    dec = DECODERS[kind](bb, tok.pad_token_id)
+    pf = dec.start(seqs)
+    width = max(len(s.prompt) for s in seqs)
+    chunks, part = 0, None
+    while part is None:
+        part = dec.advance(pf, max_tokens=3 * 4)  # 3 rows: 4 columns a chunk
+        chunks += 1
+    assert chunks == -(-width // 4) and pf.left == 0
+    batch = dec.merge(None, part)
+    while any(s.finish is None for s in seqs):
+        dec.step(batch)
+    for s in seqs:
+        assert s.tokens == _alone(bb, s.prompt, s.row, 5)

@@ -69,7 +69,7 @@ def test_sharded_adapt_equals_single_process_and_survives_a_killed_worker(tmp_pa
     assert all(e.record is not None for e in st.entries())
     for u in st.user_ids():
         st.stack_path(u, st.meta(u))  # every checksum holds
-    again = _adapt(tmp_path, "killed", "--ray", "local", "--ray-workers", "2")
+    again = _adapt(tmp_path, "killed")  # the store the retried shards left is whole: nothing to redo
     assert again.returncode == 0 and "adapted 0 user(s)" in again.stdout and "4 unchanged" in again.stdout
 
 

@@ -297,9 +297,10 @@ def test_progress_lines_without_a_terminal_and_quiet(tmp_path):
     assert r.returncode == 0
     for line in ("fold 0 bank anchors: 2/2 (100%)", "fold 1 mta users: 2/2 (100%)", "fold 0 mta: 2/2 (100%)"):
         assert line in r.stderr, line  # totals per fold, never "4/2"
-    q = subprocess.run([sys.executable, "-m", "mta", "--quiet", *args, "--out", str(tmp_path / "e2")],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert q.returncode == 0 and "(100%)" not in q.stderr
+    q = subprocess.run([sys.executable, "-m", "mta", "--quiet", "bank", "build", "--data", str(data), "--anchors", "2",
+                        "--min-history", "1", "--out", str(tmp_path / "b2"), *TINY], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert q.returncode == 0 and (tmp_path / "b2" / "index.json").exists() and "(100%)" not in q.stderr
 
 
 # -- a process killed at many points ---------------------------------------------------------------

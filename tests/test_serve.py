@@ -87,12 +87,13 @@ def test_mixed_users_in_one_batch_equal_mta_generate(server, world, tmp_path):
 
 
 def test_the_slot_decoder_serves_the_same_answers(server, world):
-    """`mta serve --decoder graph` (one static cache, the step captured on CUDA; eager here):
-    mixed users arriving together get the answers of the default loop, sampled ones too."""
+    """`mta serve --decoder graph` (one static cache, the step captured on CUDA; eager here),
+    its joining rows' prompts prefilled 16 tokens at a time between decode steps: mixed
+    users arriving together get the answers of the default loop, sampled ones too."""
     d, keys = world
     reqs = [(u, f"Which tag does this movie relate to? description: film {i}") for i, u in
             enumerate(STORED + ["synth-0005", "nobody"] + STORED)]
-    slots = Server(d, "--decoder", "graph", "--max-batch", "4")
+    slots = Server(d, "--decoder", "graph", "--max-batch", "4", "--prefill-chunk", "16")
     try:
         for kw in ({}, {"temperature": 0.9, "seed": 3, "max_tokens": 5}):
             with ThreadPoolExecutor(len(reqs)) as ex:

@@ -336,6 +336,9 @@ class ServeConfig(_Config):
     max_queue: int = Field(256, ge=1, description="requests waiting beyond the batch; more are answered 429")
     resident: int = Field(256, ge=1, description="users whose stacks stay on the device (least recently used out)")
     max_tokens: int = Field(512, ge=1, description="the largest max_tokens a request may ask for")
+    prefill_chunk: int = Field(512, ge=0, description="prompt tokens (rows x columns) prefilled between two decode "
+                               "steps: joining rows' prompts go in chunks so running rows keep decoding "
+                               "(0: each joining group's prompts in one forward)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body, in bytes")
     retry_after: int = Field(1, ge=1, description="seconds a 429 answer asks the client to wait")
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds a shutdown waits for running requests")

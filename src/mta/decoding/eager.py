@@ -49,6 +49,24 @@ class Batch:
         return len(self.seqs)
 
 
+@dataclass
+class Prefill:
+    """Joining rows' left-padded prompts, prefilled a chunk of columns at a time
+    (``Decoder.advance``): ``done`` columns are in ``cache`` so far."""
+
+    seqs: list[Sequence]
+    ids: torch.Tensor                # (B, T) left-padded prompts
+    mask: torch.Tensor               # (B, T) 1 = a real token
+    pos: torch.Tensor                # (B, T) position ids, as generate numbers a left-padded row
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0
+
+    @property
+    def left(self) -> int:
+        """Columns not prefilled yet."""
+        return self.ids.shape[1] - self.done
+
+
 def _out_cache(out):
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
@@ -89,6 +107,10 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, seqs: list[Sequence]) -> Batch:
         """One forward over the new rows' left-padded prompts; picks each row's first token."""
+        return self.advance(self.start(seqs))
+
+    def start(self, seqs: list[Sequence]) -> Prefill:
+        """The new rows' prompts, left-padded, to prefill with ``advance``."""
         n = max(len(s.prompt) for s in seqs)
         ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -96,9 +118,23 @@ class Decoder:
             ids[i, n - len(s.prompt):] = torch.tensor(s.prompt)
             mask[i, n - len(s.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does for left padding
-        logits, cache = self._forward(ids, mask, pos_ids, DynamicCache(), [s.row for s in seqs])
-        batch = Batch(seqs, cache, mask, mask.sum(-1), torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        return Prefill(seqs, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))  # positions as generate() gives
+
+    @torch.no_grad()
+    def advance(self, pf: Prefill, max_tokens: int | None = None) -> Batch | None:
+        """Prefill the next columns of ``pf``: all that are left, or as many as keep rows x
+        columns within ``max_tokens`` (at least one column: chunked prefill, so that decode
+        steps of running rows go on between chunks). Returns the batch, each row with its
+        first token, once the last column is in; None before."""
+        width = pf.left if not max_tokens else max(1, min(pf.left, max_tokens // len(pf.seqs)))
+        end = pf.done + width
+        logits, pf.cache = self._forward(pf.ids[:, pf.done:end], pf.mask[:, :end], pf.pos[:, pf.done:end], pf.cache,
+                                         [s.row for s in pf.seqs])
+        pf.done = end
+        if pf.left:
+            return None
+        batch = Batch(pf.seqs, pf.cache, pf.mask, pf.mask.sum(-1),
+                      torch.zeros(len(pf.seqs), dtype=torch.long, device=self.device))
         self._take(batch, logits)
         return batch
 

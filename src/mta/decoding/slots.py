@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mta.decoding.eager import Batch, Decoder, Sequence, cache_layers, sample, take_tokens
+from mta.decoding.eager import Batch, Decoder, Prefill, Sequence, cache_layers, sample, take_tokens
 from mta.decoding.fixed import FixedRouting, captured_buffers, fixed_on
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
@@ -68,19 +68,27 @@ class SlotDecoder:
         self.g.set_position(0)
         self.t = 0
         self.free = list(range(slots))
-        self.start: dict[int, int] = {}  # slot -> first position of its row
+        self.row_start: dict[int, int] = {}  # slot -> first position of its row
         self.fixed = FixedRouting()  # the fixed routing last filled
 
     # -- the scheduler's interface ---------------------------------------------------------
     def prefill(self, seqs: list[Sequence]) -> Batch:
         """The joining rows' prompts, eagerly; ``merge`` then gives them slots (it checks
         that enough are free: slots of a batch the scheduler dropped are freed there)."""
+        return self.advance(self.start(seqs))
+
+    def start(self, seqs: list[Sequence]) -> Prefill:
+        """The joining rows' prompts to prefill in chunks (``advance``), eagerly."""
         if len(seqs) > self.n:
             raise RuntimeError(f"{len(seqs)} rows join but the decoder has {self.n} slots")
         too_long = [len(s.prompt) + s.max_new_tokens for s in seqs if len(s.prompt) + s.max_new_tokens > self.span]
         if too_long:
             raise ValueError(f"a row of {too_long[0]} tokens (prompt + new) exceeds the decoder's span {self.span}")
-        return self.eager.prefill(seqs)
+        return self.eager.start(seqs)
+
+    def advance(self, pf: Prefill, max_tokens: int | None = None) -> Batch | None:
+        """The next chunk of ``pf`` (mta.decoding.eager.Decoder.advance)."""
+        return self.eager.advance(pf, max_tokens)
 
     @torch.no_grad()
     def merge(self, a: SlotBatch | None, b: Batch) -> SlotBatch:
@@ -109,7 +117,7 @@ class SlotDecoder:
             self.g.bias[slot, 0, 0, t - p:t] = 0.0
             self.g.pos[slot, 0] = b.pos[i]
             self.g.tok[slot, 0] = b.last[i]
-            self.start[slot] = t - p
+            self.row_start[slot] = t - p
             batch.seqs.append(s)
             batch.slots.append(slot)
         batch.routing = None
@@ -121,7 +129,7 @@ class SlotDecoder:
         for k, slot in enumerate(batch.slots):
             if k not in kept:
                 self.g.bias[slot].fill_(self.g.neg)
-                self.start.pop(slot, None)
+                self.row_start.pop(slot, None)
                 self.free.append(slot)
         self.free.sort()
         return SlotBatch([batch.seqs[k] for k in rows], [batch.slots[k] for k in rows])
@@ -162,11 +170,11 @@ class SlotDecoder:
     # -- internals ---------------------------------------------------------------------------
     def _release_all(self) -> None:
         self.g.bias.fill_(self.g.neg)
-        self.free, self.start = list(range(self.n)), {}
+        self.free, self.row_start = list(range(self.n)), {}
 
     def _compact(self, batch: SlotBatch) -> None:
         """Shift every slot left by the oldest live row's start (all of ``t`` when none is live)."""
-        live = [self.start[s] for s in batch.slots if s in self.start] if batch else []
+        live = [self.row_start[s] for s in batch.slots if s in self.row_start] if batch else []
         shift = min(live) if live else self.t
         if shift <= 0:
             return
@@ -176,7 +184,7 @@ class SlotDecoder:
             layer.values[:, :, :keep] = layer.values[:, :, shift:].clone()
         self.g.bias[..., :keep] = self.g.bias[..., shift:].clone()
         self.g.bias[..., keep:] = self.g.neg
-        for s in list(self.start):
-            self.start[s] -= shift
+        for s in list(self.row_start):
+            self.row_start[s] -= shift
         self.t -= shift
         self.g.set_position(self.t)

@@ -26,7 +26,7 @@ import torch
 
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
-from mta.decoding.eager import Batch, Decoder, Sequence
+from mta.decoding.eager import Batch, Decoder, Prefill, Sequence
 from mta.decoding.prompts import chat_prompt, stop_ids
 from mta.decoding.slots import SlotBatch, SlotDecoder
 from mta.engine.engine import Row
@@ -83,7 +83,8 @@ def server_decoder(decoder: str, device) -> str:
 
 class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
-                 max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512):
+                 max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512,
+                 prefill_chunk: int = 0):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
         self.decoder_kind = server_decoder(gen.decoder, bank.backbone.device)
@@ -99,6 +100,9 @@ class Scheduler:
         self.metrics = metrics
         self.batch: Batch | SlotBatch | None = None
         self.jobs: list[Job] = []
+        # joining rows whose prompts are being prefilled a chunk at a time, between decode steps
+        self.prefill_chunk = prefill_chunk
+        self.pending: tuple[Prefill, list[Job], float] | None = None
         self.accepting = True
         self.tokens_out = 0
         self._stop = threading.Event()
@@ -165,7 +169,8 @@ class Scheduler:
     def _fail_everything(self) -> None:
         """(Scheduler thread.) Every running and queued request ends with ShuttingDown."""
         err = ShuttingDown("the server stopped before this request finished; send it again")
-        left = list(self.jobs)
+        left = list(self.jobs) + (self.pending[1] if self.pending else [])
+        self.pending = None
         while True:
             try:
                 left.append(self.queue.get_nowait())
@@ -180,7 +185,8 @@ class Scheduler:
         """Stop taking requests, let the running and queued ones finish, then stop."""
         self.accepting = False
         deadline = time.monotonic() + timeout
-        while (self.jobs or not self.queue.empty() or not self.exclusive.empty()) and time.monotonic() < deadline:
+        while ((self.jobs or self.pending or not self.queue.empty() or not self.exclusive.empty())
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         self._stop.set()
         self._wake.set()
@@ -196,7 +202,7 @@ class Scheduler:
             try:
                 if self._aborting:
                     self._fail_everything()
-                if not self.jobs and not self.exclusive.empty():
+                if not self.jobs and not self.pending and not self.exclusive.empty():
                     fn, fut = self.exclusive.get_nowait()
                     if fut.set_running_or_notify_cancel():
                         try:
@@ -204,20 +210,23 @@ class Scheduler:
                         except BaseException as e:  # noqa: BLE001 - handed to the caller
                             fut.set_exception(e)
                     continue
-                if self.exclusive.empty():  # exclusive work waits: let the batch drain
+                if self.pending:  # a chunk of the joining rows' prompts, then the running rows' step
+                    self._prefill_some()
+                elif self.exclusive.empty():  # exclusive work waits: let the batch drain
                     self._admit()
                 if not self.jobs:
-                    self._wake.wait(0.05)
-                    self._wake.clear()
+                    if not self.pending:
+                        self._wake.wait(0.05)
+                        self._wake.clear()
                     continue
                 t0 = time.monotonic()
                 self.decoder.step(self.batch)
                 self._after_step(time.monotonic() - t0)
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                 log.exception("scheduler step failed")
-                for job in self.jobs:
+                for job in self.jobs + (self.pending[1] if self.pending else []):
                     job.emit("error", e)
-                self.jobs, self.batch = [], None
+                self.jobs, self.batch, self.pending = [], None, None
 
     def _admit(self) -> None:
         new: list[Job] = []
@@ -256,8 +265,17 @@ class Scheduler:
             fresh.append(job)
         if not fresh:
             return
-        t0 = time.monotonic()
-        part = self.decoder.prefill([j.seq for j in fresh])
+        self.pending = (self.decoder.start([j.seq for j in fresh]), fresh, time.monotonic())
+        self._prefill_some()
+
+    def _prefill_some(self) -> None:
+        """The next chunk of the joining rows' prompts (all of them without a chunk size);
+        with the last one they join the running batch."""
+        pf, fresh, t0 = self.pending
+        part = self.decoder.advance(pf, self.prefill_chunk or None)
+        if part is None:
+            return
+        self.pending = None
         self.batch = self.decoder.merge(self.batch, part)
         self.batch.routing = None
         self.jobs += fresh

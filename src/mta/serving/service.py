@@ -113,7 +113,7 @@ class Service:
         self.metrics = Metrics()
         self.adapt_cfg = bank.settings(adapt_cfg)  # once: what was typed, else the bank's and the model's recipes
         self.scheduler = Scheduler(bank, store, gen, cfg.max_batch, cfg.max_queue, self.adapt_cfg, self.metrics,
-                                   cfg.max_tokens)
+                                   cfg.max_tokens, cfg.prefill_chunk)
         self.histories = Histories(bank.task, users or [], store)
         self.jobs: dict[str, AdaptJob] = {}
         self.job_prefix = job_prefix
