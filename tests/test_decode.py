@@ -10,6 +10,7 @@ import torch
 
 from mta.decoding.batch import hf_generate
 from mta.decoding.eager import Decoder, Sequence
+from mta.decoding.prefix import PrefixCache
 from mta.decoding.slots import SlotDecoder
 from mta.engine.engine import Row
 from mta.serving.scheduler import server_decoder
@@ -198,3 +199,56 @@ def test_a_prompt_prefilled_in_chunks_gives_the_tokens_of_one_forward(kind):
         dec.step(batch)
     for s in seqs:
         assert s.tokens == _alone(bb, s.prompt, s.row, 5)
+
+
+@pytest.mark.parametrize("kind", ["eager", "slots"])
+@pytest.mark.parametrize("chunk", [None, 10])
+def test_a_users_cached_prompt_prefix_is_reused_and_changes_no_token(kind, chunk):
+    """The per-user prefix cache: a user's second prompt starts from the keys and values of
+    the prefix it shares with their first (only the rest is computed), rows with and
+    without a hit prefilled together keep their order, each row gets its tokens alone, and
+    another user (another key) reuses nothing."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    cache = PrefixCache(max_tokens=4096)
+    dec = Decoder(bb, tok.pad_token_id, cache) if kind == "eager" else \
+        SlotDecoder(bb, tok.pad_token_id, slots=6, span=96, prefix=cache)
+    shared = "the same long task instruction that every prompt of this user starts with: "
+    a, b = Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1)
+
+    def run(texts, rows, keys):
+        seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 4, frozenset()) for t, r in zip(texts, rows)]
+        pf, part = dec.start(seqs, keys), None
+        while part is None:
+            part = dec.advance(pf, chunk)
+        batch = dec.merge(None, part)
+        while any(s.finish is None for s in seqs):
+            dec.step(batch)
+        if kind == "slots":
+            dec.keep(batch, [])
+        for s in seqs:
+            assert s.tokens == _alone(bb, s.prompt, s.row, 4)
+        return seqs
+
+    run([shared + "first question"], [a], [("u1", "v1")])
+    assert cache.hits == 0 and len(cache.entries) == 1
+    seqs = run(["something else entirely", shared + "second question", shared + "for user two"], [b, a, b],
+               [("u2", "v1"), ("u1", "v1"), ("u2", "v1")])
+    common = len(tok(shared, add_special_tokens=False)["input_ids"]) - 1  # the last token may merge with the next word
+    assert cache.hits == 1 and cache.reused >= common >= 8, (cache.hits, cache.reused, common)
+    assert [s.prompt for s in seqs][1][:common] == list(cache.entries[("u1", "v1")][0][:common])
+    cache.forget("u1")
+    assert ("u1", "v1") not in cache.entries and ("u2", "v1") in cache.entries
+
+
+def test_the_prefix_cache_keeps_within_its_tokens():
+    cache = PrefixCache(max_tokens=30)
+    kv = [(torch.zeros(1, 2, 12, 4), torch.zeros(1, 2, 12, 4))]
+    for user in ("a", "b", "c"):
+        cache.store((user,), list(range(13)), kv)
+    assert list(cache.entries) == [("b",), ("c",)] and cache.tokens == 24  # the oldest went
+    assert cache.lookup(("b",), list(range(5)) + [99] * 10) == (0, [])  # 5 shared tokens: not worth it
+    n, got = cache.lookup(("c",), list(range(20)))
+    assert n == 12 and got[0][0].shape == (1, 2, 12, 4)
+    cache.store(("d",), list(range(5)), [(torch.zeros(1, 2, 4, 4),) * 2])  # too short to keep
+    assert ("d",) not in cache.entries

@@ -339,6 +339,8 @@ class ServeConfig(_Config):
     prefill_chunk: int = Field(512, ge=0, description="prompt tokens (rows x columns) prefilled between two decode "
                                "steps: joining rows' prompts go in chunks so running rows keep decoding "
                                "(0: each joining group's prompts in one forward)")
+    prefix_cache_tokens: int = Field(16384, ge=0, description="prompt tokens whose keys and values are kept per "
+                                     "user to reuse for the prefix a user's next prompt shares (0: none)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body, in bytes")
     retry_after: int = Field(1, ge=1, description="seconds a 429 answer asks the client to wait")
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds a shutdown waits for running requests")

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from mta.decoding.attention import cache_kwarg
+from mta.decoding.prefix import PrefixCache
 
 
 @dataclass
@@ -50,21 +51,37 @@ class Batch:
 
 
 @dataclass
-class Prefill:
-    """Joining rows' left-padded prompts, prefilled a chunk of columns at a time
-    (``Decoder.advance``): ``done`` columns are in ``cache`` so far."""
+class _Part:
+    """Rows prefilled together: their prompts left-padded to ``mask``'s width, the first
+    ``mask.shape[1] - ids.shape[1]`` columns already in ``cache`` (a reused prefix), the
+    rest computed a chunk at a time (``done`` of them so far)."""
 
-    seqs: list[Sequence]
-    ids: torch.Tensor                # (B, T) left-padded prompts
-    mask: torch.Tensor               # (B, T) 1 = a real token
-    pos: torch.Tensor                # (B, T) position ids, as generate numbers a left-padded row
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    rows: list[int]                  # the rows' indices in Prefill.seqs
+    ids: torch.Tensor                # (B, W) the columns to compute
+    mask: torch.Tensor               # (B, T) 1 = a real token, the cached prefix included
+    pos: torch.Tensor                # (B, W) their position ids, as generate numbers a left-padded row
+    cache: DynamicCache
     done: int = 0
 
     @property
     def left(self) -> int:
-        """Columns not prefilled yet."""
         return self.ids.shape[1] - self.done
+
+
+@dataclass
+class Prefill:
+    """Joining rows' prompts, prefilled a chunk of columns at a time (``Decoder.advance``):
+    rows with a cached prefix each in a part of their own, the others together."""
+
+    seqs: list[Sequence]
+    keys: list | None                # each row's prefix-cache key (None: not cached)
+    parts: list[_Part]
+    finished: list[tuple[list[int], Batch]] = field(default_factory=list)
+
+    @property
+    def left(self) -> int:
+        """Columns not prefilled yet, over every part."""
+        return sum(p.left for p in self.parts)
 
 
 def _out_cache(out):
@@ -78,9 +95,10 @@ def cache_layers(cache: DynamicCache):
 class Decoder:
     """Runs prefill and decode steps for the backbone's model through its engine."""
 
-    def __init__(self, backbone, pad_id: int):
+    def __init__(self, backbone, pad_id: int, prefix: PrefixCache | None = None):
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
         self.pad_id = pad_id
+        self.prefix = prefix  # per-user prompt prefixes (mta.decoding.prefix), or None
         self.kw = cache_kwarg(self.model)
         self.device = backbone.engine.device
 
@@ -109,34 +127,84 @@ class Decoder:
         """One forward over the new rows' left-padded prompts; picks each row's first token."""
         return self.advance(self.start(seqs))
 
-    def start(self, seqs: list[Sequence]) -> Prefill:
-        """The new rows' prompts, left-padded, to prefill with ``advance``."""
-        n = max(len(s.prompt) for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, n - len(s.prompt):] = torch.tensor(s.prompt)
-            mask[i, n - len(s.prompt):] = 1
+    def start(self, seqs: list[Sequence], keys: list | None = None) -> Prefill:
+        """The new rows' prompts to prefill with ``advance``. With ``keys`` (each row's
+        prefix-cache key, mta.decoding.prefix) and a prefix cache, a row whose user's last
+        prompt shares a prefix with this one starts from those keys and values."""
+        rows, parts = list(range(len(seqs))), []
+        if keys is not None and self.prefix is not None:
+            for i, (s, key) in enumerate(zip(seqs, keys)):
+                n, kv = self.prefix.lookup(key, s.prompt) if key is not None else (0, [])
+                if n:
+                    cache = DynamicCache()
+                    for layer, (k, v) in enumerate(kv):
+                        cache.update(k, v, layer)
+                    parts.append(self._part([i], [s.prompt], cache, n))
+                    rows.remove(i)
+        if rows:
+            parts.insert(0, self._part(rows, [seqs[i].prompt for i in rows], DynamicCache(), 0))
+        return Prefill(seqs, keys, parts)
+
+    def _part(self, rows: list[int], prompts: list[list[int]], cache: DynamicCache, cached: int) -> _Part:
+        n = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), n), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, n - len(p):] = torch.tensor(p)
+            mask[i, n - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        return Prefill(seqs, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))  # positions as generate() gives
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does for left padding
+        return _Part(rows, ids[:, cached:], mask, pos[:, cached:], cache)
 
     @torch.no_grad()
     def advance(self, pf: Prefill, max_tokens: int | None = None) -> Batch | None:
         """Prefill the next columns of ``pf``: all that are left, or as many as keep rows x
         columns within ``max_tokens`` (at least one column: chunked prefill, so that decode
-        steps of running rows go on between chunks). Returns the batch, each row with its
-        first token, once the last column is in; None before."""
-        width = pf.left if not max_tokens else max(1, min(pf.left, max_tokens // len(pf.seqs)))
-        end = pf.done + width
-        logits, pf.cache = self._forward(pf.ids[:, pf.done:end], pf.mask[:, :end], pf.pos[:, pf.done:end], pf.cache,
-                                         [s.row for s in pf.seqs])
-        pf.done = end
-        if pf.left:
+        steps of running rows go on between chunks). Returns the batch of every row in
+        ``pf``'s order, each with its first token, once the last column is in; None before."""
+        budget = max_tokens
+        while pf.parts:
+            part = pf.parts[0]
+            b = len(part.rows)
+            width = part.left if budget is None else max(1, min(part.left, budget // b))
+            end = part.done + width
+            cached = part.mask.shape[1] - part.ids.shape[1]
+            logits, part.cache = self._forward(part.ids[:, part.done:end], part.mask[:, :cached + end],
+                                               part.pos[:, part.done:end], part.cache,
+                                               [pf.seqs[i].row for i in part.rows])
+            part.done = end
+            if budget is not None:
+                budget -= b * width
+            if part.left:
+                return None
+            pf.parts.pop(0)
+            batch = Batch([pf.seqs[i] for i in part.rows], part.cache, part.mask, part.mask.sum(-1),
+                          torch.zeros(b, dtype=torch.long, device=self.device))
+            self._keep_prefixes(pf, part, batch)
+            self._take(batch, logits)
+            pf.finished.append((part.rows, batch))
+            if budget is not None and budget <= 0:
+                break
+        if pf.parts:
             return None
-        batch = Batch(pf.seqs, pf.cache, pf.mask, pf.mask.sum(-1),
-                      torch.zeros(len(pf.seqs), dtype=torch.long, device=self.device))
-        self._take(batch, logits)
-        return batch
+        order = [i for rows, _ in pf.finished for i in rows]
+        batch = pf.finished[0][1]
+        for _, other in pf.finished[1:]:
+            batch = self.merge(batch, other)
+        return batch if order == sorted(order) else self.keep(batch, sorted(range(len(order)), key=order.__getitem__))
+
+    def _keep_prefixes(self, pf: Prefill, part: _Part, batch: Batch) -> None:
+        """Each row's prompt keys and values (all but the last token's) into the prefix cache."""
+        if self.prefix is None or pf.keys is None:
+            return
+        t = part.mask.shape[1]
+        layers = cache_layers(batch.cache)
+        for b, i in enumerate(part.rows):
+            key, prompt = pf.keys[i], pf.seqs[i].prompt
+            if key is not None:
+                n = len(prompt)
+                self.prefix.store(key, prompt, [(la.keys[b:b + 1, :, t - n:t - 1].clone(),
+                                                 la.values[b:b + 1, :, t - n:t - 1].clone()) for la in layers])
 
     @torch.no_grad()
     def step(self, batch: Batch) -> None:

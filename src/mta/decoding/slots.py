@@ -33,6 +33,7 @@ import torch
 
 from mta.decoding.eager import Batch, Decoder, Prefill, Sequence, cache_layers, sample, take_tokens
 from mta.decoding.fixed import FixedRouting, captured_buffers, fixed_on
+from mta.decoding.prefix import PrefixCache
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
 
@@ -54,12 +55,12 @@ class SlotDecoder:
     ``span`` tokens (prompt + new tokens)."""
 
     def __init__(self, backbone, pad_id: int, slots: int = 32, span: int = 2048, graph: bool | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, prefix: PrefixCache | None = None):
         if slots < 1 or span < 2:
             raise ValueError(f"a slot decoder needs at least 1 slot and a span of 2, not {slots} x {span}")
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
         self.pad_id, self.n, self.span = pad_id, slots, span
-        self.eager = Decoder(backbone, pad_id)  # prefills joining rows
+        self.eager = Decoder(backbone, pad_id, prefix)  # prefills joining rows (reusing cached prefixes)
         self.g = GraphDecoder(self.model, slots, 2 * span, graph, compile=compile, keep_logits=True)
         with torch.no_grad():  # one forward allocates the static cache's tensors; then all empty
             ids = torch.full((slots, 1), pad_id, dtype=torch.long)
@@ -77,14 +78,15 @@ class SlotDecoder:
         that enough are free: slots of a batch the scheduler dropped are freed there)."""
         return self.advance(self.start(seqs))
 
-    def start(self, seqs: list[Sequence]) -> Prefill:
-        """The joining rows' prompts to prefill in chunks (``advance``), eagerly."""
+    def start(self, seqs: list[Sequence], keys: list | None = None) -> Prefill:
+        """The joining rows' prompts to prefill in chunks (``advance``), eagerly (``keys``:
+        their prefix-cache keys, mta.decoding.eager.Decoder.start)."""
         if len(seqs) > self.n:
             raise RuntimeError(f"{len(seqs)} rows join but the decoder has {self.n} slots")
         too_long = [len(s.prompt) + s.max_new_tokens for s in seqs if len(s.prompt) + s.max_new_tokens > self.span]
         if too_long:
             raise ValueError(f"a row of {too_long[0]} tokens (prompt + new) exceeds the decoder's span {self.span}")
-        return self.eager.start(seqs)
+        return self.eager.start(seqs, keys)
 
     def advance(self, pf: Prefill, max_tokens: int | None = None) -> Batch | None:
         """The next chunk of ``pf`` (mta.decoding.eager.Decoder.advance)."""

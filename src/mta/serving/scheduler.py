@@ -27,6 +27,7 @@ import torch
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
 from mta.decoding.eager import Batch, Decoder, Prefill, Sequence
+from mta.decoding.prefix import PrefixCache
 from mta.decoding.prompts import chat_prompt, stop_ids
 from mta.decoding.slots import SlotBatch, SlotDecoder
 from mta.engine.engine import Row
@@ -84,15 +85,17 @@ def server_decoder(decoder: str, device) -> str:
 class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512,
-                 prefill_chunk: int = 0):
+                 prefill_chunk: int = 0, prefix_tokens: int = 0):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
         self.decoder_kind = server_decoder(gen.decoder, bank.backbone.device)
+        self.prefix = PrefixCache(prefix_tokens) if prefix_tokens else None  # users' prompt prefixes
         if self.decoder_kind != "generate":  # one static cache, the step captured in a CUDA graph (decoding.slots)
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
-                                       span=gen.max_prompt_tokens + max_tokens, compile=self.decoder_kind == "compiled")
+                                       span=gen.max_prompt_tokens + max_tokens, compile=self.decoder_kind == "compiled",
+                                       prefix=self.prefix)
         else:
-            self.decoder = Decoder(bank.backbone, self.tok.pad_token_id)
+            self.decoder = Decoder(bank.backbone, self.tok.pad_token_id, self.prefix)
         self.stop_ids = frozenset(stop_ids(self.tok))
         self.max_batch = max_batch
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -252,8 +255,8 @@ class Scheduler:
         rows = self.bank.rows(plans)
         for job, row in zip(self.jobs, rows):  # running rows follow their users' (new) slots
             job.seq.row = row
-        fresh = []
-        for job, row, route in zip(new, rows[len(self.jobs):], routes[len(self.jobs):]):
+        fresh, keys = [], []
+        for job, row, plan, route in zip(new, rows[len(self.jobs):], plans[len(self.jobs):], routes[len(self.jobs):]):
             job.route = route
             try:
                 ids = self._prompt_ids(job)
@@ -263,10 +266,25 @@ class Scheduler:
             job.prompt_tokens = len(ids)
             job.seq = Sequence(ids, row, job.max_tokens, self.stop_ids, job.temperature, job.top_p, job.seed)
             fresh.append(job)
+            keys.append(self._prefix_key(job, plan))
         if not fresh:
             return
-        self.pending = (self.decoder.start([j.seq for j in fresh]), fresh, time.monotonic())
+        self.pending = (self.decoder.start([j.seq for j in fresh], keys), fresh, time.monotonic())
         self._prefill_some()
+
+    def _prefix_key(self, job: Job, plan: Plan) -> tuple:
+        """What a prompt prefix's keys and values depend on besides its tokens: the user and
+        their adapters (the stored stack's checksum, the mixture and its merge); one key for
+        the base model's rows (mta.decoding.prefix)."""
+        if job.base_only:
+            return (None, "base")
+        return (job.user_id, self.bank.stacks.stamps.get(job.user_id), plan.anchors, plan.weights, plan.merge,
+                plan.svd_rank)
+
+    def forget(self, user_id: str) -> None:
+        """(Scheduler thread.) Drop a user's cached prompt prefixes (deleted, or adapted again)."""
+        if self.prefix is not None:
+            self.prefix.forget(user_id)
 
     def _prefill_some(self) -> None:
         """The next chunk of the joining rows' prompts (all of them without a chunk size);

@@ -113,7 +113,7 @@ class Service:
         self.metrics = Metrics()
         self.adapt_cfg = bank.settings(adapt_cfg)  # once: what was typed, else the bank's and the model's recipes
         self.scheduler = Scheduler(bank, store, gen, cfg.max_batch, cfg.max_queue, self.adapt_cfg, self.metrics,
-                                   cfg.max_tokens, cfg.prefill_chunk)
+                                   cfg.max_tokens, cfg.prefill_chunk, cfg.prefix_cache_tokens)
         self.histories = Histories(bank.task, users or [], store)
         self.jobs: dict[str, AdaptJob] = {}
         self.job_prefix = job_prefix
@@ -214,6 +214,7 @@ class Service:
                 return None
             stats = self.bank.adapt([user], self.adapt_cfg, self.store)
             self.bank.stacks.evict(user_id)
+            self.scheduler.forget(user_id)
             return {"adapted": stats["adapted"], "bytes": stats["bytes_per_user"].get(user_id)}
 
         def run_beside():  # in the worker process; only the install takes the store's lock
@@ -273,6 +274,7 @@ class Service:
 
         def run():
             self.bank.stacks.evict(user_id)
+            self.scheduler.forget(user_id)
             for jid in [j for j, job in self.jobs.items() if job.user == user_id]:
                 self.jobs.pop(jid).status = "cancelled"  # a queued adapt of the user must not write them back
             if store is not None:  # the user's job records too: nothing of them remains
