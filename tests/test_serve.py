@@ -85,6 +85,16 @@ def test_mixed_users_in_one_batch_equal_mta_generate(server, world, tmp_path):
     total = [ln for ln in metrics.splitlines() if ln.startswith("mta_batch_rows_count")]
     assert float(rows_bucket[0].split()[-1]) < float(total[0].split()[-1])  # some steps ran several rows
 
+    def cached() -> float:  # prompt tokens that came from the per-user prefix cache so far
+        lines = httpx.get(server.url + "/metrics").text.splitlines()
+        return float(next(ln for ln in lines if ln.startswith("mta_prefix_cached_tokens_total")).split()[-1])
+
+    before = cached()
+    again = [chat(server.url, keys["admin"], STORED[0], f"Which tag does this movie relate to? description: film {i}")
+             .json()["choices"][0]["message"]["content"] for i in (0, len(STORED) + 2)]  # asked before, one at a time
+    assert cached() > before and again == [answers[0]["choices"][0]["message"]["content"],
+                                           answers[len(STORED) + 2]["choices"][0]["message"]["content"]]
+
 
 def test_the_slot_decoder_serves_the_same_answers(server, world):
     """`mta serve --decoder graph` (one static cache, the step captured on CUDA; eager here),

@@ -19,6 +19,9 @@ class Metrics:
         self.requests = Counter("mta_requests", "HTTP generation requests by route and status", ["route", "status"],
                                 registry=r)
         self.prompt_tokens = Counter("mta_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.prefix_tokens = Counter("mta_prefix_cached_tokens", "prompt tokens whose keys and values came from "
+                                     "the user's prefix cache", registry=r)
+        self._prefix = 0  # the prefix cache's count at the last report
         self.completion_tokens = Counter("mta_completion_tokens", "tokens generated", registry=r)
         self.finish = Counter("mta_request_success", "finished requests by finish reason", ["finished_reason"],
                               registry=r)
@@ -84,6 +87,11 @@ class Metrics:
         self.queue.set(queued)
         self.running.set(running)
         self.resident.set(resident)
+
+    def prefix(self, reused: int) -> None:
+        """The prefix cache's running count of reused tokens, added as it grew."""
+        self.prefix_tokens.inc(max(0, reused - self._prefix))
+        self._prefix = max(reused, self._prefix)
 
     def stacks(self, loads: int, evictions: int) -> None:
         """The bank's running counts of stack loads and evictions, added as they grew."""

@@ -299,6 +299,8 @@ class Scheduler:
         self.jobs += fresh
         if self.metrics:
             self.metrics.prefill(fresh, sum(j.prompt_tokens for j in fresh), t0)
+            if self.prefix is not None:
+                self.metrics.prefix(self.prefix.reused)
         self._after_step(0.0, only=fresh)
 
     def _plannable(self, job: Job) -> bool:
