@@ -29,4 +29,7 @@ run() {  # run NAME MARKEXPR ARGS...
   [ "$rc" -eq 0 ] || exit "$rc"
 }
 [ "$tier" = integration ] || run unit "not integration and not gpu" "$@"
-[ "$tier" = unit ] || run integration "integration or gpu" "$@"
+# the integration tier mostly waits on other processes (servers, Ray, CLIs): two pytest
+# workers, one test file each at a time (module fixtures stay per file), MTA_TEST_WORKERS
+# to change; the unit tier is CPU-bound in this process and runs alone
+[ "$tier" = unit ] || run integration "integration or gpu" -n "${MTA_TEST_WORKERS:-2}" --dist loadfile "$@"
