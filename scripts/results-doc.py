@@ -1,73 +1,140 @@
 #!/usr/bin/env python3
-"""Regenerate the run tables of a report (docs/results.md) from the run records they name.
+"""Regenerate the tables of the reports (docs/results.md, docs/performance.md) from the
+records they name under results/.
 
-A table is written between two markers, the first naming its run directory:
+A table is written between two markers, the first naming its record:
 
-    <!-- table: results/gpu-2026-12-04b/lastfm-15b -->
-    ... scripts/results-table.py's output for that run ...
+    <!-- table: results/gpu-2026-12-04b/lastfm-15b -->       an `mta eval` run directory
+    <!-- bench: results/gpu-2026-12-04c/gpu-8b-gen-kernel.json -->   a benchmarks/gpu.py record
+    ... the rendering of that record ...
     <!-- end table -->
 
-    .venv/bin/python scripts/results-doc.py [DOC]           # rewrite every table in place
-    .venv/bin/python scripts/results-doc.py --check [DOC]   # exit 1 naming each table that differs
+    .venv/bin/python scripts/results-doc.py [DOC ...]           # rewrite every table in place
+    .venv/bin/python scripts/results-doc.py --check [DOC ...]   # exit 1 naming each table that differs
 
-Only the tables are generated: the prose around them (commands, pairs, what a run says)
-is written by hand and cites the same records. `--check` runs in the test suite, so a
-table cannot drift from its record.
+An eval run renders as scripts/results-table.py prints it (the run's own results.md); a
+gpu.py record as its decode configurations (tokens/s, ratios, step times) and, where the
+record has them, its bank-building, adaptation and memory sections. Only the tables are
+generated: the prose around them is written by hand and cites the same records.
+`--check` runs in the test suite, so a table cannot drift from its record.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md"]
 _spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts" / "results-table.py")
 results_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results_table)
 
-BLOCK = re.compile(r"(<!-- table: (?P<run>\S+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
+BLOCK = re.compile(r"(<!-- (?P<kind>table|bench): (?P<record>\S+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def bench_table(path: Path) -> str:
+    """A benchmarks/gpu.py record as markdown: the decode configurations, then the bank,
+    adaptation and memory sections it has."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: no readable benchmark record ({e})") from None
+    shape = d.get("shape", {})
+    lines = [f"Record `{path.relative_to(ROOT)}`: {d.get('device', '?')}, torch {d.get('torch', '?')}, "
+             f"{shape.get('num_hidden_layers', '?')} layers x hidden {shape.get('hidden_size', '?')}, "
+             f"{str(d.get('dtype', '?')).replace('torch.', '')}; \"x first row\": tokens/s against the first row, "
+             "transformers' generate of the base model.", ""]
+    if d.get("generation"):
+        lines += ["| decode configuration | tokens/s | x first row | ms per step | x base, same loop |",
+                  "|---|---|---|---|---|"]
+        for r in d["generation"]:
+            step = r.get("decode_step_seconds")
+            lines.append(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {_num(r.get('ratio_to_base'), '.3f')} | "
+                         f"{_num(step and 1000 * step, '.2f')} | {_num(r.get('ratio_to_base_same_loop'), '.3f')} |")
+        lines.append("")
+    rows = []
+    for key, label in (("bank", "bank building, eager"), ("bank_compiled", "bank building, compiled")):
+        if key in d:
+            b = d[key]
+            rows.append(f"| {label} | {b['anchors']} anchors, {b['tokens']:,} tokens: {b['ours_seconds']:.1f} s, "
+                        f"{b['ours_tokens_per_s']:,.0f} tokens/s |")
+    for key, label in (("adapt", "new-user adaptation, eager"), ("adapt_compiled", "new-user adaptation, compiled")):
+        if key in d:
+            a = d[key]
+            rows.append(f"| {label} | {a['users']} users: {a['ours_seconds_per_user']:.3f} s per user, "
+                        f"{a['speedup']:.1f}x the reference procedure |")
+    if "memory" in d:
+        m = d["memory"]
+        rows.append(f"| memory | {m['bytes_per_concurrent_user'] / 2**20:,.0f} MiB per concurrent user at "
+                    f"{m['context_tokens']} tokens of context, {m['shared_bytes'] / 2**30:.1f} GiB shared: "
+                    f"{m['max_concurrent_users']} users on the device |")
+    if rows:
+        lines += ["| section | measured |", "|---|---|", *rows, ""]
+    return "\n".join(lines)
+
+
+def render(kind: str, record: str) -> str:
+    if kind == "table":
+        return results_table.table(ROOT / record)
+    return bench_table(ROOT / record)
 
 
 def regenerate(text: str) -> tuple[str, list[str]]:
-    """The document with every marked table rendered again from its run, and the runs
-    whose table changed."""
+    """The document with every marked table rendered again from its record, and the
+    records whose table changed."""
     changed: list[str] = []
 
     def one(m: re.Match) -> str:
-        body = "\n" + results_table.table(ROOT / m["run"]) + "\n"
+        body = "\n" + render(m["kind"], m["record"]) + "\n"
         if body != m["body"]:
-            changed.append(m["run"])
-        return m.group(1) + body + m.group(4)
+            changed.append(m["record"])
+        return m.group(1) + body + m.group(5)
 
     return BLOCK.sub(one, text), changed
 
 
+def one_doc(doc: Path, check: bool) -> bool:
+    """Check or rewrite ``doc``'s tables; False when a check found a difference."""
+    try:
+        text = doc.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"error: {doc}: {e.strerror}") from None
+    n = len(BLOCK.findall(text))
+    if text.count("<!-- table:") + text.count("<!-- bench:") != n:
+        raise SystemExit(f"error: {doc}: a table marker without its end marker")
+    new, changed = regenerate(text)
+    if check:
+        if changed:
+            print(f"{doc}: {len(changed)} of {n} tables differ from their records: {', '.join(changed)}",
+                  file=sys.stderr)
+            return False
+        print(f"{doc}: {n} tables match their records")
+        return True
+    if changed:
+        tmp = doc.with_name(doc.name + ".tmp")
+        tmp.write_text(new, encoding="utf-8")
+        tmp.replace(doc)
+    print(f"{doc}: {n} tables, {len(changed)} rewritten")
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("doc", nargs="?", type=Path, default=ROOT / "docs" / "results.md")
-    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its run")
+    ap.add_argument("docs", nargs="*", type=Path, help="default: docs/results.md and docs/performance.md")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its record")
     a = ap.parse_args()
-    try:
-        text = a.doc.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SystemExit(f"error: {a.doc}: {e.strerror}") from None
-    if "<!-- table:" in text and not BLOCK.search(text):
-        raise SystemExit(f"error: {a.doc}: a table marker without its end marker")
-    new, changed = regenerate(text)
-    n = len(BLOCK.findall(text))
-    if a.check:
-        if changed:
-            sys.exit(f"{a.doc}: {len(changed)} of {n} tables differ from their runs: {', '.join(changed)}")
-        print(f"{a.doc}: {n} tables match their runs")
-        return
-    if changed:
-        tmp = a.doc.with_name(a.doc.name + ".tmp")
-        tmp.write_text(new, encoding="utf-8")
-        tmp.replace(a.doc)
-    print(f"{a.doc}: {n} tables, {len(changed)} rewritten")
+    ok = [one_doc(d, a.check) for d in a.docs or DOCS]
+    if not all(ok):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

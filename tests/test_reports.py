@@ -1,10 +1,12 @@
-"""docs/results.md's run tables are generated from the records under results/
-(scripts/results-doc.py): the committed doc matches them, and a table edited by hand, or
-one whose record changed, is caught."""
+"""The reports' tables (docs/results.md's eval runs, docs/performance.md's benchmark
+records) are generated from the records under results/ (scripts/results-doc.py): the
+committed docs match them, and a table edited by hand, or one whose record changed, is
+caught."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -22,12 +24,18 @@ def _main(monkeypatch, *args: str) -> None:
     results_doc.main()
 
 
-def test_the_results_doc_tables_match_their_records(monkeypatch, capsys):
-    doc = (ROOT / "docs" / "results.md").read_text()
-    new, changed = results_doc.regenerate(doc)
-    assert changed == [] and new == doc and f"<!-- table: {RUN} -->" in doc
+def test_the_reports_tables_match_their_records(monkeypatch, capsys):
+    for name, marker in (("results.md", f"<!-- table: {RUN} -->"),
+                         ("performance.md", "<!-- bench: results/gpu-2026-12-04c/gpu-8b-gen-kernel.json -->")):
+        doc = (ROOT / "docs" / name).read_text()
+        new, changed = results_doc.regenerate(doc)
+        assert changed == [] and new == doc and marker in doc
     _main(monkeypatch, "--check")
-    assert "tables match their runs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for name in ("results", "performance"):
+        assert re.search(rf"{name}\.md: [1-9]\d* tables match", out), out
+    assert "| new loop: mta engine, 64 users, dense routing | 4,515 | 1.691 | 9.07 | 0.745 |" in \
+        (ROOT / "docs" / "performance.md").read_text()
 
 
 def test_a_table_edited_by_hand_is_caught_and_rewritten(tmp_path, monkeypatch, capsys):
@@ -37,8 +45,10 @@ def test_a_table_edited_by_hand_is_caught_and_rewritten(tmp_path, monkeypatch, c
     assert tampered != doc
     f = tmp_path / "results.md"
     f.write_text(tampered)
-    with pytest.raises(SystemExit, match=f"1 of .* tables differ from their runs: {RUN}$"):
+    with pytest.raises(SystemExit) as e:
         _main(monkeypatch, "--check", str(f))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and re.search(rf"1 of \d+ tables differ from their records: {RUN}$", err)
     assert f.read_text() == tampered  # --check changes nothing
     _main(monkeypatch, str(f))
     assert "1 rewritten" in capsys.readouterr().out and f.read_text() == doc
