@@ -30,10 +30,15 @@ for s in "${steps[@]}"; do
     gpu-8b) run gpu-8b 1800 $PY benchmarks/gpu.py --compile --kernel-compare --warm-compile --profile \
       --sections gen,bank,adapt,memory,adapt-last8,bank-compiled,adapt-compiled,adapt-last8-compiled \
       --out "$out/gpu-8b.json" ;;
-    serve-load) for d in generate graph compiled; do
-        run "serve-load-$d" 600 $PY benchmarks/serve_load.py --model random-llama3-8b --device cuda \
-          --requests 200 --clients 16 --users 16 --max-tokens 16 --decoder "$d" --out "$out/serve-load-$d.json"
-      done ;;
+    # the server under open-loop load at 8B (64 users, 64 new tokens), each decoder, mta-base the yardstick;
+    # the eager loop at a rate it can follow
+    serve-load)
+      run serve-load-slots 1200 $PY benchmarks/serve_load.py --model random-llama3-8b --device cuda --rate 16 \
+        --requests 1000 --clients 64 --users 64 --max-tokens 64 --decoder compiled,graph --work "$out/sl" \
+        --out "$out/serve-load-slots.json"
+      run serve-load-eager 900 $PY benchmarks/serve_load.py --model random-llama3-8b --device cuda --rate 2 \
+        --requests 120 --clients 64 --users 64 --max-tokens 64 --decoder generate --work "$out/sl" \
+        --out "$out/serve-load-eager.json" ;;
     hf-decode) run hf-decode 600 $PY benchmarks/hf_decode.py --sections parts --out "$out/hf-decode.json" ;;
     ray-adapt) run ray-adapt 600 $PY benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
       --users-per-pass 16 --anchors 4 --workers 1,2 --work "$out/ray-work" --out "$out/ray-adapt.json" ;;
