@@ -212,7 +212,7 @@ def test_a_users_cached_prompt_prefix_is_reused_and_changes_no_token(kind, chunk
     tok = bb.tokenizer
     cache = PrefixCache(max_tokens=4096)
     dec = Decoder(bb, tok.pad_token_id, cache) if kind == "eager" else \
-        SlotDecoder(bb, tok.pad_token_id, slots=6, span=96, prefix=cache)
+        SlotDecoder(bb, tok.pad_token_id, slots=6, span=160, prefix=cache)
     shared = "the same long task instruction that every prompt of this user starts with: "
     a, b = Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1)
 
@@ -237,6 +237,10 @@ def test_a_users_cached_prompt_prefix_is_reused_and_changes_no_token(kind, chunk
     common = len(tok(shared, add_special_tokens=False)["input_ids"]) - 1  # the last token may merge with the next word
     assert cache.hits == 1 and cache.reused >= common >= 8, (cache.hits, cache.reused, common)
     assert [s.prompt for s in seqs][1][:common] == list(cache.entries[("u1", "v1")][0][:common])
+    # both users hit, their uncached rests of different lengths: one batched part
+    run([shared + "a third and much longer question of the first user", shared + "short"], [a, b],
+        [("u1", "v1"), ("u2", "v1")])
+    assert cache.hits == 3
     cache.forget("u1")
     assert ("u1", "v1") not in cache.entries and ("u2", "v1") in cache.entries
 

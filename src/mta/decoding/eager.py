@@ -129,21 +129,53 @@ class Decoder:
 
     def start(self, seqs: list[Sequence], keys: list | None = None) -> Prefill:
         """The new rows' prompts to prefill with ``advance``. With ``keys`` (each row's
-        prefix-cache key, mta.decoding.prefix) and a prefix cache, a row whose user's last
-        prompt shares a prefix with this one starts from those keys and values."""
-        rows, parts = list(range(len(seqs))), []
+        prefix-cache key, mta.decoding.prefix) and a prefix cache, the rows whose user's last
+        prompt shares a prefix with this one start from those keys and values, together in
+        one part; the others in another."""
+        hits = []
         if keys is not None and self.prefix is not None:
-            for i, (s, key) in enumerate(zip(seqs, keys)):
-                n, kv = self.prefix.lookup(key, s.prompt) if key is not None else (0, [])
-                if n:
-                    cache = DynamicCache()
-                    for layer, (k, v) in enumerate(kv):
-                        cache.update(k, v, layer)
-                    parts.append(self._part([i], [s.prompt], cache, n))
-                    rows.remove(i)
+            found = [(i, *self.prefix.lookup(key, s.prompt)) for i, (s, key) in enumerate(zip(seqs, keys))
+                     if key is not None]
+            hits = [(i, n, kv) for i, n, kv in found if n]
+        parts = []
+        if hits:
+            parts.append(self._hit_part(seqs, hits))
+        rows = [i for i in range(len(seqs)) if i not in {h[0] for h in hits}]
         if rows:
             parts.insert(0, self._part(rows, [seqs[i].prompt for i in rows], DynamicCache(), 0))
         return Prefill(seqs, keys, parts)
+
+    def _hit_part(self, seqs: list[Sequence], hits: list[tuple[int, int, list]]) -> _Part:
+        """The rows with a cached prefix, batched: each computes the last ``w`` tokens of its
+        prompt (``w`` the longest uncached rest among them) and reuses the cached keys and
+        values of the tokens before those, right-aligned behind left padding, so every
+        row's real tokens stay contiguous as in any batch (a row with a shorter rest reuses
+        a little less than it could)."""
+        w = max(len(seqs[i].prompt) - n for i, n, _ in hits)
+        reuse = [len(seqs[i].prompt) - w for i, _, _ in hits]
+        width = max(reuse)
+        for r in reuse:
+            self.prefix.count(r)
+        layers = []
+        for layer in range(len(hits[0][2])):
+            k0 = hits[0][2][layer][0]
+            keys = k0.new_zeros((len(hits), k0.shape[1], width, k0.shape[3]))
+            values = keys.clone()
+            for b, ((_, _, kv), r) in enumerate(zip(hits, reuse)):
+                if r:
+                    keys[b, :, width - r:] = kv[layer][0][0, :, :r]
+                    values[b, :, width - r:] = kv[layer][1][0, :, :r]
+            layers.append((keys, values))
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(layers):
+            cache.update(k, v, layer)
+        mask = torch.zeros((len(hits), width + w), dtype=torch.long)
+        ids = torch.empty((len(hits), w), dtype=torch.long)
+        for b, ((i, _, _), r) in enumerate(zip(hits, reuse)):
+            mask[b, width - r:] = 1
+            ids[b] = torch.tensor(seqs[i].prompt[r:])
+        pos = torch.stack([torch.arange(r, r + w) for r in reuse])
+        return _Part([h[0] for h in hits], ids.to(self.device), mask.to(self.device), pos.to(self.device), cache)
 
     def _part(self, rows: list[int], prompts: list[list[int]], cache: DynamicCache, cached: int) -> _Part:
         n = max(len(p) for p in prompts)

@@ -45,8 +45,11 @@ class PrefixCache:
         if n < MIN_REUSE:
             return 0, []
         self.entries.move_to_end(key)
-        self.hits, self.reused = self.hits + 1, self.reused + n
         return n, [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
+
+    def count(self, tokens: int) -> None:
+        """One prompt started from ``tokens`` cached tokens (what a prefill actually reused)."""
+        self.hits, self.reused = self.hits + 1, self.reused + tokens
 
     def store(self, key: Hashable, prompt: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep ``kv`` (per layer, (1, heads, n, dim)) as the keys and values of ``prompt[:n]``
