@@ -31,5 +31,7 @@ run() {  # run NAME MARKEXPR ARGS...
 [ "$tier" = integration ] || run unit "not integration and not gpu" "$@"
 # the integration tier mostly waits on other processes (servers, Ray, CLIs): two pytest
 # workers, one test file each at a time (module fixtures stay per file), MTA_TEST_WORKERS
-# to change; the unit tier is CPU-bound in this process and runs alone
+# to change; the unit tier is CPU-bound in this process and runs alone. Tests spread one by
+# one (--dist loadgroup, servers' files grouped) were tried: the browser test's adapt job
+# then missed its wait beside the kill tests on 2 cores
 [ "$tier" = unit ] || run integration "integration or gpu" -n "${MTA_TEST_WORKERS:-2}" --dist loadfile "$@"
