@@ -71,7 +71,7 @@ class _Part:
 @dataclass
 class Prefill:
     """Joining rows' prompts, prefilled a chunk of columns at a time (``Decoder.advance``):
-    rows with a cached prefix each in a part of their own, the others together."""
+    the rows with a cached prefix in one part, the others in another."""
 
     seqs: list[Sequence]
     keys: list | None                # each row's prefix-cache key (None: not cached)
@@ -137,12 +137,10 @@ class Decoder:
             found = [(i, *self.prefix.lookup(key, s.prompt)) for i, (s, key) in enumerate(zip(seqs, keys))
                      if key is not None]
             hits = [(i, n, kv) for i, n, kv in found if n]
-        parts = []
-        if hits:
-            parts.append(self._hit_part(seqs, hits))
-        rows = [i for i in range(len(seqs)) if i not in {h[0] for h in hits}]
-        if rows:
-            parts.insert(0, self._part(rows, [seqs[i].prompt for i in rows], DynamicCache(), 0))
+        hit = {h[0] for h in hits}
+        rows = [i for i in range(len(seqs)) if i not in hit]
+        parts = ([self._part(rows, [seqs[i].prompt for i in rows])] if rows else []) + \
+            ([self._hit_part(seqs, hits)] if hits else [])
         return Prefill(seqs, keys, parts)
 
     def _hit_part(self, seqs: list[Sequence], hits: list[tuple[int, int, list]]) -> _Part:
@@ -177,7 +175,8 @@ class Decoder:
         pos = torch.stack([torch.arange(r, r + w) for r in reuse])
         return _Part([h[0] for h in hits], ids.to(self.device), mask.to(self.device), pos.to(self.device), cache)
 
-    def _part(self, rows: list[int], prompts: list[list[int]], cache: DynamicCache, cached: int) -> _Part:
+    def _part(self, rows: list[int], prompts: list[list[int]]) -> _Part:
+        """Rows without a cached prefix: their prompts left-padded, all to compute."""
         n = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), n), dtype=torch.long)
@@ -186,7 +185,7 @@ class Decoder:
             mask[i, n - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does for left padding
-        return _Part(rows, ids[:, cached:], mask, pos[:, cached:], cache)
+        return _Part(rows, ids, mask, pos, DynamicCache())
 
     @torch.no_grad()
     def advance(self, pf: Prefill, max_tokens: int | None = None) -> Batch | None:
