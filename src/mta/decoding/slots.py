@@ -161,8 +161,8 @@ class SlotDecoder:
     def warm(self, rows: list[Row], prompt: list[int], steps: int = 3) -> None:
         """Run ``steps`` decode steps of ``prompt`` through ``rows`` (at most the slots) and
         free every slot again: the step for these rows' layout is compiled and captured now
-        (the server's warm-up before it turns ready). Nothing running is touched only when
-        nothing runs: call it between batches."""
+        (the server's warm-up before it turns ready). It frees every slot: call it only
+        while no row is running."""
         seqs = [Sequence(list(prompt), row, steps + 1, frozenset()) for row in rows]
         batch = self.merge(None, self.prefill(seqs))
         for _ in range(steps):
