@@ -363,9 +363,9 @@ def test_all_finite_finds_one_bad_element():
         assert not all_finite(good + [t])
 
 
-def test_measured_budget_keeps_to_its_share_of_a_shared_gpu(monkeypatch):
-    """Two jobs on one GPU: with a share, the measured token budget plans into that share of
-    the device, not into all the memory another job has not taken yet."""
+def test_measured_budget_keeps_to_its_cap_on_a_shared_gpu(monkeypatch):
+    """Two jobs on one GPU: with a cap (--gpu-memory), the measured token budget plans into
+    it, not into all the memory another job has not taken yet."""
     from mta.engine.train import TrainConfig, _Budget
 
     gib = 1024 ** 3
@@ -375,15 +375,15 @@ def test_measured_budget_keeps_to_its_share_of_a_shared_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: 10 * gib + 1024 * 1024)
     dev = torch.device("cuda")
     sizes = {}
-    for share in (1.0, 0.25):
-        b = _Budget(TrainConfig(memory_share=share), dev)
+    for cap in (None, 35 * gib):
+        b = _Budget(TrainConfig(memory_cap=cap), dev)
         assert b.auto and not b.measured
         b.end_probe(10 * gib, tokens=1)  # 1 MiB per token
-        sizes[share] = b.value
-    assert sizes[1.0] == int(0.8 * (100 + 2) * 1024)          # free + this process's cache
-    assert sizes[0.25] == int(0.8 * (0.25 * 140 - 10) * 1024)  # its share, less what it holds
-    with pytest.raises(ValueError, match="memory_share"):
-        TrainConfig(memory_share=0)
+        sizes[cap] = b.value
+    assert sizes[None] == int(0.8 * (100 + 2) * 1024)     # free + this process's cache
+    assert sizes[35 * gib] == int(0.8 * (35 - 10) * 1024)  # its cap (--gpu-memory), less what it holds
+    with pytest.raises(ValueError, match="memory_cap"):
+        TrainConfig(memory_cap=0)
 
 
 def test_the_skip_message_locates_where_a_non_finite_gradient_entered(caplog):

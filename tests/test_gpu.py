@@ -278,3 +278,42 @@ def test_slot_decoder_captured_equals_each_row_alone(compile):
         ids = torch.tensor([s.prompt], device=CUDA)
         alone = hf_generate(eng, [s.row], ids, torch.ones_like(ids), max_new_tokens=s.max_new_tokens, **kw)
         assert s.tokens == alone[0, len(s.prompt):].tolist()
+
+
+def test_compiled_slot_loop_with_chunked_prefill_and_prefix_hits_equals_each_row_alone():
+    """What `mta serve` runs on CUDA by default: the compiled, captured slot step, prompts
+    prefilled in chunks, a user's second prompt starting from their cached prefix; every
+    row gets its tokens alone (fp32)."""
+    from types import SimpleNamespace
+
+    from mta.decoding.eager import Sequence
+    from mta.decoding.prefix import PrefixCache
+    from mta.decoding.slots import SlotDecoder
+
+    eng, tok = _engine(torch.float32, torch.float32)
+    bb = SimpleNamespace(engine=eng, model=eng.model)
+    cache = PrefixCache(max_tokens=4096)
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=4, span=160, compile=True, prefix=cache)
+    shared = "the same long task instruction that every prompt of this user starts with: "
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+
+    def run(texts, rows, keys):
+        seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 6, frozenset())
+                for t, r in zip(texts, rows)]
+        pf, part = dec.start(seqs, keys), None
+        while part is None:
+            part = dec.advance(pf, 16)
+        batch = dec.merge(None, part)
+        while any(s.finish is None for s in seqs):
+            dec.step(batch)
+        dec.keep(batch, [])
+        for s in seqs:
+            ids = torch.tensor([s.prompt], device=CUDA)
+            alone = hf_generate(eng, [s.row], ids, torch.ones_like(ids), max_new_tokens=6, **kw)
+            assert s.tokens == alone[0, len(s.prompt):].tolist()
+
+    run([shared + "first question"], [ROWS[0]], [("u0", "v")])
+    run([shared + "second question", "another user", shared + "x"], [ROWS[0], ROWS[1], ROWS[1]],
+        [("u0", "v"), ("u2", "v"), ("u2", "v")])
+    assert cache.hits >= 1 and cache.reused >= 8
+    print(f"compiled slot loop: prefix hits {cache.hits}, reused {cache.reused} tokens")

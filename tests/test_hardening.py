@@ -507,16 +507,48 @@ def test_adapt_job_ids_never_repeat_after_a_restart(tmp_path):
     assert first.id != again.id and store.job(first.id)["job"] == first.id and store.job(again.id)["job"] == again.id
 
 
-def test_a_memory_share_caps_the_cuda_allocator_and_nothing_else(monkeypatch):
-    """--gpu-memory-share below 1 caps the caching allocator of a CUDA process (jobs side by
-    side otherwise starve each other of cached blocks); a whole share or the CPU is left alone."""
+def test_gpu_memory_caps_the_cuda_allocator_once_the_model_is_loaded(monkeypatch):
+    """--gpu-memory (a share, bytes, or auto: what the loaded model holds plus 24 GiB, at
+    most 90% of the device) caps a CUDA process's caching allocator; the CPU is left alone;
+    a cap under what the model holds is a one-line error."""
+    from types import SimpleNamespace
+
     import torch
 
     from mta.backbone import cap_memory
+    from mta.errors import ResourceError
 
+    gib = 1024 ** 3
     calls = []
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
-    cap_memory(torch.device("cuda:0"), 0.3)
-    cap_memory(torch.device("cuda:0"), 1.0)
-    cap_memory(torch.device("cpu"), 0.3)
-    assert calls == [(0.3, torch.device("cuda:0"))]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 12 * gib)
+    dev = torch.device("cuda:0")
+    assert cap_memory(dev, "0.25") == 35 * gib and calls[-1] == (0.25, dev)
+    assert cap_memory(dev, str(40 * gib)) == 40 * gib and calls[-1] == (40 / 140, dev)
+    assert cap_memory(dev, "auto") == (12 + 24) * gib and calls[-1] == (36 / 140, dev)
+    assert cap_memory(dev, str(400 * gib)) == 140 * gib and calls[-1] == (1.0, dev)  # at most the device
+    with pytest.raises(ResourceError, match="allows 7.0 GiB but the model already holds 12.0 GiB"):
+        cap_memory(dev, "0.05")
+    n = len(calls)
+    assert cap_memory(torch.device("cpu"), "0.3") is None and len(calls) == n
+
+
+def test_gpu_memory_is_read_in_one_form_and_bad_values_are_refused():
+    from mta.config import BackboneConfig, gpu_memory_cap
+
+    gib = 2 ** 30
+    forms = {"auto": "auto", "0.3": "0.3", 0.28: "0.28", "1": "1.0", "40GiB": str(40 * gib), "40g": str(40 * gib),
+             "43GB": "43000000000", "4e10": "40000000000", " 8 GiB ": str(8 * gib)}
+    for given, want in forms.items():
+        assert BackboneConfig(gpu_memory=given).gpu_memory == want, given
+    assert BackboneConfig(gpu_memory_share=0.5).gpu_memory == "0.5"  # the old name still reads
+    for bad in ("0", "-1", "lots", "1.5", "12MB", "3 parsecs"):
+        with pytest.raises(ConfigError, match="gpu_memory"):
+            BackboneConfig.build({"gpu_memory": bad})
+    assert gpu_memory_cap("auto", 24 * gib, 16 * gib) == int(0.9 * 24 * gib)  # a small GPU: most of it
+    assert gpu_memory_cap("0.5", 24 * gib, 16 * gib) == 12 * gib
+    from mta.serving.adapt_worker import worker_backbone  # the server's adaptation worker: its share
+    assert worker_backbone(BackboneConfig(), "m", "e", 0.25).gpu_memory == "0.25"
+    assert worker_backbone(BackboneConfig(gpu_memory="0.1"), "m", "e", 0.25).gpu_memory == "0.1"
+    assert worker_backbone(BackboneConfig(gpu_memory="40GiB"), "m", "e", 0.25).gpu_memory == "0.25"

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mta.config import BackboneConfig
+from mta.config import BackboneConfig, gpu_memory_cap
 from mta.decoding.batch import DecoderPool
 from mta.engine.config import LLAMA_TARGETS
 from mta.engine.engine import AdapterEngine, EngineSpec
 from mta.engine.train import run_peak
-from mta.errors import MtaError
+from mta.errors import MtaError, ResourceError
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
@@ -43,12 +43,25 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def cap_memory(device: torch.device, share: float) -> None:
-    """Cap this process's CUDA caching allocator at ``share`` of the device (``--gpu-memory-share``
-    below 1). Not isolation: what the process holds on the device was seen far above the
-    share (docs/architecture.md, "Devices, dtypes and memory")."""
-    if device.type == "cuda" and share < 1:
-        torch.cuda.set_per_process_memory_fraction(share, device)
+def cap_memory(device: torch.device, spec: str) -> int | None:
+    """Cap this process's CUDA caching allocator under ``--gpu-memory spec`` (`gpu_memory_cap`),
+    once the model is loaded (auto counts what it holds). Returns the cap in bytes (None on
+    the CPU); a cap under what the process already holds is an error. Not isolation: memory
+    outside torch's allocator (CUDA context, libraries' workspaces) is not counted
+    (docs/architecture.md, "Devices, dtypes and memory")."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    held = torch.cuda.memory_reserved(device)
+    cap = gpu_memory_cap(spec, total, held)
+    if cap < held:
+        raise ResourceError(f"--gpu-memory {spec} allows {cap / 2**30:.1f} GiB but the model already holds "
+                            f"{held / 2**30:.1f} GiB of the device's {total / 2**30:.1f} GiB",
+                            ("BackboneConfig.gpu_memory",))
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    log.info("GPU memory cap %.1f GiB of %.1f GiB (--gpu-memory %s; the model holds %.1f GiB)", cap / 2**30,
+             total / 2**30, spec, held / 2**30)
+    return cap
 
 
 @dataclass
@@ -62,6 +75,7 @@ class Backbone:
     dtype: torch.dtype
     config: BackboneConfig
     engine: AdapterEngine = field(init=False)
+    memory_cap: int | None = None  # bytes this process may use on its CUDA device (`cap_memory`)
     _pools: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,11 +106,10 @@ class Backbone:
                                                                  else torch.float32)
         model_id = cfg.model or default_model or DEFAULT_MODEL
         embedder_id = cfg.embedder or default_embedder or DEFAULT_EMBEDDER
-        cap_memory(device, cfg.gpu_memory_share)
         model, tok = load_llm(model_id, dtype=dtype, device=device)
         emb = load_embedder(embedder_id, device=str(device))
         log.info("loaded %s (%s) and %s on %s", model_id, dtype, embedder_id, device)
-        return cls(model, tok, emb, model_id, embedder_id, device, dtype, cfg)
+        return cls(model, tok, emb, model_id, embedder_id, device, dtype, cfg, cap_memory(device, cfg.gpu_memory))
 
     @classmethod
     def wrap(cls, model, tokenizer, embedder, model_id: str, embedder_id: str,
@@ -114,7 +127,7 @@ class Backbone:
         """The micro-batch bounds and checkpointing that training on this device uses."""
         cuda = self.device.type == "cuda"
         return {"max_rows": self.config.max_rows or (None if cuda else CPU_MAX_ROWS),
-                "token_budget": self.config.token_budget, "memory_share": self.config.gpu_memory_share,
+                "token_budget": self.config.token_budget, "memory_cap": self.memory_cap,
                 "gradient_checkpointing": self.config.gradient_checkpointing,
                 "compile": self.config.compile_training}
 

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mta.engine.config import LLAMA_TARGETS, TrainConfig
 from mta.errors import ConfigError
@@ -81,6 +81,44 @@ def _split_csv(v: Any) -> Any:
 Names = Annotated[tuple[str, ...], BeforeValidator(_split_csv)]  # also accepts "a,b,c"
 
 
+# `--gpu-memory`: a share of the device, bytes with an optional unit, or auto
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
+MIN_GPU_MEMORY = 2**26  # a byte count below 64 MiB is a typo, not a budget
+AUTO_ROOM = 24 * 2**30  # auto: what the loaded model holds plus this much working memory ...
+AUTO_MAX_SHARE = 0.9    # ... and never more than this share of the device
+
+
+def parse_gpu_memory(v: Any) -> str:
+    """``--gpu-memory`` in its one written form: "auto", a share of the device in (0, 1]
+    ("0.3"), or a whole number of bytes ("42949672960"; from "40GiB", "40G", "43GB", "4e10")."""
+    text = str(v).strip().lower().replace(" ", "").replace("_", "")
+    if text == "auto":
+        return text
+    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:e\d+)?|\.\d+)([a-z]*)", text)
+    if not m or m.group(2) not in MEMORY_UNITS:
+        raise ValueError("must be auto, a share of the device in (0, 1] such as 0.3, or bytes such as 40GiB")
+    number, unit = float(m.group(1)), m.group(2)
+    if not unit and number <= 1:
+        if number <= 0:
+            raise ValueError("a share of the device must be above 0")
+        return repr(number)
+    size = int(number * MEMORY_UNITS[unit])
+    if size < MIN_GPU_MEMORY:
+        raise ValueError(f"{v} is under 64 MiB of memory: give a share of the device (0, 1] or bytes such as 40GiB")
+    return str(size)
+
+
+def gpu_memory_cap(spec: str, total: int, held: int) -> int:
+    """The bytes a process may use on a device of ``total`` bytes under ``--gpu-memory
+    spec``, once its model holds ``held``: a share of the device, a byte count (at most the
+    device), or auto (``held`` plus `AUTO_ROOM`, at most `AUTO_MAX_SHARE` of the device)."""
+    if spec == "auto":
+        return min(int(AUTO_MAX_SHARE * total), held + AUTO_ROOM)
+    value = float(spec)
+    return int(value * total) if value <= 1 else min(int(value), total)
+
+
 class BackboneConfig(_Config):
     """The base model, the embedder, where they run and how memory is planned.
 
@@ -90,8 +128,8 @@ class BackboneConfig(_Config):
     base is bf16; benchmarks/precision.py measured it equal to fp32 within its stated
     tolerance and faster). ``token_budget`` bounds the padded tokens of one training
     micro-batch; auto on CUDA measures the bytes per token of the first micro-batch and
-    sizes the rest to the free memory (docs/architecture.md), or to ``gpu_memory_share``
-    of the device when several jobs share it.
+    sizes the rest to what ``gpu_memory`` leaves (`gpu_memory_cap`; docs/architecture.md,
+    "Devices, dtypes and memory").
     """
 
     model: str | None = Field(None, description="registry LLM or local HF model directory "
@@ -109,8 +147,10 @@ class BackboneConfig(_Config):
                                      "(default: no limit on CPU, measured from free memory on CUDA)")
     max_rows: int | None = Field(None, ge=1, description="rows per training micro-batch "
                                  "(default: 16 on CPU, no limit on CUDA)")
-    gpu_memory_share: float = Field(1.0, gt=0, le=1, description="share of the GPU's memory a measured "
-                                    "token budget may plan into (lower it when jobs share a GPU)")
+    gpu_memory: str = Field("auto", validation_alias=AliasChoices("gpu_memory", "gpu_memory_share"),
+                            description="GPU memory this process may use: a share of the device (0.3), bytes "
+                            "(40GiB, 40GB, 4e10) or auto (the loaded model plus 24 GiB, at most 90% of the "
+                            "device: room for a server beside an evaluation)")
     compile_training: bool = Field(False, description="train with the model's decoder blocks through "
                                    "torch.compile (CUDA only; about a minute of compile per process, then "
                                    "faster: docs/performance.md, runs F and F2)")
@@ -121,6 +161,11 @@ class BackboneConfig(_Config):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
+
+    @field_validator("gpu_memory", mode="before")
+    @classmethod
+    def _gpu_memory(cls, v: Any) -> str:
+        return parse_gpu_memory(v)
 
 
 class BankConfig(_Config):

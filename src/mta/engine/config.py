@@ -20,9 +20,9 @@ class TrainConfig:
     no bound, except ``token_budget`` on CUDA, where None means "measure": the first
     micro-batch's peak memory per token sizes the rest to the free memory, and an
     out-of-memory step is retried with half the budget. They change nothing but float
-    rounding. ``memory_share`` caps what the measured budget plans into at that share of
-    the device's memory for this process (jobs sharing a GPU: otherwise the first takes
-    most of it and the next runs out of memory). ``lr_field`` names the config field
+    rounding. ``memory_cap`` (bytes, `--gpu-memory`) caps what the measured budget plans
+    into for this process (jobs sharing a GPU: otherwise the first takes most of it and
+    the next runs out of memory). ``lr_field`` names the config field
     behind ``lr`` in error messages. ``compile``: the model's decoder layers run through
     ``torch.compile`` while training (True: inductor; a string: a dynamo backend's name;
     see ``compiled_layers``).
@@ -39,7 +39,7 @@ class TrainConfig:
     seed: int = 0
     max_rows: int | None = 16
     token_budget: int | None = None
-    memory_share: float = 1.0
+    memory_cap: int | None = None
     gradient_checkpointing: bool = False
     lr_field: str = "lr"
     compile: bool | str = False
@@ -62,8 +62,8 @@ class TrainConfig:
             problems.append(f"max_rows must be >= 1, got {self.max_rows}")
         if self.token_budget is not None and self.token_budget < 1:
             problems.append(f"token_budget must be >= 1, got {self.token_budget}")
-        if not 0 < self.memory_share <= 1:
-            problems.append(f"memory_share must be in (0, 1], got {self.memory_share}")
+        if self.memory_cap is not None and self.memory_cap < 1:
+            problems.append(f"memory_cap must be a positive number of bytes or None, got {self.memory_cap}")
         if not (isinstance(self.compile, bool) or isinstance(self.compile, str) and self.compile):
             problems.append(f"compile must be True, False or a dynamo backend's name, got {self.compile!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

@@ -155,7 +155,7 @@ class _Budget:
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.value = cfg.token_budget
-        self.share = cfg.memory_share
+        self.cap = cfg.memory_cap
         self.auto = cfg.token_budget is None and device.type == "cuda"
         self.device = device
         self.measured = not self.auto
@@ -172,11 +172,11 @@ class _Budget:
 
     def end_probe(self, before: int, tokens: int) -> None:
         per_token = max(1, (torch.cuda.max_memory_allocated(self.device) - before) // max(1, tokens))
-        free, total = torch.cuda.mem_get_info(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
         held = torch.cuda.memory_allocated(self.device)
         room = free + torch.cuda.memory_reserved(self.device) - held
-        if self.share < 1:  # what this process may still take of its share of the device
-            room = min(room, int(self.share * total) - held)
+        if self.cap is not None:  # what this process may still take under its cap
+            room = min(room, self.cap - held)
         self.value = max(tokens, int(self.HEADROOM * max(0, room) / per_token))
         self.measured = True
         log.info("training micro-batch budget: %d padded tokens (%.0f KiB per token measured)", self.value,
@@ -222,8 +222,9 @@ def _oom_error(device: torch.device, tokens: int, rows: int) -> ResourceError:
     return ResourceError(
         f"out of {device.type} memory training a micro-batch of {rows} rows and {tokens} padded tokens "
         f"(peak {peak:.1f} GiB of {total:.1f} GiB): lower the token budget or the example length, or turn on "
-        "gradient checkpointing",
-        ("BackboneConfig.token_budget", "BankConfig.max_length", "BackboneConfig.gradient_checkpointing"))
+        "gradient checkpointing, or give it more with --gpu-memory",
+        ("BackboneConfig.token_budget", "BackboneConfig.gpu_memory", "BankConfig.max_length",
+         "BackboneConfig.gradient_checkpointing"))
 
 
 def train_jobs(

@@ -45,8 +45,10 @@ class WorkerDied(MtaError):
 def worker_backbone(cfg: BackboneConfig, model: str, embedder: str, share: float) -> BackboneConfig:
     """The worker's backbone: the server's model and embedder on the server's device, its
     training micro-batches planned into ``share`` of the GPU's memory."""
-    return cfg.model_copy(update={"model": model, "embedder": embedder,
-                                  "gpu_memory_share": min(cfg.gpu_memory_share, share)})
+    own = cfg.gpu_memory
+    if own != "auto" and float(own) <= 1:  # the server's own share, when smaller
+        share = min(share, float(own))
+    return cfg.model_copy(update={"model": model, "embedder": embedder, "gpu_memory": repr(float(share))})
 
 
 class AdaptWorker:
