@@ -115,7 +115,7 @@ def server(work: Path, a, max_batch: int, decoder: str, extra: tuple[str, ...] =
     proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(work / "bank"), "--store",
                              str(work / "store"), "--users", str(work / "data"), "--keys", str(work / "keys.json"),
                              "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(a.requests),
-                             "--device", a.device, "--decoder", decoder, *extra], cwd=ROOT, stdout=log,
+                             "--device", a.device, "--decoder", decoder, *a.server_arg, *extra], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + a.start_timeout
@@ -258,6 +258,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_load.json"))
     ap.add_argument("--rate", type=float, help="open loop: requests sent at this rate per second, streamed "
                     "(time to first token, inter-token latency), to mta and then to mta-base")
+    ap.add_argument("--server-arg", action="append", default=[], help="an option passed on to `mta serve` "
+                    "(repeat: --server-arg=--gpu-memory --server-arg=0.6)")
     ap.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to turn ready "
                     "(a compiled decoder compiles before it does)")
     ap.add_argument("--adapt-during", action="store_true", help="the load without adapt jobs, with a user being "

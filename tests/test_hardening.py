@@ -4,6 +4,7 @@ refused in one line (or written safely)."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 import time
 
@@ -532,6 +533,13 @@ def test_gpu_memory_caps_the_cuda_allocator_once_the_model_is_loaded(monkeypatch
         cap_memory(dev, "0.05")
     n = len(calls)
     assert cap_memory(torch.device("cpu"), "0.3") is None and len(calls) == n
+    # a server's static KV cache, once allocated, is held like the model: auto's room stays 24 GiB
+    from mta.backbone import Backbone
+    from mta.config import BackboneConfig
+    bb = SimpleNamespace(memory_cap=36 * gib, device=dev, config=BackboneConfig())
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 30 * gib)
+    Backbone.recap_memory(bb)
+    assert bb.memory_cap == (30 + 24) * gib and calls[-1] == (54 / 140, dev)
 
 
 def test_gpu_memory_is_read_in_one_form_and_bad_values_are_refused():
@@ -552,3 +560,20 @@ def test_gpu_memory_is_read_in_one_form_and_bad_values_are_refused():
     assert worker_backbone(BackboneConfig(), "m", "e", 0.25).gpu_memory == "0.25"
     assert worker_backbone(BackboneConfig(gpu_memory="0.1"), "m", "e", 0.25).gpu_memory == "0.1"
     assert worker_backbone(BackboneConfig(gpu_memory="40GiB"), "m", "e", 0.25).gpu_memory == "0.25"
+
+
+def test_jax_is_kept_off_the_gpu_unless_the_user_says_otherwise(monkeypatch):
+    """bm25s takes JAX for its top-k when JAX is importable, and JAX's first use takes 75% of
+    a GPU's memory outside torch's allocator (seen on the H200: ~106 GiB in every command):
+    importing mta points JAX at the CPU without preallocation, and keeps a user's own choice."""
+    import importlib
+
+    import mta
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    importlib.reload(mta)
+    assert os.environ["JAX_PLATFORMS"] == "cpu" and os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    importlib.reload(mta)
+    assert os.environ["JAX_PLATFORMS"] == "cuda"

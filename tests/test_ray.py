@@ -43,13 +43,6 @@ def test_sharded_adapt_equals_single_process_and_survives_a_killed_worker(tmp_pa
                  "hashing-embedder"]) == 0
     single = _adapt(tmp_path, "single")
     assert single.returncode == 0, single.stderr[-1500:]
-    sharded = _adapt(tmp_path, "sharded", "--ray", "local", "--ray-workers", "2")
-    assert sharded.returncode == 0, sharded.stderr[-1500:]
-    assert "in 2 shard(s) on 2 Ray worker(s)" in sharded.stdout
-    # the driver logs what the workers spent inside their shards (benchmarks/ray_adapt.py reads it)
-    summary = [ln for ln in (tmp_path / "sharded" / "run.log").read_text().splitlines() if "ray adapt: " in ln]
-    inner = json.loads(summary[-1].split("ray adapt: ", 1)[1])
-    assert len(inner["worker_pids"]) == 2 and 0 < inner["busiest_worker_seconds"] <= inner["shard_seconds"]
     want = _tensors(tmp_path / "single")
 
     def same(got: dict) -> None:  # workers run one CPU thread each: float sums may round differently
@@ -58,12 +51,17 @@ def test_sharded_adapt_equals_single_process_and_survives_a_killed_worker(tmp_pa
             for k in want[u]:
                 torch.testing.assert_close(got[u][k], want[u][k], atol=1e-6, rtol=1e-5)
 
-    same(_tensors(tmp_path / "sharded"))
-    # a worker dies (no clean-up) after writing its first user: Ray restarts it and retries the shard
+    # sharded over 2 workers, one of which dies (no clean-up) after writing its first user:
+    # Ray restarts it and retries the shard; the users equal the single-process ones
     killed = _adapt(tmp_path, "killed", "--ray", "local", "--ray-workers", "2",
                     env={"MTA_FAULT": "store:user-written:1", "MTA_FAULT_ONCE": str(tmp_path / "fault-fired")})
     assert (tmp_path / "fault-fired").exists(), "the fault did not fire"
     assert killed.returncode == 0, killed.stderr[-1500:]
+    assert "in 2 shard(s) on 2 Ray worker(s)" in killed.stdout
+    # the driver logs what the workers spent inside their shards (benchmarks/ray_adapt.py reads it)
+    summary = [ln for ln in (tmp_path / "killed" / "run.log").read_text().splitlines() if "ray adapt: " in ln]
+    inner = json.loads(summary[-1].split("ray adapt: ", 1)[1])
+    assert len(inner["worker_pids"]) >= 2 and 0 < inner["busiest_worker_seconds"] <= inner["shard_seconds"]
     same(_tensors(tmp_path / "killed"))
     st = UserStore(tmp_path / "killed")
     assert all(e.record is not None for e in st.entries())

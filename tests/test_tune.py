@@ -124,7 +124,7 @@ def test_a_baseline_diverging_in_the_final_ablation_keeps_the_recipe(tmp_path, m
     assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
     out = tmp_path / "tune"
     assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
-                 "--anchors", "2", "--space", "core", "--max-user-share", "0.3", *TINY]) == 0
+                 "--anchors", "2", "--space", "anchor-training", "--max-user-share", "0.3", *TINY]) == 0
     r = read_recipe(out / "recipe.json")
     message = "training diverged at step 2: the loss of 'user:x' is nan"
     # every other method's row is kept, with its paired differences; the failure is a row too
@@ -143,7 +143,7 @@ def test_a_final_ablation_that_fails_whole_keeps_the_recipe(tmp_path, monkeypatc
                            "training diverged at step 1: the loss of 'user:x' is nan")
     out = tmp_path / "tune"
     assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
-                 "--anchors", "2", "--space", "core", "--max-user-share", "0.3", *TINY]) == 0
+                 "--anchors", "2", "--space", "anchor-training", "--max-user-share", "0.3", *TINY]) == 0
     r = read_recipe(out / "recipe.json")
     assert r.ablation == [{"error": "training diverged at step 1: the loss of 'user:x' is nan"}]
 
@@ -162,7 +162,7 @@ def test_tune_takes_the_eval_protocol_it_can_and_refuses_what_it_cannot(tmp_path
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
     args = ["tune", "--data", str(data), "--dev-fraction", "0.5", "--n-boot", "100", "--anchors", "2",
-            "--space", "core", "--max-user-share", "0.3", *TINY]
+            "--space", "anchor-training", "--max-user-share", "0.3", *TINY]
     assert main([*args, "--out", str(tmp_path / "t1"), "--target-history", "3", "--users", "8"]) == 0
     assert seen and all(s == (4, 3) for s in seen)  # half of the first 8 users are dev users
     for extra in (["--methods", "mta"], ["--anchor-data", str(data)]):

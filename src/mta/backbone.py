@@ -131,6 +131,12 @@ class Backbone:
                 "gradient_checkpointing": self.config.gradient_checkpointing,
                 "compile": self.config.compile_training}
 
+    def recap_memory(self) -> None:
+        """Apply ``--gpu-memory`` again once the process holds more for good (a server's static
+        KV cache): auto then counts it as it counts the model, so the working room stays."""
+        if self.memory_cap is not None:
+            self.memory_cap = cap_memory(self.device, self.config.gpu_memory)
+
     def decoder_pool(self, compile: bool = False):
         """The GraphDecoders of ``--decoder graph`` (``compile``: of ``--decoder compiled``;
         mta.decoding.step), made on first use."""

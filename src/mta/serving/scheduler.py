@@ -94,6 +94,7 @@ class Scheduler:
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
                                        span=gen.max_prompt_tokens + max_tokens, compile=self.decoder_kind == "compiled",
                                        prefix=self.prefix)
+            bank.backbone.recap_memory()  # --gpu-memory auto: the static cache is held like the model
         else:
             self.decoder = Decoder(bank.backbone, self.tok.pad_token_id, self.prefix)
         self.stop_ids = frozenset(stop_ids(self.tok))
