@@ -141,6 +141,36 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
+def histograms(client, url: str) -> dict:
+    """The server's inter-token latency and decode-step histograms from /metrics: name ->
+    (cumulative counts by upper bound, sum, count). The server times every token, which the
+    client cannot: it sees a stream event only when the text grows by whole characters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(client.get(url + "/metrics").text):
+        if fam.name not in ("mta_inter_token_latency_seconds", "mta_decode_step_seconds"):
+            continue
+        buckets = {float(s.labels["le"]): s.value for s in fam.samples if s.name.endswith("_bucket")}
+        total = {s.name.rsplit("_", 1)[1]: s.value for s in fam.samples if s.name.endswith(("_sum", "_count"))}
+        out[fam.name] = (buckets, total.get("sum", 0.0), total.get("count", 0.0))
+    return out
+
+
+def histogram_stats(before: dict, after: dict, name: str) -> dict:
+    """Mean, and the bucket bounds the p50 and p99 fall under, of what ``name`` saw between two scrapes."""
+    if name not in after:
+        return {}
+    b1, s1, n1 = after[name]
+    b0, s0, n0 = before.get(name, ({}, 0.0, 0.0))
+    n = n1 - n0
+    if n <= 0:
+        return {}
+    cum = sorted((le, c - b0.get(le, 0.0)) for le, c in b1.items())
+    bound = lambda q: next((le for le, c in cum if c >= q * n), float("inf"))  # noqa: E731
+    return {"mean_s": (s1 - s0) / n, "p50_le_s": bound(0.5), "p99_le_s": bound(0.99), "count": int(n)}
+
+
 def streamed(client, url: str, body: dict) -> dict:
     """One streamed chat request: when each piece of text arrived, the tokens, success."""
     t0 = time.perf_counter()
@@ -177,12 +207,14 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
                           limits=httpx.Limits(max_connections=lanes, max_keepalive_connections=lanes))
     for i in range(min(4, a.requests)):  # warm-up, not counted
         streamed(client, url, body(i))
+    before = histograms(client, url)
     with ThreadPoolExecutor(lanes) as ex:
         futures, t0 = [], time.perf_counter()
         for i in range(a.requests):
             time.sleep(max(0.0, t0 + i / a.rate - time.perf_counter()))
             futures.append(ex.submit(streamed, client, url, body(i)))
         results = [f.result() for f in futures]
+    after = histograms(client, url)
     wall = max((r["times"][-1] if r["times"] else r["t0"]) for r in results) - t0
     ttft = [r["times"][0] - r["t0"] for r in results if r["ok"] and r["times"]]
     itl = [b - a_ for r in results if r["ok"] for a_, b in zip(r["times"], r["times"][1:])]
@@ -191,6 +223,8 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
             "tokens_per_s": sum(r["tokens"] for r in results if r["ok"]) / wall,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
             "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99),
+            "server_itl": histogram_stats(before, after, "mta_inter_token_latency_seconds"),
+            "server_step": histogram_stats(before, after, "mta_decode_step_seconds"),
             "errors": sum(not r["ok"] for r in results)}
 
 
@@ -318,11 +352,15 @@ def report_open_loop(a, rows: list[dict]) -> None:
 
     print(f"mta serve, {a.model} on {a.device}: open loop, {a.requests} requests at {a.rate:g}/s, max batch "
           f"{a.clients}, {a.users} users, max_tokens {a.max_tokens}")
-    print(f"{'decoder':<9} {'model':<9} {'tok/s':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ITL p50 ms':>10} "
-          f"{'ITL p99 ms':>10} {'errors':>6}")
+    print("(ITL: the server's, every token: mean, and the histogram bucket its p50 / p99 fall under; "
+          "step: the server's decode step, mean)")
+    print(f"{'decoder':<9} {'model':<9} {'tok/s':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ITL mean ms':>11} "
+          f"{'ITL p50 <=':>10} {'ITL p99 <=':>10} {'step ms':>7} {'errors':>6}")
     for r in rows:
+        itl, step = r["server_itl"], r["server_step"]
         print(f"{r['decoder']:<9} {r['model']:<9} {r['tokens_per_s']:>8.1f} {ms(r['ttft_p50_s']):>11} "
-              f"{ms(r['ttft_p99_s']):>11} {ms(r['itl_p50_s']):>10} {ms(r['itl_p99_s']):>10} {r['errors']:>6}")
+              f"{ms(r['ttft_p99_s']):>11} {ms(itl.get('mean_s')):>11} {ms(itl.get('p50_le_s')):>10} "
+              f"{ms(itl.get('p99_le_s')):>10} {ms(step.get('mean_s')):>7} {r['errors']:>6}")
     for d in dict.fromkeys(r["decoder"] for r in rows):
         mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
         mine["tokens_vs_base"] = mine["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None

@@ -94,6 +94,9 @@ def test_serve_load_benchmark_tiny_open_loop(tmp_path):
     for x in rows:
         assert x["errors"] == 0 and x["tokens_per_s"] > 0
         assert 0 < x["ttft_p50_s"] <= x["ttft_p99_s"] and 0 < x["itl_p50_s"] <= x["itl_p99_s"]
+        itl, step = x["server_itl"], x["server_step"]  # the server's own histograms, this run's share
+        assert itl["count"] >= 12 and 0 < itl["mean_s"] and itl["p50_le_s"] <= itl["p99_le_s"]
+        assert 0 < step["mean_s"] and step["count"] >= 5
     assert "mta / mta-base tokens/s" in r.stdout
     bad = _run("serve_load.py", "--decoder", "graph,eager", "--rate", "1")
     assert bad.returncode == 2 and "one of generate, graph, compiled" in bad.stderr
