@@ -34,6 +34,7 @@ from mta.engine.engine import Row
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank, Plan, Request
 from mta.retrieval import retrieve
+from mta.serving.text import TextStream
 from mta.store import UserStore
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Job:
     seen: int = 0                       # tokens counted in the metrics so far
     first_token_at: float | None = None
     last_token_at: float = 0.0
+    detok: TextStream | None = None      # the answer's text, decoded as its tokens arrive
 
 
 def server_decoder(decoder: str, device) -> str:
@@ -359,14 +361,17 @@ class Scheduler:
             if self.metrics and len(s.tokens) > job.seen:
                 self.metrics.new_tokens(job, len(s.tokens) - job.seen, time.monotonic())
                 job.seen = len(s.tokens)
-            text = self.tok.decode(s.tokens, skip_special_tokens=True)
+            if job.detok is None:
+                job.detok = TextStream(self.tok)
+            text = job.detok.update(s.tokens)  # whole characters only: never split a multi-byte one
+            if s.finish is not None:  # the end: the tokenizer's own decode of every token
+                text = job.detok.final(s.tokens)
             stop_at = min((i for i in (text.find(x) for x in job.stop) if i >= 0), default=-1)
             if stop_at >= 0:
                 text, s.finish = text[:stop_at], "stop"
-            stable = text if s.finish else text.rstrip("\ufffd")  # never split a multi-byte character
-            if len(stable) > len(job.text):
-                job.emit("delta", stable[len(job.text):])
-                job.text = stable
+            if len(text) > len(job.text):
+                job.emit("delta", text[len(job.text):])
+                job.text = text
             if job.cancelled and s.finish is None:
                 s.finish = "cancelled"
             if s.finish is not None:
