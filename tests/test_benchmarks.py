@@ -157,3 +157,15 @@ def test_profile_bounds_of_the_old_records():
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile-bounds.py"), "nowhere.json"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and "nowhere.json: cannot read" in bad.stderr
+
+
+def test_detok_benchmark_tiny(tmp_path):
+    """The server's text streaming, incremental against decoding again: both rows timed, the
+    texts checked by the script itself (a prefix at every step, equal at the end)."""
+    out = tmp_path / "detok.json"
+    r = _run("detok.py", "--tokenizer", "tiny", "--lengths", "8,16", "--rows", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["length"] for x in rows] == [8, 16]
+    assert all(x["reference_ms_per_step"] > 0 and x["incremental_ms_per_step"] > 0 for x in rows)
+    assert "decode again" in r.stdout
