@@ -133,7 +133,7 @@ def test_a_baseline_diverging_in_the_final_ablation_keeps_the_recipe(tmp_path, m
     assert r.ablation[-1] == {"method": "per-user-lora", "error": message}
     assert "diff_vs_task-lora" in r.ablation[7]["metrics"]["accuracy"]
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
-    assert "lr" in r.bank and f"the final ablation: per-user-lora diverged: {message}" in err
+    assert "anchor_training" in r.bank and f"the final ablation: per-user-lora diverged: {message}" in err
 
 
 def test_a_final_ablation_that_fails_whole_keeps_the_recipe(tmp_path, monkeypatch):
