@@ -30,14 +30,17 @@ for s in "${steps[@]}"; do
     gpu-8b) run gpu-8b 1800 $PY benchmarks/gpu.py --compile --kernel-compare --warm-compile --profile \
       --sections gen,bank,adapt,memory,adapt-last8,bank-compiled,adapt-compiled,adapt-last8-compiled \
       --out "$out/gpu-8b.json" ;;
-    # the server under open-loop load at 8B (64 users, 64 new tokens), each decoder, mta-base the yardstick;
-    # the eager loop at a rate it can follow
+    # the server under open-loop load at 8B (64 users, 64 new tokens), mta-base the yardstick: arrivals
+    # faster than it drains them (its capacity at 64 rows), then a moderate rate (latency); the eager loop
+    # at a rate it can follow. The byte tokenizer's random text: ITL from the server's own histograms
     serve-load)
-      run serve-load-slots 1200 $PY benchmarks/serve_load.py --model random-llama3-8b --device cuda --rate 16 \
-        --requests 1000 --clients 64 --users 64 --max-tokens 64 --decoder compiled,graph --work "$out/sl" \
-        --out "$out/serve-load-slots.json"
-      run serve-load-eager 900 $PY benchmarks/serve_load.py --model random-llama3-8b --device cuda --rate 2 \
-        --requests 120 --clients 64 --users 64 --max-tokens 64 --decoder generate --work "$out/sl" \
+      sl=(--model random-llama3-8b --embedder hashing-embedder --device cuda --clients 64 --users 64
+          --max-tokens 64 --work "$out/sl" --server-arg=--max-tokens --server-arg=128)
+      run serve-load-sat 900 $PY benchmarks/serve_load.py "${sl[@]}" --rate 256 --requests 1000 \
+        --decoder compiled,graph --out "$out/serve-load-sat.json"
+      run serve-load-32 600 $PY benchmarks/serve_load.py "${sl[@]}" --rate 32 --requests 600 --decoder compiled \
+        --out "$out/serve-load-32.json"
+      run serve-load-eager 900 $PY benchmarks/serve_load.py "${sl[@]}" --rate 2 --requests 120 --decoder generate \
         --out "$out/serve-load-eager.json" ;;
     hf-decode) run hf-decode 600 $PY benchmarks/hf_decode.py --sections parts --out "$out/hf-decode.json" ;;
     ray-adapt) run ray-adapt 600 $PY benchmarks/ray_adapt.py --model random-llama3-8b --device cuda --users 128 \
