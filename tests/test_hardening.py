@@ -577,3 +577,52 @@ def test_jax_is_kept_off_the_gpu_unless_the_user_says_otherwise(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     importlib.reload(mta)
     assert os.environ["JAX_PLATFORMS"] == "cuda"
+
+
+def test_a_prefill_out_of_memory_fails_the_joining_requests_and_the_running_ones_go_on(tmp_path, monkeypatch):
+    """The server's transient peak is a joining group's prefill: out of GPU memory there (as
+    on the H200 at 8B under too small a cap), those requests get a 503-kind error and the
+    rows already decoding finish with the answers they get alone (before, every request in
+    the server failed with the step)."""
+    import torch
+
+    from mta.config import GenerateConfig
+    from mta.serving.scheduler import Job, OutOfMemory, Scheduler
+
+    bank, store, uid = _record(tmp_path)
+    sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=12), max_batch=8)  # not started: stepped here
+    got: dict[int, list] = {}
+
+    def job(i: int, n: int) -> Job:
+        got[i] = []
+        return Job(uid if i != 1 else "base-user", [{"role": "user", "content": f"a film about space {i}"}], None, n,
+                   base_only=i == 1, emit=lambda kind, payload: got[i].append((kind, payload)))
+
+    def drain():
+        while sched.jobs:
+            sched.decoder.step(sched.batch)
+            sched._after_step(0.0)
+
+    sched.submit(job(0, 12))
+    sched.submit(job(1, 12))
+    sched._admit()
+    sched.decoder.step(sched.batch)
+    sched._after_step(0.0)
+    assert len(sched.jobs) == 2  # both decoding
+    real = sched.decoder.advance
+    monkeypatch.setattr(sched.decoder, "advance", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    sched.submit(job(2, 4))
+    sched._admit()
+    assert got[2] == [("error", got[2][0][1])] and isinstance(got[2][0][1], OutOfMemory)
+    assert "prefilling 1 prompt(s) beside 2 running" in str(got[2][0][1])
+    assert len(sched.jobs) == 2 and sched.pending is None
+    monkeypatch.setattr(sched.decoder, "advance", real)
+    drain()
+    text = {i: "".join(p for k, p in got[i] if k == "delta") for i in (0, 1)}
+    assert all(got[i][-1][0] == "done" for i in (0, 1))
+    for i in (0, 1):  # the same answers alone
+        got_before = text[i]
+        sched.submit(job(i, 12))
+        sched._admit()
+        drain()
+        assert "".join(p for k, p in got[i] if k == "delta") == got_before

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mta import __version__
 from mta.errors import MtaError
-from mta.serving.scheduler import Job, ShuttingDown
+from mta.serving.scheduler import Job, OutOfMemory, ShuttingDown
 from mta.serving.security import Principal
 from mta.serving.service import ApiError, Service
 
@@ -155,6 +155,9 @@ async def _generate(svc: Service, who: Principal, body: _Gen, messages: list[dic
                 info = payload
             elif isinstance(payload, ShuttingDown):
                 raise ApiError(503, str(payload), "server_error", "shutting_down")
+            elif isinstance(payload, OutOfMemory):
+                svc.metrics.requests.labels(job.route or "-", "503").inc()
+                raise ApiError(503, str(payload), "server_error", "out_of_memory", headers={"Retry-After": "1"})
             else:
                 raise payload
     except asyncio.CancelledError:
@@ -205,10 +208,11 @@ async def _stream(svc: Service, rid: str, created: int, model: str, chat: bool, 
                 yield "data: [DONE]\n\n"
                 return
             else:
-                stopping = isinstance(payload, ShuttingDown)
+                code = "shutting_down" if isinstance(payload, ShuttingDown) else \
+                    "out_of_memory" if isinstance(payload, OutOfMemory) else None
                 err = {"error": {"message": svc.public(str(payload)),
-                                 "type": "server_error" if stopping else "invalid_request_error", "param": None,
-                                 "code": "shutting_down" if stopping else None}}
+                                 "type": "server_error" if code else "invalid_request_error", "param": None,
+                                 "code": code}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
     finally:

@@ -48,6 +48,11 @@ class ShuttingDown(Exception):
     """The server is stopping and takes no new work."""
 
 
+class OutOfMemory(Exception):
+    """Joining requests' prompts did not fit in the GPU's memory beside the running rows:
+    those requests fail (503, retry), the running ones go on."""
+
+
 @dataclass
 class Job:
     """One generation request as the scheduler runs it. ``emit(kind, payload)`` is called
@@ -293,7 +298,19 @@ class Scheduler:
         """The next chunk of the joining rows' prompts (all of them without a chunk size);
         with the last one they join the running batch."""
         pf, fresh, t0 = self.pending
-        part = self.decoder.advance(pf, self.prefill_chunk or None)
+        try:
+            part = self.decoder.advance(pf, self.prefill_chunk or None)
+        except torch.OutOfMemoryError:  # the prefill's activations are the transient peak
+            self.pending = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            err = OutOfMemory(f"out of GPU memory prefilling {len(fresh)} prompt(s) beside {len(self.jobs)} "
+                              "running request(s): retry, or give the server more room (--gpu-memory, or a "
+                              "smaller --max-batch or --prefill-chunk)")
+            log.warning("%s", err)
+            for job in fresh:
+                job.emit("error", err)
+            return
         if part is None:
             return
         self.pending = None
