@@ -28,10 +28,15 @@ run() {  # run NAME MARKEXPR ARGS...
   fi
   [ "$rc" -eq 0 ] || exit "$rc"
 }
-[ "$tier" = integration ] || run unit "not integration and not gpu" "$@"
+# one BLAS/OpenMP thread per process: pytest's workers and the CLIs, servers and Ray workers the
+# tests start run side by side on CI's 2 cores, where torch's default (a thread per core each)
+# oversubscribes them. Measured on this project's 2-core machine, 2026-12-04: the unit tier 170 s
+# in one process, 128 s on two workers of one thread; the integration tier 486 s, then 411 s
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+[ "$tier" = integration ] || run unit "not integration and not gpu" -n "${MTA_TEST_WORKERS:-2}" "$@"
 # the integration tier mostly waits on other processes (servers, Ray, CLIs): two pytest
 # workers, one test file each at a time (module fixtures stay per file), MTA_TEST_WORKERS
-# to change; the unit tier is CPU-bound in this process and runs alone. Tests spread one by
+# to change (the unit tier spreads test by test). Tests spread one by
 # one (--dist loadgroup, servers' files grouped) were tried: the browser test's adapt job
 # then missed its wait beside the kill tests on 2 cores
 [ "$tier" = unit ] || run integration "integration or gpu" -n "${MTA_TEST_WORKERS:-2}" --dist loadfile "$@"

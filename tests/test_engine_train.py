@@ -428,3 +428,12 @@ def test_run_peak_survives_the_probes_resets(monkeypatch):
     assert train.run_peak(dev) == (30, 50)
     counters.update(allocated=40, reserved=45)  # a later, larger allocation; less reserved
     assert train.run_peak(dev) == (40, 50)
+
+
+def test_an_eval_record_carries_its_peaks_and_its_cap():
+    from mta.evaluation.runner import peak_fields
+
+    assert peak_fields(None) == {"peak_gpu_memory_bytes": None, "peak_gpu_reserved_bytes": None,
+                                 "gpu_memory_cap_bytes": None}
+    assert peak_fields({"allocated": 1, "reserved": 2, "cap": 3}) == {
+        "peak_gpu_memory_bytes": 1, "peak_gpu_reserved_bytes": 2, "gpu_memory_cap_bytes": 3}

@@ -146,12 +146,12 @@ class Backbone:
 
     def peak_memory(self) -> dict | None:
         """Peak bytes on the CUDA device in this process so far (None on the CPU): ``allocated``
-        (tensors, the weights included) and ``reserved`` (what torch's caching allocator held,
-        what a job beside this one cannot have)."""
+        (tensors, the weights included), ``reserved`` (what torch's caching allocator held,
+        what a job beside this one cannot have) and ``cap`` (``--gpu-memory``'s bytes)."""
         if self.device.type != "cuda":
             return None
         allocated, reserved = run_peak(self.device)
-        return {"allocated": allocated, "reserved": reserved}
+        return {"allocated": allocated, "reserved": reserved, "cap": self.memory_cap}
 
     def describe(self) -> dict:
         return {"model": self.model_id, "embedder": self.embedder_id, "device": str(self.device),

@@ -67,12 +67,14 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
                        required, leak_check=False)
     tag = "synthetic " if ds.synthetic else ""
     title = f"mta {command}: {t.title}, {len(ds.users)} {tag}users, model {backbone.model_id}"
-    peak, held = res.get("peak_gpu_memory_bytes"), res.get("peak_gpu_reserved_bytes")
+    peak, held, cap = (res.get(k) for k in ("peak_gpu_memory_bytes", "peak_gpu_reserved_bytes",
+                                             "gpu_memory_cap_bytes"))
     meta = (f"Protocol: {protocol}; {cfg.bank.anchors} anchors requested per bank; 95% percentile bootstrap over "
             f"persons ({n_boot} resamples); {setup.max_new_tokens} new tokens per answer. "
             f"Wall time {time.perf_counter() - t0:.0f} s on {backbone.device}"
             + (f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else "")
-            + (f" ({held / 2**30:.1f} GiB held by torch's allocator)" if held else "")
+            + (f" ({held / 2**30:.1f} GiB held by torch's allocator" if held else "")
+            + (f", under a cap of {cap / 2**30:.1f} GiB)" if held and cap else ")" if held else "")
             + (" (synthetic data)" if ds.synthetic else "") + ".")
     failed = res.get("failed", {})
     refs = references([m for m in methods if m not in failed])

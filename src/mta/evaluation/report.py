@@ -65,7 +65,8 @@ def write_report(out: Path, title: str, meta: str, task, res: dict, config: dict
         "results": res["rows"],
         "bank_seconds": res["bank_seconds"], "wall_seconds": res["wall_seconds"],
         "peak_gpu_memory_bytes": res.get("peak_gpu_memory_bytes"),
-        "peak_gpu_reserved_bytes": res.get("peak_gpu_reserved_bytes"), "failed": res.get("failed", {})})
+        "peak_gpu_reserved_bytes": res.get("peak_gpu_reserved_bytes"),
+        "gpu_memory_cap_bytes": res.get("gpu_memory_cap_bytes"), "failed": res.get("failed", {})})
     write_text_atomic(out / "results.md", markdown(title, meta, task, res["rows"], references, res.get("failed")))
     plots.metric_plot(res["rows"], m1, title, out / f"{m1}_by_method.png")
     plots.cost_plot(res["rows"], m1, title, out / "quality_vs_bytes.png")

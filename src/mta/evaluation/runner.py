@@ -247,9 +247,10 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
 
 def peak_fields(peak: dict | None) -> dict:
     """An eval record's memory fields: the run's peak bytes allocated (the key older records
-    carry too) and reserved by torch's caching allocator; None on the CPU."""
+    carry too) and reserved by torch's caching allocator, and the cap it ran under
+    (``--gpu-memory``); None on the CPU."""
     return {"peak_gpu_memory_bytes": peak and peak["allocated"],
-            "peak_gpu_reserved_bytes": peak and peak["reserved"]}
+            "peak_gpu_reserved_bytes": peak and peak["reserved"], "gpu_memory_cap_bytes": peak and peak.get("cap")}
 
 
 def _shared_steps(m: str, bank, task_bank) -> dict[str, list[int]]:
