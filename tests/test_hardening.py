@@ -626,3 +626,29 @@ def test_a_prefill_out_of_memory_fails_the_joining_requests_and_the_running_ones
         sched._admit()
         drain()
         assert "".join(p for k, p in got[i] if k == "delta") == got_before
+
+
+def test_a_user_adapted_again_beside_decoding_has_their_prefixes_dropped_at_the_next_turn(tmp_path):
+    """The adaptation worker installs a user's new stack from another thread: their cached
+    prompt prefixes (keyed by the old stack's checksum) go at the scheduler's next turn,
+    another user's stay, and nothing waits for the running batch to drain."""
+    import threading
+    import time
+
+    import torch
+
+    from mta.config import GenerateConfig
+    from mta.serving.scheduler import Scheduler
+
+    bank, store, uid = _record(tmp_path)
+    sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=4), max_batch=4, prefix_tokens=4096)
+    kv = [(torch.zeros(1, 2, 12, 4), torch.zeros(1, 2, 12, 4))]
+    sched.prefix.store((uid, "old"), list(range(13)), kv)
+    sched.prefix.store(("other", "s"), list(range(13)), kv)
+    sched.start()
+    threading.Thread(target=sched.forget_later, args=(uid,)).start()
+    deadline = time.monotonic() + 10
+    while (uid, "old") in sched.prefix.entries and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sched.shutdown(5)
+    assert list(sched.prefix.entries) == [("other", "s")]

@@ -97,6 +97,8 @@ class Scheduler:
         self.tok = bank.backbone.tokenizer
         self.decoder_kind = server_decoder(gen.decoder, bank.backbone.device)
         self.prefix = PrefixCache(prefix_tokens) if prefix_tokens else None  # users' prompt prefixes
+        self._forget: set[str] = set()  # users whose prefixes go at the next turn (`forget_later`)
+        self._forget_lock = threading.Lock()
         if self.decoder_kind != "generate":  # one static cache, the step captured in a CUDA graph (decoding.slots)
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
                                        span=gen.max_prompt_tokens + max_tokens, compile=self.decoder_kind == "compiled",
@@ -211,6 +213,11 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                if self._forget:
+                    with self._forget_lock:
+                        users, self._forget = self._forget, set()
+                    for user_id in users:
+                        self.forget(user_id)
                 if self._aborting:
                     self._fail_everything()
                 if not self.jobs and not self.pending and not self.exclusive.empty():
@@ -293,6 +300,14 @@ class Scheduler:
         """(Scheduler thread.) Drop a user's cached prompt prefixes (deleted, or adapted again)."""
         if self.prefix is not None:
             self.prefix.forget(user_id)
+
+    def forget_later(self, user_id: str) -> None:
+        """(Any thread.) `forget` at the scheduler's next turn, without waiting for the running
+        batch to drain (a user adapted again by the worker: their old prefixes, under the old
+        stack's checksum, would only take room until pushed out)."""
+        with self._forget_lock:
+            self._forget.add(user_id)
+        self._wake.set()
 
     def _prefill_some(self) -> None:
         """The next chunk of the joining rows' prompts (all of them without a chunk size);

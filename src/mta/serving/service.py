@@ -226,7 +226,9 @@ class Service:
                     if deleted():  # deleted while it trained: the staged user is dropped
                         job.status = "cancelled"
                         return None
-                    return {"adapted": stats["adapted"], "bytes": install(self.store, staged, user_id)}
+                    done = {"adapted": stats["adapted"], "bytes": install(self.store, staged, user_id)}
+                self.scheduler.forget_later(user_id)  # the old stack's prompt prefixes
+                return done
             finally:  # installed, dropped, or refused (a store locked by another process)
                 shutil.rmtree(staged.root, ignore_errors=True)
 
