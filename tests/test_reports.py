@@ -26,7 +26,7 @@ def _main(monkeypatch, *args: str) -> None:
 
 def test_the_reports_tables_match_their_records(monkeypatch, capsys):
     for name, marker in (("results.md", f"<!-- table: {RUN} -->"),
-                         ("performance.md", "<!-- bench: results/gpu-2026-12-04c/gpu-8b-gen-kernel.json -->")):
+                         ("performance.md", "<!-- bench: results/gpu-2026-12-04d/gpu-8b-gen.json -->")):
         doc = (ROOT / "docs" / name).read_text()
         new, changed = results_doc.regenerate(doc)
         assert changed == [] and new == doc and marker in doc
@@ -34,7 +34,7 @@ def test_the_reports_tables_match_their_records(monkeypatch, capsys):
     out = capsys.readouterr().out
     for name in ("results", "performance"):
         assert re.search(rf"{name}\.md: [1-9]\d* tables match", out), out
-    assert "| new loop: mta engine, 64 users, dense routing | 4,515 | 1.691 | 9.07 | 0.745 |" in \
+    assert "| new loop: mta engine, 64 users, dense routing | 4,462 | 1.727 | 9.06 | 0.738 |" in \
         (ROOT / "docs" / "performance.md").read_text()
 
 
