@@ -167,7 +167,10 @@ def histogram_stats(before: dict, after: dict, name: str) -> dict:
     if n <= 0:
         return {}
     cum = sorted((le, c - b0.get(le, 0.0)) for le, c in b1.items())
-    bound = lambda q: next((le for le, c in cum if c >= q * n), float("inf"))  # noqa: E731
+
+    def bound(q: float) -> float:  # the smallest bucket bound that holds the q quantile
+        return next((le for le, c in cum if c >= q * n), float("inf"))
+
     return {"mean_s": (s1 - s0) / n, "p50_le_s": bound(0.5), "p99_le_s": bound(0.99), "count": int(n)}
 
 

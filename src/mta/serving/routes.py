@@ -156,7 +156,6 @@ async def _generate(svc: Service, who: Principal, body: _Gen, messages: list[dic
             elif isinstance(payload, ShuttingDown):
                 raise ApiError(503, str(payload), "server_error", "shutting_down")
             elif isinstance(payload, OutOfMemory):
-                svc.metrics.requests.labels(job.route or "-", "503").inc()
                 raise ApiError(503, str(payload), "server_error", "out_of_memory", headers={"Retry-After": "1"})
             else:
                 raise payload
