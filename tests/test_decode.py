@@ -134,7 +134,7 @@ def test_slot_decoder_sees_a_table_changed_in_place():
 
 def test_the_slot_decoder_builds_a_new_batchs_routing_once(monkeypatch):
     """At a step after rows joined, the routing tensors are built once (the layout's choice
-    and the fill share them); a step with the same rows builds none."""
+    and the fill share them); a step with the same rows, or after a row left, builds none."""
     bb = _with_adapters()
     tok = bb.tokenizer
     seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 4, frozenset())
@@ -147,6 +147,13 @@ def test_the_slot_decoder_builds_a_new_batchs_routing_once(monkeypatch):
     dec.step(batch)
     assert calls == [4]  # one routing over the decoder's 4 slots
     dec.step(batch)
+    assert calls == [4]
+    batch = dec.keep(batch, [1])  # a row leaves: its slot is masked, nothing is routed again
+    dec.step(batch)
+    assert calls == [4]
+    batch = dec.merge(batch, dec.prefill([Sequence(seqs[0].prompt, seqs[0].row, 4, frozenset())]))
+    calls.clear()  # (the joining row's eager prefill routes its one row)
+    dec.step(batch)  # a row joined: the routing is built again
     assert calls == [4]
 
 

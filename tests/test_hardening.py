@@ -652,3 +652,38 @@ def test_a_user_adapted_again_beside_decoding_has_their_prefixes_dropped_at_the_
         time.sleep(0.01)
     sched.shutdown(5)
     assert list(sched.prefix.entries) == [("other", "s")]
+
+
+@pytest.mark.parametrize("wait, joins", [(3600.0, [(0, 4), (2, 2)]), (0.0, [(0, 4), (3, 1), (3, 1)])])
+def test_waiting_requests_join_a_running_batch_in_groups_unless_held_past_the_wait(tmp_path, wait, joins):
+    """Each join is a prefill forward beside the running rows' step: with rows decoding,
+    waiting requests join once --join-rows slots are free (here 2 of 4), or one by one once
+    held past --join-wait-ms (0 here); an empty batch takes them at once."""
+    from mta.config import GenerateConfig
+    from mta.serving.scheduler import Job, Scheduler
+
+    bank, store, uid = _record(tmp_path)
+    sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=12), max_batch=4, join_rows=2, join_wait=wait)
+    sched.stop_ids = frozenset()  # every row runs to its max_tokens: the rows end one at a time
+    seen = []
+    real = sched.decoder.start
+    sched.decoder.start = lambda seqs, keys=None: seen.append((len(sched.jobs), len(seqs))) or real(seqs, keys)
+    done = []
+
+    def job(i: int, n: int) -> Job:
+        return Job(uid, [{"role": "user", "content": f"a film about space {i}"}], None, n,
+                   emit=lambda kind, payload: kind == "done" and done.append(i))
+
+    for i, n in enumerate((2, 5, 9, 12)):  # the batch fills, then its rows end one at a time
+        sched.submit(job(i, n))
+    sched._admit()
+    sched.submit(job(4, 3))
+    sched.submit(job(5, 3))
+    for _ in range(40):
+        if not sched.jobs and sched.queue.empty():
+            break
+        sched._admit()
+        if sched.jobs:
+            sched.decoder.step(sched.batch)
+            sched._after_step(0.0)
+    assert seen == joins and sorted(done) == [0, 1, 2, 3, 4, 5]

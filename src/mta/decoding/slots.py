@@ -10,7 +10,7 @@ position ``t`` (what a captured step needs: one shape, one write slot), and each
   cache), then its prompt's keys and values are copied into its slot at ``[t - p, t)``;
   when ``t`` is smaller than the prompt, ``t`` jumps forward for every slot (the skipped
   positions are masked for all of them);
-- a leaving row's slot is masked out and routed to nothing; it keeps computing (a batch
+- a leaving row's slot is masked out (its routing stays until a row joins); it keeps computing (a batch
   never changes shape) but nothing reads it;
 - when ``t`` reaches the end of the cache, every slot is shifted left by the oldest live
   row's start. The cache holds twice the longest row (prompt + new tokens), so a shift
@@ -126,7 +126,9 @@ class SlotDecoder:
         return batch
 
     def keep(self, batch: SlotBatch, rows: list[int]) -> SlotBatch:
-        """Only ``rows`` stay; the other slots are freed (masked, routed to nothing)."""
+        """Only ``rows`` stay; the other slots are freed (masked). The routing is kept: a
+        freed slot's output is never read, so what it stays routed to does not matter until
+        a row joins (``merge`` refills the routing then)."""
         kept = set(rows)
         for k, slot in enumerate(batch.slots):
             if k not in kept:
@@ -134,7 +136,7 @@ class SlotDecoder:
                 self.row_start.pop(slot, None)
                 self.free.append(slot)
         self.free.sort()
-        return SlotBatch([batch.seqs[k] for k in rows], [batch.slots[k] for k in rows])
+        return SlotBatch([batch.seqs[k] for k in rows], [batch.slots[k] for k in rows], batch.routing)
 
     @torch.no_grad()
     def step(self, batch: SlotBatch) -> None:

@@ -92,7 +92,8 @@ def server_decoder(decoder: str, device) -> str:
 class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512,
-                 prefill_chunk: int = 0, prefix_tokens: int = 0):
+                 prefill_chunk: int = 0, prefix_tokens: int = 0, join_rows: int | None = 1,
+                 join_wait: float = 0.0):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
         self.decoder_kind = server_decoder(gen.decoder, bank.backbone.device)
@@ -108,6 +109,10 @@ class Scheduler:
             self.decoder = Decoder(bank.backbone, self.tok.pad_token_id, self.prefix)
         self.stop_ids = frozenset(stop_ids(self.tok))
         self.max_batch = max_batch
+        # rows join a running batch in groups (each join is a prefill forward and a routing refill)
+        self.join_rows = min(max_batch, join_rows if join_rows is not None else max(1, max_batch // 8))
+        self.join_wait = join_wait
+        self._held_since: float | None = None  # when a waiting request was first held back
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.exclusive: queue.Queue[tuple[Callable, Future]] = queue.Queue()
         self.metrics = metrics
@@ -246,7 +251,26 @@ class Scheduler:
                     job.emit("error", e)
                 self.jobs, self.batch, self.pending = [], None, None
 
+    def _joinable(self) -> bool:
+        """Whether waiting requests join now: always into an empty batch; into a running one
+        once ``join_rows`` slots are free, or once a request has been held ``join_wait``."""
+        if self.queue.empty():
+            self._held_since = None
+            return False
+        free = self.max_batch - len(self.jobs)
+        if not self.jobs or free >= self.join_rows:
+            return True
+        if free <= 0:
+            return False
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        return now - self._held_since >= self.join_wait
+
     def _admit(self) -> None:
+        if not self._joinable():
+            return
+        self._held_since = None
         new: list[Job] = []
         while len(self.jobs) + len(new) < self.max_batch:
             try:
@@ -419,9 +443,9 @@ class Scheduler:
             self.metrics.step(len(self.jobs), seconds)
         if len(keep) < len(self.jobs):
             self.jobs = [self.jobs[k] for k in keep]
+            # a decoder's keep says whether its routing still holds (the slot decoder's does:
+            # a freed slot is masked, what it is routed to is never read)
             self.batch = self.decoder.keep(self.batch, keep) if keep else None
-            if self.batch is not None:
-                self.batch.routing = None
         self._gauge()
 
     def _gauge(self) -> None:
