@@ -99,6 +99,35 @@ def test_slots_are_reused_and_the_cache_shifts_when_full():
         assert s.finish == "length" and s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
 
 
+@pytest.mark.parametrize("compile", [False, "aot_eager"])
+def test_steps_read_a_window_of_the_cache_and_rows_moved_left_keep_their_tokens(compile):
+    """A step reads only the cache's first positions up to a power of two past the write
+    position (here from 4), the rows moved left whenever that makes the window smaller:
+    rows joining and leaving over many windows and shifts each get their tokens alone, and
+    the compiled step is compiled twice (the first window, then the window symbolic)."""
+    from torch._dynamo.utils import counters
+
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    texts = ["ab", "a longer one", "g", "hijk", "lm", "nopq rst", "r", "stu", "vw", "xyz"]
+    rows = [Row([i % 3], [1.0], user=i % 2) if i % 4 else Row(active=False) for i in range(len(texts))]
+    seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 4 + 3 * (i % 4), frozenset())
+            for i, (t, r) in enumerate(zip(texts, rows))]
+    torch._dynamo.reset()
+    counters.clear()
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=24, compile=compile, min_window=4)
+    assert dec.g.windows() == [4, 8, 16, 32, 48]
+    seen = set()
+    real = dec.g.advance
+    dec.g.advance = lambda: seen.add(dec.g.window) or real()
+    shifts = run_through_slots(dec, seqs, 3)
+    assert shifts >= 2 and len(seen) >= 3 and max(seen) < 48
+    for s in seqs:
+        assert s.finish == "length" and s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
+    if compile:
+        assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_slot_decoder_refuses_what_does_not_fit():
     bb = tiny_backbone()
     dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=1, span=8)

@@ -257,7 +257,8 @@ def test_a_step_captured_before_the_dense_fold_is_captured_again():
 def test_slot_decoder_captured_equals_each_row_alone(compile):
     """The server's slot decoder on CUDA (step captured once; ``compile``: inductor's step,
     `mta serve --decoder compiled`): rows joining and leaving, the cache shifted when full,
-    get their tokens alone (fp32)."""
+    get their tokens alone (fp32); steps read windows of the cache (from 8 positions), each
+    window a graph of its own, the compiled step compiled for two of them."""
     from types import SimpleNamespace
 
     from mta.decoding.eager import Sequence
@@ -270,10 +271,10 @@ def test_slot_decoder_captured_equals_each_row_alone(compile):
     rows = [ROWS[i % len(ROWS)] for i in range(8)]
     seqs = [Sequence(tok(p, add_special_tokens=False)["input_ids"], r, 6 + i % 5, frozenset())
             for i, (p, r) in enumerate(zip(PROMPTS * 2, rows))]
-    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=48, compile=compile)
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=48, compile=compile, min_window=8)
     assert dec.g.graph_on
     shifts = run_through_slots(dec, seqs, 3)
-    assert shifts >= 1
+    assert shifts >= 1 and len(dec.g._graphs) >= 2
     for s in seqs:
         ids = torch.tensor([s.prompt], device=CUDA)
         alone = hf_generate(eng, [s.row], ids, torch.ones_like(ids), max_new_tokens=s.max_new_tokens, **kw)

@@ -262,8 +262,7 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
     before = {n: ly.base.weight.detach().clone() for n, ly in eng.layers.items()}
     enc = _enc(tok, PROMPTS)
     dec = GraphDecoder(model, batch=4, max_len=64)
-    dec._graph = object()  # as if captured now (CPU: no graphs), so that only a move makes it stale
-    dec._moves, dec._ptrs = weight_moves(), []
+    dec._graphs[dec.window] = (object(), [], weight_moves())  # as if captured now (CPU: no graphs)
     assert not dec.stale()
     with torch.no_grad():
         with eng.route(FIRST):
@@ -290,3 +289,29 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
     for n, ly in layers.items():
         assert ly._ext is None and torch.equal(ly.base.weight, before[n])
         assert ly.base.weight.untyped_storage().nbytes() == ly.base.weight.numel() * ly.base.weight.element_size()
+
+
+def test_layers_of_one_column_layout_share_one_coefficient_buffer_and_equal_the_routing():
+    """Stacks in the last block only, with a scale of their own: the dense coefficients are
+    computed once per column layout (the scales sit in dense_B), so the layers with a stack
+    share one buffer and those without another; the logits are the routing's, also after a
+    refill of the coefficients alone for other rows."""
+    from mta.decoding.routing import dense_layout
+    from tests.engine_helpers import tiny_engine
+
+    eng, model, tok = tiny_engine(b_std=0.3)
+    eng.add_users(3, 2, 6.0, seed=1, b_std=0.3, last_layers=1)  # alpha 6: scale 3 for the stack columns
+    enc = _enc(tok, PROMPTS)
+    state = None
+    for rows in (FIRST, SECOND):
+        with torch.no_grad():
+            with eng.route(rows):
+                ref = model(**enc).logits
+            same = fixed.tables_unchanged(eng, state)
+            state = fixed.tables_state(eng)
+            with fixed.dense(eng, rows, tables=not same):
+                got = model(**enc).logits
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        buffers = {id(ly.dense_W) for ly in eng.layers.values()}
+        layouts = {dense_layout(ly, len(rows)) for ly in eng.layers.values()}
+        assert len(buffers) == len(layouts) == 2

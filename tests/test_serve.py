@@ -157,12 +157,11 @@ def test_adapt_then_serve_without_restart_then_delete(server, world):
     assert r.status_code == 200 and r.json()["history_items"] == len(history)
     assert chat(server.url, keys["admin"], "newcomer", "q").json()["mta"]["route"] == "fusion"
     job = httpx.post(server.url + "/v1/admin/adapt", json={"user": "newcomer"}, headers=admin).json()["job"]
-    for _ in range(300):
-        st = httpx.get(server.url + f"/v1/admin/jobs/{job}", headers=admin).json()
-        if st["status"] in ("done", "failed"):
-            break
-        time.sleep(0.1)
+    # a long poll: one request answered when the job has ended (or after 60 s)
+    st = httpx.get(server.url + f"/v1/admin/jobs/{job}?wait=60", headers=admin, timeout=90).json()
     assert st["status"] == "done", st
+    bad = httpx.get(server.url + f"/v1/admin/jobs/{job}?wait=61", headers=admin)
+    assert bad.status_code == 400 and "wait" in bad.text
     assert chat(server.url, keys["admin"], "newcomer", "q").json()["mta"]["route"] == "mta"
     users = httpx.get(server.url + "/v1/admin/users", headers=admin).json()["users"]
     assert "newcomer" in {u.get("user") for u in users}

@@ -397,7 +397,7 @@ class ServeConfig(_Config):
                                   "this many slots are free (or the oldest has waited --join-wait-ms): each join "
                                   "costs a prefill forward, so joining in groups keeps the running rows' steps "
                                   "close to a plain decode step (default: an eighth of --max-batch)")
-    join_wait_ms: float = Field(50.0, ge=0, allow_inf_nan=False, description="the longest a waiting request is "
+    join_wait_ms: float = Field(100.0, ge=0, allow_inf_nan=False, description="the longest a waiting request is "
                                 "held back for --join-rows free slots while rows are decoding, in milliseconds")
     prefix_cache_tokens: int = Field(16384, ge=0, description="prompt tokens whose keys and values are kept per "
                                      "user to reuse for the prefix a user's next prompt shares (0: none)")

@@ -25,9 +25,15 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0,
     (docs/performance.md). Here a key/value head's query heads become that many query
     positions of one head (a step's single token has nothing causal to mask among them;
     the mask says which cache slots each row sees), so the cache is read in place.
-    Prompts (more than one new token) take transformers' SDPA."""
+    Prompts (more than one new token) take transformers' SDPA.
+
+    A mask shorter than the cache is an attention window (``GraphDecoder``'s ``windowed``):
+    only the cache's first that many positions are read (SDPA reads every position it is
+    given, masked or not, so a long static cache costs its whole length at every step)."""
     b, h, q, d = query.shape
     kvh = key.shape[1]
+    if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     if q != 1 or h == kvh or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kw)
@@ -48,13 +54,20 @@ def allow_recompiles(n: int) -> None:
     setattr(cfg, name, max(getattr(cfg, name), n))
 
 
+def windows_possible(model: nn.Module) -> bool:
+    """Whether decode steps can read an attention window of the cache (SDPA models: the
+    window is read by `gqa_decode_attention`)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", GQA_DECODE)
+
+
 @contextlib.contextmanager
-def decode_attention(model: nn.Module):
+def decode_attention(model: nn.Module, windowed: bool = False):
     """The model's attention through `gqa_decode_attention` while inside: SDPA models, on a
-    transformers whose SDPA path does not pack grouped heads itself (``pack_gqa``, 5.24)."""
+    transformers whose SDPA path does not pack grouped heads itself (``pack_gqa``, 5.24),
+    and every SDPA model whose steps read a window of the cache (``windowed``)."""
     cfg = model.config
     old = getattr(cfg, "_attn_implementation", None)
-    if old != "sdpa" or hasattr(sdpa_attention, "pack_gqa"):
+    if old != "sdpa" or (hasattr(sdpa_attention, "pack_gqa") and not windowed):
         yield
         return
     cfg._attn_implementation = GQA_DECODE

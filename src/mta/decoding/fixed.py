@@ -85,7 +85,8 @@ def dense(engine: AdapterEngine, rows: Sequence[Row], batch: int | None = None, 
     rows' coefficients, for a caller that knows the tables are as at the last fill
     (``tables_unchanged``); ``routing`` as for ``pinned``. Inference only."""
     rt, batch = _fixed_rows(engine, rows, batch, "dense", routing)
-    return _fixed(engine, DENSE, lambda layer: densify(layer, rt, batch, tables))
+    shared: dict = {}  # the layers of one column layout read one coefficient buffer, filled once
+    return _fixed(engine, DENSE, lambda layer: densify(layer, rt, batch, tables, shared))
 
 
 @contextlib.contextmanager

@@ -142,19 +142,57 @@ def dense_columns(layer) -> int:
     return sum(t.shape[0] * t.shape[1] for t in (layer.bank_A, layer.fused_A, layer.stack_A))
 
 
-def densify(layer, rt: Routing, rows: int, tables: bool = True) -> None:
+def dense_layout(layer, rows: int) -> tuple:
+    """What a layer's dense coefficients depend on besides the routing: its column layout
+    (the tables' slots and ranks, in order), the rows and the dtypes. Layers with the same
+    layout share one coefficient buffer (``dense_W``): the scales live in ``dense_B``."""
+    return (rows, layer.rank, layer.bank_A.shape[0], tuple(layer.fused_A.shape[:2]), tuple(layer.stack_A.shape[:2]),
+            layer.bank_A.dtype, layer.compute_dtype, layer.bank_A.device)
+
+
+def dense_coefficients(layer, rt: Routing, rows: int) -> torch.Tensor:
+    """Each row's coefficients over the dense columns (anchors, fused slots, users, in that
+    order): an anchor's weight, 1 for the row's fused slot and stack, 0 for an inactive or
+    padding row. The scales (the bank's, each slot's) are in ``dense_B``'s columns, so the
+    coefficients depend on the layer only through ``dense_layout``. (rows, columns), in
+    the compute dtype."""
+    dev, master = layer.bank_A.device, layer.bank_A.dtype
+    w = torch.zeros(rows, dense_columns(layer), dtype=master, device=dev)
+    if rt.anchor_idx is not None and layer.bank_A.shape[0]:
+        idx = rt.anchor_idx
+        cols = (idx[:, :, None] * layer.rank + torch.arange(layer.rank, device=dev)).reshape(idx.shape[0], -1)
+        vals = rt.anchor_w.to(master)[:, :, None].expand(-1, -1, layer.rank).reshape(idx.shape[0], -1)
+        w[:idx.shape[0]].scatter_add_(1, cols, vals)
+    off = layer.bank_A.shape[0] * layer.rank
+    for ta, idx in ((layer.fused_A, rt.fused_idx), (layer.stack_A, rt.stack_idx)):
+        r = ta.shape[1]
+        if idx is not None and ta.shape[0]:
+            safe = idx.clamp(min=0)
+            cols = off + safe[:, None] * r + torch.arange(r, device=dev)
+            w[:idx.shape[0]].scatter_add_(1, cols, (idx >= 0).to(master)[:, None].expand(-1, r))
+        off += ta.shape[0] * r
+    if rt.active is not None:
+        w[:rt.active.shape[0]] *= rt.active.to(master)[:, None]
+    return w.to(layer.compute_dtype)
+
+
+def densify(layer, rt: Routing, rows: int, tables: bool = True, shared: dict | None = None) -> None:
     """Fill the dense buffers: the tables as columns (anchors, fused slots, users, in
-    that order) and each row's coefficients over them, the same coefficients
-    ``gathered`` applies (anchor weight x scale, a slot's scale; 0 for an inactive or
-    padding row). In place when the shapes are unchanged. ``tables=False`` refills the
-    rows' coefficients only (the caller knows the tables did not change since the last
-    fill: ``mta.decoding.fixed.tables_state``)."""
-    cd, dev, master = layer.compute_dtype, layer.bank_A.device, layer.bank_A.dtype
+    that order; each B column times its scale: the bank's, or its slot's) and each row's
+    coefficients over them (``dense_coefficients``). In place when the shapes are
+    unchanged. ``tables=False`` refills the rows' coefficients only (the caller knows the
+    tables did not change since the last fill: ``mta.decoding.fixed.tables_state``).
+    ``shared``: layout -> coefficients already filled for another layer of this fill, which
+    this layer's ``dense_W`` then is (one tensor, computed once, for every layer of a layout)."""
+    cd = layer.compute_dtype
     n = dense_columns(layer)
     if tables or layer.dense_A.shape[0] != n:
-        tables_ = [(layer.bank_A, layer.bank_B), (layer.fused_A, layer.fused_B), (layer.stack_A, layer.stack_B)]
-        a = torch.cat([ta.reshape(-1, layer.in_features) for ta, _ in tables_])
-        b = torch.cat([tb.permute(1, 0, 2).reshape(layer.out_features, -1) for _, tb in tables_], dim=1)
+        tables_ = [(layer.bank_A, layer.bank_B, torch.full((layer.bank_A.shape[0],), layer.scale,
+                                                            dtype=layer.bank_A.dtype, device=layer.bank_A.device)),
+                   (layer.fused_A, layer.fused_B, layer.fused_scale), (layer.stack_A, layer.stack_B, layer.stack_scale)]
+        a = torch.cat([ta.reshape(-1, layer.in_features) for ta, _, _ in tables_])
+        b = torch.cat([(tb * sc.to(tb.dtype)[:, None, None]).permute(1, 0, 2).reshape(layer.out_features, -1)
+                       for _, tb, sc in tables_], dim=1)
         if _foldable(layer, cd):
             _fold(layer, n)
         elif layer._ext is not None:  # no longer foldable (fold_dense turned off): own dense_A again
@@ -167,28 +205,18 @@ def densify(layer, rt: Routing, rows: int, tables: bool = True) -> None:
             layer.dense_B = b.to(cd).contiguous()
         else:
             layer.dense_B.copy_(b)
-    w = torch.zeros(rows, n, dtype=master, device=dev)
-    if rt.anchor_idx is not None and layer.bank_A.shape[0]:
-        idx = rt.anchor_idx
-        cols = (idx[:, :, None] * layer.rank + torch.arange(layer.rank, device=dev)).reshape(idx.shape[0], -1)
-        vals = (rt.anchor_w.to(master) * layer.scale)[:, :, None].expand(-1, -1, layer.rank).reshape(idx.shape[0], -1)
-        w[:idx.shape[0]].scatter_add_(1, cols, vals)
-    off = layer.bank_A.shape[0] * layer.rank
-    for ta, scale, idx in ((layer.fused_A, layer.fused_scale, rt.fused_idx), (layer.stack_A, layer.stack_scale,
-                                                                             rt.stack_idx)):
-        r = ta.shape[1]
-        if idx is not None and ta.shape[0]:
-            safe = idx.clamp(min=0)
-            cols = off + safe[:, None] * r + torch.arange(r, device=dev)
-            vals = ((idx >= 0).to(master) * scale[safe])[:, None].expand(-1, r)
-            w[:idx.shape[0]].scatter_add_(1, cols, vals)
-        off += ta.shape[0] * r
-    if rt.active is not None:
-        w[:rt.active.shape[0]] *= rt.active.to(master)[:, None]
-    if tuple(layer.dense_W.shape) != (rows, n) or layer.dense_W.dtype != cd:
-        layer.dense_W = w.to(cd)
+    key = dense_layout(layer, rows)
+    if shared is not None and key in shared:
+        layer.dense_W = shared[key]
+        return
+    w = dense_coefficients(layer, rt, rows)
+    claimed = shared is not None and any(t is layer.dense_W for t in shared.values())  # another layout's now
+    if tuple(layer.dense_W.shape) != (rows, n) or layer.dense_W.dtype != cd or claimed:
+        layer.dense_W = w
     else:
         layer.dense_W.copy_(w)
+    if shared is not None:
+        shared[key] = layer.dense_W
 
 
 def _foldable(layer, cd: torch.dtype) -> bool:

@@ -12,9 +12,13 @@ position ``t`` (what a captured step needs: one shape, one write slot), and each
   positions are masked for all of them);
 - a leaving row's slot is masked out (its routing stays until a row joins); it keeps computing (a batch
   never changes shape) but nothing reads it;
-- when ``t`` reaches the end of the cache, every slot is shifted left by the oldest live
-  row's start. The cache holds twice the longest row (prompt + new tokens), so a shift
-  always frees at least half of it.
+- a step reads only the cache's first positions up to a power of two past ``t`` (the
+  decoder's attention window; SDPA reads every position it is given, masked or not, so a
+  step over the whole cache cost as much as its longest possible rows at every step). When
+  the next position falls past the window, or moving the rows left would make the window
+  smaller, every slot is shifted left by the oldest live row's start (only the live
+  positions are copied). The cache holds twice the longest row (prompt + new tokens), so a
+  shift always frees at least half of it.
 
 Each row keeps its own position ids (as ``generate`` numbers a left-padded row), so its
 greedy tokens are what it gets alone (tested against one-by-one generation on the CPU,
@@ -55,13 +59,14 @@ class SlotDecoder:
     ``span`` tokens (prompt + new tokens)."""
 
     def __init__(self, backbone, pad_id: int, slots: int = 32, span: int = 2048, graph: bool | None = None,
-                 compile: bool | str = False, prefix: PrefixCache | None = None):
+                 compile: bool | str = False, prefix: PrefixCache | None = None, min_window: int = 64):
         if slots < 1 or span < 2:
             raise ValueError(f"a slot decoder needs at least 1 slot and a span of 2, not {slots} x {span}")
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
         self.pad_id, self.n, self.span = pad_id, slots, span
         self.eager = Decoder(backbone, pad_id, prefix)  # prefills joining rows (reusing cached prefixes)
-        self.g = GraphDecoder(self.model, slots, 2 * span, graph, compile=compile, keep_logits=True)
+        self.g = GraphDecoder(self.model, slots, 2 * span, graph, compile=compile, keep_logits=True, windowed=True,
+                              min_window=min_window)
         with torch.no_grad():  # one forward allocates the static cache's tensors; then all empty
             ids = torch.full((slots, 1), pad_id, dtype=torch.long)
             self.g.prefill(ids, torch.ones_like(ids))
@@ -141,8 +146,7 @@ class SlotDecoder:
     @torch.no_grad()
     def step(self, batch: SlotBatch) -> None:
         """One decode step for every slot; the running rows take their tokens."""
-        if self.t >= 2 * self.span:
-            self._compact(batch)
+        self._fit_window(batch)
         if batch.routing is None:  # the rows changed: refill the fixed routing once
             rows = [Row(active=False)] * self.n
             for s, slot in zip(batch.seqs, batch.slots):
@@ -161,14 +165,20 @@ class SlotDecoder:
         take_tokens(batch.seqs, nxt[batch.slots].tolist())
 
     def warm(self, rows: list[Row], prompt: list[int], steps: int = 3) -> None:
-        """Run ``steps`` decode steps of ``prompt`` through ``rows`` (at most the slots) and
-        free every slot again: the step for these rows' layout is compiled and captured now
-        (the server's warm-up before it turns ready). It frees every slot: call it only
-        while no row is running."""
+        """Run ``steps`` decode steps of ``prompt`` through ``rows`` (at most the slots), then
+        one step under every attention window, and free every slot again: the step for these
+        rows' layout is compiled and captured for every window now (the server's warm-up
+        before it turns ready). It frees every slot: call it only while no row is running."""
         seqs = [Sequence(list(prompt), row, steps + 1, frozenset()) for row in rows]
         batch = self.merge(None, self.prefill(seqs))
-        for _ in range(steps):
+        for _ in range(max(1, steps)):  # (the first fills the fixed routing the windows' steps read)
             self.step(batch)
+        with fixed_on(self.engine, self.fixed.layout):
+            for w in self.g.windows():  # (the rows' tokens are not taken: they are dropped below)
+                if w > self.t:
+                    self.g.set_window(w)
+                    self.g.advance()
+                    self.t += 1
         self.keep(batch, [])
 
     # -- internals ---------------------------------------------------------------------------
@@ -176,17 +186,33 @@ class SlotDecoder:
         self.g.bias.fill_(self.g.neg)
         self.free, self.row_start = list(range(self.n)), {}
 
-    def _compact(self, batch: SlotBatch) -> None:
-        """Shift every slot left by the oldest live row's start (all of ``t`` when none is live)."""
+    def _shift(self, batch: SlotBatch | None) -> int:
+        """How far every slot can move left: the oldest live row's start (all of ``t`` when
+        none is live)."""
         live = [self.row_start[s] for s in batch.slots if s in self.row_start] if batch else []
-        shift = min(live) if live else self.t
+        return min(live) if live else self.t
+
+    def _fit_window(self, batch: SlotBatch) -> None:
+        """Before a step: the rows moved left when the step's position is past the cache's
+        end or its window, or when moving them would make the window smaller; then the
+        smallest window that holds the step's position."""
+        g = self.g
+        if self.t >= 2 * self.span or (g.windowed and (self.t + 1 > g.window or g.window_for(
+                self.t + 1 - self._shift(batch)) < g.window_for(self.t + 1))):
+            self._compact(batch)
+        g.set_window(g.window_for(self.t + 1))
+
+    def _compact(self, batch: SlotBatch | None) -> None:
+        """Shift every slot left by the oldest live row's start, copying the positions in use
+        (those before ``t``; the ones after it are masked and written before they are read)."""
+        shift = self._shift(batch)
         if shift <= 0:
             return
-        keep = 2 * self.span - shift
+        keep = self.t - shift
         for layer in cache_layers(self.g.cache):
-            layer.keys[:, :, :keep] = layer.keys[:, :, shift:].clone()
-            layer.values[:, :, :keep] = layer.values[:, :, shift:].clone()
-        self.g.bias[..., :keep] = self.g.bias[..., shift:].clone()
+            layer.keys[:, :, :keep] = layer.keys[:, :, shift:self.t].clone()
+            layer.values[:, :, :keep] = layer.values[:, :, shift:self.t].clone()
+        self.g.bias[..., :keep] = self.g.bias[..., shift:self.t].clone()
         self.g.bias[..., keep:] = self.g.neg
         for s in list(self.row_start):
             self.row_start[s] -= shift

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
-from mta.decoding.attention import allow_recompiles, cache_kwarg, decode_attention
+from mta.decoding.attention import allow_recompiles, cache_kwarg, decode_attention, windows_possible
 from mta.decoding.routing import weight_moves
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,18 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes the 
 class GraphDecoder:
     def __init__(self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None,
                  buffers: Sequence[torch.Tensor] = (), compile: bool | str = False,
-                 compile_mode: str | None = None, keep_logits: bool = False):
+                 compile_mode: str | None = None, keep_logits: bool = False, windowed: bool = False,
+                 min_window: int = 64):
         """``buffers``: tensors the captured step reads that others may reallocate (the
         engine's fixed-routing buffers, see ``mta.decoding.fixed.captured_buffers``); a change
         of any of them re-captures. ``compile``: True for inductor, or a dynamo backend's
         name; ``compile_mode``: an inductor mode without CUDA graphs of its own (module
         docstring). ``keep_logits``: the step keeps its float32 logits in ``logits`` (rows
-        that sample) and records no tokens in ``out`` (the slot decoder's rows keep their own)."""
+        that sample) and records no tokens in ``out`` (the slot decoder's rows keep their own).
+        ``windowed``: a step reads only the cache's first ``window`` positions (``set_window``;
+        SDPA models, else the whole cache), one captured graph per window (powers of two from
+        ``min_window``); the compiled step is compiled twice at most (the first window, then
+        once with the window symbolic)."""
         if batch < 1 or max_len < 2:
             raise ValueError(f"a decoder needs at least 1 row and 2 positions, not {batch} x {max_len}")
         if compile is not False and not (compile is True or isinstance(compile, str) and compile):
@@ -81,7 +86,12 @@ class GraphDecoder:
         self.graph_on = dev.type == "cuda" if graph is None else graph
         if self.graph_on and dev.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA model")
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.windowed = windowed and windows_possible(model)
+        self.window, self.min_window = max_len, min_window
+        # one spare position past the largest window: a window never spans the whole cache, so
+        # dynamo's symbolic window is never specialised to the cache's length (a third compile)
+        cache_len = max_len + 1 if self.windowed else max_len
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
         z = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(batch, 1, **z)        # the next input token of each row
         self.pos = torch.zeros(batch, 1, **z)        # its position id
@@ -91,15 +101,17 @@ class GraphDecoder:
         # on the host (to skip the mask when nothing is padded), which a graph cannot capture
         dtype = next(model.parameters()).dtype
         self.neg = torch.finfo(dtype).min
-        self.bias = torch.full((batch, 1, 1, max_len), self.neg, dtype=dtype, device=dev)
+        self.bias = torch.full((batch, 1, 1, cache_len), self.neg, dtype=dtype, device=dev)
         self.out = torch.zeros(batch, max_len, **z)  # tokens decoded so far
         self.step_i = torch.zeros(1, **z)            # how many
         self.keep_logits = keep_logits
         self.logits: torch.Tensor | None = None      # the last step's, with keep_logits
+        head = model.get_output_embeddings() if keep_logits else None
+        if isinstance(head, nn.Linear):  # allocated here, not in the step: one compile fewer
+            self.logits = torch.empty(batch, head.out_features, dtype=torch.float32, device=dev)
         self.buffers = list(buffers)
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._ptrs: list[int] = []
-        self._moves = -1  # weight_moves() at capture
+        # window -> (its captured graph, the buffers' addresses and weight_moves() at capture)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[int], int]] = {}
         self.captures = 0
         self.kw = cache_kwarg(model)
         self._inner = self._step_inner
@@ -109,10 +121,12 @@ class GraphDecoder:
             # dynamo, which past its recompile limit (8 by default) runs the step eagerly
             # without a word: room for a pool's buckets times its layouts
             allow_recompiles(64)
-            # dynamic=False: a decoder's shapes never change; inductor's own CUDA graphs stay
-            # off (default mode), the decoder captures the compiled step itself
-            self._inner = torch.compile(self._step_inner, dynamic=False, mode=compile_mode,
-                                        backend="inductor" if compile is True else compile)
+            # dynamic=False: a decoder's shapes never change (a windowed one's window does:
+            # dynamo's automatic dynamic shapes then compile once more, the window symbolic);
+            # inductor's own CUDA graphs stay off (default mode), the decoder captures the
+            # compiled step itself
+            self._inner = torch.compile(self._step_inner, dynamic=None if self.windowed else False,
+                                        mode=compile_mode, backend="inductor" if compile is True else compile)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -120,7 +134,7 @@ class GraphDecoder:
         if self.compiling:  # long and silent otherwise: say so (the server's first requests wait on it)
             log.info("compiling the decode step for %d rows x %d positions (torch.compile; a minute or two at "
                      "8B shape)", self.batch, self.max_len)
-        with decode_attention(self.model):
+        with decode_attention(self.model, self.windowed):
             self._inner()
         if self.compiling:
             self.compiling = False
@@ -128,7 +142,8 @@ class GraphDecoder:
 
     def _step_inner(self) -> None:
         self.bias.index_fill_(3, self.cpos, 0.0)  # the slot this step writes joins what it attends to
-        logits = self.model(input_ids=self.tok, attention_mask=self.bias, position_ids=self.pos,
+        mask = self.bias[..., :self.window] if self.windowed else self.bias
+        logits = self.model(input_ids=self.tok, attention_mask=mask, position_ids=self.pos,
                             cache_position=self.cpos, use_cache=True, **{self.kw: self.cache}).logits[:, -1]
         nxt = logits.argmax(-1, keepdim=True)
         if self.keep_logits:
@@ -152,6 +167,32 @@ class GraphDecoder:
     def _counters(self) -> list[torch.Tensor]:
         """What a step advances: our buffers and the cache's counters."""
         return [self.tok, self.pos, self.cpos, self.out, self.step_i, self.bias, *self._cache_counters()]
+
+    def window_for(self, positions: int) -> int:
+        """The window a step that reads ``positions`` cache positions runs under: the next
+        power of two from ``min_window``, at most ``max_len`` (a few windows, each a captured
+        graph)."""
+        if positions > self.max_len:
+            raise ValueError(f"a step reading {positions} positions exceeds the decoder's {self.max_len}")
+        return min(self.max_len, max(self.min_window, 1 << (positions - 1).bit_length()))
+
+    def windows(self) -> list[int]:
+        """Every window ``window_for`` can give (the server captures each before it is ready)."""
+        if not self.windowed:
+            return [self.max_len]
+        out, w = [], self.window_for(1)
+        while w < self.max_len:
+            out.append(w)
+            w = self.window_for(w + 1)
+        return [*out, self.max_len]
+
+    def set_window(self, window: int) -> None:
+        """Steps read the cache's first ``window`` positions (a windowed decoder; the next
+        step's position must lie inside)."""
+        if self.windowed:
+            if not 1 <= window <= self.max_len:
+                raise ValueError(f"a window of {window} positions in a decoder of {self.max_len}")
+            self.window = window
 
     def set_position(self, t: int) -> None:
         """The shared write position, in our buffer and in the cache layers' own counters."""
@@ -178,17 +219,17 @@ class GraphDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step()
-        self._graph = graph
-        self._ptrs = [b.data_ptr() for b in self.buffers]
-        self._moves = weight_moves()
+        self._graphs[self.window] = (graph, [b.data_ptr() for b in self.buffers], weight_moves())
         self.captures += 1
 
     def stale(self) -> bool:
-        """Whether the captured step reads memory that moved since: an adapter buffer
-        reallocated, or a base weight moved (the engine's dense layout moves the base weights
-        into a larger matrix when it folds the adapters' A columns into them)."""
-        return (self._graph is None or weight_moves() != self._moves
-                or [b.data_ptr() for b in self.buffers] != self._ptrs)
+        """Whether the current window's captured step is missing or reads memory that moved
+        since: an adapter buffer reallocated, or a base weight moved (the engine's dense
+        layout moves the base weights into a larger matrix when it folds the adapters' A
+        columns into them)."""
+        got = self._graphs.get(self.window)
+        return (got is None or weight_moves() != got[2]
+                or [b.data_ptr() for b in self.buffers] != got[1])
 
     def advance(self) -> None:
         """One decode step: replayed from the captured graph (captured first, or again when
@@ -199,7 +240,7 @@ class GraphDecoder:
             return
         if self.stale():
             self._capture()
-        self._graph.replay()
+        self._graphs[self.window][0].replay()
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -286,8 +286,16 @@ async def adapt(body: UserBody, svc: Svc, who: Admin):
 
 
 @users.get("/jobs/{job_id}")
-async def job_status(job_id: str, svc: Svc, who: Admin):
-    return svc.job(job_id)
+async def job_status(job_id: str, svc: Svc, who: Admin,
+                     wait: Annotated[float, Query(ge=0, le=60, allow_inf_nan=False)] = 0.0):
+    """The job's state; ``wait``: up to that many seconds for a queued or running job to end
+    first (a long poll: a client follows a job without asking every fraction of a second)."""
+    state = svc.job(job_id)
+    end = time.monotonic() + wait
+    while state["status"] in ("queued", "running") and time.monotonic() < end:
+        await asyncio.sleep(min(0.1, max(0.0, end - time.monotonic())))
+        state = svc.job(job_id)
+    return state
 
 
 @users.post("/delete")
