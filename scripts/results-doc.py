@@ -67,7 +67,9 @@ def bench_table(path: Path) -> str:
             b = d[key]
             rows.append(f"| {label} | {b['anchors']} anchors, {b['tokens']:,} tokens: {b['ours_seconds']:.1f} s, "
                         f"{b['ours_tokens_per_s']:,.0f} tokens/s |")
-    for key, label in (("adapt", "new-user adaptation, eager"), ("adapt_compiled", "new-user adaptation, compiled")):
+    for key, label in (("adapt", "new-user adaptation, eager"), ("adapt_compiled", "new-user adaptation, compiled"),
+                       ("adapt_last8", "new-user adaptation, eager, stack in the last 8 blocks"),
+                       ("adapt_last8_compiled", "new-user adaptation, compiled, stack in the last 8 blocks")):
         if key in d:
             a = d[key]
             rows.append(f"| {label} | {a['users']} users: {a['ours_seconds_per_user']:.3f} s per user, "

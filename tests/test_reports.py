@@ -26,7 +26,7 @@ def _main(monkeypatch, *args: str) -> None:
 
 def test_the_reports_tables_match_their_records(monkeypatch, capsys):
     for name, marker in (("results.md", f"<!-- table: {RUN} -->"),
-                         ("performance.md", "<!-- bench: results/gpu-2026-12-04d/gpu-8b-gen.json -->")):
+                         ("performance.md", "<!-- bench: results/gpu-2026-12-04e/gpu-8b.json -->")):
         doc = (ROOT / "docs" / name).read_text()
         new, changed = results_doc.regenerate(doc)
         assert changed == [] and new == doc and marker in doc
