@@ -70,21 +70,18 @@ def peft_logits(path, ids):
 
 
 def run_through_slots(dec, seqs, slots: int) -> int:
-    """Drive a SlotDecoder as the server's scheduler does: rows join as slots free up,
-    finished rows leave, one step at a time until every row is done. Returns how often
-    the shared write position moved back (a cache shift)."""
-    batch, waiting, shifts, last_t = None, list(seqs), 0, 0
-    while waiting or (batch is not None and len(batch)):
-        room = slots - (len(batch) if batch is not None else 0)
-        if waiting and room:
-            batch = dec.merge(batch, dec.prefill(waiting[:room]))
-            waiting = waiting[room:]
-        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
-        if len(batch):
-            dec.step(batch)
-        shifts += dec.t < last_t
-        last_t = dec.t
-    return shifts
+    """Drive a SlotDecoder as the server's scheduler does (``SlotDecoder.run``: rows join as
+    slots free up, finished rows leave) until every row is done. Returns how often the
+    shared write position moved back (a cache shift). ``slots``: the decoder's."""
+    assert dec.n == slots
+    shifts, last = [0], [dec.t]
+
+    def step():
+        shifts[0] += dec.t < last[0]
+        last[0] = dec.t
+
+    dec.run(seqs, on_step=step)
+    return shifts[0]
 
 
 def adapter_effect_gap(eng_a, eng_b, row, ids) -> float:

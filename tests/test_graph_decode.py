@@ -110,21 +110,29 @@ def test_prompts_without_padding(setup):
     assert torch.equal(got, _hf(eng, tok, enc, None))
 
 
-def test_pool_pads_to_buckets_and_reuses_decoders(setup):
-    from mta.decoding.batch import DecoderPool
+def test_batch_generation_runs_the_slot_decoder_and_keeps_it_while_calls_fit():
+    """`generate(..., decoder="graph")`: every prompt through the backbone's slot decoder (the
+    server's loop), the same answers as transformers' generate, mixed users and the base
+    model; a later call that fits reuses the decoder, a larger one replaces it."""
+    from mta.decoding.batch import generate
+    from tests.engine_helpers import tiny_backbone
 
-    eng, tok = setup
-    pool = DecoderPool(eng.model, row_buckets=(2, 8), len_step=32, max_decoders=2)
-    for prompts, rows in ((PROMPTS, FIRST), (PROMPTS[:3], SECOND[:3]), (OTHER[:1], None)):
-        enc = _enc(tok, prompts)
-        got = pool.generate(enc["input_ids"], enc["attention_mask"], NEW, pad_token_id=tok.pad_token_id,
-                            engine=eng if rows else None, rows=rows)
-        assert torch.equal(got, _hf(eng, tok, enc, rows)), prompts
-    assert sorted(pool.decoders) == [(2, 32), (8, 64)]  # 4 and 3 rows shared the 8-row decoder
-    assert pool.bucket(3, 33) == (8, 64)
-    pool.decoder(2, 100)  # a third decoder: the least recently used one goes
-    assert sorted(pool.decoders) == [(2, 32), (2, 128)]
-    assert pool.bucket(9, 10) == (16, 32)  # past the largest bucket: the next power of two
+    bb = tiny_backbone()
+    bb.engine.set_bank(3, 4, 8.0)
+    bb.engine.init_bank(seed=0, b_std=0.3)
+    bb.engine.add_users(2, 2, 4.0, seed=1, b_std=0.3)
+    prompts = ["hello there", "a much longer prompt for the second user of this batch", "hi", "mid length one",
+               "five", "six rows in three slots"]
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0]),
+            Row([2], [1.0], user=0), Row([0], [1.0])]
+    done = []
+    want = generate(bb, prompts, rows, 6, batch_size=3)
+    got = generate(bb, prompts, rows, 6, batch_size=3, decoder="graph", on_batch=done.append)
+    assert got == want and sum(done) == len(prompts)
+    dec = bb.slot_decoder(3, 8)
+    assert generate(bb, prompts[:2], None, 4, batch_size=3, decoder="graph") == generate(bb, prompts[:2], None, 4,
+                                                                                      batch_size=3)
+    assert bb.slot_decoder(3, 8) is dec and bb.slot_decoder(3, dec.span + 1) is not dec
 
 
 def test_eval_with_the_graph_decoder_gives_the_same_answers(tmp_path):

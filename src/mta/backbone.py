@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mta.config import BackboneConfig, gpu_memory_cap
-from mta.decoding.batch import DecoderPool
+from mta.decoding.slots import SlotDecoder
 from mta.engine.config import LLAMA_TARGETS
 from mta.engine.engine import AdapterEngine, EngineSpec
 from mta.engine.train import run_peak
@@ -137,12 +137,17 @@ class Backbone:
         if self.memory_cap is not None:
             self.memory_cap = cap_memory(self.device, self.config.gpu_memory)
 
-    def decoder_pool(self, compile: bool = False):
-        """The GraphDecoders of ``--decoder graph`` (``compile``: of ``--decoder compiled``;
-        mta.decoding.step), made on first use."""
-        if compile not in self._pools:
-            self._pools[compile] = DecoderPool(self.model, compile=compile)
-        return self._pools[compile]
+    def slot_decoder(self, slots: int, span: int, compile: bool = False):
+        """The slot decoder of batch generation's ``--decoder graph`` (``compile``: of
+        ``--decoder compiled``; mta.decoding.slots): ``slots`` rows of up to ``span`` tokens
+        each. Kept while later calls fit it (a new one replaces it, with its cache, when
+        they do not: a compiled one compiles again)."""
+        dec = self._pools.get(compile)
+        if dec is None or dec.n != slots or dec.span < span:
+            self._pools.pop(compile, None)  # its cache goes before the next one is allocated
+            dec = SlotDecoder(self, self.tokenizer.pad_token_id, slots=slots, span=span, compile=compile)
+            self._pools[compile] = dec
+        return dec
 
     def peak_memory(self) -> dict | None:
         """Peak bytes on the CUDA device in this process so far (None on the CPU): ``allocated``

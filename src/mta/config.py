@@ -342,11 +342,11 @@ class GenerateConfig(_Config):
     decoder: Literal["auto", "generate", "graph", "compiled"] = Field(
         "auto", description="auto: compiled for the server on CUDA (compiled and captured at start-up, before "
         "/readyz turns ready), generate elsewhere and for batch generation; "
-        "generate: transformers' generate (the server: its eager loop); graph: the "
-        "decode step captured in a CUDA graph on CUDA over a static cache (GraphDecoder; the server's slot "
-        "decoder); compiled: graph with the step through torch.compile first (fused kernels: 1.5x the memory "
-        "floor at Llama-3-8B shape instead of 2.1x; a minute or two of compiling per batch shape); same "
-        "greedy tokens (docs/performance.md)")
+        "generate: transformers' generate (the server: its eager loop); graph: the slot decoder (the "
+        "server's loop, for batch generation too: batch-size slots of one static cache, rows joining as others "
+        "finish, the decode step captured in a CUDA graph on CUDA); compiled: graph with the step through "
+        "torch.compile first (fused kernels: 1.5x the memory floor at Llama-3-8B shape instead of 2.1x; a "
+        "minute or two of compiling per decoder); same greedy tokens (docs/performance.md)")
 
 
 class EvalConfig(_Config):

@@ -2,11 +2,11 @@
 model), greedy unless asked otherwise.
 
 ``generate`` is the library's entry (the evaluation, the CLI's ``generate``): prompts in
-the chat template, left padding, longest first, in batches, through one of the decoders:
-transformers' ``generate`` with the engine's per-row routing (``hf_generate``), or a
-``DecoderPool`` of captured steps (``mta.decoding.step``) over the fixed routing
-(``mta.decoding.fixed``). ``static_generate`` is transformers' own static-cache loop with
-the routing pinned (its auto-compile on CUDA).
+the chat template, through one of the decoders: transformers' ``generate`` with the
+engine's per-row routing (``hf_generate``; left padding, longest first, in batches), or
+the server's slot decoder (``mta.decoding.slots``: the step captured, compiled or not,
+over the fixed routing; rows join as others finish). ``static_generate`` is transformers'
+own static-cache loop with the routing pinned (its auto-compile on CUDA).
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
-from mta.decoding.fixed import FixedRouting, captured_buffers, pinned
+from mta.decoding import eager
+from mta.decoding.fixed import pinned
 from mta.decoding.prompts import chat_prompt, stop_ids
-from mta.decoding.step import GraphDecoder
 from mta.engine.engine import AdapterEngine, Row
 from mta.errors import ResourceError
 
@@ -35,11 +34,12 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
     ``max_prompt_tokens`` keep their END (the question): truncating on the right would
     cut off the instruction being answered.
 
-    ``decoder="generate"`` (or ``"auto"``): transformers' generate. ``"graph"``: the batches
-    go through the backbone's ``DecoderPool`` (mta.decoding.step: the decode step captured
-    in a CUDA graph on CUDA), which gives
-    the same greedy tokens; it takes no extra generation arguments. ``"compiled"``: the
-    same, the step through torch.compile before it is captured.
+    ``decoder="generate"`` (or ``"auto"``): transformers' generate. ``"graph"``: the
+    prompts go through the backbone's slot decoder (``Backbone.slot_decoder``, the server's
+    loop: ``batch_size`` slots, the decode step captured in a CUDA graph on CUDA, rows
+    joining as others finish, longest first), which gives the same greedy tokens; it takes
+    no extra generation arguments. ``"compiled"``: the same, the step through
+    torch.compile before it is captured.
     """
     if rows is not None and len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} rows")
@@ -57,18 +57,33 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
     out: list[str] = [""] * len(texts)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": stop_ids(tokenizer), **gen_kwargs}
+    if decoder != "generate":
+        ids = tokenizer(texts, truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)["input_ids"]
+        seqs = {i: eager.Sequence(ids[i], Row(active=False) if rows is None else rows[i], max_new_tokens,
+                            frozenset(kwargs["eos_token_id"])) for i in order}
+        try:
+            # the span rounded up (at most the prompt limit's): later calls of similar lengths
+            # reuse this decoder, and a compiled one its compile
+            need = max(len(x) for x in ids) + max_new_tokens
+            span = min(-(-need // 256) * 256, max_prompt_tokens + max_new_tokens)
+            dec = backbone.slot_decoder(batch_size, max(need, span), decoder == "compiled")
+            dec.run([seqs[i] for i in order], join_rows=max(1, batch_size // 8),
+                    on_finish=(lambda s: on_batch(1)) if on_batch else None)
+        except torch.OutOfMemoryError:
+            raise ResourceError(f"out of {engine.device.type} memory generating {len(order)} prompts in "
+                                f"{batch_size} slots of up to {max(len(x) for x in ids)} tokens: lower the "
+                                "generation batch size or the prompt length",
+                                ("GenerateConfig.batch_size", "GenerateConfig.max_prompt_tokens")) from None
+        for i, s in seqs.items():
+            out[i] = tokenizer.decode(s.tokens, skip_special_tokens=True)
+        return out
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_prompt_tokens, add_special_tokens=False).to(engine.device)
         batch_rows = None if rows is None else [rows[i] for i in idx]
         try:
-            if decoder != "generate":
-                pool = backbone.decoder_pool(compile=decoder == "compiled")
-                gen = pool.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, kwargs["eos_token_id"],
-                                    tokenizer.pad_token_id, engine=None if rows is None else engine, rows=batch_rows)
-            else:
-                gen = hf_generate(engine, batch_rows, enc["input_ids"], enc["attention_mask"], **kwargs)
+            gen = hf_generate(engine, batch_rows, enc["input_ids"], enc["attention_mask"], **kwargs)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of {engine.device.type} memory generating a batch of {len(idx)} prompts of "
                                 f"up to {enc['input_ids'].shape[1]} tokens: lower the generation batch size or "
@@ -107,60 +122,3 @@ def static_generate(engine: AdapterEngine, rows: Sequence[Row], input_ids: torch
     with pinned(engine, rows, width=width):
         return engine.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                      cache_implementation="static", **gen_kwargs)
-
-
-class DecoderPool:
-    """GraphDecoders by bucket: a batch is padded to the next row bucket (dummy rows: one
-    token, no adapters; past the largest bucket, the next power of two) and its prompt +
-    new tokens to the next multiple of ``len_step``, so a handful of captures serve
-    batches of every size. The least recently used decoder goes when more than
-    ``max_decoders`` are held (each holds its KV cache)."""
-
-    def __init__(self, model: nn.Module, row_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
-                 len_step: int = 128, max_decoders: int = 4, graph: bool | None = None,
-                 compile: bool | str = False):
-        if not row_buckets or any(b < 1 for b in row_buckets) or len_step < 2 or max_decoders < 1:
-            raise ValueError("row buckets must be positive, len_step at least 2 and max_decoders at least 1")
-        self.model, self.row_buckets, self.len_step = model, sorted(row_buckets), len_step
-        self.max_decoders, self.graph, self.compile = max_decoders, graph, compile
-        self.decoders: dict[tuple[int, int], GraphDecoder] = {}
-
-    def bucket(self, rows: int, length: int) -> tuple[int, int]:
-        fit = [b for b in self.row_buckets if b >= rows] or [1 << (rows - 1).bit_length()]
-        return fit[0], -(-length // self.len_step) * self.len_step
-
-    def decoder(self, rows: int, length: int) -> GraphDecoder:
-        key = self.bucket(rows, length)
-        dec = self.decoders.pop(key, None) or GraphDecoder(self.model, key[0], key[1], graph=self.graph,
-                                                           compile=self.compile)
-        self.decoders[key] = dec  # most recently used last
-        while len(self.decoders) > self.max_decoders:
-            self.decoders.pop(next(iter(self.decoders)))
-        return dec
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-                 engine=None, rows: Sequence | None = None, width: int | None = None) -> torch.Tensor:
-        """Greedy tokens for a left-padded batch of any size (``generate``'s layout). With
-        ``engine`` and ``rows``, every row through its own adapters (pinned routing, the
-        dummy rows inactive), in the fixed layout that reads fewer bytes (``fixed_layout``);
-        ``width`` asks for the pinned layout with that many rank directions (default: what
-        the rows need, rounded up to a multiple of 8, so later batches tend to reuse the
-        capture)."""
-        n, p = input_ids.shape
-        dec = self.decoder(n, p + max_new_tokens)
-        extra = dec.batch - n
-        if extra:  # dummy rows: one real token each
-            ids = torch.full((extra, p), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-            mask = torch.zeros((extra, p), dtype=attention_mask.dtype, device=attention_mask.device)
-            mask[:, -1] = 1
-            input_ids, attention_mask = torch.cat([input_ids, ids]), torch.cat([attention_mask, mask])
-        if engine is None:
-            out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
-            return out[:n]
-        full = list(rows) + [Row(active=False)] * extra
-        with FixedRouting().fill(engine, full, dec.batch, width):  # a fresh fill: the tables copied too
-            dec.buffers = captured_buffers(engine)
-            out = dec.generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
-        return out[:n]

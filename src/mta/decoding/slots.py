@@ -31,6 +31,7 @@ drawn on the host from the step's logits, greedy rows take the captured argmax.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -163,6 +164,30 @@ class SlotDecoder:
                 nxt[slot] = sample(self.g.logits[slot], s)
         self.g.tok[:, 0].copy_(nxt)  # a sampled token is the next input
         take_tokens(batch.seqs, nxt[batch.slots].tolist())
+
+    def run(self, seqs: list[Sequence], join_rows: int = 1, on_step: Callable[[], None] | None = None,
+            on_finish: Callable[[Sequence], None] | None = None) -> None:
+        """Decode every row of ``seqs`` to its end (continuous batching, as the server runs):
+        rows join in their order once ``join_rows`` slots are free (or no row is running),
+        finished rows leave; ``on_step`` after each step, ``on_finish`` for each finished row.
+        Each row gets the tokens it gets alone. Batch generation's loop (`mta.decoding.batch`)."""
+        waiting, batch = list(seqs), None
+        join = max(1, min(join_rows, self.n))
+        while waiting or (batch is not None and len(batch)):
+            room = self.n - (len(batch) if batch is not None else 0)
+            if waiting and (room >= min(join, len(waiting)) or batch is None or not len(batch)):
+                batch = self.merge(batch, self.prefill(waiting[:room]))
+                waiting = waiting[room:]
+            left = [k for k, s in enumerate(batch.seqs) if s.finish is None]
+            if on_finish:
+                for s in batch.seqs:
+                    if s.finish is not None:
+                        on_finish(s)
+            batch = self.keep(batch, left)
+            if len(batch):
+                self.step(batch)
+                if on_step:
+                    on_step()
 
     def warm(self, rows: list[Row], prompt: list[int], steps: int = 3) -> None:
         """Run ``steps`` decode steps of ``prompt`` through ``rows`` (at most the slots), then
