@@ -270,7 +270,7 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
     before = {n: ly.base.weight.detach().clone() for n, ly in eng.layers.items()}
     enc = _enc(tok, PROMPTS)
     dec = GraphDecoder(model, batch=4, max_len=64)
-    dec._graphs[dec.window] = (object(), [], weight_moves())  # as if captured now (CPU: no graphs)
+    dec._graphs[dec._key()] = (object(), weight_moves())  # as if captured now (CPU: no graphs)
     assert not dec.stale()
     with torch.no_grad():
         with eng.route(FIRST):

@@ -55,6 +55,7 @@ from mta.decoding.routing import weight_moves
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes the decoder can capture
+MAX_GRAPHS = 32  # captured graphs a decoder keeps (windows x routing layouts; each holds its own memory pool)
 
 
 class GraphDecoder:
@@ -110,8 +111,10 @@ class GraphDecoder:
         if isinstance(head, nn.Linear):  # allocated here, not in the step: one compile fewer
             self.logits = torch.empty(batch, head.out_features, dtype=torch.float32, device=dev)
         self.buffers = list(buffers)
-        # window -> (its captured graph, the buffers' addresses and weight_moves() at capture)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[int], int]] = {}
+        # (window, the buffers' addresses and shapes) -> (its graph, weight_moves() at capture):
+        # a graph per window and per routing layout's buffers (the server switches between a
+        # mixed-user and a base-only layout), the least recently used out past MAX_GRAPHS
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, int]] = {}
         self.captures = 0
         self.kw = cache_kwarg(model)
         self._inner = self._step_inner
@@ -219,17 +222,24 @@ class GraphDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step()
-        self._graphs[self.window] = (graph, [b.data_ptr() for b in self.buffers], weight_moves())
+        self._graphs.pop(self._key(), None)
+        self._graphs[self._key()] = (graph, weight_moves())
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.pop(next(iter(self._graphs)))
         self.captures += 1
+
+    def _key(self) -> tuple:
+        """The current window and the buffers' addresses and shapes (a buffer freed and
+        another allocated at its address with another shape is not taken for it)."""
+        return self.window, tuple((b.data_ptr(), tuple(b.shape)) for b in self.buffers)
 
     def stale(self) -> bool:
         """Whether the current window's captured step is missing or reads memory that moved
         since: an adapter buffer reallocated, or a base weight moved (the engine's dense
         layout moves the base weights into a larger matrix when it folds the adapters' A
         columns into them)."""
-        got = self._graphs.get(self.window)
-        return (got is None or weight_moves() != got[2]
-                or [b.data_ptr() for b in self.buffers] != got[1])
+        got = self._graphs.get(self._key())
+        return got is None or weight_moves() != got[1]
 
     def advance(self) -> None:
         """One decode step: replayed from the captured graph (captured first, or again when
@@ -240,7 +250,9 @@ class GraphDecoder:
             return
         if self.stale():
             self._capture()
-        self._graphs[self.window][0].replay()
+        key = self._key()
+        self._graphs[key] = self._graphs.pop(key)  # most recently used last
+        self._graphs[key][0].replay()
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
