@@ -47,6 +47,7 @@ def test_the_budget_goes_to_the_command_once_and_sets_the_limit():
     assert mb.limit_bytes("auto", None, total) is None and mb.limit_bytes(None, None, total) is None
 
 
+@pytest.mark.integration  # a child process
 def test_a_short_command_measured_with_nvidia_smi_faked(tmp_path, monkeypatch):
     """The child's lines count, another process's do not; the samples and the peak come back."""
     def fake(query):
@@ -57,6 +58,7 @@ def test_a_short_command_measured_with_nvidia_smi_faked(tmp_path, monkeypatch):
     assert run["rc"] == 0 and len(run["samples"]) >= 2 and run["peak_bytes"] == 512 << 20
 
 
+@pytest.mark.integration  # the script in child processes
 def test_bad_input_and_no_gpu_are_one_line_errors(tmp_path):
     script = str(ROOT / "benchmarks" / "memory_budget.py")
     r = subprocess.run([sys.executable, script, "--budget", "lots", "--", "eval"], capture_output=True, text=True)
