@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mta.config import parse_gpu_memory  # noqa: E402
+from mta.config import gpu_memory_cap, parse_gpu_memory  # noqa: E402
 
 MIB = 1 << 20
 
@@ -88,8 +88,7 @@ def limit_bytes(budget: str | None, limit: str | None, total: int) -> int | None
     spec = limit if limit is not None else budget
     if spec is None or spec == "auto":
         return None
-    value = float(spec)
-    return int(value * total) if value <= 1 else int(value)
+    return gpu_memory_cap(spec, total, 0)  # as the command reads it (bytes at most the device)
 
 
 def smi(query: str) -> str:

@@ -133,6 +133,7 @@ def test_batch_generation_runs_the_slot_decoder_and_keeps_it_while_calls_fit():
     assert generate(bb, prompts[:2], None, 4, batch_size=3, decoder="graph") == generate(bb, prompts[:2], None, 4,
                                                                                       batch_size=3)
     assert bb.slot_decoder(3, 8) is dec and bb.slot_decoder(3, dec.span + 1) is not dec
+    assert generate(bb, [], None, 4, decoder="graph") == []  # nothing to generate: no decoder asked for
 
 
 def test_eval_with_the_graph_decoder_gives_the_same_answers(tmp_path):

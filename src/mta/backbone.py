@@ -76,7 +76,7 @@ class Backbone:
     config: BackboneConfig
     engine: AdapterEngine = field(init=False)
     memory_cap: int | None = None  # bytes this process may use on its CUDA device (`cap_memory`)
-    _pools: dict = field(init=False, default_factory=dict, repr=False)
+    _slot_decoders: dict = field(init=False, default_factory=dict, repr=False)  # compile -> SlotDecoder
 
     def __post_init__(self) -> None:
         if self.config.compile_training and self.device.type != "cuda":
@@ -142,11 +142,11 @@ class Backbone:
         ``--decoder compiled``; mta.decoding.slots): ``slots`` rows of up to ``span`` tokens
         each. Kept while later calls fit it (a new one replaces it, with its cache, when
         they do not: a compiled one compiles again)."""
-        dec = self._pools.get(compile)
+        dec = self._slot_decoders.get(compile)
         if dec is None or dec.n != slots or dec.span < span:
-            self._pools.pop(compile, None)  # its cache goes before the next one is allocated
+            self._slot_decoders.pop(compile, None)  # its cache goes before the next one is allocated
             dec = SlotDecoder(self, self.tokenizer.pad_token_id, slots=slots, span=span, compile=compile)
-            self._pools[compile] = dec
+            self._slot_decoders[compile] = dec
         return dec
 
     def peak_memory(self) -> dict | None:

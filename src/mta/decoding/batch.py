@@ -57,7 +57,7 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
     out: list[str] = [""] * len(texts)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": stop_ids(tokenizer), **gen_kwargs}
-    if decoder != "generate":
+    if decoder != "generate" and texts:
         ids = tokenizer(texts, truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)["input_ids"]
         seqs = {i: eager.Sequence(ids[i], Row(active=False) if rows is None else rows[i], max_new_tokens,
                             frozenset(kwargs["eos_token_id"])) for i in order}

@@ -175,7 +175,7 @@ class SlotDecoder:
         join = max(1, min(join_rows, self.n))
         while waiting or (batch is not None and len(batch)):
             room = self.n - (len(batch) if batch is not None else 0)
-            if waiting and (room >= min(join, len(waiting)) or batch is None or not len(batch)):
+            if waiting and room >= min(join, len(waiting)):  # (an empty batch: room is every slot)
                 batch = self.merge(batch, self.prefill(waiting[:room]))
                 waiting = waiting[room:]
             left = [k for k, s in enumerate(batch.seqs) if s.finish is None]

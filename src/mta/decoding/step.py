@@ -122,7 +122,7 @@ class GraphDecoder:
         if compile is not False:
             # every decoder shape (a pool's buckets, the layouts) is a graph of its own for
             # dynamo, which past its recompile limit (8 by default) runs the step eagerly
-            # without a word: room for a pool's buckets times its layouts
+            # without a word: room for a decoder's routing layouts and windows
             allow_recompiles(64)
             # dynamic=False: a decoder's shapes never change (a windowed one's window does:
             # dynamo's automatic dynamic shapes then compile once more, the window symbolic);
@@ -210,7 +210,7 @@ class GraphDecoder:
         for t, s in zip(self._counters(), saved):
             t.copy_(s)
 
-    def _capture(self) -> None:
+    def _capture(self, key: tuple) -> None:
         saved = self._state()
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -222,8 +222,8 @@ class GraphDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step()
-        self._graphs.pop(self._key(), None)
-        self._graphs[self._key()] = (graph, weight_moves())
+        self._graphs.pop(key, None)
+        self._graphs[key] = (graph, weight_moves())
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.pop(next(iter(self._graphs)))
         self.captures += 1
@@ -238,7 +238,10 @@ class GraphDecoder:
         since: an adapter buffer reallocated, or a base weight moved (the engine's dense
         layout moves the base weights into a larger matrix when it folds the adapters' A
         columns into them)."""
-        got = self._graphs.get(self._key())
+        return self._stale(self._key())
+
+    def _stale(self, key: tuple) -> bool:
+        got = self._graphs.get(key)
         return got is None or weight_moves() != got[1]
 
     def advance(self) -> None:
@@ -248,10 +251,11 @@ class GraphDecoder:
         if not self.graph_on:
             self._step()
             return
-        if self.stale():
-            self._capture()
-        key = self._key()
-        self._graphs[key] = self._graphs.pop(key)  # most recently used last
+        key = self._key()  # once a step: it reads every buffer's address (hundreds at 8B)
+        if self._stale(key):
+            self._capture(key)
+        else:
+            self._graphs[key] = self._graphs.pop(key)  # most recently used last
         self._graphs[key][0].replay()
 
     @torch.no_grad()

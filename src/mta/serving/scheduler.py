@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mta.config import AdaptConfig, GenerateConfig
+from mta.config import AdaptConfig, GenerateConfig, ServeConfig
 from mta.data.schema import User
 from mta.decoding.eager import Batch, Decoder, Prefill, Sequence
 from mta.decoding.prefix import PrefixCache
@@ -92,8 +92,8 @@ def server_decoder(decoder: str, device) -> str:
 class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512,
-                 prefill_chunk: int = 0, prefix_tokens: int = 0, join_rows: int | None = 1,
-                 join_wait: float = 0.0):
+                 prefill_chunk: int = 0, prefix_tokens: int = 0, join_rows: int | None = None,
+                 join_wait: float | None = None):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
         self.decoder_kind = server_decoder(gen.decoder, bank.backbone.device)
@@ -110,8 +110,9 @@ class Scheduler:
         self.stop_ids = frozenset(stop_ids(self.tok))
         self.max_batch = max_batch
         # rows join a running batch in groups (each join is a prefill forward and a routing refill)
+        # (None: `mta serve`'s defaults, ServeConfig's join_rows and join_wait_ms)
         self.join_rows = min(max_batch, join_rows if join_rows is not None else max(1, max_batch // 8))
-        self.join_wait = join_wait
+        self.join_wait = join_wait if join_wait is not None else ServeConfig().join_wait_ms / 1000.0
         self._held_since: float | None = None  # when a waiting request was first held back
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.exclusive: queue.Queue[tuple[Callable, Future]] = queue.Queue()
