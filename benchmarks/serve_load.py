@@ -144,11 +144,15 @@ def pct(xs: list[float], q: float) -> float | None:
 def histograms(client, url: str) -> dict:
     """The server's inter-token latency and decode-step histograms from /metrics: name ->
     (cumulative counts by upper bound, sum, count). The server times every token, which the
-    client cannot: it sees a stream event only when the text grows by whole characters."""
+    client cannot: it sees a stream event only when the text grows by whole characters.
+    Also its scheduler's seconds by phase and its joins: name -> {label: total}."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
     for fam in text_string_to_metric_families(client.get(url + "/metrics").text):
+        if fam.name in ("mta_scheduler_seconds", "mta_joins"):
+            out[fam.name] = {s.labels.get("phase", ""): s.value for s in fam.samples if s.name.endswith("_total")}
+            continue
         if fam.name not in ("mta_inter_token_latency_seconds", "mta_decode_step_seconds"):
             continue
         buckets = {float(s.labels["le"]): s.value for s in fam.samples if s.name.endswith("_bucket")}
@@ -172,6 +176,11 @@ def histogram_stats(before: dict, after: dict, name: str) -> dict:
         return next((le for le, c in cum if c >= q * n), float("inf"))
 
     return {"mean_s": (s1 - s0) / n, "p50_le_s": bound(0.5), "p99_le_s": bound(0.99), "count": int(n)}
+
+
+def counter_deltas(before: dict, after: dict, name: str) -> dict:
+    """What each label of the counter ``name`` counted between two scrapes."""
+    return {k: v - before.get(name, {}).get(k, 0.0) for k, v in after.get(name, {}).items()}
 
 
 def streamed(client, url: str, body: dict) -> dict:
@@ -228,6 +237,8 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
             "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99),
             "server_itl": histogram_stats(before, after, "mta_inter_token_latency_seconds"),
             "server_step": histogram_stats(before, after, "mta_decode_step_seconds"),
+            "server_phase_s": counter_deltas(before, after, "mta_scheduler_seconds"),
+            "server_joins": int(counter_deltas(before, after, "mta_joins").get("", 0)),
             "errors": sum(not r["ok"] for r in results)}
 
 
@@ -364,6 +375,12 @@ def report_open_loop(a, rows: list[dict]) -> None:
         print(f"{r['decoder']:<9} {r['model']:<9} {r['tokens_per_s']:>8.1f} {ms(r['ttft_p50_s']):>11} "
               f"{ms(r['ttft_p99_s']):>11} {ms(itl.get('mean_s')):>11} {ms(itl.get('p50_le_s')):>10} "
               f"{ms(itl.get('p99_le_s')):>10} {ms(step.get('mean_s')):>7} {r['errors']:>6}")
+    print("the scheduler's seconds by phase, and its joins (groups of requests joining the running batch):")
+    for r in rows:
+        ph = r.get("server_phase_s", {})
+        parts = " ".join(f"{k} {v:.1f} s" for k, v in ph.items())
+        print(f"  {r['decoder']:<9} {r['model']:<9} wall {r['wall_s']:.1f} s: {parts or '-'}; "
+              f"{r.get('server_joins', 0)} joins")
     for d in dict.fromkeys(r["decoder"] for r in rows):
         mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
         mine["tokens_vs_base"] = mine["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None

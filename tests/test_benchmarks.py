@@ -97,7 +97,10 @@ def test_serve_load_benchmark_tiny_open_loop(tmp_path):
         itl, step = x["server_itl"], x["server_step"]  # the server's own histograms, this run's share
         assert itl["count"] >= 12 and 0 < itl["mean_s"] and itl["p50_le_s"] <= itl["p99_le_s"]
         assert 0 < step["mean_s"] and step["count"] >= 5
-    assert "mta / mta-base tokens/s" in r.stdout
+        phase = x["server_phase_s"]  # where the server's time went: its scheduler's phases, its joins
+        assert sorted(phase) == ["admit", "prefill", "step", "stream"] and phase["step"] > 0
+        assert 0 < sum(phase.values()) and x["server_joins"] >= 1
+    assert "mta / mta-base tokens/s" in r.stdout and "joins" in r.stdout
     bad = _run("serve_load.py", "--decoder", "graph,eager", "--rate", "1")
     assert bad.returncode == 2 and "one of generate, graph, compiled" in bad.stderr
 

@@ -687,3 +687,37 @@ def test_waiting_requests_join_a_running_batch_in_groups_unless_held_past_the_wa
             sched.decoder.step(sched.batch)
             sched._after_step(0.0)
     assert seen == joins and sorted(done) == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
+    """What a load run reads to say where a server's time goes: the scheduler's seconds by
+    phase (admit, prefill, step, stream) add up to no more than the time it ran, each phase
+    that ran has some, and every group of joining requests is one join."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mta.config import GenerateConfig
+    from mta.serving.metrics import PHASES, Metrics
+    from mta.serving.scheduler import Job, Scheduler
+
+    bank, store, uid = _record(tmp_path)
+    metrics = Metrics()
+    sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=6), max_batch=4, metrics=metrics, join_rows=2,
+                      join_wait=3600.0)
+    sched.stop_ids = frozenset()
+    done = []
+    for i, n in enumerate((2, 3, 6, 6, 3)):  # the fifth waits for two free slots
+        sched.submit(Job(uid, [{"role": "user", "content": f"a film about space {i}"}], None, n,
+                         emit=lambda kind, payload: kind == "done" and done.append(1)))
+    t0 = time.monotonic()
+    sched.start()
+    sched.shutdown(60)  # (after every request has finished)
+    wall = time.monotonic() - t0
+    fams = {f.name: f for f in text_string_to_metric_families(metrics.text().decode())}
+    phase = {s.labels["phase"]: s.value for s in fams["mta_scheduler_seconds"].samples if s.name.endswith("_total")}
+    joins = next(s.value for s in fams["mta_joins"].samples if s.name.endswith("_total"))
+    assert sorted(phase) == sorted(PHASES) and all(v > 0 for v in phase.values())
+    assert sum(phase.values()) <= wall
+    assert len(done) == 5
+    assert joins == 2  # four into the empty batch, then the fifth once two slots were free

@@ -245,6 +245,7 @@ class Scheduler:
                     continue
                 t0 = time.monotonic()
                 self.decoder.step(self.batch)
+                self._spent("step", t0)
                 self._after_step(time.monotonic() - t0)
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                 log.exception("scheduler step failed")
@@ -268,9 +269,26 @@ class Scheduler:
             self._held_since = now
         return now - self._held_since >= self.join_wait
 
+    def _spent(self, phase: str, since: float) -> None:
+        if self.metrics:
+            self.metrics.spent(phase, since)
+
     def _admit(self) -> None:
+        """Waiting requests join: planned and their prompts built (the admit phase), then the
+        first chunk of their prefill."""
         if not self._joinable():
             return
+        t0 = time.monotonic()
+        try:
+            self._plan_joining()
+        finally:
+            self._spent("admit", t0)
+        if self.pending:
+            self._prefill_some()
+
+    def _plan_joining(self) -> None:
+        """The waiting requests (as many as there are free slots) planned with the running
+        ones, their prompts built, their prefill started (``self.pending``)."""
         self._held_since = None
         new: list[Job] = []
         while len(self.jobs) + len(new) < self.max_batch:
@@ -307,10 +325,8 @@ class Scheduler:
             job.seq = Sequence(ids, row, job.max_tokens, self.stop_ids, job.temperature, job.top_p, job.seed)
             fresh.append(job)
             keys.append(self._prefix_key(job, plan))
-        if not fresh:
-            return
-        self.pending = (self.decoder.start([j.seq for j in fresh], keys), fresh, time.monotonic())
-        self._prefill_some()
+        if fresh:
+            self.pending = (self.decoder.start([j.seq for j in fresh], keys), fresh, time.monotonic())
 
     def _prefix_key(self, job: Job, plan: Plan) -> tuple:
         """What a prompt prefix's keys and values depend on besides its tokens: the user and
@@ -338,6 +354,7 @@ class Scheduler:
         """The next chunk of the joining rows' prompts (all of them without a chunk size);
         with the last one they join the running batch."""
         pf, fresh, t0 = self.pending
+        began = time.monotonic()
         try:
             part = self.decoder.advance(pf, self.prefill_chunk or None)
         except torch.OutOfMemoryError:  # the prefill's activations are the transient peak
@@ -352,11 +369,13 @@ class Scheduler:
                 job.emit("error", err)
             return
         if part is None:
+            self._spent("prefill", began)
             return
         self.pending = None
         self.batch = self.decoder.merge(self.batch, part)
         self.batch.routing = None
         self.jobs += fresh
+        self._spent("prefill", began)
         if self.metrics:
             self.metrics.prefill(fresh, sum(j.prompt_tokens for j in fresh), t0)
             if self.prefix is not None:
@@ -409,6 +428,7 @@ class Scheduler:
 
     def _after_step(self, seconds: float, only: list[Job] | None = None) -> None:
         """Stream what each row added, finish rows that are done, drop them."""
+        t0 = time.monotonic()
         keep = []
         for k, job in enumerate(self.jobs):
             if only is not None and job not in only:
@@ -448,6 +468,7 @@ class Scheduler:
             # a freed slot is masked, what it is routed to is never read)
             self.batch = self.decoder.keep(self.batch, keep) if keep else None
         self._gauge()
+        self._spent("stream", t0)
 
     def _gauge(self) -> None:
         if self.metrics:
