@@ -292,3 +292,35 @@ def test_the_prefix_cache_keeps_within_its_tokens():
     assert n == 12 and got[0][0].shape == (1, 2, 12, 4)
     cache.store(("d",), list(range(5)), [(torch.zeros(1, 2, 4, 4),) * 2])  # too short to keep
     assert ("d",) not in cache.entries
+
+
+def test_a_joining_prefill_reads_the_dense_tables_of_the_decode_step_and_gives_them_back(monkeypatch):
+    """Once the slot decoder's step reads the dense layout, a joining group's prefill reads
+    the same tables with its own rows' coefficients (a few operations a layer, not a gather
+    of each row's factors): the rows still get their tokens alone, and every layer's
+    coefficient buffer is the step's own tensor again afterwards (what a captured step
+    reads). Before any dense fill (the first group), the gathered routing."""
+    import mta.decoding.slots as slots_mod
+
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    used = []
+    real = slots_mod.dense_rows
+    monkeypatch.setattr(slots_mod, "dense_rows", lambda eng, rows: used.append(len(rows)) or real(eng, rows))
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hello there", "a longer prompt", "hi", "mid")]
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row([1, 2], [0.5, 0.5]), Row([0], [1.0], user=1)]
+    seqs = [Sequence(p, r, 6, frozenset()) for p, r in zip(prompts, rows)]
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=6, span=64)
+    batch = dec.merge(None, dec.prefill(seqs[:2]))
+    assert used == []  # nothing filled yet: gathered
+    dec.step(batch)
+    assert dec.fixed.layout == "dense"
+    before = [layer.dense_W for layer in bb.engine.layers.values()]
+    batch = dec.merge(batch, dec.prefill(seqs[2:]))
+    assert used == [2]
+    assert all(layer.dense_W is w for layer, w in zip(bb.engine.layers.values(), before))
+    while any(s.finish is None for s in seqs):
+        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+        dec.step(batch)
+    for s in seqs:
+        assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)

@@ -12,6 +12,8 @@ not depend on what else is in the batch (tested against one-by-one generation).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -101,9 +103,12 @@ class Decoder:
         self.prefix = prefix  # per-user prompt prefixes (mta.decoding.prefix), or None
         self.kw = cache_kwarg(self.model)
         self.device = backbone.engine.device
+        # how a prefill forward reads its rows' adapters: the engine's gathered routing, or
+        # what a decoder that owns this one chooses (mta.decoding.slots: its dense tables)
+        self.router: Callable[[list], contextlib.AbstractContextManager] = self.engine.route
 
     def _forward(self, ids, mask, pos_ids, cache, rows):
-        with self.engine.route(rows):
+        with self.router(rows):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, use_cache=True,
                              **{self.kw: cache})
         return out.logits[:, -1, :].float(), _out_cache(out)

@@ -19,7 +19,19 @@ from dataclasses import dataclass
 
 import torch
 
-from mta.decoding.routing import DENSE, GATHERED, PINNED, Backend, Routing, dense_columns, densify, pin, width
+from mta.decoding.routing import (
+    DENSE,
+    GATHERED,
+    PINNED,
+    Backend,
+    Routing,
+    dense_coefficients,
+    dense_columns,
+    dense_layout,
+    densify,
+    pin,
+    width,
+)
 from mta.engine.engine import AdapterEngine, Row
 
 LAYOUTS = {"dense": DENSE, "pinned": PINNED}
@@ -101,6 +113,33 @@ def fixed_on(engine: AdapterEngine, layout: str) -> Iterator[None]:
         yield
     finally:
         engine.set_backend(GATHERED)
+
+
+@contextlib.contextmanager
+def dense_rows(engine: AdapterEngine, rows: Sequence[Row]) -> Iterator[None]:
+    """Read ``rows`` through the dense tables last filled (``dense``), for a forward beside a
+    dense decode loop (a joining group's prefill): the rows' coefficients computed once per
+    column layout and put in every layer's place for the time of the ``with``, the decode
+    loop's own coefficient buffers put back after it (the tensors a captured step reads, so
+    nothing is captured again). Three operations a layer instead of gathering each row's
+    factors (about twenty); the caller checks that the tables are those of the last fill
+    (``tables_unchanged``). Inference only."""
+    rt, n = engine.routing(rows), len(rows)
+    saved, shared = [], {}
+    try:
+        with torch.no_grad():
+            for layer in engine.layers.values():
+                saved.append((layer, layer.dense_W))
+                key = dense_layout(layer, n)
+                if key not in shared:
+                    shared[key] = dense_coefficients(layer, rt, n)
+                layer.dense_W = shared[key]
+        engine.set_backend(DENSE)
+        yield
+    finally:
+        engine.set_backend(GATHERED)
+        for layer, w in saved:
+            layer.dense_W = w
 
 
 def tables_state(engine: AdapterEngine) -> list:

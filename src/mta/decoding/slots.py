@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mta.decoding.eager import Batch, Decoder, Prefill, Sequence, cache_layers, sample, take_tokens
-from mta.decoding.fixed import FixedRouting, captured_buffers, fixed_on
+from mta.decoding.fixed import FixedRouting, captured_buffers, dense_rows, fixed_on, tables_unchanged
 from mta.decoding.prefix import PrefixCache
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
@@ -77,6 +77,7 @@ class SlotDecoder:
         self.free = list(range(slots))
         self.row_start: dict[int, int] = {}  # slot -> first position of its row
         self.fixed = FixedRouting()  # the fixed routing last filled
+        self.eager.router = self._prefill_routing
 
     # -- the scheduler's interface ---------------------------------------------------------
     def prefill(self, seqs: list[Sequence]) -> Batch:
@@ -114,17 +115,20 @@ class SlotDecoder:
         if t != self.t:
             self.t = t
             self.g.set_position(t)
-        lengths = b.mask.sum(-1).tolist()
-        layers = list(zip(cache_layers(self.g.cache), cache_layers(b.cache)))
-        for i, s in enumerate(b.seqs):
-            slot, p = self.free.pop(0), int(lengths[i])
-            for mine, theirs in layers:
-                mine.keys[slot, :, t - p:t].copy_(theirs.keys[i, :, n - p:n])
-                mine.values[slot, :, t - p:t].copy_(theirs.values[i, :, n - p:n])
-            self.g.bias[slot].fill_(self.g.neg)
-            self.g.bias[slot, 0, 0, t - p:t] = 0.0
-            self.g.pos[slot, 0] = b.pos[i]
-            self.g.tok[slot, 0] = b.last[i]
+        lengths = b.mask.sum(-1)
+        slots = [self.free.pop(0) for _ in b.seqs]
+        idx = torch.tensor(slots, dtype=torch.long, device=lengths.device)
+        # every joining row's n prefill positions into [t - n, t) of its slot at once (a row's
+        # own p tokens are the last p of them; the padding before them lands masked)
+        for mine, theirs in zip(cache_layers(self.g.cache), cache_layers(b.cache)):
+            mine.keys[:, :, t - n:t].index_copy_(0, idx, theirs.keys[:, :, :n].to(mine.keys.dtype))
+            mine.values[:, :, t - n:t].index_copy_(0, idx, theirs.values[:, :, :n].to(mine.values.dtype))
+        cols = torch.arange(self.g.bias.shape[-1], device=lengths.device)
+        own = (cols >= (t - lengths)[:, None]) & (cols < t)  # each row attends to its own positions only
+        self.g.bias[idx] = torch.where(own, 0.0, self.g.neg).to(self.g.bias.dtype)[:, None, None, :]
+        self.g.pos[idx, 0] = b.pos.to(self.g.pos.dtype)
+        self.g.tok[idx, 0] = b.last.to(self.g.tok.dtype)
+        for s, slot, p in zip(b.seqs, slots, lengths.tolist()):
             self.row_start[slot] = t - p
             batch.seqs.append(s)
             batch.slots.append(slot)
@@ -207,6 +211,15 @@ class SlotDecoder:
         self.keep(batch, [])
 
     # -- internals ---------------------------------------------------------------------------
+    def _prefill_routing(self, rows: list[Row]):
+        """How a joining group's prefill reads its adapters: through the dense tables the
+        decode step reads, when its layout is dense and the tables are those of its last
+        fill (a join then costs a few operations a layer, not a gather of every row's
+        factors); else the engine's gathered routing."""
+        if self.fixed.layout == "dense" and tables_unchanged(self.engine, self.fixed.tables):
+            return dense_rows(self.engine, rows)
+        return self.engine.route(rows)
+
     def _release_all(self) -> None:
         self.g.bias.fill_(self.g.neg)
         self.free, self.row_start = list(range(self.n)), {}

@@ -292,8 +292,9 @@ class AdapterEngine:
         if len(anchors) != len(weights) or not anchors:
             raise ValueError(f"a mixture needs as many weights as anchors (at least one); got {len(anchors)} "
                              f"anchors and {len(weights)} weights")
-        if not all(0 <= a < self.n_anchors for a in anchors):
-            raise ValueError(f"anchor slots {list(anchors)} out of range (bank has {self.n_anchors})")
+        n = self.n_anchors  # (a walk over every layer: once)
+        if not all(0 <= a < n for a in anchors):
+            raise ValueError(f"anchor slots {list(anchors)} out of range (bank has {n})")
         check_weights(torch.tensor(list(weights), dtype=torch.float64), merge)
 
     # -- trainable parameters ------------------------------------------------------------------------
