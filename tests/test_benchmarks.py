@@ -172,3 +172,16 @@ def test_detok_benchmark_tiny(tmp_path):
     assert [x["length"] for x in rows] == [8, 16]
     assert all(x["reference_ms_per_step"] > 0 and x["incremental_ms_per_step"] > 0 for x in rows)
     assert "decode again" in r.stdout
+
+
+def test_join_benchmark_tiny(tmp_path):
+    """A join's cost (base rows, mta rows through the dense tables, through the gathered
+    routing): every configuration timed; a bad --rows is a one-line usage error."""
+    out = tmp_path / "join.json"
+    r = _run("join.py", "--slots", "8", "--rows", "2", "--users", "4", "--joins", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert len(rec["ms_per_join"]) == 3 and all(v > 0 for v in rec["ms_per_join"].values())
+    assert rec["dense_vs_gathered"] > 0 and "x base" in r.stdout
+    bad = _run("join.py", "--slots", "4", "--rows", "4")
+    assert bad.returncode == 2 and "--rows must be between 1 and --slots - 1 (3)" in bad.stderr

@@ -1,0 +1,127 @@
+"""What one join costs the server's decode loop: a group of requests joining a running
+batch of the slot decoder (`mta serve`'s loop), their prompts prefilled and moved into the
+static cache, timed for rows of the base model alone (the reference), for rows with
+adapters read through the decode step's dense tables (what the server does), and for the
+same rows through the gathered routing (each row's factors gathered for every layer, what
+a join did before), in the same run.
+
+    .venv/bin/python benchmarks/join.py                           # 32 narrow blocks on the CPU: host cost
+    python3 benchmarks/join.py --shape 8b --device cuda           # Llama-3-8B shape (random bf16)
+
+A join is ``start`` (each row's cached prompt prefix looked up: every row of the group
+has one, as a user's second request), ``advance`` (the prefill forward) and ``merge``
+(the rows into free slots), then one decode step of the whole batch, untimed. The
+running batch holds ``--slots`` minus ``--rows`` rows; the anchors, users and ranks are
+those of benchmarks/gpu.py's mixed-user rows (top-2 of 8 rank-8 anchors, own rank-2
+stacks). Prints milliseconds per join and the ratios; the JSON goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch  # noqa: E402
+
+from mta.backbone import Backbone  # noqa: E402
+from mta.config import BackboneConfig  # noqa: E402
+from mta.decoding.eager import Sequence  # noqa: E402
+from mta.decoding.prefix import PrefixCache  # noqa: E402
+from mta.decoding.slots import SlotDecoder  # noqa: E402
+from mta.engine.engine import Row  # noqa: E402
+from mta.models import load_embedder  # noqa: E402
+
+PROMPT = 30  # tokens of a user's repeated prompt prefix; each request adds 3 of its own
+
+
+def backbone(shape: str, device: str) -> Backbone:
+    if shape == "8b":
+        return Backbone.load(BackboneConfig(model="random-llama3-8b", embedder="hashing-embedder", device=device,
+                                            dtype="bf16"))
+    from mta.models.tiny import tiny_llama
+    model, tok = tiny_llama(seed=0, layers=32, hidden=64)
+    return Backbone.wrap(model, tok, load_embedder("hashing-embedder"), "tiny-random-llama (32 blocks, hidden 64)",
+                         "hashing-embedder", BackboneConfig(device=device))
+
+
+def requests(n: int, first: int, mixed: bool, users: int) -> list[Sequence]:
+    def row(i: int) -> Row:
+        return Row([i % 8, (i + 1) % 8], [0.6, 0.4], user=i % users) if mixed else Row(active=False)
+    return [Sequence([5 + j % 50 for j in range(PROMPT)] + [60 + (first + i) % 100, 7, 8], row(first + i), 4,
+                     frozenset()) for i in range(n)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_joins(bb: Backbone, a, mixed: bool, gathered: bool) -> float:
+    """Milliseconds per join (mean over ``a.joins`` after two untimed ones)."""
+    dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=256, prefix=PrefixCache(1 << 22))
+    if gathered:
+        dec.eager.router = bb.engine.route
+    running = a.slots - a.rows
+    with torch.no_grad():
+        batch = dec.merge(None, dec.prefill(requests(running, 0, mixed, a.users)))
+        dec.step(batch)
+        keys = [(f"user-{i}", mixed) for i in range(a.rows)]
+        warm = dec.start(requests(a.rows, 0, mixed, a.users), keys)  # the prefixes into the cache
+        batch = dec.keep(dec.merge(batch, dec.advance(warm)), list(range(running)))
+        total = 0.0
+        for j in range(a.joins + 2):
+            seqs = requests(a.rows, 1 + j, mixed, a.users)
+            sync(a.device)
+            t = time.perf_counter()
+            part = dec.advance(dec.start(seqs, keys))
+            batch = dec.merge(batch, part)
+            sync(a.device)
+            if j >= 2:
+                total += time.perf_counter() - t
+            dec.step(batch)
+            batch = dec.keep(batch, list(range(running)))
+    return 1000 * total / a.joins
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=["tiny", "8b"], default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=8, help="rows joining at once (mta serve's default --join-rows)")
+    ap.add_argument("--users", type=int, default=64)
+    ap.add_argument("--joins", type=int, default=8, help="timed joins per configuration")
+    ap.add_argument("--threads", type=int, default=1, help="torch's CPU threads")
+    ap.add_argument("--out", type=Path, default=Path("join.json"))
+    a = ap.parse_args()
+    if not 0 < a.rows < a.slots:
+        ap.error(f"--rows must be between 1 and --slots - 1 ({a.slots - 1})")
+    torch.set_num_threads(a.threads)
+    bb = backbone(a.shape, a.device)
+    bb.engine.set_bank(8, 8, 16.0)
+    bb.engine.init_bank(seed=0, b_std=0.1)
+    bb.engine.add_users(a.users, 2, 4.0, seed=1, b_std=0.1)
+    rows = [("base model rows", False, False), ("mta rows, dense tables (the server)", True, False),
+            ("mta rows, gathered routing (before)", True, True)]
+    ms = {name: time_joins(bb, a, mixed, gathered) for name, mixed, gathered in rows}
+    ref = ms[rows[0][0]]
+    print(f"{bb.model_id} on {a.device}: {a.rows} rows joining {a.slots - a.rows} running, "
+          f"each with a cached prompt prefix; mean of {a.joins} joins")
+    print(f"{'join of':<38} {'ms':>8} {'x base':>7}")
+    for name, _, _ in rows:
+        print(f"{name:<38} {ms[name]:>8.1f} {ms[name] / ref:>7.2f}")
+    dense, gathered = ms[rows[1][0]], ms[rows[2][0]]
+    print(f"dense tables against the gathered routing: {gathered / dense:.2f}x faster")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": bb.model_id, "device": a.device, "slots": a.slots, "rows": a.rows,
+                                 "users": a.users, "joins": a.joins, "threads": a.threads,
+                                 "ms_per_join": ms, "dense_vs_gathered": gathered / dense}, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
