@@ -324,3 +324,36 @@ def test_layers_of_one_column_layout_share_one_coefficient_buffer_and_equal_the_
         buffers = {id(ly.dense_W) for ly in eng.layers.values()}
         layouts = {dense_layout(ly, len(rows)) for ly in eng.layers.values()}
         assert len(buffers) == len(layouts) == 2
+
+
+def test_gathered_factors_are_never_those_of_a_dead_routing_or_table():
+    """The gathered-factor cache holds the routing and the tables it was built from and
+    compares them by identity: a new routing (or table) that CPython puts at a dead one's
+    address (same ``id``) gets its own rows' factors, never the dead one's (before, a
+    server's joining prefill of one row could read a finished 4-row batch's factors)."""
+    import gc
+    import weakref
+
+    from tests.engine_helpers import tiny_engine
+
+    eng, _, _ = tiny_engine(users=3)
+    layer = next(iter(eng.layers.values()))
+    with torch.no_grad():
+        rt = eng.routing([Row([0, 1], [0.5, 0.5], user=0)] * 4)
+        routing.gathered(layer, rt)
+        alive = weakref.ref(rt)
+        del rt
+        gc.collect()
+        assert alive() is not None  # held by the cache: its address cannot be reused
+        for _ in range(200):  # fresh routings of other sizes, as joins and leaves make them
+            for n in (4, 1):
+                rt = eng.routing([Row([n % 2], [1.0], user=n % 3)] * n)
+                a, b = routing.gathered(layer, rt)
+                assert a.shape[0] == b.shape[0] == n
+                del rt, a, b
+        stack_a = layer.stack_A
+        rt = eng.routing([Row([0], [1.0], user=0)])
+        first = routing.gathered(layer, rt)
+        eng.add_users(3, 2, 4.0, seed=7, b_std=0.3)  # new stack tables: not the cached ones
+        assert layer.stack_A is not stack_a
+        assert not torch.equal(routing.gathered(layer, rt)[0], first[0])

@@ -76,14 +76,18 @@ def gathered(layer, rt: Routing):
     Without autograd (generation) the result is cached for as long as the routing and
     the adapter tensors are unchanged: a decode step then costs two batched matmuls
     per layer instead of re-gathering every step. The key holds the tensors'
-    identities and version counters, so an in-place update (load_user) invalidates it.
+    identities and version counters, so an in-place update (load_user) invalidates it. The
+    cache holds the routing and the tables themselves and compares them by identity (an
+    ``id`` alone could be a dead object's, reused by a new routing of other rows or a new
+    table).
     """
     cacheable = not torch.is_grad_enabled()
     if cacheable:  # (never while training: a compiled training layer reads no ids or versions)
-        key = (id(rt), id(layer.bank_A), layer.bank_A._version, layer.bank_B._version, id(layer.stack_A),
-               layer.stack_A._version, layer.stack_B._version, layer.stack_scale._version, id(layer.fused_A))
-        if layer._cache is not None and layer._cache[0] == key:
-            return layer._cache[1]
+        held = (rt, layer.bank_A, layer.bank_B, layer.stack_A, layer.stack_B, layer.stack_scale, layer.fused_A)
+        versions = tuple(t._version for t in held[1:6])
+        c = layer._cache
+        if c is not None and len(c[0]) == len(held) and all(a is b for a, b in zip(c[0], held)) and c[1] == versions:
+            return c[2]
     parts = []
     if rt.anchor_idx is not None and layer.bank_A.shape[0]:
         parts.append(_bank_parts(layer, rt))
@@ -102,7 +106,7 @@ def gathered(layer, rt: Routing):
         cd = layer.compute_dtype
         out = ((a * coef[:, :, None]).to(cd), b.to(cd))
     if cacheable:
-        layer._cache = (key, out)
+        layer._cache = (held, versions, out)
     return out
 
 
