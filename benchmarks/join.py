@@ -60,8 +60,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_joins(bb: Backbone, a, mixed: bool, gathered: bool) -> float:
-    """Milliseconds per join (mean over ``a.joins`` after two untimed ones)."""
+def time_joins(bb: Backbone, a, mixed: bool, gathered: bool) -> dict:
+    """Milliseconds per join and per part of it (start, advance, merge; means over
+    ``a.joins`` after two untimed ones)."""
     dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=256, prefix=PrefixCache(1 << 22))
     if gathered:
         dec.eager.router = bb.engine.route
@@ -72,19 +73,26 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool) -> float:
         keys = [(f"user-{i}", mixed) for i in range(a.rows)]
         warm = dec.start(requests(a.rows, 0, mixed, a.users), keys)  # the prefixes into the cache
         batch = dec.keep(dec.merge(batch, dec.advance(warm)), list(range(running)))
-        total = 0.0
+        total = {"start": 0.0, "advance": 0.0, "merge": 0.0}
         for j in range(a.joins + 2):
             seqs = requests(a.rows, 1 + j, mixed, a.users)
             sync(a.device)
-            t = time.perf_counter()
-            part = dec.advance(dec.start(seqs, keys))
+            t0 = time.perf_counter()
+            pf = dec.start(seqs, keys)
+            sync(a.device)
+            t1 = time.perf_counter()
+            part = dec.advance(pf)
+            sync(a.device)
+            t2 = time.perf_counter()
             batch = dec.merge(batch, part)
             sync(a.device)
             if j >= 2:
-                total += time.perf_counter() - t
+                for name, dt in (("start", t1 - t0), ("advance", t2 - t1), ("merge", time.perf_counter() - t2)):
+                    total[name] += dt
             dec.step(batch)
             batch = dec.keep(batch, list(range(running)))
-    return 1000 * total / a.joins
+    out = {k: 1000 * v / a.joins for k, v in total.items()}
+    return {"join": sum(out.values()), **out}
 
 
 def main() -> None:
@@ -94,7 +102,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--rows", type=int, default=8, help="rows joining at once (mta serve's default --join-rows)")
     ap.add_argument("--users", type=int, default=64)
-    ap.add_argument("--joins", type=int, default=8, help="timed joins per configuration")
+    ap.add_argument("--joins", type=int, default=16, help="timed joins per configuration")
     ap.add_argument("--threads", type=int, default=1, help="torch's CPU threads")
     ap.add_argument("--out", type=Path, default=Path("join.json"))
     a = ap.parse_args()
@@ -107,19 +115,24 @@ def main() -> None:
     bb.engine.add_users(a.users, 2, 4.0, seed=1, b_std=0.1)
     rows = [("base model rows", False, False), ("mta rows, dense tables (the server)", True, False),
             ("mta rows, gathered routing (before)", True, True)]
-    ms = {name: time_joins(bb, a, mixed, gathered) for name, mixed, gathered in rows}
+    parts = {name: time_joins(bb, a, mixed, gathered) for name, mixed, gathered in rows}
+    ms = {name: p["join"] for name, p in parts.items()}
     ref = ms[rows[0][0]]
     print(f"{bb.model_id} on {a.device}: {a.rows} rows joining {a.slots - a.rows} running, "
-          f"each with a cached prompt prefix; mean of {a.joins} joins")
-    print(f"{'join of':<38} {'ms':>8} {'x base':>7}")
+          f"each with a cached prompt prefix; mean of {a.joins} joins (start: prefix look-up; advance: "
+          "the prefill forward; merge: into the slots)")
+    print(f"{'join of':<38} {'ms':>8} {'x base':>7} {'start':>7} {'advance':>8} {'merge':>7}")
     for name, _, _ in rows:
-        print(f"{name:<38} {ms[name]:>8.1f} {ms[name] / ref:>7.2f}")
+        p = parts[name]
+        print(f"{name:<38} {ms[name]:>8.1f} {ms[name] / ref:>7.2f} {p['start']:>7.1f} {p['advance']:>8.1f} "
+              f"{p['merge']:>7.1f}")
     dense, gathered = ms[rows[1][0]], ms[rows[2][0]]
     print(f"dense tables against the gathered routing: {gathered / dense:.2f}x faster")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": bb.model_id, "device": a.device, "slots": a.slots, "rows": a.rows,
                                  "users": a.users, "joins": a.joins, "threads": a.threads,
-                                 "ms_per_join": ms, "dense_vs_gathered": gathered / dense}, indent=2) + "\n")
+                                 "ms_per_join": ms, "ms_by_part": parts, "dense_vs_gathered": gathered / dense},
+                                indent=2) + "\n")
     print(f"wrote {a.out}")
 
 
