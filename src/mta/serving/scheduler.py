@@ -53,10 +53,12 @@ class OutOfMemory(Exception):
     those requests fail (503, retry), the running ones go on."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One generation request as the scheduler runs it. ``emit(kind, payload)`` is called
-    from the scheduler thread: ("delta", text), ("done", info) or ("error", exception)."""
+    from the scheduler thread: ("delta", text), ("done", info) or ("error", exception).
+    Two jobs are equal only when they are the same request (``job in jobs`` is an identity
+    test, not a comparison of every field)."""
 
     user_id: str | None
     messages: list[dict]             # chat messages; a completion is one user message
