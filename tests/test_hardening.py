@@ -721,3 +721,41 @@ def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     assert sum(phase.values()) <= wall
     assert len(done) == 5
     assert joins == 2  # four into the empty batch, then the fifth once two slots were free
+
+
+def test_a_prompt_too_long_is_refused_at_submission_and_prompts_are_built_off_the_decode_thread(tmp_path):
+    """A request's prompt (its retrieval and tokens) is built when it is submitted, on the
+    submitting thread, not by the decode loop between steps: a prompt over the server's
+    limit is a 400 naming `messages` before anything is queued (streamed or not), and the
+    scheduler's thread never builds one."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.serving.app import build_app
+    from mta.serving.scheduler import Scheduler
+    from mta.serving.security import Keys
+
+    bank, store, uid = _record(tmp_path)
+    key = add_key(tmp_path / "keys.json", "admin", None, "k")
+    app = build_app(bank, store, Keys.read(tmp_path / "keys.json"), ServeConfig(),
+                    GenerateConfig(max_new_tokens=3, max_prompt_tokens=400))
+    builders = []
+    real = Scheduler._prompt_ids
+    Scheduler._prompt_ids = lambda self, job: builders.append(threading.current_thread().name) or real(self, job)
+    h = {"Authorization": f"Bearer {key}"}
+    try:
+        with TestClient(app) as c:
+            ok = {"model": "mta", "user": uid, "max_tokens": 3,
+                  "messages": [{"role": "user", "content": "a space film"}]}
+            assert c.post("/v1/chat/completions", json=ok, headers=h).status_code == 200
+            long = {**ok, "messages": [{"role": "user", "content": "a space film " * 200}]}
+            for stream in (False, True):
+                r = c.post("/v1/chat/completions", json={**long, "stream": stream}, headers=h)
+                assert r.status_code == 400, r.text
+                assert r.json()["error"]["param"] == "messages" and "this server takes at most 400" in r.text
+            assert app.state.service.scheduler.queue.empty()
+    finally:
+        Scheduler._prompt_ids = real
+    assert len(builders) == 3 and "mta-scheduler" not in builders

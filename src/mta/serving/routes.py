@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -137,9 +138,12 @@ async def _generate(svc: Service, who: Principal, body: _Gen, messages: list[dic
     user_id = svc.end_user(who, body.user)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    job = svc.submit(user_id, messages, body.model, body.max_completion_tokens or body.max_tokens, body.temperature,
-                     body.top_p, body.seed, [body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-                     body.n, emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)))
+    # (in a worker thread: submitting builds the prompt, a retrieval and a tokenisation that
+    # would hold up every other request on the event loop)
+    job = await run_in_threadpool(
+        svc.submit, user_id, messages, body.model, body.max_completion_tokens or body.max_tokens, body.temperature,
+        body.top_p, body.seed, [body.stop] if isinstance(body.stop, str) else list(body.stop or []), body.n,
+        emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)))
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:

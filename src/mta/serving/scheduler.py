@@ -81,6 +81,7 @@ class Job:
     first_token_at: float | None = None
     last_token_at: float = 0.0
     detok: TextStream | None = None      # the answer's text, decoded as its tokens arrive
+    prompt: list[int] | None = None      # its prompt's token ids, built by ``Scheduler.submit``
 
 
 def server_decoder(decoder: str, device) -> str:
@@ -158,8 +159,14 @@ class Scheduler:
             self.decoder.warm(rows, prompt, steps)
 
     def submit(self, job: Job) -> None:
+        """Queue ``job`` with its prompt built here, on the caller's thread (its history's
+        retrieval and its tokens: host work the decode loop's thread would otherwise do
+        between steps, as vLLM's API server tokenizes outside its engine). A prompt the
+        server cannot take raises its MtaError here, before anything is queued."""
         if not self.accepting:
             raise ShuttingDown()
+        if job.prompt is None:
+            job.prompt = self._prompt_ids(job)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -318,13 +325,8 @@ class Scheduler:
         fresh, keys = [], []
         for job, row, plan, route in zip(new, rows[len(self.jobs):], plans[len(self.jobs):], routes[len(self.jobs):]):
             job.route = route
-            try:
-                ids = self._prompt_ids(job)
-            except Exception as e:  # noqa: BLE001
-                job.emit("error", e)
-                continue
-            job.prompt_tokens = len(ids)
-            job.seq = Sequence(ids, row, job.max_tokens, self.stop_ids, job.temperature, job.top_p, job.seed)
+            job.prompt_tokens = len(job.prompt)
+            job.seq = Sequence(job.prompt, row, job.max_tokens, self.stop_ids, job.temperature, job.top_p, job.seed)
             fresh.append(job)
             keys.append(self._prefix_key(job, plan))
         if fresh:

@@ -164,6 +164,9 @@ class Service:
                   top_p, seed, stop, MODELS[model] == "base", emit=emit, chat=MODELS[model] == "chat")
         try:
             self.scheduler.submit(job)
+        except MtaError as e:  # its prompt (e.g. too long for this server)
+            self.metrics.requests.labels("-", "400").inc()
+            raise ApiError(400, self.public(str(e)), param="messages") from None
         except QueueFull:
             self.metrics.requests.labels("-", "429").inc()
             raise ApiError(429, "the server is busy: the request queue is full", "rate_limit_error",
