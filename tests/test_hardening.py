@@ -759,3 +759,36 @@ def test_a_prompt_too_long_is_refused_at_submission_and_prompts_are_built_off_th
     finally:
         Scheduler._prompt_ids = real
     assert len(builders) == 3 and "mta-scheduler" not in builders
+
+
+def test_prompts_are_tokenized_one_at_a_time_on_a_copy_of_the_tokenizer(tmp_path):
+    """Submitting threads build prompts concurrently beside the decode loop's incremental
+    decoding, and transformers sets a fast tokenizer's truncation and padding on its shared
+    Rust object per call ("Already borrowed" when another thread is inside it): prompts are
+    encoded on the scheduler's own copy, under its lock, and give the same ids; many
+    threads submitting at once while the original tokenizer truncates and pads all succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mta.config import GenerateConfig
+    from mta.serving.scheduler import Job, Scheduler
+
+    bank, store, uid = _record(tmp_path)
+    sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=2), max_batch=4, max_queue=1000)
+    assert sched.encoder is not sched.tok and sched.encoder._tokenizer is not sched.tok._tokenizer
+    held = []
+    real = sched._encoding
+    sched._encoding = type("Spy", (), {"__enter__": lambda s: held.append(1) or real.__enter__(),
+                                       "__exit__": lambda s, *a: real.__exit__(*a)})()
+    job = Job(uid, [{"role": "user", "content": "a space film"}], None, 2)
+    sched.submit(job)
+    assert held == [1] and job.prompt == sched.tok(sched.tok.decode(job.prompt), add_special_tokens=False)["input_ids"]
+
+    def one(i: int) -> int:
+        if i % 4 == 0:  # another caller of the shared tokenizer, with its own settings
+            sched.tok(["x " * 40, "y"], truncation=True, max_length=8, padding=True)
+        j = Job(uid, [{"role": "user", "content": f"a film about space {i} " * 8}], None, 2)
+        sched.submit(j)
+        return len(j.prompt)
+
+    with ThreadPoolExecutor(8) as ex:
+        assert all(n > 8 for n in ex.map(one, range(200)))

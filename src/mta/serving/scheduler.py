@@ -13,6 +13,7 @@ changed under it.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import queue
@@ -99,6 +100,12 @@ class Scheduler:
                  join_wait: float | None = None):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
+        # prompts are tokenized by the submitting threads, beside this thread's incremental
+        # decoding: on a copy of their own, one call at a time (transformers sets a fast
+        # tokenizer's truncation and padding on the shared Rust object per call, which fails
+        # as "Already borrowed" when another thread is inside it: transformers#47085)
+        self.encoder = copy.deepcopy(self.tok)
+        self._encoding = threading.Lock()
         self.decoder_kind = server_decoder(gen.decoder, bank.backbone.device)
         self.prefix = PrefixCache(prefix_tokens) if prefix_tokens else None  # users' prompt prefixes
         self._forget: set[str] = set()  # users whose prefixes go at the next turn (`forget_later`)
@@ -413,19 +420,22 @@ class Scheduler:
         task = self.bank.task
         last = job.messages[-1]["content"]
         if job.chat:  # free chat: the messages as they are
-            text = self.tok.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True) \
-                if getattr(self.tok, "chat_template", None) else last + "\n"
-            return self._checked(self.tok(text, add_special_tokens=False)["input_ids"])
+            text = self.encoder.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True) \
+                if getattr(self.encoder, "chat_template", None) else last + "\n"
+            return self._encoded(text)
         items = retrieve(task, last, job.user.history, self.gen.retrieve_k) if job.user else []
         content = task.prompt(last, items)
         if len(job.messages) == 1:
-            text = chat_prompt(self.tok, content)
+            text = chat_prompt(self.encoder, content)
         else:
             msgs = [*job.messages[:-1], {"role": "user", "content": content}]
-            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return self._checked(self.tok(text, add_special_tokens=False)["input_ids"])
+            text = self.encoder.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self._encoded(text)
 
-    def _checked(self, ids: list[int]) -> list[int]:
+    def _encoded(self, text: str) -> list[int]:
+        """``text``'s token ids, or an MtaError when they are more than this server takes."""
+        with self._encoding:
+            ids = self.encoder(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.gen.max_prompt_tokens:
             raise MtaError(f"the prompt is {len(ids)} tokens; this server takes at most {self.gen.max_prompt_tokens}")
         return ids
