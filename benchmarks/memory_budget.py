@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -97,14 +98,20 @@ def smi(query: str) -> str:
 
 
 def measure(cmd: list[str], interval: float, timeout: float, log: Path) -> dict:
-    """Run ``cmd`` (its output to ``log``) and sample its process tree's GPU memory."""
+    """Run ``cmd`` (its output to ``log``) and sample its process tree's GPU memory. Past
+    ``timeout``, or told to stop (SIGTERM, e.g. an outer ``timeout``), the command is
+    killed and the samples so far are the record (``stopped``: why)."""
     samples: list[tuple[float, int]] = []
+    stopped: list[str] = []
+    before = signal.signal(signal.SIGTERM, lambda *_: stopped.append("SIGTERM"))
     t0 = time.monotonic()
     with log.open("w") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
             while p.poll() is None:
                 if time.monotonic() - t0 > timeout:
+                    stopped.append(f"timeout {timeout:g} s")
+                if stopped:
                     p.kill()
                     break
                 tree = descendants(p.pid, parent_map())
@@ -115,8 +122,9 @@ def measure(cmd: list[str], interval: float, timeout: float, log: Path) -> dict:
             if p.poll() is None:
                 p.kill()
             rc = p.wait()
-    return {"rc": rc, "wall_s": time.monotonic() - t0, "samples": samples,
-            "peak_bytes": max((b for _, b in samples), default=0)}
+            signal.signal(signal.SIGTERM, before)
+    return {"rc": rc, "wall_s": time.monotonic() - t0, "stopped": stopped[0] if stopped else None,
+            "samples": samples, "peak_bytes": max((b for _, b in samples), default=0)}
 
 
 def main() -> None:
@@ -160,8 +168,9 @@ def main() -> None:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(a.out)
     gib = 1 << 30
+    stop = f", stopped ({run['stopped']}): the peak of what ran" if run["stopped"] else ""
     print(f"mta {' '.join(args[:2])}: budget {a.budget or 'auto (default)'}, {len(run['samples'])} samples "
-          f"every {a.interval:g} s, exit {run['rc']}, {run['wall_s']:.0f} s")
+          f"every {a.interval:g} s, exit {run['rc']}, {run['wall_s']:.0f} s{stop}")
     print(f"{'peak GiB':>9} {'limit GiB':>10} {'peak/limit':>11} {'device GiB':>11} {'within':>7}")
     print(f"{run['peak_bytes'] / gib:9.1f} {cap / gib if cap else float('nan'):10.1f} "
           f"{record['peak_share_of_limit'] if cap else float('nan'):11.3f} {total / gib:11.1f} "

@@ -58,6 +58,28 @@ def test_a_short_command_measured_with_nvidia_smi_faked(tmp_path, monkeypatch):
     assert run["rc"] == 0 and len(run["samples"]) >= 2 and run["peak_bytes"] == 512 << 20
 
 
+@pytest.mark.integration  # a child process
+def test_a_command_stopped_by_its_timeout_or_sigterm_leaves_the_record_of_what_ran(tmp_path, monkeypatch):
+    """Past --timeout, or told to stop (an outer `timeout` sends SIGTERM), the command is
+    killed and the samples so far come back with why it stopped (before, an outer timeout
+    killed the benchmark itself and no record was written)."""
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(mb, "smi", lambda query: "".join(
+        f"{pid}, 256\n" for pid, ppid in mb.parent_map().items() if ppid == os.getpid()))
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    t0 = time.monotonic()
+    run = mb.measure(sleeper, 0.1, 1.0, tmp_path / "a.log")
+    assert run["stopped"] == "timeout 1 s" and run["rc"] != 0 and time.monotonic() - t0 < 10
+    assert run["samples"] and run["peak_bytes"] == 256 << 20
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    run = mb.measure(sleeper, 0.1, 60, tmp_path / "b.log")
+    assert run["stopped"] == "SIGTERM" and run["rc"] != 0 and run["peak_bytes"] == 256 << 20
+    assert signal.getsignal(signal.SIGTERM) is not None and "measure" not in repr(signal.getsignal(signal.SIGTERM))
+
+
 @pytest.mark.integration  # the script in child processes
 def test_bad_input_and_no_gpu_are_one_line_errors(tmp_path):
     script = str(ROOT / "benchmarks" / "memory_budget.py")
