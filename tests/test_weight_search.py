@@ -97,3 +97,48 @@ def test_eval_with_searched_weights_stores_them(tmp_path):
     assert any(abs(sum(r.weights) - 1.0) > 1e-6 for r in recs)
     row = json.loads((out / "metrics.json").read_text())["results"][0]
     assert row["method"] == "mta-fusion" and row["seconds_per_user_adapt"] > 0
+
+
+def test_a_search_cache_returns_what_the_search_would_and_only_for_the_same_search(tmp_path, monkeypatch):
+    import mta.loaded_bank as lb
+    from mta.bank import build_bank
+    from mta.config import BankConfig
+    from mta.data.synth import synth_users
+    from mta.loaded_bank import LoadedBank
+    from mta.tasks import get_task
+    from mta.weight_search import SearchCache
+    from tests.engine_helpers import tiny_backbone
+
+    task = get_task("synth")
+    users = synth_users(8, seed=3)
+    backbone = tiny_backbone()
+    build_bank(backbone, users, task, BankConfig.make(anchors=3, min_history=1, epochs=1, batch_size=4,
+                                                      max_length=160), tmp_path / "bank")
+    bank = LoadedBank(backbone, tmp_path / "bank", task)
+    calls = []
+    real = lb.search_weights
+    monkeypatch.setattr(lb, "search_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = dict(batch_size=4, max_length=160, fusion_weights="searched", search_evals=6)
+    cache = SearchCache(tmp_path / "searched")
+
+    def weights(name, cache, **over):
+        store = UserStore(tmp_path / name, create=True)
+        bank.adapt(users[:3], AdaptConfig.make(**{**common, **over}), store, search_cache=cache)
+        return [store.meta(u.user_id).weights for u in users[:3]]
+
+    first = weights("a", cache, stack_lr=3e-3)
+    assert len(calls) == 1 and len(list((tmp_path / "searched").glob("*.json"))) == 1
+    # another stack budget: the same search, read back, not run
+    assert weights("b", cache, stack_lr=1e-3, stack_steps=3) == first and len(calls) == 1
+    # what a run without the cache stores: the cached weights are exactly the search's
+    assert weights("c", None, stack_lr=1e-3, stack_steps=3) == first and len(calls) == 2
+    # a setting the search reads (its evaluations) or other users: searched again
+    weights("d", cache, search_evals=8)
+    assert len(calls) == 3
+    store = UserStore(tmp_path / "e", create=True)
+    bank.adapt(users[1:4], AdaptConfig.make(**common), store, search_cache=cache)
+    assert len(calls) == 4 and len(list((tmp_path / "searched").glob("*.json"))) == 3
+    # a damaged file is searched again and rewritten, not trusted
+    for f in (tmp_path / "searched").glob("*.json"):
+        f.write_text("{")
+    assert weights("f", cache, stack_lr=3e-3) == first and len(calls) == 5

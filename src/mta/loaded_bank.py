@@ -49,7 +49,7 @@ from mta.stacking import stack_params_per_user, stack_passes, stack_record
 from mta.store import UserStore, history_hash
 from mta.tasks import get_task
 from mta.tasks.base import Task
-from mta.weight_search import search_weights
+from mta.weight_search import SearchCache, search_weights
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -274,7 +274,7 @@ class LoadedBank:
 
     def adapt(self, users: Sequence[User], cfg: AdaptConfig | None, store: UserStore,
               progress: Progress | None = None, *, locked: bool = True, first_pass: int = 0,
-              force: bool = False) -> dict:
+              force: bool = False, search_cache: SearchCache | None = None) -> dict:
         """Fuse and stack ``users`` into ``store``; users unchanged since they were stored
         are skipped (unless ``force``). Returns counts, timings and per-user costs. Fields
         of ``cfg`` not set are resolved by ``settings``.
@@ -282,13 +282,15 @@ class LoadedBank:
         ``locked=False``: the caller already is the store's one writer (a sharded run's
         driver, whose workers call this). ``first_pass``: the index in the whole run of
         this call's first user, so that a shard's stacks start from the values the same
-        users get in one unsharded run (passes of ``cfg.users_per_pass``)."""
+        users get in one unsharded run (passes of ``cfg.users_per_pass``). ``search_cache``:
+        searched fusion weights are read from it when the same search ran before, and kept
+        in it otherwise (``weight_search.SearchCache``; a tune's trials share one)."""
         cfg = self.settings(cfg)
         self.check(users, cfg)
         if not locked:
-            return self._adapt(users, cfg, store, progress, first_pass, force)
+            return self._adapt(users, cfg, store, progress, first_pass, force, search_cache)
         with store.writing():
-            return self._adapt(users, cfg, store, progress, first_pass, force)
+            return self._adapt(users, cfg, store, progress, first_pass, force, search_cache)
 
     def check(self, users: Sequence[User], cfg: AdaptConfig) -> None:
         """Everything ``adapt`` would refuse, checked before anything is written."""
@@ -305,7 +307,7 @@ class LoadedBank:
             self.backbone.engine.stack_selection(cfg.stack_targets, cfg.stack_layers)  # unknown modules refused
 
     def _adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore, progress: Progress | None,
-               first_pass: int = 0, force: bool = False) -> dict:
+               first_pass: int = 0, force: bool = False, search_cache: SearchCache | None = None) -> dict:
         self._activate()
         engine, tok = self.backbone.engine, self.backbone.tokenizer
         t0 = time.perf_counter()
@@ -329,10 +331,23 @@ class LoadedBank:
             t0 = time.perf_counter()
             if progress:
                 progress("fusion search", 0, len(todo))
-            found, _ = search_weights(
-                engine, [mixes[i] for i in todo], [examples_of(i) for i in todo], cfg.search_evals,
-                tok.pad_token_id, seed=cfg.seed + first_pass, base_slot=self.base_slot,
-                max_rows=self.backbone.train_resources().get("max_rows") or 64)
+            max_rows = self.backbone.train_resources().get("max_rows") or 64
+            key = found = None
+            if search_cache is not None:
+                key = search_cache.key(self.bank_id, cfg.identity(), [
+                    (users[i].user_id, history_hash(users[i], self.task.name, {})) for i in todo], first_pass, max_rows)
+                found = search_cache.get(key, len(todo))
+                if found is not None and any(f.anchors != mixes[i].anchors for f, i in zip(found, todo)):
+                    found = None  # cannot happen for one bank id; searched again rather than trusted
+            if found is None:
+                found, _ = search_weights(
+                    engine, [mixes[i] for i in todo], [examples_of(i) for i in todo], cfg.search_evals,
+                    tok.pad_token_id, seed=cfg.seed + first_pass, base_slot=self.base_slot, max_rows=max_rows)
+                if search_cache is not None:
+                    search_cache.put(key, found)
+            else:
+                log.info("the fusion weights of %d user(s) from %s (searched alike before)", len(todo),
+                         search_cache.root)
             for i, m in zip(todo, found):
                 mixes[i] = m
             fuse_s += time.perf_counter() - t0

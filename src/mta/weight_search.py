@@ -18,9 +18,12 @@ into a weight). The k weights are what the user stores; the stack then trains on
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +31,7 @@ from mta.engine.engine import AdapterEngine, Row
 from mta.engine.train import Example, row_losses
 from mta.errors import MtaError
 from mta.mixing import Mixture
+from mta.paths import write_json_atomic
 
 log = logging.getLogger(__name__)
 W_MAX = 2.0   # an anchor may count up to twice (LoraHub's bound is 1.5 on signed weights)
@@ -95,3 +99,49 @@ def search_weights(engine: AdapterEngine, mixes: Sequence[Mixture], examples: Se
     log.info("searched the fusion weights of %d user(s) in %.1f s (%.2f s per user, %d evaluations each)",
              len(mixes), seconds, seconds / max(1, len(mixes)), max(used))
     return out, {"seconds": seconds, "evals": used, "loss_before": before, "loss_after": [b for b, _ in best]}
+
+
+# AdaptConfig fields that only shape the stack (stage 3), trained after the search: a
+# search's result does not depend on them, so runs that differ only in these share it
+STACK_ONLY = frozenset({"stack_rank", "stack_targets", "stack_layers", "stack_alpha", "stack_epochs",
+                        "stack_steps", "stack_lr", "batch_size", "users_per_pass", "warmup_ratio"})
+
+
+class SearchCache:
+    """Searched mixtures kept on disk between runs that would search the same way, so a
+    tune's trials of the stack's budget (each adapting the same users against the same bank)
+    search once. A key covers everything the search reads: the bank (its id names its
+    anchors' trained weights), every setting but the stack's (``STACK_ONLY``), the users in
+    their order (their seeds follow their positions), their histories and the batch size
+    of the scoring; so a hit returns what the search would have returned."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def key(self, bank_id: str, cfg: dict, users: Sequence[tuple[str, str]], first_pass: int,
+            max_rows: int) -> str:
+        """``cfg``: the adapt settings (``AdaptConfig.identity()``); ``users``: (user id,
+        history hash) in search order."""
+        payload = {"bank": bank_id, "adapt": {k: v for k, v in cfg.items() if k not in STACK_ONLY},
+                   "users": [list(u) for u in users], "first_pass": first_pass, "max_rows": max_rows}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def get(self, key: str, n: int) -> list[Mixture] | None:
+        """The ``n`` mixtures stored under ``key``, or None (none stored, or a file that is
+        not one: searched again and rewritten)."""
+        path = self.root / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            out = [Mixture(tuple(int(a) for a in r["anchors"]), tuple(float(w) for w in r["weights"]),
+                           tuple(float(s) for s in r["similarities"])) for r in rows]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: not a searched-weights file (%s); searching again", path, e)
+            return None
+        return out if len(out) == n else None
+
+    def put(self, key: str, mixes: Sequence[Mixture]) -> None:
+        write_json_atomic(self.root / f"{key}.json", [
+            {"anchors": list(m.anchors), "weights": list(m.weights), "similarities": list(m.similarities)}
+            for m in mixes])

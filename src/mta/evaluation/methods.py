@@ -44,6 +44,7 @@ from mta.loaded_bank import LoadedBank, Request
 from mta.paths import dir_bytes
 from mta.retrieval import retrieve
 from mta.store import UserStore
+from mta.weight_search import SearchCache
 
 log = logging.getLogger(__name__)
 ALL_METHODS = ("base", "rag", "task-lora", "per-user-lora", "oppu", "mta-fusion", "mta-stack", "mta",
@@ -106,6 +107,7 @@ class EvalSetup:
     max_new_tokens: int = 0  # resolved by ``resolve``: the config's, else the task's rule for the users
     prefix: str = ""  # names the fold in progress lines when there are several
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    search_cache: SearchCache | None = None  # searched fusion weights shared between runs (``mta tune``)
 
     def resolve(self, users) -> EvalSetup:
         self.max_new_tokens = self.gen_cfg.max_new_tokens or self.task.answer_tokens(self.backbone.tokenizer, users)
@@ -257,7 +259,7 @@ def run_adapted(setup: EvalSetup, name: str, bank: LoadedBank, targets, out: Pat
     cfg = method_config(name, setup.adapt_cfg, setup.bank_cfg, setup.baselines)
     store = UserStore(out, create=True)
     t0 = time.perf_counter()
-    stats = bank.adapt(list(targets), cfg, store, _stages(setup, name))
+    stats = bank.adapt(list(targets), cfg, store, _stages(setup, name), search_cache=setup.search_cache)
     res = FoldResult(adapt_seconds=time.perf_counter() - t0, bytes_per_user=dict(stats["bytes_per_user"]),
                      trainable_params_per_user=stats["trainable_params_per_user"])
     stacks = [store.meta(u.user_id).stack for u in targets]

@@ -10,7 +10,8 @@ option (the default comes first). A group is scored by the method it is about: t
 user part, the anchors, the stack) its own learning rate and optimiser steps from the
 same grid, the same number of trials each, scored by ``task-lora``, ``oppu``,
 ``per-user-lora``, ``mta-fusion`` and ``mta``; the other groups by ``mta``. Adapters are
-shared between trials trained with the same settings. At the end the chosen recipe is
+shared between trials trained with the same settings, and so are searched fusion weights
+(OUT/searched: the stack's budget trials search each user once). At the end the chosen recipe is
 evaluated once more on the dev persons with every baseline and ablation (rag-1, the
 priors where the task has them, task-lora, per-user-lora, oppu, mta-fusion, mta-stack),
 so the record says where mta stands and why.
@@ -40,6 +41,7 @@ from mta.evaluation.protocol import make_folds, persons_of
 from mta.evaluation.runner import diverged, run_eval
 from mta.paths import write_json_atomic
 from mta.recipes import Recipe
+from mta.weight_search import SearchCache
 
 log = logging.getLogger(__name__)
 VALUES = "trial-values.json"  # OUT's log of finished trials (``tune`` resumes from it)
@@ -178,7 +180,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 return out / "banks" / _key(*shared[what]) / f"fold{fold}" / what
             return trial / f"fold{fold}" / what
 
-        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens, baselines=bl)
+        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens, baselines=bl,
+                      search_cache=SearchCache(out / "searched"))
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
                         place=place, history_queries=history_queries, leak_check=False)
 
