@@ -437,3 +437,61 @@ def test_an_eval_record_carries_its_peaks_and_its_cap():
                                  "gpu_memory_cap_bytes": None}
     assert peak_fields({"allocated": 1, "reserved": 2, "cap": 3}) == {
         "peak_gpu_memory_bytes": 1, "peak_gpu_reserved_bytes": 2, "gpu_memory_cap_bytes": 3}
+
+
+def test_check_steps_cover_the_start_the_end_and_even_steps_between():
+    assert engine_train.check_steps(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert engine_train.check_steps(3, 8) == [0, 1, 2, 3]
+    assert engine_train.check_steps(10, 4) == [0, 3, 6, 9, 10]
+
+
+def test_held_out_stopping_keeps_each_stack_at_its_best_checked_step():
+    eng, model, tok = tiny_engine(n_anchors=3, users=3, stack_rank=2)
+    cfg = TrainConfig(lr=3e-2, steps=8, batch_size=2, warmup_ratio=0.0, seed=7, max_rows=5)
+    train = [random_examples(4, seed=20 + u) for u in range(3)]
+    # user 0 is judged on an example it trains on (its loss falls: it keeps a late step);
+    # user 1 on unrelated tokens at a rate that overfits (it keeps an early one); user 2 has none
+    held = [train[0][:1], random_examples(1, seed=99), []]
+    jobs = [Job(u, train[u], Row((u,), (1.0,), user=u), key=f"user-{u}") for u in range(3)]
+    snaps = {0: {u: eng.user_tensors(u) for u in range(3)}}
+    stats = train_jobs(eng, "stack", jobs, cfg, pad_id=tok.pad_token_id, held_out=held, checks=4,
+                       on_step=lambda s, t: snaps.__setitem__(s, {u: eng.user_tensors(u) for u in range(3)}))
+    stopped, losses = stats["stopped_at"], stats["held_out_losses"]
+    assert set(stopped) == set(losses) == {"user-0", "user-1"}  # user 2: nothing held out
+    assert all(len(v) == len(engine_train.check_steps(8, 4)) for v in losses.values())
+    for u in (0, 1):
+        key = f"user-{u}"
+        at = engine_train.check_steps(8, 4)
+        assert stopped[key] == at[losses[key].index(min(losses[key]))]  # the lowest held-out loss
+        got, want = eng.user_tensors(u), snaps[stopped[key]][u]
+        assert all(torch.equal(got[n][0], want[n][0]) and torch.equal(got[n][1], want[n][1]) for n in got)
+        # the kept loss is what the kept stack gives on the held-out examples now
+        again = engine_train.row_losses(eng, [(jobs[u].row, e) for e in held[u]], tok.pad_token_id)
+        assert sum(again) / len(again) == pytest.approx(min(losses[key]), abs=1e-6)
+    assert stopped["user-0"] > 0 and losses["user-0"][-1] < losses["user-0"][0]
+    got, want = eng.user_tensors(2), snaps[8][2]  # no held-out examples: its last step
+    assert all(torch.equal(got[n][1], want[n][1]) for n in got)
+    # the checks only read: the same run without them ends where this one's last step was
+    eng2, _, _ = tiny_engine(n_anchors=3, users=3, stack_rank=2)
+    train_jobs(eng2, "stack", [Job(u, train[u], Row((u,), (1.0,), user=u), key=f"user-{u}") for u in range(3)],
+               cfg, pad_id=tok.pad_token_id)
+    for u in range(3):
+        a, b = eng2.user_tensors(u), snaps[8][u]
+        assert all(torch.equal(a[n][1], b[n][1]) for n in a)
+
+
+def test_a_stack_that_only_hurts_its_held_out_item_is_kept_at_step_zero():
+    eng, model, tok = tiny_engine(n_anchors=2, users=1, stack_rank=2)
+    init = eng.user_tensors(0)
+    cfg = TrainConfig(lr=5e-2, steps=6, batch_size=2, warmup_ratio=0.0, seed=7, max_rows=5)
+    prompt = (11, 42, 97, 150, 7)
+    # it trains to answer 60 to the prompt; the held-out item answers 61 to the same prompt
+    def answer(t):
+        return engine_train.Example(prompt + (t,), (engine_train.IGNORE,) * len(prompt) + (t,))
+
+    job = Job(0, [answer(60)] * 4, Row((0,), (1.0,), user=0), key="user-0")
+    stats = train_jobs(eng, "stack", [job], cfg, pad_id=tok.pad_token_id, held_out=[[answer(61)]])
+    assert stats["stopped_at"] == {"user-0": 0}
+    assert min(stats["held_out_losses"]["user-0"][1:]) > stats["held_out_losses"]["user-0"][0]
+    got = eng.user_tensors(0)
+    assert all(torch.equal(got[n][0], init[n][0]) and torch.equal(got[n][1], init[n][1]) for n in got)

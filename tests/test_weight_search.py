@@ -142,3 +142,44 @@ def test_a_search_cache_returns_what_the_search_would_and_only_for_the_same_sear
     for f in (tmp_path / "searched").glob("*.json"):
         f.write_text("{")
     assert weights("f", cache, stack_lr=3e-3) == first and len(calls) == 5
+
+
+def test_held_out_stopping_keeps_the_last_item_out_of_the_search_and_the_stack(tmp_path, monkeypatch):
+    import mta.loaded_bank as lb
+    import mta.stacking as st
+    from mta.bank import build_bank
+    from mta.config import BankConfig, BaselineConfig
+    from mta.data.synth import synth_users
+    from mta.evaluation.methods import method_config
+    from mta.loaded_bank import LoadedBank
+    from mta.tasks import get_task
+    from tests.engine_helpers import tiny_backbone
+
+    task = get_task("synth")
+    users = synth_users(8, seed=3)
+    bank_cfg = BankConfig.make(anchors=3, min_history=1, epochs=1, batch_size=4, max_length=160)
+    build_bank(tiny_backbone(), users, task, bank_cfg, tmp_path / "bank")
+    bank = LoadedBank(tiny_backbone(), tmp_path / "bank", task)
+    searched, trained = [], []
+    real_search, real_train = lb.search_weights, st.train_jobs
+    monkeypatch.setattr(lb, "search_weights", lambda eng, mixes, ex, *a, **k: searched.append(
+        [len(e) for e in ex]) or real_search(eng, mixes, ex, *a, **k))
+    monkeypatch.setattr(st, "train_jobs", lambda eng, what, jobs, *a, **k: trained.append(
+        ([len(j.examples) for j in jobs], k.get("held_out"))) or real_train(eng, what, jobs, *a, **k))
+    cfg = AdaptConfig.make(batch_size=4, max_length=160, fusion_weights="searched", search_evals=6,
+                           stack_steps=4, stack_stop="held-out")
+    store = UserStore(tmp_path / "s", create=True)
+    bank.adapt(users[:3], cfg, store)
+    sizes = [len(u.history) for u in users[:3]]
+    assert searched == [[n - 1 for n in sizes]]
+    assert trained[0][0] == [n - 1 for n in sizes] and [len(h) for h in trained[0][1]] == [1, 1, 1]
+    for u in users[:3]:
+        rec = store.meta(u.user_id).stack
+        assert rec.stopped_at in (0, 1, 2, 3, 4) and len(rec.held_out_losses) == 5 and len(rec.losses) == 4
+    # without it: every item searches and trains, nothing is recorded of a stop
+    store2 = UserStore(tmp_path / "s2", create=True)
+    bank.adapt(users[:3], cfg.model_copy(update={"stack_stop": "none"}), store2)
+    assert searched[-1] == sizes and trained[-1] == (sizes, None)
+    assert store2.meta(users[0].user_id).stack.stopped_at is None
+    # OPPU's user part is stopped as MTA's stack is (the same guard for both)
+    assert method_config("oppu", cfg, bank_cfg, BaselineConfig()).stack_stop == "held-out"

@@ -78,7 +78,7 @@ class _Config(BaseModel):
 
 # fields added after bank ids and user hashes were first taken from configs (``identity``)
 ADDED_FIELDS = {"BankConfig": ("steps", "bank_base"),
-                "AdaptConfig": ("stack_steps", "fusion_weights", "search_evals")}
+                "AdaptConfig": ("stack_steps", "fusion_weights", "search_evals", "stack_stop")}
 
 
 def _split_csv(v: Any) -> Any:
@@ -268,6 +268,10 @@ class AdaptConfig(_Config):
                                     "as often as it takes; replaces stack_epochs unless that is 0 (default: "
                                     "epochs x batches per epoch)")
     stack_lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="stacking learning rate")
+    stack_stop: Literal["none", "held-out"] = Field(
+        "none", description="when the stack stops: none (at its last step), or held-out (the user's last "
+        "history item is held out of the weight search and the stack's training, and the stack is kept at the "
+        "checked step, 0 included (no change to the fused anchors), with the lowest loss on it)")
     batch_size: int = Field(8, ge=1, description="examples per user per optimiser step",
                             json_schema_extra=flag("stack-batch-size"))
     users_per_pass: int = Field(64, ge=1, description="users whose stacks train together in one pass (a stack's "

@@ -45,7 +45,7 @@ from mta.mixing import Mixture, Plan, mixtures_for
 from mta.paths import sha256_file, shared_modes
 from mta.records import BankRecord, UserRecord
 from mta.retrieval import retrieve
-from mta.stacking import stack_params_per_user, stack_passes, stack_record
+from mta.stacking import held_out_split, stack_params_per_user, stack_passes, stack_record
 from mta.store import UserStore, history_hash
 from mta.tasks import get_task
 from mta.tasks.base import Task
@@ -340,8 +340,9 @@ class LoadedBank:
                 if found is not None and any(f.anchors != mixes[i].anchors for f, i in zip(found, todo)):
                     found = None  # cannot happen for one bank id; searched again rather than trusted
             if found is None:
-                found, _ = search_weights(
-                    engine, [mixes[i] for i in todo], [examples_of(i) for i in todo], cfg.search_evals,
+                found, _ = search_weights(  # never on a held-out item (stack_stop): it judges what follows
+                    engine, [mixes[i] for i in todo], [held_out_split(examples_of(i), cfg)[0] for i in todo],
+                    cfg.search_evals,
                     tok.pad_token_id, seed=cfg.seed + first_pass, base_slot=self.base_slot, max_rows=max_rows)
                 if search_cache is not None:
                     search_cache.put(key, found)

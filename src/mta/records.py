@@ -41,6 +41,10 @@ class AnchorRecord(_Record):
     sha256: str | None = None  # of the adapter's safetensors file, checked on load
     members: list[str] = []  # the users whose histories it trains on (anchor_training "cluster")
     skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient (mta.engine.train)
+    # stack_stop "held-out": the step whose adapter was kept (0: none of the updates) and
+    # the held-out loss at each checked step; None without early stopping
+    stopped_at: int | None = None
+    held_out_losses: list[float] | None = None
     steps: int | None = None  # optimiser steps it trained for (None: copied in, or recorded before this field)
 
 
@@ -102,6 +106,10 @@ class StackRecord(_Record):
     losses: list[float]
     sha256: str | None = None  # of the stack's safetensors file, checked on load
     skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient (mta.engine.train)
+    # stack_stop "held-out": the step whose adapter was kept (0: none of the updates) and
+    # the held-out loss at each checked step; None without early stopping
+    stopped_at: int | None = None
+    held_out_losses: list[float] | None = None
 
 
 # the most an anchor may weigh in a user's mixture: similarity weights are at most 1,

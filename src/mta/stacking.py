@@ -56,12 +56,25 @@ def stack_passes(bank: LoadedBank, users: Sequence[User], mixes: Sequence[Mixtur
             bank.stacks.invalidate()
             rows = bank.rows([Plan(mixes[i].anchors, mixes[i].weights, cfg.merge, cfg.svd_rank, stack=j)
                               for j, i in enumerate(group)])
-            jobs = [Job(j, examples_of(i), rows[j], key=f"user:{users[i].user_id}") for j, i in enumerate(group)]
+            split = [held_out_split(examples_of(i), cfg) for i in group]
+            jobs = [Job(j, fit, rows[j], key=f"user:{users[i].user_id}")
+                    for j, (i, (fit, _)) in enumerate(zip(group, split))]
             for i in group:  # a pass's examples are not needed after it
                 forget(i)
             stats = train_jobs(engine, "stack", jobs, tcfg, pad_id=tok.pad_token_id,
-                               on_step=(lambda s, t: progress("steps", s, t)) if progress else None)
+                               on_step=(lambda s, t: progress("steps", s, t)) if progress else None,
+                               held_out=[h for _, h in split] if cfg.stack_stop == "held-out" else None)
         yield group, stats, time.perf_counter() - t0
+
+
+def held_out_split(examples: list, cfg: AdaptConfig) -> tuple[list, list]:
+    """(the examples the stack trains on, those it is stopped by). ``stack_stop`` "held-out"
+    with a stack to train: the user's last history item's example is held out (the most
+    recent, as a new query would be; the history's order is the data's) when there are at
+    least two; otherwise every example trains and none is held out."""
+    if cfg.stack_stop == "held-out" and cfg.stack_epochs > 0 and len(examples) >= 2:
+        return examples[:-1], examples[-1:]
+    return examples, []
 
 
 def stack_record(user: User, cfg: AdaptConfig, stats: dict | None) -> StackRecord | None:
@@ -72,4 +85,6 @@ def stack_record(user: User, cfg: AdaptConfig, stats: dict | None) -> StackRecor
     return StackRecord(rank=cfg.stack_rank, alpha=cfg.alpha_s, epochs=cfg.stack_epochs,
                        targets=list(cfg.stack_targets) if cfg.stack_targets else None, layers=cfg.stack_layers,
                        lr=cfg.stack_lr, examples=len(user.history), losses=stats["losses"][key],
-                       skipped_steps=stats["skipped_steps"].get(key, 0))
+                       skipped_steps=stats["skipped_steps"].get(key, 0),
+                       stopped_at=stats.get("stopped_at", {}).get(key),
+                       held_out_losses=stats.get("held_out_losses", {}).get(key))

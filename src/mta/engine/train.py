@@ -227,11 +227,67 @@ def _oom_error(device: torch.device, tokens: int, rows: int) -> ResourceError:
          "BackboneConfig.gradient_checkpointing"))
 
 
+def check_steps(total: int, checks: int) -> list[int]:
+    """The steps after which held-out losses are taken: 0 (before any update), every
+    ceil(total / checks) steps, and the last."""
+    every = max(1, math.ceil(total / max(1, checks)))
+    return sorted({0, total, *range(every, total, every)})
+
+
+class _HeldOut:
+    """Early stopping on held-out examples: each job's loss on its own held-out examples
+    (through its row, forward only) at the steps of ``check_steps``; a job whose loss is the
+    lowest so far has its slot's tensors copied aside, and ``restore`` puts every job's best
+    back (the copy at step 0 is the adapter as initialised: a stack whose B starts at zero
+    then adds nothing). Ties keep the earlier step. Jobs without held-out examples keep
+    their last step."""
+
+    def __init__(self, engine: AdapterEngine, jobs: Sequence[Job], held_out: Sequence[Sequence[Example]],
+                 params: list[torch.nn.Parameter], pad_id: int, max_rows: int | None):
+        if len(held_out) != len(jobs):
+            raise ValueError("one held-out list per job")
+        self.engine, self.jobs, self.held, self.params = engine, jobs, held_out, params
+        self.pad_id, self.max_rows = pad_id, max_rows
+        self.best: dict[int, tuple[float, int]] = {}  # job index -> (loss, step)
+        self.kept = [p.detach().clone() for p in params]
+        self.losses: dict[int, list[float]] = {i: [] for i, h in enumerate(held_out) if h}
+
+    def check(self, step: int) -> None:
+        pairs = [(self.jobs[i].row, e) for i in self.losses for e in self.held[i]]
+        with torch.no_grad():
+            flat = row_losses(self.engine, pairs, self.pad_id, self.max_rows)
+            pos = 0
+            for i in self.losses:
+                n = len(self.held[i])
+                loss = sum(flat[pos:pos + n]) / n
+                pos += n
+                self.losses[i].append(loss)
+                if math.isfinite(loss) and (i not in self.best or loss < self.best[i][0]):
+                    self.best[i] = (loss, step)
+                    slot = self.jobs[i].slot
+                    for k, p in zip(self.kept, self.params):
+                        k[slot].copy_(p[slot])
+
+    def restore(self) -> dict[int, int]:
+        """Every held-out job's slot back to its best step; returns job index -> that step."""
+        with torch.no_grad():
+            for i in self.best:
+                slot = self.jobs[i].slot
+                for k, p in zip(self.kept, self.params):
+                    p[slot].copy_(k[slot])
+        return {i: step for i, (_, step) in self.best.items()}
+
+
 def train_jobs(
     engine: AdapterEngine, target: Literal["bank", "stack"], jobs: Sequence[Job], cfg: TrainConfig,
     pad_id: int, on_step: Callable[[int, int], None] | None = None,
+    held_out: Sequence[Sequence[Example]] | None = None, checks: int = 8,
 ) -> dict:
-    """Train every job's adapter in one pass. Returns per-job losses and totals."""
+    """Train every job's adapter in one pass. Returns per-job losses and totals.
+
+    ``held_out`` (one list per job, empty for none): early stopping, each job keeping its
+    adapter at the checked step (``check_steps(total, checks)``) with the lowest loss on
+    its held-out examples (``_HeldOut``); the stats then say at which step each stopped."""
     if not jobs:
         raise ValueError("nothing to train: no jobs")
     slots = [j.slot for j in jobs]
@@ -256,9 +312,15 @@ def train_jobs(
     total_steps = max(len(p) for p in plans)
     tokens = 0
     scope = contextlib.ExitStack()
+    watch = None
+    if held_out is not None:
+        watch = _HeldOut(engine, jobs, held_out, params, pad_id, cfg.max_rows)
+        at = set(check_steps(total_steps, checks))
     try:
         if cfg.compile is not False:
             scope.enter_context(compiled_layers(model, cfg.compile))
+        if watch is not None:
+            watch.check(0)
         for step in range(total_steps):
             active = [i for i, p in enumerate(plans) if step < len(p)]
             rows: list[tuple[int, Example]] = [(i, e) for i in active for e in plans[i][step]]
@@ -303,6 +365,8 @@ def train_jobs(
                 p.grad = None
             for i in active:
                 jobs[i].losses.append(job_loss[i])
+            if watch is not None and step + 1 in at:
+                watch.check(step + 1)
             if on_step:
                 on_step(step + 1, total_steps)
     finally:
@@ -318,9 +382,13 @@ def train_jobs(
     if never:
         raise MtaError(f"training diverged: every gradient of '{never[0]}' was NaN or inf, so it never "
                        f"trained; lower the learning rate (`{cfg.lr_field}` = {cfg.lr:g})", (cfg.lr_field,))
-    return {"steps": total_steps, "tokens": tokens, "optimizer_state_bytes": opt.state_bytes(),
-            "losses": {j.key: j.losses for j in jobs}, "token_budget": budget.value,
-            "skipped_steps": {j.key: j.skipped for j in jobs if j.skipped}}
+    out = {"steps": total_steps, "tokens": tokens, "optimizer_state_bytes": opt.state_bytes(),
+           "losses": {j.key: j.losses for j in jobs}, "token_budget": budget.value,
+           "skipped_steps": {j.key: j.skipped for j in jobs if j.skipped}}
+    if watch is not None:
+        out["stopped_at"] = {jobs[i].key: step for i, step in watch.restore().items()}
+        out["held_out_losses"] = {jobs[i].key: v for i, v in watch.losses.items()}
+    return out
 
 
 def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id: int, step: int,

@@ -241,7 +241,8 @@ def method_config(name: str, base: AdaptConfig, bank: BankConfig,
                                        stack_targets=bank.target_modules, stack_lr=baselines.oppu_lr or bank.lr,
                                        stack_epochs=bank.epochs, stack_steps=baselines.oppu_steps or bank.steps,
                                        batch_size=bank.batch_size, warmup_ratio=bank.warmup_ratio,
-                                       retrieve_k=bank.retrieve_k, max_length=bank.max_length, seed=base.seed))
+                                       retrieve_k=bank.retrieve_k, max_length=bank.max_length, seed=base.seed,
+                                       stack_stop=base.stack_stop))  # stopped as MTA's stack is
     if name == "mta-reference":
         return pinned(AdaptConfig.make(preset="reference", seed=base.seed, max_length=base.max_length,
                                        retrieve_k=base.retrieve_k, batch_size=base.batch_size))
@@ -264,6 +265,8 @@ def run_adapted(setup: EvalSetup, name: str, bank: LoadedBank, targets, out: Pat
                      trainable_params_per_user=stats["trainable_params_per_user"])
     stacks = [store.meta(u.user_id).stack for u in targets]
     if any(st is not None for st in stacks):
-        res.steps["user part" if name == "oppu" else "stack"] = [len(st.losses) for st in stacks if st is not None]
+        # the steps whose adapter was kept: where early stopping stopped, else all
+        res.steps["user part" if name == "oppu" else "stack"] = [
+            len(st.losses) if st.stopped_at is None else st.stopped_at for st in stacks if st is not None]
     _answer(setup, bank, name, targets, res, store, cfg)
     return res
