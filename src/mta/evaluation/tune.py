@@ -135,8 +135,17 @@ def dev_split(users, fraction: float, seed: int) -> list[str]:
     return sorted(u.user_id for u in users if u.person_id in chosen)
 
 
+# fields added to the configs after trial logs were first kept: left out of a trial's key
+# while at their default, so a log written before they existed still names its trials
+KEY_ADDED = {"AdaptConfig": ("stack_stop",)}
+
+
 def _key(*cfgs) -> str:
-    return hashlib.sha256(json.dumps([c.dump() for c in cfgs], sort_keys=True).encode()).hexdigest()[:12]
+    def fields(c) -> dict:
+        added = KEY_ADDED.get(type(c).__name__, ())
+        return {k: v for k, v in c.dump().items() if not (k in added and v == type(c).model_fields[k].default)}
+
+    return hashlib.sha256(json.dumps([fields(c) for c in cfgs], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
