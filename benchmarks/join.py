@@ -1,9 +1,11 @@
 """What one join costs the server's decode loop: a group of requests joining a running
 batch of the slot decoder (`mta serve`'s loop), their prompts prefilled and moved into the
 static cache, timed for rows of the base model alone (the reference), for rows with
-adapters read through the decode step's dense tables (what the server does), and for the
-same rows through the gathered routing (each row's factors gathered for every layer, what
-a join did before), in the same run.
+adapters read through the decode step's dense tables, and for the same rows through the
+gathered routing (each row's factors gathered for every layer), in the same run; then the
+same joins fed (what the server does with `--feed-tokens`, default 16: each row's cached
+prefix into its slot, the few tokens after it through the decode steps that follow, no
+prefill forward).
 
     .venv/bin/python benchmarks/join.py                           # 32 narrow blocks on the CPU: host cost
     python3 benchmarks/join.py --shape 8b --device cuda           # Llama-3-8B shape (random bf16)
@@ -35,7 +37,8 @@ from mta.decoding.slots import SlotDecoder  # noqa: E402
 from mta.engine.engine import Row  # noqa: E402
 from mta.models import load_embedder  # noqa: E402
 
-PROMPT = 30  # tokens of a user's repeated prompt prefix; each request adds 3 of its own
+PROMPT = 30  # tokens of a user's repeated prompt prefix; each request adds REST of its own
+REST = 3
 
 
 def backbone(shape: str, device: str) -> Backbone:
@@ -51,7 +54,7 @@ def backbone(shape: str, device: str) -> Backbone:
 def requests(n: int, first: int, mixed: bool, users: int) -> list[Sequence]:
     def row(i: int) -> Row:
         return Row([i % 8, (i + 1) % 8], [0.6, 0.4], user=i % users) if mixed else Row(active=False)
-    return [Sequence([5 + j % 50 for j in range(PROMPT)] + [60 + (first + i) % 100, 7, 8], row(first + i), 4,
+    return [Sequence([5 + j % 50 for j in range(PROMPT)] + [60 + (first + i) % 100, 7, 8][:REST], row(first + i), 4,
                      frozenset()) for i in range(n)]
 
 
@@ -60,10 +63,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_joins(bb: Backbone, a, mixed: bool, gathered: bool) -> dict:
+def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0) -> dict:
     """Milliseconds per join and per part of it (start, advance, merge; means over
-    ``a.joins`` after two untimed ones)."""
-    dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=256, prefix=PrefixCache(1 << 22))
+    ``a.joins`` after two untimed ones). ``feed``: the slot decoder's ``feed`` (rows whose
+    cached prefix leaves at most that many tokens go in through the decode steps: no
+    prefill forward; their tokens ride in the steps that follow, which the running rows take
+    anyway)."""
+    dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=256, prefix=PrefixCache(1 << 22),
+                      feed=feed)
     if gathered:
         dec.eager.router = bb.engine.route
     running = a.slots - a.rows
@@ -113,25 +120,29 @@ def main() -> None:
     bb.engine.set_bank(8, 8, 16.0)
     bb.engine.init_bank(seed=0, b_std=0.1)
     bb.engine.add_users(a.users, 2, 4.0, seed=1, b_std=0.1)
-    rows = [("base model rows", False, False), ("mta rows, dense tables (the server)", True, False),
-            ("mta rows, gathered routing (before)", True, True)]
-    parts = {name: time_joins(bb, a, mixed, gathered) for name, mixed, gathered in rows}
+    rows = [("base model rows", False, False, 0), ("mta rows, dense tables", True, False, 0),
+            ("mta rows, gathered routing", True, True, 0),
+            ("base model rows, fed", False, False, 16), ("mta rows, fed (the server)", True, False, 16)]
+    parts = {name: time_joins(bb, a, mixed, gathered, feed) for name, mixed, gathered, feed in rows}
     ms = {name: p["join"] for name, p in parts.items()}
     ref = ms[rows[0][0]]
     print(f"{bb.model_id} on {a.device}: {a.rows} rows joining {a.slots - a.rows} running, "
-          f"each with a cached prompt prefix; mean of {a.joins} joins (start: prefix look-up; advance: "
-          "the prefill forward; merge: into the slots)")
+          f"each with a cached prompt prefix and {REST} tokens after it; mean of {a.joins} joins (start: "
+          "prefix look-up; advance: the prefill forward; merge: into the slots; fed: the rest through the "
+          "decode steps, --feed-tokens 16)")
     print(f"{'join of':<38} {'ms':>8} {'x base':>7} {'start':>7} {'advance':>8} {'merge':>7}")
-    for name, _, _ in rows:
+    for name, *_ in rows:
         p = parts[name]
         print(f"{name:<38} {ms[name]:>8.1f} {ms[name] / ref:>7.2f} {p['start']:>7.1f} {p['advance']:>8.1f} "
               f"{p['merge']:>7.1f}")
-    dense, gathered = ms[rows[1][0]], ms[rows[2][0]]
-    print(f"dense tables against the gathered routing: {gathered / dense:.2f}x faster")
+    dense, gathered, fed = ms[rows[1][0]], ms[rows[2][0]], ms[rows[4][0]]
+    print(f"dense tables against the gathered routing: {gathered / dense:.2f}x faster; fed against "
+          f"prefilled (dense): {dense / fed:.2f}x faster")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": bb.model_id, "device": a.device, "slots": a.slots, "rows": a.rows,
                                  "users": a.users, "joins": a.joins, "threads": a.threads,
-                                 "ms_per_join": ms, "ms_by_part": parts, "dense_vs_gathered": gathered / dense},
+                                 "ms_per_join": ms, "ms_by_part": parts, "dense_vs_gathered": gathered / dense,
+                                 "fed_vs_dense": dense / fed},
                                 indent=2) + "\n")
     print(f"wrote {a.out}")
 

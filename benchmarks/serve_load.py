@@ -150,7 +150,7 @@ def histograms(client, url: str) -> dict:
 
     out = {}
     for fam in text_string_to_metric_families(client.get(url + "/metrics").text):
-        if fam.name in ("mta_scheduler_seconds", "mta_joins"):
+        if fam.name in ("mta_scheduler_seconds", "mta_joins", "mta_fed_requests"):
             out[fam.name] = {s.labels.get("phase", ""): s.value for s in fam.samples if s.name.endswith("_total")}
             continue
         if fam.name not in ("mta_inter_token_latency_seconds", "mta_decode_step_seconds"):
@@ -239,6 +239,7 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
             "server_step": histogram_stats(before, after, "mta_decode_step_seconds"),
             "server_phase_s": counter_deltas(before, after, "mta_scheduler_seconds"),
             "server_joins": int(counter_deltas(before, after, "mta_joins").get("", 0)),
+            "server_fed": int(counter_deltas(before, after, "mta_fed_requests").get("", 0)),
             "errors": sum(not r["ok"] for r in results)}
 
 
@@ -375,12 +376,13 @@ def report_open_loop(a, rows: list[dict]) -> None:
         print(f"{r['decoder']:<9} {r['model']:<9} {r['tokens_per_s']:>8.1f} {ms(r['ttft_p50_s']):>11} "
               f"{ms(r['ttft_p99_s']):>11} {ms(itl.get('mean_s')):>11} {ms(itl.get('p50_le_s')):>10} "
               f"{ms(itl.get('p99_le_s')):>10} {ms(step.get('mean_s')):>7} {r['errors']:>6}")
-    print("the scheduler's seconds by phase, and its joins (groups of requests joining the running batch):")
+    print("the scheduler's seconds by phase, its joins (groups of requests joining the running batch) and the "
+          "requests fed through the decode steps:")
     for r in rows:
         ph = r.get("server_phase_s", {})
         parts = " ".join(f"{k} {v:.1f} s" for k, v in ph.items())
         print(f"  {r['decoder']:<9} {r['model']:<9} wall {r['wall_s']:.1f} s: {parts or '-'}; "
-              f"{r.get('server_joins', 0)} joins")
+              f"{r.get('server_joins', 0)} joins, {r.get('server_fed', 0)} fed")
     for d in dict.fromkeys(r["decoder"] for r in rows):
         mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
         mine["tokens_vs_base"] = mine["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None

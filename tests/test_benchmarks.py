@@ -99,8 +99,8 @@ def test_serve_load_benchmark_tiny_open_loop(tmp_path):
         assert 0 < step["mean_s"] and step["count"] >= 5
         phase = x["server_phase_s"]  # where the server's time went: its scheduler's phases, its joins
         assert sorted(phase) == ["admit", "prefill", "step", "stream"] and phase["step"] > 0
-        assert 0 < sum(phase.values()) and x["server_joins"] >= 1
-    assert "mta / mta-base tokens/s" in r.stdout and "joins" in r.stdout
+        assert 0 < sum(phase.values()) and x["server_joins"] >= 1 and 0 <= x["server_fed"] <= 12
+    assert "mta / mta-base tokens/s" in r.stdout and "joins" in r.stdout and " fed" in r.stdout
     bad = _run("serve_load.py", "--decoder", "graph,eager", "--rate", "1")
     assert bad.returncode == 2 and "one of generate, graph, compiled" in bad.stderr
 
@@ -176,12 +176,15 @@ def test_detok_benchmark_tiny(tmp_path):
 
 def test_join_benchmark_tiny(tmp_path):
     """A join's cost (base rows, mta rows through the dense tables, through the gathered
-    routing): every configuration timed; a bad --rows is a one-line usage error."""
+    routing, then base and mta rows fed through the decode steps): every configuration
+    timed, the fed ones without a prefill forward; a bad --rows is a one-line usage error."""
     out = tmp_path / "join.json"
     r = _run("join.py", "--slots", "8", "--rows", "2", "--users", "4", "--joins", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
-    assert len(rec["ms_per_join"]) == 3 and all(v > 0 for v in rec["ms_per_join"].values())
-    assert rec["dense_vs_gathered"] > 0 and "x base" in r.stdout
+    assert len(rec["ms_per_join"]) == 5 and all(v > 0 for v in rec["ms_per_join"].values())
+    assert rec["dense_vs_gathered"] > 0 and rec["fed_vs_dense"] > 0 and "x base" in r.stdout
+    parts = rec["ms_by_part"]  # a fed join's advance runs no forward: less than any prefilled one's
+    assert parts["mta rows, fed (the server)"]["advance"] < parts["mta rows, dense tables"]["advance"]
     bad = _run("join.py", "--slots", "4", "--rows", "4")
     assert bad.returncode == 2 and "--rows must be between 1 and --slots - 1 (3)" in bad.stderr

@@ -324,3 +324,63 @@ def test_a_joining_prefill_reads_the_dense_tables_of_the_decode_step_and_gives_t
         dec.step(batch)
     for s in seqs:
         assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
+
+
+@pytest.mark.parametrize("compile", [False, "aot_eager"])
+def test_a_cached_users_short_rest_is_fed_through_the_decode_steps_without_stalling_the_running_rows(compile):
+    """A joining row whose user's prompt prefix is cached and whose rest is at most ``feed``
+    tokens is not prefilled: its prefix goes into its slot and the rest goes in one token a
+    decode step, while the running rows take a token every step; it gets the tokens it gets
+    alone, in the joining order, and its whole prompt is cached for the user's next one.
+    Rows without a hit, or with a longer rest, are prefilled beside it."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    cache = PrefixCache(max_tokens=4096)
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=5, span=256, prefix=cache, feed=16, compile=compile)
+    forwards = []
+    real = dec.eager._forward
+    dec.eager._forward = lambda ids, *a: forwards.append(ids.shape[0]) or real(ids, *a)
+    shared = "the same long task instruction that every prompt of this user starts with: "
+    a, b = Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1)
+
+    def seq(text, row, n=4):
+        return Sequence(tok(text, add_special_tokens=False)["input_ids"], row, n, frozenset())
+
+    first = [seq(shared + "first question", a)]
+    batch = dec.merge(None, dec.advance(dec.start(first, [("u1",)])))
+    running = [seq("a row that keeps decoding while others join", b, 40)]
+    batch = dec.merge(batch, dec.advance(dec.start(running, [None])))
+    while first[0].finish is None:
+        dec.step(batch)
+    batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+    forwards.clear()
+    joining = [seq("no key at all", b), seq(shared + "second one", a),
+               seq(shared + "a much longer rest than the feed allows, so it is prefilled", a)]
+    batch = dec.merge(batch, dec.advance(dec.start(joining, [None, ("u1",), ("u1",)])))
+    assert forwards == [1, 1]  # the keyless row and the long rest, each its own part; the fed row none
+    assert batch.seqs == running + joining and len(dec.feeding) == 1
+    fed = joining[1]
+    ((f, left),) = dec.feeding.values()
+    rest = len(fed.prompt) - f.n  # the tokens fed through the steps
+    assert f.seq is fed and rest == len(left) + 1 and 1 <= rest <= 16
+    for _ in range(rest - 1):
+        before = len(running[0].tokens)
+        dec.step(batch)
+        assert fed.tokens == [] and len(running[0].tokens) == before + 1  # no stall, no token yet
+    dec.step(batch)
+    assert len(fed.tokens) == 1 and not dec.feeding
+    assert cache.entries[("u1",)][0] == tuple(fed.prompt[:-1])  # its whole prompt kept for the next one
+    while any(s.finish is None for s in batch.seqs):
+        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+        dec.step(batch)
+    for s in first + running + joining:
+        assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
+    # a fed row dropped while it is still feeding frees its slot; feed=0 prefills every row
+    batch = dec.keep(batch, [])
+    late = [seq(shared + "second one?", a)]
+    batch = dec.merge(batch, dec.advance(dec.start(late, [("u1",)])))
+    assert dec.feeding and not dec.keep(batch, []).seqs and not dec.feeding and len(dec.free) == 5
+    dec.feed = 0
+    forwards.clear()
+    dec.merge(None, dec.advance(dec.start([seq(shared + "second one", a)], [("u1",)])))
+    assert forwards == [1] and not dec.feeding

@@ -792,3 +792,51 @@ def test_prompts_are_tokenized_one_at_a_time_on_a_copy_of_the_tokenizer(tmp_path
 
     with ThreadPoolExecutor(8) as ex:
         assert all(n > 8 for n in ex.map(one, range(200)))
+
+
+def test_the_servers_fed_joins_answer_what_prefilled_joins_answer(tmp_path):
+    """The slot decoder's scheduler with a prefix cache: a user's later requests, whose
+    prompts share all but a few tokens with the first, are fed through the decode steps
+    (--feed-tokens) instead of prefilled, and every request gets the text it gets when
+    each joining request is prefilled (--feed-tokens 0)."""
+    from mta.config import GenerateConfig
+    from mta.decoding.slots import SlotDecoder
+    from mta.serving.metrics import Metrics
+    from mta.serving.scheduler import Job, Scheduler
+
+    bank, store, uid = _record(tmp_path)
+    fed = []
+    real = SlotDecoder._place_fed
+    SlotDecoder._place_fed = lambda self, rows, t: fed.append(len(rows)) or real(self, rows, t)
+
+    counted = []
+
+    def answers(feed: int) -> dict[int, str]:
+        metrics = Metrics()
+        sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=5, decoder="graph"), max_batch=4,
+                          prefix_tokens=4096, join_rows=1, join_wait=0.0, feed_tokens=feed, metrics=metrics)
+        sched.stop_ids = frozenset()
+        out: dict[int, str] = {}
+
+        def job(i: int) -> Job:
+            return Job(uid, [{"role": "user", "content": f"a film about space and time, number {i}"}], None, 3 + i % 3,
+                       emit=lambda kind, payload, i=i: kind == "delta" and out.__setitem__(i, out.get(i, "") + payload))
+
+        sched.submit(job(0))  # the first: prefilled, its prefix cached
+        sched.start()
+        deadline = time.monotonic() + 60
+        while not out.get(0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(1, 7):
+            sched.submit(job(i))
+        sched.shutdown(60)
+        counted.append(metrics.fed._value.get())
+        return out
+
+    try:
+        with_feeding = answers(16)
+        assert sum(fed) >= 1 and counted == [sum(fed)]  # later requests were fed, and counted
+        fed.clear()
+        assert answers(0) == with_feeding and not fed and len(with_feeding) == 7
+    finally:
+        SlotDecoder._place_fed = real

@@ -405,6 +405,9 @@ class ServeConfig(_Config):
                                 "held back for --join-rows free slots while rows are decoding, in milliseconds")
     prefix_cache_tokens: int = Field(16384, ge=0, description="prompt tokens whose keys and values are kept per "
                                      "user to reuse for the prefix a user's next prompt shares (0: none)")
+    feed_tokens: int = Field(16, ge=0, description="a joining request whose cached prefix leaves at most this many "
+                             "prompt tokens is not prefilled: they go in one a decode step beside the running "
+                             "rows (graph and compiled decoders; 0: every joining request is prefilled)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body, in bytes")
     retry_after: int = Field(1, ge=1, description="seconds a 429 answer asks the client to wait")
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds a shutdown waits for running requests")

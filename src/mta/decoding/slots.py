@@ -20,6 +20,16 @@ position ``t`` (what a captured step needs: one shape, one write slot), and each
   positions are copied). The cache holds twice the longest row (prompt + new tokens), so a
   shift always frees at least half of it.
 
+A joining row whose user's prompt prefix is cached (``mta.decoding.prefix``) and whose
+uncached rest is at most ``feed`` tokens is not prefilled at all: its prefix's keys and
+values go into its slot and the rest is fed through the decode steps, one token a step
+beside the running rows (their steps go on; a captured step computes every slot whatever
+it holds, so a fed token costs nothing), its outputs ignored until its last prompt token
+went in; that step's output is its first token. A join of such rows costs no forward:
+what held the running rows between two steps was the joining group's prefill. When it
+takes its first token, the row's prompt keys and values are kept in the prefix cache, as
+a prefill keeps them.
+
 Each row keeps its own position ids (as ``generate`` numbers a left-padded row), so its
 greedy tokens are what it gets alone (tested against one-by-one generation on the CPU,
 where the same step runs eagerly). Adapters ride along through the engine's fixed
@@ -31,7 +41,7 @@ drawn on the host from the step's logits, greedy rows take the captured argmax.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,12 +65,51 @@ class SlotBatch:
         return len(self.seqs)
 
 
+@dataclass
+class _Fed:
+    """A joining row fed through the decode steps: its cached prefix (``n`` tokens, per
+    layer (1, heads, n, dim)) and its prefix-cache key."""
+
+    seq: Sequence
+    key: Hashable
+    n: int
+    kv: list
+
+
+@dataclass
+class SlotPrefill:
+    """Joining rows (``SlotDecoder.start``): those prefilled (``eager``, in chunks) and those
+    fed through the decode steps, each with its index among the joining rows."""
+
+    eager: Prefill | None
+    eager_rows: list[int]
+    fed: list[tuple[int, _Fed]]
+
+    @property
+    def left(self) -> int:
+        """Columns not prefilled yet (fed rows have none)."""
+        return self.eager.left if self.eager is not None else 0
+
+
+@dataclass
+class Joining:
+    """What ``advance`` gives ``merge``: the prefilled rows' batch (their first tokens taken)
+    and the fed rows, each with its index among the joining rows (their order)."""
+
+    batch: Batch | None
+    batch_rows: list[int]
+    fed: list[tuple[int, _Fed]] = field(default_factory=list)
+
+
 class SlotDecoder:
     """Runs the server's rows in ``slots`` slots of one static cache, each row at most
-    ``span`` tokens (prompt + new tokens)."""
+    ``span`` tokens (prompt + new tokens). ``feed``: a joining row with a cached prompt
+    prefix and at most this many tokens after it is fed through the decode steps (0: every
+    row is prefilled; `mta serve --feed-tokens`)."""
 
     def __init__(self, backbone, pad_id: int, slots: int = 32, span: int = 2048, graph: bool | None = None,
-                 compile: bool | str = False, prefix: PrefixCache | None = None, min_window: int = 64):
+                 compile: bool | str = False, prefix: PrefixCache | None = None, min_window: int = 64,
+                 feed: int = 0):
         if slots < 1 or span < 2:
             raise ValueError(f"a slot decoder needs at least 1 slot and a span of 2, not {slots} x {span}")
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
@@ -78,43 +127,83 @@ class SlotDecoder:
         self.row_start: dict[int, int] = {}  # slot -> first position of its row
         self.fixed = FixedRouting()  # the fixed routing last filled
         self.eager.router = self._prefill_routing
+        self.prefix, self.feed = prefix, feed
+        self.feeding: dict[int, tuple[_Fed, list[int]]] = {}  # slot -> its fed row, the prompt tokens still to go in
 
     # -- the scheduler's interface ---------------------------------------------------------
-    def prefill(self, seqs: list[Sequence]) -> Batch:
+    def prefill(self, seqs: list[Sequence]) -> Joining:
         """The joining rows' prompts, eagerly; ``merge`` then gives them slots (it checks
         that enough are free: slots of a batch the scheduler dropped are freed there)."""
         return self.advance(self.start(seqs))
 
-    def start(self, seqs: list[Sequence], keys: list | None = None) -> Prefill:
-        """The joining rows' prompts to prefill in chunks (``advance``), eagerly (``keys``:
-        their prefix-cache keys, mta.decoding.eager.Decoder.start)."""
+    def start(self, seqs: list[Sequence], keys: list | None = None) -> SlotPrefill:
+        """The joining rows: those whose cached prefix (``keys``: their prefix-cache keys)
+        leaves at most ``feed`` tokens are fed through the decode steps; the others' prompts
+        are prefilled in chunks (``advance``; mta.decoding.eager.Decoder.start)."""
         if len(seqs) > self.n:
             raise RuntimeError(f"{len(seqs)} rows join but the decoder has {self.n} slots")
         too_long = [len(s.prompt) + s.max_new_tokens for s in seqs if len(s.prompt) + s.max_new_tokens > self.span]
         if too_long:
             raise ValueError(f"a row of {too_long[0]} tokens (prompt + new) exceeds the decoder's span {self.span}")
-        return self.eager.start(seqs, keys)
+        fed = []
+        if keys is not None and self.prefix is not None and self.feed > 0:
+            for i, (s, key) in enumerate(zip(seqs, keys)):
+                if key is None:
+                    continue
+                n, kv = self.prefix.lookup(key, s.prompt)
+                if n and len(s.prompt) - n <= self.feed:
+                    self.prefix.count(n)
+                    fed.append((i, _Fed(s, key, n, kv)))
+        taken = {i for i, _ in fed}
+        rows = [i for i in range(len(seqs)) if i not in taken]
+        eager = self.eager.start([seqs[i] for i in rows], [keys[i] for i in rows] if keys is not None else None) \
+            if rows else None
+        return SlotPrefill(eager, rows, fed)
 
-    def advance(self, pf: Prefill, max_tokens: int | None = None) -> Batch | None:
-        """The next chunk of ``pf`` (mta.decoding.eager.Decoder.advance)."""
-        return self.eager.advance(pf, max_tokens)
+    def advance(self, pf: SlotPrefill, max_tokens: int | None = None) -> Joining | None:
+        """The next chunk of ``pf``'s prefilled rows (mta.decoding.eager.Decoder.advance);
+        the joining rows once the last is in (at once when every row is fed)."""
+        batch = None
+        if pf.eager is not None:
+            batch = self.eager.advance(pf.eager, max_tokens)
+            if batch is None:
+                return None
+        return Joining(batch, pf.eager_rows, pf.fed)
 
     @torch.no_grad()
-    def merge(self, a: SlotBatch | None, b: Batch) -> SlotBatch:
-        """The prefilled rows of ``b`` take free slots of the running batch ``a``. None: no
+    def merge(self, a: SlotBatch | None, b: Joining | Batch) -> SlotBatch:
+        """The joining rows of ``b`` take free slots of the running batch ``a``, in their
+        order: the prefilled rows' keys and values go into their slots, the fed rows' cached
+        prefixes into theirs (their first uncached token the next step's input). None: no
         row is running any more and every slot is free (the scheduler drops a batch whose
         rows have all finished without calling ``keep``)."""
+        if isinstance(b, Batch):
+            b = Joining(b, list(range(len(b))))
         if a is None:
             self._release_all()
         batch = a if a is not None else SlotBatch()
-        if len(b.seqs) > len(self.free):
-            raise RuntimeError(f"{len(b.seqs)} rows join but only {len(self.free)} slots are free")
-        n = b.mask.shape[1]
+        joining = (len(b.batch) if b.batch is not None else 0) + len(b.fed)
+        if joining > len(self.free):
+            raise RuntimeError(f"{joining} rows join but only {len(self.free)} slots are free")
         self._compact(batch)
-        t = max(self.t, n)
+        n = b.batch.mask.shape[1] if b.batch is not None else 0
+        t = max(self.t, n, *(f.n for _, f in b.fed))
         if t != self.t:
             self.t = t
             self.g.set_position(t)
+        placed: list[tuple[int, Sequence, int]] = []  # (index among the joining rows, row, slot)
+        if b.batch is not None:
+            placed += self._place_prefilled(b.batch, b.batch_rows, t)
+        if b.fed:
+            placed += self._place_fed(b.fed, t)
+        for _, s, slot in sorted(placed, key=lambda x: x[0]):
+            batch.seqs.append(s)
+            batch.slots.append(slot)
+        batch.routing = None
+        return batch
+
+    def _place_prefilled(self, b: Batch, order: list[int], t: int) -> list[tuple[int, Sequence, int]]:
+        n = b.mask.shape[1]
         lengths = b.mask.sum(-1)
         slots = [self.free.pop(0) for _ in b.seqs]
         idx = torch.tensor(slots, dtype=torch.long, device=lengths.device)
@@ -123,17 +212,40 @@ class SlotDecoder:
         for mine, theirs in zip(cache_layers(self.g.cache), cache_layers(b.cache)):
             mine.keys[:, :, t - n:t].index_copy_(0, idx, theirs.keys[:, :, :n].to(mine.keys.dtype))
             mine.values[:, :, t - n:t].index_copy_(0, idx, theirs.values[:, :, :n].to(mine.values.dtype))
-        cols = torch.arange(self.g.bias.shape[-1], device=lengths.device)
-        own = (cols >= (t - lengths)[:, None]) & (cols < t)  # each row attends to its own positions only
-        self.g.bias[idx] = torch.where(own, 0.0, self.g.neg).to(self.g.bias.dtype)[:, None, None, :]
+        self._own(idx, t - lengths, t)
         self.g.pos[idx, 0] = b.pos.to(self.g.pos.dtype)
         self.g.tok[idx, 0] = b.last.to(self.g.tok.dtype)
-        for s, slot, p in zip(b.seqs, slots, lengths.tolist()):
+        for slot, p in zip(slots, lengths.tolist()):
             self.row_start[slot] = t - p
-            batch.seqs.append(s)
-            batch.slots.append(slot)
-        batch.routing = None
-        return batch
+        return list(zip(order, b.seqs, slots))
+
+    def _place_fed(self, fed: list[tuple[int, _Fed]], t: int) -> list[tuple[int, Sequence, int]]:
+        """Each fed row's cached prefix into ``[t - n, t)`` of its slot (right-aligned, as a
+        prefill's rows are), its first uncached token the next step's input at position n."""
+        dev = self.g.tok.device
+        slots = [self.free.pop(0) for _ in fed]
+        idx = torch.tensor(slots, dtype=torch.long, device=dev)
+        width = max(f.n for _, f in fed)
+        for layer, mine in enumerate(cache_layers(self.g.cache)):
+            for part, dest in ((0, mine.keys), (1, mine.values)):
+                block = dest.new_zeros((len(fed), dest.shape[1], width, dest.shape[3]))
+                for r, (_, f) in enumerate(fed):
+                    block[r, :, width - f.n:] = f.kv[layer][part][0].to(dest.dtype)
+                dest[:, :, t - width:t].index_copy_(0, idx, block)
+        lengths = torch.tensor([f.n for _, f in fed], device=dev)
+        self._own(idx, t - lengths, t)
+        self.g.pos[idx, 0] = lengths.to(self.g.pos.dtype)
+        self.g.tok[idx, 0] = torch.tensor([f.seq.prompt[f.n] for _, f in fed], device=dev, dtype=self.g.tok.dtype)
+        for slot, (_, f) in zip(slots, fed):
+            self.row_start[slot] = t - f.n
+            self.feeding[slot] = (f, list(f.seq.prompt[f.n + 1:]))
+        return [(i, f.seq, slot) for (i, f), slot in zip(fed, slots)]
+
+    def _own(self, idx: torch.Tensor, starts: torch.Tensor, t: int) -> None:
+        """Slots ``idx`` attend to their own positions ``[starts, t)`` only."""
+        cols = torch.arange(self.g.bias.shape[-1], device=idx.device)
+        own = (cols >= starts[:, None]) & (cols < t)
+        self.g.bias[idx] = torch.where(own, 0.0, self.g.neg).to(self.g.bias.dtype)[:, None, None, :]
 
     def keep(self, batch: SlotBatch, rows: list[int]) -> SlotBatch:
         """Only ``rows`` stay; the other slots are freed (masked). The routing is kept: a
@@ -144,6 +256,7 @@ class SlotDecoder:
             if k not in kept:
                 self.g.bias[slot].fill_(self.g.neg)
                 self.row_start.pop(slot, None)
+                self.feeding.pop(slot, None)
                 self.free.append(slot)
         self.free.sort()
         return SlotBatch([batch.seqs[k] for k in rows], [batch.slots[k] for k in rows], batch.routing)
@@ -163,11 +276,36 @@ class SlotDecoder:
             self.g.advance()
         self.t += 1
         nxt = self.g.tok[:, 0].clone()
-        for s, slot in zip(batch.seqs, batch.slots):
+        taking, first = [], []  # rows that take this step's token; fed rows taking their first
+        for k, (s, slot) in enumerate(zip(batch.seqs, batch.slots)):
+            fed = self.feeding.get(slot)
+            if fed is not None:
+                rest = fed[1]
+                if rest:  # still feeding its prompt: the next prompt token is the next input
+                    nxt[slot] = rest.pop(0)
+                    continue
+                del self.feeding[slot]  # its last prompt token went in: this is its first token
+                first.append((fed[0], slot))
             if s.temperature > 0:
                 nxt[slot] = sample(self.g.logits[slot], s)
-        self.g.tok[:, 0].copy_(nxt)  # a sampled token is the next input
-        take_tokens(batch.seqs, nxt[batch.slots].tolist())
+            taking.append(k)
+        self.g.tok[:, 0].copy_(nxt)  # a sampled (or fed) token is the next input
+        if len(taking) == len(batch.seqs):
+            take_tokens(batch.seqs, nxt[batch.slots].tolist())
+        elif taking:
+            take_tokens([batch.seqs[k] for k in taking], nxt[[batch.slots[k] for k in taking]].tolist())
+        for f, slot in first:
+            self._keep_prefix(f, slot)
+
+    def _keep_prefix(self, f: _Fed, slot: int) -> None:
+        """A fed row's prompt keys and values (all but the last token's) into the prefix
+        cache, as a prefill keeps them (mta.decoding.eager.Decoder._keep_prefixes)."""
+        if self.prefix is None:
+            return
+        start, n = self.row_start[slot], len(f.seq.prompt) - 1
+        self.prefix.store(f.key, f.seq.prompt, [(la.keys[slot:slot + 1, :, start:start + n].clone(),
+                                                 la.values[slot:slot + 1, :, start:start + n].clone())
+                                                for la in cache_layers(self.g.cache)])
 
     def run(self, seqs: list[Sequence], join_rows: int = 1, on_step: Callable[[], None] | None = None,
             on_finish: Callable[[Sequence], None] | None = None) -> None:
@@ -222,7 +360,7 @@ class SlotDecoder:
 
     def _release_all(self) -> None:
         self.g.bias.fill_(self.g.neg)
-        self.free, self.row_start = list(range(self.n)), {}
+        self.free, self.row_start, self.feeding = list(range(self.n)), {}, {}
 
     def _shift(self, batch: SlotBatch | None) -> int:
         """How far every slot can move left: the oldest live row's start (all of ``t`` when

@@ -288,11 +288,14 @@ class AdapterEngine:
         for layer in self.layers.values():
             layer.set_fused(layer.fused_A[:0], layer.fused_B[:0], layer.fused_scale[:0])
 
-    def _check_mixture(self, anchors: Sequence[int], weights: Sequence[float], merge: str) -> None:
+    def _check_mixture(self, anchors: Sequence[int], weights: Sequence[float], merge: str,
+                       n: int | None = None) -> None:
+        """``n``: the bank's anchors when the caller has them (``n_anchors`` walks every layer:
+        a caller checking many rows reads it once)."""
         if len(anchors) != len(weights) or not anchors:
             raise ValueError(f"a mixture needs as many weights as anchors (at least one); got {len(anchors)} "
                              f"anchors and {len(weights)} weights")
-        n = self.n_anchors  # (a walk over every layer: once)
+        n = self.n_anchors if n is None else n
         if not all(0 <= a < n for a in anchors):
             raise ValueError(f"anchor slots {list(anchors)} out of range (bank has {n})")
         check_weights(torch.tensor(list(weights), dtype=torch.float64), merge)
@@ -383,9 +386,10 @@ class AdapterEngine:
         if k:
             idx = torch.zeros(len(rows), k, dtype=torch.long)
             w = torch.zeros(len(rows), k, dtype=torch.float32)
+            n = self.n_anchors
             for i, r in enumerate(rows):
                 if r.anchors:
-                    self._check_mixture(r.anchors, r.weights, "delta")
+                    self._check_mixture(r.anchors, r.weights, "delta", n)
                 elif r.weights:
                     raise ValueError(f"row {i}: weights without anchors")
                 for j, (a, wt) in enumerate(zip(r.anchors, r.weights)):
@@ -393,8 +397,9 @@ class AdapterEngine:
             out.anchor_idx, out.anchor_w = idx.to(dev), w.to(dev)
         if any(r.user is not None for r in rows):
             users = [(-1 if r.user is None else r.user) for r in rows]
-            if max(users) >= self.n_users or min(u for u in users if u != -1) < 0:
-                raise ValueError(f"user slots {users} out of range (stack table has {self.n_users})")
+            n = self.n_users
+            if max(users) >= n or min(u for u in users if u != -1) < 0:
+                raise ValueError(f"user slots {users} out of range (stack table has {n})")
             out.stack_idx = torch.tensor(users, dtype=torch.long, device=dev)
         if any(r.fused is not None for r in rows):
             fused = [(-1 if r.fused is None else r.fused) for r in rows]

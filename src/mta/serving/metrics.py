@@ -52,6 +52,8 @@ class Metrics:
         for phase in PHASES:
             self.phase_seconds.labels(phase)
         self.joins = Counter("mta_joins", "groups of requests that joined the running batch", registry=r)
+        self.fed = Counter("mta_fed_requests", "joining requests fed through the decode steps (a cached prefix, "
+                           "at most --feed-tokens after it) instead of prefilled", registry=r)
         self.queue = Gauge("mta_queue_depth", "requests waiting", registry=r)
         self.running = Gauge("mta_running_rows", "requests in the running batch", registry=r)
         self.resident = Gauge("mta_resident_users", "users whose stacks are on the device", registry=r)
@@ -65,8 +67,10 @@ class Metrics:
         """The scheduler's thread spent the time from ``since`` (time.monotonic) to now in ``phase``."""
         self.phase_seconds.labels(phase).inc(time.monotonic() - since)
 
-    def prefill(self, jobs, tokens: int, now: float) -> None:
+    def prefill(self, jobs, tokens: int, now: float, fed: int = 0) -> None:
+        """A group of ``jobs`` joined (``fed`` of them fed through the decode steps)."""
         self.joins.inc()
+        self.fed.inc(fed)
         self.prompt_tokens.inc(tokens)
         for job in jobs:
             self.queue_time.observe(now - job.submitted)

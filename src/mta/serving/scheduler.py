@@ -30,7 +30,7 @@ from mta.data.schema import User
 from mta.decoding.eager import Batch, Decoder, Prefill, Sequence
 from mta.decoding.prefix import PrefixCache
 from mta.decoding.prompts import chat_prompt, stop_ids
-from mta.decoding.slots import SlotBatch, SlotDecoder
+from mta.decoding.slots import Joining, SlotBatch, SlotDecoder
 from mta.engine.engine import Row
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank, Plan, Request
@@ -97,7 +97,7 @@ class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512,
                  prefill_chunk: int = 0, prefix_tokens: int = 0, join_rows: int | None = None,
-                 join_wait: float | None = None):
+                 join_wait: float | None = None, feed_tokens: int | None = None):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
         # prompts are tokenized by the submitting threads, beside this thread's incremental
@@ -113,7 +113,8 @@ class Scheduler:
         if self.decoder_kind != "generate":  # one static cache, the step captured in a CUDA graph (decoding.slots)
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
                                        span=gen.max_prompt_tokens + max_tokens, compile=self.decoder_kind == "compiled",
-                                       prefix=self.prefix)
+                                       prefix=self.prefix,
+                                       feed=ServeConfig().feed_tokens if feed_tokens is None else feed_tokens)
             bank.backbone.recap_memory()  # --gpu-memory auto: the static cache is held like the model
         else:
             self.decoder = Decoder(bank.backbone, self.tok.pad_token_id, self.prefix)
@@ -388,7 +389,8 @@ class Scheduler:
         self.jobs += fresh
         self._spent("prefill", began)
         if self.metrics:
-            self.metrics.prefill(fresh, sum(j.prompt_tokens for j in fresh), t0)
+            fed = len(part.fed) if isinstance(part, Joining) else 0  # (the eager loop prefills every row)
+            self.metrics.prefill(fresh, sum(j.prompt_tokens for j in fresh), t0, fed)
             if self.prefix is not None:
                 self.metrics.prefix(self.prefix.reused)
         self._after_step(0.0, only=fresh)
