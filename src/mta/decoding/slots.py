@@ -225,13 +225,13 @@ class SlotDecoder:
         dev = self.g.tok.device
         slots = [self.free.pop(0) for _ in fed]
         idx = torch.tensor(slots, dtype=torch.long, device=dev)
-        width = max(f.n for _, f in fed)
+        dst, src = [], []  # every row's every layer in one multi-tensor copy (a few kernels on a GPU)
         for layer, mine in enumerate(cache_layers(self.g.cache)):
             for part, dest in ((0, mine.keys), (1, mine.values)):
-                block = dest.new_zeros((len(fed), dest.shape[1], width, dest.shape[3]))
-                for r, (_, f) in enumerate(fed):
-                    block[r, :, width - f.n:] = f.kv[layer][part][0].to(dest.dtype)
-                dest[:, :, t - width:t].index_copy_(0, idx, block)
+                for slot, (_, f) in zip(slots, fed):
+                    dst.append(dest[slot, :, t - f.n:t])
+                    src.append(f.kv[layer][part][0])
+        torch._foreach_copy_(dst, src)
         lengths = torch.tensor([f.n for _, f in fed], device=dev)
         self._own(idx, t - lengths, t)
         self.g.pos[idx, 0] = lengths.to(self.g.pos.dtype)
