@@ -277,18 +277,22 @@ class SlotDecoder:
         self.t += 1
         nxt = self.g.tok[:, 0].clone()
         taking, first = [], []  # rows that take this step's token; fed rows taking their first
+        feeding: tuple[list[int], list[int]] = ([], [])  # fed rows' slots and their next prompt tokens
         for k, (s, slot) in enumerate(zip(batch.seqs, batch.slots)):
             fed = self.feeding.get(slot)
             if fed is not None:
                 rest = fed[1]
                 if rest:  # still feeding its prompt: the next prompt token is the next input
-                    nxt[slot] = rest.pop(0)
+                    feeding[0].append(slot)
+                    feeding[1].append(rest.pop(0))
                     continue
                 del self.feeding[slot]  # its last prompt token went in: this is its first token
                 first.append((fed[0], slot))
             if s.temperature > 0:
                 nxt[slot] = sample(self.g.logits[slot], s)
             taking.append(k)
+        if feeding[0]:  # one write for all of them
+            nxt[torch.tensor(feeding[0], device=nxt.device)] = torch.tensor(feeding[1], dtype=nxt.dtype).to(nxt.device)
         self.g.tok[:, 0].copy_(nxt)  # a sampled (or fed) token is the next input
         if len(taking) == len(batch.seqs):
             take_tokens(batch.seqs, nxt[batch.slots].tolist())
