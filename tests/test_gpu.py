@@ -317,4 +317,11 @@ def test_compiled_slot_loop_with_chunked_prefill_and_prefix_hits_equals_each_row
     run([shared + "second question", "another user", shared + "x"], [ROWS[0], ROWS[1], ROWS[1]],
         [("u0", "v"), ("u2", "v"), ("u2", "v")])
     assert cache.hits >= 1 and cache.reused >= 8
-    print(f"compiled slot loop: prefix hits {cache.hits}, reused {cache.reused} tokens")
+    dec.feed = 32  # `mta serve`'s fed joins: the cached users' rests go in through the captured steps
+    placed = []
+    real = dec._place_fed
+    dec._place_fed = lambda fed, t: placed.append(len(fed)) or real(fed, t)
+    run([shared + "third question", "a third user", shared + "y?"], [ROWS[0], ROWS[2], ROWS[1]],
+        [("u0", "v"), ("u3", "v"), ("u2", "v")])
+    assert placed == [2]
+    print(f"compiled slot loop: prefix hits {cache.hits}, reused {cache.reused} tokens; {placed[0]} rows fed")
