@@ -284,3 +284,24 @@ def test_trial_keys_of_logs_written_before_a_field_existed_still_match():
     assert tune_mod._key(AdaptConfig.make(stack_lr=1e-3, stack_steps=32)) == "a9ce209decba"
     assert tune_mod._key(AdaptConfig.make(stack_lr=1e-3, stack_steps=32, stack_stop="held-out")) != "a9ce209decba"
     assert [o["adapt"]["stack_stop"] for o in GROUPS["stack stop"]] == ["none", "held-out"]
+
+
+def test_every_trial_shares_one_cache_of_searched_weights_under_out(tmp_path, monkeypatch):
+    """The stack's budget trials search each user once: every trial's evaluation gets the
+    tune's cache of searched fusion weights, OUT/searched (what a hit returns is tested in
+    test_weight_search)."""
+    roots = []
+
+    def fake(ds, methods, setup, out, folds, *a, place=None, **kw):
+        roots.append(setup.search_cache.root)
+        return {"rows": [{"method": m, "metrics": {"accuracy": {"value": 0.5, "ci": [0, 1]}}} for m in methods],
+                "failed": {}}
+
+    monkeypatch.setattr(tune_mod, "run_eval", fake)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
+                 "--space", "stack-learning-rate", "--max-user-share", "0.3", "--fusion-weights", "searched",
+                 *TINY]) == 0
+    assert len(roots) == len(GROUPS["stack learning rate"]) + 1 and set(roots) == {out / "searched"}
