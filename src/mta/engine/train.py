@@ -240,7 +240,8 @@ class _HeldOut:
     lowest so far has its slot's tensors copied aside, and ``restore`` puts every job's best
     back (the copy at step 0 is the adapter as initialised: a stack whose B starts at zero
     then adds nothing). Ties keep the earlier step. Jobs without held-out examples keep
-    their last step."""
+    their last step. The copy is one more table of the trained tensors' size (the
+    optimiser's moments are two)."""
 
     def __init__(self, engine: AdapterEngine, jobs: Sequence[Job], held_out: Sequence[Sequence[Example]],
                  params: list[torch.nn.Parameter], pad_id: int, max_rows: int | None):
