@@ -21,6 +21,7 @@ stacks). Prints milliseconds per join and the ratios; the JSON goes to --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -120,10 +121,12 @@ def main() -> None:
     bb.engine.set_bank(8, 8, 16.0)
     bb.engine.init_bank(seed=0, b_std=0.1)
     bb.engine.add_users(a.users, 2, 4.0, seed=1, b_std=0.1)
+    gc.freeze()  # as `mta serve` does once started: start-up's objects left out of every collection
     rows = [("base model rows", False, False, 0), ("mta rows, dense tables", True, False, 0),
             ("mta rows, gathered routing", True, True, 0),
             ("base model rows, fed", False, False, 16), ("mta rows, fed (the server)", True, False, 16)]
     parts = {name: time_joins(bb, a, mixed, gathered, feed) for name, mixed, gathered, feed in rows}
+    gc.unfreeze()
     ms = {name: p["join"] for name, p in parts.items()}
     ref = ms[rows[0][0]]
     print(f"{bb.model_id} on {a.device}: {a.rows} rows joining {a.slots - a.rows} running, "

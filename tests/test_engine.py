@@ -99,6 +99,8 @@ def test_routing_errors_are_bugs_not_user_errors():
     for row, match in ((Row([5], [1.0]), r"anchor slots \[5\] out of range"),
                        (Row(user=3), "user slots .* out of range"),
                        (Row([0, 1], [1.0]), "as many weights as anchors"),
+                       (Row([0, 1], [0.5, float("nan")]), "weights contain NaN or inf"),
+                       (Row([], [1.0]), "weights without anchors"),
                        (Row(fused=0), "fused slots .* out of range")):
         with pytest.raises(ValueError, match=match) as e:
             eng.routing([row])

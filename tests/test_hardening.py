@@ -840,3 +840,25 @@ def test_the_servers_fed_joins_answer_what_prefilled_joins_answer(tmp_path):
         assert answers(0) == with_feeding and not fed and len(with_feeding) == 7
     finally:
         SlotDecoder._place_fed = real
+
+
+def test_a_started_server_leaves_start_ups_objects_out_of_collections(tmp_path):
+    """Once warmed up, the server freezes what start-up made (the model, the libraries:
+    about half a million objects, which every full collection would scan while the decode
+    loop waits) and unfreezes them when it stops (collectable at exit again)."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.serving.app import build_app
+    from mta.serving.security import Keys
+
+    bank, store, uid = _record(tmp_path)
+    add_key(tmp_path / "keys.json", "admin", None, "k")
+    app = build_app(bank, store, Keys.read(tmp_path / "keys.json"), ServeConfig(), GenerateConfig(max_new_tokens=2))
+    gc.unfreeze()
+    with TestClient(app) as c:
+        assert c.get("/readyz").status_code == 200
+        assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0

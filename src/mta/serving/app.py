@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 from fastapi import FastAPI, HTTPException
@@ -52,11 +53,16 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
     async def lifespan(app: FastAPI):
         svc.scheduler.start()
         await asyncio.to_thread(svc.scheduler.warm_up)  # a compiled decoder compiles here, not under requests
+        # what start-up made (the model, torch, transformers: about half a million objects)
+        # is left out of every later collection: a full collection scanning them stopped the
+        # decode loop for about 90 ms on this project's CPU (docs/serving.md, "Fed joins")
+        gc.freeze()
         svc.ready = True
         yield
         svc.ready = False
         await asyncio.to_thread(svc.scheduler.shutdown, cfg.shutdown_timeout)
         await asyncio.to_thread(svc.close)
+        gc.unfreeze()  # collectable again at exit (frozen bindings' objects are reported as leaks)
 
     app = FastAPI(title="mta", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = svc
