@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--joins", type=int, default=16, help="timed joins per configuration")
     ap.add_argument("--threads", type=int, default=1, help="torch's CPU threads")
+    ap.add_argument("--gc", choices=["freeze", "on"], default="freeze",
+                    help="freeze: start-up's objects left out of garbage collection, as `mta serve` does; on: not")
     ap.add_argument("--out", type=Path, default=Path("join.json"))
     a = ap.parse_args()
     if not 0 < a.rows < a.slots:
@@ -121,11 +123,25 @@ def main() -> None:
     bb.engine.set_bank(8, 8, 16.0)
     bb.engine.init_bank(seed=0, b_std=0.1)
     bb.engine.add_users(a.users, 2, 4.0, seed=1, b_std=0.1)
-    gc.freeze()  # as `mta serve` does once started: start-up's objects left out of every collection
+    tracked = len(gc.get_objects())
+    if a.gc == "freeze":
+        gc.freeze()  # as `mta serve` does once started: start-up's objects left out of every collection
+    collections = {"count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}  # by generation, over every join below
+    started = [0.0]
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collections["count"][info["generation"]] += 1
+            collections["seconds"][info["generation"]] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(count)
     rows = [("base model rows", False, False, 0), ("mta rows, dense tables", True, False, 0),
             ("mta rows, gathered routing", True, True, 0),
             ("base model rows, fed", False, False, 16), ("mta rows, fed (the server)", True, False, 16)]
     parts = {name: time_joins(bb, a, mixed, gathered, feed) for name, mixed, gathered, feed in rows}
+    gc.callbacks.remove(count)
     gc.unfreeze()
     ms = {name: p["join"] for name, p in parts.items()}
     ref = ms[rows[0][0]]
@@ -141,11 +157,16 @@ def main() -> None:
     dense, gathered, fed = ms[rows[1][0]], ms[rows[2][0]], ms[rows[4][0]]
     print(f"dense tables against the gathered routing: {gathered / dense:.2f}x faster; fed against "
           f"prefilled (dense): {dense / fed:.2f}x faster")
+    print(f"garbage collection ({a.gc}; {tracked} objects tracked after start-up): full collections "
+          f"{collections['count'][2]} taking {collections['seconds'][2]:.3f} s, younger "
+          f"{collections['count'][0] + collections['count'][1]} taking "
+          f"{collections['seconds'][0] + collections['seconds'][1]:.3f} s")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": bb.model_id, "device": a.device, "slots": a.slots, "rows": a.rows,
                                  "users": a.users, "joins": a.joins, "threads": a.threads,
                                  "ms_per_join": ms, "ms_by_part": parts, "dense_vs_gathered": gathered / dense,
-                                 "fed_vs_dense": dense / fed},
+                                 "fed_vs_dense": dense / fed, "gc": a.gc, "tracked_objects": tracked,
+                                 "collections": collections},
                                 indent=2) + "\n")
     print(f"wrote {a.out}")
 

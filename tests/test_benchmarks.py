@@ -184,6 +184,7 @@ def test_join_benchmark_tiny(tmp_path):
     rec = json.loads(out.read_text())
     assert len(rec["ms_per_join"]) == 5 and all(v > 0 for v in rec["ms_per_join"].values())
     assert rec["dense_vs_gathered"] > 0 and rec["fed_vs_dense"] > 0 and "x base" in r.stdout
+    assert rec["gc"] == "freeze" and rec["tracked_objects"] > 10_000 and len(rec["collections"]["count"]) == 3
     parts = rec["ms_by_part"]  # a fed join's advance runs no forward: less than any prefilled one's
     assert parts["mta rows, fed (the server)"]["advance"] < parts["mta rows, dense tables"]["advance"]
     bad = _run("join.py", "--slots", "4", "--rows", "4")
