@@ -184,6 +184,18 @@ def test_a_space_of_named_groups(tmp_path, capsys):
     assert "unknown search space 'stack-shape,lr'" in err and "learning-rate" in err
 
 
+def _tune_faked(tmp_path, monkeypatch, fake, space: str, *extra: str):
+    """`mta tune` over synthetic users with searched fusion weights, every evaluation
+    replaced by ``fake``; returns (the data, the tune's OUT)."""
+    monkeypatch.setattr(tune_mod, "run_eval", fake)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
+                 "--space", space, "--max-user-share", "0.3", "--fusion-weights", "searched", *extra, *TINY]) == 0
+    return data, out
+
+
 def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trials(tmp_path, monkeypatch):
     """The budgets space: each part searched over the same grid, scored by its own method;
     run_eval is replaced by a scorer whose best (lr, steps) differs per method, so the test
@@ -209,13 +221,7 @@ def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trial
             rows.append({"method": m, "metrics": {"accuracy": {"value": value, "ci": [0, 1]}}})
         return {"rows": rows, "failed": {}}
 
-    monkeypatch.setattr(tune_mod, "run_eval", fake)
-    data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
-    out = tmp_path / "tune"
-    assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
-                 "--space", "budgets", "--max-user-share", "0.3", "--bank-base", "task",
-                 "--fusion-weights", "searched", *TINY]) == 0
+    data, out = _tune_faked(tmp_path, monkeypatch, fake, "budgets", "--bank-base", "task")
     r = read_recipe(out / "recipe.json")
     per_group = {g: sum(t["group"] == g for t in r.trials) for g in SPACES["budgets"]}
     assert set(per_group.values()) == {12}  # 4 learning rates x 3 step counts, for every part
@@ -297,11 +303,5 @@ def test_every_trial_shares_one_cache_of_searched_weights_under_out(tmp_path, mo
         return {"rows": [{"method": m, "metrics": {"accuracy": {"value": 0.5, "ci": [0, 1]}}} for m in methods],
                 "failed": {}}
 
-    monkeypatch.setattr(tune_mod, "run_eval", fake)
-    data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
-    out = tmp_path / "tune"
-    assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
-                 "--space", "stack-learning-rate", "--max-user-share", "0.3", "--fusion-weights", "searched",
-                 *TINY]) == 0
+    _, out = _tune_faked(tmp_path, monkeypatch, fake, "stack-learning-rate")
     assert len(roots) == len(GROUPS["stack learning rate"]) + 1 and set(roots) == {out / "searched"}
