@@ -178,7 +178,10 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         return (setup.bank_cfg.model_copy(update=bank), AdaptConfig.build({**setup.adapt_cfg.dump(), **adapt}),
                 BaselineConfig.build({**setup.baselines.dump(), **base}))
 
-    def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str) -> dict:
+    def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str,
+                 share_search: bool = True) -> dict:
+        """``share_search``: read searched weights from OUT/searched (trials: only their metric
+        counts); the final table searches again, so its adaptation times are whole."""
         trial = out / "trials" / name
         # adapters shared between trials, keyed by the recipe they were trained with
         task_cfg = bl.bank_for("task", bc)
@@ -193,7 +196,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             return trial / f"fold{fold}" / what
 
         s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens, baselines=bl,
-                      search_cache=SearchCache(out / "searched"))
+                      search_cache=SearchCache(out / "searched") if share_search else None)
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
                         place=place, history_queries=history_queries, leak_check=False)
 
@@ -299,7 +302,7 @@ def _final_ablation(evaluate, methods: list[str], bc: BankConfig, ac: AdaptConfi
     "error"}`` beside the others (the evaluation goes on without it); if every method
     diverged, one ``{"error"}`` row. The search is kept either way."""
     try:
-        res = evaluate(methods, bc, ac, bl, "final")
+        res = evaluate(methods, bc, ac, bl, "final", share_search=False)
     except MtaError as e:
         if not diverged(e):
             raise
