@@ -211,3 +211,29 @@ def test_an_anchor_copied_from_a_per_user_lora_keeps_its_steps(tmp_path):
     assert all(a.steps is not None and a.steps == own[a.user_id] for a in anchors)
     rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["results"]}
     assert set(rows["mta-fusion"]["optimizer_steps"]) == {"anchors"}
+
+
+def test_stack_stop_stops_every_per_user_part_alike_and_anchors_are_not_copied_from_stopped_loras(tmp_path):
+    """`--stack-stop held-out` in `mta eval`: MTA's stacks, OPPU's user parts and the per-user
+    LoRAs are each kept at their best checked step on their user's held-out last item (the
+    steps column reports the kept steps); the from-scratch bank's anchors are then trained,
+    not copied from those stopped LoRAs (a bank's anchors train to their last step)."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "per-user-lora,oppu,mta",
+                 "--stack-stop", "held-out", "--stack-steps", "4", "--user-steps", "4", "--oppu-steps", "4",
+                 *COMMON]) == 0
+    private = read_index(out / "fold0" / "per-user-lora")
+    assert private.config.stop == "held-out"
+    for a in private.anchors:
+        assert a.stopped_at is not None and len(a.held_out_losses) == 5 and a.steps == 4
+    for name in ("oppu", "mta"):
+        store = UserStore(out / "fold0" / name)
+        recs = [store.meta(u).stack for u in store.user_ids()]
+        assert recs and all(r.stopped_at is not None and len(r.held_out_losses) == 5 for r in recs)
+    bank = read_index(out / "fold0" / "bank")
+    assert bank.config.stop == "none" and all(a.reused_from is None and a.stopped_at is None for a in bank.anchors)
+    rows = {r["method"]: r["optimizer_steps"] for r in json.loads((out / "metrics.json").read_text())["results"]}
+    kept = [a.stopped_at for f in ("fold0", "fold1") for a in read_index(out / f / "per-user-lora").anchors]
+    assert rows["per-user-lora"]["LoRA"]["max"] == max(kept) and rows["per-user-lora"]["LoRA"]["min"] == min(kept)

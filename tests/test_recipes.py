@@ -42,16 +42,18 @@ def test_a_misplaced_or_broken_recipe_file_is_refused(tmp_path, monkeypatch):
 
 
 def test_config_identity_ignores_fields_added_later_at_their_defaults():
-    """Bank ids and user hashes are taken from ``identity``: a bank built before ``steps``
-    and ``bank_base`` existed keeps its id; setting either changes it."""
+    """Bank ids and user hashes are taken from ``identity``: a bank built before ``steps``,
+    ``bank_base`` and ``stop`` existed keeps its id; setting any changes it."""
     base = BankConfig()
-    assert "steps" not in base.identity() and "bank_base" not in base.identity()
-    assert base.identity() == {k: v for k, v in base.dump().items() if k not in ("steps", "bank_base")}
+    assert not {"steps", "bank_base", "stop"} & set(base.identity())
+    assert base.identity() == {k: v for k, v in base.dump().items() if k not in ("steps", "bank_base", "stop")}
     assert BankConfig(steps=4).identity()["steps"] == 4
     assert BankConfig(bank_base="task").identity()["bank_base"] == "task"
+    assert BankConfig(stop="held-out").identity()["stop"] == "held-out"
     a = AdaptConfig()
-    assert not {"stack_steps", "fusion_weights", "search_evals"} & set(a.identity())
+    assert not {"stack_steps", "fusion_weights", "search_evals", "stack_stop"} & set(a.identity())
     assert AdaptConfig(fusion_weights="searched").identity()["fusion_weights"] == "searched"
+    assert AdaptConfig(stack_stop="held-out").identity()["stack_stop"] == "held-out"
 
 
 @pytest.mark.integration

@@ -283,11 +283,12 @@ def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
 
 
 def test_trial_keys_of_logs_written_before_a_field_existed_still_match():
-    from mta.config import AdaptConfig
+    from mta.config import AdaptConfig, BankConfig
 
     # the key this trial had at befadcf, before AdaptConfig.stack_stop existed: a tune
     # resumed from a log of then must not run its finished trials again
     assert tune_mod._key(AdaptConfig.make(stack_lr=1e-3, stack_steps=32)) == "a9ce209decba"
+    assert tune_mod._key(BankConfig()) == "4ee7f9508e1c"  # (before BankConfig.stop existed)
     assert tune_mod._key(AdaptConfig.make(stack_lr=1e-3, stack_steps=32, stack_stop="held-out")) != "a9ce209decba"
     assert [o["adapt"]["stack_stop"] for o in GROUPS["stack stop"]] == ["none", "held-out"]
 

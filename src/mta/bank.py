@@ -39,7 +39,7 @@ from mta.engine.engine import Row
 from mta.engine.peft_io import WEIGHTS, load_adapter, load_anchor, save_adapter, save_anchor
 from mta.engine.train import Job, train_jobs
 from mta.errors import MtaError
-from mta.examples import loo_examples, negative_pool
+from mta.examples import held_out, loo_examples, negative_pool
 from mta.paths import LOCK, check_output_dir, fault, foreign_entries, recover, sha256_file, write_text_atomic, writer
 from mta.records import AnchorRecord, BankRecord, dump, read_bank_record
 from mta.tasks.base import Task
@@ -366,8 +366,13 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
     def row(j: int) -> Row:
         return Row([j, len(group)], [1.0, 1.0]) if residual else Row([j], [1.0])
 
-    jobs = [Job(j, examples(a), row(j), key=f"{key_prefix}:{a.user_id}") for j, a in enumerate(group)]
-    stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id, on_step=on_step)
+    # per-user LoRAs stopped on their user's held-out last item (BankConfig.stop, set by
+    # `mta eval` as MTA's stack is stopped); anchors and task LoRAs train to their last step
+    stopping = rec.kind == "private" and cfg.stop == "held-out"
+    split = [held_out(examples(a), stopping) for a in group]
+    jobs = [Job(j, fit, row(j), key=f"{key_prefix}:{a.user_id}") for j, (a, (fit, _)) in enumerate(zip(group, split))]
+    stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id, on_step=on_step,
+                       held_out=[h for _, h in split] if stopping else None)
     for j, a in enumerate(group):
         save_anchor(engine, j, adapter_dir(out, a.slot), base_model=rec.model,
                     extra={"user_id": a.user_id, "task": task.name})
@@ -375,6 +380,8 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
         a.done, a.examples, a.final_loss, a.first_loss = True, len(jobs[j].examples), losses[-1], losses[0]
         a.skipped_steps = stats["skipped_steps"].get(jobs[j].key, 0)
         a.steps = len(losses)
+        a.stopped_at = stats.get("stopped_at", {}).get(jobs[j].key)
+        a.held_out_losses = stats.get("held_out_losses", {}).get(jobs[j].key)
         a.sha256 = sha256_file(adapter_dir(out, a.slot) / WEIGHTS)
         a.train_seconds = (time.perf_counter() - t0) / len(group)
     return group

@@ -77,7 +77,7 @@ class _Config(BaseModel):
 
 
 # fields added after bank ids and user hashes were first taken from configs (``identity``)
-ADDED_FIELDS = {"BankConfig": ("steps", "bank_base"),
+ADDED_FIELDS = {"BankConfig": ("steps", "bank_base", "stop"),
                 "AdaptConfig": ("stack_steps", "fusion_weights", "search_evals", "stack_stop")}
 
 
@@ -214,6 +214,11 @@ class BankConfig(_Config):
     max_items: int | None = Field(None, ge=1, description="anchors (and per-user LoRAs) train on their latest "
                                   "N history items (default: all)", json_schema_extra=flag("anchor-items"))
     group_size: int = Field(8, ge=1, description="anchors trained per pass; a resumed build restarts a group")
+    stop: Literal["none", "held-out"] = Field(
+        "none", description="per-user LoRAs only (a private bank, the per-user-lora baseline): held-out keeps each "
+        "at the checked step with the lowest loss on its user's last history item; `mta eval` sets it from "
+        "--stack-stop, so every per-user part is stopped alike; anchors and task LoRAs train to their last step",
+        json_schema_extra={"cli": False})
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of k-means, initialisation, shuffling, folds and "
                       "bootstrap")
 

@@ -36,3 +36,13 @@ def loo_examples(task: Task, user: User, tokenizer, retrieve_k: int = 1,
         context = retrieve(task, inp, user.history, retrieve_k, exclude_id=item.id)
         out.append(encode_example(tokenizer, task.prompt(inp, context), target, max_length))
     return out
+
+
+def held_out(examples: list, on: bool) -> tuple[list, list]:
+    """(the examples an adapter trains on, those it is stopped by): with ``on``, the last
+    one (the user's most recent history item, as a new query would be; the history's order
+    is the data's) is held out when there are at least two; otherwise every example trains
+    and none is held out (``mta.engine.train``'s early stopping)."""
+    if on and len(examples) >= 2:
+        return examples[:-1], examples[-1:]
+    return examples, []

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from mta.config import AdaptConfig
 from mta.data.schema import User
 from mta.engine.train import Job, train_jobs
+from mta.examples import held_out
 from mta.mixing import Mixture, Plan
 from mta.records import StackRecord
 
@@ -68,13 +69,9 @@ def stack_passes(bank: LoadedBank, users: Sequence[User], mixes: Sequence[Mixtur
 
 
 def held_out_split(examples: list, cfg: AdaptConfig) -> tuple[list, list]:
-    """(the examples the stack trains on, those it is stopped by). ``stack_stop`` "held-out"
-    with a stack to train: the user's last history item's example is held out (the most
-    recent, as a new query would be; the history's order is the data's) when there are at
-    least two; otherwise every example trains and none is held out."""
-    if cfg.stack_stop == "held-out" and cfg.stack_epochs > 0 and len(examples) >= 2:
-        return examples[:-1], examples[-1:]
-    return examples, []
+    """(the examples the stack trains on, those it is stopped by): ``stack_stop``
+    "held-out" with a stack to train holds the user's last item out (``examples.held_out``)."""
+    return held_out(examples, cfg.stack_stop == "held-out" and cfg.stack_epochs > 0)
 
 
 def stack_record(user: User, cfg: AdaptConfig, stats: dict | None) -> StackRecord | None:

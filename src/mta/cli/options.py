@@ -92,6 +92,8 @@ def knobs(*configs: type) -> dict[str, Knob]:
     out: dict[str, Knob] = {}
     for cls in configs:
         for name, f in cls.model_fields.items():
+            if (f.json_schema_extra or {}).get("cli") is False:  # set by the library, not typed
+                continue
             flag = _flag(cls, name)
             cli_type, note = _cli_type(f.annotation)
             if flag in out:

@@ -208,13 +208,22 @@ def _answer(setup: EvalSetup, bank: LoadedBank, name: str, targets, res: FoldRes
     _collect(res, pairs, [a.output for a in answers], setup.task)
 
 
+def private_config(bank: BankConfig, adapt: AdaptConfig, baselines: BaselineConfig) -> BankConfig:
+    """The per-user LoRA baseline's recipe: the bank's, with its own budget, stopped as
+    MTA's stack is (``AdaptConfig.stack_stop``: every per-user part gets the same guard)."""
+    return baselines.bank_for("user", bank).model_copy(update={"stop": adapt.stack_stop})
+
+
 def run_private(setup: EvalSetup, targets, out: Path) -> FoldResult:
     """per-user-lora: a private bank of the targets (one LoRA each, one pass), each user
     answered through their own LoRA."""
     t0 = time.perf_counter()
-    rec = build_private(setup.backbone, list(targets), setup.task, setup.baselines.bank_for("user", setup.bank_cfg),
-                        out, _stages(setup, "per-user-lora"))
-    res = FoldResult(adapt_seconds=time.perf_counter() - t0, steps={"LoRA": [a.steps for a in rec.anchors]})
+    rec = build_private(setup.backbone, list(targets), setup.task,
+                        private_config(setup.bank_cfg, setup.adapt_cfg, setup.baselines), out,
+                        _stages(setup, "per-user-lora"))
+    # the steps whose adapter was kept: where early stopping stopped, else all
+    res = FoldResult(adapt_seconds=time.perf_counter() - t0, steps={"LoRA": [
+        a.steps if a.stopped_at is None else a.stopped_at for a in rec.anchors]})
     bank = LoadedBank(setup.backbone, out, setup.task)
     res.trainable_params_per_user = sum((ly.in_features + ly.out_features) * rec.config.rank
                                         for ly in setup.backbone.engine.bank_layers.values())

@@ -25,6 +25,7 @@ from mta.evaluation.methods import (
     EvalSetup,
     FoldResult,
     _stages,
+    private_config,
     run_adapted,
     run_prior,
     run_private,
@@ -151,7 +152,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     # ... only the anchors of a from-scratch bank, and only while the per-user LoRAs train
     # with the anchors' budget (``bank_for`` never sets a base: equal means lr and steps unset)
     scratch = setup.bank_cfg.model_copy(update={"bank_base": "none"})
-    reuse = setup.baselines.bank_for("user", setup.bank_cfg) == scratch
+    reuse = private_config(setup.bank_cfg, setup.adapt_cfg, setup.baselines) == scratch  # (never when stopped)
     # A method whose training diverges (a NaN the trainer cannot skip) is left out of the
     # report with its error, and the others go on: one baseline at too high a learning rate
     # must not cost a whole evaluation. Its adapters' folders are left as they are. A

@@ -36,7 +36,7 @@ from mta.config import AdaptConfig, BankConfig, BaselineConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
 from mta.evaluation.leaks import check_split
-from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup
+from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup, private_config
 from mta.evaluation.protocol import make_folds, persons_of
 from mta.evaluation.runner import diverged, run_eval
 from mta.paths import write_json_atomic
@@ -137,7 +137,7 @@ def dev_split(users, fraction: float, seed: int) -> list[str]:
 
 # fields added to the configs after trial logs were first kept: left out of a trial's key
 # while at their default, so a log written before they existed still names its trials
-KEY_ADDED = {"AdaptConfig": ("stack_stop",)}
+KEY_ADDED = {"AdaptConfig": ("stack_stop",), "BankConfig": ("stop",)}
 
 
 def _key(*cfgs) -> str:
@@ -187,7 +187,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         task_cfg = bl.bank_for("task", bc)
         # a residual bank also depends on the task LoRA it sits on
         shared = {"bank": (bc, task_cfg) if bc.bank_base == "task" else (bc,), "task-lora": (task_cfg,),
-                  "per-user-lora": (bl.bank_for("user", bc),),
+                  "per-user-lora": (private_config(bc, ac, bl),),
                   "bank-reference": (bc.model_copy(update={"bank_base": "none"}),)}
 
         def place(fold: int, what: str) -> Path:
