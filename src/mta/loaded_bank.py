@@ -337,8 +337,6 @@ class LoadedBank:
                 key = search_cache.key(self.bank_id, cfg.identity(), [
                     (users[i].user_id, history_hash(users[i], self.task.name, {})) for i in todo], first_pass, max_rows)
                 found = search_cache.get(key, len(todo))
-                if found is not None and any(f.anchors != mixes[i].anchors for f, i in zip(found, todo)):
-                    found = None  # cannot happen for one bank id; searched again rather than trusted
             if found is None:
                 found, _ = search_weights(  # never on a held-out item (stack_stop): it judges what follows
                     engine, [mixes[i] for i in todo], [held_out_split(examples_of(i), cfg)[0] for i in todo],

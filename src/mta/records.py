@@ -41,8 +41,8 @@ class AnchorRecord(_Record):
     sha256: str | None = None  # of the adapter's safetensors file, checked on load
     members: list[str] = []  # the users whose histories it trains on (anchor_training "cluster")
     skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient (mta.engine.train)
-    # stack_stop "held-out": the step whose adapter was kept (0: none of the updates) and
-    # the held-out loss at each checked step; None without early stopping
+    # a per-user LoRA with BankConfig.stop "held-out": the step whose adapter was kept (0:
+    # none of the updates) and the held-out loss at each checked step; None otherwise
     stopped_at: int | None = None
     held_out_losses: list[float] | None = None
     steps: int | None = None  # optimiser steps it trained for (None: copied in, or recorded before this field)

@@ -82,6 +82,16 @@ def _kaiming_uniform(shape, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
 
+def _check_slots(anchors: Sequence[int], weights: Sequence[float], n: int) -> None:
+    """A mixture's shape: as many weights as anchors (at least one), each anchor a slot of a
+    bank of ``n``."""
+    if len(anchors) != len(weights) or not anchors:
+        raise ValueError(f"a mixture needs as many weights as anchors (at least one); got {len(anchors)} "
+                         f"anchors and {len(weights)} weights")
+    if not all(0 <= a < n for a in anchors):
+        raise ValueError(f"anchor slots {list(anchors)} out of range (bank has {n})")
+
+
 class AdapterEngine:
     """Inject bank layers into ``model`` (in place) and route rows through them.
 
@@ -288,16 +298,8 @@ class AdapterEngine:
         for layer in self.layers.values():
             layer.set_fused(layer.fused_A[:0], layer.fused_B[:0], layer.fused_scale[:0])
 
-    def _check_mixture(self, anchors: Sequence[int], weights: Sequence[float], merge: str,
-                       n: int | None = None) -> None:
-        """``n``: the bank's anchors when the caller has them (``n_anchors`` walks every layer:
-        a caller checking many rows reads it once)."""
-        if len(anchors) != len(weights) or not anchors:
-            raise ValueError(f"a mixture needs as many weights as anchors (at least one); got {len(anchors)} "
-                             f"anchors and {len(weights)} weights")
-        n = self.n_anchors if n is None else n
-        if not all(0 <= a < n for a in anchors):
-            raise ValueError(f"anchor slots {list(anchors)} out of range (bank has {n})")
+    def _check_mixture(self, anchors: Sequence[int], weights: Sequence[float], merge: str) -> None:
+        _check_slots(anchors, weights, self.n_anchors)
         check_weights(torch.tensor(list(weights), dtype=torch.float64), merge)
 
     # -- trainable parameters ------------------------------------------------------------------------
@@ -393,10 +395,7 @@ class AdapterEngine:
             ids, ws = [], []
             for r in rows:
                 if r.anchors:
-                    if len(r.anchors) != len(r.weights):
-                        self._check_mixture(r.anchors, r.weights, "delta", n)  # (raises: its message)
-                    if not all(0 <= a < n for a in r.anchors):
-                        raise ValueError(f"anchor slots {list(r.anchors)} out of range (bank has {n})")
+                    _check_slots(r.anchors, r.weights, n)  # (the weights' finiteness: once, below)
                 pad = k - len(r.anchors)
                 ids.append([*r.anchors, *[0] * pad])
                 ws.append([*map(float, r.weights), *[0.0] * pad])

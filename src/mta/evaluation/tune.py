@@ -52,8 +52,8 @@ GROUPS: dict[str, list[Override]] = {
                       for lr, ep in ((3e-3, 1), (1e-3, 1), (3e-4, 2), (1e-4, 3))],
     "anchor training": [{"bank": {"anchor_training": m}} for m in ("user", "cluster")],
     "stack learning rate": [{"adapt": {"stack_lr": lr}} for lr in (3e-3, 1e-3, 3e-4, 1e-4)],
-    # early stopping of the stack (and of OPPU's user part, which follows it) on the user's
-    # last item (mta.stacking.held_out_split)
+    # early stopping of the stack (and of the baselines' per-user parts, which follow it) on
+    # the user's last item (mta.examples.held_out)
     "stack stop": [{"adapt": {"stack_stop": s}} for s in ("none", "held-out")],
     # the first three cost the same bytes per user (rank x blocks = 16); the last two more
     # than the default budget of a tenth of a per-user LoRA allows (see `stack_share`)

@@ -54,8 +54,8 @@ def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeC
         svc.scheduler.start()
         await asyncio.to_thread(svc.scheduler.warm_up)  # a compiled decoder compiles here, not under requests
         # what start-up made (the model, torch, transformers: about half a million objects)
-        # is left out of every later collection: a full collection scanning them stopped the
-        # decode loop for about 90 ms on this project's CPU (docs/serving.md, "Fed joins")
+        # is left out of every later collection: one full collection scanning them took 0.30 s
+        # inside a join on this project's CPU (docs/serving.md, "Garbage collection")
         gc.freeze()
         svc.ready = True
         yield
