@@ -20,7 +20,9 @@ DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
             "slots": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64),
             # `mta serve --decoder compiled`: the slot step through dynamo (aot_eager: its tracing
             # without code generation; inductor is the eval test's and the gpu tests')
-            "slots, compiled": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64, compile="aot_eager")}
+            "slots, compiled": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64, compile="aot_eager"),
+            # `mta serve --async-steps`: each step's tokens taken at the next
+            "slots, async steps": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64, async_steps=True)}
 
 
 def _alone(bb, prompt: list[int], row: Row, n: int) -> list[int]:
@@ -82,17 +84,19 @@ def test_stop_tokens_end_a_row(kind):
     assert s.finish == "stop" and s.tokens == free[:k]
 
 
-def test_slots_are_reused_and_the_cache_shifts_when_full():
+@pytest.mark.parametrize("async_steps", [False, True])
+def test_slots_are_reused_and_the_cache_shifts_when_full(async_steps):
     """Rows pass through a 3-slot decoder whose cache (2 x 24 positions) fills up several
     times: each row still gets its tokens alone, slots freed by finished rows are taken by
-    new ones, and the shared write position moves back when the cache is shifted."""
+    new ones, and the shared write position moves back when the cache is shifted (with
+    async steps too: a row known to have ended one step late)."""
     bb = _with_adapters()
     tok = bb.tokenizer
     texts = ["ab", "cdef", "g", "hijk", "lm", "nopq", "r", "stu"]
     rows = [Row([i % 3], [1.0], user=i % 2) if i % 4 else Row(active=False) for i in range(len(texts))]
     seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 6 + i % 5, frozenset())
             for i, (t, r) in enumerate(zip(texts, rows))]
-    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=24)
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=24, async_steps=async_steps)
     shifts = run_through_slots(dec, seqs, 3)
     assert shifts >= 1 and sorted(dec.free) == [0, 1, 2]
     for s in seqs:
@@ -384,3 +388,52 @@ def test_a_cached_users_short_rest_is_fed_through_the_decode_steps_without_stall
     forwards.clear()
     dec.merge(None, dec.advance(dec.start([seq(shared + "second one", a)], [("u1",)])))
     assert forwards == [1] and not dec.feeding
+
+
+def test_async_steps_take_each_steps_tokens_at_the_next_and_change_no_token():
+    """With async steps the rows take a step's tokens when the next step has been launched
+    (one step behind), a sampling row's step takes them at once, and nothing else changes:
+    rows joining (prefilled and fed from a cached prefix), stopping on a stop token, ending
+    at their length and sampling get the same tokens as with the synchronous loop."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    shared = "the same long task instruction that every prompt of this user starts with: "
+    a, b = Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1)
+    free = _alone(bb, tok("stop here", add_special_tokens=False)["input_ids"], Row(active=False), 8)
+    stop = frozenset({free[3]})  # the base row stops at its fourth token
+
+    def scenario(async_steps: bool) -> tuple[list[Sequence], list[int]]:
+        dec = SlotDecoder(bb, tok.pad_token_id, slots=4, span=128, prefix=PrefixCache(max_tokens=4096), feed=16,
+                          async_steps=async_steps)
+
+        def seq(text, row, n=6, stops=frozenset(), **kw):
+            return Sequence(tok(text, add_special_tokens=False)["input_ids"], row, n, stops, **kw)
+
+        first = seq(shared + "first question", a, 3)
+        batch = dec.merge(None, dec.advance(dec.start([first], [("u1",)])))
+        taken = []  # the first row's tokens after each of its steps
+        while first.finish is None:
+            dec.step(batch)
+            taken.append(len(first.tokens))
+        batch = dec.keep(batch, [])
+        rows = [seq("a row that keeps decoding", b, 12), seq("stop here", Row(active=False), 8, stop),
+                seq(shared + "second one", a), seq("a sampling row", a, 7, temperature=0.8, seed=5)]
+        batch = dec.merge(batch, dec.advance(dec.start(rows[:2], [None, None])))
+        dec.step(batch)
+        batch = dec.merge(batch, dec.advance(dec.start(rows[2:3], [("u1",)])))  # fed
+        for _ in range(3):
+            dec.step(batch)
+        batch = dec.merge(batch, dec.advance(dec.start(rows[3:], [None])))
+        while any(s.finish is None for s in batch.seqs):
+            batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+            dec.step(batch)
+        return [first, *rows], taken
+
+    sync, sync_taken = scenario(False)
+    ahead, ahead_taken = scenario(True)
+    # the prefill gave the first token; each step's own token is taken at the next step
+    assert sync_taken == [2, 3] and ahead_taken == [1, 2, 3]
+    assert [s.tokens for s in ahead] == [s.tokens for s in sync]
+    assert [s.finish for s in ahead] == [s.finish for s in sync] == ["length", "length", "stop", "length", "length"]
+    for s in ahead[:4]:
+        assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)[:len(s.tokens)]

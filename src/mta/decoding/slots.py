@@ -30,6 +30,15 @@ what held the running rows between two steps was the joining group's prefill. Wh
 takes its first token, the row's prompt keys and values are kept in the prefix cache, as
 a prefill keeps them.
 
+With ``async_steps`` the host runs one step behind the device: a step's tokens stay on
+the device as the next step's inputs (greedy rows: the captured argmax; fed rows: their
+next prompt token, written in place), go to a pinned host buffer without waiting, and the
+rows take them at the next step, once that one is launched; so the host's work between two
+steps (taking tokens, the server streaming text and admitting requests) runs while the
+device computes, not between its steps. A row that ends is known one step later: that
+step's token in its slot is computed and dropped. A step with a sampling row (drawn on the
+host from its logits) takes its tokens at once.
+
 Each row keeps its own position ids (as ``generate`` numbers a left-padded row), so its
 greedy tokens are what it gets alone (tested against one-by-one generation on the CPU,
 where the same step runs eagerly). Adapters ride along through the engine's fixed
@@ -77,6 +86,18 @@ class _Fed:
 
 
 @dataclass
+class _Taken:
+    """A step whose tokens the host has not taken yet (``async_steps``): the rows that take
+    them and their slots as they were at that step, the tokens' host copy (every slot's)
+    and the event after which it is complete (None: complete already, on a CPU)."""
+
+    seqs: list[Sequence]
+    slots: list[int]
+    tokens: torch.Tensor
+    done: torch.cuda.Event | None
+
+
+@dataclass
 class SlotPrefill:
     """Joining rows (``SlotDecoder.start``): those prefilled (``eager``, in chunks) and those
     fed through the decode steps, each with its index among the joining rows."""
@@ -105,11 +126,13 @@ class SlotDecoder:
     """Runs the server's rows in ``slots`` slots of one static cache, each row at most
     ``span`` tokens (prompt + new tokens). ``feed``: a joining row with a cached prompt
     prefix and at most this many tokens after it is fed through the decode steps (0: every
-    row is prefilled; `mta serve --feed-tokens`)."""
+    row is prefilled; `mta serve --feed-tokens`). ``async_steps``: each step's tokens are
+    taken by the rows at the next step, after it was launched (`mta serve --async-steps`;
+    module docstring)."""
 
     def __init__(self, backbone, pad_id: int, slots: int = 32, span: int = 2048, graph: bool | None = None,
                  compile: bool | str = False, prefix: PrefixCache | None = None, min_window: int = 64,
-                 feed: int = 0):
+                 feed: int = 0, async_steps: bool = False):
         if slots < 1 or span < 2:
             raise ValueError(f"a slot decoder needs at least 1 slot and a span of 2, not {slots} x {span}")
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
@@ -129,6 +152,10 @@ class SlotDecoder:
         self.eager.router = self._prefill_routing
         self.prefix, self.feed = prefix, feed
         self.feeding: dict[int, tuple[_Fed, list[int]]] = {}  # slot -> its fed row, the prompt tokens still to go in
+        self.async_steps = async_steps
+        self._taken: _Taken | None = None  # the last step's tokens, not taken yet (async_steps)
+        pin = self.g.tok.device.type == "cuda"  # two host buffers: one step's copy lands while the last's is read
+        self._host = [torch.empty(slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
 
     # -- the scheduler's interface ---------------------------------------------------------
     def prefill(self, seqs: list[Sequence]) -> Joining:
@@ -259,11 +286,14 @@ class SlotDecoder:
                 self.feeding.pop(slot, None)
                 self.free.append(slot)
         self.free.sort()
+        if not rows:  # a step run ahead only holds tokens of rows that ended
+            self._taken = None
         return SlotBatch([batch.seqs[k] for k in rows], [batch.slots[k] for k in rows], batch.routing)
 
     @torch.no_grad()
     def step(self, batch: SlotBatch) -> None:
-        """One decode step for every slot; the running rows take their tokens."""
+        """One decode step for every slot; the running rows take their tokens (with
+        ``async_steps``, the previous step's: this step's are taken at the next)."""
         self._fit_window(batch)
         if batch.routing is None:  # the rows changed: refill the fixed routing once
             rows = [Row(active=False)] * self.n
@@ -275,31 +305,63 @@ class SlotDecoder:
         with fixed_on(self.engine, self.fixed.layout):
             self.g.advance()
         self.t += 1
-        nxt = self.g.tok[:, 0].clone()
-        taking, first = [], []  # rows that take this step's token; fed rows taking their first
-        feeding: tuple[list[int], list[int]] = ([], [])  # fed rows' slots and their next prompt tokens
-        for k, (s, slot) in enumerate(zip(batch.seqs, batch.slots)):
+        seqs, slots = self._feed(batch)
+        if self.async_steps and not any(s.temperature > 0 for s in seqs):
+            # this step's tokens go to the host while the next step runs; the last step's are taken now
+            buf, self._host = self._host[0], self._host[::-1]
+            buf.copy_(self.g.tok[:, 0], non_blocking=True)
+            done = torch.cuda.Event() if buf.is_pinned() else None
+            if done is not None:
+                done.record()
+            last, self._taken = self._taken, _Taken(seqs, slots, buf, done)
+            self._take(last)
+            return
+        self._take(self._taken)  # (a step before this one that ran ahead)
+        self._taken = None
+        for s, slot in zip(seqs, slots):  # a sampled token is the next input
+            if s.temperature > 0:
+                self.g.tok[slot, 0] = sample(self.g.logits[slot], s)
+        tokens = self.g.tok[:, 0].tolist()
+        take_tokens(seqs, [tokens[slot] for slot in slots])
+
+    def _feed(self, batch: SlotBatch) -> tuple[list[Sequence], list[int]]:
+        """After a step: the rows that take its token and their slots. A fed row still feeding
+        its prompt takes none: its next prompt token is the next step's input (one write for
+        all of them); one whose last prompt token went in takes its first, and its prompt's
+        keys and values (all in the cache now but that token's) go into the prefix cache."""
+        seqs, slots, feed_slots, feed_tokens = [], [], [], []
+        for s, slot in zip(batch.seqs, batch.slots):
             fed = self.feeding.get(slot)
             if fed is not None:
-                rest = fed[1]
-                if rest:  # still feeding its prompt: the next prompt token is the next input
-                    feeding[0].append(slot)
-                    feeding[1].append(rest.pop(0))
+                if fed[1]:
+                    feed_slots.append(slot)
+                    feed_tokens.append(fed[1].pop(0))
                     continue
-                del self.feeding[slot]  # its last prompt token went in: this is its first token
-                first.append((fed[0], slot))
-            if s.temperature > 0:
-                nxt[slot] = sample(self.g.logits[slot], s)
-            taking.append(k)
-        if feeding[0]:  # one write for all of them
-            nxt[torch.tensor(feeding[0], device=nxt.device)] = torch.tensor(feeding[1], dtype=nxt.dtype).to(nxt.device)
-        self.g.tok[:, 0].copy_(nxt)  # a sampled (or fed) token is the next input
-        if len(taking) == len(batch.seqs):
-            take_tokens(batch.seqs, nxt[batch.slots].tolist())
-        elif taking:
-            take_tokens([batch.seqs[k] for k in taking], nxt[[batch.slots[k] for k in taking]].tolist())
-        for f, slot in first:
-            self._keep_prefix(f, slot)
+                del self.feeding[slot]
+                self._keep_prefix(fed[0], slot)
+            seqs.append(s)
+            slots.append(slot)
+        if feed_slots:
+            self.g.tok[self._on_device(feed_slots), 0] = self._on_device(feed_tokens)
+        return seqs, slots
+
+    def _on_device(self, values: list[int]) -> torch.Tensor:
+        """Host integers on the step's device without waiting for the step: through pinned
+        memory on CUDA (a copy from pageable memory may wait for the stream)."""
+        t = torch.tensor(values, dtype=torch.long)
+        if self.g.device.type == "cuda":
+            return t.pin_memory().to(self.g.device, non_blocking=True)
+        return t
+
+    def _take(self, taken: _Taken | None) -> None:
+        """The rows of a step that ran ahead take its tokens, once they are on the host (a
+        row that finished or left since takes none: ``take_tokens`` skips finished rows)."""
+        if taken is None:
+            return
+        if taken.done is not None:
+            taken.done.synchronize()
+        tokens = taken.tokens.tolist()
+        take_tokens(taken.seqs, [tokens[slot] for slot in taken.slots])
 
     def _keep_prefix(self, f: _Fed, slot: int) -> None:
         """A fed row's prompt keys and values (all but the last token's) into the prefix
@@ -364,7 +426,7 @@ class SlotDecoder:
 
     def _release_all(self) -> None:
         self.g.bias.fill_(self.g.neg)
-        self.free, self.row_start, self.feeding = list(range(self.n)), {}, {}
+        self.free, self.row_start, self.feeding, self._taken = list(range(self.n)), {}, {}, None
 
     def _shift(self, batch: SlotBatch | None) -> int:
         """How far every slot can move left: the oldest live row's start (all of ``t`` when
