@@ -283,8 +283,9 @@ def test_slot_decoder_captured_equals_each_row_alone(compile):
 
 def test_compiled_slot_loop_with_chunked_prefill_and_prefix_hits_equals_each_row_alone():
     """What `mta serve` runs on CUDA by default: the compiled, captured slot step, prompts
-    prefilled in chunks, a user's second prompt starting from their cached prefix; every
-    row gets its tokens alone (fp32)."""
+    prefilled in chunks, a user's second prompt starting from their cached prefix, then fed
+    joins, then the host a step behind (--async-steps); every row gets its tokens alone
+    (fp32)."""
     from types import SimpleNamespace
 
     from mta.decoding.eager import Sequence
@@ -324,4 +325,8 @@ def test_compiled_slot_loop_with_chunked_prefill_and_prefix_hits_equals_each_row
     run([shared + "third question", "a third user", shared + "y?"], [ROWS[0], ROWS[2], ROWS[1]],
         [("u0", "v"), ("u3", "v"), ("u2", "v")])
     assert placed == [2]
+    dec.async_steps = True  # `mta serve --async-steps`: tokens through the pinned copy, taken a step later
+    run([shared + "fourth question", "a fourth user", shared + "y!"], [ROWS[0], ROWS[2], ROWS[1]],
+        [("u0", "v"), ("u4", "v"), ("u2", "v")])
+    assert placed == [2, 2] and dec._host[0].is_pinned()
     print(f"compiled slot loop: prefix hits {cache.hits}, reused {cache.reused} tokens; {placed[0]} rows fed")

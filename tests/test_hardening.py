@@ -798,7 +798,8 @@ def test_the_servers_fed_joins_answer_what_prefilled_joins_answer(tmp_path):
     """The slot decoder's scheduler with a prefix cache: a user's later requests, whose
     prompts share all but a few tokens with the first, are fed through the decode steps
     (--feed-tokens) instead of prefilled, and every request gets the text it gets when
-    each joining request is prefilled (--feed-tokens 0)."""
+    each joining request is prefilled (--feed-tokens 0), and when the loop's host runs a
+    step behind the device (--async-steps)."""
     from mta.config import GenerateConfig
     from mta.decoding.slots import SlotDecoder
     from mta.serving.metrics import Metrics
@@ -811,10 +812,12 @@ def test_the_servers_fed_joins_answer_what_prefilled_joins_answer(tmp_path):
 
     counted = []
 
-    def answers(feed: int) -> dict[int, str]:
+    def answers(feed: int, async_steps: bool = False) -> dict[int, str]:
         metrics = Metrics()
         sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=5, decoder="graph"), max_batch=4,
-                          prefix_tokens=4096, join_rows=1, join_wait=0.0, feed_tokens=feed, metrics=metrics)
+                          prefix_tokens=4096, join_rows=1, join_wait=0.0, feed_tokens=feed, metrics=metrics,
+                          async_steps=async_steps)
+        assert sched.decoder.async_steps is async_steps
         sched.stop_ids = frozenset()
         out: dict[int, str] = {}
 
@@ -838,6 +841,7 @@ def test_the_servers_fed_joins_answer_what_prefilled_joins_answer(tmp_path):
         assert sum(fed) >= 1 and counted == [sum(fed)]  # later requests were fed, and counted
         fed.clear()
         assert answers(0) == with_feeding and not fed and len(with_feeding) == 7
+        assert answers(16, async_steps=True) == with_feeding
     finally:
         SlotDecoder._place_fed = real
 

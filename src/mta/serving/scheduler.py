@@ -97,7 +97,7 @@ class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512,
                  prefill_chunk: int = 0, prefix_tokens: int = 0, join_rows: int | None = None,
-                 join_wait: float | None = None, feed_tokens: int | None = None):
+                 join_wait: float | None = None, feed_tokens: int | None = None, async_steps: bool | None = None):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
         # prompts are tokenized by the submitting threads, beside this thread's incremental
@@ -114,7 +114,8 @@ class Scheduler:
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
                                        span=gen.max_prompt_tokens + max_tokens, compile=self.decoder_kind == "compiled",
                                        prefix=self.prefix,
-                                       feed=ServeConfig().feed_tokens if feed_tokens is None else feed_tokens)
+                                       feed=ServeConfig().feed_tokens if feed_tokens is None else feed_tokens,
+                                       async_steps=ServeConfig().async_steps if async_steps is None else async_steps)
             bank.backbone.recap_memory()  # --gpu-memory auto: the static cache is held like the model
         else:
             self.decoder = Decoder(bank.backbone, self.tok.pad_token_id, self.prefix)

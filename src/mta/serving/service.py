@@ -114,7 +114,7 @@ class Service:
         self.adapt_cfg = bank.settings(adapt_cfg)  # once: what was typed, else the bank's and the model's recipes
         self.scheduler = Scheduler(bank, store, gen, cfg.max_batch, cfg.max_queue, self.adapt_cfg, self.metrics,
                                    cfg.max_tokens, cfg.prefill_chunk, cfg.prefix_cache_tokens,
-                                   cfg.join_rows, cfg.join_wait_ms / 1000.0, cfg.feed_tokens)
+                                   cfg.join_rows, cfg.join_wait_ms / 1000.0, cfg.feed_tokens, cfg.async_steps)
         self.histories = Histories(bank.task, users or [], store)
         self.jobs: dict[str, AdaptJob] = {}
         self.job_prefix = job_prefix
