@@ -11,6 +11,7 @@ client threads, and prints requests/s, tokens/s, p50/p99 latency and the error c
 each, with the ratio; the JSON goes to --out.
 
     .venv/bin/python benchmarks/serve_load.py --rate 8 --decoder generate,graph,compiled --clients 64
+    .venv/bin/python benchmarks/serve_load.py --rate 256 --decoder compiled,compiled-async ...  # --async-steps
 
 With --rate R the load is open-loop: request i is sent at i / R seconds whatever the
 answers before it (as users arrive, not as a fixed set of clients wait), streamed, so each
@@ -112,6 +113,8 @@ def server(work: Path, a, max_batch: int, decoder: str, extra: tuple[str, ...] =
     url = f"http://127.0.0.1:{port}"
     tag = "".join(c if c.isalnum() else "-" for c in name)
     log = (work / f"serve-b{max_batch}-{decoder}{'-' + tag if tag else ''}.log").open("w")
+    if decoder.endswith("-async"):  # the slot decoder with its host a step behind
+        decoder, extra = decoder.removesuffix("-async"), (*extra, "--async-steps")
     proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(work / "bank"), "--store",
                              str(work / "store"), "--users", str(work / "data"), "--keys", str(work / "keys.json"),
                              "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(a.requests),
@@ -294,8 +297,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--decoder", default="generate",
                     help="the server's decode loop: generate (its eager one), graph (the slot decoder, its step "
-                         "captured), compiled (the slot decoder with its step compiled first); with --rate, "
-                         "several separated by commas, one server each")
+                         "captured), compiled (the slot decoder with its step compiled first), graph-async "
+                         "or compiled-async (the same with --async-steps); with --rate, several separated by "
+                         "commas, one server each")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--requests", type=int, default=500)
@@ -315,10 +319,10 @@ def main() -> None:
                     "adapted by the worker the whole time, and with jobs on the decode loop's thread")
     a = ap.parse_args()
     decoders = [d.strip() for d in a.decoder.split(",")]
-    bad = [d for d in decoders if d not in ("generate", "graph", "compiled")]
+    bad = [d for d in decoders if d not in ("generate", "graph", "compiled", "graph-async", "compiled-async")]
     if bad or (len(decoders) > 1 and a.rate is None):
-        ap.error(f"--decoder {a.decoder!r}: one of generate, graph, compiled (several, separated by commas, "
-                 "only with --rate)")
+        ap.error(f"--decoder {a.decoder!r}: one of generate, graph, compiled, graph-async, compiled-async "
+                 "(several, separated by commas, only with --rate)")
     if a.rate is not None and (a.rate <= 0 or a.adapt_during):
         ap.error("--rate takes a positive number of requests per second, and not with --adapt-during")
     if a.model == "tiny-random-llama" and a.embedder == "minilm-l6":
@@ -387,6 +391,14 @@ def report_open_loop(a, rows: list[dict]) -> None:
         mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
         mine["tokens_vs_base"] = mine["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
         print(f"{d}: mta / mta-base tokens/s {mine['tokens_vs_base']:.3f}")
+    for d in dict.fromkeys(r["decoder"] for r in rows if r["decoder"].endswith("-async")):
+        sync = d.removesuffix("-async")
+        for m in ("mta", "mta-base"):
+            ahead = next(r for r in rows if r["decoder"] == d and r["model"] == m)
+            same = next((r for r in rows if r["decoder"] == sync and r["model"] == m), None)
+            if same and same["tokens_per_s"]:
+                ahead["tokens_vs_sync"] = ahead["tokens_per_s"] / same["tokens_per_s"]
+                print(f"{m}: {d} / {sync} tokens/s {ahead['tokens_vs_sync']:.3f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": a.model, "device": a.device, "open_loop": True, "rate_per_s": a.rate,
                                  "max_tokens": a.max_tokens, "prompt": a.prompt, "rows": rows}, indent=2) + "\n")

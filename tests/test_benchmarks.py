@@ -83,14 +83,20 @@ def test_integrity_benchmark_runs(tmp_path):
 
 
 def test_serve_load_benchmark_tiny_open_loop(tmp_path):
-    """The open-loop load (one server, the slot decoder): per-user and base rows, each with
-    its streamed latencies and no error."""
+    """The open-loop load (a server per decoder: the slot decoder, then the same with its host
+    a step behind): per-user and base rows, each with its streamed latencies and no error,
+    the async rows against the synchronous ones."""
     out = tmp_path / "serve.json"
     r = _run("serve_load.py", "--model", "tiny-random-llama", "--requests", "12", "--clients", "4", "--users", "3",
-             "--rate", "20", "--decoder", "graph", "--max-tokens", "6", "--out", str(out))
+             "--rate", "20", "--decoder", "graph,graph-async", "--max-tokens", "6", "--out", str(out), "--work",
+             str(tmp_path / "work"))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(x["decoder"], x["model"]) for x in rows] == [("graph", "mta"), ("graph", "mta-base")]
+    assert [(x["decoder"], x["model"]) for x in rows] == [("graph", "mta"), ("graph", "mta-base"),
+                                                          ("graph-async", "mta"), ("graph-async", "mta-base")]
+    assert all(x["tokens_vs_sync"] > 0 for x in rows[2:]) and "graph-async / graph tokens/s" in r.stdout
+    logs = {d: (tmp_path / "work" / f"serve-b4-{d}.log").read_text() for d in ("graph", "graph-async")}
+    assert "decode loop graph, async steps)" in logs["graph-async"] and "decode loop graph)" in logs["graph"]
     for x in rows:
         assert x["errors"] == 0 and x["tokens_per_s"] > 0
         assert 0 < x["ttft_p50_s"] <= x["ttft_p99_s"] and 0 < x["itl_p50_s"] <= x["itl_p99_s"]

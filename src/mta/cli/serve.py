@@ -64,9 +64,10 @@ def serve_cmd(
     loaded = LoadedBank(backbone, bank, resident=cfg.serve.resident)
     app = build_app(loaded, st, key_table, cfg.serve, cfg.generate, histories, cfg.adapt, backbone=cfg.backbone)
     s = cfg.serve
-    err_console.print(f"serving {escape(str(bank))} ({rec.task}, {backbone.model_id} on {backbone.device}) at "
-                      f"http://{s.host}:{s.port}")
     scheduler = app.state.scheduler
+    loop = scheduler.decoder_kind + (", async steps" if getattr(scheduler.decoder, "async_steps", False) else "")
+    err_console.print(f"serving {escape(str(bank))} ({rec.task}, {backbone.model_id} on {backbone.device}; decode "
+                      f"loop {loop}) at http://{s.host}:{s.port}")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # told to stop: requests still running a second before
