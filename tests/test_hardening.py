@@ -218,6 +218,34 @@ def test_a_stage_without_reports_still_prints_that_it_is_working_until_the_comma
     assert not capsys.readouterr().err and bars.stopped.is_set()  # progress() ended: the heartbeat stopped
 
 
+def test_a_parts_stages_are_named_after_it_and_leave_with_the_next_part(capsys):
+    """``Bars.part``: a long job's parts (a tune's trials) report their stages under the
+    part's name; the next part drops the last one's bars, the job's own stay (a terminal's
+    rich bars, or plain lines without a terminal)."""
+    from rich.progress import Progress
+
+    import mta.cli.common as common
+
+    bar = Progress(console=common.err_console)
+    bars = common.Bars(bar)
+    bars("tune trials", 0, 3)
+    first = bars.part("trial 00")
+    first("bank steps", 2, 4)
+    first("prompts", 1, 8)
+    assert sorted(t.description for t in bar.tasks) == ["trial 00: bank steps", "trial 00: prompts", "tune trials"]
+    second = bars.part("trial 01")
+    second("bank steps", 1, 4)
+    assert sorted(t.description for t in bar.tasks) == ["trial 01: bank steps", "tune trials"]
+    assert next(t for t in bar.tasks if t.description == "trial 01: bank steps").completed == 1
+    plain = common.Bars(None)
+    plain.part("trial 00")("prompts", 3, 8)
+    plain.part("trial 01")("prompts", 2, 8)  # counted afresh, not 3 + 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["trial 00: prompts: 3/8 (38%), 0 s", "trial 01: prompts: 2/8 (25%), 0 s"]
+    assert list(plain.plain) == ["trial 01: prompts"]
+    plain.close()
+
+
 def test_a_body_over_the_limit_is_refused_with_or_without_its_length(tmp_path):
     """--max-body-bytes holds for a chunked body too (it was checked against
     Content-Length only, so a long chunked body was read whole)."""

@@ -85,6 +85,22 @@ class Bars:
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.heart: threading.Thread | None = None
+        self._part = ""  # the stage names' prefix of the current part (``part``)
+
+    def part(self, name: str):
+        """Progress of one part of a longer job (a tune's trial): its stages reported as
+        "NAME: stage"; the stages of the part before it are dropped (their bars leave the
+        terminal), so a long job shows its own bars and its current part's."""
+        with self.lock:
+            for stage in [st for st in {*self.ids, *self.plain} if st.startswith(self._part)] if self._part else []:
+                if stage in self.ids and self.bar is not None:
+                    self.bar.remove_task(self.ids.pop(stage))
+                self.plain.pop(stage, None)
+                if self.current == stage:
+                    self.current = None
+            self._part = f"{name}: "
+        prefix = self._part
+        return lambda stage, done, total: self(prefix + stage, done, total)
 
     def close(self) -> None:
         """Stop the heartbeat (the command's work is over)."""

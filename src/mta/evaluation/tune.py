@@ -195,7 +195,12 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 return out / "banks" / _key(*shared[what]) / f"fold{fold}" / what
             return trial / f"fold{fold}" / what
 
-        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, None, setup.max_new_tokens, baselines=bl,
+        # each trial's own stages (banks, users, prompts), under its name; the CLI's bars drop
+        # the trial before's (``Bars.part``), a plain callback gets them named
+        part = getattr(progress, "part", None)
+        trial_progress = part(f"trial {name}") if part else (
+            (lambda stage, done, total: progress(f"trial {name}: {stage}", done, total)) if progress else None)
+        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, trial_progress, setup.max_new_tokens, baselines=bl,
                       search_cache=SearchCache(out / "searched") if share_search else None)
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
                         place=place, history_queries=history_queries, leak_check=False)
