@@ -373,11 +373,12 @@ def report_open_loop(a, rows: list[dict]) -> None:
           f"{a.clients}, {a.users} users, max_tokens {a.max_tokens}")
     print("(ITL: the server's, every token: mean, and the histogram bucket its p50 / p99 fall under; "
           "step: the server's decode step, mean)")
-    print(f"{'decoder':<9} {'model':<9} {'tok/s':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ITL mean ms':>11} "
+    w = max(9, *(len(r["decoder"]) for r in rows))
+    print(f"{'decoder':<{w}} {'model':<9} {'tok/s':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ITL mean ms':>11} "
           f"{'ITL p50 <=':>10} {'ITL p99 <=':>10} {'step ms':>7} {'errors':>6}")
     for r in rows:
         itl, step = r["server_itl"], r["server_step"]
-        print(f"{r['decoder']:<9} {r['model']:<9} {r['tokens_per_s']:>8.1f} {ms(r['ttft_p50_s']):>11} "
+        print(f"{r['decoder']:<{w}} {r['model']:<9} {r['tokens_per_s']:>8.1f} {ms(r['ttft_p50_s']):>11} "
               f"{ms(r['ttft_p99_s']):>11} {ms(itl.get('mean_s')):>11} {ms(itl.get('p50_le_s')):>10} "
               f"{ms(itl.get('p99_le_s')):>10} {ms(step.get('mean_s')):>7} {r['errors']:>6}")
     print("the scheduler's seconds by phase, its joins (groups of requests joining the running batch) and the "
@@ -385,7 +386,7 @@ def report_open_loop(a, rows: list[dict]) -> None:
     for r in rows:
         ph = r.get("server_phase_s", {})
         parts = " ".join(f"{k} {v:.1f} s" for k, v in ph.items())
-        print(f"  {r['decoder']:<9} {r['model']:<9} wall {r['wall_s']:.1f} s: {parts or '-'}; "
+        print(f"  {r['decoder']:<{w}} {r['model']:<9} wall {r['wall_s']:.1f} s: {parts or '-'}; "
               f"{r.get('server_joins', 0)} joins, {r.get('server_fed', 0)} fed")
     for d in dict.fromkeys(r["decoder"] for r in rows):
         mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
