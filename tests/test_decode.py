@@ -190,7 +190,7 @@ def test_the_slot_decoder_builds_a_new_batchs_routing_once(monkeypatch):
     assert calls == [4]
 
 
-@pytest.mark.parametrize("kind", ["slots", "slots, compiled"])
+@pytest.mark.parametrize("kind", ["slots", "slots, compiled", "slots, async steps"])
 def test_a_warmed_up_slot_decoder_frees_its_slots_and_changes_no_token(kind):
     """The server's warm-up (every slot through an anchor mixture, then a base row) leaves
     every slot free, and rows decoded after it get the tokens they get alone."""
@@ -200,7 +200,7 @@ def test_a_warmed_up_slot_decoder_frees_its_slots_and_changes_no_token(kind):
     prompt = tok("warm-up", add_special_tokens=False)["input_ids"]
     dec.warm([Row([0, 1], [0.5, 0.5])] * dec.n, prompt, steps=3)
     dec.warm([Row(active=False)], prompt, steps=3)
-    assert sorted(dec.free) == list(range(dec.n)) and not dec.row_start
+    assert sorted(dec.free) == list(range(dec.n)) and not dec.row_start and dec._taken is None
     rows = [Row([0, 1], [0.6, 0.4], user=0), Row(active=False)]
     seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 6, frozenset())
             for t, r in zip(("hello there", "a longer prompt"), rows)]
