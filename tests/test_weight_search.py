@@ -144,7 +144,7 @@ def test_a_search_cache_returns_what_the_search_would_and_only_for_the_same_sear
     assert weights("f", cache, stack_lr=3e-3) == first and len(calls) == 5
 
 
-def test_held_out_stopping_keeps_the_last_item_out_of_the_search_and_the_stack(tmp_path, monkeypatch):
+def test_held_out_stopping_keeps_the_last_item_out_of_the_search_and_the_stack(tmp_path, monkeypatch, capsys):
     import mta.loaded_bank as lb
     import mta.stacking as st
     from mta.bank import build_bank
@@ -176,6 +176,11 @@ def test_held_out_stopping_keeps_the_last_item_out_of_the_search_and_the_stack(t
     for u in users[:3]:
         rec = store.meta(u.user_id).stack
         assert rec.stopped_at in (0, 1, 2, 3, 4) and len(rec.held_out_losses) == 5 and len(rec.losses) == 4
+    capsys.readouterr()
+    assert main(["store", "list", str(tmp_path / "s")]) == 0  # the kept step of each stopped stack
+    listed = " ".join(capsys.readouterr().out.split())
+    kept = [store.meta(u.user_id).stack.stopped_at for u in users[:3]]
+    assert "stack steps" in listed and all(f"kept {k} of 4" in listed for k in kept), listed
     # without it: every item searches and trains, nothing is recorded of a stop
     store2 = UserStore(tmp_path / "s2", create=True)
     bank.adapt(users[:3], cfg.model_copy(update={"stack_stop": "none"}), store2)

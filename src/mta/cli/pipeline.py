@@ -107,22 +107,31 @@ def store_list(store: Path = typer.Argument(..., help="A user store directory.")
     good = [e for e in entries if e.record]
     table = Table(title=f"{escape(str(store))}: {len(good)} users" + (f", {len(entries) - len(good)} corrupt"
                                                                        if len(good) < len(entries) else ""))
-    for col in ("user", "anchors (weight)", "merge", "stack rank", "bytes"):
+    for col in ("user", "anchors (weight)", "merge", "stack rank", "stack steps", "bytes"):
         table.add_column(col)
     total = 0
     for e in entries:
         b = st.bytes_of(e.record.user_id) if e.record else 0
         total += b
         if e.record is None:
-            table.add_row(f"[red]corrupt[/red] users/{e.key}", escape(e.problem or ""), "-", "-", "-")
+            table.add_row(f"[red]corrupt[/red] users/{e.key}", escape(e.problem or ""), "-", "-", "-", "-")
             continue
         m = e.record
         mix = ", ".join(f"{a} ({w:.2f})" for a, w in zip(m.anchor_users, m.weights))
         table.add_row(escape(repr(m.user_id)[1:-1]), escape(mix) or "-", m.merge,
-                      str(m.stack.rank) if m.stack else "-", f"{b:,}")
+                      str(m.stack.rank) if m.stack else "-", _stack_steps(m.stack), f"{b:,}")
     console.print(table)
     if good:
         console.print(f"{total / len(good):,.0f} bytes per user on average")
+
+
+def _stack_steps(stack) -> str:
+    """The stack's optimiser steps; with early stopping, the step kept of them (0: none of
+    its updates)."""
+    if stack is None:
+        return "-"
+    steps = len(stack.losses)
+    return f"kept {stack.stopped_at} of {steps}" if stack.stopped_at is not None else str(steps)
 
 
 @store_app.command("delete")
