@@ -420,7 +420,8 @@ def test_async_steps_take_each_steps_tokens_at_the_next_and_change_no_token():
                 seq(shared + "second one", a), seq("a sampling row", a, 7, temperature=0.8, seed=5)]
         batch = dec.merge(batch, dec.advance(dec.start(rows[:2], [None, None])))
         dec.step(batch)
-        batch = dec.merge(batch, dec.advance(dec.start(rows[2:3], [("u1",)])))  # fed
+        batch = dec.merge(batch, dec.advance(dec.start(rows[2:3], [("u1",)])))
+        assert len(dec.feeding) == 1  # fed through the steps, not prefilled
         for _ in range(3):
             dec.step(batch)
         batch = dec.merge(batch, dec.advance(dec.start(rows[3:], [None])))

@@ -111,6 +111,12 @@ class StackRecord(_Record):
     stopped_at: int | None = None
     held_out_losses: list[float] | None = None
 
+    @property
+    def kept_steps(self) -> int:
+        """Optimiser steps whose updates the stored stack holds: every one it trained for,
+        or with early stopping the step kept (0: none)."""
+        return len(self.losses) if self.stopped_at is None else self.stopped_at
+
 
 # the most an anchor may weigh in a user's mixture: similarity weights are at most 1,
 # searched ones at most 2 (mta.weight_search); a record beyond this was edited or damaged

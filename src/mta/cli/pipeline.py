@@ -126,12 +126,10 @@ def store_list(store: Path = typer.Argument(..., help="A user store directory.")
 
 
 def _stack_steps(stack) -> str:
-    """The stack's optimiser steps; with early stopping, the step kept of them (0: none of
-    its updates)."""
+    """The stack's optimiser steps; with early stopping, the step kept of them."""
     if stack is None:
         return "-"
-    steps = len(stack.losses)
-    return f"kept {stack.stopped_at} of {steps}" if stack.stopped_at is not None else str(steps)
+    return f"kept {stack.kept_steps} of {len(stack.losses)}" if stack.stopped_at is not None else str(stack.kept_steps)
 
 
 @store_app.command("delete")

@@ -276,6 +276,6 @@ def run_adapted(setup: EvalSetup, name: str, bank: LoadedBank, targets, out: Pat
     if any(st is not None for st in stacks):
         # the steps whose adapter was kept: where early stopping stopped, else all
         res.steps["user part" if name == "oppu" else "stack"] = [
-            len(st.losses) if st.stopped_at is None else st.stopped_at for st in stacks if st is not None]
+            st.kept_steps for st in stacks if st is not None]
     _answer(setup, bank, name, targets, res, store, cfg)
     return res
