@@ -11,7 +11,7 @@ client threads, and prints requests/s, tokens/s, p50/p99 latency and the error c
 each, with the ratio; the JSON goes to --out.
 
     .venv/bin/python benchmarks/serve_load.py --rate 8 --decoder generate,graph,compiled --clients 64
-    .venv/bin/python benchmarks/serve_load.py --rate 256 --decoder compiled,compiled-async ...  # --async-steps
+    .venv/bin/python benchmarks/serve_load.py --rate 256 --decoder compiled,compiled-async ...  # sync, async
 
 With --rate R the load is open-loop: request i is sent at i / R seconds whatever the
 answers before it (as users arrive, not as a fixed set of clients wait), streamed, so each
@@ -113,8 +113,10 @@ def server(work: Path, a, max_batch: int, decoder: str, extra: tuple[str, ...] =
     url = f"http://127.0.0.1:{port}"
     tag = "".join(c if c.isalnum() else "-" for c in name)
     log = (work / f"serve-b{max_batch}-{decoder}{'-' + tag if tag else ''}.log").open("w")
-    if decoder.endswith("-async"):  # the slot decoder with its host a step behind
+    if decoder.endswith("-async"):  # the slot decoder with its host a step behind (the server's default)
         decoder, extra = decoder.removesuffix("-async"), (*extra, "--async-steps")
+    elif decoder in ("graph", "compiled"):  # the synchronous slot loop, the async one's reference
+        extra = (*extra, "--no-async-steps")
     proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--bank", str(work / "bank"), "--store",
                              str(work / "store"), "--users", str(work / "data"), "--keys", str(work / "keys.json"),
                              "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(a.requests),
@@ -297,9 +299,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--decoder", default="generate",
                     help="the server's decode loop: generate (its eager one), graph (the slot decoder, its step "
-                         "captured), compiled (the slot decoder with its step compiled first), graph-async "
-                         "or compiled-async (the same with --async-steps); with --rate, several separated by "
-                         "commas, one server each")
+                         "captured, synchronous: --no-async-steps), compiled (the same with its step compiled "
+                         "first), graph-async or compiled-async (the same with --async-steps, the server's "
+                         "default); with --rate, several separated by commas, one server each")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--requests", type=int, default=500)

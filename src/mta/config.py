@@ -413,9 +413,10 @@ class ServeConfig(_Config):
     feed_tokens: int = Field(16, ge=0, description="a joining request whose cached prefix leaves at most this many "
                              "prompt tokens is not prefilled: they go in one a decode step beside the running "
                              "rows (graph and compiled decoders; 0: every joining request is prefilled)")
-    async_steps: bool = Field(False, description="the decode loop's host runs one step behind the device: each "
+    async_steps: bool = Field(True, description="the decode loop's host runs one step behind the device: each "
                               "step's tokens are taken, streamed and the queue admitted while the next step runs "
-                              "(graph and compiled decoders; a step with a sampling request waits for its tokens)")
+                              "(graph and compiled decoders; a step with a sampling request waits for its tokens; "
+                              "off: each step's tokens are taken before the next is launched)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body, in bytes")
     retry_after: int = Field(1, ge=1, description="seconds a 429 answer asks the client to wait")
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds a shutdown waits for running requests")
