@@ -18,7 +18,11 @@ answers before it (as users arrive, not as a fixed set of clients wait), streame
 gives its time to first token and its inter-token gaps; one server per decoder, with
 --max-batch --clients, serves the per-user model (``mta``) and then the base model alone
 (``mta-base``, the yardstick) under the same arrivals. It prints tokens/s, time to first
-token p50/p99, inter-token latency p50/p99 and errors of each.
+token p50/p99, inter-token latency p50/p99 and errors of each, and the server's seconds by
+phase (its scheduler's admit, load, prefill, merge, step and stream). --warm-users sends each
+user one request before the timed load (a server that has run a while: every user's stack
+resident and prompt prefix cached); without it each user's first request, with its stack
+load and its prefill, is part of the load.
 
     .venv/bin/python benchmarks/serve_load.py --adapt-during    # latency while users are onboarded
 
@@ -224,6 +228,9 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
                           limits=httpx.Limits(max_connections=lanes, max_keepalive_connections=lanes))
     for i in range(min(4, a.requests)):  # warm-up, not counted
         streamed(client, url, body(i))
+    if a.warm_users and model != "mta-base":  # each user once, not counted: stacks resident, prefixes cached
+        with ThreadPoolExecutor(min(lanes, len(users))) as ex:
+            list(ex.map(lambda i: streamed(client, url, body(a.requests + i)), range(len(users))))
     before = histograms(client, url)
     with ThreadPoolExecutor(lanes) as ex:
         futures, t0 = [], time.perf_counter()
@@ -236,7 +243,7 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
     ttft = [r["times"][0] - r["t0"] for r in results if r["ok"] and r["times"]]
     itl = [b - a_ for r in results if r["ok"] for a_, b in zip(r["times"], r["times"][1:])]
     return {"decoder": decoder, "model": model, "rate_per_s": a.rate, "requests": a.requests,
-            "max_batch": a.clients, "users": len(users), "wall_s": wall,
+            "max_batch": a.clients, "users": len(users), "warm_users": a.warm_users, "wall_s": wall,
             "tokens_per_s": sum(r["tokens"] for r in results if r["ok"]) / wall,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
             "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99),
@@ -317,6 +324,9 @@ def main() -> None:
                     "(repeat: --server-arg=--gpu-memory --server-arg=0.6)")
     ap.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to turn ready "
                     "(a compiled decoder compiles before it does)")
+    ap.add_argument("--warm-users", action="store_true", help="open loop: before the timed load, one request "
+                    "of each user (not counted), so their stacks are resident and their prompt prefixes cached, "
+                    "as in a server that has run a while; without it each user's first request is in the load")
     ap.add_argument("--adapt-during", action="store_true", help="the load without adapt jobs, with a user being "
                     "adapted by the worker the whole time, and with jobs on the decode loop's thread")
     a = ap.parse_args()
@@ -327,6 +337,8 @@ def main() -> None:
                  "(several, separated by commas, only with --rate)")
     if a.rate is not None and (a.rate <= 0 or a.adapt_during):
         ap.error("--rate takes a positive number of requests per second, and not with --adapt-during")
+    if a.warm_users and a.rate is None:
+        ap.error("--warm-users goes with --rate (the open loop)")
     if a.model == "tiny-random-llama" and a.embedder == "minilm-l6":
         a.embedder = "hashing-embedder"
     with tempfile.TemporaryDirectory() as tmp:
@@ -372,7 +384,8 @@ def report_open_loop(a, rows: list[dict]) -> None:
         return f"{1000 * x:.1f}" if x is not None else "-"
 
     print(f"mta serve, {a.model} on {a.device}: open loop, {a.requests} requests at {a.rate:g}/s, max batch "
-          f"{a.clients}, {a.users} users, max_tokens {a.max_tokens}")
+          f"{a.clients}, {a.users} users, max_tokens {a.max_tokens}"
+          + ("; each user's first request before the timed load (--warm-users)" if a.warm_users else ""))
     print("(ITL: the server's, every token: mean, and the histogram bucket its p50 / p99 fall under; "
           "step: the server's decode step, mean)")
     w = max(9, *(len(r["decoder"]) for r in rows))
@@ -404,7 +417,8 @@ def report_open_loop(a, rows: list[dict]) -> None:
                 print(f"{m}: {d} / {sync} tokens/s {ahead['tokens_vs_sync']:.3f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": a.model, "device": a.device, "open_loop": True, "rate_per_s": a.rate,
-                                 "max_tokens": a.max_tokens, "prompt": a.prompt, "rows": rows}, indent=2) + "\n")
+                                 "warm_users": a.warm_users, "max_tokens": a.max_tokens, "prompt": a.prompt,
+                                 "rows": rows}, indent=2) + "\n")
     print(f"wrote {a.out}")
 
 

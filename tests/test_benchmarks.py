@@ -85,11 +85,14 @@ def test_integrity_benchmark_runs(tmp_path):
 def test_serve_load_benchmark_tiny_open_loop(tmp_path):
     """The open-loop load (a server per decoder: the slot decoder, then the same with its host
     a step behind): per-user and base rows, each with its streamed latencies and no error,
-    the async rows against the synchronous ones."""
+    the async rows against the synchronous ones; with --warm-users no user's stack is read
+    from the store during the timed load (each was before it)."""
+    from mta.serving.metrics import PHASES
+
     out = tmp_path / "serve.json"
     r = _run("serve_load.py", "--model", "tiny-random-llama", "--requests", "12", "--clients", "4", "--users", "3",
              "--rate", "20", "--decoder", "graph,graph-async", "--max-tokens", "6", "--out", str(out), "--work",
-             str(tmp_path / "work"))
+             str(tmp_path / "work"), "--warm-users")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(x["decoder"], x["model"]) for x in rows] == [("graph", "mta"), ("graph", "mta-base"),
@@ -104,11 +107,13 @@ def test_serve_load_benchmark_tiny_open_loop(tmp_path):
         assert itl["count"] >= 12 and 0 < itl["mean_s"] and itl["p50_le_s"] <= itl["p99_le_s"]
         assert 0 < step["mean_s"] and step["count"] >= 5
         phase = x["server_phase_s"]  # where the server's time went: its scheduler's phases, its joins
-        assert sorted(phase) == ["admit", "prefill", "step", "stream"] and phase["step"] > 0
+        assert sorted(phase) == sorted(PHASES) and phase["step"] > 0 and phase["load"] == 0 and x["warm_users"]
         assert 0 < sum(phase.values()) and x["server_joins"] >= 1 and 0 <= x["server_fed"] <= 12
     assert "mta / mta-base tokens/s" in r.stdout and "joins" in r.stdout and " fed" in r.stdout
     bad = _run("serve_load.py", "--decoder", "graph,eager", "--rate", "1")
     assert bad.returncode == 2 and "one of generate, graph, compiled" in bad.stderr
+    bad = _run("serve_load.py", "--warm-users")
+    assert bad.returncode == 2 and "--warm-users goes with --rate" in bad.stderr
 
 
 def test_scale_model_from_the_measured_run():

@@ -41,8 +41,9 @@ def test_the_keys_file_is_its_owners_alone(tmp_path):
     assert stat.S_IMODE(keys.stat().st_mode) == 0o600
 
 
-def _record(tmp_path, **changes):
-    """A stored user's record edited by hand (the store read it back)."""
+def _record(tmp_path, stack: bool = False, **changes):
+    """A stored user's record edited by hand (the store read it back); ``stack``: with a
+    trained stack (one epoch), else fusion only."""
     from mta.bank import build_bank
     from mta.data.synth import synth_users
     from mta.loaded_bank import LoadedBank
@@ -55,7 +56,7 @@ def _record(tmp_path, **changes):
     bank = LoadedBank(backbone, tmp_path / "bank")
     store = UserStore(tmp_path / "store", create=True)
     user = synth_users(1, seed=3)[0]
-    bank.adapt([user], AdaptConfig.make(batch_size=4, max_length=160, stack_epochs=0), store)
+    bank.adapt([user], AdaptConfig.make(batch_size=4, max_length=160, stack_epochs=int(stack)), store)
     meta = store.user_dir(user.user_id) / "meta.json"
     raw = json.loads(meta.read_text())
     raw.update(changes)
@@ -719,8 +720,9 @@ def test_waiting_requests_join_a_running_batch_in_groups_unless_held_past_the_wa
 
 def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     """What a load run reads to say where a server's time goes: the scheduler's seconds by
-    phase (admit, prefill, step, stream) add up to no more than the time it ran, each phase
-    that ran has some, and every group of joining requests is one join."""
+    phase (admit, load, prefill, merge, step, stream) add up to no more than the time it ran,
+    each phase has some, the load phase is the stack loads' time, and every group of joining
+    requests is one join."""
     import time
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -729,7 +731,8 @@ def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     from mta.serving.metrics import PHASES, Metrics
     from mta.serving.scheduler import Job, Scheduler
 
-    bank, store, uid = _record(tmp_path)
+    bank, store, uid = _record(tmp_path, stack=True)
+    bank.stacks.invalidate()  # the user's stack is read from the store at the first admission (the load phase)
     metrics = Metrics()
     sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=6), max_batch=4, metrics=metrics, join_rows=2,
                       join_wait=3600.0)
@@ -745,8 +748,9 @@ def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     fams = {f.name: f for f in text_string_to_metric_families(metrics.text().decode())}
     phase = {s.labels["phase"]: s.value for s in fams["mta_scheduler_seconds"].samples if s.name.endswith("_total")}
     joins = next(s.value for s in fams["mta_joins"].samples if s.name.endswith("_total"))
-    assert sorted(phase) == sorted(PHASES) and all(v > 0 for v in phase.values())
+    assert sorted(phase) == sorted(PHASES) and all(v > 0 for v in phase.values()), phase
     assert sum(phase.values()) <= wall
+    assert bank.stacks.loads == 1 and phase["load"] == pytest.approx(bank.stacks.load_seconds)
     assert len(done) == 5
     assert joins == 2  # four into the empty batch, then the fifth once two slots were free
 

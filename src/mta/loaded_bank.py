@@ -86,6 +86,7 @@ class ResidentStacks:
         self.stamps: dict[str, str] = {}  # user -> the stored stack a slot holds (its sha256)
         self.rank, self.layers, self.size = 0, frozenset(), 0
         self.loads = self.evictions = 0
+        self.load_seconds = 0.0  # spent reading stacks from the store into the table (a server's "load" phase)
 
     def invalidate(self) -> None:
         """The engine's stack table was reused for something else (training)."""
@@ -140,8 +141,10 @@ class ResidentStacks:
             self.evictions += 1
         else:
             slot = next(s for s in range(self.size) if s not in used)
+        t0 = time.monotonic()
         tensors, config, _ = load_adapter(store.stack_path(user_id, rec), self.bank.backbone.fingerprint)
         self.bank.backbone.engine.load_user(slot, tensors, alpha=float(config["lora_alpha"]))
+        self.load_seconds += time.monotonic() - t0
         self.slots[user_id] = slot
         self.stamps[user_id] = self._stamp(rec)
         self.loads += 1

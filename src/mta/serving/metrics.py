@@ -13,8 +13,11 @@ LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 # every 2.5 ms up to 20 ms: a decode step's range, where the inter-token latency's p50 is read
 TOKEN = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.06, 0.08, 0.1, 0.25,
          0.5, 1, 2.5)
-# what the scheduler's thread spends its time on (Metrics.spent)
-PHASES = ("admit", "prefill", "step", "stream")
+# what the scheduler's thread spends its time on (Metrics.spent): admit (planning joining
+# requests with the running ones), load (their users' stacks read from the store), prefill
+# (their prompts' forward), merge (their rows moved into the running batch), step (decode
+# steps), stream (the new text to each request)
+PHASES = ("admit", "load", "prefill", "merge", "step", "stream")
 
 
 class Metrics:
@@ -46,9 +49,10 @@ class Metrics:
         self.adapt_seconds = Histogram("mta_adapt_job_seconds", "seconds an adapt job ran", buckets=LATENCY,
                                        registry=r)
         self.phase_seconds = Counter("mta_scheduler_seconds", "seconds the scheduler's thread spent by phase: admit "
-                                     "(planning joining requests, their prompts), prefill (their prompts' forward "
-                                     "and their move into the running batch), step (decode steps), stream (the "
-                                     "new text to each request)", ["phase"], registry=r)
+                                     "(planning joining requests), load (their users' stacks read from the "
+                                     "store), prefill (their prompts' forward), merge (their move into the "
+                                     "running batch), step (decode steps), stream (the new text to each "
+                                     "request)", ["phase"], registry=r)
         for phase in PHASES:
             self.phase_seconds.labels(phase)
         self.joins = Counter("mta_joins", "groups of requests that joined the running batch", registry=r)
@@ -63,9 +67,14 @@ class Metrics:
         self.started = time.monotonic()
         self.tokens = 0
 
-    def spent(self, phase: str, since: float) -> None:
-        """The scheduler's thread spent the time from ``since`` (time.monotonic) to now in ``phase``."""
-        self.phase_seconds.labels(phase).inc(time.monotonic() - since)
+    def spent(self, phase: str, since: float, less: float = 0.0) -> None:
+        """The scheduler's thread spent the time from ``since`` (time.monotonic) to now in
+        ``phase``, but for ``less`` seconds of it, counted in another phase."""
+        self.phase_seconds.labels(phase).inc(max(0.0, time.monotonic() - since - less))
+
+    def add(self, phase: str, seconds: float) -> None:
+        """``seconds`` the scheduler's thread spent in ``phase``."""
+        self.phase_seconds.labels(phase).inc(seconds)
 
     def prefill(self, jobs, tokens: int, now: float, fed: int = 0) -> None:
         """A group of ``jobs`` joined (``fed`` of them fed through the decode steps)."""

@@ -287,20 +287,23 @@ class Scheduler:
             self._held_since = now
         return now - self._held_since >= self.join_wait
 
-    def _spent(self, phase: str, since: float) -> None:
+    def _spent(self, phase: str, since: float, less: float = 0.0) -> None:
         if self.metrics:
-            self.metrics.spent(phase, since)
+            self.metrics.spent(phase, since, less)
 
     def _admit(self) -> None:
-        """Waiting requests join: planned and their prompts built (the admit phase), then the
-        first chunk of their prefill."""
+        """Waiting requests join: planned with the running ones (the admit phase; their users'
+        stacks read from the store, the load phase), then the first chunk of their prefill."""
         if not self._joinable():
             return
-        t0 = time.monotonic()
+        t0, loading = time.monotonic(), self.bank.stacks.load_seconds
         try:
             self._plan_joining()
         finally:
-            self._spent("admit", t0)
+            loaded = self.bank.stacks.load_seconds - loading
+            self._spent("admit", t0, less=loaded)
+            if self.metrics and loaded:
+                self.metrics.add("load", loaded)
         if self.pending:
             self._prefill_some()
 
@@ -381,14 +384,15 @@ class Scheduler:
             for job in fresh:
                 job.emit("error", err)
             return
+        self._spent("prefill", began)
         if part is None:
-            self._spent("prefill", began)
             return
         self.pending = None
+        began = time.monotonic()
         self.batch = self.decoder.merge(self.batch, part)
         self.batch.routing = None
         self.jobs += fresh
-        self._spent("prefill", began)
+        self._spent("merge", began)
         if self.metrics:
             fed = len(part.fed) if isinstance(part, Joining) else 0  # (the eager loop prefills every row)
             self.metrics.prefill(fresh, sum(j.prompt_tokens for j in fresh), t0, fed)
