@@ -249,8 +249,8 @@ def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trial
 
 def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
     """Each finished trial's value is logged in OUT/trial-values.json; a tune run again into
-    the same OUT evaluates no trial twice and chooses the same, and a log of another tune
-    (other dev users) is refused in one line."""
+    the same OUT, or into a new one holding only that log, evaluates no trial twice and
+    chooses the same; a log of another tune (other dev users) is refused in one line."""
     calls: list[list[str]] = []
     stop = [3]
 
@@ -278,6 +278,19 @@ def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
     assert len(trials) == len(GROUPS["learning rate"]) - 2  # the two logged trials were not run again
     r = read_recipe(out / "recipe.json")
     assert r.bank["lr"] == 3e-4 and len(r.trials) == len(GROUPS["learning rate"])
+    # the log alone, carried to a new OUT (another machine): no trial runs again there
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / tune_mod.VALUES).write_bytes((out / tune_mod.VALUES).read_bytes())
+    calls.clear()
+    assert main([str(moved) if a == str(out) else a for a in args]) == 0
+    assert not [c for c in calls if len(c) == 1] and read_recipe(moved / "recipe.json").bank["lr"] == 3e-4
+    other = tmp_path / "other"  # the log beside anything else: not a tune's directory
+    other.mkdir()
+    (other / tune_mod.VALUES).write_bytes((out / tune_mod.VALUES).read_bytes())
+    (other / "notes.txt").write_text("mine")
+    assert main([str(other) if a == str(out) else a for a in args]) == 2
+    assert "not empty and not an mta run directory" in " ".join(capsys.readouterr().err.split())
     assert main([("0.6" if a == "0.4" else a) for a in args]) == 2
     assert "holds the trials of another tune (different dev_users)" in " ".join(capsys.readouterr().err.split())
 

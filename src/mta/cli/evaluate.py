@@ -26,17 +26,22 @@ from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
 from mta.evaluation.report import UNPARSED_NOTE, write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
-from mta.evaluation.tune import MAX_USER_SHARE, SPACES, dev_split, space_groups, tune
-from mta.paths import check_output_dir, write_text_atomic
+from mta.evaluation.tune import MAX_USER_SHARE, SPACES, VALUES, dev_split, space_groups, tune
+from mta.paths import check_output_dir, foreign_entries, write_text_atomic
 from mta.recipes import read_recipe
 from mta.tasks import get_task
 
 STAGES = (BackboneConfig, BankConfig, AdaptConfig, GenerateConfig)
 
 
-def check_run_out(out: Path) -> None:
-    """A run directory is new, empty, or an earlier run of eval/run/tune (whose banks resume)."""
+def check_run_out(out: Path, trial_log: bool = False) -> None:
+    """A run directory is new, empty, or an earlier run of eval/run/tune (whose banks resume).
+    ``trial_log`` (tune): or a directory that holds only a tune's trial log, carried from
+    where an earlier run of the tune stopped (another machine): the tune goes on from it
+    (its identity is checked against this tune's before any trial is skipped)."""
     def ours(d: Path) -> bool:
+        if trial_log and foreign_entries(d) == [VALUES]:
+            return True
         try:
             return json.loads((d / "config.json").read_text()).get("command") in ("eval", "run", "tune")
         except (OSError, ValueError, AttributeError):
@@ -197,7 +202,7 @@ def tune_cmd(
     if e.leak_check:  # the dev folds, before anything is written; tune is then told not to check again
         check_split(make_folds([u for u in ds.users if u.user_id in set(dev)], e.folds, cfg.bank.seed), t,
                     e.history_queries, e.target_history)
-    check_run_out(out)
+    check_run_out(out, trial_log=True)
     backbone = load_backbone(cfg.backbone)
     write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space)
     with run_log(out), progress() as bar:
