@@ -372,7 +372,9 @@ class Scheduler:
         pf, fresh, t0 = self.pending
         began = time.monotonic()
         try:
-            part = self.decoder.advance(pf, self.prefill_chunk or None)
+            # (the slot decoder is told the running batch: a chunk after a stack load reads the dense tables)
+            part = self.decoder.advance(pf, self.prefill_chunk or None, **(
+                {"running": self.batch} if isinstance(self.decoder, SlotDecoder) else {}))
         except torch.OutOfMemoryError:  # the prefill's activations are the transient peak
             self.pending = None
             if torch.cuda.is_available():
