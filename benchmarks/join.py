@@ -64,16 +64,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load: str = "") -> dict:
+def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0) -> dict:
     """Milliseconds per join and per part of it (start, advance, merge; means over
-    ``a.joins`` after two untimed ones), and of the decode step after it (``step``: it fills
-    the new batch's routing). ``feed``: the slot decoder's ``feed`` (rows whose
+    ``a.joins`` after two untimed ones). ``feed``: the slot decoder's ``feed`` (rows whose
     cached prefix leaves at most that many tokens go in through the decode steps: no
     prefill forward; their tokens ride in the steps that follow, which the running rows take
-    anyway). ``load``: before each join a joining user's stack is loaded in place (as the
-    server's admission does for a user not resident), so the tables differ from the last
-    fill's; "unsaid": the prefill is not told the running batch (it gathers each row's
-    factors); "running": it is, as the server does (the tables filled again, read densely)."""
+    anyway)."""
     dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=256, prefix=PrefixCache(1 << 22),
                       feed=feed)
     if gathered:
@@ -85,32 +81,26 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load
         keys = [(f"user-{i}", mixed) for i in range(a.rows)]
         warm = dec.start(requests(a.rows, 0, mixed, a.users), keys)  # the prefixes into the cache
         batch = dec.keep(dec.merge(batch, dec.advance(warm)), list(range(running)))
-        total = {"start": 0.0, "advance": 0.0, "merge": 0.0, "step": 0.0}
+        total = {"start": 0.0, "advance": 0.0, "merge": 0.0}
         for j in range(a.joins + 2):
             seqs = requests(a.rows, 1 + j, mixed, a.users)
-            if load:  # a joining user's stack written in place: the tables' versions move
-                for layer in bb.engine.layers.values():
-                    layer.stack_A[seqs[0].row.user].mul_(1.0)
             sync(a.device)
             t0 = time.perf_counter()
             pf = dec.start(seqs, keys)
             sync(a.device)
             t1 = time.perf_counter()
-            part = dec.advance(pf, **({"running": batch} if load == "running" else {}))
+            part = dec.advance(pf)
             sync(a.device)
             t2 = time.perf_counter()
             batch = dec.merge(batch, part)
             sync(a.device)
-            t3 = time.perf_counter()
-            dec.step(batch)
-            sync(a.device)
             if j >= 2:
-                for name, dt in (("start", t1 - t0), ("advance", t2 - t1), ("merge", t3 - t2),
-                                 ("step", time.perf_counter() - t3)):
+                for name, dt in (("start", t1 - t0), ("advance", t2 - t1), ("merge", time.perf_counter() - t2)):
                     total[name] += dt
+            dec.step(batch)
             batch = dec.keep(batch, list(range(running)))
     out = {k: 1000 * v / a.joins for k, v in total.items()}
-    return {"join": out["start"] + out["advance"] + out["merge"], **out}
+    return {"join": sum(out.values()), **out}
 
 
 def main() -> None:
@@ -149,10 +139,8 @@ def main() -> None:
     gc.callbacks.append(count)
     rows = [("base model rows", False, False, 0), ("mta rows, dense tables", True, False, 0),
             ("mta rows, gathered routing", True, True, 0),
-            ("base model rows, fed", False, False, 16), ("mta rows, fed (the server)", True, False, 16),
-            ("mta rows after a stack load, gathered", True, False, 0, "unsaid"),
-            ("mta rows after a stack load, refilled", True, False, 0, "running")]
-    parts = {name: time_joins(bb, a, mixed, gathered, feed, *load) for name, mixed, gathered, feed, *load in rows}
+            ("base model rows, fed", False, False, 16), ("mta rows, fed (the server)", True, False, 16)]
+    parts = {name: time_joins(bb, a, mixed, gathered, feed) for name, mixed, gathered, feed in rows}
     gc.callbacks.remove(count)
     gc.unfreeze()
     ms = {name: p["join"] for name, p in parts.items()}
@@ -161,17 +149,14 @@ def main() -> None:
           f"each with a cached prompt prefix and {REST} tokens after it; mean of {a.joins} joins (start: "
           "prefix look-up; advance: the prefill forward; merge: into the slots; fed: the rest through the "
           "decode steps, --feed-tokens 16)")
-    print(f"{'join of':<38} {'ms':>8} {'x base':>7} {'start':>7} {'advance':>8} {'merge':>7} {'next step':>9}")
+    print(f"{'join of':<38} {'ms':>8} {'x base':>7} {'start':>7} {'advance':>8} {'merge':>7}")
     for name, *_ in rows:
         p = parts[name]
         print(f"{name:<38} {ms[name]:>8.1f} {ms[name] / ref:>7.2f} {p['start']:>7.1f} {p['advance']:>8.1f} "
-              f"{p['merge']:>7.1f} {p['step']:>9.1f}")
+              f"{p['merge']:>7.1f}")
     dense, gathered, fed = ms[rows[1][0]], ms[rows[2][0]], ms[rows[4][0]]
-    with_step = {name: p["join"] + p["step"] for name, p in parts.items()}
-    after_load = with_step[rows[5][0]] / with_step[rows[6][0]]
     print(f"dense tables against the gathered routing: {gathered / dense:.2f}x faster; fed against "
-          f"prefilled (dense): {dense / fed:.2f}x faster; after a stack load, the join and its next step "
-          f"with the tables refilled for the prefill against gathered: {after_load:.2f}x faster")
+          f"prefilled (dense): {dense / fed:.2f}x faster")
     print(f"garbage collection ({a.gc}; {tracked} objects tracked after start-up): full collections "
           f"{collections['count'][2]} taking {collections['seconds'][2]:.3f} s, younger "
           f"{collections['count'][0] + collections['count'][1]} taking "
@@ -180,8 +165,7 @@ def main() -> None:
     a.out.write_text(json.dumps({"model": bb.model_id, "device": a.device, "slots": a.slots, "rows": a.rows,
                                  "users": a.users, "joins": a.joins, "threads": a.threads,
                                  "ms_per_join": ms, "ms_by_part": parts, "dense_vs_gathered": gathered / dense,
-                                 "fed_vs_dense": dense / fed, "after_load_refilled_vs_gathered": after_load,
-                                 "gc": a.gc, "tracked_objects": tracked,
+                                 "fed_vs_dense": dense / fed, "gc": a.gc, "tracked_objects": tracked,
                                  "collections": collections},
                                 indent=2) + "\n")
     print(f"wrote {a.out}")

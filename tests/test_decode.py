@@ -330,59 +330,6 @@ def test_a_joining_prefill_reads_the_dense_tables_of_the_decode_step_and_gives_t
         assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
 
 
-def test_a_prefill_after_a_stack_load_refills_the_dense_tables_beside_the_running_rows(monkeypatch):
-    """A user's stack loaded while rows decode (the server's admission) changes the tables
-    the last fill copied; told the running batch (the scheduler's ``running``), the joining
-    prefill fills the tables again for the running rows' slots and reads them densely,
-    chunk by chunk with the running rows stepping between: every row gets its tokens alone.
-    Not told (``running`` unsaid), the prefill gathers each row's factors, as before."""
-    import mta.decoding.slots as slots_mod
-
-    bb = _with_adapters()
-    eng, tok = bb.engine, bb.tokenizer
-    dense, gathered = [], []
-    real_dense, real_route = slots_mod.dense_rows, eng.route
-    monkeypatch.setattr(slots_mod, "dense_rows", lambda e, rows: dense.append(len(rows)) or real_dense(e, rows))
-    monkeypatch.setattr(eng, "route", lambda rows: gathered.append(len(rows)) or real_route(rows))
-
-    def run(tell: bool) -> tuple[list[Sequence], list[int], list[int]]:
-        with torch.no_grad():
-            for layer in eng.layers.values():
-                layer.stack_A[1].copy_(layer.stack_A[0].flip(-1))  # user 1's stack as it starts
-        dec = SlotDecoder(bb, tok.pad_token_id, slots=4, span=64)
-        a = Sequence(tok("the running row", add_special_tokens=False)["input_ids"], Row([0], [1.0], user=0), 10,
-                     frozenset())
-        b = Sequence(tok("a joining row with a longer prompt", add_special_tokens=False)["input_ids"],
-                     Row([1, 2], [0.5, 0.5], user=1), 6, frozenset())
-        batch = dec.merge(None, dec.prefill([a]))
-        dec.step(batch)
-        dec.step(batch)  # the dense tables filled, and read by two steps
-        with torch.no_grad():
-            for layer in eng.layers.values():
-                layer.stack_A[1].mul_(3.0)  # user 1's stack loaded in place: the tables changed
-        dense.clear()
-        gathered.clear()
-        pf, part = dec.start([b]), None
-        while part is None:
-            part = dec.advance(pf, 4, **({"running": batch} if tell else {}))  # 4 prompt tokens a chunk
-            if part is None:
-                dec.step(batch)  # the running row decodes between chunks
-        batch = dec.merge(batch, part)
-        while a.finish is None or b.finish is None:
-            batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
-            dec.step(batch)
-        return [a, b], list(dense), list(gathered)
-
-    seqs, dense_calls, gathered_calls = run(tell=True)
-    assert len(dense_calls) > 1 and gathered_calls == []  # every chunk through the dense tables
-    for s in seqs:
-        assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
-    seqs, dense_calls, gathered_calls = run(tell=False)
-    assert dense_calls == [] and len(gathered_calls) > 1
-    for s in seqs:
-        assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
-
-
 @pytest.mark.parametrize("compile", [False, "aot_eager"])
 def test_a_cached_users_short_rest_is_fed_through_the_decode_steps_without_stalling_the_running_rows(compile):
     """A joining row whose user's prompt prefix is cached and whose rest is at most ``feed``

@@ -61,8 +61,6 @@ from mta.decoding.prefix import PrefixCache
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
 
-UNSAID = object()  # ``SlotDecoder.advance``'s running batch, not said (its caller does not know it)
-
 
 @dataclass
 class SlotBatch:
@@ -151,7 +149,6 @@ class SlotDecoder:
         self.free = list(range(slots))
         self.row_start: dict[int, int] = {}  # slot -> first position of its row
         self.fixed = FixedRouting()  # the fixed routing last filled
-        self._running: SlotBatch | None | object = UNSAID  # the batch beside a prefill (``advance``)
         self.eager.router = self._prefill_routing
         self.prefix, self.feed = prefix, feed
         self.feeding: dict[int, tuple[_Fed, list[int]]] = {}  # slot -> its fed row, the prompt tokens still to go in
@@ -190,22 +187,12 @@ class SlotDecoder:
             if rows else None
         return SlotPrefill(eager, rows, fed)
 
-    def advance(self, pf: SlotPrefill, max_tokens: int | None = None, running: SlotBatch | None | object = UNSAID
-                ) -> Joining | None:
+    def advance(self, pf: SlotPrefill, max_tokens: int | None = None) -> Joining | None:
         """The next chunk of ``pf``'s prefilled rows (mta.decoding.eager.Decoder.advance);
-        the joining rows once the last is in (at once when every row is fed). ``running``:
-        the batch decoding beside this prefill (None: none; the scheduler says which). Said,
-        a chunk whose tables changed since the last fill (a joining user's stack just loaded)
-        refills them first, for the running rows' slots (the fill their next step would do
-        with these tables; the steps between chunks read it), and so reads the dense tables
-        instead of gathering every row's factors."""
+        the joining rows once the last is in (at once when every row is fed)."""
         batch = None
         if pf.eager is not None:
-            self._running = running
-            try:
-                batch = self.eager.advance(pf.eager, max_tokens)
-            finally:
-                self._running = UNSAID
+            batch = self.eager.advance(pf.eager, max_tokens)
             if batch is None:
                 return None
         return Joining(batch, pf.eager_rows, pf.fed)
@@ -309,7 +296,12 @@ class SlotDecoder:
         ``async_steps``, the previous step's: this step's are taken at the next)."""
         self._fit_window(batch)
         if batch.routing is None:  # the rows changed: refill the fixed routing once
-            self._fill(batch)
+            rows = [Row(active=False)] * self.n
+            for s, slot in zip(batch.seqs, batch.slots):
+                rows[slot] = s.row
+            with self.fixed.fill(self.engine, rows, self.n):
+                self.g.buffers = captured_buffers(self.engine)
+            batch.routing = self.fixed.layout
         with fixed_on(self.engine, self.fixed.layout):
             self.g.advance()
         self.t += 1
@@ -427,29 +419,10 @@ class SlotDecoder:
         """How a joining group's prefill reads its adapters: through the dense tables the
         decode step reads, when its layout is dense and the tables are those of its last
         fill (a join then costs a few operations a layer, not a gather of every row's
-        factors); else the engine's gathered routing. Tables changed since that fill, with the
-        running batch known (``advance``'s ``running``), are filled again first."""
-        if self.fixed.tables is not None and self._running is not UNSAID \
-                and not tables_unchanged(self.engine, self.fixed.tables):
-            self._fill(self._running, rows)
+        factors); else the engine's gathered routing."""
         if self.fixed.layout == "dense" and tables_unchanged(self.engine, self.fixed.tables):
             return dense_rows(self.engine, rows)
         return self.engine.route(rows)
-
-    def _fill(self, batch: SlotBatch | None, joining: list[Row] | None = None) -> None:
-        """The fixed routing filled for ``batch``'s rows in their slots (the rest inactive),
-        with the engine's tables as they are now; the batch's routing is then current.
-        ``joining``: rows about to join, put in free slots so the layout is chosen for them
-        too (a free slot's output is masked; ``merge`` has the next step fill their own)."""
-        rows = [Row(active=False)] * self.n
-        for s, slot in zip(batch.seqs, batch.slots) if batch is not None else ():
-            rows[slot] = s.row
-        for slot, row in zip(self.free, joining or []):
-            rows[slot] = row
-        with self.fixed.fill(self.engine, rows, self.n):
-            self.g.buffers = captured_buffers(self.engine)
-        if batch is not None:
-            batch.routing = self.fixed.layout
 
     def _release_all(self) -> None:
         self.g.bias.fill_(self.g.neg)

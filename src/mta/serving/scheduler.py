@@ -372,9 +372,7 @@ class Scheduler:
         pf, fresh, t0 = self.pending
         began = time.monotonic()
         try:
-            # (the slot decoder is told the running batch: a chunk after a stack load reads the dense tables)
-            part = self.decoder.advance(pf, self.prefill_chunk or None, **(
-                {"running": self.batch} if isinstance(self.decoder, SlotDecoder) else {}))
+            part = self.decoder.advance(pf, self.prefill_chunk or None)
         except torch.OutOfMemoryError:  # the prefill's activations are the transient peak
             self.pending = None
             if torch.cuda.is_available():
