@@ -5,14 +5,18 @@ adapters read through the decode step's dense tables, and for the same rows thro
 gathered routing (each row's factors gathered for every layer), in the same run; then the
 same joins fed (what the server does with `--feed-tokens`, default 16: each row's cached
 prefix into its slot, the few tokens after it through the decode steps that follow, no
-prefill forward).
+prefill forward); then joins right after the first joining user's stack was loaded (a
+user who was not resident): the dense tables caught up on that slot alone (the server's
+way), against the same slot written some other way (the tables filled again whole and the
+prefill gathering, what every stack load cost before).
 
     .venv/bin/python benchmarks/join.py                           # 32 narrow blocks on the CPU: host cost
     python3 benchmarks/join.py --shape 8b --device cuda           # Llama-3-8B shape (random bf16)
 
 A join is ``start`` (each row's cached prompt prefix looked up: every row of the group
 has one, as a user's second request), ``advance`` (the prefill forward) and ``merge``
-(the rows into free slots), then one decode step of the whole batch, untimed. The
+(the rows into free slots), then one decode step of the whole batch (timed apart, "next
+step": it fills the new rows' routing, and after a load the tables). The
 running batch holds ``--slots`` minus ``--rows`` rows; the anchors, users and ranks are
 those of benchmarks/gpu.py's mixed-user rows (top-2 of 8 rank-8 anchors, own rank-2
 stacks). Prints milliseconds per join and the ratios; the JSON goes to --out.
@@ -64,12 +68,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0) -> dict:
+def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load: str = "") -> dict:
     """Milliseconds per join and per part of it (start, advance, merge; means over
-    ``a.joins`` after two untimed ones). ``feed``: the slot decoder's ``feed`` (rows whose
-    cached prefix leaves at most that many tokens go in through the decode steps: no
-    prefill forward; their tokens ride in the steps that follow, which the running rows take
-    anyway)."""
+    ``a.joins`` after two untimed ones), and of the decode step after it (``step``: it fills
+    the new batch's routing). ``feed``: the slot decoder's ``feed`` (rows whose cached prefix
+    leaves at most that many tokens go in through the decode steps: no prefill forward;
+    their tokens ride in the steps that follow, which the running rows take anyway).
+    ``load``: before each join the first joining user's stack is written into its slot (a
+    user who is not resident, as the server's admission loads them): ``"load"`` through
+    ``load_user`` (the server's way: the dense tables catch up on that slot alone),
+    ``"write"`` as a plain in-place write (any other change: the tables are filled again
+    whole and the prefill gathers each row's factors, what every stack load cost before
+    the catch-up)."""
     dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=256, prefix=PrefixCache(1 << 22),
                       feed=feed)
     if gathered:
@@ -81,9 +91,16 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0) -> d
         keys = [(f"user-{i}", mixed) for i in range(a.rows)]
         warm = dec.start(requests(a.rows, 0, mixed, a.users), keys)  # the prefixes into the cache
         batch = dec.keep(dec.merge(batch, dec.advance(warm)), list(range(running)))
-        total = {"start": 0.0, "advance": 0.0, "merge": 0.0}
+        total = {"start": 0.0, "advance": 0.0, "merge": 0.0, "step": 0.0}
         for j in range(a.joins + 2):
             seqs = requests(a.rows, 1 + j, mixed, a.users)
+            if load:  # the slot's own factors again: the tokens do not change, the tables' versions do
+                slot = seqs[0].row.user
+                if load == "load":
+                    bb.engine.load_user(slot, bb.engine.user_tensors(slot), alpha=bb.engine.slot_lora[slot][1])
+                else:
+                    for layer in bb.engine.stack_layers.values():
+                        layer.stack_A[slot].mul_(1.0)
             sync(a.device)
             t0 = time.perf_counter()
             pf = dec.start(seqs, keys)
@@ -94,13 +111,16 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0) -> d
             t2 = time.perf_counter()
             batch = dec.merge(batch, part)
             sync(a.device)
-            if j >= 2:
-                for name, dt in (("start", t1 - t0), ("advance", t2 - t1), ("merge", time.perf_counter() - t2)):
-                    total[name] += dt
+            t3 = time.perf_counter()
             dec.step(batch)
+            sync(a.device)
+            if j >= 2:
+                for name, dt in (("start", t1 - t0), ("advance", t2 - t1), ("merge", t3 - t2),
+                                 ("step", time.perf_counter() - t3)):
+                    total[name] += dt
             batch = dec.keep(batch, list(range(running)))
     out = {k: 1000 * v / a.joins for k, v in total.items()}
-    return {"join": sum(out.values()), **out}
+    return {"join": out["start"] + out["advance"] + out["merge"], **out}
 
 
 def main() -> None:
@@ -139,8 +159,10 @@ def main() -> None:
     gc.callbacks.append(count)
     rows = [("base model rows", False, False, 0), ("mta rows, dense tables", True, False, 0),
             ("mta rows, gathered routing", True, True, 0),
-            ("base model rows, fed", False, False, 16), ("mta rows, fed (the server)", True, False, 16)]
-    parts = {name: time_joins(bb, a, mixed, gathered, feed) for name, mixed, gathered, feed in rows}
+            ("base model rows, fed", False, False, 16), ("mta rows, fed (the server)", True, False, 16),
+            ("mta rows after a stack write", True, False, 0, "write"),
+            ("mta rows after a stack load (server)", True, False, 0, "load")]
+    parts = {name: time_joins(bb, a, mixed, gathered, feed, *load) for name, mixed, gathered, feed, *load in rows}
     gc.callbacks.remove(count)
     gc.unfreeze()
     ms = {name: p["join"] for name, p in parts.items()}
@@ -149,14 +171,17 @@ def main() -> None:
           f"each with a cached prompt prefix and {REST} tokens after it; mean of {a.joins} joins (start: "
           "prefix look-up; advance: the prefill forward; merge: into the slots; fed: the rest through the "
           "decode steps, --feed-tokens 16)")
-    print(f"{'join of':<38} {'ms':>8} {'x base':>7} {'start':>7} {'advance':>8} {'merge':>7}")
+    print(f"{'join of':<38} {'ms':>8} {'x base':>7} {'start':>7} {'advance':>8} {'merge':>7} {'next step':>9}")
     for name, *_ in rows:
         p = parts[name]
         print(f"{name:<38} {ms[name]:>8.1f} {ms[name] / ref:>7.2f} {p['start']:>7.1f} {p['advance']:>8.1f} "
-              f"{p['merge']:>7.1f}")
+              f"{p['merge']:>7.1f} {p['step']:>9.1f}")
     dense, gathered, fed = ms[rows[1][0]], ms[rows[2][0]], ms[rows[4][0]]
+    with_step = {name: p["join"] + p["step"] for name, p in parts.items()}
+    after_load = with_step[rows[5][0]] / with_step[rows[6][0]]
     print(f"dense tables against the gathered routing: {gathered / dense:.2f}x faster; fed against "
-          f"prefilled (dense): {dense / fed:.2f}x faster")
+          f"prefilled (dense): {dense / fed:.2f}x faster; after a stack load, the join and its next step with "
+          f"the tables caught up against refilled whole: {after_load:.2f}x faster")
     print(f"garbage collection ({a.gc}; {tracked} objects tracked after start-up): full collections "
           f"{collections['count'][2]} taking {collections['seconds'][2]:.3f} s, younger "
           f"{collections['count'][0] + collections['count'][1]} taking "
@@ -165,7 +190,8 @@ def main() -> None:
     a.out.write_text(json.dumps({"model": bb.model_id, "device": a.device, "slots": a.slots, "rows": a.rows,
                                  "users": a.users, "joins": a.joins, "threads": a.threads,
                                  "ms_per_join": ms, "ms_by_part": parts, "dense_vs_gathered": gathered / dense,
-                                 "fed_vs_dense": dense / fed, "gc": a.gc, "tracked_objects": tracked,
+                                 "fed_vs_dense": dense / fed, "after_load_caught_up_vs_refilled": after_load,
+                                 "gc": a.gc, "tracked_objects": tracked,
                                  "collections": collections},
                                 indent=2) + "\n")
     print(f"wrote {a.out}")

@@ -187,14 +187,16 @@ def test_detok_benchmark_tiny(tmp_path):
 
 def test_join_benchmark_tiny(tmp_path):
     """A join's cost (base rows, mta rows through the dense tables, through the gathered
-    routing, then base and mta rows fed through the decode steps): every configuration
-    timed, the fed ones without a prefill forward; a bad --rows is a one-line usage error."""
+    routing, then base and mta rows fed through the decode steps, then mta rows after a
+    stack write and after a stack load): every configuration timed with its next step, the
+    fed ones without a prefill forward; a bad --rows is a one-line usage error."""
     out = tmp_path / "join.json"
     r = _run("join.py", "--slots", "8", "--rows", "2", "--users", "4", "--joins", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
-    assert len(rec["ms_per_join"]) == 5 and all(v > 0 for v in rec["ms_per_join"].values())
+    assert len(rec["ms_per_join"]) == 7 and all(v > 0 for v in rec["ms_per_join"].values())
     assert rec["dense_vs_gathered"] > 0 and rec["fed_vs_dense"] > 0 and "x base" in r.stdout
+    assert rec["after_load_caught_up_vs_refilled"] > 0 and all(p["step"] > 0 for p in rec["ms_by_part"].values())
     assert rec["gc"] == "freeze" and rec["tracked_objects"] > 10_000 and len(rec["collections"]["count"]) == 3
     parts = rec["ms_by_part"]  # a fed join's advance runs no forward: less than any prefilled one's
     assert parts["mta rows, fed (the server)"]["advance"] < parts["mta rows, dense tables"]["advance"]

@@ -330,6 +330,43 @@ def test_a_joining_prefill_reads_the_dense_tables_of_the_decode_step_and_gives_t
         assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
 
 
+@pytest.mark.parametrize("kind", ["slots", "slots, async steps"])
+def test_a_prefill_after_a_stack_load_reads_the_dense_tables_caught_up_and_the_next_step_refills_no_table(
+        kind, monkeypatch):
+    """A user's stack loaded into its slot while rows run (the server's admission of a user
+    not resident): the joining prefill writes that slot's columns into the decode step's
+    dense tables and reads them (no gather), the next step refills the rows' coefficients
+    alone, and every row gets the tokens it gets alone with the new stack."""
+    import mta.decoding.fixed as fixed_mod
+    import mta.decoding.slots as slots_mod
+
+    bb = _with_adapters()
+    tok, eng = bb.tokenizer, bb.engine
+    used, fills = [], []
+    real_rows, real_dense = slots_mod.dense_rows, fixed_mod.dense
+    monkeypatch.setattr(slots_mod, "dense_rows", lambda e, rows: used.append(len(rows)) or real_rows(e, rows))
+    monkeypatch.setattr(fixed_mod, "dense", lambda *a, **k: fills.append(k["tables"]) or real_dense(*a, **k))
+    running = Sequence(tok("a row that runs", add_special_tokens=False)["input_ids"], Row([0, 1], [0.6, 0.4], user=0),
+                       12, frozenset())
+    dec = DECODERS[kind](bb, tok.pad_token_id)
+    batch = dec.merge(None, dec.prefill([running]))
+    dec.step(batch)
+    assert fills == [True] and used == []
+    gen = torch.Generator().manual_seed(7)
+    stack = {n: (torch.randn(2, ly.in_features, generator=gen) * 0.3, torch.randn(ly.out_features, 2, generator=gen))
+             for n, ly in eng.stack_layers.items()}
+    eng.load_user(1, stack, alpha=6.0)
+    joining = Sequence(tok("hi there", add_special_tokens=False)["input_ids"], Row([2], [1.0], user=1), 8, frozenset())
+    batch = dec.merge(batch, dec.prefill([joining]))
+    assert used == [1]
+    while any(s.finish is None for s in (running, joining)):
+        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+        dec.step(batch)
+    assert fills[1] is False  # the step after the join: the coefficients alone
+    for s in (running, joining):
+        assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
+
+
 @pytest.mark.parametrize("compile", [False, "aot_eager"])
 def test_a_cached_users_short_rest_is_fed_through_the_decode_steps_without_stalling_the_running_rows(compile):
     """A joining row whose user's prompt prefix is cached and whose rest is at most ``feed``

@@ -249,6 +249,73 @@ def test_tables_state_sees_replacement_and_in_place_change():
     assert not fixed.tables_unchanged(eng, state)
 
 
+def _stack(eng, seed: int, rank: int = 2) -> dict:
+    """A user's stacked factors (random, not identity) for ``load_user``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(rank, ly.in_features, generator=gen), torch.randn(ly.out_features, rank, generator=gen))
+            for n, ly in eng.stack_layers.items()}
+
+
+def test_the_engine_names_the_stack_slots_loaded_since_a_state_and_only_while_loads_are_all_that_wrote(monkeypatch):
+    import mta.engine.engine as engine_mod
+    from tests.engine_helpers import tiny_engine
+
+    eng, _, _ = tiny_engine(users=4)
+    v0 = eng.stack_versions()
+    assert eng.stack_loads(v0) == []
+    eng.load_user(1, _stack(eng, 1), alpha=4.0)
+    v1 = eng.stack_versions()
+    eng.load_user(3, _stack(eng, 2))
+    eng.load_user(1, _stack(eng, 3))
+    assert eng.stack_loads(v0) == [1, 3] and eng.stack_loads(v1) == [1, 3]
+    assert eng.stack_loads(eng.stack_versions()) == []
+    with torch.no_grad():  # anything else writing a stack table: no state before it is caught up
+        next(iter(eng.stack_layers.values())).stack_B.add_(1.0)
+    assert eng.stack_loads(v0) is None and eng.stack_loads(v1) is None
+    v2 = eng.stack_versions()
+    eng.load_user(2, _stack(eng, 4))
+    assert eng.stack_loads(v2) == [2] and eng.stack_loads(v0) is None
+    monkeypatch.setattr(engine_mod, "STACK_LOG", 4)  # a short log: the oldest states fall out of it
+    v3 = eng.stack_versions()
+    for slot in (0, 1, 2, 3, 0, 1):
+        eng.load_user(slot, _stack(eng, 10 + slot))
+    assert eng.stack_loads(v3) is None and len(eng._stack_log) <= 5
+
+
+def test_dense_tables_catch_up_on_loaded_stacks_as_a_whole_refill_would():
+    """Stacks loaded into two slots after a dense fill: writing those slots' columns alone
+    (with the new scale of one of them) gives exactly the tables a whole refill gives, in
+    the same tensors (a captured step keeps reading them), and the logits of the routing;
+    after any other write the tables are not caught up."""
+    from tests.engine_helpers import tiny_engine
+
+    eng, model, tok = tiny_engine(users=3, b_std=0.3)
+    enc = _enc(tok, PROMPTS)
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row([3], [1.0], user=2), Row(active=False)]
+    with torch.no_grad(), fixed.dense(eng, rows):
+        model(**enc)
+    state = fixed.tables_state(eng)
+    held = [(ly.dense_A, ly.dense_B) for ly in eng.layers.values()]
+    eng.load_user(1, _stack(eng, 1), alpha=6.0)  # a new scale for slot 1
+    eng.load_user(2, _stack(eng, 2))
+    assert not fixed.tables_unchanged(eng, state)
+    assert fixed.stack_catch_up(eng, state) is not None
+    caught = [(a.clone(), b.clone()) for a, b in held]
+    assert all(ly.dense_A is a and ly.dense_B is b for ly, (a, b) in zip(eng.layers.values(), held))
+    with torch.no_grad():
+        with eng.route(rows):
+            ref = model(**enc).logits
+        with fixed.dense(eng, rows, tables=True):  # the whole refill
+            got = model(**enc).logits
+    for ly, (a, b) in zip(eng.layers.values(), caught):
+        assert torch.equal(ly.dense_A, a) and torch.equal(ly.dense_B, b)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    state = fixed.tables_state(eng)
+    with torch.no_grad():
+        next(iter(eng.stack_layers.values())).stack_A.mul_(2.0)
+    assert fixed.stack_catch_up(eng, state) is None
+
+
 def test_width_is_what_the_gather_concatenates(setup):
     eng, _ = setup
     for rows in (FIRST, SECOND, [Row(active=False)], [Row([1], [1.0])], [Row(user=0)]):

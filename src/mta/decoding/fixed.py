@@ -29,6 +29,7 @@ from mta.decoding.routing import (
     dense_columns,
     dense_layout,
     densify,
+    densify_stack_slots,
     pin,
     width,
 )
@@ -142,31 +143,73 @@ def dense_rows(engine: AdapterEngine, rows: Sequence[Row]) -> Iterator[None]:
             layer.dense_W = w
 
 
-def tables_state(engine: AdapterEngine) -> list:
-    """What every layer's tables are now: each tensor (weakly referenced, so a table replaced
-    by a new tensor that happens to reuse the old one's address is not taken for it) with
-    its version counter (in-place updates move it), and the bank's scale.
-    ``tables_unchanged`` compares a state with the present."""
-    out: list = []
+@dataclass
+class TablesState:
+    """What every layer's tables were at a fill (``tables_state``): each table but the stack
+    tables with its version counter, each layer's rank and alpha, the stack tables, and the
+    engine's ``stack_versions``. The tensors are weakly referenced, so a table replaced by a
+    new tensor that happens to reuse the old one's address is not taken for it."""
+
+    held: list
+    stacks: list
+    stack_versions: tuple
+
+
+def tables_state(engine: AdapterEngine) -> TablesState:
+    held: list = []
+    stacks: list = []
     for layer in engine.layers.values():
-        out += [(weakref.ref(t), t._version) for t in layer.tables()]
-        out.append((layer.rank, layer.alpha))
-    return out
+        for t in layer.tables():
+            if t is layer.stack_A or t is layer.stack_B or t is layer.stack_scale:
+                stacks.append(weakref.ref(t))
+            else:
+                held.append((weakref.ref(t), t._version))
+        held.append((layer.rank, layer.alpha))
+    return TablesState(held, stacks, engine.stack_versions())
 
 
-def tables_unchanged(engine: AdapterEngine, state: list | None) -> bool:
+def _same_but_stack_slots(engine: AdapterEngine, state: TablesState | None) -> TablesState | None:
+    """The tables' state now, when every table is as in ``state`` but the stack tables'
+    contents (the same tensors, perhaps written in place since); else None."""
     if state is None:
-        return False
+        return None
     now = tables_state(engine)
-    if len(now) != len(state):
-        return False
-    for (a, va), (b, vb) in zip(state, now):
+    if len(now.held) != len(state.held) or len(now.stacks) != len(state.stacks):
+        return None
+    if any(a() is None or a() is not b() for a, b in zip(state.stacks, now.stacks)):
+        return None
+    for (a, va), (b, vb) in zip(state.held, now.held):
         if isinstance(a, weakref.ref):
             if a() is None or a() is not b() or va != vb:
-                return False
+                return None
         elif (a, va) != (b, vb):
-            return False
-    return True
+            return None
+    return now
+
+
+def tables_unchanged(engine: AdapterEngine, state: TablesState | None) -> bool:
+    now = _same_but_stack_slots(engine, state)
+    return now is not None and now.stack_versions == state.stack_versions
+
+
+def stack_catch_up(engine: AdapterEngine, state: TablesState | None) -> TablesState | None:
+    """Bring the dense tables filled at ``state`` up to the engine's tables when all that
+    changed since is stack slots written by ``load_user`` (a user's stack loaded for a
+    join): those slots' columns are written in place (``densify_stack_slots``: a few
+    operations a stacked layer, against a whole refill of every layer's every column).
+    Returns the tables' state now (the dense tables are theirs), also when nothing
+    changed; None when anything else did (the caller fills again, or gathers)."""
+    now = _same_but_stack_slots(engine, state)
+    if now is None:
+        return None
+    slots = engine.stack_loads(state.stack_versions)
+    if slots is None:
+        return None
+    if slots:
+        with torch.no_grad():
+            for layer in engine.stack_layers.values():
+                densify_stack_slots(layer, slots)
+    return now
 
 
 def fixed_layout(engine: AdapterEngine, rows: Sequence[Row], batch: int | None = None,
@@ -183,7 +226,7 @@ class FixedRouting:
     """One decoder's fixed routing: the layout it last filled, and the engine's tables then."""
 
     layout: str = "dense"
-    tables: list | None = None
+    tables: TablesState | None = None
 
     def fill(self, engine: AdapterEngine, rows: Sequence[Row], batch: int, width: int | None = None
              ) -> contextlib.AbstractContextManager[None]:
@@ -193,11 +236,25 @@ class FixedRouting:
         a refill)."""
         rt = engine.routing(rows)  # built once: the layout's choice and the fill share it
         layout = fixed_layout(engine, rows, batch, routing=rt) if width is None else "pinned"
-        same = layout == self.layout and tables_unchanged(engine, self.tables)  # only the rows changed
-        self.layout, self.tables = layout, tables_state(engine)
+        # only the rows changed (the tables as at the last fill, or brought up to date by
+        # writing the stack slots loaded since)
+        same = layout == self.layout == "dense" and self.catch_up(engine)
+        if not same:
+            self.tables = tables_state(engine)
+        self.layout = layout
         if layout == "dense":
             return dense(engine, rows, batch, tables=not same, routing=rt)
         return pinned(engine, rows, batch, width=width, multiple=8, routing=rt)
+
+    def catch_up(self, engine: AdapterEngine) -> bool:
+        """Whether the dense tables last filled are the engine's tables now, after writing
+        the stack slots loaded since into them (``stack_catch_up``); False for the pinned
+        layout or any other change."""
+        now = stack_catch_up(engine, self.tables) if self.layout == "dense" else None
+        if now is None:
+            return False
+        self.tables = now
+        return True
 
 
 def captured_buffers(engine: AdapterEngine) -> list[torch.Tensor]:

@@ -223,6 +223,23 @@ def densify(layer, rt: Routing, rows: int, tables: bool = True, shared: dict | N
         shared[key] = layer.dense_W
 
 
+def densify_stack_slots(layer, slots: list[int]) -> None:
+    """Write stack slots ``slots`` into the dense tables a ``densify`` filled: each slot's A
+    rows and its B columns times the slot's scale, where ``densify`` puts them (after the
+    anchors' and the fused slots' columns, slot after slot), in place (a captured step reads
+    the same tensors). For tables that changed in those slots alone (users' stacks loaded,
+    usually one or a few: a slice each, a few operations a layer)."""
+    r = layer.stack_A.shape[1]
+    if not r or not layer.dense_A.shape[0]:
+        return
+    off = layer.bank_A.shape[0] * layer.rank + layer.fused_A.shape[0] * layer.fused_A.shape[1]
+    for slot in slots:
+        c = off + slot * r
+        layer.dense_A[c:c + r].copy_(layer.stack_A[slot])
+        # (computed in the tables' dtype and rounded once to the compute dtype, as densify does)
+        torch.mul(layer.stack_B[slot], layer.stack_scale[slot].to(layer.stack_B.dtype), out=layer.dense_B[:, c:c + r])
+
+
 def _foldable(layer, cd: torch.dtype) -> bool:
     """The A columns can ride in the base matmul: a plain bias-free linear whose weight
     is in the adapter compute dtype (a bf16 base with bf16 adapter compute)."""

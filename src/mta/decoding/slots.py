@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mta.decoding.eager import Batch, Decoder, Prefill, Sequence, cache_layers, sample, take_tokens
-from mta.decoding.fixed import FixedRouting, captured_buffers, dense_rows, fixed_on, tables_unchanged
+from mta.decoding.fixed import FixedRouting, captured_buffers, dense_rows, fixed_on
 from mta.decoding.prefix import PrefixCache
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
@@ -418,9 +418,12 @@ class SlotDecoder:
     def _prefill_routing(self, rows: list[Row]):
         """How a joining group's prefill reads its adapters: through the dense tables the
         decode step reads, when its layout is dense and the tables are those of its last
-        fill (a join then costs a few operations a layer, not a gather of every row's
-        factors); else the engine's gathered routing."""
-        if self.fixed.layout == "dense" and tables_unchanged(self.engine, self.fixed.tables):
+        fill, or differ from them only by stacks loaded since (a user's first request: their
+        stack is loaded at admission; those slots' columns are written into the tables
+        first, which the next step then reads as they are); a join then costs a few
+        operations a layer, not a gather of every row's factors. Else the engine's gathered
+        routing."""
+        if self.fixed.catch_up(self.engine):
             return dense_rows(self.engine, rows)
         return self.engine.route(rows)
 

@@ -27,6 +27,7 @@ from mta.errors import MtaError
 from mta.fusion import check_weights, merge_svd
 
 log = logging.getLogger(__name__)
+STACK_LOG = 1024  # stack loads remembered (``AdapterEngine.stack_loads``)
 
 # All linear projections of a Llama-style block (what the reference trains).
 Tensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -127,6 +128,9 @@ class AdapterEngine:
         INJECTIONS["count"] += 1
         self.owner: object | None = None  # who filled the bank table (a LoadedBank), for reuse checks
         self.slot_lora: list[tuple[int, float]] = []  # per stack slot: (its own rank, alpha)
+        # the slots ``load_user`` wrote, each with the stack tables' versions after it: a
+        # chain of loads with nothing else writing the stack tables in between (``stack_loads``)
+        self._stack_log: list[tuple[int | None, tuple[int, ...]]] = []
         self.set_bank(spec.n_anchors, spec.rank, spec.alpha)
         log.info("injected %d layers (%s)", len(self.layers), ", ".join(sorted(found_suffixes)))
 
@@ -352,6 +356,7 @@ class AdapterEngine:
         rank = next(iter(tensors.values()))[0].shape[0] if tensors else 0
         scale = None if alpha is None else alpha / rank
         self._check_modules(tensors, table, "the stack table", subset=True)
+        before = self.stack_versions()
         with torch.no_grad():
             for name, ly in table.items():
                 if name in tensors:
@@ -371,6 +376,34 @@ class AdapterEngine:
                     ly.stack_scale[slot] = scale
         if alpha is not None:
             self.slot_lora[slot] = (rank, float(alpha))
+        self._log_load(slot, before)
+
+    # -- which stack slots changed (a fixed layout's dense tables catch up on those alone) ----------
+    def stack_versions(self) -> tuple[int, ...]:
+        """The version counters of every layer's stack tables (an in-place write moves them)."""
+        return tuple(t._version for ly in self.layers.values() for t in (ly.stack_A, ly.stack_B, ly.stack_scale))
+
+    def _log_load(self, slot: int, before: tuple[int, ...]) -> None:
+        if not self._stack_log or self._stack_log[-1][1] != before:  # something else wrote them: a new chain
+            self._stack_log = [(None, before)]
+        elif len(self._stack_log) > STACK_LOG:  # the newer half kept (an older state gets a whole refill)
+            keep = self._stack_log[-(STACK_LOG // 2):]
+            self._stack_log = [(None, keep[0][1]), *keep[1:]]
+        self._stack_log.append((slot, self.stack_versions()))
+
+    def stack_loads(self, versions: tuple[int, ...]) -> list[int] | None:
+        """The slots ``load_user`` wrote since the stack tables had ``versions``
+        (``stack_versions``), when those loads are all that wrote them since; None when
+        anything else did (training, a direct write) or the log no longer reaches back."""
+        if versions == self.stack_versions():
+            return []
+        log_ = self._stack_log
+        if not log_ or log_[-1][1] != self.stack_versions():
+            return None
+        for i in range(len(log_) - 1, -1, -1):
+            if log_[i][1] == versions:
+                return sorted({slot for slot, _ in log_[i + 1:]})
+        return None
 
     @staticmethod
     def _check_modules(tensors: Tensors, expected: dict, what: str, subset: bool = False) -> None:
