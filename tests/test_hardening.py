@@ -718,6 +718,41 @@ def test_waiting_requests_join_a_running_batch_in_groups_unless_held_past_the_wa
     assert seen == joins and sorted(done) == [0, 1, 2, 3, 4, 5]
 
 
+def test_a_join_reads_the_store_for_the_joining_users_alone(tmp_path, monkeypatch):
+    """At a join the running requests keep the records they were planned with (the store is
+    read for the joining users only: it was read for every running user at every join); a
+    user forgotten (adapted again, deleted) or with nothing running is read again."""
+    from mta.config import GenerateConfig
+    from mta.serving.scheduler import Job, Scheduler
+
+    bank, store, uid = _record(tmp_path, stack=True)
+    sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=12), max_batch=4, join_rows=1, join_wait=0.0)
+    sched.stop_ids = frozenset()
+    reads = []
+    real = store.meta
+    monkeypatch.setattr(store, "meta", lambda u: reads.append(u) or real(u))
+
+    def join(n: int) -> None:
+        sched.submit(Job(uid, [{"role": "user", "content": f"a film about space {n}"}], None, n))
+        sched._admit()
+        sched.decoder.step(sched.batch)
+        sched._after_step(0.0)
+
+    join(12)
+    assert reads == [uid]
+    join(6)  # the same user, running: their request's record
+    join(6)
+    assert reads == [uid] and len(sched.jobs) == 3
+    sched.forget(uid)
+    join(3)
+    assert reads == [uid, uid]
+    while sched.jobs:
+        sched.decoder.step(sched.batch)
+        sched._after_step(0.0)
+    join(2)  # nothing running: read again
+    assert reads == [uid] * 3
+
+
 def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     """What a load run reads to say where a server's time goes: the scheduler's seconds by
     phase (admit, load, prefill, merge, step, stream) add up to no more than the time it ran,

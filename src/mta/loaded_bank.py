@@ -389,13 +389,20 @@ class LoadedBank:
                           similarities=list(mix.similarities), stack=stack, history_items=len(user.history))
 
     # -- serving ------------------------------------------------------------------------------------
-    def stored(self, store: UserStore | None, user_ids: Sequence[str]) -> dict[str, UserRecord]:
-        """The store's records of ``user_ids`` (those present), checked against this bank."""
+    def stored(self, store: UserStore | None, user_ids: Sequence[str],
+               known: dict[str, UserRecord] | None = None) -> dict[str, UserRecord]:
+        """The store's records of ``user_ids`` (those present), checked against this bank.
+        ``known``: records the caller read before (through this method) and holds: those
+        users' records are taken from it, not the store, and the others' found are added
+        to it (a server's running requests keep the records they started with, and each
+        admission reads the store for the joining users alone)."""
         out: dict[str, UserRecord] = {}
         if store is None:
             return out
         for uid in dict.fromkeys(user_ids):
-            if store.has(uid):
+            if known is not None and uid in known:
+                out[uid] = known[uid]
+            elif store.has(uid):
                 rec = store.meta(uid)
                 if rec.bank != self.bank_id:
                     raise MtaError(f"user '{uid}' in {store.root} was adapted against another bank "
@@ -404,18 +411,20 @@ class LoadedBank:
                     raise MtaError(f"user {uid!r}: the record names anchor slot {max(rec.anchors)} of a bank with "
                                    f"{self.n_anchors} anchors (corrupt); adapt the user again")
                 out[uid] = rec
+                if known is not None:
+                    known[uid] = rec
         return out
 
-    def plans(self, requests: Sequence[Request], store: UserStore | None, fusion: AdaptConfig | None = None
-              ) -> tuple[list[Plan], list[str], list[str | None]]:
+    def plans(self, requests: Sequence[Request], store: UserStore | None, fusion: AdaptConfig | None = None,
+              known: dict[str, UserRecord] | None = None) -> tuple[list[Plan], list[str], list[str | None]]:
         """Each request's plan, route and notice. A private bank: the user's own anchor. Else
         a stored user's fusion and stack; a user with history only: fusion computed now;
-        anyone else: the base model."""
+        anyone else: the base model. ``known``: as for ``stored``."""
         self._activate()
         if self.kind == "private":
             mixes = self.mixtures([r.user or User(user_id=r.user_id, history=[]) for r in requests], AdaptConfig())
             return [Plan(m.anchors, m.weights) for m in mixes], ["private"] * len(requests), [None] * len(requests)
-        records = self.stored(store, [r.user_id for r in requests])
+        records = self.stored(store, [r.user_id for r in requests], known)
         slots = self.stacks.ensure({u: rec for u, rec in records.items() if rec.stack}, store) if records else {}
         fresh = list({r.user_id: r.user for r in requests if r.user_id not in records
                       and r.user is not None and r.user.history}.values())

@@ -109,6 +109,7 @@ class Scheduler:
         self.decoder_kind = server_decoder(gen.decoder, bank.backbone.device)
         self.prefix = PrefixCache(prefix_tokens) if prefix_tokens else None  # users' prompt prefixes
         self._forget: set[str] = set()  # users whose prefixes go at the next turn (`forget_later`)
+        self._records: dict = {}  # user -> the store record their running requests were planned with
         self._forget_lock = threading.Lock()
         if self.decoder_kind != "generate":  # one static cache, the step captured in a CUDA graph (decoding.slots)
             self.decoder = SlotDecoder(bank.backbone, self.tok.pad_token_id, slots=max_batch,
@@ -322,15 +323,22 @@ class Scheduler:
         if not new:
             return
         self._gauge()
+        # the running requests' users keep the records they started with (the store is read
+        # for the joining users alone: at every join it was read for every running user)
+        running = {job.user_id for job in self.jobs}
+        known = {u: rec for u, rec in self._records.items() if u in running}
         try:
-            plans, routes = self._plans(self.jobs + new)
+            plans, routes = self._plans(self.jobs + new, known)
         except Exception:  # noqa: BLE001 - e.g. a corrupt user: find the requests at fault, fail them alone
+            known = {}  # (and every record read again: one may have changed under a running request)
             new = [job for job in new if self._plannable(job)]
             if not new:
                 if self.jobs:
-                    self._plans(self.jobs)
+                    self._plans(self.jobs, known)
+                self._records = known
                 return
-            plans, routes = self._plans(self.jobs + new)
+            plans, routes = self._plans(self.jobs + new, known)
+        self._records = known
         rows = self.bank.rows(plans)
         for job, row in zip(self.jobs, rows):  # running rows follow their users' (new) slots
             job.seq.row = row
@@ -354,7 +362,9 @@ class Scheduler:
                 plan.svd_rank)
 
     def forget(self, user_id: str) -> None:
-        """(Scheduler thread.) Drop a user's cached prompt prefixes (deleted, or adapted again)."""
+        """(Scheduler thread.) Drop a user's cached prompt prefixes (deleted, or adapted again)
+        and the record their requests were planned with (the next join reads the store)."""
+        self._records.pop(user_id, None)
         if self.prefix is not None:
             self.prefix.forget(user_id)
 
@@ -409,10 +419,10 @@ class Scheduler:
             return False
         return True
 
-    def _plans(self, jobs: list[Job]) -> tuple[list[Plan], list[str]]:
+    def _plans(self, jobs: list[Job], known: dict | None = None) -> tuple[list[Plan], list[str]]:
         personal = [j for j in jobs if not j.base_only]
         reqs = [Request(j.user_id or "", "", j.user) for j in personal]
-        plans, routes, _ = self.bank.plans(reqs, self.store, self.fusion) if reqs else ([], [], [])
+        plans, routes, _ = self.bank.plans(reqs, self.store, self.fusion, known) if reqs else ([], [], [])
         it = iter(zip(plans, routes))
         out_p, out_r = [], []
         for j in jobs:
