@@ -8,7 +8,9 @@ prefix into its slot, the few tokens after it through the decode steps that foll
 prefill forward); then joins right after the first joining user's stack was loaded (a
 user who was not resident): the dense tables caught up on that slot alone (the server's
 way), against the same slot written some other way (the tables filled again whole and the
-prefill gathering, what every stack load cost before).
+prefill gathering, what every stack load cost before); then users' first requests
+(``--first-prompt`` tokens, nothing cached: the whole prompt prefilled), base rows against
+`mta` rows after a stack load.
 
     .venv/bin/python benchmarks/join.py                           # 32 narrow blocks on the CPU: host cost
     python3 benchmarks/join.py --shape 8b --device cuda           # Llama-3-8B shape (random bf16)
@@ -56,11 +58,17 @@ def backbone(shape: str, device: str) -> Backbone:
                          "hashing-embedder", BackboneConfig(device=device))
 
 
-def requests(n: int, first: int, mixed: bool, users: int) -> list[Sequence]:
+def requests(n: int, first: int, mixed: bool, users: int, length: int = 0) -> list[Sequence]:
+    """``n`` requests from the ``first``-th on: a user's repeated prefix and REST tokens of
+    its own, or (``length``) a prompt of that many tokens of its own (a first request)."""
     def row(i: int) -> Row:
         return Row([i % 8, (i + 1) % 8], [0.6, 0.4], user=i % users) if mixed else Row(active=False)
-    return [Sequence([5 + j % 50 for j in range(PROMPT)] + [60 + (first + i) % 100, 7, 8][:REST], row(first + i), 4,
-                     frozenset()) for i in range(n)]
+
+    def prompt(i: int) -> list[int]:
+        if length:
+            return [5 + (i * 7 + j) % 90 for j in range(length)]
+        return [5 + j % 50 for j in range(PROMPT)] + [60 + i % 100, 7, 8][:REST]
+    return [Sequence(prompt(first + i), row(first + i), 4, frozenset()) for i in range(n)]
 
 
 def sync(device: str) -> None:
@@ -68,7 +76,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load: str = "") -> dict:
+def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load: str = "", first: int = 0) -> dict:
     """Milliseconds per join and per part of it (start, advance, merge; means over
     ``a.joins`` after two untimed ones), and of the decode step after it (``step``: it fills
     the new batch's routing). ``feed``: the slot decoder's ``feed`` (rows whose cached prefix
@@ -79,9 +87,10 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load
     ``load_user`` (the server's way: the dense tables catch up on that slot alone),
     ``"write"`` as a plain in-place write (any other change: the tables are filled again
     whole and the prefill gathers each row's factors, what every stack load cost before
-    the catch-up)."""
-    dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=256, prefix=PrefixCache(1 << 22),
-                      feed=feed)
+    the catch-up). ``first``: each joining row is a user's first request, a prompt of that
+    many tokens with nothing cached (the whole prompt prefilled)."""
+    dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=max(256, first + 64),
+                      prefix=PrefixCache(1 << 22), feed=feed)
     if gathered:
         dec.eager.router = bb.engine.route
     running = a.slots - a.rows
@@ -93,7 +102,9 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load
         batch = dec.keep(dec.merge(batch, dec.advance(warm)), list(range(running)))
         total = {"start": 0.0, "advance": 0.0, "merge": 0.0, "step": 0.0}
         for j in range(a.joins + 2):
-            seqs = requests(a.rows, 1 + j, mixed, a.users)
+            seqs = requests(a.rows, 1 + j, mixed, a.users, first)
+            if first:  # nothing cached under these keys: every prompt prefilled whole
+                keys = [(f"first-{j}-{i}", mixed) for i in range(a.rows)]
             if load:  # the slot's own factors again: the tokens do not change, the tables' versions do
                 slot = seqs[0].row.user
                 if load == "load":
@@ -131,6 +142,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8, help="rows joining at once (mta serve's default --join-rows)")
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--joins", type=int, default=16, help="timed joins per configuration")
+    ap.add_argument("--first-prompt", type=int, default=128, help="tokens of a user's first request (nothing "
+                    "cached: the whole prompt prefilled) in the last two rows; 0: not timed")
     ap.add_argument("--threads", type=int, default=1, help="torch's CPU threads")
     ap.add_argument("--gc", choices=["freeze", "on"], default="freeze",
                     help="freeze: start-up's objects left out of garbage collection, as `mta serve` does; on: not")
@@ -138,6 +151,8 @@ def main() -> None:
     a = ap.parse_args()
     if not 0 < a.rows < a.slots:
         ap.error(f"--rows must be between 1 and --slots - 1 ({a.slots - 1})")
+    if a.first_prompt < 0:
+        ap.error(f"--first-prompt must be 0 (off) or a number of tokens, not {a.first_prompt}")
     torch.set_num_threads(a.threads)
     bb = backbone(a.shape, a.device)
     bb.engine.set_bank(8, 8, 16.0)
@@ -162,7 +177,10 @@ def main() -> None:
             ("base model rows, fed", False, False, 16), ("mta rows, fed (the server)", True, False, 16),
             ("mta rows after a stack write", True, False, 0, "write"),
             ("mta rows after a stack load (server)", True, False, 0, "load")]
-    parts = {name: time_joins(bb, a, mixed, gathered, feed, *load) for name, mixed, gathered, feed, *load in rows}
+    if a.first_prompt:
+        rows += [(f"base rows, first requests ({a.first_prompt} tok)", False, False, 0, "", a.first_prompt),
+                 (f"mta rows, first, after a load ({a.first_prompt} tok)", True, False, 0, "load", a.first_prompt)]
+    parts = {name: time_joins(bb, a, mixed, gathered, feed, *more) for name, mixed, gathered, feed, *more in rows}
     gc.callbacks.remove(count)
     gc.unfreeze()
     ms = {name: p["join"] for name, p in parts.items()}
@@ -171,10 +189,10 @@ def main() -> None:
           f"each with a cached prompt prefix and {REST} tokens after it; mean of {a.joins} joins (start: "
           "prefix look-up; advance: the prefill forward; merge: into the slots; fed: the rest through the "
           "decode steps, --feed-tokens 16)")
-    print(f"{'join of':<38} {'ms':>8} {'x base':>7} {'start':>7} {'advance':>8} {'merge':>7} {'next step':>9}")
+    print(f"{'join of':<40} {'ms':>8} {'x base':>7} {'start':>7} {'advance':>8} {'merge':>7} {'next step':>9}")
     for name, *_ in rows:
         p = parts[name]
-        print(f"{name:<38} {ms[name]:>8.1f} {ms[name] / ref:>7.2f} {p['start']:>7.1f} {p['advance']:>8.1f} "
+        print(f"{name:<40} {ms[name]:>8.1f} {ms[name] / ref:>7.2f} {p['start']:>7.1f} {p['advance']:>8.1f} "
               f"{p['merge']:>7.1f} {p['step']:>9.1f}")
     dense, gathered, fed = ms[rows[1][0]], ms[rows[2][0]], ms[rows[4][0]]
     with_step = {name: p["join"] + p["step"] for name, p in parts.items()}
@@ -182,6 +200,10 @@ def main() -> None:
     print(f"dense tables against the gathered routing: {gathered / dense:.2f}x faster; fed against "
           f"prefilled (dense): {dense / fed:.2f}x faster; after a stack load, the join and its next step with "
           f"the tables caught up against refilled whole: {after_load:.2f}x faster")
+    first = with_step[rows[8][0]] / with_step[rows[7][0]] if a.first_prompt else None
+    if first is not None:
+        print(f"a user's first request ({a.first_prompt} tokens) with its stack load, join and next step: "
+              f"{first:.2f}x the base model's")
     print(f"garbage collection ({a.gc}; {tracked} objects tracked after start-up): full collections "
           f"{collections['count'][2]} taking {collections['seconds'][2]:.3f} s, younger "
           f"{collections['count'][0] + collections['count'][1]} taking "
@@ -191,6 +213,7 @@ def main() -> None:
                                  "users": a.users, "joins": a.joins, "threads": a.threads,
                                  "ms_per_join": ms, "ms_by_part": parts, "dense_vs_gathered": gathered / dense,
                                  "fed_vs_dense": dense / fed, "after_load_caught_up_vs_refilled": after_load,
+                                 "first_prompt": a.first_prompt, "first_request_vs_base": first,
                                  "gc": a.gc, "tracked_objects": tracked,
                                  "collections": collections},
                                 indent=2) + "\n")

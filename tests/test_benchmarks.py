@@ -188,17 +188,23 @@ def test_detok_benchmark_tiny(tmp_path):
 def test_join_benchmark_tiny(tmp_path):
     """A join's cost (base rows, mta rows through the dense tables, through the gathered
     routing, then base and mta rows fed through the decode steps, then mta rows after a
-    stack write and after a stack load): every configuration timed with its next step, the
-    fed ones without a prefill forward; a bad --rows is a one-line usage error."""
+    stack write and after a stack load, then users' first requests): every configuration
+    timed with its next step, the fed ones without a prefill forward, a first request's
+    longer than a repeated one's; a bad --rows or --first-prompt is a one-line usage error."""
     out = tmp_path / "join.json"
     r = _run("join.py", "--slots", "8", "--rows", "2", "--users", "4", "--joins", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
-    assert len(rec["ms_per_join"]) == 7 and all(v > 0 for v in rec["ms_per_join"].values())
+    assert len(rec["ms_per_join"]) == 9 and all(v > 0 for v in rec["ms_per_join"].values())
+    assert rec["first_prompt"] == 128 and rec["first_request_vs_base"] > 0
     assert rec["dense_vs_gathered"] > 0 and rec["fed_vs_dense"] > 0 and "x base" in r.stdout
     assert rec["after_load_caught_up_vs_refilled"] > 0 and all(p["step"] > 0 for p in rec["ms_by_part"].values())
     assert rec["gc"] == "freeze" and rec["tracked_objects"] > 10_000 and len(rec["collections"]["count"]) == 3
     parts = rec["ms_by_part"]  # a fed join's advance runs no forward: less than any prefilled one's
     assert parts["mta rows, fed (the server)"]["advance"] < parts["mta rows, dense tables"]["advance"]
+    assert parts["mta rows, first, after a load (128 tok)"]["advance"] > parts["mta rows after a stack load (server)"][
+        "advance"]
     bad = _run("join.py", "--slots", "4", "--rows", "4")
     assert bad.returncode == 2 and "--rows must be between 1 and --slots - 1 (3)" in bad.stderr
+    bad = _run("join.py", "--first-prompt", "-1")
+    assert bad.returncode == 2 and "--first-prompt must be 0 (off) or a number of tokens, not -1" in bad.stderr
