@@ -213,21 +213,24 @@ def test_an_anchor_copied_from_a_per_user_lora_keeps_its_steps(tmp_path):
     assert set(rows["mta-fusion"]["optimizer_steps"]) == {"anchors"}
 
 
-def test_stack_stop_stops_every_per_user_part_alike_and_anchors_are_not_copied_from_stopped_loras(tmp_path):
+@pytest.mark.parametrize("stop", ["held-out", "refit"])
+def test_stack_stop_stops_every_per_user_part_alike_and_anchors_are_not_copied_from_stopped_loras(tmp_path, stop):
     """`--stack-stop held-out` in `mta eval`: MTA's stacks, OPPU's user parts and the per-user
     LoRAs are each kept at their best checked step on their user's held-out last item (the
     steps column reports the kept steps); the from-scratch bank's anchors are then trained,
-    not copied from those stopped LoRAs (a bank's anchors train to their last step)."""
+    not copied from those stopped LoRAs (a bank's anchors train to their last step).
+    `refit`: the same, each part trained again on every item for the steps chosen."""
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
     out = tmp_path / "ev"
     assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "per-user-lora,oppu,mta",
-                 "--stack-stop", "held-out", "--stack-steps", "4", "--user-steps", "4", "--oppu-steps", "4",
+                 "--stack-stop", stop, "--stack-steps", "4", "--user-steps", "4", "--oppu-steps", "4",
                  *COMMON]) == 0
     private = read_index(out / "fold0" / "per-user-lora")
-    assert private.config.stop == "held-out"
+    assert private.config.stop == stop
     for a in private.anchors:
-        assert a.stopped_at is not None and len(a.held_out_losses) == 5 and a.steps == 4
+        assert a.stopped_at is not None and len(a.held_out_losses) == 5
+        assert a.steps == (4 if stop == "held-out" else a.stopped_at)
     for name in ("oppu", "mta"):
         store = UserStore(out / "fold0" / name)
         recs = [store.meta(u).stack for u in store.user_ids()]

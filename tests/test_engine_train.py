@@ -495,3 +495,54 @@ def test_a_stack_that_only_hurts_its_held_out_item_is_kept_at_step_zero():
     assert min(stats["held_out_losses"]["user-0"][1:]) > stats["held_out_losses"]["user-0"][0]
     got = eng.user_tensors(0)
     assert all(torch.equal(got[n][0], init[n][0]) and torch.equal(got[n][1], init[n][1]) for n in got)
+
+
+def test_a_refit_trains_each_job_again_on_every_example_for_the_steps_its_held_out_run_chose():
+    """``refit``: the held-out run only chooses each job's steps; every job then starts again
+    from its initial values and trains on its examples and its held-out ones for that many
+    steps, as it would alone (a job without held-out examples: its whole plan again; one
+    whose choice is step 0: as initialised, no step)."""
+    cfg = TrainConfig(lr=3e-2, steps=8, batch_size=2, warmup_ratio=0.0, seed=7, max_rows=5)
+    train = [random_examples(4, seed=20 + u) for u in range(3)]
+    held = [train[0][:1], random_examples(1, seed=5), []]  # user 1 keeps a step between the ends
+
+    def jobs():
+        return [Job(u, train[u], Row((u,), (1.0,), user=u), key=f"user-{u}") for u in range(3)]
+
+    eng, _, tok = tiny_engine(n_anchors=3, users=3, stack_rank=2)
+    chose = train_jobs(eng, "stack", jobs(), cfg, pad_id=tok.pad_token_id, held_out=held, checks=4)["stopped_at"]
+    eng, _, tok = tiny_engine(n_anchors=3, users=3, stack_rank=2)
+    stats = train_jobs(eng, "stack", jobs(), cfg, pad_id=tok.pad_token_id, held_out=held, checks=4, refit=True)
+    assert stats["stopped_at"] == chose and chose["user-0"] > 0 and 0 < chose["user-1"] < 8
+    assert stats["held_out_losses"].keys() == {"user-0", "user-1"}
+    for u in range(3):
+        key = f"user-{u}"
+        alone, _, _ = tiny_engine(n_anchors=3, users=3, stack_rank=2)
+        steps = chose.get(key)
+        if steps != 0:
+            job = Job(u, [*train[u], *held[u]], Row((u,), (1.0,), user=u), key=key, steps=steps)
+            train_jobs(alone, "stack", [job], cfg, pad_id=tok.pad_token_id)
+        assert len(stats["losses"][key]) == (8 if steps is None else steps)
+        got, want = eng.user_tensors(u), alone.user_tensors(u)
+        for n in got:
+            torch.testing.assert_close(got[n][0], want[n][0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[n][1], want[n][1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="refit needs held-out examples"):
+        train_jobs(eng, "stack", jobs(), cfg, pad_id=tok.pad_token_id, refit=True)
+
+
+def test_a_refit_whose_held_out_run_chose_step_zero_leaves_the_stack_as_initialised():
+    eng, model, tok = tiny_engine(n_anchors=2, users=1, stack_rank=2)
+    init = eng.user_tensors(0)
+    cfg = TrainConfig(lr=5e-2, steps=6, batch_size=2, warmup_ratio=0.0, seed=7, max_rows=5)
+    prompt = (11, 42, 97, 150, 7)
+
+    def answer(t):
+        return engine_train.Example(prompt + (t,), (engine_train.IGNORE,) * len(prompt) + (t,))
+
+    job = Job(0, [answer(60)] * 4, Row((0,), (1.0,), user=0), key="user-0")
+    stats = train_jobs(eng, "stack", [job], cfg, pad_id=tok.pad_token_id, held_out=[[answer(61)]], refit=True)
+    assert stats["stopped_at"] == {"user-0": 0} and stats["losses"] == {"user-0": []}
+    assert len(stats["first_run_losses"]["user-0"]) == 6
+    got = eng.user_tensors(0)
+    assert all(torch.equal(got[n][0], init[n][0]) and torch.equal(got[n][1], init[n][1]) for n in got)

@@ -303,7 +303,7 @@ def test_trial_keys_of_logs_written_before_a_field_existed_still_match():
     assert tune_mod._key(AdaptConfig.make(stack_lr=1e-3, stack_steps=32)) == "a9ce209decba"
     assert tune_mod._key(BankConfig()) == "4ee7f9508e1c"  # (before BankConfig.stop existed)
     assert tune_mod._key(AdaptConfig.make(stack_lr=1e-3, stack_steps=32, stack_stop="held-out")) != "a9ce209decba"
-    assert [o["adapt"]["stack_stop"] for o in GROUPS["stack stop"]] == ["none", "held-out"]
+    assert [o["adapt"]["stack_stop"] for o in GROUPS["stack stop"]] == ["none", "held-out", "refit"]
 
 
 def test_every_trial_shares_one_cache_of_searched_weights_under_out(tmp_path, monkeypatch):

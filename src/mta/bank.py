@@ -368,16 +368,18 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
 
     # per-user LoRAs stopped on their user's held-out last item (BankConfig.stop, set by
     # `mta eval` as MTA's stack is stopped); anchors and task LoRAs train to their last step
-    stopping = rec.kind == "private" and cfg.stop == "held-out"
+    stopping = rec.kind == "private" and cfg.stop != "none"
     split = [held_out(examples(a), stopping) for a in group]
     jobs = [Job(j, fit, row(j), key=f"{key_prefix}:{a.user_id}") for j, (a, (fit, _)) in enumerate(zip(group, split))]
     stats = train_jobs(engine, "bank", jobs, tcfg, pad_id=backbone.tokenizer.pad_token_id, on_step=on_step,
-                       held_out=[h for _, h in split] if stopping else None)
+                       held_out=[h for _, h in split] if stopping else None, refit=stopping and cfg.stop == "refit")
     for j, a in enumerate(group):
         save_anchor(engine, j, adapter_dir(out, a.slot), base_model=rec.model,
                     extra={"user_id": a.user_id, "task": task.name})
         losses = stats["losses"][jobs[j].key]
-        a.done, a.examples, a.final_loss, a.first_loss = True, len(jobs[j].examples), losses[-1], losses[0]
+        # (a refit kept at step 0 trained no step of its own: the losses its held-out run saw)
+        seen = losses or stats.get("first_run_losses", {}).get(jobs[j].key) or [None]
+        a.done, a.examples, a.final_loss, a.first_loss = True, len(jobs[j].examples), seen[-1], seen[0]
         a.skipped_steps = stats["skipped_steps"].get(jobs[j].key, 0)
         a.steps = len(losses)
         a.stopped_at = stats.get("stopped_at", {}).get(jobs[j].key)

@@ -214,10 +214,11 @@ class BankConfig(_Config):
     max_items: int | None = Field(None, ge=1, description="anchors (and per-user LoRAs) train on their latest "
                                   "N history items (default: all)", json_schema_extra=flag("anchor-items"))
     group_size: int = Field(8, ge=1, description="anchors trained per pass; a resumed build restarts a group")
-    stop: Literal["none", "held-out"] = Field(
+    stop: Literal["none", "held-out", "refit"] = Field(
         "none", description="per-user LoRAs only (a private bank, the per-user-lora baseline): held-out keeps each "
-        "at the checked step with the lowest loss on its user's last history item; `mta eval` sets it from "
-        "--stack-stop, so every per-user part is stopped alike; anchors and task LoRAs train to their last step",
+        "at the checked step with the lowest loss on its user's last history item; refit chooses that step so, "
+        "then trains again on every item for that many steps; `mta eval` sets it from --stack-stop, so every "
+        "per-user part is stopped alike; anchors and task LoRAs train to their last step",
         json_schema_extra={"cli": False})
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of k-means, initialisation, shuffling, folds and "
                       "bootstrap")
@@ -273,10 +274,12 @@ class AdaptConfig(_Config):
                                     "as often as it takes; replaces stack_epochs unless that is 0 (default: "
                                     "epochs x batches per epoch)")
     stack_lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="stacking learning rate")
-    stack_stop: Literal["none", "held-out"] = Field(
-        "none", description="when the stack stops: none (at its last step), or held-out (the user's last "
+    stack_stop: Literal["none", "held-out", "refit"] = Field(
+        "none", description="when the stack stops: none (at its last step), held-out (the user's last "
         "history item is held out of the weight search and the stack's training, and the stack is kept at the "
-        "checked step, 0 included (no change to the fused anchors), with the lowest loss on it)")
+        "checked step, 0 included (no change to the fused anchors), with the lowest loss on it), or refit (that "
+        "step chosen so, then the stack trained again from its start on every item, the held-out one too, for "
+        "that many steps)")
     batch_size: int = Field(8, ge=1, description="examples per user per optimiser step",
                             json_schema_extra=flag("stack-batch-size"))
     users_per_pass: int = Field(64, ge=1, description="users whose stacks train together in one pass (a stack's "

@@ -64,14 +64,16 @@ def stack_passes(bank: LoadedBank, users: Sequence[User], mixes: Sequence[Mixtur
                 forget(i)
             stats = train_jobs(engine, "stack", jobs, tcfg, pad_id=tok.pad_token_id,
                                on_step=(lambda s, t: progress("steps", s, t)) if progress else None,
-                               held_out=[h for _, h in split] if cfg.stack_stop == "held-out" else None)
+                               held_out=[h for _, h in split] if cfg.stack_stop != "none" else None,
+                               refit=cfg.stack_stop == "refit")
         yield group, stats, time.perf_counter() - t0
 
 
 def held_out_split(examples: list, cfg: AdaptConfig) -> tuple[list, list]:
     """(the examples the stack trains on, those it is stopped by): ``stack_stop``
-    "held-out" with a stack to train holds the user's last item out (``examples.held_out``)."""
-    return held_out(examples, cfg.stack_stop == "held-out" and cfg.stack_epochs > 0)
+    "held-out" or "refit" with a stack to train holds the user's last item out
+    (``examples.held_out``; a refit trains on it too once its steps are chosen)."""
+    return held_out(examples, cfg.stack_stop != "none" and cfg.stack_epochs > 0)
 
 
 def stack_record(user: User, cfg: AdaptConfig, stats: dict | None) -> StackRecord | None:

@@ -47,6 +47,7 @@ class Job:
     key: str
     losses: list[float] = field(default_factory=list)
     skipped: int = 0  # optimiser steps skipped for a non-finite gradient
+    steps: int | None = None  # optimiser steps of this job alone (default: ``plan_steps``)
 
     def steps_per_epoch(self, bs: int) -> int:
         return math.ceil(len(self.examples) / bs)
@@ -69,7 +70,7 @@ def plan_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 
 def job_batches(job: Job, cfg: TrainConfig) -> list[list[Example]]:
-    want = plan_steps(len(job.examples), cfg)
+    want = plan_steps(len(job.examples), cfg) if job.steps is None else job.steps
     out: list[list[Example]] = []
     epoch = 0
     while len(out) < want:
@@ -282,13 +283,22 @@ class _HeldOut:
 def train_jobs(
     engine: AdapterEngine, target: Literal["bank", "stack"], jobs: Sequence[Job], cfg: TrainConfig,
     pad_id: int, on_step: Callable[[int, int], None] | None = None,
-    held_out: Sequence[Sequence[Example]] | None = None, checks: int = 8,
+    held_out: Sequence[Sequence[Example]] | None = None, checks: int = 8, refit: bool = False,
 ) -> dict:
     """Train every job's adapter in one pass. Returns per-job losses and totals.
 
     ``held_out`` (one list per job, empty for none): early stopping, each job keeping its
     adapter at the checked step (``check_steps(total, checks)``) with the lowest loss on
-    its held-out examples (``_HeldOut``); the stats then say at which step each stopped."""
+    its held-out examples (``_HeldOut``); the stats then say at which step each stopped.
+    ``refit`` (with ``held_out``): that step is only chosen there; each job is then trained
+    again from its initial values, on its examples and its held-out ones together, for
+    that many steps (none: it stays as initialised), as one chooses an epoch on a
+    validation split and then trains on all the data; ``stopped_at`` is then the steps of
+    that second run."""
+    if refit:
+        if held_out is None:
+            raise ValueError("refit needs held-out examples to choose the steps by")
+        return _refit(engine, target, jobs, cfg, pad_id, on_step, held_out, checks)
     if not jobs:
         raise ValueError("nothing to train: no jobs")
     slots = [j.slot for j in jobs]
@@ -390,6 +400,32 @@ def train_jobs(
         out["stopped_at"] = {jobs[i].key: step for i, step in watch.restore().items()}
         out["held_out_losses"] = {jobs[i].key: v for i, v in watch.losses.items()}
     return out
+
+
+def _refit(engine: AdapterEngine, target: Literal["bank", "stack"], jobs: Sequence[Job], cfg: TrainConfig,
+           pad_id: int, on_step: Callable[[int, int], None] | None, held_out: Sequence[Sequence[Example]],
+           checks: int) -> dict:
+    """``train_jobs`` with ``refit``: the held-out run chooses each job's steps, the second
+    run trains on everything for that many (its optimiser state new, as for any run)."""
+    idx = torch.tensor([j.slot for j in jobs], device=engine.device)
+    with torch.no_grad():
+        init = [p.detach()[idx].clone() for p in engine.trainable(target)]
+    engine.trainable(None)
+    first = train_jobs(engine, target, jobs, cfg, pad_id, on_step, held_out, checks)
+    chosen = first["stopped_at"]  # (a job without held-out examples trains its whole plan again)
+    with torch.no_grad():
+        for p, v in zip(engine.trainable(target), init):
+            p[idx] = v
+    engine.trainable(None)
+    again = [Job(j.slot, [*j.examples, *h], j.row, j.key, steps=chosen.get(j.key))
+             for j, h in zip(jobs, held_out) if chosen.get(j.key) != 0]
+    second = train_jobs(engine, target, again, cfg, pad_id, on_step) if again else None
+    losses = {j.key: (second["losses"][j.key] if second and j.key in second["losses"] else []) for j in jobs}
+    return {"steps": second["steps"] if second else 0, "tokens": first["tokens"] + (second["tokens"] if second else 0),
+            "optimizer_state_bytes": first["optimizer_state_bytes"], "losses": losses,
+            "token_budget": first["token_budget"], "skipped_steps": second["skipped_steps"] if second else {},
+            "stopped_at": {j.key: len(losses[j.key]) for j in jobs if j.key in chosen},
+            "held_out_losses": first["held_out_losses"], "first_run_losses": first["losses"]}
 
 
 def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id: int, step: int,

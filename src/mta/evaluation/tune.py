@@ -54,7 +54,7 @@ GROUPS: dict[str, list[Override]] = {
     "stack learning rate": [{"adapt": {"stack_lr": lr}} for lr in (3e-3, 1e-3, 3e-4, 1e-4)],
     # early stopping of the stack (and of the baselines' per-user parts, which follow it) on
     # the user's last item (mta.examples.held_out)
-    "stack stop": [{"adapt": {"stack_stop": s}} for s in ("none", "held-out")],
+    "stack stop": [{"adapt": {"stack_stop": s}} for s in ("none", "held-out", "refit")],
     # the first three cost the same bytes per user (rank x blocks = 16); the last two more
     # than the default budget of a tenth of a per-user LoRA allows (see `stack_share`)
     "stack shape": [{"adapt": {"stack_rank": r, "stack_layers": n}}
