@@ -235,6 +235,9 @@ def test_stack_stop_stops_every_per_user_part_alike_and_anchors_are_not_copied_f
         store = UserStore(out / "fold0" / name)
         recs = [store.meta(u).stack for u in store.user_ids()]
         assert recs and all(r.stopped_at is not None and len(r.held_out_losses) == 5 for r in recs)
+        assert all(r.refit == (stop == "refit") for r in recs)
+        if stop == "refit":  # the stored stack trained its chosen steps on every item, no more
+            assert all(len(r.losses) == r.stopped_at == r.kept_steps for r in recs)
     bank = read_index(out / "fold0" / "bank")
     assert bank.config.stop == "none" and all(a.reused_from is None and a.stopped_at is None for a in bank.anchors)
     rows = {r["method"]: r["optimizer_steps"] for r in json.loads((out / "metrics.json").read_text())["results"]}

@@ -110,6 +110,7 @@ class StackRecord(_Record):
     # the held-out loss at each checked step; None without early stopping
     stopped_at: int | None = None
     held_out_losses: list[float] | None = None
+    refit: bool = False  # stack_stop "refit": trained again on every item for ``stopped_at`` steps
 
     @property
     def kept_steps(self) -> int:

@@ -126,9 +126,12 @@ def store_list(store: Path = typer.Argument(..., help="A user store directory.")
 
 
 def _stack_steps(stack) -> str:
-    """The stack's optimiser steps; with early stopping, the step kept of them."""
+    """The stack's optimiser steps; with early stopping, the step kept of them (refit: the
+    steps chosen on the held-out item, then trained again on every item)."""
     if stack is None:
         return "-"
+    if stack.refit:
+        return f"refit, {stack.kept_steps}"
     return f"kept {stack.kept_steps} of {len(stack.losses)}" if stack.stopped_at is not None else str(stack.kept_steps)
 
 
