@@ -61,3 +61,34 @@ def test_a_marker_without_its_end_and_a_missing_doc_are_errors(tmp_path, monkeyp
         _main(monkeypatch, "--check", str(f))
     with pytest.raises(SystemExit, match="^error: .*absent.md"):
         _main(monkeypatch, "--check", str(tmp_path / "absent.md"))
+
+
+def test_stop_groups_counts_each_trials_right_answers_by_the_step_kept(tmp_path):
+    """scripts/stop-groups.py: users grouped by the kept step of a held-out trial's store
+    list (step 0, between, the last), each trial's right answers against the data's gold;
+    a list without kept steps is a usage error."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "users.jsonl"
+    users = [{"user_id": u, "history": [{"id": f"{u}h", "artist": "Duran Duran", "tag": "80s", "date": "2007-03-01"}],
+              "queries": [{"id": f"{u}q{i}", "input": "x", "gold": g} for i, g in enumerate(golds)]}
+             for u, golds in (("a", ["rock", "pop"]), ("b", ["pop"]), ("c", ["rock"]))]
+    data.write_text("".join(json.dumps({**u, "task": "lastfm"}) + "\n" for u in users))
+    kept = tmp_path / "list.txt"
+    kept.write_text("│ a    │ 1 (0.5) │ delta │ 2 │ kept 0 of 4   │ 10 │\n"
+                    "│ b    │ 1 (0.5) │ delta │ 2 │ kept 2 of 4   │ 10 │\n"
+                    "│ c    │ 1 (0.5) │ delta │ 2 │ kept 4 of 4   │ 10 │\n")
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"user_id": u, "parsed": p}) + "\n"
+                             for u, p in (("a", ["rock", "rock"]), ("b", ["pop"]), ("c", ["pop"]))))
+    got = subprocess.run([sys.executable, "scripts/stop-groups.py", "--data", str(data), "--kept", str(kept),
+                          f"t={preds}"], cwd=root, capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    rows = [line.split() for line in got.stdout.splitlines()[1:]]  # group, users, queries, right answers
+    assert rows == [["step", "0", "1", "2", "1"], ["1-3", "1", "1", "1"], ["all", "4", "1", "1", "0"]]
+    kept.write_text("nothing\n")
+    bad = subprocess.run([sys.executable, "scripts/stop-groups.py", "--data", str(data), "--kept", str(kept),
+                          f"t={preds}"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no 'kept N of M' rows" in bad.stderr
