@@ -63,14 +63,15 @@ def test_a_marker_without_its_end_and_a_missing_doc_are_errors(tmp_path, monkeyp
         _main(monkeypatch, "--check", str(tmp_path / "absent.md"))
 
 
-def test_stop_groups_counts_each_trials_right_answers_by_the_step_kept(tmp_path):
+def test_stop_groups_counts_each_trials_right_answers_by_the_step_kept(tmp_path, monkeypatch, capsys):
     """scripts/stop-groups.py: users grouped by the kept step of a held-out trial's store
     list (step 0, between, the last), each trial's right answers against the data's gold;
     a list without kept steps is a usage error."""
     import json
-    import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("stop_groups", ROOT / "scripts" / "stop-groups.py")
+    stop_groups = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stop_groups)
     data = tmp_path / "users.jsonl"
     users = [{"user_id": u, "history": [{"id": f"{u}h", "artist": "Duran Duran", "tag": "80s", "date": "2007-03-01"}],
               "queries": [{"id": f"{u}q{i}", "input": "x", "gold": g} for i, g in enumerate(golds)]}
@@ -83,12 +84,12 @@ def test_stop_groups_counts_each_trials_right_answers_by_the_step_kept(tmp_path)
     preds = tmp_path / "p.jsonl"
     preds.write_text("".join(json.dumps({"user_id": u, "parsed": p}) + "\n"
                              for u, p in (("a", ["rock", "rock"]), ("b", ["pop"]), ("c", ["pop"]))))
-    got = subprocess.run([sys.executable, "scripts/stop-groups.py", "--data", str(data), "--kept", str(kept),
-                          f"t={preds}"], cwd=root, capture_output=True, text=True)
-    assert got.returncode == 0, got.stderr
-    rows = [line.split() for line in got.stdout.splitlines()[1:]]  # group, users, queries, right answers
+    argv = ["stop-groups.py", "--data", str(data), "--kept", str(kept), f"t={preds}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    stop_groups.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]  # group, users, queries, right
     assert rows == [["step", "0", "1", "2", "1"], ["1-3", "1", "1", "1"], ["all", "4", "1", "1", "0"]]
     kept.write_text("nothing\n")
-    bad = subprocess.run([sys.executable, "scripts/stop-groups.py", "--data", str(data), "--kept", str(kept),
-                          f"t={preds}"], cwd=root, capture_output=True, text=True)
-    assert bad.returncode == 2 and "no 'kept N of M' rows" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        stop_groups.main()
+    assert bad.value.code == 2 and "no 'kept N of M' rows" in capsys.readouterr().err
