@@ -480,7 +480,9 @@ def test_held_out_stopping_keeps_each_stack_at_its_best_checked_step():
         assert all(torch.equal(a[n][1], b[n][1]) for n in a)
 
 
-def test_a_stack_that_only_hurts_its_held_out_item_is_kept_at_step_zero():
+@pytest.mark.parametrize("refit", [False, True])
+def test_a_stack_that_only_hurts_its_held_out_item_is_kept_at_step_zero(refit):
+    """(refit: the held-out run chooses step 0, so no second run trains it: as initialised)"""
     eng, model, tok = tiny_engine(n_anchors=2, users=1, stack_rank=2)
     init = eng.user_tensors(0)
     cfg = TrainConfig(lr=5e-2, steps=6, batch_size=2, warmup_ratio=0.0, seed=7, max_rows=5)
@@ -490,9 +492,11 @@ def test_a_stack_that_only_hurts_its_held_out_item_is_kept_at_step_zero():
         return engine_train.Example(prompt + (t,), (engine_train.IGNORE,) * len(prompt) + (t,))
 
     job = Job(0, [answer(60)] * 4, Row((0,), (1.0,), user=0), key="user-0")
-    stats = train_jobs(eng, "stack", [job], cfg, pad_id=tok.pad_token_id, held_out=[[answer(61)]])
+    stats = train_jobs(eng, "stack", [job], cfg, pad_id=tok.pad_token_id, held_out=[[answer(61)]], refit=refit)
     assert stats["stopped_at"] == {"user-0": 0}
     assert min(stats["held_out_losses"]["user-0"][1:]) > stats["held_out_losses"]["user-0"][0]
+    if refit:
+        assert stats["losses"] == {"user-0": []} and len(stats["first_run_losses"]["user-0"]) == 6
     got = eng.user_tensors(0)
     assert all(torch.equal(got[n][0], init[n][0]) and torch.equal(got[n][1], init[n][1]) for n in got)
 
@@ -529,20 +533,3 @@ def test_a_refit_trains_each_job_again_on_every_example_for_the_steps_its_held_o
             torch.testing.assert_close(got[n][1], want[n][1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="refit needs held-out examples"):
         train_jobs(eng, "stack", jobs(), cfg, pad_id=tok.pad_token_id, refit=True)
-
-
-def test_a_refit_whose_held_out_run_chose_step_zero_leaves_the_stack_as_initialised():
-    eng, model, tok = tiny_engine(n_anchors=2, users=1, stack_rank=2)
-    init = eng.user_tensors(0)
-    cfg = TrainConfig(lr=5e-2, steps=6, batch_size=2, warmup_ratio=0.0, seed=7, max_rows=5)
-    prompt = (11, 42, 97, 150, 7)
-
-    def answer(t):
-        return engine_train.Example(prompt + (t,), (engine_train.IGNORE,) * len(prompt) + (t,))
-
-    job = Job(0, [answer(60)] * 4, Row((0,), (1.0,), user=0), key="user-0")
-    stats = train_jobs(eng, "stack", [job], cfg, pad_id=tok.pad_token_id, held_out=[[answer(61)]], refit=True)
-    assert stats["stopped_at"] == {"user-0": 0} and stats["losses"] == {"user-0": []}
-    assert len(stats["first_run_losses"]["user-0"]) == 6
-    got = eng.user_tensors(0)
-    assert all(torch.equal(got[n][0], init[n][0]) and torch.equal(got[n][1], init[n][1]) for n in got)
