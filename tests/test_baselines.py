@@ -16,6 +16,7 @@ from mta import bank as bank_mod
 from mta.bank import build_task, read_index
 from mta.cli.main import main
 from mta.config import AdaptConfig, BankConfig
+from mta.data.readers import load_dataset
 from mta.data.synth import synth_users
 from mta.errors import MtaError
 from mta.evaluation.methods import method_config
@@ -228,9 +229,12 @@ def test_stack_stop_stops_every_per_user_part_alike_and_anchors_are_not_copied_f
                  *COMMON]) == 0
     private = read_index(out / "fold0" / "per-user-lora")
     assert private.config.stop == stop
+    history = {u.user_id: len(u.history) for u in load_dataset(data).users}
     for a in private.anchors:
         assert a.stopped_at is not None and len(a.held_out_losses) == 5
         assert a.steps == (4 if stop == "held-out" else a.stopped_at)
+        # held-out: trained without the user's last item; refit: on every item
+        assert a.examples == history[a.user_id] - (stop == "held-out")
     for name in ("oppu", "mta"):
         store = UserStore(out / "fold0" / name)
         recs = [store.meta(u).stack for u in store.user_ids()]
