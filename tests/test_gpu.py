@@ -330,3 +330,46 @@ def test_compiled_slot_loop_with_chunked_prefill_and_prefix_hits_equals_each_row
         [("u0", "v"), ("u4", "v"), ("u2", "v")])
     assert placed == [2, 2] and dec._host[0].is_pinned()
     print(f"compiled slot loop: prefix hits {cache.hits}, reused {cache.reused} tokens; {placed[0]} rows fed")
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_stack_loaded_between_joins_reaches_the_captured_step_through_the_caught_up_tables(compile, monkeypatch):
+    """A user's stack loaded into its slot while a row runs (the server's admission of a user
+    not resident): the joining prefill reads the dense tables with that slot's columns
+    written in place, the captured step reads the same tensors (no capture again for the
+    load), and every row gets its tokens alone with the new stack (fp32)."""
+    from types import SimpleNamespace
+
+    import mta.decoding.slots as slots_mod
+    from mta.decoding.eager import Sequence
+    from mta.decoding.slots import SlotDecoder
+
+    eng, tok = _engine(torch.float32, torch.float32)
+    bb = SimpleNamespace(engine=eng, model=eng.model)
+    used = []
+    real = slots_mod.dense_rows
+    monkeypatch.setattr(slots_mod, "dense_rows", lambda e, rows: used.append(len(rows)) or real(e, rows))
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=4, span=64, compile=compile)
+    running = Sequence(tok("a row that keeps running", add_special_tokens=False)["input_ids"], ROWS[0], 14,
+                       frozenset())
+    batch = dec.merge(None, dec.prefill([running]))
+    dec.step(batch)
+    dec.step(batch)
+    captures = dec.g.captures
+    gen = torch.Generator().manual_seed(7)
+    stack = {n: (torch.randn(2, ly.in_features, generator=gen).to(CUDA) * 0.3,
+                 torch.randn(ly.out_features, 2, generator=gen).to(CUDA))
+             for n, ly in eng.stack_layers.items()}
+    eng.load_user(1, stack, alpha=6.0)
+    joining = Sequence(tok("hi there", add_special_tokens=False)["input_ids"], Row([2], [1.0], user=1), 8, frozenset())
+    batch = dec.merge(batch, dec.prefill([joining]))
+    assert used == [1]
+    while any(s.finish is None for s in (running, joining)):
+        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+        dec.step(batch)
+    assert dec.g.captures == captures  # the same graph replayed: the tables written in place
+    for s in (running, joining):
+        ids = torch.tensor([s.prompt], device=CUDA)
+        alone = hf_generate(eng, [s.row], ids, torch.ones_like(ids), max_new_tokens=s.max_new_tokens, **kw)
+        assert s.tokens == alone[0, len(s.prompt):].tolist()
