@@ -114,3 +114,26 @@ def _enc(tok, prompts):
 def _hf(eng, tok, enc, rows, **kw):
     kw = {"max_new_tokens": NEW, "do_sample": False, "eos_token_id": None, **kw}
     return hf_generate(eng, rows, enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id, **kw)
+
+
+def random_stack(eng, seed: int, rank: int = 2, a_scale: float = 1.0) -> dict:
+    """A user's stacked factors for ``load_user`` (random, not identity), on the engine's device."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: ((torch.randn(rank, ly.in_features, generator=gen) * a_scale).to(eng.device),
+                torch.randn(ly.out_features, rank, generator=gen).to(eng.device))
+            for n, ly in eng.stack_layers.items()}
+
+
+def join_after_a_stack_load(dec, eng, tok, batch, running):
+    """While ``running`` decodes: a new stack loaded into user slot 1 (the server's admission
+    of a user not resident), a row of that user joining, both decoded to their ends.
+    Returns the joining row."""
+    from mta.decoding.eager import Sequence
+
+    eng.load_user(1, random_stack(eng, 7, a_scale=0.3), alpha=6.0)
+    joining = Sequence(tok("hi there", add_special_tokens=False)["input_ids"], Row([2], [1.0], user=1), 8, frozenset())
+    batch = dec.merge(batch, dec.prefill([joining]))
+    while any(s.finish is None for s in (running, joining)):
+        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
+        dec.step(batch)
+    return joining

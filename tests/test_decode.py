@@ -14,7 +14,7 @@ from mta.decoding.prefix import PrefixCache
 from mta.decoding.slots import SlotDecoder
 from mta.engine.engine import Row
 from mta.serving.scheduler import server_decoder
-from tests.engine_helpers import run_through_slots, tiny_backbone
+from tests.engine_helpers import join_after_a_stack_load, run_through_slots, tiny_backbone
 
 DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
             "slots": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64),
@@ -352,16 +352,8 @@ def test_a_prefill_after_a_stack_load_reads_the_dense_tables_caught_up_and_the_n
     batch = dec.merge(None, dec.prefill([running]))
     dec.step(batch)
     assert fills == [True] and used == []
-    gen = torch.Generator().manual_seed(7)
-    stack = {n: (torch.randn(2, ly.in_features, generator=gen) * 0.3, torch.randn(ly.out_features, 2, generator=gen))
-             for n, ly in eng.stack_layers.items()}
-    eng.load_user(1, stack, alpha=6.0)
-    joining = Sequence(tok("hi there", add_special_tokens=False)["input_ids"], Row([2], [1.0], user=1), 8, frozenset())
-    batch = dec.merge(batch, dec.prefill([joining]))
-    assert used == [1]
-    while any(s.finish is None for s in (running, joining)):
-        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
-        dec.step(batch)
+    joining = join_after_a_stack_load(dec, eng, tok, batch, running)
+    assert used == [1]  # the joining prefill read the dense tables
     assert fills[1] is False  # the step after the join: the coefficients alone
     for s in (running, joining):
         assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)

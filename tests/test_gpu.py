@@ -343,6 +343,7 @@ def test_a_stack_loaded_between_joins_reaches_the_captured_step_through_the_caug
     import mta.decoding.slots as slots_mod
     from mta.decoding.eager import Sequence
     from mta.decoding.slots import SlotDecoder
+    from tests.engine_helpers import join_after_a_stack_load
 
     eng, tok = _engine(torch.float32, torch.float32)
     bb = SimpleNamespace(engine=eng, model=eng.model)
@@ -357,17 +358,8 @@ def test_a_stack_loaded_between_joins_reaches_the_captured_step_through_the_caug
     dec.step(batch)
     dec.step(batch)
     captures = dec.g.captures
-    gen = torch.Generator().manual_seed(7)
-    stack = {n: (torch.randn(2, ly.in_features, generator=gen).to(CUDA) * 0.3,
-                 torch.randn(ly.out_features, 2, generator=gen).to(CUDA))
-             for n, ly in eng.stack_layers.items()}
-    eng.load_user(1, stack, alpha=6.0)
-    joining = Sequence(tok("hi there", add_special_tokens=False)["input_ids"], Row([2], [1.0], user=1), 8, frozenset())
-    batch = dec.merge(batch, dec.prefill([joining]))
-    assert used == [1]
-    while any(s.finish is None for s in (running, joining)):
-        batch = dec.keep(batch, [k for k, s in enumerate(batch.seqs) if s.finish is None])
-        dec.step(batch)
+    joining = join_after_a_stack_load(dec, eng, tok, batch, running)
+    assert used == [1]  # the joining prefill read the dense tables
     assert dec.g.captures == captures  # the same graph replayed: the tables written in place
     for s in (running, joining):
         ids = torch.tensor([s.prompt], device=CUDA)

@@ -12,7 +12,7 @@ from mta.decoding import fixed, routing
 from mta.decoding.fixed import captured_buffers
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row
-from tests.engine_helpers import FIRST, NEW, OTHER, PROMPTS, SECOND, _enc, _hf, decode_engine
+from tests.engine_helpers import FIRST, NEW, OTHER, PROMPTS, SECOND, _enc, _hf, decode_engine, random_stack
 
 
 @pytest.fixture(scope="module")
@@ -249,13 +249,6 @@ def test_tables_state_sees_replacement_and_in_place_change():
     assert not fixed.tables_unchanged(eng, state)
 
 
-def _stack(eng, seed: int, rank: int = 2) -> dict:
-    """A user's stacked factors (random, not identity) for ``load_user``."""
-    gen = torch.Generator().manual_seed(seed)
-    return {n: (torch.randn(rank, ly.in_features, generator=gen), torch.randn(ly.out_features, rank, generator=gen))
-            for n, ly in eng.stack_layers.items()}
-
-
 def test_the_engine_names_the_stack_slots_loaded_since_a_state_and_only_while_loads_are_all_that_wrote(monkeypatch):
     import mta.engine.engine as engine_mod
     from tests.engine_helpers import tiny_engine
@@ -263,22 +256,22 @@ def test_the_engine_names_the_stack_slots_loaded_since_a_state_and_only_while_lo
     eng, _, _ = tiny_engine(users=4)
     v0 = eng.stack_versions()
     assert eng.stack_loads(v0) == []
-    eng.load_user(1, _stack(eng, 1), alpha=4.0)
+    eng.load_user(1, random_stack(eng, 1), alpha=4.0)
     v1 = eng.stack_versions()
-    eng.load_user(3, _stack(eng, 2))
-    eng.load_user(1, _stack(eng, 3))
+    eng.load_user(3, random_stack(eng, 2))
+    eng.load_user(1, random_stack(eng, 3))
     assert eng.stack_loads(v0) == [1, 3] and eng.stack_loads(v1) == [1, 3]
     assert eng.stack_loads(eng.stack_versions()) == []
     with torch.no_grad():  # anything else writing a stack table: no state before it is caught up
         next(iter(eng.stack_layers.values())).stack_B.add_(1.0)
     assert eng.stack_loads(v0) is None and eng.stack_loads(v1) is None
     v2 = eng.stack_versions()
-    eng.load_user(2, _stack(eng, 4))
+    eng.load_user(2, random_stack(eng, 4))
     assert eng.stack_loads(v2) == [2] and eng.stack_loads(v0) is None
     monkeypatch.setattr(engine_mod, "STACK_LOG", 4)  # a short log: the oldest states fall out of it
     v3 = eng.stack_versions()
     for slot in (0, 1, 2, 3, 0, 1):
-        eng.load_user(slot, _stack(eng, 10 + slot))
+        eng.load_user(slot, random_stack(eng, 10 + slot))
     assert eng.stack_loads(v3) is None and len(eng._stack_log) <= 5
 
 
@@ -305,8 +298,8 @@ def test_dense_tables_catch_up_on_loaded_stacks_as_a_whole_refill_would(dtype):
         model(**enc)
     state = fixed.tables_state(eng)
     held = [(ly.dense_A, ly.dense_B) for ly in eng.layers.values()]
-    eng.load_user(1, _stack(eng, 1), alpha=6.0)  # a new scale for slot 1
-    eng.load_user(2, _stack(eng, 2))
+    eng.load_user(1, random_stack(eng, 1), alpha=6.0)  # a new scale for slot 1
+    eng.load_user(2, random_stack(eng, 2))
     assert not fixed.tables_unchanged(eng, state)
     assert fixed.stack_catch_up(eng, state) is not None
     caught = [(a.clone(), b.clone()) for a, b in held]
