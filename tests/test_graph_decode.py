@@ -239,14 +239,14 @@ def test_tables_state_sees_replacement_and_in_place_change():
 
     eng, _, _ = tiny_engine(users=2)
     state = fixed.tables_state(eng)
-    assert fixed.tables_unchanged(eng, state) and not fixed.tables_unchanged(eng, None)
+    assert fixed.stack_catch_up(eng, state) is not None and fixed.stack_catch_up(eng, None) is None
     layer = next(iter(eng.layers.values()))
     with torch.no_grad():
         layer.stack_B.add_(1.0)  # in place: the version moves
-    assert not fixed.tables_unchanged(eng, state)
+    assert fixed.stack_catch_up(eng, state) is None
     state = fixed.tables_state(eng)
     eng.add_users(3, 2, 4.0)  # new tables (new tensors, perhaps at a freed address)
-    assert not fixed.tables_unchanged(eng, state)
+    assert fixed.stack_catch_up(eng, state) is None
 
 
 def test_the_engine_names_the_stack_slots_loaded_since_a_state_and_only_while_loads_are_all_that_wrote(monkeypatch):
@@ -300,7 +300,7 @@ def test_dense_tables_catch_up_on_loaded_stacks_as_a_whole_refill_would(dtype):
     held = [(ly.dense_A, ly.dense_B) for ly in eng.layers.values()]
     eng.load_user(1, random_stack(eng, 1), alpha=6.0)  # a new scale for slot 1
     eng.load_user(2, random_stack(eng, 2))
-    assert not fixed.tables_unchanged(eng, state)
+    assert eng.stack_loads(state.stack_versions) == [1, 2]  # changed since the fill, in those slots alone
     assert fixed.stack_catch_up(eng, state) is not None
     caught = [(a.clone(), b.clone()) for a, b in held]
     assert all(ly.dense_A is a and ly.dense_B is b for ly, (a, b) in zip(eng.layers.values(), held))
@@ -387,7 +387,7 @@ def test_layers_of_one_column_layout_share_one_coefficient_buffer_and_equal_the_
         with torch.no_grad():
             with eng.route(rows):
                 ref = model(**enc).logits
-            same = fixed.tables_unchanged(eng, state)
+            same = fixed.stack_catch_up(eng, state) is not None
             state = fixed.tables_state(eng)
             with fixed.dense(eng, rows, tables=not same):
                 got = model(**enc).logits

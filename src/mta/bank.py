@@ -380,7 +380,7 @@ def train_group(backbone: Backbone, rec: BankRecord, slots: list[int], users: li
         # (a refit kept at step 0 trained no step of its own: the losses its held-out run saw)
         seen = losses or stats.get("first_run_losses", {}).get(jobs[j].key) or [None]
         # the examples it trained on (a refit trained on the held-out ones too)
-        a.examples = len(jobs[j].examples) + (len(split[j][1]) if "first_run_losses" in stats else 0)
+        a.examples = len(jobs[j].examples) + (len(split[j][1]) if stats.get("refit") else 0)
         a.done, a.final_loss, a.first_loss = True, seen[-1], seen[0]
         a.skipped_steps = stats["skipped_steps"].get(jobs[j].key, 0)
         a.steps = len(losses)

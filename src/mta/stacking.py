@@ -87,4 +87,4 @@ def stack_record(user: User, cfg: AdaptConfig, stats: dict | None) -> StackRecor
                        skipped_steps=stats["skipped_steps"].get(key, 0),
                        stopped_at=stats.get("stopped_at", {}).get(key),
                        held_out_losses=stats.get("held_out_losses", {}).get(key),
-                       refit="first_run_losses" in stats and key in stats.get("stopped_at", {}))
+                       refit=bool(stats.get("refit")) and key in stats["stopped_at"])

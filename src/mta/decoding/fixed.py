@@ -7,7 +7,7 @@ row's own factors, zero-padded to one width) or ``dense`` (every table as column
 row's coefficients over them), whichever reads fewer bytes for the rows
 (``fixed_layout``). A new batch of rows is a refill of those buffers in place, not a new
 capture; the dense tables themselves are copied again only when they changed since the
-last fill (``tables_unchanged``).
+last fill, or differ from them only by stack slots loaded since (``stack_catch_up``).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def dense(engine: AdapterEngine, rows: Sequence[Row], batch: int | None = None, 
     (e.g. 64 users, top-2 of 50 rank-8 anchors and own rank-2 stacks: 528 columns against
     64 x 18 = 1,152). A later batch refills the buffers in place; ``tables=False`` only the
     rows' coefficients, for a caller that knows the tables are as at the last fill
-    (``tables_unchanged``); ``routing`` as for ``pinned``. Inference only."""
+    (``stack_catch_up``); ``routing`` as for ``pinned``. Inference only."""
     rt, batch = _fixed_rows(engine, rows, batch, "dense", routing)
     shared: dict = {}  # the layers of one column layout read one coefficient buffer, filled once
     return _fixed(engine, DENSE, lambda layer: densify(layer, rt, batch, tables, shared))
@@ -124,7 +124,7 @@ def dense_rows(engine: AdapterEngine, rows: Sequence[Row]) -> Iterator[None]:
     loop's own coefficient buffers put back after it (the tensors a captured step reads, so
     nothing is captured again). Three operations a layer instead of gathering each row's
     factors (about twenty); the caller checks that the tables are those of the last fill
-    (``tables_unchanged``). Inference only."""
+    (``stack_catch_up``). Inference only."""
     rt, n = engine.routing(rows), len(rows)
     saved, shared = [], {}
     try:
@@ -187,11 +187,6 @@ def _same_but_stack_slots(engine: AdapterEngine, state: TablesState | None) -> T
     return now
 
 
-def tables_unchanged(engine: AdapterEngine, state: TablesState | None) -> bool:
-    now = _same_but_stack_slots(engine, state)
-    return now is not None and now.stack_versions == state.stack_versions
-
-
 def stack_catch_up(engine: AdapterEngine, state: TablesState | None) -> TablesState | None:
     """Bring the dense tables filled at ``state`` up to the engine's tables when all that
     changed since is stack slots written by ``load_user`` (a user's stack loaded for a
@@ -202,7 +197,7 @@ def stack_catch_up(engine: AdapterEngine, state: TablesState | None) -> TablesSt
     now = _same_but_stack_slots(engine, state)
     if now is None:
         return None
-    slots = engine.stack_loads(state.stack_versions)
+    slots = engine.stack_loads(state.stack_versions, now.stack_versions)
     if slots is None:
         return None
     if slots:

@@ -391,14 +391,16 @@ class AdapterEngine:
             self._stack_log = [(None, keep[0][1]), *keep[1:]]
         self._stack_log.append((slot, self.stack_versions()))
 
-    def stack_loads(self, versions: tuple[int, ...]) -> list[int] | None:
+    def stack_loads(self, versions: tuple[int, ...], now: tuple[int, ...] | None = None) -> list[int] | None:
         """The slots ``load_user`` wrote since the stack tables had ``versions``
         (``stack_versions``), when those loads are all that wrote them since; None when
-        anything else did (training, a direct write) or the log no longer reaches back."""
-        if versions == self.stack_versions():
+        anything else did (training, a direct write) or the log no longer reaches back.
+        ``now``: ``stack_versions()`` when the caller has just read it."""
+        now = self.stack_versions() if now is None else now
+        if versions == now:
             return []
         log_ = self._stack_log
-        if not log_ or log_[-1][1] != self.stack_versions():
+        if not log_ or log_[-1][1] != now:
             return None
         for i in range(len(log_) - 1, -1, -1):
             if log_[i][1] == versions:

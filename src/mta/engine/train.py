@@ -424,8 +424,8 @@ def _refit(engine: AdapterEngine, target: Literal["bank", "stack"], jobs: Sequen
     return {"steps": second["steps"] if second else 0, "tokens": first["tokens"] + (second["tokens"] if second else 0),
             "optimizer_state_bytes": first["optimizer_state_bytes"], "losses": losses,
             "token_budget": first["token_budget"], "skipped_steps": second["skipped_steps"] if second else {},
-            "stopped_at": {j.key: len(losses[j.key]) for j in jobs if j.key in chosen},
-            "held_out_losses": first["held_out_losses"], "first_run_losses": first["losses"]}
+            "stopped_at": chosen, "held_out_losses": first["held_out_losses"], "refit": True,
+            "first_run_losses": first["losses"]}
 
 
 def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id: int, step: int,
