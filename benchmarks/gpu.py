@@ -37,6 +37,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mta.config import AdaptConfig  # noqa: E402
 from mta.decoding import fixed  # noqa: E402
 from mta.engine import kernels  # noqa: E402
 from mta.engine.config import LLAMA_TARGETS, TrainConfig  # noqa: E402
@@ -48,7 +49,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
                  num_key_value_heads=8, vocab_size=128256)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
-
+DEFAULT_STACK_LAYERS = AdaptConfig().stack_layers  # the stack's default placement (the last N blocks)
 
 
 @contextlib.contextmanager
@@ -59,6 +60,7 @@ def dense_kernel(on: bool):
         yield
     finally:
         kernels.ENABLED = was
+
 
 def sync(dev):
     if dev.type == "cuda":
@@ -256,6 +258,13 @@ def gen_section(model, dev, a) -> list[dict]:
                      lambda: fixed.dense(eng, rows), f"dense routing, the step through torch.compile mode {tuned}",
                      mode=tuned, role="tuned_dense")
     bank_bytes = sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
+    # the product's default placement of the stacks (``AdaptConfig.stack_layers``: the last 8
+    # blocks), which `mta serve` decodes with: the server's yardstick, beside every block above
+    eng.add_users(a.rows, 2, 4.0, b_std=0.01, last_layers=DEFAULT_STACK_LAYERS)
+    with dense_kernel(False):
+        loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, stacks in the last {DEFAULT_STACK_LAYERS} "
+                 "blocks", lambda: fixed.dense(eng, rows), "dense routing; each user's stack in the last "
+                 f"{DEFAULT_STACK_LAYERS} blocks (the product's default)", role="loop_dense_last8")
     eng.remove()
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
     pm = get_peft_model(model, lcfg, adapter_name="a0")
@@ -281,7 +290,7 @@ def gen_section(model, dev, a) -> list[dict]:
     # the two decode ratios: the engine against the base in the SAME (new) loop, and
     # the new loop's engine against HF generate's base with the dynamic cache
     pairs = [("loop_pinned", "loop_base"), ("loop_dense", "loop_base"), ("loop_dense_kernel", "loop_base"),
-             ("tuned_dense", "tuned_base")]
+             ("loop_dense_last8", "loop_base"), ("tuned_dense", "tuned_base")]
     for eng_role, base_role in pairs:
         if eng_role not in by:
             continue
@@ -295,7 +304,8 @@ def gen_section(model, dev, a) -> list[dict]:
     avg_ctx = a.prompt + a.new / 2
     kv = a.rows * avg_ctx * kv_per_token
     for r in out:
-        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "loop_dense_kernel", "tuned_dense")
+        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "loop_dense_kernel", "loop_dense_last8",
+                                "tuned_dense")
         r["bytes_per_step_floor"] = weights + kv + (bank_bytes if engine else 0)
     return out
 
