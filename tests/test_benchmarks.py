@@ -28,10 +28,11 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert [g["config"].split(":")[0] for g in res["generation"]] == ["base model", "new loop (GraphDecoder)",
-                                                                      "mta engine", "new loop", "new loop", "peft",
-                                                                      "peft"]
+                                                                      "mta engine", "new loop", "new loop", "new loop",
+                                                                      "peft", "peft"]
     assert "dense routing" in res["generation"][4]["config"]
-    for g in res["generation"][3:5]:  # pinned and dense routing in the new loop
+    assert res["generation"][5]["role"] == "loop_dense_last8" and "last 8 blocks" in res["generation"][5]["config"]
+    for g in res["generation"][3:6]:  # pinned and dense routing (stacks everywhere, the default's) in the new loop
         # reported, not judged: on a busy CPU a difference of two timings may even be negative
         assert all(math.isfinite(g[k]) for k in ("ratio_to_base_same_loop", "step_ratio_to_base_same_loop",
                                                  "decode_step_seconds"))
