@@ -5,6 +5,9 @@ join between steps, and rows that leave, get exactly the greedy tokens they get 
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -101,6 +104,31 @@ def test_slots_are_reused_and_the_cache_shifts_when_full(async_steps):
     assert shifts >= 1 and sorted(dec.free) == [0, 1, 2]
     for s in seqs:
         assert s.finish == "length" and s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)
+
+
+@pytest.mark.parametrize("async_steps", [False, True])
+def test_a_slot_decoder_and_its_static_cache_are_freed_with_its_last_reference(async_steps):
+    """A slot decoder that served rows (prefills through its routing, steps) is freed when
+    its last reference goes, with the garbage collector off: no reference cycle keeps it,
+    its step decoder or its cache's tensors (GBs at 8B) alive until a full collection
+    (benchmarks/join.py's decoders, one after another, ran out of an H100's memory)."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], Row([i % 3], [1.0], user=i % 2), 4, frozenset())
+            for i, t in enumerate(["ab", "cdef", "g", "hijk"])]
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=24, prefix=PrefixCache(1 << 12), async_steps=async_steps)
+    run_through_slots(dec, seqs, 3)
+    held = [weakref.ref(o) for o in (dec, dec.g, dec.eager, dec.g.cache)]
+    held += [weakref.ref(t) for t in vars(dec.g).values() if isinstance(t, torch.Tensor)]
+    assert len(held) > 3
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del dec
+        assert [r() is None for r in held] == [True] * len(held)
+    finally:
+        if was:
+            gc.enable()
 
 
 @pytest.mark.parametrize("compile", [False, "aot_eager"])

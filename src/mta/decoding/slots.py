@@ -50,6 +50,7 @@ drawn on the host from the step's logits, greedy rows take the captured argmax.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -149,7 +150,11 @@ class SlotDecoder:
         self.free = list(range(slots))
         self.row_start: dict[int, int] = {}  # slot -> first position of its row
         self.fixed = FixedRouting()  # the fixed routing last filled
-        self.eager.router = self._prefill_routing
+        # through a weak reference: a bound method here would make a reference cycle, and the
+        # decoder (its static cache: GBs at 8B) would outlive its last user until a full
+        # garbage collection (a benchmark's decoders one after another ran out of memory)
+        me = weakref.ref(self)
+        self.eager.router = lambda rows: me()._prefill_routing(rows)
         self.prefix, self.feed = prefix, feed
         self.feeding: dict[int, tuple[_Fed, list[int]]] = {}  # slot -> its fed row, the prompt tokens still to go in
         self.async_steps = async_steps

@@ -117,7 +117,10 @@ class GraphDecoder:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, int]] = {}
         self.captures = 0
         self.kw = cache_kwarg(model)
-        self._inner = self._step_inner
+        # the compiled step, or None: the plain method is looked up at each step (a bound method kept
+        # here would make a reference cycle, and the decoder's static cache would outlive its last
+        # user until a full garbage collection)
+        self._compiled = None
         self.compiling = compile is not False  # until the first step has run (and compiled)
         if compile is not False:
             # every decoder shape (a pool's buckets, the layouts) is a graph of its own for
@@ -128,8 +131,8 @@ class GraphDecoder:
             # dynamo's automatic dynamic shapes then compile once more, the window symbolic);
             # inductor's own CUDA graphs stay off (default mode), the decoder captures the
             # compiled step itself
-            self._inner = torch.compile(self._step_inner, dynamic=None if self.windowed else False,
-                                        mode=compile_mode, backend="inductor" if compile is True else compile)
+            self._compiled = torch.compile(self._step_inner, dynamic=None if self.windowed else False,
+                                           mode=compile_mode, backend="inductor" if compile is True else compile)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -138,7 +141,7 @@ class GraphDecoder:
             log.info("compiling the decode step for %d rows x %d positions (torch.compile; a minute or two at "
                      "8B shape)", self.batch, self.max_len)
         with decode_attention(self.model, self.windowed):
-            self._inner()
+            (self._step_inner if self._compiled is None else self._compiled)()
         if self.compiling:
             self.compiling = False
             log.info("decode step compiled in %.0f s", time.perf_counter() - t)
