@@ -131,6 +131,34 @@ def test_a_slot_decoder_and_its_static_cache_are_freed_with_its_last_reference(a
             gc.enable()
 
 
+def test_a_compiled_slot_decoder_closed_gives_its_cache_back_and_the_backbone_closes_the_one_it_replaces():
+    """A compiled step holds its decoder, and dynamo's trace its cache, until a full garbage
+    collection; ``close`` gives the static cache's tensors back at once (the collector off
+    otherwise). The backbone's batch-generation decoder, replaced by a larger one, is closed
+    before the new one is allocated."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], Row([i % 3], [1.0], user=i % 2), 4, frozenset())
+            for i, t in enumerate(["ab", "cdef", "g"])]
+    dec = SlotDecoder(bb, tok.pad_token_id, slots=3, span=24, compile="aot_eager")
+    run_through_slots(dec, seqs, 3)
+    held = [weakref.ref(t) for layer in dec.g.cache.layers for t in (layer.keys, layer.values)]
+    assert held
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        dec.close()
+        del dec
+        assert [r() is None for r in held] == [True] * len(held)
+    finally:
+        if was:
+            gc.enable()
+    first = bb.slot_decoder(2, 24)
+    assert bb.slot_decoder(2, 16) is first and first.g.cache is not None  # it fits: kept
+    bb.slot_decoder(3, 24)
+    assert first.g.cache is None
+
+
 @pytest.mark.parametrize("compile", [False, "aot_eager"])
 def test_steps_read_a_window_of_the_cache_and_rows_moved_left_keep_their_tokens(compile):
     """A step reads only the cache's first positions up to a power of two past the write

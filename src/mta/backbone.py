@@ -144,7 +144,9 @@ class Backbone:
         they do not: a compiled one compiles again)."""
         dec = self._slot_decoders.get(compile)
         if dec is None or dec.n != slots or dec.span < span:
-            self._slot_decoders.pop(compile, None)  # its cache goes before the next one is allocated
+            old = self._slot_decoders.pop(compile, None)
+            if old is not None:  # its cache goes before the next one is allocated
+                old.close()
             dec = SlotDecoder(self, self.tokenizer.pad_token_id, slots=slots, span=span, compile=compile)
             self._slot_decoders[compile] = dec
         return dec

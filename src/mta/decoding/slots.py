@@ -402,6 +402,11 @@ class SlotDecoder:
                 if on_step:
                     on_step()
 
+    def close(self) -> None:
+        """Give the static cache and the captured graphs back now (``GraphDecoder.close``);
+        the decoder cannot run after. A prefix cache passed in stays its owner's."""
+        self.g.close()
+
     def warm(self, rows: list[Row], prompt: list[int], steps: int = 3) -> None:
         """Run ``steps`` decode steps of ``prompt`` through ``rows`` (at most the slots), then
         one step under every attention window, and free every slot again: the step for these
