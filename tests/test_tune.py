@@ -4,6 +4,7 @@ users left out) by the commands that take --recipe."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mta.cli.evaluate as evaluate_mod
 import mta.evaluation.tune as tune_mod
@@ -293,6 +294,58 @@ def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
     assert "not empty and not an mta run directory" in " ".join(capsys.readouterr().err.split())
     assert main([("0.6" if a == "0.4" else a) for a in args]) == 2
     assert "holds the trials of another tune (different dev_users)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_tunes_log_names_its_data_by_content(tmp_path, monkeypatch, capsys):
+    """The trial log goes on with the same data at another path (another machine); data of
+    other content at the same path is refused; a log written before the content was named
+    (no ``data_sha256``) matches by its path alone, and says where the data must be."""
+    calls: list[list[str]] = []
+
+    def fake(ds, methods, setup, out, folds, *a, place=None, **kw):
+        calls.append(list(methods))
+        return {"rows": [{"method": m, "metrics": {"accuracy": {"value": 0.5, "ci": [0, 1]}}} for m in methods],
+                "failed": {}}
+
+    monkeypatch.setattr(tune_mod, "run_eval", fake)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    out = tmp_path / "tune"
+
+    def tune(data_dir: Path, out_dir: Path) -> int:
+        calls.clear()
+        return main(["tune", "--data", str(data_dir), "--out", str(out_dir), "--dev-fraction", "0.4", "--n-boot",
+                     "100", "--space", "top-k", "--max-user-share", "0.3", *TINY])
+
+    assert tune(data, out) == 0
+    log = json.loads((out / tune_mod.VALUES).read_text())
+    assert len(log["values"]) == len(GROUPS["top-k"]) and len(log["identity"]["data_sha256"]) == 64
+    moved = tmp_path / "elsewhere" / "data"
+    moved.parent.mkdir()
+    data.rename(moved)
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / tune_mod.VALUES).write_text(json.dumps(log))
+    assert tune(moved, carried) == 0 and not [c for c in calls if len(c) == 1]  # every trial read from the log
+    users = moved / "users.jsonl"
+    lines = users.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["history"] = first["history"][:-1]
+    users.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / tune_mod.VALUES).write_text(json.dumps(log))
+    assert tune(moved, again) == 2
+    assert "another tune (different data_sha256)" in " ".join(capsys.readouterr().err.split())
+    # a log from before: matched by the path it names
+    old = {"identity": {k: v for k, v in log["identity"].items() if k != "data_sha256"}, "values": log["values"]}
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / tune_mod.VALUES).write_text(json.dumps(old))
+    assert tune(moved, legacy) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(different data); it was written before data were named by content: give the data at" in err
+    assert str(data) in err
 
 
 def test_trial_keys_of_logs_written_before_a_field_existed_still_match():

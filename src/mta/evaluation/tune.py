@@ -163,8 +163,11 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     # every finished trial's value (or failure), kept in OUT/trial-values.json as it
     # finishes: a tune run again into the same OUT skips them (a search longer than one
     # session, or one that was stopped, goes on where it was)
-    identity = {"model": setup.backbone.model_id, "task": task.name, "data": str(ds.path), "dev_users": sorted(dev_ids),
-                "folds": folds, "seed": setup.bank_cfg.seed, "history_queries": history_queries,
+    # the data by content (``data_sha256``: its users' histories and queries), so the log
+    # goes on with the same data at another path (another machine); ``data`` says where it was
+    identity = {"model": setup.backbone.model_id, "task": task.name, "data": str(ds.path),
+                "data_sha256": _users_digest(ds), "dev_users": sorted(dev_ids), "folds": folds,
+                "seed": setup.bank_cfg.seed, "history_queries": history_queries,
                 "target_history": target_history, "max_new_tokens": setup.max_new_tokens,
                 "prompts": {k: v for k, v in setup.gen_cfg.dump().items() if k not in ("batch_size", "decoder")}}
     cache = _read_values(out / VALUES, identity)
@@ -289,10 +292,24 @@ def _read_values(path: Path, identity: dict) -> dict:
         values, theirs = raw["values"], raw["identity"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise MtaError(f"{path}: not a readable trial log ({e}); remove it to tune from the start") from None
-    if theirs != identity:
-        differ = ", ".join(k for k in identity if theirs.get(k) != identity[k])
-        raise MtaError(f"{path} holds the trials of another tune (different {differ}); use another --out")
+    if not isinstance(theirs, dict):
+        raise MtaError(f"{path}: not a readable trial log (no identity); remove it to tune from the start")
+    # a log that names its data by content matches it wherever it lies; an older one (no
+    # ``data_sha256``) by its path, as it was written
+    skip = {"data"} if "data_sha256" in theirs else {"data_sha256"}
+    differ = [k for k in identity if k not in skip and theirs.get(k) != identity[k]]
+    if differ:
+        where = (f"; it was written before data were named by content: give the data at {theirs.get('data')}"
+                 if differ == ["data"] else "")
+        raise MtaError(f"{path} holds the trials of another tune (different {', '.join(differ)}){where}; "
+                       "use another --out")
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
+
+
+def _users_digest(ds: Dataset) -> str:
+    """The sha256 of a data set's users as read (ids, histories, queries and gold outputs)."""
+    users = sorted(json.dumps(u.model_dump(mode="json"), sort_keys=True) for u in ds.users)
+    return hashlib.sha256(json.dumps(users).encode()).hexdigest()
 
 
 def _changed(cfg) -> dict:
