@@ -248,6 +248,46 @@ def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trial
     assert (cfg.baselines.user_lr, cfg.baselines.user_steps) == (1e-4, 16)  # a flag still wins
 
 
+def test_budgets_quick_searches_each_part_by_rate_then_steps_in_six_evaluations(tmp_path, monkeypatch):
+    """budgets-quick: each part's four rates at its middle step count, then its step counts
+    at the rate chosen (the middle one not evaluated again): 6 evaluations a part, the same
+    for every part, each scored by its own method. The scorer is separable (rate and steps
+    act apart) with a best off the middle step count, which the search must reach."""
+    import math
+
+    best = {"task-lora": ("baselines", "task_lr", "task_steps", 1e-3, 512),
+            "oppu": ("baselines", "oppu_lr", "oppu_steps", 3e-4, 8),
+            "per-user-lora": ("baselines", "user_lr", "user_steps", 1e-4, 128),
+            "mta-fusion": ("bank", "lr", "steps", 3e-3, 32), "mta": ("adapt", "stack_lr", "stack_steps", 1e-3, 128)}
+    evaluated: dict[str, list[tuple[float, int]]] = {m: [] for m in best}
+
+    def fake(ds, methods, setup, out, folds, *a, place=None, **kw):
+        rows = []
+        for m in methods:
+            value = 0.0
+            if m in best:
+                section, lr_f, steps_f, lr, steps = best[m]
+                cfg = {"baselines": setup.baselines, "bank": setup.bank_cfg, "adapt": setup.adapt_cfg}[section]
+                got = (getattr(cfg, lr_f), getattr(cfg, steps_f))
+                evaluated[m].append(got)
+                value = 1.0 - abs(math.log10(got[0] / lr)) - abs(math.log2(got[1] / steps)) / 10
+            rows.append({"method": m, "metrics": {"accuracy": {"value": value, "ci": [0, 1]}}})
+        return {"rows": rows, "failed": {}}
+
+    _, out = _tune_faked(tmp_path, monkeypatch, fake, "budgets-quick", "--bank-base", "task")
+    r = read_recipe(out / "recipe.json")
+    assert {m: len(set(v)) for m, v in evaluated.items() if m in best} == {m: 6 for m in best}
+    for m, (*_, lr, _steps) in best.items():
+        mid = {"task-lora": 128}.get(m, 32)
+        assert evaluated[m][:4] == [(x, mid) for x in (3e-3, 1e-3, 3e-4, 1e-4)]  # the rates first
+        assert {n for _, n in evaluated[m][4:]} | {mid} == ({32, 128, 512} if m == "task-lora" else {8, 32, 128})
+        assert {x for x, _ in evaluated[m][4:]} == {lr}  # the steps at the rate chosen
+    assert r.baselines == {"task_lr": 1e-3, "task_steps": 512, "oppu_lr": 3e-4, "oppu_steps": 8,
+                           "user_lr": 1e-4, "user_steps": 128}
+    assert r.bank == {"lr": 3e-3, "steps": 32} and r.adapt == {"stack_lr": 1e-3, "stack_steps": 128}
+    assert {t["group"] for t in r.trials} == set(SPACES["budgets-quick"])
+
+
 def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
     """Each finished trial's value is logged in OUT/trial-values.json; a tune run again into
     the same OUT, or into a new one holding only that log, evaluates no trial twice and
