@@ -257,7 +257,11 @@ def gen_section(model, dev, a) -> list[dict]:
             loop_rec(f"new loop, compiled max-autotune: mta engine, {a.rows} users, dense routing",
                      lambda: fixed.dense(eng, rows), f"dense routing, the step through torch.compile mode {tuned}",
                      mode=tuned, role="tuned_dense")
-    bank_bytes = sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
+
+    def adapter_bytes() -> int:
+        return sum(p.numel() * p.element_size() for p in eng.bank_parameters() + eng.stack_parameters())
+
+    bank_bytes = adapter_bytes()
     # the product's default placement of the stacks (``AdaptConfig.stack_layers``: the last 8
     # blocks), which `mta serve` decodes with: the server's yardstick, beside every block above
     eng.add_users(a.rows, 2, 4.0, b_std=0.01, last_layers=DEFAULT_STACK_LAYERS)
@@ -265,6 +269,7 @@ def gen_section(model, dev, a) -> list[dict]:
         loop_rec(f"new loop: mta engine, {a.rows} users, dense routing, stacks in the last {DEFAULT_STACK_LAYERS} "
                  "blocks", lambda: fixed.dense(eng, rows), "dense routing; each user's stack in the last "
                  f"{DEFAULT_STACK_LAYERS} blocks (the product's default)", role="loop_dense_last8")
+    last8_bytes = adapter_bytes()  # fewer stack tables: its own floor
     eng.remove()
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
     pm = get_peft_model(model, lcfg, adapter_name="a0")
@@ -306,7 +311,8 @@ def gen_section(model, dev, a) -> list[dict]:
     for r in out:
         engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "loop_dense_kernel", "loop_dense_last8",
                                 "tuned_dense")
-        r["bytes_per_step_floor"] = weights + kv + (bank_bytes if engine else 0)
+        adapters = last8_bytes if r["role"] == "loop_dense_last8" else bank_bytes
+        r["bytes_per_step_floor"] = weights + kv + (adapters if engine else 0)
     return out
 
 
