@@ -6,6 +6,7 @@ A table is written between two markers, the first naming its record:
 
     <!-- table: results/gpu-2026-12-04b/lastfm-15b -->       an `mta eval` run directory
     <!-- bench: results/gpu-2026-12-04c/gpu-8b-gen-kernel.json -->   a benchmarks/gpu.py record
+    <!-- serve: results/gpu-2026-12-05/serve-sat.json -->   a benchmarks/serve_load.py open-loop record
     ... the rendering of that record ...
     <!-- end table -->
 
@@ -14,7 +15,8 @@ A table is written between two markers, the first naming its record:
 
 An eval run renders as scripts/results-table.py prints it (the run's own results.md); a
 gpu.py record as its decode configurations (tokens/s, ratios, step times) and, where the
-record has them, its bank-building, adaptation and memory sections. Only the tables are
+record has them, its bank-building, adaptation and memory sections; a serve_load.py record
+(open loop) as a row per decoder and model with the scheduler's seconds by phase. Only the tables are
 generated: the prose around them is written by hand and cites the same records.
 `--check` runs in the test suite, so a table cannot drift from its record.
 """
@@ -29,12 +31,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md"]
+DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md", ROOT / "docs" / "serving.md"]
 _spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts" / "results-table.py")
 results_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results_table)
 
-BLOCK = re.compile(r"(<!-- (?P<kind>table|bench): (?P<record>\S+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
+BLOCK = re.compile(r"(<!-- (?P<kind>table|bench|serve): (?P<record>\S+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -84,9 +86,46 @@ def bench_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+PHASES = ("admit", "load", "prefill", "merge", "step", "stream")
+
+
+def serve_table(path: Path) -> str:
+    """A benchmarks/serve_load.py open-loop record as markdown: per decoder and model its
+    tokens/s, latencies, the server's mean decode step, the scheduler's seconds by phase
+    (the phases the record has) and its errors."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        rows = d["rows"] if d.get("open_loop") else None
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {path}: no readable serve_load record ({e})") from None
+    if not rows:
+        raise SystemExit(f"error: {path}: not an open-loop serve_load record")
+    phases = [p for p in PHASES if any(p in r.get("server_phase_s", {}) for r in rows)]
+    warm = "; each user's first request before the timed load (--warm-users)" if d.get("warm_users") else ""
+    lines = [f"Record `{path.relative_to(ROOT)}`: {d.get('model', '?')} on {d.get('device', '?')}, "
+             f"{rows[0]['requests']:,} requests at {d['rate_per_s']:g}/s, {rows[0]['users']} users, "
+             f"max batch {rows[0]['max_batch']}, {d.get('max_tokens', '?')} new tokens{warm}. "
+             "ITL p50 <=: the upper edge of the server's histogram bucket it falls in; step: the "
+             "server's mean decode step; phases: the scheduler thread's seconds over the run.", "",
+             "| decoder | model | tokens/s | TTFT p50 s | ITL mean ms | ITL p50 <= ms | step ms | "
+             + "".join(f"{p} s | " for p in phases) + "joins | fed | errors |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(phases) + "---|---|---|"]
+    for r in rows:
+        itl, step, ph = r.get("server_itl", {}), r.get("server_step", {}), r.get("server_phase_s", {})
+        lines.append(f"| {r['decoder']} | `{r['model']}` | {r['tokens_per_s']:,.0f} | {r['ttft_p50_s']:.1f} | "
+                     f"{_num(itl.get('mean_s') and 1000 * itl['mean_s'], '.1f')} | "
+                     f"{_num(itl.get('p50_le_s') and 1000 * itl['p50_le_s'], 'g')} | "
+                     f"{_num(step.get('mean_s') and 1000 * step['mean_s'], '.1f')} | "
+                     + "".join(f"{_num(ph.get(p), '.1f')} | " for p in phases)
+                     + f"{r.get('server_joins', '-'):,} | {r.get('server_fed', '-'):,} | {r['errors']} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(kind: str, record: str) -> str:
     if kind == "table":
         return results_table.table(ROOT / record)
+    if kind == "serve":
+        return serve_table(ROOT / record)
     return bench_table(ROOT / record)
 
 
@@ -111,7 +150,7 @@ def one_doc(doc: Path, check: bool) -> bool:
     except OSError as e:
         raise SystemExit(f"error: {doc}: {e.strerror}") from None
     n = len(BLOCK.findall(text))
-    if text.count("<!-- table:") + text.count("<!-- bench:") != n:
+    if sum(text.count(f"<!-- {k}:") for k in ("table", "bench", "serve")) != n:
         raise SystemExit(f"error: {doc}: a table marker without its end marker")
     new, changed = regenerate(text)
     if check:
@@ -131,7 +170,7 @@ def one_doc(doc: Path, check: bool) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("docs", nargs="*", type=Path, help="default: docs/results.md and docs/performance.md")
+    ap.add_argument("docs", nargs="*", type=Path, help="default: docs/results.md, docs/performance.md, docs/serving.md")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its record")
     a = ap.parse_args()
     ok = [one_doc(d, a.check) for d in a.docs or DOCS]

@@ -26,16 +26,28 @@ def _main(monkeypatch, *args: str) -> None:
 
 def test_the_reports_tables_match_their_records(monkeypatch, capsys):
     for name, marker in (("results.md", f"<!-- table: {RUN} -->"),
-                         ("performance.md", "<!-- bench: results/gpu-2026-12-04e/gpu-8b.json -->")):
+                         ("performance.md", "<!-- bench: results/gpu-2026-12-04e/gpu-8b.json -->"),
+                         ("serving.md", "<!-- serve: results/gpu-2026-12-05/serve-sat.json -->")):
         doc = (ROOT / "docs" / name).read_text()
         new, changed = results_doc.regenerate(doc)
         assert changed == [] and new == doc and marker in doc
     _main(monkeypatch, "--check")
     out = capsys.readouterr().out
-    for name in ("results", "performance"):
+    for name in ("results", "performance", "serving"):
         assert re.search(rf"{name}\.md: [1-9]\d* tables match", out), out
     assert "| new loop: mta engine, 64 users, dense routing | 4,370 | 2.929 | 9.22 | 0.721 |" in \
         (ROOT / "docs" / "performance.md").read_text()
+    assert "| compiled-async | `mta` | 1,989 | 10.7 | 14.3 | 10 | 9.8 | 4.8 | 12.0 | 12.6 | 1.6 | 83 | 940 | 0 |" in \
+        (ROOT / "docs" / "serving.md").read_text()
+
+
+def test_a_serve_load_record_that_is_not_open_loop_is_refused(tmp_path):
+    import json
+
+    f = tmp_path / "closed.json"
+    f.write_text(json.dumps({"model": "m", "device": "cpu", "decoder": "graph", "rows": []}))
+    with pytest.raises(SystemExit, match="not an open-loop serve_load record"):
+        results_doc.serve_table(f)
 
 
 def test_a_table_edited_by_hand_is_caught_and_rewritten(tmp_path, monkeypatch, capsys):
