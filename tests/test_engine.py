@@ -164,3 +164,25 @@ def test_generation_cache_sees_weight_updates():
     assert torch.equal(changed[0], first[0]) and not torch.allclose(changed[1], first[1])
     with eng.route(rows), torch.no_grad():
         assert torch.equal(model(ids).logits, changed)
+
+
+def test_a_lower_rank_stack_loaded_over_a_higher_one_leaves_no_old_directions():
+    """``load_user`` writes the user's rank and zeroes the table's directions past it: a
+    rank-1 stack loaded into a slot that held a rank-3 one is that rank-1 stack alone."""
+    from tests.engine_helpers import random_stack
+
+    eng, model, _ = tiny_engine(n_anchors=2, users=2, b_std=0.2)
+    eng.alloc_stacks(2, 3, list(eng.stack_layers) or list(eng.layers))
+    eng.load_user(0, random_stack(eng, 1, rank=3), alpha=3.0)
+    low = random_stack(eng, 2, rank=1)
+    eng.load_user(0, low, alpha=1.0)
+    for name, ly in eng.stack_layers.items():
+        assert torch.equal(ly.stack_A[0, :1], low[name][0]) and not ly.stack_A[0, 1:].any()
+        assert torch.equal(ly.stack_B[0, :, :1], low[name][1]) and not ly.stack_B[0, :, 1:].any()
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(3))
+    with eng.route([Row(user=0)]), torch.no_grad():
+        loaded = model(ids).logits
+    eng.alloc_stacks(2, 1, list(eng.stack_layers))  # a fresh rank-1 table holding the same stack
+    eng.load_user(0, low, alpha=1.0)
+    with eng.route([Row(user=0)]), torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, loaded, atol=1e-6, rtol=0)

@@ -365,3 +365,24 @@ def test_a_stack_loaded_between_joins_reaches_the_captured_step_through_the_caug
         ids = torch.tensor([s.prompt], device=CUDA)
         alone = hf_generate(eng, [s.row], ids, torch.ones_like(ids), max_new_tokens=s.max_new_tokens, **kw)
         assert s.tokens == alone[0, len(s.prompt):].tolist()
+
+
+def test_a_stack_loaded_from_pinned_memory_without_waiting_equals_a_blocking_load():
+    """A read-ahead stack (pinned, ``mta.loaded_bank.ResidentStacks.prefetch``) is copied
+    into its slot asynchronously, behind work still queued on the stream (a decode step in
+    flight): the slot holds what a blocking copy from pageable memory writes, and the index
+    tensors ``to_device`` makes equal their host values."""
+    from mta.engine.engine import to_device
+    from tests.engine_helpers import random_stack
+
+    eng, _ = _engine(torch.float32, torch.float32, users=2)
+    host = {n: (a.cpu(), b.cpu()) for n, (a, b) in random_stack(eng, 5).items()}
+    busy = torch.randn(4096, 4096, device=CUDA)
+    for _ in range(8):  # work in flight on the stream while the copies are queued
+        busy = busy @ busy / 64
+    eng.load_user(0, {n: (a.pin_memory(), b.pin_memory()) for n, (a, b) in host.items()}, alpha=4.0)
+    eng.load_user(1, host, alpha=4.0)
+    torch.cuda.synchronize()
+    for ly in eng.stack_layers.values():
+        assert torch.equal(ly.stack_A[0], ly.stack_A[1]) and torch.equal(ly.stack_B[0], ly.stack_B[1])
+    assert to_device(torch.arange(5), CUDA).tolist() == list(range(5))

@@ -721,7 +721,11 @@ def test_waiting_requests_join_a_running_batch_in_groups_unless_held_past_the_wa
 def test_a_join_reads_the_store_for_the_joining_users_alone(tmp_path, monkeypatch):
     """At a join the running requests keep the records they were planned with (the store is
     read for the joining users only: it was read for every running user at every join); a
-    user forgotten (adapted again, deleted) or with nothing running is read again."""
+    user forgotten (adapted again, deleted) or with nothing running is read again. (Reads
+    on the scheduler's thread, here the test's: the stacks' reader thread, which reads a
+    waiting request's stack ahead of its load, is not the decode loop.)"""
+    import threading
+
     from mta.config import GenerateConfig
     from mta.serving.scheduler import Job, Scheduler
 
@@ -730,7 +734,8 @@ def test_a_join_reads_the_store_for_the_joining_users_alone(tmp_path, monkeypatc
     sched.stop_ids = frozenset()
     reads = []
     real = store.meta
-    monkeypatch.setattr(store, "meta", lambda u: reads.append(u) or real(u))
+    here = threading.current_thread()
+    monkeypatch.setattr(store, "meta", lambda u: (threading.current_thread() is here and reads.append(u)) or real(u))
 
     def join(n: int) -> None:
         sched.submit(Job(uid, [{"role": "user", "content": f"a film about space {n}"}], None, n))
@@ -789,6 +794,66 @@ def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     assert bank.stacks.loads == loads + 1 and phase["load"] == pytest.approx(bank.stacks.load_seconds - loading)
     assert len(done) == 5
     assert joins == 2  # four into the empty batch, then the fifth once two slots were free
+
+
+def test_a_waiting_requests_stack_is_read_ahead_off_the_decode_thread(tmp_path, monkeypatch):
+    """A submitted request's stack is read from the store (file, checksum, checks) on the
+    stacks' reader thread while it waits, so its admission only writes it into the table:
+    the same table as a load that reads it itself. A read whose stack is not the one the
+    admission plans with (the user adapted again since), or that failed, is dropped and the
+    load reads the store itself, its error going to the request."""
+    import threading
+
+    import torch
+
+    import mta.loaded_bank as lb
+    from mta.config import GenerateConfig
+    from mta.serving.scheduler import Job, Scheduler
+
+    bank, store, uid = _record(tmp_path, stack=True)
+    engine = bank.backbone.engine
+    bank.stacks.invalidate()
+    reads, real = [], lb.load_adapter
+    monkeypatch.setattr(lb, "load_adapter", lambda *a, **k: reads.append(threading.current_thread().name)
+                        or real(*a, **k))
+    sched = Scheduler(bank, store, GenerateConfig(max_new_tokens=4), max_batch=2)
+    sched.stop_ids = frozenset()
+    sched.submit(Job(uid, [{"role": "user", "content": "a film about space"}], None, 3))
+    bank.stacks._reads[uid].result(timeout=60)  # the read is done before the admission
+    assert reads == ["mta-stack-read_0"]
+    loads = bank.stacks.loads
+    sched._admit()
+    assert reads == ["mta-stack-read_0"] and bank.stacks.read_ahead == 1 and bank.stacks.loads == loads + 1
+    slot = bank.stacks.slots[uid]
+    ahead = {n: (ly.stack_A[slot].clone(), ly.stack_B[slot].clone()) for n, ly in engine.stack_layers.items()}
+    rec = store.meta(uid)
+    bank.stacks.invalidate()  # the same stack loaded the way it was before: read at the load
+    bank.stacks.ensure({uid: rec}, store)
+    assert reads[-1] == "MainThread" and bank.stacks.read_ahead == 1
+    slot = bank.stacks.slots[uid]
+    for n, ly in engine.stack_layers.items():
+        assert torch.equal(ly.stack_A[slot], ahead[n][0]) and torch.equal(ly.stack_B[slot], ahead[n][1])
+    assert any(bool(a.abs().sum()) for a, _ in ahead.values())  # (a trained stack, not zeros)
+    # a read of another stack (the user adapted again since) is not used
+    bank.stacks.invalidate()
+    bank.stacks.prefetch(uid, store)
+    bank.stacks._reads[uid].result(timeout=60)
+    older = rec.model_copy(update={"stack": rec.stack.model_copy(update={"sha256": "0" * 64})})
+    with pytest.raises(MtaError, match="does not match its checksum"):
+        bank.stacks.ensure({uid: older}, store)  # read again, at the load: its own error
+    assert bank.stacks.read_ahead == 1 and uid not in bank.stacks._reads
+    # a read that failed: the load reads the store, whose error reaches the request
+    bank.stacks.invalidate()
+    stack = store.user_dir(uid) / "stack" / "adapter_model.safetensors"
+    stack.write_bytes(b"not a safetensors file")
+    bank.stacks.prefetch(uid, store)
+    with pytest.raises(MtaError):
+        bank.stacks._reads[uid].result(timeout=60)
+    with pytest.raises(MtaError, match="does not match its checksum"):
+        bank.stacks.ensure({uid: rec}, store)
+    assert bank.stacks.read_ahead == 1
+    bank.stacks.close()
+    assert bank.stacks._reader is None
 
 
 def test_a_prompt_too_long_is_refused_at_submission_and_prompts_are_built_off_the_decode_thread(tmp_path):

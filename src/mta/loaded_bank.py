@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,11 @@ class ResidentStacks:
         self.rank, self.layers, self.size = 0, frozenset(), 0
         self.loads = self.evictions = 0
         self.load_seconds = 0.0  # spent reading stacks from the store into the table (a server's "load" phase)
+        # stacks read ahead of their load (``prefetch``): user -> a reader thread's (stamp, tensors, config)
+        self._reads: OrderedDict[str, Future] = OrderedDict()
+        self._reads_lock = threading.Lock()
+        self._reader: ThreadPoolExecutor | None = None
+        self.read_ahead = 0  # loads that found their stack read ahead
 
     def invalidate(self) -> None:
         """The engine's stack table was reused for something else (training)."""
@@ -129,6 +136,66 @@ class ResidentStacks:
                 self._load(u, records[u], store)
         return {u: self.slots[u] for u in records}
 
+    def prefetch(self, user_id: str, store: UserStore) -> None:
+        """(Any thread.) Read ``user_id``'s stored stack now, on a reader thread, so that its
+        load at the request's admission only copies it onto the device: the file's read,
+        its checksum and checks (and its pinning on CUDA, so the copy waits for nothing) off
+        the decode loop's thread. Nothing for a resident user or one already being read;
+        the oldest read not yet taken goes when ``capacity`` are held. A read that fails,
+        or whose stack is not the one the admission plans with (the user adapted again
+        since), is dropped there and the stack is read as without it (its error, if any,
+        then goes to the request)."""
+        if user_id in self.slots:  # (read without the scheduler's lock: a hint, the load checks)
+            return
+        with self._reads_lock:
+            if user_id in self._reads:
+                return
+            if len(self._reads) >= self.capacity:
+                self._reads.popitem(last=False)
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="mta-stack-read")
+            self._reads[user_id] = self._reader.submit(self._read, user_id, store)
+
+    def _read(self, user_id: str, store: UserStore) -> tuple[str, dict, dict] | None:
+        """(The reader thread.) The stored stack of ``user_id`` as its load wants it: the
+        record's stamp, the factors in the table's dtype (pinned on CUDA), the config."""
+        if not store.has(user_id):
+            return None
+        rec = store.meta(user_id)
+        if not rec.stack:
+            return None
+        backbone = self.bank.backbone
+        tensors, config, _ = load_adapter(store.stack_path(user_id, rec), backbone.fingerprint)
+        dtype = next(iter(backbone.engine.layers.values())).bank_A.dtype
+        pin = backbone.device.type == "cuda"
+        tensors = {m: tuple(t.to(dtype).pin_memory() if pin else t.to(dtype) for t in ab)
+                   for m, ab in tensors.items()}
+        return self._stamp(rec), tensors, config
+
+    def _read_ahead(self, user_id: str, rec: UserRecord) -> tuple[dict, dict] | None:
+        """The stack ``prefetch`` read for ``user_id``, if it is ``rec``'s (waiting for the
+        read when it is still running); None otherwise."""
+        with self._reads_lock:
+            fut = self._reads.pop(user_id, None)
+        if fut is None:
+            return None
+        try:
+            got = fut.result()
+        except Exception:  # noqa: BLE001 - read again at the load, whose error reaches the request
+            return None
+        if got is None or got[0] != self._stamp(rec):
+            return None
+        self.read_ahead += 1
+        return got[1], got[2]
+
+    def close(self) -> None:
+        """Stop the reader thread (reads in flight finish; those not yet taken are dropped)."""
+        with self._reads_lock:
+            self._reads.clear()
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.shutdown(wait=True, cancel_futures=True)
+
     def _layers_of(self, rec: UserRecord) -> set[str]:
         engine = self.bank.backbone.engine
         return set(engine.stack_selection(rec.stack.targets, rec.stack.layers))
@@ -142,7 +209,11 @@ class ResidentStacks:
         else:
             slot = next(s for s in range(self.size) if s not in used)
         t0 = time.monotonic()
-        tensors, config, _ = load_adapter(store.stack_path(user_id, rec), self.bank.backbone.fingerprint)
+        read = self._read_ahead(user_id, rec)
+        if read is None:
+            tensors, config, _ = load_adapter(store.stack_path(user_id, rec), self.bank.backbone.fingerprint)
+        else:
+            tensors, config = read
         self.bank.backbone.engine.load_user(slot, tensors, alpha=float(config["lora_alpha"]))
         self.load_seconds += time.monotonic() - t0
         self.slots[user_id] = slot

@@ -60,7 +60,7 @@ from mta.decoding.eager import Batch, Decoder, Prefill, Sequence, cache_layers, 
 from mta.decoding.fixed import FixedRouting, captured_buffers, dense_rows, fixed_on
 from mta.decoding.prefix import PrefixCache
 from mta.decoding.step import GraphDecoder
-from mta.engine.engine import Row
+from mta.engine.engine import Row, to_device
 
 
 @dataclass
@@ -238,7 +238,7 @@ class SlotDecoder:
         n = b.mask.shape[1]
         lengths = b.mask.sum(-1)
         slots = [self.free.pop(0) for _ in b.seqs]
-        idx = torch.tensor(slots, dtype=torch.long, device=lengths.device)
+        idx = self._on_device(slots)
         # every joining row's n prefill positions into [t - n, t) of its slot at once (a row's
         # own p tokens are the last p of them; the padding before them lands masked)
         for mine, theirs in zip(cache_layers(self.g.cache), cache_layers(b.cache)):
@@ -254,9 +254,8 @@ class SlotDecoder:
     def _place_fed(self, fed: list[tuple[int, _Fed]], t: int) -> list[tuple[int, Sequence, int]]:
         """Each fed row's cached prefix into ``[t - n, t)`` of its slot (right-aligned, as a
         prefill's rows are), its first uncached token the next step's input at position n."""
-        dev = self.g.tok.device
         slots = [self.free.pop(0) for _ in fed]
-        idx = torch.tensor(slots, dtype=torch.long, device=dev)
+        idx = self._on_device(slots)
         dst, src = [], []  # every row's every layer in one multi-tensor copy (a few kernels on a GPU)
         for layer, mine in enumerate(cache_layers(self.g.cache)):
             for part, dest in ((0, mine.keys), (1, mine.values)):
@@ -264,10 +263,10 @@ class SlotDecoder:
                     dst.append(dest[slot, :, t - f.n:t])
                     src.append(f.kv[layer][part][0])
         torch._foreach_copy_(dst, src)
-        lengths = torch.tensor([f.n for _, f in fed], device=dev)
+        lengths = self._on_device([f.n for _, f in fed])
         self._own(idx, t - lengths, t)
         self.g.pos[idx, 0] = lengths.to(self.g.pos.dtype)
-        self.g.tok[idx, 0] = torch.tensor([f.seq.prompt[f.n] for _, f in fed], device=dev, dtype=self.g.tok.dtype)
+        self.g.tok[idx, 0] = self._on_device([f.seq.prompt[f.n] for _, f in fed]).to(self.g.tok.dtype)
         for slot, (_, f) in zip(slots, fed):
             self.row_start[slot] = t - f.n
             self.feeding[slot] = (f, list(f.seq.prompt[f.n + 1:]))
@@ -353,10 +352,7 @@ class SlotDecoder:
     def _on_device(self, values: list[int]) -> torch.Tensor:
         """Host integers on the step's device without waiting for the step: through pinned
         memory on CUDA (a copy from pageable memory may wait for the stream)."""
-        t = torch.tensor(values, dtype=torch.long)
-        if self.g.device.type == "cuda":
-            return t.pin_memory().to(self.g.device, non_blocking=True)
-        return t
+        return to_device(torch.tensor(values, dtype=torch.long), self.g.device)
 
     def _take(self, taken: _Taken | None) -> None:
         """The rows of a step that ran ahead take its tokens, once they are on the host (a

@@ -67,6 +67,17 @@ class EngineSpec:
             raise ValueError("target_modules is empty")
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor ``t`` on ``device`` without waiting for the work queued there: on CUDA
+    through pinned memory, copied asynchronously (a copy from pageable memory waits for the
+    stream to drain first, so one such copy between two decode steps would hold the host
+    until the step in flight ends; torch keeps the pinned block until the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
@@ -365,10 +376,13 @@ class AdapterEngine:
                     if r > ly.stack_rank:
                         raise ValueError(f"{name}: stacked rank {r} exceeds the table's {ly.stack_rank}")
                     _check_shapes(name, a, b, ly.stack_A[:, :r], ly.stack_B[:, :, :r], slot)
-                    ly.stack_A[slot].zero_()
-                    ly.stack_B[slot].zero_()
-                    ly.stack_A[slot, :r].copy_(a)
-                    ly.stack_B[slot, :, :r].copy_(b)
+                    if r < ly.stack_rank:  # the directions past the user's rank: zero
+                        ly.stack_A[slot, r:].zero_()
+                        ly.stack_B[slot, :, r:].zero_()
+                    # from pinned memory (a read-ahead stack: ResidentStacks.prefetch) without
+                    # waiting for the step in flight
+                    ly.stack_A[slot, :r].copy_(a, non_blocking=a.is_pinned())
+                    ly.stack_B[slot, :, :r].copy_(b, non_blocking=b.is_pinned())
                 else:
                     ly.stack_A[slot].zero_()
                     ly.stack_B[slot].zero_()
@@ -437,22 +451,22 @@ class AdapterEngine:
             w64 = torch.tensor(ws, dtype=torch.float64)
             if not torch.isfinite(w64).all():
                 raise ValueError("weights contain NaN or inf")
-            out.anchor_idx = torch.tensor(ids, dtype=torch.long).to(dev)
-            out.anchor_w = w64.to(torch.float32).to(dev)
+            out.anchor_idx = to_device(torch.tensor(ids, dtype=torch.long), dev)
+            out.anchor_w = to_device(w64.to(torch.float32), dev)
         if any(r.user is not None for r in rows):
             users = [(-1 if r.user is None else r.user) for r in rows]
             n = self.n_users
             if max(users) >= n or min(u for u in users if u != -1) < 0:
                 raise ValueError(f"user slots {users} out of range (stack table has {n})")
-            out.stack_idx = torch.tensor(users, dtype=torch.long, device=dev)
+            out.stack_idx = to_device(torch.tensor(users, dtype=torch.long), dev)
         if any(r.fused is not None for r in rows):
             fused = [(-1 if r.fused is None else r.fused) for r in rows]
             n_fused = next(iter(self.layers.values())).fused_A.shape[0]
             if max(fused) >= n_fused:
                 raise ValueError(f"fused slots {fused} out of range (fused table has {n_fused})")
-            out.fused_idx = torch.tensor(fused, dtype=torch.long, device=dev)
+            out.fused_idx = to_device(torch.tensor(fused, dtype=torch.long), dev)
         if not all(r.active for r in rows):
-            out.active = torch.tensor([r.active for r in rows], dtype=torch.bool, device=dev)
+            out.active = to_device(torch.tensor([r.active for r in rows], dtype=torch.bool), dev)
         return out
 
     def set_routing(self, routing: Routing | None) -> None:

@@ -183,6 +183,10 @@ class Scheduler:
             raise QueueFull() from None
         self._wake.set()
         self._gauge()
+        if self.store is not None and job.user_id and not job.base_only:
+            # the user's stack read from the store while the request waits (mta.loaded_bank:
+            # ResidentStacks.prefetch), not at its admission on the decode loop's thread
+            self.bank.stacks.prefetch(job.user_id, self.store)
 
     def run_exclusive(self, fn: Callable[[], object]) -> Future:
         """Run ``fn`` on the scheduler thread once no request is running."""
@@ -229,6 +233,7 @@ class Scheduler:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=5)
+        self.bank.stacks.close()
 
     @property
     def running(self) -> int:
