@@ -523,3 +523,39 @@ def test_async_steps_take_each_steps_tokens_at_the_next_and_change_no_token():
     assert [s.finish for s in ahead] == [s.finish for s in sync] == ["length", "length", "stop", "length", "length"]
     for s in ahead[:4]:
         assert s.tokens == _alone(bb, s.prompt, s.row, s.max_new_tokens)[:len(s.tokens)]
+
+
+def test_a_prefill_computes_the_last_positions_logits_alone_and_its_tokens_do_not_change():
+    """A prefill forward asks the model for the last position's logits only (the rest of a
+    chunk's vocabulary logits are never read): the logits the model returns have one
+    position, and each row's tokens are those the model gives with every position's logits."""
+    bb = _with_adapters()
+    tok = bb.tokenizer
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("a longer prompt here", "hi")]
+    rows = [Row([0, 2], [0.7, 0.3], user=1), Row(active=False)]
+    ours, every = Decoder(bb, tok.pad_token_id), Decoder(bb, tok.pad_token_id)
+    assert ours.last_only == {"logits_to_keep": 1}
+    every.last_only = {}
+    shapes, forward = [], bb.model.forward
+
+    def spy(*a, **k):
+        out = forward(*a, **k)
+        shapes.append(out.logits.shape[1])
+        return out
+
+    def run(dec) -> list[list[int]]:
+        seqs = [Sequence(p, r, 5, frozenset()) for p, r in zip(prompts, rows)]
+        batch = dec.prefill(seqs)
+        while any(s.finish is None for s in batch.seqs):
+            dec.step(batch)
+        return [s.tokens for s in seqs]
+
+    bb.model.forward = spy
+    try:
+        mine = run(ours)
+        assert shapes[0] == 1
+        shapes.clear()
+        assert run(every) == mine and shapes[0] == max(map(len, prompts))
+    finally:
+        del bb.model.forward
+    assert mine == [_alone(bb, p, r, 5) for p, r in zip(prompts, rows)]

@@ -999,3 +999,18 @@ def test_a_started_server_leaves_start_ups_objects_out_of_collections(tmp_path):
         assert c.get("/readyz").status_code == 200
         assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0
+
+
+def test_the_prefill_chunk_is_chosen_by_device_unless_given(tmp_path):
+    """`mta serve` without --prefill-chunk: 2,048 tokens on CUDA (a prefill forward there
+    costs its launches up to a few thousand tokens), 512 on a CPU; a given one, 0 included,
+    is kept."""
+    from mta.config import GenerateConfig, ServeConfig
+    from mta.serving.scheduler import Scheduler, default_prefill_chunk
+
+    bank, store, _ = _record(tmp_path)
+    assert ServeConfig().prefill_chunk is None
+    assert (default_prefill_chunk("cuda:0"), default_prefill_chunk("cpu")) == (2048, 512)
+    chunks = [Scheduler(bank, store, GenerateConfig(), max_batch=2, prefill_chunk=c).prefill_chunk
+              for c in (None, 0, 64)]
+    assert chunks == [512, 0, 64]

@@ -402,9 +402,11 @@ class ServeConfig(_Config):
     max_queue: int = Field(256, ge=1, description="requests waiting beyond the batch; more are answered 429")
     resident: int = Field(256, ge=1, description="users whose stacks stay on the device (least recently used out)")
     max_tokens: int = Field(512, ge=1, description="the largest max_tokens a request may ask for")
-    prefill_chunk: int = Field(512, ge=0, description="prompt tokens (rows x columns) prefilled between two decode "
-                               "steps: joining rows' prompts go in chunks so running rows keep decoding "
-                               "(0: each joining group's prompts in one forward)")
+    prefill_chunk: int | None = Field(None, ge=0, description="prompt tokens (rows x columns) prefilled between two "
+                                      "decode steps: joining rows' prompts go in chunks so running rows keep decoding "
+                                      "(default: 2048 on CUDA, where a prefill forward of up to a few thousand "
+                                      "tokens costs about what its launches cost, 512 on a CPU; 0: each joining "
+                                      "group's prompts in one forward)")
     join_rows: int | None = Field(None, ge=1, description="while rows are decoding, waiting requests join once "
                                   "this many slots are free (or the oldest has waited --join-wait-ms): each join "
                                   "costs a prefill forward, so joining in groups keeps the running rows' steps "

@@ -85,6 +85,18 @@ class Job:
     prompt: list[int] | None = None      # its prompt's token ids, built by ``Scheduler.submit``
 
 
+# prompt tokens per prefill chunk by default (`mta serve --prefill-chunk`). On CUDA the eager
+# prefill forward is bound by its launches: at Llama-3-8B shape on an H100 it took 59 ms for
+# 8 rows of 3 new tokens and 66 ms for 8 rows of 256 (benchmarks/join.py --shape 8b, run M in
+# docs/performance.md), so a chunk of 2,048 tokens holds the running rows about as long as
+# one of 512 and moves 4x the prompt. On a CPU a forward's cost grows with its tokens.
+PREFILL_CHUNK = {"cuda": 2048, "cpu": 512}
+
+
+def default_prefill_chunk(device) -> int:
+    return PREFILL_CHUNK.get(torch.device(device).type, PREFILL_CHUNK["cpu"])
+
+
 def server_decoder(decoder: str, device) -> str:
     """The server's decode loop for ``GenerateConfig.decoder``: ``auto`` is the compiled slot
     loop on CUDA (docs/serving.md) and the eager loop elsewhere."""
@@ -96,7 +108,7 @@ def server_decoder(decoder: str, device) -> str:
 class Scheduler:
     def __init__(self, bank: LoadedBank, store: UserStore | None, gen: GenerateConfig, max_batch: int = 32,
                  max_queue: int = 256, fusion: AdaptConfig | None = None, metrics=None, max_tokens: int = 512,
-                 prefill_chunk: int = 0, prefix_tokens: int = 0, join_rows: int | None = None,
+                 prefill_chunk: int | None = 0, prefix_tokens: int = 0, join_rows: int | None = None,
                  join_wait: float | None = None, feed_tokens: int | None = None, async_steps: bool | None = None):
         self.bank, self.store, self.gen, self.fusion = bank, store, gen, fusion
         self.tok = bank.backbone.tokenizer
@@ -133,7 +145,7 @@ class Scheduler:
         self.batch: Batch | SlotBatch | None = None
         self.jobs: list[Job] = []
         # joining rows whose prompts are being prefilled a chunk at a time, between decode steps
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = default_prefill_chunk(bank.backbone.device) if prefill_chunk is None else prefill_chunk
         self.pending: tuple[Prefill, list[Job], float] | None = None
         self.accepting = True
         self.tokens_out = 0
