@@ -206,3 +206,34 @@ def test_unparsed_answers_are_counted_and_noted_under_the_table():
     md = markdown("t", "m", task, rows, [])
     assert "`bad`: 7 of 12 answers could not be parsed or were empty (58%; scored as wrong)." in md
     assert "`good`:" not in md
+
+
+def test_an_evaluation_run_again_into_its_directory_takes_the_methods_it_finished(tmp_path, monkeypatch):
+    """A stopped `mta eval` run again into the same directory does not run again what it
+    finished: each method's result on a fold is kept beside its adapters with what it
+    depends on (method, model, every stage's config, the fold's targets and candidates),
+    and read back, so the report is the same; a changed configuration runs them again."""
+    import json
+
+    import mta.evaluation.runner as runner
+    from mta.cli.main import main
+
+    rc, out = _eval_synth(tmp_path, "rag-1,per-user-lora,mta", "ev")
+    assert rc == 0 and all((out / "fold0" / m / "result.json").is_file() for m in ("rag-1", "per-user-lora", "mta"))
+    first = json.loads((out / "metrics.json").read_text())["results"]
+    calls = []
+    real, private = runner._run_method, runner.run_private
+    monkeypatch.setattr(runner, "_run_method", lambda setup, m, *a, **k: calls.append(m) or real(setup, m, *a, **k))
+    monkeypatch.setattr(runner, "run_private", lambda *a, **k: calls.append("per-user-lora") or private(*a, **k))
+    rc, again = _eval_synth(tmp_path, "rag-1,per-user-lora,mta", "ev")
+    assert rc == 0 and again == out and calls == []
+    # (two folds of three methods, each said in the run's log)
+    assert (out / "run.log").read_text().count("finished by an earlier run of this evaluation") == 6
+    second = json.loads((out / "metrics.json").read_text())["results"]
+    assert [(r["method"], r["metrics"], r["optimizer_steps"], r["bytes_per_user"]) for r in second] == \
+        [(r["method"], r["metrics"], r["optimizer_steps"], r["bytes_per_user"]) for r in first]
+    # another generation length: every method's result depends on it, so each runs again
+    rc = main(["eval", "--data", str(tmp_path / "data"), "--out", str(out), "--methods", "rag-1,per-user-lora,mta",
+               "--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--anchors", "2",
+               "--max-new-tokens", "3", "--n-boot", "100"])
+    assert rc == 0 and sorted(calls) == sorted(["mta", "per-user-lora", "rag-1"] * 2)

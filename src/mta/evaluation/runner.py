@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -43,6 +45,51 @@ log = logging.getLogger(__name__)
 
 def _item_ids(user: User) -> tuple:
     return tuple((it.id, it.model_dump_json()) for it in user.history)
+
+
+RESULT = "result.json"  # a method's result on a fold, beside its adapters: a rerun takes it (``_resumed``)
+
+
+def _digest(doc: object) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _users_digest(users) -> str:
+    return _digest([u.model_dump(mode="json") for u in users])
+
+
+def _identity(setup: EvalSetup, m: str, targets_digest: str, candidates_digest: str) -> str:
+    """What a method's result on a fold depends on: the method, the model and task, every
+    resolved stage's configuration, the fold's targets (as prepared) and its candidates."""
+    return _digest({"method": m, "task": setup.task.name, "model": setup.backbone.model_id,
+                    "fingerprint": setup.backbone.fingerprint, "max_new_tokens": setup.max_new_tokens,
+                    "configs": [c.model_dump(mode="json") for c in (setup.bank_cfg, setup.adapt_cfg,
+                                                                      setup.gen_cfg, setup.baselines)],
+                    "targets": targets_digest, "candidates": candidates_digest})
+
+
+def _resumed(where: Path, identity: str) -> FoldResult | None:
+    """The result an earlier run of the same evaluation left in ``where`` (same identity),
+    or None: a method finished on a fold is not run again when a stopped evaluation is
+    run again into its directory (its banks resume too). Its timings are that run's."""
+    try:
+        doc = json.loads((where / RESULT).read_text(encoding="utf-8"))
+        if doc.get("identity") != identity:
+            return None
+        return FoldResult(**doc["result"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _keep(where: Path, identity: str, part: FoldResult) -> None:
+    """``part`` saved for ``_resumed``, unless its predictions do not come back from JSON
+    as they are (then the method simply runs again next time)."""
+    doc = {"identity": identity, "result": dataclasses.asdict(part)}
+    text = json.dumps(doc)
+    if json.loads(text) != doc:
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(where / RESULT, text)
 
 
 def scored_users(users: list[User]) -> list[User]:
@@ -172,11 +219,28 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                         ", ".join(gone))
             return None
 
+    digests = {f.index: (_users_digest(targets[f.index]), _users_digest(f.candidates)) for f in folds}
+
+    def resumed(m: str, fold: Fold, where: Path) -> FoldResult | None:
+        part = _resumed(where, _identity(setup, m, *digests[fold.index]))
+        if part is not None:
+            log.info("%s%s: finished by an earlier run of this evaluation; its result read from %s",
+                     setup.prefix, m, where / RESULT)
+        return part
+
+    def kept(m: str, fold: Fold, where: Path, part: FoldResult | None) -> FoldResult | None:
+        if part is not None:
+            _keep(where, _identity(setup, m, *digests[fold.index]), part)
+        return part
+
     if "per-user-lora" in methods:
         for fold in folds:
             d = place(fold.index, "per-user-lora")
             setup.prefix = f"fold {fold.index} " if len(folds) > 1 else ""
-            part = attempt(["per-user-lora"], lambda d=d, fold=fold: run_private(setup, targets[fold.index], d))
+            part = resumed("per-user-lora", fold, d) if (d / "index.json").is_file() else None
+            if part is None:
+                part = kept("per-user-lora", fold, d, attempt(
+                    ["per-user-lora"], lambda d=d, fold=fold: run_private(setup, targets[fold.index], d)))
             if part is None:
                 break
             results["per-user-lora"] = merge(results["per-user-lora"], part)
@@ -226,8 +290,10 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             if m == "per-user-lora" or m in failed:
                 continue
             used = ref_bank if m == "mta-reference" and ref_bank is not None else bank
-            part = attempt([m], lambda m=m, fold=fold, used=used, task_bank=task_bank: _run_method(
-                setup, m, targets[fold.index], place(fold.index, m), used, task_bank, fold.candidates))
+            where = place(fold.index, m)
+            part = resumed(m, fold, where) or kept(m, fold, where, attempt(
+                [m], lambda m=m, fold=fold, used=used, task_bank=task_bank, where=where: _run_method(
+                    setup, m, targets[fold.index], where, used, task_bank, fold.candidates)))
             if part is not None:
                 part.steps.update(_shared_steps(m, used, task_bank))
                 results[m] = merge(results[m], part)
