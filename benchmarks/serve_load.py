@@ -252,6 +252,9 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
             "server_phase_s": counter_deltas(before, after, "mta_scheduler_seconds"),
             "server_joins": int(counter_deltas(before, after, "mta_joins").get("", 0)),
             "server_fed": int(counter_deltas(before, after, "mta_fed_requests").get("", 0)),
+            "server_prefill_forwards": int(counter_deltas(before, after, "mta_prefill_forwards").get("", 0)),
+            "server_stack_loads": int(counter_deltas(before, after, "mta_stack_loads").get("", 0)),
+            "server_stack_reads_ahead": int(counter_deltas(before, after, "mta_stack_reads_ahead").get("", 0)),
             "errors": sum(not r["ok"] for r in results)}
 
 
@@ -402,7 +405,9 @@ def report_open_loop(a, rows: list[dict]) -> None:
         ph = r.get("server_phase_s", {})
         parts = " ".join(f"{k} {v:.1f} s" for k, v in ph.items())
         print(f"  {r['decoder']:<{w}} {r['model']:<9} wall {r['wall_s']:.1f} s: {parts or '-'}; "
-              f"{r.get('server_joins', 0)} joins, {r.get('server_fed', 0)} fed")
+              f"{r.get('server_joins', 0)} joins, {r.get('server_fed', 0)} fed, "
+              f"{r.get('server_prefill_forwards', 0)} prefill forwards, {r.get('server_stack_loads', 0)} stack loads "
+              f"({r.get('server_stack_reads_ahead', 0)} read ahead)")
     for d in dict.fromkeys(r["decoder"] for r in rows):
         mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
         mine["tokens_vs_base"] = mine["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None

@@ -101,6 +101,10 @@ def serve_table(path: Path) -> str:
     if not rows:
         raise SystemExit(f"error: {path}: not an open-loop serve_load record")
     phases = [p for p in PHASES if any(p in r.get("server_phase_s", {}) for r in rows)]
+    # counts later records carry: prefill forwards, stack loads and those read ahead
+    counts = [(k, label) for k, label in (("server_prefill_forwards", "prefill forwards"),
+                                           ("server_stack_loads", "stack loads"),
+                                           ("server_stack_reads_ahead", "read ahead")) if any(k in r for r in rows)]
     warm = "; each user's first request before the timed load (--warm-users)" if d.get("warm_users") else ""
     lines = [f"Record `{path.relative_to(ROOT)}`: {d.get('model', '?')} on {d.get('device', '?')}, "
              f"{rows[0]['requests']:,} requests at {d['rate_per_s']:g}/s, {rows[0]['users']} users, "
@@ -108,8 +112,9 @@ def serve_table(path: Path) -> str:
              "ITL p50 <=: the upper edge of the server's histogram bucket it falls in; step: the "
              "server's mean decode step; phases: the scheduler thread's seconds over the run.", "",
              "| decoder | model | tokens/s | TTFT p50 s | ITL mean ms | ITL p50 <= ms | step ms | "
-             + "".join(f"{p} s | " for p in phases) + "joins | fed | errors |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(phases) + "---|---|---|"]
+             + "".join(f"{p} s | " for p in phases) + "joins | fed | " + "".join(f"{c} | " for _, c in counts)
+             + "errors |",
+             "|---|---|---|---|---|---|---|" + "---|" * (len(phases) + len(counts)) + "---|---|---|"]
     for r in rows:
         itl, step, ph = r.get("server_itl", {}), r.get("server_step", {}), r.get("server_phase_s", {})
         lines.append(f"| {r['decoder']} | `{r['model']}` | {r['tokens_per_s']:,.0f} | {r['ttft_p50_s']:.1f} | "
@@ -117,7 +122,8 @@ def serve_table(path: Path) -> str:
                      f"{_num(itl.get('p50_le_s') and 1000 * itl['p50_le_s'], 'g')} | "
                      f"{_num(step.get('mean_s') and 1000 * step['mean_s'], '.1f')} | "
                      + "".join(f"{_num(ph.get(p), '.1f')} | " for p in phases)
-                     + f"{r.get('server_joins', '-'):,} | {r.get('server_fed', '-'):,} | {r['errors']} |")
+                     + f"{r.get('server_joins', '-'):,} | {r.get('server_fed', '-'):,} | "
+                     + "".join(f"{r[k]:,} | " if k in r else "- | " for k, _ in counts) + f"{r['errors']} |")
     return "\n".join(lines) + "\n"
 
 

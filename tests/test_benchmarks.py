@@ -110,6 +110,9 @@ def test_serve_load_benchmark_tiny_open_loop(tmp_path):
         phase = x["server_phase_s"]  # where the server's time went: its scheduler's phases, its joins
         assert sorted(phase) == sorted(PHASES) and phase["step"] > 0 and phase["load"] == 0 and x["warm_users"]
         assert 0 < sum(phase.values()) and x["server_joins"] >= 1 and 0 <= x["server_fed"] <= 12
+        # warm users: no stack loaded in the timed load; a join not fed ran a prefill forward
+        assert x["server_stack_loads"] == 0 == x["server_stack_reads_ahead"]
+        assert x["server_prefill_forwards"] >= (1 if x["server_fed"] < 12 else 0)
     assert "mta / mta-base tokens/s" in r.stdout and "joins" in r.stdout and " fed" in r.stdout
     bad = _run("serve_load.py", "--decoder", "graph,eager", "--rate", "1")
     assert bad.returncode == 2 and "one of generate, graph, compiled" in bad.stderr

@@ -794,6 +794,9 @@ def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     assert bank.stacks.loads == loads + 1 and phase["load"] == pytest.approx(bank.stacks.load_seconds - loading)
     assert len(done) == 5
     assert joins == 2  # four into the empty batch, then the fifth once two slots were free
+    # the prefill forwards the joins ran (a chunk each), counted as the decoder ran them
+    forwards = next(s.value for s in fams["mta_prefill_forwards"].samples if s.name.endswith("_total"))
+    assert forwards == sched.decoder.forwards >= joins
 
 
 def test_a_waiting_requests_stack_is_read_ahead_off_the_decode_thread(tmp_path, monkeypatch):

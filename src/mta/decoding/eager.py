@@ -103,6 +103,7 @@ class Decoder:
         self.backbone, self.engine, self.model = backbone, backbone.engine, backbone.model
         self.pad_id = pad_id
         self.prefix = prefix  # per-user prompt prefixes (mta.decoding.prefix), or None
+        self.forwards = 0  # prefill forwards run (chunks of joining prompts): a server's count of them
         self.kw = cache_kwarg(self.model)
         # a prefill needs the last position's logits only: without this the model computes the
         # vocabulary's logits at every position (a 2,048-token chunk at Llama-3-8B's vocabulary:
@@ -219,6 +220,7 @@ class Decoder:
             logits, part.cache = self._forward(part.ids[:, part.done:end], part.mask[:, :cached + end],
                                                part.pos[:, part.done:end], part.cache,
                                                [pf.seqs[i].row for i in part.rows])
+            self.forwards += 1
             part.done = end
             if budget is not None:
                 budget -= b * width

@@ -349,6 +349,11 @@ class SlotDecoder:
             self.g.tok[self._on_device(feed_slots), 0] = self._on_device(feed_tokens)
         return seqs, slots
 
+    @property
+    def forwards(self) -> int:
+        """Prefill forwards run (a fed join runs none)."""
+        return self.eager.forwards
+
     def _on_device(self, values: list[int]) -> torch.Tensor:
         """Host integers on the step's device without waiting for the step: through pinned
         memory on CUDA (a copy from pageable memory may wait for the stream)."""

@@ -61,9 +61,13 @@ class Metrics:
         self.queue = Gauge("mta_queue_depth", "requests waiting", registry=r)
         self.running = Gauge("mta_running_rows", "requests in the running batch", registry=r)
         self.resident = Gauge("mta_resident_users", "users whose stacks are on the device", registry=r)
+        self.prefill_forwards = Counter("mta_prefill_forwards", "prefill forwards run for joining requests' "
+                                        "prompts (a chunk each; fed requests need none)", registry=r)
         self.loads = Counter("mta_stack_loads", "stacks loaded from the store", registry=r)
+        self.reads_ahead = Counter("mta_stack_reads_ahead", "stack loads whose stack was read from the store "
+                                   "while its request waited", registry=r)
         self.evictions = Counter("mta_stack_evictions", "stacks evicted", registry=r)
-        self._stacks = [0, 0]  # the bank's counts at the last report
+        self._stacks = [0, 0, 0]  # the bank's counts at the last report
         self.started = time.monotonic()
         self.tokens = 0
 
@@ -122,11 +126,13 @@ class Metrics:
         self.prefix_tokens.inc(max(0, reused - self._prefix))
         self._prefix = max(reused, self._prefix)
 
-    def stacks(self, loads: int, evictions: int) -> None:
-        """The bank's running counts of stack loads and evictions, added as they grew."""
-        self.loads.inc(max(0, loads - self._stacks[0]))
-        self.evictions.inc(max(0, evictions - self._stacks[1]))
-        self._stacks = [max(loads, self._stacks[0]), max(evictions, self._stacks[1])]
+    def stacks(self, loads: int, evictions: int, read_ahead: int = 0) -> None:
+        """The bank's running counts of stack loads, evictions and loads read ahead, added
+        as they grew."""
+        now = (loads, evictions, read_ahead)
+        for counter, n, last in zip((self.loads, self.evictions, self.reads_ahead), now, self._stacks):
+            counter.inc(max(0, n - last))
+        self._stacks = [max(n, last) for n, last in zip(now, self._stacks)]
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

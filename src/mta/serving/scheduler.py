@@ -397,7 +397,7 @@ class Scheduler:
         """The next chunk of the joining rows' prompts (all of them without a chunk size);
         with the last one they join the running batch."""
         pf, fresh, t0 = self.pending
-        began = time.monotonic()
+        began, forwards = time.monotonic(), self.decoder.forwards
         try:
             part = self.decoder.advance(pf, self.prefill_chunk or None)
         except torch.OutOfMemoryError:  # the prefill's activations are the transient peak
@@ -412,6 +412,8 @@ class Scheduler:
                 job.emit("error", err)
             return
         self._spent("prefill", began)
+        if self.metrics:
+            self.metrics.prefill_forwards.inc(self.decoder.forwards - forwards)
         if part is None:
             return
         self.pending = None

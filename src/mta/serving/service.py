@@ -334,5 +334,5 @@ class Service:
                 for m, mode in MODELS.items()]
 
     def prometheus(self) -> str:
-        self.metrics.stacks(self.bank.stacks.loads, self.bank.stacks.evictions)
+        self.metrics.stacks(self.bank.stacks.loads, self.bank.stacks.evictions, self.bank.stacks.read_ahead)
         return self.metrics.text()
