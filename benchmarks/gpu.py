@@ -170,8 +170,6 @@ def linear_sizes(model) -> int:
 
 # ---------------------------------------------------------------------------------------------
 def gen_section(model, dev, a) -> list[dict]:
-    from peft import LoraConfig, get_peft_model
-
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (a.rows, a.prompt), generator=g).to(dev)
@@ -221,8 +219,9 @@ def gen_section(model, dev, a) -> list[dict]:
                 out[-1]["profile"] = profile(lambda: [dec.advance() for _ in range(16)], dev)
             print_profile(f"16 decode steps: {name}", out[-1]["profile"])
 
-    rec("base model", wall(run(model, a.new), dev), a.new)
-    out[-1]["role"] = "hf_base"
+    if not a.loop_only:
+        rec("base model", wall(run(model, a.new), dev), a.new)
+        out[-1]["role"] = "hf_base"
     loop = "new loop (GraphDecoder, compiled)" if a.compile else "new loop (GraphDecoder)"
     loop_rec(f"{loop}: base model", note="the decode step captured in a CUDA graph (mta.decoding.step)" +
              (", after torch.compile (inductor)" if a.compile else ""), role="loop_base")
@@ -238,11 +237,12 @@ def gen_section(model, dev, a) -> list[dict]:
     for u in range(a.rows):
         pair = torch.randperm(a.anchors, generator=rng)[:2].tolist()
         rows.append(Row(pair, [0.6, 0.4], user=u))
-    rec(f"mta engine: {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
-        wall(run(model, a.new, lambda: eng.route(rows)), dev), a.new)
-    out[-1]["role"] = "hf_engine"
-    loop_rec(f"new loop: mta engine, {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
-             lambda: fixed.pinned(eng, rows, width=2 * 8 + 2), "pinned routing", role="loop_pinned")
+    if not a.loop_only:
+        rec(f"mta engine: {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
+            wall(run(model, a.new, lambda: eng.route(rows)), dev), a.new)
+        out[-1]["role"] = "hf_engine"
+        loop_rec(f"new loop: mta engine, {a.rows} users, top-2 of {a.anchors} + own rank-2 stack",
+                 lambda: fixed.pinned(eng, rows, width=2 * 8 + 2), "pinned routing", role="loop_pinned")
     with dense_kernel(False):  # torch's ops; the kernel's row below (the product's default on CUDA)
         loop_rec(f"new loop: mta engine, {a.rows} users, dense routing", lambda: fixed.dense(eng, rows),
                  "every table as columns of two dense matmuls, each row's coefficients over them", role="loop_dense")
@@ -271,6 +271,42 @@ def gen_section(model, dev, a) -> list[dict]:
                  f"{DEFAULT_STACK_LAYERS} blocks (the product's default)", role="loop_dense_last8")
     last8_bytes = adapter_bytes()  # fewer stack tables: its own floor
     eng.remove()
+    if not a.loop_only:
+        _peft_rows(model, dev, a, run, rec, out)
+    by = {r["role"]: r for r in out}
+    hf_base = by.get("hf_base")
+    for r in out:
+        r["ratio_to_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"] if hf_base else None
+    if "hf_engine" in by and "peft_mixed" in by:
+        by["hf_engine"]["ratio_to_peft_mixed"] = by["hf_engine"]["tokens_per_s"] / by["peft_mixed"]["tokens_per_s"]
+    # the issue's two decode ratios: the engine against the base in the SAME (new) loop, and
+    # the new loop's engine against HF generate's base with the dynamic cache (when timed)
+    pairs = [("loop_pinned", "loop_base"), ("loop_dense", "loop_base"), ("loop_dense_kernel", "loop_base"),
+             ("loop_dense_last8", "loop_base"), ("tuned_dense", "tuned_base")]
+    for eng_role, base_role in pairs:
+        if eng_role not in by:
+            continue
+        r, base = by[eng_role], by[base_role]
+        r["ratio_to_base_same_loop"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["ratio_to_hf_dynamic_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"] if hf_base else None
+        r["step_ratio_to_base_same_loop"] = base["decode_step_seconds"] / r["decode_step_seconds"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
+        (model.config.hidden_size // model.config.num_attention_heads) * 2
+    avg_ctx = a.prompt + a.new / 2
+    kv = a.rows * avg_ctx * kv_per_token
+    for r in out:
+        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "loop_dense_kernel", "loop_dense_last8",
+                                "tuned_dense")
+        adapters = last8_bytes if r["role"] == "loop_dense_last8" else bank_bytes
+        r["bytes_per_step_floor"] = weights + kv + (adapters if engine else 0)
+    return out
+
+
+def _peft_rows(model, dev, a, run, rec, out) -> None:
+    """PEFT's rows: one shared adapter, then a mixed batch of one adapter per row."""
+    from peft import LoraConfig, get_peft_model
+
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0)
     pm = get_peft_model(model, lcfg, adapter_name="a0")
     pm.to(dev)
@@ -287,33 +323,6 @@ def gen_section(model, dev, a) -> list[dict]:
         f"timed over {new} new tokens (it is slow); throughput per token is comparable")
     out[-1]["role"] = "peft_mixed"
     pm.unload()
-    by = {r["role"]: r for r in out}
-    hf_base = by["hf_base"]
-    for r in out:
-        r["ratio_to_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"]
-    by["hf_engine"]["ratio_to_peft_mixed"] = by["hf_engine"]["tokens_per_s"] / by["peft_mixed"]["tokens_per_s"]
-    # the issue's two decode ratios: the engine against the base in the SAME (new) loop, and
-    # the new loop's engine against HF generate's base with the dynamic cache
-    pairs = [("loop_pinned", "loop_base"), ("loop_dense", "loop_base"), ("loop_dense_kernel", "loop_base"),
-             ("loop_dense_last8", "loop_base"), ("tuned_dense", "tuned_base")]
-    for eng_role, base_role in pairs:
-        if eng_role not in by:
-            continue
-        r, base = by[eng_role], by[base_role]
-        r["ratio_to_base_same_loop"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["ratio_to_hf_dynamic_base"] = r["tokens_per_s"] / hf_base["tokens_per_s"]
-        r["step_ratio_to_base_same_loop"] = base["decode_step_seconds"] / r["decode_step_seconds"]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
-        (model.config.hidden_size // model.config.num_attention_heads) * 2
-    avg_ctx = a.prompt + a.new / 2
-    kv = a.rows * avg_ctx * kv_per_token
-    for r in out:
-        engine = r["role"] in ("hf_engine", "loop_pinned", "loop_dense", "loop_dense_kernel", "loop_dense_last8",
-                                "tuned_dense")
-        adapters = last8_bytes if r["role"] == "loop_dense_last8" else bank_bytes
-        r["bytes_per_step_floor"] = weights + kv + (adapters if engine else 0)
-    return out
 
 
 def _examples(n, length, vocab, seed):
@@ -568,6 +577,10 @@ def main() -> None:
     ap.add_argument("--warm-compile", action="store_true",
                     help="bank-compiled / adapt-compiled: train 4 anchors / 16 users untimed first, so the timed "
                          "run excludes the compile")
+    ap.add_argument("--loop-only", action="store_true",
+                    help="gen: only the new loop's rows (the base, dense routing with the stacks on every block "
+                         "and in the last 8, and --kernel-compare / --autotune ones): no transformers generate, "
+                         "pinned routing or PEFT rows (their ratios are left out)")
     ap.add_argument("--max-rows-cap", type=int, default=None,
                     help="cap rows per training micro-batch (default: the measured token budget decides)")
     a = ap.parse_args()
@@ -647,18 +660,21 @@ def _print_gen(res):
     for r in res["generation"]:
         step = 1e3 * r["seconds"] / r["new_tokens"]
         floor = "-" if not bw else f"{1e3 * r['bytes_per_step_floor'] / bw:.2f}"
-        print(f"{r['config'][:58]:58s} {r['tokens_per_s']:9.0f} {r['ratio_to_base']:7.3f} {step:8.2f} {floor:>9s}")
+        ratio = "-" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.3f}"
+        print(f"{r['config'][:58]:58s} {r['tokens_per_s']:9.0f} {ratio:>7s} {step:8.2f} {floor:>9s}")
     for r in res["generation"]:
         if "decode_step_seconds" in r:
             floor = "" if not bw else f", {r['decode_step_seconds'] * bw / r['bytes_per_step_floor']:.2f}x its floor"
             print(f"decode step alone, {r['config'][:40]}: {1e3 * r['decode_step_seconds']:.2f} ms{floor}")
     by = {r.get("role"): r for r in res["generation"]}
-    print(f"engine vs PEFT mixed batch: {by['hf_engine']['ratio_to_peft_mixed']:.1f}x", flush=True)
+    if "ratio_to_peft_mixed" in by.get("hf_engine", {}):
+        print(f"engine vs PEFT mixed batch: {by['hf_engine']['ratio_to_peft_mixed']:.1f}x", flush=True)
     for loop in res["generation"]:
         if "ratio_to_base_same_loop" in loop:
+            hf = loop["ratio_to_hf_dynamic_base"]
             print(f"{loop['config'][:60]}: engine vs base {loop['ratio_to_base_same_loop']:.3f}x (decode steps "
-                  f"alone {loop['step_ratio_to_base_same_loop']:.3f}x), vs HF generate's base "
-                  f"{loop['ratio_to_hf_dynamic_base']:.2f}x", flush=True)
+                  f"alone {loop['step_ratio_to_base_same_loop']:.3f}x)"
+                  + ("" if hf is None else f", vs HF generate's base {hf:.2f}x"), flush=True)
 
 
 if __name__ == "__main__":

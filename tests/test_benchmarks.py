@@ -39,6 +39,21 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     assert res["bank"]["anchors"] == 6 and res["adapt"]["users"] == 8
     assert [c["rows"] for c in res["memory"]["configs"]] == [2, 8]  # peak bytes only on CUDA
     assert res["adapt"]["stored_bytes_per_user_fp32"] > 0
+    assert "engine vs PEFT mixed batch" in r.stdout and "vs HF generate's base" in r.stdout
+
+
+def test_gpu_benchmark_loop_only_times_the_new_loops_rows_alone(tmp_path):
+    """--loop-only (the server's yardstick in less device time): the new loop's base and dense
+    rows with their same-loop ratios; no transformers generate, pinned or PEFT row, and
+    no ratio to them."""
+    out = tmp_path / "gpu.json"
+    r = _run("gpu.py", "--tiny", "--sections", "gen", "--loop-only", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    gen = json.loads(out.read_text())["generation"]
+    assert [g["role"] for g in gen] == ["loop_base", "loop_dense", "loop_dense_last8"]
+    assert all(g["ratio_to_base"] is None for g in gen)
+    assert all(g["ratio_to_hf_dynamic_base"] is None and math.isfinite(g["ratio_to_base_same_loop"]) for g in gen[1:])
+    assert "engine vs PEFT" not in r.stdout and "vs HF generate" not in r.stdout and "engine vs base" in r.stdout
 
 
 def test_decode_parts_benchmark_tiny_on_cpu(tmp_path):
