@@ -76,6 +76,9 @@ class Answer:
     notice: str | None = None
 
 
+READ_AHEAD = 64  # stacks read ahead and not yet loaded, at most (``ResidentStacks.prefetch``)
+
+
 class ResidentStacks:
     """Users' stacked adapters held in the engine's stack table, least recently used
     first out. The table is sized to ``capacity`` slots (at least the users of one
@@ -141,7 +144,8 @@ class ResidentStacks:
         load at the request's admission only copies it onto the device: the file's read,
         its checksum and checks (and its pinning on CUDA, so the copy waits for nothing) off
         the decode loop's thread. Nothing for a resident user or one already being read;
-        the oldest read not yet taken goes when ``capacity`` are held. A read that fails,
+        the oldest read not yet taken goes when ``READ_AHEAD`` are held (pinned host memory:
+        a rank-2 stack on 8 blocks at Llama-3-8B shape is 5 MB). A read that fails,
         or whose stack is not the one the admission plans with (the user adapted again
         since), is dropped there and the stack is read as without it (its error, if any,
         then goes to the request)."""
@@ -150,7 +154,7 @@ class ResidentStacks:
         with self._reads_lock:
             if user_id in self._reads:
                 return
-            if len(self._reads) >= self.capacity:
+            if len(self._reads) >= min(self.capacity, READ_AHEAD):
                 self._reads.popitem(last=False)
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="mta-stack-read")
