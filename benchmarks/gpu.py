@@ -19,6 +19,8 @@ the same run (random bf16 weights: speed depends only on shape; nothing is downl
 
     python benchmarks/gpu.py [--out DIR]        # on the H200 (device tool)
     python benchmarks/gpu.py --tiny             # smoke run on CPU, tiny shape, < 1 minute
+    python benchmarks/gpu.py --compile --sections gen --loop-only   # the new loop's rows alone (the
+                                                # offline yardstick of benchmarks/serve_load.py)
 """
 
 from __future__ import annotations
