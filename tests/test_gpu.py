@@ -368,7 +368,7 @@ def test_a_stack_loaded_between_joins_reaches_the_captured_step_through_the_caug
 
 
 def test_a_stack_loaded_from_pinned_memory_without_waiting_equals_a_blocking_load():
-    """A read-ahead stack (pinned, ``mta.loaded_bank.ResidentStacks.prefetch``) is copied
+    """A read-ahead stack (pinned, ``mta.resident.ResidentStacks.prefetch``) is copied
     into its slot asynchronously, behind work still queued on the stream (a decode step in
     flight): the slot holds what a blocking copy from pageable memory writes, and the index
     tensors ``to_device`` makes equal their host values."""

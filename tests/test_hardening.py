@@ -809,7 +809,7 @@ def test_a_waiting_requests_stack_is_read_ahead_off_the_decode_thread(tmp_path, 
 
     import torch
 
-    import mta.loaded_bank as lb
+    import mta.resident as lb
     from mta.config import GenerateConfig
     from mta.serving.scheduler import Job, Scheduler
 
