@@ -289,7 +289,7 @@ def test_bf16_adapter_compute_keeps_fp32_masters_and_tracks_fp32():
 
 
 def test_micro_batches_respect_rows_and_tokens():
-    from mta.engine.train import micro_batches
+    from mta.engine.budget import micro_batches
 
     assert micro_batches([10, 9, 8, 3], max_rows=2, token_budget=None) == [[0, 1], [2, 3]]
     assert micro_batches([10, 9, 8, 3], max_rows=None, token_budget=20) == [[0, 1], [2, 3]]
@@ -366,7 +366,8 @@ def test_all_finite_finds_one_bad_element():
 def test_measured_budget_keeps_to_its_cap_on_a_shared_gpu(monkeypatch):
     """Two jobs on one GPU: with a cap (--gpu-memory), the measured token budget plans into
     it, not into all the memory another job has not taken yet."""
-    from mta.engine.train import TrainConfig, _Budget
+    from mta.engine.budget import Budget
+    from mta.engine.config import TrainConfig
 
     gib = 1024 ** 3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (100 * gib, 140 * gib))
@@ -376,7 +377,7 @@ def test_measured_budget_keeps_to_its_cap_on_a_shared_gpu(monkeypatch):
     dev = torch.device("cuda")
     sizes = {}
     for cap in (None, 35 * gib):
-        b = _Budget(TrainConfig(memory_cap=cap), dev)
+        b = Budget(TrainConfig(memory_cap=cap), dev)
         assert b.auto and not b.measured
         b.end_probe(10 * gib, tokens=1)  # 1 MiB per token
         sizes[cap] = b.value
@@ -416,7 +417,8 @@ def test_the_skip_message_locates_where_a_non_finite_gradient_entered(caplog):
 def test_run_peak_survives_the_probes_resets(monkeypatch):
     """A micro-batch probe resets torch's peak counters; the run's peak (what `mta eval`
     reports) is still the largest seen before any reset, allocated and reserved alike."""
-    train = engine_train
+    from mta.engine import budget as train
+
     counters = {"allocated": 30, "reserved": 50}
     monkeypatch.setattr(train, "_PEAKS", {})
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: counters["allocated"])

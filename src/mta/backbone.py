@@ -15,9 +15,9 @@ import torch
 
 from mta.config import BackboneConfig, gpu_memory_cap
 from mta.decoding.slots import SlotDecoder
+from mta.engine.budget import run_peak
 from mta.engine.config import LLAMA_TARGETS
 from mta.engine.engine import AdapterEngine, EngineSpec
-from mta.engine.train import run_peak
 from mta.errors import MtaError, ResourceError
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from mta.engine.budget import Budget, oom_error
 from mta.engine.config import TrainConfig
 from mta.engine.engine import AdapterEngine, Row
 from mta.engine.optim import SlotAdamW, lr_multiplier
-from mta.errors import MtaError, ResourceError
+from mta.errors import MtaError
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -131,103 +132,6 @@ def target_token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.T
     return torch.zeros(ids.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
 
 
-def micro_batches(lengths: Sequence[int], max_rows: int | None, token_budget: int | None) -> list[list[int]]:
-    """Split row indices (already sorted longest first) into micro-batches of at most
-    ``max_rows`` rows and ``token_budget`` padded tokens (rows x the first, longest
-    row). A row longer than the budget goes alone."""
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i, n in enumerate(lengths):
-        width = lengths[cur[0]] if cur else n
-        if cur and ((max_rows and len(cur) >= max_rows) or (token_budget and (len(cur) + 1) * width > token_budget)):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
-class _Budget:
-    """The micro-batch token budget, measured on CUDA when not given (see TrainConfig)."""
-
-    PROBE_ROWS = 4
-    HEADROOM = 0.8
-
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.value = cfg.token_budget
-        self.cap = cfg.memory_cap
-        self.auto = cfg.token_budget is None and device.type == "cuda"
-        self.device = device
-        self.measured = not self.auto
-
-    def next_size(self, lengths: list[int], max_rows: int | None) -> int:
-        """How many of ``lengths`` (longest first) the next micro-batch takes."""
-        if not self.measured:  # the probe: a few of the longest rows
-            return min(self.PROBE_ROWS, max_rows or self.PROBE_ROWS, len(lengths))
-        return len(micro_batches(lengths, max_rows, self.value)[0])
-
-    def start_probe(self) -> int:
-        reset_peak(self.device)
-        return torch.cuda.memory_allocated(self.device)
-
-    def end_probe(self, before: int, tokens: int) -> None:
-        per_token = max(1, (torch.cuda.max_memory_allocated(self.device) - before) // max(1, tokens))
-        free, _ = torch.cuda.mem_get_info(self.device)
-        held = torch.cuda.memory_allocated(self.device)
-        room = free + torch.cuda.memory_reserved(self.device) - held
-        if self.cap is not None:  # what this process may still take under its cap
-            room = min(room, self.cap - held)
-        self.value = max(tokens, int(self.HEADROOM * max(0, room) / per_token))
-        self.measured = True
-        log.info("training micro-batch budget: %d padded tokens (%.0f KiB per token measured)", self.value,
-                 per_token / 1024)
-
-    def halve(self, longest: int) -> bool:
-        """After an out-of-memory step: halve the budget; False when it cannot go lower."""
-        if not self.auto or self.value is None or self.value // 2 < longest:
-            return False
-        self.value //= 2
-        log.warning("out of memory: retrying the step with micro-batches of %d padded tokens", self.value)
-        return True
-
-
-# The process's peaks before the last reset of torch's counters (a probe resets them to
-# measure one micro-batch): `run_peak` reports the whole run's, not the last probe's.
-_PEAKS: dict[str, tuple[int, int]] = {}
-
-
-def _current_peak(device: torch.device) -> tuple[int, int]:
-    return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))
-
-
-def reset_peak(device: torch.device) -> None:
-    """Reset torch's peak-memory counters of ``device``, keeping what they held for `run_peak`."""
-    before, now = _PEAKS.get(str(device), (0, 0)), _current_peak(device)
-    _PEAKS[str(device)] = (max(before[0], now[0]), max(before[1], now[1]))
-    torch.cuda.reset_peak_memory_stats(device)
-
-
-def run_peak(device: torch.device) -> tuple[int, int]:
-    """Peak bytes (allocated, reserved by torch's caching allocator) on the CUDA ``device`` in
-    this process so far, across `reset_peak`'s resets."""
-    before, now = _PEAKS.get(str(device), (0, 0)), _current_peak(device)
-    return max(before[0], now[0]), max(before[1], now[1])
-
-
-def _oom_error(device: torch.device, tokens: int, rows: int) -> ResourceError:
-    peak = total = 0.0
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return ResourceError(
-        f"out of {device.type} memory training a micro-batch of {rows} rows and {tokens} padded tokens "
-        f"(peak {peak:.1f} GiB of {total:.1f} GiB): lower the token budget or the example length, or turn on "
-        "gradient checkpointing, or give it more with --gpu-memory",
-        ("BackboneConfig.token_budget", "BackboneConfig.gpu_memory", "BankConfig.max_length",
-         "BackboneConfig.gradient_checkpointing"))
-
-
 def check_steps(total: int, checks: int) -> list[int]:
     """The steps after which held-out losses are taken: 0 (before any update), every
     ceil(total / checks) steps, and the last."""
@@ -318,7 +222,7 @@ def train_jobs(
     if cfg.gradient_checkpointing:
         _checkpointing(model, True)
     device = engine.device
-    budget = _Budget(cfg, device)
+    budget = Budget(cfg, device)
     plans = [job_batches(j, cfg) for j in jobs]
     total_steps = max(len(p) for p in plans)
     tokens = 0
@@ -350,7 +254,7 @@ def train_jobs(
                         torch.cuda.empty_cache()
                     longest = len(rows[0][1].input_ids)
                     if not budget.halve(longest):
-                        raise _oom_error(device, budget.value or 0, len(rows)) from None
+                        raise oom_error(device, budget.value or 0, len(rows)) from None
             tokens += step_tokens
             # A non-finite gradient with a finite loss (on the H200 with Qwen2.5-Coder, from
             # cuDNN's attention backward, pytorch/pytorch#196678, avoided in _step) would put NaN
@@ -428,7 +332,7 @@ def _refit(engine: AdapterEngine, target: Literal["bank", "stack"], jobs: Sequen
             "first_run_losses": first["losses"]}
 
 
-def _step(engine, jobs, rows, counts, budget: _Budget, cfg: TrainConfig, pad_id: int, step: int,
+def _step(engine, jobs, rows, counts, budget: Budget, cfg: TrainConfig, pad_id: int, step: int,
           params: list[torch.nn.Parameter]):
     """Forward and backward of one optimiser step's rows, micro-batch by micro-batch;
     gradients accumulate in the parameters. Returns (per-job loss, tokens)."""
