@@ -54,8 +54,11 @@ def _digest(doc: object) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _users_digest(users) -> str:
-    return _digest([u.model_dump(mode="json") for u in users])
+def users_digest(users) -> str:
+    """The sha256 of users as read (ids, histories, queries and gold outputs), whatever their
+    order: what an evaluation's result, or a tune's trial log, was computed on."""
+    rows = sorted(json.dumps(u.model_dump(mode="json"), sort_keys=True) for u in users)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def _identity(setup: EvalSetup, m: str, targets_digest: str, candidates_digest: str) -> str:
@@ -219,7 +222,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                         ", ".join(gone))
             return None
 
-    digests = {f.index: (_users_digest(targets[f.index]), _users_digest(f.candidates)) for f in folds}
+    digests = {f.index: (users_digest(targets[f.index]), users_digest(f.candidates)) for f in folds}
 
     def resumed(m: str, fold: Fold, where: Path) -> FoldResult | None:
         part = _resumed(where, _identity(setup, m, *digests[fold.index]))

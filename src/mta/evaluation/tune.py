@@ -38,7 +38,7 @@ from mta.errors import MtaError
 from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup, private_config
 from mta.evaluation.protocol import make_folds, persons_of
-from mta.evaluation.runner import diverged, run_eval
+from mta.evaluation.runner import diverged, run_eval, users_digest
 from mta.paths import write_json_atomic
 from mta.recipes import Recipe
 from mta.weight_search import SearchCache
@@ -177,7 +177,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     # the data by content (``data_sha256``: its users' histories and queries), so the log
     # goes on with the same data at another path (another machine); ``data`` says where it was
     identity = {"model": setup.backbone.model_id, "task": task.name, "data": str(ds.path),
-                "data_sha256": _users_digest(ds), "dev_users": sorted(dev_ids), "folds": folds,
+                "data_sha256": users_digest(ds.users), "dev_users": sorted(dev_ids), "folds": folds,
                 "seed": setup.bank_cfg.seed, "history_queries": history_queries,
                 "target_history": target_history, "max_new_tokens": setup.max_new_tokens,
                 "prompts": {k: v for k, v in setup.gen_cfg.dump().items() if k not in ("batch_size", "decoder")}}
@@ -315,12 +315,6 @@ def _read_values(path: Path, identity: dict) -> dict:
         raise MtaError(f"{path} holds the trials of another tune (different {', '.join(differ)}){where}; "
                        "use another --out")
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
-
-
-def _users_digest(ds: Dataset) -> str:
-    """The sha256 of a data set's users as read (ids, histories, queries and gold outputs)."""
-    users = sorted(json.dumps(u.model_dump(mode="json"), sort_keys=True) for u in ds.users)
-    return hashlib.sha256(json.dumps(users).encode()).hexdigest()
 
 
 def _changed(cfg) -> dict:

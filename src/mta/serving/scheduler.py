@@ -196,7 +196,7 @@ class Scheduler:
         self._wake.set()
         self._gauge()
         if self.store is not None and job.user_id and not job.base_only:
-            # the user's stack read from the store while the request waits (mta.loaded_bank:
+            # the user's stack read from the store while the request waits (mta.resident:
             # ResidentStacks.prefetch), not at its admission on the decode loop's thread
             self.bank.stacks.prefetch(job.user_id, self.store)
 
