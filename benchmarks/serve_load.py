@@ -52,6 +52,10 @@ import httpx2 as httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 ready = threading.Event()  # adapt_loop's warm-up job has finished
+# the server's counters a run reads (a name left out here reads as 0: keep it in step with
+# what the rows report, mta.serving.metrics)
+COUNTERS = ("mta_scheduler_seconds", "mta_joins", "mta_fed_requests", "mta_prefill_forwards", "mta_stack_loads",
+            "mta_stack_reads_ahead")
 
 
 def mta(*args: str) -> str:
@@ -154,12 +158,13 @@ def histograms(client, url: str) -> dict:
     """The server's inter-token latency and decode-step histograms from /metrics: name ->
     (cumulative counts by upper bound, sum, count). The server times every token, which the
     client cannot: it sees a stream event only when the text grows by whole characters.
-    Also its scheduler's seconds by phase and its joins: name -> {label: total}."""
+    Also its counters (COUNTERS: the scheduler's seconds by phase, its joins, fed requests,
+    prefill forwards, stack loads): name -> {label: total}."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
     for fam in text_string_to_metric_families(client.get(url + "/metrics").text):
-        if fam.name in ("mta_scheduler_seconds", "mta_joins", "mta_fed_requests"):
+        if fam.name in COUNTERS:
             out[fam.name] = {s.labels.get("phase", ""): s.value for s in fam.samples if s.name.endswith("_total")}
             continue
         if fam.name not in ("mta_inter_token_latency_seconds", "mta_decode_step_seconds"):
