@@ -427,3 +427,24 @@ def test_each_trial_shows_its_own_progress(tmp_path, monkeypatch, capsys):
     trials = len(GROUPS["top-k"])
     for name in [f"{i:02d}" for i in range(trials)] + ["final"]:
         assert f"trial {name}: fold 0 mta users: 1/2 (50%)" in err, err[-2000:]
+
+
+def test_no_ablation_writes_the_recipe_when_the_search_ends(tmp_path, monkeypatch, capsys):
+    """--no-ablation: the search's trials alone (one method each), no dev table of every
+    method after them; the recipe is the search's choice with an empty ablation."""
+    calls: list[list[str]] = []
+
+    def fake(ds, methods, setup, out, folds, *a, place=None, **kw):
+        calls.append(list(methods))
+        value = 0.9 if setup.adapt_cfg.top_k == 1 else 0.1
+        return {"rows": [{"method": m, "metrics": {"accuracy": {"value": value, "ci": [0, 1]}}} for m in methods],
+                "failed": {}}
+
+    _, out = _tune_faked(tmp_path, monkeypatch, fake, "top-k", "--no-ablation")
+    r = read_recipe(out / "recipe.json")
+    assert r.adapt["top_k"] == 1 and r.ablation == [] and len(r.trials) == len(GROUPS["top-k"])
+    assert calls and all(len(c) == 1 for c in calls)  # no evaluation of every method
+    assert "no dev table" in capsys.readouterr().out
+    calls.clear()
+    _, out = _tune_faked(tmp_path / "again", monkeypatch, fake, "top-k")
+    assert len(calls[-1]) > 1 and read_recipe(out / "recipe.json").ablation  # the default runs it

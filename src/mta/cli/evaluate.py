@@ -183,6 +183,9 @@ def tune_cmd(
                               "commas, e.g. stack-shape,top-k (mta.evaluation.tune)."),
     max_user_share: float = typer.Option(MAX_USER_SHARE, min=0.0, max=1.0, help="Skip recipes whose stacked "
                                          "adapter stores more than this share of a per-user LoRA per user."),
+    ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="After the search, the dev table of every "
+                                  "method on the chosen recipe (recipe.json's ablation); --no-ablation writes the "
+                                  "recipe as soon as the search ends."),
     *, cfg: Configs,
 ) -> None:
     """Choose a recipe for this model and task on dev users; write OUT/recipe.json."""
@@ -209,7 +212,7 @@ def tune_cmd(
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
                           baselines=cfg.baselines).resolve(ds.users)
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),
-                      max_user_share, cfg.eval.target_history, leak_check=False)
+                      max_user_share, cfg.eval.target_history, leak_check=False, ablation=ablation)
     write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
     m = recipe.metric
     table = Table(title=escape(f"mta tune: {t.title}, {len(dev)} dev users, model {backbone.model_id}"))
@@ -223,7 +226,10 @@ def tune_cmd(
         ds_ = [r["metrics"][m].get(f"diff_vs_{ref}") for ref in ("rag-1", "task-lora")]
         table.add_row(r["method"], f"{r['metrics'][m]['value']:.3f}",
                       *("-" if d is None else f"{d['value']:+.3f}" + (" *" if d["significant"] else "") for d in ds_))
-    console.print(table)
+    if recipe.ablation:
+        console.print(table)
+    else:
+        console.print("no dev table of every method (--no-ablation)")
     console.print(f"chosen: bank {recipe.bank or 'defaults'}, adapt {recipe.adapt or 'defaults'}, "
                   f"baselines {recipe.baselines or 'the bank recipe'}; "
                   f"wrote {escape(str(out / 'recipe.json'))}")

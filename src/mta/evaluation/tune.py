@@ -161,7 +161,11 @@ def _key(*cfgs) -> str:
 
 def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
          history_queries: int = 0, n_boot: int = 200, progress: Callable[[str, int, int], None] | None = None,
-         max_user_share: float = MAX_USER_SHARE, target_history: int | None = None, leak_check: bool = True) -> Recipe:
+         max_user_share: float = MAX_USER_SHARE, target_history: int | None = None, leak_check: bool = True,
+         ablation: bool = True) -> Recipe:
+    """The search over ``space`` on the dev users, then (``ablation``) the dev table of every
+    method on the recipe chosen; without it the recipe is returned as soon as the search ends
+    (the table costs as much as an evaluation of every method on the dev persons)."""
     task = setup.task
     metric = task.metric_names[0]
     lower_better = task.kind == "rating"
@@ -289,7 +293,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     return Recipe(model=setup.backbone.model_id, task=task.name, data=str(ds.path), metric=metric,
                   dev_users=dev_ids, dev_persons=persons_of(dev.users), bank=chosen["bank"], adapt=chosen["adapt"],
                   baselines=chosen["baselines"], start={k: v for k, v in start.items() if v}, trials=trials,
-                  ablation=_final_ablation(evaluate, methods, bc, ac, bl),
+                  ablation=_final_ablation(evaluate, methods, bc, ac, bl) if ablation else [],
                   max_user_share=max_user_share)
 
 
