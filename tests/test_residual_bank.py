@@ -90,8 +90,69 @@ def test_eval_with_a_residual_bank_shares_the_task_lora_and_keeps_reference_from
     assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "task-lora,mta,mta-reference",
                  "--bank-base", "task", *COMMON]) == 0
     fold = out / "fold0"
-    assert not (fold / "task-lora" / "index.json").exists()  # the baseline IS the bank's base
-    assert read_index(fold / "bank").base_sha256 and read_index(fold / "bank-reference").base_sha256 is None
+    # the baseline's task LoRA, trained once, IS the bank's base (copied in, the same bytes)
+    assert read_index(fold / "bank").base_sha256 == sha256_file(adapter_dir(fold / "task-lora", 0) / WEIGHTS)
+    assert read_index(fold / "bank-reference").base_sha256 is None
     rows = {r["method"]: r["optimizer_steps"] for r in json.loads((out / "metrics.json").read_text())["results"]}
     assert set(rows["mta"]) == {"stack", "anchors", "task LoRA"} and set(rows["mta-reference"]) == {"stack",
                                                                                                     "anchors"}
+
+
+@pytest.mark.parametrize("first,then", [("mta", "task-lora,oppu"), ("task-lora", "mta-fusion")])
+def test_the_task_lora_is_trained_once_whichever_method_asks_first(tmp_path, monkeypatch, first, then):
+    """A run (a tune's trial) that needs the task LoRA after another run into the same place
+    trained it, as the baseline's or as a residual bank's base, trains none: the baselines
+    take the bank's base, a new bank copies the baseline's in (the same bytes)."""
+    import mta.bank as bank_mod
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    args = ["eval", "--data", str(data), "--out", str(out), "--bank-base", "task", *COMMON]
+    assert main([*args, "--methods", first]) == 0
+    real, kinds = bank_mod.train_group, []
+
+    def counting(backbone, rec, *a, **kw):
+        kinds.append(rec.kind)
+        return real(backbone, rec, *a, **kw)
+
+    monkeypatch.setattr(bank_mod, "train_group", counting)
+    assert main([*args, "--methods", then]) == 0
+    assert "task" not in kinds  # no task LoRA trained again (only the new bank's anchors, if any)
+    assert kinds == (["bank", "bank"] if then == "mta-fusion" else [])  # its anchors: one group a fold
+    for fold in (out / "fold0", out / "fold1"):
+        own = fold / "task-lora" if first == "task-lora" else fold / "bank" / BASE_DIR
+        assert read_index(fold / "bank").base_sha256 == sha256_file(adapter_dir(own, 0) / WEIGHTS)
+
+
+def test_a_bank_copies_in_only_the_very_task_lora_it_would_train(tmp_path, monkeypatch):
+    """``base_from``: a finished task bank of the same recipe and pool is copied in as the
+    base (no training); one of another learning rate, of other users, or none there is
+    not: the bank trains its own base (the same bytes as the copy, trained alike)."""
+    import mta.bank as bank_mod
+
+    users = synth_users(8, seed=3)
+    cfg = BankConfig.make(**FAST, bank_base="task")
+    task_cfg = cfg.model_copy(update={"bank_base": "none"})
+    build_task(tiny_backbone(), users, TASK, task_cfg, tmp_path / "task")
+    build_task(tiny_backbone(), users, TASK, task_cfg.model_copy(update={"lr": task_cfg.lr / 3}), tmp_path / "slow")
+    build_task(tiny_backbone(), users[:6], TASK, task_cfg, tmp_path / "fewer")
+    theirs = sha256_file(adapter_dir(tmp_path / "task", 0) / WEIGHTS)
+    real, kinds = bank_mod.train_group, []
+
+    def counting(backbone, rec, *a, **kw):
+        kinds.append(rec.kind)
+        return real(backbone, rec, *a, **kw)
+
+    monkeypatch.setattr(bank_mod, "train_group", counting)
+    for name, copied in (("task", True), ("slow", False), ("fewer", False), ("missing", False)):
+        kinds.clear()
+        rec = build_bank(tiny_backbone(), users, TASK, cfg, tmp_path / f"bank-{name}", base_cfg=task_cfg,
+                         base_from=tmp_path / name)
+        assert kinds.count("task") == (0 if copied else 1), name
+        assert rec.base_sha256 == sha256_file(base_adapter(tmp_path / f"bank-{name}") / WEIGHTS)
+        assert rec.base_sha256 == theirs or not copied  # the very file when copied
+        ours, task = _weights(base_adapter(tmp_path / f"bank-{name}")), _weights(adapter_dir(tmp_path / "task", 0))
+        assert all(torch.equal(ours[k], task[k]) for k in task)  # the same adapter either way
+        assert bank_mod.finished_task(tmp_path / f"bank-{name}" / BASE_DIR, tiny_backbone(), TASK, task_cfg, users)
+    assert not bank_mod.finished_task(tmp_path / "slow", tiny_backbone(), TASK, task_cfg, users)

@@ -40,7 +40,17 @@ from mta.engine.peft_io import WEIGHTS, load_adapter, load_anchor, save_adapter,
 from mta.engine.train import Job, train_jobs
 from mta.errors import MtaError
 from mta.examples import held_out, loo_examples, negative_pool
-from mta.paths import LOCK, check_output_dir, fault, foreign_entries, recover, sha256_file, write_text_atomic, writer
+from mta.paths import (
+    LOCK,
+    atomic_path,
+    check_output_dir,
+    fault,
+    foreign_entries,
+    recover,
+    sha256_file,
+    write_text_atomic,
+    writer,
+)
 from mta.records import AnchorRecord, BankRecord, dump, read_bank_record
 from mta.tasks.base import Task
 
@@ -150,13 +160,14 @@ def _check_resume(rec: BankRecord, backbone: Backbone, task: Task, cfg: BankConf
 def build_bank(
     backbone: Backbone, users: list[User], task: Task, cfg: BankConfig, out: Path,
     progress: Progress | None = None, trained: Callable[[User], Path | None] | None = None,
-    recipe: dict | None = None, base_cfg: BankConfig | None = None,
+    recipe: dict | None = None, base_cfg: BankConfig | None = None, base_from: Path | None = None,
 ) -> BankRecord:
     """Select anchors among ``users`` and train their meta-LoRAs into ``out`` (resumable).
     ``recipe``: AdaptConfig settings to record with the bank as defaults for adaptation.
     ``cfg.bank_base`` "task": the task LoRA is trained first (``ensure_base``, with
-    ``base_cfg``'s learning rate and steps when given) and every anchor trains as a
-    residual over it, frozen.
+    ``base_cfg``'s learning rate and steps when given; copied from ``base_from`` when that
+    task bank is this very one, finished) and every anchor trains as a residual over it,
+    frozen.
 
     ``trained(user)`` may return an adapter already trained with exactly this recipe on
     exactly ``training_history(user, cfg)`` (in `mta eval`, the user's per-user LoRA):
@@ -165,20 +176,31 @@ def build_bank(
     """
     cfg = defaults.resolve(cfg, defaults.layers(backbone.model_id, task.name))
     rec = prepare_bank(backbone, users, task, cfg, out, recipe, progress)
-    ensure_base(backbone, rec, users, task, cfg, Path(out), base_cfg, progress)
+    ensure_base(backbone, rec, users, task, cfg, Path(out), base_cfg, progress, base_from)
     _train_missing(backbone, rec, users, task, cfg, Path(out), "anchor", progress, trained)
     return rec
 
 
 def ensure_base(backbone: Backbone, rec: BankRecord, users: list[User], task: Task, cfg: BankConfig, out: Path,
-                base_cfg: BankConfig | None = None, progress: Progress | None = None) -> None:
+                base_cfg: BankConfig | None = None, progress: Progress | None = None,
+                base_from: Path | None = None) -> None:
     """``bank_base`` "task": train the task LoRA every anchor is a residual over, first, on
     the bank's whole candidate pool (``build_task`` into ``BANK/base``: resumable, and the
     same adapter as the ``task-lora`` baseline when ``base_cfg`` is its recipe), and record
-    its checksum. Nothing for a bank without a base, or one whose base is trained."""
+    its checksum. ``base_from``: a task bank that may be that very adapter, trained already
+    (the ``task-lora`` baseline's, in `mta eval` and `mta tune`): when it is finished, with
+    this recipe, model, task and pool, it is copied in instead of training it again.
+    Nothing for a bank without a base, or one whose base is trained."""
     if cfg.bank_base != "task" or rec.base_sha256 is not None:
         return
     base_cfg = (base_cfg or cfg).model_copy(update={"bank_base": "none"})
+    dest = Path(out) / BASE_DIR
+    if base_from is not None and not (dest / INDEX).exists() and finished_task(base_from, backbone, task, base_cfg,
+                                                                               users):
+        with atomic_path(dest) as tmp:
+            shutil.copytree(base_from, tmp, ignore=shutil.ignore_patterns(LOCK))
+        log.info("bank %s: its task LoRA copied from %s (trained with the same recipe on the same pool)", out,
+                 base_from)
     build_task(backbone, users, task, base_cfg, Path(out) / BASE_DIR,
                (lambda st, d, t: progress(f"base {st}", d, t)) if progress else None)
     rec.base_sha256 = sha256_file(base_adapter(out) / WEIGHTS)
@@ -269,6 +291,21 @@ def build_task(backbone: Backbone, users: list[User], task: Task, cfg: BankConfi
         write_text_atomic(out / INDEX, dump(rec))
     _train_missing(backbone, rec, users, task, cfg, out, "task", progress, None)
     return rec
+
+
+def finished_task(path: Path, backbone: Backbone, task: Task, cfg: BankConfig, users: list[User]) -> bool:
+    """Whether ``path`` holds a finished task bank that ``build_task`` with these arguments
+    would leave: the same recipe, model, task and pool of users, its one adapter intact."""
+    path = Path(path)
+    if not (path / INDEX).is_file():
+        return False
+    try:
+        rec = read_index(path)
+    except MtaError:
+        return False
+    return (rec.kind == "task" and rec.config == cfg and rec.task == task.name
+            and rec.fingerprint == backbone.fingerprint and rec.pooled == [u.user_id for u in users]
+            and rec.negatives == negative_pool(task, users, cfg.seed) and all(_intact(path, a) for a in rec.anchors))
 
 
 def _intact(out: Path, a: AnchorRecord) -> bool:

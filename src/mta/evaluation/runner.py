@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from mta.anchors import embed_users
-from mta.bank import BASE_DIR, adapter_dir, build_bank, build_task, read_index, training_history
+from mta.bank import (
+    BASE_DIR,
+    adapter_dir,
+    build_bank,
+    build_task,
+    finished_task,
+    read_index,
+    training_history,
+)
 from mta.data.schema import Dataset, User
 from mta.errors import MtaError
 from mta.evaluation import plots
@@ -252,10 +260,13 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                 for u in targets[fold.index]:
                     own[u.user_id] = (_item_ids(training_history(u, setup.bank_cfg)), adapter_dir(d, slots[u.user_id]))
 
-    # bank_base "task": the bank trains the task LoRA first (BANK/base) and the task-lora
-    # baseline and OPPU use that very adapter; mta-reference keeps a from-scratch bank
+    # bank_base "task": the task LoRA (the task-lora baseline's, which OPPU stacks on) is
+    # trained once, where the baseline keeps it, and the bank copies it in as its base
+    # (BANK/base) instead of training it again; a bank whose base an earlier run trained
+    # lends it to the baselines instead. mta-reference keeps a from-scratch bank.
     residual = setup.bank_cfg.bank_base == "task"
     task_cfg = setup.baselines.bank_for("task", setup.bank_cfg)
+    users_of_bank = sorted(BANK_METHODS - {"mta-reference"} if residual else BANK_METHODS)
 
     def trained(user: User) -> Path | None:
         hit = own.get(user.user_id)
@@ -266,24 +277,29 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
         split.append({"fold": fold.index, "targets": [u.user_id for u in targets[fold.index]],
                       "anchor_candidates": [u.user_id for u in fold.candidates],
                       "target_persons": persons_of(fold.targets), "candidate_persons": persons_of(fold.candidates)})
-        bank = task_bank = ref_bank = None
+        bank = task_bank = ref_bank = task_path = None
         wanted = set(methods) - set(failed)
-        if TASK_METHODS & wanted and not (residual and BANK_METHODS & wanted):
+        if TASK_METHODS & wanted or (residual and set(users_of_bank) & wanted):
             t0 = time.perf_counter()
-            if attempt(sorted(TASK_METHODS), lambda fold=fold: build_task(
+            base = place(fold.index, "bank") / BASE_DIR
+            if residual and finished_task(base, setup.backbone, task, task_cfg, list(fold.candidates)):
+                task_path = base
+            elif attempt(sorted(TASK_METHODS) + (users_of_bank if residual else []), lambda fold=fold: build_task(
                     setup.backbone, list(fold.candidates), task, task_cfg, place(fold.index, "task-lora"),
                     _stages(setup, "task-lora"))) is not None:
-                task_bank = LoadedBank(setup.backbone, place(fold.index, "task-lora"), task)
+                task_path = place(fold.index, "task-lora")
+            if task_path is not None and TASK_METHODS & wanted:
+                task_bank = LoadedBank(setup.backbone, task_path, task)
             bank_seconds += time.perf_counter() - t0
+            wanted = set(methods) - set(failed)
         if BANK_METHODS & wanted:
             t0 = time.perf_counter()
-            users_of_bank = sorted(BANK_METHODS - {"mta-reference"} if residual else BANK_METHODS)
-            if attempt(users_of_bank + (sorted(TASK_METHODS) if residual else []), lambda fold=fold: build_bank(
+            base_from = task_path if residual else None
+            if set(users_of_bank) & wanted and attempt(users_of_bank, lambda fold=fold, base_from=base_from: build_bank(
                     setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "bank"),
-                    _stages(setup, "bank"), trained=None if residual else trained, base_cfg=task_cfg)) is not None:
+                    _stages(setup, "bank"), trained=None if residual else trained, base_cfg=task_cfg,
+                    base_from=base_from)) is not None:
                 bank = LoadedBank(setup.backbone, place(fold.index, "bank"), task)
-                if residual and TASK_METHODS & wanted:
-                    task_bank = LoadedBank(setup.backbone, place(fold.index, "bank") / BASE_DIR, task)
             if residual and "mta-reference" in wanted and attempt(["mta-reference"], lambda fold=fold: build_bank(
                     setup.backbone, list(fold.candidates), task, scratch, place(fold.index, "bank-reference"),
                     _stages(setup, "bank-reference"), trained=trained)) is not None:
