@@ -88,7 +88,9 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load
     ``"write"`` as a plain in-place write (any other change: the tables are filled again
     whole and the prefill gathers each row's factors, what every stack load cost before
     the catch-up). ``first``: each joining row is a user's first request, a prompt of that
-    many tokens with nothing cached (the whole prompt prefilled)."""
+    many tokens with nothing cached (the whole prompt prefilled). Also, per join (counts,
+    not timings): ``forwards``, the prefill forwards its advance ran, and ``cached``, the
+    prompt tokens its rows took from the prefix cache."""
     dec = SlotDecoder(bb, bb.tokenizer.pad_token_id, slots=a.slots, span=max(256, first + 64),
                       prefix=PrefixCache(1 << 22), feed=feed)
     if gathered:
@@ -101,6 +103,7 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load
         warm = dec.start(requests(a.rows, 0, mixed, a.users), keys)  # the prefixes into the cache
         batch = dec.keep(dec.merge(batch, dec.advance(warm)), list(range(running)))
         total = {"start": 0.0, "advance": 0.0, "merge": 0.0, "step": 0.0}
+        counts = {"forwards": 0, "cached": 0}
         for j in range(a.joins + 2):
             seqs = requests(a.rows, 1 + j, mixed, a.users, first)
             if first:  # nothing cached under these keys: every prompt prefilled whole
@@ -113,6 +116,7 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load
                     for layer in bb.engine.stack_layers.values():
                         layer.stack_A[slot].mul_(1.0)
             sync(a.device)
+            forwards, cached = dec.forwards, dec.prefix.reused
             t0 = time.perf_counter()
             pf = dec.start(seqs, keys)
             sync(a.device)
@@ -129,9 +133,12 @@ def time_joins(bb: Backbone, a, mixed: bool, gathered: bool, feed: int = 0, load
                 for name, dt in (("start", t1 - t0), ("advance", t2 - t1), ("merge", t3 - t2),
                                  ("step", time.perf_counter() - t3)):
                     total[name] += dt
+                counts["forwards"] += dec.forwards - forwards
+                counts["cached"] += dec.prefix.reused - cached
             batch = dec.keep(batch, list(range(running)))
     out = {k: 1000 * v / a.joins for k, v in total.items()}
-    return {"join": out["start"] + out["advance"] + out["merge"], **out}
+    return {"join": out["start"] + out["advance"] + out["merge"], **out,
+            "per_join": {k: v / a.joins for k, v in counts.items()}}
 
 
 def main() -> None:
