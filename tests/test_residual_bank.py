@@ -156,3 +156,32 @@ def test_a_bank_copies_in_only_the_very_task_lora_it_would_train(tmp_path, monke
         assert all(torch.equal(ours[k], task[k]) for k in task)  # the same adapter either way
         assert bank_mod.finished_task(tmp_path / f"bank-{name}" / BASE_DIR, tiny_backbone(), TASK, task_cfg, users)
     assert not bank_mod.finished_task(tmp_path / "slow", tiny_backbone(), TASK, task_cfg, users)
+
+
+def test_mta_and_mta_fusion_share_one_search_per_fold_and_each_counts_its_time(tmp_path, monkeypatch):
+    """Searched weights in `mta eval`: `mta-fusion` and `mta` search alike, so each fold
+    searches once (RUN/searched) and both store the same weights; the search's seconds are
+    in each method's adaptation time."""
+    import mta.loaded_bank as lb
+
+    seconds, real = [], lb.search_weights
+
+    def timed(*a, **kw):
+        found, info = real(*a, **kw)
+        seconds.append(info["seconds"])
+        return found, info
+
+    monkeypatch.setattr(lb, "search_weights", timed)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "mta-fusion,mta", "--bank-base",
+                 "task", "--fusion-weights", "searched", "--search-evals", "4", *COMMON]) == 0
+    assert len(seconds) == 2 and len(list((out / "searched").glob("*.json"))) == 2  # one search a fold
+    for fold, searched in zip(("fold0", "fold1"), seconds):
+        stores = {m: UserStore(out / fold / m) for m in ("mta-fusion", "mta")}
+        ids = stores["mta"].user_ids()
+        assert ids and all(stores["mta"].meta(u).weights == stores["mta-fusion"].meta(u).weights for u in ids)
+        for m in stores:
+            adapt = json.loads((out / fold / m / "result.json").read_text())["result"]["adapt_seconds"]
+            assert adapt >= searched  # the search's time, counted by the method that took it too

@@ -130,6 +130,16 @@ def test_a_search_cache_returns_what_the_search_would_and_only_for_the_same_sear
     assert len(calls) == 1 and len(list((tmp_path / "searched").glob("*.json"))) == 1
     # another stack budget: the same search, read back, not run
     assert weights("b", cache, stack_lr=1e-3, stack_steps=3) == first and len(calls) == 1
+    # its seconds come with it: a run that takes it counts them as its own
+    (key,) = [f.stem for f in (tmp_path / "searched").glob("*.json")]
+    searched_s = cache.get(key, 3)[1]
+    stats = bank.adapt(users[:3], AdaptConfig.make(**common, stack_lr=1e-3), UserStore(tmp_path / "b2", create=True),
+                       search_cache=cache)
+    assert searched_s > 0 and stats["search_seconds_reused"] == searched_s <= stats["fusion_seconds"]
+    # the same settings with the user's last item held out of the search: another search
+    weights("g", cache, stack_stop="held-out")
+    assert len(calls) == 2
+    calls.pop()
     # what a run without the cache stores: the cached weights are exactly the search's
     assert weights("c", None, stack_lr=1e-3, stack_steps=3) == first and len(calls) == 2
     # a setting the search reads (its evaluations) or other users: searched again
@@ -137,7 +147,7 @@ def test_a_search_cache_returns_what_the_search_would_and_only_for_the_same_sear
     assert len(calls) == 3
     store = UserStore(tmp_path / "e", create=True)
     bank.adapt(users[1:4], AdaptConfig.make(**common), store, search_cache=cache)
-    assert len(calls) == 4 and len(list((tmp_path / "searched").glob("*.json"))) == 3
+    assert len(calls) == 4 and len(list((tmp_path / "searched").glob("*.json"))) == 4  # a, g, d, e
     # a damaged file is searched again and rewritten, not trusted
     for f in (tmp_path / "searched").glob("*.json"):
         f.write_text("{")

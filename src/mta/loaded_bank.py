@@ -45,7 +45,7 @@ from mta.paths import sha256_file, shared_modes
 from mta.records import BankRecord, UserRecord
 from mta.resident import ResidentStacks
 from mta.retrieval import retrieve
-from mta.stacking import held_out_split, stack_params_per_user, stack_passes, stack_record
+from mta.stacking import held_out_split, holds_out, stack_params_per_user, stack_passes, stack_record
 from mta.store import UserStore, history_hash
 from mta.tasks import get_task
 from mta.tasks.base import Task
@@ -248,6 +248,7 @@ class LoadedBank:
             log.info("%d user(s) unchanged since they were stored; skipping them", skipped)
         negatives = self.record.negatives if self.record else []
         examples: dict[int, list] = {}  # user index -> its leave-one-out examples (search and stack share them)
+        reused_s = 0.0  # the seconds of a search taken from ``search_cache`` (counted in fuse_s)
 
         def examples_of(i: int) -> list:
             if i not in examples:
@@ -259,21 +260,24 @@ class LoadedBank:
             if progress:
                 progress("fusion search", 0, len(todo))
             max_rows = self.backbone.train_resources().get("max_rows") or 64
-            key = found = None
+            key = hit = None
             if search_cache is not None:
                 key = search_cache.key(self.bank_id, cfg.identity(), [
-                    (users[i].user_id, history_hash(users[i], self.task.name, {})) for i in todo], first_pass, max_rows)
-                found = search_cache.get(key, len(todo))
-            if found is None:
-                found, _ = search_weights(  # never on a held-out item (stack_stop): it judges what follows
+                    (users[i].user_id, history_hash(users[i], self.task.name, {})) for i in todo], first_pass, max_rows,
+                    held_out=holds_out(cfg))
+                hit = search_cache.get(key, len(todo))
+            if hit is None:
+                found, info = search_weights(  # never on a held-out item (stack_stop): it judges what follows
                     engine, [mixes[i] for i in todo], [held_out_split(examples_of(i), cfg)[0] for i in todo],
                     cfg.search_evals,
                     tok.pad_token_id, seed=cfg.seed + first_pass, base_slot=self.base_slot, max_rows=max_rows)
                 if search_cache is not None:
-                    search_cache.put(key, found)
+                    search_cache.put(key, found, info["seconds"])
             else:
-                log.info("the fusion weights of %d user(s) from %s (searched alike before)", len(todo),
-                         search_cache.root)
+                found, reused_s = hit
+                log.info("the fusion weights of %d user(s) from %s (searched alike before, in %.1f s: counted as "
+                         "this run's)", len(todo), search_cache.root, reused_s)
+                fuse_s += reused_s
             for i, m in zip(todo, found):
                 mixes[i] = m
             fuse_s += time.perf_counter() - t0
@@ -296,6 +300,7 @@ class LoadedBank:
         per_user = stack_params_per_user(engine, cfg.stack_rank, cfg.stack_targets,
                                          cfg.stack_layers) if cfg.stack_epochs > 0 else 0
         return {"adapted": done, "skipped": skipped, "fusion_seconds": fuse_s, "train_seconds": train_s,
+                "search_seconds_reused": reused_s,
                 "seconds_per_user": (fuse_s + train_s) / max(1, len(users)),
                 "trainable_params_per_user": per_user,
                 "bytes_per_user": {u.user_id: store.bytes_of(u.user_id) for u in users}}

@@ -69,11 +69,17 @@ def stack_passes(bank: LoadedBank, users: Sequence[User], mixes: Sequence[Mixtur
         yield group, stats, time.perf_counter() - t0
 
 
+def holds_out(cfg: AdaptConfig) -> bool:
+    """Whether ``cfg`` holds each user's last item out of the search and the stack's training:
+    ``stack_stop`` "held-out" or "refit" with a stack to train."""
+    return cfg.stack_stop != "none" and cfg.stack_epochs > 0
+
+
 def held_out_split(examples: list, cfg: AdaptConfig) -> tuple[list, list]:
-    """(the examples the stack trains on, those it is stopped by): ``stack_stop``
-    "held-out" or "refit" with a stack to train holds the user's last item out
-    (``examples.held_out``; a refit trains on it too once its steps are chosen)."""
-    return held_out(examples, cfg.stack_stop != "none" and cfg.stack_epochs > 0)
+    """(the examples the stack trains on, those it is stopped by): the user's last item held
+    out when ``holds_out(cfg)`` (``examples.held_out``; a refit trains on it too once its
+    steps are chosen)."""
+    return held_out(examples, holds_out(cfg))
 
 
 def stack_record(user: User, cfg: AdaptConfig, stats: dict | None) -> StackRecord | None:

@@ -107,41 +107,50 @@ STACK_ONLY = frozenset({"stack_rank", "stack_targets", "stack_layers", "stack_al
                         "stack_steps", "stack_lr", "batch_size", "users_per_pass", "warmup_ratio"})
 
 
+SEARCHED = "searched"  # a run's (or a tune's) SearchCache directory, under its OUT
+
+
 class SearchCache:
     """Searched mixtures kept on disk between runs that would search the same way, so a
     tune's trials of the stack's budget (each adapting the same users against the same bank)
-    search once. A key covers everything the search reads: the bank (its id names its
-    anchors' trained weights), every setting but the stack's (``STACK_ONLY``), the users in
-    their order (their seeds follow their positions), their histories and the batch size
-    of the scoring; so a hit returns what the search would have returned."""
+    search once, and so do `mta` and `mta-fusion` in one evaluation. A key covers everything
+    the search reads: the bank (its id names its anchors' trained weights), every setting
+    but the stack's (``STACK_ONLY``), whether the user's last item was held out of it, the
+    users in their order (their seeds follow their positions), their histories and the batch
+    size of the scoring; so a hit returns what the search would have returned. Each entry
+    keeps the seconds its search took, so a run that takes it can count them as its own."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
     def key(self, bank_id: str, cfg: dict, users: Sequence[tuple[str, str]], first_pass: int,
-            max_rows: int) -> str:
+            max_rows: int, held_out: bool = False) -> str:
         """``cfg``: the adapt settings (``AdaptConfig.identity()``); ``users``: (user id,
-        history hash) in search order."""
+        history hash) in search order; ``held_out``: the search left each user's last item
+        out (``stacking.held_out_split``: a stack stopped on it trains after)."""
         payload = {"bank": bank_id, "adapt": {k: v for k, v in cfg.items() if k not in STACK_ONLY},
-                   "users": [list(u) for u in users], "first_pass": first_pass, "max_rows": max_rows}
+                   "users": [list(u) for u in users], "first_pass": first_pass, "max_rows": max_rows,
+                   "held_out": held_out}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    def get(self, key: str, n: int) -> list[Mixture] | None:
-        """The ``n`` mixtures stored under ``key``, or None (none stored, or a file that is
-        not one: searched again and rewritten)."""
+    def get(self, key: str, n: int) -> tuple[list[Mixture], float] | None:
+        """The ``n`` mixtures stored under ``key`` and the seconds their search took (0.0 when
+        a file does not say), or None (none stored, or a file that is not one: searched again
+        and rewritten)."""
         path = self.root / f"{key}.json"
         if not path.is_file():
             return None
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            rows, seconds = (raw, 0.0) if isinstance(raw, list) else (raw["mixtures"], float(raw["seconds"]))
             out = [Mixture(tuple(int(a) for a in r["anchors"]), tuple(float(w) for w in r["weights"]),
                            tuple(float(s) for s in r["similarities"])) for r in rows]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             log.warning("%s: not a searched-weights file (%s); searching again", path, e)
             return None
-        return out if len(out) == n else None
+        return (out, seconds) if len(out) == n else None
 
-    def put(self, key: str, mixes: Sequence[Mixture]) -> None:
-        write_json_atomic(self.root / f"{key}.json", [
+    def put(self, key: str, mixes: Sequence[Mixture], seconds: float) -> None:
+        write_json_atomic(self.root / f"{key}.json", {"seconds": seconds, "mixtures": [
             {"anchors": list(m.anchors), "weights": list(m.weights), "similarities": list(m.similarities)}
-            for m in mixes])
+            for m in mixes]})

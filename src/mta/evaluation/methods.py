@@ -107,7 +107,9 @@ class EvalSetup:
     max_new_tokens: int = 0  # resolved by ``resolve``: the config's, else the task's rule for the users
     prefix: str = ""  # names the fold in progress lines when there are several
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    search_cache: SearchCache | None = None  # searched fusion weights shared between runs (``mta tune``)
+    # searched fusion weights shared between runs and methods (``mta tune``'s trials; without
+    # one, ``run_eval`` keeps one in its run directory for its methods)
+    search_cache: SearchCache | None = None
 
     def resolve(self, users) -> EvalSetup:
         self.max_new_tokens = self.gen_cfg.max_new_tokens or self.task.answer_tokens(self.backbone.tokenizer, users)
@@ -270,7 +272,9 @@ def run_adapted(setup: EvalSetup, name: str, bank: LoadedBank, targets, out: Pat
     store = UserStore(out, create=True)
     t0 = time.perf_counter()
     stats = bank.adapt(list(targets), cfg, store, _stages(setup, name), search_cache=setup.search_cache)
-    res = FoldResult(adapt_seconds=time.perf_counter() - t0, bytes_per_user=dict(stats["bytes_per_user"]),
+    # a search taken from the cache (another method's, the same search) counts its seconds here too
+    res = FoldResult(adapt_seconds=time.perf_counter() - t0 + stats.get("search_seconds_reused", 0.0),
+                     bytes_per_user=dict(stats["bytes_per_user"]),
                      trainable_params_per_user=stats["trainable_params_per_user"])
     stacks = [store.meta(u.user_id).stack for u in targets]
     if any(st is not None for st in stacks):

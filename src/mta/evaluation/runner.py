@@ -47,6 +47,7 @@ from mta.evaluation.stats import bootstrap_ci, group_sum, paired_diff_ci, user_s
 from mta.loaded_bank import LoadedBank
 from mta.paths import write_json_atomic, write_text_atomic
 from mta.store import UserStore
+from mta.weight_search import SEARCHED, SearchCache
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,8 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     task = setup.task
     place = place or eval_layout(out)
     out.mkdir(parents=True, exist_ok=True)
+    if setup.search_cache is None:  # mta and mta-fusion search alike: one search, its time counted by each
+        setup = dataclasses.replace(setup, search_cache=SearchCache(out / SEARCHED))
     results: dict[str, FoldResult | None] = {m: None for m in methods}
     split = []
     t_start = time.perf_counter()

@@ -41,7 +41,7 @@ from mta.evaluation.protocol import make_folds, persons_of
 from mta.evaluation.runner import diverged, run_eval, users_digest
 from mta.paths import write_json_atomic
 from mta.recipes import Recipe
-from mta.weight_search import SearchCache
+from mta.weight_search import SEARCHED, SearchCache
 
 log = logging.getLogger(__name__)
 VALUES = "trial-values.json"  # OUT's log of finished trials (``tune`` resumes from it)
@@ -198,8 +198,9 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
 
     def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str,
                  share_search: bool = True) -> dict:
-        """``share_search``: read searched weights from OUT/searched (trials: only their metric
-        counts); the final table searches again, so its adaptation times are whole."""
+        """``share_search``: read searched weights from OUT/searched (shared by the trials);
+        the final table searches again (its methods share their one search within it), so
+        it measures the search on this recipe itself."""
         trial = out / "trials" / name
         # adapters shared between trials, keyed by the recipe they were trained with
         task_cfg = bl.bank_for("task", bc)
@@ -219,7 +220,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         trial_progress = part(f"trial {name}") if part else (
             (lambda stage, done, total: progress(f"trial {name}: {stage}", done, total)) if progress else None)
         s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, trial_progress, setup.max_new_tokens, baselines=bl,
-                      search_cache=SearchCache(out / "searched") if share_search else None)
+                      search_cache=SearchCache(out / SEARCHED) if share_search else None)
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
                         place=place, history_queries=history_queries, leak_check=False)
 
