@@ -311,8 +311,13 @@ def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
     args = ["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
             "--space", "learning-rate", "--max-user-share", "0.3", *TINY]
     assert main(args) != 0  # interrupted
-    logged = json.loads((out / tune_mod.VALUES).read_text())["values"]
+    log = json.loads((out / tune_mod.VALUES).read_text())
+    logged = log["values"]
     assert len(logged) == 2 and not (out / "recipe.json").exists()
+    # the log says what each trial was, on its own
+    assert log["trials"].keys() == logged.keys()
+    assert [d["override"] for d in log["trials"].values()] == GROUPS["learning rate"][:2]
+    assert {d["group"] for d in log["trials"].values()} == {"learning rate"}
     calls.clear()
     assert main(args) == 0
     trials = [c for c in calls if len(c) == 1]
@@ -322,10 +327,13 @@ def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
     # the log alone, carried to a new OUT (another machine): no trial runs again there
     moved = tmp_path / "moved"
     moved.mkdir()
-    (moved / tune_mod.VALUES).write_bytes((out / tune_mod.VALUES).read_bytes())
+    full = json.loads((out / tune_mod.VALUES).read_text())
+    older = {k: v for k, v in full.items() if k != "trials"}  # a log written before trials were described
+    (moved / tune_mod.VALUES).write_text(json.dumps(older))
     calls.clear()
     assert main([str(moved) if a == str(out) else a for a in args]) == 0
     assert not [c for c in calls if len(c) == 1] and read_recipe(moved / "recipe.json").bank["lr"] == 3e-4
+    assert json.loads((moved / tune_mod.VALUES).read_text())["trials"] == full["trials"]  # described as it went
     other = tmp_path / "other"  # the log beside anything else: not a tune's directory
     other.mkdir()
     (other / tune_mod.VALUES).write_bytes((out / tune_mod.VALUES).read_bytes())

@@ -186,6 +186,10 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 "target_history": target_history, "max_new_tokens": setup.max_new_tokens,
                 "prompts": {k: v for k, v in setup.gen_cfg.dump().items() if k not in ("batch_size", "decoder")}}
     cache = _read_values(out / VALUES, identity)
+    # what each logged trial was (its group, method and override), so the log reads on its
+    # own: kept beside the values, filled in for every trial this search walks past (a log
+    # written before it was kept gets it for the trials this run reaches)
+    about = _read_about(out / VALUES)
     if cache:
         log.info("tune: %d trial(s) already evaluated in %s; they are not run again", len(cache), out / VALUES)
 
@@ -239,6 +243,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     for group in order:
         method = SCORED_BY.get(group, "mta")
         best_value, best_over = None, None
+        keys: dict[str, dict] = {}  # the group's logged trials: key -> override
         for over in GROUPS[group]:
             bc, ac, bl = configs(over)
             key = method + _key(bc) + _key(ac) + _key(bl)
@@ -264,9 +269,11 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                         log.warning("tune %s %s: failed: %s", group, over, e)
                     else:
                         raise
-                write_json_atomic(out / VALUES, {"identity": identity, "values": cache})
+                about[key] = {"group": group, "method": method, "override": over}
+                write_json_atomic(out / VALUES, {"identity": identity, "values": cache, "trials": about})
                 if isinstance(cache[key], float):
                     log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, cache[key])
+            keys[key] = over
             if not isinstance(cache[key], float):  # {"skipped": why} or {"failed": why}
                 trials.append({"group": group, "override": over, **cache[key]})
                 done += 1
@@ -280,6 +287,10 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             done += 1
             if progress:
                 progress("tune trials", done, total)
+        if any(about.get(k) is None for k in keys):  # cached trials of an older log: described now
+            about.update({k: {"group": group, "method": method, "override": o} for k, o in keys.items()
+                          if about.get(k) is None})
+            write_json_atomic(out / VALUES, {"identity": identity, "values": cache, "trials": about})
         if best_over is None:
             why = next((t["skipped"] for t in reversed(trials) if t["group"] == group and "skipped" in t), None)
             raise MtaError(f"tune: every option of {group!r} failed or was skipped"
@@ -296,6 +307,15 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                   baselines=chosen["baselines"], start={k: v for k, v in start.items() if v}, trials=trials,
                   ablation=_final_ablation(evaluate, methods, bc, ac, bl) if ablation else [],
                   max_user_share=max_user_share)
+
+
+def _read_about(path: Path) -> dict:
+    """The descriptions of the trials logged in ``path`` ({} when none; ``_read_values`` has
+    checked the file)."""
+    if not path.exists():
+        return {}
+    about = json.loads(path.read_text(encoding="utf-8")).get("trials", {})
+    return about if isinstance(about, dict) else {}
 
 
 def _read_values(path: Path, identity: dict) -> dict:
