@@ -134,15 +134,15 @@ class SearchCache:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def get(self, key: str, n: int) -> tuple[list[Mixture], float] | None:
-        """The ``n`` mixtures stored under ``key`` and the seconds their search took (0.0 when
-        a file does not say), or None (none stored, or a file that is not one: searched again
-        and rewritten)."""
+        """The ``n`` mixtures stored under ``key`` and the seconds their search took, or None
+        (none stored, or a file that is not one, such as one written before the seconds were
+        kept: searched again and rewritten)."""
         path = self.root / f"{key}.json"
         if not path.is_file():
             return None
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            rows, seconds = (raw, 0.0) if isinstance(raw, list) else (raw["mixtures"], float(raw["seconds"]))
+            rows, seconds = raw["mixtures"], float(raw["seconds"])
             out = [Mixture(tuple(int(a) for a in r["anchors"]), tuple(float(w) for w in r["weights"]),
                            tuple(float(s) for s in r["similarities"])) for r in rows]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
