@@ -7,6 +7,7 @@ A table is written between two markers, the first naming its record:
     <!-- table: results/gpu-2026-12-04b/lastfm-15b -->       an `mta eval` run directory
     <!-- bench: results/gpu-2026-12-04c/gpu-8b-gen-kernel.json -->   a benchmarks/gpu.py record
     <!-- serve: results/gpu-2026-12-05/serve-sat.json -->   a benchmarks/serve_load.py open-loop record
+    <!-- tune: results/.../trial-values.json#oppu-budget -->    a part's budget grid in an `mta tune` log
     ... the rendering of that record ...
     <!-- end table -->
 
@@ -16,7 +17,9 @@ A table is written between two markers, the first naming its record:
 An eval run renders as scripts/results-table.py prints it (the run's own results.md); a
 gpu.py record as its decode configurations (tokens/s, ratios, step times) and, where the
 record has them, its bank-building, adaptation and memory sections; a serve_load.py record
-(open loop) as a row per decoder and model with the scheduler's seconds by phase. Only the tables are
+(open loop) as a row per decoder and model with the scheduler's seconds by phase; a tune's trial
+log (`trial-values.json`, the trials it describes) as one part's learning rates by step counts,
+each cell the value its trial logged. Only the tables are
 generated: the prose around them is written by hand and cites the same records.
 `--check` runs in the test suite, so a table cannot drift from its record.
 """
@@ -36,7 +39,9 @@ _spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts"
 results_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results_table)
 
-BLOCK = re.compile(r"(<!-- (?P<kind>table|bench|serve): (?P<record>\S+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
+KINDS = ("table", "bench", "serve", "tune")
+BLOCK = re.compile(r"(<!-- (?P<kind>" + "|".join(KINDS) + r"): (?P<record>\S+) -->\n)(?P<body>.*?)(<!-- end table -->)",
+                   re.S)
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -127,7 +132,51 @@ def serve_table(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rate(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+def tune_grid(record: str) -> str:
+    """``PATH#part``: the budget grid of ``part`` (``oppu-budget``: the group's name with
+    hyphens) in the trial log at PATH, learning rates by step counts; a cell no trial
+    logged says so."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from mta.evaluation.tune import BUDGET_LRS, BUDGETS
+
+    path, _, part = record.partition("#")
+    budget = part.replace("-", " ")
+    if budget not in BUDGETS:
+        names = ", ".join(b.replace(" ", "-") for b in BUDGETS)
+        raise SystemExit(f"error: {record}: name a budget after '#' ({names})")
+    try:
+        log = json.loads((ROOT / path).read_text(encoding="utf-8"))
+        values, about = log["values"], log.get("trials", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path}: no readable trial log ({e})") from None
+    cells = {(d["budget"]["lr"], d["budget"]["steps"]): values.get(k) for k, d in about.items()
+             if d.get("budget", {}).get("part") == budget}
+    if not cells:
+        raise SystemExit(f"error: {path}: no described trial of {budget!r} (a log written before trials were "
+                         "described: run the tune again over it)")
+    counts = BUDGETS[budget][4]
+    method = BUDGETS[budget][3]
+
+    def cell(v) -> str:
+        if v is None:
+            return "(not run)"
+        return f"{v:.3f}" if isinstance(v, (int, float)) else next(iter(v))  # "failed" or "skipped"
+
+    lines = [f"Record `{path}`: `{method}`'s {log.get('metric', 'metric')} on the tune's dev persons, one "
+             "trial a cell.", "", f"| {budget} lr | " + " | ".join(f"{n} steps" for n in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for lr in BUDGET_LRS:
+        lines.append(f"| {_rate(lr)} | " + " | ".join(cell(cells.get((lr, n))) for n in counts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render(kind: str, record: str) -> str:
+    if kind == "tune":
+        return tune_grid(record)
     if kind == "table":
         return results_table.table(ROOT / record)
     if kind == "serve":
@@ -156,7 +205,7 @@ def one_doc(doc: Path, check: bool) -> bool:
     except OSError as e:
         raise SystemExit(f"error: {doc}: {e.strerror}") from None
     n = len(BLOCK.findall(text))
-    if sum(text.count(f"<!-- {k}:") for k in ("table", "bench", "serve")) != n:
+    if sum(text.count(f"<!-- {k}:") for k in KINDS) != n:
         raise SystemExit(f"error: {doc}: a table marker without its end marker")
     new, changed = regenerate(text)
     if check:

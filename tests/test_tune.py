@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import mta.cli.evaluate as evaluate_mod
 import mta.evaluation.tune as tune_mod
 from mta.bank import read_index
@@ -456,3 +458,32 @@ def test_no_ablation_writes_the_recipe_when_the_search_ends(tmp_path, monkeypatc
     calls.clear()
     _, out = _tune_faked(tmp_path / "again", monkeypatch, fake, "top-k")
     assert len(calls[-1]) > 1 and read_recipe(out / "recipe.json").ablation  # the default runs it
+
+
+def test_a_budget_grid_renders_from_the_trial_log_alone(tmp_path, monkeypatch):
+    """scripts/results-doc.py's ``tune`` tables: one part's rates by step counts, each cell the
+    value its trial logged (the log describes its trials), cells no trial ran said so."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_doc", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "results-doc.py")
+    results_doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_doc)
+
+    def fake(ds, methods, setup, out, folds, *a, place=None, **kw):  # OPPU best at 3e-4 x 8
+        b = setup.baselines
+        value = 1.0 - abs(b.oppu_lr - 3e-4) * 100 - (b.oppu_steps or 0) / 1000
+        return {"rows": [{"method": m, "metrics": {"accuracy": {"value": value, "ci": [0, 1]}}} for m in methods],
+                "failed": {}}
+
+    _, out = _tune_faked(tmp_path, monkeypatch, fake, "oppu-budget-rate,oppu-budget-steps", "--bank-base", "task",
+                         "--no-ablation")
+    grid = results_doc.tune_grid(f"{out / tune_mod.VALUES}#oppu-budget")
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| \n").split(" | ")[1:] for line in grid.splitlines()
+            if line.startswith("| ") and "e-" in line.split(" | ")[0]}
+    assert list(rows) == ["3e-3", "1e-3", "3e-4", "1e-4"] and "`oppu`'s accuracy" in grid
+    assert all(r[1] != "(not run)" for r in rows.values())  # every rate at the middle step count
+    assert "(not run)" not in rows["3e-4"] and rows["1e-3"][0] == rows["1e-3"][2] == "(not run)"
+    assert float(rows["3e-4"][0]) > float(rows["3e-4"][1]) > float(rows["3e-4"][2])  # fewer steps scored higher
+    with pytest.raises(SystemExit, match="name a budget after '#'"):
+        results_doc.tune_grid(f"{out / tune_mod.VALUES}#stack")

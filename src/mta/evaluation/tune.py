@@ -243,7 +243,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     for group in order:
         method = SCORED_BY.get(group, "mta")
         best_value, best_over = None, None
-        keys: dict[str, dict] = {}  # the group's logged trials: key -> override
+        keys: dict[str, dict] = {}  # the group's logged trials: key -> what it was (_describe)
         for over in GROUPS[group]:
             bc, ac, bl = configs(over)
             key = method + _key(bc) + _key(ac) + _key(bl)
@@ -269,11 +269,12 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                         log.warning("tune %s %s: failed: %s", group, over, e)
                     else:
                         raise
-                about[key] = {"group": group, "method": method, "override": over}
-                write_json_atomic(out / VALUES, {"identity": identity, "values": cache, "trials": about})
+                about[key] = _describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl})
+                write_json_atomic(out / VALUES, {"identity": identity, "metric": metric, "values": cache,
+                                                 "trials": about})
                 if isinstance(cache[key], float):
                     log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, cache[key])
-            keys[key] = over
+            keys[key] = _describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl})
             if not isinstance(cache[key], float):  # {"skipped": why} or {"failed": why}
                 trials.append({"group": group, "override": over, **cache[key]})
                 done += 1
@@ -288,9 +289,9 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             if progress:
                 progress("tune trials", done, total)
         if any(about.get(k) is None for k in keys):  # cached trials of an older log: described now
-            about.update({k: {"group": group, "method": method, "override": o} for k, o in keys.items()
-                          if about.get(k) is None})
-            write_json_atomic(out / VALUES, {"identity": identity, "values": cache, "trials": about})
+            about.update({k: d for k, d in keys.items() if about.get(k) is None})
+            write_json_atomic(out / VALUES, {"identity": identity, "metric": metric, "values": cache,
+                                             "trials": about})
         if best_over is None:
             why = next((t["skipped"] for t in reversed(trials) if t["group"] == group and "skipped" in t), None)
             raise MtaError(f"tune: every option of {group!r} failed or was skipped"
@@ -307,6 +308,19 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                   baselines=chosen["baselines"], start={k: v for k, v in start.items() if v}, trials=trials,
                   ablation=_final_ablation(evaluate, methods, bc, ac, bl) if ablation else [],
                   max_user_share=max_user_share)
+
+
+def _describe(group: str, method: str, over: Override, cfgs: dict) -> dict:
+    """What a logged trial was: its group, the method that scored it, its override and, for
+    a budget's trial, the learning rate and steps it ran with (a quick search's steps trial
+    names its steps alone; the rate is the one chosen before it)."""
+    d = {"group": group, "method": method, "override": over}
+    budget = QUICK_BUDGETS.get(group, group)
+    if budget in BUDGETS:
+        section, lr_field, steps_field, *_ = BUDGETS[budget]
+        d["budget"] = {"part": budget, "lr": getattr(cfgs[section], lr_field),
+                       "steps": getattr(cfgs[section], steps_field)}
+    return d
 
 
 def _read_about(path: Path) -> dict:
