@@ -214,9 +214,12 @@ def test_an_evaluation_run_again_into_its_directory_takes_the_methods_it_finishe
     depends on (method, model, every stage's config, the fold's targets and candidates),
     and read back, so the report is the same; a changed configuration runs them again."""
     import json
+    import shutil
 
     import mta.evaluation.runner as runner
     from mta.cli.main import main
+
+    bank_builder = runner.build_bank
 
     rc, out = _eval_synth(tmp_path, "rag-1,per-user-lora,mta", "ev")
     assert rc == 0 and all((out / "fold0" / m / "result.json").is_file() for m in ("rag-1", "per-user-lora", "mta"))
@@ -225,8 +228,14 @@ def test_an_evaluation_run_again_into_its_directory_takes_the_methods_it_finishe
     real, private = runner._run_method, runner.run_private
     monkeypatch.setattr(runner, "_run_method", lambda setup, m, *a, **k: calls.append(m) or real(setup, m, *a, **k))
     monkeypatch.setattr(runner, "run_private", lambda *a, **k: calls.append("per-user-lora") or private(*a, **k))
+    builds = []
+    monkeypatch.setattr(runner, "build_bank", lambda *a, **k: builds.append(1))
+    # only the results carried (another machine): the banks are not needed, so not trained again
+    for fold in ("fold0", "fold1"):
+        shutil.rmtree(out / fold / "bank")
     rc, again = _eval_synth(tmp_path, "rag-1,per-user-lora,mta", "ev")
-    assert rc == 0 and again == out and calls == []
+    assert rc == 0 and again == out and calls == [] and builds == []
+    monkeypatch.setattr(runner, "build_bank", bank_builder)
     # (two folds of three methods, each said in the run's log)
     assert (out / "run.log").read_text().count("finished by an earlier run of this evaluation") == 6
     second = json.loads((out / "metrics.json").read_text())["results"]

@@ -281,7 +281,11 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                       "anchor_candidates": [u.user_id for u in fold.candidates],
                       "target_persons": persons_of(fold.targets), "candidate_persons": persons_of(fold.candidates)})
         bank = task_bank = ref_bank = task_path = None
-        wanted = set(methods) - set(failed)
+        # methods an earlier run of this evaluation finished on this fold: read back, and no
+        # bank or task LoRA is built (or trained again) for them alone
+        done = {m: part for m in methods if m != "per-user-lora" and m not in failed
+                and (part := resumed(m, fold, place(fold.index, m))) is not None}
+        wanted = set(methods) - set(failed) - set(done)
         if TASK_METHODS & wanted or (residual and set(users_of_bank) & wanted):
             t0 = time.perf_counter()
             base = place(fold.index, "bank") / BASE_DIR
@@ -294,7 +298,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             if task_path is not None and TASK_METHODS & wanted:
                 task_bank = LoadedBank(setup.backbone, task_path, task)
             bank_seconds += time.perf_counter() - t0
-            wanted = set(methods) - set(failed)
+            wanted = set(methods) - set(failed) - set(done)
         if BANK_METHODS & wanted:
             t0 = time.perf_counter()
             base_from = task_path if residual else None
@@ -311,13 +315,16 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
         for m in methods:
             if m == "per-user-lora" or m in failed:
                 continue
-            used = ref_bank if m == "mta-reference" and ref_bank is not None else bank
-            where = place(fold.index, m)
-            part = resumed(m, fold, where) or kept(m, fold, where, attempt(
-                [m], lambda m=m, fold=fold, used=used, task_bank=task_bank, where=where: _run_method(
-                    setup, m, targets[fold.index], where, used, task_bank, fold.candidates)))
+            part = done.get(m)
+            if part is None:
+                used = ref_bank if m == "mta-reference" and ref_bank is not None else bank
+                where = place(fold.index, m)
+                part = attempt([m], lambda m=m, fold=fold, used=used, task_bank=task_bank, where=where: _run_method(
+                    setup, m, targets[fold.index], where, used, task_bank, fold.candidates))
+                if part is not None:  # kept with the shared adapters' steps: a resumed part needs no bank
+                    part.steps.update(_shared_steps(m, used, task_bank))
+                    kept(m, fold, where, part)
             if part is not None:
-                part.steps.update(_shared_steps(m, used, task_bank))
                 results[m] = merge(results[m], part)
     if len(failed) == len(methods):  # nothing to report
         raise next(iter(failed.values()))
