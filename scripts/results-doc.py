@@ -140,7 +140,8 @@ def tune_grid(record: str) -> str:
     """``PATH#part``: the budget grid of ``part`` (``oppu-budget``: the group's name with
     hyphens) in the trial log at PATH, learning rates by step counts; a cell no trial
     logged says so."""
-    sys.path.insert(0, str(ROOT / "src"))
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
     from mta.evaluation.tune import BUDGET_LRS, BUDGETS
 
     path, _, part = record.partition("#")

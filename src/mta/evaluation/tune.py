@@ -256,6 +256,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 if progress:
                     progress("tune trials", done, total)
                 continue
+            keys[key] = desc = _describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl})
             if key not in cache:
                 try:
                     cache[key] = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
@@ -269,12 +270,11 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                         log.warning("tune %s %s: failed: %s", group, over, e)
                     else:
                         raise
-                about[key] = _describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl})
+                about[key] = desc
                 write_json_atomic(out / VALUES, {"identity": identity, "metric": metric, "values": cache,
                                                  "trials": about})
                 if isinstance(cache[key], float):
                     log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, cache[key])
-            keys[key] = _describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl})
             if not isinstance(cache[key], float):  # {"skipped": why} or {"failed": why}
                 trials.append({"group": group, "override": over, **cache[key]})
                 done += 1
