@@ -105,3 +105,52 @@ def test_stop_groups_counts_each_trials_right_answers_by_the_step_kept(tmp_path,
     with pytest.raises(SystemExit) as bad:
         stop_groups.main()
     assert bad.value.code == 2 and "no 'kept N of M' rows" in capsys.readouterr().err
+
+
+def test_fold_table_scores_the_finished_methods_of_a_stopped_run(tmp_path, monkeypatch, capsys):
+    """scripts/fold-table.py: the methods finished on every fold asked for, scored on those
+    folds' targets against the data's golds (MAE by hand), a method missing on a fold left
+    out and named; its metrics.json renders as docs/results.md's tables do."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("fold_table", ROOT / "scripts" / "fold-table.py")
+    fold_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fold_table)
+    item = {"title": "Heat (1995)", "genres": "Action", "score": 4, "rating": 4.0, "timestamp": 1}
+    golds = {"a": ["4", "2"], "b": ["5"], "c": ["3"], "d": ["1"]}
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps({"user_id": u, "task": "movielens", "history": [{**item, "id": f"{u}h"}],
+                                        "queries": [{"id": f"{u}q{i}", "input": "x", "gold": g}
+                                                    for i, g in enumerate(gs)]}) + "\n" for u, gs in golds.items()))
+    run = tmp_path / "run"
+    cfg = {"data": "/elsewhere/users.jsonl", "task": "movielens", "synthetic": False,
+           "methods": ["rag-1", "task-lora", "mta"], "backbone": {"model": "tiny"},
+           "configs": {"eval": {"folds": 2, "n_boot": 200, "seed": 0, "target_history": None, "history_queries": 0,
+                                "persons": None}, "bank": {"anchors": 2}}}
+    (run).mkdir()
+    (run / "config.json").write_text(json.dumps(cfg))
+    fold0 = {"rag-1": {"a": [4.0, 4.0], "b": [4.0]}, "task-lora": {"a": [4.0, 2.0], "b": [5.0]}}
+    for m, preds in {**fold0, "mta": {"a": [1.0, 1.0], "b": [1.0]}}.items():
+        if m == "mta":  # finished on fold 1 only: not in fold 0's table
+            where = run / "fold1" / m
+            preds = {"c": [3.0], "d": [1.0]}
+        else:
+            where = run / "fold0" / m
+        where.mkdir(parents=True)
+        (where / "result.json").write_text(json.dumps({"identity": "x", "result": {
+            "preds": preds, "outputs": {u: [str(p) for p in v] for u, v in preds.items()},
+            "bytes_per_user": {u: 0 for u in preds}}}))
+    out = tmp_path / "table"
+    monkeypatch.setattr(sys, "argv", ["fold-table.py", str(run), "--folds", "0", "--data", str(data),
+                                      "--out", str(out)])
+    fold_table.main()
+    text = capsys.readouterr().out
+    rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["results"]}
+    assert set(rows) == {"rag-1", "task-lora"} and "Not run on these folds: mta." in text
+    assert rows["rag-1"]["metrics"]["mae"]["value"] == pytest.approx((0 + 2 + 1) / 3)
+    assert rows["task-lora"]["metrics"]["mae"]["value"] == 0.0 and rows["rag-1"]["persons"] == 2
+    assert results_doc.results_table.table(out).splitlines()[0].startswith("### mta eval, fold 0 of 2 only")
+    monkeypatch.setattr(sys, "argv", ["fold-table.py", str(run), "--folds", "1,2", "--data", str(data)])
+    with pytest.raises(SystemExit) as bad:
+        fold_table.main()
+    assert "folds 0 to 1" in str(bad.value.code)
