@@ -34,6 +34,7 @@ from mta.decoding.routing import (
     width,
 )
 from mta.engine.engine import AdapterEngine, Row
+from mta.engine.layer import STACK_TABLES, TABLES
 
 LAYOUTS = {"dense": DENSE, "pinned": PINNED}
 
@@ -130,17 +131,18 @@ def dense_rows(engine: AdapterEngine, rows: Sequence[Row]) -> Iterator[None]:
     try:
         with torch.no_grad():
             for layer in engine.layers.values():
-                saved.append((layer, layer.dense_W))
+                bufs = layer._buffers  # set in the dict itself: Module.__setattr__ costs ~10 us a call
+                saved.append((bufs, bufs["dense_W"]))
                 key = dense_layout(layer, n)
                 if key not in shared:
                     shared[key] = dense_coefficients(layer, rt, n)
-                layer.dense_W = shared[key]
+                bufs["dense_W"] = shared[key]
         engine.set_backend(DENSE)
         yield
     finally:
         engine.set_backend(GATHERED)
-        for layer, w in saved:
-            layer.dense_W = w
+        for bufs, w in saved:
+            bufs["dense_W"] = w
 
 
 @dataclass
@@ -158,12 +160,11 @@ class TablesState:
 def tables_state(engine: AdapterEngine) -> TablesState:
     held: list = []
     stacks: list = []
+    own = len(TABLES) - len(STACK_TABLES)
     for layer in engine.layers.values():
-        for t in layer.tables():
-            if t is layer.stack_A or t is layer.stack_B or t is layer.stack_scale:
-                stacks.append(weakref.ref(t))
-            else:
-                held.append((weakref.ref(t), t._version))
+        tables = layer.tables()  # the stack tables last
+        held.extend((weakref.ref(t), t._version) for t in tables[:own])
+        stacks.extend(weakref.ref(t) for t in tables[own:])
         held.append((layer.rank, layer.alpha))
     return TablesState(held, stacks, engine.stack_versions())
 

@@ -150,8 +150,9 @@ def dense_layout(layer, rows: int) -> tuple:
     """What a layer's dense coefficients depend on besides the routing: its column layout
     (the tables' slots and ranks, in order), the rows and the dtypes. Layers with the same
     layout share one coefficient buffer (``dense_W``): the scales live in ``dense_B``."""
-    return (rows, layer.rank, layer.bank_A.shape[0], tuple(layer.fused_A.shape[:2]), tuple(layer.stack_A.shape[:2]),
-            layer.bank_A.dtype, layer.compute_dtype, layer.bank_A.device)
+    bank_a, _, fused_a, _, _, stack_a, _, _ = layer.tables()
+    return (rows, layer.rank, bank_a.shape[0], tuple(fused_a.shape[:2]), tuple(stack_a.shape[:2]), bank_a.dtype,
+            layer.compute_dtype, bank_a.device)
 
 
 def dense_coefficients(layer, rt: Routing, rows: int) -> torch.Tensor:
@@ -229,15 +230,17 @@ def densify_stack_slots(layer, slots: list[int]) -> None:
     anchors' and the fused slots' columns, slot after slot), in place (a captured step reads
     the same tensors). For tables that changed in those slots alone (users' stacks loaded,
     usually one or a few: a slice each, a few operations a layer)."""
-    r = layer.stack_A.shape[1]
-    if not r or not layer.dense_A.shape[0]:
+    bank_a, _, fused_a, _, _, stack_a, stack_b, stack_scale = layer.tables()  # (no Module.__getattr__ a table)
+    dense_a, dense_b = layer._buffers["dense_A"], layer._buffers["dense_B"]
+    r = stack_a.shape[1]
+    if not r or not dense_a.shape[0]:
         return
-    off = layer.bank_A.shape[0] * layer.rank + layer.fused_A.shape[0] * layer.fused_A.shape[1]
+    off = bank_a.shape[0] * layer.rank + fused_a.shape[0] * fused_a.shape[1]
     for slot in slots:
         c = off + slot * r
-        layer.dense_A[c:c + r].copy_(layer.stack_A[slot])
+        dense_a[c:c + r].copy_(stack_a[slot])
         # (computed in the tables' dtype and rounded once to the compute dtype, as densify does)
-        torch.mul(layer.stack_B[slot], layer.stack_scale[slot].to(layer.stack_B.dtype), out=layer.dense_B[:, c:c + r])
+        torch.mul(stack_b[slot], stack_scale[slot].to(stack_b.dtype), out=dense_b[:, c:c + r])
 
 
 def _foldable(layer, cd: torch.dtype) -> bool:
@@ -276,31 +279,33 @@ def unfold(layer) -> None:
 
 
 def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    w = layer.dense_W
+    # the buffers from the module's dict: each ``layer.dense_*`` is a Module.__getattr__ call,
+    # a host cost of every eager forward (a joining group's prefill) at every layer
+    bufs = layer._buffers
+    w, dense_a, dense_b = bufs["dense_W"], bufs["dense_A"], bufs["dense_B"]
     if w.shape[0] != x.shape[0]:
         raise RuntimeError(f"routing is set for {w.shape[0]} rows but the batch has {x.shape[0]}")
-    if not layer.dense_A.shape[0]:  # no table at all: the base layer alone
+    if not dense_a.shape[0]:  # no table at all: the base layer alone
         return layer.base(x)
     if layer._ext is not None:  # one GEMM: the base output, then every column's projection
         full = F.linear(x, layer._ext)
         flat = full.reshape(-1, full.shape[-1])
-        if kernels.usable(flat, w, layer.dense_B):  # the mixing, the B side and the add: one kernel
+        if kernels.usable(flat, w, dense_b):  # the mixing, the B side and the add: one kernel
             tokens = x.shape[1] if x.dim() == 3 else 1
-            return kernels.dense_mix(flat, w, layer.dense_B, tokens).reshape(*x.shape[:-1], layer.out_features)
+            return kernels.dense_mix(flat, w, dense_b, tokens).reshape(*x.shape[:-1], layer.out_features)
         y, z = full[..., :layer.out_features], full[..., layer.out_features:]
     else:
         y = layer.base(x)
-        z = x.to(layer.dense_A.dtype) @ layer.dense_A.t()        # (..., N): every column's projection
+        z = x.to(dense_a.dtype) @ dense_a.t()        # (..., N): every column's projection
     z = z * (w if x.dim() == 2 else w[:, None, :])             # each row's own mixture
     if torch.compiler.is_compiling():
         # inductor fuses a plain add into the next elementwise kernel (the rotary
         # embedding, the activation, the residual add); an addmm on the strided slice y
         # would copy y into its output first, a kernel more per layer
-        return y + (z @ layer.dense_B.t()).to(y.dtype)
-    if y.dtype == layer.dense_B.dtype:  # the add inside the matmul
-        return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]),
-                           layer.dense_B.t()).reshape(y.shape)
-    return y + (z @ layer.dense_B.t()).to(y.dtype)
+        return y + (z @ dense_b.t()).to(y.dtype)
+    if y.dtype == dense_b.dtype:  # the add inside the matmul
+        return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), dense_b.t()).reshape(y.shape)
+    return y + (z @ dense_b.t()).to(y.dtype)
 
 
 def _add_rows(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

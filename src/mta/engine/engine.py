@@ -395,7 +395,7 @@ class AdapterEngine:
     # -- which stack slots changed (a fixed layout's dense tables catch up on those alone) ----------
     def stack_versions(self) -> tuple[int, ...]:
         """The version counters of every layer's stack tables (an in-place write moves them)."""
-        return tuple(t._version for ly in self.layers.values() for t in (ly.stack_A, ly.stack_B, ly.stack_scale))
+        return tuple(t._version for ly in self.layers.values() for t in ly.stack_tables())
 
     def _log_load(self, slot: int, before: tuple[int, ...]) -> None:
         if not self._stack_log or self._stack_log[-1][1] != before:  # something else wrote them: a new chain

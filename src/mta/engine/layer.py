@@ -35,6 +35,11 @@ def _empty(n: int, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n, a, b, device=like.device, dtype=like.dtype)
 
 
+# the tables a layer's adapters are read from (``tables``), the stack tables last
+STACK_TABLES = ("stack_A", "stack_B", "stack_scale")
+TABLES = ("bank_A", "bank_B", "fused_A", "fused_B", "fused_scale", *STACK_TABLES)
+
+
 class BankLoRALinear(nn.Module):
     """Wraps an ``nn.Linear``; the wrapped module is kept untouched for removal."""
 
@@ -111,9 +116,16 @@ class BankLoRALinear(nn.Module):
         self._cache = None
 
     def tables(self) -> tuple[torch.Tensor, ...]:
-        """Every table the layer's adapters are read from."""
-        return (self.bank_A, self.bank_B, self.fused_A, self.fused_B, self.fused_scale, self.stack_A, self.stack_B,
-                self.stack_scale)
+        """Every table the layer's adapters are read from, in ``TABLES``' order (the stack
+        tables last), read from the module's own dicts: ``Module.__getattr__`` per table made
+        this a host cost at every join (``mta.decoding.fixed.tables_state``)."""
+        own = {**self._parameters, **self._buffers}
+        return tuple(own[n] for n in TABLES)
+
+    def stack_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``stack_A``, ``stack_B`` and ``stack_scale``, read as ``tables`` reads them."""
+        own = {**self._parameters, **self._buffers}
+        return own["stack_A"], own["stack_B"], own["stack_scale"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._backend_ref[0].forward(self, x)
