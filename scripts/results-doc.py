@@ -19,7 +19,7 @@ gpu.py record as its decode configurations (tokens/s, ratios, step times) and, w
 record has them, its bank-building, adaptation and memory sections; a serve_load.py record
 (open loop) as a row per decoder and model with the scheduler's seconds by phase; a tune's trial
 log (`trial-values.json`, the trials it describes) as one part's learning rates by step counts,
-each cell the value its trial logged. Only the tables are
+each cell the value its trial logged (and its interval, where the log kept one). Only the tables are
 generated: the prose around them is written by hand and cites the same records.
 `--check` runs in the test suite, so a table cannot drift from its record.
 """
@@ -154,7 +154,7 @@ def tune_grid(record: str) -> str:
         values, about = log["values"], log.get("trials", {})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {path}: no readable trial log ({e})") from None
-    cells = {(d["budget"]["lr"], d["budget"]["steps"]): values.get(k) for k, d in about.items()
+    cells = {(d["budget"]["lr"], d["budget"]["steps"]): (values.get(k), d.get("ci")) for k, d in about.items()
              if d.get("budget", {}).get("part") == budget}
     if not cells:
         raise SystemExit(f"error: {path}: no described trial of {budget!r} (a log written before trials were "
@@ -162,13 +162,17 @@ def tune_grid(record: str) -> str:
     counts = BUDGETS[budget][4]
     method = BUDGETS[budget][3]
 
-    def cell(v) -> str:
+    def cell(found) -> str:
+        v, ci = found or (None, None)
         if v is None:
             return "(not run)"
-        return f"{v:.3f}" if isinstance(v, (int, float)) else next(iter(v))  # "failed" or "skipped"
+        if not isinstance(v, (int, float)):
+            return next(iter(v))  # "failed" or "skipped"
+        return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")  # (a log before intervals: none)
 
     lines = [f"Record `{path}`: `{method}`'s {log.get('metric', 'metric')} on the tune's dev persons, one "
-             "trial a cell.", "", f"| {budget} lr | " + " | ".join(f"{n} steps" for n in counts) + " |",
+             "trial a cell" + (" [95% person-bootstrap interval]" if any(c[1] for c in cells.values()) else "")
+             + ".", "", f"| {budget} lr | " + " | ".join(f"{n} steps" for n in counts) + " |",
              "|---|" + "---|" * len(counts)]
     for lr in BUDGET_LRS:
         lines.append(f"| {_rate(lr)} | " + " | ".join(cell(cells.get((lr, n))) for n in counts) + " |")

@@ -335,7 +335,10 @@ def test_a_stopped_tune_goes_on_where_it_was(tmp_path, monkeypatch, capsys):
     calls.clear()
     assert main([str(moved) if a == str(out) else a for a in args]) == 0
     assert not [c for c in calls if len(c) == 1] and read_recipe(moved / "recipe.json").bank["lr"] == 3e-4
-    assert json.loads((moved / tune_mod.VALUES).read_text())["trials"] == full["trials"]  # described as it went
+    # described as it went; the intervals the older log did not keep stay unknown
+    assert all(d["ci"] == [0, 1] for d in full["trials"].values())
+    assert json.loads((moved / tune_mod.VALUES).read_text())["trials"] == {
+        k: {f: v for f, v in d.items() if f != "ci"} for k, d in full["trials"].items()}
     other = tmp_path / "other"  # the log beside anything else: not a tune's directory
     other.mkdir()
     (other / tune_mod.VALUES).write_bytes((out / tune_mod.VALUES).read_bytes())
@@ -473,17 +476,25 @@ def test_a_budget_grid_renders_from_the_trial_log_alone(tmp_path, monkeypatch):
     def fake(ds, methods, setup, out, folds, *a, place=None, **kw):  # OPPU best at 3e-4 x 8
         b = setup.baselines
         value = 1.0 - abs(b.oppu_lr - 3e-4) * 100 - (b.oppu_steps or 0) / 1000
-        return {"rows": [{"method": m, "metrics": {"accuracy": {"value": value, "ci": [0, 1]}}} for m in methods],
+        ci = [value - 0.125, value + 0.125]
+        return {"rows": [{"method": m, "metrics": {"accuracy": {"value": value, "ci": ci}}} for m in methods],
                 "failed": {}}
 
     _, out = _tune_faked(tmp_path, monkeypatch, fake, "oppu-budget-rate,oppu-budget-steps", "--bank-base", "task",
                          "--no-ablation")
+    # each trial's dev interval is kept with it: in the log's descriptions and the recipe's trials
+    log = json.loads((out / tune_mod.VALUES).read_text())
+    assert all(d["ci"] == [log["values"][k] - 0.125, log["values"][k] + 0.125] for k, d in log["trials"].items())
+    assert all(t["ci"][1] - t["ci"][0] == 0.25 for t in read_recipe(out / "recipe.json").trials)
     grid = results_doc.tune_grid(f"{out / tune_mod.VALUES}#oppu-budget")
     rows = {line.split(" | ")[0].strip("| "): line.strip("| \n").split(" | ")[1:] for line in grid.splitlines()
             if line.startswith("| ") and "e-" in line.split(" | ")[0]}
     assert list(rows) == ["3e-3", "1e-3", "3e-4", "1e-4"] and "`oppu`'s accuracy" in grid
     assert all(r[1] != "(not run)" for r in rows.values())  # every rate at the middle step count
     assert "(not run)" not in rows["3e-4"] and rows["1e-3"][0] == rows["1e-3"][2] == "(not run)"
-    assert float(rows["3e-4"][0]) > float(rows["3e-4"][1]) > float(rows["3e-4"][2])  # fewer steps scored higher
+    value = {k: [float(c.split()[0]) if c != "(not run)" else None for c in r] for k, r in rows.items()}
+    assert value["3e-4"][0] > value["3e-4"][1] > value["3e-4"][2]  # fewer steps scored higher
+    assert rows["3e-4"][0] == f"{value['3e-4'][0]:.3f} [{value['3e-4'][0] - 0.125:.3f}, {value['3e-4'][0] + 0.125:.3f}]"
+    assert "[95% person-bootstrap interval]" in grid
     with pytest.raises(SystemExit, match="name a budget after '#'"):
         results_doc.tune_grid(f"{out / tune_mod.VALUES}#stack")

@@ -228,9 +228,12 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
                         place=place, history_queries=history_queries, leak_check=False)
 
-    def trial_value(method: str, bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str) -> float:
+    def trial_value(method: str, bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig,
+                    name: str) -> tuple[float, list[float]]:
+        """The trial's metric on the dev persons and its 95% person-bootstrap interval."""
         res = evaluate([method], bc, ac, bl, name)  # raises when the method, the only one, diverged
-        return res["rows"][0]["metrics"][metric]["value"]
+        m = res["rows"][0]["metrics"][metric]
+        return m["value"], m["ci"]
 
     order = space_groups(space)
     start_share = stack_share(setup.backbone.engine, setup.bank_cfg, setup.adapt_cfg)
@@ -256,10 +259,13 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 if progress:
                     progress("tune trials", done, total)
                 continue
-            keys[key] = desc = _describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl})
+            keys[key] = desc = {**_describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl}),
+                                **{k: v for k, v in about.get(key, {}).items() if k == "ci"}}
             if key not in cache:
                 try:
-                    cache[key] = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
+                    # the interval goes with the trial's description (a log written before
+                    # intervals were kept has none: its values stay as they were)
+                    cache[key], desc["ci"] = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
                 except MtaError as e:
                     # more anchors than exist, or a recipe that diverges on this model: the
                     # trial is recorded as failed and the search goes on without it
@@ -281,7 +287,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 if progress:
                     progress("tune trials", done, total)
                 continue
-            trials.append({"group": group, "method": method, "override": over, metric: cache[key]})
+            trials.append({"group": group, "method": method, "override": over, metric: cache[key],
+                           **({"ci": about[key]["ci"]} if "ci" in about.get(key, {}) else {})})
             value = cache[key]
             if best_value is None or (value < best_value if lower_better else value > best_value):
                 best_value, best_over = value, over
