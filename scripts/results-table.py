@@ -27,7 +27,8 @@ def table(run: Path) -> str:
     if "protocol" not in m:
         raise SystemExit(f"error: {run}/metrics.json predates the recorded protocol; run it again")
     task = get_task(m["config"]["task"])
-    return markdown(m["title"], m["protocol"], task, m["results"], m["references"], m.get("failed"), level=3)
+    return markdown(m["title"], m["protocol"], task, m["results"], m["references"], m.get("failed"), level=3,
+                    variants=m.get("variants"))
 
 
 def main() -> None:

@@ -246,3 +246,51 @@ def test_an_evaluation_run_again_into_its_directory_takes_the_methods_it_finishe
                "--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--anchors", "2",
                "--max-new-tokens", "3", "--n-boot", "100"])
     assert rc == 0 and sorted(calls) == sorted(["mta", "per-user-lora", "rag-1"] * 2)
+
+
+def test_variants_are_mta_again_with_one_setting_changed_against_mta(tmp_path, capsys):
+    """`mta eval --variants`: the ablation rows, each `mta` on the same folds with one
+    setting changed and its paired interval against `mta`; a variant that changes nothing
+    pairs to exactly 0; one that changes only adaptation reuses the main run's bank; one
+    that changes the bank trains its own; bad variants are refused before anything trains."""
+    import json
+
+    from mta.cli.main import main
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "eval"
+    common = ["eval", "--data", str(data), "--model", "tiny-random-llama", "--embedder", "hashing-embedder",
+              "--anchors", "2", "--max-new-tokens", "2", "--n-boot", "100"]
+    rc = main([*common, "--out", str(out), "--methods", "rag-1,mta",
+               "--variants", "merge=delta,stack-steps=2,bank-base=task"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    rows = {r["variant"]: r for r in m["variants"]}
+    assert list(rows) == ["merge=delta", "stack_steps=2", "bank_base=task"]
+    same = rows["merge=delta"]["metrics"]["accuracy"]["diff_vs_mta"]  # mta itself, run again: no difference
+    assert same["value"] == 0.0 and same["ci"] == [0.0, 0.0] and not same["significant"]
+    for r in rows.values():
+        d = r["metrics"]["accuracy"]["diff_vs_mta"]
+        assert d["ci"][0] <= d["value"] <= d["ci"][1] and r["persons"] == m["results"][0]["persons"]
+    assert rows["stack_steps=2"]["optimizer_steps"]["stack"]["max"] == 2
+    variants = out / "variants"
+    assert not (variants / "stack_steps=2" / "fold0" / "bank").exists()  # the main run's bank, reused
+    assert (variants / "bank_base=task" / "fold0" / "bank" / "index.json").is_file()  # its own (residual) bank
+    md = (out / "results.md").read_text()
+    assert "Ablation: `mta` with one setting changed" in md and "| stack_steps=2 |" in md
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "results_table", Path(__file__).resolve().parents[1] / "scripts" / "results-table.py")
+    results_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_table)
+    assert "| bank_base=task |" in results_table.table(out)  # docs/results.md's tables carry it too
+    for bad, why in ((["--methods", "rag-1", "--variants", "merge=delta"], "add mta to --methods"),
+                     (["--methods", "mta", "--variants", "nothing=1"], "is not a bank or adaptation setting"),
+                     (["--methods", "mta", "--variants", "bank-base=bogus"], "bank_base")):
+        capsys.readouterr()
+        assert main([*common, "--out", str(tmp_path / "bad"), *bad]) == 2
+        assert why in " ".join(capsys.readouterr().err.split())
+        assert not (tmp_path / "bad").exists()  # refused before anything was written

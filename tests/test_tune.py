@@ -168,7 +168,7 @@ def test_tune_takes_the_eval_protocol_it_can_and_refuses_what_it_cannot(tmp_path
             "--space", "anchor-training", "--max-user-share", "0.3", *TINY]
     assert main([*args, "--out", str(tmp_path / "t1"), "--target-history", "3", "--users", "8"]) == 0
     assert seen and all(s == (4, 3) for s in seen)  # half of the first 8 users are dev users
-    for extra in (["--methods", "mta"], ["--anchor-data", str(data)]):
+    for extra in (["--methods", "mta"], ["--anchor-data", str(data)], ["--variants", "top-k=1"]):
         assert main([*args, "--out", str(tmp_path / "t2"), *extra]) == 2
         assert f"{extra[0]} is an `mta eval` option" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "t2").exists()

@@ -383,6 +383,36 @@ class EvalConfig(_Config):
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of k-means, initialisation, shuffling, folds and "
                       "bootstrap")
+    variants: Names = Field((), description="comma-separated FIELD=VALUE: `mta` again with one bank or "
+                            "adaptation setting changed (e.g. bank-base=none,fusion-weights=similarity,"
+                            "anchor-training=cluster), on the same folds, each reported against `mta` with a "
+                            "paired interval (the ablation table)")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for item in v:
+            name, eq, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not eq or not value.strip():
+                raise ValueError(f"variant {item!r} is not FIELD=VALUE")
+            if name not in BankConfig.model_fields and name not in AdaptConfig.model_fields:
+                raise ValueError(f"variant {item!r}: {name!r} is not a bank or adaptation setting")
+            out.append(f"{name}={value.strip()}")
+        if len(set(out)) != len(out):
+            raise ValueError("a variant is named twice")
+        return tuple(out)
+
+
+def apply_variant(variant: str, bank: BankConfig, adapt: AdaptConfig) -> tuple[BankConfig, AdaptConfig]:
+    """The bank and adaptation configs with ``variant`` (``FIELD=VALUE``, checked by
+    ``EvalConfig``) applied, validated as the option itself would be (a bad value is a
+    ConfigError naming the field)."""
+    name, _, value = variant.partition("=")
+    if name in BankConfig.model_fields:
+        return BankConfig.build({**bank.model_dump(), name: value}), adapt
+    return bank, AdaptConfig.build({**adapt.model_dump(), name: value})
 
 
 class RunConfig(_Config):

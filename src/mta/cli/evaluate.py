@@ -16,7 +16,16 @@ from mta.backbone import DEFAULT_MODEL
 from mta.cli.common import Bars, console, err_console, progress, run_log, with_recipes
 from mta.cli.loading import load_backbone, write_config
 from mta.cli.options import Configs, DataPath, OutDir, RecipeFile, TaskName, configured
-from mta.config import AdaptConfig, BackboneConfig, BankConfig, BaselineConfig, EvalConfig, GenerateConfig, RunConfig
+from mta.config import (
+    AdaptConfig,
+    BackboneConfig,
+    BankConfig,
+    BaselineConfig,
+    EvalConfig,
+    GenerateConfig,
+    RunConfig,
+    apply_variant,
+)
 from mta.data.readers import load_dataset, write_jsonl
 from mta.data.schema import Dataset
 from mta.data.synth import synth_users
@@ -25,7 +34,7 @@ from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
 from mta.evaluation.report import UNPARSED_NOTE, write_report
-from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout
+from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout, run_variants
 from mta.evaluation.tune import MAX_USER_SHARE, SPACES, VALUES, dev_split, space_groups, tune
 from mta.paths import check_output_dir, foreign_entries, write_text_atomic
 from mta.recipes import read_recipe
@@ -70,6 +79,10 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
                           baselines=getattr(cfg, "baselines", BaselineConfig())).resolve(ds.users)
         res = run_eval(ds, methods, setup, out, folds, n_boot, seed, target_history, place, history_queries,
                        required, leak_check=False)
+        variants = list(getattr(cfg, "eval", EvalConfig()).variants)
+        if variants:
+            res["variants"] = run_variants(ds, setup, out, folds, n_boot, seed, res, variants, place,
+                                           target_history, history_queries)
     tag = "synthetic " if ds.synthetic else ""
     title = f"mta {command}: {t.title}, {len(ds.users)} {tag}users, model {backbone.model_id}"
     peak, held, cap = (res.get(k) for k in ("peak_gpu_memory_bytes", "peak_gpu_reserved_bytes",
@@ -98,6 +111,18 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
         table.add_row(r["method"], *[f"{r['metrics'][m]['value']:.3f}" for m in t.metric_names], *diffs,
                       f"{r['bytes_per_user']:,.0f}")
     console.print(table)
+    if res.get("variants"):
+        vt = Table(title=escape(f"ablation: mta with one setting changed, against mta ({m1})"))
+        for col in ("variant", m1, "Δ vs mta", "bytes/user"):
+            vt.add_column(col)
+        for r in res["variants"]:
+            if "error" in r:
+                vt.add_row(escape(r["variant"]), "diverged", "-", "-")
+                continue
+            d = r["metrics"][m1]["diff_vs_mta"]
+            vt.add_row(escape(r["variant"]), f"{r['metrics'][m1]['value']:.3f}",
+                       f"{d['value']:+.3f}" + (" *" if d["significant"] else ""), f"{r['bytes_per_user']:,.0f}")
+        console.print(vt)
     for m, e in failed.items():
         err_console.print(f"[yellow]not reported: {escape(m)} diverged ({escape(e)})[/yellow]")
     for r in res["rows"]:
@@ -113,8 +138,12 @@ def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeF
     """Compare methods under one protocol; write metrics.json, results.md and PNG plots."""
     e = cfg.eval
     methods = expand_methods(e.methods)
+    if e.variants and "mta" not in methods:
+        raise MtaError("--variants compares variants of mta with mta itself: add mta to --methods")
     ds = load_dataset(data, task, e.persons)
     cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL, task=ds.task)
+    for v in e.variants:  # a bad value is said now, not after the main run has trained
+        apply_variant(v, cfg.bank, cfg.adapt)
     dev_note = ""
     if recipe is not None:  # the persons a recipe was tuned on are never reported (dev_users: all their users)
         dev = set(read_recipe(recipe).dev_users)
@@ -192,7 +221,8 @@ def tune_cmd(
     space_groups(space)  # an unknown space fails before anything loads
     e = cfg.eval
     unused = [flag for flag, given in (("--methods", e.methods != EvalConfig.model_fields["methods"].default),
-                                       ("--anchor-data", e.anchor_data is not None)) if given]
+                                       ("--anchor-data", e.anchor_data is not None),
+                                       ("--variants", bool(e.variants))) if given]
     if unused:
         raise MtaError(f"mta tune chooses its own methods and anchors among the dev users: {', '.join(unused)} "
                        "is an `mta eval` option")

@@ -30,8 +30,27 @@ def steps_cell(row: dict) -> str:
     return "; ".join(parts) or "-"
 
 
+def variants_markdown(task, variants: list[dict]) -> list[str]:
+    """The ablation table (`mta eval --variants`): `mta` with one setting changed per row,
+    against `mta` itself (paired intervals over the same persons)."""
+    m1, m2 = task.metric_names
+    lines = ["", "Ablation: `mta` with one setting changed (`--variants`), each against `mta` above on the same "
+             "folds and persons.", "",
+             f"| variant | {m1} [95% CI] | {m2} [95% CI] | Δ{m1} vs mta [95% CI] | s/user adapt | bytes/user | "
+             "optimiser steps per adapter |", "|---|---|---|---|---|---|---|"]
+    for r in variants:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | diverged: {r['error']} | - | - | - | - | - |")
+            continue
+        a, b = r["metrics"][m1], r["metrics"][m2]
+        lines.append(f"| {r['variant']} | {_fmt(a['value'])} [{_fmt(a['ci'][0])}, {_fmt(a['ci'][1])}] | "
+                     f"{_fmt(b['value'])} [{_fmt(b['ci'][0])}, {_fmt(b['ci'][1])}] | {_diff(a.get('diff_vs_mta'))} | "
+                     f"{r['seconds_per_user_adapt']:.2f} | {r['bytes_per_user']:,.0f} | {steps_cell(r)} |")
+    return lines
+
+
 def markdown(title: str, meta: str, task, rows: list[dict], references: list[str],
-             failed: dict[str, str] | None = None, level: int = 1) -> str:
+             failed: dict[str, str] | None = None, level: int = 1, variants: list[dict] | None = None) -> str:
     """The run's table in Markdown under a heading of ``level``; ``scripts/results-table.py``
     renders docs/results.md's tables with it from each run's metrics.json."""
     m1, m2 = task.metric_names
@@ -53,6 +72,8 @@ def markdown(title: str, meta: str, task, rows: list[dict], references: list[str
                           f"were empty ({r['unparsed'] / r['queries']:.0%}; {task.unparsed_scoring})."]
     for m, e in (failed or {}).items():
         lines += ["", f"Not reported: `{m}` diverged ({e})."]
+    if variants:
+        lines += variants_markdown(task, variants)
     return "\n".join(lines) + "\n"
 
 
@@ -66,8 +87,10 @@ def write_report(out: Path, title: str, meta: str, task, res: dict, config: dict
         "bank_seconds": res["bank_seconds"], "wall_seconds": res["wall_seconds"],
         "peak_gpu_memory_bytes": res.get("peak_gpu_memory_bytes"),
         "peak_gpu_reserved_bytes": res.get("peak_gpu_reserved_bytes"),
-        "gpu_memory_cap_bytes": res.get("gpu_memory_cap_bytes"), "failed": res.get("failed", {})})
-    write_text_atomic(out / "results.md", markdown(title, meta, task, res["rows"], references, res.get("failed")))
+        "gpu_memory_cap_bytes": res.get("gpu_memory_cap_bytes"), "failed": res.get("failed", {}),
+        **({"variants": res["variants"]} if res.get("variants") else {})})
+    write_text_atomic(out / "results.md", markdown(title, meta, task, res["rows"], references, res.get("failed"),
+                                                   variants=res.get("variants")))
     plots.metric_plot(res["rows"], m1, title, out / f"{m1}_by_method.png")
     plots.cost_plot(res["rows"], m1, title, out / "quality_vs_bytes.png")
     return ["metrics.json", "results.md", f"{m1}_by_method.png", "quality_vs_bytes.png", "predictions.jsonl"]

@@ -22,6 +22,7 @@ from mta.bank import (
     read_index,
     training_history,
 )
+from mta.config import apply_variant
 from mta.data.schema import Dataset, User
 from mta.errors import MtaError
 from mta.evaluation import plots
@@ -338,7 +339,59 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in preds))
     return {"rows": rows, "bank_seconds": bank_seconds, "wall_seconds": time.perf_counter() - t_start,
             "folds": split, **peak_fields(setup.backbone.peak_memory()),
-            "failed": {m: str(e) for m, e in failed.items()}}
+            "failed": {m: str(e) for m, e in failed.items()},
+            # (not written: for run_variants' paired intervals)
+            "preds": {m: r.preds for m, r in results.items()}, "evaluated": evaluated}
+
+
+VARIANTS = "variants"  # RUN/variants/<variant>: each variant's own run of mta (run_variants)
+
+
+def run_variants(ds: Dataset, setup: EvalSetup, out: Path, folds: list[Fold], n_boot: int, seed: int,
+                 main: dict, variants: list[str], place: Callable[[int, str], Path],
+                 target_history: int | None = None, history_queries: int = 0) -> list[dict]:
+    """The ablation: ``mta`` again for each variant (one bank or adaptation setting changed,
+    ``mta.config.apply_variant``) on the same folds, in RUN/variants/<variant>, each row
+    with its paired difference to ``main``'s ``mta`` (the same persons resampled). A
+    variant's bank and task LoRA are the main run's when its settings leave them as they
+    were (``place``: the main run's layout), trained in its own directory otherwise; a
+    variant that diverges is a row with its error. Resumes like the main run."""
+    task = setup.task
+    if "mta" not in main["preds"]:
+        raise MtaError("--variants compares variants of mta with mta itself: add mta to --methods")
+    users = main["evaluated"]
+    base = method_stats(task, users, main["preds"]["mta"])
+    task_cfg = setup.baselines.bank_for("task", setup.bank_cfg)
+    rows = []
+    for v in variants:
+        bank_cfg, adapt_cfg = apply_variant(v, setup.bank_cfg, setup.adapt_cfg)
+        where = out / VARIANTS / v
+        same_bank = bank_cfg == setup.bank_cfg
+        same_task = setup.baselines.bank_for("task", bank_cfg) == task_cfg
+
+        def vplace(fold: int, what: str, where=where, same_bank=same_bank, same_task=same_task) -> Path:
+            if (what == "bank" and same_bank) or (what == "task-lora" and same_task):
+                return place(fold, what)
+            return where / f"fold{fold}" / what
+
+        # its own weight search (in its directory): a changed bank or adaptation searches anew
+        vsetup = dataclasses.replace(setup, bank_cfg=bank_cfg, adapt_cfg=adapt_cfg, search_cache=None)
+        try:
+            res = run_eval(ds, ["mta"], vsetup, where, folds, n_boot, seed, target_history, vplace,
+                           history_queries, required=frozenset({"mta"}), leak_check=False)
+        except MtaError as e:
+            if not diverged(e):
+                raise
+            rows.append({"variant": v, "method": "mta", "error": str(e)})
+            continue
+        row = {"variant": v, **res["rows"][0]}
+        stats = method_stats(task, users, res["preds"]["mta"])
+        for m in task.metric_names:
+            d, lo, hi = paired_diff_ci(stats, base, lambda s, m=m: task.metrics_from_stats(s)[m], n_boot=n_boot,
+                                       seed=seed)
+            row["metrics"][m]["diff_vs_mta"] = {"value": d, "ci": [lo, hi], "significant": bool(lo > 0 or hi < 0)}
+        rows.append(row)
+    return rows
 
 
 def peak_fields(peak: dict | None) -> dict:
