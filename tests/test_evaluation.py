@@ -277,6 +277,7 @@ def test_variants_are_mta_again_with_one_setting_changed_against_mta(tmp_path, c
     variants = out / "variants"
     assert not (variants / "stack_steps=2" / "fold0" / "bank").exists()  # the main run's bank, reused
     assert (variants / "bank_base=task" / "fold0" / "bank" / "index.json").is_file()  # its own (residual) bank
+    assert "variant stack_steps=2: fold 0" in " ".join(capsys.readouterr().err.split())  # its own progress lines
     md = (out / "results.md").read_text()
     assert "Ablation: `mta` with one setting changed" in md and "| stack_steps=2 |" in md
     import importlib.util

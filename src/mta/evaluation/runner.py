@@ -374,8 +374,14 @@ def run_variants(ds: Dataset, setup: EvalSetup, out: Path, folds: list[Fold], n_
                 return place(fold, what)
             return where / f"fold{fold}" / what
 
+        # its stages named after it on the console (the CLI's bars drop the one before's)
+        part = getattr(setup.progress, "part", None)
+        shown = part(f"variant {v}") if part else (
+            (lambda stage, done, total, v=v: setup.progress(f"variant {v}: {stage}", done, total))
+            if setup.progress else None)
         # its own weight search (in its directory): a changed bank or adaptation searches anew
-        vsetup = dataclasses.replace(setup, bank_cfg=bank_cfg, adapt_cfg=adapt_cfg, search_cache=None)
+        vsetup = dataclasses.replace(setup, bank_cfg=bank_cfg, adapt_cfg=adapt_cfg, search_cache=None,
+                                     progress=shown)
         try:
             res = run_eval(ds, ["mta"], vsetup, where, folds, n_boot, seed, target_history, vplace,
                            history_queries, required=frozenset({"mta"}), leak_check=False)
