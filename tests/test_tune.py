@@ -498,3 +498,38 @@ def test_a_budget_grid_renders_from_the_trial_log_alone(tmp_path, monkeypatch):
     assert "[95% person-bootstrap interval]" in grid
     with pytest.raises(SystemExit, match="name a budget after '#'"):
         results_doc.tune_grid(f"{out / tune_mod.VALUES}#stack")
+
+
+def test_select_least_trains_least_among_the_trials_within_noise_of_the_best(tmp_path, monkeypatch):
+    """--select least: in a budget's groups, the trial with the fewest steps (then the
+    lowest rate) whose dev score is not significantly worse than the best's (paired person
+    bootstrap over the per-person statistics each trial keeps in the log); a significantly
+    worse one is never taken; --select best (the default) keeps the best."""
+    def fake(ds, methods, setup, out, folds, *a, place=None, **kw):
+        ac = setup.adapt_cfg
+        users = [u for u in ds.users if any(u in f.targets for f in folds)]
+        if ac.stack_lr == 3e-3:
+            wrong = len(users)            # every answer wrong: significantly worse
+        elif ac.stack_steps == 128:
+            wrong = 0                     # the best
+        else:
+            wrong = 1                     # one person's answer wrong: within noise of the best
+        preds = {u.user_id: [("zzz" if i < wrong else q.gold) for q in u.queries] for i, u in enumerate(users)}
+        from mta.evaluation.runner import method_stats
+
+        acc = float(method_stats(setup.task, users, preds).sum(0)[0] / sum(len(u.queries) for u in users))
+        return {"rows": [{"method": m, "metrics": {"accuracy": {"value": acc, "ci": [0, 1]}}} for m in methods],
+                "failed": {}, "preds": {m: preds for m in methods}, "evaluated": users}
+
+    space = "stack-budget-rate,stack-budget-steps"
+    _, out = _tune_faked(tmp_path / "best", monkeypatch, fake, space, "--no-ablation")
+    best = read_recipe(out / "recipe.json")
+    assert (best.adapt["stack_lr"], best.adapt["stack_steps"], best.select) == (1e-3, 128, "best")
+    log = json.loads((out / tune_mod.VALUES).read_text())
+    assert all(len(d["person_stats"]) == 4 for d in log["trials"].values())  # the 4 dev persons, per trial
+    _, out = _tune_faked(tmp_path / "least", monkeypatch, fake, space, "--no-ablation", "--select", "least")
+    least = read_recipe(out / "recipe.json")
+    # the rates at 32 steps tie but for 3e-3 (all wrong): the lowest; then 8 steps, one answer short of 128's
+    assert (least.adapt["stack_lr"], least.adapt["stack_steps"], least.select) == (1e-4, 8, "least")
+    assert main(["tune", "--data", str(tmp_path / "least" / "data"), "--out", str(tmp_path / "bad"),
+                 "--select", "fewest", *TINY]) == 2

@@ -35,7 +35,7 @@ from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
 from mta.evaluation.report import UNPARSED_NOTE, write_report
 from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout, run_variants
-from mta.evaluation.tune import MAX_USER_SHARE, SPACES, VALUES, dev_split, space_groups, tune
+from mta.evaluation.tune import MAX_USER_SHARE, SELECT, SPACES, VALUES, dev_split, space_groups, tune
 from mta.paths import check_output_dir, foreign_entries, write_text_atomic
 from mta.recipes import read_recipe
 from mta.tasks import get_task
@@ -215,9 +215,14 @@ def tune_cmd(
     ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="After the search, the dev table of every "
                                   "method on the chosen recipe (recipe.json's ablation); --no-ablation writes the "
                                   "recipe as soon as the search ends."),
+    select: str = typer.Option("best", help="In each group the best trial (best), or in a budget's groups the "
+                               "one training least (fewest steps, then the lowest rate) among those not "
+                               "significantly worse than the best on the dev persons (least)."),
     *, cfg: Configs,
 ) -> None:
     """Choose a recipe for this model and task on dev users; write OUT/recipe.json."""
+    if select not in SELECT:
+        raise MtaError(f"--select must be one of {', '.join(SELECT)}, not {select!r}")
     space_groups(space)  # an unknown space fails before anything loads
     e = cfg.eval
     unused = [flag for flag, given in (("--methods", e.methods != EvalConfig.model_fields["methods"].default),
@@ -242,7 +247,7 @@ def tune_cmd(
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
                           baselines=cfg.baselines).resolve(ds.users)
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),
-                      max_user_share, cfg.eval.target_history, leak_check=False, ablation=ablation)
+                      max_user_share, cfg.eval.target_history, leak_check=False, ablation=ablation, select=select)
     write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
     m = recipe.metric
     table = Table(title=escape(f"mta tune: {t.title}, {len(dev)} dev users, model {backbone.model_id}"))

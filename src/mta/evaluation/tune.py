@@ -32,19 +32,24 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from mta.config import AdaptConfig, BankConfig, BaselineConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
 from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup, private_config
 from mta.evaluation.protocol import make_folds, persons_of
-from mta.evaluation.runner import diverged, run_eval, users_digest
+from mta.evaluation.runner import diverged, method_stats, run_eval, users_digest
+from mta.evaluation.stats import paired_diff_ci
 from mta.paths import write_json_atomic
 from mta.recipes import Recipe
 from mta.weight_search import SEARCHED, SearchCache
 
 log = logging.getLogger(__name__)
 VALUES = "trial-values.json"  # OUT's log of finished trials (``tune`` resumes from it)
+MEASURED = ("ci", "person_stats")  # what a trial's description keeps of its scores (``trial_value``)
+SELECT = ("best", "least")  # how a group's option is chosen (``tune``'s ``select``)
 Override = dict[str, dict]  # {"bank": {...}, "adapt": {...}, "baselines": {...}}
 
 GROUPS: dict[str, list[Override]] = {
@@ -162,10 +167,15 @@ def _key(*cfgs) -> str:
 def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
          history_queries: int = 0, n_boot: int = 200, progress: Callable[[str, int, int], None] | None = None,
          max_user_share: float = MAX_USER_SHARE, target_history: int | None = None, leak_check: bool = True,
-         ablation: bool = True) -> Recipe:
+         ablation: bool = True, select: str = "best") -> Recipe:
     """The search over ``space`` on the dev users, then (``ablation``) the dev table of every
     method on the recipe chosen; without it the recipe is returned as soon as the search ends
-    (the table costs as much as an evaluation of every method on the dev persons)."""
+    (the table costs as much as an evaluation of every method on the dev persons).
+    ``select``: in each group the best trial (``best``), or, in a budget's groups, the one
+    that trains least among those not significantly worse than the best (``least``: fewest
+    steps, then the lowest rate; ``_least``)."""
+    if select not in SELECT:
+        raise MtaError(f"--select must be one of {', '.join(SELECT)}, not {select!r}")
     task = setup.task
     metric = task.metric_names[0]
     lower_better = task.kind == "rating"
@@ -229,11 +239,16 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                         place=place, history_queries=history_queries, leak_check=False)
 
     def trial_value(method: str, bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig,
-                    name: str) -> tuple[float, list[float]]:
-        """The trial's metric on the dev persons and its 95% person-bootstrap interval."""
+                    name: str) -> tuple[float, dict]:
+        """The trial's metric on the dev persons, and what its description keeps of it: the
+        95% person-bootstrap interval and each dev person's summed statistics (the rows a
+        paired bootstrap between two trials resamples: ``_least``)."""
         res = evaluate([method], bc, ac, bl, name)  # raises when the method, the only one, diverged
         m = res["rows"][0]["metrics"][metric]
-        return m["value"], m["ci"]
+        kept = {"ci": m["ci"]}
+        if "preds" in res and "evaluated" in res:
+            kept["person_stats"] = method_stats(task, res["evaluated"], res["preds"][method]).tolist()
+        return m["value"], kept
 
     order = space_groups(space)
     start_share = stack_share(setup.backbone.engine, setup.bank_cfg, setup.adapt_cfg)
@@ -245,7 +260,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     done = 0
     for group in order:
         method = SCORED_BY.get(group, "mta")
-        best_value, best_over = None, None
+        best_value, best_over, best_key = None, None, None
         keys: dict[str, dict] = {}  # the group's logged trials: key -> what it was (_describe)
         for over in GROUPS[group]:
             bc, ac, bl = configs(over)
@@ -260,12 +275,13 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                     progress("tune trials", done, total)
                 continue
             keys[key] = desc = {**_describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl}),
-                                **{k: v for k, v in about.get(key, {}).items() if k == "ci"}}
+                                **{k: v for k, v in about.get(key, {}).items() if k in MEASURED}}
             if key not in cache:
                 try:
                     # the interval goes with the trial's description (a log written before
                     # intervals were kept has none: its values stay as they were)
-                    cache[key], desc["ci"] = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
+                    cache[key], kept = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
+                    desc.update(kept)
                 except MtaError as e:
                     # more anchors than exist, or a recipe that diverges on this model: the
                     # trial is recorded as failed and the search goes on without it
@@ -291,7 +307,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                            **({"ci": about[key]["ci"]} if "ci" in about.get(key, {}) else {})})
             value = cache[key]
             if best_value is None or (value < best_value if lower_better else value > best_value):
-                best_value, best_over = value, over
+                best_value, best_over, best_key = value, over, key
             done += 1
             if progress:
                 progress("tune trials", done, total)
@@ -304,6 +320,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             raise MtaError(f"tune: every option of {group!r} failed or was skipped"
                            + (f" (the last: {why}; see --max-user-share)" if why else f" (see {out / 'trials'})")
                            + "; nothing to choose from")
+        if select == "least" and QUICK_BUDGETS.get(group, group) in BUDGETS:
+            best_over = _least(group, best_key, keys, about, task, n_boot, setup.bank_cfg.seed) or best_over
         for section in chosen:
             chosen[section].update(best_over.get(section, {}))
     bc, ac, bl = configs({})
@@ -314,7 +332,40 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                   dev_users=dev_ids, dev_persons=persons_of(dev.users), bank=chosen["bank"], adapt=chosen["adapt"],
                   baselines=chosen["baselines"], start={k: v for k, v in start.items() if v}, trials=trials,
                   ablation=_final_ablation(evaluate, methods, bc, ac, bl) if ablation else [],
-                  max_user_share=max_user_share)
+                  max_user_share=max_user_share, select=select)
+
+
+def _least(group: str, best: str, keys: dict[str, dict], about: dict, task, n_boot: int,
+           seed: int) -> Override | None:
+    """Among ``group``'s trials (``keys``: key -> description), the one that trains least
+    (fewest steps, then the lowest learning rate) whose dev score is not significantly
+    worse than the best trial's (the paired 95% person-bootstrap interval of their
+    difference holds 0); None when the best trial's person statistics were not kept (a
+    log written before they were: the best is kept). A trial without them is not a
+    candidate."""
+    ref = about.get(best, {}).get("person_stats")
+    if ref is None:
+        return None
+    metric = task.metric_names[0]
+
+    def score(s):
+        return task.metrics_from_stats(s)[metric]
+
+    fits = []
+    for key, d in keys.items():
+        mine = about.get(key, {}).get("person_stats")
+        if mine is None or "budget" not in d or len(mine) != len(ref):
+            continue
+        if key != best:
+            _, lo, hi = paired_diff_ci(np.asarray(mine), np.asarray(ref), score, n_boot=n_boot, seed=seed)
+            if not lo <= 0 <= hi:
+                continue
+        fits.append((d["budget"]["steps"] or 0, d["budget"]["lr"] or 0.0, key))
+    chosen = min(fits)[2]
+    if chosen != best:
+        log.info("tune %s: %s trains least among the trials not significantly worse than the best", group,
+                 about[chosen]["override"])
+    return about[chosen]["override"]
 
 
 def _describe(group: str, method: str, over: Override, cfgs: dict) -> dict:

@@ -87,6 +87,7 @@ class Recipe(BaseModel):
     # rows of the final table, {"method", "error"} for a method that diverged, or one {"error"}
     ablation: list[dict] = Field(default_factory=list)
     max_user_share: float | None = None  # the bytes budget the search kept to (None: recipes before it)
+    select: str = "best"  # how each group's option was chosen (mta tune --select; recipes before it: best)
 
 
 def read_recipe(path: Path) -> Recipe:
