@@ -16,16 +16,7 @@ from mta.backbone import DEFAULT_MODEL
 from mta.cli.common import Bars, console, err_console, progress, run_log, with_recipes
 from mta.cli.loading import load_backbone, write_config
 from mta.cli.options import Configs, DataPath, OutDir, RecipeFile, TaskName, configured
-from mta.config import (
-    AdaptConfig,
-    BackboneConfig,
-    BankConfig,
-    BaselineConfig,
-    EvalConfig,
-    GenerateConfig,
-    RunConfig,
-    apply_variant,
-)
+from mta.config import AdaptConfig, BackboneConfig, BankConfig, BaselineConfig, EvalConfig, GenerateConfig, RunConfig
 from mta.data.readers import load_dataset, write_jsonl
 from mta.data.schema import Dataset
 from mta.data.synth import synth_users
@@ -34,7 +25,15 @@ from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
 from mta.evaluation.report import UNPARSED_NOTE, write_report
-from mta.evaluation.runner import anchor_map_for, eval_layout, references, run_eval, run_layout, run_variants
+from mta.evaluation.runner import (
+    anchor_map_for,
+    check_variants,
+    eval_layout,
+    references,
+    run_eval,
+    run_layout,
+    run_variants,
+)
 from mta.evaluation.tune import MAX_USER_SHARE, SELECT, SPACES, VALUES, dev_split, space_groups, tune
 from mta.paths import check_output_dir, foreign_entries, write_text_atomic
 from mta.recipes import read_recipe
@@ -142,8 +141,7 @@ def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeF
         raise MtaError("--variants compares variants of mta with mta itself: add mta to --methods")
     ds = load_dataset(data, task, e.persons)
     cfg, _ = with_recipes(cfg, recipe, cfg.backbone.model or DEFAULT_MODEL, task=ds.task)
-    for v in e.variants:  # a bad value is said now, not after the main run has trained
-        apply_variant(v, cfg.bank, cfg.adapt)
+    check_variants(e.variants, cfg.bank, cfg.adapt)  # a bad value is said now, not after the main run trained
     dev_note = ""
     if recipe is not None:  # the persons a recipe was tuned on are never reported (dev_users: all their users)
         dev = set(read_recipe(recipe).dev_users)

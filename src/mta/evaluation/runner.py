@@ -22,7 +22,7 @@ from mta.bank import (
     read_index,
     training_history,
 )
-from mta.config import apply_variant
+from mta.config import AdaptConfig, BankConfig, apply_variant
 from mta.data.schema import Dataset, User
 from mta.errors import MtaError
 from mta.evaluation import plots
@@ -345,6 +345,13 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
 
 
 VARIANTS = "variants"  # RUN/variants/<variant>: each variant's own run of mta (run_variants)
+
+
+def check_variants(variants, bank: BankConfig, adapt: AdaptConfig) -> None:
+    """Each variant applied once to the run's configs: a bad value fails here (one line),
+    before anything trains, not after the main run."""
+    for v in variants:
+        apply_variant(v, bank, adapt)
 
 
 def run_variants(ds: Dataset, setup: EvalSetup, out: Path, folds: list[Fold], n_boot: int, seed: int,
