@@ -143,7 +143,8 @@ def pin(layer, rt: Routing, rows: int, width: int) -> None:
 
 def dense_columns(layer) -> int:
     """Columns of the dense layout: every anchor's, fused slot's and user's rank directions."""
-    return sum(t.shape[0] * t.shape[1] for t in (layer.bank_A, layer.fused_A, layer.stack_A))
+    bank_a, _, fused_a, _, _, stack_a, _, _ = layer.tables()  # (no Module.__getattr__ a table)
+    return bank_a.shape[0] * bank_a.shape[1] + fused_a.shape[0] * fused_a.shape[1] + stack_a.shape[0] * stack_a.shape[1]
 
 
 def dense_layout(layer, rows: int) -> tuple:
@@ -210,18 +211,22 @@ def densify(layer, rt: Routing, rows: int, tables: bool = True, shared: dict | N
             layer.dense_B = b.to(cd).contiguous()
         else:
             layer.dense_B.copy_(b)
+    # the coefficients through the buffer dict (a refill after every join: Module.__setattr__
+    # and __getattr__ were most of its host time, at every layer)
+    bufs = layer._buffers
     key = dense_layout(layer, rows)
     if shared is not None and key in shared:
-        layer.dense_W = shared[key]
+        bufs["dense_W"] = shared[key]
         return
     w = dense_coefficients(layer, rt, rows)
-    claimed = shared is not None and any(t is layer.dense_W for t in shared.values())  # another layout's now
-    if tuple(layer.dense_W.shape) != (rows, n) or layer.dense_W.dtype != cd or claimed:
-        layer.dense_W = w
+    mine = bufs["dense_W"]
+    claimed = shared is not None and any(t is mine for t in shared.values())  # another layout's now
+    if tuple(mine.shape) != (rows, n) or mine.dtype != cd or claimed:
+        bufs["dense_W"] = mine = w
     else:
-        layer.dense_W.copy_(w)
+        mine.copy_(w)
     if shared is not None:
-        shared[key] = layer.dense_W
+        shared[key] = mine
 
 
 def densify_stack_slots(layer, slots: list[int]) -> None:
