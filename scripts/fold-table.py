@@ -9,7 +9,8 @@ An evaluation stopped part-way (its device time spent) keeps each finished metho
 per fold (RUN/fold<i>/<method>/result.json) and writes no metrics.json. This reads those
 results, the run's config.json and the data (for the golds and persons; --data where the
 path in config.json is not on this machine), and prints the table; with --out it also writes
-DIR/metrics.json, so docs/results.md can name DIR in a `<!-- table: ... -->` block. The
+DIR/metrics.json, so docs/results.md can name DIR in a `<!-- table: ... -->` block, and
+DIR/predictions.jsonl (what scripts/answers.py reads). The
 title and protocol say which folds it covers: such a table is not the run's table (one
 fold's targets are fewer persons, and anchors came from the other folds only).
 """
@@ -27,7 +28,7 @@ from mta.evaluation.methods import FoldResult  # noqa: E402
 from mta.evaluation.protocol import persons_of, prepare_targets  # noqa: E402
 from mta.evaluation.report import markdown  # noqa: E402
 from mta.evaluation.runner import RESULT, merge, references, summarise  # noqa: E402
-from mta.paths import write_json_atomic  # noqa: E402
+from mta.paths import write_json_atomic, write_text_atomic  # noqa: E402
 from mta.tasks import get_task  # noqa: E402
 
 
@@ -82,6 +83,10 @@ def main() -> None:
         write_json_atomic(a.out / "metrics.json", {
             "title": title, "protocol": protocol, "references": refs, "synthetic": cfg.get("synthetic", False),
             "config": cfg, "results": rows, "folds_reported": folds, "failed": {}})
+        # the answers as an evaluation keeps them (scripts/answers.py, scripts/paired.py read them)
+        write_text_atomic(a.out / "predictions.jsonl", "".join(
+            json.dumps({"method": m, "user_id": uid, "outputs": r.outputs.get(uid), "parsed": r.preds[uid]},
+                       default=str) + "\n" for m, r in results.items() for uid in r.preds))
 
 
 if __name__ == "__main__":

@@ -150,6 +150,9 @@ def test_fold_table_scores_the_finished_methods_of_a_stopped_run(tmp_path, monke
     assert rows["rag-1"]["metrics"]["mae"]["value"] == pytest.approx((0 + 2 + 1) / 3)
     assert rows["task-lora"]["metrics"]["mae"]["value"] == 0.0 and rows["rag-1"]["persons"] == 2
     assert results_doc.results_table.table(out).splitlines()[0].startswith("### mta eval, fold 0 of 2 only")
+    answers = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted((p["method"], p["user_id"]) for p in answers) == [("rag-1", "a"), ("rag-1", "b"),
+                                                                   ("task-lora", "a"), ("task-lora", "b")]
     monkeypatch.setattr(sys, "argv", ["fold-table.py", str(run), "--folds", "1,2", "--data", str(data)])
     with pytest.raises(SystemExit) as bad:
         fold_table.main()
