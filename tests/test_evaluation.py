@@ -295,3 +295,26 @@ def test_variants_are_mta_again_with_one_setting_changed_against_mta(tmp_path, c
         assert main([*common, "--out", str(tmp_path / "bad"), *bad]) == 2
         assert why in " ".join(capsys.readouterr().err.split())
         assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_variants_are_skipped_when_mta_itself_diverged(tmp_path, monkeypatch):
+    """With mta's bank diverging, the run reports the other methods as usual and runs no
+    variant (each is compared with mta's result, which there is not)."""
+    import json
+
+    import mta.evaluation.runner as runner_mod
+    from mta.cli.main import main
+
+    def diverging(*a, **kw):
+        raise MtaError("training diverged at step 1: the loss of 'anchor:y' is nan", ("BankConfig.lr",))
+
+    monkeypatch.setattr(runner_mod, "build_bank", diverging)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "rag-1,mta", "--variants",
+                 "stack-steps=2", "--model", "tiny-random-llama", "--embedder", "hashing-embedder",
+                 "--anchors", "2", "--max-new-tokens", "2", "--n-boot", "100"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [r["method"] for r in m["results"]] == ["rag-1"] and "mta" in m["failed"] and "variants" not in m
+    assert not (out / "variants").exists()
