@@ -125,7 +125,7 @@ def test_eval_generation_task_official_layout(tmp_path):
     assert (out / "rouge1_by_method.png").exists()
 
 
-def _eval_synth(tmp_path, methods: str, name: str):
+def _eval_synth(tmp_path, methods: str, name: str, *extra: str):
     from mta.cli.main import main
 
     data = tmp_path / "data"
@@ -133,7 +133,8 @@ def _eval_synth(tmp_path, methods: str, name: str):
         assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
     out = tmp_path / name
     rc = main(["eval", "--data", str(data), "--out", str(out), "--methods", methods, "--model", "tiny-random-llama",
-               "--embedder", "hashing-embedder", "--anchors", "2", "--max-new-tokens", "2", "--n-boot", "100"])
+               "--embedder", "hashing-embedder", "--anchors", "2", "--max-new-tokens", "2", "--n-boot", "100",
+               *extra])
     return rc, out
 
 
@@ -303,18 +304,11 @@ def test_variants_are_skipped_when_mta_itself_diverged(tmp_path, monkeypatch):
     import json
 
     import mta.evaluation.runner as runner_mod
-    from mta.cli.main import main
 
-    def diverging(*a, **kw):
-        raise MtaError("training diverged at step 1: the loss of 'anchor:y' is nan", ("BankConfig.lr",))
-
-    monkeypatch.setattr(runner_mod, "build_bank", diverging)
-    data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
-    out = tmp_path / "eval"
-    assert main(["eval", "--data", str(data), "--out", str(out), "--methods", "rag-1,mta", "--variants",
-                 "stack-steps=2", "--model", "tiny-random-llama", "--embedder", "hashing-embedder",
-                 "--anchors", "2", "--max-new-tokens", "2", "--n-boot", "100"]) == 0
+    nan = MtaError("training diverged at step 1: the loss of 'anchor:y' is nan", ("BankConfig.lr",))
+    monkeypatch.setattr(runner_mod, "build_bank", lambda *a, **kw: (_ for _ in ()).throw(nan))
+    rc, out = _eval_synth(tmp_path, "rag-1,mta", "eval", "--variants", "stack-steps=2")
+    assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert [r["method"] for r in m["results"]] == ["rag-1"] and "mta" in m["failed"] and "variants" not in m
     assert not (out / "variants").exists()
