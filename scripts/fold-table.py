@@ -80,6 +80,12 @@ def main() -> None:
                   f"persons ({ev['n_boot']} resamples). Not run on these folds: {', '.join(missing) or 'none'}.")
     print(markdown(title, protocol, task, rows, refs, level=3), end="")
     if a.out is not None:
+        try:
+            kept = json.loads((a.out / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            kept = {}
+        if kept and "folds_reported" not in kept:  # a finished run's own table: never overwritten
+            sys.exit(f"error: {a.out}/metrics.json is a finished run's table; give another --out")
         write_json_atomic(a.out / "metrics.json", {
             "title": title, "protocol": protocol, "references": refs, "synthetic": cfg.get("synthetic", False),
             "config": cfg, "results": rows, "folds_reported": folds, "failed": {}})

@@ -153,6 +153,11 @@ def test_fold_table_scores_the_finished_methods_of_a_stopped_run(tmp_path, monke
     answers = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert sorted((p["method"], p["user_id"]) for p in answers) == [("rag-1", "a"), ("rag-1", "b"),
                                                                    ("task-lora", "a"), ("task-lora", "b")]
+    fold_table.main()  # again into its own table: rewritten
+    (out / "metrics.json").write_text(json.dumps({"title": "a finished run's"}))
+    with pytest.raises(SystemExit) as kept:
+        fold_table.main()
+    assert "a finished run's table" in str(kept.value.code)
     monkeypatch.setattr(sys, "argv", ["fold-table.py", str(run), "--folds", "1,2", "--data", str(data)])
     with pytest.raises(SystemExit) as bad:
         fold_table.main()
