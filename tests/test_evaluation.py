@@ -264,23 +264,25 @@ def test_variants_are_mta_again_with_one_setting_changed_against_mta(tmp_path, c
     common = ["eval", "--data", str(data), "--model", "tiny-random-llama", "--embedder", "hashing-embedder",
               "--anchors", "2", "--max-new-tokens", "2", "--n-boot", "100"]
     rc = main([*common, "--out", str(out), "--methods", "rag-1,mta",
-               "--variants", "merge=delta,stack-steps=2,bank-base=task"])
+               "--variants", "merge=delta,stack_steps=2,--bank-base=task,bank-lr=1e-3"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     rows = {r["variant"]: r for r in m["variants"]}
-    assert list(rows) == ["merge=delta", "stack_steps=2", "bank_base=task"]
+    assert list(rows) == ["merge=delta", "stack-steps=2", "bank-base=task", "bank-lr=1e-3"]  # by their flags
     same = rows["merge=delta"]["metrics"]["accuracy"]["diff_vs_mta"]  # mta itself, run again: no difference
     assert same["value"] == 0.0 and same["ci"] == [0.0, 0.0] and not same["significant"]
     for r in rows.values():
         d = r["metrics"]["accuracy"]["diff_vs_mta"]
         assert d["ci"][0] <= d["value"] <= d["ci"][1] and r["persons"] == m["results"][0]["persons"]
-    assert rows["stack_steps=2"]["optimizer_steps"]["stack"]["max"] == 2
+    assert rows["stack-steps=2"]["optimizer_steps"]["stack"]["max"] == 2
     variants = out / "variants"
-    assert not (variants / "stack_steps=2" / "fold0" / "bank").exists()  # the main run's bank, reused
-    assert (variants / "bank_base=task" / "fold0" / "bank" / "index.json").is_file()  # its own (residual) bank
-    assert "variant stack_steps=2: fold 0" in " ".join(capsys.readouterr().err.split())  # its own progress lines
+    assert not (variants / "stack-steps=2" / "fold0" / "bank").exists()  # the main run's bank, reused
+    assert (variants / "bank-base=task" / "fold0" / "bank" / "index.json").is_file()  # its own (residual) bank
+    index = json.loads((variants / "bank-lr=1e-3" / "fold0" / "bank" / "index.json").read_text())
+    assert index["config"]["lr"] == 1e-3  # the flag --bank-lr sets the bank's lr
+    assert "variant stack-steps=2: fold 0" in " ".join(capsys.readouterr().err.split())  # its own progress lines
     md = (out / "results.md").read_text()
-    assert "Ablation: `mta` with one setting changed" in md and "| stack_steps=2 |" in md
+    assert "Ablation: `mta` with one setting changed" in md and "| stack-steps=2 |" in md
     import importlib.util
     from pathlib import Path
 
@@ -288,9 +290,10 @@ def test_variants_are_mta_again_with_one_setting_changed_against_mta(tmp_path, c
         "results_table", Path(__file__).resolve().parents[1] / "scripts" / "results-table.py")
     results_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(results_table)
-    assert "| bank_base=task |" in results_table.table(out)  # docs/results.md's tables carry it too
+    assert "| bank-base=task |" in results_table.table(out)  # docs/results.md's tables carry it too
     for bad, why in ((["--methods", "rag-1", "--variants", "merge=delta"], "add mta to --methods"),
-                     (["--methods", "mta", "--variants", "nothing=1"], "is not a bank or adaptation setting"),
+                     (["--methods", "mta", "--variants", "nothing=1"], "--nothing is not a bank or adaptation option"),
+                     (["--methods", "mta", "--variants", "lr=1e-3"], "--lr is not a bank or adaptation option"),
                      (["--methods", "mta", "--variants", "bank-base=bogus"], "bank_base")):
         capsys.readouterr()
         assert main([*common, "--out", str(tmp_path / "bad"), *bad]) == 2

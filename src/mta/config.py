@@ -35,6 +35,13 @@ def flag(name: str) -> dict:
     return {"flag": name}
 
 
+def flag_name(cls: type, name: str) -> str:
+    """The CLI flag of ``cls``'s field ``name`` (without the leading dashes): its ``flag``
+    metadata, else the name with hyphens."""
+    extra = cls.model_fields[name].json_schema_extra or {}
+    return extra.get("flag") or name.replace("_", "-")
+
+
 MAX_SEED = 2**32 - 1  # what every random generator used takes (numpy, torch, python)
 
 
@@ -383,10 +390,10 @@ class EvalConfig(_Config):
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of k-means, initialisation, shuffling, folds and "
                       "bootstrap")
-    variants: Names = Field((), description="comma-separated FIELD=VALUE: `mta` again with one bank or "
-                            "adaptation setting changed (e.g. bank-base=none,fusion-weights=similarity,"
-                            "anchor-training=cluster), on the same folds, each reported against `mta` with a "
-                            "paired interval (the ablation table)")
+    variants: Names = Field((), description="comma-separated OPTION=VALUE: `mta` again with one bank or "
+                            "adaptation option changed (its flag without the dashes, e.g. bank-base=none,"
+                            "fusion-weights=similarity,anchor-training=cluster,stack-steps=32), on the same folds, "
+                            "each reported against `mta` with a paired interval (the ablation table)")
 
     @field_validator("variants")
     @classmethod
@@ -394,25 +401,33 @@ class EvalConfig(_Config):
         out = []
         for item in v:
             name, eq, value = item.partition("=")
-            name = name.strip().replace("-", "_")
+            name = name.strip().lstrip("-").replace("_", "-")
             if not eq or not value.strip():
-                raise ValueError(f"variant {item!r} is not FIELD=VALUE")
-            if name not in BankConfig.model_fields and name not in AdaptConfig.model_fields:
-                raise ValueError(f"variant {item!r}: {name!r} is not a bank or adaptation setting")
+                raise ValueError(f"variant {item!r} is not OPTION=VALUE")
+            if not variant_fields(name):
+                raise ValueError(f"variant {item!r}: --{name} is not a bank or adaptation option")
             out.append(f"{name}={value.strip()}")
         if len(set(out)) != len(out):
             raise ValueError("a variant is named twice")
         return tuple(out)
 
 
+def variant_fields(option: str) -> list[tuple[type, str]]:
+    """The bank and adaptation fields the flag ``option`` sets (a shared flag, e.g. seed or
+    retrieve-k, sets each of them)."""
+    return [(cls, name) for cls in (BankConfig, AdaptConfig) for name in cls.model_fields
+            if flag_name(cls, name) == option]
+
+
 def apply_variant(variant: str, bank: BankConfig, adapt: AdaptConfig) -> tuple[BankConfig, AdaptConfig]:
-    """The bank and adaptation configs with ``variant`` (``FIELD=VALUE``, checked by
+    """The bank and adaptation configs with ``variant`` (``OPTION=VALUE``, checked by
     ``EvalConfig``) applied, validated as the option itself would be (a bad value is a
     ConfigError naming the field)."""
-    name, _, value = variant.partition("=")
-    if name in BankConfig.model_fields:
-        return BankConfig.build({**bank.model_dump(), name: value}), adapt
-    return bank, AdaptConfig.build({**adapt.model_dump(), name: value})
+    option, _, value = variant.partition("=")
+    out = {BankConfig: bank, AdaptConfig: adapt}
+    for cls, name in variant_fields(option):
+        out[cls] = cls.build({**out[cls].model_dump(), name: value})
+    return out[BankConfig], out[AdaptConfig]
 
 
 class RunConfig(_Config):

@@ -29,6 +29,7 @@ from mta.config import (
     GenerateConfig,
     RunConfig,
     ServeConfig,
+    flag_name,
 )
 from mta.errors import ConfigError, MtaError
 
@@ -50,11 +51,6 @@ class Knob:
     targets: tuple[tuple[type, str], ...]
     cli_type: type
     help: str
-
-
-def _flag(cls: type, name: str) -> str:
-    extra = cls.model_fields[name].json_schema_extra or {}
-    return extra.get("flag") or name.replace("_", "-")
 
 
 def _cli_type(annotation: Any) -> tuple[type, str]:
@@ -94,7 +90,7 @@ def knobs(*configs: type) -> dict[str, Knob]:
         for name, f in cls.model_fields.items():
             if (f.json_schema_extra or {}).get("cli") is False:  # set by the library, not typed
                 continue
-            flag = _flag(cls, name)
+            flag = flag_name(cls, name)
             cli_type, note = _cli_type(f.annotation)
             if flag in out:
                 other_cls, other = out[flag].targets[0]
@@ -113,7 +109,7 @@ def flag_of(field: str) -> str | None:
     cls_name, _, name = field.partition(".")
     for cls in SECTIONS:
         if cls.__name__ == cls_name and name in cls.model_fields:
-            return "--" + _flag(cls, name)
+            return "--" + flag_name(cls, name)
     return None
 
 
@@ -145,11 +141,11 @@ class Configs:
             for name, value in (values.get(section) or {}).items():
                 if name not in cls.model_fields:
                     raise MtaError(f"{source or 'recipe'}: {section} has no setting {name!r}")
-                if _flag(cls, name) not in self.given:
+                if flag_name(cls, name) not in self.given:
                     update[name] = value
             if update:
                 built[cls] = cls.build({**obj.dump(), **update})
-                given |= {_flag(cls, n) for n in update}
+                given |= {flag_name(cls, n) for n in update}
         return Configs(built, frozenset(given))
 
 
@@ -162,7 +158,7 @@ class Configs:
             if SECTIONS[cls][0] in defaults.SECTIONS:
                 came = defaults.sources(obj, under)
                 built[cls] = defaults.resolve(obj, under)
-                given |= {_flag(cls, n) for n, src in came.items()
+                given |= {flag_name(cls, n) for n, src in came.items()
                           if src not in (defaults.PRECEDENCE[0], defaults.PRECEDENCE[-1])}
         return Configs(built, frozenset(given))
 
