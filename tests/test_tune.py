@@ -517,9 +517,10 @@ def test_select_least_trains_least_among_the_trials_within_noise_of_the_best(tmp
         preds = {u.user_id: [("zzz" if i < wrong else q.gold) for q in u.queries] for i, u in enumerate(users)}
         from mta.evaluation.runner import method_stats
 
-        acc = float(method_stats(setup.task, users, preds).sum(0)[0] / sum(len(u.queries) for u in users))
+        stats = method_stats(setup.task, users, preds)  # (persons, d), as run_eval returns them
+        acc = float(stats.sum(0)[0] / sum(len(u.queries) for u in users))
         return {"rows": [{"method": m, "metrics": {"accuracy": {"value": acc, "ci": [0, 1]}}} for m in methods],
-                "failed": {}, "preds": {m: preds for m in methods}, "evaluated": users}
+                "failed": {}, "person_stats": {m: stats for m in methods}}
 
     space = "stack-budget-rate,stack-budget-steps"
     _, out = _tune_faked(tmp_path / "best", monkeypatch, fake, space, "--no-ablation")

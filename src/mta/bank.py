@@ -299,13 +299,13 @@ def finished_task(path: Path, backbone: Backbone, task: Task, cfg: BankConfig, u
     path = Path(path)
     if not (path / INDEX).is_file():
         return False
-    try:
+    try:  # what resuming it would check (build_task), then that its training is done
         rec = read_index(path)
+        _check_resume(rec, backbone, task, cfg, path, "task")
     except MtaError:
         return False
-    return (rec.kind == "task" and rec.config == cfg and rec.task == task.name
-            and rec.fingerprint == backbone.fingerprint and rec.pooled == [u.user_id for u in users]
-            and rec.negatives == negative_pool(task, users, cfg.seed) and all(_intact(path, a) for a in rec.anchors))
+    return (rec.pooled == [u.user_id for u in users] and rec.negatives == negative_pool(task, users, cfg.seed)
+            and all(_intact(path, a) for a in rec.anchors))
 
 
 def _intact(out: Path, a: AnchorRecord) -> bool:

@@ -130,6 +130,16 @@ def _bar(setup: EvalSetup, name: str, total: int):
     return (lambda n: setup.progress(setup.prefix + name, n, total)) if setup.progress else None
 
 
+def named_progress(progress: Progress, name: str) -> Progress:
+    """``progress`` for a run named ``name`` inside another (a tune's trial, an
+    evaluation's variant): its stages under that name; the CLI's bars (``part``) also drop
+    the run before's."""
+    part = getattr(progress, "part", None)
+    if part:
+        return part(name)
+    return (lambda stage, done, total: progress(f"{name}: {stage}", done, total)) if progress else None
+
+
 def _stages(setup: EvalSetup, name: str):
     """A progress callback for a library call's stages (anchors, users, steps) of ``name``."""
     return (lambda s, d, t: setup.progress(f"{setup.prefix}{name} {s}", d, t)) if setup.progress else None

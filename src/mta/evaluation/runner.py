@@ -36,6 +36,7 @@ from mta.evaluation.methods import (
     EvalSetup,
     FoldResult,
     _stages,
+    named_progress,
     private_config,
     run_adapted,
     run_prior,
@@ -340,8 +341,9 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     return {"rows": rows, "bank_seconds": bank_seconds, "wall_seconds": time.perf_counter() - t_start,
             "folds": split, **peak_fields(setup.backbone.peak_memory()),
             "failed": {m: str(e) for m, e in failed.items()},
-            # (not written: for run_variants' paired intervals)
-            "preds": {m: r.preds for m, r in results.items()}, "evaluated": evaluated}
+            # each method's (persons, d) statistics, as the intervals resample them (not
+            # written: for paired intervals against another run, a variant's or a trial's)
+            "person_stats": {m: method_stats(task, evaluated, r.preds) for m, r in results.items()}}
 
 
 VARIANTS = "variants"  # RUN/variants/<variant>: each variant's own run of mta (run_variants)
@@ -364,12 +366,11 @@ def run_variants(ds: Dataset, setup: EvalSetup, out: Path, folds: list[Fold], n_
     were (``place``: the main run's layout), trained in its own directory otherwise; a
     variant that diverges is a row with its error. Resumes like the main run."""
     task = setup.task
-    if "mta" not in main["preds"]:  # (the CLI asks for mta up front; here it diverged)
+    if "mta" not in main["person_stats"]:  # (the CLI asks for mta up front; here it diverged)
         log.warning("the variants are not run: they are compared with mta, which has no result (%s)",
                     main.get("failed", {}).get("mta", "not among the methods"))
         return []
-    users = main["evaluated"]
-    base = method_stats(task, users, main["preds"]["mta"])
+    base = main["person_stats"]["mta"]
     task_cfg = setup.baselines.bank_for("task", setup.bank_cfg)
     rows = []
     for v in variants:
@@ -383,14 +384,9 @@ def run_variants(ds: Dataset, setup: EvalSetup, out: Path, folds: list[Fold], n_
                 return place(fold, what)
             return where / f"fold{fold}" / what
 
-        # its stages named after it on the console (the CLI's bars drop the one before's)
-        part = getattr(setup.progress, "part", None)
-        shown = part(f"variant {v}") if part else (
-            (lambda stage, done, total, v=v: setup.progress(f"variant {v}: {stage}", done, total))
-            if setup.progress else None)
         # its own weight search (in its directory): a changed bank or adaptation searches anew
         vsetup = dataclasses.replace(setup, bank_cfg=bank_cfg, adapt_cfg=adapt_cfg, search_cache=None,
-                                     progress=shown)
+                                     progress=named_progress(setup.progress, f"variant {v}"))
         try:
             res = run_eval(ds, ["mta"], vsetup, where, folds, n_boot, seed, target_history, vplace,
                            history_queries, required=frozenset({"mta"}), leak_check=False)
@@ -400,7 +396,7 @@ def run_variants(ds: Dataset, setup: EvalSetup, out: Path, folds: list[Fold], n_
             rows.append({"variant": v, "method": "mta", "error": str(e)})
             continue
         row = {"variant": v, **res["rows"][0]}
-        stats = method_stats(task, users, res["preds"]["mta"])
+        stats = res["person_stats"]["mta"]  # the same persons as ``base``, in the same order
         for m in task.metric_names:
             d, lo, hi = paired_diff_ci(stats, base, lambda s, m=m: task.metrics_from_stats(s)[m], n_boot=n_boot,
                                        seed=seed)

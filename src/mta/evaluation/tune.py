@@ -38,9 +38,9 @@ from mta.config import AdaptConfig, BankConfig, BaselineConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
 from mta.evaluation.leaks import check_split
-from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup, private_config
+from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup, named_progress, private_config
 from mta.evaluation.protocol import make_folds, persons_of
-from mta.evaluation.runner import diverged, method_stats, run_eval, users_digest
+from mta.evaluation.runner import diverged, run_eval, users_digest
 from mta.evaluation.stats import paired_diff_ci
 from mta.paths import write_json_atomic
 from mta.recipes import Recipe
@@ -230,10 +230,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
 
         # each trial's own stages (banks, users, prompts), under its name; the CLI's bars drop
         # the trial before's (``Bars.part``), a plain callback gets them named
-        part = getattr(progress, "part", None)
-        trial_progress = part(f"trial {name}") if part else (
-            (lambda stage, done, total: progress(f"trial {name}: {stage}", done, total)) if progress else None)
-        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, trial_progress, setup.max_new_tokens, baselines=bl,
+        s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, named_progress(progress, f"trial {name}"),
+                      setup.max_new_tokens, baselines=bl,
                       search_cache=SearchCache(out / SEARCHED) if share_search else None)
         return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
                         place=place, history_queries=history_queries, leak_check=False)
@@ -246,8 +244,8 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         res = evaluate([method], bc, ac, bl, name)  # raises when the method, the only one, diverged
         m = res["rows"][0]["metrics"][metric]
         kept = {"ci": m["ci"]}
-        if "preds" in res and "evaluated" in res:
-            kept["person_stats"] = method_stats(task, res["evaluated"], res["preds"][method]).tolist()
+        if method in res.get("person_stats", {}):
+            kept["person_stats"] = res["person_stats"][method].tolist()
         return m["value"], kept
 
     order = space_groups(space)
