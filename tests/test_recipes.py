@@ -7,8 +7,9 @@ import json
 import pytest
 
 import mta.recipes as recipes
-from mta.config import AdaptConfig, BankConfig, BaselineConfig
+from mta.config import AdaptConfig, BankConfig, BaselineConfig, GenerateConfig
 from mta.errors import MtaError
+from tests.conftest import ROOT
 
 
 def test_every_shipped_recipe_is_valid_and_builds_configs():
@@ -54,6 +55,12 @@ def test_config_identity_ignores_fields_added_later_at_their_defaults():
     assert not {"stack_steps", "fusion_weights", "search_evals", "stack_stop"} & set(a.identity())
     assert AdaptConfig(fusion_weights="searched").identity()["fusion_weights"] == "searched"
     assert AdaptConfig(stack_stop="held-out").identity()["stack_stop"] == "held-out"
+    # results and trial logs written before the rating rule existed still resume (the MovieLens
+    # tune's log: its answering settings as recorded then)
+    g = GenerateConfig()
+    logged = json.loads((ROOT / "results/gpu-2026-12-05e/ml-tune/trial-values.json").read_text())["identity"]
+    assert {k: v for k, v in g.identity().items() if k not in ("batch_size", "decoder")} == logged["prompts"]
+    assert GenerateConfig(rating_answer="median").identity()["rating_answer"] == "median"
 
 
 @pytest.mark.integration

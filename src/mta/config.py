@@ -83,9 +83,13 @@ class _Config(BaseModel):
         return out
 
 
-# fields added after bank ids and user hashes were first taken from configs (``identity``)
+# fields added after bank ids, user hashes and results' identities were first taken from
+# configs (``identity``)
 ADDED_FIELDS = {"BankConfig": ("steps", "bank_base", "stop"),
-                "AdaptConfig": ("stack_steps", "fusion_weights", "search_evals", "stack_stop")}
+                "AdaptConfig": ("stack_steps", "fusion_weights", "search_evals", "stack_stop"),
+                # an evaluation's results and a tune's trial log are identified by the answering
+                # settings too (mta.evaluation.runner, .tune)
+                "GenerateConfig": ("rating_answer",)}
 
 
 def _split_csv(v: Any) -> Any:
@@ -366,6 +370,11 @@ class GenerateConfig(_Config):
         "finish, the decode step captured in a CUDA graph on CUDA); compiled: graph with the step through "
         "torch.compile first (fused kernels: 1.5x the memory floor at Llama-3-8B shape instead of 2.1x; a "
         "minute or two of compiling per decoder); same greedy tokens (docs/performance.md)")
+    rating_answer: Literal["text", "mode", "median", "mean"] = Field(
+        "text", description="a rating task's answer: text: generated and parsed (LaMP's protocol); mode: the most "
+        "likely score; median: the median of the model's distribution over the scores (the answer with the "
+        "least expected absolute error: for MAE); mean: its expected value (for RMSE); read from the answer's "
+        "first token in one forward pass (docs/evaluation.md)")
 
 
 class EvalConfig(_Config):

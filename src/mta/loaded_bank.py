@@ -34,7 +34,7 @@ from mta.backbone import Backbone
 from mta.bank import adapter_dir, load_base, read_index
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
-from mta.decoding.batch import generate
+from mta.decoding.scale import answers
 from mta.engine.engine import Row
 from mta.engine.fingerprint import check_fingerprint
 from mta.engine.peft_io import WEIGHTS, export_user, load_anchor, save_user
@@ -391,8 +391,8 @@ class LoadedBank:
         rows = self.rows(plans)
         prompts = [self.task.prompt(r.input, retrieve(self.task, r.input, r.user.history, gen.retrieve_k)
                                     if r.user else []) for r in requests]
-        texts = generate(self.backbone, prompts, rows, gen.max_new_tokens or self.task.max_new_tokens,
-                         gen.batch_size, gen.max_prompt_tokens, on_batch=on_batch, decoder=gen.decoder)
+        texts = answers(self.backbone, self.task, prompts, rows, gen, gen.max_new_tokens or self.task.max_new_tokens,
+                        on_batch=on_batch)
         for n in {n for n in notices if n}:
             log.warning(n)
         return [Answer(r.user_id, r.input, t, self.task.parse(t), route, note)

@@ -50,6 +50,9 @@ def serve_cmd(
     *, cfg: Configs,
 ) -> None:
     """Serve personalised answers over HTTP, OpenAI-compatible (docs/serving.md)."""
+    if cfg.generate.rating_answer != "text":
+        raise MtaError(f"--rating-answer {cfg.generate.rating_answer}: the server answers with generated text; "
+                       "the rating rules are for mta eval and mta generate")
     key_table = Keys.read(keys)
     if not key_table.entries:
         raise MtaError(f"{keys}: no keys; add one with: mta keys add --keys {keys} --role admin")

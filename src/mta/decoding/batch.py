@@ -11,7 +11,8 @@ own static-cache loop with the routing pinned (its auto-compile on CUDA).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -49,11 +50,7 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
     if decoder != "generate" and gen_kwargs:
         raise ValueError(f"the graph decoder is greedy and takes no generation arguments ({', '.join(gen_kwargs)})")
     tokenizer, engine = backbone.tokenizer, backbone.engine
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    texts = [chat_prompt(tokenizer, p) for p in prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    texts, order = chat_texts(tokenizer, prompts)
     out: list[str] = [""] * len(texts)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": stop_ids(tokenizer), **gen_kwargs}
@@ -77,24 +74,49 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
         for i, s in seqs.items():
             out[i] = tokenizer.decode(s.tokens, skip_special_tokens=True)
         return out
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_prompt_tokens, add_special_tokens=False).to(engine.device)
+    for idx, enc in encoded_batches(tokenizer, texts, order, batch_size, max_prompt_tokens, engine.device):
         batch_rows = None if rows is None else [rows[i] for i in idx]
-        try:
+        with batch_memory(engine, "generating", enc):
             gen = hf_generate(engine, batch_rows, enc["input_ids"], enc["attention_mask"], **kwargs)
-        except torch.OutOfMemoryError:
-            raise ResourceError(f"out of {engine.device.type} memory generating a batch of {len(idx)} prompts of "
-                                f"up to {enc['input_ids'].shape[1]} tokens: lower the generation batch size or "
-                                "the prompt length", ("GenerateConfig.batch_size",
-                                                      "GenerateConfig.max_prompt_tokens")) from None
         for i, text in zip(idx, tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
                                                        skip_special_tokens=True)):
             out[i] = text
         if on_batch:
             on_batch(len(idx))
     return out
+
+
+def chat_texts(tokenizer, prompts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """``prompts`` in the chat template, and their order longest first (batches of similar
+    lengths: little left padding). Sets the tokenizer to pad and truncate on the left."""
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    return texts, sorted(range(len(texts)), key=lambda i: -lengths[i])
+
+
+def encoded_batches(tokenizer, texts: Sequence[str], order: Sequence[int], batch_size: int,
+                    max_prompt_tokens: int, device) -> Iterator[tuple[list[int], dict]]:
+    """(indices, left-padded encoding) of ``texts`` in ``order``, ``batch_size`` at a time;
+    a text longer than ``max_prompt_tokens`` keeps its end (the question)."""
+    for start in range(0, len(order), batch_size):
+        idx = list(order[start:start + batch_size])
+        yield idx, tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                             max_length=max_prompt_tokens, add_special_tokens=False).to(device)
+
+
+@contextmanager
+def batch_memory(engine: AdapterEngine, doing: str, enc) -> Iterator[None]:
+    """Out of device memory in a batch: one clear error naming the settings to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        n, width = enc["input_ids"].shape
+        raise ResourceError(f"out of {engine.device.type} memory {doing} a batch of {n} prompts of up to {width} "
+                            "tokens: lower the generation batch size or the prompt length",
+                            ("GenerateConfig.batch_size", "GenerateConfig.max_prompt_tokens")) from None
+
 
 @torch.no_grad()
 def hf_generate(engine: AdapterEngine, rows: Sequence[Row] | None, input_ids: torch.Tensor,

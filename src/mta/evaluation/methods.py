@@ -37,7 +37,7 @@ from mta.bank import build_private
 from mta.config import AdaptConfig, BankConfig, BaselineConfig, GenerateConfig
 from mta.data.persons import query_item
 from mta.data.schema import User
-from mta.decoding.batch import generate
+from mta.decoding.scale import answers, check_rating_answer
 from mta.defaults import pinned
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank, Request
@@ -112,6 +112,7 @@ class EvalSetup:
     search_cache: SearchCache | None = None
 
     def resolve(self, users) -> EvalSetup:
+        check_rating_answer(self.task, self.gen_cfg)
         self.max_new_tokens = self.gen_cfg.max_new_tokens or self.task.answer_tokens(self.backbone.tokenizer, users)
         return self
 
@@ -152,8 +153,8 @@ def run_prompt(setup: EvalSetup, name: str, targets) -> FoldResult:
     prompts = [setup.task.prompt(q.input, retrieve(setup.task, q.input, u.history, k)) for u, q in pairs]
     g = setup.gen_cfg
     t0 = time.perf_counter()
-    texts = generate(setup.backbone, prompts, None, setup.max_new_tokens, g.batch_size, g.max_prompt_tokens,
-                     on_batch=_bar(setup, name, len(pairs)), decoder=g.decoder)
+    texts = answers(setup.backbone, setup.task, prompts, None, g, setup.max_new_tokens,
+                    on_batch=_bar(setup, name, len(pairs)))
     res = FoldResult(infer_seconds=time.perf_counter() - t0, bytes_per_user={u.user_id: 0 for u in targets})
     _collect(res, pairs, texts, setup.task)
     return res

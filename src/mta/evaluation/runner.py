@@ -77,8 +77,9 @@ def _identity(setup: EvalSetup, m: str, targets_digest: str, candidates_digest: 
     resolved stage's configuration, the fold's targets (as prepared) and its candidates."""
     return _digest({"method": m, "task": setup.task.name, "model": setup.backbone.model_id,
                     "fingerprint": setup.backbone.fingerprint, "max_new_tokens": setup.max_new_tokens,
-                    "configs": [c.model_dump(mode="json") for c in (setup.bank_cfg, setup.adapt_cfg,
-                                                                      setup.gen_cfg, setup.baselines)],
+                    "configs": [setup.bank_cfg.model_dump(mode="json"), setup.adapt_cfg.model_dump(mode="json"),
+                                # without a later field at its default: earlier results still resume
+                                setup.gen_cfg.identity(), setup.baselines.model_dump(mode="json")],
                     "targets": targets_digest, "candidates": candidates_digest})
 
 

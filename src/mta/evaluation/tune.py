@@ -194,7 +194,7 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 "data_sha256": users_digest(ds.users), "dev_users": sorted(dev_ids), "folds": folds,
                 "seed": setup.bank_cfg.seed, "history_queries": history_queries,
                 "target_history": target_history, "max_new_tokens": setup.max_new_tokens,
-                "prompts": {k: v for k, v in setup.gen_cfg.dump().items() if k not in ("batch_size", "decoder")}}
+                "prompts": {k: v for k, v in setup.gen_cfg.identity().items() if k not in ("batch_size", "decoder")}}
     cache = _read_values(out / VALUES, identity)
     # what each logged trial was (its group, method and override), so the log reads on its
     # own: kept beside the values, filled in for every trial this search walks past (a log

@@ -30,6 +30,8 @@ class Task:
     # Whether training examples in the query's form need items of OTHER users (LaMP-1's
     # unrelated reference); see ``training_example``.
     needs_negatives: bool = False
+    # A rating task's scores, ascending, each answered as one token (``mta.decoding.scale``)
+    scale: tuple[str, ...] = ("1", "2", "3", "4", "5")
 
     # -- rendering -------------------------------------------------------------------
     def render_item(self, item: HistoryItem) -> str:

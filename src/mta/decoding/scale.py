@@ -1,0 +1,145 @@
+"""Answers on a rating scale read from the model's distribution instead of generated.
+
+A rating task asks for one of a few scores ("Just answer with 1, 2, 3, 4, or 5"). Greedy
+generation answers with the most likely score (the mode). The metrics are errors on a
+number line, though: the answer that minimises the expected absolute error under the
+model's own distribution is its median, the one that minimises the expected squared error
+its mean. ``GenerateConfig.rating_answer`` chooses:
+
+- ``text``: generated text, parsed (LaMP's protocol; every earlier table);
+- ``mode``: the most likely score among the scale's tokens (constrained greedy);
+- ``median``: the median of the scale's distribution (for MAE);
+- ``mean``: its expected value (for RMSE), a fraction.
+
+The distribution is the model's next-token probabilities at the answer's first position
+(one forward pass over the prompt, each row through its own adapters), renormalised over
+the scale's tokens: one token per score ("1" ... "5"), which the answer begins with.
+``scale_mass`` says how much of the probability those tokens held before renormalising: a
+model that begins its answers otherwise (a space, a word) makes the rule meaningless, and
+``answers`` warns when that mass is low.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mta.decoding.batch import batch_memory, chat_texts, encoded_batches, generate
+from mta.errors import MtaError
+
+log = logging.getLogger(__name__)
+RULES = ("text", "mode", "median", "mean")
+LOW_MASS = 0.5  # below this mean share of the first token's probability, ``answers`` warns
+
+
+def scale_tokens(tokenizer, labels: Sequence[str]) -> list[int]:
+    """The one token each of ``labels`` is written with at the start of an answer."""
+    ids = []
+    for lab in labels:
+        tok = tokenizer(lab, add_special_tokens=False)["input_ids"]
+        if len(tok) != 1:
+            raise MtaError(f"the rating {lab!r} is {len(tok)} tokens for this tokenizer; a rating answer other "
+                           "than 'text' needs one token per score: use --rating-answer text")
+        ids.append(tok[0])
+    if len(set(ids)) != len(ids):
+        raise MtaError("two ratings of the scale share a token; use --rating-answer text")
+    return ids
+
+
+@torch.no_grad()
+def scale_distribution(backbone, prompts: Sequence[str], rows: Sequence | None, labels: Sequence[str],
+                       batch_size: int = 8, max_prompt_tokens: int = 1024,
+                       on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each chat-formatted prompt (through ``rows[i]``, or the base model when ``rows``
+    is None): the probabilities of ``labels`` as the answer's first token, renormalised
+    over them ([n, len(labels)], float32 on the CPU), and the share of the whole
+    distribution they held ([n]). Batches as ``generate`` forms them (longest first,
+    left-padded, long prompts keep their end)."""
+    if rows is not None and len(prompts) != len(rows):
+        raise ValueError(f"{len(prompts)} prompts but {len(rows)} rows")
+    tokenizer, engine = backbone.tokenizer, backbone.engine
+    ids = torch.tensor(scale_tokens(tokenizer, labels))
+    probs = torch.zeros(len(prompts), len(labels))
+    mass = torch.zeros(len(prompts))
+    texts, order = chat_texts(tokenizer, prompts)
+    for idx, enc in encoded_batches(tokenizer, texts, order, batch_size, max_prompt_tokens, engine.device):
+        mask = enc["attention_mask"]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions as generate() gives left-padded rows
+        with batch_memory(engine, "scoring", enc):
+            if rows is None:
+                out = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
+                                   logits_to_keep=1)
+            else:
+                with engine.route([rows[i] for i in idx]):
+                    out = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
+                                       logits_to_keep=1)
+        full = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()
+        picked = full[:, ids]
+        probs[idx] = picked / picked.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        mass[idx] = picked.sum(-1)
+        if on_batch:
+            on_batch(len(idx))
+    return probs, mass
+
+
+def rate(probs: Sequence[float], values: Sequence[float], rule: str) -> float:
+    """The answer ``rule`` gives from a distribution over ``values`` (ascending)."""
+    p = [float(x) for x in probs]
+    if rule == "mode":
+        return values[max(range(len(p)), key=p.__getitem__)]
+    if rule == "mean":
+        return sum(x * v for x, v in zip(p, values)) / sum(p)
+    if rule == "median":
+        half, acc = sum(p) / 2, 0.0
+        for x, v in zip(p, values):
+            acc += x
+            if acc >= half:
+                return v
+        return values[-1]
+    raise ValueError(f"unknown rating rule {rule!r} ({', '.join(RULES[1:])})")
+
+
+def rating_text(value: float) -> str:
+    """A rating as answer text: a whole score as its digit, a mean to two decimals."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+
+
+def check_rating_answer(task, gen) -> None:
+    """A rule other than ``text`` needs a rating task: one clear error before any work."""
+    rule = getattr(gen, "rating_answer", "text")
+    if rule != "text" and task.kind != "rating":
+        raise MtaError(f"--rating-answer {rule} reads a rating scale; task {task.name} is {task.kind}: "
+                       "use --rating-answer text")
+
+
+def describe(task, gen, max_new_tokens: int) -> str:
+    """How the answers were taken, for a report's protocol line."""
+    rule = getattr(gen, "rating_answer", "text")
+    if rule == "text" or task.kind != "rating":
+        return f"{max_new_tokens} new tokens per answer"
+    what = {"mode": "most likely score", "median": "median", "mean": "expected value"}[rule]
+    return (f"each answer the {what} of the model's distribution over the scores {'/'.join(task.scale)} at the "
+            f"answer's first token (--rating-answer {rule})")
+
+
+def answers(backbone, task, prompts: Sequence[str], rows: Sequence | None, gen, max_new_tokens: int,
+            on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """The answer texts of ``prompts`` under ``gen``'s settings: generated, or, for a rating
+    task with ``gen.rating_answer`` other than ``text``, read from the scale's distribution
+    (the text is the rating the rule gives, which the task parses as usual)."""
+    check_rating_answer(task, gen)
+    rule = gen.rating_answer
+    if rule == "text":
+        return generate(backbone, prompts, rows, max_new_tokens, gen.batch_size, gen.max_prompt_tokens,
+                        on_batch=on_batch, decoder=gen.decoder)
+    labels = task.scale
+    probs, mass = scale_distribution(backbone, prompts, rows, labels, gen.batch_size, gen.max_prompt_tokens,
+                                     on_batch)
+    if len(prompts) and float(mass.mean()) < LOW_MASS:
+        log.warning("the scores %s held %.0f%% of the answers' first-token probability on average: the model "
+                    "begins its answers otherwise, and --rating-answer %s reads a small remainder",
+                    "/".join(labels), 100 * float(mass.mean()), rule)
+    values = [float(v) for v in labels]
+    return [rating_text(rate(p, values, rule)) for p in probs.tolist()]

@@ -1,0 +1,158 @@
+"""Rating answers read from the model's distribution over the scale (mta.decoding.scale)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mta.config import GenerateConfig
+from mta.decoding.batch import generate
+from mta.decoding.prompts import chat_prompt
+from mta.decoding.scale import answers, rate, rating_text, scale_distribution, scale_tokens
+from mta.engine.engine import Row
+from mta.errors import MtaError
+from mta.tasks import get_task
+from tests.engine_helpers import tiny_backbone
+
+VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
+PROMPTS = ["What score would this user give?", "a much longer prompt: what score from 1 to 5 would this user "
+           "give the movie, just answer with a digit", "score?", "mid length prompt here"]
+
+
+def test_the_rules_read_a_distribution_as_the_metrics_want():
+    bimodal = [0.35, 0.10, 0.10, 0.20, 0.25]
+    assert rate(bimodal, VALUES, "mode") == 1.0
+    assert rate(bimodal, VALUES, "median") == 3.0  # cumulative 0.35, 0.45, 0.55
+    assert rate(bimodal, VALUES, "mean") == pytest.approx(2.9)
+    assert rate([0.0, 0.0, 0.5, 0.5, 0.0], VALUES, "median") == 3.0  # half reached at 3
+    assert rate([0.1, 0.1, 0.1, 0.1, 0.6], VALUES, "median") == 5.0
+    # the median minimises the expected absolute error, the mean the squared one
+    for p in (bimodal, [0.05, 0.1, 0.3, 0.35, 0.2], [0.6, 0.0, 0.0, 0.0, 0.4]):
+        abs_err = {v: sum(q * abs(v - x) for q, x in zip(p, VALUES)) for v in VALUES}
+        assert abs_err[rate(p, VALUES, "median")] == min(abs_err.values())
+        m = rate(p, VALUES, "mean")
+        assert all(sum(q * (m - x) ** 2 for q, x in zip(p, VALUES)) <= sum(q * (v - x) ** 2 for q, x in zip(p, VALUES))
+                   for v in VALUES)
+    with pytest.raises(ValueError):
+        rate(bimodal, VALUES, "text")
+    assert [rating_text(v) for v in (4.0, 3.456)] == ["4", "3.46"]
+
+
+def _with_adapters():
+    bb = tiny_backbone()
+    bb.engine.set_bank(3, 4, 8.0)
+    bb.engine.init_bank(seed=0, b_std=0.3)
+    bb.engine.add_users(2, 2, 4.0, seed=1, b_std=0.3)
+    return bb
+
+
+def _alone(bb, prompt: str, row: Row | None, labels) -> tuple[torch.Tensor, float]:
+    """Reference: the prompt alone (no padding), one plain forward through its row."""
+    tok = bb.tokenizer
+    ids = torch.tensor([tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        if row is None:
+            logits = bb.engine.model(input_ids=ids).logits[0, -1]
+        else:
+            with bb.engine.route([row]):
+                logits = bb.engine.model(input_ids=ids).logits[0, -1]
+    p = torch.softmax(logits.float(), -1)[scale_tokens(tok, labels)]
+    return p / p.sum(), float(p.sum())
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_a_batch_of_rows_reads_each_prompts_distribution_as_if_alone(routed):
+    bb = _with_adapters()
+    labels = get_task("movielens").scale
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0])]
+    probs, mass = scale_distribution(bb, PROMPTS, rows if routed else None, labels, batch_size=3)
+    for i, prompt in enumerate(PROMPTS):
+        ref, ref_mass = _alone(bb, prompt, rows[i] if routed else None, labels)
+        torch.testing.assert_close(probs[i], ref, atol=1e-5, rtol=1e-4)
+        assert mass[i].item() == pytest.approx(ref_mass, rel=1e-4)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(PROMPTS)))
+    if routed:  # the adapters move the distribution: a test that routing is on
+        plain, _ = scale_distribution(bb, PROMPTS, None, labels, batch_size=3)
+        assert not torch.allclose(plain[0], probs[0], atol=1e-3)
+
+
+def test_the_mode_is_greedy_generation_restricted_to_the_scale():
+    bb = _with_adapters()
+    task = get_task("movielens")
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0])]
+    ids = scale_tokens(bb.tokenizer, task.scale)
+    banned = [[i] for i in range(bb.engine.model.config.vocab_size) if i not in ids]
+    greedy = generate(bb, PROMPTS, rows, 1, batch_size=2, bad_words_ids=banned)
+    got = answers(bb, task, PROMPTS, rows, GenerateConfig(rating_answer="mode", batch_size=2), 8)
+    assert got == [g.strip() for g in greedy]
+    assert all(g in task.scale for g in got)
+    medians = answers(bb, task, PROMPTS, rows, GenerateConfig(rating_answer="median"), 8)
+    means = answers(bb, task, PROMPTS, rows, GenerateConfig(rating_answer="mean"), 8)
+    assert all(task.parse(m) in VALUES for m in medians)
+    assert all(1.0 <= task.parse(m) <= 5.0 for m in means)
+
+
+def test_a_rule_needs_a_rating_task_and_one_token_per_score():
+    bb = tiny_backbone()
+    with pytest.raises(MtaError, match="lamp2 is classification"):
+        answers(bb, get_task("lamp2"), PROMPTS[:1], None, GenerateConfig(rating_answer="median"), 8)
+    with pytest.raises(MtaError, match="tokens for this tokenizer"):
+        scale_tokens(bb.tokenizer, ["10", "hello world"])
+    # text keeps generating, for any task
+    assert len(answers(bb, get_task("lamp2"), PROMPTS[:1], None, GenerateConfig(), 3)) == 1
+
+
+def _rating_data(path, users: int = 6):
+    """Users of the MovieLens task: 6 rated movies each, one to predict."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for u in range(users):
+        items = [{"id": f"{u}-{i}", "title": f"Movie {u}-{i} (1999)", "genres": rng.choice(["Drama", "Comedy"]),
+                  "score": rng.randint(1, 5)} for i in range(6)]
+        query = {"id": f"{u}-q", "input": get_task("movielens").query_input(f"Film {u} (2001)", "Drama"),
+                 "gold": str(rng.randint(1, 5))}
+        lines.append(json.dumps({"user_id": f"u{u}", "task": "movielens", "history": items, "queries": [query]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.integration
+def test_eval_answers_a_rating_task_by_the_rule_asked_and_says_so(tmp_path, capsys):
+    import json
+
+    from mta.cli.main import main
+
+    data = _rating_data(tmp_path / "ratings.jsonl")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--anchors", "2",
+            "--bank-epochs", "1", "--n-boot", "100"]
+    assert main([*args, "--data", str(data), "--out", str(out), "--methods", "rag-1,mta", "--rating-answer",
+                 "median"]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"rag-1", "mta"}
+    assert all(o in ("1", "2", "3", "4", "5") for r in rows for o in r["outputs"])
+    assert "--rating-answer median" in (out / "results.md").read_text()
+    # the rule is part of each result's identity: run again with another, every method runs again
+    assert main([*args, "--data", str(data), "--out", str(out), "--methods", "rag-1,mta", "--rating-answer",
+                 "mean"]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert any("." in o for r in rows for o in r["outputs"])  # expected values, not digits
+    # a rule on a task without a scale: one line, exit 2, before anything is written
+    synth = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(synth), "--users", "4", "--queries", "1"]) == 0
+    assert main([*args, "--data", str(synth), "--out", str(tmp_path / "no"), "--methods", "rag-1",
+                 "--rating-answer", "median"]) == 2
+    assert not (tmp_path / "no").exists()
+    err = capsys.readouterr().err
+    assert "--rating-answer median reads a rating scale; task synth is classification" in err
+
+
+def test_the_server_refuses_a_rating_rule(tmp_path, capsys):
+    from mta.cli.main import main
+
+    assert main(["serve", "--bank", str(tmp_path), "--keys", str(tmp_path / "keys.json"), "--rating-answer",
+                 "median"]) == 2
+    assert "the server answers with generated text" in capsys.readouterr().err
