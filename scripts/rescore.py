@@ -6,6 +6,10 @@ generations are the run's, only their parsing (and so the metrics) is redone.
 Reads RUN_DIR/config.json (data, task, seed, protocol) and RUN_DIR/predictions.jsonl,
 writes the re-scored table as Markdown to --out (default RUN_DIR/results-rescored.md) and
 prints it. Use it when a parser was fixed after a costly run; say so beside the numbers.
+
+``--rating-answer mode|median|mean``: a rating task's run answered from the scale's
+distribution (`mta eval --rating-answer` other than text) keeps each distribution in its
+outputs; its answers are taken again by this rule (every method; the model is not run).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.data.readers import load_dataset  # noqa: E402
+from mta.decoding.scale import RULES, rate, rating_text, stored_distribution  # noqa: E402
 from mta.evaluation.methods import FoldResult  # noqa: E402
 from mta.evaluation.protocol import prepare_targets  # noqa: E402
 from mta.evaluation.report import markdown  # noqa: E402
@@ -24,11 +29,21 @@ from mta.evaluation.runner import references, summarise  # noqa: E402
 from mta.tasks import get_task  # noqa: E402
 
 
+def again(text: str, task, rule: str) -> str:
+    """A recorded rating answer taken again by ``rule`` from the distribution it keeps."""
+    probs = stored_distribution(text)
+    if probs is None:
+        sys.exit(f"error: an answer without a stored distribution ({text[:40]!r}): the run generated its "
+                 "answers (--rating-answer text); only a run answered from the distribution can be taken again")
+    return rating_text(rate(probs, [float(v) for v in task.scale], rule), probs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--data", type=Path, help="the run's data (default: the path in its config.json)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--rating-answer", choices=RULES[1:], help="take each answer again from its stored distribution")
     a = ap.parse_args()
     cfg = json.loads((a.run / "config.json").read_text())
     task = get_task(cfg["task"])
@@ -38,8 +53,9 @@ def main() -> None:
     for line in (a.run / "predictions.jsonl").read_text().splitlines():
         r = json.loads(line)
         res = results.setdefault(r["method"], FoldResult())
-        res.preds[r["user_id"]] = [task.parse(t) for t in r["outputs"]]
-        res.outputs[r["user_id"]] = r["outputs"]
+        outputs = [again(t, task, a.rating_answer) for t in r["outputs"]] if a.rating_answer else r["outputs"]
+        res.preds[r["user_id"]] = [task.parse(t) for t in outputs]
+        res.outputs[r["user_id"]] = outputs
     for name, res in results.items():  # costs are the run's own
         o = old[name]
         n = len(res.preds)
@@ -52,9 +68,10 @@ def main() -> None:
                             ev.get("target_history"), task)
     methods = list(results)
     rows = summarise(task, users, results, references(methods), ev.get("n_boot", 1000), cfg["seed"])
-    text = markdown(f"{cfg['command']} re-scored from its outputs: {a.run}", "Parsed again with the current "
-                    "parsers (scripts/rescore.py); generations, costs and protocol are the run's.", task, rows,
-                    references(methods))
+    how = (f"Each answer taken again as the {a.rating_answer} of its stored distribution over the scores"
+           if a.rating_answer else "Parsed again with the current parsers")
+    text = markdown(f"{cfg['command']} re-scored from its outputs: {a.run}", f"{how} (scripts/rescore.py); "
+                    "generations, costs and protocol are the run's.", task, rows, references(methods))
     out = a.out or a.run / "results-rescored.md"
     out.write_text(text)
     print(text)

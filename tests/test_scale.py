@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from mta.config import GenerateConfig
 from mta.decoding.batch import generate
 from mta.decoding.prompts import chat_prompt
-from mta.decoding.scale import answers, rate, rating_text, scale_distribution, scale_tokens
+from mta.decoding.scale import answers, rate, rating_text, scale_distribution, scale_tokens, stored_distribution
 from mta.engine.engine import Row
 from mta.errors import MtaError
 from mta.tasks import get_task
@@ -36,6 +40,9 @@ def test_the_rules_read_a_distribution_as_the_metrics_want():
     with pytest.raises(ValueError):
         rate(bimodal, VALUES, "text")
     assert [rating_text(v) for v in (4.0, 3.456)] == ["4", "3.46"]
+    kept = rating_text(4.0, bimodal)
+    assert kept == "4 (p 0.3500 0.1000 0.1000 0.2000 0.2500)" and stored_distribution(kept) == bimodal
+    assert get_task("movielens").parse(kept) == 4.0 and stored_distribution("4") is None
 
 
 def _with_adapters():
@@ -84,8 +91,8 @@ def test_the_mode_is_greedy_generation_restricted_to_the_scale():
     banned = [[i] for i in range(bb.engine.model.config.vocab_size) if i not in ids]
     greedy = generate(bb, PROMPTS, rows, 1, batch_size=2, bad_words_ids=banned)
     got = answers(bb, task, PROMPTS, rows, GenerateConfig(rating_answer="mode", batch_size=2), 8)
-    assert got == [g.strip() for g in greedy]
-    assert all(g in task.scale for g in got)
+    assert [task.parse(g) for g in got] == [task.parse(g) for g in greedy]
+    assert all(g.split()[0] in task.scale for g in got)
     medians = answers(bb, task, PROMPTS, rows, GenerateConfig(rating_answer="median"), 8)
     means = answers(bb, task, PROMPTS, rows, GenerateConfig(rating_answer="mean"), 8)
     assert all(task.parse(m) in VALUES for m in medians)
@@ -133,13 +140,25 @@ def test_eval_answers_a_rating_task_by_the_rule_asked_and_says_so(tmp_path, caps
                  "median"]) == 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == {"rag-1", "mta"}
-    assert all(o in ("1", "2", "3", "4", "5") for r in rows for o in r["outputs"])
+    assert all(p in VALUES for r in rows for p in r["parsed"])
+    # each output keeps the distribution it was read from: taken again by another rule without the model
+    probs = [stored_distribution(o) for r in rows for o in r["outputs"]]
+    assert all(len(p) == 5 and abs(sum(p) - 1) < 1e-3 for p in probs)
+    assert [rate(p, VALUES, "median") for p in probs] == [p for r in rows for p in r["parsed"]]
+    root = Path(__file__).resolve().parents[1]
+    got = subprocess.run([sys.executable, "scripts/rescore.py", str(out), "--rating-answer", "mean", "--out",
+                          str(tmp_path / "mean.md")], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert "the mean of its stored distribution" in got and "| mta |" in got
     assert "--rating-answer median" in (out / "results.md").read_text()
     # the rule is part of each result's identity: run again with another, every method runs again
     assert main([*args, "--data", str(data), "--out", str(out), "--methods", "rag-1,mta", "--rating-answer",
                  "mean"]) == 0
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert any("." in o for r in rows for o in r["outputs"])  # expected values, not digits
+    again = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert any(p not in VALUES for r in again for p in r["parsed"])  # expected values, not whole scores
+    # ... the same as the first run's distributions taken again by the mean (same adapters, seeds)
+    means = {(r["method"], r["user_id"]): [round(rate(stored_distribution(o), VALUES, "mean"), 2)
+                                          for o in r["outputs"]] for r in rows}
+    assert all(r["parsed"] == means[r["method"], r["user_id"]] for r in again)
     # a rule on a task without a scale: one line, exit 2, before anything is written
     synth = tmp_path / "synth"
     assert main(["data", "synth", "--out", str(synth), "--users", "4", "--queries", "1"]) == 0

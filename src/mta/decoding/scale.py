@@ -22,6 +22,7 @@ model that begins its answers otherwise (a space, a word) makes the rule meaning
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -101,9 +102,23 @@ def rate(probs: Sequence[float], values: Sequence[float], rule: str) -> float:
     raise ValueError(f"unknown rating rule {rule!r} ({', '.join(RULES[1:])})")
 
 
-def rating_text(value: float) -> str:
-    """A rating as answer text: a whole score as its digit, a mean to two decimals."""
-    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+def rating_text(value: float, probs: Sequence[float] | None = None) -> str:
+    """A rating as answer text: a whole score as its digit, a mean to two decimals; with
+    ``probs``, the distribution it was read from after it, "4 (p 0.0500 ... 0.2000)", so
+    that a run's recorded outputs keep what any other rule would have answered
+    (``stored_distribution``; ``scripts/rescore.py --rating-answer``). A task's parser
+    takes the first number: the rating."""
+    text = str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+    return text if probs is None else f"{text} (p {' '.join(f'{x:.4f}' for x in probs)})"
+
+
+def stored_distribution(text: str) -> list[float] | None:
+    """The distribution ``rating_text`` wrote after a rating, or None (a generated answer)."""
+    m = _STORED.search(text)
+    return [float(x) for x in m.group(1).split()] if m else None
+
+
+_STORED = re.compile(r"\(p ((?:\d+\.\d+ ?)+)\)")
 
 
 def check_rating_answer(task, gen) -> None:
@@ -128,7 +143,8 @@ def answers(backbone, task, prompts: Sequence[str], rows: Sequence | None, gen, 
             on_batch: Callable[[int], None] | None = None) -> list[str]:
     """The answer texts of ``prompts`` under ``gen``'s settings: generated, or, for a rating
     task with ``gen.rating_answer`` other than ``text``, read from the scale's distribution
-    (the text is the rating the rule gives, which the task parses as usual)."""
+    (the text is the rating the rule gives, which the task parses as usual, then the
+    distribution: ``rating_text``)."""
     check_rating_answer(task, gen)
     rule = gen.rating_answer
     if rule == "text":
@@ -142,4 +158,4 @@ def answers(backbone, task, prompts: Sequence[str], rows: Sequence | None, gen, 
                     "begins its answers otherwise, and --rating-answer %s reads a small remainder",
                     "/".join(labels), 100 * float(mass.mean()), rule)
     values = [float(v) for v in labels]
-    return [rating_text(rate(p, values, rule)) for p in probs.tolist()]
+    return [rating_text(rate(p, values, rule), p) for p in probs.tolist()]
