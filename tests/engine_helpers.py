@@ -45,6 +45,15 @@ def tiny_backbone(seed: int = 0, **cfg):
                          BackboneConfig(device="cpu", **cfg))
 
 
+def backbone_with_adapters():
+    """The tiny backbone with 3 rank-4 anchors and 2 users' rank-2 stacks that move tokens."""
+    bb = tiny_backbone()
+    bb.engine.set_bank(3, 4, 8.0)
+    bb.engine.init_bank(seed=0, b_std=0.3)
+    bb.engine.add_users(2, 2, 4.0, seed=1, b_std=0.3)
+    return bb
+
+
 def random_examples(n: int, seed: int, vocab: int = 250, lo: int = 5, hi: int = 14) -> list[Example]:
     rng = random.Random(seed)
     out = []

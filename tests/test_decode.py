@@ -17,7 +17,7 @@ from mta.decoding.prefix import PrefixCache
 from mta.decoding.slots import SlotDecoder
 from mta.engine.engine import Row
 from mta.serving.scheduler import server_decoder
-from tests.engine_helpers import join_after_a_stack_load, run_through_slots, tiny_backbone
+from tests.engine_helpers import backbone_with_adapters, join_after_a_stack_load, run_through_slots, tiny_backbone
 
 DECODERS = {"eager": lambda bb, pad: Decoder(bb, pad),
             "slots": lambda bb, pad: SlotDecoder(bb, pad, slots=6, span=64),
@@ -35,18 +35,9 @@ def _alone(bb, prompt: list[int], row: Row, n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def _with_adapters():
-    """The tiny backbone with 3 rank-4 anchors and 2 users' rank-2 stacks that move tokens."""
-    bb = tiny_backbone()
-    bb.engine.set_bank(3, 4, 8.0)
-    bb.engine.init_bank(seed=0, b_std=0.3)
-    bb.engine.add_users(2, 2, 4.0, seed=1, b_std=0.3)
-    return bb
-
-
 @pytest.mark.parametrize("kind", DECODERS)
 def test_rows_joining_and_leaving_equal_each_alone(kind):
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
                ("hello there", "a much longer prompt for the second user", "hi", "mid length one")]
@@ -93,7 +84,7 @@ def test_slots_are_reused_and_the_cache_shifts_when_full(async_steps):
     times: each row still gets its tokens alone, slots freed by finished rows are taken by
     new ones, and the shared write position moves back when the cache is shifted (with
     async steps too: a row known to have ended one step late)."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     texts = ["ab", "cdef", "g", "hijk", "lm", "nopq", "r", "stu"]
     rows = [Row([i % 3], [1.0], user=i % 2) if i % 4 else Row(active=False) for i in range(len(texts))]
@@ -112,7 +103,7 @@ def test_a_slot_decoder_and_its_static_cache_are_freed_with_its_last_reference(a
     its last reference goes, with the garbage collector off: no reference cycle keeps it,
     its step decoder or its cache's tensors (GBs at 8B) alive until a full collection
     (benchmarks/join.py's decoders, one after another, ran out of an H100's memory)."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], Row([i % 3], [1.0], user=i % 2), 4, frozenset())
             for i, t in enumerate(["ab", "cdef", "g", "hijk"])]
@@ -136,7 +127,7 @@ def test_a_compiled_slot_decoder_closed_gives_its_cache_back_and_the_backbone_cl
     collection; ``close`` gives the static cache's tensors back at once (the collector off
     otherwise). The backbone's batch-generation decoder, replaced by a larger one, is closed
     before the new one is allocated."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], Row([i % 3], [1.0], user=i % 2), 4, frozenset())
             for i, t in enumerate(["ab", "cdef", "g"])]
@@ -167,7 +158,7 @@ def test_steps_read_a_window_of_the_cache_and_rows_moved_left_keep_their_tokens(
     the compiled step is compiled twice (the first window, then the window symbolic)."""
     from torch._dynamo.utils import counters
 
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     texts = ["ab", "a longer one", "g", "hijk", "lm", "nopq rst", "r", "stu", "vw", "xyz"]
     rows = [Row([i % 3], [1.0], user=i % 2) if i % 4 else Row(active=False) for i in range(len(texts))]
@@ -206,7 +197,7 @@ def test_slot_decoder_refuses_what_does_not_fit():
 def test_slot_decoder_sees_a_table_changed_in_place():
     """Between admissions only the rows' coefficients are refilled, unless a table changed
     (a user's stack reloaded in place, as the server's store does): then the columns too."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     eng, tok = bb.engine, bb.tokenizer
     prompt = tok("the same prompt", add_special_tokens=False)["input_ids"]
     row = Row([0], [1.0], user=0)
@@ -224,7 +215,7 @@ def test_slot_decoder_sees_a_table_changed_in_place():
 def test_the_slot_decoder_builds_a_new_batchs_routing_once(monkeypatch):
     """At a step after rows joined, the routing tensors are built once (the layout's choice
     and the fill share them); a step with the same rows, or after a row left, builds none."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     seqs = [Sequence(tok(t, add_special_tokens=False)["input_ids"], r, 4, frozenset())
             for t, r in (("hello there", Row([0, 1], [0.6, 0.4], user=0)), ("hi", Row([2], [1.0], user=1)))]
@@ -250,7 +241,7 @@ def test_the_slot_decoder_builds_a_new_batchs_routing_once(monkeypatch):
 def test_a_warmed_up_slot_decoder_frees_its_slots_and_changes_no_token(kind):
     """The server's warm-up (every slot through an anchor mixture, then a base row) leaves
     every slot free, and rows decoded after it get the tokens they get alone."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     dec = DECODERS[kind](bb, tok.pad_token_id)
     prompt = tok("warm-up", add_special_tokens=False)["input_ids"]
@@ -277,7 +268,7 @@ def test_the_server_decoder_auto_is_compiled_on_cuda_only():
 def test_a_prompt_prefilled_in_chunks_gives_the_tokens_of_one_forward(kind):
     """Chunked prefill (the server's, between decode steps): joining rows' prompts go in a
     few columns at a time, and each row still gets the greedy tokens it gets alone."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     texts = ("a much longer prompt for the first of these users", "hi", "mid length one")
     rows = [Row([0, 1], [0.6, 0.4], user=0), Row(active=False), Row([2], [1.0], user=1)]
@@ -304,7 +295,7 @@ def test_a_users_cached_prompt_prefix_is_reused_and_changes_no_token(kind, chunk
     the prefix it shares with their first (only the rest is computed), rows with and
     without a hit prefilled together keep their order, each row gets its tokens alone, and
     another user (another key) reuses nothing."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     cache = PrefixCache(max_tokens=4096)
     dec = Decoder(bb, tok.pad_token_id, cache) if kind == "eager" else \
@@ -362,7 +353,7 @@ def test_a_joining_prefill_reads_the_dense_tables_of_the_decode_step_and_gives_t
     reads). Before any dense fill (the first group), the gathered routing."""
     import mta.decoding.slots as slots_mod
 
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     used = []
     real = slots_mod.dense_rows
@@ -396,7 +387,7 @@ def test_a_prefill_after_a_stack_load_reads_the_dense_tables_caught_up_and_the_n
     import mta.decoding.fixed as fixed_mod
     import mta.decoding.slots as slots_mod
 
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok, eng = bb.tokenizer, bb.engine
     used, fills = [], []
     real_rows, real_dense = slots_mod.dense_rows, fixed_mod.dense
@@ -422,7 +413,7 @@ def test_a_cached_users_short_rest_is_fed_through_the_decode_steps_without_stall
     decode step, while the running rows take a token every step; it gets the tokens it gets
     alone, in the joining order, and its whole prompt is cached for the user's next one.
     Rows without a hit, or with a longer rest, are prefilled beside it."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     cache = PrefixCache(max_tokens=4096)
     dec = SlotDecoder(bb, tok.pad_token_id, slots=5, span=256, prefix=cache, feed=16, compile=compile)
@@ -480,7 +471,7 @@ def test_async_steps_take_each_steps_tokens_at_the_next_and_change_no_token():
     (one step behind), a sampling row's step takes them at once, and nothing else changes:
     rows joining (prefilled and fed from a cached prefix), stopping on a stop token, ending
     at their length and sampling get the same tokens as with the synchronous loop."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     shared = "the same long task instruction that every prompt of this user starts with: "
     a, b = Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1)
@@ -529,7 +520,7 @@ def test_a_prefill_computes_the_last_positions_logits_alone_and_its_tokens_do_no
     """A prefill forward asks the model for the last position's logits only (the rest of a
     chunk's vocabulary logits are never read): the logits the model returns have one
     position, and each row's tokens are those the model gives with every position's logits."""
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     tok = bb.tokenizer
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("a longer prompt here", "hi")]
     rows = [Row([0, 2], [0.7, 0.3], user=1), Row(active=False)]

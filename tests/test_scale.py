@@ -16,7 +16,7 @@ from mta.decoding.scale import answers, rate, rating_text, scale_distribution, s
 from mta.engine.engine import Row
 from mta.errors import MtaError
 from mta.tasks import get_task
-from tests.engine_helpers import tiny_backbone
+from tests.engine_helpers import backbone_with_adapters, tiny_backbone
 
 VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
 PROMPTS = ["What score would this user give?", "a much longer prompt: what score from 1 to 5 would this user "
@@ -45,14 +45,6 @@ def test_the_rules_read_a_distribution_as_the_metrics_want():
     assert get_task("movielens").parse(kept) == 4.0 and stored_distribution("4") is None
 
 
-def _with_adapters():
-    bb = tiny_backbone()
-    bb.engine.set_bank(3, 4, 8.0)
-    bb.engine.init_bank(seed=0, b_std=0.3)
-    bb.engine.add_users(2, 2, 4.0, seed=1, b_std=0.3)
-    return bb
-
-
 def _alone(bb, prompt: str, row: Row | None, labels) -> tuple[torch.Tensor, float]:
     """Reference: the prompt alone (no padding), one plain forward through its row."""
     tok = bb.tokenizer
@@ -69,7 +61,7 @@ def _alone(bb, prompt: str, row: Row | None, labels) -> tuple[torch.Tensor, floa
 
 @pytest.mark.parametrize("routed", [True, False])
 def test_a_batch_of_rows_reads_each_prompts_distribution_as_if_alone(routed):
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     labels = get_task("movielens").scale
     rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0])]
     probs, mass = scale_distribution(bb, PROMPTS, rows if routed else None, labels, batch_size=3)
@@ -84,7 +76,7 @@ def test_a_batch_of_rows_reads_each_prompts_distribution_as_if_alone(routed):
 
 
 def test_the_mode_is_greedy_generation_restricted_to_the_scale():
-    bb = _with_adapters()
+    bb = backbone_with_adapters()
     task = get_task("movielens")
     rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0])]
     ids = scale_tokens(bb.tokenizer, task.scale)
