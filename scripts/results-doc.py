@@ -8,6 +8,7 @@ A table is written between two markers, the first naming its record:
     <!-- bench: results/gpu-2026-12-04c/gpu-8b-gen-kernel.json -->   a benchmarks/gpu.py record
     <!-- serve: results/gpu-2026-12-05/serve-sat.json -->   a benchmarks/serve_load.py open-loop record
     <!-- tune: results/.../trial-values.json#oppu-budget -->    a part's budget grid in an `mta tune` log
+    <!-- rules: results/.../rules.json -->    a rating task's answers by rule (scripts/rating-rules.py --out)
     ... the rendering of that record ...
     <!-- end table -->
 
@@ -38,8 +39,11 @@ DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md", ROOT / "
 _spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts" / "results-table.py")
 results_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results_table)
+_spec = importlib.util.spec_from_file_location("rating_rules", ROOT / "scripts" / "rating-rules.py")
+rating_rules = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rating_rules)
 
-KINDS = ("table", "bench", "serve", "tune")
+KINDS = ("table", "bench", "serve", "tune", "rules")
 BLOCK = re.compile(r"(<!-- (?P<kind>" + "|".join(KINDS) + r"): (?P<record>\S+) -->\n)(?P<body>.*?)(<!-- end table -->)",
                    re.S)
 
@@ -179,7 +183,18 @@ def tune_grid(record: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rules_table(record: str) -> str:
+    """A scripts/rating-rules.py record: each method's answers by rule."""
+    try:
+        d = json.loads((ROOT / record).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {record}: no readable rating-rules record ({e})") from None
+    return f"Record `{record}`: " + rating_rules.table(d)
+
+
 def render(kind: str, record: str) -> str:
+    if kind == "rules":
+        return rules_table(record)
     if kind == "tune":
         return tune_grid(record)
     if kind == "table":

@@ -151,6 +151,24 @@ def test_eval_answers_a_rating_task_by_the_rule_asked_and_says_so(tmp_path, caps
     means = {(r["method"], r["user_id"]): [round(rate(stored_distribution(o), VALUES, "mean"), 2)
                                           for o in r["outputs"]] for r in rows}
     assert all(r["parsed"] == means[r["method"], r["user_id"]] for r in again)
+    # the same evaluation answered with text, beside the first run's answers by every rule
+    text = tmp_path / "text"
+    assert main([*args, "--data", str(data), "--out", str(text), "--methods", "rag-1,mta"]) == 0
+    got = subprocess.run([sys.executable, "scripts/rating-rules.py", str(out), "--text", str(text), "--out",
+                          str(tmp_path / "rules.json")], capture_output=True, text=True, cwd=root)
+    assert got.returncode == 0, got.stderr
+    record = json.loads((tmp_path / "rules.json").read_text())
+    by = {r["method"]: r for r in record["rows"]}
+    assert set(by) == {"rag-1", "mta"} and set(by["mta"]["rules"]) == {"text", "mode", "median", "mean"}
+    results = json.loads((text / "metrics.json").read_text())["results"]
+    own = {r["method"]: r["metrics"]["mae"]["value"] for r in results}
+    for m in ("rag-1", "mta"):  # the text rule's MAE is the text run's own
+        assert by[m]["rules"]["text"]["mae"]["value"] == pytest.approx(own[m])
+    assert "| mta |" in got.stdout and "Δmae median - text" in got.stdout
+    # a text run given as the distribution's is refused in one line
+    bad = subprocess.run([sys.executable, "scripts/rating-rules.py", str(text)], capture_output=True, text=True,
+                         cwd=root)
+    assert bad.returncode == 1 and "keep no distribution" in bad.stderr
     # a rule on a task without a scale: one line, exit 2, before anything is written
     synth = tmp_path / "synth"
     assert main(["data", "synth", "--out", str(synth), "--users", "4", "--queries", "1"]) == 0
