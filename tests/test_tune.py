@@ -534,3 +534,27 @@ def test_select_least_trains_least_among_the_trials_within_noise_of_the_best(tmp
     assert (least.adapt["stack_lr"], least.adapt["stack_steps"], least.select) == (1e-4, 8, "least")
     assert main(["tune", "--data", str(tmp_path / "least" / "data"), "--out", str(tmp_path / "bad"),
                  "--select", "fewest", *TINY]) == 2
+
+
+def test_dev_users_script_writes_the_tunes_dev_persons(tmp_path):
+    import subprocess
+    import sys
+
+    from mta.data.readers import load_dataset
+    from mta.evaluation.tune import dev_split
+
+    data = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(data), "--users", "12", "--queries", "1"]) == 0
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "dev.jsonl"
+    r = subprocess.run([sys.executable, "scripts/dev-users.py", str(data), "--out", str(out), "--seed", "3"],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    users = load_dataset(data).users
+    want = dev_split(users, 1 / 3, 3)
+    got = load_dataset(out).users
+    assert sorted(u.user_id for u in got) == want and len(want) < len(users)
+    assert [u.model_dump() for u in got] == [u.model_dump() for u in users if u.user_id in set(want)]
+    again = subprocess.run([sys.executable, "scripts/dev-users.py", str(data), "--out", str(out)],
+                           capture_output=True, text=True, cwd=root)
+    assert again.returncode == 1 and "exists" in again.stderr

@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""The users of the dev persons `mta tune` sets aside (its dev split: the same share of
+persons, the same seed), written as canonical JSONL: for an `mta eval` on dev persons
+alone, where a choice is made that a later table reports on the other persons (which
+`mta eval --recipe` keeps apart from these).
+
+    .venv/bin/python scripts/dev-users.py DATA --out FILE [--dev-fraction 0.3333] [--seed 0] [--task T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mta.data.readers import load_dataset, write_jsonl  # noqa: E402
+from mta.errors import MtaError  # noqa: E402
+from mta.evaluation.tune import dev_split  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--dev-fraction", type=float, default=1 / 3, help="as `mta tune --dev-fraction` (default 1/3)")
+    ap.add_argument("--seed", type=int, default=0, help="as `mta tune --seed` (default 0)")
+    ap.add_argument("--task")
+    ap.add_argument("--persons", type=Path, help="as `mta tune --persons`")
+    a = ap.parse_args()
+    if a.out.exists():
+        sys.exit(f"error: {a.out} exists; give a new file")
+    try:
+        ds = load_dataset(a.data, a.task, a.persons)
+        dev = set(dev_split(ds.users, a.dev_fraction, a.seed))
+    except MtaError as e:
+        sys.exit(f"error: {e}")
+    write_jsonl([u for u in ds.users if u.user_id in dev], a.out)
+    print(f"wrote {len(dev)} users of the dev persons to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
