@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A rating task's answers by each rule, method by method: the same run's answers taken as
 the mode, the median and the mean of each stored distribution (a run answered with `mta
-eval --rating-answer mode|median|mean` keeps them in its outputs), beside the generated
+eval --rating-answer mode|median|mean` keeps them in its outputs; a method that answers
+without the model, a prior, answers the same under every rule), beside the generated
 answers of a second run of the same evaluation (`--text RUN`, answered with
 `--rating-answer text`), with paired person-bootstrap differences (the run's seed and
 resamples, as `mta eval` draws them).
@@ -63,6 +64,9 @@ def measure(run: Path, text_run: Path | None, data: Path | None) -> dict:
             sys.exit(f"error: {run} and {text_run} are not one evaluation (different {', '.join(differ)})")
         if text_cfg["configs"]["generate"].get("rating_answer", "text") != "text":
             sys.exit(f"error: {text_run}: not answered with generated text (--rating-answer text)")
+    if cfg["configs"]["generate"].get("rating_answer", "text") == "text":
+        sys.exit(f"error: {run}: answered with generated text (--rating-answer text): its answers keep no "
+                 "distribution; give the run answered from the distribution first")
     ev = cfg["configs"]["eval"]
     ds = load_dataset(data or Path(cfg["data"]), cfg["task"], ev.get("persons"))
     ids = set(next(iter(outputs.values())))
@@ -74,15 +78,16 @@ def measure(run: Path, text_run: Path | None, data: Path | None) -> dict:
     metrics = task.metric_names
     rows = []
     for method, by_user in outputs.items():
-        preds: dict[str, dict[str, list]] = {}
-        for rule in RULES[1:]:
-            preds[rule] = {}
-            for uid, outs in by_user.items():
-                probs = [stored_distribution(o) for o in outs]
-                if any(p is None for p in probs):
-                    sys.exit(f"error: {run}: {method}'s answers keep no distribution (a run answered with "
-                             "--rating-answer text); give the run answered from the distribution first")
-                preds[rule][uid] = [rate(p, values, rule) for p in probs]
+        probs = {uid: [stored_distribution(o) for o in outs] for uid, outs in by_user.items()}
+        kept = [p is not None for ps in probs.values() for p in ps]
+        if any(kept) and not all(kept):
+            sys.exit(f"error: {run}: some of {method}'s answers keep a distribution and some do not")
+        if all(kept):
+            preds = {rule: {uid: [rate(p, values, rule) for p in ps] for uid, ps in probs.items()}
+                     for rule in RULES[1:]}
+        else:  # a method that answers without the model (a prior): the same answers under every rule
+            same = {uid: [task.parse(o) for o in outs] for uid, outs in by_user.items()}
+            preds = dict.fromkeys(RULES[1:], same)
         if method in text_outputs:
             if set(text_outputs[method]) != ids:
                 sys.exit(f"error: {text_run}: {method} answered other users than in {run}")

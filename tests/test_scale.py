@@ -168,7 +168,7 @@ def test_eval_answers_a_rating_task_by_the_rule_asked_and_says_so(tmp_path, caps
     # a text run given as the distribution's is refused in one line
     bad = subprocess.run([sys.executable, "scripts/rating-rules.py", str(text)], capture_output=True, text=True,
                          cwd=root)
-    assert bad.returncode == 1 and "keep no distribution" in bad.stderr
+    assert bad.returncode == 1 and "answered with generated text" in bad.stderr
     # a rule on a task without a scale: one line, exit 2, before anything is written
     synth = tmp_path / "synth"
     assert main(["data", "synth", "--out", str(synth), "--users", "4", "--queries", "1"]) == 0
