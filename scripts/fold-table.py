@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mta.config import GenerateConfig  # noqa: E402
 from mta.data.readers import load_dataset  # noqa: E402
+from mta.decoding.scale import describe  # noqa: E402
 from mta.evaluation.methods import FoldResult  # noqa: E402
 from mta.evaluation.protocol import persons_of, prepare_targets  # noqa: E402
 from mta.evaluation.report import markdown  # noqa: E402
@@ -49,6 +51,7 @@ def main() -> None:
     if any(f < 0 or f >= ev["folds"] for f in folds):
         sys.exit(f"error: the run has folds 0 to {ev['folds'] - 1}; asked for {a.folds}")
     task = get_task(cfg["task"])
+    gen = GenerateConfig(**cfg["configs"].get("generate", {}))
     results: dict[str, FoldResult] = {}
     for m in cfg["methods"]:
         parts = [a.run / f"fold{f}" / m / RESULT for f in folds]
@@ -77,7 +80,9 @@ def main() -> None:
                 + (f"; targets keep their first {ev['target_history']} history items" if ev.get("target_history")
                    else "")
                 + f"; {cfg['configs']['bank']['anchors']} anchors requested per bank; 95% percentile bootstrap over "
-                  f"persons ({ev['n_boot']} resamples). Not run on these folds: {', '.join(missing) or 'none'}.")
+                  f"persons ({ev['n_boot']} resamples)"
+                + (f"; {describe(task, gen, 0)}" if gen.rating_answer != "text" else "")
+                + f". Not run on these folds: {', '.join(missing) or 'none'}.")
     print(markdown(title, protocol, task, rows, refs, level=3), end="")
     if a.out is not None:
         try:

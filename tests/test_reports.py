@@ -162,3 +162,9 @@ def test_fold_table_scores_the_finished_methods_of_a_stopped_run(tmp_path, monke
     with pytest.raises(SystemExit) as bad:
         fold_table.main()
     assert "folds 0 to 1" in str(bad.value.code)
+    # a run answered from the distribution says so in its protocol
+    (run / "config.json").write_text(json.dumps({**cfg, "configs": {**cfg["configs"],
+                                                                    "generate": {"rating_answer": "median"}}}))
+    monkeypatch.setattr(sys, "argv", ["fold-table.py", str(run), "--folds", "0", "--data", str(data)])
+    fold_table.main()
+    assert "--rating-answer median" in capsys.readouterr().out
