@@ -76,10 +76,12 @@ def scale_distribution(backbone, prompts: Sequence[str], rows: Sequence | None, 
                 with engine.route([rows[i] for i in idx]):
                     out = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
                                        logits_to_keep=1)
-        full = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()
-        picked = full[:, ids]
-        probs[idx] = picked / picked.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-        mass[idx] = picked.sum(-1)
+        logits = out.logits[:, -1].float()
+        # the scale's share of the whole distribution, and the distribution over the scale alone
+        # (softmax over its logits: defined even where their probabilities underflow)
+        scale = logits[:, ids.to(logits.device)]
+        mass[idx] = torch.exp(torch.logsumexp(scale, -1) - torch.logsumexp(logits, -1)).cpu()
+        probs[idx] = torch.softmax(scale, -1).cpu()
         if on_batch:
             on_batch(len(idx))
     return probs, mass
