@@ -536,6 +536,7 @@ def test_select_least_trains_least_among_the_trials_within_noise_of_the_best(tmp
                  "--select", "fewest", *TINY]) == 2
 
 
+@pytest.mark.integration
 def test_dev_users_script_writes_the_tunes_dev_persons(tmp_path):
     import subprocess
     import sys
