@@ -14,9 +14,9 @@ its mean. ``GenerateConfig.rating_answer`` chooses:
 The distribution is the model's next-token probabilities at the answer's first position
 (one forward pass over the prompt, each row through its own adapters), renormalised over
 the scale's tokens: one token per score ("1" ... "5"), which the answer begins with.
-``scale_mass`` says how much of the probability those tokens held before renormalising: a
-model that begins its answers otherwise (a space, a word) makes the rule meaningless, and
-``answers`` warns when that mass is low.
+``scale_distribution`` also returns how much of the probability those tokens held before
+renormalising: a model that begins its answers otherwise (a space, a word) makes the rule
+meaningless, and ``answers`` warns when that share is low.
 """
 
 from __future__ import annotations
