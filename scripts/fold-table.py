@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.config import GenerateConfig  # noqa: E402
 from mta.data.readers import load_dataset  # noqa: E402
-from mta.decoding.scale import describe  # noqa: E402
+from mta.decoding.answers import describe  # noqa: E402
 from mta.evaluation.methods import FoldResult  # noqa: E402
 from mta.evaluation.protocol import persons_of, prepare_targets  # noqa: E402
 from mta.evaluation.report import markdown  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
                    else "")
                 + f"; {cfg['configs']['bank']['anchors']} anchors requested per bank; 95% percentile bootstrap over "
                   f"persons ({ev['n_boot']} resamples)"
-                + (f"; {describe(task, gen, 0)}" if gen.rating_answer != "text" else "")
+                + (f"; {describe(task, gen, 0)}" if "new tokens" not in describe(task, gen, 0) else "")
                 + f". Not run on these folds: {', '.join(missing) or 'none'}.")
     print(markdown(title, protocol, task, rows, refs, level=3), end="")
     if a.out is not None:

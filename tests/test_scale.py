@@ -1,4 +1,5 @@
-"""Rating answers read from the model's distribution over the scale (mta.decoding.scale)."""
+"""Answers read from the model instead of generated: a rating from its distribution over the
+scale (mta.decoding.scale), a label by its likelihood (mta.decoding.labels)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from mta.config import GenerateConfig
+from mta.decoding.answers import answers
 from mta.decoding.batch import generate
 from mta.decoding.prompts import chat_prompt
-from mta.decoding.scale import answers, rate, rating_text, scale_distribution, scale_tokens, stored_distribution
+from mta.decoding.scale import rate, rating_text, scale_distribution, scale_tokens, stored_distribution
 from mta.engine.engine import Row
 from mta.errors import MtaError
 from mta.tasks import get_task
@@ -182,6 +184,73 @@ def test_eval_answers_a_rating_task_by_the_rule_asked_and_says_so(tmp_path, caps
 def test_the_server_refuses_a_rating_rule(tmp_path, capsys):
     from mta.cli.main import main
 
-    assert main(["serve", "--bank", str(tmp_path), "--keys", str(tmp_path / "keys.json"), "--rating-answer",
-                 "median"]) == 2
-    assert "the server answers with generated text" in capsys.readouterr().err
+    for flag, rule in (("--rating-answer", "median"), ("--label-answer", "likeliest")):
+        assert main(["serve", "--bank", str(tmp_path), "--keys", str(tmp_path / "keys.json"), flag, rule]) == 2
+        assert f"{flag} {rule}: the server answers with generated text" in capsys.readouterr().err
+
+
+def _label_reference(bb, prompt: str, row: Row | None, label: str) -> float:
+    """Reference: log p(label tokens, end of turn | chat prompt), one unpadded forward through ``row``."""
+    from mta.decoding.prompts import end_of_turn
+
+    tok = bb.tokenizer
+    p = tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    t = tok(label, add_special_tokens=False)["input_ids"] + [end_of_turn(tok)]
+    ids = torch.tensor([p + t])
+    with torch.no_grad():
+        if row is None:
+            logits = bb.engine.model(input_ids=ids).logits[0]
+        else:
+            with bb.engine.route([row]):
+                logits = bb.engine.model(input_ids=ids).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    return float(sum(logp[len(p) + j - 1, t[j]] for j in range(len(t))))
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_each_labels_likelihood_is_its_whole_answers_through_the_rows_adapters(routed):
+    from mta.decoding.labels import label_log_likelihoods
+
+    bb = backbone_with_adapters()
+    labels = ["comedy", "dark comedy", "sci-fi", "x"]  # one label a prefix of another; lengths differ
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0])]
+    got = label_log_likelihoods(bb, PROMPTS, rows if routed else None, labels, batch_size=3)
+    for i, prompt in enumerate(PROMPTS):
+        for j, lab in enumerate(labels):
+            assert got[i, j].item() == pytest.approx(_label_reference(bb, prompt, rows[i] if routed else None, lab),
+                                                     abs=1e-4)
+    task = get_task("lamp2")
+    chosen = answers(bb, task, PROMPTS, rows, GenerateConfig(label_answer="likeliest", batch_size=2), 8)
+    ll = label_log_likelihoods(bb, PROMPTS, rows, task.labels, batch_size=4)
+    assert chosen == [task.labels[k] for k in ll.argmax(-1).tolist()]
+    assert all(task.parse(c) == c for c in chosen)
+
+
+def test_a_label_rule_needs_a_classification_task():
+    bb = tiny_backbone()
+    with pytest.raises(MtaError, match="movielens is rating without a label set"):
+        answers(bb, get_task("movielens"), PROMPTS[:1], None, GenerateConfig(label_answer="likeliest"), 8)
+
+
+@pytest.mark.integration
+def test_eval_answers_a_classification_task_with_its_likeliest_labels(tmp_path, capsys):
+    import json
+
+    from mta.cli.main import main
+
+    synth = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(synth), "--users", "6", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    args = ["eval", "--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--anchors", "2",
+            "--bank-epochs", "1", "--n-boot", "100", "--methods", "rag-1,mta"]
+    assert main([*args, "--data", str(synth), "--out", str(out), "--label-answer", "likeliest"]) == 0
+    labels = get_task("synth").labels
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert rows and all(o in labels and p == o for r in rows for o, p in zip(r["outputs"], r["parsed"]))
+    assert "--label-answer likeliest" in (out / "results.md").read_text()
+    assert all(r["unparsed"] == 0 for r in json.loads((out / "metrics.json").read_text())["results"])
+    # a label rule on a rating task: one line, exit 2, nothing written
+    data = _rating_data(tmp_path / "ratings.jsonl")
+    assert main([*args, "--data", str(data), "--out", str(tmp_path / "no"), "--label-answer", "likeliest"]) == 2
+    assert not (tmp_path / "no").exists()
+    assert "--label-answer likeliest chooses among a task's labels" in capsys.readouterr().err

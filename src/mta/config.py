@@ -89,7 +89,7 @@ ADDED_FIELDS = {"BankConfig": ("steps", "bank_base", "stop"),
                 "AdaptConfig": ("stack_steps", "fusion_weights", "search_evals", "stack_stop"),
                 # an evaluation's results and a tune's trial log are identified by the answering
                 # settings too (mta.evaluation.runner, .tune)
-                "GenerateConfig": ("rating_answer",)}
+                "GenerateConfig": ("rating_answer", "label_answer")}
 
 
 def _split_csv(v: Any) -> Any:
@@ -375,6 +375,10 @@ class GenerateConfig(_Config):
         "likely score; median: the median of the model's distribution over the scores (the answer with the "
         "least expected absolute error: for MAE); mean: its expected value (for RMSE); read from the answer's "
         "first token in one forward pass (docs/evaluation.md)")
+    label_answer: Literal["text", "likeliest"] = Field(
+        "text", description="a classification task's answer: text: generated and parsed (LaMP's protocol); "
+        "likeliest: the task's label the model finds likeliest as the whole answer (its tokens and the end of the "
+        "turn, through the user's adapters; never an answer outside the labels) (docs/evaluation.md)")
 
 
 class EvalConfig(_Config):

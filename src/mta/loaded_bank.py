@@ -34,7 +34,7 @@ from mta.backbone import Backbone
 from mta.bank import adapter_dir, load_base, read_index
 from mta.config import AdaptConfig, GenerateConfig
 from mta.data.schema import User
-from mta.decoding.scale import answers
+from mta.decoding.answers import answers
 from mta.engine.engine import Row
 from mta.engine.fingerprint import check_fingerprint
 from mta.engine.peft_io import WEIGHTS, export_user, load_anchor, save_user

@@ -20,7 +20,7 @@ from mta.config import AdaptConfig, BackboneConfig, BankConfig, BaselineConfig, 
 from mta.data.readers import load_dataset, write_jsonl
 from mta.data.schema import Dataset
 from mta.data.synth import synth_users
-from mta.decoding.scale import check_rating_answer, describe
+from mta.decoding.answers import check_answer_rules, describe
 from mta.errors import MtaError
 from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import EvalSetup, expand_methods
@@ -66,7 +66,7 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
     t = get_task(ds.task)
     if not any(q.gold is not None for u in ds.users for q in u.queries):
         raise MtaError(f"{ds.path}: no query has a gold output; nothing to score")
-    check_rating_answer(t, cfg.generate)
+    check_answer_rules(t, cfg.generate)
     if leak_check:  # before anything is written; run_eval is then told not to check again
         check_split(folds, t, history_queries, target_history)
     check_run_out(out)
@@ -236,7 +236,7 @@ def tune_cmd(
     if e.users:
         ds.users = ds.users[:e.users]
     t = get_task(ds.task)
-    check_rating_answer(t, cfg.generate)
+    check_answer_rules(t, cfg.generate)
     dev = dev_split(ds.users, dev_fraction, cfg.eval.seed)
     if e.leak_check:  # the dev folds, before anything is written; tune is then told not to check again
         check_split(make_folds([u for u in ds.users if u.user_id in set(dev)], e.folds, cfg.bank.seed), t,

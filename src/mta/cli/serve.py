@@ -50,9 +50,10 @@ def serve_cmd(
     *, cfg: Configs,
 ) -> None:
     """Serve personalised answers over HTTP, OpenAI-compatible (docs/serving.md)."""
-    if cfg.generate.rating_answer != "text":
-        raise MtaError(f"--rating-answer {cfg.generate.rating_answer}: the server answers with generated text; "
-                       "the rating rules are for mta eval and mta generate")
+    for flag, rule in (("--rating-answer", cfg.generate.rating_answer), ("--label-answer", cfg.generate.label_answer)):
+        if rule != "text":
+            raise MtaError(f"{flag} {rule}: the server answers with generated text; the answer rules are for "
+                           "mta eval and mta generate")
     key_table = Keys.read(keys)
     if not key_table.entries:
         raise MtaError(f"{keys}: no keys; add one with: mta keys add --keys {keys} --role admin")

@@ -16,7 +16,7 @@ The distribution is the model's next-token probabilities at the answer's first p
 the scale's tokens: one token per score ("1" ... "5"), which the answer begins with.
 ``scale_distribution`` also returns how much of the probability those tokens held before
 renormalising: a model that begins its answers otherwise (a space, a word) makes the rule
-meaningless, and ``answers`` warns when that share is low.
+meaningless, and ``mta.decoding.answers`` warns when that share is low.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mta.decoding.batch import batch_memory, chat_texts, encoded_batches, generate
+from mta.decoding.batch import batch_memory, chat_texts, encoded_batches
 from mta.errors import MtaError
 
 log = logging.getLogger(__name__)
 RULES = ("text", "mode", "median", "mean")
-LOW_MASS = 0.5  # below this mean share of the first token's probability, ``answers`` warns
+LOW_MASS = 0.5  # below this mean share of the first token's probability, a run warns
 
 
 def scale_tokens(tokenizer, labels: Sequence[str]) -> list[int]:
@@ -121,43 +121,3 @@ def stored_distribution(text: str) -> list[float] | None:
 
 
 _STORED = re.compile(r"\(p ((?:\d+\.\d+ ?)+)\)")
-
-
-def check_rating_answer(task, gen) -> None:
-    """A rule other than ``text`` needs a rating task: one clear error before any work."""
-    rule = getattr(gen, "rating_answer", "text")
-    if rule != "text" and task.kind != "rating":
-        raise MtaError(f"--rating-answer {rule} reads a rating scale; task {task.name} is {task.kind}: "
-                       "use --rating-answer text")
-
-
-def describe(task, gen, max_new_tokens: int) -> str:
-    """How the answers were taken, for a report's protocol line."""
-    rule = getattr(gen, "rating_answer", "text")
-    if rule == "text" or task.kind != "rating":
-        return f"{max_new_tokens} new tokens per answer"
-    what = {"mode": "most likely score", "median": "median", "mean": "expected value"}[rule]
-    return (f"each answer the {what} of the model's distribution over the scores {'/'.join(task.scale)} at the "
-            f"answer's first token (--rating-answer {rule})")
-
-
-def answers(backbone, task, prompts: Sequence[str], rows: Sequence | None, gen, max_new_tokens: int,
-            on_batch: Callable[[int], None] | None = None) -> list[str]:
-    """The answer texts of ``prompts`` under ``gen``'s settings: generated, or, for a rating
-    task with ``gen.rating_answer`` other than ``text``, read from the scale's distribution
-    (the text is the rating the rule gives, which the task parses as usual, then the
-    distribution: ``rating_text``)."""
-    check_rating_answer(task, gen)
-    rule = gen.rating_answer
-    if rule == "text":
-        return generate(backbone, prompts, rows, max_new_tokens, gen.batch_size, gen.max_prompt_tokens,
-                        on_batch=on_batch, decoder=gen.decoder)
-    labels = task.scale
-    probs, mass = scale_distribution(backbone, prompts, rows, labels, gen.batch_size, gen.max_prompt_tokens,
-                                     on_batch)
-    if len(prompts) and float(mass.mean()) < LOW_MASS:
-        log.warning("the scores %s held %.0f%% of the answers' first-token probability on average: the model "
-                    "begins its answers otherwise, and --rating-answer %s reads a small remainder",
-                    "/".join(labels), 100 * float(mass.mean()), rule)
-    values = [float(v) for v in labels]
-    return [rating_text(rate(p, values, rule), p) for p in probs.tolist()]

@@ -37,7 +37,7 @@ from mta.bank import build_private
 from mta.config import AdaptConfig, BankConfig, BaselineConfig, GenerateConfig
 from mta.data.persons import query_item
 from mta.data.schema import User
-from mta.decoding.scale import answers, check_rating_answer
+from mta.decoding.answers import answers, check_answer_rules
 from mta.defaults import pinned
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank, Request
@@ -112,7 +112,7 @@ class EvalSetup:
     search_cache: SearchCache | None = None
 
     def resolve(self, users) -> EvalSetup:
-        check_rating_answer(self.task, self.gen_cfg)
+        check_answer_rules(self.task, self.gen_cfg)
         self.max_new_tokens = self.gen_cfg.max_new_tokens or self.task.answer_tokens(self.backbone.tokenizer, users)
         return self
 
