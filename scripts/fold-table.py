@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mta.config import GenerateConfig  # noqa: E402
 from mta.data.readers import load_dataset  # noqa: E402
-from mta.decoding.answers import describe  # noqa: E402
+from mta.decoding.answers import rule_of  # noqa: E402
 from mta.evaluation.methods import FoldResult  # noqa: E402
 from mta.evaluation.protocol import persons_of, prepare_targets  # noqa: E402
 from mta.evaluation.report import markdown  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     if any(f < 0 or f >= ev["folds"] for f in folds):
         sys.exit(f"error: the run has folds 0 to {ev['folds'] - 1}; asked for {a.folds}")
     task = get_task(cfg["task"])
-    gen = GenerateConfig(**cfg["configs"].get("generate", {}))
+    rule = rule_of(task, GenerateConfig(**cfg["configs"].get("generate", {})))  # None: generated answers
     results: dict[str, FoldResult] = {}
     for m in cfg["methods"]:
         parts = [a.run / f"fold{f}" / m / RESULT for f in folds]
@@ -81,7 +81,7 @@ def main() -> None:
                    else "")
                 + f"; {cfg['configs']['bank']['anchors']} anchors requested per bank; 95% percentile bootstrap over "
                   f"persons ({ev['n_boot']} resamples)"
-                + (f"; {describe(task, gen, 0)}" if "new tokens" not in describe(task, gen, 0) else "")
+                + (f"; {rule}" if rule else "")
                 + f". Not run on these folds: {', '.join(missing) or 'none'}.")
     print(markdown(title, protocol, task, rows, refs, level=3), end="")
     if a.out is not None:

@@ -31,8 +31,9 @@ def check_answer_rules(task, gen) -> None:
                        "without a label set: use --label-answer text")
 
 
-def describe(task, gen, max_new_tokens: int) -> str:
-    """How the answers were taken, for a report's protocol line."""
+def rule_of(task, gen) -> str | None:
+    """The rule the answers of ``task`` are read by under ``gen``, in words for a report's
+    protocol line; None when they are generated."""
     rating, label = getattr(gen, "rating_answer", "text"), getattr(gen, "label_answer", "text")
     if task.kind == "rating" and rating != "text":
         what = {"mode": "most likely score", "median": "median", "mean": "expected value"}[rating]
@@ -41,7 +42,12 @@ def describe(task, gen, max_new_tokens: int) -> str:
     if task.kind == "classification" and label != "text":
         return (f"each answer the likeliest of the task's {len(task.labels)} labels as the whole answer under the "
                 f"model (--label-answer {label})")
-    return f"{max_new_tokens} new tokens per answer"
+    return None
+
+
+def describe(task, gen, max_new_tokens: int) -> str:
+    """How the answers were taken, for a report's protocol line."""
+    return rule_of(task, gen) or f"{max_new_tokens} new tokens per answer"
 
 
 def answers(backbone, task, prompts: Sequence[str], rows: Sequence | None, gen, max_new_tokens: int,
