@@ -315,3 +315,56 @@ def test_variants_are_skipped_when_mta_itself_diverged(tmp_path, monkeypatch):
     m = json.loads((out / "metrics.json").read_text())
     assert [r["method"] for r in m["results"]] == ["rag-1"] and "mta" in m["failed"] and "variants" not in m
     assert not (out / "variants").exists()
+
+
+def test_folds_run_apart_then_read_back_make_the_whole_run(tmp_path, monkeypatch, capsys):
+    """`mta eval --only-folds`: each fold run by itself (another process or machine) writes
+    that fold's results and a table of its targets alone; its results are those the whole
+    run gets (a fold's training does not depend on which folds ran before it in the
+    process); an eval of every fold into a directory holding each fold's results reads them
+    back and runs nothing. Bad fold lists are refused in one line."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    import mta.evaluation.runner as runner
+
+    # (not per-user-lora: a whole run's bank copies the per-user LoRAs that earlier folds
+    # trained for its anchors, docs/evaluation.md)
+    methods = "rag-1,task-lora,mta"
+    rc, whole = _eval_synth(tmp_path, methods, "whole")
+    assert rc == 0
+    parts = {}
+    for i in (1, 0):  # fold 1 first: nothing before it in its process
+        rc, parts[i] = _eval_synth(tmp_path, methods, f"part{i}", "--only-folds", str(i))
+        assert rc == 0 and not (parts[i] / f"fold{1 - i}").exists()
+        m = json.loads((parts[i] / "metrics.json").read_text())
+        assert m["title"].startswith(f"mta eval, fold {i} of 2 only: ")
+        assert f"this run: fold {i} only (--only-folds)" in m["protocol"]
+        ids = {p["user_id"] for p in map(json.loads, (parts[i] / "predictions.jsonl").read_text().splitlines())}
+        assert ids == set(json.loads((whole / "split.json").read_text())[i]["targets"])
+        # (the tiny model's answers are all empty: the adapters themselves are compared)
+        tensors = {d: {p.relative_to(d): load_file(p) for p in sorted((d / f"fold{i}").rglob("*.safetensors"))}
+                   for d in (parts[i], whole)}
+        assert len(tensors[whole]) >= 4 and tensors[parts[i]].keys() == tensors[whole].keys()
+        for k, v in tensors[whole].items():
+            assert v.keys() == tensors[parts[i]][k].keys()
+            assert all(torch.equal(v[n], tensors[parts[i]][k][n]) for n in v), k
+    shutil.copytree(parts[1] / "fold1", parts[0] / "fold1")
+    calls = []
+    monkeypatch.setattr(runner, "_run_method", lambda *a, **k: calls.append(a[1]))
+    rc, joined = _eval_synth(tmp_path, methods, "part0")
+    assert rc == 0 and calls == []
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (joined, whole))
+    assert got["title"] == want["title"]
+    assert json.loads((joined / "split.json").read_text()) == json.loads((whole / "split.json").read_text())
+    assert [(r["method"], r["metrics"]) for r in got["results"]] == [(r["method"], r["metrics"])
+                                                                     for r in want["results"]]
+    capsys.readouterr()
+    for bad, said in (("2", "there are 2 folds (0 to 1); --only-folds named 2"), ("0,0", "a fold is named twice"),
+                      ("-1", "fold indices start at 0"), ("x", "`only_folds.0` input should be a valid integer")):
+        rc, out = _eval_synth(tmp_path, methods, "bad", "--only-folds", bad)
+        assert rc == 2 and not out.exists()
+        assert said in " ".join(capsys.readouterr().err.split()), bad

@@ -99,6 +99,7 @@ def _split_csv(v: Any) -> Any:
 
 
 Names = Annotated[tuple[str, ...], BeforeValidator(_split_csv)]  # also accepts "a,b,c"
+Indices = Annotated[tuple[int, ...], BeforeValidator(_split_csv)]  # also accepts "0,1"
 
 
 # `--gpu-memory`: a share of the device, bytes with an optional unit, or auto
@@ -398,6 +399,10 @@ class EvalConfig(_Config):
     persons: Path | None = Field(None, description="a JSON file mapping each user id to its person; folds, "
                                  "dev split and bootstrap draw persons (default: inferred from profile overlap "
                                  "for LaMP files, the data's person fields for JSONL)")
+    only_folds: Indices = Field((), description="run only these folds (comma-separated indices from 0), to spread "
+                                "one evaluation over processes or machines: each writes its folds' results; "
+                                "`mta eval` of every fold into a directory holding them all reads them back "
+                                "(docs/evaluation.md)")
     leak_check: bool = Field(True, description="stop before training when a target's query answer is in its "
                              "fold's training data (docs/evaluation.md)")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples")
@@ -407,6 +412,24 @@ class EvalConfig(_Config):
                             "adaptation option changed (its flag without the dashes, e.g. bank-base=none,"
                             "fusion-weights=similarity,anchor-training=cluster,stack-steps=32), on the same folds, "
                             "each reported against `mta` with a paired interval (the ablation table)")
+
+    @field_validator("only_folds")
+    @classmethod
+    def _only_folds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(i < 0 for i in v):
+            raise ValueError("fold indices start at 0")
+        if len(set(v)) != len(v):
+            raise ValueError("a fold is named twice")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _folds_exist(self) -> EvalConfig:
+        if self.only_folds and self.anchor_data is not None:
+            raise ValueError("--only-folds splits the folds over persons; with --anchor-data there is one fold")
+        if any(i >= self.folds for i in self.only_folds):
+            raise ValueError(f"there are {self.folds} folds (0 to {self.folds - 1}); --only-folds named "
+                             f"{','.join(map(str, self.only_folds))}")
+        return self
 
     @field_validator("variants")
     @classmethod

@@ -61,8 +61,10 @@ def check_run_out(out: Path, trial_log: bool = False) -> None:
 
 def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[str], folds: list[Fold],
               protocol: str, n_boot: int, seed: int, target_history: int | None, place,
-              history_queries: int = 0, required: frozenset[str] = frozenset(), leak_check: bool = True) -> None:
-    """Load the backbone, run ``methods`` on ``folds``, write and print the report."""
+              history_queries: int = 0, required: frozenset[str] = frozenset(), leak_check: bool = True,
+              scope: str = "") -> None:
+    """Load the backbone, run ``methods`` on ``folds``, write and print the report (``scope``:
+    said in its title when ``folds`` are not all of the protocol's)."""
     t = get_task(ds.task)
     if not any(q.gold is not None for u in ds.users for q in u.queries):
         raise MtaError(f"{ds.path}: no query has a gold output; nothing to score")
@@ -85,7 +87,8 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
             res["variants"] = run_variants(ds, setup, out, folds, n_boot, seed, res, variants, place,
                                            target_history, history_queries)
     tag = "synthetic " if ds.synthetic else ""
-    title = f"mta {command}: {t.title}, {len(ds.users)} {tag}users, model {backbone.model_id}"
+    users = sum(len(f.targets) for f in folds) if scope else len(ds.users)
+    title = f"mta {command}{scope}: {t.title}, {users} {tag}users, model {backbone.model_id}"
     peak, held, cap = (res.get(k) for k in ("peak_gpu_memory_bytes", "peak_gpu_reserved_bytes",
                                              "gpu_memory_cap_bytes"))
     meta = (f"Protocol: {protocol}; {cfg.bank.anchors} anchors requested per bank; 95% percentile bootstrap over "
@@ -162,13 +165,20 @@ def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeF
         protocol = (f"{e.folds} folds over persons (seed {e.seed}; {len(persons_of(ds.users))} persons, "
                     f"{len(ds.users)} users); each fold's persons' users are targets, the other folds' users "
                     "the anchor candidates")
+    scope = ""
+    if e.only_folds:
+        folds = [f for f in folds if f.index in e.only_folds]
+        which = ", ".join(map(str, e.only_folds))
+        scope = f", fold {which} of {e.folds} only"
+        protocol += (f"; this run: fold {which} only (--only-folds), scored on its targets alone; `mta eval` "
+                     "of every fold into a directory holding each fold's results reads them back")
     if e.history_queries:
         protocol += f"; each target's last {e.history_queries} history items are extra test queries"
     if e.target_history:
         protocol += f"; targets keep their first {e.target_history} history items"
     protocol += dev_note
     _evaluate("eval", ds, out, cfg, methods, folds, protocol, e.n_boot, e.seed, e.target_history, eval_layout(out),
-              e.history_queries, leak_check=e.leak_check)
+              e.history_queries, leak_check=e.leak_check, scope=scope)
 
 
 @configured(RunConfig, *STAGES)
@@ -227,7 +237,8 @@ def tune_cmd(
     e = cfg.eval
     unused = [flag for flag, given in (("--methods", e.methods != EvalConfig.model_fields["methods"].default),
                                        ("--anchor-data", e.anchor_data is not None),
-                                       ("--variants", bool(e.variants))) if given]
+                                       ("--variants", bool(e.variants)),
+                                       ("--only-folds", bool(e.only_folds))) if given]
     if unused:
         raise MtaError(f"mta tune chooses its own methods and anchors among the dev users: {', '.join(unused)} "
                        "is an `mta eval` option")
