@@ -168,3 +168,31 @@ def test_fold_table_scores_the_finished_methods_of_a_stopped_run(tmp_path, monke
     monkeypatch.setattr(sys, "argv", ["fold-table.py", str(run), "--folds", "0", "--data", str(data)])
     fold_table.main()
     assert "--rating-answer median" in capsys.readouterr().out
+
+
+def test_answers_by_fold_counts_each_folds_targets_apart(tmp_path, monkeypatch, capsys):
+    """scripts/answers.py --by-fold: each method's parsed answers counted per fold of the
+    run's split.json (one fold's collapsed adapter shows as that fold's None answers); a
+    run without split.json is a one-line error."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("answers", ROOT / "scripts" / "answers.py")
+    answers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(answers)
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [("task-lora", "a", ["rock", "pop"]), ("task-lora", "b", [None]), ("task-lora", "c", [None]),
+            ("rag-1", "a", ["pop", "pop"]), ("rag-1", "b", ["rock"]), ("rag-1", "c", ["pop"])]
+    (run / "predictions.jsonl").write_text("".join(
+        json.dumps({"method": m, "user_id": u, "outputs": [str(x) for x in ps], "parsed": ps}) + "\n"
+        for m, u, ps in rows))
+    (run / "split.json").write_text(json.dumps([{"fold": 0, "targets": ["a"]}, {"fold": 1, "targets": ["b", "c"]}]))
+    monkeypatch.setattr(sys, "argv", ["answers.py", str(run), "--by-fold"])
+    answers.main()
+    assert capsys.readouterr().out.splitlines() == [
+        "task-lora fold 0: rock x1, pop x1", "task-lora fold 1: None x2",
+        "rag-1 fold 0: pop x2", "rag-1 fold 1: rock x1, pop x1"]
+    (run / "split.json").unlink()
+    with pytest.raises(SystemExit) as bad:
+        answers.main()
+    assert "no readable split.json" in str(bad.value.code)
