@@ -368,3 +368,12 @@ def test_folds_run_apart_then_read_back_make_the_whole_run(tmp_path, monkeypatch
         rc, out = _eval_synth(tmp_path, methods, "bad", "--only-folds", bad)
         assert rc == 2 and not out.exists()
         assert said in " ".join(capsys.readouterr().err.split()), bad
+    rc, out = _eval_synth(tmp_path, methods, "bad", "--only-folds", "0", "--anchor-data", str(tmp_path / "data"))
+    assert rc == 2 and not out.exists()
+    assert "with --anchor-data there is one fold" in " ".join(capsys.readouterr().err.split())
+    from mta.cli.main import main
+
+    rc = main(["tune", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "tune"), "--model",
+               "tiny-random-llama", "--embedder", "hashing-embedder", "--only-folds", "0"])
+    assert rc == 2 and not (tmp_path / "tune").exists()
+    assert "--only-folds is an `mta eval` option" in " ".join(capsys.readouterr().err.split())
