@@ -78,7 +78,7 @@ def _help(cls: type, name: str, note: str) -> str:
     if note and note.lower() not in desc.lower():
         parts.append(note[0].upper() + note[1:] + ".")
     d = f.get_default(call_default_factory=True)
-    if d is not None and "(default:" not in desc:
+    if d not in (None, ()) and "(default:" not in desc:  # (an empty list has no default to say)
         parts.append(f"Default: {','.join(map(str, d)) if isinstance(d, tuple) else d}.")
     return " ".join(parts)
 
