@@ -60,17 +60,22 @@ def bench_table(path: Path) -> str:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {path}: no readable benchmark record ({e})") from None
     shape = d.get("shape", {})
+    gen = d.get("generation") or []
+    # (a --loop-only record has no transformers-generate row to compare with: no such column)
+    first = any(r.get("ratio_to_base") is not None for r in gen)
     lines = [f"Record `{path.relative_to(ROOT)}`: {d.get('device', '?')}, torch {d.get('torch', '?')}, "
              f"{shape.get('num_hidden_layers', '?')} layers x hidden {shape.get('hidden_size', '?')}, "
-             f"{str(d.get('dtype', '?')).replace('torch.', '')}; \"x first row\": tokens/s against the first row, "
-             "transformers' generate of the base model.", ""]
-    if d.get("generation"):
-        lines += ["| decode configuration | tokens/s | x first row | ms per step | x base, same loop |",
-                  "|---|---|---|---|---|"]
-        for r in d["generation"]:
+             f"{str(d.get('dtype', '?')).replace('torch.', '')}"
+             + ("; \"x first row\": tokens/s against the first row, transformers' generate of the base model."
+                if first else "."), ""]
+    if gen:
+        lines += ["| decode configuration | tokens/s |" + (" x first row |" if first else "")
+                  + " ms per step | x base, same loop |", "|---|---|---|---|" + ("---|" if first else "")]
+        for r in gen:
             step = r.get("decode_step_seconds")
-            lines.append(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {_num(r.get('ratio_to_base'), '.3f')} | "
-                         f"{_num(step and 1000 * step, '.2f')} | {_num(r.get('ratio_to_base_same_loop'), '.3f')} |")
+            lines.append(f"| {r['config']} | {r['tokens_per_s']:,.0f} |"
+                         + (f" {_num(r.get('ratio_to_base'), '.3f')} |" if first else "")
+                         + f" {_num(step and 1000 * step, '.2f')} | {_num(r.get('ratio_to_base_same_loop'), '.3f')} |")
         lines.append("")
     rows = []
     for key, label in (("bank", "bank building, eager"), ("bank_compiled", "bank building, compiled")):

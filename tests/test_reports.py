@@ -39,6 +39,11 @@ def test_the_reports_tables_match_their_records(monkeypatch, capsys):
         (ROOT / "docs" / "performance.md").read_text()
     assert "| compiled-async | `mta` | 1,989 | 10.7 | 14.3 | 10 | 9.8 | 4.8 | 12.0 | 12.6 | 1.6 | 83 | 940 | 0 |" in \
         (ROOT / "docs" / "serving.md").read_text()
+    # a --loop-only record has no transformers-generate row: no column against it, none in the caption
+    loop_only = results_doc.bench_table(ROOT / "results" / "gpu-2026-12-06" / "gpu-8b-gen.json")
+    assert "first row" not in loop_only and "| decode configuration | tokens/s | ms per step |" in loop_only
+    assert "| new loop: mta engine, 64 users, dense routing, stacks in the last 8 blocks | 4,154 | 10.43 | 0.794 |" \
+        in loop_only
 
 
 def test_a_serve_load_record_that_is_not_open_loop_is_refused(tmp_path):
