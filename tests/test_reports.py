@@ -178,7 +178,8 @@ def test_fold_table_scores_the_finished_methods_of_a_stopped_run(tmp_path, monke
 def test_answers_by_fold_counts_each_folds_targets_apart(tmp_path, monkeypatch, capsys):
     """scripts/answers.py --by-fold: each method's parsed answers counted per fold of the
     run's split.json (one fold's collapsed adapter shows as that fold's None answers); a
-    run without split.json is a one-line error."""
+    run without split.json is a one-line error. --against-run: each method's answers
+    against the same method's in another run."""
     import json
 
     spec = importlib.util.spec_from_file_location("answers", ROOT / "scripts" / "answers.py")
@@ -197,7 +198,20 @@ def test_answers_by_fold_counts_each_folds_targets_apart(tmp_path, monkeypatch, 
     assert capsys.readouterr().out.splitlines() == [
         "task-lora fold 0: rock x1, pop x1", "task-lora fold 1: None x2",
         "rag-1 fold 0: pop x2", "rag-1 fold 1: rock x1, pop x1"]
+    # against the same methods of another run: task-lora answered one query otherwise there
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "predictions.jsonl").write_text("".join(
+        json.dumps({"method": m, "user_id": u, "outputs": [str(x) for x in ps], "parsed": ps}) + "\n"
+        for m, u, ps in [("task-lora", "b", ["pop"]) if (m, u) == ("task-lora", "b") else (m, u, ps)
+                         for m, u, ps in rows]))
+    monkeypatch.setattr(sys, "argv", ["answers.py", str(run), "--against-run", str(other)])
+    answers.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(f"vs task-lora of {other}: 1 of 4 raw answers differ, 1 parsed")
+    assert out[1].endswith(f"vs rag-1 of {other}: 0 of 4 raw answers differ, 0 parsed")
     (run / "split.json").unlink()
+    monkeypatch.setattr(sys, "argv", ["answers.py", str(run), "--by-fold"])
     with pytest.raises(SystemExit) as bad:
         answers.main()
     assert "no readable split.json" in str(bad.value.code)
