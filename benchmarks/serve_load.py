@@ -19,10 +19,10 @@ gives its time to first token and its inter-token gaps; one server per decoder, 
 --max-batch --clients, serves the per-user model (``mta``) and then the base model alone
 (``mta-base``, the yardstick) under the same arrivals. It prints tokens/s, time to first
 token p50/p99, inter-token latency p50/p99 and errors of each, and the server's seconds by
-phase (its scheduler's admit, load, prefill, merge, step and stream). --warm-users sends each
-user one request before the timed load (a server that has run a while: every user's stack
-resident and prompt prefix cached); without it each user's first request, with its stack
-load and its prefill, is part of the load.
+phase (its scheduler's admit, load, route, prefill, wait, merge, step and stream).
+--warm-users sends each user one request before the timed load (a server that has run a
+while: every user's stack resident and prompt prefix cached); without it each user's first
+request, with its stack load and its prefill, is part of the load.
 
     .venv/bin/python benchmarks/serve_load.py --adapt-during    # latency while users are onboarded
 

@@ -760,9 +760,10 @@ def test_a_join_reads_the_store_for_the_joining_users_alone(tmp_path, monkeypatc
 
 def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     """What a load run reads to say where a server's time goes: the scheduler's seconds by
-    phase (admit, load, prefill, merge, step, stream) add up to no more than the time it ran,
-    each phase has some, the load phase is the stack loads' time, and every group of joining
-    requests is one join."""
+    phase (admit, load, route, prefill, wait, merge, step, stream) add up to no more than the
+    time it ran, each phase has some, the load phase is the stack loads' time, the route and
+    wait phases the prefills' own counts of theirs, and every group of joining requests is
+    one join."""
     import time
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -792,6 +793,8 @@ def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     assert sorted(phase) == sorted(PHASES) and all(v > 0 for v in phase.values()), phase
     assert sum(phase.values()) <= wall
     assert bank.stacks.loads == loads + 1 and phase["load"] == pytest.approx(bank.stacks.load_seconds - loading)
+    assert phase["route"] == pytest.approx(sched.decoder.seconds["route"])
+    assert phase["wait"] == pytest.approx(sched.decoder.seconds["wait"])
     assert len(done) == 5
     assert joins == 2  # four into the empty batch, then the fifth once two slots were free
     # the prefill forwards the joins ran (a chunk each), counted as the decoder ran them

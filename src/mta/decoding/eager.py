@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,6 +105,11 @@ class Decoder:
         self.pad_id = pad_id
         self.prefix = prefix  # per-user prompt prefixes (mta.decoding.prefix), or None
         self.forwards = 0  # prefill forwards run (chunks of joining prompts): a server's count of them
+        # host seconds of the prefills so far in two of their parts (a server's phases): "route",
+        # making the rows' adapters readable by the forward (the router), and "wait", taking
+        # the first tokens (on a GPU: waiting for the device to finish the forward, launched
+        # asynchronously); the rest of a prefill's time is the forward's launch
+        self.seconds = {"route": 0.0, "wait": 0.0}
         self.kw = cache_kwarg(self.model)
         # a prefill needs the last position's logits only: without this the model computes the
         # vocabulary's logits at every position (a 2,048-token chunk at Llama-3-8B's vocabulary:
@@ -116,7 +122,10 @@ class Decoder:
         self.router: Callable[[list], contextlib.AbstractContextManager] = self.engine.route
 
     def _forward(self, ids, mask, pos_ids, cache, rows):
-        with self.router(rows):
+        with contextlib.ExitStack() as routed:
+            t = time.monotonic()
+            routed.enter_context(self.router(rows))
+            self.seconds["route"] += time.monotonic() - t
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, use_cache=True,
                              **{self.kw: cache}, **self.last_only)
         return out.logits[:, -1, :].float(), _out_cache(out)
@@ -230,7 +239,9 @@ class Decoder:
             batch = Batch([pf.seqs[i] for i in part.rows], part.cache, part.mask, part.mask.sum(-1),
                           torch.zeros(b, dtype=torch.long, device=self.device))
             self._keep_prefixes(pf, part, batch)
+            t = time.monotonic()
             self._take(batch, logits)
+            self.seconds["wait"] += time.monotonic() - t
             pf.finished.append((part.rows, batch))
             if budget is not None and budget <= 0:
                 break

@@ -354,6 +354,11 @@ class SlotDecoder:
         """Prefill forwards run (a fed join runs none)."""
         return self.eager.forwards
 
+    @property
+    def seconds(self) -> dict[str, float]:
+        """The prefills' route and wait seconds (mta.decoding.eager.Decoder.seconds)."""
+        return self.eager.seconds
+
     def _on_device(self, values: list[int]) -> torch.Tensor:
         """Host integers on the step's device without waiting for the step: through pinned
         memory on CUDA (a copy from pageable memory may wait for the stream)."""

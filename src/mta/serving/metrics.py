@@ -14,10 +14,12 @@ LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 TOKEN = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.06, 0.08, 0.1, 0.25,
          0.5, 1, 2.5)
 # what the scheduler's thread spends its time on (Metrics.spent): admit (planning joining
-# requests with the running ones), load (their users' stacks read from the store), prefill
-# (their prompts' forward), merge (their rows moved into the running batch), step (decode
-# steps), stream (the new text to each request)
-PHASES = ("admit", "load", "prefill", "merge", "step", "stream")
+# requests with the running ones), load (their users' stacks read from the store), route
+# (their adapters made readable by their prefill: the decode step's dense tables caught up,
+# or each row's factors gathered), prefill (their prompts' forward launched), wait (their
+# first tokens: on a GPU, the device finishing the prefill), merge (their rows moved into
+# the running batch), step (decode steps), stream (the new text to each request)
+PHASES = ("admit", "load", "route", "prefill", "wait", "merge", "step", "stream")
 
 
 class Metrics:
@@ -50,9 +52,10 @@ class Metrics:
                                        registry=r)
         self.phase_seconds = Counter("mta_scheduler_seconds", "seconds the scheduler's thread spent by phase: admit "
                                      "(planning joining requests), load (their users' stacks read from the "
-                                     "store), prefill (their prompts' forward), merge (their move into the "
-                                     "running batch), step (decode steps), stream (the new text to each "
-                                     "request)", ["phase"], registry=r)
+                                     "store), route (their adapters made readable by their prefill), prefill "
+                                     "(their prompts' forward launched), wait (their first tokens: the device "
+                                     "finishing the prefill), merge (their move into the running batch), step "
+                                     "(decode steps), stream (the new text to each request)", ["phase"], registry=r)
         for phase in PHASES:
             self.phase_seconds.labels(phase)
         self.joins = Counter("mta_joins", "groups of requests that joined the running batch", registry=r)

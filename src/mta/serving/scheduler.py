@@ -397,7 +397,7 @@ class Scheduler:
         """The next chunk of the joining rows' prompts (all of them without a chunk size);
         with the last one they join the running batch."""
         pf, fresh, t0 = self.pending
-        began, forwards = time.monotonic(), self.decoder.forwards
+        began, forwards, parts = time.monotonic(), self.decoder.forwards, dict(self.decoder.seconds)
         try:
             part = self.decoder.advance(pf, self.prefill_chunk or None)
         except torch.OutOfMemoryError:  # the prefill's activations are the transient peak
@@ -411,8 +411,11 @@ class Scheduler:
             for job in fresh:
                 job.emit("error", err)
             return
-        self._spent("prefill", began)
+        spent = {k: v - parts[k] for k, v in self.decoder.seconds.items()}  # the route and wait phases
+        self._spent("prefill", began, less=sum(spent.values()))
         if self.metrics:
+            for phase, seconds in spent.items():
+                self.metrics.add(phase, seconds)
             self.metrics.prefill_forwards.inc(self.decoder.forwards - forwards)
         if part is None:
             return
