@@ -52,10 +52,11 @@ import httpx2 as httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 ready = threading.Event()  # adapt_loop's warm-up job has finished
+CUDA_COUNTERS = ("mta_cuda_alloc_retries", "mta_cuda_mallocs", "mta_cuda_frees")  # a server on a GPU has them
 # the server's counters a run reads (a name left out here reads as 0: keep it in step with
 # what the rows report, mta.serving.metrics)
 COUNTERS = ("mta_scheduler_seconds", "mta_joins", "mta_fed_requests", "mta_prefill_forwards", "mta_stack_loads",
-            "mta_stack_reads_ahead")
+            "mta_stack_reads_ahead", *CUDA_COUNTERS)
 
 
 def mta(*args: str) -> str:
@@ -260,6 +261,9 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
             "server_prefill_forwards": int(counter_deltas(before, after, "mta_prefill_forwards").get("", 0)),
             "server_stack_loads": int(counter_deltas(before, after, "mta_stack_loads").get("", 0)),
             "server_stack_reads_ahead": int(counter_deltas(before, after, "mta_stack_reads_ahead").get("", 0)),
+            # the CUDA caching allocator's retries and driver calls during the load (absent on a CPU)
+            **{f"server_{n.removeprefix('mta_')}": int(counter_deltas(before, after, n)[""])
+               for n in CUDA_COUNTERS if "" in after.get(n, {})},
             "errors": sum(not r["ok"] for r in results)}
 
 
@@ -412,7 +416,10 @@ def report_open_loop(a, rows: list[dict]) -> None:
         print(f"  {r['decoder']:<{w}} {r['model']:<9} wall {r['wall_s']:.1f} s: {parts or '-'}; "
               f"{r.get('server_joins', 0)} joins, {r.get('server_fed', 0)} fed, "
               f"{r.get('server_prefill_forwards', 0)} prefill forwards, {r.get('server_stack_loads', 0)} stack loads "
-              f"({r.get('server_stack_reads_ahead', 0)} read ahead)")
+              f"({r.get('server_stack_reads_ahead', 0)} read ahead)"
+              + ("" if "server_cuda_mallocs" not in r else
+                 f"; CUDA allocator: {r['server_cuda_alloc_retries']} retries, {r['server_cuda_mallocs']} "
+                 f"cudaMalloc, {r['server_cuda_frees']} cudaFree"))
     for d in dict.fromkeys(r["decoder"] for r in rows):
         mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
         mine["tokens_vs_base"] = mine["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None

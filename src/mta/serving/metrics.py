@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 # every 2.5 ms up to 20 ms: a decode step's range, where the inter-token latency's p50 is read
@@ -22,9 +23,42 @@ TOKEN = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025,
 PHASES = ("admit", "load", "route", "prefill", "wait", "merge", "step", "stream")
 
 
+def cuda_allocator_stats() -> dict | None:
+    """The CUDA caching allocator's counts (``torch.cuda.memory_stats``), None without CUDA
+    in use."""
+    import torch
+
+    return torch.cuda.memory_stats() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+class _Allocator:
+    """The caching allocator's counts, read at each scrape: its retries (an allocation that
+    found no free block, so the allocator gave its cached blocks back to the driver and
+    tried again: a device synchronisation and driver calls, on the scheduler's thread) and
+    its driver allocations and frees (cudaMalloc, cudaFree: each waits for the device)."""
+
+    COUNTS = (("mta_cuda_alloc_retries", "num_alloc_retries", "allocations the CUDA caching allocator retried "
+               "after giving its cached blocks back"),
+              ("mta_cuda_mallocs", "num_device_alloc", "cudaMalloc calls of the CUDA caching allocator"),
+              ("mta_cuda_frees", "num_device_free", "cudaFree calls of the CUDA caching allocator"))
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats()
+        if s is None:
+            return
+        for name, key, doc in self.COUNTS:
+            yield CounterMetricFamily(name, doc, value=s.get(key, 0))
+
+
 class Metrics:
-    def __init__(self):
+    def __init__(self, allocator=cuda_allocator_stats):
+        """``allocator``: what reads the CUDA allocator's counts at a scrape (None: no counts)."""
         self.registry = r = CollectorRegistry()
+        if allocator is not None:
+            r.register(_Allocator(allocator))
         self.requests = Counter("mta_requests", "HTTP generation requests by route and status", ["route", "status"],
                                 registry=r)
         self.prompt_tokens = Counter("mta_prompt_tokens", "prompt tokens prefilled", registry=r)
