@@ -50,6 +50,9 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_profile  # noqa: E402  (beside this file)
+
 ROOT = Path(__file__).resolve().parents[1]
 ready = threading.Event()  # adapt_loop's warm-up job has finished
 CUDA_COUNTERS = ("mta_cuda_alloc_retries", "mta_cuda_mallocs", "mta_cuda_frees")  # a server on a GPU has them
@@ -117,7 +120,7 @@ def adapt_loop(url: str, key: str, work: Path, newcomers: list[str], stop: threa
 @contextlib.contextmanager
 def server(work: Path, a, max_batch: int, decoder: str, extra: tuple[str, ...] = (), name: str = ""):
     """`mta serve` on loopback with ``max_batch`` rows and ``decoder``, ready (its warm-up
-    done); yields its URL, stops it (SIGTERM) after."""
+    done); yields its URL and process id, stops it (SIGTERM) after."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     tag = "".join(c if c.isalnum() else "-" for c in name)
@@ -142,7 +145,7 @@ def server(work: Path, a, max_batch: int, decoder: str, extra: tuple[str, ...] =
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the server did not start: {Path(log.name).read_text()[-1500:]}")
             time.sleep(0.5)
-        yield url
+        yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
@@ -222,8 +225,9 @@ def streamed(client, url: str, body: dict) -> dict:
     return {"ok": False, "tokens": tokens, "times": times, "t0": t0}
 
 
-def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str) -> dict:
-    """``a.requests`` streamed requests sent at ``a.rate`` per second (open loop) to ``model``."""
+def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str, pid: int) -> dict:
+    """``a.requests`` streamed requests sent at ``a.rate`` per second (open loop) to ``model``
+    (the server's process ``pid``, sampled by py-spy during the load with ``a.profile``)."""
     def body(i: int) -> dict:
         b = {"model": model, "max_tokens": a.max_tokens,
              "messages": [{"role": "user", "content": a.prompt.format(i=i)}]}
@@ -238,7 +242,9 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
         with ThreadPoolExecutor(min(lanes, len(users))) as ex:
             list(ex.map(lambda i: streamed(client, url, body(a.requests + i)), range(len(users))))
     before = histograms(client, url)
-    with ThreadPoolExecutor(lanes) as ex:
+    rec = a.profile / f"{decoder}-{model}" if a.profile else None
+    sampled = host_profile.sampling(pid, rec, a.profile_rate) if rec else contextlib.nullcontext()
+    with sampled, ThreadPoolExecutor(lanes) as ex:
         futures, t0 = [], time.perf_counter()
         for i in range(a.requests):
             time.sleep(max(0.0, t0 + i / a.rate - time.perf_counter()))
@@ -264,14 +270,15 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str)
             # the CUDA caching allocator's retries and driver calls during the load (absent on a CPU)
             **{f"server_{n.removeprefix('mta_')}": int(counter_deltas(before, after, n)[""])
                for n in CUDA_COUNTERS if "" in after.get(n, {})},
-            "errors": sum(not r["ok"] for r in results)}
+            "errors": sum(not r["ok"] for r in results),
+            **({"host_profile": host_profile.summarise(rec, a.profile_rate)} if rec else {})}
 
 
 def run(work: Path, key: str, users: list[str], a, max_batch: int, extra: tuple[str, ...] = (),
         newcomers: list[str] | None = None, name: str = "") -> dict:
     """The load on a server of ``max_batch``; with ``newcomers``, a user is being adapted
     the whole time the load runs (``adapt_loop``)."""
-    with server(work, a, max_batch, a.decoder, extra, name) as url:
+    with server(work, a, max_batch, a.decoder, extra, name) as (url, _):
         client = httpx.Client(timeout=a.timeout, headers={"Authorization": f"Bearer {key}"})
 
         def one(i: int) -> tuple[float, int, bool]:
@@ -339,6 +346,10 @@ def main() -> None:
     ap.add_argument("--warm-users", action="store_true", help="open loop: before the timed load, one request "
                     "of each user (not counted), so their stacks are resident and their prompt prefixes cached, "
                     "as in a server that has run a while; without it each user's first request is in the load")
+    ap.add_argument("--profile", type=Path, help="open loop: sample each server's threads with py-spy during "
+                    "the timed load (benchmarks/host_profile.py: the scheduler thread's phases, its GIL share, "
+                    "what it waits in); the recordings go under this directory")
+    ap.add_argument("--profile-rate", type=int, default=250, help="py-spy's samples per second (--profile)")
     ap.add_argument("--adapt-during", action="store_true", help="the load without adapt jobs, with a user being "
                     "adapted by the worker the whole time, and with jobs on the decode loop's thread")
     a = ap.parse_args()
@@ -351,6 +362,13 @@ def main() -> None:
         ap.error("--rate takes a positive number of requests per second, and not with --adapt-during")
     if a.warm_users and a.rate is None:
         ap.error("--warm-users goes with --rate (the open loop)")
+    if a.profile is not None:
+        if a.rate is None:
+            ap.error("--profile goes with --rate (the open loop)")
+        try:
+            host_profile.py_spy()
+        except host_profile.ProfileError as e:
+            ap.error(str(e))
     if a.model == "tiny-random-llama" and a.embedder == "minilm-l6":
         a.embedder = "hashing-embedder"
     with tempfile.TemporaryDirectory() as tmp:
@@ -360,8 +378,8 @@ def main() -> None:
         if a.rate is not None:
             rows = []
             for d in decoders:
-                with server(work, a, a.clients, d) as url:
-                    rows += [open_loop(url, key, users, a, model, d) for model in ("mta", "mta-base")]
+                with server(work, a, a.clients, d) as (url, pid):
+                    rows += [open_loop(url, key, users, a, model, d, pid) for model in ("mta", "mta-base")]
         elif a.adapt_during:
             newcomers = [f"synth-{i:04d}" for i in range(a.users, a.users + 8)]  # in the data, not in the store
             rows = [run(work, key, users, a, a.clients, name="no adapt job"),
@@ -420,6 +438,10 @@ def report_open_loop(a, rows: list[dict]) -> None:
               + ("" if "server_cuda_mallocs" not in r else
                  f"; CUDA allocator: {r['server_cuda_alloc_retries']} retries, {r['server_cuda_mallocs']} "
                  f"cudaMalloc, {r['server_cuda_frees']} cudaFree"))
+    for r in rows:
+        if "host_profile" in r:
+            print(f"host profile (py-spy, {a.profile}/{r['decoder']}-{r['model']}): {r['decoder']} {r['model']}")
+            print(host_profile.report(r["host_profile"], "  "))
     for d in dict.fromkeys(r["decoder"] for r in rows):
         mine, base = (next(r for r in rows if r["decoder"] == d and r["model"] == m) for m in ("mta", "mta-base"))
         mine["tokens_vs_base"] = mine["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None

@@ -1,0 +1,165 @@
+"""Where a server's host time goes, sampled from outside the process by py-spy (no GIL
+needed, nothing changed in the server): two recorders at once, one of every thread at every
+sample (``--idle``: on the CPU or waiting) and one of the thread holding the GIL (``--gil``).
+
+Read together they say, for the scheduler's thread, how much of the load's wall time each
+phase took (the function `Scheduler._loop` was in) and how much of that it held the GIL;
+a phase that takes long while holding the GIL little is waiting: for the GIL (another
+thread holds it: their GIL shares are in the summary), for the device, or in a system call.
+Used by ``benchmarks/serve_load.py --profile DIR``; py-spy (pinned with the dev tools) must be
+beside the Python running it or on the PATH, and allowed to read the server's memory (root,
+or ptrace allowed).
+
+    python benchmarks/host_profile.py DIR/compiled-async-mta   # summarise a recording again
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+SCHEDULER = "mta-scheduler"  # the scheduler thread's name (mta.serving.scheduler)
+LOOP = "Scheduler._loop (mta/serving/scheduler.py"  # its loop's frame; the frame it calls is the phase
+SCHEDULER_FILE = "(mta/serving/scheduler.py:"
+WRAPPERS = ("(torch/utils/_contextlib.py:", "(contextlib.py:")  # decorators' frames, skipped for the phase
+# "thread (TID): NAME;frame;...;leaf COUNT", a frame "function (file:line)"
+_LINE = re.compile(r"^thread \((?:0x)?[0-9a-fA-F]+\): ?(?P<name>[^;]*);?(?P<stack>.*) (?P<n>\d+)$")
+
+
+class ProfileError(RuntimeError):
+    pass
+
+
+def py_spy() -> str:
+    """py-spy's executable: beside this Python's (a virtual environment's bin), or on the PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.is_file() else shutil.which("py-spy")
+    if found is None:
+        raise ProfileError("py-spy is neither beside this Python nor on the PATH (pip install py-spy): "
+                           "--profile needs it")
+    return found
+
+
+@contextlib.contextmanager
+def sampling(pid: int, out: Path, rate: int = 250):
+    """Two py-spy recorders of process ``pid`` while the block runs: every thread at every
+    sample (``out/all.txt``) and the GIL's holder (``out/gil.txt``), raw collapsed stacks."""
+    exe = py_spy()
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for name, flag in (("all", "--idle"), ("gil", "--gil")):
+        procs.append(subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+                                       "--threads", "--nonblocking", flag, "--output", str(out / f"{name}.txt")],
+                                      stdout=subprocess.DEVNULL, stderr=(out / f"{name}.log").open("w")))
+    try:
+        yield out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)  # py-spy writes what it sampled on Ctrl-C
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    for name in ("all", "gil"):
+        if not (out / f"{name}.txt").exists():
+            log = (out / f"{name}.log").read_text().strip().splitlines()
+            raise ProfileError(f"py-spy wrote no samples of process {pid}: {log[-1] if log else 'no output'}")
+
+
+def parse(path: Path) -> Counter:
+    """(thread name, frames root first) -> samples, from a raw py-spy recording."""
+    stacks: Counter = Counter()
+    for line in path.read_text().splitlines():
+        m = _LINE.match(line.strip())
+        if m:
+            frames = tuple(f for f in m["stack"].split(";") if f)
+            stacks[(m["name"].strip(), frames)] += int(m["n"])
+    return stacks
+
+
+def _phase(frames: tuple[str, ...]) -> str:
+    """The scheduler's phase at a sample: the innermost of its own methods under its loop
+    (`_admit` runs the first prefill chunk: `_prefill_some`), then what that called (the
+    decoder's step, ...); the thread's leaf frame outside the loop."""
+    for i, f in enumerate(frames):
+        if f.startswith(LOOP):
+            inner = [g for g in frames[i + 1:] if not any(w in g for w in WRAPPERS)]
+            own = [k for k, g in enumerate(inner) if g.startswith("Scheduler.") and SCHEDULER_FILE in g]
+            if own:
+                return inner[own[-1]].split(" (")[0].split(".<locals>")[0]
+            return inner[0].split(" (")[0] if inner else "Scheduler._loop"
+    return "(outside the loop)"
+
+
+def _leaf(frames: tuple[str, ...]) -> str:
+    return frames[-1] if frames else "(no frame)"
+
+
+def summarise(out: Path, rate: int | None = None, top: int = 12) -> dict:
+    """The recordings in ``out`` summed up: each thread's share of the GIL samples; the
+    scheduler thread's samples by phase, all and with the GIL held; its leaf frames where it
+    spent most samples without the GIL."""
+    every, gil = parse(out / "all.txt"), parse(out / "gil.txt")
+    threads: Counter = Counter()
+    for (name, _), n in gil.items():
+        threads[name] += n
+    mine = {k: n for k, n in every.items() if k[0] == SCHEDULER}
+    mine_gil = {k: n for k, n in gil.items() if k[0] == SCHEDULER}
+    phases: dict[str, dict[str, int]] = {}
+    for source, key in ((mine, "samples"), (mine_gil, "holding_gil")):
+        for (_, frames), n in source.items():
+            ph = phases.setdefault(_phase(frames), {"samples": 0, "holding_gil": 0})
+            ph[key] += n
+    leaves_all, leaves_gil = Counter(), Counter()
+    for (_, frames), n in mine.items():
+        leaves_all[_leaf(frames)] += n
+    for (_, frames), n in mine_gil.items():
+        leaves_gil[_leaf(frames)] += n
+    waiting = Counter({leaf: n - leaves_gil.get(leaf, 0) for leaf, n in leaves_all.items()})
+    total = sum(mine.values())
+    return {"scheduler_samples": total, "scheduler_holding_gil": sum(mine_gil.values()),
+            "gil_samples": sum(threads.values()), "rate_per_s": rate,
+            "gil_by_thread": dict(threads.most_common()),
+            "phases": dict(sorted(phases.items(), key=lambda kv: -kv[1]["samples"])),
+            "scheduler_leaves_without_gil": dict(waiting.most_common(top)),
+            "scheduler_leaves": dict(leaves_all.most_common(top))}
+
+
+def report(s: dict, indent: str = "  ") -> str:
+    """The summary as text: the scheduler thread's phases, the GIL's holders, its waits."""
+    total = s["scheduler_samples"] or 1
+    lines = [f"{indent}scheduler thread: {s['scheduler_samples']} samples, holding the GIL in "
+             f"{s['scheduler_holding_gil'] / total:.0%} of them; by phase (share of its samples, share of "
+             "those holding the GIL):"]
+    for name, ph in s["phases"].items():
+        held = ph["holding_gil"] / ph["samples"] if ph["samples"] else 0.0
+        lines.append(f"{indent}  {name:<32} {ph['samples'] / total:>6.1%}  GIL {held:>5.0%}")
+    g = s["gil_samples"] or 1
+    lines.append(f"{indent}GIL held by: " + ", ".join(f"{t or '?'} {n / g:.0%}"
+                                                         for t, n in list(s["gil_by_thread"].items())[:6]))
+    lines.append(f"{indent}scheduler thread without the GIL, by frame (share of its samples):")
+    for leaf, n in s["scheduler_leaves_without_gil"].items():
+        if n > 0:
+            lines.append(f"{indent}  {n / total:>6.1%}  {leaf}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "all.txt").exists():
+        sys.exit("usage: host_profile.py DIR (a directory holding a recording's all.txt and gil.txt)")
+    s = summarise(Path(sys.argv[1]))
+    print(report(s))
+    print(json.dumps(s, indent=1))
+
+
+if __name__ == "__main__":
+    main()
