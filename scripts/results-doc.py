@@ -100,7 +100,7 @@ def bench_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("admit", "load", "prefill", "merge", "step", "stream")
+PHASES = ("admit", "load", "route", "prefill", "wait", "merge", "step", "stream")  # mta.serving.metrics.PHASES
 
 
 def serve_table(path: Path) -> str:
@@ -115,10 +115,13 @@ def serve_table(path: Path) -> str:
     if not rows:
         raise SystemExit(f"error: {path}: not an open-loop serve_load record")
     phases = [p for p in PHASES if any(p in r.get("server_phase_s", {}) for r in rows)]
-    # counts later records carry: prefill forwards, stack loads and those read ahead
+    # counts later records carry: prefill forwards, stack loads and those read ahead, the
+    # CUDA allocator's driver allocations and retries (a server on a GPU)
     counts = [(k, label) for k, label in (("server_prefill_forwards", "prefill forwards"),
                                            ("server_stack_loads", "stack loads"),
-                                           ("server_stack_reads_ahead", "read ahead")) if any(k in r for r in rows)]
+                                           ("server_stack_reads_ahead", "read ahead"),
+                                           ("server_cuda_mallocs", "cudaMalloc"),
+                                           ("server_cuda_alloc_retries", "alloc retries")) if any(k in r for r in rows)]
     warm = "; each user's first request before the timed load (--warm-users)" if d.get("warm_users") else ""
     lines = [f"Record `{path.relative_to(ROOT)}`: {d.get('model', '?')} on {d.get('device', '?')}, "
              f"{rows[0]['requests']:,} requests at {d['rate_per_s']:g}/s, {rows[0]['users']} users, "
