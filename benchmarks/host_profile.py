@@ -1,11 +1,14 @@
 """Where a server's host time goes, sampled from outside the process by py-spy (no GIL
-needed, nothing changed in the server): two recorders at once, one of every thread at every
-sample (``--idle``: on the CPU or waiting) and one of the thread holding the GIL (``--gil``).
+needed, nothing changed in the server): three recorders at once, one of every thread at
+every sample (``--idle``: on the CPU or waiting), one of the threads on the CPU only (py-spy's
+default) and one of the thread holding the GIL (``--gil``).
 
 Read together they say, for the scheduler's thread, how much of the load's wall time each
-phase took (the function `Scheduler._loop` was in) and how much of that it held the GIL;
-a phase that takes long while holding the GIL little is waiting: for the GIL (another
-thread holds it: their GIL shares are in the summary), for the device, or in a system call.
+phase took (the function `Scheduler._loop` was in), how much of that it held the GIL and
+how much it was on the CPU. A thread waiting for the GIL is off the CPU (blocked on a
+lock), as it is in a sleep or a blocking system call; one waiting for the device is on it
+(CUDA's synchronisation spins by default). So a phase off the CPU for much of its samples
+and seldom holding the GIL waits for the GIL, held by the threads the summary names.
 Used by ``benchmarks/serve_load.py --profile DIR``; py-spy (pinned with the dev tools) must be
 beside the Python running it or on the PATH, and allowed to read the server's memory (root,
 or ptrace allowed).
@@ -25,6 +28,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+RECORDINGS = {"all": ("--idle",), "cpu": (), "gil": ("--gil",)}  # file stem -> py-spy's flags
 SCHEDULER = "mta-scheduler"  # the scheduler thread's name (mta.serving.scheduler)
 LOOP = "Scheduler._loop (mta/serving/scheduler.py"  # its loop's frame; the frame it calls is the phase
 SCHEDULER_FILE = "(mta/serving/scheduler.py:"
@@ -49,14 +53,15 @@ def py_spy() -> str:
 
 @contextlib.contextmanager
 def sampling(pid: int, out: Path, rate: int = 250):
-    """Two py-spy recorders of process ``pid`` while the block runs: every thread at every
-    sample (``out/all.txt``) and the GIL's holder (``out/gil.txt``), raw collapsed stacks."""
+    """Three py-spy recorders of process ``pid`` while the block runs: every thread at every
+    sample (``out/all.txt``), the threads on the CPU (``out/cpu.txt``) and the GIL's holder
+    (``out/gil.txt``), raw collapsed stacks."""
     exe = py_spy()
     out.mkdir(parents=True, exist_ok=True)
     procs = []
-    for name, flag in (("all", "--idle"), ("gil", "--gil")):
+    for name, flags in RECORDINGS.items():
         procs.append(subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-                                       "--threads", "--nonblocking", flag, "--output", str(out / f"{name}.txt")],
+                                       "--threads", "--nonblocking", *flags, "--output", str(out / f"{name}.txt")],
                                       stdout=subprocess.DEVNULL, stderr=(out / f"{name}.log").open("w")))
     try:
         yield out
@@ -69,7 +74,7 @@ def sampling(pid: int, out: Path, rate: int = 250):
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-    for name in ("all", "gil"):
+    for name in RECORDINGS:
         if not (out / f"{name}.txt").exists():
             log = (out / f"{name}.log").read_text().strip().splitlines()
             raise ProfileError(f"py-spy wrote no samples of process {pid}: {log[-1] if log else 'no output'}")
@@ -108,16 +113,17 @@ def summarise(out: Path, rate: int | None = None, top: int = 12) -> dict:
     """The recordings in ``out`` summed up: each thread's share of the GIL samples; the
     scheduler thread's samples by phase, all and with the GIL held; its leaf frames where it
     spent most samples without the GIL."""
-    every, gil = parse(out / "all.txt"), parse(out / "gil.txt")
+    every, cpu, gil = (parse(out / f"{name}.txt") for name in RECORDINGS)
     threads: Counter = Counter()
     for (name, _), n in gil.items():
         threads[name] += n
     mine = {k: n for k, n in every.items() if k[0] == SCHEDULER}
     mine_gil = {k: n for k, n in gil.items() if k[0] == SCHEDULER}
+    mine_cpu = {k: n for k, n in cpu.items() if k[0] == SCHEDULER}
     phases: dict[str, dict[str, int]] = {}
-    for source, key in ((mine, "samples"), (mine_gil, "holding_gil")):
+    for source, key in ((mine, "samples"), (mine_cpu, "on_cpu"), (mine_gil, "holding_gil")):
         for (_, frames), n in source.items():
-            ph = phases.setdefault(_phase(frames), {"samples": 0, "holding_gil": 0})
+            ph = phases.setdefault(_phase(frames), {"samples": 0, "on_cpu": 0, "holding_gil": 0})
             ph[key] += n
     leaves_all, leaves_gil = Counter(), Counter()
     for (_, frames), n in mine.items():
@@ -126,7 +132,8 @@ def summarise(out: Path, rate: int | None = None, top: int = 12) -> dict:
         leaves_gil[_leaf(frames)] += n
     waiting = Counter({leaf: n - leaves_gil.get(leaf, 0) for leaf, n in leaves_all.items()})
     total = sum(mine.values())
-    return {"scheduler_samples": total, "scheduler_holding_gil": sum(mine_gil.values()),
+    return {"scheduler_samples": total, "scheduler_on_cpu": sum(mine_cpu.values()),
+            "scheduler_holding_gil": sum(mine_gil.values()),
             "gil_samples": sum(threads.values()), "rate_per_s": rate,
             "gil_by_thread": dict(threads.most_common()),
             "phases": dict(sorted(phases.items(), key=lambda kv: -kv[1]["samples"])),
@@ -137,12 +144,14 @@ def summarise(out: Path, rate: int | None = None, top: int = 12) -> dict:
 def report(s: dict, indent: str = "  ") -> str:
     """The summary as text: the scheduler thread's phases, the GIL's holders, its waits."""
     total = s["scheduler_samples"] or 1
-    lines = [f"{indent}scheduler thread: {s['scheduler_samples']} samples, holding the GIL in "
-             f"{s['scheduler_holding_gil'] / total:.0%} of them; by phase (share of its samples, share of "
-             "those holding the GIL):"]
+    lines = [f"{indent}scheduler thread: {s['scheduler_samples']} samples, on the CPU in "
+             f"{s['scheduler_on_cpu'] / total:.0%} of them, holding the GIL in "
+             f"{s['scheduler_holding_gil'] / total:.0%}; by phase (share of its samples; of those, on the "
+             "CPU and holding the GIL: three samplers apart, so a phase of few samples can pass 100%):"]
     for name, ph in s["phases"].items():
-        held = ph["holding_gil"] / ph["samples"] if ph["samples"] else 0.0
-        lines.append(f"{indent}  {name:<32} {ph['samples'] / total:>6.1%}  GIL {held:>5.0%}")
+        n = ph["samples"] or 1
+        lines.append(f"{indent}  {name:<32} {ph['samples'] / total:>6.1%}  CPU {ph['on_cpu'] / n:>5.0%}  "
+                     f"GIL {ph['holding_gil'] / n:>5.0%}")
     g = s["gil_samples"] or 1
     lines.append(f"{indent}GIL held by: " + ", ".join(f"{t or '?'} {n / g:.0%}"
                                                          for t, n in list(s["gil_by_thread"].items())[:6]))
@@ -154,8 +163,8 @@ def report(s: dict, indent: str = "  ") -> str:
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "all.txt").exists():
-        sys.exit("usage: host_profile.py DIR (a directory holding a recording's all.txt and gil.txt)")
+    if len(sys.argv) != 2 or not all((Path(sys.argv[1]) / f"{name}.txt").exists() for name in RECORDINGS):
+        sys.exit("usage: host_profile.py DIR (a directory holding a recording's all.txt, cpu.txt and gil.txt)")
     s = summarise(Path(sys.argv[1]))
     print(report(s))
     print(json.dumps(s, indent=1))

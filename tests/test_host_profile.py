@@ -42,23 +42,29 @@ def test_a_recording_is_summed_by_the_schedulers_phase_and_the_gils_holders(tmp_
         _line(7, "mta-scheduler", merge, 10), _line(7, "mta-scheduler", loop, 10),
         _line(1, "MainThread", ["<module> (x.py:1)", "run (uvicorn/server.py:9)"], 100),
         "not a sample line", ""]))
+    (tmp_path / "cpu.txt").write_text("\n".join([
+        _line(7, "mta-scheduler", step, 50), _line(7, "mta-scheduler", prefill, 6),
+        _line(7, "mta-scheduler", merge, 10), _line(1, "MainThread", ["<module> (x.py:1)"], 70)]))
     (tmp_path / "gil.txt").write_text("\n".join([
         _line(7, "mta-scheduler", step, 5), _line(7, "mta-scheduler", prefill, 3),
         _line(7, "mta-scheduler", merge, 10), _line(7, "mta-scheduler", loop, 2),
         _line(1, "MainThread", ["<module> (x.py:1)", "run (uvicorn/server.py:9)"], 60)]))
     s = hp.summarise(tmp_path, rate=250)
     assert s["scheduler_samples"] == 100 and s["scheduler_holding_gil"] == 20 and s["gil_samples"] == 80
+    assert s["scheduler_on_cpu"] == 66
     assert s["gil_by_thread"] == {"MainThread": 60, "mta-scheduler": 20}
     # a phase is the innermost of the scheduler's own methods (the prefill run from _admit is
     # the prefill's; a comprehension inside it is the method's), past the no_grad wrapper
-    assert s["phases"] == {"SlotDecoder.step": {"samples": 50, "holding_gil": 5},
-                           "Scheduler._prefill_some": {"samples": 40, "holding_gil": 13},
-                           "Scheduler._loop": {"samples": 10, "holding_gil": 2}}
+    assert s["phases"] == {"SlotDecoder.step": {"samples": 50, "on_cpu": 50, "holding_gil": 5},
+                           "Scheduler._prefill_some": {"samples": 40, "on_cpu": 16, "holding_gil": 13},
+                           "Scheduler._loop": {"samples": 10, "on_cpu": 0, "holding_gil": 2}}
     assert s["scheduler_leaves_without_gil"]["GraphDecoder.advance (mta/decoding/step.py:256)"] == 45
     assert s["scheduler_leaves_without_gil"]["dense_forward (mta/decoding/routing.py:296)"] == 27
     assert s["scheduler_leaves_without_gil"]["SlotDecoder.merge (mta/decoding/slots.py:200)"] == 0
     text = hp.report(s)
-    assert "holding the GIL in 20%" in text and "MainThread 75%" in text and "45.0%  GraphDecoder.advance" in text
+    assert "on the CPU in 66% of them, holding the GIL in 20%" in text
+    assert "Scheduler._prefill_some 40.0% CPU 40% GIL 32%" in " ".join(text.split())
+    assert "MainThread 75%" in text and "45.0%  GraphDecoder.advance" in text
     assert "SlotDecoder.merge" not in text.split("without the GIL")[1]  # (no sample without the GIL)
 
 
