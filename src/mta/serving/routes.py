@@ -200,10 +200,23 @@ async def _stream(svc: Service, rid: str, created: int, model: str, chat: bool, 
             first = {"id": rid, "object": obj, "created": created, "model": model,
                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
             yield f"data: {json.dumps(first)}\n\n"
+        held = None  # an event taken from the queue while merging deltas, handled next
         while True:
-            kind, payload = await events.get()
+            kind, payload = held if held is not None else await events.get()
+            held = None
             if kind == "delta":
-                yield chunk(payload)
+                # the deltas queued behind this one go out in the same chunk: when the event
+                # loop falls behind the scheduler (a burst of tokens for many streams) it
+                # sends one chunk a stream instead of one a token, and so holds the GIL that
+                # the scheduler's thread needs for less time
+                parts = [payload]
+                while held is None and not events.empty():
+                    nxt = events.get_nowait()
+                    if nxt[0] == "delta":
+                        parts.append(nxt[1])
+                    else:
+                        held = nxt
+                yield chunk("".join(parts))
             elif kind == "done":
                 svc.metrics.requests.labels(payload["route"], "200").inc()
                 yield chunk(None, payload["finish_reason"], {
