@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -49,6 +50,18 @@ def py_spy() -> str:
         raise ProfileError("py-spy is neither beside this Python nor on the PATH (pip install py-spy): "
                            "--profile needs it")
     return found
+
+
+def check_attach() -> None:
+    """A ProfileError unless py-spy can read a process here (this one: it is not changed)."""
+    try:
+        r = subprocess.run([py_spy(), "dump", "--nonblocking", "--pid", str(os.getpid())], capture_output=True,
+                           text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ProfileError(f"py-spy could not run: {e}") from None
+    if r.returncode != 0:
+        last = (r.stderr.strip() or r.stdout.strip() or "no output").splitlines()[-1]
+        raise ProfileError(f"py-spy cannot read another process here ({last}): it needs root or ptrace allowed")
 
 
 @contextlib.contextmanager

@@ -366,7 +366,7 @@ def main() -> None:
         if a.rate is None:
             ap.error("--profile goes with --rate (the open loop)")
         try:
-            host_profile.py_spy()
+            host_profile.check_attach()
         except host_profile.ProfileError as e:
             ap.error(str(e))
     if a.model == "tiny-random-llama" and a.embedder == "minilm-l6":
