@@ -73,38 +73,3 @@ def test_deltas_arriving_apart_stay_apart_and_an_error_after_deltas_is_sent():
     ev = _events(_run(feed)[0])
     assert [e["choices"][0]["delta"]["content"] for e in ev[1:3]] == ["a", "bc"]
     assert ev[3]["error"]["message"] == "the step failed" and len(ev) == 4
-
-
-def test_events_from_another_thread_reach_each_queue_in_order_one_wakeup_a_burst():
-    """The scheduler's thread streams a token to every request at each step: the handoff
-    delivers every event to its request's queue in order, with one call on the loop for
-    the burst of a step (the loop held while the step's events are put: as when it is
-    behind) instead of one an event."""
-    import threading
-
-    from mta.serving.routes import Handoff
-
-    async def go():
-        loop = asyncio.get_running_loop()
-        calls = []
-        real = loop.call_soon_threadsafe
-
-        def counted(*args):
-            calls.append(1)
-            return real(*args)
-        loop.call_soon_threadsafe = counted
-        h = Handoff.of(loop)
-        assert Handoff.of(loop) is h
-        queues = [asyncio.Queue() for _ in range(8)]
-        got = [[] for _ in queues]
-        for step in range(3):
-            t = threading.Thread(target=lambda step=step: [h.put(q, ("delta", f"{i}:{step}"))
-                                                           for i, q in enumerate(queues)])
-            t.start()
-            t.join()  # (blocks the loop: the step's whole burst is put before the loop runs)
-            for i, q in enumerate(queues):
-                got[i].append((await asyncio.wait_for(q.get(), 5))[1])
-        return got, len(calls)
-    got, wakeups = asyncio.run(go())
-    assert got == [[f"{i}:{step}" for step in range(3)] for i in range(8)]
-    assert wakeups == 3  # one a step, not 8 (one a request)

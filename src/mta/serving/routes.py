@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -135,62 +133,17 @@ users = APIRouter(prefix="/v1/admin")
 
 
 # -- generation ----------------------------------------------------------------------------------------
-class Handoff:
-    """Events from the scheduler's thread to the request queues of one event loop, handed
-    over in bursts: the first event of a burst schedules one call on the loop, the ones
-    that follow before it runs join it. A decode step streams a token to every running
-    request; one ``call_soon_threadsafe`` per request and step (each a lock, a handle and a
-    write to the loop's wake-up pipe on the scheduler's thread, then a wake-up of the loop)
-    became one a step. Each queue gets its events in the order they were put."""
-
-    _loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = weakref.ref(loop)  # (a strong one would keep the loop, its key, alive)
-        self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue, tuple]] = []
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> Handoff:
-        """The loop's handoff (one per event loop)."""
-        h = cls._loops.get(loop)
-        if h is None:
-            h = cls._loops.setdefault(loop, cls(loop))
-        return h
-
-    def put(self, queue: asyncio.Queue, event: tuple) -> None:
-        """(Any thread.) ``event`` into ``queue`` on the loop, with the burst it belongs to."""
-        with self._lock:
-            first = not self._pending
-            self._pending.append((queue, event))
-        if first:
-            loop = self._loop()
-            try:
-                if loop is None:
-                    raise RuntimeError("the event loop is gone")
-                loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:  # the loop closed (the server stopping): nobody reads the events
-                with self._lock:
-                    self._pending.clear()
-
-    def _deliver(self) -> None:
-        with self._lock:
-            burst, self._pending = self._pending, []
-        for queue, event in burst:
-            queue.put_nowait(event)
-
-
 async def _generate(svc: Service, who: Principal, body: _Gen, messages: list[dict], chat: bool):
     body.refuse_unsupported()
     user_id = svc.end_user(who, body.user)
-    handoff = Handoff.of(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     # (in a worker thread: submitting builds the prompt, a retrieval and a tokenisation that
     # would hold up every other request on the event loop)
     job = await run_in_threadpool(
         svc.submit, user_id, messages, body.model, body.max_completion_tokens or body.max_tokens, body.temperature,
         body.top_p, body.seed, [body.stop] if isinstance(body.stop, str) else list(body.stop or []), body.n,
-        emit=lambda kind, payload: handoff.put(events, (kind, payload)))
+        emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)))
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
