@@ -35,7 +35,8 @@ class _Allocator:
     """The caching allocator's counts, read at each scrape: its retries (an allocation that
     found no free block, so the allocator gave its cached blocks back to the driver and
     tried again: a device synchronisation and driver calls, on the scheduler's thread) and
-    its driver allocations and frees (cudaMalloc, cudaFree: each waits for the device)."""
+    its driver allocations and frees (cudaMalloc, a slow driver call; cudaFree, which also
+    synchronises the device)."""
 
     COUNTS = (("mta_cuda_alloc_retries", "num_alloc_retries", "allocations the CUDA caching allocator retried "
                "after giving its cached blocks back"),
