@@ -204,6 +204,22 @@ def test_detok_benchmark_tiny(tmp_path):
     assert "decode again" in r.stdout
 
 
+def test_stack_load_benchmark_tiny(tmp_path):
+    """A stack load three ways (one layer at a time, the reference; load_user; load_user
+    after the read-ahead's check), each leaving the same tables (the script exits non-zero
+    otherwise), timed per load with its ratio to the reference; bad --blocks a usage error."""
+    out = tmp_path / "stack_load.json"
+    r = _run("stack_load.py", "--blocks", "2", "--loads", "5", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert [x["way"] for x in rec["rows"]] == ["one layer at a time (reference)", "load_user",
+                                              "load_user, read ahead (checked)"]
+    assert rec["layers"] == 14 and all(x["ms_per_load"] > 0 for x in rec["rows"])
+    assert rec["rows"][0]["x_faster_than_reference"] == 1.0 and "x reference" in r.stdout
+    bad = _run("stack_load.py", "--blocks", "33")
+    assert bad.returncode == 2 and "--blocks 33: the model has 32 blocks" in bad.stderr
+
+
 def test_join_benchmark_tiny(tmp_path):
     """A join's cost (base rows, mta rows through the dense tables, through the gathered
     routing, then base and mta rows fed through the decode steps, then mta rows after a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -186,3 +188,45 @@ def test_a_lower_rank_stack_loaded_over_a_higher_one_leaves_no_old_directions():
     eng.load_user(0, low, alpha=1.0)
     with eng.route([Row(user=0)]), torch.no_grad():
         torch.testing.assert_close(model(ids).logits, loaded, atol=1e-6, rtol=0)
+
+
+def test_a_refused_stack_leaves_its_slot_as_it_was_and_names_its_layer():
+    """``load_user`` checks every layer's factors (rank, shapes, finiteness: one check over
+    all of them) before its first write: a stack refused at its last layer leaves the slot,
+    its scale and the tables' versions as they were (a refusal at one layer used to leave
+    the layers before it written), and the error names the layer at fault. ``checked``
+    skips the finiteness check (the read-ahead checked on its thread) and nothing else."""
+    from tests.engine_helpers import random_stack
+
+    eng, _, _ = tiny_engine(n_anchors=2, users=2, b_std=0.2)
+    eng.alloc_stacks(2, 2, list(eng.stack_layers))
+    eng.load_user(0, random_stack(eng, 1), alpha=2.0)
+    held = {n: (ly.stack_A[0].clone(), ly.stack_B[0].clone(), ly.stack_scale[0].clone())
+            for n, ly in eng.stack_layers.items()}
+    versions, last = eng.stack_versions(), list(eng.stack_layers)[-1]
+
+    def unchanged():
+        assert eng.stack_versions() == versions
+        for n, ly in eng.stack_layers.items():
+            a, b, c = held[n]
+            assert torch.equal(ly.stack_A[0], a) and torch.equal(ly.stack_B[0], b) and torch.equal(ly.stack_scale[0], c)
+
+    bad = random_stack(eng, 2)
+    bad[last][1][0, 0] = float("nan")
+    with pytest.raises(MtaError, match=rf"{re.escape(last)}: adapter weights contain NaN or inf"):
+        eng.load_user(0, bad, alpha=4.0)
+    unchanged()
+    wide = random_stack(eng, 3)
+    wide[last] = (wide[last][0], torch.zeros(wide[last][1].shape[0] + 1, 2))
+    with pytest.raises(MtaError, match=rf"{re.escape(last)}: shape mismatch"):
+        eng.load_user(0, wide, alpha=4.0, checked=True)
+    unchanged()
+    with pytest.raises(ValueError, match="slot 2 out of range"):
+        eng.load_user(2, random_stack(eng, 4), alpha=4.0)
+    unchanged()
+    good = random_stack(eng, 5)
+    eng.load_user(0, good, alpha=4.0, checked=True)  # the same writes as unchecked
+    for n, ly in eng.stack_layers.items():
+        assert torch.equal(ly.stack_A[0], good[n][0]) and torch.equal(ly.stack_B[0], good[n][1])
+        assert float(ly.stack_scale[0]) == 2.0  # alpha / rank
+    assert eng.stack_loads(versions) == [0]  # a load the dense tables can catch up on

@@ -802,6 +802,43 @@ def test_the_scheduler_counts_its_seconds_by_phase_and_its_joins(tmp_path):
     assert forwards == sched.decoder.forwards >= joins
 
 
+def test_a_read_ahead_stack_is_checked_finite_on_the_reader_thread(tmp_path, monkeypatch):
+    """The reader thread checks a read-ahead stack's factors are finite, so its load on the
+    decode loop's thread skips that check (``load_user(checked=True)``); a stack read at the
+    load itself is checked there; a read-ahead stack with a NaN is not marked checked, and
+    its load refuses it (the error goes to the request) with the slot left unwritten."""
+    import mta.resident as lb
+
+    bank, store, uid = _record(tmp_path, stack=True)
+    engine = bank.backbone.engine
+    seen, real_load = [], engine.load_user
+    monkeypatch.setattr(engine, "load_user", lambda *a, **k: seen.append(k.get("checked")) or real_load(*a, **k))
+    rec = store.meta(uid)
+    bank.stacks.invalidate()
+    bank.stacks.prefetch(uid, store)
+    bank.stacks._reads[uid].result(timeout=60)
+    bank.stacks.ensure({uid: rec}, store)
+    bank.stacks.invalidate()
+    bank.stacks.ensure({uid: rec}, store)  # nothing read ahead: read and checked at the load
+    assert seen == [True, False]
+    real_read = lb.load_adapter
+
+    def poisoned(*a, **k):
+        tensors, config, extra = real_read(*a, **k)
+        name = next(iter(tensors))
+        a0, b0 = tensors[name]
+        tensors[name] = (a0.clone().fill_(float("nan")), b0)
+        return tensors, config, extra
+    monkeypatch.setattr(lb, "load_adapter", poisoned)
+    bank.stacks.invalidate()
+    bank.stacks.prefetch(uid, store)
+    assert bank.stacks._reads[uid].result(timeout=60)[3] is False
+    with pytest.raises(MtaError, match="NaN or inf"):
+        bank.stacks.ensure({uid: rec}, store)
+    assert seen[-1] is False and uid not in bank.stacks.slots
+    assert not any(ly.stack_A.any() or ly.stack_B.any() for ly in engine.stack_layers.values())  # nothing written
+
+
 def test_a_waiting_requests_stack_is_read_ahead_off_the_decode_thread(tmp_path, monkeypatch):
     """A submitted request's stack is read from the store (file, checksum, checks) on the
     stacks' reader thread while it waits, so its admission only writes it into the table:

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from mta.engine.engine import finite
 from mta.engine.peft_io import load_adapter
 from mta.records import UserRecord
 from mta.store import UserStore
@@ -101,9 +102,11 @@ class ResidentStacks:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="mta-stack-read")
             self._reads[user_id] = self._reader.submit(self._read, user_id, store)
 
-    def _read(self, user_id: str, store: UserStore) -> tuple[str, dict, dict] | None:
+    def _read(self, user_id: str, store: UserStore) -> tuple[str, dict, dict, bool] | None:
         """(The reader thread.) The stored stack of ``user_id`` as its load wants it: the
-        record's stamp, the factors in the table's dtype (pinned on CUDA), the config."""
+        record's stamp, the factors in the table's dtype (pinned on CUDA), the config, and
+        whether every factor is finite (checked here, so the load on the decode loop's
+        thread need not)."""
         if not store.has(user_id):
             return None
         rec = store.meta(user_id)
@@ -115,11 +118,11 @@ class ResidentStacks:
         pin = backbone.device.type == "cuda"
         tensors = {m: tuple(t.to(dtype).pin_memory() if pin else t.to(dtype) for t in ab)
                    for m, ab in tensors.items()}
-        return self._stamp(rec), tensors, config
+        return self._stamp(rec), tensors, config, finite([t for ab in tensors.values() for t in ab])
 
-    def _read_ahead(self, user_id: str, rec: UserRecord) -> tuple[dict, dict] | None:
+    def _read_ahead(self, user_id: str, rec: UserRecord) -> tuple[dict, dict, bool] | None:
         """The stack ``prefetch`` read for ``user_id``, if it is ``rec``'s (waiting for the
-        read when it is still running); None otherwise."""
+        read when it is still running), with whether its factors are finite; None otherwise."""
         with self._reads_lock:
             fut = self._reads.pop(user_id, None)
         if fut is None:
@@ -131,7 +134,7 @@ class ResidentStacks:
         if got is None or got[0] != self._stamp(rec):
             return None
         self.read_ahead += 1
-        return got[1], got[2]
+        return got[1], got[2], got[3]
 
     def close(self) -> None:
         """Stop the reader thread (reads in flight finish; those not yet taken are dropped)."""
@@ -155,11 +158,12 @@ class ResidentStacks:
             slot = next(s for s in range(self.size) if s not in used)
         t0 = time.monotonic()
         read = self._read_ahead(user_id, rec)
+        checked = False
         if read is None:
             tensors, config, _ = load_adapter(store.stack_path(user_id, rec), self.bank.backbone.fingerprint)
         else:
-            tensors, config = read
-        self.bank.backbone.engine.load_user(slot, tensors, alpha=float(config["lora_alpha"]))
+            tensors, config, checked = read
+        self.bank.backbone.engine.load_user(slot, tensors, alpha=float(config["lora_alpha"]), checked=checked)
         self.load_seconds += time.monotonic() - t0
         self.slots[user_id] = slot
         self.stamps[user_id] = self._stamp(rec)

@@ -359,35 +359,55 @@ class AdapterEngine:
         return {n: (ly.stack_A[slot, :r].detach().clone(), ly.stack_B[slot, :, :r].detach().clone())
                 for n, ly in self.stack_layers.items()}
 
-    def load_user(self, slot: int, tensors: Tensors, alpha: float | None = None) -> None:
+    def load_user(self, slot: int, tensors: Tensors, alpha: float | None = None, checked: bool = False) -> None:
         """Write one user's stacked adapter into stack slot ``slot``. Factors of a lower rank
         than the table are zero-padded; table layers the adapter lacks are zeroed. With
-        ``alpha``, the slot's coefficient becomes alpha / (the adapter's rank)."""
+        ``alpha``, the slot's coefficient becomes alpha / (the adapter's rank). Every check
+        comes before the first write (a refused adapter leaves the slot as it was). The
+        factors must be finite; ``checked``: the caller has checked that (the server's
+        read-ahead does, on its reader thread). The writes are a few multi-tensor operations,
+        not one per layer: this runs on a server's decode loop, where each torch call is a
+        host cost (at Llama-3-8B shape the stack layers are 56 to 224)."""
         table = self.stack_layers
         rank = next(iter(tensors.values()))[0].shape[0] if tensors else 0
         scale = None if alpha is None else alpha / rank
         self._check_modules(tensors, table, "the stack table", subset=True)
         before = self.stack_versions()
+        dst, src, zero, scales = [], [], [], []
+        for name, ly in table.items():
+            own = ly._parameters  # (Module.__getattr__ per table: a host cost of every load)
+            ta, tb = own["stack_A"], own["stack_B"]
+            if not 0 <= slot < ta.shape[0]:
+                raise ValueError(f"slot {slot} out of range (0..{ta.shape[0] - 1})")
+            if name in tensors:
+                a, b = tensors[name]
+                r = a.shape[0]
+                if r > ly.stack_rank:
+                    raise ValueError(f"{name}: stacked rank {r} exceeds the table's {ly.stack_rank}")
+                if tuple(a.shape) != (r, ta.shape[2]) or tuple(b.shape) != (tb.shape[1], r):
+                    raise MtaError(f"{name}: shape mismatch: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                                   f"the engine expects A {(r, ta.shape[2])}, B {(tb.shape[1], r)}")
+                if r < ly.stack_rank:  # the directions past the user's rank: zero
+                    zero += [ta[slot, r:], tb[slot, :, r:]]
+                dst += [ta[slot, :r], tb[slot, :, :r]]
+                src += [a, b]
+            else:
+                zero += [ta[slot], tb[slot]]
+            if scale is not None:
+                scales.append(ly._buffers["stack_scale"][slot:slot + 1])
+        if not checked and src and not finite(src):
+            bad = next(name for name, (a, b) in tensors.items() if not finite([a, b]))
+            raise MtaError(f"{bad}: adapter weights contain NaN or inf")
         with torch.no_grad():
-            for name, ly in table.items():
-                if name in tensors:
-                    a, b = tensors[name]
-                    r = a.shape[0]
-                    if r > ly.stack_rank:
-                        raise ValueError(f"{name}: stacked rank {r} exceeds the table's {ly.stack_rank}")
-                    _check_shapes(name, a, b, ly.stack_A[:, :r], ly.stack_B[:, :, :r], slot)
-                    if r < ly.stack_rank:  # the directions past the user's rank: zero
-                        ly.stack_A[slot, r:].zero_()
-                        ly.stack_B[slot, :, r:].zero_()
-                    # from pinned memory (a read-ahead stack: ResidentStacks.prefetch) without
-                    # waiting for the step in flight
-                    ly.stack_A[slot, :r].copy_(a, non_blocking=a.is_pinned())
-                    ly.stack_B[slot, :, :r].copy_(b, non_blocking=b.is_pinned())
-                else:
-                    ly.stack_A[slot].zero_()
-                    ly.stack_B[slot].zero_()
-                if scale is not None:
-                    ly.stack_scale[slot] = scale
+            if zero:
+                torch._foreach_zero_(zero)
+            if dst:
+                # from pinned memory (a read-ahead stack: ResidentStacks.prefetch) without
+                # waiting for the step in flight
+                torch._foreach_copy_(dst, src, non_blocking=all(t.is_pinned() for t in src))
+            if scales:
+                one = torch.full((1,), scale, dtype=scales[0].dtype, device=scales[0].device)
+                torch._foreach_copy_(scales, [one] * len(scales))
         if alpha is not None:
             self.slot_lora[slot] = (rank, float(alpha))
         self._log_load(slot, before)
@@ -498,6 +518,15 @@ class AdapterEngine:
     def set_backend(self, backend: Backend) -> None:
         """Every layer reads its rows' adapters through ``backend`` from the next forward on."""
         self._backend[0] = backend
+
+
+def finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite: one check over all of them (a check a
+    tensor is a few torch calls each; a stack has two factors a layer)."""
+    try:
+        return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+    except RuntimeError:  # on different devices: one by one
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _check_shapes(name, a, b, ta, tb, slot) -> None:
