@@ -190,7 +190,7 @@ def test_a_lower_rank_stack_loaded_over_a_higher_one_leaves_no_old_directions():
         torch.testing.assert_close(model(ids).logits, loaded, atol=1e-6, rtol=0)
 
 
-def test_a_refused_stack_leaves_its_slot_as_it_was_and_names_its_layer():
+def test_a_refused_stack_or_anchor_leaves_its_slot_as_it_was_and_names_its_layer():
     """``load_user`` checks every layer's factors (rank, shapes, finiteness: one check over
     all of them) before its first write: a stack refused at its last layer leaves the slot,
     its scale and the tables' versions as they were (a refusal at one layer used to leave
@@ -230,3 +230,11 @@ def test_a_refused_stack_leaves_its_slot_as_it_was_and_names_its_layer():
         assert torch.equal(ly.stack_A[0], good[n][0]) and torch.equal(ly.stack_B[0], good[n][1])
         assert float(ly.stack_scale[0]) == 2.0  # alpha / rank
     assert eng.stack_loads(versions) == [0]  # a load the dense tables can catch up on
+    # an anchor is loaded the same way: every check first, the bank slot kept on a refusal
+    kept = eng.anchor_tensors(1)
+    bad_anchor = {n: (a + 1, b) for n, (a, b) in kept.items()}
+    last_bank = list(bad_anchor)[-1]
+    bad_anchor[last_bank][1][0, 0] = float("inf")
+    with pytest.raises(MtaError, match=rf"{re.escape(last_bank)}: adapter weights contain NaN or inf"):
+        eng.load_anchor(1, bad_anchor)
+    assert all(torch.equal(eng.anchor_tensors(1)[n][0], a) for n, (a, _) in kept.items())

@@ -345,11 +345,15 @@ class AdapterEngine:
                 for n, ly in self.bank_layers.items()}
 
     def load_anchor(self, slot: int, tensors: Tensors) -> None:
+        """Write one anchor's factors into bank slot ``slot``, every check first."""
         self._check_modules(tensors, self.bank_layers, "the bank")
+        for name, (a, b) in tensors.items():
+            ly = self.layers[name]
+            _check_shapes(name, a, b, ly.bank_A.shape, ly.bank_B.shape, slot)
+        _check_finite(tensors)
         with torch.no_grad():
             for name, (a, b) in tensors.items():
                 ly = self.layers[name]
-                _check_shapes(name, a, b, ly.bank_A, ly.bank_B, slot)
                 ly.bank_A[slot].copy_(a)
                 ly.bank_B[slot].copy_(b)
 
@@ -377,27 +381,24 @@ class AdapterEngine:
         for name, ly in table.items():
             own = ly._parameters  # (Module.__getattr__ per table: a host cost of every load)
             ta, tb = own["stack_A"], own["stack_B"]
-            if not 0 <= slot < ta.shape[0]:
-                raise ValueError(f"slot {slot} out of range (0..{ta.shape[0] - 1})")
             if name in tensors:
                 a, b = tensors[name]
                 r = a.shape[0]
                 if r > ly.stack_rank:
                     raise ValueError(f"{name}: stacked rank {r} exceeds the table's {ly.stack_rank}")
-                if tuple(a.shape) != (r, ta.shape[2]) or tuple(b.shape) != (tb.shape[1], r):
-                    raise MtaError(f"{name}: shape mismatch: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                                   f"the engine expects A {(r, ta.shape[2])}, B {(tb.shape[1], r)}")
+                _check_shapes(name, a, b, (ta.shape[0], r, ta.shape[2]), (tb.shape[0], tb.shape[1], r), slot)
                 if r < ly.stack_rank:  # the directions past the user's rank: zero
                     zero += [ta[slot, r:], tb[slot, :, r:]]
                 dst += [ta[slot, :r], tb[slot, :, :r]]
                 src += [a, b]
             else:
+                if not 0 <= slot < ta.shape[0]:
+                    raise ValueError(f"slot {slot} out of range (0..{ta.shape[0] - 1})")
                 zero += [ta[slot], tb[slot]]
             if scale is not None:
                 scales.append(ly._buffers["stack_scale"][slot:slot + 1])
-        if not checked and src and not finite(src):
-            bad = next(name for name, (a, b) in tensors.items() if not finite([a, b]))
-            raise MtaError(f"{bad}: adapter weights contain NaN or inf")
+        if not checked:
+            _check_finite(tensors)
         with torch.no_grad():
             if zero:
                 torch._foreach_zero_(zero)
@@ -529,11 +530,19 @@ def finite(tensors: Sequence[torch.Tensor]) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _check_shapes(name, a, b, ta, tb, slot) -> None:
-    if not 0 <= slot < ta.shape[0]:
-        raise ValueError(f"slot {slot} out of range (0..{ta.shape[0] - 1})")
-    if tuple(a.shape) != tuple(ta.shape[1:]) or tuple(b.shape) != tuple(tb.shape[1:]):
+def _check_shapes(name, a, b, table_a: Sequence[int], table_b: Sequence[int], slot: int) -> None:
+    """``a`` and ``b`` fit a slot of tables shaped ``table_a`` (slots, r, in) and ``table_b``
+    (slots, out, r), and ``slot`` is one of them (shapes, not tensors: no view made a layer)."""
+    if not 0 <= slot < table_a[0]:
+        raise ValueError(f"slot {slot} out of range (0..{table_a[0] - 1})")
+    if tuple(a.shape) != tuple(table_a[1:]) or tuple(b.shape) != tuple(table_b[1:]):
         raise MtaError(f"{name}: shape mismatch: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                       f"the engine expects A {tuple(ta.shape[1:])}, B {tuple(tb.shape[1:])}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise MtaError(f"{name}: adapter weights contain NaN or inf")
+                       f"the engine expects A {tuple(table_a[1:])}, B {tuple(table_b[1:])}")
+
+
+def _check_finite(tensors: Tensors) -> None:
+    """An MtaError naming the first module whose factors are not all finite (one check over
+    every factor first: ``finite``)."""
+    if tensors and not finite([t for ab in tensors.values() for t in ab]):
+        bad = next(name for name, ab in tensors.items() if not finite(list(ab)))
+        raise MtaError(f"{bad}: adapter weights contain NaN or inf")
