@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--against-run", type=Path, help="compare each method with the same method of this run")
     ap.add_argument("--by-fold", action="store_true", help="count each fold's targets apart (split.json)")
     a = ap.parse_args()
+    if a.by_fold and a.against_run:
+        ap.error("--by-fold counts one run's answers per fold; it does not compare with --against-run")
     by = _read(a.run)
     if a.by_fold:
         try:

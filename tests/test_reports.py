@@ -178,8 +178,8 @@ def test_fold_table_scores_the_finished_methods_of_a_stopped_run(tmp_path, monke
 def test_answers_by_fold_counts_each_folds_targets_apart(tmp_path, monkeypatch, capsys):
     """scripts/answers.py --by-fold: each method's parsed answers counted per fold of the
     run's split.json (one fold's collapsed adapter shows as that fold's None answers); a
-    run without split.json is a one-line error. --against-run: each method's answers
-    against the same method's in another run."""
+    run without split.json is a one-line error, and so is --by-fold with --against-run.
+    --against-run: each method's answers against the same method's in another run."""
     import json
 
     spec = importlib.util.spec_from_file_location("answers", ROOT / "scripts" / "answers.py")
@@ -215,3 +215,9 @@ def test_answers_by_fold_counts_each_folds_targets_apart(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as bad:
         answers.main()
     assert "no readable split.json" in str(bad.value.code)
+    # the two modes together: a usage error (exit 2), not one of them silently dropped
+    monkeypatch.setattr(sys, "argv", ["answers.py", str(run), "--by-fold", "--against-run", str(other)])
+    with pytest.raises(SystemExit) as both:
+        answers.main()
+    assert both.value.code == 2
+    assert "does not compare with --against-run" in capsys.readouterr().err
