@@ -188,6 +188,9 @@ def tune_grid(record: str) -> str:
              "|---|" + "---|" * len(counts)]
     for lr in BUDGET_LRS:
         lines.append(f"| {_rate(lr)} | " + " | ".join(cell(cells.get((lr, n))) for n in counts) + " |")
+    none = [found for (_, n), found in cells.items() if n == 0]  # the "no training" trial (any lr: one)
+    if none:
+        lines += ["", f"No training (0 steps: the part left out): {cell(none[0])}."]
     return "\n".join(lines) + "\n"
 
 

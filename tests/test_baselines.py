@@ -247,3 +247,33 @@ def test_stack_stop_stops_every_per_user_part_alike_and_anchors_are_not_copied_f
     rows = {r["method"]: r["optimizer_steps"] for r in json.loads((out / "metrics.json").read_text())["results"]}
     kept = [a.stopped_at for f in ("fold0", "fold1") for a in read_index(out / f / "per-user-lora").anchors]
     assert rows["per-user-lora"]["LoRA"]["max"] == max(kept) and rows["per-user-lora"]["LoRA"]["min"] == min(kept)
+
+
+def test_zero_steps_train_no_per_user_part(tmp_path):
+    """--stack-steps 0 and --oppu-steps 0 (a tune's "no training" trial): `mta` is then the
+    fused anchors alone and answers as `mta-fusion` does, OPPU is the task LoRA alone and
+    answers as `task-lora` does, neither stores a stack, and `mta-stack` (the stack alone,
+    here none: it would adapt nothing) is not run, the report says why."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "8", "--queries", "1"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", "--data", str(data), "--out", str(out), "--methods",
+                 "rag-1,task-lora,oppu,mta-fusion,mta-stack,mta", "--stack-steps", "0", "--oppu-steps", "0",
+                 "--task-steps", "3", "--bank-steps", "2", *COMMON]) == 0
+    preds: dict[str, dict] = {}
+    for line in (out / "predictions.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        preds.setdefault(p["method"], {})[p["user_id"]] = p["outputs"]
+    assert preds["mta"] == preds["mta-fusion"] and preds["oppu"] == preds["task-lora"]
+    assert "mta-stack" not in preds and not (out / "fold0" / "mta-stack").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["left_out"]) == {"mta-stack"}
+    assert "Not run: `mta-stack`: the recipe trains no stack" in (out / "results.md").read_text()
+    for name in ("mta", "oppu"):
+        store = UserStore(out / "fold0" / name)
+        assert store.user_ids() and all(store.meta(u).stack is None for u in store.user_ids())
+    rows = {r["method"]: r for r in metrics["results"]}
+    assert "stack" not in rows["mta"]["optimizer_steps"] and "user part" not in rows["oppu"]["optimizer_steps"]
+    # the config still refuses a run that adapts nothing
+    with pytest.raises(MtaError, match="leaves nothing to adapt"):
+        AdaptConfig.make(top_k=0, stack_steps=0)

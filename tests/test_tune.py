@@ -13,7 +13,7 @@ import mta.evaluation.tune as tune_mod
 from mta.bank import read_index
 from mta.cli.main import main
 from mta.errors import MtaError
-from mta.evaluation.tune import GROUPS, SPACES
+from mta.evaluation.tune import GROUPS, NO_TRAINING, SPACES
 from mta.recipes import read_recipe
 
 TINY = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2"]
@@ -227,7 +227,10 @@ def test_budgets_give_every_trained_method_its_own_lr_and_steps_with_equal_trial
     data, out = _tune_faked(tmp_path, monkeypatch, fake, "budgets", "--bank-base", "task")
     r = read_recipe(out / "recipe.json")
     per_group = {g: sum(t["group"] == g for t in r.trials) for g in SPACES["budgets"]}
-    assert set(per_group.values()) == {12}  # 4 learning rates x 3 step counts, for every part
+    # 4 learning rates x 3 step counts for every part; the two user parts on a shared part
+    # (the stack, OPPU's) also a "no training" trial, scored by the same method
+    assert per_group == {g: 12 + (g in NO_TRAINING) for g in SPACES["budgets"]}
+    assert [t["override"] for t in r.trials if t["group"] == "stack budget"][0] == {"adapt": {"stack_steps": 0}}
     assert {t["group"]: t["method"] for t in r.trials} == {
         "task-lora budget": "task-lora", "oppu budget": "oppu", "per-user-lora budget": "per-user-lora",
         "anchor budget": "mta-fusion", "stack budget": "mta"}
@@ -272,17 +275,20 @@ def test_budgets_quick_searches_each_part_by_rate_then_steps_in_six_evaluations(
                 cfg = {"baselines": setup.baselines, "bank": setup.bank_cfg, "adapt": setup.adapt_cfg}[section]
                 got = (getattr(cfg, lr_f), getattr(cfg, steps_f))
                 evaluated[m].append(got)
-                value = 1.0 - abs(math.log10(got[0] / lr)) - abs(math.log2(got[1] / steps)) / 10
+                value = 1.0 - abs(math.log10(got[0] / lr)) - (abs(math.log2(got[1] / steps)) / 10 if got[1] else 1)
             rows.append({"method": m, "metrics": {"accuracy": {"value": value, "ci": [0, 1]}}})
         return {"rows": rows, "failed": {}}
 
     _, out = _tune_faked(tmp_path, monkeypatch, fake, "budgets-quick", "--bank-base", "task")
     r = read_recipe(out / "recipe.json")
-    assert {m: len(set(v)) for m, v in evaluated.items() if m in best} == {m: 6 for m in best}
+    # OPPU's user part and the stack also run their "no training" trial (0 steps) with the steps
+    no_training = {"oppu", "mta"}
+    assert {m: len(set(v)) for m, v in evaluated.items() if m in best} == {m: 6 + (m in no_training) for m in best}
     for m, (*_, lr, _steps) in best.items():
         mid = {"task-lora": 128}.get(m, 32)
         assert evaluated[m][:4] == [(x, mid) for x in (3e-3, 1e-3, 3e-4, 1e-4)]  # the rates first
-        assert {n for _, n in evaluated[m][4:]} | {mid} == ({32, 128, 512} if m == "task-lora" else {8, 32, 128})
+        assert {n for _, n in evaluated[m][4:]} | {mid} == ({32, 128, 512} if m == "task-lora" else
+                                                           {8, 32, 128} | ({0} if m in no_training else set()))
         assert {x for x, _ in evaluated[m][4:]} == {lr}  # the steps at the rate chosen
     assert r.baselines == {"task_lr": 1e-3, "task_steps": 512, "oppu_lr": 3e-4, "oppu_steps": 8,
                            "user_lr": 1e-4, "user_steps": 128}
@@ -496,6 +502,8 @@ def test_a_budget_grid_renders_from_the_trial_log_alone(tmp_path, monkeypatch):
     assert value["3e-4"][0] > value["3e-4"][1] > value["3e-4"][2]  # fewer steps scored higher
     assert rows["3e-4"][0] == f"{value['3e-4'][0]:.3f} [{value['3e-4'][0] - 0.125:.3f}, {value['3e-4'][0] + 0.125:.3f}]"
     assert "[95% person-bootstrap interval]" in grid
+    none = log["values"][next(k for k, d in log["trials"].items() if d["budget"]["steps"] == 0)]  # OPPU's 0 steps
+    assert f"No training (0 steps: the part left out): {none:.3f} [{none - 0.125:.3f}, {none + 0.125:.3f}]." in grid
     with pytest.raises(SystemExit, match="name a budget after '#'"):
         results_doc.tune_grid(f"{out / tune_mod.VALUES}#stack")
 
@@ -505,10 +513,12 @@ def test_select_least_trains_least_among_the_trials_within_noise_of_the_best(tmp
     lowest rate) whose dev score is not significantly worse than the best's (paired person
     bootstrap over the per-person statistics each trial keeps in the log); a significantly
     worse one is never taken; --select best (the default) keeps the best."""
+    zero_wrong = [True]  # the "no training" trial: significantly worse (then within noise, below)
+
     def fake(ds, methods, setup, out, folds, *a, place=None, **kw):
         ac = setup.adapt_cfg
         users = [u for u in ds.users if any(u in f.targets for f in folds)]
-        if ac.stack_lr == 3e-3:
+        if ac.stack_lr == 3e-3 or (ac.stack_steps == 0 and zero_wrong[0]):
             wrong = len(users)            # every answer wrong: significantly worse
         elif ac.stack_steps == 128:
             wrong = 0                     # the best
@@ -532,6 +542,12 @@ def test_select_least_trains_least_among_the_trials_within_noise_of_the_best(tmp
     least = read_recipe(out / "recipe.json")
     # the rates at 32 steps tie but for 3e-3 (all wrong): the lowest; then 8 steps, one answer short of 128's
     assert (least.adapt["stack_lr"], least.adapt["stack_steps"], least.select) == (1e-4, 8, "least")
+    # no training within noise of the best: least leaves the stack out (0 steps), best does not
+    zero_wrong[0] = False
+    _, out = _tune_faked(tmp_path / "none", monkeypatch, fake, space, "--no-ablation", "--select", "least")
+    assert read_recipe(out / "recipe.json").adapt["stack_steps"] == 0
+    _, out = _tune_faked(tmp_path / "none-best", monkeypatch, fake, space, "--no-ablation")
+    assert read_recipe(out / "recipe.json").adapt["stack_steps"] == 128
     assert main(["tune", "--data", str(tmp_path / "least" / "data"), "--out", str(tmp_path / "bad"),
                  "--select", "fewest", *TINY]) == 2
 

@@ -282,9 +282,9 @@ class AdaptConfig(_Config):
     stack_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="stack alpha "
                                       "(default: 2 x stack rank)")
     stack_epochs: int = Field(1, ge=0, description="stacking epochs (0 = fusion only)")
-    stack_steps: int | None = Field(None, ge=1, description="optimiser steps per stack, the user's examples cycled "
-                                    "as often as it takes; replaces stack_epochs unless that is 0 (default: "
-                                    "epochs x batches per epoch)")
+    stack_steps: int | None = Field(None, ge=0, description="optimiser steps per stack, the user's examples cycled "
+                                    "as often as it takes; replaces stack_epochs unless that is 0; 0 = no stack, "
+                                    "as stack_epochs 0 (default: epochs x batches per epoch)")
     stack_lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="stacking learning rate")
     stack_stop: Literal["none", "held-out", "refit"] = Field(
         "none", description="when the stack stops: none (at its last step), held-out (the user's last "
@@ -313,11 +313,18 @@ class AdaptConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> AdaptConfig:
-        if self.top_k == 0 and self.stack_epochs == 0:
-            raise ValueError("top_k 0 (no fusion) with stack_epochs 0 (no stack) leaves nothing to adapt")
+        if self.top_k == 0 and not self.stacks:
+            raise ValueError("top_k 0 (no fusion) with no stack (stack_epochs or stack_steps 0) leaves nothing to "
+                             "adapt")
         if self.fusion_weights == "searched" and self.merge != "delta":
             raise ValueError(f"searched fusion weights need the exact delta merge, not {self.merge!r}")
         return self
+
+    @property
+    def stacks(self) -> bool:
+        """Whether users get a stack: neither ``stack_epochs`` nor ``stack_steps`` is 0 (either
+        0 is fusion only; ``mta tune`` offers it as a stack budget's "no training" trial)."""
+        return self.stack_epochs > 0 and self.stack_steps != 0
 
     @property
     def alpha_s(self) -> float:
@@ -344,8 +351,8 @@ class BaselineConfig(_Config):
                                    "bank's)")
     oppu_lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="OPPU's per-user part's learning "
                                   "rate (default: the bank's)")
-    oppu_steps: int | None = Field(None, ge=1, description="OPPU's per-user part's optimiser steps (default: the "
-                                   "bank's)")
+    oppu_steps: int | None = Field(None, ge=0, description="OPPU's per-user part's optimiser steps (default: the "
+                                   "bank's; 0 = none: OPPU is then the task LoRA alone)")
 
     def bank_for(self, part: Literal["task", "user"], bank: BankConfig) -> BankConfig:
         """The bank recipe with ``part``'s learning rate and steps where set; a baseline (and

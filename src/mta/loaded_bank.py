@@ -230,7 +230,7 @@ class LoadedBank:
         if self.kind == "bank" and cfg.top_k > self.n_anchors:
             raise MtaError(f"top_k {cfg.top_k} is more than the {self.n_anchors} anchors of bank {self.path}",
                            ("AdaptConfig.top_k",))
-        if cfg.stack_epochs > 0:
+        if cfg.stacks:
             self.backbone.engine.stack_selection(cfg.stack_targets, cfg.stack_layers)  # unknown modules refused
 
     def _adapt(self, users: Sequence[User], cfg: AdaptConfig, store: UserStore, progress: Progress | None,
@@ -298,7 +298,7 @@ class LoadedBank:
             if progress:
                 progress("users", done, len(todo))
         per_user = stack_params_per_user(engine, cfg.stack_rank, cfg.stack_targets,
-                                         cfg.stack_layers) if cfg.stack_epochs > 0 else 0
+                                         cfg.stack_layers) if cfg.stacks else 0
         return {"adapted": done, "skipped": skipped, "fusion_seconds": fuse_s, "train_seconds": train_s,
                 "search_seconds_reused": reused_s,
                 "seconds_per_user": (fuse_s + train_s) / max(1, len(users)),

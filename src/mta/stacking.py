@@ -46,12 +46,12 @@ def stack_passes(bank: LoadedBank, users: Sequence[User], mixes: Sequence[Mixtur
     whole run of the first user here, so that a shard's stacks start from the values the
     same users get in one run."""
     engine, tok = bank.backbone.engine, bank.backbone.tokenizer
-    tcfg = cfg.train_config(**bank.backbone.train_resources(), lr_field="AdaptConfig.stack_lr")
+    tcfg = cfg.train_config(**bank.backbone.train_resources(), lr_field="AdaptConfig.stack_lr") if cfg.stacks else None
     for g in range(0, len(todo), cfg.users_per_pass):
         group = list(todo[g:g + cfg.users_per_pass])
         stats = None
         t0 = time.perf_counter()
-        if cfg.stack_epochs > 0:
+        if cfg.stacks:
             engine.add_users(len(group), cfg.stack_rank, cfg.alpha_s, seed=cfg.seed + first_pass + g,
                              modules=cfg.stack_targets, last_layers=cfg.stack_layers)
             bank.stacks.invalidate()
@@ -72,7 +72,7 @@ def stack_passes(bank: LoadedBank, users: Sequence[User], mixes: Sequence[Mixtur
 def holds_out(cfg: AdaptConfig) -> bool:
     """Whether ``cfg`` holds each user's last item out of the search and the stack's training:
     ``stack_stop`` "held-out" or "refit" with a stack to train."""
-    return cfg.stack_stop != "none" and cfg.stack_epochs > 0
+    return cfg.stack_stop != "none" and cfg.stacks
 
 
 def held_out_split(examples: list, cfg: AdaptConfig) -> tuple[list, list]:

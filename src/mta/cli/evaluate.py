@@ -99,7 +99,7 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
             + (f", under a cap of {cap / 2**30:.1f} GiB)" if held and cap else ")" if held else "")
             + (" (synthetic data)" if ds.synthetic else "") + ".")
     failed = res.get("failed", {})
-    refs = references([m for m in methods if m not in failed])
+    refs = references([m for m in methods if m not in failed and m not in res.get("left_out", {})])
     files = write_report(out, title, meta, t, res, config, ds.synthetic, refs)
     if anchor_map_for(ds, setup, place, out, f"anchor map (fold 0): {title}"):
         files.append("anchor_map.png")
@@ -129,6 +129,8 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
         console.print(vt)
     for m, e in failed.items():
         err_console.print(f"[yellow]not reported: {escape(m)} diverged ({escape(e)})[/yellow]")
+    for m, why in res.get("left_out", {}).items():
+        err_console.print(f"[yellow]not run: {escape(m)}: {escape(why)}[/yellow]")
     for r in res["rows"]:
         if r.get("unparsed", 0) >= UNPARSED_NOTE * r["queries"]:
             err_console.print(f"[yellow]notice: {escape(r['method'])}: {r['unparsed']} of {r['queries']} answers "

@@ -259,9 +259,10 @@ def method_config(name: str, base: AdaptConfig, bank: BankConfig,
     """The AdaptConfig each adapter method uses; a baseline's and the reference's are
     pinned (``mta.defaults``): no registered recipe changes what they are."""
     if name == "oppu":  # a per-user LoRA with the bank's recipe (its own lr and steps) over the frozen task LoRA
+        steps = bank.steps if baselines.oppu_steps is None else baselines.oppu_steps  # 0: the task LoRA alone
         return pinned(AdaptConfig.make(top_k=1, stack_rank=bank.rank, stack_alpha=bank.alpha, stack_layers=0,
                                        stack_targets=bank.target_modules, stack_lr=baselines.oppu_lr or bank.lr,
-                                       stack_epochs=bank.epochs, stack_steps=baselines.oppu_steps or bank.steps,
+                                       stack_epochs=bank.epochs, stack_steps=steps,
                                        batch_size=bank.batch_size, warmup_ratio=bank.warmup_ratio,
                                        retrieve_k=bank.retrieve_k, max_length=bank.max_length, seed=base.seed,
                                        stack_stop=base.stack_stop))  # stopped as MTA's stack is

@@ -50,7 +50,8 @@ def variants_markdown(task, variants: list[dict]) -> list[str]:
 
 
 def markdown(title: str, meta: str, task, rows: list[dict], references: list[str],
-             failed: dict[str, str] | None = None, level: int = 1, variants: list[dict] | None = None) -> str:
+             failed: dict[str, str] | None = None, level: int = 1, variants: list[dict] | None = None,
+             left_out: dict[str, str] | None = None) -> str:
     """The run's table in Markdown under a heading of ``level``; ``scripts/results-table.py``
     renders docs/results.md's tables with it from each run's metrics.json."""
     m1, m2 = task.metric_names
@@ -72,6 +73,8 @@ def markdown(title: str, meta: str, task, rows: list[dict], references: list[str
                           f"were empty ({r['unparsed'] / r['queries']:.0%}; {task.unparsed_scoring})."]
     for m, e in (failed or {}).items():
         lines += ["", f"Not reported: `{m}` diverged ({e})."]
+    for m, why in (left_out or {}).items():
+        lines += ["", f"Not run: `{m}`: {why}."]
     if variants:
         lines += variants_markdown(task, variants)
     return "\n".join(lines) + "\n"
@@ -88,9 +91,10 @@ def write_report(out: Path, title: str, meta: str, task, res: dict, config: dict
         "peak_gpu_memory_bytes": res.get("peak_gpu_memory_bytes"),
         "peak_gpu_reserved_bytes": res.get("peak_gpu_reserved_bytes"),
         "gpu_memory_cap_bytes": res.get("gpu_memory_cap_bytes"), "failed": res.get("failed", {}),
+        **({"left_out": res["left_out"]} if res.get("left_out") else {}),
         **({"variants": res["variants"]} if res.get("variants") else {})})
     write_text_atomic(out / "results.md", markdown(title, meta, task, res["rows"], references, res.get("failed"),
-                                                   variants=res.get("variants")))
+                                                   variants=res.get("variants"), left_out=res.get("left_out")))
     plots.metric_plot(res["rows"], m1, title, out / f"{m1}_by_method.png")
     plots.cost_plot(res["rows"], m1, title, out / "quality_vs_bytes.png")
     return ["metrics.json", "results.md", f"{m1}_by_method.png", "quality_vs_bytes.png", "predictions.jsonl"]

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +188,16 @@ def run_layout(out: Path) -> Callable[[int, str], Path]:
     return lambda fold, name: out / ("bank" if name == "bank" else "store" if name == "mta" else name)
 
 
+def not_run(methods: Sequence[str], adapt: AdaptConfig) -> dict[str, str]:
+    """The methods asked for that a recipe leaves nothing to run, each with the reason:
+    ``mta-stack`` (the stack alone) where the recipe trains no stack (its steps or epochs 0,
+    a tune's "no training" choice), which would adapt nothing and answer as the base model."""
+    if "mta-stack" in methods and not adapt.stacks:
+        return {"mta-stack": "the recipe trains no stack (stack steps or epochs 0), so the stack alone would "
+                             "adapt nothing"}
+    return {}
+
+
 def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds: list[Fold], n_boot: int,
              seed: int, target_history: int | None = None, place: Callable[[int, str], Path] | None = None,
              history_queries: int = 0, required: frozenset[str] = frozenset(), leak_check: bool = True) -> dict:
@@ -199,6 +209,12 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     (``mta.evaluation.leaks``)."""
     task = setup.task
     place = place or eval_layout(out)
+    left_out = not_run(methods, setup.adapt_cfg)
+    for m, why in left_out.items():
+        log.warning("%s is not run: %s", m, why)
+    methods = [m for m in methods if m not in left_out]
+    if not methods:
+        raise MtaError(f"no method to run: {'; '.join(f'{m}: {w}' for m, w in left_out.items())}")
     out.mkdir(parents=True, exist_ok=True)
     if setup.search_cache is None:  # mta and mta-fusion search alike: one search, its time counted by each
         setup = dataclasses.replace(setup, search_cache=SearchCache(out / SEARCHED))
@@ -341,7 +357,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in preds))
     return {"rows": rows, "bank_seconds": bank_seconds, "wall_seconds": time.perf_counter() - t_start,
             "folds": split, **peak_fields(setup.backbone.peak_memory()),
-            "failed": {m: str(e) for m, e in failed.items()},
+            "failed": {m: str(e) for m, e in failed.items()}, "left_out": left_out,
             # each method's (persons, d) statistics, as the intervals resample them (not
             # written: for paired intervals against another run, a variant's or a trial's)
             "person_stats": {m: method_stats(task, evaluated, r.preds) for m, r in results.items()}}

@@ -88,11 +88,19 @@ BUDGETS = {
 # steps", the middle one already evaluated): 4 + 2 evaluations instead of 12, the same for
 # every part. It finds the grid's best where rate and steps act apart (the MovieLens 1.5B
 # stack grid, docs/results.md: 3e-4 x 32 both ways); a grid's corner it can miss.
+# The two per-user parts that sit on a trained shared part (MTA's stack on the fused anchors,
+# OPPU's user part on the task LoRA) also get a "no training" trial, 0 steps (the shared part
+# alone; its learning rate plays no part): where no budget helps on the dev persons, the tune
+# can leave the part out instead of choosing the least harmful one (MovieLens at 1.5B,
+# docs/results.md: every tuned user part made its method worse on the test persons). It is
+# the group's first trial, so a tie, and `--select least`, keep the part out.
+NO_TRAINING = ("stack budget", "oppu budget")
 QUICK_BUDGETS: dict[str, str] = {}  # group -> the budget it searches
 for _group, (_section, _lr, _steps, _method, _counts) in BUDGETS.items():
-    GROUPS[_group] = [{_section: {_lr: lr, _steps: n}} for lr in BUDGET_LRS for n in _counts]
+    _none = [{_section: {_steps: 0}}] if _group in NO_TRAINING else []
+    GROUPS[_group] = _none + [{_section: {_lr: lr, _steps: n}} for lr in BUDGET_LRS for n in _counts]
     GROUPS[f"{_group} rate"] = [{_section: {_lr: lr, _steps: _counts[len(_counts) // 2]}} for lr in BUDGET_LRS]
-    GROUPS[f"{_group} steps"] = [{_section: {_steps: n}} for n in _counts]
+    GROUPS[f"{_group} steps"] = _none + [{_section: {_steps: n}} for n in _counts]
     QUICK_BUDGETS.update({f"{_group} rate": _group, f"{_group} steps": _group})
 SCORED_BY = {g: BUDGETS[QUICK_BUDGETS.get(g, g)][3] for g in [*BUDGETS, *QUICK_BUDGETS]}  # other groups: "mta"
 # "core": the two knobs with evidence so far, the learning rate (0.5B's dev tune,
