@@ -367,10 +367,11 @@ def bank_section(model, dev, a, compile=False, ref=None) -> dict:
     sync(dev)
     ours = time.perf_counter() - t
     prof = None
-    if a.profile:  # a few steps of the same training, under the profiler
-        few = [Job(i, data[i][:16], Row([i], [1.0]), key=f"p{i}") for i in range(2)]
+    if a.profile:  # two steps of the timed training's shape (every anchor), under the profiler; before
+        # 2026-12-06 two anchors only, a step far smaller than the timed one's (docs/performance.md, run P)
+        few = [Job(i, data[i][:2 * cfg.batch_size], Row([i], [1.0]), key=f"p{i}") for i in range(a.anchors)]
         prof = profile(lambda: train_jobs(eng, "bank", few, cfg, pad_id=0), dev)
-        print_profile("bank building, 2 anchors x 16 samples", prof)
+        print_profile(f"bank building, {a.anchors} anchors x {2 * cfg.batch_size} samples (two steps)", prof)
     eng.remove()
     tokens = a.anchors * a.samples * a.seq
     mine = {"anchors": a.anchors, "tokens": tokens, "ours_seconds": ours, "ours_tokens_per_s": tokens / ours,
