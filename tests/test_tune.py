@@ -544,8 +544,19 @@ def test_select_least_trains_least_among_the_trials_within_noise_of_the_best(tmp
     assert (least.adapt["stack_lr"], least.adapt["stack_steps"], least.select) == (1e-4, 8, "least")
     # no training within noise of the best: least leaves the stack out (0 steps), best does not
     zero_wrong[0] = False
-    _, out = _tune_faked(tmp_path / "none", monkeypatch, fake, space, "--no-ablation", "--select", "least")
-    assert read_recipe(out / "recipe.json").adapt["stack_steps"] == 0
+    stops: list[str] = []
+    real = fake
+
+    def fake(ds, methods, setup, out, folds, *a, **kw):  # noqa: F811 (the same, counting stack-stop trials)
+        stops.append(setup.adapt_cfg.stack_stop)
+        return real(ds, methods, setup, out, folds, *a, **kw)
+
+    _, out = _tune_faked(tmp_path / "none", monkeypatch, fake, space + ",stack-stop", "--no-ablation",
+                         "--select", "least")
+    none = read_recipe(out / "recipe.json")
+    assert none.adapt["stack_steps"] == 0
+    # with the stack left out, the stack's stopping has nothing to search: no trial of it ran
+    assert set(stops) == {"none"} and not [t for t in none.trials if t["group"] == "stack stop"]
     _, out = _tune_faked(tmp_path / "none-best", monkeypatch, fake, space, "--no-ablation")
     assert read_recipe(out / "recipe.json").adapt["stack_steps"] == 128
     assert main(["tune", "--data", str(tmp_path / "least" / "data"), "--out", str(tmp_path / "bad"),

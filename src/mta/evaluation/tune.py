@@ -265,6 +265,12 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
     total = sum(len(GROUPS[g]) for g in order)
     done = 0
     for group in order:
+        if _moot(group, configs({})[1]):
+            log.info("tune %s: not searched: the trials before left the stack out (0 steps)", group)
+            done += len(GROUPS[group])
+            if progress:
+                progress("tune trials", done, total)
+            continue
         method = SCORED_BY.get(group, "mta")
         best_value, best_over, best_key = None, None, None
         keys: dict[str, dict] = {}  # the group's logged trials: key -> what it was (_describe)
@@ -339,6 +345,16 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                   baselines=chosen["baselines"], start={k: v for k, v in start.items() if v}, trials=trials,
                   ablation=_final_ablation(evaluate, methods, bc, ac, bl) if ablation else [],
                   max_user_share=max_user_share, select=select)
+
+
+# what a stack is, not whether there is one: meaningless once a tune has left the stack out
+STACK_FIELDS = frozenset({"stack_stop", "stack_rank", "stack_layers", "stack_targets", "stack_alpha", "stack_lr"})
+
+
+def _moot(group: str, adapt: AdaptConfig) -> bool:
+    """Whether ``group`` has nothing to search: it sets only what the stack is (its stopping,
+    shape or rate) and the recipe so far trains no stack (a budget's "no training" trial won)."""
+    return not adapt.stacks and all(set(o) == {"adapt"} and set(o["adapt"]) <= STACK_FIELDS for o in GROUPS[group])
 
 
 def _least(group: str, best: str, keys: dict[str, dict], about: dict, task, n_boot: int,
