@@ -86,8 +86,9 @@ BUDGETS = {
 # The same search in half the trials (space "budgets-quick"): each part's learning rate at
 # its middle step count ("<part> rate"), then its step counts at the rate chosen ("<part>
 # steps", the middle one already evaluated): 4 + 2 evaluations instead of 12, the same for
-# every part. It finds the grid's best where rate and steps act apart (the MovieLens 1.5B
-# stack grid, docs/results.md: 3e-4 x 32 both ways); a grid's corner it can miss.
+# every part (and the stack's and OPPU's no-training trial, below, in their steps groups).
+# It finds the grid's best where rate and steps act apart (the MovieLens 1.5B stack grid,
+# docs/results.md: 3e-4 x 32 both ways); a grid's corner it can miss.
 # The two per-user parts that sit on a trained shared part (MTA's stack on the fused anchors,
 # OPPU's user part on the task LoRA) also get a "no training" trial, 0 steps (the shared part
 # alone; its learning rate plays no part): where no budget helps on the dev persons, the tune
