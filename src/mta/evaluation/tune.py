@@ -44,7 +44,7 @@ from mta.evaluation.runner import diverged, run_eval, users_digest
 from mta.evaluation.stats import paired_diff_ci
 from mta.paths import write_json_atomic
 from mta.recipes import Recipe
-from mta.weight_search import SEARCHED, SearchCache
+from mta.weight_search import SEARCHED, STACK_ONLY, SearchCache
 
 log = logging.getLogger(__name__)
 VALUES = "trial-values.json"  # OUT's log of finished trials (``tune`` resumes from it)
@@ -348,8 +348,9 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                   max_user_share=max_user_share, select=select)
 
 
-# what a stack is, not whether there is one: meaningless once a tune has left the stack out
-STACK_FIELDS = frozenset({"stack_stop", "stack_rank", "stack_layers", "stack_targets", "stack_alpha", "stack_lr"})
+# what a stack is, not whether there is one (the fields that only shape it, less its steps
+# and epochs, plus its stopping): meaningless once a tune has left the stack out
+STACK_FIELDS = (STACK_ONLY - {"stack_epochs", "stack_steps"}) | {"stack_stop"}
 
 
 def _moot(group: str, adapt: AdaptConfig) -> bool:
