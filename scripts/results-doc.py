@@ -157,10 +157,10 @@ def tune_grid(record: str) -> str:
     from mta.evaluation.tune import BUDGET_LRS, BUDGETS
 
     path, _, part = record.partition("#")
-    budget = part.replace("-", " ")
-    if budget not in BUDGETS:
-        names = ", ".join(b.replace(" ", "-") for b in BUDGETS)
-        raise SystemExit(f"error: {record}: name a budget after '#' ({names})")
+    by_flag = {b.replace(" ", "-"): b for b in BUDGETS}  # "task-lora budget" keeps its hyphen
+    budget = by_flag.get(part)
+    if budget is None:
+        raise SystemExit(f"error: {record}: name a budget after '#' ({', '.join(by_flag)})")
     try:
         log = json.loads((ROOT / path).read_text(encoding="utf-8"))
         values, about = log["values"], log.get("trials", {})

@@ -506,6 +506,9 @@ def test_a_budget_grid_renders_from_the_trial_log_alone(tmp_path, monkeypatch):
     assert f"No training (0 steps: the part left out): {none:.3f} [{none - 0.125:.3f}, {none + 0.125:.3f}]." in grid
     with pytest.raises(SystemExit, match="name a budget after '#'"):
         results_doc.tune_grid(f"{out / tune_mod.VALUES}#stack")
+    # a part whose name has a hyphen of its own is found (this log has no trial of it)
+    with pytest.raises(SystemExit, match="no described trial of 'task-lora budget'"):
+        results_doc.tune_grid(f"{out / tune_mod.VALUES}#task-lora-budget")
 
 
 def test_select_least_trains_least_among_the_trials_within_noise_of_the_best(tmp_path, monkeypatch):
