@@ -189,6 +189,28 @@ def test_the_server_refuses_a_rating_rule(tmp_path, capsys):
         assert f"{flag} {rule}: the server answers with generated text" in capsys.readouterr().err
 
 
+def test_the_servers_switch_interval_is_set_only_when_asked(tmp_path, capsys):
+    """--switch-interval-ms: the serving process's thread switch interval (absent: Python's
+    own, untouched); a value that is no interval is refused in one line."""
+    from mta.cli.main import main
+    from mta.config import ServeConfig
+    from mta.serving.app import switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        switch_interval(ServeConfig())
+        assert sys.getswitchinterval() == before
+        switch_interval(ServeConfig(switch_interval_ms=0.25))
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    finally:
+        sys.setswitchinterval(before)
+    for bad in ("0", "-1", "nan", "2000"):
+        assert main(["serve", "--bank", str(tmp_path), "--keys", str(tmp_path / "keys.json"),
+                     "--switch-interval-ms", bad]) == 2
+        assert "switch-interval-ms" in capsys.readouterr().err
+    assert sys.getswitchinterval() == before
+
+
 def _label_reference(bb, prompt: str, row: Row | None, label: str) -> float:
     """Reference: log p(label tokens, end of turn | chat prompt), one unpadded forward through ``row``."""
     from mta.decoding.prompts import end_of_turn

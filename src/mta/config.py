@@ -518,6 +518,10 @@ class ServeConfig(_Config):
                                "have finished (no second copy of the model, but requests wait for the job)")
     adapt_share: float = Field(0.5, gt=0, le=1, description="share of the machine the adaptation worker takes: of "
                                "the CPU cores for its threads (at least one), or of the GPU's memory")
+    switch_interval_ms: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False, description="the server "
+                                             "process's thread switch interval (Python's sys.setswitchinterval), in "
+                                             "milliseconds: how long a thread waiting for the GIL lets its holder "
+                                             "run before asking for it (default: Python's, 5 ms)")
 
 
 def load_sections(dumped: dict[str, dict]) -> dict[str, _Config]:

@@ -16,7 +16,7 @@ from mta.config import AdaptConfig, BackboneConfig, GenerateConfig, ServeConfig
 from mta.data.readers import load_dataset
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank
-from mta.serving.app import build_app
+from mta.serving.app import build_app, switch_interval
 from mta.serving.ray_serve import serve_on_ray
 from mta.serving.security import Keys, add_key
 from mta.store import UserStore
@@ -65,11 +65,14 @@ def serve_cmd(
         _serve_on_ray(ray, replicas, bank, store, users, keys, cfg, rec)
         return
     backbone = load_backbone(cfg.backbone, rec.model, rec.embedder)
+    switch_interval(cfg.serve)
     loaded = LoadedBank(backbone, bank, resident=cfg.serve.resident)
     app = build_app(loaded, st, key_table, cfg.serve, cfg.generate, histories, cfg.adapt, backbone=cfg.backbone)
     s = cfg.serve
     scheduler = app.state.scheduler
     loop = scheduler.decoder_kind + (", async steps" if getattr(scheduler.decoder, "async_steps", False) else "")
+    if s.switch_interval_ms is not None:
+        loop += f"; thread switch interval {s.switch_interval_ms:g} ms"
     err_console.print(f"serving {escape(str(bank))} ({rec.task}, {backbone.model_id} on {backbone.device}; decode "
                       f"loop {loop}) at http://{s.host}:{s.port}")
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +38,19 @@ from mta.serving.service import ApiError, Service
 from mta.store import UserStore
 
 log = logging.getLogger(__name__)
+
+
+def switch_interval(cfg: ServeConfig) -> None:
+    """Set the process's thread switch interval (``ServeConfig.switch_interval_ms``) for the
+    whole process. The processes that serve call it (`mta serve`, a Ray replica), not
+    ``build_app``: an app built inside another program (a test) leaves its threads alone.
+
+    Why it matters: torch lets go of the GIL inside each operation, so the scheduler's
+    thread asks for it again after every one it launches; while the event loop's thread
+    holds it, streaming tokens, the scheduler waits until the holder is asked to let go,
+    after one switch interval (docs/serving.md, "Where the host time goes")."""
+    if cfg.switch_interval_ms is not None:
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000)
 
 
 def build_app(bank: LoadedBank, store: UserStore | None, keys: Keys, cfg: ServeConfig, gen: GenerateConfig,

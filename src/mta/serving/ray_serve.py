@@ -75,11 +75,12 @@ class ReplicaServer:
         from mta.config import load_sections
         from mta.data.readers import load_dataset
         from mta.loaded_bank import LoadedBank
-        from mta.serving.app import build_app
+        from mta.serving.app import build_app, switch_interval
         from mta.serving.security import Keys
         from mta.store import UserStore
 
         cfg = load_sections(spec["configs"])  # resolved by the driver (flags, recipes, the bank's record)
+        switch_interval(cfg["serve"])
         bank = Path(spec["bank"])
         rec = read_index(bank)
         self.store = UserStore(Path(spec["store"]), create=True) if spec.get("store") else None
