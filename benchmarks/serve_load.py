@@ -63,8 +63,12 @@ COUNTERS = ("mta_scheduler_seconds", "mta_joins", "mta_fed_requests", "mta_prefi
 
 
 def mta(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "mta", "--quiet", *args], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout
+    """``mta ARGS``' output; a failed set-up step ends the benchmark with its own last error line."""
+    r = subprocess.run([sys.executable, "-m", "mta", "--quiet", *args], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SystemExit(f"set-up step `mta {args[0]}` failed (exit {r.returncode}): {last}")
+    return r.stdout
 
 
 def free_port() -> int:

@@ -133,6 +133,10 @@ def test_serve_load_benchmark_tiny_open_loop(tmp_path):
     assert bad.returncode == 2 and "one of generate, graph, compiled" in bad.stderr
     bad = _run("serve_load.py", "--warm-users")
     assert bad.returncode == 2 and "--warm-users goes with --rate" in bad.stderr
+    # a set-up step that fails says which and why (its own last line), not a traceback
+    bad = _run("serve_load.py", "--model", "no-such-model", "--work", str(tmp_path / "bad"))
+    assert bad.returncode == 1 and "set-up step `mta bank` failed (exit 2): " in bad.stderr
+    assert "no-such-model" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_scale_model_from_the_measured_run():
