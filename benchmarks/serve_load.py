@@ -407,7 +407,8 @@ def main() -> None:
               f"{r['p99_s']:>7.2f} {r['errors']:>6}")
     print(f"batched / one at a time: {ratio:.2f}x")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "decoder": a.decoder, "max_tokens": a.max_tokens,
+    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "server_args": a.server_arg,
+                                 "decoder": a.decoder, "max_tokens": a.max_tokens,
                                  "prompt": a.prompt,
                                  "rows": rows, "ratio": ratio}, indent=2) + "\n")
     print(f"wrote {a.out}")
@@ -459,7 +460,8 @@ def report_open_loop(a, rows: list[dict]) -> None:
                 ahead["tokens_vs_sync"] = ahead["tokens_per_s"] / same["tokens_per_s"]
                 print(f"{m}: {d} / {sync} tokens/s {ahead['tokens_vs_sync']:.3f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "open_loop": True, "rate_per_s": a.rate,
+    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "server_args": a.server_arg,
+                                 "open_loop": True, "rate_per_s": a.rate,
                                  "warm_users": a.warm_users, "max_tokens": a.max_tokens, "prompt": a.prompt,
                                  "rows": rows}, indent=2) + "\n")
     print(f"wrote {a.out}")
@@ -475,7 +477,8 @@ def report_adapting(a, rows: list[dict]) -> None:
         print(f"{r['name']:<24} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} "
               f"{r['p99_vs_no_job']:>10.2f} {r['adapt_jobs_done']:>5} {r['errors']:>6}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "decoder": a.decoder, "max_tokens": a.max_tokens,
+    a.out.write_text(json.dumps({"model": a.model, "device": a.device, "server_args": a.server_arg,
+                                 "decoder": a.decoder, "max_tokens": a.max_tokens,
                                  "prompt": a.prompt, "adapt_during": True, "rows": rows}, indent=2) + "\n")
     print(f"wrote {a.out}")
 

@@ -108,14 +108,19 @@ def test_serve_load_benchmark_tiny_open_loop(tmp_path):
     out = tmp_path / "serve.json"
     r = _run("serve_load.py", "--model", "tiny-random-llama", "--requests", "12", "--clients", "4", "--users", "3",
              "--rate", "20", "--decoder", "graph,graph-async", "--max-tokens", "6", "--out", str(out), "--work",
-             str(tmp_path / "work"), "--warm-users")
+             str(tmp_path / "work"), "--warm-users", "--server-arg=--switch-interval-ms", "--server-arg=2")
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert record["server_args"] == ["--switch-interval-ms", "2"]  # the record says how its servers ran
     assert [(x["decoder"], x["model"]) for x in rows] == [("graph", "mta"), ("graph", "mta-base"),
                                                           ("graph-async", "mta"), ("graph-async", "mta-base")]
     assert all(x["tokens_vs_sync"] > 0 for x in rows[2:]) and "graph-async / graph tokens/s" in r.stdout
-    logs = {d: (tmp_path / "work" / f"serve-b4-{d}.log").read_text() for d in ("graph", "graph-async")}
-    assert "decode loop graph, async steps)" in logs["graph-async"] and "decode loop graph)" in logs["graph"]
+    # (the console wraps the start-up line: compared with its whitespace joined)
+    logs = {d: " ".join((tmp_path / "work" / f"serve-b4-{d}.log").read_text().split())
+            for d in ("graph", "graph-async")}
+    assert "decode loop graph, async steps; thread switch interval 2 ms)" in logs["graph-async"]
+    assert "decode loop graph; thread switch interval 2 ms)" in logs["graph"]
     for x in rows:
         assert x["errors"] == 0 and x["tokens_per_s"] > 0
         assert 0 < x["ttft_p50_s"] <= x["ttft_p99_s"] and 0 < x["itl_p50_s"] <= x["itl_p99_s"]
