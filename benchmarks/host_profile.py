@@ -14,11 +14,18 @@ beside the Python running it or on the PATH, and allowed to read the server's me
 or ptrace allowed).
 
     python benchmarks/host_profile.py DIR/compiled-async-mta   # summarise a recording again
+
+A recording's files may be kept gzipped (``all.txt.gz``: the committed ones are). The summary
+also counts the scheduler's samples spent anywhere under work that should never run under
+requests (``WATCHED``: Triton timing a kernel's tile configs, torch.compile compiling), by
+phase: a leaf frame alone does not show it (the autotuner's time ends in CUDA's launches and
+synchronisations, as the decode step's does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -33,6 +40,9 @@ RECORDINGS = {"all": ("--idle",), "cpu": (), "gil": ("--gil",)}  # file stem -> 
 SCHEDULER = "mta-scheduler"  # the scheduler thread's name (mta.serving.scheduler)
 LOOP = "Scheduler._loop (mta/serving/scheduler.py"  # its loop's frame; the frame it calls is the phase
 SCHEDULER_FILE = "(mta/serving/scheduler.py:"
+# work that should be done before a server turns ready, found anywhere in a sample's stack
+WATCHED = {"Triton's autotuner": ("(triton/runtime/autotuner.py:",),
+           "torch.compile": ("(torch/_dynamo/convert_frame.py:", "(torch/_inductor/compile_fx.py:")}
 WRAPPERS = ("(torch/utils/_contextlib.py:", "(contextlib.py:")  # decorators' frames, skipped for the phase
 # "thread (TID): NAME;frame;...;leaf COUNT", a frame "function (file:line)"
 _LINE = re.compile(r"^thread \((?:0x)?[0-9a-fA-F]+\): ?(?P<name>[^;]*);?(?P<stack>.*) (?P<n>\d+)$")
@@ -93,10 +103,17 @@ def sampling(pid: int, out: Path, rate: int = 250):
             raise ProfileError(f"py-spy wrote no samples of process {pid}: {log[-1] if log else 'no output'}")
 
 
+def _recording(out: Path, name: str) -> Path:
+    """``out/name.txt``, or its gzipped copy where only that is there."""
+    path = out / f"{name}.txt"
+    return path if path.exists() or not path.with_suffix(".txt.gz").exists() else path.with_suffix(".txt.gz")
+
+
 def parse(path: Path) -> Counter:
-    """(thread name, frames root first) -> samples, from a raw py-spy recording."""
+    """(thread name, frames root first) -> samples, from a raw py-spy recording (.txt or .txt.gz)."""
     stacks: Counter = Counter()
-    for line in path.read_text().splitlines():
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         m = _LINE.match(line.strip())
         if m:
             frames = tuple(f for f in m["stack"].split(";") if f)
@@ -126,7 +143,7 @@ def summarise(out: Path, rate: int | None = None, top: int = 12) -> dict:
     """The recordings in ``out`` summed up: each thread's share of the GIL samples; the
     scheduler thread's samples by phase, all and with the GIL held; its leaf frames where it
     spent most samples without the GIL."""
-    every, cpu, gil = (parse(out / f"{name}.txt") for name in RECORDINGS)
+    every, cpu, gil = (parse(_recording(out, name)) for name in RECORDINGS)
     threads: Counter = Counter()
     for (name, _), n in gil.items():
         threads[name] += n
@@ -144,6 +161,12 @@ def summarise(out: Path, rate: int | None = None, top: int = 12) -> dict:
     for (_, frames), n in mine_gil.items():
         leaves_gil[_leaf(frames)] += n
     waiting = Counter({leaf: n - leaves_gil.get(leaf, 0) for leaf, n in leaves_all.items()})
+    watched: dict[str, dict[str, int]] = {}
+    for (_, frames), n in mine.items():
+        for what, marks in WATCHED.items():
+            if any(m in f for f in frames for m in marks):
+                by_phase = watched.setdefault(what, {})
+                by_phase[_phase(frames)] = by_phase.get(_phase(frames), 0) + n
     total = sum(mine.values())
     return {"scheduler_samples": total, "scheduler_on_cpu": sum(mine_cpu.values()),
             "scheduler_holding_gil": sum(mine_gil.values()),
@@ -151,6 +174,7 @@ def summarise(out: Path, rate: int | None = None, top: int = 12) -> dict:
             "gil_by_thread": dict(threads.most_common()),
             "phases": dict(sorted(phases.items(), key=lambda kv: -kv[1]["samples"])),
             "scheduler_leaves_without_gil": dict(waiting.most_common(top)),
+            "scheduler_watched": watched,
             "scheduler_leaves": dict(leaves_all.most_common(top))}
 
 
@@ -172,12 +196,17 @@ def report(s: dict, indent: str = "  ") -> str:
     for leaf, n in s["scheduler_leaves_without_gil"].items():
         if n > 0:
             lines.append(f"{indent}  {n / total:>6.1%}  {leaf}")
+    for what, by_phase in s.get("scheduler_watched", {}).items():
+        lines.append(f"{indent}scheduler thread under {what}: {sum(by_phase.values()) / total:.1%} of its samples ("
+                     + ", ".join(f"{ph} {n / total:.1%}" for ph, n in sorted(by_phase.items(), key=lambda kv: -kv[1]))
+                     + ")")
     return "\n".join(lines)
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or not all((Path(sys.argv[1]) / f"{name}.txt").exists() for name in RECORDINGS):
-        sys.exit("usage: host_profile.py DIR (a directory holding a recording's all.txt, cpu.txt and gil.txt)")
+    if len(sys.argv) != 2 or not all(_recording(Path(sys.argv[1]), name).exists() for name in RECORDINGS):
+        sys.exit("usage: host_profile.py DIR (a directory holding a recording's all.txt, cpu.txt and gil.txt, "
+                 "or their .txt.gz)")
     s = summarise(Path(sys.argv[1]))
     print(report(s))
     print(json.dumps(s, indent=1))

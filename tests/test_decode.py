@@ -238,14 +238,22 @@ def test_the_slot_decoder_builds_a_new_batchs_routing_once(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["slots", "slots, compiled", "slots, async steps"])
-def test_a_warmed_up_slot_decoder_frees_its_slots_and_changes_no_token(kind):
+def test_a_warmed_up_slot_decoder_frees_its_slots_and_changes_no_token(kind, monkeypatch):
     """The server's warm-up (every slot through an anchor mixture, then a base row) leaves
-    every slot free, and rows decoded after it get the tokens they get alone."""
+    every slot free, and rows decoded after it get the tokens they get alone. It times the
+    dense kernel's tiles for every folded layer's (outputs, columns) (on the CPU the kernel
+    does not run: what it is asked to time is checked)."""
+    from mta.engine import kernels
+
+    asked = []
+    monkeypatch.setattr(kernels, "tune", lambda shapes, dtype, device: asked.append((set(shapes), dtype)) or 0)
     bb = backbone_with_adapters()
     tok = bb.tokenizer
     dec = DECODERS[kind](bb, tok.pad_token_id)
     prompt = tok("warm-up", add_special_tokens=False)["input_ids"]
     dec.warm([Row([0, 1], [0.5, 0.5])] * dec.n, prompt, steps=3)
+    folded = {(ly.out_features, ly.dense_B.shape[1]) for ly in bb.engine.layers.values() if ly._ext is not None}
+    assert folded and asked == [(folded, bb.engine.layers[next(iter(bb.engine.layers))].dense_B.dtype)]
     dec.warm([Row(active=False)], prompt, steps=3)
     assert sorted(dec.free) == list(range(dec.n)) and not dec.row_start and dec._taken is None
     rows = [Row([0, 1], [0.6, 0.4], user=0), Row(active=False)]

@@ -171,6 +171,28 @@ def test_dense_mix_kernel_on_cuda_equals_torch(monkeypatch):
             assert err <= tol, (dtype, m, out_f, cols, tokens, config, err)
 
 
+def test_dense_mix_kernel_timed_at_the_warm_up_is_not_timed_again_on_cuda(monkeypatch):
+    """``kernels.tune`` times every bucket of rows for a layer shape; launches of any size
+    up to ``MAX_ROWS`` after it find their tile choice in the autotuner's cache (no timing
+    on a server's loop: docs/serving.md, run S)."""
+    from mta.engine import _dense_mix_triton as tk
+    from mta.engine import kernels
+
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    out_f, cols = 96, 40
+    assert kernels.tune([(out_f, cols)], torch.bfloat16, CUDA) == len(kernels.BUCKETS)
+    keys = set(tk.tuned.cache)
+    assert len([k for k in keys if k[1:3] == (out_f, cols)]) == len(kernels.BUCKETS)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    for m in (1, 5, 17, 33, 100, 200, kernels.MAX_ROWS):
+        full = torch.randn(m, out_f + cols, generator=g, device=CUDA).bfloat16()
+        w = torch.randn(m, cols, generator=g, device=CUDA).bfloat16()
+        b = (0.1 * torch.randn(out_f, cols, generator=g, device=CUDA)).bfloat16()
+        got = kernels.launch(full, w, b, 1).float()
+        assert torch.allclose(got, kernels.dense_mix_reference(full, w, b, 1).float(), rtol=2 ** -7, atol=2 ** -7)
+    assert set(tk.tuned.cache) == keys
+
+
 def test_compiled_static_decode_on_cuda_equals_eager():
     """transformers' own auto-compile of the static-cache decode step (CUDA graphs), with the
     routing pinned: the same greedy tokens as the eager engine in fp32, and a second batch

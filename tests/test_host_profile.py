@@ -67,6 +67,35 @@ def test_a_recording_is_summed_by_the_schedulers_phase_and_the_gils_holders(tmp_
     assert "SlotDecoder.merge" not in text.split("without the GIL")[1]  # (no sample without the GIL)
 
 
+def test_work_that_belongs_before_ready_is_counted_wherever_it_is_in_the_stack(tmp_path):
+    # Triton timing tile configs under a prefill (docs/serving.md, run S) ends in CUDA's
+    # launches, as a decode step does: only the frames above the leaf tell them apart
+    import gzip
+
+    tuned = [BOOT, LOOP, "Scheduler._prefill_some (mta/serving/scheduler.py:402)",
+             "SlotDecoder.advance (mta/decoding/slots.py:330)", "Autotuner.run (triton/runtime/autotuner.py:240)",
+             "do_bench (triton/testing.py:182)", "synchronize (torch/cuda/__init__.py:1162)"]
+    compiled = [BOOT, LOOP, NO_GRAD, "SlotDecoder.step (mta/decoding/slots.py:310)",
+                "_compile (torch/_dynamo/convert_frame.py:900)", "compile_fx (torch/_inductor/compile_fx.py:10)"]
+    plain = [BOOT, LOOP, NO_GRAD, "SlotDecoder.step (mta/decoding/slots.py:310)",
+             "synchronize (torch/cuda/__init__.py:1162)"]
+    lines = [_line(7, "mta-scheduler", tuned, 30), _line(7, "mta-scheduler", compiled, 5),
+             _line(7, "mta-scheduler", plain, 65)]
+    for name in ("all", "cpu", "gil"):  # kept gzipped, as the committed recordings are
+        (tmp_path / f"{name}.txt.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    s = hp.summarise(tmp_path)
+    assert s["scheduler_samples"] == 100
+    assert s["scheduler_watched"] == {"Triton's autotuner": {"Scheduler._prefill_some": 30},
+                                      "torch.compile": {"SlotDecoder.step": 5}}
+    assert not any(s["scheduler_leaves_without_gil"].values())  # (every sample held the GIL here)
+    text = hp.report(s)
+    assert "under Triton's autotuner: 30.0% of its samples (Scheduler._prefill_some 30.0%)" in text
+    assert "under torch.compile: 5.0% of its samples (SlotDecoder.step 5.0%)" in text
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_profile.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "under Triton's autotuner: 30.0%" in r.stdout, r.stderr
+
+
 def test_without_py_spy_the_profile_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(hp.shutil, "which", lambda name: None)
     monkeypatch.setattr(hp.sys, "executable", str(tmp_path / "python"))

@@ -46,6 +46,42 @@ def test_the_kernel_is_used_only_where_it_applies_and_checks_its_shapes(monkeypa
             kernels.check_shapes(*bad)
 
 
+def test_the_kernel_times_its_tiles_per_bucket_of_rows_and_the_warm_up_times_them_all(monkeypatch):
+    # Timed per exact rows x tokens, each prefill of a new size timed 6 configs at every layer
+    # shape under requests (docs/serving.md, run S): the autotuner's key is the bucket
+    pytest.importorskip("triton")
+    import torch
+
+    from mta.engine import _dense_mix_triton as tk
+    from mta.engine import kernels
+
+    assert [kernels.row_bucket(m) for m in (1, 16, 17, 64, 65, 200, 256, 257)] == [16, 16, 32, 64, 128, 256, 256, 512]
+    assert list(tk.tuned.keys) == ["MB", "OUT", "COLS"]
+    seen = []
+
+    class Autotuned:  # stands in for tk.tuned (which times on CUDA only): what it is called with
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(args)
+
+    monkeypatch.setattr(tk, "tuned", Autotuned())
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    for m in (3, 9, 40, 256):
+        kernels.launch(torch.randn(m, 10), torch.randn(m, 4), torch.randn(6, 4), 1)
+    mb = tk.dense_mix_kernel.arg_names.index("MB")
+    assert [a[mb] for a in seen] == [16, 16, 64, 256]
+    assert [a[tk.dense_mix_kernel.arg_names.index("M")] for a in seen] == [3, 9, 40, 256]
+
+    launched = []
+    monkeypatch.setattr(kernels, "launch", lambda full, w, b, tokens, config=None:
+                        launched.append((full.shape, w.shape, b.shape, tokens, full.dtype, config)))
+    assert kernels.tune({(6, 4), (8, 4), (6, 4)}, torch.float32, torch.device("cpu")) == 0  # no CUDA: nothing
+    monkeypatch.setattr(kernels, "usable", lambda full, w, b: True)
+    assert kernels.tune([(6, 4), (8, 4), (6, 4)], torch.bfloat16, torch.device("cpu")) == 2 * len(kernels.BUCKETS)
+    assert launched == [((m, o + 4), (m, 4), (o, 4), 1, torch.bfloat16, None) for o in (6, 8) for m in kernels.BUCKETS]
+    monkeypatch.setattr(kernels, "INTERPRET", True)  # the interpreter has no timer
+    assert kernels.tune([(6, 4)], torch.float32, torch.device("cpu")) == 0
+
+
 def test_the_kernel_check_reports_its_worst_config(monkeypatch):
     # kernels.worst_error, the check behind the tests and benchmarks/dense_mix.py: a config off
     # by 0.5 (or giving NaN) is the one reported, whichever configs around it are exact

@@ -283,6 +283,19 @@ def unfold(layer) -> None:
     layer._ext = None
 
 
+def tune_kernel(engine) -> int:
+    """Time the dense kernel's tile choice now (``kernels.tune``) for every folded dense
+    layer's (outputs, columns), in its tables' dtype: a server's warm-up, so that no
+    prefill of a new size times it under requests. Returns the launches made."""
+    shapes, dtype, device = set(), None, None
+    for layer in engine.layers.values():
+        b = layer._buffers["dense_B"]
+        if layer._ext is not None and b.shape[1]:
+            shapes.add(tuple(b.shape))
+            dtype, device = b.dtype, b.device
+    return kernels.tune(shapes, dtype, device) if shapes else 0
+
+
 def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
     # the buffers from the module's dict: each ``layer.dense_*`` is a Module.__getattr__ call,
     # a host cost of every eager forward (a joining group's prefill) at every layer

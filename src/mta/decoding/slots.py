@@ -59,6 +59,7 @@ import torch
 from mta.decoding.eager import Batch, Decoder, Prefill, Sequence, cache_layers, sample, take_tokens
 from mta.decoding.fixed import FixedRouting, captured_buffers, dense_rows, fixed_on
 from mta.decoding.prefix import PrefixCache
+from mta.decoding.routing import tune_kernel
 from mta.decoding.step import GraphDecoder
 from mta.engine.engine import Row, to_device
 
@@ -417,7 +418,9 @@ class SlotDecoder:
         """Run ``steps`` decode steps of ``prompt`` through ``rows`` (at most the slots), then
         one step under every attention window, and free every slot again: the step for these
         rows' layout is compiled and captured for every window now (the server's warm-up
-        before it turns ready). It frees every slot: call it only while no row is running."""
+        before it turns ready), and the dense kernel's tiles are timed for every size a
+        prefill or a step can have (``routing.tune_kernel``). It frees every slot: call it
+        only while no row is running."""
         seqs = [Sequence(list(prompt), row, steps + 1, frozenset()) for row in rows]
         batch = self.merge(None, self.prefill(seqs))
         for _ in range(max(1, steps)):  # (the first fills the fixed routing the windows' steps read)
@@ -429,6 +432,7 @@ class SlotDecoder:
                     self.g.advance()
                     self.t += 1
         self.keep(batch, [])
+        tune_kernel(self.engine)
 
     # -- internals ---------------------------------------------------------------------------
     def _prefill_routing(self, rows: list[Row]):

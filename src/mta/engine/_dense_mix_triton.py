@@ -11,6 +11,7 @@ from mta.engine.kernels import CONFIGS
 
 @triton.jit
 def dense_mix_kernel(full_ptr, w_ptr, b_ptr, o_ptr, M, OUT, COLS, T, stride_full, stride_w, stride_b,
+                      MB,  # M's bucket (kernels.row_bucket): the autotuner's key, not read here
                       IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -44,8 +45,8 @@ def dense_mix_kernel(full_ptr, w_ptr, b_ptr, o_ptr, M, OUT, COLS, T, stride_full
     out = acc + y.to(tl.float32)
     tl.store(o_ptr + rm[:, None] * OUT + rn[None, :], out.to(o_ptr.dtype.element_ty), mask=mn)
 
-# on CUDA the tile shape is timed per (rows, outputs, columns) at the first call (a decoder's
-# warm-up, before its capture); the interpreter has no timer: one config, or the one given
+# on CUDA the tile shape is timed per (bucket of rows, outputs, columns) at the first call
+# (kernels.tune, at a server's warm-up); the interpreter has no timer: one config, or the one given
 tuned = triton.autotune(configs=[triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
                                                 num_warps=c["num_warps"], num_stages=c["num_stages"])
-                                  for c in CONFIGS], key=["M", "OUT", "COLS"])(dense_mix_kernel)
+                                  for c in CONFIGS], key=["MB", "OUT", "COLS"])(dense_mix_kernel)

@@ -35,6 +35,11 @@ import torch
 HAVE_TRITON = importlib.util.find_spec("triton") is not None  # without it: the torch path everywhere
 
 MAX_ROWS = 256  # rows x tokens up to which the kernel runs (decode); above, cuBLAS (prefill)
+# The tile shape is timed per bucket of rows x tokens, not per exact count: timed per count,
+# every prefill of a new size (a joining group's prompts) timed 6 configs at every layer
+# shape on the server's loop thread, 27% of its samples under load at 8B shape
+# (docs/serving.md, run S). ``tune`` times every bucket at a server's warm-up.
+BUCKETS = (16, 32, 64, 128, MAX_ROWS)
 # On unless MTA_DENSE_KERNEL=0: correct and faster on the GPU (docs/performance.md, run G)
 ENABLED = os.environ.get("MTA_DENSE_KERNEL", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,6 +62,15 @@ CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
                                       (64, 128, 32, 4, 3), (16, 64, 64, 2, 4), (64, 16, 128, 2, 3))]
 
 
+def row_bucket(m: int) -> int:
+    """The bucket the kernel's tile choice is timed and kept for: the smallest of
+    ``BUCKETS`` holding ``m`` rows x tokens (past the last, the next power of two)."""
+    for size in BUCKETS:
+        if m <= size:
+            return size
+    return 1 << (m - 1).bit_length()
+
+
 def check_shapes(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int) -> None:
     """``full`` (M, OUT + C), ``w`` (at least M / tokens, C), ``b`` (OUT, C), or a ValueError."""
     m, width = full.shape
@@ -75,7 +89,7 @@ def launch(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int, co
     cols = b.shape[1]
     full, w, b = full.contiguous(), w.contiguous(), b.contiguous()
     out = torch.empty(m, out_f, dtype=full.dtype, device=full.device)
-    args = (full, w, b, out, m, out_f, cols, tokens, full.stride(0), w.stride(0), b.stride(0))
+    args = (full, w, b, out, m, out_f, cols, tokens, full.stride(0), w.stride(0), b.stride(0), row_bucket(m))
     ieee = full.dtype == torch.float32
     kw = dict(IEEE=ieee, UPCAST=INTERPRET and not ieee)
     if config is None and not INTERPRET:
@@ -87,6 +101,27 @@ def launch(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int, co
         grid = (-(-m // c["BLOCK_M"]), -(-out_f // c["BLOCK_N"]))
         tk.dense_mix_kernel[grid](*args, **kw, **c)
     return out
+
+
+def tune(shapes, dtype: torch.dtype, device: torch.device) -> int:
+    """Time the kernel's tile choice now for every bucket of ``BUCKETS`` and every
+    (outputs, columns) of ``shapes`` (the dense layers'), so that no later call times it
+    (a prefill or a decode step of a new size on a server's loop). Returns the launches
+    made: 0 where the kernel does not apply (no Triton, not CUDA, turned off) or has no
+    timer (Triton's interpreter)."""
+    n = 0
+    if INTERPRET:
+        return n
+    for out_f, cols in sorted(set(shapes)):
+        b = torch.zeros(out_f, cols, dtype=dtype, device=device)
+        for m in BUCKETS:
+            full = torch.zeros(m, out_f + cols, dtype=dtype, device=device)
+            w = torch.zeros(m, cols, dtype=dtype, device=device)
+            if not usable(full, w, b):
+                return n
+            launch(full, w, b, 1)
+            n += 1
+    return n
 
 
 @torch.library.custom_op("mta::dense_mix", mutates_args=())
