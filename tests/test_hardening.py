@@ -539,12 +539,15 @@ def test_adapt_job_ids_never_repeat_after_a_restart(tmp_path):
 
 def test_gpu_memory_caps_the_cuda_allocator_once_the_model_is_loaded(monkeypatch):
     """--gpu-memory (a share, bytes, or auto: what the loaded model holds plus 24 GiB, at
-    most 90% of the device) caps a CUDA process's caching allocator; the CPU is left alone;
-    a cap under what the model holds is a one-line error."""
+    most 90% of the device) bounds a CUDA process: its caching allocator is capped at that
+    less what the process holds outside it (nvidia-smi's reading, or 0.5 GiB assumed) and a
+    0.25 GiB margin; the CPU is left alone; a cap under what the model holds is a one-line
+    error."""
     from types import SimpleNamespace
 
     import torch
 
+    import mta.backbone as backbone
     from mta.backbone import cap_memory
     from mta.errors import ResourceError
 
@@ -553,22 +556,64 @@ def test_gpu_memory_caps_the_cuda_allocator_once_the_model_is_loaded(monkeypatch
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=140 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 12 * gib)
+    outside = [1 * gib]
+    monkeypatch.setattr(backbone, "outside_allocator", lambda d: outside[0])
     dev = torch.device("cuda:0")
-    assert cap_memory(dev, "0.25") == 35 * gib and calls[-1] == (0.25, dev)
-    assert cap_memory(dev, str(40 * gib)) == 40 * gib and calls[-1] == (40 / 140, dev)
-    assert cap_memory(dev, "auto") == (12 + 24) * gib and calls[-1] == (36 / 140, dev)
-    assert cap_memory(dev, str(400 * gib)) == 140 * gib and calls[-1] == (1.0, dev)  # at most the device
+    off = 1.25 * gib  # 1 GiB read outside the allocator, and the margin
+    assert cap_memory(dev, "0.25") == 35 * gib - off and calls[-1] == ((35 * gib - off) / (140 * gib), dev)
+    assert cap_memory(dev, str(40 * gib)) == 40 * gib - off and calls[-1] == ((40 * gib - off) / (140 * gib), dev)
+    assert cap_memory(dev, "auto") == (12 + 24) * gib - off and calls[-1] == ((36 * gib - off) / (140 * gib), dev)
+    assert cap_memory(dev, str(400 * gib)) == 140 * gib - off  # at most the device
+    outside[0] = None  # nvidia-smi did not tell: the context's usual 0.5 GiB assumed
+    assert cap_memory(dev, str(40 * gib)) == 40 * gib - 0.75 * gib
     with pytest.raises(ResourceError, match="allows 7.0 GiB but the model already holds 12.0 GiB"):
         cap_memory(dev, "0.05")
+    outside[0] = 2 * gib
+    with pytest.raises(ResourceError, match=r"allows 13.0 GiB .* holds 12.0 GiB .* and 2.2 GiB go outside"):
+        cap_memory(dev, str(13 * gib))  # above the model, not above the model and what is outside
     n = len(calls)
     assert cap_memory(torch.device("cpu"), "0.3") is None and len(calls) == n
     # a server's static KV cache, once allocated, is held like the model: auto's room stays 24 GiB
     from mta.backbone import Backbone
     from mta.config import BackboneConfig
+    outside[0] = 1 * gib
     bb = SimpleNamespace(memory_cap=36 * gib, device=dev, config=BackboneConfig())
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 30 * gib)
     Backbone.recap_memory(bb)
-    assert bb.memory_cap == (30 + 24) * gib and calls[-1] == (54 / 140, dev)
+    assert bb.memory_cap == (30 + 24) * gib - off and calls[-1] == ((54 * gib - off) / (140 * gib), dev)
+
+
+def test_what_a_process_holds_outside_torchs_allocator_is_read_from_nvidia_smi(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    import mta.backbone as backbone
+
+    mib = 2 ** 20
+    me = os.getpid()
+    out = f"{me + 1}, 9000\n{me}, 3000\n{me}, [N/A]\nnot, a line\n{me}, 500\n"  # ours on two GPUs: 3,500 MiB
+    monkeypatch.setattr(backbone.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(backbone.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0, stdout=out))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 3000 * mib)
+    dev = torch.device("cuda:0")
+    assert backbone.outside_allocator(dev) == 500 * mib
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 4000 * mib)
+    assert backbone.outside_allocator(dev) == 0  # never below nothing
+    other = f"{me + 1}, 10"
+    monkeypatch.setattr(backbone.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0, stdout=other))
+    assert backbone.outside_allocator(dev) is None  # this process not listed (another pid namespace)
+    monkeypatch.setattr(backbone.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=9, stdout=out))
+    assert backbone.outside_allocator(dev) is None  # nvidia-smi failed
+
+    def boom(*a, **k):
+        raise backbone.subprocess.TimeoutExpired("nvidia-smi", 20)
+
+    monkeypatch.setattr(backbone.subprocess, "run", boom)
+    assert backbone.outside_allocator(dev) is None
+    monkeypatch.setattr(backbone.shutil, "which", lambda name: None)
+    assert backbone.outside_allocator(dev) is None
 
 
 def test_gpu_memory_is_read_in_one_form_and_bad_values_are_refused():

@@ -9,6 +9,9 @@ the engine's tables, never its layers.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +28,34 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_EMBEDDER = "minilm-l6"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_MAX_ROWS = 16  # the CPU default micro-batch (rows); CUDA sizes micro-batches by memory
+# --gpu-memory bounds the whole process, and torch's allocator is not all of it: the CUDA
+# context, loaded kernels and libraries' own memory come on top (run S, an H100: two tunes
+# under 24 GiB peaked at 24.7 and 24.2 GiB by nvidia-smi, docs/architecture.md). What this
+# process holds outside the allocator is read from nvidia-smi when the cap is set; where it
+# cannot be read, the context's usual size is assumed. Kernels loaded later (Triton's, a
+# compile's) are given a margin. Both are estimates, not measurements of this process.
+OUTSIDE_ASSUMED = 512 * 2 ** 20
+OUTSIDE_MARGIN = 256 * 2 ** 20
+
+
+def outside_allocator(device: torch.device) -> int | None:
+    """Bytes this process holds on the GPUs outside torch's caching allocator (nvidia-smi's
+    per-process usage, summed over the GPUs, less what the allocator reserved on
+    ``device``), or None where nvidia-smi is missing, fails or does not list this process
+    (a container whose process ids the driver does not see)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = None
+    for line in r.stdout.splitlines() if r.returncode == 0 else []:
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].replace(".", "", 1).isdigit():
+            used = (used or 0) + int(float(parts[1]) * 2 ** 20)
+    return None if used is None else max(0, used - torch.cuda.memory_reserved(device))
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -44,23 +75,32 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def cap_memory(device: torch.device, spec: str) -> int | None:
-    """Cap this process's CUDA caching allocator under ``--gpu-memory spec`` (`gpu_memory_cap`),
-    once the model is loaded (auto counts what it holds). Returns the cap in bytes (None on
-    the CPU); a cap under what the process already holds is an error. Not isolation: memory
-    outside torch's allocator (CUDA context, libraries' workspaces) is not counted
+    """Cap this process's CUDA caching allocator so that the whole process keeps within
+    ``--gpu-memory spec`` (`gpu_memory_cap`), once the model is loaded (auto counts what it
+    holds): the spec's bytes less what the process holds outside the allocator
+    (`outside_allocator`, or `OUTSIDE_ASSUMED` where unread) and `OUTSIDE_MARGIN`. Returns
+    the allocator's cap in bytes (None on the CPU), what a micro-batch budget plans into; a
+    cap under what the process already holds is an error. Not isolation: memory loaded
+    outside the allocator past the margin still counts against the device
     (docs/architecture.md, "Devices, dtypes and memory")."""
     if device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
     held = torch.cuda.memory_reserved(device)
-    cap = gpu_memory_cap(spec, total, held)
+    whole = gpu_memory_cap(spec, total, held)
+    outside = outside_allocator(device)
+    cap = whole - (OUTSIDE_ASSUMED if outside is None else outside) - OUTSIDE_MARGIN
     if cap < held:
-        raise ResourceError(f"--gpu-memory {spec} allows {cap / 2**30:.1f} GiB but the model already holds "
-                            f"{held / 2**30:.1f} GiB of the device's {total / 2**30:.1f} GiB",
+        raise ResourceError(f"--gpu-memory {spec} allows {whole / 2**30:.1f} GiB but the model already holds "
+                            f"{held / 2**30:.1f} GiB of the device's {total / 2**30:.1f} GiB and "
+                            f"{(whole - cap) / 2**30:.1f} GiB go outside torch's allocator",
                             ("BackboneConfig.gpu_memory",))
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
-    log.info("GPU memory cap %.1f GiB of %.1f GiB (--gpu-memory %s; the model holds %.1f GiB)", cap / 2**30,
-             total / 2**30, spec, held / 2**30)
+    log.info("GPU memory cap %.1f GiB of %.1f GiB for the process (--gpu-memory %s): torch's allocator %.1f GiB "
+             "(the model holds %.1f GiB), outside it %.2f GiB%s and a margin of %.2f", whole / 2**30,
+             total / 2**30, spec, cap / 2**30, held / 2**30,
+             (OUTSIDE_ASSUMED if outside is None else outside) / 2**30,
+             " (assumed: nvidia-smi did not tell)" if outside is None else " (nvidia-smi)", OUTSIDE_MARGIN / 2**30)
     return cap
 
 
