@@ -585,7 +585,6 @@ def test_gpu_memory_caps_the_cuda_allocator_once_the_model_is_loaded(monkeypatch
 
 def test_what_a_process_holds_outside_torchs_allocator_is_read_from_nvidia_smi(monkeypatch):
     import os
-    from types import SimpleNamespace
 
     import torch
 
@@ -593,27 +592,19 @@ def test_what_a_process_holds_outside_torchs_allocator_is_read_from_nvidia_smi(m
 
     mib = 2 ** 20
     me = os.getpid()
-    out = f"{me + 1}, 9000\n{me}, 3000\n{me}, [N/A]\nnot, a line\n{me}, 500\n"  # ours on two GPUs: 3,500 MiB
-    monkeypatch.setattr(backbone.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    monkeypatch.setattr(backbone.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0, stdout=out))
+    out = [f"{me + 1}, 9000\n{me}, 3000\n{me}, [N/A]\nnot, a line\n{me}, 500\n"]  # ours on two GPUs: 3,500 MiB
+    monkeypatch.setattr(backbone, "_compute_apps", lambda: out[0])
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 3000 * mib)
     dev = torch.device("cuda:0")
     assert backbone.outside_allocator(dev) == 500 * mib
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 4000 * mib)
     assert backbone.outside_allocator(dev) == 0  # never below nothing
-    other = f"{me + 1}, 10"
-    monkeypatch.setattr(backbone.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0, stdout=other))
+    out[0] = f"{me + 1}, 10"
     assert backbone.outside_allocator(dev) is None  # this process not listed (another pid namespace)
-    monkeypatch.setattr(backbone.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=9, stdout=out))
-    assert backbone.outside_allocator(dev) is None  # nvidia-smi failed
-
-    def boom(*a, **k):
-        raise backbone.subprocess.TimeoutExpired("nvidia-smi", 20)
-
-    monkeypatch.setattr(backbone.subprocess, "run", boom)
-    assert backbone.outside_allocator(dev) is None
+    out[0] = None
+    assert backbone.outside_allocator(dev) is None  # no nvidia-smi, or it failed
     monkeypatch.setattr(backbone.shutil, "which", lambda name: None)
-    assert backbone.outside_allocator(dev) is None
+    assert backbone._compute_apps() is None
 
 
 def test_gpu_memory_is_read_in_one_form_and_bad_values_are_refused():

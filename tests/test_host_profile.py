@@ -67,6 +67,7 @@ def test_a_recording_is_summed_by_the_schedulers_phase_and_the_gils_holders(tmp_
     assert "SlotDecoder.merge" not in text.split("without the GIL")[1]  # (no sample without the GIL)
 
 
+@pytest.mark.integration  # (runs host_profile.py as a command too)
 def test_work_that_belongs_before_ready_is_counted_wherever_it_is_in_the_stack(tmp_path):
     # Triton timing tile configs under a prefill (docs/serving.md, run S) ends in CUDA's
     # launches, as a decode step does: only the frames above the leaf tell them apart

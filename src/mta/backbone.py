@@ -38,11 +38,9 @@ OUTSIDE_ASSUMED = 512 * 2 ** 20
 OUTSIDE_MARGIN = 256 * 2 ** 20
 
 
-def outside_allocator(device: torch.device) -> int | None:
-    """Bytes this process holds on the GPUs outside torch's caching allocator (nvidia-smi's
-    per-process usage, summed over the GPUs, less what the allocator reserved on
-    ``device``), or None where nvidia-smi is missing, fails or does not list this process
-    (a container whose process ids the driver does not see)."""
+def _compute_apps() -> str | None:
+    """nvidia-smi's ``pid, used MiB`` lines of the processes on the GPUs (None where it is
+    missing or fails)."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
@@ -50,8 +48,16 @@ def outside_allocator(device: torch.device) -> int | None:
                            capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def outside_allocator(device: torch.device) -> int | None:
+    """Bytes this process holds on the GPUs outside torch's caching allocator (nvidia-smi's
+    per-process usage, summed over the GPUs, less what the allocator reserved on
+    ``device``), or None where nvidia-smi is missing, fails or does not list this process
+    (a container whose process ids the driver does not see)."""
     used = None
-    for line in r.stdout.splitlines() if r.returncode == 0 else []:
+    for line in (_compute_apps() or "").splitlines():
         parts = [x.strip() for x in line.split(",")]
         if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].replace(".", "", 1).isdigit():
             used = (used or 0) + int(float(parts[1]) * 2 ** 20)
