@@ -167,13 +167,17 @@ def histograms(client, url: str) -> dict:
     (cumulative counts by upper bound, sum, count). The server times every token, which the
     client cannot: it sees a stream event only when the text grows by whole characters.
     Also its counters (COUNTERS: the scheduler's seconds by phase, its joins, fed requests,
-    prefill forwards, stack loads): name -> {label: total}."""
+    prefill forwards, stack loads): name -> {label: total}; and its warm-up's seconds
+    (``mta_warm_up_seconds``): name -> {"": seconds}."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
     for fam in text_string_to_metric_families(client.get(url + "/metrics").text):
         if fam.name in COUNTERS:
             out[fam.name] = {s.labels.get("phase", ""): s.value for s in fam.samples if s.name.endswith("_total")}
+            continue
+        if fam.name == "mta_warm_up_seconds":  # a gauge: what the server's warm-up took, once
+            out[fam.name] = {"": fam.samples[0].value} if fam.samples else {}
             continue
         if fam.name not in ("mta_inter_token_latency_seconds", "mta_decode_step_seconds"):
             continue
@@ -271,6 +275,8 @@ def open_loop(url: str, key: str, users: list[str], a, model: str, decoder: str,
             "server_prefill_forwards": int(counter_deltas(before, after, "mta_prefill_forwards").get("", 0)),
             "server_stack_loads": int(counter_deltas(before, after, "mta_stack_loads").get("", 0)),
             "server_stack_reads_ahead": int(counter_deltas(before, after, "mta_stack_reads_ahead").get("", 0)),
+            # the decoder's warm-up before the server turned ready (compile, capture, kernel tiles)
+            "server_warm_up_s": after.get("mta_warm_up_seconds", {}).get(""),
             # the CUDA caching allocator's retries and driver calls during the load (absent on a CPU)
             **{f"server_{n.removeprefix('mta_')}": int(counter_deltas(before, after, n)[""])
                for n in CUDA_COUNTERS if "" in after.get(n, {})},
@@ -442,7 +448,8 @@ def report_open_loop(a, rows: list[dict]) -> None:
               f"({r.get('server_stack_reads_ahead', 0)} read ahead)"
               + ("" if "server_cuda_mallocs" not in r else
                  f"; CUDA allocator: {r['server_cuda_alloc_retries']} retries, {r['server_cuda_mallocs']} "
-                 f"cudaMalloc, {r['server_cuda_frees']} cudaFree"))
+                 f"cudaMalloc, {r['server_cuda_frees']} cudaFree")
+              + ("" if r.get("server_warm_up_s") is None else f"; warm-up before ready {r['server_warm_up_s']:.1f} s"))
     for r in rows:
         if "host_profile" in r:
             print(f"host profile (py-spy, {a.profile}/{r['decoder']}-{r['model']}): {r['decoder']} {r['model']}")

@@ -133,7 +133,9 @@ def test_serve_load_benchmark_tiny_open_loop(tmp_path):
         # warm users: no stack loaded in the timed load; a join not fed ran a prefill forward
         assert x["server_stack_loads"] == 0 == x["server_stack_reads_ahead"]
         assert x["server_prefill_forwards"] >= (1 if x["server_fed"] < 12 else 0)
+        assert x["server_warm_up_s"] > 0  # the slot loop's warm-up before the server turned ready
     assert "mta / mta-base tokens/s" in r.stdout and "joins" in r.stdout and " fed" in r.stdout
+    assert "warm-up before ready" in r.stdout
     bad = _run("serve_load.py", "--decoder", "graph,eager", "--rate", "1")
     assert bad.returncode == 2 and "one of generate, graph, compiled" in bad.stderr
     bad = _run("serve_load.py", "--warm-users")

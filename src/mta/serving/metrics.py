@@ -99,6 +99,9 @@ class Metrics:
         self.queue = Gauge("mta_queue_depth", "requests waiting", registry=r)
         self.running = Gauge("mta_running_rows", "requests in the running batch", registry=r)
         self.resident = Gauge("mta_resident_users", "users whose stacks are on the device", registry=r)
+        self.warm_up = Gauge("mta_warm_up_seconds", "seconds the decoder's warm-up took before the server turned "
+                             "ready (compile, capture, the dense kernel's tile timing; 0 for the eager loop)",
+                             registry=r)
         self.prefill_forwards = Counter("mta_prefill_forwards", "prefill forwards run for joining requests' "
                                         "prompts (a chunk each; fed requests need none)", registry=r)
         self.loads = Counter("mta_stack_loads", "stacks loaded from the store", registry=r)

@@ -170,8 +170,11 @@ class Scheduler:
             return 0.0
         t0 = time.monotonic()
         self.run_exclusive(lambda: self._warm(steps)).result()
-        log.info("decoder warmed up (%s) in %.1f s", self.decoder_kind, time.monotonic() - t0)
-        return time.monotonic() - t0
+        took = time.monotonic() - t0
+        log.info("decoder warmed up (%s) in %.1f s", self.decoder_kind, took)
+        if self.metrics:
+            self.metrics.warm_up.set(took)
+        return took
 
     def _warm(self, steps: int) -> None:
         k = min(self.bank.backbone.engine.n_anchors, self.fusion.top_k if self.fusion else 2)
