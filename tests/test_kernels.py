@@ -76,8 +76,12 @@ def test_the_kernel_times_its_tiles_per_bucket_of_rows_and_the_warm_up_times_the
                         launched.append((full.shape, w.shape, b.shape, tokens, full.dtype, config)))
     assert kernels.tune({(6, 4), (8, 4), (6, 4)}, torch.float32, torch.device("cpu")) == 0  # no CUDA: nothing
     monkeypatch.setattr(kernels, "usable", lambda full, w, b: True)
+    monkeypatch.setattr(kernels, "_TUNED", set())
     assert kernels.tune([(6, 4), (8, 4), (6, 4)], torch.bfloat16, torch.device("cpu")) == 2 * len(kernels.BUCKETS)
     assert launched == [((m, o + 4), (m, 4), (o, 4), 1, torch.bfloat16, None) for o in (6, 8) for m in kernels.BUCKETS]
+    # a second warm-up (the server warms mixed rows, then a base row) times only what is new
+    assert kernels.tune([(8, 4), (6, 4)], torch.bfloat16, torch.device("cpu")) == 0
+    assert kernels.tune([(8, 4), (5, 4)], torch.bfloat16, torch.device("cpu")) == len(kernels.BUCKETS)
     monkeypatch.setattr(kernels, "INTERPRET", True)  # the interpreter has no timer
     assert kernels.tune([(6, 4)], torch.float32, torch.device("cpu")) == 0
 

@@ -103,16 +103,23 @@ def launch(full: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tokens: int, co
     return out
 
 
+_TUNED: set[tuple] = set()  # (outputs, columns, dtype, device) whose buckets ``tune`` timed in this process
+
+
 def tune(shapes, dtype: torch.dtype, device: torch.device) -> int:
     """Time the kernel's tile choice now for every bucket of ``BUCKETS`` and every
     (outputs, columns) of ``shapes`` (the dense layers'), so that no later call times it
-    (a prefill or a decode step of a new size on a server's loop). Returns the launches
+    (a prefill or a decode step of a new size on a server's loop); a shape done before in
+    this process is skipped (the autotuner's cache lives as long). Returns the launches
     made: 0 where the kernel does not apply (no Triton, not CUDA, turned off) or has no
     timer (Triton's interpreter)."""
     n = 0
     if INTERPRET:
         return n
     for out_f, cols in sorted(set(shapes)):
+        key = (out_f, cols, dtype, str(device))
+        if key in _TUNED:
+            continue
         b = torch.zeros(out_f, cols, dtype=dtype, device=device)
         for m in BUCKETS:
             full = torch.zeros(m, out_f + cols, dtype=dtype, device=device)
@@ -121,6 +128,7 @@ def tune(shapes, dtype: torch.dtype, device: torch.device) -> int:
                 return n
             launch(full, w, b, 1)
             n += 1
+        _TUNED.add(key)
     return n
 
 
