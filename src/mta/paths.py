@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from mta.errors import MtaError
+
+log = logging.getLogger(__name__)
 
 ENV_HOME = "MTA_HOME"
 LOCK = ".lock"
@@ -121,17 +124,32 @@ def recover(parent: Path) -> list[str]:
     return done
 
 
+# Whether `writer` waits for another process's writer instead of refusing: set by the
+# processes of one `mta tune --jobs N`, whose concurrent trials may need the same shared
+# bank (the first builds it, the others wait and then find it finished)
+_WAIT = {"on": False}
+
+
+def wait_for_writers(on: bool = True) -> None:
+    """Make `writer` wait for a lock another process holds (True) or refuse at once (False)."""
+    _WAIT["on"] = on
+
+
 @contextlib.contextmanager
 def writer(root: Path, what: str) -> Iterator[None]:
-    """Hold the one writer lock of ``root`` (a store or a bank directory)."""
+    """Hold the one writer lock of ``root`` (a store or a bank directory); held by another
+    process: an error, or (`wait_for_writers`) a wait until it is released."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root / LOCK), timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        raise MtaError(f"{what} {root} is being written by another process (lock {root / LOCK}); wait for "
-                       "it to finish") from None
+        if not _WAIT["on"]:
+            raise MtaError(f"{what} {root} is being written by another process (lock {root / LOCK}); wait for "
+                           "it to finish") from None
+        log.info("%s %s is being written by another process: waiting for it", what, root)
+        lock.acquire(timeout=-1)
     try:
         yield
     finally:

@@ -25,14 +25,16 @@ the dev persons' users out. A recipe kept for a registered model and task goes i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from mta.config import AdaptConfig, BankConfig, BaselineConfig
 from mta.data.schema import Dataset
@@ -48,6 +50,7 @@ from mta.weight_search import SEARCHED, STACK_ONLY, SearchCache
 
 log = logging.getLogger(__name__)
 VALUES = "trial-values.json"  # OUT's log of finished trials (``tune`` resumes from it)
+LOCKS = "locks"  # OUT/locks: the log's lock and one per trial (`TrialBoard`)
 MEASURED = ("ci", "person_stats")  # what a trial's description keeps of its scores (``trial_value``)
 SELECT = ("best", "least")  # how a group's option is chosen (``tune``'s ``select``)
 Override = dict[str, dict]  # {"bank": {...}, "adapt": {...}, "baselines": {...}}
@@ -204,11 +207,11 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 "seed": setup.bank_cfg.seed, "history_queries": history_queries,
                 "target_history": target_history, "max_new_tokens": setup.max_new_tokens,
                 "prompts": {k: v for k, v in setup.gen_cfg.identity().items() if k not in ("batch_size", "decoder")}}
-    cache = _read_values(out / VALUES, identity)
-    # what each logged trial was (its group, method and override), so the log reads on its
-    # own: kept beside the values, filled in for every trial this search walks past (a log
-    # written before it was kept gets it for the trials this run reaches)
-    about = _read_about(out / VALUES)
+    board = TrialBoard(out, identity, metric)
+    cache, about = board.read()
+    # ``about``: what each logged trial was (its group, method and override), so the log
+    # reads on its own: kept beside the values, filled in for every trial this search walks
+    # past (a log written before it was kept gets it for the trials this run reaches)
     if cache:
         log.info("tune: %d trial(s) already evaluated in %s; they are not run again", len(cache), out / VALUES)
 
@@ -275,59 +278,72 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         method = SCORED_BY.get(group, "mta")
         best_value, best_over, best_key = None, None, None
         keys: dict[str, dict] = {}  # the group's logged trials: key -> what it was (_describe)
+        # the group's trials in order: (override, key or None when over the bytes budget,
+        # configs or the reason it is skipped, the trial's name: its place in the search)
+        entries: list[tuple[Override, str | None, object, str]] = []
         for over in GROUPS[group]:
             bc, ac, bl = configs(over)
-            key = method + _key(bc) + _key(ac) + _key(bl)
             share = stack_share(setup.backbone.engine, bc, ac)
+            name = f"{len(trials) + len(entries):02d}"
             if share > max_user_share:  # a recipe MTA may not ship: too many bytes per user
-                trials.append({"group": group, "override": over,
-                               "skipped": f"stores {share:.1%} of a per-user LoRA per user, over the "
-                                          f"budget of {max_user_share:.0%}"})
-                done += 1
-                if progress:
-                    progress("tune trials", done, total)
+                entries.append((over, None, f"stores {share:.1%} of a per-user LoRA per user, over the budget of "
+                                            f"{max_user_share:.0%}", name))
                 continue
-            keys[key] = desc = {**_describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl}),
-                                **{k: v for k, v in about.get(key, {}).items() if k in MEASURED}}
-            if key not in cache:
-                try:
-                    # the interval goes with the trial's description (a log written before
-                    # intervals were kept has none: its values stay as they were)
-                    cache[key], kept = trial_value(method, bc, ac, bl, f"{len(trials):02d}")
-                    desc.update(kept)
-                except MtaError as e:
-                    # more anchors than exist, or a recipe that diverges on this model: the
-                    # trial is recorded as failed and the search goes on without it
-                    if "AdaptConfig.top_k" in e.fields:
-                        cache[key] = {"skipped": str(e)}
-                    elif diverged(e):
-                        cache[key] = {"failed": str(e)}
-                        log.warning("tune %s %s: failed: %s", group, over, e)
-                    else:
-                        raise
-                about[key] = desc
-                write_json_atomic(out / VALUES, {"identity": identity, "metric": metric, "values": cache,
-                                                 "trials": about})
-                if isinstance(cache[key], float):
-                    log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, cache[key])
-            if not isinstance(cache[key], float):  # {"skipped": why} or {"failed": why}
+            key = method + _key(bc) + _key(ac) + _key(bl)
+            keys[key] = {**_describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl}),
+                         **{k: v for k, v in about.get(key, {}).items() if k in MEASURED}}
+            entries.append((over, key, (bc, ac, bl), name))
+        # the trials not logged yet: each run by the process that holds its lock (one, or
+        # the N of --jobs N); first those nobody holds, then, once their holders let them
+        # go, any whose holder ended without logging it (it failed or was stopped)
+        for wait in (False, True):
+            for over, key, cfgs, name in entries:
+                if key is None or key in cache:
+                    continue
+                with board.claim(key, wait) as mine:
+                    if not mine:
+                        continue
+                    cache, about = board.read()  # another process may have logged it meanwhile
+                    if key in cache:
+                        continue
+                    desc = keys[key]
+                    try:
+                        # the interval goes with the trial's description (a log written before
+                        # intervals were kept has none: its values stay as they were)
+                        value, kept = trial_value(method, *cfgs, name)
+                        desc.update(kept)
+                    except MtaError as e:
+                        # more anchors than exist, or a recipe that diverges on this model: the
+                        # trial is recorded as failed and the search goes on without it
+                        if "AdaptConfig.top_k" in e.fields:
+                            value = {"skipped": str(e)}
+                        elif diverged(e):
+                            value = {"failed": str(e)}
+                            log.warning("tune %s %s: failed: %s", group, over, e)
+                        else:
+                            raise
+                    cache, about = board.record({key: value}, {key: desc})
+                    if isinstance(value, float):
+                        log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, value)
+                if progress:
+                    progress("tune trials", done + sum(k in cache for _, k, _, _ in entries if k), total)
+        for over, key, cfgs, _ in entries:
+            if key is None:
+                trials.append({"group": group, "override": over, "skipped": cfgs})
+            elif not isinstance(cache[key], float):  # {"skipped": why} or {"failed": why}
                 trials.append({"group": group, "override": over, **cache[key]})
-                done += 1
-                if progress:
-                    progress("tune trials", done, total)
-                continue
-            trials.append({"group": group, "method": method, "override": over, metric: cache[key],
-                           **({"ci": about[key]["ci"]} if "ci" in about.get(key, {}) else {})})
-            value = cache[key]
-            if best_value is None or (value < best_value if lower_better else value > best_value):
-                best_value, best_over, best_key = value, over, key
+            else:
+                trials.append({"group": group, "method": method, "override": over, metric: cache[key],
+                               **({"ci": about[key]["ci"]} if "ci" in about.get(key, {}) else {})})
+                value = cache[key]
+                if best_value is None or (value < best_value if lower_better else value > best_value):
+                    best_value, best_over, best_key = value, over, key
             done += 1
             if progress:
                 progress("tune trials", done, total)
-        if any(about.get(k) is None for k in keys):  # cached trials of an older log: described now
-            about.update({k: d for k, d in keys.items() if about.get(k) is None})
-            write_json_atomic(out / VALUES, {"identity": identity, "metric": metric, "values": cache,
-                                             "trials": about})
+        missing = {k: d for k, d in keys.items() if about.get(k) is None}
+        if missing:  # cached trials of an older log: described now
+            cache, about = board.record({}, missing)
         if best_over is None:
             why = next((t["skipped"] for t in reversed(trials) if t["group"] == group and "skipped" in t), None)
             raise MtaError(f"tune: every option of {group!r} failed or was skipped"
@@ -346,6 +362,54 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                   baselines=chosen["baselines"], start={k: v for k, v in start.items() if v}, trials=trials,
                   ablation=_final_ablation(evaluate, methods, bc, ac, bl) if ablation else [],
                   max_user_share=max_user_share, select=select)
+
+
+class TrialBoard:
+    """OUT's trial log, shared by the processes of one tune (``mta tune --jobs N``; one
+    process is the case N = 1). A trial is evaluated by the one process holding its lock
+    (OUT/locks/KEY.lock; the kernel lets a lock go when its process ends, however it ends,
+    so a trial whose process died is taken up by another); every finished trial is merged
+    into OUT/trial-values.json under the log's own lock, so no process's write loses
+    another's."""
+
+    def __init__(self, out: Path, identity: dict, metric: str):
+        self.path, self.locks = Path(out) / VALUES, Path(out) / LOCKS
+        self.identity, self.metric = identity, metric
+
+    def _lock(self, name: str, timeout: float) -> FileLock:
+        self.locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.locks / f"{name}.lock"), timeout=timeout)
+
+    def read(self) -> tuple[dict, dict]:
+        """The log's values and trial descriptions (both {} when there is no log)."""
+        with self._lock("values", -1):
+            return _read_values(self.path, self.identity), _read_about(self.path)
+
+    def record(self, values: dict, about: dict) -> tuple[dict, dict]:
+        """Merge ``values`` and ``about`` (key -> value, key -> description) into the log;
+        returns the whole log as `read` would."""
+        with self._lock("values", -1):
+            have, described = _read_values(self.path, self.identity), _read_about(self.path)
+            have.update(values)
+            described.update(about)
+            write_json_atomic(self.path, {"identity": self.identity, "metric": self.metric, "values": have,
+                                          "trials": described})
+            return have, described
+
+    @contextlib.contextmanager
+    def claim(self, key: str, wait: bool) -> Iterator[bool]:
+        """Hold trial ``key``'s lock while the block runs (True); held by another process:
+        False at once, or (``wait``) True once that process lets it go."""
+        lock = self._lock(key, -1 if wait else 0)
+        try:
+            lock.acquire()
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
 
 # what a stack is, not whether there is one (the fields that only shape it, less its steps
