@@ -140,6 +140,21 @@ def gpu_memory_cap(spec: str, total: int, held: int) -> int:
     return int(value * total) if value <= 1 else min(int(value), total)
 
 
+def jobs_gpu_memory(spec: str, total: int, held: int, jobs: int) -> int:
+    """The bytes each of ``jobs`` processes sharing one device may use when ``--gpu-memory
+    spec`` bounds them together and each one's model holds ``held``: the whole divided
+    evenly; auto counts every process's model and `AUTO_ROOM` once (at most
+    `AUTO_MAX_SHARE` of the device). Each process must have room beyond its model."""
+    whole = (min(int(AUTO_MAX_SHARE * total), jobs * held + AUTO_ROOM) if spec == "auto"
+             else gpu_memory_cap(spec, total, held))
+    each = whole // jobs
+    if each <= held:
+        raise ConfigError(f"--gpu-memory {spec} leaves each of the {jobs} processes of --jobs {jobs} "
+                          f"{each / 2**30:.1f} GiB, no more than the model alone holds ({held / 2**30:.1f} GiB): "
+                          "give fewer --jobs or more --gpu-memory", ("BackboneConfig.gpu_memory",))
+    return each
+
+
 class BackboneConfig(_Config):
     """The base model, the embedder, where they run and how memory is planned.
 

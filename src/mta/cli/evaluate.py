@@ -22,6 +22,7 @@ from mta.data.schema import Dataset
 from mta.data.synth import synth_users
 from mta.decoding.answers import check_answer_rules, describe
 from mta.errors import MtaError
+from mta.evaluation.jobs import helpers, share_device
 from mta.evaluation.leaks import check_split
 from mta.evaluation.methods import EvalSetup, expand_methods
 from mta.evaluation.protocol import Fold, holdout, make_folds, persons_of, pooled
@@ -36,7 +37,7 @@ from mta.evaluation.runner import (
     run_variants,
 )
 from mta.evaluation.tune import MAX_USER_SHARE, SELECT, SPACES, VALUES, dev_split, space_groups, tune
-from mta.paths import check_output_dir, foreign_entries, write_text_atomic
+from mta.paths import check_output_dir, foreign_entries, wait_for_writers, write_text_atomic
 from mta.recipes import read_recipe
 from mta.tasks import get_task
 
@@ -230,6 +231,9 @@ def tune_cmd(
     select: str = typer.Option("best", help="In each group the best trial (best), or in a budget's groups the "
                                "one training least (fewest steps, then the lowest rate) among those not "
                                "significantly worse than the best on the dev persons (least)."),
+    jobs: int = typer.Option(1, min=1, max=16, help="Processes evaluating trials at once, each with its own copy "
+                             "of the model, on one device: --gpu-memory (and, on a CPU, the threads) is split "
+                             "among them (mta.evaluation.jobs)."),
     *, cfg: Configs,
 ) -> None:
     """Choose a recipe for this model and task on dev users; write OUT/recipe.json."""
@@ -256,8 +260,17 @@ def tune_cmd(
                     e.history_queries, e.target_history)
     check_run_out(out, trial_log=True)
     backbone = load_backbone(cfg.backbone)
-    write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space)
-    with run_log(out), progress() as bar:
+    each = share_device(backbone, jobs) if jobs > 1 else cfg.backbone.gpu_memory
+    write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space,
+                 jobs=jobs)
+    # what a helper needs to load the data and the model as this process did (its share of the device)
+    dumped = cfg.dump()
+    dumped["backbone"] = {**dumped["backbone"], "gpu_memory": each}
+    payload = {"configs": dumped, "data": str(ds.path), "task": t.name, "persons": e.persons, "users": e.users,
+               "out": str(out), "dev": dev, "space": space, "max_user_share": max_user_share, "select": select,
+               "threads": torch.get_num_threads() if jobs > 1 else None}
+    wait_for_writers(jobs > 1)
+    with run_log(out), progress() as bar, helpers(jobs - 1, payload):
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
                           baselines=cfg.baselines).resolve(ds.users)
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),

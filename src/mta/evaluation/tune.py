@@ -293,40 +293,32 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             keys[key] = {**_describe(group, method, over, {"bank": bc, "adapt": ac, "baselines": bl}),
                          **{k: v for k, v in about.get(key, {}).items() if k in MEASURED}}
             entries.append((over, key, (bc, ac, bl), name))
-        # the trials not logged yet: each run by the process that holds its lock (one, or
-        # the N of --jobs N); first those nobody holds, then, once their holders let them
-        # go, any whose holder ended without logging it (it failed or was stopped)
-        for wait in (False, True):
-            for over, key, cfgs, name in entries:
-                if key is None or key in cache:
-                    continue
-                with board.claim(key, wait) as mine:
-                    if not mine:
-                        continue
-                    cache, about = board.read()  # another process may have logged it meanwhile
-                    if key in cache:
-                        continue
-                    desc = keys[key]
-                    try:
-                        # the interval goes with the trial's description (a log written before
-                        # intervals were kept has none: its values stay as they were)
-                        value, kept = trial_value(method, *cfgs, name)
-                        desc.update(kept)
-                    except MtaError as e:
-                        # more anchors than exist, or a recipe that diverges on this model: the
-                        # trial is recorded as failed and the search goes on without it
-                        if "AdaptConfig.top_k" in e.fields:
-                            value = {"skipped": str(e)}
-                        elif diverged(e):
-                            value = {"failed": str(e)}
-                            log.warning("tune %s %s: failed: %s", group, over, e)
-                        else:
-                            raise
-                    cache, about = board.record({key: value}, {key: desc})
-                    if isinstance(value, float):
-                        log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, value)
-                if progress:
-                    progress("tune trials", done + sum(k in cache for _, k, _, _ in entries if k), total)
+        todo = {key: (over, cfgs, name) for over, key, cfgs, name in entries if key is not None}
+
+        def run_one(key: str, todo=todo, method=method, keys=keys, group=group) -> object:
+            over, cfgs, name = todo[key]
+            try:
+                # the interval goes with the trial's description (a log written before
+                # intervals were kept has none: its values stay as they were)
+                value, kept = trial_value(method, *cfgs, name)
+                keys[key].update(kept)
+            except MtaError as e:
+                # more anchors than exist, or a recipe that diverges on this model: the
+                # trial is recorded as failed and the search goes on without it
+                if "AdaptConfig.top_k" in e.fields:
+                    return {"skipped": str(e)}
+                if diverged(e):
+                    log.warning("tune %s %s: failed: %s", group, over, e)
+                    return {"failed": str(e)}
+                raise
+            log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, value)
+            return value
+
+        def tell(values: dict, todo=todo, done=done) -> None:
+            if progress:
+                progress("tune trials", done + sum(k in values for k in todo), total)
+
+        cache, about = board.run(list(todo), run_one, keys, tell)
         for over, key, cfgs, _ in entries:
             if key is None:
                 trials.append({"group": group, "override": over, "skipped": cfgs})
@@ -395,6 +387,29 @@ class TrialBoard:
             write_json_atomic(self.path, {"identity": self.identity, "metric": self.metric, "values": have,
                                           "trials": described})
             return have, described
+
+    def run(self, keys: list[str], run_one: Callable[[str], object], about: dict[str, dict],
+            tell: Callable[[dict], None] | None = None) -> tuple[dict, dict]:
+        """Have every trial of ``keys`` logged, in order: run here (``run_one(key)`` -> its
+        value; logged with ``about[key]``, read after the run) each one not logged that no
+        other process holds; then wait for the ones others hold and take up any whose
+        process ended without logging it (it failed or was stopped). ``tell(values)``
+        after each trial. Returns the log as `read` does."""
+        values, described = self.read()
+        for wait in (False, True):
+            for key in keys:
+                if key in values:
+                    continue
+                with self.claim(key, wait) as mine:
+                    if not mine:
+                        continue
+                    values, described = self.read()  # another process may have logged it meanwhile
+                    if key not in values:
+                        value = run_one(key)
+                        values, described = self.record({key: value}, {key: about[key]})
+                if tell:
+                    tell(values)
+        return values, described
 
     @contextlib.contextmanager
     def claim(self, key: str, wait: bool) -> Iterator[bool]:
