@@ -7,7 +7,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 # what makes a test an integration test: another process (the CLI, a server, a script), Ray
-OUTSIDE = ("subprocess.", "Popen(", "Server(", "ray.init", "make_world(", "run_cli(")
+OUTSIDE = ("subprocess.", "Popen(", "Process(", "Server(", "ray.init", "make_world(", "run_cli(", "\"--jobs\"")
 
 
 def _marks(decorators) -> str:

@@ -1,0 +1,130 @@
+"""`mta tune --jobs N`: the trials shared by processes through OUT's trial log (each trial
+run once, by the process holding its lock; one whose process died taken up by another),
+and each process's share of the device."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mta.cli.main import main
+from mta.config import gpu_memory_cap, jobs_gpu_memory
+from mta.errors import ConfigError
+from mta.evaluation.jobs import share_device
+from mta.evaluation.tune import GROUPS, VALUES, TrialBoard
+
+GIB = 2 ** 30
+IDENTITY = {"model": "m", "task": "t"}
+TINY = ["--model", "tiny-random-llama", "--embedder", "hashing-embedder", "--max-new-tokens", "2"]
+
+
+def _walk(out: str, keys: list[str], barrier, die_on: str | None = None, seconds: float = 0.3) -> None:
+    """One process of a tune's search, its trials stand-ins that note who ran them."""
+    board = TrialBoard(Path(out), IDENTITY, "accuracy")
+
+    def run_one(key: str) -> float:
+        with open(Path(out) / f"ran-{key}", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        if key == die_on:
+            os._exit(9)  # killed mid-trial: nothing logged, the lock let go by the kernel
+        return float(len(key))
+
+    if barrier is not None:
+        barrier.wait()
+    board.run(keys, run_one, {k: {"group": "g", "override": {}} for k in keys})
+
+
+def _ran(out: Path, key: str) -> list[str]:
+    return (out / f"ran-{key}").read_text().split()
+
+
+@pytest.mark.integration
+def test_two_processes_share_the_trials_and_each_runs_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    keys = [f"k{i}" for i in range(6)]
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_walk, args=(str(tmp_path), keys, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert all(len(_ran(tmp_path, k)) == 1 for k in keys)  # no trial twice
+    assert {_ran(tmp_path, k)[0] for k in keys} == {str(p.pid) for p in procs}  # both worked
+    log = json.loads((tmp_path / VALUES).read_text())
+    assert log["values"] == {k: 2.0 for k in keys} and log["identity"] == IDENTITY
+    assert set(log["trials"]) == set(keys)  # no process's write lost another's
+
+
+@pytest.mark.integration
+def test_a_trial_whose_process_died_is_taken_up_by_another(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    dying = ctx.Process(target=_walk, args=(str(tmp_path), ["k0"], None, "k0", 2.0))
+    dying.start()
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ran-k0").exists() and time.monotonic() < deadline:  # it holds k0 now
+        time.sleep(0.05)
+    _walk(str(tmp_path), ["k0", "k1"], None, seconds=0.0)  # k1 first, then k0 once its holder is gone
+    dying.join(60)
+    assert dying.exitcode == 9
+    assert _ran(tmp_path, "k0") == [str(dying.pid), str(os.getpid())] and _ran(tmp_path, "k1") == [str(os.getpid())]
+    assert json.loads((tmp_path / VALUES).read_text())["values"] == {"k0": 2.0, "k1": 2.0}
+
+
+def test_one_process_runs_every_trial_in_order_and_skips_the_logged(tmp_path):
+    board = TrialBoard(tmp_path, IDENTITY, "accuracy")
+    board.record({"b": 0.5}, {"b": {"group": "g"}})
+    ran, told = [], []
+    values, about = board.run(["a", "b", "c"], lambda k: ran.append(k) or 1.0,
+                              {k: {"group": "g", "k": k} for k in "abc"}, lambda v: told.append(len(v)))
+    assert ran == ["a", "c"] and values == {"a": 1.0, "b": 0.5, "c": 1.0} and about["c"] == {"group": "g", "k": "c"}
+    assert told == [2, 3] and board.read() == (values, about)
+
+
+def test_jobs_split_the_gpu_memory_evenly_and_refuse_a_share_under_the_model():
+    total, held = 80 * GIB, 3 * GIB
+    # auto counts each process's model and the working room once
+    assert jobs_gpu_memory("auto", total, held, 3) == (3 * held + 24 * GIB) // 3
+    assert jobs_gpu_memory("auto", 24 * GIB, held, 2) == int(0.9 * 24 * GIB) // 2  # a small device: most of it
+    assert jobs_gpu_memory(str(48 * GIB), total, held, 2) == 24 * GIB
+    assert jobs_gpu_memory("0.5", total, held, 4) == gpu_memory_cap("0.5", total, held) // 4
+    with pytest.raises(ConfigError, match="leaves each of the 8 processes of --jobs 8 3.0 GiB"):
+        jobs_gpu_memory(str(24 * GIB), total, held, 8)
+
+
+def test_on_a_cpu_each_process_takes_its_share_of_the_threads(monkeypatch):
+    class Backbone:  # what share_device reads of a loaded backbone
+        device = torch.device("cpu")
+
+        class config:
+            gpu_memory = "auto"
+
+    set_to = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    assert share_device(Backbone(), 3) == "auto" and set_to == [2]
+
+
+@pytest.mark.integration
+def test_tune_with_two_jobs_logs_every_trial_once_and_chooses_as_one_process_does(tmp_path):
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    args = ["tune", "--data", str(data), "--dev-fraction", "0.4", "--n-boot", "100", "--space", "learning-rate",
+            "--max-user-share", "0.3", "--no-ablation", *TINY]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / VALUES).read_text()) for d in ("one", "two"))
+    assert two["values"].keys() == one["values"].keys() and len(one["values"]) == len(GROUPS["learning rate"])
+    what = ("group", "method", "override")  # each trial described alike, whoever ran it
+    assert all({f: two["trials"][k][f] for f in what} == {f: d[f] for f in what} for k, d in one["trials"].items())
+    r1, r2 = (json.loads((tmp_path / d / "recipe.json").read_text()) for d in ("one", "two"))
+    assert (r2["bank"], r2["adapt"], r2["baselines"]) == (r1["bank"], r1["adapt"], r1["baselines"])
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["jobs"] == 2
+    assert "the search is done" in (tmp_path / "two" / "helper-1.log").read_text()
