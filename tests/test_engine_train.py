@@ -374,6 +374,7 @@ def test_measured_budget_keeps_to_its_cap_on_a_shared_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 10 * gib)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 12 * gib)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: 10 * gib + 1024 * 1024)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     dev = torch.device("cuda")
     sizes = {}
     for cap in (None, 35 * gib):
@@ -382,9 +383,24 @@ def test_measured_budget_keeps_to_its_cap_on_a_shared_gpu(monkeypatch):
         b.end_probe(10 * gib, tokens=1)  # 1 MiB per token
         sizes[cap] = b.value
     assert sizes[None] == int(0.8 * (100 + 2) * 1024)     # free + this process's cache
-    assert sizes[35 * gib] == int(0.8 * (35 - 10) * 1024)  # its cap (--gpu-memory), less what it holds
+    assert sizes[35 * gib] == int(0.8 * (35 - 12) * 1024)  # its cap (--gpu-memory), less what it reserved
     with pytest.raises(ValueError, match="memory_cap"):
         TrainConfig(memory_cap=0)
+
+
+def test_an_out_of_memory_step_halves_the_budget_and_says_where_memory_stood(monkeypatch, caplog):
+    from mta.engine.budget import Budget
+    from mta.engine.config import TrainConfig
+
+    gib = 1024 ** 3
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 23 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: 21 * gib)
+    b = Budget(TrainConfig(memory_cap=24 * gib), torch.device("cuda"))
+    b.value = 3000
+    with caplog.at_level("WARNING", logger="mta.engine.budget"):
+        assert b.halve(longest=1000) and b.value == 1500
+        assert not b.halve(longest=1000) and b.value == 1500  # under the longest row: the error is raised
+    assert "23.0 GiB reserved, 21.0 GiB peak in use, cap 24.0 GiB" in caplog.text
 
 
 def test_the_skip_message_locates_where_a_non_finite_gradient_entered(caplog):

@@ -57,22 +57,35 @@ class Budget:
 
     def end_probe(self, before: int, tokens: int) -> None:
         per_token = max(1, (torch.cuda.max_memory_allocated(self.device) - before) // max(1, tokens))
+        # the cache's wholly free segments go back first: what stays reserved is segments in
+        # use, whose free pieces a micro-batch's large activations mostly cannot take
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         held = torch.cuda.memory_allocated(self.device)
-        room = free + torch.cuda.memory_reserved(self.device) - held
-        if self.cap is not None:  # what this process may still take under its cap
-            room = min(room, self.cap - held)
+        reserved = torch.cuda.memory_reserved(self.device)
+        room = free + reserved - held
+        if self.cap is not None:
+            # what this process may still take under its cap (the cap bounds what torch's
+            # allocator reserves, not what it hands out: planning into cap - held met the cap
+            # at the first full micro-batch in run S's tunes, docs/evaluation.md)
+            room = min(room, self.cap - reserved)
         self.value = max(tokens, int(self.HEADROOM * max(0, room) / per_token))
         self.measured = True
-        log.info("training micro-batch budget: %d padded tokens (%.0f KiB per token measured)", self.value,
-                 per_token / 1024)
+        log.info("training micro-batch budget: %d padded tokens (%.0f KiB per token measured; room %.1f GiB, "
+                 "%.1f GiB reserved, %.1f GiB in use)", self.value, per_token / 1024, room / 2**30,
+                 reserved / 2**30, held / 2**30)
 
     def halve(self, longest: int) -> bool:
         """After an out-of-memory step: halve the budget; False when it cannot go lower."""
         if not self.auto or self.value is None or self.value // 2 < longest:
             return False
         self.value //= 2
-        log.warning("out of memory: retrying the step with micro-batches of %d padded tokens", self.value)
+        cuda = self.device.type == "cuda"
+        log.warning("out of memory: retrying the step with micro-batches of %d padded tokens (at the error: "
+                    "%.1f GiB reserved, %.1f GiB peak in use, cap %s)", self.value,
+                    torch.cuda.memory_reserved(self.device) / 2**30 if cuda else 0.0,
+                    torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else 0.0,
+                    "none" if self.cap is None else f"{self.cap / 2**30:.1f} GiB")
         return True
 
 
