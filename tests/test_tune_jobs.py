@@ -128,3 +128,32 @@ def test_tune_with_two_jobs_logs_every_trial_once_and_chooses_as_one_process_doe
     assert (r2["bank"], r2["adapt"], r2["baselines"]) == (r1["bank"], r1["adapt"], r1["baselines"])
     assert json.loads((tmp_path / "two" / "config.json").read_text())["jobs"] == 2
     assert "the search is done" in (tmp_path / "two" / "helper-1.log").read_text()
+
+
+def test_a_writer_waits_for_another_only_inside_wait_for_writers(tmp_path):
+    """`mta tune --jobs`: a bank another trial is building is waited for, then found built;
+    elsewhere (and after the block) a held bank is refused at once."""
+    import threading
+
+    from mta.errors import MtaError
+    from mta.paths import wait_for_writers, writer
+
+    held, order = threading.Event(), []
+
+    def hold() -> None:
+        with writer(tmp_path, "bank"):
+            held.set()
+            time.sleep(0.5)
+            order.append("first done")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    with pytest.raises(MtaError, match="being written by another process"), writer(tmp_path, "bank"):
+        pass
+    with wait_for_writers(True), writer(tmp_path, "bank"):
+        order.append("second in")
+    t.join()
+    assert order == ["first done", "second in"]
+    with pytest.raises(MtaError, match="being written"), writer(tmp_path, "bank"), writer(tmp_path, "bank"):
+        pass  # the block's setting is gone: refused again

@@ -130,9 +130,15 @@ def recover(parent: Path) -> list[str]:
 _WAIT = {"on": False}
 
 
-def wait_for_writers(on: bool = True) -> None:
-    """Make `writer` wait for a lock another process holds (True) or refuse at once (False)."""
-    _WAIT["on"] = on
+@contextlib.contextmanager
+def wait_for_writers(on: bool = True) -> Iterator[None]:
+    """While the block runs, `writer` waits for a lock another process holds (``on``) or
+    refuses at once; as it was after."""
+    before, _WAIT["on"] = _WAIT["on"], on
+    try:
+        yield
+    finally:
+        _WAIT["on"] = before
 
 
 @contextlib.contextmanager

@@ -269,8 +269,7 @@ def tune_cmd(
     payload = {"configs": dumped, "data": str(ds.path), "task": t.name, "persons": e.persons, "users": e.users,
                "out": str(out), "dev": dev, "space": space, "max_user_share": max_user_share, "select": select,
                "threads": torch.get_num_threads() if jobs > 1 else None}
-    wait_for_writers(jobs > 1)
-    with run_log(out), progress() as bar, helpers(jobs - 1, payload):
+    with run_log(out), progress() as bar, wait_for_writers(jobs > 1), helpers(jobs - 1, payload):
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
                           baselines=cfg.baselines).resolve(ds.users)
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),

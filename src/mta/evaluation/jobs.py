@@ -116,11 +116,11 @@ def helper_main(payload: dict) -> None:
         if payload["threads"]:
             torch.set_num_threads(payload["threads"])
         backbone = Backbone.load(bb)
-        wait_for_writers(True)
         setup = EvalSetup(backbone, get_task(ds.task), bank, adapt, gen, None, baselines=base).resolve(ds.users)
-        tune(ds, setup, out, payload["dev"], payload["space"], ev.folds, ev.history_queries, ev.n_boot, None,
-             payload["max_user_share"], ev.target_history, leak_check=False,
-             ablation=False, select=payload["select"])
+        with wait_for_writers(True):
+            tune(ds, setup, out, payload["dev"], payload["space"], ev.folds, ev.history_queries, ev.n_boot, None,
+                 payload["max_user_share"], ev.target_history, leak_check=False, ablation=False,
+                 select=payload["select"])
         log.info("tune helper %d: the search is done", payload["index"])
     except MtaError as e:
         log.error("tune helper %d: %s", payload["index"], e)
