@@ -127,6 +127,16 @@ def test_tune_with_two_jobs_logs_every_trial_once_and_chooses_as_one_process_doe
     r1, r2 = (json.loads((tmp_path / d / "recipe.json").read_text()) for d in ("one", "two"))
     assert (r2["bank"], r2["adapt"], r2["baselines"]) == (r1["bank"], r1["adapt"], r1["baselines"])
     assert json.loads((tmp_path / "two" / "config.json").read_text())["jobs"] == 2
+    # every bank the trials trained (the helper's among them) holds the weights one process trains
+    # (compared as tensors: safetensors writes its metadata in no fixed order, so the bytes differ)
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "banks").rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(tmp_path / "two")
+                                     for p in (tmp_path / "two" / "banks").rglob("*.safetensors"))
+    for f in files:
+        a, b = load_file(tmp_path / "one" / f), load_file(tmp_path / "two" / f)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), f
     assert "the search is done" in (tmp_path / "two" / "helper-1.log").read_text()
 
 
