@@ -167,3 +167,17 @@ def test_a_writer_waits_for_another_only_inside_wait_for_writers(tmp_path):
     assert order == ["first done", "second in"]
     with pytest.raises(MtaError, match="being written"), writer(tmp_path, "bank"), writer(tmp_path, "bank"):
         pass  # the block's setting is gone: refused again
+
+
+def test_a_helper_logs_to_its_file_alone_and_the_logger_is_as_it_was_after(tmp_path):
+    import logging
+
+    from mta.paths import log_to_file
+
+    root = logging.getLogger("mta")
+    before = root.level, root.propagate, list(root.handlers)
+    with log_to_file(tmp_path / "helper-1.log", alone=True):
+        assert not root.propagate  # nothing reaches the terminal's handlers above it
+        logging.getLogger("mta.evaluation.jobs").info("the search is done")
+    assert "INFO mta.evaluation.jobs: the search is done" in (tmp_path / "helper-1.log").read_text()
+    assert (root.level, root.propagate, list(root.handlers)) == before

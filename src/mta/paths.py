@@ -124,6 +124,28 @@ def recover(parent: Path) -> list[str]:
     return done
 
 
+@contextlib.contextmanager
+def log_to_file(path: Path, alone: bool = False) -> Iterator[None]:
+    """Log the ``mta`` logger at INFO into ``path`` while the block runs (``alone``: there
+    only, not also to the handlers above it, as in a helper process without a terminal)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("mta")
+    old = root.level, root.propagate
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = not alone and old[1]
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old[0])
+        root.propagate = old[1]
+        handler.close()
+
+
 # Whether `writer` waits for another process's writer instead of refusing: set by the
 # processes of one `mta tune --jobs N`, whose concurrent trials may need the same shared
 # bank (the first builds it, the others wait and then find it finished)

@@ -20,6 +20,7 @@ from rich.progress import (
 )
 
 from mta import defaults
+from mta.paths import log_to_file
 from mta.recipes import read_recipe
 
 console = Console()
@@ -156,23 +157,9 @@ class Bars:
                           highlight=False, soft_wrap=True)
 
 
-@contextlib.contextmanager
 def run_log(out: Path):
     """Log the ``mta`` logger at INFO into OUT/run.log for the duration of a command."""
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger("mta")
-    root.addHandler(handler)
-    old = root.level
-    root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
-        handler.close()
+    return log_to_file(out / "run.log")
 
 
 def with_recipes(cfg, recipe: Path | None, model_id: str, bank_record=None, task: str | None = None):

@@ -30,8 +30,22 @@ from pathlib import Path
 
 import torch
 
-from mta.config import jobs_gpu_memory
+from mta.backbone import Backbone
+from mta.config import (
+    AdaptConfig,
+    BackboneConfig,
+    BankConfig,
+    BaselineConfig,
+    EvalConfig,
+    GenerateConfig,
+    jobs_gpu_memory,
+)
+from mta.data.readers import load_dataset
 from mta.errors import MtaError
+from mta.evaluation.methods import EvalSetup
+from mta.evaluation.tune import tune
+from mta.paths import log_to_file, wait_for_writers
+from mta.tasks import get_task
 
 log = logging.getLogger(__name__)
 HELPER_LOG = "helper-{}.log"
@@ -70,11 +84,11 @@ def helpers(count: int, payload: dict) -> Iterator[list]:
         for p in procs:
             p.join(10)
         raise
-    for p in procs:
+    for i, p in enumerate(procs, 1):
         p.join()
         if p.exitcode:
-            log.warning("tune helper %s ended with status %s (its log: %s)", p.name, p.exitcode,
-                        Path(payload["out"]) / HELPER_LOG.format(procs.index(p) + 1))
+            log.warning("tune helper %d ended with status %s (its log: %s)", i, p.exitcode,
+                        Path(payload["out"]) / HELPER_LOG.format(i))
 
 
 def _watch_parent(parent: int) -> None:
@@ -88,22 +102,15 @@ def _watch_parent(parent: int) -> None:
 def helper_main(payload: dict) -> None:
     """One helper: load the data and the model as the tune's process did, then run the
     search alone (no final table), sharing OUT's trial log."""
-    from mta.backbone import Backbone
-    from mta.config import AdaptConfig, BackboneConfig, BankConfig, BaselineConfig, EvalConfig, GenerateConfig
-    from mta.data.readers import load_dataset
-    from mta.evaluation.methods import EvalSetup
-    from mta.evaluation.tune import tune
-    from mta.paths import wait_for_writers
-    from mta.tasks import get_task
-
     threading.Thread(target=_watch_parent, args=(payload["parent"],), daemon=True).start()
     out = Path(payload["out"])
-    handler = logging.FileHandler(out / HELPER_LOG.format(payload["index"]))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("mta")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    root.propagate = False  # the file only: the terminal is the tune's process's
+    # the file only: the terminal is the tune's process's
+    with log_to_file(out / HELPER_LOG.format(payload["index"]), alone=True):
+        _helper_search(payload, out)
+
+
+def _helper_search(payload: dict, out: Path) -> None:
+    """`helper_main`'s work, in its log; an error is one line on the terminal and the exit code."""
     try:
         c = payload["configs"]  # each config's dump, by section
         bb, bank, adapt = (BackboneConfig.build(c["backbone"]), BankConfig.build(c["bank"]),
