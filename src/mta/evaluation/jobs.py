@@ -30,16 +30,8 @@ from pathlib import Path
 
 import torch
 
+from mta import config as c
 from mta.backbone import Backbone
-from mta.config import (
-    AdaptConfig,
-    BackboneConfig,
-    BankConfig,
-    BaselineConfig,
-    EvalConfig,
-    GenerateConfig,
-    jobs_gpu_memory,
-)
 from mta.data.readers import load_dataset
 from mta.errors import MtaError
 from mta.evaluation.methods import EvalSetup
@@ -59,7 +51,7 @@ def share_device(backbone, jobs: int) -> str:
     if backbone.device.type == "cuda":
         total = torch.cuda.get_device_properties(backbone.device).total_memory
         held = torch.cuda.memory_reserved(backbone.device)
-        spec = str(jobs_gpu_memory(spec, total, held, jobs))
+        spec = str(c.jobs_gpu_memory(spec, total, held, jobs))
         backbone.config = backbone.config.model_copy(update={"gpu_memory": spec})
         backbone.recap_memory()
     else:
@@ -112,11 +104,11 @@ def helper_main(payload: dict) -> None:
 def _helper_search(payload: dict, out: Path) -> None:
     """`helper_main`'s work, in its log; an error is one line on the terminal and the exit code."""
     try:
-        c = payload["configs"]  # each config's dump, by section
-        bb, bank, adapt = (BackboneConfig.build(c["backbone"]), BankConfig.build(c["bank"]),
-                           AdaptConfig.build(c["adapt"]))
-        gen, ev, base = (GenerateConfig.build(c["generate"]), EvalConfig.build(c["eval"]),
-                         BaselineConfig.build(c["baselines"]))
+        d = payload["configs"]  # each config's dump, by section
+        bb, bank, adapt = (c.BackboneConfig.build(d["backbone"]), c.BankConfig.build(d["bank"]),
+                           c.AdaptConfig.build(d["adapt"]))
+        gen, ev, base = (c.GenerateConfig.build(d["generate"]), c.EvalConfig.build(d["eval"]),
+                         c.BaselineConfig.build(d["baselines"]))
         ds = load_dataset(payload["data"], payload["task"], payload["persons"])
         if payload["users"]:
             ds.users = ds.users[:payload["users"]]
