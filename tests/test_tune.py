@@ -589,3 +589,60 @@ def test_dev_users_script_writes_the_tunes_dev_persons(tmp_path):
     again = subprocess.run([sys.executable, "scripts/dev-users.py", str(data), "--out", str(out)],
                            capture_output=True, text=True, cwd=root)
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_a_trial_stopped_in_its_last_fold_goes_on_from_its_finished_folds_elsewhere(tmp_path, monkeypatch):
+    """A trial's finished folds are kept as they finish (OUT/trials/NN/foldF/METHOD/result.json,
+    as `mta eval` keeps them): carried to a new OUT with the tune's config.json and trial
+    log (another machine), the tune runs only the trial's unfinished fold, and logs the
+    same value as a tune that was never stopped."""
+    import mta.evaluation.runner as runner_mod
+
+    real = runner_mod._run_method
+    ran: list[tuple[str, str]] = []  # (trial, fold) of each mta evaluation that ran
+    stop_at = [4]  # the session ends in the second trial's second fold
+
+    def counting(setup, m, targets, where, *a, **kw):
+        ran.append((where.parent.parent.name, where.parent.name))
+        if len(ran) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(setup, m, targets, where, *a, **kw)
+
+    monkeypatch.setattr(runner_mod, "_run_method", counting)
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
+    out = tmp_path / "tune"
+    args = ["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
+            "--anchors", "2", "--space", "learning-rate", "--max-user-share", "0.3", "--no-ablation", *TINY]
+    assert main(args) != 0  # interrupted
+    assert ran == [("00", "fold0"), ("00", "fold1"), ("01", "fold0"), ("01", "fold1")]
+    assert len(json.loads((out / tune_mod.VALUES).read_text())["values"]) == 1
+    kept = sorted(p.relative_to(out) for p in (out / "trials").rglob(runner_mod.RESULT))
+    assert [str(p) for p in kept] == ["trials/00/fold0/mta/result.json", "trials/00/fold1/mta/result.json",
+                                      "trials/01/fold0/mta/result.json"]
+    # carried: config.json, the log and the finished folds' results; no adapter, no bank
+    moved = tmp_path / "moved"
+    for rel in [Path("config.json"), Path(tune_mod.VALUES), *kept]:
+        (moved / rel).parent.mkdir(parents=True, exist_ok=True)
+        (moved / rel).write_bytes((out / rel).read_bytes())
+    ran.clear()
+    stop_at[0] = 0
+    assert main([str(moved) if a == str(out) else a for a in args]) == 0
+    assert ran[0] == ("01", "fold1") and ("01", "fold0") not in ran and all(t != "00" for t, _ in ran)
+    # a kept result of other settings (another version's identity) is run again and replaced
+    stale = tmp_path / "stale"
+    for rel in [Path("config.json"), Path(tune_mod.VALUES), *kept]:
+        (stale / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stale / rel).write_bytes((out / rel).read_bytes())
+    doc = json.loads((stale / kept[-1]).read_text())
+    (stale / kept[-1]).write_text(json.dumps({**doc, "identity": "other"}))
+    ran.clear()
+    assert main([str(stale) if a == str(out) else a for a in args]) == 0
+    assert ran[:2] == [("01", "fold0"), ("01", "fold1")]
+    assert json.loads((stale / kept[-1]).read_text())["identity"] == doc["identity"]
+    # the same value as a tune never stopped (the same seeds: the same adapters and answers)
+    ran.clear()
+    whole = tmp_path / "whole"
+    assert main([str(whole) if a == str(out) else a for a in args]) == 0
+    values = [json.loads((d / tune_mod.VALUES).read_text())["values"] for d in (moved, stale, whole)]
+    assert values[0] == values[1] == values[2]

@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 ENV_HOME = "MTA_HOME"
 LOCK = ".lock"
-OURS = {LOCK, "run.log", "config.json"}  # what a command writes into an output directory first
+# an evaluation's result of a method on a fold, kept beside that method's adapters
+# (mta.evaluation.runner); one of other settings is run again and replaced, so a directory
+# holding only it is written into as an empty one
+RESULT = "result.json"
+OURS = {LOCK, "run.log", "config.json", RESULT}  # what a command writes into an output directory first
 _FAULTS: dict[str, int] = {}
 
 

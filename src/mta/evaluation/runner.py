@@ -47,7 +47,7 @@ from mta.evaluation.methods import (
 from mta.evaluation.protocol import Fold, persons_of, prepare_targets
 from mta.evaluation.stats import bootstrap_ci, group_sum, paired_diff_ci, user_stats
 from mta.loaded_bank import LoadedBank
-from mta.paths import write_json_atomic, write_text_atomic
+from mta.paths import RESULT, write_json_atomic, write_text_atomic  # RESULT: a method's result on a fold (``_resumed``)
 from mta.store import UserStore
 from mta.weight_search import SEARCHED, SearchCache
 
@@ -56,9 +56,6 @@ log = logging.getLogger(__name__)
 
 def _item_ids(user: User) -> tuple:
     return tuple((it.id, it.model_dump_json()) for it in user.history)
-
-
-RESULT = "result.json"  # a method's result on a fold, beside its adapters: a rerun takes it (``_resumed``)
 
 
 def _digest(doc: object) -> str:
