@@ -377,3 +377,21 @@ def test_folds_run_apart_then_read_back_make_the_whole_run(tmp_path, monkeypatch
                "tiny-random-llama", "--embedder", "hashing-embedder", "--only-folds", "0"])
     assert rc == 2 and not (tmp_path / "tune").exists()
     assert "--only-folds is an `mta eval` option" in " ".join(capsys.readouterr().err.split())
+
+
+def test_an_evaluations_stack_table_holds_its_folds_targets_not_a_servers_256(tmp_path, monkeypatch):
+    """Answering a fold's targets loads their stacks into the engine's stack table, sized to
+    those targets: the bank's default (a server's 256 resident users) held 8.8 GiB of
+    OPPU's rank-8 stacks at 1.5B for 29 users (docs/architecture.md)."""
+    import json
+
+    from mta.engine.engine import AdapterEngine
+
+    sizes = []
+    real = AdapterEngine.alloc_stacks
+    monkeypatch.setattr(AdapterEngine, "alloc_stacks",
+                        lambda self, n, *a, **k: sizes.append(n) or real(self, n, *a, **k))
+    rc, out = _eval_synth(tmp_path, "oppu,mta-stack,mta", "ev")
+    assert rc == 0
+    targets = [len(f["targets"]) for f in json.loads((out / "split.json").read_text())]
+    assert sizes and max(sizes) <= max(targets) and all(n >= 1 for n in sizes)

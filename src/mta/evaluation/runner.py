@@ -297,6 +297,10 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                       "anchor_candidates": [u.user_id for u in fold.candidates],
                       "target_persons": persons_of(fold.targets), "candidate_persons": persons_of(fold.candidates)})
         bank = task_bank = ref_bank = task_path = None
+        # the stack table answers this fold's targets, no more: a bank's default (a server's
+        # 256 resident users) held 8.8 GiB at 1.5B for OPPU's rank-8 stacks on every layer,
+        # 29 users a fold (run U's Last.fm tune, docs/architecture.md)
+        resident = max(1, len(targets[fold.index]))
         # methods an earlier run of this evaluation finished on this fold: read back, and no
         # bank or task LoRA is built (or trained again) for them alone
         done = {m: part for m in methods if m != "per-user-lora" and m not in failed
@@ -312,7 +316,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                     _stages(setup, "task-lora"))) is not None:
                 task_path = place(fold.index, "task-lora")
             if task_path is not None and TASK_METHODS & wanted:
-                task_bank = LoadedBank(setup.backbone, task_path, task)
+                task_bank = LoadedBank(setup.backbone, task_path, task, resident=resident)
             bank_seconds += time.perf_counter() - t0
             wanted = set(methods) - set(failed) - set(done)
         if BANK_METHODS & wanted:
@@ -322,11 +326,11 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                     setup.backbone, list(fold.candidates), task, setup.bank_cfg, place(fold.index, "bank"),
                     _stages(setup, "bank"), trained=None if residual else trained, base_cfg=task_cfg,
                     base_from=base_from)) is not None:
-                bank = LoadedBank(setup.backbone, place(fold.index, "bank"), task)
+                bank = LoadedBank(setup.backbone, place(fold.index, "bank"), task, resident=resident)
             if residual and "mta-reference" in wanted and attempt(["mta-reference"], lambda fold=fold: build_bank(
                     setup.backbone, list(fold.candidates), task, scratch, place(fold.index, "bank-reference"),
                     _stages(setup, "bank-reference"), trained=trained)) is not None:
-                ref_bank = LoadedBank(setup.backbone, place(fold.index, "bank-reference"), task)
+                ref_bank = LoadedBank(setup.backbone, place(fold.index, "bank-reference"), task, resident=resident)
             bank_seconds += time.perf_counter() - t0
         for m in methods:
             if m == "per-user-lora" or m in failed:
@@ -453,7 +457,8 @@ def _run_method(setup: EvalSetup, m: str, targets: list[User], where: Path, bank
     if m == "oppu":
         return run_adapted(setup, m, task_bank, targets, where)
     if m == "mta-stack":
-        return run_adapted(setup, m, LoadedBank(setup.backbone, None, setup.task), targets, where)
+        return run_adapted(setup, m, LoadedBank(setup.backbone, None, setup.task, resident=max(1, len(targets))),
+                           targets, where)
     return run_adapted(setup, m, bank, targets, where)
 
 
