@@ -395,3 +395,14 @@ def test_an_evaluations_stack_table_holds_its_folds_targets_not_a_servers_256(tm
     assert rc == 0
     targets = [len(f["targets"]) for f in json.loads((out / "split.json").read_text())]
     assert sizes and max(sizes) <= max(targets) and all(n >= 1 for n in sizes)
+
+
+def test_answering_reports_its_start_so_its_time_counts_from_there(tmp_path, capsys):
+    """Each method's answering stage is reported at 0 answered before its first batch: the
+    plain progress lines' clock (and the heartbeat's "working" lines) start when answering
+    does, not after the first batch."""
+    rc, _ = _eval_synth(tmp_path, "rag-1,task-lora", "ev")
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 0
+    for m in ("rag-1", "task-lora"):
+        assert f"fold 0 {m}: 0/4 (0%)" in err and f"fold 0 {m}: 4/4 (100%)" in err
