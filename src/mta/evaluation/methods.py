@@ -130,8 +130,8 @@ def _collect(res: FoldResult, pairs, texts, task) -> None:
 def _bar(setup: EvalSetup, name: str, total: int):
     """The answering's progress (prompts answered, by increments), reported at 0 now: the
     stage's clock starts when answering does, and a first batch that takes minutes shows
-    as such (run U's log said "64/87, 0 s" of a fold whose answering took 5.5 minutes
-    by its files' times)."""
+    as such (run U's log said "64/87, 0 s" of a fold whose answering took 326 s: its
+    ``infer_seconds``)."""
     if not setup.progress:
         return None
     setup.progress(setup.prefix + name, 0, total)
