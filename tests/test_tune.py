@@ -613,7 +613,7 @@ def test_a_trial_stopped_in_its_last_fold_goes_on_from_its_finished_folds_elsewh
     assert main(["data", "synth", "--out", str(data), "--users", "10", "--queries", "1"]) == 0
     out = tmp_path / "tune"
     args = ["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
-            "--anchors", "2", "--space", "learning-rate", "--max-user-share", "0.3", "--no-ablation", *TINY]
+            "--anchors", "2", "--space", "anchor-training", "--max-user-share", "0.3", "--no-ablation", *TINY]
     assert main(args) != 0  # interrupted
     assert ran == [("00", "fold0"), ("00", "fold1"), ("01", "fold0"), ("01", "fold1")]
     assert len(json.loads((out / tune_mod.VALUES).read_text())["values"]) == 1
