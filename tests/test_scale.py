@@ -276,3 +276,52 @@ def test_eval_answers_a_classification_task_with_its_likeliest_labels(tmp_path, 
     assert main([*args, "--data", str(data), "--out", str(tmp_path / "no"), "--label-answer", "likeliest"]) == 2
     assert not (tmp_path / "no").exists()
     assert "--label-answer likeliest chooses among a task's labels" in capsys.readouterr().err
+
+
+def test_a_batch_out_of_memory_is_tried_again_in_halves_and_one_prompt_out_of_memory_is_one_line(monkeypatch, caplog):
+    """Generation and scoring near a memory cap (a tune's processes sharing a device): a batch
+    out of device memory runs again at half its size, the batches after it too, and gives
+    what smaller batches give; out of memory with one prompt is one line naming the
+    settings."""
+    import mta.decoding.batch as batch_mod
+    from mta.errors import ResourceError
+
+    bb = backbone_with_adapters()
+    rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0])]
+    labels = get_task("movielens").scale
+    want_text = generate(bb, PROMPTS, rows, max_new_tokens=3, batch_size=1)
+    want_probs, _ = scale_distribution(bb, PROMPTS, rows, labels, batch_size=1)
+    seen: list[int] = []
+
+    def over(limit):
+        real_gen, real_model = batch_mod.hf_generate, bb.engine.model.forward
+
+        def gen(engine, batch_rows, ids, *a, **kw):
+            seen.append(ids.shape[0])
+            if ids.shape[0] > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_gen(engine, batch_rows, ids, *a, **kw)
+
+        def forward(*a, input_ids=None, **kw):
+            seen.append(input_ids.shape[0])
+            if input_ids.shape[0] > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_model(*a, input_ids=input_ids, **kw)
+        return gen, forward
+
+    gen, forward = over(1)
+    monkeypatch.setattr(batch_mod, "hf_generate", gen)
+    with caplog.at_level("WARNING", logger="mta.decoding.batch"):
+        got = generate(bb, PROMPTS, rows, max_new_tokens=3, batch_size=4)
+    assert got == want_text and seen == [4, 2, 1, 1, 1, 1]  # halved twice, then one at a time
+    assert "out of cpu memory generating 4 prompts" in caplog.text and "again 2 at a time" in caplog.text
+    seen.clear()
+    monkeypatch.setattr(bb.engine.model, "forward", forward)
+    probs, _ = scale_distribution(bb, PROMPTS, rows, labels, batch_size=3)
+    torch.testing.assert_close(probs, want_probs, atol=1e-5, rtol=1e-4)
+    assert seen[:2] == [3, 1]
+    gen, forward = over(0)
+    monkeypatch.setattr(batch_mod, "hf_generate", gen)
+    with pytest.raises(ResourceError, match="out of cpu memory generating a batch of 1 prompts .* lower the "
+                                            "generation batch size or the prompt length"):
+        generate(bb, PROMPTS, rows, max_new_tokens=3, batch_size=2)

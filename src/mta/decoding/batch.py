@@ -11,8 +11,8 @@ own static-cache loop with the routing pinned (its auto-compile on CUDA).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,6 +21,8 @@ from mta.decoding.fixed import pinned
 from mta.decoding.prompts import chat_prompt, stop_ids
 from mta.engine.engine import AdapterEngine, Row
 from mta.errors import ResourceError
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -74,15 +76,16 @@ def generate(backbone, prompts: Sequence[str], rows: Sequence | None, max_new_to
         for i, s in seqs.items():
             out[i] = tokenizer.decode(s.tokens, skip_special_tokens=True)
         return out
-    for idx, enc in encoded_batches(tokenizer, texts, order, batch_size, max_prompt_tokens, engine.device):
+    def one(idx: list[int], enc) -> None:
         batch_rows = None if rows is None else [rows[i] for i in idx]
-        with batch_memory(engine, "generating", enc):
-            gen = hf_generate(engine, batch_rows, enc["input_ids"], enc["attention_mask"], **kwargs)
+        gen = hf_generate(engine, batch_rows, enc["input_ids"], enc["attention_mask"], **kwargs)
         for i, text in zip(idx, tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
                                                        skip_special_tokens=True)):
             out[i] = text
         if on_batch:
             on_batch(len(idx))
+
+    in_batches(engine, tokenizer, texts, order, batch_size, max_prompt_tokens, "generating", one)
     return out
 
 
@@ -96,26 +99,35 @@ def chat_texts(tokenizer, prompts: Sequence[str]) -> tuple[list[str], list[int]]
     return texts, sorted(range(len(texts)), key=lambda i: -lengths[i])
 
 
-def encoded_batches(tokenizer, texts: Sequence[str], order: Sequence[int], batch_size: int,
-                    max_prompt_tokens: int, device) -> Iterator[tuple[list[int], dict]]:
-    """(indices, left-padded encoding) of ``texts`` in ``order``, ``batch_size`` at a time;
-    a text longer than ``max_prompt_tokens`` keeps its end (the question)."""
-    for start in range(0, len(order), batch_size):
-        idx = list(order[start:start + batch_size])
-        yield idx, tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                             max_length=max_prompt_tokens, add_special_tokens=False).to(device)
-
-
-@contextmanager
-def batch_memory(engine: AdapterEngine, doing: str, enc) -> Iterator[None]:
-    """Out of device memory in a batch: one clear error naming the settings to lower."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        n, width = enc["input_ids"].shape
-        raise ResourceError(f"out of {engine.device.type} memory {doing} a batch of {n} prompts of up to {width} "
-                            "tokens: lower the generation batch size or the prompt length",
-                            ("GenerateConfig.batch_size", "GenerateConfig.max_prompt_tokens")) from None
+def in_batches(engine: AdapterEngine, tokenizer, texts: Sequence[str], order: Sequence[int], batch_size: int,
+               max_prompt_tokens: int, doing: str, run: Callable[[list[int], dict], None]) -> None:
+    """``run(indices, encoding)`` for ``texts`` in ``order``, ``batch_size`` at a time,
+    left-padded (a text longer than ``max_prompt_tokens`` keeps its end: the question).
+    A batch out of device memory is tried again at half its size, and the batches after
+    it keep that size (``run`` must leave nothing done when it fails): a generation sharing
+    its device, or near a memory cap, goes on slower instead of failing. Out of memory
+    with one prompt: one line naming the settings to lower."""
+    size, start = batch_size, 0
+    while start < len(order):
+        idx = list(order[start:start + size])
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_prompt_tokens, add_special_tokens=False).to(engine.device)
+        try:
+            run(idx, enc)
+        except torch.OutOfMemoryError:
+            n, width = enc["input_ids"].shape
+            if size == 1:
+                raise ResourceError(f"out of {engine.device.type} memory {doing} a batch of {n} prompts of up to "
+                                    f"{width} tokens: lower the generation batch size or the prompt length",
+                                    ("GenerateConfig.batch_size", "GenerateConfig.max_prompt_tokens")) from None
+            del enc
+            size = max(1, size // 2)
+            if engine.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of %s memory %s %d prompts of up to %d tokens: again %d at a time",
+                        engine.device.type, doing, n, width, size)
+            continue
+        start += len(idx)
 
 
 @torch.no_grad()

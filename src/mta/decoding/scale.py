@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mta.decoding.batch import batch_memory, chat_texts, encoded_batches
+from mta.decoding.batch import chat_texts, in_batches
 from mta.errors import MtaError
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,15 @@ def scale_distribution(backbone, prompts: Sequence[str], rows: Sequence | None, 
     probs = torch.zeros(len(prompts), len(labels))
     mass = torch.zeros(len(prompts))
     texts, order = chat_texts(tokenizer, prompts)
-    for idx, enc in encoded_batches(tokenizer, texts, order, batch_size, max_prompt_tokens, engine.device):
+    def one(idx: list[int], enc) -> None:
         mask = enc["attention_mask"]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions as generate() gives left-padded rows
-        with batch_memory(engine, "scoring", enc):
-            if rows is None:
+        if rows is None:
+            out = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, logits_to_keep=1)
+        else:
+            with engine.route([rows[i] for i in idx]):
                 out = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
                                    logits_to_keep=1)
-            else:
-                with engine.route([rows[i] for i in idx]):
-                    out = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
-                                       logits_to_keep=1)
         logits = out.logits[:, -1].float()
         # the scale's share of the whole distribution, and the distribution over the scale alone
         # (softmax over its logits: defined even where their probabilities underflow)
@@ -84,6 +82,8 @@ def scale_distribution(backbone, prompts: Sequence[str], rows: Sequence | None, 
         probs[idx] = torch.softmax(scale, -1).cpu()
         if on_batch:
             on_batch(len(idx))
+
+    in_batches(engine, tokenizer, texts, order, batch_size, max_prompt_tokens, "scoring", one)
     return probs, mass
 
 
