@@ -114,20 +114,23 @@ def in_batches(engine: AdapterEngine, tokenizer, texts: Sequence[str], order: Se
                         max_length=max_prompt_tokens, add_special_tokens=False).to(engine.device)
         try:
             run(idx, enc)
-        except torch.OutOfMemoryError:
-            n, width = enc["input_ids"].shape
-            if size == 1:
-                raise ResourceError(f"out of {engine.device.type} memory {doing} a batch of {n} prompts of up to "
-                                    f"{width} tokens: lower the generation batch size or the prompt length",
-                                    ("GenerateConfig.batch_size", "GenerateConfig.max_prompt_tokens")) from None
-            del enc
-            size = max(1, size // 2)
-            if engine.device.type == "cuda":
-                torch.cuda.empty_cache()
-            log.warning("out of %s memory %s %d prompts of up to %d tokens: again %d at a time",
-                        engine.device.type, doing, n, width, size)
+            start += len(idx)
             continue
-        start += len(idx)
+        except torch.OutOfMemoryError:
+            pass
+        # out of memory (handled here, past the except block: its traceback, and the tensors
+        # its frames hold, are gone, so the cache can give their memory back)
+        n, width = enc["input_ids"].shape
+        if size == 1:
+            raise ResourceError(f"out of {engine.device.type} memory {doing} a batch of {n} prompts of up to "
+                                f"{width} tokens: lower the generation batch size or the prompt length",
+                                ("GenerateConfig.batch_size", "GenerateConfig.max_prompt_tokens"))
+        del enc
+        size = max(1, size // 2)
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of %s memory %s %d prompts of up to %d tokens: again %d at a time",
+                    engine.device.type, doing, n, width, size)
 
 
 @torch.no_grad()
