@@ -646,3 +646,22 @@ def test_a_trial_stopped_in_its_last_fold_goes_on_from_its_finished_folds_elsewh
     assert main([str(whole) if a == str(out) else a for a in args]) == 0
     values = [json.loads((d / tune_mod.VALUES).read_text())["values"] for d in (moved, stale, whole)]
     assert values[0] == values[1] == values[2]
+
+
+def test_trial_diff_script_gives_each_trial_against_its_parts_best_from_the_log():
+    """scripts/trial-diff.py, on run U's LaMP-2 log (committed): the paired differences the
+    docs cite for the per-user LoRAs' budget, by the tune's own test."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("trial_diff", root / "scripts" / "trial-diff.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    log = json.loads((root / "results/gpu-2026-12-06g/lamp2-tune/trial-values.json").read_text())
+    rows = mod.diffs(log, "per-user-lora")
+    assert rows[0][0] == {"part": "per-user-lora budget", "lr": 1e-4, "steps": 32} and rows[0][2] == 0
+    eight = [r for r in rows if r[0]["steps"] == 8]
+    assert [round(x, 3) for x in eight[0][2:]] == [-0.177, -0.375, -0.042]
+    assert all(hi < 0 for _, _, _, _, hi in rows[1:])  # every other trial significantly below the best
+    with pytest.raises(SystemExit, match="no trial of the 'anchor' budget"):
+        mod.diffs(log, "anchor")
