@@ -254,8 +254,11 @@ class AdapterEngine:
         chosen = set(layers)
         for name, layer in self.layers.items():
             n_here = n_slots if name in chosen else 0
-            layer.set_stack(torch.zeros(n_here, rank, layer.in_features),
-                            torch.zeros(n_here, layer.out_features, rank), torch.zeros(n_here))
+            # made where the table lives: zeros on the host first were the table's bytes twice,
+            # and a copy (8.8 GiB for 256 OPPU slots at 1.5B, docs/architecture.md)
+            like = {"device": layer.bank_A.device, "dtype": layer.bank_A.dtype}
+            layer.set_stack(torch.zeros(n_here, rank, layer.in_features, **like),
+                            torch.zeros(n_here, layer.out_features, rank, **like), torch.zeros(n_here, **like))
         self.slot_lora = [(rank, 0.0)] * n_slots
 
     # -- fused per-user factors (merges that are not the exact sum) ---------------------------------
