@@ -397,6 +397,21 @@ def test_an_evaluations_stack_table_holds_its_folds_targets_not_a_servers_256(tm
     assert sizes and max(sizes) <= max(targets) and all(n >= 1 for n in sizes)
 
 
+def test_answering_that_met_the_gpu_memory_cap_says_how_often(tmp_path, monkeypatch):
+    """The allocator's retries at the cap during a method's answering (torch's
+    ``num_alloc_retries``, CUDA only: here a stand-in counter) are logged with its time, so
+    a slow answering in a GPU run's log says whether it ran at the cap."""
+    import itertools
+
+    from mta.evaluation import methods
+
+    count = itertools.count(0, 3)
+    monkeypatch.setattr(methods, "alloc_retries", lambda device: next(count))
+    rc, out = _eval_synth(tmp_path, "task-lora", "ev")
+    assert rc == 0
+    assert "task-lora: answering met the GPU memory cap 3 times" in (out / "run.log").read_text()
+
+
 def test_answering_reports_its_start_so_its_time_counts_from_there(tmp_path, capsys):
     """Each method's answering stage is reported at 0 answered before its first batch: the
     plain progress lines' clock (and the heartbeat's "working" lines) start when answering

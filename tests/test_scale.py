@@ -66,7 +66,12 @@ def test_a_batch_of_rows_reads_each_prompts_distribution_as_if_alone(routed):
     bb = backbone_with_adapters()
     labels = get_task("movielens").scale
     rows = [Row([0, 1], [0.6, 0.4], user=0), Row([2], [1.0], user=1), Row(active=False), Row([1], [1.0])]
+    held = []  # after each forward: layers still holding their rows' gathered factors (none: one forward each)
+    hook = bb.engine.model.register_forward_hook(
+        lambda *_: held.append(sum(ly._cache is not None for ly in bb.engine.layers.values())))
     probs, mass = scale_distribution(bb, PROMPTS, rows if routed else None, labels, batch_size=3)
+    hook.remove()
+    assert held == [0, 0]
     for i, prompt in enumerate(PROMPTS):
         ref, ref_mass = _alone(bb, prompt, rows[i] if routed else None, labels)
         torch.testing.assert_close(probs[i], ref, atol=1e-5, rtol=1e-4)

@@ -71,7 +71,7 @@ def scale_distribution(backbone, prompts: Sequence[str], rows: Sequence | None, 
         if rows is None:
             out = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, logits_to_keep=1)
         else:
-            with engine.route([rows[i] for i in idx]):
+            with engine.route([rows[i] for i in idx], reuse=False):  # one forward
                 out = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
                                    logits_to_keep=1)
         logits = out.logits[:, -1].float()

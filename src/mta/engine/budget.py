@@ -116,6 +116,16 @@ def run_peak(device: torch.device) -> tuple[int, int]:
     return max(before[0], now[0]), max(before[1], now[1])
 
 
+def alloc_retries(device: torch.device) -> int:
+    """How often, so far in this process, torch's CUDA caching allocator met the memory cap:
+    a device allocation that failed, after which it freed its cached blocks and tried again
+    (``num_alloc_retries``); 0 off CUDA. Each is a device synchronisation and a free of
+    every cached block: many in one stage mean the stage ran at the cap."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+
+
 def oom_error(device: torch.device, tokens: int, rows: int) -> ResourceError:
     peak = total = 0.0
     if device.type == "cuda":

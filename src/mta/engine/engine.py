@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -502,8 +502,12 @@ class AdapterEngine:
             layer.clear_cache()
 
     @contextlib.contextmanager
-    def route(self, rows: Sequence[Row] | Routing) -> Iterator[Routing]:
+    def route(self, rows: Sequence[Row] | Routing, reuse: bool = True) -> Iterator[Routing]:
+        """Route the model's rows through ``rows``' adapters inside the block. ``reuse=False``:
+        the block runs ONE forward with it (``Routing.reuse``)."""
         rt = rows if isinstance(rows, Routing) else self.routing(rows)
+        if not reuse and rt.reuse:
+            rt = replace(rt, reuse=False)
         prev = self._routing[0]
         self._routing[0] = rt
         try:

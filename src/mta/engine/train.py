@@ -391,7 +391,7 @@ def row_losses(engine: AdapterEngine, rows: Sequence[tuple[Row, Example]], pad_i
         for s in range(0, len(order), step):
             chunk = order[s:s + step]
             ids, _, labels = pad_batch([rows[i][1] for i in chunk], pad_id, engine.device)
-            with engine.route([rows[i][0] for i in chunk]):
+            with engine.route([rows[i][0] for i in chunk], reuse=False):  # one forward each
                 sums = target_token_loss(engine.model, ids, labels)
             counts = (labels[:, 1:] != IGNORE).sum(dim=1).clamp(min=1)
             for i, v in zip(chunk, (sums / counts).tolist()):

@@ -39,6 +39,7 @@ from mta.data.persons import query_item
 from mta.data.schema import User
 from mta.decoding.answers import answers, check_answer_rules
 from mta.defaults import pinned
+from mta.engine.budget import alloc_retries
 from mta.errors import MtaError
 from mta.loaded_bank import LoadedBank, Request
 from mta.paths import dir_bytes
@@ -220,11 +221,16 @@ def run_prior(setup: EvalSetup, name: str, targets, training=()) -> FoldResult:
 def _answer(setup: EvalSetup, bank: LoadedBank, name: str, targets, res: FoldResult,
             store: UserStore | None = None, fusion: AdaptConfig | None = None) -> None:
     pairs = _queries(targets)
-    t0 = time.perf_counter()
+    device = setup.backbone.device
+    t0, retries = time.perf_counter(), alloc_retries(device)
     answers = bank.answer([Request(u.user_id, q.input, u) for u, q in pairs],
                           setup.gen_cfg.model_copy(update={"max_new_tokens": setup.max_new_tokens}), store, fusion,
                           on_batch=_bar(setup, name, len(pairs)))
     res.infer_seconds = time.perf_counter() - t0
+    met = alloc_retries(device) - retries
+    if met:  # (runs U and V: OPPU's answering took 60-330 s where its 0-step trial took 1-5 s)
+        log.warning("%s%s: answering met the GPU memory cap %d times (each a flush of the allocator's cache and "
+                    "a retry), in its %.0f s", setup.prefix, name, met, res.infer_seconds)
     _collect(res, pairs, [a.output for a in answers], setup.task)
 
 
