@@ -88,6 +88,54 @@ def test_one_process_runs_every_trial_in_order_and_skips_the_logged(tmp_path):
     assert told == [2, 3] and board.read() == (values, about)
 
 
+def _walk_folds(out: str, barrier) -> None:
+    """One process of a search of ONE trial of two folds (a group of fewer trials than
+    processes): the folds stand-ins that note who ran them, the trial's run what it found."""
+    board = TrialBoard(Path(out), IDENTITY, "accuracy")
+    root = Path(out)
+
+    def run_fold(key: str, fold: int) -> None:
+        if (root / f"done-{fold}").exists():  # done by another: read back, as the runner resumes it
+            return
+        (root / f"ran-fold{fold}").write_text(f"{os.getpid()}\n")
+        time.sleep(0.5 + fold)  # the second fold ends last: the trial's run must wait for it
+        (root / f"done-{fold}").write_text("")
+
+    def run_one(key: str) -> float:
+        with open(root / "ran-trial", "a") as f:
+            f.write(f"{os.getpid()} {sorted(p.name for p in root.glob('done-*'))}\n")
+        return 1.0
+
+    barrier.wait()
+    board.run(["k"], run_one, {"k": {"group": "g", "override": {}}}, None, (run_fold, [0, 1]))
+
+
+@pytest.mark.integration
+def test_two_processes_share_one_trials_folds_and_its_value_waits_for_both(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_walk_folds, args=(str(tmp_path), barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    by = {(tmp_path / f"ran-fold{f}").read_text().split()[0] for f in (0, 1)}
+    assert by == {str(p.pid) for p in procs}  # one fold each, side by side
+    runs = (tmp_path / "ran-trial").read_text().splitlines()
+    assert len(runs) == 1 and runs[0].endswith("['done-0', 'done-1']")  # once, after both folds
+    assert json.loads((tmp_path / VALUES).read_text())["values"] == {"k": 1.0}
+
+
+def test_one_process_with_folds_runs_each_unlogged_trials_folds_then_the_trials(tmp_path):
+    board = TrialBoard(tmp_path, IDENTITY, "accuracy")
+    board.record({"b": 0.5}, {"b": {"group": "g"}})
+    order = []
+    board.run(["a", "b", "c"], lambda k: order.append(k) or 1.0, {k: {"group": "g"} for k in "abc"}, None,
+              (lambda k, f: order.append((k, f)), [0, 1]))
+    assert order == [("a", 0), ("a", 1), ("c", 0), ("c", 1), "a", "c"]
+
+
 def test_jobs_split_the_gpu_memory_evenly_and_refuse_a_share_under_the_model():
     total, held = 80 * GIB, 3 * GIB
     # auto counts each process's model and the working room once

@@ -273,7 +273,8 @@ def tune_cmd(
         setup = EvalSetup(backbone, t, cfg.bank, cfg.adapt, cfg.generate, Bars(bar),
                           baselines=cfg.baselines).resolve(ds.users)
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),
-                      max_user_share, cfg.eval.target_history, leak_check=False, ablation=ablation, select=select)
+                      max_user_share, cfg.eval.target_history, leak_check=False, ablation=ablation, select=select,
+                      split_folds=jobs > 1)
     write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
     m = recipe.metric
     table = Table(title=escape(f"mta tune: {t.title}, {len(dev)} dev users, model {backbone.model_id}"))

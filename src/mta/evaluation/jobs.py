@@ -119,7 +119,7 @@ def _helper_search(payload: dict, out: Path) -> None:
         with wait_for_writers(True):
             tune(ds, setup, out, payload["dev"], payload["space"], ev.folds, ev.history_queries, ev.n_boot, None,
                  payload["max_user_share"], ev.target_history, leak_check=False, ablation=False,
-                 select=payload["select"])
+                 select=payload["select"], split_folds=True)
         log.info("tune helper %d: the search is done", payload["index"])
     except MtaError as e:
         log.error("tune helper %d: %s", payload["index"], e)

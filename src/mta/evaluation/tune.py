@@ -179,10 +179,12 @@ def _key(*cfgs) -> str:
 def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: str, folds: int = 2,
          history_queries: int = 0, n_boot: int = 200, progress: Callable[[str, int, int], None] | None = None,
          max_user_share: float = MAX_USER_SHARE, target_history: int | None = None, leak_check: bool = True,
-         ablation: bool = True, select: str = "best") -> Recipe:
+         ablation: bool = True, select: str = "best", split_folds: bool = False) -> Recipe:
     """The search over ``space`` on the dev users, then (``ablation``) the dev table of every
     method on the recipe chosen; without it the recipe is returned as soon as the search ends
     (the table costs as much as an evaluation of every method on the dev persons).
+    ``split_folds`` (the processes of ``--jobs N``): a trial's folds are shared out too
+    (``TrialBoard.run``), so a group of fewer trials than processes leaves none idle.
     ``select``: in each group the best trial (``best``), or, in a budget's groups, the one
     that trains least among those not significantly worse than the best (``least``: fewest
     steps, then the lowest rate; ``_least``)."""
@@ -223,10 +225,11 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
                 BaselineConfig.build({**setup.baselines.dump(), **base}))
 
     def evaluate(methods: list[str], bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig, name: str,
-                 share_search: bool = True) -> dict:
+                 share_search: bool = True, only: int | None = None) -> dict:
         """``share_search``: read searched weights from OUT/searched (shared by the trials);
         the final table searches again (its methods share their one search within it), so
-        it measures the search on this recipe itself."""
+        it measures the search on this recipe itself. ``only``: that fold alone (its result
+        kept where the whole trial's evaluation resumes it; the metrics returned are its)."""
         trial = out / "trials" / name
         # adapters shared between trials, keyed by the recipe they were trained with
         task_cfg = bl.bank_for("task", bc)
@@ -245,8 +248,13 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
         s = EvalSetup(setup.backbone, task, bc, ac, setup.gen_cfg, named_progress(progress, f"trial {name}"),
                       setup.max_new_tokens, baselines=bl,
                       search_cache=SearchCache(out / SEARCHED) if share_search else None)
-        return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
-                        place=place, history_queries=history_queries, leak_check=False)
+        if only is None:
+            return run_eval(dev, methods, s, trial, fold_list, n_boot, bc.seed, target_history=target_history,
+                            place=place, history_queries=history_queries, leak_check=False)
+        # (its split and predictions in the fold's folder: the trial's own are the whole trial's)
+        return run_eval(dev, methods, s, trial / f"fold{only}", [f for f in fold_list if f.index == only], n_boot,
+                        bc.seed, target_history=target_history, place=place, history_queries=history_queries,
+                        leak_check=False)
 
     def trial_value(method: str, bc: BankConfig, ac: AdaptConfig, bl: BaselineConfig,
                     name: str) -> tuple[float, dict]:
@@ -314,11 +322,21 @@ def tune(ds: Dataset, setup: EvalSetup, out: Path, dev_ids: list[str], space: st
             log.info("tune %s %s (%s): %s %.4f", group, over, method, metric, value)
             return value
 
+        def run_fold(key: str, fold: int, todo=todo, method=method, group=group) -> None:
+            """One fold of a trial, its result kept for the trial's own evaluation (`run_one`),
+            which resumes it; an error there is the trial's, met again and handled by it."""
+            over, (bc, ac, bl), name = todo[key]
+            try:
+                evaluate([method], bc, ac, bl, name, only=fold)
+            except MtaError as e:
+                log.info("tune %s %s: fold %d: %s (the trial's own run meets it)", group, over, fold, e)
+
         def tell(values: dict, todo=todo, done=done) -> None:
             if progress:
                 progress("tune trials", done + sum(k in values for k in todo), total)
 
-        cache, about = board.run(list(todo), run_one, keys, tell)
+        cache, about = board.run(list(todo), run_one, keys, tell,
+                                 (run_fold, [f.index for f in fold_list]) if split_folds else None)
         for over, key, cfgs, _ in entries:
             if key is None:
                 trials.append({"group": group, "override": over, "skipped": cfgs})
@@ -389,13 +407,30 @@ class TrialBoard:
             return have, described
 
     def run(self, keys: list[str], run_one: Callable[[str], object], about: dict[str, dict],
-            tell: Callable[[dict], None] | None = None) -> tuple[dict, dict]:
+            tell: Callable[[dict], None] | None = None,
+            folds: tuple[Callable[[str, int], None], list[int]] | None = None) -> tuple[dict, dict]:
         """Have every trial of ``keys`` logged, in order: run here (``run_one(key)`` -> its
         value; logged with ``about[key]``, read after the run) each one not logged that no
         other process holds; then wait for the ones others hold and take up any whose
         process ended without logging it (it failed or was stopped). ``tell(values)``
-        after each trial. Returns the log as `read` does."""
+        after each trial. Returns the log as `read` does.
+
+        ``folds`` = (``run_fold``, the fold indices): first every unlogged trial's folds, each
+        run here (``run_fold(key, fold)``, which keeps its result) unless another process
+        holds it, so processes share a trial's folds as they share trials; then each trial
+        as above, its ``run_one`` after every fold's process has let it go (it resumes the
+        folds kept, and runs any whose process ended first). A process that finds a fold
+        done runs it again only to read it back (``run_fold`` resumes)."""
         values, described = self.read()
+        run_fold, indices = folds or (None, [])
+        for key in keys if run_fold else []:
+            for fold in indices:
+                if key in values:
+                    break
+                with self.claim(f"{key}-fold{fold}", False) as mine:
+                    if mine:
+                        run_fold(key, fold)
+                values, described = self.read()
         for wait in (False, True):
             for key in keys:
                 if key in values:
@@ -405,6 +440,9 @@ class TrialBoard:
                         continue
                     values, described = self.read()  # another process may have logged it meanwhile
                     if key not in values:
+                        for fold in indices:  # a fold another process runs: its end first
+                            with self.claim(f"{key}-fold{fold}", True):
+                                pass
                         value = run_one(key)
                         values, described = self.record({key: value}, {key: about[key]})
                 if tell:
