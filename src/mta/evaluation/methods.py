@@ -223,10 +223,14 @@ def _answer(setup: EvalSetup, bank: LoadedBank, name: str, targets, res: FoldRes
     pairs = _queries(targets)
     device = setup.backbone.device
     t0, retries = time.perf_counter(), alloc_retries(device)
+    loads, load_s = bank.stacks.loads, bank.stacks.load_seconds
     answers = bank.answer([Request(u.user_id, q.input, u) for u, q in pairs],
                           setup.gen_cfg.model_copy(update={"max_new_tokens": setup.max_new_tokens}), store, fusion,
                           on_batch=_bar(setup, name, len(pairs)))
     res.infer_seconds = time.perf_counter() - t0
+    # where the answering's time went (the stacks' loads from the store, or the forwards)
+    log.info("%s%s: %d queries answered in %.1f s, %d stored stacks loaded in %.1f s of it", setup.prefix, name,
+             len(pairs), res.infer_seconds, bank.stacks.loads - loads, bank.stacks.load_seconds - load_s)
     met = alloc_retries(device) - retries
     if met:  # (runs U and V: OPPU's answering took 60-330 s where its 0-step trial took 1-5 s)
         log.warning("%s%s: answering met the GPU memory cap %d times (each a flush of the allocator's cache and "
