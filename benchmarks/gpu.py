@@ -352,6 +352,8 @@ def bank_section(model, dev, a, compile=False, ref=None) -> dict:
     eng = AdapterEngine(model, EngineSpec(n_anchors=a.anchors, rank=8, alpha=16, compute_dtype=a.adapter_dtype))
     eng.init_bank()
     jobs = [Job(i, data[i], Row([i], [1.0]), key=f"a{i}") for i in range(a.anchors)]
+    if a.profile and a.profile_only:
+        return _bank_profile_only(eng, data, cfg, dev, a)
     warm = None
     if compile and a.warm_compile:  # the compile (and the recompile with symbolic sizes) before the clock
         few = [Job(i, data[i], Row([i], [1.0]), key=f"w{i}") for i in range(min(4, a.anchors))]
@@ -413,6 +415,20 @@ def bank_section(model, dev, a, compile=False, ref=None) -> dict:
     return {**mine, "peft_seconds_per_anchor": per_anchor, "peft_anchors_timed": a.peft_anchors,
             "peft_total_seconds_extrapolated": peft_total, "speedup": peft_total / ours,
             "peft_single_tokens_per_s": single_tps, "tokens_per_s_ratio_to_single_peft": tokens / ours / single_tps}
+
+
+def _bank_profile_only(eng, data, cfg, dev, a) -> dict:
+    """``--profile --profile-only``: the bank section's profile without its timings (run U's
+    whole section met its 240 s limit on an H100): one untimed step of 4 anchors first (the
+    first kernels' set-up), then the profile of two steps of every anchor, as the section's."""
+    warm = [Job(i, data[i][:cfg.batch_size], Row([i], [1.0]), key=f"w{i}") for i in range(min(4, a.anchors))]
+    train_jobs(eng, "bank", warm, cfg, pad_id=0)
+    eng.init_bank()
+    few = [Job(i, data[i][:2 * cfg.batch_size], Row([i], [1.0]), key=f"p{i}") for i in range(a.anchors)]
+    prof = profile(lambda: train_jobs(eng, "bank", few, cfg, pad_id=0), dev)
+    print_profile(f"bank building, {a.anchors} anchors x {2 * cfg.batch_size} samples (two steps)", prof)
+    eng.remove()
+    return {"anchors": a.anchors, "profile_only": True, "profile": prof}
 
 
 def adapt_section(model, dev, a, compile=False, ref=None, last_layers=None) -> dict:
@@ -571,6 +587,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/gpu.json"))
     ap.add_argument("--sections", default="gen,bank,adapt,memory")
     ap.add_argument("--profile", action="store_true", help="profile a few training steps of bank and adapt")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="with --profile: the bank section profiles only (a warm-up step, then the profile; no "
+                         "timed build, no PEFT reference): what a short quiet window on the device allows")
     ap.add_argument("--compile", action="store_true",
                     help="the new decode loop's step through torch.compile (inductor) before it is captured")
     ap.add_argument("--autotune", action="store_true",

@@ -42,6 +42,16 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     assert "engine vs PEFT mixed batch" in r.stdout and "vs HF generate's base" in r.stdout
 
 
+def test_gpu_benchmark_bank_profile_only_profiles_without_the_timings(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = _run("gpu.py", "--tiny", "--sections", "bank", "--profile", "--profile-only", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    bank = json.loads(out.read_text())["bank"]
+    assert bank["profile_only"] and bank["anchors"] == 6 and bank["profile"]["top"]  # the ops, by self time on a CPU
+    assert "ours_seconds" not in bank and "speedup" not in bank  # nothing timed
+    assert "profile: bank building, 6 anchors" in r.stdout
+
+
 def test_gpu_benchmark_loop_only_times_the_new_loops_rows_alone(tmp_path):
     """--loop-only (the server's yardstick in less device time): the new loop's base and dense
     rows with their same-loop ratios; no transformers generate, pinned or PEFT row, and
