@@ -369,11 +369,8 @@ def bank_section(model, dev, a, compile=False, ref=None) -> dict:
     sync(dev)
     ours = time.perf_counter() - t
     prof = None
-    if a.profile:  # two steps of the timed training's shape (every anchor), under the profiler; before
-        # 2026-12-06 two anchors only, a step far smaller than the timed one's (docs/performance.md, run P)
-        few = [Job(i, data[i][:2 * cfg.batch_size], Row([i], [1.0]), key=f"p{i}") for i in range(a.anchors)]
-        prof = profile(lambda: train_jobs(eng, "bank", few, cfg, pad_id=0), dev)
-        print_profile(f"bank building, {a.anchors} anchors x {2 * cfg.batch_size} samples (two steps)", prof)
+    if a.profile:
+        prof = _profile_bank(eng, data, cfg, dev, a)
     eng.remove()
     tokens = a.anchors * a.samples * a.seq
     mine = {"anchors": a.anchors, "tokens": tokens, "ours_seconds": ours, "ours_tokens_per_s": tokens / ours,
@@ -417,16 +414,23 @@ def bank_section(model, dev, a, compile=False, ref=None) -> dict:
             "peft_single_tokens_per_s": single_tps, "tokens_per_s_ratio_to_single_peft": tokens / ours / single_tps}
 
 
-def _bank_profile_only(eng, data, cfg, dev, a) -> dict:
-    """``--profile --profile-only``: the bank section's profile without its timings (run U's
-    whole section met its 240 s limit on an H100): one untimed step of 4 anchors first (the
-    first kernels' set-up), then the profile of two steps of every anchor, as the section's."""
-    warm = [Job(i, data[i][:cfg.batch_size], Row([i], [1.0]), key=f"w{i}") for i in range(min(4, a.anchors))]
-    train_jobs(eng, "bank", warm, cfg, pad_id=0)
-    eng.init_bank()
+def _profile_bank(eng, data, cfg, dev, a) -> dict:
+    """Two steps of the timed training's shape (every anchor) under the profiler; before
+    2026-12-06 two anchors only, a step far smaller than the timed one's (docs/performance.md, run P)."""
     few = [Job(i, data[i][:2 * cfg.batch_size], Row([i], [1.0]), key=f"p{i}") for i in range(a.anchors)]
     prof = profile(lambda: train_jobs(eng, "bank", few, cfg, pad_id=0), dev)
     print_profile(f"bank building, {a.anchors} anchors x {2 * cfg.batch_size} samples (two steps)", prof)
+    return prof
+
+
+def _bank_profile_only(eng, data, cfg, dev, a) -> dict:
+    """``--profile --profile-only``: the bank section's profile without its timings (run U's
+    whole section met its 240 s limit on an H100): one untimed step of 4 anchors first (the
+    first kernels' set-up), then the section's profile."""
+    warm = [Job(i, data[i][:cfg.batch_size], Row([i], [1.0]), key=f"w{i}") for i in range(min(4, a.anchors))]
+    train_jobs(eng, "bank", warm, cfg, pad_id=0)
+    eng.init_bank()
+    prof = _profile_bank(eng, data, cfg, dev, a)
     eng.remove()
     return {"anchors": a.anchors, "profile_only": True, "profile": prof}
 
