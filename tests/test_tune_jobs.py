@@ -95,7 +95,8 @@ def _walk_folds(out: str, barrier) -> None:
     root = Path(out)
 
     def run_fold(key: str, fold: int) -> None:
-        if (root / f"done-{fold}").exists():  # done by another: read back, as the runner resumes it
+        if (root / f"done-{fold}").exists():  # done by another: the board must not hand it out again
+            (root / "again").write_text(f"{fold}\n")
             return
         (root / f"ran-fold{fold}").write_text(f"{os.getpid()}\n")
         time.sleep(0.5 + fold)  # the second fold ends last: the trial's run must wait for it
@@ -124,16 +125,19 @@ def test_two_processes_share_one_trials_folds_and_its_value_waits_for_both(tmp_p
     assert by == {str(p.pid) for p in procs}  # one fold each, side by side
     runs = (tmp_path / "ran-trial").read_text().splitlines()
     assert len(runs) == 1 and runs[0].endswith("['done-0', 'done-1']")  # once, after both folds
+    assert not (tmp_path / "again").exists()  # no fold run twice
     assert json.loads((tmp_path / VALUES).read_text())["values"] == {"k": 1.0}
 
 
-def test_one_process_with_folds_runs_each_unlogged_trials_folds_then_the_trials(tmp_path):
+def test_one_process_with_folds_runs_each_unlogged_trials_folds_not_done_then_the_trials(tmp_path):
     board = TrialBoard(tmp_path, IDENTITY, "accuracy")
     board.record({"b": 0.5}, {"b": {"group": "g"}})
+    (tmp_path / "locks").mkdir(exist_ok=True)
+    (tmp_path / "locks" / "c-fold1.done").touch()  # run to its end before (another process, an earlier run)
     order = []
     board.run(["a", "b", "c"], lambda k: order.append(k) or 1.0, {k: {"group": "g"} for k in "abc"}, None,
               (lambda k, f: order.append((k, f)), [0, 1]))
-    assert order == [("a", 0), ("a", 1), ("c", 0), ("c", 1), "a", "c"]
+    assert order == [("a", 0), ("a", 1), ("c", 0), "a", "c"]
 
 
 def test_jobs_split_the_gpu_memory_evenly_and_refuse_a_share_under_the_model():

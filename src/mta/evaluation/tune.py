@@ -419,17 +419,19 @@ class TrialBoard:
         run here (``run_fold(key, fold)``, which keeps its result) unless another process
         holds it, so processes share a trial's folds as they share trials; then each trial
         as above, its ``run_one`` after every fold's process has let it go (it resumes the
-        folds kept, and runs any whose process ended first). A process that finds a fold
-        done runs it again only to read it back (``run_fold`` resumes)."""
+        folds kept, and runs any whose process ended first). A fold run to its end is marked
+        (``OUT/locks/KEY-foldF.done``) and not taken again."""
         values, described = self.read()
         run_fold, indices = folds or (None, [])
         for key in keys if run_fold else []:
             for fold in indices:
                 if key in values:
                     break
+                done = self.locks / f"{key}-fold{fold}.done"
                 with self.claim(f"{key}-fold{fold}", False) as mine:
-                    if mine:
+                    if mine and not done.exists():
                         run_fold(key, fold)
+                        done.touch()
                 values, described = self.read()
         for wait in (False, True):
             for key in keys:
