@@ -138,7 +138,10 @@ def profile(fn, dev, top: int = 15) -> dict:
         fn()
         sync(dev)
     wall_s = time.perf_counter() - t
+    print(f"profiled in {wall_s:.1f} s; reading the trace", flush=True)  # (run U and W: a limit met, no line said where)
+    t = time.perf_counter()
     events = prof.key_averages()
+    print(f"trace read in {time.perf_counter() - t:.1f} s", flush=True)
 
     def row(e) -> dict:
         return {"name": e.key[:120], "calls": e.count, "self_device_ms": float(e.self_device_time_total) / 1e3,
@@ -428,7 +431,9 @@ def _bank_profile_only(eng, data, cfg, dev, a) -> dict:
     whole section met its 240 s limit on an H100): one untimed step of 4 anchors first (the
     first kernels' set-up), then the section's profile."""
     warm = [Job(i, data[i][:cfg.batch_size], Row([i], [1.0]), key=f"w{i}") for i in range(min(4, a.anchors))]
+    t = time.perf_counter()
     train_jobs(eng, "bank", warm, cfg, pad_id=0)
+    print(f"bank profile: the untimed step of {len(warm)} anchors in {time.perf_counter() - t:.1f} s", flush=True)
     eng.init_bank()
     prof = _profile_bank(eng, data, cfg, dev, a)
     eng.remove()
@@ -626,6 +631,7 @@ def main() -> None:
         a.adapter_dtype, a.checkpointing = torch.bfloat16, False
     t0 = time.perf_counter()
     model = make_model(shape, dev, dtype)
+    print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "python": platform.python_version(), "shape": shape, "dtype": str(dtype),
            "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0,
