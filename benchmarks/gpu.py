@@ -138,7 +138,8 @@ def profile(fn, dev, top: int = 15) -> dict:
         fn()
         sync(dev)
     wall_s = time.perf_counter() - t
-    print(f"profiled in {wall_s:.1f} s; reading the trace", flush=True)  # (run U and W: a limit met, no line said where)
+    # (runs U and W met their limits with no line saying where)
+    print(f"profiled in {wall_s:.1f} s; reading the trace", flush=True)
     t = time.perf_counter()
     events = prof.key_averages()
     print(f"trace read in {time.perf_counter() - t:.1f} s", flush=True)

@@ -226,6 +226,23 @@ def test_a_lower_rank_stack_loaded_over_a_higher_one_leaves_no_old_directions():
         torch.testing.assert_close(model(ids).logits, loaded, atol=1e-6, rtol=0)
 
 
+def test_host_factors_move_as_one_buffer_cast_and_shaped_as_they_were():
+    """``host_to_device`` (a pageable stack's load onto a GPU) hands back each factor in the
+    table's dtype and shape, views of ONE buffer (one transfer, not one a factor),
+    non-contiguous factors included. On the CPU it runs the same flattening and split."""
+    from mta.engine.engine import host_to_device
+
+    gen = torch.Generator().manual_seed(0)
+    factors = [torch.randn(2, 7, generator=gen), torch.randn(5, 2, generator=gen).t(),
+               torch.randn(3, generator=gen), torch.randn(4, 1, 6, generator=gen)]
+    moved = host_to_device(factors, "cpu", torch.bfloat16)
+    assert [m.shape for m in moved] == [f.shape for f in factors]
+    for m, f in zip(moved, factors):
+        assert m.dtype == torch.bfloat16 and torch.equal(m, f.to(torch.bfloat16))
+    assert len({m.untyped_storage().data_ptr() for m in moved}) == 1
+    assert host_to_device([], "cpu", torch.float32) == []
+
+
 def test_a_refused_stack_or_anchor_leaves_its_slot_as_it_was_and_names_its_layer():
     """``load_user`` checks every layer's factors (rank, shapes, finiteness: one check over
     all of them) before its first write: a stack refused at its last layer leaves the slot,

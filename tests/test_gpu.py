@@ -408,3 +408,30 @@ def test_a_stack_loaded_from_pinned_memory_without_waiting_equals_a_blocking_loa
     for ly in eng.stack_layers.values():
         assert torch.equal(ly.stack_A[0], ly.stack_A[1]) and torch.equal(ly.stack_B[0], ly.stack_B[1])
     assert to_device(torch.arange(5), CUDA).tolist() == list(range(5))
+
+
+def test_a_stack_from_pageable_host_memory_loads_in_one_transfer_without_waiting_for_the_device():
+    """A stack read from the store at its load (pageable fp32, as evaluation's answering loads
+    OPPU's and the stacks) goes to a bf16 table as one pinned buffer and one non-blocking
+    copy (``host_to_device``): no call waits for the device (torch's sync debug mode raises
+    on one), and the slot holds each factor cast to bf16, past its rank zero."""
+    from tests.engine_helpers import random_stack
+
+    model, _ = tiny_llama(seed=0, layers=4, hidden=128)
+    model.to(CUDA, torch.bfloat16)
+    eng = AdapterEngine(model, EngineSpec(n_anchors=2, rank=4, alpha=8.0, compute_dtype=torch.bfloat16))
+    eng.alloc_stacks(2, 3, list(eng.layers))
+    eng.load_user(0, {n: (a.to(CUDA), b.to(CUDA)) for n, (a, b) in random_stack(eng, 1, rank=3).items()},
+                  alpha=3.0)
+    host = {n: (a.cpu(), b.cpu()) for n, (a, b) in random_stack(eng, 2).items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eng.load_user(0, host, alpha=4.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    for n, ly in eng.stack_layers.items():
+        a, b = host[n]
+        assert torch.equal(ly.stack_A[0, :2].cpu(), a.to(torch.bfloat16)) and not ly.stack_A[0, 2:].any()
+        assert torch.equal(ly.stack_B[0, :, :2].cpu(), b.to(torch.bfloat16)) and not ly.stack_B[0, :, 2:].any()
