@@ -435,3 +435,28 @@ def test_a_stack_from_pageable_host_memory_loads_in_one_transfer_without_waiting
         a, b = host[n]
         assert torch.equal(ly.stack_A[0, :2].cpu(), a.to(torch.bfloat16)) and not ly.stack_A[0, 2:].any()
         assert torch.equal(ly.stack_B[0, :, :2].cpu(), b.to(torch.bfloat16)) and not ly.stack_B[0, :, 2:].any()
+
+
+def test_an_anchor_and_a_fresh_bank_from_host_memory_load_without_waiting_for_the_device():
+    """``load_anchor`` (a stored bank's anchors, read from disk: pageable host memory) and
+    ``init_bank`` (its slots drawn on the host) move their factors through ``copy_in``:
+    one transfer, no call that waits for the device, and the slot holds the factors."""
+    from mta.engine.engine import _kaiming_uniform
+
+    eng, _ = _engine(torch.float32, torch.float32, users=0)
+    gen = torch.Generator().manual_seed(4)
+    host = {n: (torch.randn(ly.bank_A.shape[1:], generator=gen), torch.randn(ly.bank_B.shape[1:], generator=gen))
+            for n, ly in eng.bank_layers.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eng.load_anchor(1, host)
+        eng.init_bank(seed=2, b_std=0.5, slots=[3])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    drawn = torch.Generator().manual_seed(2)
+    for n, ly in eng.bank_layers.items():
+        assert torch.equal(ly.bank_A[1].cpu(), host[n][0]) and torch.equal(ly.bank_B[1].cpu(), host[n][1])
+        assert torch.equal(ly.bank_A[3].cpu(), _kaiming_uniform(ly.bank_A.shape[1:], drawn))
+        assert torch.equal(ly.bank_B[3].cpu(), torch.randn(ly.bank_B.shape[1:], generator=drawn) * 0.5)

@@ -204,10 +204,13 @@ class AdapterEngine:
         gen = torch.Generator().manual_seed(seed)
         slots = range(self.n_anchors) if slots is None else slots
         with torch.no_grad():
-            for layer in self.bank_layers.values():
+            for layer in self.bank_layers.values():  # (drawn in this order: the same values as ever)
+                dst, src = [], []
                 for s in slots:
-                    layer.bank_A[s].copy_(_kaiming_uniform(layer.bank_A[s].shape, gen))
-                    layer.bank_B[s].copy_(torch.randn(layer.bank_B[s].shape, generator=gen) * b_std)
+                    dst += [layer.bank_A[s], layer.bank_B[s]]
+                    src += [_kaiming_uniform(layer.bank_A[s].shape, gen),
+                            torch.randn(layer.bank_B[s].shape, generator=gen) * b_std]
+                copy_in(dst, src)  # a layer's slots in one transfer
 
     # -- stacked adapters -------------------------------------------------------------------------
     def stack_selection(self, modules: Sequence[str] | None = None, last_layers: int | None = None) -> list[str]:
@@ -355,10 +358,8 @@ class AdapterEngine:
             _check_shapes(name, a, b, ly.bank_A.shape, ly.bank_B.shape, slot)
         _check_finite(tensors)
         with torch.no_grad():
-            for name, (a, b) in tensors.items():
-                ly = self.layers[name]
-                ly.bank_A[slot].copy_(a)
-                ly.bank_B[slot].copy_(b)
+            dst = [t for name in tensors for t in (self.layers[name].bank_A[slot], self.layers[name].bank_B[slot])]
+            copy_in(dst, [t for ab in tensors.values() for t in ab])
 
     def user_tensors(self, slot: int) -> Tensors:
         """The slot's stacked factors at the slot's own rank."""
@@ -405,14 +406,9 @@ class AdapterEngine:
         with torch.no_grad():
             if zero:
                 torch._foreach_zero_(zero)
-            if dst:
-                # from pinned memory (a read-ahead stack: ResidentStacks.prefetch) without
-                # waiting for the step in flight; pageable host factors (a stack read from the
-                # store at its load, as evaluation's answering does) in one transfer
-                if (any(s.device != d.device and not s.is_pinned() for s, d in zip(src, dst))
-                        and len({(d.device, d.dtype) for d in dst}) == 1):
-                    src = host_to_device(src, dst[0].device, dst[0].dtype)
-                torch._foreach_copy_(dst, src, non_blocking=all(t.is_pinned() for t in src))
+            # a read-ahead stack (pinned: ResidentStacks.prefetch) without waiting for the step
+            # in flight; one read from the store at its load (answering) in one transfer
+            copy_in(dst, src)
             if scales:
                 one = torch.full((1,), scale, dtype=scales[0].dtype, device=scales[0].device)
                 torch._foreach_copy_(scales, [one] * len(scales))
@@ -549,6 +545,18 @@ def _check_shapes(name, a, b, table_a: Sequence[int], table_b: Sequence[int], sl
     if tuple(a.shape) != tuple(table_a[1:]) or tuple(b.shape) != tuple(table_b[1:]):
         raise MtaError(f"{name}: shape mismatch: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
                        f"the engine expects A {tuple(table_a[1:])}, B {tuple(table_b[1:])}")
+
+
+def copy_in(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every i in a few multi-tensor operations: from pinned
+    host memory without waiting for the device; from pageable host memory to another
+    device as one transfer (``host_to_device``), not one waiting copy a tensor."""
+    if not dst:
+        return
+    if (any(s.device != d.device and not s.is_pinned() for s, d in zip(src, dst))
+            and len({(d.device, d.dtype) for d in dst}) == 1):
+        src = host_to_device(src, dst[0].device, dst[0].dtype)
+    torch._foreach_copy_(list(dst), list(src), non_blocking=all(t.is_pinned() for t in src))
 
 
 def host_to_device(tensors: Sequence[torch.Tensor], device: torch.device | str,
