@@ -243,6 +243,19 @@ def test_host_factors_move_as_one_buffer_cast_and_shaped_as_they_were():
     assert host_to_device([], "cpu", torch.float32) == []
 
 
+def test_factors_brought_to_the_host_are_each_their_own_contiguous_tensor():
+    """``device_to_host`` (an adapter's save) gives each factor back equal, contiguous and
+    in a storage of its own (safetensors refuses shared ones), a transposed view included.
+    Its one-copy-a-device path is `tests/test_gpu.py`'s."""
+    from mta.engine.engine import device_to_host
+
+    gen = torch.Generator().manual_seed(1)
+    factors = [torch.randn(3, 4, generator=gen), torch.randn(4, 2, generator=gen).t()]
+    back = device_to_host(factors)
+    assert all(torch.equal(b, f) and b.is_contiguous() for b, f in zip(back, factors))
+    assert back[0].untyped_storage().data_ptr() != back[1].untyped_storage().data_ptr()
+
+
 def test_a_refused_stack_or_anchor_leaves_its_slot_as_it_was_and_names_its_layer():
     """``load_user`` checks every layer's factors (rank, shapes, finiteness: one check over
     all of them) before its first write: a stack refused at its last layer leaves the slot,

@@ -460,3 +460,30 @@ def test_an_anchor_and_a_fresh_bank_from_host_memory_load_without_waiting_for_th
         assert torch.equal(ly.bank_A[1].cpu(), host[n][0]) and torch.equal(ly.bank_B[1].cpu(), host[n][1])
         assert torch.equal(ly.bank_A[3].cpu(), _kaiming_uniform(ly.bank_A.shape[1:], drawn))
         assert torch.equal(ly.bank_B[3].cpu(), torch.randn(ly.bank_B.shape[1:], generator=drawn) * 0.5)
+
+
+def test_an_adapter_saved_from_the_device_waits_for_it_once_and_reads_back_the_same(tmp_path):
+    """``save_adapter`` brings a stack on the device to the host in one copy
+    (``device_to_host``; before, a copy and a finiteness check a factor, each waiting for
+    the device): torch's sync debug mode counts its waits, and the file reads back equal."""
+    import warnings
+
+    from mta.engine.peft_io import load_adapter, save_user
+    from tests.engine_helpers import random_stack
+
+    eng, _ = _engine(torch.float32, torch.float32, users=2)
+    eng.load_user(1, random_stack(eng, 3), alpha=4.0)
+    held = eng.user_tensors(1)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            save_user(eng, 1, tmp_path / "u")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [w for w in seen if "synchroniz" in str(w.message)]
+    assert 1 <= len(waits) <= 2, [str(w.message) for w in waits]
+    back, _, _ = load_adapter(tmp_path / "u")
+    for n, (a, b) in held.items():
+        assert torch.equal(back[n][0], a.cpu()) and torch.equal(back[n][1], b.cpu())

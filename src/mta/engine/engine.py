@@ -579,6 +579,25 @@ def host_to_device(tensors: Sequence[torch.Tensor], device: torch.device | str,
     return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
+def device_to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` in host memory, each its own contiguous tensor (safetensors refuses
+    tensors that share a storage): those on a device brought back in ONE copy a device and
+    dtype (flattened there), not one copy a tensor, each of which waits for the device (an
+    adapter's save: two factors a layer)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.device.type == "cpu":
+            out[i] = t.detach().contiguous()
+        else:
+            groups.setdefault((t.device, t.dtype), []).append(i)
+    for idx in groups.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).cpu()
+        for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = v.view(tensors[i].shape).clone()
+    return out
+
+
 def _check_finite(tensors: Tensors) -> None:
     """An MtaError naming the first module whose factors are not all finite (one check over
     every factor first: ``finite``)."""

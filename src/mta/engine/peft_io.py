@@ -18,7 +18,7 @@ from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mta.engine.engine import AdapterEngine, block_index
+from mta.engine.engine import AdapterEngine, block_index, device_to_host
 from mta.engine.fingerprint import check_fingerprint
 from mta.errors import MtaError, ResourceError
 from mta.fusion import concat_delta, merge_factor, merge_svd
@@ -46,14 +46,18 @@ def save_adapter(out: Path, tensors: Tensors, rank: int, alpha: float, fingerpri
     """
     if not tensors:
         raise MtaError("cannot save an adapter with no modules")
-    state = {}
     for module, (a, b) in tensors.items():
         if a.shape[0] != rank or b.shape[1] != rank:
             raise MtaError(f"{module}: factors of rank {a.shape[0]}/{b.shape[1]} but the config says {rank}")
+    # on the host in one copy, then checked there (a check or copy a factor on the device
+    # each waits for it)
+    host = iter(device_to_host([t for ab in tensors.values() for t in ab]))
+    state = {}
+    for module in tensors:
+        a, b = next(host), next(host)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise MtaError(f"{module}: refusing to save NaN or inf weights")
-        state[_key(module, "A")] = a.detach().to("cpu").contiguous()
-        state[_key(module, "B")] = b.detach().to("cpu").contiguous()
+        state[_key(module, "A")], state[_key(module, "B")] = a, b
     targets = sorted({m.rsplit(".", 1)[-1] for m in tensors})
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                      bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model,
