@@ -580,10 +580,11 @@ def host_to_device(tensors: Sequence[torch.Tensor], device: torch.device | str,
 
 
 def device_to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``tensors`` in host memory, each its own contiguous tensor (safetensors refuses
-    tensors that share a storage): those on a device brought back in ONE copy a device and
-    dtype (flattened there), not one copy a tensor, each of which waits for the device (an
-    adapter's save: two factors a layer)."""
+    """``tensors`` in host memory, contiguous: those on a device brought back in ONE copy a
+    device and dtype (flattened there), not one copy a tensor, each of which waits for the
+    device (an adapter's save: two factors a layer), then each cloned out of that buffer
+    (safetensors refuses tensors that share a storage); host ones as they are (made
+    contiguous), as ``.to("cpu").contiguous()`` leaves them."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
