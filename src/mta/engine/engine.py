@@ -562,20 +562,15 @@ def copy_in(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
 def host_to_device(tensors: Sequence[torch.Tensor], device: torch.device | str,
                    dtype: torch.dtype) -> list[torch.Tensor]:
     """``tensors`` (host memory) on ``device`` in ``dtype``, moved as ONE buffer: flattened
-    into one host tensor (pinned on CUDA), one non-blocking copy, views of it out. A copy
-    from pageable host memory waits for the device each time, and a stack has two factors
-    a layer (392 at Qwen2.5-1.5B's 196 layers). In run W (H100, four tune processes on the
+    into one host tensor, moved by ``to_device`` (pinned, one copy that waits for nothing),
+    views of it out. A copy from pageable host memory waits for the device each time, and a
+    stack has two factors a layer (392 at Qwen2.5-1.5B's 196 layers). In run W (H100, four tune processes on the
     card) OPPU's answering spent 64.2 s of its 67.9 loading 28 stored stacks that way, 2.3 s
     a stack; that the waits for the device's turn among the processes made it so is
     inferred (the device was mostly idle meanwhile, run V's nvidia-smi), not profiled."""
-    device = torch.device(device)
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-    pinned = device.type == "cuda"
-    if pinned:
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=pinned)
+    flat = to_device(torch.cat([t.reshape(-1).to(dtype) for t in tensors]), device)
     return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
