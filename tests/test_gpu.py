@@ -433,8 +433,8 @@ def test_a_stack_from_pageable_host_memory_loads_in_one_transfer_without_waiting
     torch.cuda.synchronize()
     for n, ly in eng.stack_layers.items():
         a, b = host[n]
-        assert torch.equal(ly.stack_A[0, :2].cpu(), a.to(torch.bfloat16)) and not ly.stack_A[0, 2:].any()
-        assert torch.equal(ly.stack_B[0, :, :2].cpu(), b.to(torch.bfloat16)) and not ly.stack_B[0, :, 2:].any()
+        assert torch.equal(ly.stack_A[0, :2].cpu(), a.to(ly.stack_A.dtype)) and not ly.stack_A[0, 2:].any()
+        assert torch.equal(ly.stack_B[0, :, :2].cpu(), b.to(ly.stack_B.dtype)) and not ly.stack_B[0, :, 2:].any()
 
 
 def test_an_anchor_and_a_fresh_bank_from_host_memory_load_without_waiting_for_the_device():
