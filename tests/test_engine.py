@@ -243,6 +243,23 @@ def test_host_factors_move_as_one_buffer_cast_and_shaped_as_they_were():
     assert host_to_device([], "cpu", torch.float32) == []
 
 
+def test_finite_is_exact_where_the_one_norm_overflows_and_finds_each_kind_of_bad_value():
+    """``finite`` (a stack's check before its load) decides by one norm over every factor,
+    and checks again tensor by tensor where the norm says no: values so large that the norm
+    overflows are still finite; one NaN, inf or -inf anywhere is not; integer and empty
+    tensors pass."""
+    from mta.engine.engine import all_finite, finite
+
+    good = [torch.randn(3, 4), torch.zeros(0, 2), torch.randn(2, 5, dtype=torch.bfloat16)]
+    huge = torch.full((4,), 3e38)
+    assert not all_finite([huge])  # the norm overflows ...
+    assert finite(good + [huge]) and finite([]) and finite([torch.ones(3, dtype=torch.int64)])  # ... finite says so
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(6, 7)
+        t[4, 1] = bad
+        assert not finite(good + [t, huge])
+
+
 def test_factors_brought_to_the_host_are_each_their_own_contiguous_tensor():
     """``device_to_host`` (an adapter's save) gives each factor back equal, contiguous and
     in a storage of its own (safetensors refuses shared ones), a transposed view included.

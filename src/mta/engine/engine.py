@@ -528,13 +528,34 @@ class AdapterEngine:
         self._backend[0] = backend
 
 
-def finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every value of ``tensors`` is finite: one check over all of them (a check a
-    tensor is a few torch calls each; a stack has two factors a layer)."""
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, by one multi-tensor norm and ONE
+    host-device sync (a norm is NaN or inf exactly when an element is, short of an overflow
+    of huge finite values: then False, which ``finite`` checks again exactly)."""
+    tensors = [t.detach() for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
     try:
-        return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
-    except RuntimeError:  # on different devices: one by one
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        stacked = torch.stack(norms)
+    except RuntimeError:  # on different devices
+        stacked = torch.stack([n.float().to(norms[0].device) for n in norms])
+    return bool(torch.isfinite(stacked).all())
+
+
+def finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite, exactly: ``all_finite``'s one norm over
+    all of them first, and only where that says no (a value not finite, or finite values so
+    large that the norm overflows) the exact check a tensor at a time. Before, one
+    ``isfinite`` over all of them concatenated: at Llama-3-8B shape (a rank-2 stack on 32
+    blocks, 448 factors) in run X (an H100) ``load_user`` took 42.8 ms a load from pinned
+    memory with that check and 5.1 ms without it (``results/gpu-2026-12-07/stack-load-8b-32.json``)."""
+    try:
+        if all_finite(tensors):
+            return True
+    except RuntimeError:  # (a dtype the norm does not take)
+        pass
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _check_shapes(name, a, b, table_a: Sequence[int], table_b: Sequence[int], slot: int) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from mta.engine.budget import Budget, oom_error
 from mta.engine.config import TrainConfig
-from mta.engine.engine import AdapterEngine, Row
+from mta.engine.engine import AdapterEngine, Row, all_finite
 from mta.engine.optim import SlotAdamW, lr_multiplier
 from mta.errors import MtaError
 
@@ -399,16 +399,6 @@ def row_losses(engine: AdapterEngine, rows: Sequence[tuple[Row, Example]], pad_i
     finally:
         engine.model.train(was_training)
     return out
-
-
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite, with ONE host-device sync (a norm
-    is NaN or inf exactly when an element is, short of an overflow of huge finite values)."""
-    tensors = [t.detach() for t in tensors if t.numel()]
-    if not tensors:
-        return True
-    norms = [n.float() for n in torch._foreach_norm(tensors)]
-    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
 
 
 @torch.no_grad()
