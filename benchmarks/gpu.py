@@ -120,18 +120,20 @@ def device_seconds(events) -> float:
     return sum(float(e.self_device_time_total) for e in device_events(events)) / 1e6
 
 
-def profile(fn, dev, top: int = 15) -> dict:
+def profile(fn, dev, top: int = 15, kernels_only: bool = False) -> dict:
     """Run ``fn`` once under torch's profiler: how busy the device was over the wall time
     (kernel time over wall seconds: well under 1 means the host, not the GPU, sets the pace),
     the kernels that took the most device time (``top``) and the operators whose kernels did
     (``top_ops``: an operator's kernels, not again the same time); on a CPU the operators by
     self CPU time. The profiler's own overhead lengthens the wall time: read the fraction as
-    a lower bound."""
+    a lower bound. ``kernels_only`` (on CUDA): the device's activity alone, no host operators
+    (no ``top_ops``): a trace a few times smaller, for runs whose trace is too large to read
+    in time (the bank profile of 50 anchors in run X: profiled in 35.9 s, not read in 164)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     cuda = dev.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    acts = ([] if cuda and kernels_only else [ProfilerActivity.CPU]) + ([ProfilerActivity.CUDA] if cuda else [])
     sync(dev)
     t = time.perf_counter()
     with torch_profile(activities=acts) as prof:
@@ -158,7 +160,7 @@ def profile(fn, dev, top: int = 15) -> dict:
     busy = device_seconds(events)
     ops = [e for e in events if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
     return {"wall_s": wall_s, "device_busy_s": busy, "busy_fraction": busy / wall_s,
-            "top": ranked(device_events(events)), "top_ops": ranked(ops)}
+            "top": ranked(device_events(events)), "top_ops": ranked(ops), "kernels_only": cuda and kernels_only}
 
 
 def print_profile(title: str, p: dict) -> None:
@@ -418,11 +420,11 @@ def bank_section(model, dev, a, compile=False, ref=None) -> dict:
             "peft_single_tokens_per_s": single_tps, "tokens_per_s_ratio_to_single_peft": tokens / ours / single_tps}
 
 
-def _profile_bank(eng, data, cfg, dev, a) -> dict:
+def _profile_bank(eng, data, cfg, dev, a, kernels_only: bool = False) -> dict:
     """Two steps of the timed training's shape (every anchor) under the profiler; before
     2026-12-06 two anchors only, a step far smaller than the timed one's (docs/performance.md, run P)."""
     few = [Job(i, data[i][:2 * cfg.batch_size], Row([i], [1.0]), key=f"p{i}") for i in range(a.anchors)]
-    prof = profile(lambda: train_jobs(eng, "bank", few, cfg, pad_id=0), dev)
+    prof = profile(lambda: train_jobs(eng, "bank", few, cfg, pad_id=0), dev, kernels_only=kernels_only)
     print_profile(f"bank building, {a.anchors} anchors x {2 * cfg.batch_size} samples (two steps)", prof)
     return prof
 
@@ -430,13 +432,14 @@ def _profile_bank(eng, data, cfg, dev, a) -> dict:
 def _bank_profile_only(eng, data, cfg, dev, a) -> dict:
     """``--profile --profile-only``: the bank section's profile without its timings (run U's
     whole section met its 240 s limit on an H100): one untimed step of 4 anchors first (the
-    first kernels' set-up), then the section's profile."""
+    first kernels' set-up), then the section's profile, of the device's kernels alone on
+    CUDA (run X read no whole trace of it in 164 s)."""
     warm = [Job(i, data[i][:cfg.batch_size], Row([i], [1.0]), key=f"w{i}") for i in range(min(4, a.anchors))]
     t = time.perf_counter()
     train_jobs(eng, "bank", warm, cfg, pad_id=0)
     print(f"bank profile: the untimed step of {len(warm)} anchors in {time.perf_counter() - t:.1f} s", flush=True)
     eng.init_bank()
-    prof = _profile_bank(eng, data, cfg, dev, a)
+    prof = _profile_bank(eng, data, cfg, dev, a, kernels_only=True)  # (run X: the whole trace was not read in time)
     eng.remove()
     return {"anchors": a.anchors, "profile_only": True, "profile": prof}
 

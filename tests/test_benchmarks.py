@@ -197,6 +197,38 @@ def test_profile_counts_each_kernel_once():
     assert [e.self_device_time_total for e in gpu.device_events(events)] == [2000.0, 1000.0]
 
 
+def test_a_kernels_only_profile_asks_the_profiler_for_the_device_alone(monkeypatch):
+    """The bank's ``--profile-only`` profile on CUDA records the device's kernels alone (its
+    whole trace, host operators and all, was not read in 164 s in run X); other profiles,
+    and any on a CPU, keep the host's operators."""
+    import contextlib
+
+    import torch.profiler
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    asked = []
+
+    @contextlib.contextmanager
+    def fake(activities):
+        asked.append(set(activities))
+        yield type("P", (), {"key_averages": lambda self: [
+            type("E", (), {"device_type": DeviceType.CUDA, "self_device_time_total": 1000.0, "key": "k",
+                           "count": 1, "self_cpu_time_total": 0.0})()]})()
+
+    monkeypatch.setattr(torch.profiler, "profile", fake)
+    monkeypatch.setattr(gpu, "sync", lambda dev: None)
+    cuda = gpu.torch.device("cuda")
+    p = gpu.profile(lambda: None, cuda, kernels_only=True)
+    assert p["kernels_only"] and p["top_ops"] == [] and p["device_busy_s"] == 1e-3
+    gpu.profile(lambda: None, cuda)
+    gpu.profile(lambda: None, gpu.torch.device("cpu"), kernels_only=True)
+    assert asked == [{ProfilerActivity.CUDA}, {ProfilerActivity.CPU, ProfilerActivity.CUDA}, {ProfilerActivity.CPU}]
+
+
 def test_profile_bounds_of_the_old_records():
     # run F's compiled adaptation window was recorded "busy 1.32 of the wall time": kernel time
     # counted twice; its bounds fall below 1, and the captured decode steps (kernels only, no
