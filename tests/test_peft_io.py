@@ -140,6 +140,21 @@ def test_nan_weights_refused(tmp_path):
     eng, _, _ = tiny_engine(n_anchors=1, b_std=0.1)
     with torch.no_grad():
         next(iter(eng.layers.values())).bank_A[0, 0, 0] = float("nan")
-    with pytest.raises(MtaError, match="NaN or inf"):
+    with pytest.raises(MtaError, match=r"\.\w+_proj: refusing to save NaN or inf weights"):
         save_anchor(eng, 0, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_a_stored_adapter_with_an_inf_is_refused_naming_its_file_and_module(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    eng, _, _ = tiny_engine(n_anchors=1, b_std=0.1)
+    save_anchor(eng, 0, tmp_path / "a")
+    w = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(w)
+    key = sorted(k for k in state if k.endswith(".lora_B.weight"))[-1]
+    state[key][0, 0] = float("inf")
+    save_file(state, w, metadata={"format": "pt"})
+    module = key[len("base_model.model."):-len(".lora_B.weight")]
+    with pytest.raises(MtaError, match=rf"adapter_model.safetensors: {module}: holds NaN or inf weights"):
+        load_adapter(tmp_path / "a")

@@ -356,7 +356,7 @@ class AdapterEngine:
         for name, (a, b) in tensors.items():
             ly = self.layers[name]
             _check_shapes(name, a, b, ly.bank_A.shape, ly.bank_B.shape, slot)
-        _check_finite(tensors)
+        check_finite(tensors)
         with torch.no_grad():
             dst = [t for name in tensors for t in (self.layers[name].bank_A[slot], self.layers[name].bank_B[slot])]
             copy_in(dst, [t for ab in tensors.values() for t in ab])
@@ -402,7 +402,7 @@ class AdapterEngine:
             if scale is not None:
                 scales.append(ly._buffers["stack_scale"][slot:slot + 1])
         if not checked:
-            _check_finite(tensors)
+            check_finite(tensors)
         with torch.no_grad():
             if zero:
                 torch._foreach_zero_(zero)
@@ -615,9 +615,9 @@ def device_to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _check_finite(tensors: Tensors) -> None:
-    """An MtaError naming the first module whose factors are not all finite (one check over
-    every factor first: ``finite``)."""
+def check_finite(tensors: Tensors, why: str = "adapter weights contain NaN or inf") -> None:
+    """An MtaError naming the first module whose factors are not all finite, ``why`` after
+    its name (one check over every factor first: ``finite``)."""
     if tensors and not finite([t for ab in tensors.values() for t in ab]):
         bad = next(name for name, ab in tensors.items() if not finite(list(ab)))
-        raise MtaError(f"{bad}: adapter weights contain NaN or inf")
+        raise MtaError(f"{bad}: {why}")
