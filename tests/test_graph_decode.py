@@ -329,6 +329,25 @@ def test_width_is_what_the_gather_concatenates(setup):
             assert routing.width(layer, rt) == (0 if got is None else got[0].shape[1]), rows
 
 
+def test_a_gather_of_one_table_concatenates_nothing(setup):
+    """A bank's training gathers one table a layer (every row one anchor): no ``cat`` of one
+    tensor, a copy of the factors a layer a micro-batch (run Y's bank profile, docs/
+    performance.md); rows that read two tables still concatenate them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng, _ = setup
+    layer = next(iter(eng.layers.values()))
+
+    def cats(rows) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = routing.gathered(layer, eng.routing(rows))
+        assert got is not None
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::cat")
+
+    assert cats([Row([1], [1.0]), Row([0], [1.0])]) == 0
+    assert cats(FIRST) > 0  # (anchors and a stack: the count can see a cat)
+
+
 def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it():
     """The dense layout on a bias-free linear whose weight is in the compute dtype: the A
     columns become extra rows of one matrix whose first rows are the base weight (a view,

@@ -104,9 +104,12 @@ def gathered(layer, rt: Routing):
     if not parts:
         out = None
     else:
-        a = torch.cat([p[0] for p in parts], dim=1)          # (B, R, in)
-        b = torch.cat([p[1] for p in parts], dim=2)          # (B, out, R)
-        coef = torch.cat([p[2] for p in parts], dim=1)       # (B, R)
+        if len(parts) == 1:  # (a bank's training: a cat of one tensor is a copy, three a layer a micro-batch)
+            a, b, coef = parts[0]
+        else:
+            a = torch.cat([p[0] for p in parts], dim=1)      # (B, R, in)
+            b = torch.cat([p[1] for p in parts], dim=2)      # (B, out, R)
+            coef = torch.cat([p[2] for p in parts], dim=1)   # (B, R)
         if rt.active is not None:
             coef = coef * rt.active.to(coef.dtype)[:, None]
         cd = layer.compute_dtype
