@@ -21,6 +21,9 @@ the same run (random bf16 weights: speed depends only on shape; nothing is downl
     python benchmarks/gpu.py --tiny             # smoke run on CPU, tiny shape, < 1 minute
     python benchmarks/gpu.py --compile --sections gen --loop-only   # the new loop's rows alone (the
                                                 # offline yardstick of benchmarks/serve_load.py)
+    python benchmarks/gpu.py --sections bank --profile --profile-only [--anchors 8 --profile-host]
+                                                # the bank build's profile alone (host operators too:
+                                                # which code launches each kernel, on a smaller bank)
 """
 
 from __future__ import annotations
@@ -433,13 +436,16 @@ def _bank_profile_only(eng, data, cfg, dev, a) -> dict:
     """``--profile --profile-only``: the bank section's profile without its timings (run U's
     whole section met its 240 s limit on an H100): one untimed step of 4 anchors first (the
     first kernels' set-up), then the section's profile, of the device's kernels alone on
-    CUDA (run X read no whole trace of it in 164 s)."""
+    CUDA (run X read no whole trace of it in 164 s), or with ``--profile-host`` the host's
+    operators too."""
     warm = [Job(i, data[i][:cfg.batch_size], Row([i], [1.0]), key=f"w{i}") for i in range(min(4, a.anchors))]
     t = time.perf_counter()
     train_jobs(eng, "bank", warm, cfg, pad_id=0)
     print(f"bank profile: the untimed step of {len(warm)} anchors in {time.perf_counter() - t:.1f} s", flush=True)
     eng.init_bank()
-    prof = _profile_bank(eng, data, cfg, dev, a, kernels_only=True)  # (run X: the whole trace was not read in time)
+    # (run X: the whole trace of 50 anchors was not read in time; with --profile-host, a smaller
+    # bank's, operators and all: run Y's kernels-only trace named no code)
+    prof = _profile_bank(eng, data, cfg, dev, a, kernels_only=not a.profile_host)
     eng.remove()
     return {"anchors": a.anchors, "profile_only": True, "profile": prof}
 
@@ -618,7 +624,17 @@ def main() -> None:
                          "pinned routing or PEFT rows (their ratios are left out)")
     ap.add_argument("--max-rows-cap", type=int, default=None,
                     help="cap rows per training micro-batch (default: the measured token budget decides)")
+    ap.add_argument("--anchors", type=int, default=None, dest="anchors_arg",
+                    help="anchors in every section (default 50; --tiny 6): a smaller bank's profile, whose whole "
+                         "trace can be read")
+    ap.add_argument("--profile-host", action="store_true",
+                    help="with --profile-only: record the host's operators too (which code launches each kernel), "
+                         "not the device's kernels alone; for a bank small enough (--anchors) to read its trace")
     a = ap.parse_args()
+    if a.anchors_arg is not None and a.anchors_arg < 2:
+        ap.error("--anchors must be at least 2 (the sections mix two anchors a row)")
+    if a.profile_host and not (a.profile and a.profile_only):
+        ap.error("--profile-host goes with --profile --profile-only")
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     if a.tiny:
         shape, dtype = TINY, torch.float32
@@ -633,6 +649,8 @@ def main() -> None:
         # on the device decides); runs before 2026-11-30 capped it at 16
         a.max_rows = a.max_rows_cap
         a.adapter_dtype, a.checkpointing = torch.bfloat16, False
+    if a.anchors_arg is not None:
+        a.anchors = a.anchors_arg
     t0 = time.perf_counter()
     model = make_model(shape, dev, dtype)
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)

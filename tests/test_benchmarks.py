@@ -44,12 +44,13 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
 
 def test_gpu_benchmark_bank_profile_only_profiles_without_the_timings(tmp_path):
     out = tmp_path / "gpu.json"
-    r = _run("gpu.py", "--tiny", "--sections", "bank", "--profile", "--profile-only", "--out", str(out))
+    r = _run("gpu.py", "--tiny", "--sections", "bank", "--profile", "--profile-only", "--anchors", "5",
+             "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     bank = json.loads(out.read_text())["bank"]
-    assert bank["profile_only"] and bank["anchors"] == 6 and bank["profile"]["top"]  # the ops, by self time on a CPU
+    assert bank["profile_only"] and bank["anchors"] == 5 and bank["profile"]["top"]  # the ops, by self time on a CPU
     assert "ours_seconds" not in bank and "speedup" not in bank  # nothing timed
-    assert "profile: bank building, 6 anchors" in r.stdout
+    assert "profile: bank building, 5 anchors" in r.stdout
 
 
 def test_gpu_benchmark_loop_only_times_the_new_loops_rows_alone(tmp_path):
@@ -195,6 +196,28 @@ def test_profile_counts_each_kernel_once():
               ev(DeviceType.CUDA, 500.0, user=True), ev(DeviceType.CPU, 0.0)]
     assert gpu.device_seconds(events) == 3000.0 / 1e6
     assert [e.self_device_time_total for e in gpu.device_events(events)] == [2000.0, 1000.0]
+
+
+def test_the_bank_profile_keeps_the_host_operators_only_when_asked(monkeypatch):
+    """``--profile-only`` records the device's kernels alone, ``--profile-host`` (for a bank
+    small enough to read its whole trace) the host's operators too; ``--profile-host``
+    without ``--profile-only`` is refused in one line."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    asked = []
+    monkeypatch.setattr(gpu, "train_jobs", lambda *a, **kw: None)
+    monkeypatch.setattr(gpu, "_profile_bank", lambda eng, data, cfg, dev, a, kernels_only: asked.append(kernels_only))
+    eng = type("E", (), {"init_bank": lambda self: None, "remove": lambda self: None})()
+    cfg = type("C", (), {"batch_size": 2})()
+    for host in (False, True):
+        a = argparse.Namespace(anchors=3, profile_host=host)
+        assert gpu._bank_profile_only(eng, [[1, 2, 3]] * 3, cfg, gpu.torch.device("cpu"), a)["anchors"] == 3
+    assert asked == [True, False]
+    r = _run("gpu.py", "--tiny", "--sections", "bank", "--profile-host")
+    assert r.returncode == 2 and "--profile-host goes with --profile --profile-only" in r.stderr
 
 
 def test_a_kernels_only_profile_asks_the_profiler_for_the_device_alone(monkeypatch):
