@@ -213,6 +213,36 @@ def test_slot_adamw_every_slot_at_once_matches_torch_adamw():
         torch.testing.assert_close(p.detach()[s], refs[s].detach(), atol=1e-6, rtol=0)
 
 
+def test_slot_adamw_every_slot_alike_matches_torch_adamw():
+    """The multi-tensor path (every slot steps, at one rate and step count) against one torch
+    AdamW per slot and parameter: two parameters of different shapes, and a third without a
+    gradient, which must not move. The path is taken: one multi-tensor call a step for every
+    parameter (run Z's bank profile: the update was 9 launches a parameter, docs/performance.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(3, 4, 5)), torch.nn.Parameter(torch.randn(3, 6, 2)),
+              torch.nn.Parameter(torch.randn(3, 2, 2))]
+    idle = params[2].detach().clone()
+    refs = [[torch.nn.Parameter(p.detach()[s].clone()) for s in range(3)] for p in params[:2]]
+    mine = SlotAdamW(params, 3, weight_decay=0.1)
+    opts = [torch.optim.AdamW([refs[0][s], refs[1][s]], lr=0.02, weight_decay=0.1, foreach=False) for s in range(3)]
+    for _ in range(4):
+        for p, r in zip(params[:2], refs):
+            p.grad = torch.randn_like(p)
+            for s in range(3):
+                r[s].grad = p.grad[s].clone()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            mine.step([0, 1, 2], [0.02, 0.02, 0.02])
+        assert sum(e.count for e in prof.key_averages() if e.key == "aten::_foreach_lerp_") == 1
+        for o in opts:
+            o.step()
+    for p, r in zip(params[:2], refs):
+        for s in range(3):
+            torch.testing.assert_close(p.detach()[s], r[s].detach(), atol=1e-6, rtol=0)
+    assert torch.equal(params[2].detach(), idle)
+
+
 def _train_once(compute_dtype=torch.float32, checkpointing=False, token_budget=None, max_rows=16, hook=None,
                 compile=False):
     """Two anchors trained together (6 optimiser steps each); ``hook`` (grad -> grad) is put

@@ -45,10 +45,16 @@ class SlotAdamW:
         # every slot, in order (a bank's anchors or a pass's users all stepping together):
         # the update runs on the tensors in place, without gathering and scattering slots
         whole = slots == list(range(len(self.steps)))
+        live = [(p, m, v) for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq) if p.grad is not None]
+        if whole and len(set(zip(lrs, self.steps.tolist()))) == 1:
+            # every slot at the same step count and rate (a bank or a pass of users with the
+            # same number of steps): the factors are scalars, and each of the update's
+            # operations is one multi-tensor launch over every parameter of a device and
+            # dtype instead of one a parameter (a bank of Llama-3-8B's shape has 448)
+            self._step_uniform(live, float(lr[0]), float(bc1[0]), float(bc2_sqrt[0]))
+            return
         factors: dict = {}  # per device and dtype: the per-slot factors, moved once
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if p.grad is None:
-                continue
+        for p, m, v in live:
             key = (p.device, p.dtype)
             if key not in factors:
                 factors[key] = ((1 - lr * self.weight_decay).to(p.dtype).to(p.device),
@@ -73,6 +79,38 @@ class SlotAdamW:
                 p.data.index_copy_(0, dev_idx, ps)
                 m.index_copy_(0, dev_idx, ms)
                 v.index_copy_(0, dev_idx, vs)
+
+    def _step_uniform(self, live: list, lr: float, bc1: float, bc2_sqrt: float) -> None:
+        """The per-tensor path's operations, in its order, each as one multi-tensor call per
+        device and dtype, each factor rounded to the parameters' dtype first as that path's
+        factor tensors are (a division by a scalar may round differently from one by a
+        tensor: equal up to float rounding, tested against torch's AdamW)."""
+        b1, b2 = self.betas
+        groups: dict = {}
+        for p, m, v in live:
+            groups.setdefault((p.device, p.dtype), []).append((p, m, v))
+        for (_, dtype), group in groups.items():
+            rounded = _rounding(dtype)
+            ps = [p.data for p, _, _ in group]
+            gs = [p.grad for p, _, _ in group]
+            ms = [m for _, m, _ in group]
+            vs = [v for _, _, v in group]
+            if self.weight_decay:
+                torch._foreach_mul_(ps, rounded(1 - lr * self.weight_decay))
+            torch._foreach_lerp_(ms, gs, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, rounded(bc2_sqrt))
+            torch._foreach_add_(denom, self.eps)
+            upd = torch._foreach_mul(ms, rounded(lr / bc1))
+            torch._foreach_div_(upd, denom)
+            torch._foreach_sub_(ps, upd)
+
+
+def _rounding(dtype: torch.dtype):
+    """x -> x as a value of ``dtype`` (a float64 factor cast to the parameters' dtype)."""
+    return lambda x: float(torch.tensor(x, dtype=torch.float64).to(dtype))
 
 
 def lr_multiplier(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
