@@ -348,6 +348,53 @@ def test_a_gather_of_one_table_concatenates_nothing(setup):
     assert cats(FIRST) > 0  # (anchors and a stack: the count can see a cat)
 
 
+@pytest.mark.parametrize("shape, y_dtype", [((3, 5, 8), torch.float32), ((3, 8), torch.float32),
+                                            ((3, 5, 8), torch.float64)])
+def test_rows_added_into_the_base_output_equal_the_copy(shape, y_dtype):
+    """``_add_rows(into_y=True)`` writes into the base output (no copy of it) and gives the
+    same values and gradients as the out-of-place sum: prefill (3-D), a decode step (2-D),
+    and a base output of another dtype than the factors (the separate add)."""
+    torch.manual_seed(0)
+    rows, ins, outs, r = shape[0], shape[-1], 6, 4
+    x0 = torch.randn(*shape)
+    w = torch.randn(outs, ins, dtype=y_dtype)
+    a0, b0 = torch.randn(rows, r, ins), torch.randn(rows, outs, r)
+    seed = torch.randn(*shape[:-1], outs, dtype=y_dtype)
+    got = []
+    for into in (False, True):
+        x, a, b = (t.clone().requires_grad_(True) for t in (x0, a0, b0))
+        y = torch.nn.functional.linear(x.to(y_dtype), w)
+        out = routing._add_rows(x, y, a, b, into_y=into)
+        assert (out.data_ptr() == y.data_ptr()) == into
+        (out * seed).sum().backward()
+        got.append([out.detach(), x.grad, a.grad, b.grad])
+    for u, v in zip(*got):
+        assert torch.equal(u, v)
+
+
+def test_training_adds_each_layer_s_rows_into_its_base_output(setup):
+    """Through the engine with autograd on (a bank's training), every adapted layer of a
+    plain ``nn.Linear`` adds its rows into its base output: no out-of-place ``baddbmm``,
+    which copies that output first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng, tok = setup
+    enc = _enc(tok, PROMPTS)
+    params = eng.trainable("bank")
+    try:
+        with eng.route([Row([1], [1.0]), Row([0], [1.0]), Row([1], [1.0]), Row([0], [1.0])]):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                eng.model(input_ids=enc["input_ids"]).logits.sum().backward()
+        assert all(p.grad is not None for p in params)
+    finally:
+        for p in params:
+            p.grad = None
+        eng.trainable(None)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::baddbmm_", 0) == len(eng.layers)
+    assert counts.get("aten::baddbmm", 0) == 0
+
+
 def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it():
     """The dense layout on a bias-free linear whose weight is in the compute dtype: the A
     columns become extra rows of one matrix whose first rows are the base weight (a view,
