@@ -437,6 +437,31 @@ def test_dense_folds_the_a_columns_into_the_base_weight_and_removal_restores_it(
         assert ly.base.weight.untyped_storage().nbytes() == ly.base.weight.numel() * ly.base.weight.element_size()
 
 
+def test_dense_layers_add_into_their_base_output():
+    """The dense layout, folded and not, adds each layer's columns into the base output
+    (``addmm_``), never into a copy of it (an out-of-place ``addmm``), with the same logits
+    as the routing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.engine_helpers import tiny_engine
+
+    eng, model, tok = tiny_engine(users=3)
+    enc = _enc(tok, PROMPTS)
+    with torch.no_grad():
+        with eng.route(FIRST):
+            ref = model(**enc).logits
+        for fold in (True, False):
+            for ly in eng.layers.values():
+                ly.fold_dense = fold
+            with fixed.dense(eng, FIRST):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    got = model(**enc).logits
+            counts = {e.key: e.count for e in prof.key_averages()}
+            assert counts.get("aten::addmm_", 0) == len(eng.layers), fold
+            assert counts.get("aten::addmm", 0) == 0, fold
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_layers_of_one_column_layout_share_one_coefficient_buffer_and_equal_the_routing():
     """Stacks in the last block only, with a scale of their own: the dense coefficients are
     computed once per column layout (the scales sit in dense_B), so the layers with a stack

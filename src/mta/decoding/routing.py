@@ -330,9 +330,15 @@ def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
         # embedding, the activation, the residual add); an addmm on the strided slice y
         # would copy y into its output first, a kernel more per layer
         return y + (z @ dense_b.t()).to(y.dtype)
+    # y is a view of the one GEMM's own output, or the base's output: the sum goes into it
+    # (``_add_rows``: an out-of-place addmm copies y first, a kernel a layer a step)
+    into_y = layer._ext is not None or _own_output(layer)
     if y.dtype == dense_b.dtype:  # the add inside the matmul
-        return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), dense_b.t()).reshape(y.shape)
-    return y + (z @ dense_b.t()).to(y.dtype)
+        flat_y = y.reshape(-1, y.shape[-1])  # (a view here; were it a copy, the sum is still returned)
+        zz = z.reshape(-1, z.shape[-1])
+        out = flat_y.addmm_(zz, dense_b.t()) if into_y else torch.addmm(flat_y, zz, dense_b.t())
+        return out.view(y.shape)
+    return y.add_((z @ dense_b.t()).to(y.dtype)) if into_y else y + (z @ dense_b.t()).to(y.dtype)
 
 
 def _add_rows(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, into_y: bool = False) -> torch.Tensor:
