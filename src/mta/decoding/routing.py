@@ -346,7 +346,8 @@ def _add_rows(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     the second one when the dtypes allow). ``into_y``: the sum is written into ``y`` itself
     (the caller's own fresh output that nothing saved for a backward pass), which spares the
     copy of ``y`` an out-of-place ``baddbmm`` makes first: a copy as large as the layer's
-    output, a layer a micro-batch (run Y's bank profile: 39,401 device-to-device copies)."""
+    output, a layer a forward (run Y's bank profile counted 39,401 device-to-device copies
+    in two steps; which of them were these, it does not say)."""
     if a.shape[0] != x.shape[0]:
         raise RuntimeError(f"routing is set for {a.shape[0]} rows but the batch has {x.shape[0]}")
     squeeze = x.dim() == 2
