@@ -5,7 +5,8 @@ element with non-zero momentum even when its gradient is zero, so a slot that si
 a step would still drift. Here each slot has its own step count and learning rate and
 only the slots named in ``step`` move, which makes training N adapters in one pass
 give the same weights as training each alone with ``torch.optim.AdamW`` (tested).
-The update is torch's AdamW, element for element.
+The update is torch's AdamW, element for element (when every slot steps alike, in
+multi-tensor calls: the same up to float rounding).
 """
 
 from __future__ import annotations
