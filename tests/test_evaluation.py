@@ -361,6 +361,9 @@ def test_folds_run_apart_then_read_back_make_the_whole_run(tmp_path, monkeypatch
     assert rc == 0 and calls == []
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (joined, whole))
     assert got["title"] == want["title"]
+    # the joined table's wall time is the reading's: its protocol says every result was read back
+    assert "(every result of a method on a fold read back from an earlier run" in got["protocol"]
+    assert "read back" not in want["protocol"]
     assert json.loads((joined / "split.json").read_text()) == json.loads((whole / "split.json").read_text())
     assert [(r["method"], r["metrics"]) for r in got["results"]] == [(r["method"], r["metrics"])
                                                                      for r in want["results"]]
@@ -425,3 +428,15 @@ def test_answering_reports_its_start_so_its_time_counts_from_there(tmp_path, cap
     assert rc == 0
     for m in ("rag-1", "task-lora"):
         assert f"fold 0 {m}: 0/4 (0%)" in err and f"fold 0 {m}: 4/4 (100%)" in err
+
+
+def test_the_protocol_counts_the_results_read_back_with_the_variants():
+    """A table joined from earlier runs says how many of its method-fold results it read
+    back (the main methods' and the variants' together), and nothing when it read none."""
+    from mta.cli.evaluate import _read_back
+
+    assert _read_back({"read_back": [0, 6]}) == ""
+    assert _read_back({"read_back": [0, 6], "variants": [{"read_back": [0, 2]}]}) == ""
+    said = _read_back({"read_back": [6, 6], "variants": [{"read_back": [1, 2]}, {"error": "diverged"}]})
+    assert said.startswith(" (7 of 8 results of a method on a fold read back from an earlier run")
+    assert _read_back({"read_back": [6, 6], "variants": [{"read_back": [2, 2]}]}).startswith(" (every result ")

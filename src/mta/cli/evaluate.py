@@ -60,6 +60,19 @@ def check_run_out(out: Path, trial_log: bool = False) -> None:
     check_output_dir(out, ours, "an mta run directory")
 
 
+def _read_back(res: dict) -> str:
+    """The protocol's words for results an earlier run of the evaluation left (``mta eval``
+    into the same directory, the folds joined after ``--only-folds``): their timings in the
+    table are those runs', and the wall time is this run's alone."""
+    got, of = (sum(c) for c in zip(res["read_back"], *(r["read_back"] for r in res.get("variants", [])
+                                                         if "read_back" in r)))
+    if not got:
+        return ""
+    which = "every result" if got == of else f"{got} of {of} results"
+    return (f" ({which} of a method on a fold read back from an earlier run of this evaluation, its timings "
+            "that run's)")
+
+
 def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[str], folds: list[Fold],
               protocol: str, n_boot: int, seed: int, target_history: int | None, place,
               history_queries: int = 0, required: frozenset[str] = frozenset(), leak_check: bool = True,
@@ -94,7 +107,7 @@ def _evaluate(command: str, ds: Dataset, out: Path, cfg: Configs, methods: list[
                                              "gpu_memory_cap_bytes"))
     meta = (f"Protocol: {protocol}; {cfg.bank.anchors} anchors requested per bank; 95% percentile bootstrap over "
             f"persons ({n_boot} resamples); {describe(t, cfg.generate, setup.max_new_tokens)}. "
-            f"Wall time {time.perf_counter() - t0:.0f} s on {backbone.device}"
+            f"Wall time {time.perf_counter() - t0:.0f} s on {backbone.device}" + _read_back(res)
             + (f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else "")
             + (f" ({held / 2**30:.1f} GiB held by torch's allocator" if held else "")
             + (f", under a cap of {cap / 2**30:.1f} GiB)" if held and cap else ")" if held else "")

@@ -251,9 +251,14 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
 
     digests = {f.index: (users_digest(targets[f.index]), users_digest(f.candidates)) for f in folds}
 
+    # (results read back, results in all): a table whose every result was read back says
+    # so, for its wall time is then the reading's, and each method's timings an earlier run's
+    read_back = [0, 0]
+
     def resumed(m: str, fold: Fold, where: Path) -> FoldResult | None:
         part = _resumed(where, _identity(setup, m, *digests[fold.index]))
         if part is not None:
+            read_back[0] += 1
             log.info("%s%s: finished by an earlier run of this evaluation; its result read from %s",
                      setup.prefix, m, where / RESULT)
         return part
@@ -274,6 +279,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
             if part is None:
                 break
             results["per-user-lora"] = merge(results["per-user-lora"], part)
+            read_back[1] += 1
             slots = {a.user_id: a.slot for a in read_index(d).anchors}
             if reuse:
                 for u in targets[fold.index]:
@@ -346,6 +352,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
                     kept(m, fold, where, part)
             if part is not None:
                 results[m] = merge(results[m], part)
+                read_back[1] += 1
     if len(failed) == len(methods):  # nothing to report
         raise next(iter(failed.values()))
     results = {m: r for m, r in results.items() if m not in failed}
@@ -357,6 +364,7 @@ def run_eval(ds: Dataset, methods: list[str], setup: EvalSetup, out: Path, folds
              for m, r in results.items() for uid in r.preds]
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in preds))
     return {"rows": rows, "bank_seconds": bank_seconds, "wall_seconds": time.perf_counter() - t_start,
+            "read_back": read_back,
             "folds": split, **peak_fields(setup.backbone.peak_memory()),
             "failed": {m: str(e) for m, e in failed.items()}, "left_out": left_out,
             # each method's (persons, d) statistics, as the intervals resample them (not
@@ -413,7 +421,7 @@ def run_variants(ds: Dataset, setup: EvalSetup, out: Path, folds: list[Fold], n_
                 raise
             rows.append({"variant": v, "method": "mta", "error": str(e)})
             continue
-        row = {"variant": v, **res["rows"][0]}
+        row = {"variant": v, **res["rows"][0], "read_back": res["read_back"]}
         stats = res["person_stats"]["mta"]  # the same persons as ``base``, in the same order
         for m in task.metric_names:
             d, lo, hi = paired_diff_ci(stats, base, lambda s, m=m: task.metrics_from_stats(s)[m], n_boot=n_boot,
