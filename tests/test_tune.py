@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mta.cli.evaluate as evaluate_mod
@@ -42,8 +43,16 @@ def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
     # the tiny model has 2 blocks: the default stack (rank 2 in them all) stores a quarter of
     # a per-user LoRA, so the bytes budget is raised to 30% here
     assert main(["tune", "--data", str(data), "--out", str(out), "--dev-fraction", "0.4", "--n-boot", "100",
-                 "--anchors", "2", "--max-user-share", "0.3", *TINY]) == 0
+                 "--anchors", "2", "--max-user-share", "0.3", "--dev-split", "balanced", *TINY]) == 0
     r = read_recipe(out / "recipe.json")
+    # the dev persons drawn across the ranking of their own histories, and the check kept
+    from mta.data.readers import load_dataset
+    from mta.evaluation.tune import dev_check, dev_split
+    from mta.tasks import get_task
+
+    users, synth = load_dataset(data).users, get_task("synth")
+    assert r.dev_users == dev_split(users, 0.4, 0, "balanced", synth) != dev_split(users, 0.4, 0)
+    assert r.dev_split == "balanced" and r.dev_check == dev_check(users, r.dev_users, synth)
     over = [t["override"]["adapt"] for t in r.trials if "over the budget" in t.get("skipped", "")]
     assert over == [{"stack_rank": 4, "stack_layers": 4}, {"stack_rank": 4, "stack_layers": 0},
                     {"stack_rank": 8, "stack_layers": 0}] and r.max_user_share == 0.3
@@ -171,6 +180,8 @@ def test_tune_takes_the_eval_protocol_it_can_and_refuses_what_it_cannot(tmp_path
     for extra in (["--methods", "mta"], ["--anchor-data", str(data)], ["--variants", "top-k=1"]):
         assert main([*args, "--out", str(tmp_path / "t2"), *extra]) == 2
         assert f"{extra[0]} is an `mta eval` option" in " ".join(capsys.readouterr().err.split())
+    assert main([*args, "--out", str(tmp_path / "t2"), "--dev-split", "even"]) == 2
+    assert "--dev-split must be one of random, balanced, not 'even'" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "t2").exists()
 
 
@@ -589,6 +600,14 @@ def test_dev_users_script_writes_the_tunes_dev_persons(tmp_path):
     again = subprocess.run([sys.executable, "scripts/dev-users.py", str(data), "--out", str(out)],
                            capture_output=True, text=True, cwd=root)
     assert again.returncode == 1 and "exists" in again.stderr
+    balanced = tmp_path / "balanced.jsonl"
+    r = subprocess.run([sys.executable, "scripts/dev-users.py", str(data), "--out", str(balanced), "--seed", "3",
+                        "--dev-split", "balanced", "--history-queries", "1"], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    from mta.tasks import get_task
+
+    assert sorted(u.user_id for u in load_dataset(balanced).users) == dev_split(users, 1 / 3, 3, "balanced",
+                                                                                get_task("synth"), 1)
 
 
 def test_a_trial_stopped_in_its_last_fold_goes_on_from_its_finished_folds_elsewhere(tmp_path, monkeypatch):
@@ -665,3 +684,78 @@ def test_trial_diff_script_gives_each_trial_against_its_parts_best_from_the_log(
     assert all(hi < 0 for _, _, _, _, hi in rows[1:])  # every other trial significantly below the best
     with pytest.raises(SystemExit, match="no trial of the 'anchor' budget"):
         mod.diffs(log, "anchor")
+
+
+def _tagged(user_id: str, person: str, tags: list[str], field: str = "tag"):
+    from mta.data.schema import HistoryItem, User
+
+    return User(user_id=user_id, person=person,
+                history=[HistoryItem(id=f"{user_id}-{i}", description=f"film {user_id} {i}", **{field: t})
+                         for i, t in enumerate(tags)])
+
+
+def test_own_agreement_answers_each_kept_history_item_by_the_users_other_items():
+    """A person's own-history agreement, by hand: each item the target keeps answered by the
+    user-prior of its other items (the most frequent label, the first seen of a tie; the mean
+    score rounded half up), averaged over the person's items; the items that become test
+    queries are never read."""
+    from mta.evaluation.tune import own_agreement
+    from mta.tasks import get_task
+
+    lamp2 = get_task("lamp2")
+    users = [_tagged("a1", "A", ["x", "x", "x", "y"]), _tagged("a2", "A", ["x", "y", "z", "w"]),
+             _tagged("b1", "B", ["y", "z", "w", "v"])]
+    # A: 3 of 4 (the y is answered x) and 0 of 4 (ties answer the first seen other label); B: 0
+    assert own_agreement(users, lamp2) == {"A": 3 / 8, "B": 0.0}
+    # the last item becomes a test query: its label is not read, whatever it is
+    for last in ("x", "y", "q"):
+        held = [_tagged("a1", "A", ["x", "x", "x", "y", last])]
+        assert own_agreement(held, lamp2, history_queries=1) == {"A": 0.75}
+    # target_history keeps the first items only: [x, x] answers each x by x
+    assert own_agreement(users[:1], lamp2, target_history=2) == {"A": 1.0}
+    movielens = get_task("movielens")
+    rated = [_tagged("c", "C", ["3", "3", "3"], "score"), _tagged("d", "D", ["1", "5", "3"], "score")]
+    # D: 1 answered by round(4.0) = 4, 5 by 2, 3 by 3: errors 3, 3, 0
+    assert own_agreement(rated, movielens) == {"C": 0.0, "D": -2.0}
+    # a person with no item to score (one item) takes the median of the others
+    one = [*rated, _tagged("e", "E", ["2"], "score")]
+    assert own_agreement(one, movielens)["E"] == -1.0
+    with pytest.raises(MtaError, match="needs a rating or classification task; lamp4 is generation"):
+        own_agreement(users, get_task("lamp4"))
+
+
+def test_a_balanced_dev_split_takes_one_person_from_each_run_of_the_ranking():
+    """`--dev-split balanced`: the persons ranked by their own-history agreement and cut into
+    as many runs as there are dev persons, one drawn from each (seeded): the dev side spans
+    the range a random draw of few persons can miss. The dev check says how alike the sides are."""
+    from mta.evaluation.tune import dev_check, dev_split, own_agreement
+    from mta.tasks import get_task
+
+    lamp2 = get_task("lamp2")
+    # 12 persons (two users each) whose 13 items are m x's, then labels seen once, m = 2..13:
+    # each x is answered x, each other label x, so they agree m/13, all differ
+    users = []
+    for p in range(12):
+        tags = ["x"] * (p + 2) + [f"t{p}-{i}" for i in range(11 - p)]
+        users += [_tagged(f"p{p}-u{k}", f"P{(7 * p) % 12:02d}", tags) for k in range(2)]
+    score = own_agreement(users, lamp2)
+    ranked = sorted(score, key=score.get)
+    assert sorted(score.values()) == [m / 13 for m in range(2, 14)]
+    seen = set()
+    for seed in range(8):
+        dev = dev_split(users, 1 / 3, seed, "balanced", lamp2)
+        persons = {u.person_id for u in users if u.user_id in set(dev)}
+        assert len(persons) == 4 and len(dev) == 8  # every user of a chosen person
+        # one person from each run of three neighbours in the ranking
+        assert sorted(ranked.index(p) // 3 for p in persons) == [0, 1, 2, 3], (seed, persons)
+        assert dev == dev_split(users, 1 / 3, seed, "balanced", lamp2)
+        seen.add(frozenset(persons))
+        check = dev_check(users, dev, lamp2)
+        assert check["dev"] == pytest.approx(np.mean([score[p] for p in persons]))
+        assert check["others"] == pytest.approx(np.mean([score[p] for p in score if p not in persons]))
+    assert len(seen) > 1  # the seed draws within the runs
+    # random stays the seeded draw it was (trial logs name their dev users)
+    assert dev_split(users, 1 / 3, 0) == dev_split(users, 1 / 3, 0, "random", lamp2)
+    with pytest.raises(MtaError, match="--dev-split must be one of random, balanced, not 'even'"):
+        dev_split(users, 1 / 3, 0, "even", lamp2)
+    assert dev_check(users, dev, get_task("lamp4")) is None

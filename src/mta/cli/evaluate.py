@@ -36,7 +36,17 @@ from mta.evaluation.runner import (
     run_layout,
     run_variants,
 )
-from mta.evaluation.tune import MAX_USER_SHARE, SELECT, SPACES, VALUES, dev_split, space_groups, tune
+from mta.evaluation.tune import (
+    DEV_SPLITS,
+    MAX_USER_SHARE,
+    SELECT,
+    SPACES,
+    VALUES,
+    dev_check,
+    dev_split,
+    space_groups,
+    tune,
+)
 from mta.paths import check_output_dir, foreign_entries, wait_for_writers, write_text_atomic
 from mta.recipes import read_recipe
 from mta.tasks import get_task
@@ -234,6 +244,10 @@ def tune_cmd(
     data: DataPath, out: OutDir, task: TaskName = None,
     dev_fraction: float = typer.Option(1 / 3, min=0.05, max=0.9, help="Share of the persons set aside as dev "
                                        "persons (all their users tuned on, never reported)."),
+    dev_split_how: str = typer.Option("random", "--dev-split", help=f"How the dev persons are drawn: "
+                                      f"{' or '.join(DEV_SPLITS)} (one from each run of persons ranked by how well "
+                                      "their own histories predict themselves; rating and classification tasks; "
+                                      "docs/evaluation.md)."),
     space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)}, or knob groups separated by "
                               "commas, e.g. stack-shape,top-k (mta.evaluation.tune)."),
     max_user_share: float = typer.Option(MAX_USER_SHARE, min=0.0, max=1.0, help="Skip recipes whose stacked "
@@ -267,7 +281,12 @@ def tune_cmd(
         ds.users = ds.users[:e.users]
     t = get_task(ds.task)
     check_answer_rules(t, cfg.generate)
-    dev = dev_split(ds.users, dev_fraction, cfg.eval.seed)
+    dev = dev_split(ds.users, dev_fraction, cfg.eval.seed, dev_split_how, t, e.history_queries, e.target_history)
+    check = dev_check(ds.users, dev, t, e.history_queries, e.target_history)
+    n_dev = len({u.person_id for u in ds.users if u.user_id in set(dev)})
+    console.print(f"dev persons: {n_dev} of {len({u.person_id for u in ds.users})} ({dev_split_how})"
+                  + (f"; own-history agreement {check['dev']:.3f}, the other persons' {check['others']:.3f}"
+                     if check else ""))
     if e.leak_check:  # the dev folds, before anything is written; tune is then told not to check again
         check_split(make_folds([u for u in ds.users if u.user_id in set(dev)], e.folds, cfg.bank.seed), t,
                     e.history_queries, e.target_history)
@@ -288,6 +307,7 @@ def tune_cmd(
         recipe = tune(ds, setup, out, dev, space, cfg.eval.folds, cfg.eval.history_queries, cfg.eval.n_boot, Bars(bar),
                       max_user_share, cfg.eval.target_history, leak_check=False, ablation=ablation, select=select,
                       split_folds=jobs > 1)
+    recipe = recipe.model_copy(update={"dev_split": dev_split_how, "dev_check": check})
     write_text_atomic(out / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
     m = recipe.metric
     table = Table(title=escape(f"mta tune: {t.title}, {len(dev)} dev users, model {backbone.model_id}"))

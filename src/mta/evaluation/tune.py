@@ -40,8 +40,8 @@ from mta.config import AdaptConfig, BankConfig, BaselineConfig
 from mta.data.schema import Dataset
 from mta.errors import MtaError
 from mta.evaluation.leaks import check_split
-from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup, named_progress, private_config
-from mta.evaluation.protocol import make_folds, persons_of
+from mta.evaluation.methods import PRIOR_KINDS, PRIORS, EvalSetup, named_progress, prior_answer, private_config
+from mta.evaluation.protocol import make_folds, persons_of, prepare_targets
 from mta.evaluation.runner import diverged, run_eval, users_digest
 from mta.evaluation.stats import paired_diff_ci
 from mta.paths import write_json_atomic
@@ -150,17 +150,81 @@ def stack_share(engine, bank: BankConfig, adapt: AdaptConfig) -> float:
     return stack / (bank.rank * size(engine.layers))
 
 
-def dev_split(users, fraction: float, seed: int) -> list[str]:
-    """The dev users: every user of a seeded share of the PERSONS, at least 4 persons (two
-    folds of two), so no dev person has a user among the reported ones."""
+DEV_SPLITS = ("random", "balanced")
+
+
+def own_agreement(users, task, history_queries: int = 0, target_history: int | None = None) -> dict[str, float]:
+    """{person: how well its users' own histories predict themselves}: each history item a
+    target keeps (``prepare_targets``: the items that become test queries are not read) answered
+    by the user-prior of the user's other items (``methods.prior_answer``) and scored as the
+    task scores answers, accuracy for labels and minus the absolute error for ratings, averaged
+    over the person's items. History alone, no query's gold. A person with no item to score
+    (every history a single item, or no labels) gets the median of the others.
+
+    Why it matters: where a person's history predicts their answers, training on it pays;
+    where it does not, a per-user part fits what does not carry over. LaMP-2's first 1.5B
+    tune drew 8 dev persons far above the rest on the query-side analogue (`user-prior`
+    0.552 against 0.219, docs/results.md), and its per-user budgets hurt on the others."""
+    if task.kind not in PRIOR_KINDS:
+        raise MtaError(f"a person's own-history agreement needs a rating or classification task; {task.name} is "
+                       f"{task.kind}", ("tune --dev-split",))
+    scores: dict[str, list[float]] = {p: [] for p in persons_of(users)}
+    for u in prepare_targets(users, history_queries, target_history, task):
+        for i, it in enumerate(u.history):
+            said = prior_answer(task, u.history[:i] + u.history[i + 1:])
+            label = task.item_label(it)
+            if not said or not label:
+                continue
+            scores[u.person_id].append(-abs(float(said) - float(label)) if task.kind == "rating"
+                                       else float(said == label))
+    known = [float(np.mean(v)) for v in scores.values() if v]
+    if not known:
+        raise MtaError("no user has two labelled history items: the persons cannot be ranked by their own histories",
+                       ("tune --dev-split",))
+    middle = float(np.median(known))
+    return {p: float(np.mean(v)) if v else middle for p, v in scores.items()}
+
+
+def dev_split(users, fraction: float, seed: int, how: str = "random", task=None, history_queries: int = 0,
+              target_history: int | None = None) -> list[str]:
+    """The dev users: every user of a share of the PERSONS, at least 4 persons (two folds of
+    two), so no dev person has a user among the reported ones. ``random``: a seeded draw.
+    ``balanced``: the persons ranked by ``own_agreement`` (ties in the seeded order) and cut
+    into as many runs of neighbours as there are dev persons, one drawn from each run (the
+    same seed): the dev persons span the others' range of how well a history predicts its
+    user, where a random draw of few persons can fall on one end."""
+    if how not in DEV_SPLITS:
+        raise MtaError(f"--dev-split must be one of {', '.join(DEV_SPLITS)}, not {how!r}", ("tune --dev-split",))
     persons = persons_of(users)
     n = max(4, round(fraction * len(persons)))
     if n >= len(persons):
         raise MtaError(f"{len(persons)} persons leave none to report after a dev split of {n}")
     order = list(persons)
-    random.Random(seed).shuffle(order)
-    chosen = set(order[:n])
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    if how == "random":
+        chosen = set(order[:n])
+    else:
+        score = own_agreement(users, task, history_queries, target_history)
+        ranked = sorted(order, key=lambda p: score[p])  # (a stable sort: ties keep the seeded order)
+        cuts = [round(i * len(ranked) / n) for i in range(n + 1)]
+        chosen = {ranked[rng.randrange(a, b)] for a, b in zip(cuts, cuts[1:])}
     return sorted(u.user_id for u in users if u.person_id in chosen)
+
+
+def dev_check(users, dev_ids, task, history_queries: int = 0, target_history: int | None = None) -> dict | None:
+    """The dev persons' mean own-history agreement (``own_agreement``) against the other
+    persons': how alike the two sides are in what a per-user part can learn (None for a
+    generation task). Kept in the recipe and printed by `mta tune`."""
+    if task.kind not in PRIOR_KINDS:
+        return None
+    score = own_agreement(users, task, history_queries, target_history)
+    dev = {u.person_id for u in users if u.user_id in set(dev_ids)}
+    side = {name: [v for p, v in score.items() if (p in dev) == (name == "dev")] for name in ("dev", "others")}
+    return {"statistic": "own-history agreement: " + ("minus the absolute error" if task.kind == "rating"
+                                                       else "accuracy") + " of each kept history item answered "
+            "by the user-prior of the user's other items, a person's mean",
+            **{name: float(np.mean(v)) for name, v in side.items()}}
 
 
 # fields added to the configs after trial logs were first kept: left out of a trial's key

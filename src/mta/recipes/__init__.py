@@ -88,6 +88,10 @@ class Recipe(BaseModel):
     ablation: list[dict] = Field(default_factory=list)
     max_user_share: float | None = None  # the bytes budget the search kept to (None: recipes before it)
     select: str = "best"  # how each group's option was chosen (mta tune --select; recipes before it: best)
+    dev_split: str = "random"  # how the dev persons were drawn (mta tune --dev-split; recipes before it: random)
+    # the dev persons' own-history agreement against the others' (mta.evaluation.tune.dev_check;
+    # None for a generation task and for recipes before it)
+    dev_check: dict | None = None
 
 
 def read_recipe(path: Path) -> Recipe:
