@@ -7,7 +7,7 @@ prints the dev persons' mean own-history agreement and the other persons'
 (`mta.evaluation.tune.dev_check`).
 
     .venv/bin/python scripts/dev-users.py DATA --out FILE [--dev-fraction 0.3333] [--seed 0] [--task T]
-        [--dev-split random|balanced --history-queries N --target-history N]
+        [--dev-split auto|balanced|random --history-queries N --target-history N]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="as `mta tune --seed` (default 0)")
     ap.add_argument("--task")
     ap.add_argument("--persons", type=Path, help="as `mta tune --persons`")
-    ap.add_argument("--dev-split", default="random", help="as `mta tune --dev-split` (default random)")
+    ap.add_argument("--dev-split", default="auto", help="as `mta tune --dev-split` (default auto)")
     ap.add_argument("--history-queries", type=int, default=0, help="as `mta tune --history-queries` (a balanced "
                     "split reads only the history items that stay history)")
     ap.add_argument("--target-history", type=int, help="as `mta tune --target-history`")

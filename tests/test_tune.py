@@ -181,7 +181,7 @@ def test_tune_takes_the_eval_protocol_it_can_and_refuses_what_it_cannot(tmp_path
         assert main([*args, "--out", str(tmp_path / "t2"), *extra]) == 2
         assert f"{extra[0]} is an `mta eval` option" in " ".join(capsys.readouterr().err.split())
     assert main([*args, "--out", str(tmp_path / "t2"), "--dev-split", "even"]) == 2
-    assert "--dev-split must be one of random, balanced, not 'even'" in " ".join(capsys.readouterr().err.split())
+    assert "--dev-split must be one of auto, balanced, random, not 'even'" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "t2").exists()
 
 
@@ -584,6 +584,7 @@ def test_dev_users_script_writes_the_tunes_dev_persons(tmp_path):
 
     from mta.data.readers import load_dataset
     from mta.evaluation.tune import dev_split
+    from mta.tasks import get_task
 
     data = tmp_path / "synth"
     assert main(["data", "synth", "--out", str(data), "--users", "12", "--queries", "1"]) == 0
@@ -593,7 +594,7 @@ def test_dev_users_script_writes_the_tunes_dev_persons(tmp_path):
                        capture_output=True, text=True, cwd=root)
     assert r.returncode == 0, r.stderr
     users = load_dataset(data).users
-    want = dev_split(users, 1 / 3, 3)
+    want = dev_split(users, 1 / 3, 3, "auto", get_task("synth"))  # as `mta tune`: balanced on a label task
     got = load_dataset(out).users
     assert sorted(u.user_id for u in got) == want and len(want) < len(users)
     assert [u.model_dump() for u in got] == [u.model_dump() for u in users if u.user_id in set(want)]
@@ -604,8 +605,6 @@ def test_dev_users_script_writes_the_tunes_dev_persons(tmp_path):
     r = subprocess.run([sys.executable, "scripts/dev-users.py", str(data), "--out", str(balanced), "--seed", "3",
                         "--dev-split", "balanced", "--history-queries", "1"], capture_output=True, text=True, cwd=root)
     assert r.returncode == 0, r.stderr
-    from mta.tasks import get_task
-
     assert sorted(u.user_id for u in load_dataset(balanced).users) == dev_split(users, 1 / 3, 3, "balanced",
                                                                                 get_task("synth"), 1)
 
@@ -756,6 +755,6 @@ def test_a_balanced_dev_split_takes_one_person_from_each_run_of_the_ranking():
     assert len(seen) > 1  # the seed draws within the runs
     # random stays the seeded draw it was (trial logs name their dev users)
     assert dev_split(users, 1 / 3, 0) == dev_split(users, 1 / 3, 0, "random", lamp2)
-    with pytest.raises(MtaError, match="--dev-split must be one of random, balanced, not 'even'"):
+    with pytest.raises(MtaError, match="--dev-split must be one of auto, balanced, random, not 'even'"):
         dev_split(users, 1 / 3, 0, "even", lamp2)
     assert dev_check(users, dev, get_task("lamp4")) is None

@@ -44,6 +44,7 @@ from mta.evaluation.tune import (
     VALUES,
     dev_check,
     dev_split,
+    resolved_split,
     space_groups,
     tune,
 )
@@ -244,10 +245,12 @@ def tune_cmd(
     data: DataPath, out: OutDir, task: TaskName = None,
     dev_fraction: float = typer.Option(1 / 3, min=0.05, max=0.9, help="Share of the persons set aside as dev "
                                        "persons (all their users tuned on, never reported)."),
-    dev_split_how: str = typer.Option("random", "--dev-split", help=f"How the dev persons are drawn: "
-                                      f"{' or '.join(DEV_SPLITS)} (one from each run of persons ranked by how well "
-                                      "their own histories predict themselves; rating and classification tasks; "
-                                      "docs/evaluation.md)."),
+    dev_split_how: str = typer.Option("auto", "--dev-split", help=f"How the dev persons are drawn: "
+                                      f"{', '.join(DEV_SPLITS)}. balanced: one from each run of the persons ranked "
+                                      "by how well their own histories predict themselves (rating and "
+                                      "classification tasks); random: a seeded draw (every tune before this "
+                                      "option); auto: balanced where it is defined, else random "
+                                      "(docs/evaluation.md)."),
     space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)}, or knob groups separated by "
                               "commas, e.g. stack-shape,top-k (mta.evaluation.tune)."),
     max_user_share: float = typer.Option(MAX_USER_SHARE, min=0.0, max=1.0, help="Skip recipes whose stacked "
@@ -281,6 +284,7 @@ def tune_cmd(
         ds.users = ds.users[:e.users]
     t = get_task(ds.task)
     check_answer_rules(t, cfg.generate)
+    dev_split_how = resolved_split(dev_split_how, t)
     dev = dev_split(ds.users, dev_fraction, cfg.eval.seed, dev_split_how, t, e.history_queries, e.target_history)
     check = dev_check(ds.users, dev, t, e.history_queries, e.target_history)
     n_dev = len({u.person_id for u in ds.users if u.user_id in set(dev)})

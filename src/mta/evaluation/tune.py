@@ -150,7 +150,7 @@ def stack_share(engine, bank: BankConfig, adapt: AdaptConfig) -> float:
     return stack / (bank.rank * size(engine.layers))
 
 
-DEV_SPLITS = ("random", "balanced")
+DEV_SPLITS = ("auto", "balanced", "random")
 
 
 def own_agreement(users, task, history_queries: int = 0, target_history: int | None = None) -> dict[str, float]:
@@ -185,6 +185,16 @@ def own_agreement(users, task, history_queries: int = 0, target_history: int | N
     return {p: float(np.mean(v)) if v else middle for p, v in scores.items()}
 
 
+def resolved_split(how: str, task) -> str:
+    """``how`` with ``auto`` made ``balanced`` or ``random`` for ``task``; an unknown name is
+    one line."""
+    if how not in DEV_SPLITS:
+        raise MtaError(f"--dev-split must be one of {', '.join(DEV_SPLITS)}, not {how!r}", ("tune --dev-split",))
+    if how == "auto":
+        return "balanced" if task is not None and task.kind in PRIOR_KINDS else "random"
+    return how
+
+
 def dev_split(users, fraction: float, seed: int, how: str = "random", task=None, history_queries: int = 0,
               target_history: int | None = None) -> list[str]:
     """The dev users: every user of a share of the PERSONS, at least 4 persons (two folds of
@@ -192,9 +202,10 @@ def dev_split(users, fraction: float, seed: int, how: str = "random", task=None,
     ``balanced``: the persons ranked by ``own_agreement`` (ties in the seeded order) and cut
     into as many runs of neighbours as there are dev persons, one drawn from each run (the
     same seed): the dev persons span the others' range of how well a history predicts its
-    user, where a random draw of few persons can fall on one end."""
-    if how not in DEV_SPLITS:
-        raise MtaError(f"--dev-split must be one of {', '.join(DEV_SPLITS)}, not {how!r}", ("tune --dev-split",))
+    user, where a random draw of few persons can fall on one end. ``auto`` (`mta tune`'s
+    default): ``balanced`` for a rating or classification task, ``random`` otherwise
+    (``resolved_split``)."""
+    how = resolved_split(how, task)
     persons = persons_of(users)
     n = max(4, round(fraction * len(persons)))
     if n >= len(persons):
