@@ -757,4 +757,9 @@ def test_a_balanced_dev_split_takes_one_person_from_each_run_of_the_ranking():
     assert dev_split(users, 1 / 3, 0) == dev_split(users, 1 / 3, 0, "random", lamp2)
     with pytest.raises(MtaError, match="--dev-split must be one of auto, balanced, random, not 'even'"):
         dev_split(users, 1 / 3, 0, "even", lamp2)
+    with pytest.raises(MtaError, match="a balanced dev split needs the task"):
+        dev_split(users, 1 / 3, 0, "balanced")
+    # auto: balanced where the prior is defined, random on a generation task
+    assert dev_split(users, 1 / 3, 5, "auto", lamp2) == dev_split(users, 1 / 3, 5, "balanced", lamp2)
+    assert dev_split(users, 1 / 3, 5, "auto", get_task("lamp4")) == dev_split(users, 1 / 3, 5)
     assert dev_check(users, dev, get_task("lamp4")) is None

@@ -192,6 +192,9 @@ def resolved_split(how: str, task) -> str:
         raise MtaError(f"--dev-split must be one of {', '.join(DEV_SPLITS)}, not {how!r}", ("tune --dev-split",))
     if how == "auto":
         return "balanced" if task is not None and task.kind in PRIOR_KINDS else "random"
+    if how == "balanced" and task is None:
+        raise MtaError("a balanced dev split needs the task (its users' histories are scored by the task's prior)",
+                       ("tune --dev-split",))
     return how
 
 
