@@ -53,6 +53,8 @@ def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
     users, synth = load_dataset(data).users, get_task("synth")
     assert r.dev_users == dev_split(users, 0.4, 0, "balanced", synth) != dev_split(users, 0.4, 0)
     assert r.dev_split == "balanced" and r.dev_check == dev_check(users, r.dev_users, synth)
+    written = json.loads((out / "config.json").read_text())  # kept from the start, before any trial
+    assert (written["dev_split"], written["dev_check"], written["dev_users"]) == ("balanced", r.dev_check, r.dev_users)
     over = [t["override"]["adapt"] for t in r.trials if "over the budget" in t.get("skipped", "")]
     assert over == [{"stack_rank": 4, "stack_layers": 4}, {"stack_rank": 4, "stack_layers": 0},
                     {"stack_rank": 8, "stack_layers": 0}] and r.max_user_share == 0.3
@@ -72,6 +74,9 @@ def test_tune_then_use_the_recipe(tmp_path, monkeypatch):
                  "--methods", "mta", "--n-boot", "100", *TINY]) == 0
     m = json.loads((ev / "metrics.json").read_text())
     assert m["results"][0]["users"] == 6 and "users of the dev persons" in (ev / "results.md").read_text()
+    # the table says how alike the dev persons were to its own
+    said = f"(their own-history agreement {r.dev_check['dev']:.3f}, these persons' {r.dev_check['others']:.3f}"
+    assert said in m["protocol"]
     assert m["config"]["configs"]["bank"]["lr"] == r.bank["lr"]
     split = json.loads((ev / "split.json").read_text())
     assert not {t for f in split for t in f["targets"]} & set(r.dev_users)

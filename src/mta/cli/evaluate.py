@@ -179,6 +179,13 @@ def eval_cmd(data: DataPath, out: OutDir, task: TaskName = None, recipe: RecipeF
         dev = set(read_recipe(recipe).dev_users)
         kept = [u for u in ds.users if u.user_id not in dev]
         dev_note = f"; the {len(ds.users) - len(kept)} users of the dev persons of {recipe.name} left out"
+        try:  # how alike the persons it was tuned on are to these (mta.evaluation.tune.dev_check)
+            check = dev_check(ds.users, dev, get_task(ds.task), e.history_queries, e.target_history)
+        except MtaError:
+            check = None
+        if check:
+            dev_note += (f" (their own-history agreement {check['dev']:.3f}, these persons' {check['others']:.3f}: "
+                         "docs/evaluation.md)")
         ds.users = kept
     if e.users:
         ds.users = ds.users[:e.users]
@@ -297,8 +304,8 @@ def tune_cmd(
     check_run_out(out, trial_log=True)
     backbone = load_backbone(cfg.backbone)
     each = share_device(backbone, jobs) if jobs > 1 else cfg.backbone.gpu_memory
-    write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, space=space,
-                 jobs=jobs)
+    write_config(out, "tune", cfg, backbone, data=str(ds.path), task=t.name, dev_users=dev, dev_split=dev_split_how,
+                 dev_check=check, space=space, jobs=jobs)
     # what a helper needs to load the data and the model as this process did (its share of the device)
     dumped = cfg.dump()
     dumped["backbone"] = {**dumped["backbone"], "gpu_memory": each}
