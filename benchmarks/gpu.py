@@ -24,6 +24,8 @@ the same run (random bf16 weights: speed depends only on shape; nothing is downl
     python benchmarks/gpu.py --sections bank --profile --profile-only [--anchors 8 --profile-host]
                                                 # the bank build's profile alone (host operators too:
                                                 # which code launches each kernel, on a smaller bank)
+    python benchmarks/gpu.py --sections bank --liger   # the same with Liger Kernel's fused RMSNorm,
+                                                # SwiGLU and RoPE in the model's blocks (CUDA only)
 """
 
 from __future__ import annotations
@@ -99,6 +101,24 @@ def make_model(shape, dev, dtype):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def fuse_with_liger(model) -> dict:
+    """Liger Kernel's Triton kernels for the Llama blocks' RMSNorm, SwiGLU and rotary
+    embedding, patched into ``model`` (its norms' and MLPs' forwards) and into transformers'
+    Llama rotary function (process-wide, so the PEFT reference of the same run trains with
+    them too; the loss is left as it is). What the eager bank build's non-matmul device time
+    (docs/performance.md, the bank row) loses when those elementwise passes are fused, the
+    question this flag measures before the product takes a dependency on it."""
+    from importlib.metadata import version
+
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError as e:
+        sys.exit(f"--liger needs the liger-kernel package (and triton): {e}")
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+    return {"library": "liger-kernel", "version": version("liger-kernel"), "kernels": ["rms_norm", "swiglu", "rope"]}
 
 
 def bandwidth(dev) -> float | None:
@@ -627,6 +647,8 @@ def main() -> None:
     ap.add_argument("--anchors", type=int, default=None, dest="anchors_arg",
                     help="anchors in every section (default 50; --tiny 6): a smaller bank's profile, whose whole "
                          "trace can be read")
+    ap.add_argument("--liger", action="store_true",
+                    help="patch Liger Kernel's fused RMSNorm, SwiGLU and RoPE into the model first (CUDA only)")
     ap.add_argument("--profile-host", action="store_true",
                     help="with --profile-only: record the host's operators too (which code launches each kernel), "
                          "not the device's kernels alone; for a bank small enough (--anchors) to read its trace")
@@ -636,6 +658,8 @@ def main() -> None:
     if a.profile_host and not (a.profile and a.profile_only):
         ap.error("--profile-host goes with --profile --profile-only")
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+    if a.liger and dev.type != "cuda":
+        ap.error("--liger runs on CUDA only (Liger's kernels are Triton kernels)")
     if a.tiny:
         shape, dtype = TINY, torch.float32
         a.rows, a.prompt, a.new, a.peft_mixed_new, a.anchors = 8, 16, 8, 4, 6
@@ -653,12 +677,14 @@ def main() -> None:
         a.anchors = a.anchors_arg
     t0 = time.perf_counter()
     model = make_model(shape, dev, dtype)
-    print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
+    fused = fuse_with_liger(model) if a.liger else None
+    print(f"model built in {time.perf_counter() - t0:.1f} s" + (f", {fused['library']} {fused['version']} patched in"
+                                                               if fused else ""), flush=True)
     res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "python": platform.python_version(), "shape": shape, "dtype": str(dtype),
            "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0,
            "train_max_rows": a.max_rows, "compiled_decode_loop": a.compile,
-           "autotuned_decode_loop": a.autotune, "kernel_compare": a.kernel_compare}
+           "autotuned_decode_loop": a.autotune, "kernel_compare": a.kernel_compare, "fused_kernels": fused}
     try:
         import peft
         import transformers

@@ -322,3 +322,30 @@ def test_join_benchmark_tiny(tmp_path):
     assert bad.returncode == 2 and "--rows must be between 1 and --slots - 1 (3)" in bad.stderr
     bad = _run("join.py", "--first-prompt", "-1")
     assert bad.returncode == 2 and "--first-prompt must be 0 (off) or a number of tokens, not -1" in bad.stderr
+
+
+def test_liger_patches_the_models_blocks_and_is_refused_off_cuda(monkeypatch):
+    """``--liger`` hands the model to Liger Kernel's Llama patch with the block kernels
+    (RMSNorm, SwiGLU, RoPE) and without its loss kernels, and records the library; off CUDA it
+    is refused in one line (Triton kernels), a missing package likewise."""
+    import types
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_llama = lambda **kw: calls.append(kw)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    monkeypatch.setattr("importlib.metadata.version", lambda name: {"liger-kernel": "9.9"}[name])
+    model = object()
+    assert gpu.fuse_with_liger(model) == {"library": "liger-kernel", "version": "9.9",
+                                          "kernels": ["rms_norm", "swiglu", "rope"]}
+    assert calls == [{"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                      "fused_linear_cross_entropy": False, "model": model}]
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed
+    with pytest.raises(SystemExit, match="--liger needs the liger-kernel package"):
+        gpu.fuse_with_liger(model)
+    r = _run("gpu.py", "--tiny", "--sections", "bank", "--liger")
+    assert r.returncode == 2 and "--liger runs on CUDA only" in r.stderr
