@@ -26,6 +26,9 @@ the same run (random bf16 weights: speed depends only on shape; nothing is downl
                                                 # which code launches each kernel, on a smaller bank)
     python benchmarks/gpu.py --sections bank --liger   # the same with Liger Kernel's fused RMSNorm,
                                                 # SwiGLU and RoPE in the model's blocks (CUDA only)
+    python benchmarks/gpu.py --sections bank --shape qwen2.5-1.5b --anchors 24
+                                                # 24 rank-8 LoRAs at Qwen2.5-1.5B's shape trained at once:
+                                                # the per-user LoRAs of an evaluation, against PEFT
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ from mta.engine.train import Example, Job, train_jobs  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256)
+# Qwen2.5-Coder-1.5B's block shape (the model of the evaluations and tunes; a Llama block of
+# its sizes: no attention biases, untied head, which move its speed by little): for the
+# per-user trainings a tune spends its time in, `--sections bank --shape qwen2.5-1.5b`
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936)
+SHAPES = {"llama3-8b": LLAMA3_8B, "qwen2.5-1.5b": QWEN25_15B}
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
 DEFAULT_STACK_LAYERS = AdaptConfig().stack_layers  # the stack's default placement (the last N blocks)
@@ -647,6 +656,8 @@ def main() -> None:
     ap.add_argument("--anchors", type=int, default=None, dest="anchors_arg",
                     help="anchors in every section (default 50; --tiny 6): a smaller bank's profile, whose whole "
                          "trace can be read")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b",
+                    help="the model's block sizes (random weights): Llama-3-8B's, or Qwen2.5-1.5B's")
     ap.add_argument("--liger", action="store_true",
                     help="patch Liger Kernel's fused RMSNorm, SwiGLU and RoPE into the model first (CUDA only)")
     ap.add_argument("--profile-host", action="store_true",
@@ -658,6 +669,8 @@ def main() -> None:
     if a.profile_host and not (a.profile and a.profile_only):
         ap.error("--profile-host goes with --profile --profile-only")
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+    if a.tiny and a.shape != "llama3-8b":
+        ap.error("--shape sizes the full run's model; --tiny has its own")
     if a.liger and dev.type != "cuda":
         ap.error("--liger runs on CUDA only (Liger's kernels are Triton kernels)")
     if a.tiny:
@@ -666,7 +679,7 @@ def main() -> None:
         a.samples, a.seq, a.max_rows, a.peft_anchors, a.users, a.ref_users = 16, 32, 16, 2, 8, 2
         a.adapter_dtype, a.checkpointing = torch.float32, False
     else:
-        shape, dtype = LLAMA3_8B, torch.bfloat16
+        shape, dtype = SHAPES[a.shape], torch.bfloat16
         a.rows, a.prompt, a.new, a.peft_mixed_new, a.anchors = 64, 256, 128, 8, 50
         a.samples, a.seq, a.peft_anchors, a.users, a.ref_users = 64, 256, 3, 256, 3
         # rows per training micro-batch: the product's default (None: the token budget measured
@@ -681,7 +694,8 @@ def main() -> None:
     print(f"model built in {time.perf_counter() - t0:.1f} s" + (f", {fused['library']} {fused['version']} patched in"
                                                                if fused else ""), flush=True)
     res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "python": platform.python_version(), "shape": shape, "dtype": str(dtype),
+           "python": platform.python_version(), "shape": shape, "shape_name": "tiny" if a.tiny else a.shape,
+           "dtype": str(dtype),
            "bandwidth_bytes_per_s": bandwidth(dev), "model_build_seconds": time.perf_counter() - t0,
            "train_max_rows": a.max_rows, "compiled_decode_loop": a.compile,
            "autotuned_decode_loop": a.autotune, "kernel_compare": a.kernel_compare, "fused_kernels": fused}

@@ -349,3 +349,21 @@ def test_liger_patches_the_models_blocks_and_is_refused_off_cuda(monkeypatch):
         gpu.fuse_with_liger(model)
     r = _run("gpu.py", "--tiny", "--sections", "bank", "--liger")
     assert r.returncode == 2 and "--liger runs on CUDA only" in r.stderr
+
+
+def test_the_qwen_shape_is_qwen2_5_1_5b_s_blocks_and_not_the_tiny_runs():
+    """``--shape qwen2.5-1.5b`` builds Llama blocks of Qwen2.5-1.5B's sizes (the per-user
+    trainings of the evaluations); ``--tiny`` keeps its own shape and refuses another."""
+    from transformers import LlamaConfig
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    cfg = LlamaConfig(**gpu.SHAPES["qwen2.5-1.5b"])
+    assert (cfg.hidden_size // cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (128, 2, 28)
+    blocks = cfg.num_hidden_layers * (2 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * 256
+                                      + 3 * cfg.hidden_size * cfg.intermediate_size)
+    # Qwen2.5-1.5B: 1.31e9 parameters besides the embedding, 1.54e9 with it
+    assert 1.30e9 < blocks < 1.32e9 and 1.53e9 < blocks + cfg.vocab_size * cfg.hidden_size < 1.55e9
+    r = _run("gpu.py", "--tiny", "--shape", "qwen2.5-1.5b")
+    assert r.returncode == 2 and "--shape sizes the full run's model; --tiny has its own" in r.stderr
