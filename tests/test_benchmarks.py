@@ -367,3 +367,19 @@ def test_the_qwen_shape_is_qwen2_5_1_5b_s_blocks_and_not_the_tiny_runs():
     assert 1.30e9 < blocks < 1.32e9 and 1.53e9 < blocks + cfg.vocab_size * cfg.hidden_size < 1.55e9
     r = _run("gpu.py", "--tiny", "--shape", "qwen2.5-1.5b")
     assert r.returncode == 2 and "--shape sizes the full run's model; --tiny has its own" in r.stderr
+
+
+def test_host_concat_benchmark_tiny(tmp_path):
+    """``host_concat.py`` times ``torch.cat`` against ``flat_host`` alone and beside busy
+    processes, and writes both rows with their ratio; bad counts are refused in one line."""
+    out = tmp_path / "hc.json"
+    r = _run("host_concat.py", "--tiny", "--busy", "1", "--busy-threads", "1", "--repeats", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert [row["condition"] for row in res["rows"]] == ["alone", "beside 1 busy processes"]
+    for row in res["rows"]:
+        ratio = row["torch.cat_seconds"] / row["flat_host_seconds"]
+        assert row["ratio_reference_over_flat_host"] == pytest.approx(ratio)
+    assert res["factors"] == 8 and "flat_host ms" in r.stdout
+    bad = _run("host_concat.py", "--tiny", "--busy", "0")
+    assert bad.returncode == 2 and "must be at least 1" in bad.stderr

@@ -243,6 +243,33 @@ def test_host_factors_move_as_one_buffer_cast_and_shaped_as_they_were():
     assert host_to_device([], "cpu", torch.float32) == []
 
 
+def test_host_factors_are_flattened_by_numpy_where_it_holds_their_dtype(monkeypatch):
+    """``flat_host`` (the one buffer of a pageable stack's load) concatenates with numpy, one
+    single-threaded copy, not ``torch.cat``'s parallel region a part, which waits for a time
+    slice a part on a host other processes keep busy (OPPU's stacks in run AA); a dtype numpy
+    lacks (bfloat16), or parts of several dtypes, go through ``torch.cat``. The values, order
+    and dtype are ``torch.cat``'s either way."""
+    import mta.engine.engine as engine_mod
+    from mta.engine.engine import flat_host
+
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, 7, generator=gen), torch.randn(5, 2, generator=gen).t(), torch.randn(3, generator=gen)]
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(engine_mod.torch, "cat", lambda ts, *a, **kw: cats.append(len(ts)) or real_cat(ts, *a, **kw))
+    for src, dtype, by_torch in ((torch.float32, torch.float32, False), (torch.float32, torch.bfloat16, False),
+                                 (torch.float16, torch.float32, False), (torch.bfloat16, torch.float32, True)):
+        cats.clear()
+        ts = [t.to(src) for t in parts]
+        flat = flat_host(ts, dtype)
+        want = real_cat([t.reshape(-1).to(dtype) for t in ts])
+        assert flat.dtype == dtype and flat.is_contiguous() and torch.equal(flat, want), (src, dtype)
+        assert bool(cats) == by_torch, (src, dtype)
+    cats.clear()
+    mixed = flat_host([parts[0], parts[1].double()], torch.float32)
+    assert cats == [2] and torch.equal(mixed, real_cat([parts[0].reshape(-1), parts[1].reshape(-1)]))
+
+
 def test_finite_is_exact_where_the_one_norm_overflows_and_finds_each_kind_of_bad_value():
     """``finite`` (a stack's check before its load) decides by one norm over every factor,
     and checks again tensor by tensor where the norm says no: values so large that the norm

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -591,8 +592,31 @@ def host_to_device(tensors: Sequence[torch.Tensor], device: torch.device | str,
     inferred (the device was mostly idle meanwhile, run V's nvidia-smi), not profiled."""
     if not tensors:
         return []
-    flat = to_device(torch.cat([t.reshape(-1).to(dtype) for t in tensors]), device)
+    flat = to_device(flat_host(tensors, dtype), device)
     return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+# the dtypes numpy holds as torch does (bfloat16 is not among them)
+NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                torch.uint8, torch.bool)
+
+
+def flat_host(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``tensors`` (host memory) flattened, in order, into one contiguous host tensor of
+    ``dtype``. Where numpy holds their one dtype, numpy concatenates them: one single-threaded
+    copy. ``torch.cat`` copies each part in its own parallel region, and a parallel region
+    waits for its slowest thread, so on a host whose cores other processes keep busy (several
+    GPU processes, each with a CPU thread spinning on its device) every part waits for a time
+    slice: OPPU's 24 stored stacks at Qwen2.5-1.5B (392 factors, 37 MB each) took 52 s to load
+    in run AA's evaluation beside three other processes, mta's rank-2 stacks (parts too small
+    to split among threads) 0.6 s. On this project's 2 CPU cores beside 3 busy processes such a
+    stack's ``torch.cat`` took 354 ms a call and this 26.7 ms (17.3 and 7.4 alone:
+    ``benchmarks/host_concat.py``, docs/serving.md)."""
+    kinds = {t.dtype for t in tensors}
+    if len(kinds) == 1 and next(iter(kinds)) in NUMPY_DTYPES:
+        flat = torch.from_numpy(np.concatenate([t.detach().reshape(-1).numpy() for t in tensors]))
+        return flat if flat.dtype == dtype else flat.to(dtype)
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
 
 
 def device_to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
