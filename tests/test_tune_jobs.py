@@ -151,7 +151,9 @@ def test_jobs_split_the_gpu_memory_evenly_and_refuse_a_share_under_the_model():
         jobs_gpu_memory(str(24 * GIB), total, held, 8)
 
 
-def test_on_a_cpu_each_process_takes_its_share_of_the_threads(monkeypatch):
+def test_each_process_takes_its_share_of_the_threads_on_a_cpu_and_on_a_gpu(monkeypatch):
+    """The processes of ``--jobs`` share the host's cores on either device (on a GPU each
+    also takes its share of the device's memory)."""
     class Backbone:  # what share_device reads of a loaded backbone
         device = torch.device("cpu")
 
@@ -162,6 +164,29 @@ def test_on_a_cpu_each_process_takes_its_share_of_the_threads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
     assert share_device(Backbone(), 3) == "auto" and set_to == [2]
+
+    class Config:
+        gpu_memory = "auto"
+
+        def model_copy(self, update):
+            done = Config()
+            done.gpu_memory = update["gpu_memory"]
+            return done
+
+    class Gpu:
+        device = torch.device("cuda", 0)
+        config = Config()
+        recapped = 0
+
+        def recap_memory(self):
+            self.recapped += 1
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * GIB}))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * GIB)
+    gpu = Gpu()
+    set_to.clear()
+    assert share_device(gpu, 2) == str(jobs_gpu_memory("auto", 80 * GIB, 3 * GIB, 2)) == gpu.config.gpu_memory
+    assert gpu.recapped == 1 and set_to == [4]
 
 
 @pytest.mark.integration

@@ -269,7 +269,7 @@ def tune_cmd(
                                "one training least (fewest steps, then the lowest rate) among those not "
                                "significantly worse than the best on the dev persons (least)."),
     jobs: int = typer.Option(1, min=1, max=16, help="Processes evaluating trials at once, each with its own copy "
-                             "of the model, on one device: --gpu-memory (and, on a CPU, the threads) is split "
+                             "of the model, on one device: --gpu-memory and the host's threads are split "
                              "among them (mta.evaluation.jobs)."),
     *, cfg: Configs,
 ) -> None:

@@ -9,7 +9,7 @@ process that takes its lock, every process waits for the group's last trial befo
 chooses, and all choose alike from the same log. Adapters shared between trials (a bank, a
 task LoRA) are built by the first process that needs them while the others wait for its
 lock (`mta.paths.wait_for_writers`). The device's memory is split evenly
-(`mta.config.jobs_gpu_memory`), and on a CPU its threads.
+(`mta.config.jobs_gpu_memory`), and its share of the host's threads.
 
 A helper logs to OUT/helper-I.log and ends with the search; one that fails leaves its
 trial's lock, which another process then takes up (the same error then stops that one).
@@ -46,7 +46,10 @@ PARENT_POLL_S = 2.0  # how often a helper checks that the tune's process is stil
 
 def share_device(backbone, jobs: int) -> str:
     """Give this process its share of the device for ``jobs`` processes: the GPU memory cap
-    (recapped here; the spec to give each helper is returned) and, on a CPU, the threads."""
+    (recapped here; the spec to give each helper is returned) and the host's threads, on a
+    GPU too: the processes share the host's cores either way, and a parallel region of
+    torch's CPU work waits for its slowest thread, which with every process on every core
+    waits for a time slice (a stored stack's host buffer: ``mta.engine.engine.flat_host``)."""
     spec = backbone.config.gpu_memory
     if backbone.device.type == "cuda":
         total = torch.cuda.get_device_properties(backbone.device).total_memory
@@ -54,8 +57,7 @@ def share_device(backbone, jobs: int) -> str:
         spec = str(c.jobs_gpu_memory(spec, total, held, jobs))
         backbone.config = backbone.config.model_copy(update={"gpu_memory": spec})
         backbone.recap_memory()
-    else:
-        torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
+    torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
     return spec
 
 
