@@ -842,7 +842,10 @@ def test_a_read_ahead_stack_is_checked_finite_on_the_reader_thread(tmp_path, mon
     """The reader thread checks a read-ahead stack's factors are finite, so its load on the
     decode loop's thread skips that check (``load_user(checked=True)``); a stack read at the
     load itself is checked there; a read-ahead stack with a NaN is not marked checked, and
-    its load refuses it (the error goes to the request) with the slot left unwritten."""
+    its load refuses it (the error goes to the request) with the slot left unwritten. The
+    read-ahead factors are views of one host buffer in the table's dtype."""
+    import torch
+
     import mta.resident as lb
 
     bank, store, uid = _record(tmp_path, stack=True)
@@ -852,7 +855,14 @@ def test_a_read_ahead_stack_is_checked_finite_on_the_reader_thread(tmp_path, mon
     rec = store.meta(uid)
     bank.stacks.invalidate()
     bank.stacks.prefetch(uid, store)
-    bank.stacks._reads[uid].result(timeout=60)
+    got = bank.stacks._reads[uid].result(timeout=60)
+    # the factors, in the table's dtype, are views of ONE host buffer (one copy, not one a factor)
+    stored, _, _ = lb.load_adapter(store.stack_path(uid, rec), bank.backbone.fingerprint)
+    dtype = next(iter(engine.layers.values())).bank_A.dtype
+    assert list(got[1]) == list(stored) and got[3] is True
+    assert len({t.untyped_storage().data_ptr() for ab in got[1].values() for t in ab}) == 1
+    for m, (a, b) in got[1].items():
+        assert torch.equal(a, stored[m][0].to(dtype)) and torch.equal(b, stored[m][1].to(dtype))
     bank.stacks.ensure({uid: rec}, store)
     bank.stacks.invalidate()
     bank.stacks.ensure({uid: rec}, store)  # nothing read ahead: read and checked at the load

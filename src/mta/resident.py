@@ -10,7 +10,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from mta.engine.engine import finite
+from mta.engine.engine import finite, flat_host
 from mta.engine.peft_io import load_adapter
 from mta.records import UserRecord
 from mta.store import UserStore
@@ -115,10 +115,18 @@ class ResidentStacks:
         backbone = self.bank.backbone
         tensors, config, _ = load_adapter(store.stack_path(user_id, rec), backbone.fingerprint)
         dtype = next(iter(backbone.engine.layers.values())).bank_A.dtype
-        pin = backbone.device.type == "cuda"
-        tensors = {m: tuple(t.to(dtype).pin_memory() if pin else t.to(dtype) for t in ab)
-                   for m, ab in tensors.items()}
-        return self._stamp(rec), tensors, config, finite([t for ab in tensors.values() for t in ab])
+        names = list(tensors)
+        parts = [t for m in names for t in tensors[m]]
+        # one host buffer in the table's dtype (pinned on CUDA), the factors views of it: one
+        # concatenation and one pinning copy, not a cast and a pinning copy a factor (392 at
+        # Qwen2.5-1.5B with a stack on every layer), each a parallel region that on a busy
+        # host waits for a time slice (mta.engine.engine.flat_host)
+        flat = flat_host(parts, dtype)
+        if backbone.device.type == "cuda":
+            flat = flat.pin_memory()
+        views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in parts]), parts)]
+        tensors = {m: (views[2 * i], views[2 * i + 1]) for i, m in enumerate(names)}
+        return self._stamp(rec), tensors, config, finite([flat])
 
     def _read_ahead(self, user_id: str, rec: UserRecord) -> tuple[dict, dict, bool] | None:
         """The stack ``prefetch`` read for ``user_id``, if it is ``rec``'s (waiting for the
