@@ -268,6 +268,9 @@ def test_host_factors_are_flattened_by_numpy_where_it_holds_their_dtype(monkeypa
     cats.clear()
     mixed = flat_host([parts[0], parts[1].double()], torch.float32)
     assert cats == [2] and torch.equal(mixed, real_cat([parts[0].reshape(-1), parts[1].reshape(-1)]))
+    cats.clear()  # parts not in host memory (a meta tensor stands for a device's): torch.cat, not numpy
+    on_device = flat_host([torch.empty(3, device="meta"), torch.empty(2, device="meta")], torch.float32)
+    assert cats == [2] and on_device.shape == (5,) and on_device.device.type == "meta"
 
 
 def test_finite_is_exact_where_the_one_norm_overflows_and_finds_each_kind_of_bad_value():

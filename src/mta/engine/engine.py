@@ -602,18 +602,19 @@ NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.
 
 
 def flat_host(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``tensors`` (host memory) flattened, in order, into one contiguous host tensor of
-    ``dtype``. Where numpy holds their one dtype, numpy concatenates them: one single-threaded
-    copy. ``torch.cat`` copies each part in its own parallel region, and a parallel region
-    waits for its slowest thread, so on a host whose cores other processes keep busy (several
-    GPU processes, each with a CPU thread spinning on its device) every part waits for a time
-    slice: OPPU's 24 stored stacks at Qwen2.5-1.5B (392 factors, 37 MB each) took 52 s to load
-    in run AA's evaluation beside three other processes, mta's rank-2 stacks (parts too small
-    to split among threads) 0.6 s. On this project's 2 CPU cores beside 3 busy processes such a
-    stack's ``torch.cat`` took 354 ms a call and this 26.7 ms (17.3 and 7.4 alone:
-    ``benchmarks/host_concat.py``, docs/serving.md)."""
+    """``tensors`` flattened, in order, into one contiguous tensor of ``dtype``. Where they are
+    in host memory and numpy holds their one dtype, numpy concatenates them: one
+    single-threaded copy. ``torch.cat`` copies each part in its own parallel region, and a
+    parallel region waits for its slowest thread, so on a host whose cores other processes
+    keep busy every part can wait for a time slice. That this is what made OPPU's 24 stored
+    stacks at Qwen2.5-1.5B (392 factors, 37 MB each) take 52 s to load in run AA's evaluation
+    beside three other processes, where mta's rank-2 stacks (parts too small to split among
+    threads) took 0.6 s, is inferred, not profiled on the GPU host. On this project's 2 CPU
+    cores beside 3 busy processes such a stack's ``torch.cat`` took 354 ms a call and this
+    26.7 ms (17.3 and 7.4 alone: ``benchmarks/host_concat.py``, docs/serving.md). Parts on a
+    device (``copy_in`` from another GPU) go through ``torch.cat`` as before."""
     kinds = {t.dtype for t in tensors}
-    if len(kinds) == 1 and next(iter(kinds)) in NUMPY_DTYPES:
+    if len(kinds) == 1 and next(iter(kinds)) in NUMPY_DTYPES and all(t.device.type == "cpu" for t in tensors):
         flat = torch.from_numpy(np.concatenate([t.detach().reshape(-1).numpy() for t in tensors]))
         return flat if flat.dtype == dtype else flat.to(dtype)
     return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
