@@ -192,11 +192,15 @@ def test_tune_takes_the_eval_protocol_it_can_and_refuses_what_it_cannot(tmp_path
 
 def test_a_space_of_named_groups(tmp_path, capsys):
     """``--space stack-shape,top-k``: only those groups (on the model's registered recipe);
-    a name that is no group is one line before anything loads."""
+    named spaces among them add their groups; a name that is neither is one line before
+    anything loads."""
     from mta.evaluation.tune import space_groups
 
     assert space_groups("quick") == SPACES["quick"]
     assert space_groups("stack-shape, top-k,stack-shape") == ["stack shape", "top-k"]
+    # a named space among the groups: its groups in place, each group once
+    assert space_groups("budgets-quick,stack-stop") == [*SPACES["budgets-quick"], "stack stop"]
+    assert space_groups("top-k,quick") == ["top-k", "learning rate", "anchor training", "stack shape"]
     assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--space", "stack-shape,lr",
                  *TINY]) != 0
     err = " ".join(capsys.readouterr().err.split())

@@ -258,8 +258,9 @@ def tune_cmd(
                                       "classification tasks); random: a seeded draw (every tune before this "
                                       "option); auto: balanced where it is defined, else random "
                                       "(docs/evaluation.md)."),
-    space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)}, or knob groups separated by "
-                              "commas, e.g. stack-shape,top-k (mta.evaluation.tune)."),
+    space: str = typer.Option("quick", help=f"Search space: {', '.join(SPACES)}, or knob groups and spaces "
+                              "separated by commas, e.g. stack-shape,top-k or budgets-quick,stack-stop "
+                              "(mta.evaluation.tune)."),
     max_user_share: float = typer.Option(MAX_USER_SHARE, min=0.0, max=1.0, help="Skip recipes whose stacked "
                                          "adapter stores more than this share of a per-user LoRA per user."),
     ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="After the search, the dev table of every "

@@ -119,19 +119,20 @@ SPACES = {"core": ["learning rate", "anchor training"],
 
 
 def space_groups(space: str) -> list[str]:
-    """The knob groups a search space names: one of ``SPACES``, or groups of ``GROUPS``
-    separated by commas, spaces in a group's name written as hyphens (``stack-shape,top-k``:
-    only those, on top of the model's registered recipe)."""
-    if space in SPACES:
-        return SPACES[space]
-    by_flag = {g.replace(" ", "-"): g for g in GROUPS}  # "top-k" keeps its hyphen
-    names = [by_flag.get(g.strip().replace(" ", "-"), g) for g in space.split(",")]
-    bad = [g for g in names if g not in GROUPS]
+    """The knob groups a search space names: one of ``SPACES``, or groups of ``GROUPS`` and
+    spaces of ``SPACES`` separated by commas, spaces in a group's name written as hyphens
+    (``stack-shape,top-k``: only those, on top of the model's registered recipe;
+    ``budgets-quick,stack-stop``: the quick budget search, then the stack's stopping rule),
+    each group once, in the order first named."""
+    by_flag = {g.replace(" ", "-"): [g] for g in GROUPS}  # "top-k" keeps its hyphen
+    by_flag.update(SPACES)
+    parts = [by_flag.get(g.strip().replace(" ", "-"), g.strip()) for g in space.split(",")]
+    bad = [g for g in parts if isinstance(g, str)]
     if not space.strip() or bad:
-        groups = ", ".join(by_flag)
+        groups = ", ".join(g for g in by_flag if g not in SPACES)
         raise MtaError(f"unknown search space {space!r}: one of {', '.join(SPACES)}, or groups among "
-                       f"{groups} separated by commas")
-    return list(dict.fromkeys(names))
+                       f"{groups} and those spaces separated by commas")
+    return list(dict.fromkeys(g for part in parts for g in part))
 
 
 ABLATION = ["rag-1", "task-lora", "per-user-lora", "oppu", "mta-fusion", "mta-stack", "mta"]
