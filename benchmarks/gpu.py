@@ -114,20 +114,18 @@ def make_model(shape, dev, dtype):
 
 def fuse_with_liger(model) -> dict:
     """Liger Kernel's Triton kernels for the Llama blocks' RMSNorm, SwiGLU and rotary
-    embedding, patched into ``model`` (its norms' and MLPs' forwards) and into transformers'
-    Llama rotary function (process-wide, so the PEFT reference of the same run trains with
-    them too; the loss is left as it is). What the eager bank build's non-matmul device time
-    (docs/performance.md, the bank row) loses when those elementwise passes are fused, the
-    question this flag measures before the product takes a dependency on it."""
-    from importlib.metadata import version
+    embedding, patched into ``model`` the way the product's ``--fused-kernels liger`` does
+    (`mta.fused`; the rotary function process-wide, so the PEFT reference of the same run
+    trains with them too; the loss is left as it is). What the eager bank build's non-matmul
+    device time (docs/performance.md, the bank row) loses when those elementwise passes are
+    fused."""
+    from mta.errors import MtaError
+    from mta.fused import apply_fused_kernels
 
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-    except ImportError as e:
-        sys.exit(f"--liger needs the liger-kernel package (and triton): {e}")
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model)
-    return {"library": "liger-kernel", "version": version("liger-kernel"), "kernels": ["rms_norm", "swiglu", "rope"]}
+        return apply_fused_kernels(model, "liger", torch.device("cuda"))
+    except MtaError as e:
+        sys.exit(f"--liger: {e}")
 
 
 def bandwidth(dev) -> float | None:

@@ -338,14 +338,14 @@ def test_liger_patches_the_models_blocks_and_is_refused_off_cuda(monkeypatch):
     fake.apply_liger_kernel_to_llama = lambda **kw: calls.append(kw)
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    monkeypatch.setattr("importlib.metadata.version", lambda name: {"liger-kernel": "9.9"}[name])
-    model = object()
+    monkeypatch.setattr("mta.fused.version", lambda name: {"liger-kernel": "9.9"}[name])
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
     assert gpu.fuse_with_liger(model) == {"library": "liger-kernel", "version": "9.9",
                                           "kernels": ["rms_norm", "swiglu", "rope"]}
     assert calls == [{"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                       "fused_linear_cross_entropy": False, "model": model}]
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed
-    with pytest.raises(SystemExit, match="--liger needs the liger-kernel package"):
+    with pytest.raises(SystemExit, match="--liger: --fused-kernels liger needs the liger-kernel package"):
         gpu.fuse_with_liger(model)
     r = _run("gpu.py", "--tiny", "--sections", "bank", "--liger")
     assert r.returncode == 2 and "--liger runs on CUDA only" in r.stderr

@@ -12,6 +12,7 @@ from mta.decoding import fixed
 from mta.decoding.batch import hf_generate, static_generate
 from mta.engine.engine import AdapterEngine, EngineSpec, Row
 from mta.engine.train import Job, TrainConfig, train_jobs
+from mta.fused import apply_fused_kernels
 from mta.models.tiny import tiny_llama
 from tests.engine_helpers import adapter_effect_gap, random_examples
 
@@ -104,8 +105,10 @@ def test_mixed_user_generation_on_cuda_bf16_differs_only_by_kernel_rounding():
     print(f"bf16: {identical}/{len(ROWS)} rows token-identical; the others diverge at near-ties only")
 
 
-def _train(dtype: torch.dtype, compute: torch.dtype, compile: bool = False, max_rows: int = 16):
+def _train(dtype: torch.dtype, compute: torch.dtype, compile: bool = False, max_rows: int = 16,
+           fused: str = "none"):
     eng, tok = _engine(dtype, compute, users=0)
+    apply_fused_kernels(eng.model, fused, CUDA)  # mta.fused: "none" leaves the model as it is
     eng.init_bank(seed=0)  # B = 0: trained from the PEFT init
     jobs = [Job(0, random_examples(12, seed=3), Row([0], [1.0]), key="a"),
             Job(1, random_examples(10, seed=4), Row([1], [1.0]), key="b")]
@@ -487,3 +490,28 @@ def test_an_adapter_saved_from_the_device_waits_for_it_once_and_reads_back_the_s
     back, _, _ = load_adapter(tmp_path / "u")
     for n, (a, b) in held.items():
         assert torch.equal(back[n][0], a.cpu()) and torch.equal(back[n][1], b.cpu())
+
+
+
+def test_liger_fused_kernels_on_cuda_track_the_plain_blocks(monkeypatch):
+    """``--fused-kernels liger`` (mta.fused: Liger Kernel's RMSNorm, SwiGLU and rotary
+    kernels in the blocks) trains the same adapters as the plain blocks, fp32: every step's
+    loss within 0.1% and the adapter's effect on the logits within 1% (a fused kernel rounds
+    differently; a kernel that dropped the norm's weight or the rotation is off by far more).
+    Skipped without the liger-kernel package. Liger's rotary patch is process-wide, so the
+    module's function is put back after the test."""
+    pytest.importorskip("liger_kernel.transformers")
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    ref, ref_stats = _train(torch.float32, torch.float32)
+    eng, stats = _train(torch.float32, torch.float32, fused="liger")
+    # the instance's norms and MLPs run Liger's forwards; the reference's do not
+    assert "forward" in vars(eng.model.model.norm) and "forward" in vars(eng.model.model.layers[0].mlp)
+    assert "forward" not in vars(ref.model.model.norm)
+    for key, losses in stats["losses"].items():
+        assert losses == pytest.approx(ref_stats["losses"][key], rel=1e-3), key
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    gap = adapter_effect_gap(ref, eng, Row([0], [1.0]), ids)
+    print(f"liger fused kernels: adapter effect gap {gap:.2e}")
+    assert gap < 1e-2

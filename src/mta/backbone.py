@@ -22,6 +22,7 @@ from mta.engine.budget import run_peak
 from mta.engine.config import LLAMA_TARGETS
 from mta.engine.engine import AdapterEngine, EngineSpec
 from mta.errors import MtaError, ResourceError
+from mta.fused import apply_fused_kernels, check_fused_kernels
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
@@ -122,6 +123,7 @@ class Backbone:
     config: BackboneConfig
     engine: AdapterEngine = field(init=False)
     memory_cap: int | None = None  # bytes this process may use on its CUDA device (`cap_memory`)
+    fused: dict | None = field(init=False, default=None)  # the fused kernels applied (`mta.fused`)
     _slot_decoders: dict = field(init=False, default_factory=dict, repr=False)  # compile -> SlotDecoder
 
     def __post_init__(self) -> None:
@@ -129,6 +131,12 @@ class Backbone:
             raise MtaError("compiled training needs a CUDA device (on the CPU, torch's compiled gradient scatter "
                            "is wrong at small micro-batches: mta.engine.train.compiled_layers)",
                            ("BackboneConfig.compile_training",))
+        # before the engine wraps the linear layers (Liger patches the norms and MLP forwards,
+        # which call the block's projections: the engine's routing is unchanged)
+        self.fused = apply_fused_kernels(self.model, self.config.fused_kernels, self.device)
+        if self.fused:
+            log.info("fused kernels: %s %s (%s)", self.fused["library"], self.fused["version"],
+                     ", ".join(self.fused["kernels"]))
         compute = self.config.adapter_compute
         compute_dtype = self.dtype if compute == "auto" else DTYPES[compute]
         # master weights stay fp32 whatever the base dtype; the engine hashes the base
@@ -152,6 +160,7 @@ class Backbone:
                                                                  else torch.float32)
         model_id = cfg.model or default_model or DEFAULT_MODEL
         embedder_id = cfg.embedder or default_embedder or DEFAULT_EMBEDDER
+        check_fused_kernels(cfg.fused_kernels, device)  # refused before minutes of loading
         model, tok = load_llm(model_id, dtype=dtype, device=device)
         emb = load_embedder(embedder_id, device=str(device))
         log.info("loaded %s (%s) and %s on %s", model_id, dtype, embedder_id, device)

@@ -190,6 +190,9 @@ class BackboneConfig(_Config):
     compile_training: bool = Field(False, description="train with the model's decoder blocks through "
                                    "torch.compile (CUDA only; about a minute of compile per process, then "
                                    "faster: docs/performance.md, runs F and F2)")
+    fused_kernels: Literal["none", "liger"] = Field(
+        "none", description="fused kernels for the base model's RMSNorm, SwiGLU and rotary embedding: liger "
+        "(Liger Kernel's Triton kernels; CUDA only, pip install 'mta[liger]'; mta.fused) or none")
 
     @field_validator("device")
     @classmethod
