@@ -122,14 +122,21 @@ def test_compiled_training_on_cuda_tracks_eager():
     of 1 to 3 rows (the sizes whose gradient scatter the CPU's inductor miscompiles): every
     step's loss within 0.1% of the eager run's and the adapter's effect on the logits
     within 1% (inductor's fused kernels round differently; a broken gradient is off by ~100%)."""
+    _tracks_fp32_eager("compiled training", compile=True, max_rows=3)
+
+
+def _tracks_fp32_eager(what: str, **train) -> tuple:
+    """Train fp32 plainly and with ``train``'s change: every step's loss within 0.1% and the
+    adapter's effect on the logits within 1%; returns both engines (plain, changed)."""
     ref, ref_stats = _train(torch.float32, torch.float32)
-    eng, stats = _train(torch.float32, torch.float32, compile=True, max_rows=3)
+    eng, stats = _train(torch.float32, torch.float32, **train)
     for key, losses in stats["losses"].items():
         assert losses == pytest.approx(ref_stats["losses"][key], rel=1e-3), key
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0)).to(CUDA)
     gap = adapter_effect_gap(ref, eng, Row([0], [1.0]), ids)
-    print(f"compiled training: adapter effect gap {gap:.2e}")
+    print(f"{what}: adapter effect gap {gap:.2e}")
     assert gap < 1e-2
+    return ref, eng
 
 
 @pytest.mark.parametrize("dtype, compute", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
@@ -504,14 +511,7 @@ def test_liger_fused_kernels_on_cuda_track_the_plain_blocks(monkeypatch):
     from transformers.models.llama import modeling_llama
 
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
-    ref, ref_stats = _train(torch.float32, torch.float32)
-    eng, stats = _train(torch.float32, torch.float32, fused="liger")
-    # the instance's norms and MLPs run Liger's forwards; the reference's do not
+    ref, eng = _tracks_fp32_eager("liger fused kernels", fused="liger")
+    # the instance's norms and MLPs ran Liger's forwards; the reference's did not
     assert "forward" in vars(eng.model.model.norm) and "forward" in vars(eng.model.model.layers[0].mlp)
     assert "forward" not in vars(ref.model.model.norm)
-    for key, losses in stats["losses"].items():
-        assert losses == pytest.approx(ref_stats["losses"][key], rel=1e-3), key
-    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0)).to(CUDA)
-    gap = adapter_effect_gap(ref, eng, Row([0], [1.0]), ids)
-    print(f"liger fused kernels: adapter effect gap {gap:.2e}")
-    assert gap < 1e-2
