@@ -505,7 +505,9 @@ def test_liger_fused_kernels_on_cuda_track_the_plain_blocks(monkeypatch):
     kernels in the blocks) trains the same adapters as the plain blocks, fp32: every step's
     loss within 0.1% and the adapter's effect on the logits within 1% (a fused kernel rounds
     differently; a kernel that dropped the norm's weight or the rotation is off by far more).
-    Skipped without the liger-kernel package. Liger's rotary patch is process-wide, so the
+    Skipped without the liger-kernel package. Liger's rotary patch is process-wide: the
+    losses compare the trainings (the plain one ran before the patch), while the effect
+    check runs both models after it, so there it compares the norms and MLPs alone; the
     module's function is put back after the test."""
     pytest.importorskip("liger_kernel.transformers")
     from transformers.models.llama import modeling_llama
