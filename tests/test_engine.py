@@ -70,8 +70,11 @@ def test_batched_equals_one_by_one_logits():
         torch.testing.assert_close(together[b:b + 1], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_row_off_and_removal_restore_the_base_model():
-    model, _ = tiny_llama(seed=0)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_row_off_and_removal_restore_the_base_model(family):
+    """Both block families the registry holds; Qwen2's q/k/v projections carry a bias."""
+    model, _ = tiny_llama(seed=0, family=family)
+    assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (family == "qwen2")
     ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         base = model(ids).logits

@@ -70,16 +70,29 @@ def random_llama(shape: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2,
-               hidden: int = 64) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A deterministic random Llama (seeded) and its byte tokenizer."""
+               hidden: int = 64, family: str = "llama") -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A deterministic random Llama (seeded) and its byte tokenizer; ``family="qwen2"``
+    builds the same dimensions as Qwen2 blocks (biased q/k/v projections: the registry's
+    Qwen2.5-Coder family), for tests of family-specific paths such as ``mta.fused``."""
     tok = tiny_tokenizer()
     cfg = tiny_config(len(tok), layers=layers, hidden=hidden)
     cfg.pad_token_id = tok.pad_token_id
     cfg.eos_token_id = tok.eos_token_id
+    if family == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps",
+                "pad_token_id", "eos_token_id")
+        cfg, build = Qwen2Config(**{k: getattr(cfg, k) for k in keys}), Qwen2ForCausalLM
+    elif family == "llama":
+        build = LlamaForCausalLM
+    else:
+        raise ValueError(f"tiny models are llama or qwen2, not {family!r}")
     gen = torch.random.fork_rng()
     with gen:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+        model = build(cfg)
     model.to(dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
