@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -70,7 +70,7 @@ def random_llama(shape: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2,
-               hidden: int = 64, family: str = "llama") -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+               hidden: int = 64, family: str = "llama") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A deterministic random Llama (seeded) and its byte tokenizer; ``family="qwen2"``
     builds the same dimensions as Qwen2 blocks (biased q/k/v projections: the registry's
     Qwen2.5-Coder family), for tests of family-specific paths such as ``mta.fused``."""
