@@ -123,7 +123,6 @@ class Backbone:
     config: BackboneConfig
     engine: AdapterEngine = field(init=False)
     memory_cap: int | None = None  # bytes this process may use on its CUDA device (`cap_memory`)
-    fused: dict | None = field(init=False, default=None)  # the fused kernels applied (`mta.fused`)
     _slot_decoders: dict = field(init=False, default_factory=dict, repr=False)  # compile -> SlotDecoder
 
     def __post_init__(self) -> None:
@@ -133,10 +132,9 @@ class Backbone:
                            ("BackboneConfig.compile_training",))
         # before the engine wraps the linear layers (Liger patches the norms and MLP forwards,
         # which call the block's projections: the engine's routing is unchanged)
-        self.fused = apply_fused_kernels(self.model, self.config.fused_kernels, self.device)
-        if self.fused:
-            log.info("fused kernels: %s %s (%s)", self.fused["library"], self.fused["version"],
-                     ", ".join(self.fused["kernels"]))
+        fused = apply_fused_kernels(self.model, self.config.fused_kernels, self.device)
+        if fused:
+            log.info("fused kernels: %s %s (%s)", fused["library"], fused["version"], ", ".join(fused["kernels"]))
         compute = self.config.adapter_compute
         compute_dtype = self.dtype if compute == "auto" else DTYPES[compute]
         # master weights stay fp32 whatever the base dtype; the engine hashes the base
