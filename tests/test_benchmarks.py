@@ -324,29 +324,31 @@ def test_join_benchmark_tiny(tmp_path):
     assert bad.returncode == 2 and "--first-prompt must be 0 (off) or a number of tokens, not -1" in bad.stderr
 
 
-def test_liger_patches_the_models_blocks_and_is_refused_off_cuda(monkeypatch):
-    """``--liger`` hands the model to Liger Kernel's Llama patch with the block kernels
-    (RMSNorm, SwiGLU, RoPE) and without its loss kernels, and records the library; off CUDA it
-    is refused in one line (Triton kernels), a missing package likewise."""
-    import types
+def test_liger_goes_through_the_product_s_patch_and_is_refused_off_cuda(monkeypatch):
+    """``--liger`` patches the model with the product's own ``mta.fused.apply_fused_kernels``
+    (what it hands Liger is tested in tests/test_fused.py) and returns what it applied; a
+    refusal there ends the benchmark in one line, and off CUDA it is refused before a
+    model is built."""
+    import torch
+
+    from mta.errors import MtaError
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu
 
-    calls = []
-    fake = types.ModuleType("liger_kernel.transformers")
-    fake.apply_liger_kernel_to_llama = lambda **kw: calls.append(kw)
-    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    monkeypatch.setattr("mta.fused.version", lambda name: {"liger-kernel": "9.9"}[name])
-    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
-    assert gpu.fuse_with_liger(model) == {"library": "liger-kernel", "version": "9.9",
-                                          "kernels": ["rms_norm", "swiglu", "rope"]}
-    assert calls == [{"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
-                      "fused_linear_cross_entropy": False, "model": model}]
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed
+    calls, applied = [], {"library": "liger-kernel", "version": "9.9", "kernels": ["rms_norm"]}
+
+    def fake_apply(model, kind, device):
+        calls.append((model, kind, device))
+        if model == "refused":
+            raise MtaError("--fused-kernels liger needs the liger-kernel package", ("BackboneConfig.fused_kernels",))
+        return applied
+
+    monkeypatch.setattr("mta.fused.apply_fused_kernels", fake_apply)
+    assert gpu.fuse_with_liger("model") is applied
+    assert calls == [("model", "liger", torch.device("cuda"))]
     with pytest.raises(SystemExit, match="--liger: --fused-kernels liger needs the liger-kernel package"):
-        gpu.fuse_with_liger(model)
+        gpu.fuse_with_liger("refused")
     r = _run("gpu.py", "--tiny", "--sections", "bank", "--liger")
     assert r.returncode == 2 and "--liger runs on CUDA only" in r.stderr
 
